@@ -1,0 +1,160 @@
+use serde::{Deserialize, Serialize};
+
+/// Configuration the host sends to a freshly started agent as its first frame.
+///
+/// It carries everything the agent needs to build the sandbox and start the
+/// function's `bootstrap` with the Lambda custom-runtime environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartConfig {
+    /// `AWS_LAMBDA_FUNCTION_NAME`.
+    pub function_name: String,
+    /// `AWS_LAMBDA_FUNCTION_VERSION`.
+    pub function_version: String,
+    /// `AWS_LAMBDA_FUNCTION_MEMORY_SIZE`, in MiB.
+    pub memory_mb: u32,
+    /// `_HANDLER`.
+    pub handler: String,
+    /// `AWS_LAMBDA_LOG_GROUP_NAME`.
+    pub log_group: String,
+    /// `AWS_LAMBDA_LOG_STREAM_NAME`.
+    pub log_stream: String,
+    /// Host path of the function folder; it is mounted read-only at
+    /// `task_root` inside the sandbox.
+    pub function_dir: String,
+    /// `LAMBDA_TASK_ROOT` inside the sandbox (`/var/task`).
+    pub task_root: String,
+    /// Host directory (empty, owned by the host) used as the mount point of
+    /// the sandbox's private root.
+    pub root_dir: String,
+    /// Host paths mounted read-only at the same place inside the sandbox to
+    /// provide a runtime base (shared libraries, `/bin/sh`): Lambda's
+    /// `provided` base image, here taken from the host.
+    pub runtime_layers: Vec<String>,
+    /// Size of the writable `/tmp`, in MiB.
+    pub tmp_mb: u32,
+    /// Maximum number of processes and threads (fallback rlimit when the host
+    /// could not set up a pids cgroup).
+    pub max_processes: u32,
+    /// Address-space limit in bytes applied as an rlimit when the host has no
+    /// memory cgroup (0: none).
+    pub rlimit_as_bytes: u64,
+    /// TCP port of the Runtime API inside the sandbox's own network namespace.
+    pub runtime_api_port: u16,
+    /// Extra environment variables of the function (user-defined).
+    pub env: Vec<(String, String)>,
+    /// Whether the agent must build the namespaces itself (process sandbox).
+    /// In a microVM the VM is the sandbox and this is false.
+    pub isolate: bool,
+}
+
+/// Which output stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStream {
+    /// The function's standard output.
+    Stdout,
+    /// The function's standard error.
+    Stderr,
+    /// The agent itself.
+    Agent,
+}
+
+/// How the function's `bootstrap` process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+/// One message on the agent channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    // ---- host to agent ----
+    /// First frame: build the sandbox and start the function.
+    Start(Box<StartConfig>),
+    /// Deliver one invocation to the next `GET /invocation/next`.
+    Invoke {
+        /// `Lambda-Runtime-Aws-Request-Id`.
+        request_id: String,
+        /// `Lambda-Runtime-Deadline-Ms` (Unix epoch milliseconds).
+        deadline_ms: u64,
+        /// `Lambda-Runtime-Invoked-Function-Arn`.
+        invoked_function_arn: String,
+        /// `Lambda-Runtime-Trace-Id`.
+        trace_id: String,
+        /// `Lambda-Runtime-Client-Context` (empty: header omitted).
+        client_context: String,
+        /// The event.
+        payload: Vec<u8>,
+    },
+    /// Ask the agent to stop the function and exit.
+    Shutdown,
+
+    // ---- agent to host ----
+    /// Stage 0 of the process sandbox created its user namespace and waits
+    /// for the host to write its uid/gid maps and cgroup membership.
+    Unshared,
+    /// The runtime asked for its first invocation: initialisation is over.
+    Ready {
+        /// Time from spawning `bootstrap` to its first `next`, in microseconds.
+        init_us: u64,
+    },
+    /// `POST /invocation/{id}/response`.
+    Response {
+        /// The invocation answered.
+        request_id: String,
+        /// The response body.
+        body: Vec<u8>,
+    },
+    /// `POST /invocation/{id}/error`.
+    Error {
+        /// The invocation that failed.
+        request_id: String,
+        /// `Lambda-Runtime-Function-Error-Type` header (may be empty).
+        error_type: String,
+        /// The error body (normally `{"errorType","errorMessage"}`).
+        body: Vec<u8>,
+    },
+    /// `POST /init/error`.
+    InitError {
+        /// `Lambda-Runtime-Function-Error-Type` header (may be empty).
+        error_type: String,
+        /// The error body.
+        body: Vec<u8>,
+    },
+    /// One line the function (or the agent) wrote.
+    Log {
+        /// Where it came from.
+        stream: LogStream,
+        /// The line, without its newline; truncated by the agent.
+        line: Vec<u8>,
+    },
+    /// The `bootstrap` process ended.
+    Exited(ExitStatus),
+    /// The agent could not build the sandbox or serve the API.
+    Fatal {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl Message {
+    /// Short name of the message kind, for logs and errors.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Message::Start(_) => "start",
+            Message::Invoke { .. } => "invoke",
+            Message::Shutdown => "shutdown",
+            Message::Unshared => "unshared",
+            Message::Ready { .. } => "ready",
+            Message::Response { .. } => "response",
+            Message::Error { .. } => "error",
+            Message::InitError { .. } => "init-error",
+            Message::Log { .. } => "log",
+            Message::Exited(_) => "exited",
+            Message::Fatal { .. } => "fatal",
+        }
+    }
+}
