@@ -7,6 +7,7 @@ use crate::message::{ExitStatus, LogStream, Message, StartConfig};
 const K_START: u8 = 1;
 const K_INVOKE: u8 = 2;
 const K_SHUTDOWN: u8 = 3;
+const K_PROCEED: u8 = 4;
 const K_UNSHARED: u8 = 16;
 const K_READY: u8 = 17;
 const K_RESPONSE: u8 = 18;
@@ -103,6 +104,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             K_INVOKE
         }
         Message::Shutdown => K_SHUTDOWN,
+        Message::Proceed => K_PROCEED,
         Message::Unshared => K_UNSHARED,
         Message::Ready { init_us } => {
             body.extend_from_slice(&init_us.to_be_bytes());
@@ -229,6 +231,7 @@ fn decode_frame(frame: &[u8]) -> Result<Message, DecodeError> {
         K_START => "start",
         K_INVOKE => "invoke",
         K_SHUTDOWN => "shutdown",
+        K_PROCEED => "proceed",
         K_UNSHARED => "unshared",
         K_READY => "ready",
         K_RESPONSE => "response",
@@ -260,6 +263,7 @@ fn decode_frame(frame: &[u8]) -> Result<Message, DecodeError> {
             payload: f.bytes("payload")?.to_vec(),
         },
         K_SHUTDOWN => Message::Shutdown,
+        K_PROCEED => Message::Proceed,
         K_UNSHARED => Message::Unshared,
         K_READY => Message::Ready {
             init_us: f.u64("init_us")?,
@@ -396,7 +400,7 @@ impl FrameDecoder {
 /// Read one message from a blocking reader. `Ok(None)` at a clean end of
 /// stream (no partial frame). Reads exactly the frame's bytes, never more, so
 /// a process can read one frame and hand the stream to a child.
-pub fn read_message<R: Read>(r: &mut R, max_frame: usize) -> io::Result<Option<Message>> {
+pub fn read_message<R: Read + ?Sized>(r: &mut R, max_frame: usize) -> io::Result<Option<Message>> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -427,7 +431,7 @@ pub fn read_message<R: Read>(r: &mut R, max_frame: usize) -> io::Result<Option<M
 }
 
 /// Write one message to a blocking writer and flush it.
-pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> io::Result<()> {
+pub fn write_message<W: Write + ?Sized>(w: &mut W, msg: &Message) -> io::Result<()> {
     w.write_all(&encode(msg))?;
     w.flush()
 }
@@ -454,6 +458,7 @@ mod tests {
                 payload: p
             }),
             Just(Message::Shutdown),
+            Just(Message::Proceed),
             Just(Message::Unshared),
             any::<u64>().prop_map(|init_us| Message::Ready { init_us }),
             (s, b.clone()).prop_map(|(request_id, body)| Message::Response { request_id, body }),

@@ -33,9 +33,9 @@ pub struct StartConfig {
     pub runtime_layers: Vec<String>,
     /// Size of the writable `/tmp`, in MiB.
     pub tmp_mb: u32,
-    /// Maximum number of processes and threads (fallback rlimit when the host
-    /// could not set up a pids cgroup).
-    pub max_processes: u32,
+    /// `RLIMIT_NPROC` to apply inside the sandbox (0: none). The host sets it
+    /// only when it could not put the sandbox in a pids cgroup.
+    pub rlimit_nproc: u32,
     /// Address-space limit in bytes applied as an rlimit when the host has no
     /// memory cgroup (0: none).
     pub rlimit_as_bytes: u64,
@@ -43,6 +43,10 @@ pub struct StartConfig {
     pub runtime_api_port: u16,
     /// Extra environment variables of the function (user-defined).
     pub env: Vec<(String, String)>,
+    /// uid and gid (inside the sandbox) that `bootstrap` runs as; `None`: as
+    /// the agent (sandbox root). Lambda runs functions as `sbx_user1051`
+    /// (993:990), without capabilities.
+    pub run_as: Option<(u32, u32)>,
     /// Whether the agent must build the namespaces itself (process sandbox).
     /// In a microVM the VM is the sandbox and this is false.
     pub isolate: bool,
@@ -91,6 +95,9 @@ pub enum Message {
     },
     /// Ask the agent to stop the function and exit.
     Shutdown,
+    /// The host has written the uid/gid maps and cgroup membership that
+    /// [`Message::Unshared`] asked for: stage 0 may go on.
+    Proceed,
 
     // ---- agent to host ----
     /// Stage 0 of the process sandbox created its user namespace and waits
@@ -147,6 +154,7 @@ impl Message {
             Message::Start(_) => "start",
             Message::Invoke { .. } => "invoke",
             Message::Shutdown => "shutdown",
+            Message::Proceed => "proceed",
             Message::Unshared => "unshared",
             Message::Ready { .. } => "ready",
             Message::Response { .. } => "response",

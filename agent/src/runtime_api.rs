@@ -1,0 +1,604 @@
+//! The AWS Lambda Runtime API (`/2018-06-01/runtime/...`), served over HTTP/1.1.
+//!
+//! A small blocking server: one thread per connection (a runtime normally
+//! keeps a single keep-alive connection open), `httparse` for the request
+//! head, `Content-Length` and chunked bodies, `Expect: 100-continue`.
+//! Everything the function reports goes to a [`Sink`] as protocol messages;
+//! invocations come in through [`RuntimeApi::push_invoke`].
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::Instant;
+
+use sluice_protocol::{MAX_PAYLOAD, Message};
+
+/// Where the server sends what the function reports.
+pub trait Sink: Send + Sync + 'static {
+    /// Deliver one message (response, error, init error, ready).
+    fn send(&self, msg: Message);
+}
+
+impl<F: Fn(Message) + Send + Sync + 'static> Sink for F {
+    fn send(&self, msg: Message) {
+        self(msg)
+    }
+}
+
+/// One invocation waiting for the runtime's `next`.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// `Lambda-Runtime-Aws-Request-Id`.
+    pub request_id: String,
+    /// `Lambda-Runtime-Deadline-Ms`.
+    pub deadline_ms: u64,
+    /// `Lambda-Runtime-Invoked-Function-Arn`.
+    pub invoked_function_arn: String,
+    /// `Lambda-Runtime-Trace-Id`.
+    pub trace_id: String,
+    /// `Lambda-Runtime-Client-Context` (omitted when empty).
+    pub client_context: String,
+    /// Event body.
+    pub payload: Vec<u8>,
+}
+
+const MAX_HEAD: usize = 64 * 1024;
+const PREFIX: &str = "/2018-06-01/runtime/";
+
+struct Shared {
+    queue: Mutex<VecDeque<Invocation>>,
+    cv: Condvar,
+    closed: AtomicBool,
+    ready_sent: AtomicBool,
+    outstanding: Mutex<HashSet<String>>,
+    started: Instant,
+    sink: Box<dyn Sink>,
+}
+
+/// The Runtime API state shared by all connections.
+#[derive(Clone)]
+pub struct RuntimeApi {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RuntimeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeApi").finish_non_exhaustive()
+    }
+}
+
+impl RuntimeApi {
+    /// A server whose reports go to `sink`. `started` is when the runtime
+    /// process was spawned (the `Ready` message reports the init time).
+    pub fn new(sink: impl Sink, started: Instant) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                queue: Mutex::new(VecDeque::new()),
+                cv: Condvar::new(),
+                closed: AtomicBool::new(false),
+                ready_sent: AtomicBool::new(false),
+                outstanding: Mutex::new(HashSet::new()),
+                started,
+                sink: Box::new(sink),
+            }),
+        }
+    }
+
+    /// Queue an invocation for the next `GET .../invocation/next`.
+    pub fn push_invoke(&self, inv: Invocation) {
+        let mut q = self.shared.queue.lock().expect("queue lock");
+        q.push_back(inv);
+        self.shared.cv.notify_one();
+    }
+
+    /// Wake every waiting `next` and make it fail: the sandbox is going away.
+    pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        let _q = self.shared.queue.lock().expect("queue lock");
+        self.shared.cv.notify_all();
+    }
+
+    /// Accept connections on `listener` in a background thread.
+    pub fn serve(&self, listener: TcpListener) -> io::Result<thread::JoinHandle<()>> {
+        let api = self.clone();
+        thread::Builder::new()
+            .name("runtime-api-accept".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    let api = api.clone();
+                    let _ = thread::Builder::new()
+                        .name("runtime-api-conn".into())
+                        .spawn(move || {
+                            let _ = api.handle_connection(conn);
+                        });
+                }
+            })
+    }
+
+    fn handle_connection(&self, stream: TcpStream) -> io::Result<()> {
+        stream.set_nodelay(true)?;
+        let mut reader = BufReader::with_capacity(16 * 1024, stream.try_clone()?);
+        let mut writer = stream;
+        loop {
+            let Some(req) = read_request(&mut reader, &mut writer)? else {
+                return Ok(());
+            };
+            let keep_alive = !req.close;
+            let resp = self.route(req);
+            writer.write_all(&resp.bytes)?;
+            writer.flush()?;
+            if !keep_alive || resp.close {
+                return Ok(());
+            }
+        }
+    }
+
+    fn route(&self, req: Request) -> Reply {
+        let path = req.path.clone();
+        let Some(rest) = path.strip_prefix(PREFIX) else {
+            return Reply::json(404, "Not Found", error_json("NotFound", "unknown path"));
+        };
+        let rest = rest.split('?').next().unwrap_or(rest);
+        let parts: Vec<&str> = rest.split('/').collect();
+        match (req.method.as_str(), parts.as_slice()) {
+            ("GET", ["invocation", "next"]) => self.next(),
+            ("POST", ["invocation", id, "response"]) => self.report(id, req, false),
+            ("POST", ["invocation", id, "error"]) => self.report(id, req, true),
+            ("POST", ["init", "error"]) => {
+                self.shared.sink.send(Message::InitError {
+                    error_type: req.error_type.unwrap_or_default(),
+                    body: req.body.unwrap_or_default(),
+                });
+                Reply::accepted()
+            }
+            (_, ["invocation", "next"])
+            | (_, ["invocation", _, "response" | "error"])
+            | (_, ["init", "error"]) => Reply::json(
+                405,
+                "Method Not Allowed",
+                error_json("MethodNotAllowed", "method not allowed"),
+            ),
+            _ => Reply::json(404, "Not Found", error_json("NotFound", "unknown path")),
+        }
+    }
+
+    fn next(&self) -> Reply {
+        if !self.shared.ready_sent.swap(true, Ordering::SeqCst) {
+            let init_us = self.shared.started.elapsed().as_micros() as u64;
+            self.shared.sink.send(Message::Ready { init_us });
+        }
+        let mut q = self.shared.queue.lock().expect("queue lock");
+        let inv = loop {
+            if let Some(inv) = q.pop_front() {
+                break inv;
+            }
+            if self.shared.closed.load(Ordering::SeqCst) {
+                return Reply::json(
+                    500,
+                    "Internal Server Error",
+                    error_json("Runtime.Shutdown", "sandbox is shutting down"),
+                )
+                .closing();
+            }
+            q = self.shared.cv.wait(q).expect("queue lock");
+        };
+        drop(q);
+        self.shared
+            .outstanding
+            .lock()
+            .expect("outstanding lock")
+            .insert(inv.request_id.clone());
+        let mut head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nLambda-Runtime-Aws-Request-Id: {}\r\nLambda-Runtime-Deadline-Ms: {}\r\nLambda-Runtime-Invoked-Function-Arn: {}\r\nLambda-Runtime-Trace-Id: {}\r\n",
+            inv.request_id, inv.deadline_ms, inv.invoked_function_arn, inv.trace_id
+        );
+        if !inv.client_context.is_empty() {
+            head.push_str(&format!(
+                "Lambda-Runtime-Client-Context: {}\r\n",
+                inv.client_context
+            ));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", inv.payload.len()));
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(&inv.payload);
+        Reply {
+            bytes,
+            close: false,
+        }
+    }
+
+    fn report(&self, id: &str, req: Request, is_error: bool) -> Reply {
+        let known = self
+            .shared
+            .outstanding
+            .lock()
+            .expect("outstanding lock")
+            .remove(id);
+        if !known {
+            return Reply::json(
+                400,
+                "Bad Request",
+                error_json(
+                    "InvalidRequestID",
+                    &format!("request id {id:?} is not awaiting a result"),
+                ),
+            );
+        }
+        let Some(body) = req.body else {
+            // Too large: the payload limit was exceeded while reading.
+            self.shared.sink.send(Message::Error {
+                request_id: id.to_owned(),
+                error_type: "Function.ResponseSizeTooLarge".into(),
+                body: error_json(
+                    "Function.ResponseSizeTooLarge",
+                    &format!("Response payload size exceeded maximum allowed payload size ({MAX_PAYLOAD} bytes)."),
+                ),
+            });
+            return Reply::json(
+                413,
+                "Payload Too Large",
+                error_json("RequestEntityTooLarge", "response payload too large"),
+            )
+            .closing();
+        };
+        let msg = if is_error {
+            Message::Error {
+                request_id: id.to_owned(),
+                error_type: req.error_type.unwrap_or_default(),
+                body,
+            }
+        } else {
+            Message::Response {
+                request_id: id.to_owned(),
+                body,
+            }
+        };
+        self.shared.sink.send(msg);
+        Reply::accepted()
+    }
+}
+
+fn error_json(error_type: &str, message: &str) -> Vec<u8> {
+    serde_json::json!({"errorType": error_type, "errorMessage": message})
+        .to_string()
+        .into_bytes()
+}
+
+struct Reply {
+    bytes: Vec<u8>,
+    close: bool,
+}
+
+impl Reply {
+    fn json(code: u16, reason: &str, body: Vec<u8>) -> Self {
+        let mut bytes = format!(
+            "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        bytes.extend_from_slice(&body);
+        Self {
+            bytes,
+            close: false,
+        }
+    }
+    fn accepted() -> Self {
+        Self::json(202, "Accepted", br#"{"status":"OK"}"#.to_vec())
+    }
+    fn closing(mut self) -> Self {
+        self.close = true;
+        self
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    close: bool,
+    error_type: Option<String>,
+    /// `None` when the body exceeded [`MAX_PAYLOAD`].
+    body: Option<Vec<u8>>,
+}
+
+/// Read one request; `Ok(None)` when the peer closed the connection cleanly.
+fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option<Request>> {
+    let mut head = Vec::with_capacity(512);
+    loop {
+        let before = head.len();
+        let n = r.take((MAX_HEAD - head.len()) as u64 + 1).read_until(b'\n', &mut head)?;
+        if n == 0 {
+            if head.is_empty() {
+                return Ok(None);
+            }
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated head"));
+        }
+        if head.len() > MAX_HEAD {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "head too large"));
+        }
+        let line = &head[before..];
+        if (line == b"\r\n" || line == b"\n") && before > 0 {
+            break;
+        }
+        if (line == b"\r\n" || line == b"\n") && before == 0 {
+            // Tolerate stray blank lines between requests.
+            head.clear();
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad request head")),
+    }
+    let method = parsed.method.unwrap_or("").to_owned();
+    let path = parsed.path.unwrap_or("").to_owned();
+    let http10 = parsed.version == Some(0);
+    let mut content_length: Option<usize> = None;
+    let mut chunked = false;
+    let mut close = http10;
+    let mut expect_continue = false;
+    let mut error_type = None;
+    for h in parsed.headers.iter() {
+        let value = String::from_utf8_lossy(h.value).trim().to_owned();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            content_length = Some(value.parse().map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, "bad content-length")
+            })?);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.to_ascii_lowercase().contains("chunked");
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            let v = value.to_ascii_lowercase();
+            if v.contains("close") {
+                close = true;
+            } else if v.contains("keep-alive") {
+                close = false;
+            }
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            expect_continue = value.eq_ignore_ascii_case("100-continue");
+        } else if h.name.eq_ignore_ascii_case("lambda-runtime-function-error-type") {
+            error_type = Some(value);
+        }
+    }
+    let has_body = chunked || content_length.unwrap_or(0) > 0;
+    if expect_continue && has_body {
+        if content_length.is_some_and(|n| n > MAX_PAYLOAD) {
+            // Do not invite a body we will refuse; the caller closes.
+            return Ok(Some(Request {
+                method,
+                path,
+                close: true,
+                error_type,
+                body: None,
+            }));
+        }
+        w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        w.flush()?;
+    }
+    let body = if chunked {
+        read_chunked(r)?
+    } else if let Some(n) = content_length {
+        if n > MAX_PAYLOAD {
+            // Drain (bounded by the declared length) so the reply can be read.
+            io::copy(&mut r.take(n as u64), &mut io::sink())?;
+            None
+        } else {
+            let mut b = vec![0u8; n];
+            r.read_exact(&mut b)?;
+            Some(b)
+        }
+    } else {
+        Some(Vec::new())
+    };
+    Ok(Some(Request {
+        method,
+        path,
+        close,
+        error_type,
+        body,
+    }))
+}
+
+/// Read a chunked body; `None` if it grows past [`MAX_PAYLOAD`] (the rest is
+/// still consumed, up to a hard bound, so the connection stays in sync).
+fn read_chunked<R: BufRead>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
+    let mut body = Vec::new();
+    let mut too_large = false;
+    let mut consumed: usize = 0;
+    loop {
+        let mut line = Vec::new();
+        r.take(1024).read_until(b'\n', &mut line)?;
+        let text = String::from_utf8_lossy(&line);
+        let size_str = text.trim().split(';').next().unwrap_or("").trim().to_owned();
+        let size = usize::from_str_radix(&size_str, 16)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+        if size == 0 {
+            // Trailers until an empty line.
+            loop {
+                let mut t = Vec::new();
+                r.take(8192).read_until(b'\n', &mut t)?;
+                if t.is_empty() || t == b"\r\n" || t == b"\n" {
+                    break;
+                }
+            }
+            return Ok(if too_large { None } else { Some(body) });
+        }
+        consumed = consumed.saturating_add(size);
+        if consumed > 4 * MAX_PAYLOAD {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "chunked body far too large"));
+        }
+        if too_large || body.len() + size > MAX_PAYLOAD {
+            too_large = true;
+            body = Vec::new();
+            io::copy(&mut r.take(size as u64), &mut io::sink())?;
+        } else {
+            let start = body.len();
+            body.resize(start + size, 0);
+            r.read_exact(&mut body[start..])?;
+        }
+        let mut crlf = Vec::new();
+        r.take(2).read_until(b'\n', &mut crlf)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    fn server() -> (RuntimeApi, String, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let api = RuntimeApi::new(
+            move |m| {
+                let _ = tx.lock().unwrap().send(m);
+            },
+            Instant::now(),
+        );
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        api.serve(l).unwrap();
+        (api, addr, rx)
+    }
+
+    fn roundtrip(stream: &mut TcpStream, req: &[u8]) -> String {
+        stream.write_all(req).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body).unwrap();
+        head + &String::from_utf8(body).unwrap()
+    }
+
+    #[test]
+    fn next_then_response_on_one_keepalive_connection() {
+        let (api, addr, rx) = server();
+        api.push_invoke(Invocation {
+            request_id: "r1".into(),
+            deadline_ms: 42,
+            invoked_function_arn: "arn:x".into(),
+            trace_id: "t".into(),
+            client_context: String::new(),
+            payload: b"{\"a\":1}".to_vec(),
+        });
+        let mut s = TcpStream::connect(&addr).unwrap();
+        let got = roundtrip(
+            &mut s,
+            b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+        assert!(got.contains("Lambda-Runtime-Aws-Request-Id: r1\r\n"));
+        assert!(got.contains("Lambda-Runtime-Deadline-Ms: 42\r\n"));
+        assert!(got.ends_with("{\"a\":1}"));
+        assert!(matches!(rx.recv().unwrap(), Message::Ready { .. }));
+
+        let got = roundtrip(
+            &mut s,
+            b"POST /2018-06-01/runtime/invocation/r1/response HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        );
+        assert!(got.starts_with("HTTP/1.1 202"), "{got}");
+        assert_eq!(
+            rx.recv().unwrap(),
+            Message::Response {
+                request_id: "r1".into(),
+                body: b"abcde".to_vec()
+            }
+        );
+        // A second answer for the same id is refused.
+        let got = roundtrip(
+            &mut s,
+            b"POST /2018-06-01/runtime/invocation/r1/response HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    }
+
+    #[test]
+    fn error_and_init_error_carry_the_error_type() {
+        let (api, addr, rx) = server();
+        api.push_invoke(Invocation {
+            request_id: "r2".into(),
+            deadline_ms: 1,
+            invoked_function_arn: String::new(),
+            trace_id: String::new(),
+            client_context: "ctx".into(),
+            payload: vec![],
+        });
+        let mut s = TcpStream::connect(&addr).unwrap();
+        let got = roundtrip(&mut s, b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n\r\n");
+        assert!(got.contains("Lambda-Runtime-Client-Context: ctx\r\n"));
+        let _ready = rx.recv().unwrap();
+        let got = roundtrip(
+            &mut s,
+            b"POST /2018-06-01/runtime/invocation/r2/error HTTP/1.1\r\nLambda-Runtime-Function-Error-Type: Oops\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
+        );
+        assert!(got.contains("202 Accepted"), "{got}");
+        assert_eq!(
+            rx.recv().unwrap(),
+            Message::Error {
+                request_id: "r2".into(),
+                error_type: "Oops".into(),
+                body: b"{}".to_vec()
+            }
+        );
+        let got = roundtrip(
+            &mut s,
+            b"POST /2018-06-01/runtime/init/error HTTP/1.1\r\nLambda-Runtime-Function-Error-Type: Init.Bad\r\nContent-Length: 1\r\n\r\nx",
+        );
+        assert!(got.contains("202"), "{got}");
+        assert_eq!(
+            rx.recv().unwrap(),
+            Message::InitError {
+                error_type: "Init.Bad".into(),
+                body: b"x".to_vec()
+            }
+        );
+        let got = roundtrip(&mut s, b"GET /nope HTTP/1.1\r\n\r\n");
+        assert!(got.starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn oversized_response_becomes_a_size_error() {
+        let (api, addr, rx) = server();
+        api.push_invoke(Invocation {
+            request_id: "big".into(),
+            deadline_ms: 1,
+            invoked_function_arn: String::new(),
+            trace_id: String::new(),
+            client_context: String::new(),
+            payload: vec![],
+        });
+        let mut s = TcpStream::connect(&addr).unwrap();
+        roundtrip(&mut s, b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n\r\n");
+        let _ready = rx.recv().unwrap();
+        let n = MAX_PAYLOAD + 10;
+        let mut req = format!(
+            "POST /2018-06-01/runtime/invocation/big/response HTTP/1.1\r\nContent-Length: {n}\r\n\r\n"
+        )
+        .into_bytes();
+        req.extend(std::iter::repeat_n(b'x', n));
+        let got = roundtrip(&mut s, &req);
+        assert!(got.starts_with("HTTP/1.1 413"), "{got}");
+        match rx.recv().unwrap() {
+            Message::Error { error_type, .. } => {
+                assert_eq!(error_type, "Function.ResponseSizeTooLarge")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! Stage 0 and stage 1 of the agent, and the supervision of `bootstrap`:
+//! relaying invocations, results and log lines, and reaping processes.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{Pid, geteuid};
+use sluice_protocol::{
+    DEFAULT_MAX_FRAME, ExitStatus, LogStream, Message, StartConfig, read_message, write_message,
+};
+
+use crate::isolate;
+use crate::runtime_api::{Invocation, RuntimeApi};
+
+const CONFIG_ENV: &str = "SLUICE_AGENT_STAGE1_CONFIG";
+const MAX_LOG_LINE: usize = 16 * 1024;
+
+/// The transport of the agent channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Channel {
+    /// Standard input (host to agent) and standard output (agent to host).
+    Stdio,
+    /// A Unix stream socket to connect to.
+    Unix(PathBuf),
+    /// A character device or FIFO opened read-write (a virtio console port).
+    File(PathBuf),
+}
+
+impl Channel {
+    /// Parse `stdio`, `unix:PATH` or `file:PATH`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "stdio" {
+            Ok(Channel::Stdio)
+        } else if let Some(p) = s.strip_prefix("unix:") {
+            Ok(Channel::Unix(p.into()))
+        } else if let Some(p) = s.strip_prefix("file:") {
+            Ok(Channel::File(p.into()))
+        } else {
+            Err(format!(
+                "bad channel {s:?}: expected stdio, unix:PATH or file:PATH"
+            ))
+        }
+    }
+
+    fn open(&self) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+        match self {
+            Channel::Stdio => {
+                // Unbuffered handles on fd 0 and 1: stage 0 must read exactly
+                // its frames and leave the rest of the stream to stage 1.
+                let rd = std::fs::File::from(io::stdin().as_fd().try_clone_to_owned()?);
+                let wr = std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?);
+                Ok((Box::new(rd), Box::new(wr)))
+            }
+            Channel::Unix(p) => {
+                let s = UnixStream::connect(p)?;
+                Ok((Box::new(s.try_clone()?), Box::new(s)))
+            }
+            Channel::File(p) => {
+                let f = std::fs::OpenOptions::new().read(true).write(true).open(p)?;
+                Ok((Box::new(f.try_clone()?), Box::new(f)))
+            }
+        }
+    }
+}
+
+fn fatal<W: Write + ?Sized>(wr: &mut W, message: String) -> u8 {
+    eprintln!("sluice-agent: {message}");
+    let _ = write_message(wr, &Message::Fatal { message });
+    1
+}
+
+/// Stage 0: read the configuration, build the sandbox (when asked to), and
+/// either serve directly (no isolation) or hand over to stage 1.
+pub fn run_stage0(channel: Channel) -> u8 {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let (mut rd, mut wr) = match channel.open() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("sluice-agent: cannot open channel {channel:?}: {e}");
+            return 1;
+        }
+    };
+    let cfg = match read_message(&mut rd, DEFAULT_MAX_FRAME) {
+        Ok(Some(Message::Start(cfg))) => *cfg,
+        Ok(Some(other)) => {
+            return fatal(
+                &mut wr,
+                format!("expected a start frame, got {}", other.kind_name()),
+            );
+        }
+        Ok(None) => return 0,
+        Err(e) => return fatal(&mut wr, format!("reading the start frame: {e}")),
+    };
+    if !cfg.isolate {
+        let task_root = PathBuf::from(&cfg.function_dir);
+        return serve(cfg, rd, wr, &task_root, false);
+    }
+    if channel != Channel::Stdio {
+        return fatal(&mut wr, "the process sandbox needs the stdio channel".into());
+    }
+    let host_root = geteuid().is_root();
+    if host_root {
+        if let Err(e) = isolate::build_root_as_host_root(&cfg) {
+            return fatal(&mut wr, e.to_string());
+        }
+    }
+    if let Err(e) = isolate::unshare_all() {
+        return fatal(&mut wr, e.to_string());
+    }
+    if let Err(e) = write_message(&mut wr, &Message::Unshared) {
+        eprintln!("sluice-agent: channel write failed: {e}");
+        return 1;
+    }
+    match read_message(&mut rd, DEFAULT_MAX_FRAME) {
+        Ok(Some(Message::Proceed)) => {}
+        Ok(Some(Message::Shutdown)) | Ok(None) => return 0,
+        Ok(Some(other)) => {
+            return fatal(
+                &mut wr,
+                format!("expected proceed, got {}", other.kind_name()),
+            );
+        }
+        Err(e) => return fatal(&mut wr, format!("reading proceed: {e}")),
+    }
+    if let Err(e) = isolate::become_sandbox_root(host_root) {
+        return fatal(&mut wr, e.to_string());
+    }
+    if !host_root {
+        if let Err(e) = isolate::build_root(&cfg) {
+            return fatal(&mut wr, e.to_string());
+        }
+    }
+    let json = serde_json::to_string(&cfg).expect("config serializes");
+    let status = Command::new("/proc/self/exe")
+        .arg("--stage1")
+        .env_clear()
+        .env(CONFIG_ENV, json)
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status();
+    match status {
+        Ok(s) => s.code().unwrap_or(1).clamp(0, 255) as u8,
+        Err(e) => fatal(&mut wr, format!("spawning stage 1: {e}")),
+    }
+}
+
+/// Stage 1: PID 1 of the sandbox.
+pub fn run_stage1() -> u8 {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let (rd, mut wr) = match Channel::Stdio.open() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("sluice-agent: cannot open channel: {e}");
+            return 1;
+        }
+    };
+    let cfg: StartConfig = match std::env::var(CONFIG_ENV)
+        .map_err(|e| e.to_string())
+        .and_then(|j| serde_json::from_str(&j).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => return fatal(&mut wr, format!("stage 1 configuration: {e}")),
+    };
+    if let Err(e) = isolate::enter_root(&cfg) {
+        return fatal(&mut wr, e.to_string());
+    }
+    let task_root = PathBuf::from(&cfg.task_root);
+    serve(cfg, rd, wr, &task_root, true)
+}
+
+type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+
+fn send(w: &SharedWriter, msg: &Message) {
+    let mut guard = match w.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if write_message(&mut *guard, msg).is_err() {
+        // The host is gone: nothing left to serve.
+        std::process::exit(0);
+    }
+}
+
+fn serve(
+    cfg: StartConfig,
+    rd: Box<dyn Read + Send>,
+    wr: Box<dyn Write + Send>,
+    task_root: &Path,
+    isolated: bool,
+) -> u8 {
+    let writer: SharedWriter = Arc::new(Mutex::new(wr));
+    let fail = |message: String| -> u8 {
+        eprintln!("sluice-agent: {message}");
+        send(&writer, &Message::Fatal { message });
+        1
+    };
+    let listener = match TcpListener::bind(("127.0.0.1", cfg.runtime_api_port)) {
+        Ok(l) => l,
+        Err(e) => return fail(format!("binding the Runtime API port: {e}")),
+    };
+    let api_addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return fail(format!("Runtime API address: {e}")),
+    };
+    if isolated {
+        if let Err(e) = isolate::apply_rlimits(&cfg) {
+            return fail(e.to_string());
+        }
+        match isolate::apply_landlock(&cfg) {
+            Ok(status) => send(
+                &writer,
+                &Message::Log {
+                    stream: LogStream::Agent,
+                    line: status.as_bytes().to_vec(),
+                },
+            ),
+            Err(e) => return fail(e.to_string()),
+        }
+        if let Err(e) = isolate::apply_seccomp() {
+            return fail(e.to_string());
+        }
+    }
+
+    let mut cmd = Command::new(task_root.join("bootstrap"));
+    cmd.current_dir(task_root)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("LANG", "C.UTF-8")
+        .env("TZ", ":UTC")
+        .env("AWS_LAMBDA_RUNTIME_API", api_addr.to_string())
+        .env("AWS_LAMBDA_FUNCTION_NAME", &cfg.function_name)
+        .env("AWS_LAMBDA_FUNCTION_VERSION", &cfg.function_version)
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", cfg.memory_mb.to_string())
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", &cfg.log_group)
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", &cfg.log_stream)
+        .env("AWS_EXECUTION_ENV", "sluice")
+        .env("LAMBDA_TASK_ROOT", task_root)
+        .env("LAMBDA_RUNTIME_DIR", "/var/runtime")
+        .env("_HANDLER", &cfg.handler)
+        .envs(cfg.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some((uid, gid)) = cfg.run_as {
+        cmd.uid(uid).gid(gid);
+    }
+    let started = Instant::now();
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            send(
+                &writer,
+                &Message::InitError {
+                    error_type: "Runtime.InvalidEntrypoint".into(),
+                    body: serde_json::json!({
+                        "errorType": "Runtime.InvalidEntrypoint",
+                        "errorMessage": format!("cannot start {}/bootstrap: {e}", task_root.display()),
+                    })
+                    .to_string()
+                    .into_bytes(),
+                },
+            );
+            send(&writer, &Message::Exited(ExitStatus::Code(127)));
+            return 1;
+        }
+    };
+    let child_pid = Pid::from_raw(child.id() as i32);
+
+    let (log_done_tx, log_done_rx) = mpsc::channel::<()>();
+    if let Some(out) = child.stdout.take() {
+        relay_logs(out, LogStream::Stdout, writer.clone(), log_done_tx.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        relay_logs(err, LogStream::Stderr, writer.clone(), log_done_tx.clone());
+    }
+    drop(log_done_tx);
+
+    let api = {
+        let w = writer.clone();
+        RuntimeApi::new(move |m: Message| send(&w, &m), started)
+    };
+    if let Err(e) = api.serve(listener) {
+        return fail(format!("starting the Runtime API: {e}"));
+    }
+
+    {
+        let api = api.clone();
+        let spawned = thread::Builder::new()
+            .name("agent-channel".into())
+            .spawn(move || read_channel(rd, api, child_pid));
+        if let Err(e) = spawned {
+            return fail(format!("starting the channel reader: {e}"));
+        }
+    }
+
+    // Reap every process (we may be PID 1) until bootstrap ends.
+    loop {
+        match waitpid(None::<Pid>, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == child_pid => {
+                finish(&writer, &api, &log_done_rx, ExitStatus::Code(code));
+                return 0;
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child_pid => {
+                finish(&writer, &api, &log_done_rx, ExitStatus::Signal(sig as i32));
+                return 0;
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return fail(format!("waitpid: {e}")),
+        }
+    }
+}
+
+fn finish(writer: &SharedWriter, api: &RuntimeApi, logs: &mpsc::Receiver<()>, status: ExitStatus) {
+    api.close();
+    // Give the log relays a moment to forward the last lines.
+    let deadline = Instant::now() + Duration::from_millis(200);
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if logs.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    send(writer, &Message::Exited(status));
+}
+
+fn relay_logs(
+    pipe: impl Read + Send + 'static,
+    stream: LogStream,
+    writer: SharedWriter,
+    done: mpsc::Sender<()>,
+) {
+    let _ = thread::Builder::new()
+        .name("agent-logs".into())
+        .spawn(move || {
+            let mut r = BufReader::new(pipe);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match r.by_ref().take(MAX_LOG_LINE as u64).read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        while matches!(line.last(), Some(b'\n' | b'\r')) {
+                            line.pop();
+                        }
+                        send(
+                            &writer,
+                            &Message::Log {
+                                stream,
+                                line: line.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+            let _ = done.send(());
+        });
+}
+
+fn read_channel(rd: Box<dyn Read + Send>, api: RuntimeApi, child: Pid) {
+    let mut r = BufReader::with_capacity(64 * 1024, rd);
+    loop {
+        match read_message(&mut r, DEFAULT_MAX_FRAME) {
+            Ok(Some(Message::Invoke {
+                request_id,
+                deadline_ms,
+                invoked_function_arn,
+                trace_id,
+                client_context,
+                payload,
+            })) => api.push_invoke(Invocation {
+                request_id,
+                deadline_ms,
+                invoked_function_arn,
+                trace_id,
+                client_context,
+                payload,
+            }),
+            Ok(Some(Message::Shutdown)) | Ok(None) => {
+                let _ = kill(child, Signal::SIGKILL);
+                std::process::exit(0);
+            }
+            Ok(Some(other)) => {
+                eprintln!(
+                    "sluice-agent: unexpected {} frame from the host",
+                    other.kind_name()
+                );
+                let _ = kill(child, Signal::SIGKILL);
+                std::process::exit(1);
+            }
+            Err(e) => {
+                eprintln!("sluice-agent: bad frame from the host: {e}");
+                let _ = kill(child, Signal::SIGKILL);
+                std::process::exit(1);
+            }
+        }
+    }
+}
