@@ -1,0 +1,62 @@
+//! The sandbox backend interface: the process sandbox today, the microVM
+//! later. A backend starts initialised sandboxes; a sandbox runs one
+//! invocation at a time.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{FunctionSpec, InvokeError, LogLine};
+
+/// One invocation as the sandbox delivers it to the runtime.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// `Lambda-Runtime-Aws-Request-Id`.
+    pub request_id: String,
+    /// `Lambda-Runtime-Deadline-Ms`.
+    pub deadline_ms: u64,
+    /// `Lambda-Runtime-Invoked-Function-Arn`.
+    pub invoked_function_arn: String,
+    /// `Lambda-Runtime-Trace-Id`.
+    pub trace_id: String,
+    /// `Lambda-Runtime-Client-Context`.
+    pub client_context: String,
+    /// The event.
+    pub payload: Vec<u8>,
+}
+
+/// Receives the function's log lines.
+pub type LogSink = std::sync::Arc<dyn Fn(LogLine) + Send + Sync>;
+
+/// Starts sandboxes for functions.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Short name (`process`, `microvm`).
+    fn name(&self) -> &'static str;
+
+    /// Start a sandbox for `spec`, for `tenant`, and wait until the
+    /// function's runtime is initialised (its first `next`).
+    async fn start(
+        &self,
+        spec: &FunctionSpec,
+        tenant: &str,
+        logs: LogSink,
+    ) -> Result<Box<dyn Sandbox>, InvokeError>;
+}
+
+/// An initialised sandbox running one function for one tenant.
+#[async_trait]
+pub trait Sandbox: Send + 'static {
+    /// Run one invocation, bounded by `timeout`. On timeout or crash the
+    /// sandbox kills itself and [`Sandbox::is_reusable`] turns false.
+    async fn invoke(&mut self, inv: Invocation, timeout: Duration) -> Result<Vec<u8>, InvokeError>;
+
+    /// Whether it can take another invocation.
+    fn is_reusable(&self) -> bool;
+
+    /// How long initialisation took.
+    fn init_duration(&self) -> Duration;
+
+    /// Stop it and release its resources.
+    async fn shutdown(self: Box<Self>);
+}

@@ -1,0 +1,616 @@
+//! The process sandbox backend: every sandbox is a `sluice-agent` process that
+//! builds its own namespaces (see `sluice_agent::isolate`), with memory and
+//! pids limits from cgroups, killed with its whole process group and PID
+//! namespace on timeout.
+
+mod cgroup;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::{Pid, getegid, geteuid};
+use sluice_protocol::{DEFAULT_MAX_FRAME, ExitStatus, FrameDecoder, Message, StartConfig, encode};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+pub use cgroup::{CgroupSupport, SandboxCgroup};
+
+use crate::backend::{Backend, Invocation, LogSink, Sandbox};
+use crate::logs::{LogLine, LogRateLimiter};
+use crate::{FunctionSpec, InvokeError, SandboxError};
+
+/// Host paths offered read-only inside every sandbox as its runtime base.
+pub const DEFAULT_RUNTIME_LAYERS: &[&str] = &["/usr", "/bin", "/lib", "/lib64", "/sbin"];
+
+/// Settings of the process backend.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// Path of the `sluice-agent` binary.
+    pub agent: PathBuf,
+    /// Folder for the sandboxes' mount points.
+    pub run_dir: PathBuf,
+    /// Runtime layers (see [`DEFAULT_RUNTIME_LAYERS`]).
+    pub runtime_layers: Vec<String>,
+    /// Cgroup support found on this host.
+    pub cgroups: CgroupSupport,
+    /// Log lines per second a sandbox may emit (bursts up to 10 times this);
+    /// the rest is counted and reported as dropped.
+    pub log_lines_per_sec: u32,
+}
+
+impl ProcessConfig {
+    /// Defaults for this host: cgroups probed, run folder under the temp dir.
+    pub fn detect(agent: PathBuf) -> Self {
+        let run_dir = std::env::temp_dir().join(format!("sluice-{}", geteuid().as_raw()));
+        Self {
+            agent,
+            run_dir,
+            runtime_layers: DEFAULT_RUNTIME_LAYERS.iter().map(|s| s.to_string()).collect(),
+            cgroups: CgroupSupport::detect(),
+            log_lines_per_sec: 200,
+        }
+    }
+}
+
+/// The process sandbox backend.
+#[derive(Debug)]
+pub struct ProcessBackend {
+    cfg: ProcessConfig,
+    next_id: AtomicU64,
+}
+
+impl ProcessBackend {
+    /// A backend with these settings.
+    pub fn new(cfg: ProcessConfig) -> Self {
+        Self {
+            cfg,
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ProcessConfig {
+        &self.cfg
+    }
+}
+
+fn host_err(function: &str, what: String, source: std::io::Error) -> InvokeError {
+    InvokeError::Sandbox {
+        function: function.to_owned(),
+        source: SandboxError::Host { what, source },
+    }
+}
+
+fn sandbox_err(function: &str, source: SandboxError) -> InvokeError {
+    InvokeError::Sandbox {
+        function: function.to_owned(),
+        source,
+    }
+}
+
+fn make_dir_0755(p: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(p)?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))
+}
+
+#[async_trait]
+impl Backend for ProcessBackend {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn start(
+        &self,
+        spec: &FunctionSpec,
+        tenant: &str,
+        logs: LogSink,
+    ) -> Result<Box<dyn Sandbox>, InvokeError> {
+        let started = Instant::now();
+        let fname = spec.name.as_str();
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{}", std::process::id(), n);
+        let sandboxes = self.cfg.run_dir.join("sandboxes");
+        make_dir_0755(&self.cfg.run_dir)
+            .and_then(|()| make_dir_0755(&sandboxes))
+            .map_err(|e| host_err(fname, format!("creating {}", sandboxes.display()), e))?;
+        let root_dir = sandboxes.join(&id);
+        make_dir_0755(&root_dir)
+            .map_err(|e| host_err(fname, format!("creating {}", root_dir.display()), e))?;
+        let memory_bytes = u64::from(spec.memory_mb) * 1024 * 1024;
+        let cgroup = SandboxCgroup::create(&self.cfg.cgroups, &id, memory_bytes, spec.max_processes)
+            .map_err(|e| host_err(fname, format!("creating cgroups for sandbox {id}"), e))?;
+        let host_root = geteuid().is_root();
+        let cfg = StartConfig {
+            function_name: spec.name.clone(),
+            function_version: "$LATEST".into(),
+            memory_mb: spec.memory_mb,
+            handler: spec.handler.clone(),
+            log_group: format!("/aws/lambda/{}", spec.name),
+            log_stream: format!("{tenant}/[$LATEST]{id}"),
+            function_dir: spec.dir.to_string_lossy().into_owned(),
+            task_root: "/var/task".into(),
+            root_dir: root_dir.to_string_lossy().into_owned(),
+            runtime_layers: self.cfg.runtime_layers.clone(),
+            tmp_mb: spec.tmp_mb,
+            rlimit_nproc: if cgroup.is_some() { 0 } else { spec.max_processes },
+            // Without a memory cgroup, an address-space limit is the only
+            // (crude) bound; runtimes reserve far more than they touch.
+            rlimit_as_bytes: if cgroup.is_some() {
+                0
+            } else {
+                memory_bytes.saturating_mul(8).max(1 << 30)
+            },
+            runtime_api_port: 9001,
+            env: spec.env.clone(),
+            run_as: host_root.then_some((993, 990)),
+            isolate: true,
+        };
+
+        let mut child = Command::new(&self.cfg.agent)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| {
+                sandbox_err(
+                    fname,
+                    SandboxError::Spawn {
+                        agent: self.cfg.agent.display().to_string(),
+                        source,
+                    },
+                )
+            })?;
+        let pid = child.id().unwrap_or(0);
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+
+        let limiter = Arc::new(LogRateLimiter::new(self.cfg.log_lines_per_sec));
+        let (tx, rx) = mpsc::channel(64);
+        let meta = Arc::new((spec.name.clone(), tenant.to_owned()));
+        tokio::spawn(read_frames(stdout, tx, logs.clone(), limiter.clone(), meta.clone(), pid));
+        tokio::spawn(read_agent_stderr(stderr, logs, limiter, meta));
+
+        let mut sb = ProcessSandbox {
+            function: spec.name.clone(),
+            memory_mb: spec.memory_mb,
+            child: Some(child),
+            pid,
+            stdin,
+            rx,
+            cgroup,
+            root_dir,
+            dead: false,
+            init: Duration::ZERO,
+        };
+        let init_deadline = started + spec.init_timeout;
+        sb.send(&Message::Start(Box::new(cfg))).await?;
+
+        // Stage 0 unshares, then waits for its uid/gid maps and cgroups.
+        match sb.recv_until(init_deadline).await {
+            Some(Ok(Message::Unshared)) => {}
+            other => return Err(sb.init_failure(other).await),
+        }
+        if let Err(e) = write_id_maps(pid, host_root) {
+            sb.kill();
+            return Err(host_err(fname, format!("writing uid/gid maps of pid {pid}"), e));
+        }
+        if let Some(cg) = &sb.cgroup {
+            if let Err(e) = cg.add(pid) {
+                sb.kill();
+                return Err(host_err(fname, format!("adding pid {pid} to its cgroups"), e));
+            }
+        }
+        sb.send(&Message::Proceed).await?;
+        match sb.recv_until(init_deadline).await {
+            Some(Ok(Message::Ready { init_us })) => {
+                sb.init = started.elapsed();
+                tracing::debug!(function = fname, tenant, init_us, sandbox = %sb.root_dir.display(), "sandbox ready");
+                Ok(Box::new(sb))
+            }
+            other => Err(sb.init_failure(other).await),
+        }
+    }
+}
+
+fn write_id_maps(pid: u32, host_root: bool) -> std::io::Result<()> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    if host_root {
+        // Sandbox root and the function's user map to unprivileged host ids.
+        std::fs::write(proc_dir.join("uid_map"), "0 65534 1\n993 65533 1\n")?;
+        std::fs::write(proc_dir.join("gid_map"), "0 65534 1\n990 65533 1\n")?;
+    } else {
+        std::fs::write(proc_dir.join("setgroups"), "deny")?;
+        std::fs::write(proc_dir.join("uid_map"), format!("0 {} 1\n", geteuid()))?;
+        std::fs::write(proc_dir.join("gid_map"), format!("0 {} 1\n", getegid()))?;
+    }
+    Ok(())
+}
+
+type FrameResult = Result<Message, SandboxError>;
+
+async fn read_frames(
+    mut stdout: tokio::process::ChildStdout,
+    tx: mpsc::Sender<FrameResult>,
+    logs: LogSink,
+    limiter: Arc<LogRateLimiter>,
+    meta: Arc<(String, String)>,
+    pid: u32,
+) {
+    let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stdout.read(&mut buf).await {
+            Ok(0) => {
+                let e = match dec.finish() {
+                    Ok(()) => SandboxError::ChannelClosed,
+                    Err(e) => SandboxError::Protocol {
+                        detail: e.to_string(),
+                    },
+                };
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+            Ok(n) => n,
+            Err(_) => {
+                let _ = tx.send(Err(SandboxError::ChannelClosed)).await;
+                return;
+            }
+        };
+        dec.push(&buf[..n]);
+        loop {
+            match dec.next_message() {
+                Ok(None) => break,
+                Ok(Some(Message::Log { stream, line })) => {
+                    if let Some(dropped) = limiter.admit() {
+                        if dropped > 0 {
+                            logs(LogLine::dropped(&meta.0, &meta.1, dropped));
+                        }
+                        logs(LogLine::new(&meta.0, &meta.1, stream, &line));
+                    }
+                }
+                Ok(Some(m)) => {
+                    if tx.send(Ok(m)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // A hostile or broken peer: kill the sandbox at once.
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    let _ = tx
+                        .send(Err(SandboxError::Protocol {
+                            detail: e.to_string(),
+                        }))
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn read_agent_stderr(
+    stderr: tokio::process::ChildStderr,
+    logs: LogSink,
+    limiter: Arc<LogRateLimiter>,
+    meta: Arc<(String, String)>,
+) {
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if limiter.admit().is_some() {
+            logs(LogLine::new(
+                &meta.0,
+                &meta.1,
+                sluice_protocol::LogStream::Agent,
+                line.as_bytes(),
+            ));
+        }
+    }
+}
+
+/// One running process sandbox.
+pub struct ProcessSandbox {
+    function: String,
+    memory_mb: u32,
+    child: Option<Child>,
+    pid: u32,
+    stdin: ChildStdin,
+    rx: mpsc::Receiver<FrameResult>,
+    cgroup: Option<SandboxCgroup>,
+    root_dir: PathBuf,
+    dead: bool,
+    init: Duration,
+}
+
+impl std::fmt::Debug for ProcessSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessSandbox")
+            .field("function", &self.function)
+            .field("pid", &self.pid)
+            .field("dead", &self.dead)
+            .finish()
+    }
+}
+
+impl ProcessSandbox {
+    async fn send(&mut self, msg: &Message) -> Result<(), InvokeError> {
+        let frame = encode(msg);
+        let res = async {
+            self.stdin.write_all(&frame).await?;
+            self.stdin.flush().await
+        }
+        .await;
+        if res.is_err() {
+            self.kill();
+            return Err(self.crash_error("the agent channel closed").await);
+        }
+        Ok(())
+    }
+
+    async fn recv_until(&mut self, deadline: Instant) -> Option<Result<Message, SandboxError>> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.rx.recv()).await {
+            Ok(Some(m)) => Some(m),
+            Ok(None) => Some(Err(SandboxError::ChannelClosed)),
+            Err(_) => None,
+        }
+    }
+
+    fn kill(&mut self) {
+        if self.pid != 0 {
+            let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+        if let Some(cg) = &self.cgroup {
+            cg.kill_all();
+        }
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        self.dead = true;
+    }
+
+    fn oom(&self) -> bool {
+        self.cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0)
+    }
+
+    async fn exit_detail(&mut self) -> String {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), c.wait()).await {
+                return format!("agent {status}");
+            }
+        }
+        "agent did not exit".into()
+    }
+
+    async fn crash_error(&mut self, context: &str) -> InvokeError {
+        self.dead = true;
+        if self.oom() {
+            return InvokeError::OutOfMemory {
+                function: self.function.clone(),
+                limit_mb: self.memory_mb,
+            };
+        }
+        let detail = self.exit_detail().await;
+        InvokeError::SandboxCrashed {
+            function: self.function.clone(),
+            detail: format!("{context} ({detail})"),
+        }
+    }
+
+    async fn init_failure(&mut self, got: Option<FrameResult>) -> InvokeError {
+        let function = self.function.clone();
+        let err = match got {
+            None => InvokeError::InitFailed {
+                function: function.clone(),
+                error_type: "Runtime.InitTimeout".into(),
+                message: "the runtime did not ask for an invocation within the init timeout".into(),
+            },
+            Some(Ok(Message::InitError { error_type, body })) => {
+                let (t, m) = parse_error_body(&error_type, &body);
+                InvokeError::InitFailed {
+                    function: function.clone(),
+                    error_type: t,
+                    message: m,
+                }
+            }
+            Some(Ok(Message::Exited(status))) => {
+                if self.oom() {
+                    InvokeError::OutOfMemory {
+                        function: function.clone(),
+                        limit_mb: self.memory_mb,
+                    }
+                } else {
+                    InvokeError::InitFailed {
+                        function: function.clone(),
+                        error_type: "Runtime.ExitError".into(),
+                        message: format!("bootstrap {} during init", describe(status)),
+                    }
+                }
+            }
+            Some(Ok(Message::Fatal { message })) => sandbox_err(&function, SandboxError::Setup { message }),
+            Some(Ok(other)) => sandbox_err(
+                &function,
+                SandboxError::Protocol {
+                    detail: format!("unexpected {} frame during init", other.kind_name()),
+                },
+            ),
+            Some(Err(SandboxError::ChannelClosed)) => {
+                let detail = self.exit_detail().await;
+                if self.oom() {
+                    InvokeError::OutOfMemory {
+                        function: function.clone(),
+                        limit_mb: self.memory_mb,
+                    }
+                } else {
+                    InvokeError::InitFailed {
+                        function: function.clone(),
+                        error_type: "Runtime.ExitError".into(),
+                        message: format!("sandbox ended during init ({detail})"),
+                    }
+                }
+            }
+            Some(Err(e)) => sandbox_err(&function, e),
+        };
+        self.kill();
+        err
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    match status {
+        ExitStatus::Code(c) => format!("exited with status {c}"),
+        ExitStatus::Signal(s) => format!("was killed by signal {s}"),
+    }
+}
+
+/// Split a Lambda error body (`{"errorType","errorMessage"}`) into type and
+/// message, falling back to the header and the raw text.
+pub(crate) fn parse_error_body(header_type: &str, body: &[u8]) -> (String, String) {
+    let v: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let t = v
+        .as_ref()
+        .and_then(|v| v.get("errorType"))
+        .and_then(|t| t.as_str())
+        .map(str::to_owned)
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            if header_type.is_empty() {
+                "Unhandled".to_owned()
+            } else {
+                header_type.to_owned()
+            }
+        });
+    let m = v
+        .as_ref()
+        .and_then(|v| v.get("errorMessage"))
+        .and_then(|t| t.as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    (t, m)
+}
+
+#[async_trait]
+impl Sandbox for ProcessSandbox {
+    async fn invoke(&mut self, inv: Invocation, timeout: Duration) -> Result<Vec<u8>, InvokeError> {
+        if self.dead {
+            return Err(self.crash_error("sandbox already dead").await);
+        }
+        let request_id = inv.request_id.clone();
+        self.send(&Message::Invoke {
+            request_id: inv.request_id,
+            deadline_ms: inv.deadline_ms,
+            invoked_function_arn: inv.invoked_function_arn,
+            trace_id: inv.trace_id,
+            client_context: inv.client_context,
+            payload: inv.payload,
+        })
+        .await?;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => {
+                    self.kill();
+                    return Err(InvokeError::Timeout { function: self.function.clone(), timeout });
+                }
+                msg = self.rx.recv() => match msg {
+                    Some(Ok(Message::Response { request_id: id, body })) if id == request_id => return Ok(body),
+                    Some(Ok(Message::Error { request_id: id, error_type, body })) if id == request_id => {
+                        let (error_type, error_message) = parse_error_body(&error_type, &body);
+                        return Err(InvokeError::Function { function: self.function.clone(), error_type, error_message, body });
+                    }
+                    Some(Ok(Message::Exited(status))) => {
+                        self.kill();
+                        return Err(self.crash_error(&format!("bootstrap {} during the invocation", describe(status))).await);
+                    }
+                    Some(Ok(Message::Fatal { message })) => {
+                        self.kill();
+                        return Err(sandbox_err(&self.function, SandboxError::Setup { message }));
+                    }
+                    Some(Ok(Message::Ready { .. })) => {}
+                    Some(Ok(other)) => {
+                        self.kill();
+                        return Err(sandbox_err(&self.function, SandboxError::Protocol {
+                            detail: format!("unexpected {} frame during invocation {request_id}", other.kind_name()),
+                        }));
+                    }
+                    Some(Err(SandboxError::ChannelClosed)) | None => {
+                        self.kill();
+                        return Err(self.crash_error("the agent channel closed").await);
+                    }
+                    Some(Err(e)) => {
+                        self.kill();
+                        return Err(sandbox_err(&self.function, e));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_reusable(&self) -> bool {
+        !self.dead
+    }
+
+    fn init_duration(&self) -> Duration {
+        self.init
+    }
+
+    async fn shutdown(mut self: Box<Self>) {
+        if !self.dead {
+            let _ = self.stdin.write_all(&encode(&Message::Shutdown)).await;
+            let _ = self.stdin.flush().await;
+        }
+        if let Some(mut c) = self.child.take() {
+            if tokio::time::timeout(Duration::from_millis(500), c.wait()).await.is_err() {
+                self.child = Some(c);
+                self.kill();
+                if let Some(mut c) = self.child.take() {
+                    let _ = c.wait().await;
+                }
+            }
+        }
+        self.dead = true;
+        cleanup(self.cgroup.take(), self.root_dir.clone()).await;
+    }
+}
+
+async fn cleanup(cgroup: Option<SandboxCgroup>, root_dir: PathBuf) {
+    if let Some(cg) = cgroup {
+        // Processes leave the cgroup asynchronously after SIGKILL.
+        for _ in 0..50 {
+            if cg.remove().is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let _ = std::fs::remove_dir(&root_dir);
+}
+
+impl Drop for ProcessSandbox {
+    fn drop(&mut self) {
+        if self.child.is_none() && self.cgroup.is_none() {
+            return;
+        }
+        self.kill();
+        let child = self.child.take();
+        let cgroup = self.cgroup.take();
+        let root_dir = self.root_dir.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Some(mut c) = child {
+                    let _ = c.wait().await;
+                }
+                cleanup(cgroup, root_dir).await;
+            });
+        }
+    }
+}

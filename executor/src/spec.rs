@@ -1,0 +1,93 @@
+//! What the executor needs to know about a function.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A function: a folder with an executable `bootstrap`, and its settings.
+///
+/// Defaults follow Lambda: 128 MiB, 3 s timeout, 10 s init timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionSpec {
+    /// Function name (`AWS_LAMBDA_FUNCTION_NAME`).
+    pub name: String,
+    /// Absolute path of the function folder.
+    pub dir: PathBuf,
+    /// Memory limit in MiB (`AWS_LAMBDA_FUNCTION_MEMORY_SIZE`).
+    pub memory_mb: u32,
+    /// Invocation timeout.
+    pub timeout: Duration,
+    /// Time allowed from start to the runtime's first `next`.
+    pub init_timeout: Duration,
+    /// Maximum concurrent invocations (and so sandboxes).
+    pub concurrency: u32,
+    /// Callers allowed to wait for a slot beyond `concurrency`; more are
+    /// rejected with [`crate::InvokeError::Throttled`].
+    pub max_queue: u32,
+    /// A warm sandbox idle for this long is reaped.
+    pub idle_timeout: Duration,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Default tenant: sandboxes are never shared across tenants.
+    pub tenant: String,
+    /// `_HANDLER`.
+    pub handler: String,
+    /// Maximum processes and threads inside the sandbox.
+    pub max_processes: u32,
+    /// Size of the writable `/tmp`, MiB.
+    pub tmp_mb: u32,
+}
+
+impl FunctionSpec {
+    /// A spec with Lambda's defaults.
+    pub fn new(name: impl Into<String>, dir: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            dir: dir.into(),
+            memory_mb: 128,
+            timeout: Duration::from_secs(3),
+            init_timeout: Duration::from_secs(10),
+            concurrency: 4,
+            max_queue: 64,
+            idle_timeout: Duration::from_secs(300),
+            env: Vec::new(),
+            tenant: "default".into(),
+            handler: "bootstrap".into(),
+            max_processes: 1024,
+            tmp_mb: 512,
+        }
+    }
+
+    /// A version string that changes when the settings or the folder's
+    /// files (names, sizes, modification times) change. Sandboxes are reused
+    /// only for the same version.
+    pub fn version(&self) -> String {
+        let mut h = DefaultHasher::new();
+        format!("{self:?}").hash(&mut h);
+        hash_dir(&self.dir, &mut h, 0);
+        format!("{:016x}", h.finish())
+    }
+}
+
+fn hash_dir(dir: &Path, h: &mut DefaultHasher, depth: usize) {
+    if depth > 8 {
+        return;
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<_> = rd.filter_map(Result::ok).collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        e.file_name().hash(h);
+        let Ok(meta) = e.metadata() else { continue };
+        meta.len().hash(h);
+        if let Ok(m) = meta.modified() {
+            m.hash(h);
+        }
+        if meta.is_dir() {
+            hash_dir(&e.path(), h, depth + 1);
+        }
+    }
+}
