@@ -1,1 +1,136 @@
-fn main() {}
+//! `sluice`: run your code on every record of a stream or data set.
+//!
+//! This binary is CLI wiring only; the work happens in the crates
+//! (`sluice-executor`, `sluice-pipeline`, ...). See ARCHITECTURE.md.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit codes, documented in `sluice --help` and the README.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// The function returned an error (its error is printed on stderr).
+    pub const FUNCTION_ERROR: u8 = 1;
+    /// Bad command line or pipeline file.
+    pub const USAGE: u8 = 2;
+    /// The invocation failed in sluice: timeout, out of memory, init failure,
+    /// crash, throttling, sandbox set-up.
+    pub const INVOKE_FAILED: u8 = 3;
+    /// `sluice doctor`: this machine cannot run functions.
+    pub const UNSUPPORTED: u8 = 4;
+}
+
+const EXIT_CODES: &str = "Exit codes:
+  0  success
+  1  the function returned an error (printed on stderr as JSON)
+  2  bad command line or pipeline file (file:line:col on stderr)
+  3  the invocation failed in sluice: timeout, out of memory, init failure,
+     sandbox crash, throttling, sandbox set-up
+  4  doctor: this machine cannot run functions";
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about = "Run Lambda-style functions on every record of a stream or data set", after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a pipeline file and print what it declares.
+    Validate {
+        /// The pipeline file (pipeline.toml).
+        pipeline: PathBuf,
+    },
+    /// Invoke a function once: the response goes to stdout, logs and errors
+    /// to stderr.
+    Invoke {
+        /// The pipeline file declaring the function.
+        #[arg(long, short)]
+        pipeline: PathBuf,
+        /// Function name.
+        function: String,
+        /// The event: JSON text, `@FILE` to read a file, or `-` for stdin.
+        /// Default `{}`.
+        #[arg(long)]
+        payload: Option<String>,
+        /// Run as this tenant instead of the function's.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Do not print the function's log lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// What this machine can run: KVM, namespaces, cgroups, seccomp,
+    /// landlock, guest kernel, Kafka.
+    Doctor {
+        /// Also check that a Kafka broker answers at HOST:PORT.
+        #[arg(long)]
+        kafka: Option<String>,
+    },
+    /// Benchmarks that print figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Warm invoke round trip through the sandbox, next to spawning the
+    /// same bootstrap for every call.
+    Invoke {
+        /// The pipeline file declaring the function.
+        #[arg(long, short, default_value = "examples/pipeline.toml")]
+        pipeline: PathBuf,
+        /// Function to call (an echo function).
+        #[arg(long, short, default_value = "echo")]
+        function: String,
+        /// Warm calls to measure.
+        #[arg(long, short = 'n', default_value_t = 2000)]
+        iterations: usize,
+        /// Spawn-per-call calls to measure.
+        #[arg(long, default_value_t = 100)]
+        spawn_iterations: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::INVOKE_FAILED);
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Command::Validate { pipeline } => commands::validate::run(&pipeline),
+            Command::Invoke {
+                pipeline,
+                function,
+                payload,
+                tenant,
+                quiet,
+            } => commands::invoke::run(&pipeline, &function, payload.as_deref(), tenant, quiet).await,
+            Command::Doctor { kafka } => commands::doctor::run(kafka.as_deref()).await,
+            Command::Bench(BenchCommand::Invoke {
+                pipeline,
+                function,
+                iterations,
+                spawn_iterations,
+            }) => commands::bench::invoke(&pipeline, &function, iterations, spawn_iterations).await,
+        }
+    });
+    ExitCode::from(code)
+}

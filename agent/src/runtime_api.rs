@@ -95,6 +95,7 @@ impl RuntimeApi {
     }
 
     /// Wake every waiting `next` and make it fail: the sandbox is going away.
+    /// The accept loop ends at its next connection.
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::SeqCst);
         let _q = self.shared.queue.lock().expect("queue lock");
@@ -108,6 +109,9 @@ impl RuntimeApi {
             .name("runtime-api-accept".into())
             .spawn(move || {
                 for conn in listener.incoming() {
+                    if api.shared.closed.load(Ordering::SeqCst) {
+                        return;
+                    }
                     let Ok(conn) = conn else { continue };
                     let api = api.clone();
                     let _ = thread::Builder::new()

@@ -1,0 +1,394 @@
+//! The executor and the process sandbox against real functions: the official
+//! `lambda_runtime` echo, a function that misbehaves on request, and shell
+//! scripts. Every test starts real sandboxes (namespaces, cgroups, seccomp).
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice_executor::process::{ProcessBackend, ProcessConfig};
+use sluice_executor::{Executor, FunctionSpec, InvokeError, InvokeOptions, SandboxError};
+use sluice_test_support::{FunctionFixture, agent_binary, function_fixture, script_fixture};
+
+fn executor() -> Executor {
+    let backend = ProcessBackend::new(ProcessConfig::detect(agent_binary()));
+    Executor::new(Arc::new(backend))
+}
+
+fn spec(name: &str, f: &FunctionFixture) -> FunctionSpec {
+    let mut s = FunctionSpec::new(name, &f.dir);
+    s.timeout = Duration::from_secs(5);
+    s
+}
+
+async fn call(ex: &Executor, f: &str, v: Value) -> Result<Value, InvokeError> {
+    let r = ex.invoke(f, v.to_string()).await?;
+    Ok(serde_json::from_slice(&r.payload).expect("response is JSON"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_1000_times_through_the_warm_pool() {
+    let f = function_fixture("echo");
+    let ex = executor();
+    let mut s = spec("echo", &f);
+    s.concurrency = 4;
+    ex.register(s);
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let ex = ex.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..250 {
+                let payload = json!({"worker": w, "i": i, "pad": "x".repeat(i)});
+                let got = call(&ex, "echo", payload.clone()).await.expect("echo works");
+                assert_eq!(got, payload);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let st = ex.stats("echo").unwrap();
+    assert_eq!(st.invocations, 1000);
+    assert_eq!(st.errors, 0);
+    assert!(st.cold_starts <= 4, "{st:?}");
+    assert_eq!(st.warm_starts, 1000 - st.cold_starts);
+    assert!(st.peak_busy <= 4);
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limit_holds_under_50_parallel_callers() {
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    let mut s = spec("slow", &f);
+    s.concurrency = 3;
+    s.max_queue = 100;
+    ex.register(s);
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let ex = ex.clone();
+        tasks.push(tokio::spawn(async move {
+            call(&ex, "slow", json!({"action": "sleep", "ms": 20, "i": i})).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), json!({"slept_ms": 20}));
+    }
+    let st = ex.stats("slow").unwrap();
+    assert_eq!(st.invocations, 50);
+    assert_eq!(st.peak_busy, 3, "{st:?}");
+    assert!(st.cold_starts <= 3, "{st:?}");
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_beyond_the_queue_bound_are_throttled() {
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    let mut s = spec("one", &f);
+    s.concurrency = 1;
+    s.max_queue = 0;
+    ex.register(s);
+    // Warm it up so that the slow call holds the only slot.
+    call(&ex, "one", json!({})).await.unwrap();
+    let ex2 = ex.clone();
+    let slow = tokio::spawn(async move {
+        call(&ex2, "one", json!({"action": "sleep", "ms": 1500})).await
+    });
+    // Wait until the slow call holds the slot (observed, not slept).
+    let start = Instant::now();
+    while ex.stats("one").unwrap().busy == 0 {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::task::yield_now().await;
+    }
+    let err = call(&ex, "one", json!({})).await.unwrap_err();
+    assert!(matches!(err, InvokeError::Throttled { concurrency: 1, max_queue: 0, .. }), "{err}");
+    assert!(err.retryable());
+    assert_eq!(slow.await.unwrap().unwrap(), json!({"slept_ms": 1500}));
+    assert_eq!(ex.stats("one").unwrap().throttles, 1);
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_infinite_loop_is_killed_at_its_timeout_and_the_next_call_works() {
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    let mut s = spec("loop", &f);
+    s.timeout = Duration::from_millis(1500);
+    ex.register(s);
+    let t0 = Instant::now();
+    let err = call(&ex, "loop", json!({"action": "loop"})).await.unwrap_err();
+    assert!(matches!(err, InvokeError::Timeout { .. }), "{err}");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(8), "{took:?}");
+    let r = ex.invoke("loop", json!({"action": "echo", "n": 1}).to_string()).await.unwrap();
+    assert!(r.cold_start, "a timed-out sandbox is never reused");
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_hog_gets_out_of_memory() {
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    let mut s = spec("hog", &f);
+    s.memory_mb = 128;
+    ex.register(s);
+    let err = call(&ex, "hog", json!({"action": "alloc", "mb": 400})).await.unwrap_err();
+    assert!(matches!(err, InvokeError::OutOfMemory { limit_mb: 128, .. }), "{err}");
+    // Within the limit it works, in a fresh sandbox.
+    assert_eq!(
+        call(&ex, "hog", json!({"action": "alloc", "mb": 32})).await.unwrap(),
+        json!({"allocated_mb": 32})
+    );
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_is_contained() {
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    let mut s = spec("bomb", &f);
+    s.max_processes = 64;
+    s.timeout = Duration::from_secs(3);
+    ex.register(s);
+    let err = call(&ex, "bomb", json!({"action": "fork_bomb"})).await.unwrap_err();
+    assert!(matches!(err, InvokeError::Timeout { .. }), "{err}");
+    // The host is fine and the function works again in a new sandbox.
+    assert_eq!(call(&ex, "bomb", json!({"x": 1})).await.unwrap(), json!({"x": 1}));
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_that_exits_during_init_reports_an_init_error() {
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    let mut s = spec("badinit", &f);
+    s.env.push(("MISBEHAVE_INIT".into(), "exit".into()));
+    ex.register(s);
+    let err = call(&ex, "badinit", json!({})).await.unwrap_err();
+    match &err {
+        InvokeError::InitFailed { error_type, message, .. } => {
+            assert_eq!(error_type, "Runtime.ExitError");
+            assert!(message.contains("status 3"), "{message}");
+        }
+        other => panic!("expected InitFailed, got {other}"),
+    }
+    assert!(!err.retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_timeout_is_enforced() {
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    let mut s = spec("slowinit", &f);
+    s.env.push(("MISBEHAVE_INIT".into(), "sleep".into()));
+    s.init_timeout = Duration::from_millis(1500);
+    ex.register(s);
+    let err = call(&ex, "slowinit", json!({})).await.unwrap_err();
+    assert!(
+        matches!(&err, InvokeError::InitFailed { error_type, .. } if error_type == "Runtime.InitTimeout"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_files_are_out_of_reach() {
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    ex.register(spec("reader", &f));
+    // /etc/passwd exists in the sandbox, but it is not the host's.
+    let host = std::fs::read_to_string("/etc/passwd").unwrap();
+    let got = call(&ex, "reader", json!({"action": "read_file", "path": "/etc/passwd"}))
+        .await
+        .unwrap();
+    let inside = got["content"].as_str().unwrap();
+    assert_ne!(inside, host);
+    assert!(!inside.contains("/root:"), "{inside}");
+    // A host file outside the function folder, by absolute path.
+    let mut secret = tempfile::NamedTempFile::new().unwrap();
+    writeln!(secret, "top secret").unwrap();
+    let path = secret.path().to_str().unwrap().to_owned();
+    let err = call(&ex, "reader", json!({"action": "read_file", "path": path}))
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, InvokeError::Function { error_type, .. } if error_type == "ReadFailed"), "{err}");
+    for p in ["/root/.bashrc", "/proc/1/root/etc/shadow", "/etc/shadow", "/sys/kernel/notes"] {
+        let err = call(&ex, "reader", json!({"action": "read_file", "path": p})).await.unwrap_err();
+        assert!(matches!(&err, InvokeError::Function { .. }), "{p}: {err}");
+    }
+    // Its own folder is readable.
+    let own = call(&ex, "reader", json!({"action": "read_file", "path": "/var/task/bootstrap"})).await;
+    assert!(own.is_ok());
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_network_connections_even_to_host_loopback() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    ex.register(spec("net", &f));
+    let err = call(&ex, "net", json!({"action": "connect", "addr": addr})).await.unwrap_err();
+    assert!(matches!(&err, InvokeError::Function { error_type, .. } if error_type == "ConnectFailed"), "{err}");
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "nothing reached the host listener");
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lambda_environment_is_set() {
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    let mut s = spec("envfn", &f);
+    s.memory_mb = 256;
+    s.handler = "my.handler".into();
+    s.env.push(("GREETING".into(), "hi".into()));
+    ex.register(s);
+    let env = call(&ex, "envfn", json!({"action": "env"})).await.unwrap();
+    assert_eq!(env["AWS_LAMBDA_FUNCTION_NAME"], "envfn");
+    assert_eq!(env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"], "256");
+    assert_eq!(env["_HANDLER"], "my.handler");
+    assert_eq!(env["LAMBDA_TASK_ROOT"], "/var/task");
+    assert_eq!(env["GREETING"], "hi");
+    for k in [
+        "AWS_LAMBDA_RUNTIME_API",
+        "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_LOG_GROUP_NAME",
+        "AWS_LAMBDA_LOG_STREAM_NAME",
+    ] {
+        assert!(env[k].is_string(), "{k} missing: {env}");
+    }
+    ex.shutdown().await;
+}
+
+const COUNTER: &str = r#"#!/bin/bash
+# Counts its invocations in /tmp: shows whether a sandbox was reused.
+API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+while true; do
+  H=$(mktemp)
+  curl -sS -D "$H" -o /tmp/event "$API/invocation/next"
+  ID=$(grep -i '^Lambda-Runtime-Aws-Request-Id:' "$H" | cut -d: -f2 | tr -d '[:space:]')
+  N=$(( $(cat /tmp/count 2>/dev/null || echo 0) + 1 ))
+  echo "$N" > /tmp/count
+  curl -sS -X POST "$API/invocation/$ID/response" -d "{\"count\": $N}" >/dev/null
+done
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_reuse_is_per_tenant_and_per_version() {
+    let f = script_fixture(COUNTER);
+    let ex = executor();
+    let mut s = spec("counter", &f);
+    s.concurrency = 4;
+    ex.register(s.clone());
+    let as_tenant = |t: &'static str| InvokeOptions {
+        tenant: Some(t.into()),
+        ..Default::default()
+    };
+    let count = |r: sluice_executor::Response| -> u64 {
+        serde_json::from_slice::<Value>(&r.payload).unwrap()["count"].as_u64().unwrap()
+    };
+    let a1 = ex.invoke_with("counter", "{}", as_tenant("a")).await.unwrap();
+    assert!(a1.cold_start);
+    assert_eq!(count(a1), 1);
+    let a2 = ex.invoke_with("counter", "{}", as_tenant("a")).await.unwrap();
+    assert!(!a2.cold_start);
+    assert_eq!(count(a2), 2);
+    // Tenant b never sees tenant a's sandbox.
+    let b1 = ex.invoke_with("counter", "{}", as_tenant("b")).await.unwrap();
+    assert!(b1.cold_start);
+    assert_eq!(count(b1), 1);
+    // Another function on the same folder never shares either.
+    let mut other = s.clone();
+    other.name = "counter2".into();
+    ex.register(other);
+    assert_eq!(count(ex.invoke_with("counter2", "{}", as_tenant("a")).await.unwrap()), 1);
+    // A new version (changed settings) does not reuse the old sandboxes.
+    s.env.push(("V".into(), "2".into()));
+    ex.register(s);
+    let a3 = ex.invoke_with("counter", "{}", as_tenant("a")).await.unwrap();
+    assert!(a3.cold_start);
+    assert_eq!(count(a3), 1);
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sandboxes_are_reaped_after_their_idle_timeout() {
+    let f = function_fixture("echo");
+    let ex = executor();
+    let mut s = spec("echo", &f);
+    s.idle_timeout = Duration::from_secs(60);
+    ex.register(s);
+    call(&ex, "echo", json!(1)).await.unwrap();
+    assert_eq!(ex.stats("echo").unwrap().idle, 1);
+    // Injected time: not yet idle long enough, then long enough.
+    assert_eq!(ex.reap_idle(Instant::now() + Duration::from_secs(30)).await, 0);
+    assert_eq!(ex.reap_idle(Instant::now() + Duration::from_secs(61)).await, 1);
+    let st = ex.stats("echo").unwrap();
+    assert_eq!((st.idle, st.reaped), (0, 1));
+    assert!(ex.invoke("echo", "2").await.unwrap().cold_start);
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_errors_crashes_and_size_limits_are_typed() {
+    let fail = function_fixture("fail");
+    let mis = function_fixture("misbehave");
+    let ex = executor();
+    ex.register(spec("fail", &fail));
+    ex.register(spec("mis", &mis));
+
+    let err = call(&ex, "fail", json!({"order": 7})).await.unwrap_err();
+    match &err {
+        InvokeError::Function { error_type, error_message, .. } => {
+            assert!(!error_type.is_empty());
+            assert!(!error_message.is_empty());
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(call(&ex, "fail", json!({"succeed": true})).await.unwrap(), json!({"ok": true}));
+
+    let err = call(&ex, "mis", json!({"action": "exit", "code": 9})).await.unwrap_err();
+    assert!(matches!(err, InvokeError::SandboxCrashed { .. }), "{err}");
+    assert_eq!(call(&ex, "mis", json!({"k": 1})).await.unwrap(), json!({"k": 1}));
+
+    let err = call(&ex, "mis", json!({"action": "big_response", "mb": 7})).await.unwrap_err();
+    assert!(
+        matches!(&err, InvokeError::Function { error_type, .. } if error_type == "Function.ResponseSizeTooLarge"),
+        "{err}"
+    );
+
+    let big = vec![b'x'; 6 * 1024 * 1024 + 1];
+    let err = ex.invoke("mis", big).await.unwrap_err();
+    assert!(matches!(err, InvokeError::PayloadTooLarge { .. }), "{err}");
+
+    let err = ex.invoke("nope", "{}").await.unwrap_err();
+    assert!(matches!(err, InvokeError::UnknownFunction { .. }), "{err}");
+    ex.shutdown().await;
+}
+
+/// A fake agent that answers with garbage: the host kills it and records a
+/// protocol error instead of trusting or buffering it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_garbage_or_huge_frames_is_killed() {
+    let f = function_fixture("echo");
+    for (name, script) in [
+        ("garbage", "#!/bin/sh\nhead -c 100 /dev/urandom | od -An -tx1\nexec sleep 30\n"),
+        ("huge", "#!/bin/sh\nprintf '\\377\\377\\377\\377\\001'\nexec sleep 30\n"),
+        ("bad-kind", "#!/bin/sh\nprintf '\\000\\000\\000\\001\\143'\nexec sleep 30\n"),
+    ] {
+        let fake = script_fixture(script);
+        let backend = ProcessBackend::new(ProcessConfig::detect(fake.dir.join("bootstrap")));
+        let ex = Executor::new(Arc::new(backend));
+        ex.register(spec("echo", &f));
+        let t0 = Instant::now();
+        let err = ex.invoke("echo", "{}").await.unwrap_err();
+        assert!(
+            matches!(&err, InvokeError::Sandbox { source: SandboxError::Protocol { .. }, .. }),
+            "{name}: {err}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "{name}: rejected promptly");
+    }
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets everything up and runs the main example, from a fresh clone:
+#   1. installs the few Debian packages needed (when missing, as root),
+#   2. builds sluice, its agent and the example functions,
+#   3. packages each Rust function as <folder>/bootstrap (as `cargo lambda` would),
+#   4. checks the machine (`sluice doctor`) and the pipeline (`sluice validate`),
+#   5. invokes each example function.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for cmd in gcc make pkg-config curl; do command -v "$cmd" >/dev/null || need+=("$cmd"); done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config curl zlib1g-dev
+  else
+    echo "missing tools: ${need[*]} (install them, e.g. apt-get install build-essential pkg-config curl)" >&2
+    exit 1
+  fi
+fi
+
+scripts/package-functions.sh release
+SLUICE=target/release/sluice
+
+echo; echo "== sluice doctor"; $SLUICE doctor || true
+echo; echo "== sluice validate examples/pipeline.toml"; $SLUICE validate examples/pipeline.toml
+echo; echo "== sluice invoke echo"
+$SLUICE invoke --pipeline examples/pipeline.toml echo --payload '{"hello": "sluice"}'
+echo; echo "== sluice invoke shell (payload from stdin)"
+echo '{"from": "stdin"}' | $SLUICE invoke --pipeline examples/pipeline.toml shell --payload -
+echo; echo "== sluice invoke fail (fails on purpose: exit code 1, error JSON on stderr)"
+set +e
+$SLUICE invoke --pipeline examples/pipeline.toml fail --payload '{"order": 42}'
+echo "exit code: $?"
+set -e
+echo; echo "Done. Try: $SLUICE bench invoke"

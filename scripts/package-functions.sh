@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Builds sluice, sluice-agent and the Rust example/test functions, and copies
+# each function binary to <function folder>/bootstrap.
+# Usage: scripts/package-functions.sh [release|debug]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+profile="${1:-release}"
+flag=(); [ "$profile" = release ] && flag=(--release)
+cargo build "${flag[@]}" -p sluice -p sluice-agent -p echo-function -p fail-function -p misbehave-function
+install -m 0755 "target/$profile/echo-fn" examples/functions/echo/bootstrap
+install -m 0755 "target/$profile/fail-fn" examples/functions/fail/bootstrap
+install -m 0755 "target/$profile/misbehave-fn" tests/functions/misbehave/bootstrap

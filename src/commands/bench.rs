@@ -1,0 +1,191 @@
+//! `sluice bench invoke`: warm invoke round trip through the process sandbox
+//! and its pool, next to spawning the same `bootstrap` for every call (the
+//! baseline every warm pool must beat), in the same run.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use sluice_agent::runtime_api::{Invocation, RuntimeApi};
+use sluice_executor::LogLine;
+use sluice_protocol::Message;
+
+use crate::exit;
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+fn line(name: &str, h: &Histogram<u64>) {
+    println!(
+        "{name:<38} n={:<6} p50={:>8} µs  p99={:>8} µs  max={:>8} µs",
+        h.len(),
+        h.value_at_quantile(0.50),
+        h.value_at_quantile(0.99),
+        h.max()
+    );
+}
+
+/// One call of `bootstrap` started just for it, against an in-process
+/// Runtime API: spawn, init, invoke, response, kill.
+fn spawn_once(bootstrap: &Path, env: &[(String, String)], payload: &[u8]) -> Result<Duration, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let t0 = Instant::now();
+    let api = RuntimeApi::new(
+        move |m: Message| {
+            let _ = tx.lock().map(|t| t.send(m));
+        },
+        t0,
+    );
+    api.serve(listener).map_err(|e| e.to_string())?;
+    api.push_invoke(Invocation {
+        request_id: "bench".into(),
+        deadline_ms: u64::MAX / 2,
+        invoked_function_arn: "arn:aws:lambda:sluice-local:000000000000:function:bench".into(),
+        trace_id: "Root=1-0-0".into(),
+        client_context: String::new(),
+        payload: payload.to_vec(),
+    });
+    let mut child = std::process::Command::new(bootstrap)
+        .current_dir(bootstrap.parent().unwrap_or(Path::new("/")))
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawning {}: {e}", bootstrap.display()))?;
+    let result = loop {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Message::Response { .. }) => break Ok(t0.elapsed()),
+            Ok(Message::Ready { .. }) => {}
+            Ok(other) => break Err(format!("unexpected {}", other.kind_name())),
+            Err(_) => break Err("no response within 10 s".into()),
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    api.close();
+    let _ = TcpStream::connect(addr);
+    result
+}
+
+/// Run the benchmark and print the figures.
+pub async fn invoke(pipeline: &Path, function: &str, iterations: usize, spawn_iterations: usize) -> u8 {
+    let p = match super::load_pipeline(pipeline) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let f = match p.function(function) {
+        Ok(f) => f.clone(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let quiet: sluice_executor::LogSink = Arc::new(|_l: LogLine| {});
+    let ex = match super::executor_for(&p, quiet) {
+        Ok(ex) => ex,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let payload = br#"{"hello":"world","n":42}"#.to_vec();
+    println!("sluice bench invoke: function {function} ({}), payload {} bytes", f.path.display(), payload.len());
+
+    // Cold starts: a fresh sandbox each (new tenant each time).
+    let mut cold = hist();
+    for i in 0..10 {
+        let t0 = Instant::now();
+        let opts = sluice_executor::InvokeOptions {
+            tenant: Some(format!("bench-cold-{i}")),
+            ..Default::default()
+        };
+        if let Err(e) = ex.invoke_with(function, payload.clone(), opts).await {
+            eprintln!("error: cold invoke failed: {e}");
+            return exit::INVOKE_FAILED;
+        }
+        cold.record(t0.elapsed().as_micros() as u64).ok();
+    }
+    ex.shutdown().await;
+    let ex = match super::executor_for(&p, Arc::new(|_l: LogLine| {})) {
+        Ok(ex) => ex,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+
+    // Warm: one sandbox reused.
+    for _ in 0..100 {
+        if let Err(e) = ex.invoke(function, payload.clone()).await {
+            eprintln!("error: warm-up invoke failed: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    }
+    let mut warm = hist();
+    for _ in 0..iterations {
+        let t0 = Instant::now();
+        if let Err(e) = ex.invoke(function, payload.clone()).await {
+            eprintln!("error: invoke failed: {e}");
+            return exit::INVOKE_FAILED;
+        }
+        warm.record(t0.elapsed().as_micros() as u64).ok();
+    }
+    ex.shutdown().await;
+
+    // Baseline: spawn the same bootstrap per call, no sandbox, no pool.
+    let bootstrap = f.path.join("bootstrap");
+    let mut env: Vec<(String, String)> = vec![
+        ("AWS_LAMBDA_FUNCTION_NAME".into(), function.into()),
+        ("AWS_LAMBDA_FUNCTION_VERSION".into(), "$LATEST".into()),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE".into(), f.memory_mb.to_string()),
+        ("AWS_LAMBDA_LOG_GROUP_NAME".into(), format!("/aws/lambda/{function}")),
+        ("AWS_LAMBDA_LOG_STREAM_NAME".into(), "bench".into()),
+        ("LAMBDA_TASK_ROOT".into(), f.path.display().to_string()),
+        ("_HANDLER".into(), f.handler.clone()),
+    ];
+    env.extend(f.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut spawn = hist();
+    let pl = payload.clone();
+    let spawned = tokio::task::spawn_blocking(move || -> Result<Histogram<u64>, String> {
+        for _ in 0..spawn_iterations {
+            let d = spawn_once(&bootstrap, &env, &pl)?;
+            spawn.record(d.as_micros() as u64).ok();
+        }
+        Ok(spawn)
+    })
+    .await;
+    let spawn = match spawned {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            eprintln!("error: spawn-per-call baseline failed: {e}");
+            return exit::INVOKE_FAILED;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+
+    line("warm invoke (sandbox, pooled)", &warm);
+    line("spawn bootstrap per call (baseline)", &spawn);
+    line("cold start (new sandbox + invoke)", &cold);
+    let w50 = warm.value_at_quantile(0.5).max(1) as f64;
+    let ratio = spawn.value_at_quantile(0.5) as f64 / w50;
+    println!("ratio spawn-per-call / warm (p50): {ratio:.1}x");
+    println!(
+        "targets: warm p50 <= 200 µs: {}; >= 10x faster than spawn-per-call: {}",
+        if w50 <= 200.0 { "met" } else { "NOT met" },
+        if ratio >= 10.0 { "met" } else { "NOT met" }
+    );
+    exit::OK
+}

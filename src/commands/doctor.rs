@@ -1,0 +1,169 @@
+//! `sluice doctor`: what this machine can run, and why not.
+
+use std::fs;
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_executor::process::CgroupSupport;
+use sluice_executor::{Executor, FunctionSpec, InvokeError, LogLine};
+
+use crate::exit;
+
+fn report(ok: bool, what: &str, detail: &str) {
+    println!("[{}] {what}: {detail}", if ok { " ok " } else { "warn" });
+}
+
+/// The KVM tier of this host.
+pub fn kvm_status() -> (bool, String) {
+    let dev = std::path::Path::new("/dev/kvm");
+    if !dev.exists() {
+        return (false, "no /dev/kvm: the microVM backend cannot run here".into());
+    }
+    let openable = fs::OpenOptions::new().read(true).write(true).open(dev).is_ok();
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    match (openable, hw, pvm) {
+        (false, _, _) => (false, "/dev/kvm exists but cannot be opened read-write (permissions)".into()),
+        (true, true, _) => (true, "hardware KVM (vmx/svm): Linux microVM guests can boot".into()),
+        (true, false, true) => (
+            false,
+            "PVM-style KVM (kvm_pvm, no vmx/svm flag): software virtualization; tiny guests run, Linux guests cannot boot".into(),
+        ),
+        (true, false, false) => (
+            false,
+            "/dev/kvm without vmx/svm CPU flags (nested or software KVM): Linux guests are unlikely to boot".into(),
+        ),
+    }
+}
+
+fn sluice_home() -> PathBuf {
+    std::env::var_os("SLUICE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".sluice")))
+        .unwrap_or_else(|| PathBuf::from(".sluice"))
+}
+
+/// Run every check; exit 0 when the process sandbox works.
+pub async fn run(kafka: Option<&str>) -> u8 {
+    println!("sluice doctor");
+    let (kvm_ok, kvm) = kvm_status();
+    report(kvm_ok, "KVM", &kvm);
+
+    let userns = fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    report(userns > 0, "user namespaces", &format!("max_user_namespaces = {userns}"));
+
+    let cg = CgroupSupport::detect();
+    let cg_detail = match &cg {
+        CgroupSupport::V1 { memory, pids } => format!("v1 memory ({}) and pids ({})", memory.display(), pids.display()),
+        CgroupSupport::V2 { base } => format!("v2 at {}", base.display()),
+        CgroupSupport::None { reason } => format!("{reason}; falling back to rlimits (weaker)"),
+    };
+    report(cg.enforced(), "cgroups", &cg_detail);
+
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let seccomp = status.lines().any(|l| l.starts_with("Seccomp:"));
+    report(seccomp, "seccomp", if seccomp { "filters supported" } else { "not supported by this kernel" });
+
+    let lsm = fs::read_to_string("/sys/kernel/security/lsm").ok();
+    let landlock_listed = lsm.as_deref().map(|l| l.contains("landlock"));
+
+    // The real test: start a sandbox whose bootstrap exits at once.
+    let (sandbox_ok, agent_lines) = sandbox_smoke_test().await;
+    let landlock_detail = agent_lines
+        .iter()
+        .find(|l| l.contains("landlock"))
+        .cloned()
+        .or_else(|| landlock_listed.map(|b| if b { "listed in the kernel's LSMs".into() } else { "not enabled in this kernel".into() }))
+        .unwrap_or_else(|| "unknown".into());
+    report(landlock_detail.contains("enforced") && !landlock_detail.contains("not"), "landlock", &landlock_detail);
+    match &sandbox_ok {
+        Ok(()) => report(true, "process sandbox", "namespaces, private root, seccomp and limits set up; functions can run"),
+        Err(e) => report(false, "process sandbox", e),
+    }
+
+    let kernels = sluice_home().join("kernels");
+    let has_kernel = fs::read_dir(&kernels).map(|mut d| d.next().is_some()).unwrap_or(false);
+    report(
+        has_kernel,
+        "guest kernel",
+        &if has_kernel {
+            format!("found in {}", kernels.display())
+        } else {
+            format!("none in {} (the microVM backend and `sluice image build` are not built yet)", kernels.display())
+        },
+    );
+
+    match kafka {
+        None => report(true, "Kafka", "not checked (pass --kafka HOST:PORT)"),
+        Some(addr) => {
+            let reachable = addr
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .map(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(3)));
+            match reachable {
+                Some(Ok(_)) => report(true, "Kafka", &format!("{addr} accepts connections")),
+                Some(Err(e)) => report(false, "Kafka", &format!("{addr}: {e}")),
+                None => report(false, "Kafka", &format!("{addr}: cannot resolve")),
+            }
+        }
+    }
+    let backend = if kvm_ok { "microvm (once built), process" } else { "process" };
+    println!("backend for `backend = \"auto\"`: {backend}");
+    if sandbox_ok.is_ok() {
+        exit::OK
+    } else {
+        exit::UNSUPPORTED
+    }
+}
+
+async fn sandbox_smoke_test() -> (Result<(), String>, Vec<String>) {
+    let backend = match super::process_backend() {
+        Ok(b) => b,
+        Err(e) => return (Err(format!("{e:#}")), vec![]),
+    };
+    let dir = match tempdir_0755() {
+        Ok(d) => d,
+        Err(e) => return (Err(format!("temp folder: {e}")), vec![]),
+    };
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let lines = lines.clone();
+        Arc::new(move |l: LogLine| {
+            if let Ok(mut v) = lines.lock() {
+                v.push(l.line);
+            }
+        })
+    };
+    let ex = Executor::with_log_sink(Arc::new(backend), sink);
+    ex.register(FunctionSpec::new("doctor", &dir));
+    let res = ex.invoke("doctor", "{}").await;
+    let _ = fs::remove_dir_all(&dir);
+    let out = lines.lock().map(|v| v.clone()).unwrap_or_default();
+    match res {
+        // The bootstrap exits 0 during init: the sandbox itself worked.
+        Err(InvokeError::InitFailed { error_type, .. }) if error_type == "Runtime.ExitError" => (Ok(()), out),
+        Ok(_) => (Ok(()), out),
+        Err(e) => (Err(e.to_string()), out),
+    }
+}
+
+fn tempdir_0755() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("sluice-doctor-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+    let b = dir.join("bootstrap");
+    fs::write(&b, "#!/bin/sh\nexit 0\n")?;
+    fs::set_permissions(&b, fs::Permissions::from_mode(0o755))?;
+    Ok(dir)
+}

@@ -1,0 +1,105 @@
+//! `sluice invoke --pipeline P FUNCTION [--payload JSON | @FILE | -]`.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use sluice_executor::{InvokeError, InvokeOptions, LogLine, LogStream};
+
+use crate::exit;
+
+fn read_payload(arg: Option<&str>) -> Result<Vec<u8>, String> {
+    match arg {
+        None => Ok(b"{}".to_vec()),
+        Some("-") => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| format!("reading the payload from stdin: {e}"))?;
+            Ok(buf)
+        }
+        Some(s) if s.starts_with('@') => {
+            std::fs::read(&s[1..]).map_err(|e| format!("reading the payload file {}: {e}", &s[1..]))
+        }
+        Some(s) => Ok(s.as_bytes().to_vec()),
+    }
+}
+
+fn print_log(line: LogLine) {
+    let tag = match line.stream {
+        LogStream::Agent => "sluice",
+        _ => line.function.as_str(),
+    };
+    eprintln!("[{tag}] {}", line.line);
+}
+
+/// Invoke once and print the outcome.
+pub async fn run(
+    pipeline: &Path,
+    function: &str,
+    payload: Option<&str>,
+    tenant: Option<String>,
+    quiet: bool,
+) -> u8 {
+    let p = match super::load_pipeline(pipeline) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    if let Err(e) = p.function(function) {
+        eprintln!("error: {e}");
+        return exit::USAGE;
+    }
+    let payload = match read_payload(payload) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let logs: sluice_executor::LogSink = if quiet {
+        Arc::new(|_l: LogLine| {})
+    } else {
+        Arc::new(print_log)
+    };
+    let ex = match super::executor_for(&p, logs) {
+        Ok(ex) => ex,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let result = ex
+        .invoke_with(
+            function,
+            payload,
+            InvokeOptions {
+                tenant,
+                ..Default::default()
+            },
+        )
+        .await;
+    ex.shutdown().await;
+    match result {
+        Ok(r) => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&r.payload);
+            let _ = out.write_all(b"\n");
+            exit::OK
+        }
+        Err(InvokeError::Function {
+            error_type,
+            error_message,
+            ..
+        }) => {
+            eprintln!(
+                "{}",
+                serde_json::json!({"errorType": error_type, "errorMessage": error_message})
+            );
+            exit::FUNCTION_ERROR
+        }
+        Err(e) => {
+            eprintln!("error: {e} [{}]", e.error_type());
+            exit::INVOKE_FAILED
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! One module per subcommand, plus the glue from pipeline files to executor
+//! settings.
+
+pub mod bench;
+pub mod doctor;
+pub mod invoke;
+pub mod validate;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use sluice_executor::process::{ProcessBackend, ProcessConfig};
+use sluice_executor::{Executor, FunctionSpec, LogSink, locate_agent};
+use sluice_pipeline::{Backend, FunctionConfig, Pipeline};
+
+/// Executor settings of a declared function.
+pub fn spec_of(f: &FunctionConfig) -> FunctionSpec {
+    let mut s = FunctionSpec::new(f.name.clone(), f.path.clone());
+    s.memory_mb = f.memory_mb;
+    s.timeout = f.timeout;
+    s.init_timeout = f.init_timeout;
+    s.concurrency = f.concurrency;
+    s.max_queue = f.max_queue;
+    s.idle_timeout = f.idle_timeout;
+    s.env = f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    s.tenant = f.tenant.clone();
+    s.handler = f.handler.clone();
+    s.max_processes = f.max_processes;
+    s.tmp_mb = f.tmp_mb;
+    s
+}
+
+/// The process backend with the agent found next to this binary.
+pub fn process_backend() -> Result<ProcessBackend> {
+    let agent = locate_agent().context(
+        "cannot find the sluice-agent binary next to sluice (build it with `cargo build --workspace`, or set SLUICE_AGENT)",
+    )?;
+    Ok(ProcessBackend::new(ProcessConfig::detect(agent)))
+}
+
+/// An executor with every function of `pipeline` registered.
+pub fn executor_for(pipeline: &Pipeline, logs: LogSink) -> Result<Executor> {
+    for f in pipeline.functions.values() {
+        if matches!(f.backend, Backend::Microvm) {
+            bail!("function {}: the microVM backend is not built yet", f.name);
+        }
+    }
+    let ex = Executor::with_log_sink(Arc::new(process_backend()?), logs);
+    for f in pipeline.functions.values() {
+        ex.register(spec_of(f));
+    }
+    Ok(ex)
+}
+
+/// Load a pipeline, printing its located error and returning the usage exit
+/// code on failure.
+pub fn load_pipeline(path: &Path) -> Result<Pipeline, u8> {
+    Pipeline::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        crate::exit::USAGE
+    })
+}
