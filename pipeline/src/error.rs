@@ -1,0 +1,349 @@
+//! The one error type of this crate, and the source locations it carries.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A position in a pipeline file: the file as the caller named it, and a
+/// 1-based line and column (columns count characters, not bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The pipeline file, exactly as given to [`crate::Pipeline::load`] or
+    /// [`crate::Pipeline::parse`].
+    pub file: PathBuf,
+    /// 1-based line number.
+    pub line: u32,
+    /// 1-based column number, in characters.
+    pub column: u32,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// What is wrong with a function's `path` folder.
+#[derive(Debug)]
+pub enum PathProblem {
+    /// Nothing exists at the resolved path.
+    NotFound,
+    /// The resolved path exists but could not be inspected.
+    Inaccessible(std::io::Error),
+    /// The resolved path is not a folder.
+    NotAFolder,
+    /// The folder has no `bootstrap` entry.
+    NoBootstrap,
+    /// `bootstrap` exists but is not a regular file.
+    BootstrapNotAFile,
+    /// `bootstrap` is a regular file without any execute permission bit.
+    BootstrapNotExecutable,
+}
+
+/// Everything that can go wrong loading a pipeline file.
+///
+/// Errors with a position display as `FILE:LINE:COL: MESSAGE`, where `FILE`
+/// is the path as given by the caller; the others display as `FILE: MESSAGE`.
+/// Field names are written as dotted TOML paths such as
+/// `functions.echo.memory_mb`.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The file could not be read.
+    #[error("{}: cannot read pipeline file: {source}", file.display())]
+    Read {
+        /// The file, as given.
+        file: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The file is not valid TOML.
+    #[error("{at}: TOML syntax error: {message}")]
+    Syntax {
+        /// Where the parser gave up.
+        at: Location,
+        /// The TOML parser's description.
+        message: String,
+    },
+
+    /// A key that this version of the format does not know.
+    #[error(
+        "{at}: unknown field `{field}` {}{}; expected {}",
+        table_name(table),
+        suggestion.as_ref().map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default(),
+        one_of(expected)
+    )]
+    UnknownField {
+        /// Position of the unknown key.
+        at: Location,
+        /// Dotted path of the table holding the key; empty for the top level.
+        table: String,
+        /// The unknown key.
+        field: String,
+        /// The keys allowed in that table.
+        expected: Vec<&'static str>,
+        /// The closest allowed key, if one is close enough to be a typo.
+        suggestion: Option<&'static str>,
+    },
+
+    /// A value of the wrong TOML type.
+    #[error("{at}: `{field}` has the wrong type: expected {expected}, found {found}")]
+    WrongType {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The type the field needs, e.g. `an integer`.
+        expected: String,
+        /// The value found, e.g. `string "big"`.
+        found: String,
+    },
+
+    /// A required field is absent.
+    #[error("{at}: `[{table}]` is missing the required field `{field}` ({hint})")]
+    MissingField {
+        /// Position of the table's header.
+        at: Location,
+        /// Dotted path of the table.
+        table: String,
+        /// The missing key.
+        field: &'static str,
+        /// What the field is for and how to write it.
+        hint: &'static str,
+    },
+
+    /// A string that does not parse as a duration.
+    #[error(
+        "{at}: `{field}` = {value:?} is not a valid duration ({reason}); \
+         write a number and a unit, e.g. \"500ms\", \"3s\" or \"15m\""
+    )]
+    BadDuration {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The string as written.
+        value: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+
+    /// An integer outside its allowed range.
+    #[error("{at}: `{field}` = {value} is out of range: expected {min}..={max}{unit}")]
+    OutOfRange {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The value as written.
+        value: i64,
+        /// Smallest allowed value.
+        min: u32,
+        /// Largest allowed value.
+        max: u32,
+        /// Unit suffix for the message, e.g. ` (megabytes)`; may be empty.
+        unit: &'static str,
+    },
+
+    /// A duration outside its allowed range.
+    #[error(
+        "{at}: `{field}` = {value:?} is out of range: expected {}..={}",
+        humantime::format_duration(*min),
+        humantime::format_duration(*max)
+    )]
+    DurationOutOfRange {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The duration as written.
+        value: String,
+        /// Shortest allowed duration.
+        min: Duration,
+        /// Longest allowed duration.
+        max: Duration,
+    },
+
+    /// A function name that breaks Lambda's naming rule.
+    #[error(
+        "{at}: invalid function name {name:?}: {reason}; \
+         names are 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`"
+    )]
+    BadFunctionName {
+        /// Position of the name.
+        at: Location,
+        /// The name as written.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A string value that does not have the required shape.
+    #[error("{at}: `{field}` = {value:?} is invalid: expected {expected}")]
+    InvalidValue {
+        /// Position of the value (or key, for `env` keys).
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The value as written.
+        value: String,
+        /// What a valid value looks like.
+        expected: &'static str,
+    },
+
+    /// An `env` key that is not a valid environment variable name.
+    #[error(
+        "{at}: `{field}` key {key:?} is not a valid variable name: \
+         expected letters, digits and `_`, not starting with a digit"
+    )]
+    BadEnvKey {
+        /// Position of the key.
+        at: Location,
+        /// Dotted path of the `env` table.
+        field: String,
+        /// The key as written.
+        key: String,
+    },
+
+    /// An `env` key that Lambda reserves for its runtime.
+    #[error(
+        "{at}: `{field}` sets {key:?}, which is reserved: the Lambda runtime \
+         environment sets it itself; choose another name"
+    )]
+    ReservedEnvKey {
+        /// Position of the key.
+        at: Location,
+        /// Dotted path of the `env` table.
+        field: String,
+        /// The reserved key.
+        key: String,
+    },
+
+    /// A sandbox backend that exists in the format but not in this build.
+    #[error(
+        "{at}: `{field}`: backend {value:?} is not available in this build \
+         (the microVM backend is not built yet); use \"process\" or \"auto\""
+    )]
+    BackendUnavailable {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The backend as written.
+        value: String,
+    },
+
+    /// A function's `path` does not lead to a usable function folder.
+    #[error("{at}: `{field}` = {value:?}: {}", path_problem(resolved, problem))]
+    BadFunctionPath {
+        /// Position of the `path` value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The path as written.
+        value: String,
+        /// The path resolved against the pipeline file's folder.
+        resolved: PathBuf,
+        /// What is wrong with it.
+        problem: PathProblem,
+    },
+
+    /// Any other error reported by the TOML deserializer.
+    #[error("{at}: `{field}`: {message}")]
+    Invalid {
+        /// Position reported by the deserializer.
+        at: Location,
+        /// Dotted path of the field, or `<top level>`.
+        field: String,
+        /// The deserializer's description.
+        message: String,
+    },
+
+    /// The file declares no `[functions.NAME]` table.
+    #[error(
+        "{}: no functions declared; add at least one `[functions.NAME]` table with a `path`",
+        file.display()
+    )]
+    NoFunctions {
+        /// The file, as given.
+        file: PathBuf,
+    },
+
+    /// [`crate::Pipeline::function`] was asked for a name the file does not declare.
+    #[error(
+        "{}: no function named {name:?}; declared functions: {}",
+        file.display(),
+        declared.join(", ")
+    )]
+    UnknownFunction {
+        /// The file, as given.
+        file: PathBuf,
+        /// The name asked for.
+        name: String,
+        /// The names the file declares, sorted.
+        declared: Vec<String>,
+    },
+}
+
+impl PipelineError {
+    /// Where in the pipeline file the error is, if it has a position.
+    pub fn location(&self) -> Option<&Location> {
+        match self {
+            Self::Syntax { at, .. }
+            | Self::UnknownField { at, .. }
+            | Self::WrongType { at, .. }
+            | Self::MissingField { at, .. }
+            | Self::BadDuration { at, .. }
+            | Self::OutOfRange { at, .. }
+            | Self::DurationOutOfRange { at, .. }
+            | Self::BadFunctionName { at, .. }
+            | Self::InvalidValue { at, .. }
+            | Self::BadEnvKey { at, .. }
+            | Self::ReservedEnvKey { at, .. }
+            | Self::BackendUnavailable { at, .. }
+            | Self::BadFunctionPath { at, .. }
+            | Self::Invalid { at, .. } => Some(at),
+            Self::Read { .. } | Self::NoFunctions { .. } | Self::UnknownFunction { .. } => None,
+        }
+    }
+}
+
+fn table_name(table: &str) -> String {
+    if table.is_empty() {
+        "at the top level".to_owned()
+    } else {
+        format!("in `{table}`")
+    }
+}
+
+fn one_of(expected: &[&str]) -> String {
+    let quoted: Vec<String> = expected.iter().map(|e| format!("`{e}`")).collect();
+    match quoted.as_slice() {
+        [one] => one.clone(),
+        _ => format!("one of {}", quoted.join(", ")),
+    }
+}
+
+fn path_problem(resolved: &std::path::Path, problem: &PathProblem) -> String {
+    let shown = resolved.display();
+    match problem {
+        PathProblem::NotFound => format!("folder {shown} does not exist"),
+        PathProblem::Inaccessible(e) => format!("cannot access {shown}: {e}"),
+        PathProblem::NotAFolder => format!("{shown} is not a folder"),
+        PathProblem::NoBootstrap => format!(
+            "folder {shown} has no `bootstrap`; a function folder needs an executable \
+             file named `bootstrap`"
+        ),
+        PathProblem::BootstrapNotAFile => {
+            format!(
+                "{} is not a regular file",
+                resolved.join("bootstrap").display()
+            )
+        }
+        PathProblem::BootstrapNotExecutable => format!(
+            "{} is not executable (run `chmod +x` on it)",
+            resolved.join("bootstrap").display()
+        ),
+    }
+}

@@ -1,0 +1,661 @@
+//! The file as serde sees it, and the validation that turns it into a
+//! [`FunctionConfig`] per function.
+
+use std::collections::BTreeMap;
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_spanned::Spanned;
+use toml::de::DeTable;
+
+use crate::error::{PathProblem, PipelineError};
+use crate::span::{self, Locator, dotted, toml_key};
+use crate::{
+    Backend, CONCURRENCY_RANGE, DEFAULT_CONCURRENCY, DEFAULT_HANDLER, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_INIT_TIMEOUT, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_QUEUE, DEFAULT_MEMORY_MB,
+    DEFAULT_TENANT, DEFAULT_TIMEOUT, DEFAULT_TMP_MB, FunctionConfig, IDLE_TIMEOUT_RANGE,
+    MAX_PROCESSES_RANGE, MAX_QUEUE_RANGE, MEMORY_MB_RANGE, RESERVED_ENV_KEYS, TIMEOUT_RANGE,
+    TMP_MB_RANGE,
+};
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    /// `[functions.NAME]` tables. Default: none, which validation rejects.
+    #[serde(default)]
+    functions: BTreeMap<Spanned<String>, Spanned<RawFunction>>,
+}
+
+/// Keys allowed at the top level, for unknown-field messages.
+const TOP_LEVEL_FIELDS: &[&str] = &["functions"];
+
+/// One `[functions.NAME]` table. Every field is optional here so that
+/// validation can point at the right place; `None` means "use the default"
+/// (see the `DEFAULT_*` constants), except for `path`, which is required.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    /// Required: the function folder, relative to the pipeline file's folder.
+    path: Option<Spanned<String>>,
+    /// Default [`DEFAULT_MEMORY_MB`].
+    memory_mb: Option<Spanned<i64>>,
+    /// Default [`DEFAULT_TIMEOUT`].
+    timeout: Option<Spanned<String>>,
+    /// Default [`DEFAULT_INIT_TIMEOUT`].
+    init_timeout: Option<Spanned<String>>,
+    /// Default [`DEFAULT_CONCURRENCY`].
+    concurrency: Option<Spanned<i64>>,
+    /// Default [`DEFAULT_MAX_QUEUE`].
+    max_queue: Option<Spanned<i64>>,
+    /// Default [`DEFAULT_IDLE_TIMEOUT`].
+    idle_timeout: Option<Spanned<String>>,
+    /// Default empty.
+    env: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+    /// Default [`DEFAULT_TENANT`].
+    tenant: Option<Spanned<String>>,
+    /// Default `"auto"`.
+    backend: Option<Spanned<String>>,
+    /// Default [`DEFAULT_HANDLER`].
+    handler: Option<Spanned<String>>,
+    /// Default [`DEFAULT_MAX_PROCESSES`].
+    max_processes: Option<Spanned<i64>>,
+    /// Default [`DEFAULT_TMP_MB`].
+    tmp_mb: Option<Spanned<i64>>,
+}
+
+const INTEGER: &str = "an integer";
+const STRING: &str = "a string";
+const DURATION: &str = "a duration string such as \"3s\"";
+
+/// Keys of [`RawFunction`] and the TOML type each needs, for messages.
+const FUNCTION_FIELDS: &[(&str, &str)] = &[
+    ("path", STRING),
+    ("memory_mb", INTEGER),
+    ("timeout", DURATION),
+    ("init_timeout", DURATION),
+    ("concurrency", INTEGER),
+    ("max_queue", INTEGER),
+    ("idle_timeout", DURATION),
+    ("env", "a table of strings, e.g. { GREETING = \"hi\" }"),
+    ("tenant", STRING),
+    ("backend", "a string: \"auto\", \"process\" or \"microvm\""),
+    ("handler", STRING),
+    ("max_processes", INTEGER),
+    ("tmp_mb", INTEGER),
+];
+
+/// Parses and validates `text`, returning the functions by name.
+pub(crate) fn parse(
+    text: &str,
+    file: &Path,
+) -> Result<BTreeMap<String, FunctionConfig>, PipelineError> {
+    let loc = Locator { text, file };
+    let doc = DeTable::parse(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let mut message = e.message().to_owned();
+        // Name the key: "duplicate key" alone is hard to act on.
+        if let Some(key) = text.get(span.clone()).filter(|k| !k.is_empty())
+            && message == "duplicate key"
+        {
+            message = format!("duplicate key `{key}`");
+        }
+        PipelineError::Syntax {
+            at: loc.at(span),
+            message,
+        }
+    })?;
+    let raw: RawPipeline =
+        toml::from_str(text).map_err(|e| serde_error(&loc, doc.get_ref(), &e))?;
+    raw.validate(&loc)
+}
+
+/// Turns a deserialization error into a located error naming the field.
+fn serde_error(loc: &Locator<'_>, doc: &DeTable<'_>, err: &toml::de::Error) -> PipelineError {
+    let span = err.span().unwrap_or(0..0);
+    let message = err.message();
+    let found = span::find(doc, &span);
+    let path = found.as_ref().map(|f| f.path.clone()).unwrap_or_default();
+    let at = loc.at(span);
+
+    if message.starts_with("unknown field")
+        && let Some((field, table)) = path.split_last()
+    {
+        let allowed: Option<Vec<&'static str>> = match table {
+            [] => Some(TOP_LEVEL_FIELDS.to_vec()),
+            [functions, _] if functions == "functions" => {
+                Some(FUNCTION_FIELDS.iter().map(|(name, _)| *name).collect())
+            }
+            _ => None,
+        };
+        if let Some(expected) = allowed {
+            return PipelineError::UnknownField {
+                at,
+                table: dotted(table),
+                field: field.clone(),
+                suggestion: closest(field, &expected),
+                expected,
+            };
+        }
+    }
+
+    if let Some(value) = found.as_ref().and_then(|f| f.value)
+        && message.starts_with("invalid type")
+    {
+        let expected = expected_type(&path).map_or_else(
+            || {
+                message
+                    .rsplit_once(", expected ")
+                    .map_or("another type", |(_, e)| e)
+                    .to_owned()
+            },
+            str::to_owned,
+        );
+        return PipelineError::WrongType {
+            at,
+            field: dotted(&path),
+            expected,
+            found: span::describe(loc.text, value),
+        };
+    }
+
+    PipelineError::Invalid {
+        at,
+        field: if path.is_empty() {
+            "<top level>".to_owned()
+        } else {
+            dotted(&path)
+        },
+        message: message.to_owned(),
+    }
+}
+
+/// The TOML type the key at `path` needs, if it is one the format knows.
+fn expected_type(path: &[String]) -> Option<&'static str> {
+    let strs: Vec<&str> = path.iter().map(String::as_str).collect();
+    match strs.as_slice() {
+        ["functions"] => Some("a table of functions, e.g. [functions.echo]"),
+        ["functions", _] => Some("a table of function settings"),
+        ["functions", _, "env", _] => Some(STRING),
+        ["functions", _, field] => FUNCTION_FIELDS
+            .iter()
+            .find(|(name, _)| name == field)
+            .map(|(_, ty)| *ty),
+        _ => None,
+    }
+}
+
+/// The allowed name closest to a misspelt one, if it is plausibly a typo.
+fn closest(field: &str, allowed: &[&'static str]) -> Option<&'static str> {
+    allowed
+        .iter()
+        .map(|name| (edit_distance(field, name), *name))
+        .filter(|(d, name)| *d <= 2 && *d < name.len().max(field.len()) / 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, name)| name)
+}
+
+/// Levenshtein distance, in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+impl RawPipeline {
+    fn validate(
+        self,
+        loc: &Locator<'_>,
+    ) -> Result<BTreeMap<String, FunctionConfig>, PipelineError> {
+        if self.functions.is_empty() {
+            return Err(PipelineError::NoFunctions {
+                file: loc.file.to_path_buf(),
+            });
+        }
+        // Validate in file order so the first error reported is the first one
+        // in the file.
+        let mut functions: Vec<_> = self.functions.into_iter().collect();
+        functions.sort_by_key(|(name, _)| name.span().start);
+        let base = loc.file.parent().unwrap_or(Path::new(""));
+        let mut out = BTreeMap::new();
+        for (name, function) in functions {
+            let config = function.into_inner().validate(loc, name, base)?;
+            out.insert(config.name.clone(), config);
+        }
+        Ok(out)
+    }
+}
+
+/// Validation helpers for the fields of one function.
+struct Fields<'a> {
+    loc: &'a Locator<'a>,
+    /// Dotted path of the function's table, e.g. `functions.echo`.
+    table: String,
+}
+
+impl Fields<'_> {
+    fn field(&self, key: &str) -> String {
+        format!("{}.{}", self.table, toml_key(key))
+    }
+
+    fn integer(
+        &self,
+        key: &str,
+        value: Option<Spanned<i64>>,
+        default: u32,
+        range: RangeInclusive<u32>,
+        unit: &'static str,
+    ) -> Result<u32, PipelineError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let n = *value.get_ref();
+        match u32::try_from(n) {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(PipelineError::OutOfRange {
+                at: self.loc.at(value.span()),
+                field: self.field(key),
+                value: n,
+                min: *range.start(),
+                max: *range.end(),
+                unit,
+            }),
+        }
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<Spanned<String>>,
+        default: Duration,
+        range: RangeInclusive<Duration>,
+    ) -> Result<Duration, PipelineError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let span = value.span();
+        let written = value.into_inner();
+        let parsed =
+            humantime::parse_duration(&written).map_err(|e| PipelineError::BadDuration {
+                at: self.loc.at(span.clone()),
+                field: self.field(key),
+                value: written.clone(),
+                reason: duration_reason(&written, &e),
+            })?;
+        if range.contains(&parsed) {
+            Ok(parsed)
+        } else {
+            Err(PipelineError::DurationOutOfRange {
+                at: self.loc.at(span),
+                field: self.field(key),
+                value: written,
+                min: *range.start(),
+                max: *range.end(),
+            })
+        }
+    }
+
+    fn string(
+        &self,
+        key: &str,
+        value: Option<Spanned<String>>,
+        default: &str,
+        valid: fn(&str) -> bool,
+        expected: &'static str,
+    ) -> Result<String, PipelineError> {
+        let Some(value) = value else {
+            return Ok(default.to_owned());
+        };
+        if valid(value.get_ref()) {
+            Ok(value.into_inner())
+        } else {
+            Err(PipelineError::InvalidValue {
+                at: self.loc.at(value.span()),
+                field: self.field(key),
+                value: value.into_inner(),
+                expected,
+            })
+        }
+    }
+}
+
+fn duration_reason(written: &str, err: &humantime::DurationError) -> String {
+    use humantime::DurationError as E;
+    let char_at = |offset: usize| written.get(offset..).and_then(|s| s.chars().next());
+    match err {
+        E::Empty => "it is empty".to_owned(),
+        E::UnknownUnit { unit, .. } if unit.is_empty() => "the unit is missing".to_owned(),
+        E::UnknownUnit { unit, .. } => format!("unknown unit {unit:?}"),
+        E::InvalidCharacter(offset) => match char_at(*offset) {
+            Some(c) => format!("unexpected character {c:?}"),
+            None => "unexpected character".to_owned(),
+        },
+        E::NumberExpected(_) => "a number is missing".to_owned(),
+        E::NumberOverflow => "the number is too large or too precise".to_owned(),
+    }
+}
+
+fn is_lambda_name(s: &str) -> bool {
+    (1..=64).contains(&s.chars().count())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn is_env_key(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn is_handler(s: &str) -> bool {
+    (1..=128).contains(&s.chars().count()) && !s.chars().any(|c| c.is_whitespace() || c == '\0')
+}
+
+fn bad_name_reason(name: &str) -> String {
+    let count = name.chars().count();
+    if count == 0 {
+        "it is empty".to_owned()
+    } else if count > 64 {
+        format!("it is {count} characters long")
+    } else {
+        let bad = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+            .unwrap_or(' ');
+        format!("it contains {bad:?}")
+    }
+}
+
+impl RawFunction {
+    fn validate(
+        self,
+        loc: &Locator<'_>,
+        name: Spanned<String>,
+        base: &Path,
+    ) -> Result<FunctionConfig, PipelineError> {
+        let name_span = name.span();
+        let name = name.into_inner();
+        if !is_lambda_name(&name) {
+            return Err(PipelineError::BadFunctionName {
+                at: loc.at(name_span),
+                reason: bad_name_reason(&name),
+                name,
+            });
+        }
+        let f = Fields {
+            loc,
+            table: dotted(&["functions", name.as_str()]),
+        };
+        let Some(path) = self.path else {
+            return Err(PipelineError::MissingField {
+                at: loc.at(table_span(loc.text, name_span)),
+                table: f.table,
+                field: "path",
+                hint: "the function folder holding `bootstrap`, e.g. path = \"functions/echo\"",
+            });
+        };
+
+        let memory_mb = f.integer(
+            "memory_mb",
+            self.memory_mb,
+            DEFAULT_MEMORY_MB,
+            MEMORY_MB_RANGE,
+            " (megabytes)",
+        )?;
+        let timeout = f.duration("timeout", self.timeout, DEFAULT_TIMEOUT, TIMEOUT_RANGE)?;
+        let init_timeout = f.duration(
+            "init_timeout",
+            self.init_timeout,
+            DEFAULT_INIT_TIMEOUT,
+            TIMEOUT_RANGE,
+        )?;
+        let concurrency = f.integer(
+            "concurrency",
+            self.concurrency,
+            DEFAULT_CONCURRENCY,
+            CONCURRENCY_RANGE,
+            "",
+        )?;
+        let max_queue = f.integer(
+            "max_queue",
+            self.max_queue,
+            DEFAULT_MAX_QUEUE,
+            MAX_QUEUE_RANGE,
+            "",
+        )?;
+        let idle_timeout = f.duration(
+            "idle_timeout",
+            self.idle_timeout,
+            DEFAULT_IDLE_TIMEOUT,
+            IDLE_TIMEOUT_RANGE,
+        )?;
+        let env = validate_env(&f, self.env.unwrap_or_default())?;
+        let tenant = f.string(
+            "tenant",
+            self.tenant,
+            DEFAULT_TENANT,
+            is_lambda_name,
+            "1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`",
+        )?;
+        let backend = validate_backend(&f, self.backend)?;
+        let handler = f.string(
+            "handler",
+            self.handler,
+            DEFAULT_HANDLER,
+            is_handler,
+            "1 to 128 characters without whitespace",
+        )?;
+        let max_processes = f.integer(
+            "max_processes",
+            self.max_processes,
+            DEFAULT_MAX_PROCESSES,
+            MAX_PROCESSES_RANGE,
+            "",
+        )?;
+        let tmp_mb = f.integer(
+            "tmp_mb",
+            self.tmp_mb,
+            DEFAULT_TMP_MB,
+            TMP_MB_RANGE,
+            " (megabytes)",
+        )?;
+        let path = validate_path(&f, path, base)?;
+
+        Ok(FunctionConfig {
+            name,
+            path,
+            memory_mb,
+            timeout,
+            init_timeout,
+            concurrency,
+            max_queue,
+            idle_timeout,
+            env,
+            tenant,
+            backend,
+            handler,
+            max_processes,
+            tmp_mb,
+        })
+    }
+}
+
+/// Where to point for a problem with a whole function table: its
+/// `[functions.NAME]` header when it has one, else the name's key.
+fn table_span(text: &str, name_span: Range<usize>) -> Range<usize> {
+    let line_start = text[..name_span.start].rfind('\n').map_or(0, |i| i + 1);
+    let before = &text[line_start..name_span.start];
+    match before.find('[') {
+        Some(bracket) if before.trim_start().starts_with('[') => {
+            line_start + bracket..name_span.end
+        }
+        _ => name_span,
+    }
+}
+
+fn validate_env(
+    f: &Fields<'_>,
+    env: BTreeMap<Spanned<String>, Spanned<String>>,
+) -> Result<BTreeMap<String, String>, PipelineError> {
+    let mut entries: Vec<_> = env.into_iter().collect();
+    entries.sort_by_key(|(key, _)| key.span().start);
+    let field = f.field("env");
+    let mut out = BTreeMap::new();
+    for (key, value) in entries {
+        if !is_env_key(key.get_ref()) {
+            return Err(PipelineError::BadEnvKey {
+                at: f.loc.at(key.span()),
+                field,
+                key: key.into_inner(),
+            });
+        }
+        if RESERVED_ENV_KEYS.contains(&key.get_ref().as_str()) {
+            return Err(PipelineError::ReservedEnvKey {
+                at: f.loc.at(key.span()),
+                field,
+                key: key.into_inner(),
+            });
+        }
+        if value.get_ref().contains('\0') {
+            return Err(PipelineError::InvalidValue {
+                at: f.loc.at(value.span()),
+                field: format!("{field}.{}", key.get_ref()),
+                value: value.into_inner(),
+                expected: "a string without NUL characters",
+            });
+        }
+        out.insert(key.into_inner(), value.into_inner());
+    }
+    Ok(out)
+}
+
+fn validate_backend(
+    f: &Fields<'_>,
+    backend: Option<Spanned<String>>,
+) -> Result<Backend, PipelineError> {
+    let Some(backend) = backend else {
+        return Ok(Backend::default());
+    };
+    match backend.get_ref().as_str() {
+        "auto" => Ok(Backend::Auto),
+        "process" => Ok(Backend::Process),
+        "microvm" => Err(PipelineError::BackendUnavailable {
+            at: f.loc.at(backend.span()),
+            field: f.field("backend"),
+            value: backend.into_inner(),
+        }),
+        _ => Err(PipelineError::InvalidValue {
+            at: f.loc.at(backend.span()),
+            field: f.field("backend"),
+            value: backend.into_inner(),
+            expected: "one of \"auto\", \"process\" or \"microvm\"",
+        }),
+    }
+}
+
+/// Resolves `path` against `base` and checks it is a folder with an
+/// executable `bootstrap`; returns the canonical absolute folder.
+fn validate_path(
+    f: &Fields<'_>,
+    path: Spanned<String>,
+    base: &Path,
+) -> Result<PathBuf, PipelineError> {
+    let span = path.span();
+    let written = path.into_inner();
+    let resolved = base.join(&written);
+    let problem = match check_function_folder(&resolved) {
+        Ok(()) => match resolved.canonicalize() {
+            Ok(canonical) => return Ok(canonical),
+            Err(e) => PathProblem::Inaccessible(e),
+        },
+        Err(problem) => problem,
+    };
+    Err(PipelineError::BadFunctionPath {
+        at: f.loc.at(span),
+        field: f.field("path"),
+        value: written,
+        resolved,
+        problem,
+    })
+}
+
+fn check_function_folder(folder: &Path) -> Result<(), PathProblem> {
+    use std::io::ErrorKind;
+    match std::fs::metadata(folder) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Err(PathProblem::NotFound),
+        Err(e) => return Err(PathProblem::Inaccessible(e)),
+        Ok(meta) if !meta.is_dir() => return Err(PathProblem::NotAFolder),
+        Ok(_) => {}
+    }
+    let bootstrap = match std::fs::metadata(folder.join("bootstrap")) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Err(PathProblem::NoBootstrap),
+        Err(e) => return Err(PathProblem::Inaccessible(e)),
+        Ok(meta) => meta,
+    };
+    if !bootstrap.is_file() {
+        return Err(PathProblem::BootstrapNotAFile);
+    }
+    if !is_executable(&bootstrap) {
+        return Err(PathProblem::BootstrapNotExecutable);
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn is_executable(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o111 != 0
+}
+
+#[cfg(not(unix))]
+fn is_executable(_meta: &std::fs::Metadata) -> bool {
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_function_field_is_accepted() {
+        for (name, _) in FUNCTION_FIELDS {
+            let text = format!("[functions.f]\n{name} = []\n");
+            let err = toml::from_str::<RawPipeline>(&text).expect_err("arrays fit no field");
+            assert!(
+                err.message().starts_with("invalid type"),
+                "{name}: {}",
+                err.message()
+            );
+        }
+    }
+
+    #[test]
+    fn typo_suggestions() {
+        let fields: Vec<&'static str> = FUNCTION_FIELDS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(closest("memry_mb", &fields), Some("memory_mb"));
+        assert_eq!(closest("timout", &fields), Some("timeout"));
+        assert_eq!(closest("function", TOP_LEVEL_FIELDS), Some("functions"));
+        assert_eq!(closest("trigger", TOP_LEVEL_FIELDS), None);
+        assert_eq!(closest("x", &fields), None);
+    }
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
+    }
+}
