@@ -149,6 +149,8 @@ struct Inner {
     logs: LogSink,
     shutting_down: AtomicBool,
     seq: AtomicU64,
+    /// Sandboxes being stopped in the background; `shutdown` waits for them.
+    stopping: Mutex<tokio::task::JoinSet<()>>,
 }
 
 /// Invokes functions in sandboxes from a [`Backend`], with per-function
@@ -182,6 +184,7 @@ impl Executor {
                 logs,
                 shutting_down: AtomicBool::new(false),
                 seq: AtomicU64::new(0),
+                stopping: Mutex::new(tokio::task::JoinSet::new()),
             }),
         }
     }
@@ -200,7 +203,7 @@ impl Executor {
         if let Some(old) = old {
             let stale: Vec<_> = old.idle_lock().drain().flat_map(|(_, v)| v).collect();
             for i in stale {
-                tokio::spawn(i.sandbox.shutdown());
+                self.stop_in_background(i.sandbox);
             }
         }
     }
@@ -267,7 +270,7 @@ impl Executor {
             }
             None => {
                 for old in state.evict_for_new() {
-                    tokio::spawn(old.shutdown());
+                    self.stop_in_background(old);
                 }
                 state.cold.fetch_add(1, Ordering::Relaxed);
                 let sb = match self.inner.backend.start(spec, &tenant, self.inner.logs.clone()).await {
@@ -333,8 +336,15 @@ impl Executor {
                 since: Instant::now(),
             });
         } else {
-            tokio::spawn(sandbox.shutdown());
+            self.stop_in_background(sandbox);
         }
+    }
+
+    fn stop_in_background(&self, sandbox: Box<dyn Sandbox>) {
+        let mut set = self.inner.stopping.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget finished ones so the set does not grow.
+        while set.try_join_next().is_some() {}
+        set.spawn(sandbox.shutdown());
     }
 
     fn request_id(&self) -> String {
@@ -432,5 +442,7 @@ impl Executor {
                 i.sandbox.shutdown().await;
             }
         }
+        let mut set = std::mem::take(&mut *self.inner.stopping.lock().unwrap_or_else(|p| p.into_inner()));
+        while set.join_next().await.is_some() {}
     }
 }

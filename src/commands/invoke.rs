@@ -25,12 +25,13 @@ fn read_payload(arg: Option<&str>) -> Result<Vec<u8>, String> {
     }
 }
 
+/// Function output goes to stderr, tagged with the function's name; the
+/// agent's own lines go to the `sluice::agent` tracing target.
 fn print_log(line: LogLine) {
-    let tag = match line.stream {
-        LogStream::Agent => "sluice",
-        _ => line.function.as_str(),
-    };
-    eprintln!("[{tag}] {}", line.line);
+    match line.stream {
+        LogStream::Agent => tracing::debug!(target: "sluice::agent", function = %line.function, "{}", line.line),
+        _ => eprintln!("[{}] {}", line.function, line.line),
+    }
 }
 
 /// Invoke once and print the outcome.

@@ -65,8 +65,10 @@ pub struct ProcessBackend {
 }
 
 impl ProcessBackend {
-    /// A backend with these settings.
+    /// A backend with these settings. Leftovers of sluice processes that
+    /// died without cleaning up (mount points, cgroups) are removed.
     pub fn new(cfg: ProcessConfig) -> Self {
+        sweep_stale(&cfg);
         Self {
             cfg,
             next_id: AtomicU64::new(0),
@@ -192,7 +194,9 @@ impl Backend for ProcessBackend {
             init: Duration::ZERO,
         };
         let init_deadline = started + spec.init_timeout;
-        sb.send(&Message::Start(Box::new(cfg))).await?;
+        if let Err(e) = sb.send(&Message::Start(Box::new(cfg))).await {
+            return Err(sb.abort(e).await);
+        }
 
         // Stage 0 unshares, then waits for its uid/gid maps and cgroups.
         match sb.recv_until(init_deadline).await {
@@ -200,16 +204,16 @@ impl Backend for ProcessBackend {
             other => return Err(sb.init_failure(other).await),
         }
         if let Err(e) = write_id_maps(pid, host_root) {
-            sb.kill();
-            return Err(host_err(fname, format!("writing uid/gid maps of pid {pid}"), e));
+            let err = host_err(fname, format!("writing uid/gid maps of pid {pid}"), e);
+            return Err(sb.abort(err).await);
         }
-        if let Some(cg) = &sb.cgroup {
-            if let Err(e) = cg.add(pid) {
-                sb.kill();
-                return Err(host_err(fname, format!("adding pid {pid} to its cgroups"), e));
-            }
+        if let Some(Err(e)) = sb.cgroup.as_ref().map(|cg| cg.add(pid)) {
+            let err = host_err(fname, format!("adding pid {pid} to its cgroups"), e);
+            return Err(sb.abort(err).await);
         }
-        sb.send(&Message::Proceed).await?;
+        if let Err(e) = sb.send(&Message::Proceed).await {
+            return Err(sb.abort(e).await);
+        }
         match sb.recv_until(init_deadline).await {
             Some(Ok(Message::Ready { init_us })) => {
                 sb.init = started.elapsed();
@@ -217,6 +221,30 @@ impl Backend for ProcessBackend {
                 Ok(Box::new(sb))
             }
             other => Err(sb.init_failure(other).await),
+        }
+    }
+}
+
+/// Remove sandbox folders and cgroups named `<pid>-<n>` whose sluice process
+/// `<pid>` is gone.
+fn sweep_stale(cfg: &ProcessConfig) {
+    let mut dirs = vec![cfg.run_dir.join("sandboxes")];
+    match &cfg.cgroups {
+        CgroupSupport::V1 { memory, pids } => dirs.extend([memory.clone(), pids.clone()]),
+        CgroupSupport::V2 { base } => dirs.push(base.clone()),
+        CgroupSupport::None { .. } => {}
+    }
+    for dir in dirs {
+        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        for e in rd.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            let alive = nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok();
+            if !alive && e.path().is_dir() {
+                let _ = std::fs::remove_dir(e.path());
+            }
         }
     }
 }
@@ -405,6 +433,17 @@ impl ProcessSandbox {
         }
     }
 
+    /// Kill, wait for the processes and remove the cgroups and mount point,
+    /// then hand back `err`: used on every failed start.
+    async fn abort(&mut self, err: InvokeError) -> InvokeError {
+        self.kill();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait().await;
+        }
+        cleanup(self.cgroup.take(), self.root_dir.clone()).await;
+        err
+    }
+
     async fn init_failure(&mut self, got: Option<FrameResult>) -> InvokeError {
         let function = self.function.clone();
         let err = match got {
@@ -459,8 +498,7 @@ impl ProcessSandbox {
             }
             Some(Err(e)) => sandbox_err(&function, e),
         };
-        self.kill();
-        err
+        self.abort(err).await
     }
 }
 
