@@ -477,6 +477,11 @@ mod tests {
             reader.read_line(&mut line).unwrap();
             head.push_str(&line);
             if line == "\r\n" {
+                if head.starts_with("HTTP/1.1 100") {
+                    // Interim response: the final one follows.
+                    head.clear();
+                    continue;
+                }
                 break;
             }
         }

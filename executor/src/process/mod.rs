@@ -57,11 +57,14 @@ impl ProcessConfig {
     }
 }
 
+/// Sandbox ids are `<host pid>-<n>`, unique in this process whatever the
+/// number of backends (they name cgroups and mount points).
+static NEXT_SANDBOX: AtomicU64 = AtomicU64::new(0);
+
 /// The process sandbox backend.
 #[derive(Debug)]
 pub struct ProcessBackend {
     cfg: ProcessConfig,
-    next_id: AtomicU64,
 }
 
 impl ProcessBackend {
@@ -69,10 +72,7 @@ impl ProcessBackend {
     /// died without cleaning up (mount points, cgroups) are removed.
     pub fn new(cfg: ProcessConfig) -> Self {
         sweep_stale(&cfg);
-        Self {
-            cfg,
-            next_id: AtomicU64::new(0),
-        }
+        Self { cfg }
     }
 
     /// The settings.
@@ -115,7 +115,7 @@ impl Backend for ProcessBackend {
     ) -> Result<Box<dyn Sandbox>, InvokeError> {
         let started = Instant::now();
         let fname = spec.name.as_str();
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let n = NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{}", std::process::id(), n);
         let sandboxes = self.cfg.run_dir.join("sandboxes");
         make_dir_0755(&self.cfg.run_dir)
@@ -311,13 +311,15 @@ async fn read_frames(
                     }
                 }
                 Err(e) => {
-                    // A hostile or broken peer: kill the sandbox at once.
-                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    // A hostile or broken peer: record why, then kill the
+                    // sandbox at once (in that order, so that whoever sees the
+                    // broken pipe finds the reason queued).
                     let _ = tx
                         .send(Err(SandboxError::Protocol {
                             detail: e.to_string(),
                         }))
                         .await;
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                     return;
                 }
             }
@@ -378,6 +380,10 @@ impl ProcessSandbox {
         .await;
         if res.is_err() {
             self.kill();
+            if let Ok(Err(e @ SandboxError::Protocol { .. })) = self.rx.try_recv() {
+                self.dead = true;
+                return Err(sandbox_err(&self.function, e));
+            }
             return Err(self.crash_error("the agent channel closed").await);
         }
         Ok(())

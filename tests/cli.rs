@@ -1,0 +1,125 @@
+//! The `sluice` binary as a user runs it: exit codes, payload sources,
+//! located pipeline errors, doctor.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use sluice_test_support::{FunctionFixture, agent_binary, function_fixture};
+
+fn sluice() -> Command {
+    // The agent must sit next to the sluice binary (same target folder).
+    let agent = agent_binary();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.env("SLUICE_AGENT", agent);
+    c
+}
+
+fn pipeline(dir: &Path, functions: &[(&str, &FunctionFixture, &str)]) -> PathBuf {
+    let mut text = String::new();
+    for (name, f, extra) in functions {
+        text.push_str(&format!("[functions.{name}]\npath = {:?}\n{extra}\n", f.dir));
+    }
+    let p = dir.join("pipeline.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn run(cmd: &mut Command, stdin: Option<&str>) -> Output {
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn invoke_prints_the_response_and_exits_0() {
+    let echo = function_fixture("echo");
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pipeline(tmp.path(), &[("echo", &echo, "")]);
+
+    let out = run(sluice().args(["invoke", "-p"]).arg(&p).args(["echo", "--payload", r#"{"a":1}"#]), None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), r#"{"a":1}"#);
+
+    let file = tmp.path().join("event.json");
+    std::fs::write(&file, r#"{"from":"file"}"#).unwrap();
+    let out = run(
+        sluice().args(["invoke", "-p"]).arg(&p).arg("echo").arg(format!("--payload=@{}", file.display())),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), r#"{"from":"file"}"#);
+
+    let out = run(
+        sluice().args(["invoke", "-p"]).arg(&p).args(["echo", "--payload", "-"]),
+        Some(r#"{"from":"stdin"}"#),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), r#"{"from":"stdin"}"#);
+}
+
+#[test]
+fn function_errors_exit_1_and_sandbox_failures_exit_3() {
+    let fail = function_fixture("fail");
+    let mis = function_fixture("misbehave");
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pipeline(
+        tmp.path(),
+        &[("fail", &fail, ""), ("slow", &mis, "timeout = \"1s\"")],
+    );
+    let out = run(sluice().args(["invoke", "-p"]).arg(&p).args(["fail", "--payload", "{}"]), None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = text(&out.stderr);
+    let last = err.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|_| panic!("{err}"));
+    assert!(v["errorType"].is_string() && v["errorMessage"].is_string(), "{v}");
+
+    let out = run(
+        sluice().args(["invoke", "-p"]).arg(&p).args(["slow", "--payload", r#"{"action":"loop"}"#]),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stderr).contains("timed out"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn pipeline_errors_exit_2_with_their_location() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.toml");
+    std::fs::write(&p, "[functions.echo]\npath = \"nowhere\"\ntimeout = \"3 parsecs\"\n").unwrap();
+    let out = run(sluice().arg("validate").arg(&p), None);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.starts_with(&format!("error: {}:", p.display())), "{err}");
+    assert!(err.contains(":3:11:") || err.contains(":2:8:"), "{err}");
+
+    let echo = function_fixture("echo");
+    let p = pipeline(tmp.path(), &[("echo", &echo, "")]);
+    let out = run(sluice().args(["invoke", "-p"]).arg(&p).arg("nope"), None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("echo"), "lists the declared functions");
+
+    let out = run(sluice().arg("validate").arg(&p), None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("1 function"));
+}
+
+#[test]
+fn doctor_reports_what_this_machine_can_run() {
+    let out = run(sluice().arg("doctor"), None);
+    let stdout = text(&out.stdout);
+    for what in ["KVM", "user namespaces", "cgroups", "seccomp", "landlock", "process sandbox", "guest kernel", "Kafka"] {
+        assert!(stdout.contains(&format!("] {what}:")), "{what} missing:\n{stdout}");
+    }
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
+}
