@@ -106,7 +106,10 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -122,7 +125,9 @@ fn main() -> ExitCode {
                 payload,
                 tenant,
                 quiet,
-            } => commands::invoke::run(&pipeline, &function, payload.as_deref(), tenant, quiet).await,
+            } => {
+                commands::invoke::run(&pipeline, &function, payload.as_deref(), tenant, quiet).await
+            }
             Command::Doctor { kafka } => commands::doctor::run(kafka.as_deref()).await,
             Command::Bench(BenchCommand::Invoke {
                 pipeline,

@@ -18,7 +18,10 @@ fn sluice() -> Command {
 fn pipeline(dir: &Path, functions: &[(&str, &FunctionFixture, &str)]) -> PathBuf {
     let mut text = String::new();
     for (name, f, extra) in functions {
-        text.push_str(&format!("[functions.{name}]\npath = {:?}\n{extra}\n", f.dir));
+        text.push_str(&format!(
+            "[functions.{name}]\npath = {:?}\n{extra}\n",
+            f.dir
+        ));
     }
     let p = dir.join("pipeline.toml");
     std::fs::write(&p, text).unwrap();
@@ -26,7 +29,9 @@ fn pipeline(dir: &Path, functions: &[(&str, &FunctionFixture, &str)]) -> PathBuf
 }
 
 fn run(cmd: &mut Command, stdin: Option<&str>) -> Output {
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     let mut input = child.stdin.take().unwrap();
     if let Some(s) = stdin {
@@ -46,21 +51,34 @@ fn invoke_prints_the_response_and_exits_0() {
     let tmp = tempfile::tempdir().unwrap();
     let p = pipeline(tmp.path(), &[("echo", &echo, "")]);
 
-    let out = run(sluice().args(["invoke", "-p"]).arg(&p).args(["echo", "--payload", r#"{"a":1}"#]), None);
+    let out = run(
+        sluice()
+            .args(["invoke", "-p"])
+            .arg(&p)
+            .args(["echo", "--payload", r#"{"a":1}"#]),
+        None,
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), r#"{"a":1}"#);
 
     let file = tmp.path().join("event.json");
     std::fs::write(&file, r#"{"from":"file"}"#).unwrap();
     let out = run(
-        sluice().args(["invoke", "-p"]).arg(&p).arg("echo").arg(format!("--payload=@{}", file.display())),
+        sluice()
+            .args(["invoke", "-p"])
+            .arg(&p)
+            .arg("echo")
+            .arg(format!("--payload=@{}", file.display())),
         None,
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), r#"{"from":"file"}"#);
 
     let out = run(
-        sluice().args(["invoke", "-p"]).arg(&p).args(["echo", "--payload", "-"]),
+        sluice()
+            .args(["invoke", "-p"])
+            .arg(&p)
+            .args(["echo", "--payload", "-"]),
         Some(r#"{"from":"stdin"}"#),
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -76,38 +94,64 @@ fn function_errors_exit_1_and_sandbox_failures_exit_3() {
         tmp.path(),
         &[("fail", &fail, ""), ("slow", &mis, "timeout = \"1s\"")],
     );
-    let out = run(sluice().args(["invoke", "-p"]).arg(&p).args(["fail", "--payload", "{}"]), None);
+    let out = run(
+        sluice()
+            .args(["invoke", "-p"])
+            .arg(&p)
+            .args(["fail", "--payload", "{}"]),
+        None,
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     let err = text(&out.stderr);
     let last = err.lines().last().unwrap();
     let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|_| panic!("{err}"));
-    assert!(v["errorType"].is_string() && v["errorMessage"].is_string(), "{v}");
+    assert!(
+        v["errorType"].is_string() && v["errorMessage"].is_string(),
+        "{v}"
+    );
 
     let out = run(
-        sluice().args(["invoke", "-p"]).arg(&p).args(["slow", "--payload", r#"{"action":"loop"}"#]),
+        sluice()
+            .args(["invoke", "-p"])
+            .arg(&p)
+            .args(["slow", "--payload", r#"{"action":"loop"}"#]),
         None,
     );
     assert_eq!(out.status.code(), Some(3));
-    assert!(text(&out.stderr).contains("timed out"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("timed out"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn pipeline_errors_exit_2_with_their_location() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("bad.toml");
-    std::fs::write(&p, "[functions.echo]\npath = \"nowhere\"\ntimeout = \"3 parsecs\"\n").unwrap();
+    std::fs::write(
+        &p,
+        "[functions.echo]\npath = \"nowhere\"\ntimeout = \"3 parsecs\"\n",
+    )
+    .unwrap();
     let out = run(sluice().arg("validate").arg(&p), None);
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
-    assert!(err.starts_with(&format!("error: {}:", p.display())), "{err}");
+    assert!(
+        err.starts_with(&format!("error: {}:", p.display())),
+        "{err}"
+    );
     assert!(err.contains(":3:11:") || err.contains(":2:8:"), "{err}");
 
     let echo = function_fixture("echo");
     let p = pipeline(tmp.path(), &[("echo", &echo, "")]);
     let out = run(sluice().args(["invoke", "-p"]).arg(&p).arg("nope"), None);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("echo"), "lists the declared functions");
+    assert!(
+        text(&out.stderr).contains("echo"),
+        "lists the declared functions"
+    );
 
     let out = run(sluice().arg("validate").arg(&p), None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -118,8 +162,25 @@ fn pipeline_errors_exit_2_with_their_location() {
 fn doctor_reports_what_this_machine_can_run() {
     let out = run(sluice().arg("doctor"), None);
     let stdout = text(&out.stdout);
-    for what in ["KVM", "user namespaces", "cgroups", "seccomp", "landlock", "process sandbox", "guest kernel", "Kafka"] {
-        assert!(stdout.contains(&format!("] {what}:")), "{what} missing:\n{stdout}");
+    for what in [
+        "KVM",
+        "user namespaces",
+        "cgroups",
+        "seccomp",
+        "landlock",
+        "process sandbox",
+        "guest kernel",
+        "Kafka",
+    ] {
+        assert!(
+            stdout.contains(&format!("] {what}:")),
+            "{what} missing:\n{stdout}"
+        );
     }
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
 }

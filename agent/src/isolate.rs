@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::resource::{Resource, setrlimit};
-use nix::unistd::{Gid, Uid, chdir, pivot_root, sethostname, setgroups, setresgid, setresuid};
+use nix::unistd::{Gid, Uid, chdir, pivot_root, setgroups, sethostname, setresgid, setresuid};
 use sluice_protocol::StartConfig;
 
 /// A step of the sandbox set-up that failed.
@@ -213,7 +213,11 @@ pub fn build_root(cfg: &StartConfig) -> Result<(), SetupError> {
         None::<&str>,
         &dev,
         None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
     .step(|| "remount /dev read-only".into())?;
@@ -229,7 +233,10 @@ pub fn build_root(cfg: &StartConfig) -> Result<(), SetupError> {
         ("hosts", "127.0.0.1 localhost\n::1 localhost\n"),
         ("hostname", "sandbox\n"),
         ("resolv.conf", ""),
-        ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n"),
+        (
+            "nsswitch.conf",
+            "passwd: files\ngroup: files\nhosts: files\n",
+        ),
     ] {
         let p = etc.join(name);
         fs::write(&p, content).step(|| format!("write /etc/{name}"))?;
@@ -319,8 +326,12 @@ pub fn apply_rlimits(cfg: &StartConfig) -> Result<(), SetupError> {
         setrlimit(Resource::RLIMIT_NPROC, n, n).step(|| "setrlimit(NPROC)".into())?;
     }
     if cfg.rlimit_as_bytes > 0 {
-        setrlimit(Resource::RLIMIT_AS, cfg.rlimit_as_bytes, cfg.rlimit_as_bytes)
-            .step(|| "setrlimit(AS)".into())?;
+        setrlimit(
+            Resource::RLIMIT_AS,
+            cfg.rlimit_as_bytes,
+            cfg.rlimit_as_bytes,
+        )
+        .step(|| "setrlimit(AS)".into())?;
     }
     Ok(())
 }
@@ -340,7 +351,12 @@ pub fn apply_landlock(cfg: &StartConfig) -> Result<&'static str, SetupError> {
         .filter(|p| Path::new(p).exists())
         .cloned()
         .collect();
-    read.extend([cfg.task_root.clone(), "/etc".into(), "/proc".into(), "/dev".into()]);
+    read.extend([
+        cfg.task_root.clone(),
+        "/etc".into(),
+        "/proc".into(),
+        "/dev".into(),
+    ]);
     let write = ["/tmp", "/dev/null", "/dev/zero", "/dev/full", "/dev/shm"];
     let err = |e: landlock::RulesetError| SetupError {
         step: "landlock".into(),
@@ -371,8 +387,8 @@ pub fn apply_landlock(cfg: &StartConfig) -> Result<&'static str, SetupError> {
 /// whose namespace flags the filter can inspect.
 pub fn apply_seccomp() -> Result<(), SetupError> {
     use seccompiler::{
-        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
-        SeccompFilter, SeccompRule, TargetArch,
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
     };
     use std::collections::BTreeMap;
     let err = |what: &str, e: String| SetupError {
@@ -451,7 +467,8 @@ pub fn apply_seccomp() -> Result<(), SetupError> {
             flag,
         )
         .map_err(|e| err("clone condition", e.to_string()))?;
-        clone_rules.push(SeccompRule::new(vec![cond]).map_err(|e| err("clone rule", e.to_string()))?);
+        clone_rules
+            .push(SeccompRule::new(vec![cond]).map_err(|e| err("clone rule", e.to_string()))?);
     }
     rules.insert(libc::SYS_clone, clone_rules);
     // Matched syscalls fail with EPERM, everything else is allowed.

@@ -36,9 +36,9 @@ pub fn loopback_up() -> io::Result<()> {
     let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[..n])
         .map_err(|e| io::Error::other(format!("bad netlink reply: {e}")))?;
     match reply.payload {
-        NetlinkPayload::Error(e) if e.code.is_some() => Err(io::Error::other(format!(
-            "RTM_NEWLINK lo up failed: {e}"
-        ))),
+        NetlinkPayload::Error(e) if e.code.is_some() => {
+            Err(io::Error::other(format!("RTM_NEWLINK lo up failed: {e}")))
+        }
         _ => Ok(()),
     }
 }

@@ -313,12 +313,17 @@ fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option
     let mut head = Vec::with_capacity(512);
     loop {
         let before = head.len();
-        let n = r.take((MAX_HEAD - head.len()) as u64 + 1).read_until(b'\n', &mut head)?;
+        let n = r
+            .take((MAX_HEAD - head.len()) as u64 + 1)
+            .read_until(b'\n', &mut head)?;
         if n == 0 {
             if head.is_empty() {
                 return Ok(None);
             }
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated head"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "truncated head",
+            ));
         }
         if head.len() > MAX_HEAD {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "head too large"));
@@ -336,7 +341,12 @@ fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(&head) {
         Ok(httparse::Status::Complete(_)) => {}
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad request head")),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad request head",
+            ));
+        }
     }
     let method = parsed.method.unwrap_or("").to_owned();
     let path = parsed.path.unwrap_or("").to_owned();
@@ -349,9 +359,10 @@ fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option
     for h in parsed.headers.iter() {
         let value = String::from_utf8_lossy(h.value).trim().to_owned();
         if h.name.eq_ignore_ascii_case("content-length") {
-            content_length = Some(value.parse().map_err(|_| {
-                io::Error::new(io::ErrorKind::InvalidData, "bad content-length")
-            })?);
+            content_length =
+                Some(value.parse().map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidData, "bad content-length")
+                })?);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = value.to_ascii_lowercase().contains("chunked");
         } else if h.name.eq_ignore_ascii_case("connection") {
@@ -363,7 +374,10 @@ fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option
             }
         } else if h.name.eq_ignore_ascii_case("expect") {
             expect_continue = value.eq_ignore_ascii_case("100-continue");
-        } else if h.name.eq_ignore_ascii_case("lambda-runtime-function-error-type") {
+        } else if h
+            .name
+            .eq_ignore_ascii_case("lambda-runtime-function-error-type")
+        {
             error_type = Some(value);
         }
     }
@@ -416,7 +430,13 @@ fn read_chunked<R: BufRead>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
         let mut line = Vec::new();
         r.take(1024).read_until(b'\n', &mut line)?;
         let text = String::from_utf8_lossy(&line);
-        let size_str = text.trim().split(';').next().unwrap_or("").trim().to_owned();
+        let size_str = text
+            .trim()
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned();
         let size = usize::from_str_radix(&size_str, 16)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
         if size == 0 {
@@ -432,7 +452,10 @@ fn read_chunked<R: BufRead>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
         }
         consumed = consumed.saturating_add(size);
         if consumed > 4 * MAX_PAYLOAD {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "chunked body far too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "chunked body far too large",
+            ));
         }
         if too_large || body.len() + size > MAX_PAYLOAD {
             too_large = true;
@@ -549,7 +572,10 @@ mod tests {
             payload: vec![],
         });
         let mut s = TcpStream::connect(&addr).unwrap();
-        let got = roundtrip(&mut s, b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n\r\n");
+        let got = roundtrip(
+            &mut s,
+            b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n\r\n",
+        );
         assert!(got.contains("Lambda-Runtime-Client-Context: ctx\r\n"));
         let _ready = rx.recv().unwrap();
         let got = roundtrip(
@@ -593,7 +619,10 @@ mod tests {
             payload: vec![],
         });
         let mut s = TcpStream::connect(&addr).unwrap();
-        roundtrip(&mut s, b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n\r\n");
+        roundtrip(
+            &mut s,
+            b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n\r\n",
+        );
         let _ready = rx.recv().unwrap();
         let n = MAX_PAYLOAD + 10;
         let mut req = format!(

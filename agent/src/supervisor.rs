@@ -106,13 +106,14 @@ pub fn run_stage0(channel: Channel) -> u8 {
         return serve(cfg, rd, wr, &task_root, false);
     }
     if channel != Channel::Stdio {
-        return fatal(&mut wr, "the process sandbox needs the stdio channel".into());
+        return fatal(
+            &mut wr,
+            "the process sandbox needs the stdio channel".into(),
+        );
     }
     let host_root = geteuid().is_root();
-    if host_root {
-        if let Err(e) = isolate::build_root_as_host_root(&cfg) {
-            return fatal(&mut wr, e.to_string());
-        }
+    if host_root && let Err(e) = isolate::build_root_as_host_root(&cfg) {
+        return fatal(&mut wr, e.to_string());
     }
     if let Err(e) = isolate::unshare_all() {
         return fatal(&mut wr, e.to_string());
@@ -135,10 +136,8 @@ pub fn run_stage0(channel: Channel) -> u8 {
     if let Err(e) = isolate::become_sandbox_root(host_root) {
         return fatal(&mut wr, e.to_string());
     }
-    if !host_root {
-        if let Err(e) = isolate::build_root(&cfg) {
-            return fatal(&mut wr, e.to_string());
-        }
+    if !host_root && let Err(e) = isolate::build_root(&cfg) {
+        return fatal(&mut wr, e.to_string());
     }
     let json = serde_json::to_string(&cfg).expect("config serializes");
     let status = Command::new("/proc/self/exe")
@@ -348,7 +347,11 @@ fn relay_logs(
             let mut line = Vec::new();
             loop {
                 line.clear();
-                match r.by_ref().take(MAX_LOG_LINE as u64).read_until(b'\n', &mut line) {
+                match r
+                    .by_ref()
+                    .take(MAX_LOG_LINE as u64)
+                    .read_until(b'\n', &mut line)
+                {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         while matches!(line.last(), Some(b'\n' | b'\r')) {

@@ -66,13 +66,18 @@ fn serves_a_function_over_a_unix_socket_channel() {
         .spawn()
         .unwrap();
     let (stream, _) = listener.accept().unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let mut w = stream.try_clone().unwrap();
     let mut r = BufReader::new(stream);
     write_message(&mut w, &Message::Start(Box::new(config(&fdir)))).unwrap();
 
     let mut next = || loop {
-        match read_message(&mut r, DEFAULT_MAX_FRAME).unwrap().expect("frame") {
+        match read_message(&mut r, DEFAULT_MAX_FRAME)
+            .unwrap()
+            .expect("frame")
+        {
             Message::Log { line, .. } => {
                 let line = String::from_utf8_lossy(&line).into_owned();
                 assert!(!line.contains("error"), "{line}");
@@ -98,14 +103,20 @@ fn serves_a_function_over_a_unix_socket_channel() {
         match next() {
             Message::Response { request_id, body } => {
                 assert_eq!(request_id, id);
-                assert_eq!(String::from_utf8(body).unwrap(), format!("{{\"echo\": {event}}}"));
+                assert_eq!(
+                    String::from_utf8(body).unwrap(),
+                    format!("{{\"echo\": {event}}}")
+                );
             }
             Message::Error {
                 request_id,
                 error_type,
                 body,
             } => {
-                assert_eq!((request_id.as_str(), error_type.as_str()), ("req-2", "Bad.Input"));
+                assert_eq!(
+                    (request_id.as_str(), error_type.as_str()),
+                    ("req-2", "Bad.Input")
+                );
                 assert!(String::from_utf8(body).unwrap().contains("asked to fail"));
             }
             other => panic!("unexpected {other:?}"),
@@ -126,12 +137,16 @@ fn a_missing_bootstrap_is_an_init_error() {
         .spawn()
         .unwrap();
     let (stream, _) = listener.accept().unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let mut w = stream.try_clone().unwrap();
     let mut r = BufReader::new(stream);
     write_message(&mut w, &Message::Start(Box::new(config(tmp.path())))).unwrap();
     match read_message(&mut r, DEFAULT_MAX_FRAME).unwrap().unwrap() {
-        Message::InitError { error_type, .. } => assert_eq!(error_type, "Runtime.InvalidEntrypoint"),
+        Message::InitError { error_type, .. } => {
+            assert_eq!(error_type, "Runtime.InvalidEntrypoint")
+        }
         other => panic!("{other:?}"),
     }
     assert!(matches!(

@@ -126,7 +126,8 @@ impl FunctionState {
         let limit = self.spec.concurrency.max(1) as usize;
         let mut idle = self.idle_lock();
         loop {
-            let total: usize = idle.values().map(Vec::len).sum::<usize>() + self.busy.load(Ordering::SeqCst);
+            let total: usize =
+                idle.values().map(Vec::len).sum::<usize>() + self.busy.load(Ordering::SeqCst);
             if total < limit {
                 break;
             }
@@ -194,7 +195,11 @@ impl Executor {
     pub fn register(&self, spec: FunctionSpec) {
         let state = Arc::new(FunctionState::new(spec));
         let old = {
-            let mut map = self.inner.functions.write().unwrap_or_else(|p| p.into_inner());
+            let mut map = self
+                .inner
+                .functions
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
             match map.get(&state.spec.name) {
                 Some(cur) if cur.version == state.version => return,
                 _ => map.insert(state.spec.name.clone(), state),
@@ -209,7 +214,11 @@ impl Executor {
     }
 
     fn state(&self, name: &str) -> Result<Arc<FunctionState>, InvokeError> {
-        let map = self.inner.functions.read().unwrap_or_else(|p| p.into_inner());
+        let map = self
+            .inner
+            .functions
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         map.get(name).cloned().ok_or_else(|| {
             let mut known: Vec<_> = map.keys().cloned().collect();
             known.sort();
@@ -221,8 +230,13 @@ impl Executor {
     }
 
     /// Invoke `function` with `payload` as its default tenant.
-    pub async fn invoke(&self, function: &str, payload: impl Into<Vec<u8>>) -> Result<Response, InvokeError> {
-        self.invoke_with(function, payload, InvokeOptions::default()).await
+    pub async fn invoke(
+        &self,
+        function: &str,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<Response, InvokeError> {
+        self.invoke_with(function, payload, InvokeOptions::default())
+            .await
     }
 
     /// Invoke with options.
@@ -273,7 +287,12 @@ impl Executor {
                     self.stop_in_background(old);
                 }
                 state.cold.fetch_add(1, Ordering::Relaxed);
-                let sb = match self.inner.backend.start(spec, &tenant, self.inner.logs.clone()).await {
+                let sb = match self
+                    .inner
+                    .backend
+                    .start(spec, &tenant, self.inner.logs.clone())
+                    .await
+                {
                     Ok(sb) => sb,
                     Err(e) => {
                         state.errors.fetch_add(1, Ordering::Relaxed);
@@ -331,17 +350,25 @@ impl Executor {
             .map(|s| Arc::ptr_eq(&s, state))
             .unwrap_or(false);
         if sandbox.is_reusable() && current && !self.inner.shutting_down.load(Ordering::SeqCst) {
-            state.idle_lock().entry(tenant.to_owned()).or_default().push(Idle {
-                sandbox,
-                since: Instant::now(),
-            });
+            state
+                .idle_lock()
+                .entry(tenant.to_owned())
+                .or_default()
+                .push(Idle {
+                    sandbox,
+                    since: Instant::now(),
+                });
         } else {
             self.stop_in_background(sandbox);
         }
     }
 
     fn stop_in_background(&self, sandbox: Box<dyn Sandbox>) {
-        let mut set = self.inner.stopping.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = self
+            .inner
+            .stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         // Forget finished ones so the set does not grow.
         while set.try_join_next().is_some() {}
         set.spawn(sandbox.shutdown());
@@ -353,7 +380,8 @@ impl Executor {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        let mut x = t ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut x =
+            t ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut next = || {
             // xorshift64*
             x ^= x >> 12;
@@ -376,7 +404,11 @@ impl Executor {
     /// `idle_timeout` at `now`. Returns how many were stopped.
     pub async fn reap_idle(&self, now: Instant) -> usize {
         let states: Vec<_> = {
-            let map = self.inner.functions.read().unwrap_or_else(|p| p.into_inner());
+            let map = self
+                .inner
+                .functions
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
             map.values().cloned().collect()
         };
         let mut reaped = Vec::new();
@@ -399,7 +431,11 @@ impl Executor {
     }
 
     /// Run [`Self::reap_idle`] every `period` until `shutdown` turns true.
-    pub fn spawn_reaper(&self, period: Duration, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_reaper(
+        &self,
+        period: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
@@ -433,7 +469,11 @@ impl Executor {
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
         let states: Vec<_> = {
-            let map = self.inner.functions.read().unwrap_or_else(|p| p.into_inner());
+            let map = self
+                .inner
+                .functions
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
             map.values().cloned().collect()
         };
         for st in states {
@@ -442,7 +482,13 @@ impl Executor {
                 i.sandbox.shutdown().await;
             }
         }
-        let mut set = std::mem::take(&mut *self.inner.stopping.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut set = std::mem::take(
+            &mut *self
+                .inner
+                .stopping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         while set.join_next().await.is_some() {}
     }
 }

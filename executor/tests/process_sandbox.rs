@@ -40,7 +40,9 @@ async fn echo_1000_times_through_the_warm_pool() {
         tasks.push(tokio::spawn(async move {
             for i in 0..250 {
                 let payload = json!({"worker": w, "i": i, "pad": "x".repeat(i)});
-                let got = call(&ex, "echo", payload.clone()).await.expect("echo works");
+                let got = call(&ex, "echo", payload.clone())
+                    .await
+                    .expect("echo works");
                 assert_eq!(got, payload);
             }
         }));
@@ -93,9 +95,10 @@ async fn calls_beyond_the_queue_bound_are_throttled() {
     // Warm it up so that the slow call holds the only slot.
     call(&ex, "one", json!({})).await.unwrap();
     let ex2 = ex.clone();
-    let slow = tokio::spawn(async move {
-        call(&ex2, "one", json!({"action": "sleep", "ms": 1500})).await
-    });
+    let slow =
+        tokio::spawn(
+            async move { call(&ex2, "one", json!({"action": "sleep", "ms": 1500})).await },
+        );
     // Wait until the slow call holds the slot (observed, not slept).
     let start = Instant::now();
     while ex.stats("one").unwrap().busy == 0 {
@@ -103,7 +106,17 @@ async fn calls_beyond_the_queue_bound_are_throttled() {
         tokio::task::yield_now().await;
     }
     let err = call(&ex, "one", json!({})).await.unwrap_err();
-    assert!(matches!(err, InvokeError::Throttled { concurrency: 1, max_queue: 0, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            InvokeError::Throttled {
+                concurrency: 1,
+                max_queue: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.retryable());
     assert_eq!(slow.await.unwrap().unwrap(), json!({"slept_ms": 1500}));
     assert_eq!(ex.stats("one").unwrap().throttles, 1);
@@ -118,11 +131,19 @@ async fn an_infinite_loop_is_killed_at_its_timeout_and_the_next_call_works() {
     s.timeout = Duration::from_millis(1500);
     ex.register(s);
     let t0 = Instant::now();
-    let err = call(&ex, "loop", json!({"action": "loop"})).await.unwrap_err();
+    let err = call(&ex, "loop", json!({"action": "loop"}))
+        .await
+        .unwrap_err();
     assert!(matches!(err, InvokeError::Timeout { .. }), "{err}");
     let took = t0.elapsed();
-    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(8), "{took:?}");
-    let r = ex.invoke("loop", json!({"action": "echo", "n": 1}).to_string()).await.unwrap();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    let r = ex
+        .invoke("loop", json!({"action": "echo", "n": 1}).to_string())
+        .await
+        .unwrap();
     assert!(r.cold_start, "a timed-out sandbox is never reused");
     ex.shutdown().await;
 }
@@ -134,11 +155,18 @@ async fn a_memory_hog_gets_out_of_memory() {
     let mut s = spec("hog", &f);
     s.memory_mb = 128;
     ex.register(s);
-    let err = call(&ex, "hog", json!({"action": "alloc", "mb": 400})).await.unwrap_err();
-    assert!(matches!(err, InvokeError::OutOfMemory { limit_mb: 128, .. }), "{err}");
+    let err = call(&ex, "hog", json!({"action": "alloc", "mb": 400}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, InvokeError::OutOfMemory { limit_mb: 128, .. }),
+        "{err}"
+    );
     // Within the limit it works, in a fresh sandbox.
     assert_eq!(
-        call(&ex, "hog", json!({"action": "alloc", "mb": 32})).await.unwrap(),
+        call(&ex, "hog", json!({"action": "alloc", "mb": 32}))
+            .await
+            .unwrap(),
         json!({"allocated_mb": 32})
     );
     ex.shutdown().await;
@@ -152,10 +180,15 @@ async fn a_fork_bomb_is_contained() {
     s.max_processes = 64;
     s.timeout = Duration::from_secs(3);
     ex.register(s);
-    let err = call(&ex, "bomb", json!({"action": "fork_bomb"})).await.unwrap_err();
+    let err = call(&ex, "bomb", json!({"action": "fork_bomb"}))
+        .await
+        .unwrap_err();
     assert!(matches!(err, InvokeError::Timeout { .. }), "{err}");
     // The host is fine and the function works again in a new sandbox.
-    assert_eq!(call(&ex, "bomb", json!({"x": 1})).await.unwrap(), json!({"x": 1}));
+    assert_eq!(
+        call(&ex, "bomb", json!({"x": 1})).await.unwrap(),
+        json!({"x": 1})
+    );
     ex.shutdown().await;
 }
 
@@ -168,7 +201,11 @@ async fn a_function_that_exits_during_init_reports_an_init_error() {
     ex.register(s);
     let err = call(&ex, "badinit", json!({})).await.unwrap_err();
     match &err {
-        InvokeError::InitFailed { error_type, message, .. } => {
+        InvokeError::InitFailed {
+            error_type,
+            message,
+            ..
+        } => {
             assert_eq!(error_type, "Runtime.ExitError");
             assert!(message.contains("status 3"), "{message}");
         }
@@ -199,9 +236,13 @@ async fn host_files_are_out_of_reach() {
     ex.register(spec("reader", &f));
     // /etc/passwd exists in the sandbox, but it is not the host's.
     let host = std::fs::read_to_string("/etc/passwd").unwrap();
-    let got = call(&ex, "reader", json!({"action": "read_file", "path": "/etc/passwd"}))
-        .await
-        .unwrap();
+    let got = call(
+        &ex,
+        "reader",
+        json!({"action": "read_file", "path": "/etc/passwd"}),
+    )
+    .await
+    .unwrap();
     let inside = got["content"].as_str().unwrap();
     assert_ne!(inside, host);
     assert!(!inside.contains("/root:"), "{inside}");
@@ -212,13 +253,28 @@ async fn host_files_are_out_of_reach() {
     let err = call(&ex, "reader", json!({"action": "read_file", "path": path}))
         .await
         .unwrap_err();
-    assert!(matches!(&err, InvokeError::Function { error_type, .. } if error_type == "ReadFailed"), "{err}");
-    for p in ["/root/.bashrc", "/proc/1/root/etc/shadow", "/etc/shadow", "/sys/kernel/notes"] {
-        let err = call(&ex, "reader", json!({"action": "read_file", "path": p})).await.unwrap_err();
+    assert!(
+        matches!(&err, InvokeError::Function { error_type, .. } if error_type == "ReadFailed"),
+        "{err}"
+    );
+    for p in [
+        "/root/.bashrc",
+        "/proc/1/root/etc/shadow",
+        "/etc/shadow",
+        "/sys/kernel/notes",
+    ] {
+        let err = call(&ex, "reader", json!({"action": "read_file", "path": p}))
+            .await
+            .unwrap_err();
         assert!(matches!(&err, InvokeError::Function { .. }), "{p}: {err}");
     }
     // The sandbox's own files are readable.
-    let own = call(&ex, "reader", json!({"action": "read_file", "path": "/etc/hostname"})).await;
+    let own = call(
+        &ex,
+        "reader",
+        json!({"action": "read_file", "path": "/etc/hostname"}),
+    )
+    .await;
     assert_eq!(own.unwrap()["content"], "sandbox\n");
     ex.shutdown().await;
 }
@@ -230,10 +286,18 @@ async fn no_network_connections_even_to_host_loopback() {
     let f = function_fixture("misbehave");
     let ex = executor();
     ex.register(spec("net", &f));
-    let err = call(&ex, "net", json!({"action": "connect", "addr": addr})).await.unwrap_err();
-    assert!(matches!(&err, InvokeError::Function { error_type, .. } if error_type == "ConnectFailed"), "{err}");
+    let err = call(&ex, "net", json!({"action": "connect", "addr": addr}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, InvokeError::Function { error_type, .. } if error_type == "ConnectFailed"),
+        "{err}"
+    );
     listener.set_nonblocking(true).unwrap();
-    assert!(listener.accept().is_err(), "nothing reached the host listener");
+    assert!(
+        listener.accept().is_err(),
+        "nothing reached the host listener"
+    );
     ex.shutdown().await;
 }
 
@@ -288,27 +352,48 @@ async fn warm_reuse_is_per_tenant_and_per_version() {
         ..Default::default()
     };
     let count = |r: sluice_executor::Response| -> u64 {
-        serde_json::from_slice::<Value>(&r.payload).unwrap()["count"].as_u64().unwrap()
+        serde_json::from_slice::<Value>(&r.payload).unwrap()["count"]
+            .as_u64()
+            .unwrap()
     };
-    let a1 = ex.invoke_with("counter", "{}", as_tenant("a")).await.unwrap();
+    let a1 = ex
+        .invoke_with("counter", "{}", as_tenant("a"))
+        .await
+        .unwrap();
     assert!(a1.cold_start);
     assert_eq!(count(a1), 1);
-    let a2 = ex.invoke_with("counter", "{}", as_tenant("a")).await.unwrap();
+    let a2 = ex
+        .invoke_with("counter", "{}", as_tenant("a"))
+        .await
+        .unwrap();
     assert!(!a2.cold_start);
     assert_eq!(count(a2), 2);
     // Tenant b never sees tenant a's sandbox.
-    let b1 = ex.invoke_with("counter", "{}", as_tenant("b")).await.unwrap();
+    let b1 = ex
+        .invoke_with("counter", "{}", as_tenant("b"))
+        .await
+        .unwrap();
     assert!(b1.cold_start);
     assert_eq!(count(b1), 1);
     // Another function on the same folder never shares either.
     let mut other = s.clone();
     other.name = "counter2".into();
     ex.register(other);
-    assert_eq!(count(ex.invoke_with("counter2", "{}", as_tenant("a")).await.unwrap()), 1);
+    assert_eq!(
+        count(
+            ex.invoke_with("counter2", "{}", as_tenant("a"))
+                .await
+                .unwrap()
+        ),
+        1
+    );
     // A new version (changed settings) does not reuse the old sandboxes.
     s.env.push(("V".into(), "2".into()));
     ex.register(s);
-    let a3 = ex.invoke_with("counter", "{}", as_tenant("a")).await.unwrap();
+    let a3 = ex
+        .invoke_with("counter", "{}", as_tenant("a"))
+        .await
+        .unwrap();
     assert!(a3.cold_start);
     assert_eq!(count(a3), 1);
     ex.shutdown().await;
@@ -324,8 +409,14 @@ async fn idle_sandboxes_are_reaped_after_their_idle_timeout() {
     call(&ex, "echo", json!(1)).await.unwrap();
     assert_eq!(ex.stats("echo").unwrap().idle, 1);
     // Injected time: not yet idle long enough, then long enough.
-    assert_eq!(ex.reap_idle(Instant::now() + Duration::from_secs(30)).await, 0);
-    assert_eq!(ex.reap_idle(Instant::now() + Duration::from_secs(61)).await, 1);
+    assert_eq!(
+        ex.reap_idle(Instant::now() + Duration::from_secs(30)).await,
+        0
+    );
+    assert_eq!(
+        ex.reap_idle(Instant::now() + Duration::from_secs(61)).await,
+        1
+    );
     let st = ex.stats("echo").unwrap();
     assert_eq!((st.idle, st.reaped), (0, 1));
     assert!(ex.invoke("echo", "2").await.unwrap().cold_start);
@@ -342,19 +433,33 @@ async fn function_errors_crashes_and_size_limits_are_typed() {
 
     let err = call(&ex, "fail", json!({"order": 7})).await.unwrap_err();
     match &err {
-        InvokeError::Function { error_type, error_message, .. } => {
+        InvokeError::Function {
+            error_type,
+            error_message,
+            ..
+        } => {
             assert!(!error_type.is_empty());
             assert!(!error_message.is_empty());
         }
         other => panic!("{other}"),
     }
-    assert_eq!(call(&ex, "fail", json!({"succeed": true})).await.unwrap(), json!({"ok": true}));
+    assert_eq!(
+        call(&ex, "fail", json!({"succeed": true})).await.unwrap(),
+        json!({"ok": true})
+    );
 
-    let err = call(&ex, "mis", json!({"action": "exit", "code": 9})).await.unwrap_err();
+    let err = call(&ex, "mis", json!({"action": "exit", "code": 9}))
+        .await
+        .unwrap_err();
     assert!(matches!(err, InvokeError::SandboxCrashed { .. }), "{err}");
-    assert_eq!(call(&ex, "mis", json!({"k": 1})).await.unwrap(), json!({"k": 1}));
+    assert_eq!(
+        call(&ex, "mis", json!({"k": 1})).await.unwrap(),
+        json!({"k": 1})
+    );
 
-    let err = call(&ex, "mis", json!({"action": "big_response", "mb": 7})).await.unwrap_err();
+    let err = call(&ex, "mis", json!({"action": "big_response", "mb": 7}))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, InvokeError::Function { error_type, .. } if error_type == "Function.ResponseSizeTooLarge"),
         "{err}"
@@ -375,9 +480,18 @@ async fn function_errors_crashes_and_size_limits_are_typed() {
 async fn a_peer_sending_garbage_or_huge_frames_is_killed() {
     let f = function_fixture("echo");
     for (name, script) in [
-        ("garbage", "#!/bin/sh\nhead -c 100 /dev/urandom | od -An -tx1\nexec sleep 30\n"),
-        ("huge", "#!/bin/sh\nprintf '\\377\\377\\377\\377\\001'\nexec sleep 30\n"),
-        ("bad-kind", "#!/bin/sh\nprintf '\\000\\000\\000\\001\\143'\nexec sleep 30\n"),
+        (
+            "garbage",
+            "#!/bin/sh\nhead -c 100 /dev/urandom | od -An -tx1\nexec sleep 30\n",
+        ),
+        (
+            "huge",
+            "#!/bin/sh\nprintf '\\377\\377\\377\\377\\001'\nexec sleep 30\n",
+        ),
+        (
+            "bad-kind",
+            "#!/bin/sh\nprintf '\\000\\000\\000\\001\\143'\nexec sleep 30\n",
+        ),
     ] {
         let fake = script_fixture(script);
         let backend = ProcessBackend::new(ProcessConfig::detect(fake.dir.join("bootstrap")));
@@ -386,9 +500,18 @@ async fn a_peer_sending_garbage_or_huge_frames_is_killed() {
         let t0 = Instant::now();
         let err = ex.invoke("echo", "{}").await.unwrap_err();
         assert!(
-            matches!(&err, InvokeError::Sandbox { source: SandboxError::Protocol { .. }, .. }),
+            matches!(
+                &err,
+                InvokeError::Sandbox {
+                    source: SandboxError::Protocol { .. },
+                    ..
+                }
+            ),
             "{name}: {err}"
         );
-        assert!(t0.elapsed() < Duration::from_secs(5), "{name}: rejected promptly");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{name}: rejected promptly"
+        );
     }
 }

@@ -110,7 +110,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             body.extend_from_slice(&init_us.to_be_bytes());
             K_READY
         }
-        Message::Response { request_id, body: b } => {
+        Message::Response {
+            request_id,
+            body: b,
+        } => {
             put_bytes(&mut body, request_id.as_bytes());
             put_bytes(&mut body, b);
             K_RESPONSE
@@ -242,7 +245,10 @@ fn decode_frame(frame: &[u8]) -> Result<Message, DecodeError> {
         K_FATAL => "fatal",
         other => return Err(DecodeError::UnknownKind { kind: other }),
     };
-    let mut f = Fields { kind: name, buf: body };
+    let mut f = Fields {
+        kind: name,
+        buf: body,
+    };
     let msg = match kind {
         K_START => {
             let json = f.bytes("config")?;
@@ -547,7 +553,10 @@ mod tests {
     fn unknown_kind_and_trailing_bytes() {
         let mut dec = FrameDecoder::new(1024);
         dec.push(&[0, 0, 0, 1, 99]);
-        assert_eq!(dec.next_message(), Err(DecodeError::UnknownKind { kind: 99 }));
+        assert_eq!(
+            dec.next_message(),
+            Err(DecodeError::UnknownKind { kind: 99 })
+        );
 
         let mut frame = encode(&Message::Shutdown);
         frame[3] += 1;

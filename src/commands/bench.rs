@@ -30,7 +30,11 @@ fn line(name: &str, h: &Histogram<u64>) {
 
 /// One call of `bootstrap` started just for it, against an in-process
 /// Runtime API: spawn, init, invoke, response, kill.
-fn spawn_once(bootstrap: &Path, env: &[(String, String)], payload: &[u8]) -> Result<Duration, String> {
+fn spawn_once(
+    bootstrap: &Path,
+    env: &[(String, String)],
+    payload: &[u8],
+) -> Result<Duration, String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel();
@@ -38,7 +42,9 @@ fn spawn_once(bootstrap: &Path, env: &[(String, String)], payload: &[u8]) -> Res
     let t0 = Instant::now();
     let api = RuntimeApi::new(
         move |m: Message| {
-            let _ = tx.lock().map(|t| t.send(m));
+            if let Ok(t) = tx.lock() {
+                let _ = t.send(m);
+            }
         },
         t0,
     );
@@ -78,7 +84,12 @@ fn spawn_once(bootstrap: &Path, env: &[(String, String)], payload: &[u8]) -> Res
 }
 
 /// Run the benchmark and print the figures.
-pub async fn invoke(pipeline: &Path, function: &str, iterations: usize, spawn_iterations: usize) -> u8 {
+pub async fn invoke(
+    pipeline: &Path,
+    function: &str,
+    iterations: usize,
+    spawn_iterations: usize,
+) -> u8 {
     let p = match super::load_pipeline(pipeline) {
         Ok(p) => p,
         Err(code) => return code,
@@ -99,7 +110,11 @@ pub async fn invoke(pipeline: &Path, function: &str, iterations: usize, spawn_it
         }
     };
     let payload = br#"{"hello":"world","n":42}"#.to_vec();
-    println!("sluice bench invoke: function {function} ({}), payload {} bytes", f.path.display(), payload.len());
+    println!(
+        "sluice bench invoke: function {function} ({}), payload {} bytes",
+        f.path.display(),
+        payload.len()
+    );
 
     // Cold starts: a fresh sandbox each (new tenant each time).
     let mut cold = hist();
@@ -147,8 +162,14 @@ pub async fn invoke(pipeline: &Path, function: &str, iterations: usize, spawn_it
     let mut env: Vec<(String, String)> = vec![
         ("AWS_LAMBDA_FUNCTION_NAME".into(), function.into()),
         ("AWS_LAMBDA_FUNCTION_VERSION".into(), "$LATEST".into()),
-        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE".into(), f.memory_mb.to_string()),
-        ("AWS_LAMBDA_LOG_GROUP_NAME".into(), format!("/aws/lambda/{function}")),
+        (
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE".into(),
+            f.memory_mb.to_string(),
+        ),
+        (
+            "AWS_LAMBDA_LOG_GROUP_NAME".into(),
+            format!("/aws/lambda/{function}"),
+        ),
         ("AWS_LAMBDA_LOG_STREAM_NAME".into(), "bench".into()),
         ("LAMBDA_TASK_ROOT".into(), f.path.display().to_string()),
         ("_HANDLER".into(), f.handler.clone()),

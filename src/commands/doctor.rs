@@ -19,9 +19,16 @@ fn report(ok: bool, what: &str, detail: &str) {
 pub fn kvm_status() -> (bool, String) {
     let dev = std::path::Path::new("/dev/kvm");
     if !dev.exists() {
-        return (false, "no /dev/kvm: the microVM backend cannot run here".into());
+        return (
+            false,
+            "no /dev/kvm: the microVM backend cannot run here".into(),
+        );
     }
-    let openable = fs::OpenOptions::new().read(true).write(true).open(dev).is_ok();
+    let openable = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .is_ok();
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let hw = cpuinfo
         .lines()
@@ -59,11 +66,19 @@ pub async fn run(kafka: Option<&str>) -> u8 {
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    report(userns > 0, "user namespaces", &format!("max_user_namespaces = {userns}"));
+    report(
+        userns > 0,
+        "user namespaces",
+        &format!("max_user_namespaces = {userns}"),
+    );
 
     let cg = CgroupSupport::detect();
     let cg_detail = match &cg {
-        CgroupSupport::V1 { memory, pids } => format!("v1 memory ({}) and pids ({})", memory.display(), pids.display()),
+        CgroupSupport::V1 { memory, pids } => format!(
+            "v1 memory ({}) and pids ({})",
+            memory.display(),
+            pids.display()
+        ),
         CgroupSupport::V2 { base } => format!("v2 at {}", base.display()),
         CgroupSupport::None { reason } => format!("{reason}; falling back to rlimits (weaker)"),
     };
@@ -71,7 +86,15 @@ pub async fn run(kafka: Option<&str>) -> u8 {
 
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let seccomp = status.lines().any(|l| l.starts_with("Seccomp:"));
-    report(seccomp, "seccomp", if seccomp { "filters supported" } else { "not supported by this kernel" });
+    report(
+        seccomp,
+        "seccomp",
+        if seccomp {
+            "filters supported"
+        } else {
+            "not supported by this kernel"
+        },
+    );
 
     let lsm = fs::read_to_string("/sys/kernel/security/lsm").ok();
     let landlock_listed = lsm.as_deref().map(|l| l.contains("landlock"));
@@ -82,23 +105,44 @@ pub async fn run(kafka: Option<&str>) -> u8 {
         .iter()
         .find(|l| l.contains("landlock"))
         .cloned()
-        .or_else(|| landlock_listed.map(|b| if b { "listed in the kernel's LSMs".into() } else { "not enabled in this kernel".into() }))
+        .or_else(|| {
+            landlock_listed.map(|b| {
+                if b {
+                    "listed in the kernel's LSMs".into()
+                } else {
+                    "not enabled in this kernel".into()
+                }
+            })
+        })
         .unwrap_or_else(|| "unknown".into());
-    report(landlock_detail.contains("enforced") && !landlock_detail.contains("not"), "landlock", &landlock_detail);
+    report(
+        landlock_detail.contains("enforced") && !landlock_detail.contains("not"),
+        "landlock",
+        &landlock_detail,
+    );
     match &sandbox_ok {
-        Ok(()) => report(true, "process sandbox", "namespaces, private root, seccomp and limits set up; functions can run"),
+        Ok(()) => report(
+            true,
+            "process sandbox",
+            "namespaces, private root, seccomp and limits set up; functions can run",
+        ),
         Err(e) => report(false, "process sandbox", e),
     }
 
     let kernels = sluice_home().join("kernels");
-    let has_kernel = fs::read_dir(&kernels).map(|mut d| d.next().is_some()).unwrap_or(false);
+    let has_kernel = fs::read_dir(&kernels)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
     report(
         has_kernel,
         "guest kernel",
         &if has_kernel {
             format!("found in {}", kernels.display())
         } else {
-            format!("none in {} (the microVM backend and `sluice image build` are not built yet)", kernels.display())
+            format!(
+                "none in {} (the microVM backend and `sluice image build` are not built yet)",
+                kernels.display()
+            )
         },
     );
 
@@ -117,7 +161,11 @@ pub async fn run(kafka: Option<&str>) -> u8 {
             }
         }
     }
-    let backend = if kvm_ok { "microvm (once built), process" } else { "process" };
+    let backend = if kvm_ok {
+        "microvm (once built), process"
+    } else {
+        "process"
+    };
     println!("backend for `backend = \"auto\"`: {backend}");
     if sandbox_ok.is_ok() {
         exit::OK
@@ -151,7 +199,9 @@ async fn sandbox_smoke_test() -> (Result<(), String>, Vec<String>) {
     let out = lines.lock().map(|v| v.clone()).unwrap_or_default();
     match res {
         // The bootstrap exits 0 during init: the sandbox itself worked.
-        Err(InvokeError::InitFailed { error_type, .. }) if error_type == "Runtime.ExitError" => (Ok(()), out),
+        Err(InvokeError::InitFailed { error_type, .. }) if error_type == "Runtime.ExitError" => {
+            (Ok(()), out)
+        }
         Ok(_) => (Ok(()), out),
         Err(e) => (Err(e.to_string()), out),
     }

@@ -29,7 +29,9 @@ fn read_payload(arg: Option<&str>) -> Result<Vec<u8>, String> {
 /// agent's own lines go to the `sluice::agent` tracing target.
 fn print_log(line: LogLine) {
     match line.stream {
-        LogStream::Agent => tracing::debug!(target: "sluice::agent", function = %line.function, "{}", line.line),
+        LogStream::Agent => {
+            tracing::debug!(target: "sluice::agent", function = %line.function, "{}", line.line)
+        }
         _ => eprintln!("[{}] {}", line.function, line.line),
     }
 }

@@ -30,21 +30,22 @@ impl CgroupSupport {
     /// Probe the host, creating sluice's parent cgroups.
     pub fn detect() -> Self {
         let v2_root = Path::new("/sys/fs/cgroup");
-        if let Ok(ctrl) = fs::read_to_string(v2_root.join("cgroup.controllers")) {
-            if ctrl.contains("memory") && ctrl.contains("pids") {
-                let base = v2_root.join("sluice");
-                let res = (|| -> io::Result<()> {
-                    fs::create_dir_all(&base)?;
-                    enable_v2(v2_root)?;
-                    enable_v2(&base)
-                })();
-                return match res {
-                    Ok(()) => CgroupSupport::V2 { base },
-                    Err(e) => CgroupSupport::None {
-                        reason: format!("cgroup v2 at {} is not writable: {e}", base.display()),
-                    },
-                };
-            }
+        if let Ok(ctrl) = fs::read_to_string(v2_root.join("cgroup.controllers"))
+            && ctrl.contains("memory")
+            && ctrl.contains("pids")
+        {
+            let base = v2_root.join("sluice");
+            let res = (|| -> io::Result<()> {
+                fs::create_dir_all(&base)?;
+                enable_v2(v2_root)?;
+                enable_v2(&base)
+            })();
+            return match res {
+                Ok(()) => CgroupSupport::V2 { base },
+                Err(e) => CgroupSupport::None {
+                    reason: format!("cgroup v2 at {} is not writable: {e}", base.display()),
+                },
+            };
         }
         let memory = v2_root.join("memory");
         let pids = v2_root.join("pids");

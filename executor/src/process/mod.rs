@@ -50,7 +50,10 @@ impl ProcessConfig {
         Self {
             agent,
             run_dir,
-            runtime_layers: DEFAULT_RUNTIME_LAYERS.iter().map(|s| s.to_string()).collect(),
+            runtime_layers: DEFAULT_RUNTIME_LAYERS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             cgroups: CgroupSupport::detect(),
             log_lines_per_sec: 200,
         }
@@ -125,8 +128,9 @@ impl Backend for ProcessBackend {
         make_dir_0755(&root_dir)
             .map_err(|e| host_err(fname, format!("creating {}", root_dir.display()), e))?;
         let memory_bytes = u64::from(spec.memory_mb) * 1024 * 1024;
-        let cgroup = SandboxCgroup::create(&self.cfg.cgroups, &id, memory_bytes, spec.max_processes)
-            .map_err(|e| host_err(fname, format!("creating cgroups for sandbox {id}"), e))?;
+        let cgroup =
+            SandboxCgroup::create(&self.cfg.cgroups, &id, memory_bytes, spec.max_processes)
+                .map_err(|e| host_err(fname, format!("creating cgroups for sandbox {id}"), e))?;
         let host_root = geteuid().is_root();
         let cfg = StartConfig {
             function_name: spec.name.clone(),
@@ -140,7 +144,11 @@ impl Backend for ProcessBackend {
             root_dir: root_dir.to_string_lossy().into_owned(),
             runtime_layers: self.cfg.runtime_layers.clone(),
             tmp_mb: spec.tmp_mb,
-            rlimit_nproc: if cgroup.is_some() { 0 } else { spec.max_processes },
+            rlimit_nproc: if cgroup.is_some() {
+                0
+            } else {
+                spec.max_processes
+            },
             // Without a memory cgroup, an address-space limit is the only
             // (crude) bound; runtimes reserve far more than they touch.
             rlimit_as_bytes: if cgroup.is_some() {
@@ -178,7 +186,14 @@ impl Backend for ProcessBackend {
         let limiter = Arc::new(LogRateLimiter::new(self.cfg.log_lines_per_sec));
         let (tx, rx) = mpsc::channel(64);
         let meta = Arc::new((spec.name.clone(), tenant.to_owned()));
-        tokio::spawn(read_frames(stdout, tx, logs.clone(), limiter.clone(), meta.clone(), pid));
+        tokio::spawn(read_frames(
+            stdout,
+            tx,
+            logs.clone(),
+            limiter.clone(),
+            meta.clone(),
+            pid,
+        ));
         tokio::spawn(read_agent_stderr(stderr, logs, limiter, meta));
 
         let mut sb = ProcessSandbox {
@@ -235,7 +250,9 @@ fn sweep_stale(cfg: &ProcessConfig) {
         CgroupSupport::None { .. } => {}
     }
     for dir in dirs {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in rd.filter_map(Result::ok) {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
@@ -416,10 +433,10 @@ impl ProcessSandbox {
     }
 
     async fn exit_detail(&mut self) -> String {
-        if let Some(c) = self.child.as_mut() {
-            if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), c.wait()).await {
-                return format!("agent {status}");
-            }
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), c.wait()).await
+        {
+            return format!("agent {status}");
         }
         "agent did not exit".into()
     }
@@ -480,7 +497,9 @@ impl ProcessSandbox {
                     }
                 }
             }
-            Some(Ok(Message::Fatal { message })) => sandbox_err(&function, SandboxError::Setup { message }),
+            Some(Ok(Message::Fatal { message })) => {
+                sandbox_err(&function, SandboxError::Setup { message })
+            }
             Some(Ok(other)) => sandbox_err(
                 &function,
                 SandboxError::Protocol {
@@ -612,13 +631,15 @@ impl Sandbox for ProcessSandbox {
             let _ = self.stdin.write_all(&encode(&Message::Shutdown)).await;
             let _ = self.stdin.flush().await;
         }
-        if let Some(mut c) = self.child.take() {
-            if tokio::time::timeout(Duration::from_millis(500), c.wait()).await.is_err() {
-                self.child = Some(c);
-                self.kill();
-                if let Some(mut c) = self.child.take() {
-                    let _ = c.wait().await;
-                }
+        if let Some(mut c) = self.child.take()
+            && tokio::time::timeout(Duration::from_millis(500), c.wait())
+                .await
+                .is_err()
+        {
+            self.child = Some(c);
+            self.kill();
+            if let Some(mut c) = self.child.take() {
+                let _ = c.wait().await;
             }
         }
         self.dead = true;
