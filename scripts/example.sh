@@ -33,4 +33,7 @@ set +e
 $SLUICE invoke --pipeline examples/pipeline.toml fail --payload '{"order": 42}'
 echo "exit code: $?"
 set -e
+echo; echo "== sluice run examples/kafka/pipeline.toml (Kafka-triggered, embedded broker)"
+$SLUICE run examples/kafka/pipeline.toml \
+  --produce orders=examples/kafka/orders.jsonl --key-field customer --stop-when-idle 2s
 echo; echo "Done. Try: $SLUICE bench invoke"

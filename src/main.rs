@@ -66,6 +66,28 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Run the pipeline's Kafka triggers until SIGINT/SIGTERM.
+    Run {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Load records before starting: TOPIC=FILE.jsonl (one record value
+        /// per line). Repeatable.
+        #[arg(long, value_name = "TOPIC=FILE")]
+        produce: Vec<String>,
+        /// With --produce: use this JSON field of each line as the key.
+        #[arg(long)]
+        key_field: Option<String>,
+        /// Serve Prometheus metrics at this address (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics_addr: Option<String>,
+        /// Stop (drain, commit, exit 0) once nothing arrived or finished for
+        /// this long, e.g. `2s`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        stop_when_idle: Option<std::time::Duration>,
+        /// Do not print the functions' log lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// What this machine can run: KVM, namespaces, cgroups, seccomp,
     /// landlock, guest kernel, Kafka.
     Doctor {
@@ -101,10 +123,11 @@ enum BenchCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sluice_ingest=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -127,6 +150,24 @@ fn main() -> ExitCode {
                 quiet,
             } => {
                 commands::invoke::run(&pipeline, &function, payload.as_deref(), tenant, quiet).await
+            }
+            Command::Run {
+                pipeline,
+                produce,
+                key_field,
+                metrics_addr,
+                stop_when_idle,
+                quiet,
+            } => {
+                commands::run::run(commands::run::RunArgs {
+                    pipeline,
+                    produce,
+                    key_field,
+                    metrics_addr,
+                    stop_when_idle,
+                    quiet,
+                })
+                .await
             }
             Command::Doctor { kafka } => commands::doctor::run(kafka.as_deref()).await,
             Command::Bench(BenchCommand::Invoke {

@@ -101,11 +101,15 @@ pub enum PipelineError {
     },
 
     /// A required field is absent.
-    #[error("{at}: `[{table}]` is missing the required field `{field}` ({hint})")]
+    #[error(
+        "{at}: `{}` is missing the required field `{field}` ({hint})",
+        table_header(table)
+    )]
     MissingField {
         /// Position of the table's header.
         at: Location,
-        /// Dotted path of the table.
+        /// Dotted path of the table, e.g. `functions.echo` or
+        /// `trigger.kafka[0]`.
         table: String,
         /// The missing key.
         field: &'static str,
@@ -249,6 +253,193 @@ pub enum PipelineError {
         problem: PathProblem,
     },
 
+    /// An integer `max_retry_attempts` that is neither -1 nor in range.
+    #[error(
+        "{at}: `{field}` = {value} is out of range: expected -1 (retry until the record \
+         expires) or {min}..={max}"
+    )]
+    RetryAttemptsOutOfRange {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The value as written.
+        value: i64,
+        /// Smallest finite value.
+        min: u32,
+        /// Largest finite value.
+        max: u32,
+    },
+
+    /// A trigger names a function the file does not declare.
+    #[error(
+        "{at}: `{field}` = {name:?} is not a declared function; declared functions: {}",
+        declared.join(", ")
+    )]
+    UndeclaredFunction {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The name as written.
+        name: String,
+        /// The names the file declares, sorted.
+        declared: Vec<String>,
+    },
+
+    /// A string that is not a valid Kafka topic name.
+    #[error(
+        "{at}: `{field}` = {value:?} is not a valid Kafka topic name ({reason}); topic \
+         names are 1 to 249 characters from A-Z, a-z, 0-9, `.`, `_` and `-`, and not \
+         \".\" or \"..\""
+    )]
+    BadTopic {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field, e.g. `trigger.kafka[0].topics[1]`.
+        field: String,
+        /// The name as written.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// An empty `topics` list.
+    #[error(
+        "{at}: `{field}` is empty; list at least one topic to consume, e.g. topics = [\"orders\"]"
+    )]
+    NoTopics {
+        /// Position of the list.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+    },
+
+    /// A topic listed twice in `topics`.
+    #[error("{at}: `{field}` lists {topic:?} twice")]
+    DuplicateTopic {
+        /// Position of the second occurrence.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The repeated topic.
+        topic: String,
+    },
+
+    /// Two triggers with the same name.
+    #[error(
+        "{at}: trigger name {name:?}{} is already used by `{other}`; trigger names must be unique",
+        if *defaulted { " (the default name of this trigger)" } else { "" }
+    )]
+    DuplicateTriggerName {
+        /// Position of the name, or of the trigger's header if the name is
+        /// the default.
+        at: Location,
+        /// The name.
+        name: String,
+        /// Whether the name is this trigger's default name.
+        defaulted: bool,
+        /// Dotted path of the trigger that has the name first, e.g.
+        /// `trigger.kafka[0]`.
+        other: String,
+    },
+
+    /// `on_failure` or `output_topic` is also a topic the trigger consumes.
+    #[error(
+        "{at}: `{field}` = {topic:?} is also one of the trigger's `topics`; records \
+         produced there would be consumed again by this trigger, so choose another topic"
+    )]
+    SourceTopicReused {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The topic.
+        topic: String,
+    },
+
+    /// A setting that only works together with another one.
+    #[error("{at}: `{field}` = {value} requires `{required}`: {reason}")]
+    Requires {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The value as written in TOML, e.g. `3` or `"1h"`.
+        value: String,
+        /// What must also be set, e.g. `trigger.kafka[0].on_failure`.
+        required: String,
+        /// Why.
+        reason: &'static str,
+    },
+
+    /// `retry_backoff_max` shorter than `retry_backoff`.
+    #[error(
+        "{at}: `{max_field}` ({}{}) is shorter than `{initial_field}` ({}); retries back off \
+         from retry_backoff up to retry_backoff_max, so retry_backoff_max must be at least \
+         retry_backoff",
+        humantime::format_duration(*max),
+        if *max_is_default { ", the default" } else { "" },
+        humantime::format_duration(*initial)
+    )]
+    BackoffOrder {
+        /// Position of `retry_backoff_max`, or of `retry_backoff` when the
+        /// maximum is the default.
+        at: Location,
+        /// Dotted path of `retry_backoff`.
+        initial_field: String,
+        /// The initial backoff.
+        initial: Duration,
+        /// Dotted path of `retry_backoff_max`.
+        max_field: String,
+        /// The maximum backoff.
+        max: Duration,
+        /// Whether the maximum is the default (not written in the file).
+        max_is_default: bool,
+    },
+
+    /// A librdkafka property that sluice sets itself.
+    #[error("{at}: `{field}` sets {key:?}, which sluice manages; {advice}")]
+    ManagedProperty {
+        /// Position of the key.
+        at: Location,
+        /// Dotted path of the `properties` table.
+        field: String,
+        /// The property.
+        key: String,
+        /// What to do instead.
+        advice: &'static str,
+    },
+
+    /// A `bootstrap_servers` value that is not a server list.
+    #[error(
+        "{at}: `{field}` = {value:?} is invalid ({reason}); expected \"embedded\" or a \
+         comma-separated list of host:port, e.g. \"kafka-1:9092,kafka-2:9092\""
+    )]
+    BadBootstrapServers {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The value as written.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A `filter` that is not a valid pattern.
+    #[error("{at}: `{field}` is not a valid filter pattern: {source}")]
+    BadFilter {
+        /// Position of the filter table.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// What is wrong, and where in the pattern (boxed to keep the error
+        /// small).
+        #[source]
+        source: Box<crate::filter::FilterError>,
+    },
+
     /// Any other error reported by the TOML deserializer.
     #[error("{at}: `{field}`: {message}")]
     Invalid {
@@ -303,9 +494,31 @@ impl PipelineError {
             | Self::ReservedEnvKey { at, .. }
             | Self::BackendUnavailable { at, .. }
             | Self::BadFunctionPath { at, .. }
+            | Self::RetryAttemptsOutOfRange { at, .. }
+            | Self::UndeclaredFunction { at, .. }
+            | Self::BadTopic { at, .. }
+            | Self::NoTopics { at, .. }
+            | Self::DuplicateTopic { at, .. }
+            | Self::DuplicateTriggerName { at, .. }
+            | Self::SourceTopicReused { at, .. }
+            | Self::Requires { at, .. }
+            | Self::BackoffOrder { at, .. }
+            | Self::ManagedProperty { at, .. }
+            | Self::BadBootstrapServers { at, .. }
+            | Self::BadFilter { at, .. }
             | Self::Invalid { at, .. } => Some(at),
             Self::Read { .. } | Self::NoFunctions { .. } | Self::UnknownFunction { .. } => None,
         }
+    }
+}
+
+/// A table as the reader wrote it: `[functions.echo]`, or the path of an
+/// element of an array of tables such as `trigger.kafka[0]`.
+fn table_header(table: &str) -> String {
+    if table.ends_with(']') {
+        table.to_owned()
+    } else {
+        format!("[{table}]")
     }
 }
 

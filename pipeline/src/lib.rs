@@ -1,7 +1,8 @@
 //! Pipeline files: parsing and validating `pipeline.toml`.
 //!
-//! A pipeline file declares the functions sluice can run. Each function is a
-//! folder holding an executable `bootstrap` (a Lambda custom runtime) plus the
+//! A pipeline file declares the functions sluice can run and the triggers
+//! that invoke them (see [Kafka triggers](#kafka-triggers-triggerkafka)).
+//! Each function is a folder holding an executable `bootstrap` (a Lambda custom runtime) plus the
 //! limits and environment of the sandbox it runs in:
 //!
 //! ```toml
@@ -33,8 +34,50 @@
 //! Durations use [`humantime`] syntax: `"500ms"`, `"3s"`, `"15m"`, `"1h 30m"`.
 //! Function names follow Lambda's rule, `[A-Za-z0-9_-]{1,64}`.
 //!
-//! Any other key or section, at any level, is an error; `[[trigger.*]]` and
-//! `[job.*]` sections are not part of the format yet.
+//! # Kafka triggers: `[[trigger.kafka]]`
+//!
+//! A Kafka trigger is Lambda's Kafka event source mapping, as configuration:
+//! a consumer group reads the `topics`, gathers records into batches and
+//! invokes `function` with each batch.
+//!
+//! ```toml
+//! [[trigger.kafka]]
+//! function = "echo"          # required: a declared function
+//! topics = ["orders"]        # required: one or more topics
+//! batch_size = 500           # everything else is optional
+//! filter = { value = { type = ["order"] } }
+//! on_failure = "orders-dlq"
+//! max_retry_attempts = 3
+//! ```
+//!
+//! | field | default | allowed |
+//! |---|---|---|
+//! | `name` | `"FUNCTION-N"` (N: the trigger's position among Kafka triggers, from 1) | `[A-Za-z0-9_-]{1,64}`, unique |
+//! | `function` | required | a declared function |
+//! | `topics` | required | non-empty, unique topic names `[A-Za-z0-9._-]{1,249}`, not `.` or `..` |
+//! | `bootstrap_servers` | `"embedded"` (an in-process broker) | `"embedded"` or `"host:port[,host:port...]"` |
+//! | `group_id` | `"sluice-FUNCTION"` | 1 to 255 characters, no control characters |
+//! | `starting_position` | `"latest"` | `"earliest"`, `"latest"` or a UTC RFC 3339 timestamp |
+//! | `batch_size` | [`DEFAULT_BATCH_SIZE`] | [`BATCH_SIZE_RANGE`] |
+//! | `batch_window` | [`DEFAULT_BATCH_WINDOW`] | [`BATCH_WINDOW_RANGE`] |
+//! | `max_batch_bytes` | [`DEFAULT_MAX_BATCH_BYTES`] | [`MAX_BATCH_BYTES_RANGE`] |
+//! | `filter` | none | a [`filter::Pattern`], written as a table |
+//! | `max_retry_attempts` | `-1` (retry until the record expires) | `-1` or [`MAX_RETRY_ATTEMPTS_RANGE`]; finite needs `on_failure` |
+//! | `max_record_age` | none (no limit) | [`MAX_RECORD_AGE_RANGE`]; needs `on_failure` |
+//! | `bisect_batch_on_error` | `false` | boolean |
+//! | `report_batch_item_failures` | `false` | boolean |
+//! | `on_failure` | none | a topic, not one of `topics` |
+//! | `output_topic` | none | a topic, not one of `topics` |
+//! | `parallelization_factor` | [`DEFAULT_PARALLELIZATION_FACTOR`] | [`PARALLELIZATION_FACTOR_RANGE`] |
+//! | `exactly_once` | `false` | boolean; `true` needs `output_topic` |
+//! | `retry_backoff` | [`DEFAULT_RETRY_BACKOFF`] | [`RETRY_BACKOFF_RANGE`] |
+//! | `retry_backoff_max` | [`DEFAULT_RETRY_BACKOFF_MAX`] | `retry_backoff` to [`RETRY_BACKOFF_MAX_LIMIT`] |
+//! | `partitions` | [`DEFAULT_PARTITIONS`] | [`PARTITIONS_RANGE`]; only with `"embedded"` |
+//! | `properties` | empty | librdkafka properties (strings, integers or booleans), not [`MANAGED_KAFKA_PROPERTIES`] |
+//!
+//! Any other key or section, at any level, is an error; `[job.*]` sections
+//! are not part of the format yet. Fields inside a `[[trigger.kafka]]` table
+//! are named `trigger.kafka[I].FIELD` in messages, with `I` counting from 0.
 //!
 //! # Errors
 //!
@@ -47,6 +90,7 @@
 //! `functions.echo.memory_mb`, the offending value, and what was expected.
 
 mod error;
+pub mod filter;
 mod raw;
 mod span;
 
@@ -119,6 +163,79 @@ pub const RESERVED_ENV_KEYS: &[&str] = &[
     "TZ",
 ];
 
+/// `bootstrap_servers` value selecting the in-process broker (the default).
+pub const EMBEDDED_BOOTSTRAP_SERVERS: &str = "embedded";
+/// Prefix of the default `group_id`, which is `sluice-FUNCTION`.
+pub const DEFAULT_GROUP_ID_PREFIX: &str = "sluice-";
+/// Default `batch_size`: records per invocation, as in Lambda.
+pub const DEFAULT_BATCH_SIZE: u32 = 100;
+/// Allowed `batch_size` (Lambda's limit for Kafka).
+pub const BATCH_SIZE_RANGE: RangeInclusive<u32> = 1..=10_000;
+/// Default `batch_window`: how long to gather records before invoking.
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(500);
+/// Allowed `batch_window`: 0 (invoke as soon as records arrive) to 300 seconds.
+pub const BATCH_WINDOW_RANGE: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(300);
+/// Default `max_batch_bytes`: Lambda's 6 MB invocation payload limit.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 6_291_456;
+/// Allowed `max_batch_bytes`.
+pub const MAX_BATCH_BYTES_RANGE: RangeInclusive<usize> = 1..=6_291_456;
+/// Allowed finite `max_retry_attempts`; `-1` (the default) means no limit.
+pub const MAX_RETRY_ATTEMPTS_RANGE: RangeInclusive<u32> = 0..=10_000;
+/// Allowed `max_record_age`: 1 second to 7 days. Absent means no limit.
+pub const MAX_RECORD_AGE_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600);
+/// Default `parallelization_factor`: one concurrent batch per partition.
+pub const DEFAULT_PARALLELIZATION_FACTOR: u32 = 1;
+/// Allowed `parallelization_factor` (Lambda's limit).
+pub const PARALLELIZATION_FACTOR_RANGE: RangeInclusive<u32> = 1..=10;
+/// Default `retry_backoff`: the delay before the first retry of a batch.
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// Allowed `retry_backoff`.
+pub const RETRY_BACKOFF_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(300);
+/// Default `retry_backoff_max`: the longest delay between retries.
+pub const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Largest allowed `retry_backoff_max`; the smallest is `retry_backoff`.
+pub const RETRY_BACKOFF_MAX_LIMIT: Duration = Duration::from_secs(900);
+/// Default `partitions` of the topics the embedded broker creates.
+pub const DEFAULT_PARTITIONS: i32 = 3;
+/// Allowed `partitions`.
+pub const PARTITIONS_RANGE: RangeInclusive<i32> = 1..=1000;
+
+/// librdkafka properties a trigger's `properties` may not set, because
+/// sluice sets them itself, with what to do instead.
+pub const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    (
+        "bootstrap.servers",
+        "use the trigger's `bootstrap_servers` instead",
+    ),
+    (
+        "metadata.broker.list",
+        "use the trigger's `bootstrap_servers` instead",
+    ),
+    ("group.id", "use the trigger's `group_id` instead"),
+    (
+        "enable.auto.commit",
+        "sluice commits offsets itself once a batch is processed",
+    ),
+    (
+        "enable.auto.offset.store",
+        "sluice stores offsets itself once a batch is processed",
+    ),
+    (
+        "auto.offset.reset",
+        "use the trigger's `starting_position` instead",
+    ),
+    (
+        "isolation.level",
+        "sluice reads only committed records (read_committed)",
+    ),
+    (
+        "transactional.id",
+        "set the trigger's `exactly_once = true` (with an `output_topic`) instead",
+    ),
+];
+
 /// A validated pipeline file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pipeline {
@@ -126,6 +243,103 @@ pub struct Pipeline {
     pub file: PathBuf,
     /// The declared functions, by name.
     pub functions: BTreeMap<String, FunctionConfig>,
+    /// The `[[trigger.kafka]]` tables, in file order.
+    pub kafka_triggers: Vec<KafkaTrigger>,
+}
+
+/// One validated `[[trigger.kafka]]` table, with defaults applied: Lambda's
+/// Kafka event source mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaTrigger {
+    /// Unique name. Default `FUNCTION-N`, N being the trigger's position among
+    /// the Kafka triggers, from 1.
+    pub name: String,
+    /// The function invoked with each batch; a declared function.
+    pub function: String,
+    /// Topics consumed; non-empty, no duplicates.
+    pub topics: Vec<String>,
+    /// The Kafka cluster. Default [`BootstrapServers::Embedded`].
+    pub bootstrap_servers: BootstrapServers,
+    /// Consumer group. Default `sluice-FUNCTION` (see [`DEFAULT_GROUP_ID_PREFIX`]).
+    pub group_id: String,
+    /// Where a new consumer group starts reading. Default
+    /// [`StartingPosition::Latest`].
+    pub starting_position: StartingPosition,
+    /// Most records per invocation. Default [`DEFAULT_BATCH_SIZE`].
+    pub batch_size: u32,
+    /// Longest time to gather records before invoking. Default
+    /// [`DEFAULT_BATCH_WINDOW`].
+    pub batch_window: Duration,
+    /// Largest batch payload, in bytes. Default [`DEFAULT_MAX_BATCH_BYTES`].
+    pub max_batch_bytes: usize,
+    /// Records that do not match are skipped (and committed). Default none:
+    /// every record is delivered.
+    pub filter: Option<filter::Pattern>,
+    /// Retries of a failed batch; `None` (the default, `-1` in the file)
+    /// retries until the record expires (`max_record_age`) or forever.
+    pub max_retry_attempts: Option<u32>,
+    /// Records older than this are not retried. Default `None`: no limit.
+    pub max_record_age: Option<Duration>,
+    /// Split a failed batch in two and retry the halves. Default `false`.
+    pub bisect_batch_on_error: bool,
+    /// The function may report the records that failed
+    /// (`batchItemFailures`). Default `false`.
+    pub report_batch_item_failures: bool,
+    /// Topic receiving records that exhaust their retries. Default none.
+    pub on_failure: Option<String>,
+    /// Topic receiving the function's responses. Default none.
+    pub output_topic: Option<String>,
+    /// Concurrent batches per partition. Default
+    /// [`DEFAULT_PARALLELIZATION_FACTOR`].
+    pub parallelization_factor: u32,
+    /// Produce to `output_topic` and commit offsets in one Kafka transaction.
+    /// Default `false`; `true` implies `output_topic` is set.
+    pub exactly_once: bool,
+    /// Delay before the first retry. Default [`DEFAULT_RETRY_BACKOFF`].
+    pub retry_backoff: Duration,
+    /// Longest delay between retries; at least `retry_backoff`. Default
+    /// [`DEFAULT_RETRY_BACKOFF_MAX`].
+    pub retry_backoff_max: Duration,
+    /// Partitions of the topics the embedded broker creates. Default
+    /// [`DEFAULT_PARTITIONS`]; only set explicitly with
+    /// [`BootstrapServers::Embedded`].
+    pub partitions: i32,
+    /// Extra librdkafka properties, passed through verbatim; none of
+    /// [`MANAGED_KAFKA_PROPERTIES`]. Default empty.
+    pub properties: BTreeMap<String, String>,
+}
+
+/// The Kafka cluster a trigger reads from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum BootstrapServers {
+    /// The in-process broker (`"embedded"`). The default.
+    #[default]
+    Embedded,
+    /// An external cluster: `host:port[,host:port...]`, as librdkafka's
+    /// `bootstrap.servers` (whitespace around commas removed).
+    Servers(String),
+}
+
+impl fmt::Display for BootstrapServers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Embedded => f.write_str(EMBEDDED_BOOTSTRAP_SERVERS),
+            Self::Servers(servers) => f.write_str(servers),
+        }
+    }
+}
+
+/// Where a new consumer group starts reading a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StartingPosition {
+    /// The oldest record still in the partition (`"earliest"`).
+    Earliest,
+    /// Only records produced from now on (`"latest"`). The default.
+    #[default]
+    Latest,
+    /// The first record at or after this time, in milliseconds since the
+    /// Unix epoch (an RFC 3339 timestamp in the file).
+    Timestamp(i64),
 }
 
 /// One validated `[functions.NAME]` table, with defaults applied.
@@ -210,10 +424,11 @@ impl Pipeline {
     /// function paths are resolved against its parent folder (the current
     /// folder if it has none). The function folders must exist.
     pub fn parse(text: &str, file: &Path) -> Result<Pipeline, PipelineError> {
-        let functions = raw::parse(text, file)?;
+        let (functions, kafka_triggers) = raw::parse(text, file)?;
         Ok(Pipeline {
             file: file.to_path_buf(),
             functions,
+            kafka_triggers,
         })
     }
 

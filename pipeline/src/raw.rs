@@ -1,5 +1,8 @@
 //! The file as serde sees it, and the validation that turns it into a
-//! [`FunctionConfig`] per function.
+//! [`FunctionConfig`] per function and a [`crate::KafkaTrigger`] per
+//! `[[trigger.kafka]]` table.
+
+mod kafka;
 
 use std::collections::BTreeMap;
 use std::ops::{Range, RangeInclusive};
@@ -16,8 +19,8 @@ use crate::{
     Backend, CONCURRENCY_RANGE, DEFAULT_CONCURRENCY, DEFAULT_HANDLER, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_INIT_TIMEOUT, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_QUEUE, DEFAULT_MEMORY_MB,
     DEFAULT_TENANT, DEFAULT_TIMEOUT, DEFAULT_TMP_MB, FunctionConfig, IDLE_TIMEOUT_RANGE,
-    MAX_PROCESSES_RANGE, MAX_QUEUE_RANGE, MEMORY_MB_RANGE, RESERVED_ENV_KEYS, TIMEOUT_RANGE,
-    TMP_MB_RANGE,
+    KafkaTrigger, MAX_PROCESSES_RANGE, MAX_QUEUE_RANGE, MEMORY_MB_RANGE, RESERVED_ENV_KEYS,
+    TIMEOUT_RANGE, TMP_MB_RANGE,
 };
 
 /// The whole file.
@@ -27,10 +30,13 @@ struct RawPipeline {
     /// `[functions.NAME]` tables. Default: none, which validation rejects.
     #[serde(default)]
     functions: BTreeMap<Spanned<String>, Spanned<RawFunction>>,
+    /// `[[trigger.KIND]]` tables. Default: none.
+    #[serde(default)]
+    trigger: kafka::RawTriggers,
 }
 
 /// Keys allowed at the top level, for unknown-field messages.
-const TOP_LEVEL_FIELDS: &[&str] = &["functions"];
+const TOP_LEVEL_FIELDS: &[&str] = &["functions", "trigger"];
 
 /// One `[functions.NAME]` table. Every field is optional here so that
 /// validation can point at the right place; `None` means "use the default"
@@ -87,11 +93,12 @@ const FUNCTION_FIELDS: &[(&str, &str)] = &[
     ("tmp_mb", INTEGER),
 ];
 
-/// Parses and validates `text`, returning the functions by name.
-pub(crate) fn parse(
-    text: &str,
-    file: &Path,
-) -> Result<BTreeMap<String, FunctionConfig>, PipelineError> {
+/// What a valid file declares: the functions by name, and the Kafka triggers
+/// in file order.
+pub(crate) type Declared = (BTreeMap<String, FunctionConfig>, Vec<KafkaTrigger>);
+
+/// Parses and validates `text`.
+pub(crate) fn parse(text: &str, file: &Path) -> Result<Declared, PipelineError> {
     let loc = Locator { text, file };
     let doc = DeTable::parse(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
@@ -127,6 +134,10 @@ fn serde_error(loc: &Locator<'_>, doc: &DeTable<'_>, err: &toml::de::Error) -> P
             [] => Some(TOP_LEVEL_FIELDS.to_vec()),
             [functions, _] if functions == "functions" => {
                 Some(FUNCTION_FIELDS.iter().map(|(name, _)| *name).collect())
+            }
+            [trigger] if trigger == "trigger" => Some(kafka::TRIGGER_KINDS.to_vec()),
+            [trigger, kind, _] if trigger == "trigger" && kind == "kafka" => {
+                Some(kafka::KAFKA_FIELDS.iter().map(|(name, _)| *name).collect())
             }
             _ => None,
         };
@@ -183,6 +194,17 @@ fn expected_type(path: &[String]) -> Option<&'static str> {
             .iter()
             .find(|(name, _)| name == field)
             .map(|(_, ty)| *ty),
+        ["trigger"] => Some("a table of triggers, e.g. [[trigger.kafka]]"),
+        ["trigger", "kafka"] => {
+            Some("an array of tables, written [[trigger.kafka]] (with double brackets)")
+        }
+        ["trigger", "kafka", _] => Some("a table of Kafka trigger settings"),
+        ["trigger", "kafka", _, "topics", _] => Some(STRING),
+        ["trigger", "kafka", _, "properties", _] => Some(kafka::PROPERTY_VALUE),
+        ["trigger", "kafka", _, field] => kafka::KAFKA_FIELDS
+            .iter()
+            .find(|(name, _)| name == field)
+            .map(|(_, ty)| *ty),
         _ => None,
     }
 }
@@ -213,34 +235,78 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// A table to validate: a function or a trigger.
+/// (Boxed: the raw tables are large.)
+enum Item {
+    Function(Spanned<String>, Box<RawFunction>),
+    /// A `[[trigger.kafka]]` table and its position in the array.
+    Kafka(usize, Box<Spanned<kafka::RawKafka>>),
+}
+
 impl RawPipeline {
-    fn validate(
-        self,
-        loc: &Locator<'_>,
-    ) -> Result<BTreeMap<String, FunctionConfig>, PipelineError> {
+    fn validate(self, loc: &Locator<'_>) -> Result<Declared, PipelineError> {
         if self.functions.is_empty() {
             return Err(PipelineError::NoFunctions {
                 file: loc.file.to_path_buf(),
             });
         }
+        let declared: Vec<String> = self
+            .functions
+            .keys()
+            .map(|name| name.get_ref().clone())
+            .collect();
         // Validate in file order so the first error reported is the first one
         // in the file.
-        let mut functions: Vec<_> = self.functions.into_iter().collect();
-        functions.sort_by_key(|(name, _)| name.span().start);
+        let mut items: Vec<(usize, Item)> = self
+            .functions
+            .into_iter()
+            .map(|(name, function)| {
+                (
+                    name.span().start,
+                    Item::Function(name, Box::new(function.into_inner())),
+                )
+            })
+            .chain(
+                self.trigger
+                    .kafka
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, trigger)| (trigger.span().start, Item::Kafka(i, Box::new(trigger)))),
+            )
+            .collect();
+        items.sort_by_key(|(start, _)| *start);
         let base = loc.file.parent().unwrap_or(Path::new(""));
-        let mut out = BTreeMap::new();
-        for (name, function) in functions {
-            let config = function.into_inner().validate(loc, name, base)?;
-            out.insert(config.name.clone(), config);
+        let mut functions = BTreeMap::new();
+        let mut triggers = Vec::new();
+        let mut trigger_names = BTreeMap::new();
+        for (_, item) in items {
+            match item {
+                Item::Function(name, function) => {
+                    let config = function.validate(loc, name, base)?;
+                    functions.insert(config.name.clone(), config);
+                }
+                Item::Kafka(index, trigger) => {
+                    let header = trigger.span();
+                    let trigger = trigger.into_inner().validate(
+                        loc,
+                        index,
+                        header,
+                        &declared,
+                        &mut trigger_names,
+                    )?;
+                    triggers.push((index, trigger));
+                }
+            }
         }
-        Ok(out)
+        triggers.sort_by_key(|(index, _)| *index);
+        Ok((functions, triggers.into_iter().map(|(_, t)| t).collect()))
     }
 }
 
-/// Validation helpers for the fields of one function.
+/// Validation helpers for the fields of one table.
 struct Fields<'a> {
     loc: &'a Locator<'a>,
-    /// Dotted path of the function's table, e.g. `functions.echo`.
+    /// Dotted path of the table, e.g. `functions.echo` or `trigger.kafka[0]`.
     table: String,
 }
 
@@ -257,18 +323,33 @@ impl Fields<'_> {
         range: RangeInclusive<u32>,
         unit: &'static str,
     ) -> Result<u32, PipelineError> {
+        self.ranged(key, value, default, range, unit)
+    }
+
+    /// An integer of any type, in a range whose bounds fit in `u32`.
+    fn ranged<T>(
+        &self,
+        key: &str,
+        value: Option<Spanned<i64>>,
+        default: T,
+        range: RangeInclusive<T>,
+        unit: &'static str,
+    ) -> Result<T, PipelineError>
+    where
+        T: Copy + PartialOrd + TryFrom<i64> + TryInto<u32>,
+    {
         let Some(value) = value else {
             return Ok(default);
         };
         let n = *value.get_ref();
-        match u32::try_from(n) {
+        match T::try_from(n) {
             Ok(n) if range.contains(&n) => Ok(n),
             _ => Err(PipelineError::OutOfRange {
                 at: self.loc.at(value.span()),
                 field: self.field(key),
                 value: n,
-                min: *range.start(),
-                max: *range.end(),
+                min: (*range.start()).try_into().unwrap_or(0),
+                max: (*range.end()).try_into().unwrap_or(u32::MAX),
                 unit,
             }),
         }
@@ -281,8 +362,20 @@ impl Fields<'_> {
         default: Duration,
         range: RangeInclusive<Duration>,
     ) -> Result<Duration, PipelineError> {
+        Ok(self
+            .optional_duration(key, value, range)?
+            .unwrap_or(default))
+    }
+
+    /// A duration that has no default: `None` when absent.
+    fn optional_duration(
+        &self,
+        key: &str,
+        value: Option<Spanned<String>>,
+        range: RangeInclusive<Duration>,
+    ) -> Result<Option<Duration>, PipelineError> {
         let Some(value) = value else {
-            return Ok(default);
+            return Ok(None);
         };
         let span = value.span();
         let written = value.into_inner();
@@ -294,7 +387,7 @@ impl Fields<'_> {
                 reason: duration_reason(&written, &e),
             })?;
         if range.contains(&parsed) {
-            Ok(parsed)
+            Ok(Some(parsed))
         } else {
             Err(PipelineError::DurationOutOfRange {
                 at: self.loc.at(span),
@@ -648,7 +741,8 @@ mod tests {
         assert_eq!(closest("memry_mb", &fields), Some("memory_mb"));
         assert_eq!(closest("timout", &fields), Some("timeout"));
         assert_eq!(closest("function", TOP_LEVEL_FIELDS), Some("functions"));
-        assert_eq!(closest("trigger", TOP_LEVEL_FIELDS), None);
+        assert_eq!(closest("triggers", TOP_LEVEL_FIELDS), Some("trigger"));
+        assert_eq!(closest("job", TOP_LEVEL_FIELDS), None);
         assert_eq!(closest("x", &fields), None);
     }
 

@@ -41,15 +41,37 @@ impl Locator<'_> {
 }
 
 /// Writes keys as a dotted TOML path, quoting keys that are not bare.
+/// Array positions (see [`index`]) are written as `[I]` after their array:
+/// `trigger.kafka[0].topics`.
 pub(crate) fn dotted<S: AsRef<str>>(keys: &[S]) -> String {
     let mut out = String::new();
     for (i, key) in keys.iter().enumerate() {
+        let key = key.as_ref();
+        if is_index(key) {
+            out.push_str(key);
+            continue;
+        }
         if i > 0 {
             out.push('.');
         }
-        out.push_str(&toml_key(key.as_ref()));
+        out.push_str(&toml_key(key));
     }
     out
+}
+
+/// The path segment for position `i` of an array: `[I]`.
+pub(crate) fn index(i: usize) -> String {
+    format!("[{i}]")
+}
+
+/// Whether a path segment is an array position made by [`index`]. (A key
+/// written `"[0]"` would be shown as a position too; such keys only appear
+/// in messages about tables with free-form keys.)
+fn is_index(segment: &str) -> bool {
+    segment
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// A key as it can be written in TOML: bare if possible, else quoted.
@@ -67,7 +89,8 @@ pub(crate) fn toml_key(key: &str) -> String {
 
 /// What sits at an error's span in the document.
 pub(crate) struct Found<'d, 'i> {
-    /// Keys from the top level down to the key or value at the span.
+    /// Keys from the top level down to the key or value at the span; array
+    /// positions are written as [`index`] makes them.
     pub path: Vec<String>,
     /// The value, when the span is a value's (not a key's).
     pub value: Option<&'d Spanned<DeValue<'i>>>,
@@ -110,7 +133,7 @@ fn walk_value<'d, 'i>(
         DeValue::Table(table) => walk_table(table, span, path, best),
         DeValue::Array(array) => {
             for (i, item) in array.iter().enumerate() {
-                path.push(i.to_string());
+                path.push(index(i));
                 walk_value(item, span, path, best);
                 path.pop();
             }
@@ -173,5 +196,16 @@ mod tests {
     fn dotted_quotes_only_non_bare_keys() {
         assert_eq!(dotted(&["functions", "echo"]), "functions.echo");
         assert_eq!(dotted(&["functions", "a b"]), "functions.\"a b\"");
+        assert_eq!(
+            dotted(&[
+                "trigger",
+                "kafka",
+                index(0).as_str(),
+                "topics",
+                index(12).as_str()
+            ]),
+            "trigger.kafka[0].topics[12]"
+        );
+        assert_eq!(dotted(&["[x]", "[]"]), "\"[x]\".\"[]\"");
     }
 }

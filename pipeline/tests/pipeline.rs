@@ -4,7 +4,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sluice_pipeline::{Backend, Pipeline, PipelineError};
+use sluice_pipeline::{
+    Backend, BootstrapServers, KafkaTrigger, Pipeline, PipelineError, StartingPosition,
+};
 
 /// Makes `dir/rel` a function folder with an executable `bootstrap`.
 fn make_function(dir: &Path, rel: &str) -> PathBuf {
@@ -247,4 +249,261 @@ fn columns_count_characters() {
         "p.toml:3:18: `functions.echo.env` key \"b c\" is not a valid variable name: \
          expected letters, digits and `_`, not starting with a digit"
     );
+}
+
+/// The text of a pipeline declaring the golden fixtures' `echo` function,
+/// followed by `text`.
+fn with_echo(text: &str) -> String {
+    format!("[functions.echo]\npath = \"fixtures/echo\"\n\n{text}")
+}
+
+const INLINE: &str = "tests/golden/inline.toml";
+
+/// Parses [`with_echo`]`(text)`, which must be valid.
+fn parse_with_echo(text: &str) -> Pipeline {
+    Pipeline::parse(&with_echo(text), Path::new(INLINE)).unwrap_or_else(|e| panic!("{text}: {e}"))
+}
+
+/// Parses [`with_echo`]`(text)`, which must be invalid.
+fn error_with_echo(text: &str) -> PipelineError {
+    match Pipeline::parse(&with_echo(text), Path::new(INLINE)) {
+        Ok(pipeline) => panic!("{text}: parsed: {pipeline:?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn a_pipeline_without_triggers_has_none() {
+    let pipeline = parse_with_echo("");
+    assert!(pipeline.kafka_triggers.is_empty());
+}
+
+#[test]
+fn kafka_trigger_defaults() {
+    let pipeline = parse_with_echo(
+        r#"
+[[trigger.kafka]]
+function = "echo"
+topics = ["orders"]
+
+[[trigger.kafka]]
+function = "echo"
+topics = ["refunds", "returns"]
+"#,
+    );
+    let expected = KafkaTrigger {
+        name: "echo-1".to_owned(),
+        function: "echo".to_owned(),
+        topics: vec!["orders".to_owned()],
+        bootstrap_servers: BootstrapServers::Embedded,
+        group_id: "sluice-echo".to_owned(),
+        starting_position: StartingPosition::Latest,
+        batch_size: 100,
+        batch_window: Duration::from_millis(500),
+        max_batch_bytes: 6_291_456,
+        filter: None,
+        max_retry_attempts: None,
+        max_record_age: None,
+        bisect_batch_on_error: false,
+        report_batch_item_failures: false,
+        on_failure: None,
+        output_topic: None,
+        parallelization_factor: 1,
+        exactly_once: false,
+        retry_backoff: Duration::from_millis(100),
+        retry_backoff_max: Duration::from_secs(30),
+        partitions: 3,
+        properties: Default::default(),
+    };
+    assert_eq!(pipeline.kafka_triggers.len(), 2);
+    assert_eq!(pipeline.kafka_triggers[0], expected);
+    // The default name counts Kafka triggers from 1.
+    assert_eq!(pipeline.kafka_triggers[1].name, "echo-2");
+    assert_eq!(pipeline.kafka_triggers[1].topics, ["refunds", "returns"]);
+    assert_eq!(pipeline.kafka_triggers[1].group_id, "sluice-echo");
+}
+
+#[test]
+fn every_kafka_trigger_field_is_parsed() {
+    let pipeline = parse_with_echo(
+        r#"
+[functions.audit]
+path = "fixtures/echo"
+
+[[trigger.kafka]]
+name = "orders"
+function = "audit"
+topics = ["orders", "orders.v2", "Orders_EU-1"]
+bootstrap_servers = " kafka-1:9092, SSL://kafka-2:9093 ,[::1]:9094"
+group_id = "audit group"
+starting_position = "2024-05-01T00:00:00.250Z"
+batch_size = 10000
+batch_window = "0s"
+max_batch_bytes = 1
+filter = { value = { type = ["order"], amount = [{ numeric = [">", 0, "<=", 100] }] }, key = [{ prefix = "eu-" }] }
+max_retry_attempts = 0
+max_record_age = "7d"
+bisect_batch_on_error = true
+report_batch_item_failures = true
+on_failure = "orders-dlq"
+output_topic = "results"
+parallelization_factor = 10
+exactly_once = true
+retry_backoff = "300s"
+retry_backoff_max = "15m"
+
+[trigger.kafka.properties]
+"security.protocol" = "SASL_SSL"
+"fetch.max.bytes" = 1048576
+"enable.partition.eof" = false
+
+[[trigger.kafka]]
+function = "echo"
+topics = ["orders"]
+starting_position = "earliest"
+partitions = 1000
+max_retry_attempts = -1
+retry_backoff = "1ms"
+retry_backoff_max = "1ms"
+"#,
+    );
+    let [orders, echo] = pipeline.kafka_triggers.as_slice() else {
+        panic!("two triggers: {:?}", pipeline.kafka_triggers);
+    };
+    assert_eq!(orders.name, "orders");
+    assert_eq!(orders.function, "audit");
+    assert_eq!(orders.topics, ["orders", "orders.v2", "Orders_EU-1"]);
+    assert_eq!(
+        orders.bootstrap_servers,
+        BootstrapServers::Servers("kafka-1:9092,SSL://kafka-2:9093,[::1]:9094".to_owned())
+    );
+    assert_eq!(orders.group_id, "audit group");
+    assert_eq!(
+        orders.starting_position,
+        StartingPosition::Timestamp(1_714_521_600_250)
+    );
+    assert_eq!(orders.batch_size, 10000);
+    assert_eq!(orders.batch_window, Duration::ZERO);
+    assert_eq!(orders.max_batch_bytes, 1);
+    assert_eq!(orders.max_retry_attempts, Some(0));
+    assert_eq!(
+        orders.max_record_age,
+        Some(Duration::from_secs(7 * 24 * 3600))
+    );
+    assert!(orders.bisect_batch_on_error);
+    assert!(orders.report_batch_item_failures);
+    assert_eq!(orders.on_failure.as_deref(), Some("orders-dlq"));
+    assert_eq!(orders.output_topic.as_deref(), Some("results"));
+    assert_eq!(orders.parallelization_factor, 10);
+    assert!(orders.exactly_once);
+    assert_eq!(orders.retry_backoff, Duration::from_secs(300));
+    assert_eq!(orders.retry_backoff_max, Duration::from_secs(900));
+    assert_eq!(orders.partitions, 3);
+    let properties: Vec<(&str, &str)> = orders
+        .properties
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        properties,
+        [
+            ("enable.partition.eof", "false"),
+            ("fetch.max.bytes", "1048576"),
+            ("security.protocol", "SASL_SSL"),
+        ]
+    );
+
+    let filter = orders.filter.as_ref().expect("filter");
+    assert!(filter.needs_json_value());
+    let record = |key: &str, value: serde_json::Value| {
+        serde_json::json!({
+            "topic": "orders", "partition": 0, "offset": 7, "timestamp": 0,
+            "key": key, "value": value,
+        })
+    };
+    let order = serde_json::json!({ "type": "order", "amount": 100 });
+    assert!(filter.matches(&record("eu-1", order.clone())));
+    assert!(!filter.matches(&record("us-1", order)));
+    assert!(!filter.matches(&record(
+        "eu-1",
+        serde_json::json!({ "type": "order", "amount": 101 })
+    )));
+
+    assert_eq!(echo.name, "echo-2");
+    assert_eq!(echo.starting_position, StartingPosition::Earliest);
+    assert_eq!(echo.partitions, 1000);
+    assert_eq!(echo.max_retry_attempts, None);
+    assert_eq!(echo.retry_backoff, Duration::from_millis(1));
+    assert_eq!(echo.retry_backoff_max, Duration::from_millis(1));
+}
+
+#[test]
+fn inline_and_header_trigger_forms_are_equivalent() {
+    let header = parse_with_echo(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"a\"]\n\
+         [trigger.kafka.filter.value]\nx = [1]\n",
+    );
+    // Top-level keys must come before the first table header.
+    let inline = Pipeline::parse(
+        "trigger = { kafka = [{ function = \"echo\", topics = [\"a\"], \
+         filter = { value = { x = [1] } } }] }\n\
+         functions = { echo = { path = \"fixtures/echo\" } }\n",
+        Path::new(INLINE),
+    )
+    .expect("inline form");
+    assert_eq!(header, inline);
+    assert!(header.kafka_triggers[0].filter.is_some());
+}
+
+#[test]
+fn trigger_errors_are_typed_and_located() {
+    let err = error_with_echo(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"t\"]\nfilter = { value = { a = 1 } }\n",
+    );
+    let at = err.location().expect("located");
+    assert_eq!((at.line, at.column), (7, 10));
+    match err {
+        PipelineError::BadFilter { field, source, .. } => {
+            assert_eq!(field, "trigger.kafka[0].filter");
+            assert_eq!(source.path, "value.a");
+        }
+        other => panic!("unexpected error: {other}"),
+    }
+
+    let err = error_with_echo(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"t\"]\n\
+         properties = { \"auto.offset.reset\" = \"earliest\" }\n",
+    );
+    assert_eq!(
+        err.to_string(),
+        "tests/golden/inline.toml:7:16: `trigger.kafka[0].properties` sets \"auto.offset.reset\", \
+         which sluice manages; use the trigger's `starting_position` instead"
+    );
+
+    let err = error_with_echo(
+        "[[trigger.kafka]]\nname = \"a.b\"\nfunction = \"echo\"\ntopics = [\"t\"]\n",
+    );
+    assert_eq!(
+        err.to_string(),
+        "tests/golden/inline.toml:5:8: `trigger.kafka[0].name` = \"a.b\" is invalid: expected \
+         1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`"
+    );
+
+    let err = error_with_echo(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"t\"]\noutput_topic = \"t\"\n",
+    );
+    assert!(
+        matches!(err, PipelineError::SourceTopicReused { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn triggers_still_need_a_function() {
+    let err = Pipeline::parse(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"t\"]\n",
+        Path::new("p.toml"),
+    )
+    .expect_err("no functions");
+    assert!(matches!(err, PipelineError::NoFunctions { .. }), "{err}");
 }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod doctor;
 pub mod invoke;
+pub mod run;
 pub mod validate;
 
 use std::path::Path;

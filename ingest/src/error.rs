@@ -1,0 +1,54 @@
+//! Errors of the pollers.
+
+use thiserror::Error;
+
+/// Why a trigger could not run.
+#[derive(Debug, Error)]
+pub enum IngestError {
+    /// The Kafka client refused a setting or an operation (external: the
+    /// cluster or the client library).
+    #[error("trigger {trigger}: {what}: {source}")]
+    Kafka {
+        /// Trigger name.
+        trigger: String,
+        /// What was being done.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The embedded broker could not be started or configured.
+    #[error("embedded Kafka broker: {what}: {source}")]
+    Embedded {
+        /// What was being done.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// A `--produce` file could not be loaded.
+    #[error("{file}:{line}: {message}")]
+    Load {
+        /// The file.
+        file: String,
+        /// 1-based line (0: the whole file).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A pipeline-level problem found at run time (user error).
+    #[error("trigger {trigger}: {message}")]
+    Config {
+        /// Trigger name.
+        trigger: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl IngestError {
+    /// Whether retrying (e.g. after the cluster comes back) can help.
+    pub fn retryable(&self) -> bool {
+        matches!(self, IngestError::Kafka { .. })
+    }
+}

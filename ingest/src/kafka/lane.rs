@@ -1,0 +1,593 @@
+//! One partition's work: a dispatcher that hashes records by key onto
+//! `parallelization_factor` sub-lanes, and sub-lanes that batch, invoke,
+//! retry, bisect and dead-letter, one batch at a time, in offset order.
+
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sluice_executor::InvokeError;
+use sluice_protocol::MAX_PAYLOAD;
+use tokio::sync::{mpsc, watch};
+
+use super::offsets::OffsetTracker;
+use super::sink::OutRecord;
+use super::{Control, TriggerShared};
+use crate::event::{self, EventSource, FailureInfo};
+use crate::metrics::BatchOutcome;
+use crate::record::Record;
+
+/// What the poll thread keeps per partition.
+pub(super) struct LaneHandle {
+    pub tx: mpsc::UnboundedSender<Record>,
+    pub stop: watch::Sender<bool>,
+    pub done: std::sync::mpsc::Receiver<()>,
+    pub backlog: Arc<AtomicUsize>,
+    pub paused: Arc<AtomicBool>,
+}
+
+/// Start the tasks of one partition.
+pub(super) fn spawn(shared: Arc<TriggerShared>, topic: String, partition: i32) -> LaneHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (stop, stop_rx) = watch::channel(false);
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let backlog = Arc::new(AtomicUsize::new(0));
+    let paused = Arc::new(AtomicBool::new(false));
+    let lane = Partition {
+        shared: shared.clone(),
+        topic,
+        partition,
+        tracker: Arc::new(Mutex::new(OffsetTracker::default())),
+        backlog: backlog.clone(),
+        paused: paused.clone(),
+        stop: stop_rx,
+    };
+    shared.runtime.spawn(async move {
+        lane.dispatch(rx).await;
+        let _ = done_tx.send(());
+    });
+    LaneHandle {
+        tx,
+        stop,
+        done,
+        backlog,
+        paused,
+    }
+}
+
+#[derive(Clone)]
+struct Partition {
+    shared: Arc<TriggerShared>,
+    topic: String,
+    partition: i32,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    backlog: Arc<AtomicUsize>,
+    paused: Arc<AtomicBool>,
+    stop: watch::Receiver<bool>,
+}
+
+/// How one attempt of a batch failed.
+#[derive(Debug, Clone)]
+struct Failure {
+    error_type: String,
+    message: String,
+    retryable: bool,
+}
+
+impl From<&InvokeError> for Failure {
+    fn from(e: &InvokeError) -> Self {
+        let (error_type, message) = match e {
+            InvokeError::Function {
+                error_type,
+                error_message,
+                ..
+            } => (error_type.clone(), error_message.clone()),
+            other => (other.error_type().to_owned(), other.to_string()),
+        };
+        Failure {
+            error_type,
+            message,
+            retryable: e.retryable() || matches!(e, InvokeError::InitFailed { .. }),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Partition {
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    async fn dispatch(self, mut rx: mpsc::UnboundedReceiver<Record>) {
+        let n = self.shared.trigger.parallelization_factor.max(1) as usize;
+        let mut subs = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, sub_rx) = mpsc::unbounded_channel();
+            let lane = self.clone();
+            handles.push(tokio::spawn(async move { lane.sub_lane(sub_rx).await }));
+            subs.push(tx);
+        }
+        let mut stop = self.stop.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                r = rx.recv() => match r {
+                    Some(rec) => {
+                        self.tracker.lock().unwrap_or_else(|p| p.into_inner()).dispatched(rec.offset);
+                        let i = if n == 1 { 0 } else { key_slot(rec.key.as_deref(), n) };
+                        let _ = subs[i].send(rec);
+                    }
+                    None => break,
+                },
+            }
+        }
+        drop(subs);
+        for h in handles {
+            let _ = h.await;
+        }
+        self.commit();
+    }
+
+    fn commit(&self) {
+        let next = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_committable();
+        if let Some(offset) = next {
+            let _ = self.shared.control.send(Control::Commit {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                offset,
+            });
+        }
+    }
+
+    fn finish(&self, records: &[Record]) {
+        {
+            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            for r in records {
+                t.finished(r.offset);
+            }
+        }
+        let left = self.backlog.fetch_sub(records.len(), Ordering::SeqCst) - records.len();
+        self.shared.activity.touch();
+        self.shared
+            .activity
+            .backlog
+            .fetch_sub(records.len() as i64, Ordering::SeqCst);
+        if left <= self.shared.low_water && self.paused.swap(false, Ordering::SeqCst) {
+            let _ = self.shared.control.send(Control::Resume {
+                topic: self.topic.clone(),
+                partition: self.partition,
+            });
+        }
+    }
+
+    async fn sub_lane(self, mut rx: mpsc::UnboundedReceiver<Record>) {
+        let t = &self.shared.trigger;
+        let mut carry: Option<Record> = None;
+        let mut stop = self.stop.clone();
+        loop {
+            if self.stopped() {
+                return;
+            }
+            let first = match carry.take() {
+                Some(r) => r,
+                None => tokio::select! {
+                    biased;
+                    _ = stop.changed() => return,
+                    r = rx.recv() => match r { Some(r) => r, None => return },
+                },
+            };
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            let deadline = Instant::now() + t.batch_window;
+            let mut next = Some(first);
+            loop {
+                if let Some(rec) = next.take() {
+                    match self.admit(rec).await {
+                        Admit::Keep(rec) => {
+                            if !batch.is_empty() && bytes + rec.size() > t.max_batch_bytes {
+                                carry = Some(rec);
+                                break;
+                            }
+                            bytes += rec.size();
+                            batch.push(rec);
+                        }
+                        Admit::Done => {}
+                    }
+                }
+                if batch.len() >= t.batch_size as usize || self.stopped() {
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() && !batch.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    _ = stop.changed() => break,
+                    r = tokio::time::timeout(left.max(Duration::from_millis(if batch.is_empty() { 3_600_000 } else { 0 })), rx.recv()) => match r {
+                        Ok(Some(r)) => next = Some(r),
+                        Ok(None) => break,
+                        Err(_) => if !batch.is_empty() { break },
+                    },
+                }
+            }
+            if !batch.is_empty() {
+                self.process(batch).await;
+                self.commit();
+            }
+        }
+    }
+
+    /// Filter and size checks before a record joins a batch.
+    async fn admit(&self, rec: Record) -> Admit {
+        let t = &self.shared.trigger;
+        if rec.size() > t.max_batch_bytes.min(MAX_PAYLOAD) {
+            let f = Failure {
+                error_type: "Sluice.RecordTooLarge".into(),
+                message: format!(
+                    "record of {} bytes exceeds max_batch_bytes ({})",
+                    rec.size(),
+                    t.max_batch_bytes
+                ),
+                retryable: false,
+            };
+            self.dead_letter_or_drop(vec![rec], &f, 0).await;
+            return Admit::Done;
+        }
+        if let Some(pattern) = &t.filter {
+            match event::filter_view(&rec) {
+                Ok(view) => {
+                    if !pattern.matches(&view) {
+                        self.shared.metrics.records_filtered(&t.name, 1);
+                        self.finish(std::slice::from_ref(&rec));
+                        return Admit::Done;
+                    }
+                }
+                Err(e) if pattern.needs_json_value() => {
+                    let f = Failure {
+                        error_type: "Sluice.MalformedRecord".into(),
+                        message: format!("the filter needs a JSON value: {e}"),
+                        retryable: false,
+                    };
+                    self.dead_letter_or_drop(vec![rec], &f, 0).await;
+                    return Admit::Done;
+                }
+                Err(_) => {
+                    // The pattern only looks at metadata; match on that.
+                    let key = rec
+                        .key
+                        .as_deref()
+                        .and_then(|k| std::str::from_utf8(k).ok());
+                    let view = serde_json::json!({
+                        "topic": rec.topic, "partition": rec.partition,
+                        "offset": rec.offset, "timestamp": rec.timestamp_ms,
+                        "key": key,
+                    });
+                    if !pattern.matches(&view) {
+                        self.shared.metrics.records_filtered(&t.name, 1);
+                        self.finish(std::slice::from_ref(&rec));
+                        return Admit::Done;
+                    }
+                }
+            }
+        }
+        Admit::Keep(rec)
+    }
+
+    /// Run one batch to completion: success, or retries, bisection and the
+    /// on-failure topic. Records left unfinished (the lane was stopped) are
+    /// not committed and will be redelivered.
+    async fn process(&self, batch: Vec<Record>) {
+        let source = EventSource {
+            event_source: "SelfManagedKafka",
+            event_source_arn: None,
+            bootstrap_servers: &self.shared.servers,
+        };
+        let mut work: VecDeque<(Vec<Record>, u32)> = VecDeque::from([(batch, 0)]);
+        while let Some((recs, attempts)) = work.pop_front() {
+            if attempts > 0 && self.stopped() {
+                return;
+            }
+            let recs = match self.expire(recs, attempts).await {
+                Some(fresh) if fresh.is_empty() => continue,
+                Some(fresh) => fresh,
+                None => return,
+            };
+            if !self.attempt(&source, recs, attempts, &mut work).await {
+                return;
+            }
+        }
+    }
+
+    /// Send records older than `max_record_age` to the on-failure topic;
+    /// `None` if the lane was stopped meanwhile.
+    async fn expire(&self, recs: Vec<Record>, attempts: u32) -> Option<Vec<Record>> {
+        let Some(age) = self.shared.trigger.max_record_age else {
+            return Some(recs);
+        };
+        let cutoff = now_ms() - age.as_millis() as i64;
+        let (expired, fresh): (Vec<_>, Vec<_>) = recs
+            .into_iter()
+            .partition(|r| r.timestamp_ms > 0 && r.timestamp_ms < cutoff);
+        if !expired.is_empty() {
+            let f = Failure {
+                error_type: "Sluice.RecordExpired".into(),
+                message: format!("record older than max_record_age ({age:?})"),
+                retryable: false,
+            };
+            if !self.dead_letter_or_drop(expired, &f, attempts).await {
+                return None;
+            }
+        }
+        Some(fresh)
+    }
+
+    /// One invocation of `recs`. Returns false when the lane must stop.
+    async fn attempt(
+        &self,
+        source: &EventSource<'_>,
+        recs: Vec<Record>,
+        attempts: u32,
+        work: &mut VecDeque<(Vec<Record>, u32)>,
+    ) -> bool {
+        let t = &self.shared.trigger;
+        let payload = event::kafka_event(source, &recs);
+        if payload.len() > MAX_PAYLOAD && recs.len() > 1 {
+            // The event would exceed the invoke payload limit: split it.
+            let mut a = recs;
+            let b = a.split_off(a.len() / 2);
+            work.push_front((b, attempts));
+            work.push_front((a, attempts));
+            return true;
+        }
+        let started = Instant::now();
+        let result = self.shared.executor.invoke(&t.function, payload).await;
+        self.shared
+            .metrics
+            .observe_invoke(&t.name, started.elapsed().as_secs_f64());
+        let failure = match result {
+            Ok(resp) => {
+                let failed = if t.report_batch_item_failures {
+                    event::parse_batch_item_failures(&resp.payload, &recs)
+                } else {
+                    Ok(None)
+                };
+                match failed {
+                    Ok(None) => {
+                        return self.succeeded(&recs, &resp.payload, started).await;
+                    }
+                    Ok(Some(ids)) if ids.is_empty() => {
+                        return self.succeeded(&recs, &resp.payload, started).await;
+                    }
+                    Ok(Some(ids)) => {
+                        let (bad, good): (Vec<_>, Vec<_>) = recs.into_iter().partition(|r| {
+                            ids.iter()
+                                .any(|(tp, p, o)| *tp == r.topic && *p == r.partition && *o == r.offset)
+                        });
+                        if !self.output(&resp.payload).await {
+                            return false;
+                        }
+                        self.shared
+                            .metrics
+                            .batch(&t.name, BatchOutcome::PartialFailure);
+                        self.finish(&good);
+                        let f = Failure {
+                            error_type: "Sluice.BatchItemFailure".into(),
+                            message: format!("the function reported {} failed item(s)", bad.len()),
+                            retryable: true,
+                        };
+                        return self.failed(bad, attempts, f, work).await;
+                    }
+                    Err(e) => Failure {
+                        error_type: "Sluice.InvalidBatchResponse".into(),
+                        message: e.to_string(),
+                        retryable: true,
+                    },
+                }
+            }
+            Err(e) => Failure::from(&e),
+        };
+        self.shared.metrics.batch(&t.name, BatchOutcome::Failed);
+        self.shared
+            .metrics
+            .function_error(&t.name, &failure.error_type);
+        self.failed(recs, attempts, failure, work).await
+    }
+
+    async fn succeeded(&self, recs: &[Record], response: &[u8], started: Instant) -> bool {
+        let t = &self.shared.trigger;
+        if !self.output(response).await {
+            return false;
+        }
+        self.shared.metrics.batch(&t.name, BatchOutcome::Success);
+        tracing::info!(
+            trigger = %t.name, topic = %self.topic, partition = self.partition,
+            offsets = %format!("{}..={}", recs.first().map_or(0, |r| r.offset), recs.last().map_or(0, |r| r.offset)),
+            records = recs.len(), ms = started.elapsed().as_millis() as u64, "batch succeeded"
+        );
+        self.finish(recs);
+        true
+    }
+
+    async fn failed(
+        &self,
+        recs: Vec<Record>,
+        attempts: u32,
+        f: Failure,
+        work: &mut VecDeque<(Vec<Record>, u32)>,
+    ) -> bool {
+        let t = &self.shared.trigger;
+        tracing::warn!(
+            trigger = %t.name, topic = %self.topic, partition = self.partition,
+            first_offset = recs.first().map(|r| r.offset), records = recs.len(),
+            attempts = attempts + 1, error_type = %f.error_type, "batch failed: {}", f.message
+        );
+        if t.bisect_batch_on_error && recs.len() > 1 {
+            // Bisecting does not count as a retry (as in Lambda).
+            let mut a = recs;
+            let b = a.split_off(a.len() / 2);
+            work.push_front((b, attempts));
+            work.push_front((a, attempts));
+            return true;
+        }
+        let attempts = attempts + 1;
+        let may_retry = f.retryable && t.max_retry_attempts.is_none_or(|max| attempts <= max);
+        if may_retry {
+            self.shared.metrics.retry(&t.name);
+            let exp = attempts.saturating_sub(1).min(20);
+            let delay = t
+                .retry_backoff
+                .saturating_mul(1u32 << exp)
+                .min(t.retry_backoff_max);
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => return false,
+            }
+            work.push_front((recs, attempts));
+            return true;
+        }
+        self.dead_letter_or_drop(recs, &f, attempts).await
+    }
+
+    /// Write failed records to the on-failure topic (waiting for the
+    /// broker's acknowledgement, retrying until it comes) and mark them
+    /// finished. Without an on-failure topic (only possible for records the
+    /// function never saw: malformed or too large), they are logged and
+    /// skipped. Returns false when the lane was stopped first.
+    async fn dead_letter_or_drop(&self, recs: Vec<Record>, f: &Failure, attempts: u32) -> bool {
+        let t = &self.shared.trigger;
+        let (Some(topic), Some(sink)) = (&t.on_failure, &self.shared.sink) else {
+            for r in &recs {
+                tracing::error!(
+                    trigger = %t.name, topic = %r.topic, partition = r.partition, offset = r.offset,
+                    error_type = %f.error_type,
+                    "record skipped (no on_failure topic configured): {}", f.message
+                );
+            }
+            self.finish(&recs);
+            return true;
+        };
+        let info = FailureInfo {
+            function: &t.function,
+            error_type: &f.error_type,
+            error_message: &f.message,
+            attempts,
+        };
+        let out: Vec<OutRecord> = recs
+            .iter()
+            .map(|r| OutRecord {
+                key: r.key.clone(),
+                value: r.value.clone(),
+                headers: event::failure_headers(r, &info),
+            })
+            .collect();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match sink.send_all(topic, &out).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(trigger = %t.name, on_failure = %topic, "writing to the on-failure topic failed, retrying: {e}");
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => return false,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        self.shared.metrics.dlq_write(&t.name, recs.len() as u64);
+        tracing::info!(
+            trigger = %t.name, on_failure = %topic, records = recs.len(),
+            offsets = ?recs.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            error_type = %f.error_type, attempts, "records written to the on-failure topic"
+        );
+        self.finish(&recs);
+        true
+    }
+
+    /// Produce the function's response to the output topic, if any.
+    async fn output(&self, response: &[u8]) -> bool {
+        let t = &self.shared.trigger;
+        let (Some(topic), Some(sink)) = (&t.output_topic, &self.shared.sink) else {
+            return true;
+        };
+        let out = output_records(response);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match sink.send_all(topic, &out).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::error!(trigger = %t.name, output_topic = %topic, "producing the response failed, retrying: {e}");
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => return false,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
+
+enum Admit {
+    Keep(Record),
+    Done,
+}
+
+fn key_slot(key: Option<&[u8]>, n: usize) -> usize {
+    let Some(k) = key else { return 0 };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    k.hash(&mut h);
+    (h.finish() % n as u64) as usize
+}
+
+/// A response `{"records": [{"key", "value", "headers"}]}` becomes those
+/// records (string values as-is, others as JSON text); any other response is
+/// one record holding it.
+pub(crate) fn output_records(response: &[u8]) -> Vec<OutRecord> {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(response).ok();
+    if let Some(list) = parsed
+        .as_ref()
+        .and_then(|v| v.get("records"))
+        .and_then(|r| r.as_array())
+    {
+        let text = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone().into_bytes(),
+            other => other.to_string().into_bytes(),
+        };
+        return list
+            .iter()
+            .map(|r| OutRecord {
+                key: r.get("key").filter(|k| !k.is_null()).map(text),
+                value: r.get("value").filter(|k| !k.is_null()).map(text),
+                headers: r
+                    .get("headers")
+                    .and_then(|h| h.as_object())
+                    .map(|h| h.iter().map(|(k, v)| (k.clone(), text(v))).collect())
+                    .unwrap_or_default(),
+            })
+            .collect();
+    }
+    vec![OutRecord {
+        key: None,
+        value: Some(response.to_vec()),
+        headers: vec![],
+    }]
+}

@@ -1,0 +1,488 @@
+//! Kafka triggers: consumer groups feeding functions with Lambda's Kafka
+//! event-source-mapping semantics.
+//!
+//! ## Threads and ownership
+//! * One **poll thread** per trigger (a named `std::thread`) owns the
+//!   `BaseConsumer`: it polls, detaches every message into an owned
+//!   [`Record`] at once (no borrowed message outlives a poll, so dropping the
+//!   consumer cannot hang on held messages), routes records to their
+//!   partition's lane, and is the only place that commits, pauses and
+//!   resumes. Lanes talk to it through a [`Control`] channel.
+//! * One **lane** per assigned partition (tokio tasks): a dispatcher hashes
+//!   records by key onto `parallelization_factor` sub-lanes; each sub-lane
+//!   runs one batch at a time, in offset order (see `lane.rs`).
+//! * Offsets are committed only up to the lowest record not yet finished
+//!   (succeeded, filtered out, or durably written to the on-failure topic).
+//!
+//! ## Rebalances and shutdown
+//! On revocation the poll thread (inside librdkafka's rebalance callback)
+//! stops the revoked lanes: in-flight invocations finish, nothing new starts,
+//! no further retries; then it commits what finished, synchronously, before
+//! the partitions move. Newly assigned partitions start at their committed
+//! offsets. Shutdown does the same for every lane, then closes the consumer.
+
+mod embedded;
+mod lane;
+mod offsets;
+mod sink;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Timestamp};
+use sluice_executor::Executor;
+use sluice_pipeline::{KafkaTrigger, StartingPosition};
+use tokio::sync::watch;
+
+pub use embedded::EmbeddedBroker;
+pub use sink::{OutRecord, Sink, produce_file};
+
+use crate::IngestError;
+use crate::metrics::Metrics;
+use crate::record::{Record, TimestampType};
+
+/// Requests from lanes to the poll thread.
+#[derive(Debug)]
+enum Control {
+    Commit {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
+    Resume {
+        topic: String,
+        partition: i32,
+    },
+}
+
+/// Activity counters shared by every trigger of a `sluice run`, used to
+/// decide when a run is idle.
+#[derive(Debug)]
+pub struct Activity {
+    started: Instant,
+    last_ms: AtomicU64,
+    /// Records received and not yet finished.
+    pub backlog: AtomicI64,
+    /// Records received.
+    pub records: AtomicU64,
+    /// Triggers that received their first partition assignment.
+    pub triggers_assigned: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            backlog: AtomicI64::new(0),
+            records: AtomicU64::new(0),
+            triggers_assigned: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Time since a record last arrived or finished.
+    pub fn idle_for(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::SeqCst)))
+    }
+}
+
+/// What lanes of one trigger share.
+struct TriggerShared {
+    trigger: KafkaTrigger,
+    executor: Executor,
+    metrics: Arc<Metrics>,
+    sink: Option<Sink>,
+    servers: String,
+    control: mpsc::Sender<Control>,
+    activity: Arc<Activity>,
+    runtime: tokio::runtime::Handle,
+    high_water: usize,
+    low_water: usize,
+}
+
+/// The consumer's context: owns the lanes, runs the rebalance protocol.
+struct Ctx {
+    shared: Arc<TriggerShared>,
+    lanes: Mutex<HashMap<(String, i32), lane::LaneHandle>>,
+    control_rx: Mutex<mpsc::Receiver<Control>>,
+    committed: Mutex<HashMap<(String, i32), i64>>,
+    revoke_timeout: Duration,
+    first_assignment: AtomicBool,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts: Vec<(String, i32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            tracing::info!(trigger = %self.shared.trigger.name, partitions = ?parts, "partitions revoked: finishing in-flight batches");
+            self.stop_lanes(Some(&parts));
+            self.apply_control(consumer, CommitMode::Sync);
+            for (t, p) in &parts {
+                self.shared.metrics.remove_partition(&self.shared.trigger.name, t, *p);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts: Vec<(String, i32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            tracing::info!(trigger = %self.shared.trigger.name, partitions = ?parts, "partitions assigned");
+            {
+                let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+                for (t, p) in &parts {
+                    lanes
+                        .entry((t.clone(), *p))
+                        .or_insert_with(|| lane::spawn(self.shared.clone(), t.clone(), *p));
+                }
+            }
+            if let StartingPosition::Timestamp(ms) = self.shared.trigger.starting_position {
+                self.seek_to_timestamp(consumer, tpl, ms);
+            }
+            self.shared.activity.touch();
+            if !self.first_assignment.swap(true, Ordering::SeqCst) {
+                self.shared
+                    .activity
+                    .triggers_assigned
+                    .fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl Ctx {
+    /// Stop lanes (all, or those listed) and wait for them to finish their
+    /// in-flight batch.
+    fn stop_lanes(&self, only: Option<&[(String, i32)]>) {
+        let stopped: Vec<lane::LaneHandle> = {
+            let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<_> = match only {
+                Some(list) => list.to_vec(),
+                None => lanes.keys().cloned().collect(),
+            };
+            keys.iter().filter_map(|k| lanes.remove(k)).collect()
+        };
+        for l in &stopped {
+            let _ = l.stop.send(true);
+        }
+        let deadline = Instant::now() + self.revoke_timeout;
+        for l in stopped {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if l.done.recv_timeout(left).is_err() {
+                tracing::warn!(trigger = %self.shared.trigger.name, "a lane did not stop within {:?}; its records will be redelivered", self.revoke_timeout);
+            }
+            let backlog = l.backlog.load(Ordering::SeqCst) as i64;
+            self.shared.activity.backlog.fetch_sub(backlog, Ordering::SeqCst);
+        }
+    }
+
+    /// Apply queued commits (latest offset per partition) and resumes.
+    fn apply_control(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) {
+        let mut latest: HashMap<(String, i32), i64> = HashMap::new();
+        let mut resume = TopicPartitionList::new();
+        {
+            let rx = self.control_rx.lock().unwrap_or_else(|p| p.into_inner());
+            while let Ok(c) = rx.try_recv() {
+                match c {
+                    Control::Commit {
+                        topic,
+                        partition,
+                        offset,
+                    } => {
+                        let e = latest.entry((topic, partition)).or_insert(offset);
+                        *e = (*e).max(offset);
+                    }
+                    Control::Resume { topic, partition } => {
+                        resume.add_partition(&topic, partition);
+                    }
+                }
+            }
+        }
+        if resume.count() > 0 {
+            let _ = consumer.resume(&resume);
+        }
+        if latest.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in &latest {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+        }
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => {
+                let mut c = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+                c.extend(latest);
+            }
+            Err(e) => tracing::warn!(trigger = %self.shared.trigger.name, "commit failed (will be retried by later commits): {e}"),
+        }
+    }
+
+    fn seek_to_timestamp(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList, ms: i64) {
+        let Ok(committed) = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) else {
+            return;
+        };
+        let mut fresh = TopicPartitionList::new();
+        for e in committed.elements() {
+            if matches!(e.offset(), Offset::Invalid) {
+                let _ = fresh.add_partition_offset(e.topic(), e.partition(), Offset::Offset(ms));
+            }
+        }
+        if fresh.count() == 0 {
+            return;
+        }
+        match consumer.offsets_for_times(fresh, Duration::from_secs(10)) {
+            Ok(found) => {
+                for e in found.elements() {
+                    let off = match e.offset() {
+                        Offset::Offset(o) => Offset::Offset(o),
+                        _ => Offset::End,
+                    };
+                    if let Err(err) = consumer.seek(e.topic(), e.partition(), off, Duration::from_secs(10)) {
+                        tracing::warn!(topic = e.topic(), partition = e.partition(), "seek to starting timestamp failed: {err}");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("offsets_for_times failed: {e}"),
+        }
+    }
+}
+
+fn to_record<M: Message>(m: &M) -> Record {
+    let (timestamp_ms, timestamp_type) = match m.timestamp() {
+        Timestamp::CreateTime(t) => (t, TimestampType::CreateTime),
+        Timestamp::LogAppendTime(t) => (t, TimestampType::LogAppendTime),
+        Timestamp::NotAvailable => (0, TimestampType::NotAvailable),
+    };
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms,
+        timestamp_type,
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+/// Everything a trigger needs to run.
+#[derive(Debug, Clone)]
+pub struct TriggerEnv {
+    /// The executor with the trigger's function registered.
+    pub executor: Executor,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Resolved `bootstrap.servers` (the embedded broker's address for
+    /// `"embedded"`).
+    pub servers: String,
+    /// Shared activity counters.
+    pub activity: Arc<Activity>,
+}
+
+/// Run one Kafka trigger until `shutdown` turns true, then drain and commit.
+pub async fn run_trigger(
+    trigger: KafkaTrigger,
+    env: TriggerEnv,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    if trigger.exactly_once {
+        return Err(IngestError::Config {
+            trigger: trigger.name.clone(),
+            message: "exactly_once is not supported yet: use at-least-once delivery with an idempotent consumer of the output topic".into(),
+        });
+    }
+    let name = trigger.name.clone();
+    let kerr = |what: &str| {
+        let name = name.clone();
+        let what = what.to_owned();
+        move |source| IngestError::Kafka {
+            trigger: name.clone(),
+            what: what.clone(),
+            source,
+        }
+    };
+    let props: Vec<(String, String)> = trigger
+        .properties
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let sink = if trigger.on_failure.is_some() || trigger.output_topic.is_some() {
+        Some(Sink::new(&name, &env.servers, &props)?)
+    } else {
+        None
+    };
+    let (control_tx, control_rx) = mpsc::channel();
+    let high_water = (trigger.batch_size as usize * 4).max(1000);
+    let function_timeout = Duration::from_secs(900);
+    let shared = Arc::new(TriggerShared {
+        executor: env.executor.clone(),
+        metrics: env.metrics.clone(),
+        sink,
+        servers: env.servers.clone(),
+        control: control_tx,
+        activity: env.activity.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        high_water,
+        low_water: high_water / 2,
+        trigger,
+    });
+    let t = &shared.trigger;
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &env.servers)
+        .set("group.id", &t.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set(
+            "auto.offset.reset",
+            match t.starting_position {
+                StartingPosition::Latest => "latest",
+                StartingPosition::Earliest | StartingPosition::Timestamp(_) => "earliest",
+            },
+        )
+        .set("isolation.level", "read_committed");
+    for (k, v) in &props {
+        cfg.set(k, v);
+    }
+    let ctx = Ctx {
+        shared: shared.clone(),
+        lanes: Mutex::new(HashMap::new()),
+        control_rx: Mutex::new(control_rx),
+        committed: Mutex::new(HashMap::new()),
+        revoke_timeout: function_timeout,
+        first_assignment: AtomicBool::new(false),
+    };
+    let consumer: BaseConsumer<Ctx> = cfg
+        .create_with_context(ctx)
+        .map_err(kerr("creating the consumer"))?;
+    let topics: Vec<&str> = t.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(kerr("subscribing"))?;
+    tracing::info!(trigger = %t.name, topics = ?t.topics, group = %t.group_id, function = %t.function, "trigger started");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let poll = {
+        let stop = stop.clone();
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("kafka-poll-{}", shared.trigger.name))
+            .spawn(move || poll_loop(consumer, shared, stop))
+            .map_err(|e| IngestError::Config {
+                trigger: name.clone(),
+                message: format!("starting the poll thread: {e}"),
+            })?
+    };
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let _ = tokio::task::spawn_blocking(move || poll.join()).await;
+    tracing::info!(trigger = %name, "trigger stopped");
+    Ok(())
+}
+
+fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<AtomicBool>) {
+    let name = shared.trigger.name.clone();
+    let mut last_lag = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                let rec = to_record(&m);
+                drop(m);
+                route(&consumer, &shared, rec);
+            }
+            Some(Err(e)) => tracing::warn!(trigger = %name, "consumer error: {e}"),
+            None => {}
+        }
+        consumer.context().apply_control(&consumer, CommitMode::Async);
+        if last_lag.elapsed() >= Duration::from_secs(2) {
+            update_lag(&consumer, &shared);
+            last_lag = Instant::now();
+        }
+    }
+    // Graceful stop: no new batches; in-flight ones finish; commit; close.
+    let ctx = consumer.context();
+    ctx.stop_lanes(None);
+    ctx.apply_control(&consumer, CommitMode::Sync);
+    consumer.unsubscribe();
+    drop(consumer);
+}
+
+fn route(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>, rec: Record) {
+    let ctx = consumer.context();
+    let key = (rec.topic.clone(), rec.partition);
+    let mut lanes = ctx.lanes.lock().unwrap_or_else(|p| p.into_inner());
+    let lane = lanes
+        .entry(key.clone())
+        .or_insert_with(|| lane::spawn(shared.clone(), key.0.clone(), key.1));
+    shared
+        .metrics
+        .records_in(&shared.trigger.name, &rec.topic, rec.partition, 1);
+    shared.activity.records.fetch_add(1, Ordering::Relaxed);
+    shared.activity.backlog.fetch_add(1, Ordering::SeqCst);
+    shared.activity.touch();
+    let backlog = lane.backlog.fetch_add(1, Ordering::SeqCst) + 1;
+    if lane.tx.send(rec).is_err() {
+        return;
+    }
+    if backlog >= shared.high_water && !lane.paused.swap(true, Ordering::SeqCst) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&key.0, key.1);
+        if let Err(e) = consumer.pause(&tpl) {
+            tracing::warn!("pausing {}-{} failed: {e}", key.0, key.1);
+            lane.paused.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+fn update_lag(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>) {
+    let ctx = consumer.context();
+    let parts: Vec<(String, i32)> = ctx
+        .lanes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+    let committed = ctx.committed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for (t, p) in parts {
+        if let Ok((_low, high)) = consumer.fetch_watermarks(&t, p, Duration::from_millis(200)) {
+            let done = committed.get(&(t.clone(), p)).copied().unwrap_or(0);
+            shared
+                .metrics
+                .set_lag(&shared.trigger.name, &t, p, (high - done).max(0));
+        }
+    }
+}

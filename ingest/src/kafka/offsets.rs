@@ -1,0 +1,70 @@
+//! Which offset of a partition may be committed: everything below the lowest
+//! record that is dispatched but not finished.
+
+use std::collections::BTreeSet;
+
+/// Tracks dispatched-but-unfinished offsets of one partition.
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    pending: BTreeSet<i64>,
+    highest: Option<i64>,
+    committed: Option<i64>,
+}
+
+impl OffsetTracker {
+    /// A record was handed to a worker.
+    pub fn dispatched(&mut self, offset: i64) {
+        self.pending.insert(offset);
+        self.highest = Some(self.highest.map_or(offset, |h| h.max(offset)));
+    }
+
+    /// A record was finished (succeeded, filtered out, or written to the
+    /// on-failure topic).
+    pub fn finished(&mut self, offset: i64) {
+        self.pending.remove(&offset);
+    }
+
+    /// Records dispatched and not finished.
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The next offset to commit if it moved forward since the last call
+    /// (Kafka commits name the next record to read).
+    pub fn take_committable(&mut self) -> Option<i64> {
+        let next = match self.pending.first() {
+            Some(&lowest) => lowest,
+            None => self.highest? + 1,
+        };
+        if self.committed.is_some_and(|c| c >= next) {
+            return None;
+        }
+        self.committed = Some(next);
+        Some(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_stop_before_the_lowest_unfinished_record() {
+        let mut t = OffsetTracker::default();
+        assert_eq!(t.take_committable(), None);
+        for o in 10..15 {
+            t.dispatched(o);
+        }
+        t.finished(10);
+        t.finished(12);
+        assert_eq!(t.take_committable(), Some(11));
+        assert_eq!(t.take_committable(), None, "no change, no commit");
+        t.finished(11);
+        t.finished(14);
+        assert_eq!(t.take_committable(), Some(13));
+        t.finished(13);
+        assert_eq!(t.take_committable(), Some(15));
+        assert_eq!(t.pending(), 0);
+    }
+}

@@ -1,0 +1,249 @@
+//! `sluice run PIPELINE`: run every Kafka trigger until SIGINT/SIGTERM (or,
+//! with `--stop-when-idle`, until nothing happened for that long), then stop
+//! polling, drain in-flight batches, commit and exit 0.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_executor::LogLine;
+use sluice_ingest::kafka::{self, Activity, EmbeddedBroker, TriggerEnv};
+use sluice_ingest::metrics::{self, Metrics};
+use sluice_pipeline::BootstrapServers;
+use tokio::sync::watch;
+
+use crate::exit;
+
+/// Options of `sluice run`.
+#[derive(Debug)]
+pub struct RunArgs {
+    /// The pipeline file.
+    pub pipeline: PathBuf,
+    /// `TOPIC=FILE.jsonl` pairs to load before starting.
+    pub produce: Vec<String>,
+    /// JSON field whose value becomes the key of `--produce` records.
+    pub key_field: Option<String>,
+    /// Where to serve `/metrics`.
+    pub metrics_addr: Option<String>,
+    /// Stop after this long without records arriving or finishing.
+    pub stop_when_idle: Option<Duration>,
+    /// Don't print function output.
+    pub quiet: bool,
+}
+
+fn print_log(line: LogLine) {
+    match line.stream {
+        sluice_executor::LogStream::Agent => {
+            tracing::debug!(target: "sluice::agent", function = %line.function, "{}", line.line)
+        }
+        _ => eprintln!("[{}] {}", line.function, line.line),
+    }
+}
+
+/// Run the pipeline's triggers.
+pub async fn run(args: RunArgs) -> u8 {
+    let p = match super::load_pipeline(&args.pipeline) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    if p.kafka_triggers.is_empty() {
+        eprintln!(
+            "error: {}: no [[trigger.kafka]] declared: nothing to run (use `sluice invoke` to call a function once)",
+            args.pipeline.display()
+        );
+        return exit::USAGE;
+    }
+    let mut loads = Vec::new();
+    for spec in &args.produce {
+        let Some((topic, file)) = spec.split_once('=') else {
+            eprintln!("error: --produce {spec:?}: expected TOPIC=FILE.jsonl");
+            return exit::USAGE;
+        };
+        loads.push((topic.to_owned(), PathBuf::from(file)));
+    }
+
+    // The embedded broker, if any trigger asks for it. It is not Send: it
+    // stays on this task for the whole run.
+    let needs_embedded = p
+        .kafka_triggers
+        .iter()
+        .any(|t| matches!(t.bootstrap_servers, BootstrapServers::Embedded));
+    let embedded = if needs_embedded {
+        match EmbeddedBroker::start(1) {
+            Ok(b) => {
+                eprintln!(
+                    "sluice: embedded Kafka broker at {} (in this process; its data is temporary and lost on exit)",
+                    b.bootstrap_servers()
+                );
+                Some(b)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::INVOKE_FAILED;
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(b) = &embedded {
+        let mut topics: BTreeSet<(String, i32)> = BTreeSet::new();
+        for t in &p.kafka_triggers {
+            if matches!(t.bootstrap_servers, BootstrapServers::Embedded) {
+                for topic in t.topics.iter().chain(&t.on_failure).chain(&t.output_topic) {
+                    topics.insert((topic.clone(), t.partitions));
+                }
+            }
+        }
+        for (topic, _) in &loads {
+            if !topics.iter().any(|(t, _)| t == topic) {
+                topics.insert((topic.clone(), 3));
+            }
+        }
+        for (topic, parts) in topics {
+            if let Err(e) = b.create_topic(&topic, parts) {
+                eprintln!("error: {e}");
+                return exit::INVOKE_FAILED;
+            }
+        }
+    }
+    let servers_of = |t: &sluice_pipeline::KafkaTrigger| match (&t.bootstrap_servers, &embedded) {
+        (BootstrapServers::Servers(s), _) => s.clone(),
+        (BootstrapServers::Embedded, Some(b)) => b.bootstrap_servers().to_owned(),
+        (BootstrapServers::Embedded, None) => unreachable!("embedded broker started above"),
+    };
+
+    for (topic, file) in &loads {
+        let servers = p
+            .kafka_triggers
+            .iter()
+            .find(|t| t.topics.contains(topic))
+            .map(servers_of)
+            .unwrap_or_else(|| servers_of(&p.kafka_triggers[0]));
+        match kafka::produce_file(&servers, topic, file, args.key_field.as_deref()).await {
+            Ok(n) => eprintln!("sluice: loaded {n} records from {} into {topic}", file.display()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::USAGE;
+            }
+        }
+    }
+
+    let logs: sluice_executor::LogSink = if args.quiet {
+        Arc::new(|_l: LogLine| {})
+    } else {
+        Arc::new(print_log)
+    };
+    let executor = match super::executor_for(&p, logs) {
+        Ok(ex) => ex,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let reaper = executor.spawn_reaper(Duration::from_secs(10), shutdown_rx.clone());
+    let registry = Metrics::new();
+    if let Some(addr) = &args.metrics_addr {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let bound = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                eprintln!("sluice: metrics at http://{bound}/metrics");
+                let mut rx = shutdown_rx.clone();
+                let m = registry.clone();
+                tokio::spawn(async move {
+                    let stop = async move {
+                        while !*rx.borrow() {
+                            if rx.changed().await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    if let Err(e) = metrics::serve(l, m, stop).await {
+                        tracing::warn!("metrics server stopped: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                eprintln!("error: --metrics-addr {addr}: {e}");
+                return exit::USAGE;
+            }
+        }
+    }
+    let activity = Arc::new(Activity::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in p.kafka_triggers.clone() {
+        let env = TriggerEnv {
+            executor: executor.clone(),
+            metrics: registry.clone(),
+            servers: servers_of(&t),
+            activity: activity.clone(),
+        };
+        tasks.spawn(kafka::run_trigger(t, env, shutdown_rx.clone()));
+    }
+
+    let triggers = p.kafka_triggers.len() as u64;
+    let reason = wait_for_stop(&activity, triggers, args.stop_when_idle, &mut tasks).await;
+    eprintln!("sluice: {reason}: draining in-flight batches and committing");
+    let _ = shutdown_tx.send(true);
+    let mut code = exit::OK;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                eprintln!("error: {e}");
+                code = exit::INVOKE_FAILED;
+            }
+            Err(e) => {
+                eprintln!("error: trigger task failed: {e}");
+                code = exit::INVOKE_FAILED;
+            }
+        }
+    }
+    executor.shutdown().await;
+    let _ = reaper.await;
+    eprintln!(
+        "sluice: stopped after {} records",
+        activity.records.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    drop(embedded);
+    code
+}
+
+async fn wait_for_stop(
+    activity: &Activity,
+    triggers: u64,
+    idle: Option<Duration>,
+    tasks: &mut tokio::task::JoinSet<Result<(), sluice_ingest::IngestError>>,
+) -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return "cannot listen for SIGTERM",
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return "SIGINT received",
+            _ = term.recv() => return "SIGTERM received",
+            _ = tick.tick() => {
+                if let Some(d) = idle {
+                    let backlog = activity.backlog.load(std::sync::atomic::Ordering::SeqCst);
+                    let joined = activity.triggers_assigned.load(std::sync::atomic::Ordering::SeqCst) >= triggers;
+                    if joined && backlog <= 0 && activity.idle_for() >= d {
+                        return "idle";
+                    }
+                }
+                if tasks.is_empty() {
+                    return "no trigger left running";
+                }
+            }
+            Some(r) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(Err(e)) = r {
+                    eprintln!("error: {e}");
+                }
+                return "a trigger stopped";
+            }
+        }
+    }
+}
+
