@@ -10,7 +10,7 @@ use std::collections::{HashSet, VecDeque};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
 
@@ -48,9 +48,16 @@ pub struct Invocation {
 const MAX_HEAD: usize = 64 * 1024;
 const PREFIX: &str = "/2018-06-01/runtime/";
 
+struct Queue {
+    pending: VecDeque<Invocation>,
+    /// The connection of a `next` waiting for an invocation: the thread that
+    /// receives the invocation writes the response to it directly (one
+    /// thread hand-off less on the warm path).
+    parked: Option<TcpStream>,
+}
+
 struct Shared {
-    queue: Mutex<VecDeque<Invocation>>,
-    cv: Condvar,
+    queue: Mutex<Queue>,
     closed: AtomicBool,
     ready_sent: AtomicBool,
     outstanding: Mutex<HashSet<String>>,
@@ -76,8 +83,10 @@ impl RuntimeApi {
     pub fn new(sink: impl Sink, started: Instant) -> Self {
         Self {
             shared: Arc::new(Shared {
-                queue: Mutex::new(VecDeque::new()),
-                cv: Condvar::new(),
+                queue: Mutex::new(Queue {
+                    pending: VecDeque::new(),
+                    parked: None,
+                }),
                 closed: AtomicBool::new(false),
                 ready_sent: AtomicBool::new(false),
                 outstanding: Mutex::new(HashSet::new()),
@@ -90,16 +99,25 @@ impl RuntimeApi {
     /// Queue an invocation for the next `GET .../invocation/next`.
     pub fn push_invoke(&self, inv: Invocation) {
         let mut q = self.shared.queue.lock().expect("queue lock");
-        q.push_back(inv);
-        self.shared.cv.notify_one();
+        match q.parked.take() {
+            Some(mut conn) => {
+                drop(q);
+                let reply = self.deliver(inv);
+                let _ = conn.write_all(&reply.bytes).and_then(|()| conn.flush());
+            }
+            None => q.pending.push_back(inv),
+        }
     }
 
     /// Wake every waiting `next` and make it fail: the sandbox is going away.
     /// The accept loop ends at its next connection.
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::SeqCst);
-        let _q = self.shared.queue.lock().expect("queue lock");
-        self.shared.cv.notify_all();
+        let parked = self.shared.queue.lock().expect("queue lock").parked.take();
+        if let Some(mut conn) = parked {
+            let _ = conn.write_all(&Self::shutdown_reply().bytes);
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// Accept connections on `listener` in a background thread.
@@ -132,6 +150,23 @@ impl RuntimeApi {
                 return Ok(());
             };
             let keep_alive = !req.close;
+            if req.method == "GET" && req.path.trim_end_matches('/') == "/2018-06-01/runtime/invocation/next" {
+                match self.next_or_park(&writer)? {
+                    Some(resp) => {
+                        writer.write_all(&resp.bytes)?;
+                        writer.flush()?;
+                        if resp.close {
+                            return Ok(());
+                        }
+                    }
+                    // The response is written when the invocation arrives.
+                    None => {}
+                }
+                if !keep_alive {
+                    return Ok(());
+                }
+                continue;
+            }
             let resp = self.route(req);
             writer.write_all(&resp.bytes)?;
             writer.flush()?;
@@ -149,7 +184,11 @@ impl RuntimeApi {
         let rest = rest.split('?').next().unwrap_or(rest);
         let parts: Vec<&str> = rest.split('/').collect();
         match (req.method.as_str(), parts.as_slice()) {
-            ("GET", ["invocation", "next"]) => self.next(),
+            ("GET", ["invocation", "next"]) => Reply::json(
+                400,
+                "Bad Request",
+                error_json("InvalidRequest", "malformed next request"),
+            ),
             ("POST", ["invocation", id, "response"]) => self.report(id, req, false),
             ("POST", ["invocation", id, "error"]) => self.report(id, req, true),
             ("POST", ["init", "error"]) => {
@@ -170,27 +209,36 @@ impl RuntimeApi {
         }
     }
 
-    fn next(&self) -> Reply {
+    fn shutdown_reply() -> Reply {
+        Reply::json(
+            500,
+            "Internal Server Error",
+            error_json("Runtime.Shutdown", "sandbox is shutting down"),
+        )
+        .closing()
+    }
+
+    /// Answer a `next` at once if an invocation is queued, or park the
+    /// connection until one arrives (`Ok(None)`).
+    fn next_or_park(&self, conn: &TcpStream) -> io::Result<Option<Reply>> {
         if !self.shared.ready_sent.swap(true, Ordering::SeqCst) {
             let init_us = self.shared.started.elapsed().as_micros() as u64;
             self.shared.sink.send(Message::Ready { init_us });
         }
         let mut q = self.shared.queue.lock().expect("queue lock");
-        let inv = loop {
-            if let Some(inv) = q.pop_front() {
-                break inv;
-            }
-            if self.shared.closed.load(Ordering::SeqCst) {
-                return Reply::json(
-                    500,
-                    "Internal Server Error",
-                    error_json("Runtime.Shutdown", "sandbox is shutting down"),
-                )
-                .closing();
-            }
-            q = self.shared.cv.wait(q).expect("queue lock");
-        };
-        drop(q);
+        if let Some(inv) = q.pending.pop_front() {
+            drop(q);
+            return Ok(Some(self.deliver(inv)));
+        }
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Ok(Some(Self::shutdown_reply()));
+        }
+        q.parked = Some(conn.try_clone()?);
+        Ok(None)
+    }
+
+    /// The `next` response for `inv`; the request id becomes answerable.
+    fn deliver(&self, inv: Invocation) -> Reply {
         self.shared
             .outstanding
             .lock()

@@ -29,13 +29,15 @@
 //!   same element.
 //! * Only `exists: false` matches an absent field, and every other matcher
 //!   needs the field present. A field below a value that is not an object is
-//!   absent.
+//!   absent. A field holding `null` is present: `[null]` and
+//!   `{"exists": true}` match it, `{"exists": false}` does not.
 //!
 //! For Kafka records the top-level keys are the record's fields: `value` (the
 //! record value parsed as JSON), `key` (a string), `topic`, `partition`,
 //! `offset` and `timestamp` (milliseconds since the epoch). The caller builds
-//! that object for each record, leaving out `key` and `value` when the record
-//! has none, and calls [`Pattern::matches`].
+//! that object for each record and calls [`Pattern::matches`]. Leave out
+//! `key` and `value` when the record has none if `{"exists": false}` should
+//! match such records; set them to `null` if `[null]` should.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -44,7 +46,7 @@ use serde_json::Value;
 
 /// The top-level keys of a Kafka record pattern, and whether each may hold a
 /// nested pattern (only `value`, which is JSON).
-pub const RECORD_FIELDS: &[(&str, bool)] = &[
+const RECORD_FIELDS: &[(&str, bool)] = &[
     ("value", true),
     ("key", false),
     ("topic", false),
@@ -289,7 +291,8 @@ pub enum FilterProblem {
 
 impl Pattern {
     /// Compiles a Kafka record pattern. Its top-level keys must be record
-    /// fields (see [`RECORD_FIELDS`]).
+    /// fields (`value`, `key`, `topic`, `partition`, `offset`, `timestamp`),
+    /// and only `value` may hold nested fields.
     pub fn compile(v: &Value) -> Result<Pattern, FilterError> {
         let root = Path::root();
         let object = v

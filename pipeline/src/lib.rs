@@ -72,7 +72,7 @@
 //! | `exactly_once` | `false` | boolean; `true` needs `output_topic` |
 //! | `retry_backoff` | [`DEFAULT_RETRY_BACKOFF`] | [`RETRY_BACKOFF_RANGE`] |
 //! | `retry_backoff_max` | [`DEFAULT_RETRY_BACKOFF_MAX`] | `retry_backoff` to [`RETRY_BACKOFF_MAX_LIMIT`] |
-//! | `partitions` | [`DEFAULT_PARTITIONS`] | [`PARTITIONS_RANGE`]; only with `"embedded"` |
+//! | `partitions` | [`DEFAULT_PARTITIONS`] | [`PARTITIONS_RANGE`]; used by `"embedded"` only (an external cluster's topics keep their own) |
 //! | `properties` | empty | librdkafka properties (strings, integers or booleans), not [`MANAGED_KAFKA_PROPERTIES`] |
 //!
 //! Any other key or section, at any level, is an error; `[job.*]` sections
@@ -301,8 +301,10 @@ pub struct KafkaTrigger {
     /// [`DEFAULT_RETRY_BACKOFF_MAX`].
     pub retry_backoff_max: Duration,
     /// Partitions of the topics the embedded broker creates. Default
-    /// [`DEFAULT_PARTITIONS`]; only set explicitly with
-    /// [`BootstrapServers::Embedded`].
+    /// [`DEFAULT_PARTITIONS`]. Ignored with [`BootstrapServers::Servers`]:
+    /// an external cluster's topics keep the partitions they were created
+    /// with (so a pipeline can switch clusters by changing only
+    /// `bootstrap_servers`).
     pub partitions: i32,
     /// Extra librdkafka properties, passed through verbatim; none of
     /// [`MANAGED_KAFKA_PROPERTIES`]. Default empty.

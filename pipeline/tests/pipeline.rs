@@ -351,6 +351,7 @@ parallelization_factor = 10
 exactly_once = true
 retry_backoff = "300s"
 retry_backoff_max = "15m"
+partitions = 7 # accepted, and ignored by an external cluster
 
 [trigger.kafka.properties]
 "security.protocol" = "SASL_SSL"
@@ -398,7 +399,7 @@ retry_backoff_max = "1ms"
     assert!(orders.exactly_once);
     assert_eq!(orders.retry_backoff, Duration::from_secs(300));
     assert_eq!(orders.retry_backoff_max, Duration::from_secs(900));
-    assert_eq!(orders.partitions, 3);
+    assert_eq!(orders.partitions, 7);
     let properties: Vec<(&str, &str)> = orders
         .properties
         .iter()

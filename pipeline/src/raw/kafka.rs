@@ -324,7 +324,7 @@ impl RawKafka {
         )?;
         let partitions = f.ranged(
             "partitions",
-            self.partitions.clone(),
+            self.partitions,
             DEFAULT_PARTITIONS,
             PARTITIONS_RANGE,
             "",
@@ -381,20 +381,6 @@ impl RawKafka {
                 max_is_default,
             });
         }
-        if let (Some(n), BootstrapServers::Servers(_)) = (&self.partitions, &bootstrap_servers) {
-            return Err(PipelineError::Requires {
-                at: loc.at(n.span()),
-                field: f.field("partitions"),
-                value: n.get_ref().to_string(),
-                required: format!(
-                    "{} = \"{EMBEDDED_BOOTSTRAP_SERVERS}\"",
-                    f.field("bootstrap_servers")
-                ),
-                reason: "only the embedded broker creates topics; the topics of an external \
-                         cluster keep the partitions they were created with",
-            });
-        }
-
         Ok(KafkaTrigger {
             name,
             function,
