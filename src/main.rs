@@ -118,6 +118,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 100)]
         spawn_iterations: usize,
     },
+    /// Records/s through a no-op function at several batch sizes, next to a
+    /// plain rdkafka consumer (the ceiling), on the embedded broker.
+    Kafka {
+        /// The pipeline file declaring the function.
+        #[arg(long, short, default_value = "examples/pipeline.toml")]
+        pipeline: PathBuf,
+        /// The no-op function (an echo function).
+        #[arg(long, short, default_value = "echo")]
+        function: String,
+        /// Records to push through each configuration.
+        #[arg(long, short = 'n', default_value_t = 20_000)]
+        records: usize,
+        /// Batch sizes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+        batch_sizes: Vec<u32>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -176,6 +192,12 @@ fn main() -> ExitCode {
                 iterations,
                 spawn_iterations,
             }) => commands::bench::invoke(&pipeline, &function, iterations, spawn_iterations).await,
+            Command::Bench(BenchCommand::Kafka {
+                pipeline,
+                function,
+                records,
+                batch_sizes,
+            }) => commands::bench::kafka(&pipeline, &function, records, &batch_sizes).await,
         }
     });
     ExitCode::from(code)

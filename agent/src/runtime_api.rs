@@ -150,17 +150,17 @@ impl RuntimeApi {
                 return Ok(());
             };
             let keep_alive = !req.close;
-            if req.method == "GET" && req.path.trim_end_matches('/') == "/2018-06-01/runtime/invocation/next" {
-                match self.next_or_park(&writer)? {
-                    Some(resp) => {
-                        writer.write_all(&resp.bytes)?;
-                        writer.flush()?;
-                        if resp.close {
-                            return Ok(());
-                        }
+            if req.method == "GET"
+                && req.path.trim_end_matches('/') == "/2018-06-01/runtime/invocation/next"
+            {
+                // `None`: parked; the response is written when the
+                // invocation arrives.
+                if let Some(resp) = self.next_or_park(&writer)? {
+                    writer.write_all(&resp.bytes)?;
+                    writer.flush()?;
+                    if resp.close {
+                        return Ok(());
                     }
-                    // The response is written when the invocation arrives.
-                    None => {}
                 }
                 if !keep_alive {
                     return Ok(());

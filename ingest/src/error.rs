@@ -15,7 +15,7 @@ pub enum IngestError {
         what: String,
         /// The client's error.
         #[source]
-        source: rdkafka::error::KafkaError,
+        source: Box<rdkafka::error::KafkaError>,
     },
     /// The embedded broker could not be started or configured.
     #[error("embedded Kafka broker: {what}: {source}")]
@@ -24,7 +24,7 @@ pub enum IngestError {
         what: String,
         /// The client's error.
         #[source]
-        source: rdkafka::error::KafkaError,
+        source: Box<rdkafka::error::KafkaError>,
     },
     /// A `--produce` file could not be loaded.
     #[error("{file}:{line}: {message}")]

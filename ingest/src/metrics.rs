@@ -216,6 +216,34 @@ impl Metrics {
         self.invoke.with(&[trigger], |h| h.observe(seconds));
     }
 
+    /// Upper bounds (bucket edges, seconds) of the p50 and p99 invocation
+    /// durations of a trigger; `None` before the first observation.
+    pub fn invoke_quantiles(&self, trigger: &str) -> Option<(f64, f64)> {
+        self.invoke.with(&[trigger], |h| {
+            let counts: Vec<u64> = h
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect();
+            let total: u64 = counts.iter().sum::<u64>() + h.overflow.load(Ordering::Relaxed);
+            if total == 0 {
+                return None;
+            }
+            let at = |q: f64| {
+                let want = (q * total as f64).ceil() as u64;
+                let mut acc = 0;
+                for (i, c) in counts.iter().enumerate() {
+                    acc += c;
+                    if acc >= want {
+                        return INVOKE_BUCKETS[i];
+                    }
+                }
+                f64::INFINITY
+            };
+            Some((at(0.5), at(0.99)))
+        })
+    }
+
     /// All metrics in the Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);

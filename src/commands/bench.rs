@@ -210,3 +210,190 @@ pub async fn invoke(
     );
     exit::OK
 }
+
+/// `sluice bench kafka`: records/s and batch latency through a no-op
+/// function at several batch sizes, next to a plain rdkafka consumer doing
+/// the same no-op in process (the ceiling), all against the embedded broker.
+pub async fn kafka(pipeline: &Path, function: &str, records: usize, batch_sizes: &[u32]) -> u8 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use sluice_ingest::kafka::{self as k, Activity, EmbeddedBroker, OutRecord, Sink, TriggerEnv};
+    use sluice_ingest::metrics::Metrics;
+    use std::sync::atomic::Ordering;
+
+    let p = match super::load_pipeline(pipeline) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    if p.function(function).is_err() {
+        eprintln!("error: {}: no function {function:?}", pipeline.display());
+        return exit::USAGE;
+    }
+    let broker = match EmbeddedBroker::start(1) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let servers = broker.bootstrap_servers().to_owned();
+    let partitions = 3;
+    if let Err(e) = broker.create_topic("bench", partitions) {
+        eprintln!("error: {e}");
+        return exit::INVOKE_FAILED;
+    }
+    let sink = match Sink::new("bench", &servers, &[]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let value =
+        serde_json::json!({"order": 1, "customer": "c1", "amount": 12.5, "pad": "x".repeat(40)})
+            .to_string()
+            .into_bytes();
+    let batch: Vec<OutRecord> = (0..records)
+        .map(|i| OutRecord {
+            key: Some(format!("k{}", i % 64).into_bytes()),
+            value: Some(value.clone()),
+            headers: vec![],
+        })
+        .collect();
+    let t0 = Instant::now();
+    for chunk in batch.chunks(10_000) {
+        if let Err(e) = sink.send_all("bench", chunk).await {
+            eprintln!("error: producing: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    }
+    println!(
+        "sluice bench kafka: {records} records of {} bytes in {partitions} partitions (produced in {:?}), function {function}",
+        value.len(),
+        t0.elapsed()
+    );
+
+    // Ceiling: a plain consumer in this process doing the same no-op.
+    let servers2 = servers.clone();
+    let plain = tokio::task::spawn_blocking(move || -> Result<Duration, String> {
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &servers2)
+            .set("group.id", "bench-plain")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(|e| e.to_string())?;
+        c.subscribe(&["bench"]).map_err(|e| e.to_string())?;
+        let mut n = 0usize;
+        let mut start = None;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while n < records && Instant::now() < deadline {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                start.get_or_insert_with(Instant::now);
+                std::hint::black_box(rdkafka::Message::payload(&m));
+                n += 1;
+            }
+        }
+        let took = start.map(|s| s.elapsed()).unwrap_or_default();
+        c.unsubscribe();
+        if n < records {
+            return Err(format!("plain consumer saw only {n} records"));
+        }
+        Ok(took)
+    })
+    .await;
+    let plain = match plain {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => {
+            eprintln!("error: plain consumer: {e}");
+            return exit::INVOKE_FAILED;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let plain_rate = records as f64 / plain.as_secs_f64().max(1e-9);
+    println!(
+        "{:<40} {:>10.0} records/s",
+        "plain rdkafka consumer, no-op (ceiling)", plain_rate
+    );
+
+    let mut at_1000 = None;
+    for &b in batch_sizes {
+        let text = format!(
+            "[functions.{function}]\npath = {:?}\nconcurrency = {partitions}\n\n[[trigger.kafka]]\nfunction = {function:?}\ntopics = [\"bench\"]\nbootstrap_servers = {servers:?}\ngroup_id = \"bench-{b}\"\nstarting_position = \"earliest\"\nbatch_size = {b}\nbatch_window = \"5ms\"\n",
+            p.function(function)
+                .map(|f| f.path.clone())
+                .unwrap_or_default()
+        );
+        let bp = match sluice_pipeline::Pipeline::parse(&text, Path::new("bench.toml")) {
+            Ok(bp) => bp,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::INVOKE_FAILED;
+            }
+        };
+        let ex = match super::executor_for(&bp, Arc::new(|_l: LogLine| {})) {
+            Ok(ex) => ex,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return exit::INVOKE_FAILED;
+            }
+        };
+        let metrics = Metrics::new();
+        let activity = Arc::new(Activity::default());
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let env = TriggerEnv {
+            executor: ex.clone(),
+            metrics: metrics.clone(),
+            servers: servers.clone(),
+            activity: activity.clone(),
+        };
+        let task = tokio::spawn(k::run_trigger(bp.kafka_triggers[0].clone(), env, rx));
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut first: Option<Instant> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(2));
+        loop {
+            tick.tick().await;
+            let seen = activity.records.load(Ordering::SeqCst) as usize;
+            if seen > 0 && first.is_none() {
+                first = Some(Instant::now());
+            }
+            if seen >= records && activity.backlog.load(Ordering::SeqCst) <= 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!("error: batch size {b}: only {seen} records after 300 s");
+                return exit::INVOKE_FAILED;
+            }
+        }
+        let took = first.map(|f| f.elapsed()).unwrap_or_default();
+        let _ = tx.send(true);
+        let _ = task.await;
+        ex.shutdown().await;
+        let rate = records as f64 / took.as_secs_f64().max(1e-9);
+        let (p50, p99) = metrics
+            .invoke_quantiles(&bp.kafka_triggers[0].name)
+            .unwrap_or((0.0, 0.0));
+        println!(
+            "{:<40} {:>10.0} records/s  ({:>5.1} % of ceiling)  batch invoke p50 <= {:.1} ms, p99 <= {:.1} ms",
+            format!("sluice run, batch_size {b}"),
+            rate,
+            100.0 * rate / plain_rate,
+            p50 * 1e3,
+            p99 * 1e3
+        );
+        if b == 1000 {
+            at_1000 = Some(rate / plain_rate);
+        }
+    }
+    if let Some(r) = at_1000 {
+        println!(
+            "goal: >= 50 % of the plain consumer at batch 1000: {} ({:.1} %)",
+            if r >= 0.5 { "met" } else { "NOT met" },
+            r * 100.0
+        );
+    }
+    drop(broker);
+    exit::OK
+}

@@ -121,7 +121,10 @@ pub async fn run(args: RunArgs) -> u8 {
             .map(servers_of)
             .unwrap_or_else(|| servers_of(&p.kafka_triggers[0]));
         match kafka::produce_file(&servers, topic, file, args.key_field.as_deref()).await {
-            Ok(n) => eprintln!("sluice: loaded {n} records from {} into {topic}", file.display()),
+            Ok(n) => eprintln!(
+                "sluice: loaded {n} records from {} into {topic}",
+                file.display()
+            ),
             Err(e) => {
                 eprintln!("error: {e}");
                 return exit::USAGE;
@@ -246,4 +249,3 @@ async fn wait_for_stop(
         }
     }
 }
-

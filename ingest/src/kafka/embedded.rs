@@ -15,7 +15,9 @@ pub struct EmbeddedBroker {
 
 impl std::fmt::Debug for EmbeddedBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedBroker").field("servers", &self.servers).finish()
+        f.debug_struct("EmbeddedBroker")
+            .field("servers", &self.servers)
+            .finish()
     }
 }
 
@@ -24,7 +26,7 @@ impl EmbeddedBroker {
     pub fn start(brokers: i32) -> Result<Self, IngestError> {
         let cluster = MockCluster::new(brokers).map_err(|source| IngestError::Embedded {
             what: "starting the mock cluster".into(),
-            source,
+            source: Box::new(source),
         })?;
         let servers = cluster.bootstrap_servers();
         Ok(Self { cluster, servers })
@@ -41,7 +43,7 @@ impl EmbeddedBroker {
             .create_topic(topic, partitions, 1)
             .map_err(|source| IngestError::Embedded {
                 what: format!("creating topic {topic} with {partitions} partitions"),
-                source,
+                source: Box::new(source),
             })
     }
 }

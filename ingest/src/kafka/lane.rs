@@ -29,7 +29,12 @@ pub(super) struct LaneHandle {
 }
 
 /// Start the tasks of one partition.
-pub(super) fn spawn(shared: Arc<TriggerShared>, topic: String, partition: i32) -> LaneHandle {
+pub(super) fn spawn(
+    shared: Arc<TriggerShared>,
+    topic: String,
+    partition: i32,
+    skip_before: Option<i64>,
+) -> LaneHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let (stop, stop_rx) = watch::channel(false);
     let (done_tx, done) = std::sync::mpsc::channel();
@@ -45,7 +50,7 @@ pub(super) fn spawn(shared: Arc<TriggerShared>, topic: String, partition: i32) -
         stop: stop_rx,
     };
     shared.runtime.spawn(async move {
-        lane.dispatch(rx).await;
+        lane.dispatch(rx, skip_before).await;
         let _ = done_tx.send(());
     });
     LaneHandle {
@@ -106,7 +111,7 @@ impl Partition {
         *self.stop.borrow()
     }
 
-    async fn dispatch(self, mut rx: mpsc::UnboundedReceiver<Record>) {
+    async fn dispatch(self, mut rx: mpsc::UnboundedReceiver<Record>, mut skip_before: Option<i64>) {
         let n = self.shared.trigger.parallelization_factor.max(1) as usize;
         let mut subs = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
@@ -124,6 +129,14 @@ impl Partition {
                 r = rx.recv() => match r {
                     Some(rec) => {
                         self.tracker.lock().unwrap_or_else(|p| p.into_inner()).dispatched(rec.offset);
+                        if let Some(cut) = skip_before {
+                            if rec.timestamp_ms < cut {
+                                // Before the starting timestamp: done, not delivered.
+                                self.finish(std::slice::from_ref(&rec));
+                                continue;
+                            }
+                            skip_before = None;
+                        }
                         let i = if n == 1 { 0 } else { key_slot(rec.key.as_deref(), n) };
                         let _ = subs[i].send(rec);
                     }
@@ -268,10 +281,7 @@ impl Partition {
                 }
                 Err(_) => {
                     // The pattern only looks at metadata; match on that.
-                    let key = rec
-                        .key
-                        .as_deref()
-                        .and_then(|k| std::str::from_utf8(k).ok());
+                    let key = rec.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
                     let view = serde_json::json!({
                         "topic": rec.topic, "partition": rec.partition,
                         "offset": rec.offset, "timestamp": rec.timestamp_ms,
@@ -375,8 +385,9 @@ impl Partition {
                     }
                     Ok(Some(ids)) => {
                         let (bad, good): (Vec<_>, Vec<_>) = recs.into_iter().partition(|r| {
-                            ids.iter()
-                                .any(|(tp, p, o)| *tp == r.topic && *p == r.partition && *o == r.offset)
+                            ids.iter().any(|(tp, p, o)| {
+                                *tp == r.topic && *p == r.partition && *o == r.offset
+                            })
                         });
                         if !self.output(&resp.payload).await {
                             return false;

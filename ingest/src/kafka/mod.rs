@@ -138,7 +138,9 @@ impl ConsumerContext for Ctx {
             self.stop_lanes(Some(&parts));
             self.apply_control(consumer, CommitMode::Sync);
             for (t, p) in &parts {
-                self.shared.metrics.remove_partition(&self.shared.trigger.name, t, *p);
+                self.shared
+                    .metrics
+                    .remove_partition(&self.shared.trigger.name, t, *p);
             }
         }
     }
@@ -151,16 +153,28 @@ impl ConsumerContext for Ctx {
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
             tracing::info!(trigger = %self.shared.trigger.name, partitions = ?parts, "partitions assigned");
+            // A timestamp starting position reads from the earliest offset
+            // and finishes (commits) the records older than the cut, until the
+            // first one at or after it. (Seeking by offsets_for_times would
+            // read less, but the embedded broker cannot look offsets up by
+            // time, and this is correct on every broker.)
+            let fresh = match self.shared.trigger.starting_position {
+                StartingPosition::Timestamp(_) => self.uncommitted(consumer, tpl),
+                _ => Vec::new(),
+            };
             {
                 let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
                 for (t, p) in &parts {
-                    lanes
-                        .entry((t.clone(), *p))
-                        .or_insert_with(|| lane::spawn(self.shared.clone(), t.clone(), *p));
+                    let skip_before = match self.shared.trigger.starting_position {
+                        StartingPosition::Timestamp(ms) if fresh.contains(&(t.clone(), *p)) => {
+                            Some(ms)
+                        }
+                        _ => None,
+                    };
+                    lanes.entry((t.clone(), *p)).or_insert_with(|| {
+                        lane::spawn(self.shared.clone(), t.clone(), *p, skip_before)
+                    });
                 }
-            }
-            if let StartingPosition::Timestamp(ms) = self.shared.trigger.starting_position {
-                self.seek_to_timestamp(consumer, tpl, ms);
             }
             self.shared.activity.touch();
             if !self.first_assignment.swap(true, Ordering::SeqCst) {
@@ -195,7 +209,10 @@ impl Ctx {
                 tracing::warn!(trigger = %self.shared.trigger.name, "a lane did not stop within {:?}; its records will be redelivered", self.revoke_timeout);
             }
             let backlog = l.backlog.load(Ordering::SeqCst) as i64;
-            self.shared.activity.backlog.fetch_sub(backlog, Ordering::SeqCst);
+            self.shared
+                .activity
+                .backlog
+                .fetch_sub(backlog, Ordering::SeqCst);
         }
     }
 
@@ -236,36 +253,35 @@ impl Ctx {
                 let mut c = self.committed.lock().unwrap_or_else(|p| p.into_inner());
                 c.extend(latest);
             }
-            Err(e) => tracing::warn!(trigger = %self.shared.trigger.name, "commit failed (will be retried by later commits): {e}"),
+            Err(e) => {
+                tracing::warn!(trigger = %self.shared.trigger.name, "commit failed (will be retried by later commits): {e}")
+            }
         }
     }
 
-    fn seek_to_timestamp(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList, ms: i64) {
-        let Ok(committed) = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) else {
-            return;
-        };
-        let mut fresh = TopicPartitionList::new();
-        for e in committed.elements() {
-            if matches!(e.offset(), Offset::Invalid) {
-                let _ = fresh.add_partition_offset(e.topic(), e.partition(), Offset::Offset(ms));
+    /// Partitions (of `tpl`) with no committed offset for this group: they
+    /// start at the starting position.
+    fn uncommitted(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+    ) -> Vec<(String, i32)> {
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(c) => c
+                .elements()
+                .iter()
+                .filter(|e| !matches!(e.offset(), Offset::Offset(_)))
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(
+                    "reading committed offsets failed: {e}; starting every partition at the starting position"
+                );
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect()
             }
-        }
-        if fresh.count() == 0 {
-            return;
-        }
-        match consumer.offsets_for_times(fresh, Duration::from_secs(10)) {
-            Ok(found) => {
-                for e in found.elements() {
-                    let off = match e.offset() {
-                        Offset::Offset(o) => Offset::Offset(o),
-                        _ => Offset::End,
-                    };
-                    if let Err(err) = consumer.seek(e.topic(), e.partition(), off, Duration::from_secs(10)) {
-                        tracing::warn!(topic = e.topic(), partition = e.partition(), "seek to starting timestamp failed: {err}");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!("offsets_for_times failed: {e}"),
         }
     }
 }
@@ -326,10 +342,10 @@ pub async fn run_trigger(
     let kerr = |what: &str| {
         let name = name.clone();
         let what = what.to_owned();
-        move |source| IngestError::Kafka {
+        move |source: rdkafka::error::KafkaError| IngestError::Kafka {
             trigger: name.clone(),
             what: what.clone(),
-            source,
+            source: Box::new(source),
         }
     };
     let props: Vec<(String, String)> = trigger
@@ -426,7 +442,9 @@ fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<
             Some(Err(e)) => tracing::warn!(trigger = %name, "consumer error: {e}"),
             None => {}
         }
-        consumer.context().apply_control(&consumer, CommitMode::Async);
+        consumer
+            .context()
+            .apply_control(&consumer, CommitMode::Async);
         if last_lag.elapsed() >= Duration::from_secs(2) {
             update_lag(&consumer, &shared);
             last_lag = Instant::now();
@@ -446,7 +464,7 @@ fn route(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>, rec: Record)
     let mut lanes = ctx.lanes.lock().unwrap_or_else(|p| p.into_inner());
     let lane = lanes
         .entry(key.clone())
-        .or_insert_with(|| lane::spawn(shared.clone(), key.0.clone(), key.1));
+        .or_insert_with(|| lane::spawn(shared.clone(), key.0.clone(), key.1, None));
     shared
         .metrics
         .records_in(&shared.trigger.name, &rec.topic, rec.partition, 1);
@@ -476,7 +494,11 @@ fn update_lag(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>) {
         .keys()
         .cloned()
         .collect();
-    let committed = ctx.committed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let committed = ctx
+        .committed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     for (t, p) in parts {
         if let Ok((_low, high)) = consumer.fetch_watermarks(&t, p, Duration::from_millis(200)) {
             let done = committed.get(&(t.clone(), p)).copied().unwrap_or(0);

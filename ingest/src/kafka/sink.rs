@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -48,18 +49,14 @@ impl Sink {
         let producer = cfg.create().map_err(|source| IngestError::Kafka {
             trigger: trigger.to_owned(),
             what: "creating the producer".into(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(Self { producer })
     }
 
     /// Produce all records to `topic` and wait for every acknowledgement.
-    pub async fn send_all(
-        &self,
-        topic: &str,
-        records: &[OutRecord],
-    ) -> Result<(), rdkafka::error::KafkaError> {
-        let mut futures = Vec::with_capacity(records.len());
+    pub async fn send_all(&self, topic: &str, records: &[OutRecord]) -> Result<(), KafkaError> {
+        let mut futures = std::collections::VecDeque::with_capacity(records.len());
         for r in records {
             let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
             for (k, v) in &r.headers {
@@ -75,12 +72,40 @@ impl Sink {
             if let Some(v) = &r.value {
                 rec = rec.payload(v.as_slice());
             }
-            futures.push(self.producer.send(rec, Duration::from_secs(30)));
+            // Enqueue now (the delivery is awaited below); on a full local
+            // queue, wait for the oldest deliveries and try again.
+            let mut rec = rec;
+            loop {
+                match self.producer.send_result(rec) {
+                    Ok(f) => {
+                        futures.push_back(f);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        match futures.pop_front() {
+                            Some(f) => check(f.await)?,
+                            None => tokio::time::sleep(Duration::from_millis(1)).await,
+                        }
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
         }
         for f in futures {
-            f.await.map_err(|(e, _)| e)?;
+            check(f.await)?;
         }
         Ok(())
+    }
+}
+
+fn check<E>(
+    delivery: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>,
+) -> Result<(), KafkaError> {
+    match delivery {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
     }
 }
 

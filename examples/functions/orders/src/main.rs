@@ -21,7 +21,10 @@ async fn handler(event: LambdaEvent<KafkaEvent>) -> Result<Value, Error> {
                 .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
                 .unwrap_or_default();
             let order: Option<Value> = serde_json::from_slice(&raw).ok();
-            match order.as_ref().and_then(|o| o["amount"].as_f64().map(|a| (o, a))) {
+            match order
+                .as_ref()
+                .and_then(|o| o["amount"].as_f64().map(|a| (o, a)))
+            {
                 Some((o, amount)) => out.push(json!({
                     "key": o["customer"],
                     "value": {"order": o["order"], "customer": o["customer"], "amount": amount,
@@ -36,7 +39,11 @@ async fn handler(event: LambdaEvent<KafkaEvent>) -> Result<Value, Error> {
         }
         eprintln!("{topic_partition}: {} record(s)", records.len());
     }
-    eprintln!("priced {} order(s), {} unreadable", out.len(), failures.len());
+    eprintln!(
+        "priced {} order(s), {} unreadable",
+        out.len(),
+        failures.len()
+    );
     Ok(json!({ "records": out, "batchItemFailures": failures }))
 }
 

@@ -19,12 +19,36 @@
 //! - `big_response` + `mb`: return a string of that many MiB.
 //!
 //! Any other action is answered with error `UnknownAction`.
+//!
+//! ## Kafka mode
+//!
+//! With `MISBEHAVE_KAFKA=<mode>` set, an event holding a `records` object is
+//! treated as Lambda's Kafka event (`records`: `"topic-partition"` → list of
+//! records with a base64 `value`). The function first writes its own record
+//! of the batch to stderr: one line `BATCH <records> <outcome>` (`ok`,
+//! `fail` or `partial:<failed items>`), then one line per record,
+//! `SEEN <topic>-<partition>@<offset> <value>` (the value decoded, lossily
+//! as UTF-8). Modes:
+//! - `echo`: return the event;
+//! - `poison`: fail (`Poison`) if any value contains `poison`, else echo;
+//! - `flaky`: fail (`Flaky`) the first time a batch starting at a given
+//!   record is seen (remembered by this process), echo the second time;
+//! - `partial`: return `{"batchItemFailures": [...]}` naming the records
+//!   whose value contains `partial` and that this process sees for the first
+//!   time (an empty list when there are none);
+//! - `slow`: sleep `MISBEHAVE_SLOW_MS` (default 200) ms, then echo.
+//!
+//! Events without a `records` object keep the actions above.
 
+use std::collections::HashSet;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use lambda_runtime::{Diagnostic, Error, LambdaEvent, service_fn};
 use serde_json::{Map, Value, json};
 
@@ -84,6 +108,11 @@ fn mib_bytes(mb: u64) -> Result<usize, Diagnostic> {
 
 async fn handler(event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
     let event = event.payload;
+    if let Ok(mode) = std::env::var("MISBEHAVE_KAFKA")
+        && event.get("records").is_some_and(Value::is_object)
+    {
+        return kafka_handler(&mode, event).await;
+    }
     let action = event
         .get("action")
         .and_then(Value::as_str)
@@ -153,6 +182,123 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
             Ok(Value::String("x".repeat(mib_bytes(mb)?)))
         }
         other => Err(error("UnknownAction", format!("unknown action {other:?}"))),
+    }
+}
+
+/// One record of a Kafka event: `(topic-partition@offset, decoded value)`.
+struct KafkaRecord {
+    id: String,
+    value: String,
+}
+
+fn kafka_records(event: &Value) -> Result<Vec<KafkaRecord>, Diagnostic> {
+    let mut out = Vec::new();
+    let groups = event
+        .get("records")
+        .and_then(Value::as_object)
+        .ok_or_else(|| error("InvalidEvent", "records must be an object"))?;
+    for (tp, list) in groups {
+        let list = list
+            .as_array()
+            .ok_or_else(|| error("InvalidEvent", format!("records[{tp:?}] is not an array")))?;
+        for r in list {
+            let offset = r
+                .get("offset")
+                .and_then(Value::as_i64)
+                .ok_or_else(|| error("InvalidEvent", format!("a record of {tp} has no offset")))?;
+            let value = match r.get("value").and_then(Value::as_str) {
+                Some(b64) => {
+                    let bytes = STANDARD
+                        .decode(b64)
+                        .map_err(|e| error("InvalidEvent", format!("{tp}@{offset}: {e}")))?;
+                    String::from_utf8_lossy(&bytes).into_owned()
+                }
+                None => String::new(),
+            };
+            out.push(KafkaRecord {
+                id: format!("{tp}@{offset}"),
+                value,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What this process has seen: batch starts (`flaky`) or failed items
+/// (`partial`).
+static REMEMBERED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+/// Remember `id`; true if it is new.
+fn remember(id: &str) -> bool {
+    let mut seen = REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner);
+    seen.get_or_insert_with(HashSet::new).insert(id.to_owned())
+}
+
+/// Write this process's record of a batch to stderr (see the module docs).
+fn log_batch(records: &[KafkaRecord], outcome: &str) {
+    use std::io::Write as _;
+    let mut text = format!("BATCH {} {outcome}\n", records.len());
+    for r in records {
+        let value = r.value.replace(['\n', '\r'], " ");
+        text.push_str(&format!("SEEN {} {value}\n", r.id));
+    }
+    // One write, so the lines of a batch stay together.
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(text.as_bytes());
+    let _ = err.flush();
+}
+
+async fn kafka_handler(mode: &str, event: Value) -> Result<Value, Diagnostic> {
+    let records = kafka_records(&event)?;
+    match mode {
+        "echo" => {
+            log_batch(&records, "ok");
+            Ok(event)
+        }
+        "poison" => {
+            if let Some(bad) = records.iter().find(|r| r.value.contains("poison")) {
+                log_batch(&records, "fail");
+                Err(error("Poison", format!("poison record {}", bad.id)))
+            } else {
+                log_batch(&records, "ok");
+                Ok(event)
+            }
+        }
+        "flaky" => {
+            let start = records.first().map(|r| r.id.as_str()).unwrap_or("");
+            if remember(start) {
+                log_batch(&records, "fail");
+                Err(error(
+                    "Flaky",
+                    format!("first delivery of the batch at {start}"),
+                ))
+            } else {
+                log_batch(&records, "ok");
+                Ok(event)
+            }
+        }
+        "partial" => {
+            let failed: Vec<Value> = records
+                .iter()
+                .filter(|r| r.value.contains("partial") && remember(&r.id))
+                .map(|r| json!({ "itemIdentifier": r.id }))
+                .collect();
+            log_batch(&records, &format!("partial:{}", failed.len()));
+            Ok(json!({ "batchItemFailures": failed }))
+        }
+        "slow" => {
+            let ms = std::env::var("MISBEHAVE_SLOW_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(200);
+            log_batch(&records, "ok");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(event)
+        }
+        other => Err(error(
+            "UnknownAction",
+            format!("unknown MISBEHAVE_KAFKA mode {other:?}"),
+        )),
     }
 }
 

@@ -1,0 +1,520 @@
+//! `sluice run` as processes: crash recovery (kill -9 mid-batch, restart),
+//! two processes sharing a consumer group (one is killed, the other takes
+//! over), and the embedded broker with `--produce` and `--stop-when-idle`.
+//!
+//! The broker is a `MockCluster` started by the test process (the `sluice`
+//! processes connect to its address). Tests wait by polling a consumer or
+//! the processes' stderr lines under a deadline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use sluice_test_support::{FunctionFixture, agent_binary, function_fixture};
+
+/// Longest wait for one expected outcome (joins, rebalances after a member
+/// vanished, processing).
+const DEADLINE: Duration = Duration::from_secs(90);
+
+// ---------------------------------------------------------------------------
+// `sluice run` processes.
+
+/// Lines a process wrote to stderr, with a condition variable to wait on.
+#[derive(Default)]
+struct Lines {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+impl Lines {
+    fn snapshot(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Wait until some line satisfies `pred`; false at the deadline.
+    fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if lines.iter().any(|l| pred(l)) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            lines = self
+                .changed
+                .wait_timeout(lines, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// A running `sluice run`.
+struct Sluice {
+    name: &'static str,
+    pid: Pid,
+    exited: mpsc::Receiver<ExitStatus>,
+    status: Option<ExitStatus>,
+    stderr: Arc<Lines>,
+    /// Signalled when stderr reached its end.
+    stderr_done: mpsc::Receiver<()>,
+}
+
+impl Sluice {
+    fn start(name: &'static str, args: &[&str], pipeline: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .env("SLUICE_AGENT", agent_binary())
+            .arg("run")
+            .arg(pipeline)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting sluice run");
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        let stderr = Arc::new(Lines::default());
+        let pipe = child.stderr.take().expect("piped stderr");
+        let sink = stderr.clone();
+        let (done, stderr_done) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                sink.lines
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(line);
+                sink.changed.notify_all();
+            }
+            let _ = done.send(());
+        });
+        let (tx, exited) = mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = tx.send(status);
+            }
+        });
+        Self {
+            name,
+            pid,
+            exited,
+            status: None,
+            stderr,
+            stderr_done,
+        }
+    }
+
+    fn log(&self) -> String {
+        format!(
+            "--- stderr of {} ---\n{}",
+            self.name,
+            self.stderr.snapshot().join("\n")
+        )
+    }
+
+    fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) {
+        assert!(
+            self.stderr.wait_line(DEADLINE, pred),
+            "{}: timed out waiting for {what}\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
+    fn signal(&self, sig: Signal) {
+        kill(self.pid, sig).unwrap_or_else(|e| panic!("{sig} to {}: {e}", self.name));
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        let status = self.exited.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+            panic!(
+                "{} did not exit within {DEADLINE:?}\n{}",
+                self.name,
+                self.log()
+            )
+        });
+        self.status = Some(status);
+        // Everything it wrote, read.
+        let _ = self.stderr_done.recv_timeout(Duration::from_secs(10));
+        status
+    }
+
+    /// Record values the function saw, from its `SEEN` lines (`[f] SEEN
+    /// in-0@3 value`).
+    fn seen(&self) -> Vec<(String, String)> {
+        self.stderr
+            .snapshot()
+            .iter()
+            .filter_map(|l| l.split_once("SEEN ").map(|(_, rest)| rest))
+            .filter_map(|rest| rest.split_once(' '))
+            .map(|(id, v)| (id.to_owned(), v.to_owned()))
+            .collect()
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        if self.status.is_none() && self.exited.try_recv().is_err() {
+            let _ = kill(self.pid, Signal::SIGKILL);
+            let _ = self.exited.recv_timeout(Duration::from_secs(10));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The broker.
+
+struct Kafka {
+    _cluster: MockCluster<'static, DefaultProducerContext>,
+    servers: String,
+    producer: BaseProducer,
+}
+
+impl Kafka {
+    fn start(topics: &[(&str, i32)]) -> Self {
+        let cluster = MockCluster::new(1).expect("starting a mock cluster");
+        for (t, p) in topics {
+            cluster
+                .create_topic(t, *p, 1)
+                .unwrap_or_else(|e| panic!("creating topic {t}: {e}"));
+        }
+        let servers = cluster.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &servers)
+            .set("message.timeout.ms", "20000")
+            .create()
+            .expect("producer");
+        Self {
+            _cluster: cluster,
+            servers,
+            producer,
+        }
+    }
+
+    fn produce(&self, topic: &str, partition: i32, value: &str) {
+        let rec: BaseRecord<'_, str, str> =
+            BaseRecord::to(topic).partition(partition).payload(value);
+        self.producer
+            .send(rec)
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+    }
+
+    fn flush(&self) {
+        self.producer
+            .flush(Duration::from_secs(20))
+            .expect("flushing the producer");
+    }
+
+    /// A reader of a one-partition output topic holding echoed Kafka events.
+    fn output_reader(&self, topic: &str) -> OutputReader {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .set("group.id", "sluice-test-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)
+            .expect("offset");
+        consumer.assign(&tpl).expect("assign");
+        OutputReader {
+            consumer,
+            counts: BTreeMap::new(),
+            events: 0,
+        }
+    }
+}
+
+/// Reads echoed events from an output topic and counts the record values
+/// they carry.
+struct OutputReader {
+    consumer: BaseConsumer,
+    /// Decoded record value → times seen in the output.
+    counts: BTreeMap<String, usize>,
+    events: usize,
+}
+
+impl OutputReader {
+    /// Read until `pred` holds for the counts; panics at the deadline with
+    /// `context()` in the message.
+    fn until(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&BTreeMap<String, usize>) -> bool,
+        context: impl Fn() -> String,
+    ) {
+        let deadline = Instant::now() + DEADLINE;
+        while !pred(&self.counts) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {} distinct records in {} events\n{}",
+                self.counts.len(),
+                self.events,
+                context()
+            );
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    self.events += 1;
+                    let event: serde_json::Value =
+                        serde_json::from_slice(m.payload().unwrap_or_default())
+                            .expect("an echoed Kafka event");
+                    for list in event["records"].as_object().expect("records").values() {
+                        for r in list.as_array().expect("a record list") {
+                            let b64 = r["value"].as_str().expect("value");
+                            let v = STANDARD.decode(b64).expect("base64");
+                            let v = String::from_utf8(v).expect("UTF-8");
+                            *self.counts.entry(v).or_default() += 1;
+                        }
+                    }
+                }
+                Some(Err(e)) => panic!("reading the output topic: {e}"),
+                None => {}
+            }
+        }
+    }
+}
+
+fn has_all(counts: &BTreeMap<String, usize>, want: &[String]) -> bool {
+    want.iter().all(|v| counts.contains_key(v))
+}
+
+/// A pipeline file with function `f` (misbehave in Kafka `mode`) and one
+/// trigger; `trigger` adds fields.
+fn write_pipeline(dir: &Path, f: &FunctionFixture, mode: &str, trigger: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[functions.f]
+path = {path:?}
+timeout = "30s"
+env = {{ MISBEHAVE_KAFKA = "{mode}", MISBEHAVE_SLOW_MS = "300" }}
+
+[[trigger.kafka]]
+function = "f"
+topics = ["in"]
+{trigger}
+"#,
+        path = f.dir,
+    );
+    let p = dir.join("pipeline.toml");
+    std::fs::write(&p, text).expect("writing the pipeline");
+    p
+}
+
+/// Trigger fields for the test's mock cluster, with fast group timeouts.
+fn external(servers: &str, group: &str) -> String {
+    format!(
+        r#"bootstrap_servers = "{servers}"
+group_id = "{group}"
+starting_position = "earliest"
+batch_window = "50ms"
+output_topic = "out"
+
+[trigger.kafka.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+"#
+    )
+}
+
+fn values(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Tests.
+
+/// kill -9 while batches are in flight, then restart with the same group:
+/// every record reaches the output topic (at least once), and SIGTERM then
+/// drains and exits 0.
+#[test]
+fn kill_9_mid_batch_then_restart_loses_nothing() {
+    let kafka = Kafka::start(&[("in", 3), ("out", 1)]);
+    let fixture = function_fixture("misbehave");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let want = values("r", 200);
+    for (i, v) in want.iter().enumerate() {
+        kafka.produce("in", (i % 3) as i32, v);
+    }
+    kafka.flush();
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &fixture,
+        "slow",
+        &format!("batch_size = 5\n{}", external(&kafka.servers, "g")),
+    );
+    let mut out = kafka.output_reader("out");
+
+    let mut first = Sluice::start("first run", &[], &pipeline);
+    out.until("some output", |c| !c.is_empty(), || first.log());
+    first.signal(Signal::SIGKILL);
+    let status = first.wait_exit();
+    assert_eq!(status.code(), None, "killed by a signal");
+    let before = out.counts.len();
+    assert!(
+        before < want.len(),
+        "the first run finished before it was killed; nothing was tested"
+    );
+    // The function logs a batch when it starts it: more records seen than
+    // output means batches were in flight at the kill.
+    assert!(
+        first.seen().len() > before,
+        "no batch was in flight when the first run was killed"
+    );
+
+    let mut second = Sluice::start("second run", &[], &pipeline);
+    out.until(
+        "every record in the output",
+        |c| has_all(c, &want),
+        || format!("{}\n{}", first.log(), second.log()),
+    );
+    second.signal(Signal::SIGTERM);
+    let status = second.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", second.log());
+    second.wait_line("the final count", |l| l.contains("stopped after"));
+    let extra: Vec<&String> = out.counts.keys().filter(|v| !want.contains(v)).collect();
+    assert!(extra.is_empty(), "unexpected records: {extra:?}");
+}
+
+/// Two processes share the group (4 partitions) and both process records;
+/// after one is killed, the other takes over its partitions and processes
+/// every later record.
+#[test]
+fn two_processes_share_partitions_and_take_over_after_a_kill() {
+    let kafka = Kafka::start(&[("in", 4), ("out", 1)]);
+    let fixture = function_fixture("misbehave");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &fixture,
+        "echo",
+        &format!("batch_size = 10\n{}", external(&kafka.servers, "g")),
+    );
+    let mut out = kafka.output_reader("out");
+
+    let mut a = Sluice::start("A", &[], &pipeline);
+    a.wait_line("A's first assignment", |l| {
+        l.contains("partitions assigned")
+    });
+    let mut b = Sluice::start("B", &[], &pipeline);
+    b.wait_line("B's assignment", |l| l.contains("partitions assigned"));
+
+    let first = values("a", 100);
+    for (i, v) in first.iter().enumerate() {
+        kafka.produce("in", (i % 4) as i32, v);
+    }
+    kafka.flush();
+    out.until(
+        "the first records",
+        |c| has_all(c, &first),
+        || format!("{}\n{}", a.log(), b.log()),
+    );
+    let by_a = a.seen();
+    let by_b = b.seen();
+    assert!(
+        !by_a.is_empty() && !by_b.is_empty(),
+        "both processes should have processed records: A {} B {}\n{}\n{}",
+        by_a.len(),
+        by_b.len(),
+        a.log(),
+        b.log()
+    );
+    let partitions = |seen: &[(String, String)]| -> BTreeSet<String> {
+        seen.iter()
+            .filter_map(|(id, _)| id.split_once('@').map(|(tp, _)| tp.to_owned()))
+            .collect()
+    };
+    assert!(
+        partitions(&by_a).is_disjoint(&partitions(&by_b)),
+        "A and B processed the same partitions: A {:?} B {:?}",
+        partitions(&by_a),
+        partitions(&by_b)
+    );
+
+    b.signal(Signal::SIGKILL);
+    assert_eq!(b.wait_exit().code(), None, "killed by a signal");
+    let second = values("b", 100);
+    for (i, v) in second.iter().enumerate() {
+        kafka.produce("in", (i % 4) as i32, v);
+    }
+    kafka.flush();
+    out.until(
+        "the records produced after the kill",
+        |c| has_all(c, &second),
+        || format!("{}\n{}", a.log(), b.log()),
+    );
+    let by_a: BTreeSet<String> = a.seen().into_iter().map(|(_, v)| v).collect();
+    let missing: Vec<&String> = second.iter().filter(|v| !by_a.contains(*v)).collect();
+    assert!(missing.is_empty(), "A did not process {missing:?}");
+
+    a.signal(Signal::SIGTERM);
+    assert_eq!(a.wait_exit().code(), Some(0), "{}", a.log());
+}
+
+/// The embedded broker: `--produce` loads a file, `--stop-when-idle` stops
+/// once everything was processed; the exit code is 0 and the count is
+/// reported.
+#[test]
+fn embedded_broker_produce_and_stop_when_idle() {
+    let fixture = function_fixture("misbehave");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &fixture,
+        "echo",
+        "starting_position = \"earliest\"\nbatch_window = \"50ms\"\n",
+    );
+    let data = tmp.path().join("records.jsonl");
+    let lines: Vec<String> = (0..25).map(|i| format!(r#"{{"n":{i}}}"#)).collect();
+    std::fs::write(&data, lines.join("\n") + "\n").expect("writing records");
+
+    let mut run = Sluice::start(
+        "sluice run",
+        &[
+            "--produce",
+            &format!("in={}", data.display()),
+            "--stop-when-idle",
+            "1s",
+        ],
+        &pipeline,
+    );
+    let status = run.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", run.log());
+    let log = run.stderr.snapshot();
+    assert!(
+        log.iter().any(|l| l.contains("loaded 25 records")),
+        "{}",
+        run.log()
+    );
+    assert!(
+        log.iter().any(|l| l.contains("stopped after 25 records")),
+        "{}",
+        run.log()
+    );
+    let mut seen: Vec<String> = run.seen().into_iter().map(|(_, v)| v).collect();
+    seen.sort();
+    let mut want = lines.clone();
+    want.sort();
+    assert_eq!(seen, want, "each record processed once");
+}
