@@ -457,6 +457,8 @@ impl Run {
             metrics: Metrics::new(),
             servers,
             activity: activity.clone(),
+            // Low, so that partitions are paused and resumed in these tests.
+            max_buffered_records: 1000,
         };
         let (stop, rx) = watch::channel(false);
         let task = rt.spawn(run_trigger(trigger, env, rx));
@@ -1176,8 +1178,9 @@ fn graceful_shutdown_commits_end_offsets() {
     assert_eq!(s.kafka.committed("g", "in", 3), end);
 }
 
-/// More records than a lane buffers (the poll thread pauses the partition
-/// at 1000 unfinished records and resumes it at 500): all are processed, in
+/// More records than a lane buffers (with `max_buffered_records = 1000` the
+/// poll thread pauses the partition at 1000 unfinished records and resumes it
+/// at 500): all are processed, in
 /// order, and committed.
 #[test]
 fn backlog_pause_and_resume_loses_nothing() {

@@ -348,6 +348,7 @@ pub async fn kafka(pipeline: &Path, function: &str, records: usize, batch_sizes:
             metrics: metrics.clone(),
             servers: servers.clone(),
             activity: activity.clone(),
+            max_buffered_records: k::DEFAULT_MAX_BUFFERED_RECORDS,
         };
         let task = tokio::spawn(k::run_trigger(bp.kafka_triggers[0].clone(), env, rx));
         let deadline = Instant::now() + Duration::from_secs(300);

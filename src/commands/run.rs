@@ -181,6 +181,7 @@ pub async fn run(args: RunArgs) -> u8 {
             metrics: registry.clone(),
             servers: servers_of(&t),
             activity: activity.clone(),
+            max_buffered_records: kafka::DEFAULT_MAX_BUFFERED_RECORDS,
         };
         tasks.spawn(kafka::run_trigger(t, env, shutdown_rx.clone()));
     }

@@ -324,7 +324,15 @@ pub struct TriggerEnv {
     pub servers: String,
     /// Shared activity counters.
     pub activity: Arc<Activity>,
+    /// Records buffered per partition (received, not finished) before the
+    /// partition is paused; it resumes at half. At least a few batches per
+    /// sub-lane is enforced. See [`DEFAULT_MAX_BUFFERED_RECORDS`].
+    pub max_buffered_records: usize,
 }
+
+/// Default of [`TriggerEnv::max_buffered_records`]: pausing makes the next
+/// fetch wait, so it should be rare.
+pub const DEFAULT_MAX_BUFFERED_RECORDS: usize = 20_000;
 
 /// Run one Kafka trigger until `shutdown` turns true, then drain and commit.
 pub async fn run_trigger(
@@ -359,7 +367,9 @@ pub async fn run_trigger(
         None
     };
     let (control_tx, control_rx) = mpsc::channel();
-    let high_water = (trigger.batch_size as usize * 4).max(1000);
+    let high_water = env
+        .max_buffered_records
+        .max(trigger.batch_size as usize * trigger.parallelization_factor.max(1) as usize * 2);
     let function_timeout = Duration::from_secs(900);
     let shared = Arc::new(TriggerShared {
         executor: env.executor.clone(),
@@ -387,7 +397,10 @@ pub async fn run_trigger(
                 StartingPosition::Earliest | StartingPosition::Timestamp(_) => "earliest",
             },
         )
-        .set("isolation.level", "read_committed");
+        .set("isolation.level", "read_committed")
+        // Low latency at the end of the log (librdkafka waits 500 ms by
+        // default); overridable through the trigger's properties.
+        .set("fetch.wait.max.ms", "50");
     for (k, v) in &props {
         cfg.set(k, v);
     }
