@@ -400,17 +400,19 @@ impl Executor {
         )
     }
 
+    fn all_states(&self) -> Vec<Arc<FunctionState>> {
+        let map = self
+            .inner
+            .functions
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+
     /// Stop idle sandboxes that have been idle for at least their function's
     /// `idle_timeout` at `now`. Returns how many were stopped.
     pub async fn reap_idle(&self, now: Instant) -> usize {
-        let states: Vec<_> = {
-            let map = self
-                .inner
-                .functions
-                .read()
-                .unwrap_or_else(|p| p.into_inner());
-            map.values().cloned().collect()
-        };
+        let states = self.all_states();
         let mut reaped = Vec::new();
         for st in states {
             let mut idle = st.idle_lock();
@@ -468,14 +470,7 @@ impl Executor {
     /// their invocation ends.
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
-        let states: Vec<_> = {
-            let map = self
-                .inner
-                .functions
-                .read()
-                .unwrap_or_else(|p| p.into_inner());
-            map.values().cloned().collect()
-        };
+        let states = self.all_states();
         for st in states {
             let idle: Vec<_> = st.idle_lock().drain().flat_map(|(_, v)| v).collect();
             for i in idle {

@@ -17,3 +17,20 @@ pub mod metrics;
 pub mod record;
 
 pub use error::IngestError;
+
+/// Executor settings of a function declared in a pipeline file.
+pub fn function_spec(f: &sluice_pipeline::FunctionConfig) -> sluice_executor::FunctionSpec {
+    let mut s = sluice_executor::FunctionSpec::new(f.name.clone(), f.path.clone());
+    s.memory_mb = f.memory_mb;
+    s.timeout = f.timeout;
+    s.init_timeout = f.init_timeout;
+    s.concurrency = f.concurrency;
+    s.max_queue = f.max_queue;
+    s.idle_timeout = f.idle_timeout;
+    s.env = f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    s.tenant = f.tenant.clone();
+    s.handler = f.handler.clone();
+    s.max_processes = f.max_processes;
+    s.tmp_mb = f.tmp_mb;
+    s
+}

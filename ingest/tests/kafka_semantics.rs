@@ -21,11 +21,11 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
-use sluice_executor::{Executor, FunctionSpec, LogLine, LogSink, LogStream};
+use sluice_executor::{Executor, LogLine, LogSink, LogStream};
 use sluice_ingest::IngestError;
 use sluice_ingest::kafka::{Activity, TriggerEnv, run_trigger};
 use sluice_ingest::metrics::Metrics;
-use sluice_pipeline::{BootstrapServers, FunctionConfig, Pipeline};
+use sluice_pipeline::{BootstrapServers, Pipeline};
 use sluice_test_support::{FunctionFixture, agent_binary, function_fixture};
 use tempfile::TempDir;
 use tokio::sync::watch;
@@ -406,23 +406,6 @@ group_id = "{group}"
     Pipeline::parse(&text, &file).unwrap_or_else(|e| panic!("{e}\n--- pipeline ---\n{text}"))
 }
 
-/// `sluice`'s FunctionConfig → FunctionSpec (as in `src/commands/mod.rs`).
-fn spec_of(f: &FunctionConfig) -> FunctionSpec {
-    let mut s = FunctionSpec::new(f.name.clone(), f.path.clone());
-    s.memory_mb = f.memory_mb;
-    s.timeout = f.timeout;
-    s.init_timeout = f.init_timeout;
-    s.concurrency = f.concurrency;
-    s.max_queue = f.max_queue;
-    s.idle_timeout = f.idle_timeout;
-    s.env = f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    s.tenant = f.tenant.clone();
-    s.handler = f.handler.clone();
-    s.max_processes = f.max_processes;
-    s.tmp_mb = f.tmp_mb;
-    s
-}
-
 /// A running trigger.
 struct Run {
     rt: tokio::runtime::Runtime,
@@ -445,7 +428,7 @@ impl Run {
         cfg.log_lines_per_sec = 100_000;
         let executor = Executor::with_log_sink(Arc::new(ProcessBackend::new(cfg)), log.sink());
         for f in p.functions.values() {
-            executor.register(spec_of(f));
+            executor.register(sluice_ingest::function_spec(f));
         }
         let trigger = p.kafka_triggers[0].clone();
         let BootstrapServers::Servers(servers) = trigger.bootstrap_servers.clone() else {

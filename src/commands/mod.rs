@@ -12,25 +12,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
-use sluice_executor::{Executor, FunctionSpec, LogSink, locate_agent};
-use sluice_pipeline::{Backend, FunctionConfig, Pipeline};
-
-/// Executor settings of a declared function.
-pub fn spec_of(f: &FunctionConfig) -> FunctionSpec {
-    let mut s = FunctionSpec::new(f.name.clone(), f.path.clone());
-    s.memory_mb = f.memory_mb;
-    s.timeout = f.timeout;
-    s.init_timeout = f.init_timeout;
-    s.concurrency = f.concurrency;
-    s.max_queue = f.max_queue;
-    s.idle_timeout = f.idle_timeout;
-    s.env = f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    s.tenant = f.tenant.clone();
-    s.handler = f.handler.clone();
-    s.max_processes = f.max_processes;
-    s.tmp_mb = f.tmp_mb;
-    s
-}
+use sluice_executor::{Executor, LogSink, locate_agent};
+use sluice_pipeline::{Backend, Pipeline};
 
 /// The process backend with the agent found next to this binary.
 pub fn process_backend() -> Result<ProcessBackend> {
@@ -49,7 +32,7 @@ pub fn executor_for(pipeline: &Pipeline, logs: LogSink) -> Result<Executor> {
     }
     let ex = Executor::with_log_sink(Arc::new(process_backend()?), logs);
     for f in pipeline.functions.values() {
-        ex.register(spec_of(f));
+        ex.register(sluice_ingest::function_spec(f));
     }
     Ok(ex)
 }

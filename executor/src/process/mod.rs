@@ -467,6 +467,22 @@ impl ProcessSandbox {
         err
     }
 
+    /// The sandbox ended during init: out of memory, or an exit error.
+    fn init_exit(&self, message: String) -> InvokeError {
+        if self.oom() {
+            InvokeError::OutOfMemory {
+                function: self.function.clone(),
+                limit_mb: self.memory_mb,
+            }
+        } else {
+            InvokeError::InitFailed {
+                function: self.function.clone(),
+                error_type: "Runtime.ExitError".into(),
+                message,
+            }
+        }
+    }
+
     async fn init_failure(&mut self, got: Option<FrameResult>) -> InvokeError {
         let function = self.function.clone();
         let err = match got {
@@ -484,18 +500,7 @@ impl ProcessSandbox {
                 }
             }
             Some(Ok(Message::Exited(status))) => {
-                if self.oom() {
-                    InvokeError::OutOfMemory {
-                        function: function.clone(),
-                        limit_mb: self.memory_mb,
-                    }
-                } else {
-                    InvokeError::InitFailed {
-                        function: function.clone(),
-                        error_type: "Runtime.ExitError".into(),
-                        message: format!("bootstrap {} during init", describe(status)),
-                    }
-                }
+                self.init_exit(format!("bootstrap {} during init", describe(status)))
             }
             Some(Ok(Message::Fatal { message })) => {
                 sandbox_err(&function, SandboxError::Setup { message })
@@ -508,18 +513,7 @@ impl ProcessSandbox {
             ),
             Some(Err(SandboxError::ChannelClosed)) => {
                 let detail = self.exit_detail().await;
-                if self.oom() {
-                    InvokeError::OutOfMemory {
-                        function: function.clone(),
-                        limit_mb: self.memory_mb,
-                    }
-                } else {
-                    InvokeError::InitFailed {
-                        function: function.clone(),
-                        error_type: "Runtime.ExitError".into(),
-                        message: format!("sandbox ended during init ({detail})"),
-                    }
-                }
+                self.init_exit(format!("sandbox ended during init ({detail})"))
             }
             Some(Err(e)) => sandbox_err(&function, e),
         };
