@@ -148,10 +148,35 @@ impl Partition {
         for h in handles {
             let _ = h.await;
         }
-        self.commit();
+        self.commit().await;
     }
 
-    fn commit(&self) {
+    async fn commit(&self) {
+        if let Some(txn) = &self.shared.txn {
+            // Offsets of records finished without output (filtered, on the
+            // on-failure topic) go in an offsets-only transaction.
+            let next = self
+                .tracker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .committable_after(&[]);
+            if let Some(next) = next {
+                match txn
+                    .commit(None, &[], &self.topic, self.partition, Some(next))
+                    .await
+                {
+                    Ok(()) => self
+                        .tracker
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .mark_committed(next),
+                    Err(e) => {
+                        tracing::warn!(trigger = %self.shared.trigger.name, "offsets transaction failed (retried with the next batch): {e}")
+                    }
+                }
+            }
+            return;
+        }
         let next = self
             .tracker
             .lock()
@@ -240,7 +265,7 @@ impl Partition {
             }
             if !batch.is_empty() {
                 self.process(batch).await;
-                self.commit();
+                self.commit().await;
             }
         }
     }
@@ -389,7 +414,12 @@ impl Partition {
                                 *tp == r.topic && *p == r.partition && *o == r.offset
                             })
                         });
-                        if !self.output(&resp.payload).await {
+                        let produced = if self.shared.txn.is_some() {
+                            self.transact(&good, &resp.payload).await
+                        } else {
+                            self.output(&resp.payload).await
+                        };
+                        if !produced {
                             return false;
                         }
                         self.shared
@@ -421,7 +451,11 @@ impl Partition {
 
     async fn succeeded(&self, recs: &[Record], response: &[u8], started: Instant) -> bool {
         let t = &self.shared.trigger;
-        if !self.output(response).await {
+        if self.shared.txn.is_some() {
+            if !self.transact(recs, response).await {
+                return false;
+            }
+        } else if !self.output(response).await {
             return false;
         }
         self.shared.metrics.batch(&t.name, BatchOutcome::Success);
@@ -530,6 +564,57 @@ impl Partition {
         );
         self.finish(&recs);
         true
+    }
+
+    /// `exactly_once`: produce the response and commit the offsets that
+    /// finishing `recs` makes committable, in one transaction; retried (each
+    /// failed attempt aborted) until it commits or the lane stops.
+    async fn transact(&self, recs: &[Record], response: &[u8]) -> bool {
+        let Some(txn) = &self.shared.txn else {
+            return true;
+        };
+        let t = &self.shared.trigger;
+        let out = output_records(response);
+        let offsets: Vec<i64> = recs.iter().map(|r| r.offset).collect();
+        let mut delay = t.retry_backoff;
+        loop {
+            let next = self
+                .tracker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .committable_after(&offsets);
+            // Records above an unfinished one: their offsets wait for a later
+            // transaction; the output is still produced now, atomically.
+            let result = txn
+                .commit(
+                    t.output_topic.as_deref(),
+                    &out,
+                    &self.topic,
+                    self.partition,
+                    next,
+                )
+                .await;
+            match result {
+                Ok(()) => {
+                    if let Some(next) = next {
+                        self.tracker
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .mark_committed(next);
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(trigger = %t.name, "transaction aborted, retrying: {e}");
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => return false,
+                    }
+                    delay = (delay * 2).min(t.retry_backoff_max);
+                }
+            }
+        }
     }
 
     /// Produce the function's response to the output topic, if any.

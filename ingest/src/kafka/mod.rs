@@ -25,6 +25,7 @@ mod embedded;
 mod lane;
 mod offsets;
 mod sink;
+mod txn;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -106,6 +107,9 @@ struct TriggerShared {
     executor: Executor,
     metrics: Arc<Metrics>,
     sink: Option<Sink>,
+    /// With `exactly_once`: output and offsets in one transaction; the
+    /// consumer never commits by itself.
+    txn: Option<txn::Transactional>,
     servers: String,
     control: mpsc::Sender<Control>,
     activity: Arc<Activity>,
@@ -175,6 +179,9 @@ impl ConsumerContext for Ctx {
                         lane::spawn(self.shared.clone(), t.clone(), *p, skip_before)
                     });
                 }
+            }
+            if let (Some(txn), Some(g)) = (&self.shared.txn, consumer.group_metadata()) {
+                txn.set_group(g);
             }
             self.shared.activity.touch();
             if !self.first_assignment.swap(true, Ordering::SeqCst) {
@@ -340,12 +347,6 @@ pub async fn run_trigger(
     env: TriggerEnv,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
-    if trigger.exactly_once {
-        return Err(IngestError::Config {
-            trigger: trigger.name.clone(),
-            message: "exactly_once is not supported yet: use at-least-once delivery with an idempotent consumer of the output topic".into(),
-        });
-    }
     let name = trigger.name.clone();
     let kerr = |what: &str| {
         let name = name.clone();
@@ -366,6 +367,17 @@ pub async fn run_trigger(
     } else {
         None
     };
+    if trigger.exactly_once && trigger.parallelization_factor > 1 {
+        return Err(IngestError::Config {
+            trigger: trigger.name.clone(),
+            message: "exactly_once needs parallelization_factor = 1: with concurrent batches in a partition, an output could be committed before the offsets below it".into(),
+        });
+    }
+    let txn = if trigger.exactly_once {
+        Some(txn::Transactional::start(&name, &trigger.group_id, &env.servers, &props).await?)
+    } else {
+        None
+    };
     let (control_tx, control_rx) = mpsc::channel();
     let high_water = env
         .max_buffered_records
@@ -375,6 +387,7 @@ pub async fn run_trigger(
         executor: env.executor.clone(),
         metrics: env.metrics.clone(),
         sink,
+        txn,
         servers: env.servers.clone(),
         control: control_tx,
         activity: env.activity.clone(),

@@ -30,6 +30,25 @@ impl OffsetTracker {
         self.pending.len()
     }
 
+    /// The offset that would be committable once `offsets` are finished,
+    /// if it is ahead of the last commit (nothing is changed).
+    pub fn committable_after(&self, offsets: &[i64]) -> Option<i64> {
+        let next = match self.pending.iter().find(|o| !offsets.contains(o)) {
+            Some(&lowest) => lowest,
+            None => self.highest? + 1,
+        };
+        if self.committed.is_some_and(|c| c >= next) {
+            None
+        } else {
+            Some(next)
+        }
+    }
+
+    /// Record that `next` was committed by other means (a transaction).
+    pub fn mark_committed(&mut self, next: i64) {
+        self.committed = Some(self.committed.map_or(next, |c| c.max(next)));
+    }
+
     /// The next offset to commit if it moved forward since the last call
     /// (Kafka commits name the next record to read).
     pub fn take_committable(&mut self) -> Option<i64> {
@@ -66,5 +85,19 @@ mod tests {
         t.finished(13);
         assert_eq!(t.take_committable(), Some(15));
         assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn committable_after_looks_ahead_without_changing_anything() {
+        let mut t = OffsetTracker::default();
+        for o in 0..4 {
+            t.dispatched(o);
+        }
+        assert_eq!(t.committable_after(&[0, 1]), Some(2));
+        assert_eq!(t.committable_after(&[1]), Some(0));
+        assert_eq!(t.committable_after(&[0, 1, 2, 3]), Some(4));
+        t.mark_committed(2);
+        assert_eq!(t.committable_after(&[0, 1]), None);
+        assert_eq!(t.pending(), 4);
     }
 }

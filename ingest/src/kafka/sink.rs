@@ -58,23 +58,9 @@ impl Sink {
     pub async fn send_all(&self, topic: &str, records: &[OutRecord]) -> Result<(), KafkaError> {
         let mut futures = std::collections::VecDeque::with_capacity(records.len());
         for r in records {
-            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-            for (k, v) in &r.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
-            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-            if let Some(k) = &r.key {
-                rec = rec.key(k.as_slice());
-            }
-            if let Some(v) = &r.value {
-                rec = rec.payload(v.as_slice());
-            }
+            let mut rec = future_record(topic, r);
             // Enqueue now (the delivery is awaited below); on a full local
             // queue, wait for the oldest deliveries and try again.
-            let mut rec = rec;
             loop {
                 match self.producer.send_result(rec) {
                     Ok(f) => {
@@ -99,7 +85,26 @@ impl Sink {
     }
 }
 
-fn check<E>(
+/// The rdkafka record for `r`, borrowing its bytes.
+pub(super) fn future_record<'a>(topic: &'a str, r: &'a OutRecord) -> FutureRecord<'a, [u8], [u8]> {
+    let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+    for (k, v) in &r.headers {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+    if let Some(k) = &r.key {
+        rec = rec.key(k.as_slice());
+    }
+    if let Some(v) = &r.value {
+        rec = rec.payload(v.as_slice());
+    }
+    rec
+}
+
+pub(super) fn check<E>(
     delivery: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>,
 ) -> Result<(), KafkaError> {
     match delivery {
