@@ -117,6 +117,9 @@ enum BenchCommand {
         /// Spawn-per-call calls to measure.
         #[arg(long, default_value_t = 100)]
         spawn_iterations: usize,
+        /// The event: JSON text or `@FILE` (default: a small JSON object).
+        #[arg(long)]
+        payload: Option<String>,
     },
     /// Records/s through a no-op function at several batch sizes, next to a
     /// plain rdkafka consumer (the ceiling), on the embedded broker.
@@ -191,7 +194,17 @@ fn main() -> ExitCode {
                 function,
                 iterations,
                 spawn_iterations,
-            }) => commands::bench::invoke(&pipeline, &function, iterations, spawn_iterations).await,
+                payload,
+            }) => {
+                commands::bench::invoke(
+                    &pipeline,
+                    &function,
+                    iterations,
+                    spawn_iterations,
+                    payload.as_deref(),
+                )
+                .await
+            }
             Command::Bench(BenchCommand::Kafka {
                 pipeline,
                 function,

@@ -89,6 +89,7 @@ pub async fn invoke(
     function: &str,
     iterations: usize,
     spawn_iterations: usize,
+    payload: Option<&str>,
 ) -> u8 {
     let p = match super::load_pipeline(pipeline) {
         Ok(p) => p,
@@ -109,7 +110,16 @@ pub async fn invoke(
             return exit::INVOKE_FAILED;
         }
     };
-    let payload = br#"{"hello":"world","n":42}"#.to_vec();
+    let payload = match payload {
+        None => br#"{"hello":"world","n":42}"#.to_vec(),
+        Some(p) => match super::invoke::read_payload(Some(p)) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::USAGE;
+            }
+        },
+    };
     println!(
         "sluice bench invoke: function {function} ({}), payload {} bytes",
         f.path.display(),

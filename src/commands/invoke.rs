@@ -8,7 +8,7 @@ use sluice_executor::{InvokeError, InvokeOptions, LogLine, LogStream};
 
 use crate::exit;
 
-fn read_payload(arg: Option<&str>) -> Result<Vec<u8>, String> {
+pub(crate) fn read_payload(arg: Option<&str>) -> Result<Vec<u8>, String> {
     match arg {
         None => Ok(b"{}".to_vec()),
         Some("-") => {
