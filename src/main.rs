@@ -95,6 +95,48 @@ enum Command {
         #[arg(long)]
         kafka: Option<String>,
     },
+    /// Call a function on every item of existing data sets (Parquet, CSV,
+    /// JSON lines, text), at least once, resumable.
+    Backfill {
+        /// The pipeline file declaring the function.
+        #[arg(long, short)]
+        pipeline: PathBuf,
+        /// Function name.
+        #[arg(long, short)]
+        function: String,
+        /// Source file or glob pattern (sorted). Repeatable.
+        #[arg(long, required = true)]
+        source: Vec<String>,
+        /// parquet, csv (with header), jsonl or text.
+        #[arg(long)]
+        format: sluice_taskgen::Format,
+        /// Items per call.
+        #[arg(long, default_value_t = 100)]
+        max_items_per_call: usize,
+        /// Calls in flight (default: the function's concurrency).
+        #[arg(long)]
+        max_concurrency: Option<usize>,
+        /// Progress database (default: .sluice-backfill-<hash>.redb next to
+        /// the first source file).
+        #[arg(long)]
+        progress: Option<PathBuf>,
+        /// Dead-letter JSON lines file (default: the progress path with
+        /// .dead.jsonl).
+        #[arg(long)]
+        dead_letter: Option<PathBuf>,
+        /// Attempts per call for retryable errors.
+        #[arg(long, default_value_t = 3)]
+        max_attempts: u32,
+        /// Stop with exit code 3 once more calls than this have failed.
+        #[arg(long)]
+        tolerated_failure_count: Option<u64>,
+        /// Print files, row groups, item and call counts; call nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not print the function's log lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -184,6 +226,36 @@ fn main() -> ExitCode {
                     key_field,
                     metrics_addr,
                     stop_when_idle,
+                    quiet,
+                })
+                .await
+            }
+            Command::Backfill {
+                pipeline,
+                function,
+                source,
+                format,
+                max_items_per_call,
+                max_concurrency,
+                progress,
+                dead_letter,
+                max_attempts,
+                tolerated_failure_count,
+                dry_run,
+                quiet,
+            } => {
+                commands::backfill::run(commands::backfill::BackfillArgs {
+                    pipeline,
+                    function,
+                    source,
+                    format,
+                    max_items_per_call,
+                    max_concurrency,
+                    progress,
+                    dead_letter,
+                    max_attempts,
+                    tolerated_failure_count,
+                    dry_run,
                     quiet,
                 })
                 .await

@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the glue from pipeline files to executor
 //! settings.
 
+pub mod backfill;
 pub mod bench;
 pub mod doctor;
 pub mod invoke;

@@ -1,9 +1,789 @@
-//! # sluice-taskgen: data sets to task calls (not built yet)
+//! # sluice-taskgen: data sets to task calls (`sluice backfill`)
 //!
-//! This crate will own the item readers behind `sluice backfill`: Parquet,
-//! CSV, JSON lines and text files read through `object_store`, items batched
-//! into calls, ordering by key and explicit dependencies, and a durable
-//! progress store so that every item is called at least once across crashes
-//! and restarts.
+//! This crate turns existing data sets into function calls so that every item
+//! is handled **at least once**, across crashes and restarts:
 //!
-//! Nothing is implemented yet (see issue "`sluice backfill`").
+//! ```text
+//! files (paths, globs; sorted)          reader thread             dispatcher (tokio)
+//!  Parquet / CSV / JSONL / text  ──▶  items → calls of ≤ N  ──▶  bounded channel ──▶ Semaphore(C)
+//!                                     (file, then row order)                         │
+//!                                                                  Executor::invoke ◀┘ (retries)
+//!                                                                    │ ok          │ gave up
+//!                                                       redb progress store   dead-letter JSONL
+//! ```
+//!
+//! - **Sources** are local files: plain paths or `glob` patterns, expanded
+//!   and sorted. (No `object_store` yet.)
+//! - **Items**: Parquet rows as JSON objects (through `arrow-json`), CSV
+//!   records as objects of strings keyed by the header, JSON lines (one value
+//!   per non-blank line), text lines (one JSON string per line). A line that
+//!   cannot be read (malformed JSON, bad CSV record, invalid UTF-8) is a
+//!   *failed item*: it goes to the dead-letter file with its `file:line`.
+//! - **Calls** cover a fixed range of item indices of one file, `first ..
+//!   first + max_items_per_call`, so the same input always gives the same
+//!   calls. The payload is
+//!   `{"items": [...], "batch": {"source", "first_item", "count", "call_id"}}`
+//!   and the call id is `"<file>#<first>"`.
+//! - **Progress**: each successful call id is committed to an embedded
+//!   [`redb`] database before the call counts as done; running the same
+//!   backfill again skips those calls. A call interrupted in flight is simply
+//!   called again: at least once, not exactly once.
+//! - **Failures**: a call is tried up to `max_attempts` times while its error
+//!   is [`InvokeError::retryable`]; then its items go to the dead-letter file
+//!   and it counts as failed. Past `tolerated_failure_count` failed calls
+//!   (unreadable items count as one each) the job stops with
+//!   [`BackfillError::TooManyFailures`].
+//! - **Memory** stays bounded: a reader thread feeds a channel of
+//!   `max_concurrency` calls, and at most `max_concurrency` calls run.
+
+mod progress;
+mod read;
+
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice_executor::{Executor, Fault, InvokeError, Response};
+use thiserror::Error;
+use tokio::sync::{Semaphore, mpsc};
+
+use progress::{DeadLetter, Progress};
+use read::Item;
+
+/// Input format of the source files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// Apache Parquet: each row is a JSON object.
+    Parquet,
+    /// CSV with a header line: each record is an object of strings.
+    Csv,
+    /// JSON lines: each non-blank line is a JSON value.
+    Jsonl,
+    /// Text: each line is a JSON string.
+    Text,
+}
+
+impl Format {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Parquet => "parquet",
+            Format::Csv => "csv",
+            Format::Jsonl => "jsonl",
+            Format::Text => "text",
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "parquet" => Ok(Format::Parquet),
+            "csv" => Ok(Format::Csv),
+            "jsonl" | "ndjson" => Ok(Format::Jsonl),
+            "text" | "txt" => Ok(Format::Text),
+            other => Err(format!(
+                "unknown format {other:?} (known: parquet, csv, jsonl, text)"
+            )),
+        }
+    }
+}
+
+/// An item that could not be read.
+#[derive(Debug, Clone, Error)]
+#[error("{}:{line}: {message}", file.display())]
+pub struct ItemError {
+    /// Source file.
+    pub file: PathBuf,
+    /// 1-based line number.
+    pub line: u64,
+    /// What is wrong with it.
+    pub message: String,
+    /// The line as read (lossy UTF-8).
+    pub raw: String,
+}
+
+/// Why a backfill could not run or stopped.
+#[derive(Debug, Error)]
+pub enum BackfillError {
+    /// A `--source` glob pattern is invalid.
+    #[error("invalid source pattern {pattern:?}: {message}")]
+    BadPattern {
+        /// The pattern.
+        pattern: String,
+        /// What the glob parser said.
+        message: String,
+    },
+    /// A `--source` matches no file.
+    #[error("no file matches {pattern:?}")]
+    NoFiles {
+        /// The path or pattern.
+        pattern: String,
+    },
+    /// An option is out of range.
+    #[error("invalid option: {0}")]
+    Config(String),
+    /// A source file cannot be read.
+    #[error("{}: {source}", file.display())]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A Parquet file is invalid or cannot be decoded.
+    #[error("{}: Parquet: {message}", file.display())]
+    Parquet {
+        /// The file.
+        file: PathBuf,
+        /// The decoder's message.
+        message: String,
+    },
+    /// A CSV file cannot be read any further.
+    #[error("{}:{line}: CSV: {message}", file.display())]
+    Csv {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line where reading stopped.
+        line: u64,
+        /// The parser's message.
+        message: String,
+    },
+    /// The progress database failed.
+    #[error("progress store {}: {source}", path.display())]
+    Progress {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<redb::Error>,
+    },
+    /// The dead-letter file cannot be written.
+    #[error("dead-letter file {}: {source}", path.display())]
+    DeadLetter {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// More calls failed than tolerated; the job stopped.
+    #[error(
+        "stopped: {failed} failed calls exceed the {tolerated} tolerated (last: {last_error}); see {}",
+        dead_letter.display()
+    )]
+    TooManyFailures {
+        /// Failed calls (and unreadable items) so far.
+        failed: u64,
+        /// `tolerated_failure_count`.
+        tolerated: u64,
+        /// The last failure.
+        last_error: String,
+        /// Where the failed items went.
+        dead_letter: PathBuf,
+        /// Counters when the job stopped.
+        summary: Box<Summary>,
+    },
+}
+
+impl BackfillError {
+    /// Who is at fault: [`Fault::User`] for bad options, input files and
+    /// failing functions; [`Fault::External`] for I/O and storage errors.
+    pub fn fault(&self) -> Fault {
+        match self {
+            BackfillError::BadPattern { .. }
+            | BackfillError::NoFiles { .. }
+            | BackfillError::Config(_)
+            | BackfillError::Parquet { .. }
+            | BackfillError::Csv { .. }
+            | BackfillError::TooManyFailures { .. } => Fault::User,
+            BackfillError::Read { .. }
+            | BackfillError::Progress { .. }
+            | BackfillError::DeadLetter { .. } => Fault::External,
+        }
+    }
+}
+
+/// What to backfill and how.
+#[derive(Debug, Clone)]
+pub struct BackfillConfig {
+    /// Registered function to call.
+    pub function: String,
+    /// Source files, in order (see [`resolve_sources`]).
+    pub sources: Vec<PathBuf>,
+    /// Input format.
+    pub format: Format,
+    /// Items per call (at least 1).
+    pub max_items_per_call: usize,
+    /// Calls in flight at once (at least 1).
+    pub max_concurrency: usize,
+    /// The redb progress database (see [`default_progress_path`]).
+    pub progress: PathBuf,
+    /// Dead-letter JSON lines file.
+    pub dead_letter: PathBuf,
+    /// Attempts per call (at least 1).
+    pub max_attempts: u32,
+    /// Failed calls allowed before the job stops; `None`: no limit.
+    pub tolerated_failure_count: Option<u64>,
+}
+
+/// Counters of a backfill run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Calls seen (including skipped ones).
+    pub calls_total: u64,
+    /// Calls that succeeded in this run.
+    pub calls_succeeded: u64,
+    /// Calls that gave up (items dead-lettered).
+    pub calls_failed: u64,
+    /// Retry attempts (beyond the first) made.
+    pub calls_retried: u64,
+    /// Calls skipped because an earlier run completed them.
+    pub calls_skipped: u64,
+    /// Items seen (including skipped and unreadable ones).
+    pub items_total: u64,
+    /// Items in calls that succeeded in this run.
+    pub items_succeeded: u64,
+    /// Items dead-lettered (failed calls and unreadable items).
+    pub items_failed: u64,
+    /// Items in skipped calls.
+    pub items_skipped: u64,
+    /// Wall time so far.
+    pub duration: Duration,
+    /// Whether the run was stopped by the shutdown signal before the end.
+    pub interrupted: bool,
+}
+
+impl Summary {
+    /// Items handled (succeeded) per second.
+    pub fn items_per_second(&self) -> f64 {
+        let secs = self.duration.as_secs_f64();
+        if secs > 0.0 {
+            self.items_succeeded as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Callback with a successful call's id and response.
+pub type ResponseHook = Arc<dyn Fn(&str, &Response) + Send + Sync>;
+/// Callback with the counters so far.
+pub type TickHook = Arc<dyn Fn(&Summary) + Send + Sync>;
+
+/// Optional observers of a run.
+#[derive(Default, Clone)]
+pub struct Hooks {
+    /// Called after each successful call has been recorded.
+    pub on_response: Option<ResponseHook>,
+    /// Called every `.0` with the counters so far.
+    pub on_tick: Option<(Duration, TickHook)>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("on_response", &self.on_response.is_some())
+            .field("on_tick", &self.on_tick.as_ref().map(|t| t.0))
+            .finish()
+    }
+}
+
+/// Expands paths and glob patterns into existing files: each pattern's
+/// matches sorted, patterns in the order given, duplicates dropped, paths
+/// made absolute (call ids contain them).
+pub fn resolve_sources(patterns: &[String]) -> Result<Vec<PathBuf>, BackfillError> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for pattern in patterns {
+        let paths = glob::glob(pattern).map_err(|e| BackfillError::BadPattern {
+            pattern: pattern.clone(),
+            message: e.to_string(),
+        })?;
+        let mut found = Vec::new();
+        for p in paths {
+            let p = p.map_err(|e| BackfillError::Read {
+                file: e.path().to_path_buf(),
+                source: std::io::Error::new(e.error().kind(), e.error().to_string()),
+            })?;
+            if p.is_file() {
+                let abs = std::fs::canonicalize(&p)
+                    .map_err(|source| BackfillError::Read { file: p, source })?;
+                found.push(abs);
+            }
+        }
+        if found.is_empty() {
+            return Err(BackfillError::NoFiles {
+                pattern: pattern.clone(),
+            });
+        }
+        found.sort();
+        for f in found {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `<first source's folder>/.sluice-backfill-<hash>.redb`, the hash covering
+/// sources, format, function and batch size: the same command finds the same
+/// store, a different one does not.
+pub fn default_progress_path(
+    sources: &[PathBuf],
+    format: Format,
+    function: &str,
+    max_items_per_call: usize,
+) -> PathBuf {
+    // FNV-1a: stable across Rust versions, unlike `DefaultHasher`.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes.iter().chain(&[0xff]) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for s in sources {
+        feed(s.as_os_str().as_encoded_bytes());
+    }
+    feed(format.name().as_bytes());
+    feed(function.as_bytes());
+    feed(max_items_per_call.to_string().as_bytes());
+    let dir = sources
+        .first()
+        .and_then(|s| s.parent())
+        .unwrap_or(Path::new("."));
+    dir.join(format!(".sluice-backfill-{h:016x}.redb"))
+}
+
+/// The dead-letter path next to a progress store: `X.redb` → `X.dead.jsonl`.
+pub fn default_dead_letter_path(progress: &Path) -> PathBuf {
+    progress.with_extension("dead.jsonl")
+}
+
+/// One source file as `--dry-run` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilePlan {
+    /// The file.
+    pub file: PathBuf,
+    /// Rows per row group (Parquet only).
+    pub row_groups: Option<Vec<i64>>,
+    /// Readable items.
+    pub items: u64,
+    /// Unreadable items.
+    pub bad_items: u64,
+    /// Calls the items make.
+    pub calls: u64,
+}
+
+/// Reads every source without calling anything.
+pub fn plan(
+    sources: &[PathBuf],
+    format: Format,
+    max_items_per_call: usize,
+) -> Result<Vec<FilePlan>, BackfillError> {
+    let n = max_items_per_call.max(1) as u64;
+    let mut plans = Vec::new();
+    for file in sources {
+        let row_groups = match format {
+            Format::Parquet => Some(read::parquet_row_groups(file)?),
+            _ => None,
+        };
+        let (mut items, mut bad_items, mut calls) = (0, 0, 0);
+        let mut last_call = None;
+        read::read_file(file, format, &mut |index, item| {
+            match item {
+                Item::Value(_) => {
+                    items += 1;
+                    if last_call != Some(index / n) {
+                        last_call = Some(index / n);
+                        calls += 1;
+                    }
+                }
+                Item::Bad(_) => bad_items += 1,
+            }
+            ControlFlow::Continue(())
+        })?;
+        plans.push(FilePlan {
+            file: file.clone(),
+            row_groups,
+            items,
+            bad_items,
+            calls,
+        });
+    }
+    Ok(plans)
+}
+
+/// One call as the reader hands it over.
+#[derive(Debug)]
+struct Call {
+    source: String,
+    first: u64,
+    items: Vec<Value>,
+    bad: Vec<ItemError>,
+}
+
+impl Call {
+    fn id(&self) -> String {
+        format!("{}#{}", self.source, self.first)
+    }
+}
+
+/// Reads all sources on the current (blocking) thread, sending calls until
+/// the receiver goes away.
+fn reader(
+    sources: Vec<PathBuf>,
+    format: Format,
+    per_call: u64,
+    tx: mpsc::Sender<Result<Call, BackfillError>>,
+) {
+    for file in sources {
+        let source = file.display().to_string();
+        let mut current: Option<Call> = None;
+        let mut closed = false;
+        let mut send = |call: Call| -> ControlFlow<()> {
+            if tx.blocking_send(Ok(call)).is_err() {
+                closed = true;
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        let result = read::read_file(&file, format, &mut |index, item| {
+            let first = index - index % per_call;
+            if current.as_ref().is_some_and(|c| c.first != first)
+                && let Some(done) = current.take()
+                && send(done).is_break()
+            {
+                return ControlFlow::Break(());
+            }
+            let call = current.get_or_insert_with(|| Call {
+                source: source.clone(),
+                first,
+                items: Vec::new(),
+                bad: Vec::new(),
+            });
+            match item {
+                Item::Value(v) => call.items.push(v),
+                Item::Bad(e) => call.bad.push(e),
+            }
+            ControlFlow::Continue(())
+        });
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        if let Some(done) = current.take()
+            && send(done).is_break()
+        {
+            return;
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+/// Shared state of a run.
+struct Run {
+    executor: Executor,
+    cfg: BackfillConfig,
+    progress: Progress,
+    dead: DeadLetter,
+    summary: Mutex<Summary>,
+    started: Instant,
+    /// Failures so far and the last one's message.
+    failures: Mutex<(u64, String)>,
+    stop: AtomicBool,
+    /// First storage error met by a call task.
+    fatal: Mutex<Option<BackfillError>>,
+    hooks: Hooks,
+}
+
+impl Run {
+    fn snapshot(&self) -> Summary {
+        let mut s = self
+            .summary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        s.duration = self.started.elapsed();
+        s
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Summary)) {
+        f(&mut self.summary.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn fail(&self, e: BackfillError) {
+        self.fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Counts a failure; stops the job when past the tolerated count.
+    fn failure(&self, message: String) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        f.0 += 1;
+        f.1 = message;
+        if self.cfg.tolerated_failure_count.is_some_and(|t| f.0 > t) {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Dead-letters unreadable items.
+    fn bad_items(&self, call: &Call) {
+        for bad in &call.bad {
+            let record = json!({
+                "call_id": format!("{}#{}", call.source, call.first),
+                "source": call.source,
+                "line": bad.line,
+                "items": [bad.raw],
+                "error_type": "Sluice.UnreadableItem",
+                "error": bad.to_string(),
+                "attempts": 0,
+            });
+            if let Err(e) = self.dead.write(&record) {
+                self.fail(e);
+                return;
+            }
+            self.update(|s| s.items_failed += 1);
+            self.failure(bad.to_string());
+        }
+    }
+
+    /// Invokes one call with retries and records the outcome.
+    async fn call(&self, call: Call) {
+        let id = call.id();
+        let count = call.items.len() as u64;
+        let payload = json!({
+            "items": call.items,
+            "batch": {
+                "source": call.source,
+                "first_item": call.first,
+                "count": count,
+                "call_id": id,
+            }
+        })
+        .to_string();
+        let max_attempts = self.cfg.max_attempts.max(1);
+        let mut attempt = 0u32;
+        let outcome = loop {
+            attempt += 1;
+            match self
+                .executor
+                .invoke(&self.cfg.function, payload.as_str())
+                .await
+            {
+                Ok(r) => break Ok(r),
+                Err(e) if e.retryable() && attempt < max_attempts => {
+                    self.update(|s| s.calls_retried += 1);
+                    tracing::debug!(call = %id, attempt, error = %e, "retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match outcome {
+            Ok(response) => {
+                if let Err(e) = self.progress.record(&id, u64::from(attempt)) {
+                    self.fail(e);
+                    return;
+                }
+                self.update(|s| {
+                    s.calls_succeeded += 1;
+                    s.items_succeeded += count;
+                });
+                if let Some(hook) = &self.hooks.on_response {
+                    hook(&id, &response);
+                }
+            }
+            Err(e) => self.dead_letter(&call.source, &id, payload, &e, attempt, count),
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        source: &str,
+        id: &str,
+        payload: String,
+        e: &InvokeError,
+        attempts: u32,
+        count: u64,
+    ) {
+        let items = serde_json::from_str::<Value>(&payload)
+            .ok()
+            .and_then(|mut v| v.get_mut("items").map(Value::take))
+            .unwrap_or(Value::Null);
+        let record = json!({
+            "call_id": id,
+            "source": source,
+            "items": items,
+            "error_type": e.error_type(),
+            "error": e.to_string(),
+            "attempts": attempts,
+        });
+        if let Err(err) = self.dead.write(&record) {
+            self.fail(err);
+            return;
+        }
+        self.update(|s| {
+            s.calls_failed += 1;
+            s.items_failed += count;
+        });
+        self.failure(format!("{id}: {e}"));
+    }
+}
+
+/// Runs a backfill: reads `cfg.sources`, calls `cfg.function` through
+/// `executor`, and returns the counters. Resolving `shutdown` stops
+/// dispatching new calls; calls in flight finish and are recorded, and the
+/// summary says `interrupted`.
+///
+/// # Errors
+/// [`BackfillError::TooManyFailures`] past the tolerated failures; reading,
+/// progress-store and dead-letter errors.
+pub async fn run(
+    executor: &Executor,
+    cfg: BackfillConfig,
+    hooks: Hooks,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, BackfillError> {
+    if cfg.max_items_per_call == 0 || cfg.max_concurrency == 0 || cfg.max_attempts == 0 {
+        return Err(BackfillError::Config(
+            "max items per call, max concurrency and max attempts must be at least 1".into(),
+        ));
+    }
+    let progress = Progress::open(&cfg.progress)?;
+    let run = Arc::new(Run {
+        executor: executor.clone(),
+        dead: DeadLetter::new(&cfg.dead_letter),
+        progress,
+        summary: Mutex::new(Summary::default()),
+        started: Instant::now(),
+        failures: Mutex::new((0, String::new())),
+        stop: AtomicBool::new(false),
+        fatal: Mutex::new(None),
+        hooks,
+        cfg,
+    });
+    let concurrency = run.cfg.max_concurrency;
+    let (tx, mut rx) = mpsc::channel(concurrency);
+    let (sources, format, per_call) = (
+        run.cfg.sources.clone(),
+        run.cfg.format,
+        run.cfg.max_items_per_call as u64,
+    );
+    let reader = tokio::task::spawn_blocking(move || reader(sources, format, per_call, tx));
+    let ticker = run.hooks.on_tick.clone().map(|(every, hook)| {
+        let run = Arc::clone(&run);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.tick().await;
+            loop {
+                interval.tick().await;
+                hook(&run.snapshot());
+            }
+        })
+    });
+
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut interrupted = false;
+    let mut read_error = None;
+    loop {
+        if run.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        while tasks.try_join_next().is_some() {}
+        let next = tokio::select! {
+            biased;
+            () = &mut shutdown => { interrupted = true; break; }
+            next = rx.recv() => next,
+        };
+        let call = match next {
+            None => break,
+            Some(Err(e)) => {
+                read_error = Some(e);
+                break;
+            }
+            Some(Ok(call)) => call,
+        };
+        let count = call.items.len() as u64;
+        run.update(|s| s.items_total += count + call.bad.len() as u64);
+        run.bad_items(&call);
+        if call.items.is_empty() {
+            continue;
+        }
+        run.update(|s| s.calls_total += 1);
+        match run.progress.succeeded(&call.id()) {
+            Ok(true) => {
+                run.update(|s| {
+                    s.calls_skipped += 1;
+                    s.items_skipped += count;
+                });
+                continue;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                run.fail(e);
+                break;
+            }
+        }
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => { interrupted = true; break; }
+            p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        if run.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let run = Arc::clone(&run);
+        tasks.spawn(async move {
+            run.call(call).await;
+            drop(permit);
+        });
+    }
+    drop(rx);
+    while tasks.join_next().await.is_some() {}
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    let _ = reader.await;
+
+    let mut summary = run.snapshot();
+    summary.interrupted = interrupted;
+    if let Some(e) = read_error {
+        return Err(e);
+    }
+    if let Some(e) = run.fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
+    let (failed, last_error) = run
+        .failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(tolerated) = run.cfg.tolerated_failure_count
+        && failed > tolerated
+    {
+        return Err(BackfillError::TooManyFailures {
+            failed,
+            tolerated,
+            last_error,
+            dead_letter: run.cfg.dead_letter.clone(),
+            summary: Box::new(summary),
+        });
+    }
+    Ok(summary)
+}

@@ -1,0 +1,215 @@
+//! Item readers: one file at a time, items in file order.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde_json::Value;
+
+use crate::{BackfillError, Format, ItemError};
+
+/// One item read from a source: a JSON value, or a line that could not be
+/// turned into one.
+#[derive(Debug)]
+pub(crate) enum Item {
+    Value(Value),
+    Bad(ItemError),
+}
+
+/// Rows per Arrow record batch when reading Parquet.
+const PARQUET_BATCH_ROWS: usize = 1024;
+
+fn open(path: &Path) -> Result<File, BackfillError> {
+    File::open(path).map_err(|source| BackfillError::Read {
+        file: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parquet_error(file: &Path, e: impl std::fmt::Display) -> BackfillError {
+    BackfillError::Parquet {
+        file: file.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Rows of each row group of a Parquet file.
+pub(crate) fn parquet_row_groups(path: &Path) -> Result<Vec<i64>, BackfillError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
+        .map_err(|e| parquet_error(path, e))?;
+    Ok(builder
+        .metadata()
+        .row_groups()
+        .iter()
+        .map(|rg| rg.num_rows())
+        .collect())
+}
+
+/// Reads `path` and calls `each(index, item)` for every item, in order, until
+/// the file ends or `each` breaks.
+pub(crate) fn read_file(
+    path: &Path,
+    format: Format,
+    each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
+) -> Result<(), BackfillError> {
+    match format {
+        Format::Parquet => read_parquet(path, each),
+        Format::Csv => read_csv(path, each),
+        Format::Jsonl | Format::Text => read_lines(path, format, each),
+    }
+}
+
+fn read_parquet(
+    path: &Path,
+    each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
+) -> Result<(), BackfillError> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
+        .map_err(|e| parquet_error(path, e))?
+        .with_batch_size(PARQUET_BATCH_ROWS)
+        .build()
+        .map_err(|e| parquet_error(path, e))?;
+    let mut index = 0u64;
+    for batch in reader {
+        let batch = batch.map_err(|e| parquet_error(path, e))?;
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        let mut writer = arrow_json::ArrayWriter::new(Vec::new());
+        writer.write(&batch).map_err(|e| parquet_error(path, e))?;
+        writer.finish().map_err(|e| parquet_error(path, e))?;
+        let rows: Vec<Value> =
+            serde_json::from_slice(&writer.into_inner()).map_err(|e| parquet_error(path, e))?;
+        for row in rows {
+            if each(index, Item::Value(row)).is_break() {
+                return Ok(());
+            }
+            index += 1;
+        }
+    }
+    Ok(())
+}
+
+fn read_csv(
+    path: &Path,
+    each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
+) -> Result<(), BackfillError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(open(path)?);
+    let headers = reader
+        .headers()
+        .map_err(|e| csv_fatal(path, 1, e))?
+        .iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    let mut record = csv::StringRecord::new();
+    let mut index = 0u64;
+    loop {
+        let item = match reader.read_record(&mut record) {
+            Ok(false) => return Ok(()),
+            Ok(true) => {
+                let line = record.position().map_or(0, |p| p.line());
+                if record.len() != headers.len() {
+                    Item::Bad(ItemError {
+                        file: path.to_path_buf(),
+                        line,
+                        message: format!(
+                            "{} fields where the header has {}",
+                            record.len(),
+                            headers.len()
+                        ),
+                        raw: record.iter().collect::<Vec<_>>().join(","),
+                    })
+                } else {
+                    let object = headers
+                        .iter()
+                        .zip(record.iter())
+                        .map(|(k, v)| (k.clone(), Value::String(v.to_owned())))
+                        .collect();
+                    Item::Value(Value::Object(object))
+                }
+            }
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                match e.kind() {
+                    csv::ErrorKind::Utf8 { .. } | csv::ErrorKind::UnequalLengths { .. } => {
+                        Item::Bad(ItemError {
+                            file: path.to_path_buf(),
+                            line,
+                            message: e.to_string(),
+                            raw: String::new(),
+                        })
+                    }
+                    _ => return Err(csv_fatal(path, line, e)),
+                }
+            }
+        };
+        if each(index, item).is_break() {
+            return Ok(());
+        }
+        index += 1;
+    }
+}
+
+fn csv_fatal(path: &Path, line: u64, e: csv::Error) -> BackfillError {
+    BackfillError::Csv {
+        file: path.to_path_buf(),
+        line,
+        message: e.to_string(),
+    }
+}
+
+fn read_lines(
+    path: &Path,
+    format: Format,
+    each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
+) -> Result<(), BackfillError> {
+    let reader = BufReader::new(open(path)?);
+    let mut index = 0u64;
+    for (n, line) in reader.split(b'\n').enumerate() {
+        let line_no = n as u64 + 1;
+        let mut bytes = line.map_err(|source| BackfillError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+        let item = match format {
+            Format::Jsonl => {
+                if bytes.iter().all(u8::is_ascii_whitespace) {
+                    continue; // blank lines are not items
+                }
+                match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(v) => Item::Value(v),
+                    Err(e) => Item::Bad(bad_line(path, line_no, &bytes, e.to_string())),
+                }
+            }
+            _ => match String::from_utf8(bytes) {
+                Ok(s) => Item::Value(Value::String(s)),
+                Err(e) => Item::Bad(bad_line(
+                    path,
+                    line_no,
+                    e.as_bytes(),
+                    "not valid UTF-8".into(),
+                )),
+            },
+        };
+        if each(index, item).is_break() {
+            return Ok(());
+        }
+        index += 1;
+    }
+    Ok(())
+}
+
+fn bad_line(path: &Path, line: u64, bytes: &[u8], message: String) -> ItemError {
+    ItemError {
+        file: PathBuf::from(path),
+        line,
+        message,
+        raw: String::from_utf8_lossy(bytes).into_owned(),
+    }
+}

@@ -1,0 +1,442 @@
+//! `sluice_taskgen::run` against real sandboxes (the echo and fail example
+//! functions): formats, resume after an interruption, dead letters.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+use serde_json::{Value, json};
+use sluice_executor::process::{ProcessBackend, ProcessConfig};
+use sluice_executor::{Executor, FunctionSpec, Response};
+use sluice_taskgen::{BackfillConfig, BackfillError, Format, Hooks, Summary};
+use sluice_test_support::{FunctionFixture, agent_binary, function_fixture, sluice_binary};
+use tempfile::TempDir;
+
+fn executor(name: &str, f: &FunctionFixture, concurrency: u32) -> Executor {
+    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
+        agent_binary(),
+    ))));
+    let mut s = FunctionSpec::new(name, &f.dir);
+    s.timeout = Duration::from_secs(10);
+    s.concurrency = concurrency;
+    ex.register(s);
+    ex
+}
+
+fn config(dir: &Path, function: &str, sources: Vec<PathBuf>, format: Format) -> BackfillConfig {
+    BackfillConfig {
+        function: function.into(),
+        sources,
+        format,
+        max_items_per_call: 10,
+        max_concurrency: 2,
+        progress: dir.join("progress.redb"),
+        dead_letter: dir.join("dead.jsonl"),
+        max_attempts: 3,
+        tolerated_failure_count: None,
+    }
+}
+
+/// Hooks that keep every response, by call id (a list: a call may repeat).
+/// Responses by call id, in arrival order.
+type Collected = Arc<Mutex<Vec<(String, Value)>>>;
+
+fn collector() -> (Hooks, Collected) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&got);
+    let hooks = Hooks {
+        on_response: Some(Arc::new(move |id: &str, r: &Response| {
+            let v: Value = serde_json::from_slice(&r.payload).expect("echo returns JSON");
+            sink.lock().unwrap().push((id.to_owned(), v));
+        })),
+        on_tick: None,
+    };
+    (hooks, got)
+}
+
+fn items_of(got: &[(String, Value)]) -> Vec<Value> {
+    got.iter()
+        .flat_map(|(_, v)| v["items"].as_array().unwrap().clone())
+        .collect()
+}
+
+fn never() -> std::future::Pending<()> {
+    std::future::pending()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_sums_match_a_direct_arrow_sum() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("lineitem.parquet");
+    let rows = 2_000usize;
+    let quantity: Vec<f64> = (0..rows).map(|i| ((i * 7) % 50 + 1) as f64).collect();
+    let price: Vec<f64> = (0..rows)
+        .map(|i| ((i * 7919) % 100_000) as f64 / 100.0 + 900.0)
+        .collect();
+    let mode: Vec<String> = (0..rows).map(|i| format!("MODE{}", i % 7)).collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("l_quantity", DataType::Float64, false),
+        Field::new("l_extendedprice", DataType::Float64, false),
+        Field::new("l_shipmode", DataType::Utf8, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Float64Array::from(quantity.clone())) as ArrayRef,
+            Arc::new(Float64Array::from(price.clone())),
+            Arc::new(StringArray::from(mode)),
+        ],
+    )
+    .unwrap();
+    let props = WriterProperties::builder()
+        .set_max_row_group_size(700)
+        .build();
+    let mut writer =
+        ArrowWriter::try_new(File::create(&path).unwrap(), schema, Some(props)).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    let want_q = arrow_sum(&batch, "l_quantity");
+    let want_p = arrow_sum(&batch, "l_extendedprice");
+
+    let sources =
+        sluice_taskgen::resolve_sources(&[dir.path().join("*.parquet").display().to_string()])
+            .unwrap();
+    let mut cfg = config(dir.path(), "echo", sources.clone(), Format::Parquet);
+    cfg.max_items_per_call = 100;
+    let plan = sluice_taskgen::plan(&sources, Format::Parquet, 100).unwrap();
+    assert_eq!(plan[0].row_groups, Some(vec![700, 700, 600]));
+    assert_eq!((plan[0].items, plan[0].calls), (2000, 20));
+
+    let f = function_fixture("echo");
+    let ex = executor("echo", &f, 2);
+    let (hooks, got) = collector();
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    ex.shutdown().await;
+    assert_eq!(
+        (s.calls_total, s.calls_succeeded, s.calls_failed),
+        (20, 20, 0)
+    );
+    assert_eq!(s.items_succeeded, 2000);
+    let got = got.lock().unwrap();
+    let items = items_of(&got);
+    assert_eq!(items.len(), 2000);
+    let sum = |k: &str| items.iter().map(|i| i[k].as_f64().unwrap()).sum::<f64>();
+    assert!(
+        (sum("l_quantity") - want_q).abs() < 1e-6,
+        "{} vs {want_q}",
+        sum("l_quantity")
+    );
+    assert!(
+        (sum("l_extendedprice") - want_p).abs() < 1e-3,
+        "{} vs {want_p}",
+        sum("l_extendedprice")
+    );
+    // The batch header describes the call.
+    let (id, first) = got.iter().find(|(id, _)| id.ends_with("#700")).unwrap();
+    assert_eq!(first["batch"]["call_id"], json!(id));
+    assert_eq!(first["batch"]["first_item"], json!(700));
+    assert_eq!(first["batch"]["count"], json!(100));
+    assert_eq!(first["items"][0]["l_shipmode"], json!("MODE0"));
+}
+
+fn arrow_sum(batch: &RecordBatch, column: &str) -> f64 {
+    let col = batch.column_by_name(column).unwrap();
+    let col = col.as_any().downcast_ref::<Float64Array>().unwrap();
+    col.iter().map(|v| v.unwrap()).sum()
+}
+
+fn write_jsonl(path: &Path, n: usize) {
+    let text: String = (0..n).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_backfill_resumes_and_calls_every_item() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("in.jsonl");
+    write_jsonl(&path, 1000);
+    let sources = sluice_taskgen::resolve_sources(&[path.display().to_string()]).unwrap();
+    let cfg = config(dir.path(), "echo", sources, Format::Jsonl);
+    let f = function_fixture("echo");
+    let ex = executor("echo", &f, 2);
+
+    // Run 1: stop after 20 successful calls.
+    let (mut hooks, got1) = collector();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let inner = hooks.on_response.take().unwrap();
+    let (count, notify) = (Arc::new(Mutex::new(0)), Arc::clone(&stop));
+    hooks.on_response = Some(Arc::new(move |id: &str, r: &Response| {
+        inner(id, r);
+        let mut c = count.lock().unwrap();
+        *c += 1;
+        if *c == 20 {
+            notify.notify_one();
+        }
+    }));
+    let stopped = Arc::clone(&stop);
+    let s1 = sluice_taskgen::run(
+        &ex,
+        cfg.clone(),
+        hooks,
+        async move { stopped.notified().await },
+    )
+    .await
+    .unwrap();
+    assert!(s1.interrupted);
+    assert!(
+        s1.calls_succeeded >= 20 && s1.calls_succeeded < 100,
+        "{s1:?}"
+    );
+
+    // Run 2: the rest.
+    let (hooks, got2) = collector();
+    let s2 = sluice_taskgen::run(&ex, cfg.clone(), hooks, never())
+        .await
+        .unwrap();
+    assert!(!s2.interrupted);
+    assert_eq!(s2.calls_total, 100);
+    assert_eq!(s2.calls_skipped, s1.calls_succeeded);
+    assert_eq!(s2.calls_succeeded + s2.calls_skipped, 100);
+
+    let mut per_item: HashMap<i64, usize> = HashMap::new();
+    for v in items_of(&got1.lock().unwrap())
+        .into_iter()
+        .chain(items_of(&got2.lock().unwrap()))
+    {
+        *per_item.entry(v["n"].as_i64().unwrap()).or_default() += 1;
+    }
+    assert_eq!(per_item.len(), 1000, "every item at least once");
+    // In-flight calls finish before an interrupted run returns: exactly once.
+    assert!(per_item.values().all(|&c| c == 1));
+
+    // Run 3: nothing left.
+    let s3 = sluice_taskgen::run(&ex, cfg, Hooks::default(), never())
+        .await
+        .unwrap();
+    ex.shutdown().await;
+    assert_eq!((s3.calls_skipped, s3.calls_succeeded), (100, 0));
+    assert_eq!(s3.items_skipped, 1000);
+}
+
+fn dead_letters(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_calls_go_to_the_dead_letter_file_and_can_stop_the_job() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("in.jsonl");
+    write_jsonl(&path, 25);
+    let sources = sluice_taskgen::resolve_sources(&[path.display().to_string()]).unwrap();
+    let f = function_fixture("fail");
+    let ex = executor("fail", &f, 2);
+
+    let mut cfg = config(dir.path(), "fail", sources, Format::Jsonl);
+    cfg.max_attempts = 2;
+    let s = sluice_taskgen::run(&ex, cfg.clone(), Hooks::default(), never())
+        .await
+        .unwrap();
+    assert_eq!((s.calls_total, s.calls_failed, s.calls_retried), (3, 3, 3));
+    assert_eq!(s.items_failed, 25);
+    let dead = dead_letters(&cfg.dead_letter);
+    assert_eq!(dead.len(), 3);
+    let mut items = Vec::new();
+    for d in &dead {
+        assert_eq!(d["error_type"], json!("OrderRejected"), "{d}");
+        assert_eq!(d["attempts"], json!(2));
+        assert!(
+            d["call_id"]
+                .as_str()
+                .unwrap()
+                .starts_with(d["source"].as_str().unwrap())
+        );
+        assert!(
+            d["error"].as_str().unwrap().contains("order rejected"),
+            "{d}"
+        );
+        items.extend(
+            d["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["n"].as_i64().unwrap()),
+        );
+    }
+    items.sort();
+    assert_eq!(items, (0..25).collect::<Vec<_>>());
+
+    // Failed calls are not recorded as done: a second run tries them again,
+    // and with no failure tolerated it stops at the first.
+    cfg.dead_letter = dir.path().join("dead2.jsonl");
+    cfg.max_concurrency = 1;
+    cfg.tolerated_failure_count = Some(0);
+    match sluice_taskgen::run(&ex, cfg.clone(), Hooks::default(), never()).await {
+        Err(BackfillError::TooManyFailures {
+            failed,
+            tolerated,
+            summary,
+            ..
+        }) => {
+            assert_eq!((failed, tolerated), (1, 0));
+            assert_eq!(summary.calls_failed, 1);
+            assert_eq!(summary.calls_skipped, 0);
+        }
+        other => panic!("expected TooManyFailures, got {other:?}"),
+    }
+    ex.shutdown().await;
+    assert_eq!(dead_letters(&cfg.dead_letter).len(), 1);
+}
+
+async fn echo_items(dir: &Path, file: &Path, format: Format) -> (Summary, Vec<Value>) {
+    let sources = sluice_taskgen::resolve_sources(&[file.display().to_string()]).unwrap();
+    let f = function_fixture("echo");
+    let ex = executor("echo", &f, 2);
+    let (hooks, got) = collector();
+    let mut cfg = config(dir, "echo", sources, format);
+    cfg.max_items_per_call = 2;
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    ex.shutdown().await;
+    let mut got = got.lock().unwrap().clone();
+    got.sort_by_key(|(_, v)| v["batch"]["first_item"].as_u64().unwrap());
+    (s, items_of(&got))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_and_text_items() {
+    let dir = TempDir::new().unwrap();
+    let csv = dir.path().join("a.csv");
+    std::fs::write(&csv, "id,name\n1,\"Smith, J\"\n2,Lee\n3\n4,Ng\n").unwrap();
+    let (s, items) = echo_items(dir.path(), &csv, Format::Csv).await;
+    assert_eq!(
+        items,
+        vec![
+            json!({"id": "1", "name": "Smith, J"}),
+            json!({"id": "2", "name": "Lee"}),
+            json!({"id": "4", "name": "Ng"}),
+        ]
+    );
+    assert_eq!((s.items_total, s.items_failed), (4, 1));
+    let dead = dead_letters(&dir.path().join("dead.jsonl"));
+    let error = dead[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("{}:4:", csv.canonicalize().unwrap().display())),
+        "{error}"
+    );
+
+    let dir = TempDir::new().unwrap();
+    let text = dir.path().join("a.txt");
+    std::fs::write(&text, "first line\n\n{\"not\": \"parsed\"}\n").unwrap();
+    let (s, items) = echo_items(dir.path(), &text, Format::Text).await;
+    assert_eq!(
+        items,
+        vec![
+            json!("first line"),
+            json!(""),
+            json!("{\"not\": \"parsed\"}")
+        ]
+    );
+    assert_eq!((s.calls_succeeded, s.items_failed), (2, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_json_line_is_a_failed_item_named_by_file_and_line() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, "{\"n\":0}\n\n{\"n\":1}\n{\"n\": oops}\n{\"n\":2}\n").unwrap();
+    let (s, items) = echo_items(dir.path(), &file, Format::Jsonl).await;
+    assert_eq!(
+        items,
+        vec![json!({"n": 0}), json!({"n": 1}), json!({"n": 2})]
+    );
+    assert_eq!(
+        (s.items_total, s.items_succeeded, s.items_failed),
+        (4, 3, 1)
+    );
+    let dead = dead_letters(&dir.path().join("dead.jsonl"));
+    assert_eq!(dead.len(), 1);
+    let want = format!("{}:4:", file.canonicalize().unwrap().display());
+    assert!(
+        dead[0]["error"].as_str().unwrap().starts_with(&want),
+        "{}",
+        dead[0]
+    );
+    assert_eq!(dead[0]["items"], json!(["{\"n\": oops}"]));
+}
+
+#[test]
+fn cli_dry_run_and_backfill() {
+    let dir = TempDir::new().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_jsonl(&data.join("a.jsonl"), 15);
+    write_jsonl(&data.join("b.jsonl"), 5);
+    let f = function_fixture("echo");
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[functions.echo]\npath = {:?}\n",
+            f.dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let glob = data.join("*.jsonl").display().to_string();
+    let run = |extra: &[&str]| {
+        let out = Command::new(sluice_binary())
+            .env("SLUICE_AGENT", agent_binary())
+            .args(["backfill", "-p"])
+            .arg(&pipeline)
+            .args([
+                "-f",
+                "echo",
+                "--format",
+                "jsonl",
+                "--max-items-per-call",
+                "10",
+                "--source",
+            ])
+            .arg(&glob)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&["--dry-run"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("total: 2 files, 20 items, 0 unreadable, 3 calls"),
+        "{out}"
+    );
+
+    let (code, out, err) = run(&["-q"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("calls: 3 total, 3 succeeded, 0 failed, 0 retries, 0 skipped"),
+        "{out}"
+    );
+    let (code, out, err) = run(&["-q"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("3 skipped"), "{out}");
+    // The default progress store lives next to the data.
+    assert!(std::fs::read_dir(&data).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".sluice-backfill-")
+    }),);
+}
