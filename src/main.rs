@@ -130,7 +130,20 @@ enum Command {
         /// Stop with exit code 3 once more calls than this have failed.
         #[arg(long)]
         tolerated_failure_count: Option<u64>,
-        /// Print files, row groups, item and call counts; call nothing.
+        /// Items with the same value of this field run one after another
+        /// (file, then row order); different keys run in parallel.
+        #[arg(long, value_name = "FIELD")]
+        order_key: Option<String>,
+        /// Field holding each item's id (with --depends-on-column).
+        #[arg(long, value_name = "FIELD", requires = "depends_on_column")]
+        id_column: Option<String>,
+        /// Field naming the id (or JSON list of ids) an item depends on: it
+        /// runs only after those succeeded. Reads all items first; cycles and
+        /// missing ids are reported before anything runs.
+        #[arg(long, value_name = "FIELD", requires = "id_column")]
+        depends_on_column: Option<String>,
+        /// Print files, row groups, item and call counts (and dependency
+        /// levels with the ordering options); call nothing.
         #[arg(long)]
         dry_run: bool,
         /// Do not print the function's log lines.
@@ -178,6 +191,20 @@ enum BenchCommand {
         /// Batch sizes to measure.
         #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
         batch_sizes: Vec<u32>,
+    },
+    /// Rows/s and calls/s of `sluice backfill` over a generated Parquet
+    /// file through a no-op function at 1, 100 and 1,000 rows per call,
+    /// next to reading the file with arrow alone.
+    Backfill {
+        /// The pipeline file declaring the function.
+        #[arg(long, short, default_value = "examples/pipeline.toml")]
+        pipeline: PathBuf,
+        /// The no-op function (an echo function).
+        #[arg(long, short, default_value = "echo")]
+        function: String,
+        /// Rows in the generated file (1 row per call uses at most 5,000).
+        #[arg(long, short = 'n', default_value_t = 200_000)]
+        rows: usize,
     },
 }
 
@@ -241,6 +268,9 @@ fn main() -> ExitCode {
                 dead_letter,
                 max_attempts,
                 tolerated_failure_count,
+                order_key,
+                id_column,
+                depends_on_column,
                 dry_run,
                 quiet,
             } => {
@@ -255,6 +285,11 @@ fn main() -> ExitCode {
                     dead_letter,
                     max_attempts,
                     tolerated_failure_count,
+                    order: sluice_taskgen::OrderConfig {
+                        order_key,
+                        id_column,
+                        depends_on_column,
+                    },
                     dry_run,
                     quiet,
                 })
@@ -283,6 +318,11 @@ fn main() -> ExitCode {
                 records,
                 batch_sizes,
             }) => commands::bench::kafka(&pipeline, &function, records, &batch_sizes).await,
+            Command::Bench(BenchCommand::Backfill {
+                pipeline,
+                function,
+                rows,
+            }) => commands::bench::backfill(&pipeline, &function, rows).await,
         }
     });
     ExitCode::from(code)

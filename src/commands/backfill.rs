@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_executor::{Fault, LogLine, LogStream};
-use sluice_taskgen::{BackfillConfig, BackfillError, Format, Hooks, Summary};
+use sluice_taskgen::{BackfillConfig, BackfillError, Format, Hooks, OrderConfig, Summary};
 
 use crate::exit;
 
@@ -23,6 +23,7 @@ pub struct BackfillArgs {
     pub dead_letter: Option<PathBuf>,
     pub max_attempts: u32,
     pub tolerated_failure_count: Option<u64>,
+    pub order: OrderConfig,
     pub dry_run: bool,
     pub quiet: bool,
 }
@@ -95,22 +96,60 @@ pub async fn run(args: BackfillArgs) -> u8 {
                             g.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
                         )
                     });
+                    // With ordering options, calls are formed across files (below).
+                    let file_calls = if args.order.is_active() {
+                        String::new()
+                    } else {
+                        format!(", {} calls", f.calls)
+                    };
                     println!(
-                        "{}: {} items, {} unreadable, {} calls{groups}",
+                        "{}: {} items, {} unreadable{file_calls}{groups}",
                         f.file.display(),
                         f.items,
                         f.bad_items,
-                        f.calls
                     );
                     items += f.items;
                     calls += f.calls;
                     bad += f.bad_items;
                 }
+                if !args.order.is_active() {
+                    println!(
+                        "total: {} files, {items} items, {bad} unreadable, {calls} calls of up to {per_call} items",
+                        plans.len()
+                    );
+                    return exit::OK;
+                }
                 println!(
-                    "total: {} files, {items} items, {bad} unreadable, {calls} calls of up to {per_call} items",
+                    "total: {} files, {items} items, {bad} unreadable",
                     plans.len()
                 );
-                exit::OK
+                match sluice_taskgen::plan_levels(&sources, args.format, per_call, &args.order)
+                    .await
+                {
+                    Ok(levels) => {
+                        let calls: u64 = levels.iter().map(|l| l.calls).sum();
+                        for l in &levels {
+                            let keys = if args.order.order_key.is_some() {
+                                format!(", {} keys", l.keys)
+                            } else {
+                                String::new()
+                            };
+                            println!(
+                                "level {}: {} items, {} calls{keys}",
+                                l.level, l.items, l.calls
+                            );
+                        }
+                        println!(
+                            "{} dependency levels, {calls} calls of up to {per_call} items",
+                            levels.len()
+                        );
+                        exit::OK
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        error_code(&e)
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("error: {e}");
@@ -137,6 +176,7 @@ pub async fn run(args: BackfillArgs) -> u8 {
         dead_letter: dead_letter.clone(),
         max_attempts: args.max_attempts.max(1),
         tolerated_failure_count: args.tolerated_failure_count,
+        order: args.order,
     };
     let logs: sluice_executor::LogSink = if args.quiet {
         Arc::new(|_l: LogLine| {})

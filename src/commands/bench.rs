@@ -408,3 +408,279 @@ pub async fn kafka(pipeline: &Path, function: &str, records: usize, batch_sizes:
     drop(broker);
     exit::OK
 }
+
+/// Writes `rows` rows (a few numeric and string columns) to a Parquet file.
+fn write_bench_parquet(path: &Path, rows: usize) -> Result<u64, String> {
+    use arrow_array::{Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    use parquet::arrow::ArrowWriter;
+
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("customer", DataType::Utf8, false),
+        Field::new("category", DataType::Utf8, false),
+        Field::new("quantity", DataType::Int32, false),
+        Field::new("amount", DataType::Float64, false),
+    ]));
+    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut writer =
+        ArrowWriter::try_new(file, Arc::clone(&schema), None).map_err(|e| e.to_string())?;
+    const CATEGORIES: [&str; 4] = ["books", "garden", "toys", "tools"];
+    let mut start = 0usize;
+    while start < rows {
+        let n = (rows - start).min(8192);
+        let ids = start..start + n;
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(Int64Array::from_iter_values(ids.clone().map(|i| i as i64))),
+                Arc::new(StringArray::from_iter_values(
+                    ids.clone().map(|i| format!("customer-{:05}", i % 10_000)),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    ids.clone().map(|i| CATEGORIES[i % CATEGORIES.len()]),
+                )),
+                Arc::new(Int32Array::from_iter_values(
+                    ids.clone().map(|i| (i % 17) as i32 + 1),
+                )),
+                Arc::new(Float64Array::from_iter_values(
+                    ids.map(|i| (i % 1000) as f64 * 0.25 + 1.5),
+                )),
+            ],
+        )
+        .map_err(|e| e.to_string())?;
+        writer.write(&batch).map_err(|e| e.to_string())?;
+        start += n;
+    }
+    writer.close().map_err(|e| e.to_string())?;
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| e.to_string())
+}
+
+/// Reads every row of a Parquet file with arrow alone (`to_json`: also
+/// turns each batch into JSON values, as backfill does); returns the rows
+/// and the time taken.
+fn scan_parquet(path: &Path, to_json: bool) -> Result<(usize, Duration), String> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    let t0 = Instant::now();
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| e.to_string())?
+        .with_batch_size(1024)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut rows = 0;
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        if to_json {
+            let mut w = arrow_json::ArrayWriter::new(Vec::new());
+            w.write(&batch).map_err(|e| e.to_string())?;
+            w.finish().map_err(|e| e.to_string())?;
+            let values: Vec<serde_json::Value> =
+                serde_json::from_slice(&w.into_inner()).map_err(|e| e.to_string())?;
+            rows += values.len();
+            std::hint::black_box(values);
+        } else {
+            rows += batch.num_rows();
+            std::hint::black_box(&batch);
+        }
+    }
+    Ok((rows, t0.elapsed()))
+}
+
+/// A scratch directory removed on drop.
+struct ScratchDir(std::path::PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `sluice bench backfill`: calls/s and rows/s of `sluice backfill` over a
+/// generated Parquet file through a no-op function at 1, 100 and 1,000 rows
+/// per call, next to reading the same file with arrow alone (the ceiling),
+/// in the same run.
+pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
+    use sluice_taskgen::{BackfillConfig, Format, Hooks};
+
+    /// Rows for 1 row per call: a call per row is slow, fewer rows suffice.
+    const ROWS_AT_1: usize = 5_000;
+
+    let p = match super::load_pipeline(pipeline) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let concurrency = match p.function(function) {
+        Ok(f) => f.concurrency as usize,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let rows = rows.max(1);
+    let dir = std::env::temp_dir().join(format!("sluice-bench-backfill-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("error: {}: {e}", dir.display());
+        return exit::INVOKE_FAILED;
+    }
+    let dir = ScratchDir(dir);
+    let big = dir.0.join("rows.parquet");
+    let small = dir.0.join("rows-small.parquet");
+    let small_rows = rows.min(ROWS_AT_1);
+    let written = tokio::task::spawn_blocking({
+        let (big, small) = (big.clone(), small.clone());
+        move || -> Result<u64, String> {
+            let bytes = write_bench_parquet(&big, rows)?;
+            write_bench_parquet(&small, small_rows)?;
+            // Read once so that every measurement finds it in the page cache.
+            scan_parquet(&big, false)?;
+            Ok(bytes)
+        }
+    })
+    .await;
+    let bytes = match written {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            eprintln!("error: writing the Parquet file: {e}");
+            return exit::INVOKE_FAILED;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    println!(
+        "sluice bench backfill: {rows} rows (5 columns: 3 numeric, 2 strings), {bytes} bytes of Parquet; function {function}, concurrency {concurrency}"
+    );
+
+    let scans = tokio::task::spawn_blocking({
+        let big = big.clone();
+        move || -> Result<[(usize, Duration); 2], String> {
+            // The best of three of each: the file is small and in the page cache.
+            let best = |to_json| -> Result<(usize, Duration), String> {
+                let mut best = scan_parquet(&big, to_json)?;
+                for _ in 0..2 {
+                    let (n, d) = scan_parquet(&big, to_json)?;
+                    if d < best.1 {
+                        best = (n, d);
+                    }
+                }
+                Ok(best)
+            };
+            Ok([best(false)?, best(true)?])
+        }
+    })
+    .await;
+    let [(scanned, scan), (jsoned, json)] = match scans {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            eprintln!("error: reading the Parquet file: {e}");
+            return exit::INVOKE_FAILED;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let scan_rate = scanned as f64 / scan.as_secs_f64().max(1e-9);
+    let json_rate = jsoned as f64 / json.as_secs_f64().max(1e-9);
+    println!(
+        "{:<44} {:>12.0} rows/s",
+        "arrow scan alone (the ceiling)", scan_rate
+    );
+    println!(
+        "{:<44} {:>12.0} rows/s  ({:>5.1} % of scan)",
+        "arrow scan + rows to JSON, no calls",
+        json_rate,
+        100.0 * json_rate / scan_rate
+    );
+
+    let mut at_1000 = None;
+    for per_call in [1usize, 100, 1000] {
+        let (source, n) = if per_call == 1 {
+            (&small, small_rows)
+        } else {
+            (&big, rows)
+        };
+        let ex = match super::executor_for(&p, Arc::new(|_l: LogLine| {})) {
+            Ok(ex) => ex,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return exit::INVOKE_FAILED;
+            }
+        };
+        // Warm the function's sandboxes first: cold starts are not measured.
+        let mut warm = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let ex = ex.clone();
+            let f = function.to_owned();
+            warm.spawn(async move { ex.invoke(&f, b"{}".to_vec()).await.map(drop) });
+        }
+        while let Some(r) = warm.join_next().await {
+            if let Ok(Err(e)) = r {
+                eprintln!("error: warm-up invoke failed: {e}");
+                return exit::INVOKE_FAILED;
+            }
+        }
+        let cfg = BackfillConfig {
+            function: function.to_owned(),
+            sources: vec![source.clone()],
+            format: Format::Parquet,
+            max_items_per_call: per_call,
+            max_concurrency: concurrency,
+            progress: dir.0.join(format!("progress-{per_call}.redb")),
+            dead_letter: dir.0.join(format!("dead-{per_call}.jsonl")),
+            max_attempts: 1,
+            tolerated_failure_count: Some(0),
+            order: Default::default(),
+        };
+        let result = sluice_taskgen::run(&ex, cfg, Hooks::default(), std::future::pending()).await;
+        ex.shutdown().await;
+        let s = match result {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {per_call} rows per call: {e}");
+                return exit::INVOKE_FAILED;
+            }
+        };
+        if s.items_succeeded != n as u64 {
+            eprintln!(
+                "error: {per_call} rows per call: {} of {n} rows succeeded",
+                s.items_succeeded
+            );
+            return exit::INVOKE_FAILED;
+        }
+        let secs = s.duration.as_secs_f64().max(1e-9);
+        let rate = s.items_succeeded as f64 / secs;
+        println!(
+            "{:<44} {:>12.0} rows/s  ({:>5.1} % of scan, {:>5.1} % of scan + JSON)  {:>8.0} calls/s",
+            format!("backfill, {per_call} rows/call ({n} rows)"),
+            rate,
+            100.0 * rate / scan_rate,
+            100.0 * rate / json_rate,
+            s.calls_succeeded as f64 / secs
+        );
+        if per_call == 1000 {
+            at_1000 = Some(rate / scan_rate);
+        }
+    }
+    if small_rows < rows {
+        println!(
+            "(1 row per call runs over the first {small_rows} rows only: a call per row is slow)"
+        );
+    }
+    if rows < 1000 {
+        println!("(fewer than 1,000 rows: the 1,000-rows-per-call figure is a single call)");
+    }
+    if let Some(r) = at_1000 {
+        println!(
+            "goal: ≥ 50 % of the scan rate at 1,000 rows per call: {} ({:.1} %)",
+            if r >= 0.5 { "met" } else { "NOT met" },
+            r * 100.0
+        );
+    }
+    exit::OK
+}

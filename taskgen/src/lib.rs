@@ -12,8 +12,10 @@
 //!                                                       redb progress store   dead-letter JSONL
 //! ```
 //!
-//! - **Sources** are local files: plain paths or `glob` patterns, expanded
-//!   and sorted. (No `object_store` yet.)
+//! - **Sources** are local files (plain paths or `glob` patterns, expanded
+//!   and sorted) or `object_store` URLs: `file://`, `s3://`, `gs://`,
+//!   `az://` (credentials from the environment), `memory://` (tests); a
+//!   prefix lists every object below it, a glob in the last segment filters.
 //! - **Items**: Parquet rows as JSON objects (through `arrow-json`), CSV
 //!   records as objects of strings keyed by the header, JSON lines (one value
 //!   per non-blank line), text lines (one JSON string per line). A line that
@@ -33,11 +35,22 @@
 //!   and it counts as failed. Past `tolerated_failure_count` failed calls
 //!   (unreadable items count as one each) the job stops with
 //!   [`BackfillError::TooManyFailures`].
-//! - **Memory** stays bounded: a reader thread feeds a channel of
+//! - **Order and dependencies** ([`OrderConfig`], module `schedule`): with
+//!   an `order_key`, items of one key run one after another (keys in
+//!   parallel); with `id_column` + `depends_on_column`, an item runs only
+//!   after the items it depends on succeeded (else it is dead-lettered as
+//!   `Sluice.DependencyFailed`). These modes read all items first, report
+//!   duplicate ids, missing ids and cycles before any call, and then run a
+//!   graph of calls (see [`plan_levels`] for `--dry-run`).
+//! - **Memory** stays bounded (in the streaming mode, without ordering): a reader thread feeds a channel of
 //!   `max_concurrency` calls, and at most `max_concurrency` calls run.
 
 mod progress;
 mod read;
+mod source;
+
+pub use source::register_object_store;
+mod schedule;
 
 use std::future::Future;
 use std::ops::ControlFlow;
@@ -53,6 +66,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use progress::{DeadLetter, Progress};
 use read::Item;
+pub use schedule::{LevelPlan, OrderConfig, plan_levels};
 
 /// Input format of the source files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -173,6 +187,10 @@ pub enum BackfillError {
         #[source]
         source: std::io::Error,
     },
+    /// Duplicate ids, a dependency on a missing item, or a cycle (found
+    /// before anything runs; the message names the ids and their `file:row`).
+    #[error("{0}")]
+    Dependencies(String),
     /// More calls failed than tolerated; the job stopped.
     #[error(
         "stopped: {failed} failed calls exceed the {tolerated} tolerated (last: {last_error}); see {}",
@@ -202,6 +220,7 @@ impl BackfillError {
             | BackfillError::Config(_)
             | BackfillError::Parquet { .. }
             | BackfillError::Csv { .. }
+            | BackfillError::Dependencies(_)
             | BackfillError::TooManyFailures { .. } => Fault::User,
             BackfillError::Read { .. }
             | BackfillError::Progress { .. }
@@ -231,6 +250,8 @@ pub struct BackfillConfig {
     pub max_attempts: u32,
     /// Failed calls allowed before the job stops; `None`: no limit.
     pub tolerated_failure_count: Option<u64>,
+    /// Order keys and dependencies (default: none, file-then-row order).
+    pub order: OrderConfig,
 }
 
 /// Counters of a backfill run.
@@ -301,6 +322,14 @@ impl std::fmt::Debug for Hooks {
 pub fn resolve_sources(patterns: &[String]) -> Result<Vec<PathBuf>, BackfillError> {
     let mut out: Vec<PathBuf> = Vec::new();
     for pattern in patterns {
+        if let Some(found) = source::resolve(pattern)? {
+            for f in found {
+                if !out.contains(&f) {
+                    out.push(f);
+                }
+            }
+            continue;
+        }
         let paths = glob::glob(pattern).map_err(|e| BackfillError::BadPattern {
             pattern: pattern.clone(),
             message: e.to_string(),
@@ -357,6 +386,7 @@ pub fn default_progress_path(
     feed(max_items_per_call.to_string().as_bytes());
     let dir = sources
         .first()
+        .filter(|s| !source::is_remote(s))
         .and_then(|s| s.parent())
         .unwrap_or(Path::new("."));
     dir.join(format!(".sluice-backfill-{h:016x}.redb"))
@@ -564,17 +594,25 @@ impl Run {
     /// Invokes one call with retries and records the outcome.
     async fn call(&self, call: Call) {
         let id = call.id();
+        self.invoke_call(&id, call, serde_json::Map::new()).await;
+    }
+
+    /// Invokes `call` as `id` (with `extra` fields in `batch`) with retries,
+    /// records the outcome and says whether it succeeded.
+    async fn invoke_call(
+        &self,
+        id: &str,
+        call: Call,
+        extra: serde_json::Map<String, Value>,
+    ) -> bool {
         let count = call.items.len() as u64;
-        let payload = json!({
-            "items": call.items,
-            "batch": {
-                "source": call.source,
-                "first_item": call.first,
-                "count": count,
-                "call_id": id,
-            }
-        })
-        .to_string();
+        let mut batch = serde_json::Map::new();
+        batch.insert("source".into(), json!(call.source));
+        batch.insert("first_item".into(), json!(call.first));
+        batch.insert("count".into(), json!(count));
+        batch.insert("call_id".into(), json!(id));
+        batch.extend(extra);
+        let payload = json!({ "items": call.items, "batch": batch }).to_string();
         let max_attempts = self.cfg.max_attempts.max(1);
         let mut attempt = 0u32;
         let outcome = loop {
@@ -595,20 +633,47 @@ impl Run {
         };
         match outcome {
             Ok(response) => {
-                if let Err(e) = self.progress.record(&id, u64::from(attempt)) {
+                if let Err(e) = self.progress.record(id, u64::from(attempt)) {
                     self.fail(e);
-                    return;
+                    return false;
                 }
                 self.update(|s| {
                     s.calls_succeeded += 1;
                     s.items_succeeded += count;
                 });
                 if let Some(hook) = &self.hooks.on_response {
-                    hook(&id, &response);
+                    hook(id, &response);
                 }
+                true
             }
-            Err(e) => self.dead_letter(&call.source, &id, payload, &e, attempt, count),
+            Err(e) => {
+                self.dead_letter(&call.source, id, payload, &e, attempt, count);
+                false
+            }
         }
+    }
+
+    /// Dead-letters a call not made because a call it requires failed.
+    fn dependency_failed(&self, call: &Call, id: &str, dependency: &str) {
+        let count = call.items.len() as u64;
+        let message = format!("{id}: not called: the call {dependency} it depends on failed");
+        let record = json!({
+            "call_id": id,
+            "source": call.source,
+            "items": call.items,
+            "error_type": "Sluice.DependencyFailed",
+            "error": message,
+            "attempts": 0,
+        });
+        if let Err(err) = self.dead.write(&record) {
+            self.fail(err);
+            return;
+        }
+        self.update(|s| {
+            s.calls_failed += 1;
+            s.items_failed += count;
+        });
+        self.failure(message);
     }
 
     fn dead_letter(
@@ -676,6 +741,18 @@ pub async fn run(
         hooks,
         cfg,
     });
+    if run.cfg.order.is_active() {
+        let ticker = start_ticker(&run);
+        let mut shutdown = std::pin::pin!(shutdown);
+        let result = schedule::run_graph(&run, shutdown.as_mut()).await;
+        if let Some(t) = ticker {
+            t.abort();
+        }
+        return match result {
+            Ok(interrupted) => conclude(&run, interrupted, None),
+            Err(e) => conclude(&run, false, Some(e)),
+        };
+    }
     let concurrency = run.cfg.max_concurrency;
     let (tx, mut rx) = mpsc::channel(concurrency);
     let (sources, format, per_call) = (
@@ -684,17 +761,7 @@ pub async fn run(
         run.cfg.max_items_per_call as u64,
     );
     let reader = tokio::task::spawn_blocking(move || reader(sources, format, per_call, tx));
-    let ticker = run.hooks.on_tick.clone().map(|(every, hook)| {
-        let run = Arc::clone(&run);
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(every);
-            interval.tick().await;
-            loop {
-                interval.tick().await;
-                hook(&run.snapshot());
-            }
-        })
-    });
+    let ticker = start_ticker(&run);
 
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = tokio::task::JoinSet::new();
@@ -760,7 +827,30 @@ pub async fn run(
         t.abort();
     }
     let _ = reader.await;
+    conclude(&run, interrupted, read_error)
+}
 
+/// Calls the tick hook periodically until aborted.
+fn start_ticker(run: &Arc<Run>) -> Option<tokio::task::JoinHandle<()>> {
+    run.hooks.on_tick.clone().map(|(every, hook)| {
+        let run = Arc::clone(run);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.tick().await;
+            loop {
+                interval.tick().await;
+                hook(&run.snapshot());
+            }
+        })
+    })
+}
+
+/// The outcome of a finished run.
+fn conclude(
+    run: &Run,
+    interrupted: bool,
+    read_error: Option<BackfillError>,
+) -> Result<Summary, BackfillError> {
     let mut summary = run.snapshot();
     summary.interrupted = interrupted;
     if let Some(e) = read_error {

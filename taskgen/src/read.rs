@@ -1,13 +1,17 @@
-//! Item readers: one file at a time, items in file order.
+//! Item readers: one file at a time, items in file order. Local files are
+//! read directly; remote sources (URLs, see [`crate::source`]) through
+//! `object_store`.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
+use arrow_array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
 
+use crate::source;
 use crate::{BackfillError, Format, ItemError};
 
 /// One item read from a source: a JSON value, or a line that could not be
@@ -28,6 +32,15 @@ fn open(path: &Path) -> Result<File, BackfillError> {
     })
 }
 
+/// The bytes of a local file or a remote object, streamed.
+fn open_bytes(path: &Path) -> Result<Box<dyn Read + Send>, BackfillError> {
+    if source::is_remote(path) {
+        Ok(Box::new(source::open(path)?))
+    } else {
+        Ok(Box::new(open(path)?))
+    }
+}
+
 fn parquet_error(file: &Path, e: impl std::fmt::Display) -> BackfillError {
     BackfillError::Parquet {
         file: file.to_path_buf(),
@@ -37,6 +50,9 @@ fn parquet_error(file: &Path, e: impl std::fmt::Display) -> BackfillError {
 
 /// Rows of each row group of a Parquet file.
 pub(crate) fn parquet_row_groups(path: &Path) -> Result<Vec<i64>, BackfillError> {
+    if source::is_remote(path) {
+        return source::parquet_remote::row_groups(path).map_err(|e| parquet_error(path, e));
+    }
     let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
         .map_err(|e| parquet_error(path, e))?;
     Ok(builder
@@ -65,30 +81,57 @@ fn read_parquet(
     path: &Path,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
+    let mut index = 0u64;
+    if source::is_remote(path) {
+        let mut error = None;
+        source::parquet_remote::batches(path, PARQUET_BATCH_ROWS, &mut |batch| match batch_items(
+            path, &batch, &mut index, each,
+        ) {
+            Ok(flow) => Ok(flow.is_continue()),
+            Err(e) => {
+                error = Some(e);
+                Ok(false)
+            }
+        })
+        .map_err(|e| parquet_error(path, e))?;
+        return error.map_or(Ok(()), Err);
+    }
     let reader = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
         .map_err(|e| parquet_error(path, e))?
         .with_batch_size(PARQUET_BATCH_ROWS)
         .build()
         .map_err(|e| parquet_error(path, e))?;
-    let mut index = 0u64;
     for batch in reader {
         let batch = batch.map_err(|e| parquet_error(path, e))?;
-        if batch.num_rows() == 0 {
-            continue;
-        }
-        let mut writer = arrow_json::ArrayWriter::new(Vec::new());
-        writer.write(&batch).map_err(|e| parquet_error(path, e))?;
-        writer.finish().map_err(|e| parquet_error(path, e))?;
-        let rows: Vec<Value> =
-            serde_json::from_slice(&writer.into_inner()).map_err(|e| parquet_error(path, e))?;
-        for row in rows {
-            if each(index, Item::Value(row)).is_break() {
-                return Ok(());
-            }
-            index += 1;
+        if batch_items(path, &batch, &mut index, each)?.is_break() {
+            return Ok(());
         }
     }
     Ok(())
+}
+
+/// Hands the rows of `batch` to `each` as JSON objects.
+fn batch_items(
+    path: &Path,
+    batch: &RecordBatch,
+    index: &mut u64,
+    each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
+) -> Result<ControlFlow<()>, BackfillError> {
+    if batch.num_rows() == 0 {
+        return Ok(ControlFlow::Continue(()));
+    }
+    let mut writer = arrow_json::ArrayWriter::new(Vec::new());
+    writer.write(batch).map_err(|e| parquet_error(path, e))?;
+    writer.finish().map_err(|e| parquet_error(path, e))?;
+    let rows: Vec<Value> =
+        serde_json::from_slice(&writer.into_inner()).map_err(|e| parquet_error(path, e))?;
+    for row in rows {
+        if each(*index, Item::Value(row)).is_break() {
+            return Ok(ControlFlow::Break(()));
+        }
+        *index += 1;
+    }
+    Ok(ControlFlow::Continue(()))
 }
 
 fn read_csv(
@@ -97,7 +140,7 @@ fn read_csv(
 ) -> Result<(), BackfillError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
-        .from_reader(open(path)?);
+        .from_reader(open_bytes(path)?);
     let headers = reader
         .headers()
         .map_err(|e| csv_fatal(path, 1, e))?
@@ -166,7 +209,7 @@ fn read_lines(
     format: Format,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
-    let reader = BufReader::new(open(path)?);
+    let reader = BufReader::new(open_bytes(path)?);
     let mut index = 0u64;
     for (n, line) in reader.split(b'\n').enumerate() {
         let line_no = n as u64 + 1;

@@ -41,6 +41,7 @@ fn config(dir: &Path, function: &str, sources: Vec<PathBuf>, format: Format) -> 
         dead_letter: dir.join("dead.jsonl"),
         max_attempts: 3,
         tolerated_failure_count: None,
+        order: Default::default(),
     }
 }
 

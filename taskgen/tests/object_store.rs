@@ -1,0 +1,279 @@
+//! Sources behind `object_store` URLs: `memory://` (an `InMemory` store the
+//! test fills and registers) and `file://`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use object_store::ObjectStore;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjectPath;
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+use serde_json::{Value, json};
+use sluice_executor::process::{ProcessBackend, ProcessConfig};
+use sluice_executor::{Executor, FunctionSpec, Response};
+use sluice_taskgen::{BackfillConfig, BackfillError, Format, Hooks};
+use sluice_test_support::{agent_binary, function_fixture};
+use tempfile::TempDir;
+
+/// A fresh `InMemory` store registered as `memory://<name>`, filled with
+/// `objects`.
+async fn memory_store(name: &str, objects: &[(&str, Vec<u8>)]) -> Arc<InMemory> {
+    let store = Arc::new(InMemory::new());
+    for (path, bytes) in objects {
+        store
+            .put(&ObjectPath::from(*path), bytes.clone().into())
+            .await
+            .unwrap();
+    }
+    sluice_taskgen::register_object_store(&format!("memory://{name}"), store.clone());
+    store
+}
+
+fn resolve(patterns: &[&str]) -> Result<Vec<String>, BackfillError> {
+    let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+    sluice_taskgen::resolve_sources(&patterns)
+        .map(|v| v.iter().map(|p| p.display().to_string()).collect())
+}
+
+fn parquet_bytes(rows: i64, row_group: usize) -> Vec<u8> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("name", DataType::Utf8, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..rows)) as ArrayRef,
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|i| format!("n{i}")),
+            )),
+        ],
+    )
+    .unwrap();
+    let props = WriterProperties::builder()
+        .set_max_row_group_size(row_group)
+        .build();
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, schema, Some(props)).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    out
+}
+
+#[tokio::test]
+async fn prefixes_list_everything_below_and_globs_filter_the_last_segment() {
+    memory_store(
+        "listing",
+        &[
+            ("data/b.jsonl", b"{}\n".to_vec()),
+            ("data/a.jsonl", b"{}\n".to_vec()),
+            ("data/c.csv", b"x\n1\n".to_vec()),
+            ("data/sub/d.jsonl", b"{}\n".to_vec()),
+            ("other/e.jsonl", b"{}\n".to_vec()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        resolve(&["memory://listing/data/"]).unwrap(),
+        [
+            "memory://listing/data/a.jsonl",
+            "memory://listing/data/b.jsonl",
+            "memory://listing/data/c.csv",
+            "memory://listing/data/sub/d.jsonl",
+        ]
+    );
+    assert_eq!(
+        resolve(&["memory://listing/data/*.jsonl"]).unwrap(),
+        [
+            "memory://listing/data/a.jsonl",
+            "memory://listing/data/b.jsonl"
+        ]
+    );
+    // One object; a prefix without a trailing slash; duplicates dropped.
+    assert_eq!(
+        resolve(&[
+            "memory://listing/other/e.jsonl",
+            "memory://listing/data/sub",
+            "memory://listing/data/[ab].jsonl",
+            "memory://listing/data/a.jsonl",
+        ])
+        .unwrap(),
+        [
+            "memory://listing/other/e.jsonl",
+            "memory://listing/data/sub/d.jsonl",
+            "memory://listing/data/a.jsonl",
+            "memory://listing/data/b.jsonl",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn url_errors_name_the_url() {
+    memory_store("errors", &[("x/a.jsonl", b"{}\n".to_vec())]).await;
+    let e = resolve(&["memory://errors/x/*.parquet"]).unwrap_err();
+    assert!(matches!(e, BackfillError::NoFiles { .. }), "{e}");
+    assert!(e.to_string().contains("memory://errors/x/*.parquet"), "{e}");
+
+    let e = resolve(&["memory://errors/*/a.jsonl"]).unwrap_err();
+    assert!(matches!(e, BackfillError::BadPattern { .. }), "{e}");
+
+    let e = resolve(&["ftp://host/a.jsonl"]).unwrap_err();
+    assert!(e.to_string().contains("unsupported URL scheme"), "{e}");
+
+    let missing = vec![PathBuf::from("memory://errors/x/gone.jsonl")];
+    let e = sluice_taskgen::plan(&missing, Format::Jsonl, 10).unwrap_err();
+    assert!(matches!(e, BackfillError::Read { .. }), "{e}");
+    assert!(
+        e.to_string().starts_with("memory://errors/x/gone.jsonl: "),
+        "{e}"
+    );
+
+    let missing = vec![PathBuf::from("memory://errors/x/gone.parquet")];
+    let e = sluice_taskgen::plan(&missing, Format::Parquet, 10).unwrap_err();
+    assert!(
+        e.to_string().contains("memory://errors/x/gone.parquet"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn plan_reads_every_format_from_memory() {
+    memory_store(
+        "plan",
+        &[
+            ("t.parquet", parquet_bytes(2_500, 1_000)),
+            ("t.csv", b"a,b\n1,2\n3\n4,5\n".to_vec()),
+            ("t.jsonl", b"{\"a\":1}\n\nnot json\r\n[2]\n".to_vec()),
+            ("t.txt", b"one\r\ntwo\n\xff\n".to_vec()),
+        ],
+    )
+    .await;
+    let plan = |name: &str, format| {
+        let sources = vec![PathBuf::from(format!("memory://plan/{name}"))];
+        let p = sluice_taskgen::plan(&sources, format, 10).unwrap();
+        (
+            p[0].row_groups.clone(),
+            p[0].items,
+            p[0].bad_items,
+            p[0].calls,
+        )
+    };
+    assert_eq!(
+        plan("t.parquet", Format::Parquet),
+        (Some(vec![1000, 1000, 500]), 2500, 0, 250)
+    );
+    assert_eq!(plan("t.csv", Format::Csv), (None, 2, 1, 1));
+    assert_eq!(plan("t.jsonl", Format::Jsonl), (None, 2, 1, 1));
+    assert_eq!(plan("t.txt", Format::Text), (None, 2, 1, 1));
+}
+
+#[test]
+fn file_urls_are_local_paths() {
+    let dir = TempDir::new().unwrap();
+    for name in ["b.jsonl", "a.jsonl", "c.csv"] {
+        std::fs::write(dir.path().join(name), "{}\n").unwrap();
+    }
+    let local = resolve(&[&format!("{}/*.jsonl", dir.path().display())]).unwrap();
+    let url = resolve(&[&format!("file://{}/*.jsonl", dir.path().display())]).unwrap();
+    assert_eq!(local, url);
+    assert_eq!(local.len(), 2);
+    assert!(!local[0].contains("://"));
+    let e = resolve(&[&format!("file://{}/*.parquet", dir.path().display())]).unwrap_err();
+    assert!(e.to_string().contains("file://"), "{e}");
+}
+
+fn config(dir: &Path, sources: Vec<PathBuf>, format: Format) -> BackfillConfig {
+    BackfillConfig {
+        function: "echo".into(),
+        sources,
+        format,
+        max_items_per_call: 100,
+        max_concurrency: 2,
+        progress: dir.join("progress.redb"),
+        dead_letter: dir.join("dead.jsonl"),
+        max_attempts: 3,
+        tolerated_failure_count: None,
+        order: Default::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_reads_parquet_and_jsonl_from_memory() {
+    let lines: String = (0..250).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+    memory_store(
+        "run",
+        &[
+            ("in/a.parquet", parquet_bytes(1_234, 500)),
+            ("in/b.jsonl", lines.into_bytes()),
+        ],
+    )
+    .await;
+    let sources = sluice_taskgen::resolve_sources(&["memory://run/in/".to_owned()]).unwrap();
+    let progress = sluice_taskgen::default_progress_path(&sources, Format::Jsonl, "echo", 100);
+    assert_eq!(progress.parent(), Some(Path::new(".")));
+
+    let f = function_fixture("echo");
+    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
+        agent_binary(),
+    ))));
+    let mut spec = FunctionSpec::new("echo", &f.dir);
+    spec.timeout = Duration::from_secs(10);
+    spec.concurrency = 2;
+    ex.register(spec);
+
+    let dir = TempDir::new().unwrap();
+    let got: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let sink = Arc::clone(&got);
+    let hooks = Hooks {
+        on_response: Some(Arc::new(move |id: &str, r: &Response| {
+            let v: Value = serde_json::from_slice(&r.payload).unwrap();
+            sink.lock().unwrap().push((id.to_owned(), v));
+        })),
+        on_tick: None,
+    };
+    let parquet = vec![sources[0].clone()];
+    let s = sluice_taskgen::run(
+        &ex,
+        config(dir.path(), parquet, Format::Parquet),
+        hooks.clone(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((s.calls_succeeded, s.items_succeeded), (13, 1234));
+    let jsonl = vec![sources[1].clone()];
+    let s = sluice_taskgen::run(
+        &ex,
+        config(dir.path(), jsonl, Format::Jsonl),
+        hooks,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    ex.shutdown().await;
+    assert_eq!((s.calls_succeeded, s.items_succeeded), (3, 250));
+
+    let got = got.lock().unwrap();
+    let mut ids: Vec<i64> = Vec::new();
+    let mut ns: Vec<i64> = Vec::new();
+    for (id, v) in got.iter() {
+        assert_eq!(v["batch"]["call_id"], json!(id));
+        for item in v["items"].as_array().unwrap() {
+            if id.starts_with("memory://run/in/a.parquet#") {
+                ids.push(item["id"].as_i64().unwrap());
+                assert_eq!(item["name"], json!(format!("n{}", item["id"])));
+            } else {
+                assert!(id.starts_with("memory://run/in/b.jsonl#"), "{id}");
+                ns.push(item["n"].as_i64().unwrap());
+            }
+        }
+    }
+    ids.sort_unstable();
+    ns.sort_unstable();
+    assert_eq!(ids, (0..1234).collect::<Vec<_>>());
+    assert_eq!(ns, (0..250).collect::<Vec<_>>());
+}

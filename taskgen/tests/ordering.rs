@@ -1,0 +1,408 @@
+//! Order keys and dependencies (`sluice_taskgen::OrderConfig`) against real
+//! sandboxes, with 16 calls in flight. The order is observed through the
+//! response hook (called when a call has succeeded and been recorded); the
+//! function sleeps as long as an item's `ms` field says, so that calls run
+//! in parallel would finish out of order.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sluice_executor::process::{ProcessBackend, ProcessConfig};
+use sluice_executor::{Executor, FunctionSpec, Response};
+use sluice_taskgen::{BackfillConfig, BackfillError, Format, Hooks, LevelPlan, OrderConfig};
+use sluice_test_support::{FunctionFixture, agent_binary, script_fixture};
+use tempfile::TempDir;
+
+/// A bash runtime: sleeps `ms` (the last `"ms":N` of the event), fails when
+/// the event holds `"fail":true`, else returns the event.
+const SLOW_ECHO: &str = r#"#!/bin/bash
+API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+while true; do
+  curl -sS -D /tmp/headers -o /tmp/event "$API/invocation/next" || exit 1
+  ID=
+  while IFS= read -r line; do
+    line=${line%$'\r'}
+    if [[ ${line,,} == lambda-runtime-aws-request-id:* ]]; then
+      ID=${line#*:}
+      ID=${ID// /}
+    fi
+  done </tmp/headers
+  event=$(</tmp/event)
+  if [[ $event =~ \"ms\":([0-9]+) ]]; then
+    sleep "$(printf '0.%03d' "${BASH_REMATCH[1]}")"
+  fi
+  if [[ $event == *'"fail":true'* ]]; then
+    curl -sS -o /dev/null -X POST -H 'Lambda-Runtime-Function-Error-Type: Test.Failed' \
+      --data-binary '{"errorType":"Test.Failed","errorMessage":"asked to fail"}' \
+      "$API/invocation/$ID/error"
+  else
+    curl -sS -o /dev/null -X POST --data-binary @/tmp/event "$API/invocation/$ID/response"
+  fi
+done
+"#;
+
+fn executor(f: &FunctionFixture) -> Executor {
+    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
+        agent_binary(),
+    ))));
+    let mut s = FunctionSpec::new("slow", &f.dir);
+    s.timeout = Duration::from_secs(20);
+    s.concurrency = 16;
+    ex.register(s);
+    ex
+}
+
+fn config(
+    dir: &Path,
+    sources: Vec<PathBuf>,
+    per_call: usize,
+    order: OrderConfig,
+) -> BackfillConfig {
+    BackfillConfig {
+        function: "slow".into(),
+        sources,
+        format: Format::Jsonl,
+        max_items_per_call: per_call,
+        max_concurrency: 16,
+        progress: dir.join("progress.redb"),
+        dead_letter: dir.join("dead.jsonl"),
+        max_attempts: 1,
+        tolerated_failure_count: None,
+        order,
+    }
+}
+
+/// Completed calls in the order they completed: (call id, event received).
+type Completed = Arc<Mutex<Vec<(String, Value)>>>;
+
+fn recorder() -> (Hooks, Completed) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&got);
+    let hooks = Hooks {
+        on_response: Some(Arc::new(move |id: &str, r: &Response| {
+            let v: Value = serde_json::from_slice(&r.payload).expect("the function echoes JSON");
+            sink.lock().unwrap().push((id.to_owned(), v));
+        })),
+        on_tick: None,
+    };
+    (hooks, got)
+}
+
+/// Items in the order their calls completed.
+fn items_in_order(got: &Completed) -> Vec<Value> {
+    got.lock()
+        .unwrap()
+        .iter()
+        .flat_map(|(_, v)| v["items"].as_array().unwrap().clone())
+        .collect()
+}
+
+fn write_jsonl(dir: &Path, name: &str, items: &[Value]) -> PathBuf {
+    let path = dir.join(name);
+    let text: String = items.iter().map(|v| format!("{v}\n")).collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn never() -> std::future::Pending<()> {
+    std::future::pending()
+}
+
+fn keyed() -> OrderConfig {
+    OrderConfig {
+        order_key: Some("user".into()),
+        ..OrderConfig::default()
+    }
+}
+
+fn with_deps() -> OrderConfig {
+    OrderConfig {
+        order_key: None,
+        id_column: Some("id".into()),
+        depends_on_column: Some("after".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_items_run_one_after_another_and_keys_in_parallel() {
+    let dir = TempDir::new().unwrap();
+    // 4 users × 6 events, interleaved over two files; earlier events of a
+    // user take longer, so running them in parallel would reorder them.
+    let users = ["ann", "bob", "cyd", "dan"];
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for seq in 0..6u64 {
+        for u in users {
+            let item = json!({"user": u, "seq": seq, "ms": 20 + (5 - seq) * 25});
+            if seq < 3 { &mut first } else { &mut second }.push(item);
+        }
+    }
+    let sources = vec![
+        write_jsonl(dir.path(), "a.jsonl", &first),
+        write_jsonl(dir.path(), "b.jsonl", &second),
+    ];
+    let f = script_fixture(SLOW_ECHO);
+    let ex = executor(&f);
+    let (hooks, got) = recorder();
+    let cfg = config(dir.path(), sources.clone(), 1, keyed());
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    assert_eq!(
+        (s.calls_total, s.calls_succeeded, s.calls_failed),
+        (24, 24, 0)
+    );
+    assert_eq!(s.items_succeeded, 24);
+
+    let done = items_in_order(&got);
+    assert_eq!(done.len(), 24);
+    for u in users {
+        let seqs: Vec<u64> = done
+            .iter()
+            .filter(|i| i["user"] == u)
+            .map(|i| i["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, (0..6).collect::<Vec<_>>(), "order of {u}: {done:?}");
+    }
+    // Keys ran side by side: the first four completions are not all one user.
+    let first_users: std::collections::HashSet<_> =
+        done[..4].iter().map(|i| i["user"].clone()).collect();
+    assert!(
+        first_users.len() > 1,
+        "keys ran one after another: {done:?}"
+    );
+    // The payload says which key a call is for.
+    for (_, v) in got.lock().unwrap().iter() {
+        assert_eq!(v["batch"]["key"], v["items"][0]["user"]);
+    }
+
+    // Same input, same settings: same call ids, so a second run skips all.
+    let (hooks, again) = recorder();
+    let cfg = config(dir.path(), sources, 1, keyed());
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    ex.shutdown().await;
+    assert_eq!(
+        (s.calls_total, s.calls_skipped, s.calls_succeeded),
+        (24, 24, 0)
+    );
+    assert!(again.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_run_after_their_dependencies_and_not_after_a_failed_one() {
+    let dir = TempDir::new().unwrap();
+    // Dependencies are slow and listed after their dependents.
+    let items = vec![
+        json!({"id": "report", "after": ["sum-a", "sum-b"], "ms": 0}),
+        json!({"id": "sum-a", "after": "load-a", "ms": 10}),
+        json!({"id": "sum-b", "after": "load-b", "ms": 10}),
+        json!({"id": "load-a", "after": null, "ms": 250}),
+        json!({"id": "load-b", "after": "", "ms": 200}),
+        json!({"id": "solo", "ms": 0}),
+        // A failing branch: its dependents are not called.
+        json!({"id": "broken", "fail": true}),
+        json!({"id": "child", "after": "broken"}),
+        json!({"id": "grandchild", "after": ["child", "load-a"]}),
+    ];
+    let first = write_jsonl(dir.path(), "a.jsonl", &items[..5]);
+    let second = write_jsonl(dir.path(), "b.jsonl", &items[5..]);
+    let sources = vec![first, second];
+
+    let levels = sluice_taskgen::plan_levels(&sources, Format::Jsonl, 1, &with_deps())
+        .await
+        .unwrap();
+    let level = |level, items, calls| LevelPlan {
+        level,
+        items,
+        calls,
+        keys: 0,
+    };
+    assert_eq!(
+        levels,
+        vec![level(0, 4, 4), level(1, 3, 3), level(2, 2, 2)],
+        "{levels:?}"
+    );
+
+    let f = script_fixture(SLOW_ECHO);
+    let ex = executor(&f);
+    let (hooks, got) = recorder();
+    let cfg = config(dir.path(), sources, 1, with_deps());
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    ex.shutdown().await;
+    assert_eq!(
+        (s.calls_total, s.calls_succeeded, s.calls_failed),
+        (9, 6, 3)
+    );
+    assert_eq!((s.items_succeeded, s.items_failed), (6, 3));
+
+    let done: Vec<String> = items_in_order(&got)
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect();
+    let at = |id: &str| {
+        done.iter()
+            .position(|d| d == id)
+            .unwrap_or_else(|| panic!("{id} did not run: {done:?}"))
+    };
+    assert!(at("load-a") < at("sum-a"), "{done:?}");
+    assert!(at("load-b") < at("sum-b"), "{done:?}");
+    assert!(
+        at("sum-a") < at("report") && at("sum-b") < at("report"),
+        "{done:?}"
+    );
+    assert_eq!(done.len(), 6, "{done:?}");
+    for (_, v) in got.lock().unwrap().iter() {
+        let want = match v["items"][0]["id"].as_str().unwrap() {
+            "report" => 2,
+            "sum-a" | "sum-b" => 1,
+            _ => 0,
+        };
+        assert_eq!(v["batch"]["level"], want, "{v}");
+    }
+
+    let dead: Vec<Value> = std::fs::read_to_string(dir.path().join("dead.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kind = |id: &str| {
+        dead.iter()
+            .find(|d| d["items"][0]["id"] == id)
+            .map(|d| d["error_type"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(kind("broken").as_deref(), Some("Test.Failed"), "{dead:?}");
+    assert_eq!(kind("child").as_deref(), Some("Sluice.DependencyFailed"));
+    assert_eq!(
+        kind("grandchild").as_deref(),
+        Some("Sluice.DependencyFailed")
+    );
+    assert_eq!(dead.len(), 3, "{dead:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_is_reported_before_any_call() {
+    let dir = TempDir::new().unwrap();
+    let items = vec![
+        json!({"id": "free"}),
+        json!({"id": "a", "after": "c"}),
+        json!({"id": "b", "after": ["a"]}),
+        json!({"id": "c", "after": "b"}),
+    ];
+    let sources = vec![write_jsonl(dir.path(), "jobs.jsonl", &items)];
+    let err = sluice_taskgen::plan_levels(&sources, Format::Jsonl, 1, &with_deps())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackfillError::Dependencies(_)), "{err:?}");
+
+    let f = script_fixture(SLOW_ECHO);
+    let ex = executor(&f);
+    let (hooks, got) = recorder();
+    let cfg = config(dir.path(), sources, 1, with_deps());
+    let err = sluice_taskgen::run(&ex, cfg, hooks, never())
+        .await
+        .unwrap_err();
+    ex.shutdown().await;
+    let msg = err.to_string();
+    assert!(msg.contains("cycle"), "{msg}");
+    for place in [
+        "a (",
+        "b (",
+        "c (",
+        "jobs.jsonl:2",
+        "jobs.jsonl:3",
+        "jobs.jsonl:4",
+    ] {
+        assert!(msg.contains(place), "{place} missing from {msg}");
+    }
+    assert!(!msg.contains("free"), "{msg}");
+    assert!(got.lock().unwrap().is_empty(), "a call ran");
+    assert!(!dir.path().join("dead.jsonl").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dependency_or_duplicate_id_is_reported_before_any_call() {
+    let dir = TempDir::new().unwrap();
+    let items = vec![json!({"id": 1}), json!({"id": 2, "after": [1, 7]})];
+    let sources = vec![write_jsonl(dir.path(), "jobs.jsonl", &items)];
+    let f = script_fixture(SLOW_ECHO);
+    let ex = executor(&f);
+    let (hooks, got) = recorder();
+    let cfg = config(dir.path(), sources, 1, with_deps());
+    let err = sluice_taskgen::run(&ex, cfg, hooks.clone(), never())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("missing id \"7\""), "{msg}");
+    assert!(msg.contains("jobs.jsonl:2"), "{msg}");
+    assert!(got.lock().unwrap().is_empty(), "a call ran");
+
+    let dup = vec![json!({"id": "x"}), json!({"id": "y"}), json!({"id": "x"})];
+    let sources = vec![write_jsonl(dir.path(), "dup.jsonl", &dup)];
+    let cfg = config(dir.path(), sources, 1, with_deps());
+    let err = sluice_taskgen::run(&ex, cfg, hooks, never())
+        .await
+        .unwrap_err();
+    ex.shutdown().await;
+    let msg = err.to_string();
+    assert!(
+        msg.contains("duplicate id \"x\"")
+            && msg.contains("dup.jsonl:1")
+            && msg.contains("dup.jsonl:3"),
+        "{msg}"
+    );
+    assert!(got.lock().unwrap().is_empty(), "a call ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_never_mix_keys_or_levels() {
+    let dir = TempDir::new().unwrap();
+    let mut items = Vec::new();
+    for n in 0..10u64 {
+        let user = if n % 3 == 0 { "ann" } else { "bob" };
+        let after = if n >= 5 { json!(n - 5) } else { Value::Null };
+        items.push(json!({"id": n, "after": after, "user": user}));
+    }
+    let sources = vec![write_jsonl(dir.path(), "mix.jsonl", &items)];
+    let order = OrderConfig {
+        order_key: Some("user".into()),
+        ..with_deps()
+    };
+    let levels = sluice_taskgen::plan_levels(&sources, Format::Jsonl, 4, &order)
+        .await
+        .unwrap();
+    // Level 0: ids 0..5 (ann: 0, 3; bob: 1, 2, 4); level 1: ids 5..10
+    // (ann: 6, 9; bob: 5, 7, 8).
+    let want = |level| LevelPlan {
+        level,
+        items: 5,
+        calls: 2,
+        keys: 2,
+    };
+    assert_eq!(levels, vec![want(0), want(1)]);
+
+    let f = script_fixture(SLOW_ECHO);
+    let ex = executor(&f);
+    let (hooks, got) = recorder();
+    let cfg = config(dir.path(), sources, 4, order);
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    ex.shutdown().await;
+    assert_eq!((s.calls_total, s.calls_succeeded), (4, 4));
+    let got = got.lock().unwrap();
+    for (_, v) in got.iter() {
+        let items = v["items"].as_array().unwrap();
+        assert!(items.iter().all(|i| i["user"] == v["batch"]["key"]), "{v}");
+    }
+    // Each user's level-0 call completed before its level-1 call.
+    let ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+    for (_, v) in got.iter() {
+        if v["batch"]["level"] == 1 {
+            let key = &v["batch"]["key"];
+            let me = got.iter().position(|(_, w)| w == v).unwrap();
+            let before = got
+                .iter()
+                .position(|(_, w)| w["batch"]["level"] == 0 && &w["batch"]["key"] == key)
+                .unwrap();
+            assert!(before < me, "{ids:?}");
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! TPC-H `lineitem` at scale factor 0.01 (generated with `tpchgen-arrow`,
+//! written as Parquet in several files and row groups), backfilled from an
+//! object store through the echo function; the sums of `l_quantity` and
+//! `l_extendedprice` over the echoed items must match a direct Arrow
+//! computation over the same files, to the cent.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow_array::Decimal128Array;
+use arrow_array::cast::AsArray;
+use arrow_array::types::Decimal128Type;
+use object_store::ObjectStore;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjectPath;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::properties::WriterProperties;
+use serde_json::Value;
+use sluice_executor::process::{ProcessBackend, ProcessConfig};
+use sluice_executor::{Executor, FunctionSpec, Response};
+use sluice_taskgen::{BackfillConfig, Format, Hooks};
+use sluice_test_support::{agent_binary, function_fixture};
+use tempfile::TempDir;
+use tpchgen::generators::LineItemGenerator;
+use tpchgen_arrow::{LineItemArrow, RecordBatchIterator};
+
+const SCALE_FACTOR: f64 = 0.01;
+const FILES: i32 = 3;
+const ROW_GROUP_ROWS: usize = 7_000;
+const ITEMS_PER_CALL: usize = 500;
+
+/// Writes `lineitem` as `FILES` Parquet files (one generator part each).
+fn write_lineitem(dir: &std::path::Path) -> Vec<PathBuf> {
+    (1..=FILES)
+        .map(|part| {
+            let path = dir.join(format!("lineitem-{part}.parquet"));
+            let batches = LineItemArrow::new(LineItemGenerator::new(SCALE_FACTOR, part, FILES))
+                .with_batch_size(4_096);
+            let props = WriterProperties::builder()
+                .set_max_row_group_size(ROW_GROUP_ROWS)
+                .build();
+            let mut writer = ArrowWriter::try_new(
+                File::create(&path).unwrap(),
+                Arc::clone(batches.schema()),
+                Some(props),
+            )
+            .unwrap();
+            for batch in batches {
+                writer.write(&batch).unwrap();
+            }
+            writer.close().unwrap();
+            path
+        })
+        .collect()
+}
+
+/// Sums of `l_quantity` and `l_extendedprice` in cents, and the row count,
+/// read directly with Arrow.
+fn arrow_sums(files: &[PathBuf]) -> (i128, i128, u64) {
+    let (mut quantity, mut price, mut rows) = (0i128, 0i128, 0u64);
+    for file in files {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(file).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            rows += batch.num_rows() as u64;
+            let cents = |name: &str| -> i128 {
+                let column: &Decimal128Array = batch
+                    .column_by_name(name)
+                    .unwrap()
+                    .as_primitive::<Decimal128Type>();
+                assert_eq!(column.scale(), 2, "{name}");
+                column.iter().map(|v| v.unwrap()).sum()
+            };
+            quantity += cents("l_quantity");
+            price += cents("l_extendedprice");
+        }
+    }
+    (quantity, price, rows)
+}
+
+/// A decimal as echoed (a JSON string such as `"21168.23"` or a number), in
+/// cents, exactly.
+fn cents(v: &Value) -> i128 {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => panic!("not a decimal: {other}"),
+    };
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.as_str()),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    assert!(fraction.len() <= 2, "more than cents: {text}");
+    let value =
+        whole.parse::<i128>().unwrap() * 100 + format!("{fraction:0<2}").parse::<i128>().unwrap();
+    if negative { -value } else { value }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lineitem_sums_match_arrow_to_the_cent() {
+    let dir = TempDir::new().unwrap();
+    let files = write_lineitem(dir.path());
+    let (want_quantity, want_price, want_rows) = arrow_sums(&files);
+    assert!(want_rows > 50_000, "{want_rows} rows");
+
+    // The same files behind an object store URL.
+    let store = Arc::new(InMemory::new());
+    for file in &files {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        store
+            .put(
+                &ObjectPath::from(format!("tpch/{name}")),
+                std::fs::read(file).unwrap().into(),
+            )
+            .await
+            .unwrap();
+    }
+    sluice_taskgen::register_object_store("memory://tpch-sf001", store);
+    let sources =
+        sluice_taskgen::resolve_sources(&["memory://tpch-sf001/tpch/*.parquet".to_owned()])
+            .unwrap();
+    assert_eq!(sources.len(), FILES as usize);
+    let plan = sluice_taskgen::plan(&sources, Format::Parquet, ITEMS_PER_CALL).unwrap();
+    assert_eq!(plan.iter().map(|p| p.items).sum::<u64>(), want_rows);
+    assert!(
+        plan.iter()
+            .all(|p| p.row_groups.as_ref().unwrap().len() > 1)
+    );
+    let want_calls: u64 = plan.iter().map(|p| p.calls).sum();
+
+    let f = function_fixture("echo");
+    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
+        agent_binary(),
+    ))));
+    let mut spec = FunctionSpec::new("echo", &f.dir);
+    spec.timeout = Duration::from_secs(30);
+    spec.concurrency = 2;
+    ex.register(spec);
+
+    let sums = Arc::new(Mutex::new((0i128, 0i128, 0u64)));
+    let sink = Arc::clone(&sums);
+    let hooks = Hooks {
+        on_response: Some(Arc::new(move |_: &str, r: &Response| {
+            let v: Value = serde_json::from_slice(&r.payload).unwrap();
+            let mut s = sink.lock().unwrap();
+            for item in v["items"].as_array().unwrap() {
+                s.0 += cents(&item["l_quantity"]);
+                s.1 += cents(&item["l_extendedprice"]);
+                s.2 += 1;
+            }
+        })),
+        on_tick: None,
+    };
+    let cfg = BackfillConfig {
+        function: "echo".into(),
+        sources,
+        format: Format::Parquet,
+        max_items_per_call: ITEMS_PER_CALL,
+        max_concurrency: 2,
+        progress: dir.path().join("progress.redb"),
+        dead_letter: dir.path().join("dead.jsonl"),
+        max_attempts: 3,
+        tolerated_failure_count: Some(0),
+        order: Default::default(),
+    };
+    let summary = sluice_taskgen::run(&ex, cfg, hooks, std::future::pending())
+        .await
+        .unwrap();
+    ex.shutdown().await;
+    assert_eq!(
+        (summary.calls_succeeded, summary.items_succeeded),
+        (want_calls, want_rows)
+    );
+    let (quantity, price, rows) = *sums.lock().unwrap();
+    assert_eq!(rows, want_rows);
+    assert_eq!(quantity, want_quantity, "l_quantity in cents");
+    assert_eq!(price, want_price, "l_extendedprice in cents");
+}
