@@ -390,6 +390,17 @@ fn kill_9_at_random_points_then_resume_handles_every_item_and_agrees_with_the_fu
         dead_seen, dead_items,
         "dead-lettered items differ from the items of the rejected calls"
     );
+    // The file describes the final run: each rejected call exactly once,
+    // however many killed runs came before.
+    assert_eq!(
+        records_per_call.len(),
+        poisoned.len(),
+        "every rejected call is dead-lettered"
+    );
+    assert!(
+        records_per_call.values().all(|&n| n == 1),
+        "a call is dead-lettered more than once: {records_per_call:?}"
+    );
     // Every dead-letter record stands for `ATTEMPTS` rejections the function
     // logged (a killed run may have logged a rejection it never recorded).
     for (call_id, records) in &records_per_call {

@@ -731,7 +731,7 @@ pub async fn run(
     let progress = Progress::open(&cfg.progress)?;
     let run = Arc::new(Run {
         executor: executor.clone(),
-        dead: DeadLetter::new(&cfg.dead_letter),
+        dead: DeadLetter::new(&cfg.dead_letter)?,
         progress,
         summary: Mutex::new(Summary::default()),
         started: Instant::now(),

@@ -60,18 +60,34 @@ impl Progress {
     }
 }
 
-/// Appends one JSON object per failed call (or unreadable item).
+/// One JSON object per failed call (or unreadable item) of the current run.
+///
+/// A re-run calls every call that has not succeeded yet, failed ones
+/// included, so the file is started afresh by every run: it always lists the
+/// failures of the latest run and agrees with that run's summary (never the
+/// same failure twice across resumes).
 pub(crate) struct DeadLetter {
     path: PathBuf,
     file: Mutex<Option<File>>,
 }
 
 impl DeadLetter {
-    pub(crate) fn new(path: &Path) -> Self {
-        Self {
+    /// The dead-letter file of a new run; the previous run's file is removed.
+    pub(crate) fn new(path: &Path) -> Result<Self, BackfillError> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(BackfillError::DeadLetter {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+        Ok(Self {
             path: path.to_path_buf(),
             file: Mutex::new(None),
-        }
+        })
     }
 
     /// Appends `record` as one line, opening the file on first use.
