@@ -98,55 +98,36 @@ enum Command {
     /// Call a function on every item of existing data sets (Parquet, CSV,
     /// JSON lines, text), at least once, resumable.
     Backfill {
-        /// The pipeline file declaring the function.
-        #[arg(long, short)]
+        /// The pipeline file (also accepted as --pipeline).
+        #[arg(value_name = "PIPELINE", required_unless_present = "pipeline")]
+        pipeline_file: Option<PathBuf>,
+        /// A `[job.NAME]` of the pipeline; the flags below override its
+        /// settings. Without a job, --function and --source are required.
+        #[arg(value_name = "JOB")]
+        job: Option<String>,
+        /// The pipeline file.
+        #[arg(long, short, conflicts_with = "pipeline_file")]
+        pipeline: Option<PathBuf>,
+        #[command(flatten)]
+        options: Box<commands::backfill::BackfillOptions>,
+    },
+    /// Process the tasks of distributed backfills (`sluice backfill
+    /// --distributed`) until SIGINT/SIGTERM; run any number of workers.
+    Worker {
+        /// The pipeline file declaring the jobs and functions.
         pipeline: PathBuf,
-        /// Function name.
-        #[arg(long, short)]
-        function: String,
-        /// Source file or glob pattern (sorted). Repeatable.
-        #[arg(long, required = true)]
-        source: Vec<String>,
-        /// parquet, csv (with header), jsonl or text.
+        /// Jobs to serve (default: every `[job.NAME]` of the pipeline).
+        jobs: Vec<String>,
+        /// The Kafka cluster (default: the first job's `bootstrap_servers`).
         #[arg(long)]
-        format: sluice_taskgen::Format,
-        /// Items per call.
-        #[arg(long, default_value_t = 100)]
-        max_items_per_call: usize,
-        /// Calls in flight (default: the function's concurrency).
+        bootstrap_servers: Option<String>,
+        /// Calls in flight (default: the largest concurrency of the jobs).
         #[arg(long)]
-        max_concurrency: Option<usize>,
-        /// Progress database (default: .sluice-backfill-<hash>.redb next to
-        /// the first source file).
-        #[arg(long)]
-        progress: Option<PathBuf>,
-        /// Dead-letter JSON lines file (default: the progress path with
-        /// .dead.jsonl).
-        #[arg(long)]
-        dead_letter: Option<PathBuf>,
-        /// Attempts per call for retryable errors.
-        #[arg(long, default_value_t = 3)]
-        max_attempts: u32,
-        /// Stop with exit code 3 once more calls than this have failed.
-        #[arg(long)]
-        tolerated_failure_count: Option<u64>,
-        /// Items with the same value of this field run one after another
-        /// (file, then row order); different keys run in parallel.
-        #[arg(long, value_name = "FIELD")]
-        order_key: Option<String>,
-        /// Field holding each item's id (with --depends-on-column).
-        #[arg(long, value_name = "FIELD", requires = "depends_on_column")]
-        id_column: Option<String>,
-        /// Field naming the id (or JSON list of ids) an item depends on: it
-        /// runs only after those succeeded. Reads all items first; cycles and
-        /// missing ids are reported before anything runs.
-        #[arg(long, value_name = "FIELD", requires = "id_column")]
-        depends_on_column: Option<String>,
-        /// Print files, row groups, item and call counts (and dependency
-        /// levels with the ordering options); call nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Do not print the function's log lines.
+        concurrency: Option<usize>,
+        /// Stop once no task arrived or finished for this long, e.g. `10s`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        stop_when_idle: Option<std::time::Duration>,
+        /// Do not print the functions' log lines.
         #[arg(long, short)]
         quiet: bool,
     },
@@ -258,41 +239,32 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Backfill {
+                pipeline_file,
+                job,
                 pipeline,
-                function,
-                source,
-                format,
-                max_items_per_call,
-                max_concurrency,
-                progress,
-                dead_letter,
-                max_attempts,
-                tolerated_failure_count,
-                order_key,
-                id_column,
-                depends_on_column,
-                dry_run,
+                options,
+            } => {
+                let pipeline = pipeline
+                    .or(pipeline_file)
+                    .expect("clap requires PIPELINE or --pipeline");
+                commands::backfill::run(pipeline, job, *options).await
+            }
+            Command::Worker {
+                pipeline,
+                jobs,
+                bootstrap_servers,
+                concurrency,
+                stop_when_idle,
                 quiet,
             } => {
-                commands::backfill::run(commands::backfill::BackfillArgs {
-                    pipeline,
-                    function,
-                    source,
-                    format,
-                    max_items_per_call,
-                    max_concurrency,
-                    progress,
-                    dead_letter,
-                    max_attempts,
-                    tolerated_failure_count,
-                    order: sluice_taskgen::OrderConfig {
-                        order_key,
-                        id_column,
-                        depends_on_column,
-                    },
-                    dry_run,
+                commands::worker::run(
+                    &pipeline,
+                    jobs,
+                    bootstrap_servers,
+                    concurrency,
+                    stop_when_idle,
                     quiet,
-                })
+                )
                 .await
             }
             Command::Doctor { kafka } => commands::doctor::run(kafka.as_deref()).await,

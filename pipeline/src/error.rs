@@ -461,6 +461,21 @@ pub enum PipelineError {
         file: PathBuf,
     },
 
+    /// [`crate::Pipeline::job`] was asked for a name the file does not declare.
+    #[error(
+        "{}: no job named {name:?}; declared jobs: {}",
+        file.display(),
+        if declared.is_empty() { "none (add a [job.NAME] table)".to_owned() } else { declared.join(", ") }
+    )]
+    UnknownJob {
+        /// The file, as given.
+        file: PathBuf,
+        /// The name asked for.
+        name: String,
+        /// The jobs the file declares, sorted.
+        declared: Vec<String>,
+    },
+
     /// [`crate::Pipeline::function`] was asked for a name the file does not declare.
     #[error(
         "{}: no function named {name:?}; declared functions: {}",
@@ -507,7 +522,10 @@ impl PipelineError {
             | Self::BadBootstrapServers { at, .. }
             | Self::BadFilter { at, .. }
             | Self::Invalid { at, .. } => Some(at),
-            Self::Read { .. } | Self::NoFunctions { .. } | Self::UnknownFunction { .. } => None,
+            Self::Read { .. }
+            | Self::NoFunctions { .. }
+            | Self::UnknownFunction { .. }
+            | Self::UnknownJob { .. } => None,
         }
     }
 }

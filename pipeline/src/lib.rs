@@ -75,8 +75,41 @@
 //! | `partitions` | [`DEFAULT_PARTITIONS`] | [`PARTITIONS_RANGE`]; used by `"embedded"` only (an external cluster's topics keep their own) |
 //! | `properties` | empty | librdkafka properties (strings, integers or booleans), not [`MANAGED_KAFKA_PROPERTIES`] |
 //!
-//! Any other key or section, at any level, is an error; `[job.*]` sections
-//! are not part of the format yet. Fields inside a `[[trigger.kafka]]` table
+//! # Backfill jobs: `[job.NAME]`
+//!
+//! A job runs a function over an existing data set (`sluice backfill
+//! PIPELINE JOB`): every item (row, record, line) at least once, resumable.
+//!
+//! ```toml
+//! [job.reprocess-orders]
+//! function = "orders"              # required: a declared function
+//! source = ["data/*.parquet"]      # required: paths, globs or object_store URLs
+//! max_items_per_call = 500         # everything else is optional
+//! columns = ["id", "amount"]
+//! tolerated_failure_percentage = 1.5
+//! ```
+//!
+//! | field | default | allowed |
+//! |---|---|---|
+//! | `kind` | `"backfill"` | `"backfill"` |
+//! | `function` | required | a declared function |
+//! | `source` | required | a path, glob or URL (`file://`, `s3://`, `gs://`, `az://`), or an array of them; relative paths are relative to the pipeline file's folder |
+//! | `format` | from the first source's extension | `"parquet"`, `"csv"`, `"jsonl"`, `"text"` |
+//! | `columns` | every column | non-empty array of names; Parquet reads only these |
+//! | `csv_delimiter` | `","` | one ASCII character |
+//! | `max_items_per_call` | [`DEFAULT_MAX_ITEMS_PER_CALL`] | [`MAX_ITEMS_PER_CALL_RANGE`] |
+//! | `max_bytes_per_call` | [`DEFAULT_MAX_BYTES_PER_CALL`] | [`MAX_BYTES_PER_CALL_RANGE`] (items' JSON size) |
+//! | `max_concurrency` | the function's `concurrency` | [`CONCURRENCY_RANGE`] |
+//! | `max_attempts` | [`DEFAULT_MAX_ATTEMPTS`] | [`MAX_ATTEMPTS_RANGE`] |
+//! | `tolerated_failure_count` | none (no limit) | 0 or more failed calls |
+//! | `tolerated_failure_percentage` | none (no limit) | 0 to 100 (% of items) |
+//! | `order_key` | none | a field: items with the same value run in order |
+//! | `id_column` + `depends_on_column` | none | fields: an item runs after the ids it names succeeded |
+//! | `progress` | `.sluice-backfill-<hash>.redb` next to the first local source | a path |
+//! | `dead_letter` | the progress path with `.dead.jsonl` | a path |
+//! | `bootstrap_servers` | `"embedded"` | as for Kafka triggers; used by `--distributed` |
+//!
+//! Any other key or section, at any level, is an error. Fields inside a `[[trigger.kafka]]` table
 //! are named `trigger.kafka[I].FIELD` in messages, with `I` counting from 0.
 //!
 //! # Errors
@@ -163,6 +196,20 @@ pub const RESERVED_ENV_KEYS: &[&str] = &[
     "TZ",
 ];
 
+/// Default `max_items_per_call` of a backfill job.
+pub const DEFAULT_MAX_ITEMS_PER_CALL: u32 = 100;
+/// Allowed `max_items_per_call`.
+pub const MAX_ITEMS_PER_CALL_RANGE: RangeInclusive<u32> = 1..=100_000;
+/// Default `max_bytes_per_call`: Lambda's 6 MB payload limit, less room for
+/// the call's envelope.
+pub const DEFAULT_MAX_BYTES_PER_CALL: usize = 6_000_000;
+/// Allowed `max_bytes_per_call`.
+pub const MAX_BYTES_PER_CALL_RANGE: RangeInclusive<usize> = 1..=6_000_000;
+/// Default `max_attempts` of a backfill call (for retryable errors).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Allowed `max_attempts`.
+pub const MAX_ATTEMPTS_RANGE: RangeInclusive<u32> = 1..=100;
+
 /// `bootstrap_servers` value selecting the in-process broker (the default).
 pub const EMBEDDED_BOOTSTRAP_SERVERS: &str = "embedded";
 /// Prefix of the default `group_id`, which is `sluice-FUNCTION`.
@@ -237,7 +284,7 @@ pub const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
 ];
 
 /// A validated pipeline file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Pipeline {
     /// The pipeline file, as given by the caller.
     pub file: PathBuf,
@@ -245,6 +292,110 @@ pub struct Pipeline {
     pub functions: BTreeMap<String, FunctionConfig>,
     /// The `[[trigger.kafka]]` tables, in file order.
     pub kafka_triggers: Vec<KafkaTrigger>,
+    /// The `[job.NAME]` tables, by name.
+    pub jobs: BTreeMap<String, BackfillJob>,
+}
+
+/// Input format of a data set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataFormat {
+    /// Apache Parquet: each row is a JSON object.
+    Parquet,
+    /// CSV with a header line: each record is an object of strings.
+    Csv,
+    /// JSON lines: each non-blank line is a JSON value.
+    Jsonl,
+    /// Text: each line is a JSON string.
+    Text,
+}
+
+impl DataFormat {
+    /// The name used in files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Parquet => "parquet",
+            Self::Csv => "csv",
+            Self::Jsonl => "jsonl",
+            Self::Text => "text",
+        }
+    }
+
+    /// The format a file name's extension suggests (`.parquet`, `.csv`,
+    /// `.tsv`, `.jsonl`/`.ndjson`/`.json`, `.txt`/`.log`), ignoring a
+    /// trailing glob.
+    pub fn from_extension(path: &str) -> Option<Self> {
+        let ext = path.rsplit_once('.')?.1.to_ascii_lowercase();
+        match ext.as_str() {
+            "parquet" | "pq" => Some(Self::Parquet),
+            "csv" | "tsv" => Some(Self::Csv),
+            "jsonl" | "ndjson" | "json" => Some(Self::Jsonl),
+            "txt" | "text" | "log" => Some(Self::Text),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DataFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DataFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "parquet" => Ok(Self::Parquet),
+            "csv" => Ok(Self::Csv),
+            "jsonl" | "ndjson" => Ok(Self::Jsonl),
+            "text" | "txt" => Ok(Self::Text),
+            other => Err(format!(
+                "unknown format {other:?} (known: parquet, csv, jsonl, text)"
+            )),
+        }
+    }
+}
+
+/// One validated `[job.NAME]` table of kind `"backfill"`, defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackfillJob {
+    /// The job's name (`[A-Za-z0-9_-]{1,64}`).
+    pub name: String,
+    /// The function called with the items; a declared function.
+    pub function: String,
+    /// Paths, globs or URLs; relative paths already joined to the pipeline
+    /// file's folder.
+    pub sources: Vec<String>,
+    /// Input format; `None`: from the first source's extension.
+    pub format: Option<DataFormat>,
+    /// Columns (fields) kept in each item; `None`: all.
+    pub columns: Option<Vec<String>>,
+    /// CSV field delimiter. Default `b','`.
+    pub csv_delimiter: u8,
+    /// Items per call. Default [`DEFAULT_MAX_ITEMS_PER_CALL`].
+    pub max_items_per_call: u32,
+    /// Bytes of items (as JSON) per call. Default [`DEFAULT_MAX_BYTES_PER_CALL`].
+    pub max_bytes_per_call: usize,
+    /// Calls in flight; `None`: the function's `concurrency`.
+    pub max_concurrency: Option<u32>,
+    /// Attempts per call. Default [`DEFAULT_MAX_ATTEMPTS`].
+    pub max_attempts: u32,
+    /// Failed calls tolerated before the job stops. Default none.
+    pub tolerated_failure_count: Option<u64>,
+    /// Failed items tolerated, in percent of all items. Default none.
+    pub tolerated_failure_percentage: Option<f64>,
+    /// Items with the same value of this field run in order.
+    pub order_key: Option<String>,
+    /// Field holding each item's id (with `depends_on_column`).
+    pub id_column: Option<String>,
+    /// Field naming the ids an item depends on (with `id_column`).
+    pub depends_on_column: Option<String>,
+    /// Progress database; `None`: derived from the sources.
+    pub progress: Option<PathBuf>,
+    /// Dead-letter file; `None`: next to the progress database.
+    pub dead_letter: Option<PathBuf>,
+    /// The Kafka cluster of `--distributed` runs. Default embedded.
+    pub bootstrap_servers: BootstrapServers,
 }
 
 /// One validated `[[trigger.kafka]]` table, with defaults applied: Lambda's
@@ -426,12 +577,24 @@ impl Pipeline {
     /// function paths are resolved against its parent folder (the current
     /// folder if it has none). The function folders must exist.
     pub fn parse(text: &str, file: &Path) -> Result<Pipeline, PipelineError> {
-        let (functions, kafka_triggers) = raw::parse(text, file)?;
+        let (functions, kafka_triggers, jobs) = raw::parse(text, file)?;
         Ok(Pipeline {
             file: file.to_path_buf(),
             functions,
             kafka_triggers,
+            jobs,
         })
+    }
+
+    /// The job called `name`; the error lists the declared jobs.
+    pub fn job(&self, name: &str) -> Result<&BackfillJob, PipelineError> {
+        self.jobs
+            .get(name)
+            .ok_or_else(|| PipelineError::UnknownJob {
+                file: self.file.clone(),
+                name: name.to_owned(),
+                declared: self.jobs.keys().cloned().collect(),
+            })
     }
 
     /// The function called `name`; the error lists the declared names.

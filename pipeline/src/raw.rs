@@ -2,6 +2,7 @@
 //! [`FunctionConfig`] per function and a [`crate::KafkaTrigger`] per
 //! `[[trigger.kafka]]` table.
 
+mod job;
 mod kafka;
 
 use std::collections::BTreeMap;
@@ -16,11 +17,11 @@ use toml::de::DeTable;
 use crate::error::{PathProblem, PipelineError};
 use crate::span::{self, Locator, dotted, toml_key};
 use crate::{
-    Backend, CONCURRENCY_RANGE, DEFAULT_CONCURRENCY, DEFAULT_HANDLER, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_INIT_TIMEOUT, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_QUEUE, DEFAULT_MEMORY_MB,
-    DEFAULT_TENANT, DEFAULT_TIMEOUT, DEFAULT_TMP_MB, FunctionConfig, IDLE_TIMEOUT_RANGE,
-    KafkaTrigger, MAX_PROCESSES_RANGE, MAX_QUEUE_RANGE, MEMORY_MB_RANGE, RESERVED_ENV_KEYS,
-    TIMEOUT_RANGE, TMP_MB_RANGE,
+    Backend, BackfillJob, CONCURRENCY_RANGE, DEFAULT_CONCURRENCY, DEFAULT_HANDLER,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_INIT_TIMEOUT, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_QUEUE,
+    DEFAULT_MEMORY_MB, DEFAULT_TENANT, DEFAULT_TIMEOUT, DEFAULT_TMP_MB, FunctionConfig,
+    IDLE_TIMEOUT_RANGE, KafkaTrigger, MAX_PROCESSES_RANGE, MAX_QUEUE_RANGE, MEMORY_MB_RANGE,
+    RESERVED_ENV_KEYS, TIMEOUT_RANGE, TMP_MB_RANGE,
 };
 
 /// The whole file.
@@ -33,10 +34,13 @@ struct RawPipeline {
     /// `[[trigger.KIND]]` tables. Default: none.
     #[serde(default)]
     trigger: kafka::RawTriggers,
+    /// `[job.NAME]` tables. Default: none.
+    #[serde(default)]
+    job: BTreeMap<Spanned<String>, Spanned<job::RawJob>>,
 }
 
 /// Keys allowed at the top level, for unknown-field messages.
-const TOP_LEVEL_FIELDS: &[&str] = &["functions", "trigger"];
+const TOP_LEVEL_FIELDS: &[&str] = &["functions", "trigger", "job"];
 
 /// One `[functions.NAME]` table. Every field is optional here so that
 /// validation can point at the right place; `None` means "use the default"
@@ -95,7 +99,11 @@ const FUNCTION_FIELDS: &[(&str, &str)] = &[
 
 /// What a valid file declares: the functions by name, and the Kafka triggers
 /// in file order.
-pub(crate) type Declared = (BTreeMap<String, FunctionConfig>, Vec<KafkaTrigger>);
+pub(crate) type Declared = (
+    BTreeMap<String, FunctionConfig>,
+    Vec<KafkaTrigger>,
+    BTreeMap<String, BackfillJob>,
+);
 
 /// Parses and validates `text`.
 pub(crate) fn parse(text: &str, file: &Path) -> Result<Declared, PipelineError> {
@@ -138,6 +146,9 @@ fn serde_error(loc: &Locator<'_>, doc: &DeTable<'_>, err: &toml::de::Error) -> P
             [trigger] if trigger == "trigger" => Some(kafka::TRIGGER_KINDS.to_vec()),
             [trigger, kind, _] if trigger == "trigger" && kind == "kafka" => {
                 Some(kafka::KAFKA_FIELDS.iter().map(|(name, _)| *name).collect())
+            }
+            [job, _] if job == "job" => {
+                Some(job::JOB_FIELDS.iter().map(|(name, _)| *name).collect())
             }
             _ => None,
         };
@@ -201,6 +212,13 @@ fn expected_type(path: &[String]) -> Option<&'static str> {
         ["trigger", "kafka", _] => Some("a table of Kafka trigger settings"),
         ["trigger", "kafka", _, "topics", _] => Some(STRING),
         ["trigger", "kafka", _, "properties", _] => Some(kafka::PROPERTY_VALUE),
+        ["job"] => Some("a table of jobs, e.g. [job.backfill-orders]"),
+        ["job", _] => Some("a table of job settings"),
+        ["job", _, "source", _] | ["job", _, "columns", _] => Some(STRING),
+        ["job", _, field] => job::JOB_FIELDS
+            .iter()
+            .find(|(name, _)| name == field)
+            .map(|(_, ty)| *ty),
         ["trigger", "kafka", _, field] => kafka::KAFKA_FIELDS
             .iter()
             .find(|(name, _)| name == field)
@@ -241,6 +259,8 @@ enum Item {
     Function(Spanned<String>, Box<RawFunction>),
     /// A `[[trigger.kafka]]` table and its position in the array.
     Kafka(usize, Box<Spanned<kafka::RawKafka>>),
+    /// A `[job.NAME]` table.
+    Job(Spanned<String>, Box<Spanned<job::RawJob>>),
 }
 
 impl RawPipeline {
@@ -273,12 +293,18 @@ impl RawPipeline {
                     .enumerate()
                     .map(|(i, trigger)| (trigger.span().start, Item::Kafka(i, Box::new(trigger)))),
             )
+            .chain(
+                self.job
+                    .into_iter()
+                    .map(|(name, job)| (name.span().start, Item::Job(name, Box::new(job)))),
+            )
             .collect();
         items.sort_by_key(|(start, _)| *start);
         let base = loc.file.parent().unwrap_or(Path::new(""));
         let mut functions = BTreeMap::new();
         let mut triggers = Vec::new();
         let mut trigger_names = BTreeMap::new();
+        let mut jobs = BTreeMap::new();
         for (_, item) in items {
             match item {
                 Item::Function(name, function) => {
@@ -296,10 +322,21 @@ impl RawPipeline {
                     )?;
                     triggers.push((index, trigger));
                 }
+                Item::Job(name, job) => {
+                    let header = job.span();
+                    let job = job
+                        .into_inner()
+                        .validate(loc, name, header, &declared, base)?;
+                    jobs.insert(job.name.clone(), job);
+                }
             }
         }
         triggers.sort_by_key(|(index, _)| *index);
-        Ok((functions, triggers.into_iter().map(|(_, t)| t).collect()))
+        Ok((
+            functions,
+            triggers.into_iter().map(|(_, t)| t).collect(),
+            jobs,
+        ))
     }
 }
 
@@ -742,7 +779,8 @@ mod tests {
         assert_eq!(closest("timout", &fields), Some("timeout"));
         assert_eq!(closest("function", TOP_LEVEL_FIELDS), Some("functions"));
         assert_eq!(closest("triggers", TOP_LEVEL_FIELDS), Some("trigger"));
-        assert_eq!(closest("job", TOP_LEVEL_FIELDS), None);
+        assert_eq!(closest("jobs", TOP_LEVEL_FIELDS), Some("job"));
+        assert_eq!(closest("tasks", TOP_LEVEL_FIELDS), None);
         assert_eq!(closest("x", &fields), None);
     }
 

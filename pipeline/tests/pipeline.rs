@@ -508,3 +508,85 @@ fn triggers_still_need_a_function() {
     .expect_err("no functions");
     assert!(matches!(err, PipelineError::NoFunctions { .. }), "{err}");
 }
+
+#[test]
+fn backfill_jobs_get_defaults_and_resolve_paths() {
+    let p = parse_with_echo(
+        r#"
+[job.minimal]
+function = "echo"
+source = "data/in.jsonl"
+
+[job.full]
+function = "echo"
+source = ["s3://bucket/orders/*.parquet", "/abs/x.parquet"]
+format = "parquet"
+columns = ["id", "amount"]
+csv_delimiter = ";"
+max_items_per_call = 500
+max_bytes_per_call = 100000
+max_concurrency = 8
+max_attempts = 5
+tolerated_failure_count = 2
+tolerated_failure_percentage = 1.5
+order_key = "customer"
+progress = "state/orders.redb"
+bootstrap_servers = "localhost:9092"
+"#,
+    );
+    let base = Path::new(INLINE).parent().unwrap();
+    let minimal = p.job("minimal").unwrap();
+    assert_eq!(minimal.function, "echo");
+    assert_eq!(
+        minimal.sources,
+        vec![base.join("data/in.jsonl").display().to_string()]
+    );
+    assert_eq!(minimal.format, None);
+    assert_eq!(minimal.columns, None);
+    assert_eq!(minimal.csv_delimiter, b',');
+    assert_eq!(
+        minimal.max_items_per_call,
+        sluice_pipeline::DEFAULT_MAX_ITEMS_PER_CALL
+    );
+    assert_eq!(
+        minimal.max_bytes_per_call,
+        sluice_pipeline::DEFAULT_MAX_BYTES_PER_CALL
+    );
+    assert_eq!(minimal.max_concurrency, None);
+    assert_eq!(minimal.max_attempts, sluice_pipeline::DEFAULT_MAX_ATTEMPTS);
+    assert_eq!(minimal.tolerated_failure_percentage, None);
+    assert_eq!(
+        minimal.bootstrap_servers,
+        sluice_pipeline::BootstrapServers::Embedded
+    );
+
+    let full = p.job("full").unwrap();
+    assert_eq!(
+        full.sources,
+        vec!["s3://bucket/orders/*.parquet", "/abs/x.parquet"]
+    );
+    assert_eq!(full.format, Some(sluice_pipeline::DataFormat::Parquet));
+    assert_eq!(
+        full.columns.as_deref(),
+        Some(&["id".to_owned(), "amount".to_owned()][..])
+    );
+    assert_eq!(full.csv_delimiter, b';');
+    assert_eq!(full.max_items_per_call, 500);
+    assert_eq!(full.max_bytes_per_call, 100_000);
+    assert_eq!(full.max_concurrency, Some(8));
+    assert_eq!(full.max_attempts, 5);
+    assert_eq!(full.tolerated_failure_count, Some(2));
+    assert_eq!(full.tolerated_failure_percentage, Some(1.5));
+    assert_eq!(full.order_key.as_deref(), Some("customer"));
+    assert_eq!(full.progress, Some(base.join("state/orders.redb")));
+    assert_eq!(
+        full.bootstrap_servers,
+        sluice_pipeline::BootstrapServers::Servers("localhost:9092".into())
+    );
+
+    let err = p.job("nope").unwrap_err().to_string();
+    assert!(
+        err.contains("no job named \"nope\"; declared jobs: full, minimal"),
+        "{err}"
+    );
+}

@@ -1,31 +1,203 @@
 //! `sluice backfill`: call a function on every item of existing data sets.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_executor::{Fault, LogLine, LogStream};
-use sluice_taskgen::{BackfillConfig, BackfillError, Format, Hooks, OrderConfig, Summary};
+use sluice_pipeline::{
+    BackfillJob, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_ITEMS_PER_CALL,
+};
+use sluice_taskgen::{
+    BackfillConfig, BackfillError, Format, Hooks, Input, Limits, OrderConfig, Summary, TickHook,
+};
+
+use sluice_ingest::kafka::EmbeddedBroker;
+use sluice_pipeline::BootstrapServers;
+use sluice_taskgen::distributed::{self, KafkaSettings, MAX_TASK_BYTES};
 
 use crate::exit;
 
-/// The command line of `sluice backfill`.
-#[derive(Debug)]
-pub struct BackfillArgs {
-    pub pipeline: PathBuf,
-    pub function: String,
+/// The options of `sluice backfill`; each overrides the job's setting.
+#[derive(Debug, clap::Args)]
+pub struct BackfillOptions {
+    /// Function name (required without a JOB).
+    #[arg(long, short)]
+    pub function: Option<String>,
+    /// Source file, glob pattern or object_store URL (sorted). Repeatable;
+    /// replaces the job's sources.
+    #[arg(long)]
     pub source: Vec<String>,
-    pub format: Format,
-    pub max_items_per_call: usize,
+    /// parquet, csv (with header), jsonl or text (default: from the first
+    /// source's extension).
+    #[arg(long)]
+    pub format: Option<Format>,
+    /// Keep only these columns (comma-separated); Parquet reads only them.
+    #[arg(long, value_delimiter = ',')]
+    pub columns: Vec<String>,
+    /// CSV field delimiter (default `,`).
+    #[arg(long)]
+    pub csv_delimiter: Option<char>,
+    /// Items per call (default 100).
+    #[arg(long)]
+    pub max_items_per_call: Option<usize>,
+    /// Bytes of items (as JSON) per call (default 6,000,000).
+    #[arg(long)]
+    pub max_bytes_per_call: Option<usize>,
+    /// Calls in flight (default: the function's concurrency).
+    #[arg(long)]
+    pub max_concurrency: Option<usize>,
+    /// Progress database (default: .sluice-backfill-<hash>.redb next to
+    /// the first source file).
+    #[arg(long)]
+    pub progress: Option<PathBuf>,
+    /// Dead-letter JSON lines file (default: the progress path with
+    /// .dead.jsonl).
+    #[arg(long)]
+    pub dead_letter: Option<PathBuf>,
+    /// Attempts per call for retryable errors (default 3).
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Stop with exit code 3 once more calls than this have failed.
+    #[arg(long)]
+    pub tolerated_failure_count: Option<u64>,
+    /// Stop with exit code 3 once more than this percentage of the items
+    /// has failed (0 to 100).
+    #[arg(long)]
+    pub tolerated_failure_percentage: Option<f64>,
+    /// Items with the same value of this field run one after another
+    /// (file, then row order); different keys run in parallel.
+    #[arg(long, value_name = "FIELD")]
+    pub order_key: Option<String>,
+    /// Field holding each item's id (with --depends-on-column).
+    #[arg(long, value_name = "FIELD", requires = "depends_on_column")]
+    pub id_column: Option<String>,
+    /// Field naming the id (or JSON list of ids) an item depends on: it
+    /// runs only after those succeeded. Reads all items first; cycles and
+    /// missing ids are reported before anything runs.
+    #[arg(long, value_name = "FIELD", requires = "id_column")]
+    pub depends_on_column: Option<String>,
+    /// Print files, row groups, item and call counts (and dependency
+    /// levels with the ordering options); call nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not print the function's log lines.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Publish the calls to Kafka for `sluice worker` processes instead of
+    /// calling the function here; needs a JOB (it names the topics).
+    #[arg(long, requires = "job")]
+    pub distributed: bool,
+    /// With --distributed: the Kafka cluster (default: the job's
+    /// `bootstrap_servers`, "embedded" by default: a broker in this process).
+    #[arg(long, requires = "distributed")]
+    pub bootstrap_servers: Option<String>,
+}
+
+/// A backfill's settings: the job's (if any), overridden by the flags.
+#[derive(Debug)]
+pub struct Settings {
+    pub function: String,
+    pub patterns: Vec<String>,
+    pub format: Option<Format>,
+    pub columns: Option<Vec<String>>,
+    pub csv_delimiter: u8,
+    pub limits: Limits,
     pub max_concurrency: Option<usize>,
     pub progress: Option<PathBuf>,
     pub dead_letter: Option<PathBuf>,
     pub max_attempts: u32,
     pub tolerated_failure_count: Option<u64>,
+    pub tolerated_failure_percentage: Option<f64>,
     pub order: OrderConfig,
-    pub dry_run: bool,
-    pub quiet: bool,
+}
+
+/// Merges the job and the flags; the message says what is missing or wrong.
+pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settings, String> {
+    let function = o
+        .function
+        .clone()
+        .or_else(|| job.map(|j| j.function.clone()))
+        .ok_or("--function is required without a JOB")?;
+    let patterns = if o.source.is_empty() {
+        job.map(|j| j.sources.clone())
+            .ok_or("--source is required without a JOB")?
+    } else {
+        o.source.clone()
+    };
+    let csv_delimiter = match o.csv_delimiter {
+        Some(c) if c.is_ascii() && !matches!(c, '"' | '\n' | '\r') => c as u8,
+        Some(c) => {
+            return Err(format!(
+                "--csv-delimiter {c:?}: expected one ASCII character other than a quote or a line break"
+            ));
+        }
+        None => job.map_or(b',', |j| j.csv_delimiter),
+    };
+    if let Some(p) = o.tolerated_failure_percentage
+        && !(0.0..=100.0).contains(&p)
+    {
+        return Err(format!(
+            "--tolerated-failure-percentage {p}: expected 0 to 100"
+        ));
+    }
+    let order = if o.order_key.is_some() || o.id_column.is_some() {
+        OrderConfig {
+            order_key: o.order_key.clone(),
+            id_column: o.id_column.clone(),
+            depends_on_column: o.depends_on_column.clone(),
+        }
+    } else {
+        job.map_or_else(OrderConfig::default, |j| OrderConfig {
+            order_key: j.order_key.clone(),
+            id_column: j.id_column.clone(),
+            depends_on_column: j.depends_on_column.clone(),
+        })
+    };
+    Ok(Settings {
+        function,
+        patterns,
+        format: o.format.or(job.and_then(|j| j.format)),
+        columns: if o.columns.is_empty() {
+            job.and_then(|j| j.columns.clone())
+        } else {
+            Some(o.columns.clone())
+        },
+        csv_delimiter,
+        limits: Limits {
+            items: o
+                .max_items_per_call
+                .or(job.map(|j| j.max_items_per_call as usize))
+                .unwrap_or(DEFAULT_MAX_ITEMS_PER_CALL as usize)
+                .max(1),
+            bytes: o
+                .max_bytes_per_call
+                .or(job.map(|j| j.max_bytes_per_call))
+                .unwrap_or(DEFAULT_MAX_BYTES_PER_CALL)
+                .max(1),
+        },
+        max_concurrency: o
+            .max_concurrency
+            .or(job.and_then(|j| j.max_concurrency.map(|c| c as usize))),
+        progress: o.progress.clone().or(job.and_then(|j| j.progress.clone())),
+        dead_letter: o
+            .dead_letter
+            .clone()
+            .or(job.and_then(|j| j.dead_letter.clone())),
+        max_attempts: o
+            .max_attempts
+            .or(job.map(|j| j.max_attempts))
+            .unwrap_or(DEFAULT_MAX_ATTEMPTS)
+            .max(1),
+        tolerated_failure_count: o
+            .tolerated_failure_count
+            .or(job.and_then(|j| j.tolerated_failure_count)),
+        tolerated_failure_percentage: o
+            .tolerated_failure_percentage
+            .or(job.and_then(|j| j.tolerated_failure_percentage)),
+        order,
+    })
 }
 
 fn print_log(line: LogLine) {
@@ -37,7 +209,16 @@ fn print_log(line: LogLine) {
     }
 }
 
-fn print_summary(s: &Summary) {
+/// The function's log lines on stderr, or nowhere with `--quiet`.
+pub fn log_sink(quiet: bool) -> sluice_executor::LogSink {
+    if quiet {
+        Arc::new(|_l: LogLine| {})
+    } else {
+        Arc::new(print_log)
+    }
+}
+
+pub fn print_summary(s: &Summary) {
     println!(
         "calls: {} total, {} succeeded, {} failed, {} retries, {} skipped (already done)",
         s.calls_total, s.calls_succeeded, s.calls_failed, s.calls_retried, s.calls_skipped
@@ -54,7 +235,42 @@ fn print_summary(s: &Summary) {
     );
 }
 
-fn error_code(e: &BackfillError) -> u8 {
+/// One line of progress for a terminal: a bar with percentage and ETA when
+/// the item count is known up front, else the counters alone.
+pub fn progress_bar(s: &Summary) -> String {
+    const WIDTH: usize = 24;
+    let done = s.items_succeeded + s.items_failed + s.items_skipped;
+    let rate = s.items_per_second();
+    let failures = if s.items_failed > 0 {
+        format!(" · {} failed", s.items_failed)
+    } else {
+        String::new()
+    };
+    match s.items_expected.filter(|&n| n > 0) {
+        Some(total) => {
+            let frac = (done as f64 / total as f64).clamp(0.0, 1.0);
+            let filled = (frac * WIDTH as f64).round() as usize;
+            let eta = if rate > 0.0 && done < total {
+                let secs = (total - done) as f64 / rate;
+                humantime::format_duration(Duration::from_secs(secs.ceil() as u64)).to_string()
+            } else {
+                "-".to_owned()
+            };
+            format!(
+                "[{}{}] {:>3.0}% {done}/{total} items · {rate:.0} items/s · ETA {eta}{failures}",
+                "=".repeat(filled),
+                " ".repeat(WIDTH - filled),
+                frac * 100.0
+            )
+        }
+        None => format!(
+            "{done} items · {} calls · {rate:.0} items/s{failures}",
+            s.calls_succeeded + s.calls_failed + s.calls_skipped
+        ),
+    }
+}
+
+pub fn error_code(e: &BackfillError) -> u8 {
     match e {
         BackfillError::TooManyFailures { .. } => exit::INVOKE_FAILED,
         e if e.fault() == Fault::User => exit::USAGE,
@@ -62,155 +278,203 @@ fn error_code(e: &BackfillError) -> u8 {
     }
 }
 
-/// Runs the backfill; exit 0 when every call succeeded, 1 when some failed
-/// within the tolerated count, 3 when the job stopped on failures.
-pub async fn run(args: BackfillArgs) -> u8 {
-    let p = match super::load_pipeline(&args.pipeline) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    let fconf = match p.function(&args.function) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::USAGE;
-        }
-    };
-    let sources = match sluice_taskgen::resolve_sources(&args.source) {
-        Ok(s) => s,
+/// `--dry-run`: files, row groups, items and calls (and dependency levels).
+async fn dry_run(sources: &[PathBuf], input: &Input, limits: Limits, order: &OrderConfig) -> u8 {
+    let per_call = limits.items;
+    let plans = match sluice_taskgen::plan(sources, input, limits) {
+        Ok(plans) => plans,
         Err(e) => {
             eprintln!("error: {e}");
             return error_code(&e);
         }
     };
-    let per_call = args.max_items_per_call.max(1);
-    if args.dry_run {
-        return match sluice_taskgen::plan(&sources, args.format, per_call) {
-            Ok(plans) => {
-                let (mut items, mut calls, mut bad) = (0, 0, 0);
-                for f in &plans {
-                    let groups = f.row_groups.as_ref().map_or(String::new(), |g| {
-                        format!(
-                            ", {} row groups ({})",
-                            g.len(),
-                            g.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
-                        )
-                    });
-                    // With ordering options, calls are formed across files (below).
-                    let file_calls = if args.order.is_active() {
-                        String::new()
-                    } else {
-                        format!(", {} calls", f.calls)
-                    };
-                    println!(
-                        "{}: {} items, {} unreadable{file_calls}{groups}",
-                        f.file.display(),
-                        f.items,
-                        f.bad_items,
-                    );
-                    items += f.items;
-                    calls += f.calls;
-                    bad += f.bad_items;
-                }
-                if !args.order.is_active() {
-                    println!(
-                        "total: {} files, {items} items, {bad} unreadable, {calls} calls of up to {per_call} items",
-                        plans.len()
-                    );
-                    return exit::OK;
-                }
+    let (mut items, mut calls, mut bad) = (0, 0, 0);
+    for f in &plans {
+        let groups = f.row_groups.as_ref().map_or(String::new(), |g| {
+            format!(
+                ", {} row groups ({})",
+                g.len(),
+                g.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+            )
+        });
+        // With ordering options, calls are formed across files (below).
+        let file_calls = if order.is_active() {
+            String::new()
+        } else {
+            format!(", {} calls", f.calls)
+        };
+        println!(
+            "{}: {} items, {} unreadable{file_calls}{groups}",
+            f.file.display(),
+            f.items,
+            f.bad_items,
+        );
+        items += f.items;
+        calls += f.calls;
+        bad += f.bad_items;
+    }
+    if !order.is_active() {
+        println!(
+            "total: {} files, {items} items, {bad} unreadable, {calls} calls of up to {per_call} items",
+            plans.len()
+        );
+        return exit::OK;
+    }
+    println!(
+        "total: {} files, {items} items, {bad} unreadable",
+        plans.len()
+    );
+    match sluice_taskgen::plan_levels(sources, input, limits, order).await {
+        Ok(levels) => {
+            let calls: u64 = levels.iter().map(|l| l.calls).sum();
+            for l in &levels {
+                let keys = if order.order_key.is_some() {
+                    format!(", {} keys", l.keys)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "total: {} files, {items} items, {bad} unreadable",
-                    plans.len()
+                    "level {}: {} items, {} calls{keys}",
+                    l.level, l.items, l.calls
                 );
-                match sluice_taskgen::plan_levels(&sources, args.format, per_call, &args.order)
-                    .await
-                {
-                    Ok(levels) => {
-                        let calls: u64 = levels.iter().map(|l| l.calls).sum();
-                        for l in &levels {
-                            let keys = if args.order.order_key.is_some() {
-                                format!(", {} keys", l.keys)
-                            } else {
-                                String::new()
-                            };
-                            println!(
-                                "level {}: {} items, {} calls{keys}",
-                                l.level, l.items, l.calls
-                            );
-                        }
-                        println!(
-                            "{} dependency levels, {calls} calls of up to {per_call} items",
-                            levels.len()
-                        );
-                        exit::OK
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        error_code(&e)
-                    }
-                }
             }
+            println!(
+                "{} dependency levels, {calls} calls of up to {per_call} items",
+                levels.len()
+            );
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            error_code(&e)
+        }
+    }
+}
+
+/// The pipeline, job and merged settings, the backfill configuration and
+/// what `--dry-run` needs; or the exit code after printing the error.
+pub struct Prepared {
+    pub pipeline: sluice_pipeline::Pipeline,
+    pub job: Option<BackfillJob>,
+    pub cfg: BackfillConfig,
+}
+
+/// Loads the pipeline and job, merges the flags and resolves the sources.
+/// With `--dry-run`, prints the plan and returns its exit code.
+pub async fn prepare(
+    pipeline: &Path,
+    job: Option<&str>,
+    args: &BackfillOptions,
+) -> Result<Prepared, u8> {
+    let p = super::load_pipeline(pipeline)?;
+    let job = match job {
+        None => None,
+        Some(name) => match p.job(name) {
+            Ok(job) => Some(job.clone()),
             Err(e) => {
                 eprintln!("error: {e}");
-                error_code(&e)
+                return Err(exit::USAGE);
             }
-        };
+        },
+    };
+    let set = settings(job.as_ref(), args).map_err(|e| {
+        eprintln!("error: {e}");
+        exit::USAGE
+    })?;
+    let fconf = p.function(&set.function).map_err(|e| {
+        eprintln!("error: {e}");
+        exit::USAGE
+    })?;
+    let first = set.patterns.first().map_or("", String::as_str);
+    let Some(format) = set.format.or_else(|| Format::from_extension(first)) else {
+        eprintln!(
+            "error: cannot tell the format of {first:?} from its extension; give --format \
+             (parquet, csv, jsonl or text)"
+        );
+        return Err(exit::USAGE);
+    };
+    let sources = sluice_taskgen::resolve_sources(&set.patterns).map_err(|e| {
+        eprintln!("error: {e}");
+        error_code(&e)
+    })?;
+    let input = Input {
+        format,
+        columns: set.columns,
+        csv_delimiter: set.csv_delimiter,
+    };
+    let mut limits = set.limits;
+    if args.distributed && limits.bytes > MAX_TASK_BYTES {
+        // A task must fit in one Kafka message.
+        limits.bytes = MAX_TASK_BYTES;
     }
-    let progress = args.progress.unwrap_or_else(|| {
-        sluice_taskgen::default_progress_path(&sources, args.format, &args.function, per_call)
+    if args.dry_run {
+        return Err(dry_run(&sources, &input, limits, &set.order).await);
+    }
+    let progress = set.progress.unwrap_or_else(|| {
+        sluice_taskgen::default_progress_path(&sources, format, &set.function, limits)
     });
-    let dead_letter = args
+    let dead_letter = set
         .dead_letter
         .unwrap_or_else(|| sluice_taskgen::default_dead_letter_path(&progress));
     let cfg = BackfillConfig {
-        function: args.function.clone(),
-        sources,
-        format: args.format,
-        max_items_per_call: per_call,
-        max_concurrency: args
+        max_concurrency: set
             .max_concurrency
             .unwrap_or(fconf.concurrency as usize)
             .max(1),
+        function: set.function,
+        sources,
+        input,
+        max_items_per_call: limits.items,
+        max_bytes_per_call: limits.bytes,
         progress,
-        dead_letter: dead_letter.clone(),
-        max_attempts: args.max_attempts.max(1),
-        tolerated_failure_count: args.tolerated_failure_count,
-        order: args.order,
+        dead_letter,
+        max_attempts: set.max_attempts,
+        tolerated_failure_count: set.tolerated_failure_count,
+        tolerated_failure_percentage: set.tolerated_failure_percentage,
+        order: set.order,
     };
-    let logs: sluice_executor::LogSink = if args.quiet {
-        Arc::new(|_l: LogLine| {})
+    Ok(Prepared {
+        pipeline: p,
+        job,
+        cfg,
+    })
+}
+
+/// Progress on stderr: a bar redrawn in place on a terminal, periodic log
+/// lines otherwise. Returns the hook and whether it draws on a terminal.
+pub fn progress_hook() -> ((Duration, TickHook), bool) {
+    if std::io::stderr().is_terminal() {
+        (
+            (
+                Duration::from_millis(200),
+                Arc::new(|s: &Summary| eprint!("\r\x1b[K{}", progress_bar(s))),
+            ),
+            true,
+        )
     } else {
-        Arc::new(print_log)
-    };
-    let ex = match super::executor_for(&p, logs) {
-        Ok(ex) => ex,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return exit::INVOKE_FAILED;
-        }
-    };
-    let mut hooks = Hooks::default();
-    if !std::io::stderr().is_terminal() {
-        hooks.on_tick = Some((
-            Duration::from_secs(2),
-            Arc::new(|s: &Summary| {
-                eprintln!(
-                    "backfill: {} calls done ({} failed, {} skipped), {} items, {:.1} items/s",
-                    s.calls_succeeded,
-                    s.calls_failed,
-                    s.calls_skipped,
-                    s.items_succeeded,
-                    s.items_per_second()
-                );
-            }),
-        ));
+        (
+            (
+                Duration::from_secs(2),
+                Arc::new(|s: &Summary| {
+                    eprintln!(
+                        "backfill: {} calls done ({} failed, {} skipped), {} items, {:.1} items/s",
+                        s.calls_succeeded,
+                        s.calls_failed,
+                        s.calls_skipped,
+                        s.items_succeeded,
+                        s.items_per_second()
+                    );
+                }),
+            ),
+            false,
+        )
     }
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let result = sluice_taskgen::run(&ex, cfg, hooks, shutdown).await;
-    ex.shutdown().await;
+}
+
+/// The exit code of a finished run, after printing its summary: 0 when
+/// every call succeeded, 1 when some failed within the tolerated failures,
+/// 3 when the job stopped on failures or was interrupted.
+pub fn conclude(result: Result<Summary, BackfillError>, dead_letter: &Path) -> u8 {
     match result {
         Ok(s) => {
             print_summary(&s);
@@ -231,4 +495,125 @@ pub async fn run(args: BackfillArgs) -> u8 {
             error_code(&e)
         }
     }
+}
+
+/// Runs the backfill (see [`conclude`] for the exit codes).
+pub async fn run(pipeline: PathBuf, job: Option<String>, args: BackfillOptions) -> u8 {
+    let prepared = match prepare(&pipeline, job.as_deref(), &args).await {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    if args.distributed {
+        return coordinate(&pipeline, prepared, &args).await;
+    }
+    let ex = match super::executor_for(&prepared.pipeline, log_sink(args.quiet)) {
+        Ok(ex) => ex,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let (tick, terminal) = progress_hook();
+    let hooks = Hooks {
+        on_tick: Some(tick),
+        ..Hooks::default()
+    };
+    let dead_letter = prepared.cfg.dead_letter.clone();
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let result = sluice_taskgen::run(&ex, prepared.cfg, hooks, shutdown).await;
+    ex.shutdown().await;
+    if terminal {
+        eprint!("\r\x1b[K");
+    }
+    conclude(result, &dead_letter)
+}
+
+/// The Kafka cluster: `--bootstrap-servers`, else the job's; an embedded
+/// broker is started in this process when that says "embedded" (returned so
+/// that it lives as long as the caller needs it).
+pub fn kafka_for(
+    flag: Option<&str>,
+    job: Option<&BackfillJob>,
+) -> Result<(KafkaSettings, Option<EmbeddedBroker>), String> {
+    let configured = job.map_or(BootstrapServers::Embedded, |j| j.bootstrap_servers.clone());
+    let servers = match (flag, configured) {
+        (Some("embedded"), _) | (None, BootstrapServers::Embedded) => None,
+        (Some(s), _) => Some(s.to_owned()),
+        (None, BootstrapServers::Servers(s)) => Some(s),
+    };
+    match servers {
+        Some(servers) => Ok((
+            KafkaSettings {
+                servers,
+                properties: Vec::new(),
+            },
+            None,
+        )),
+        None => {
+            let broker = EmbeddedBroker::start(1).map_err(|e| e.to_string())?;
+            Ok((
+                KafkaSettings {
+                    servers: broker.bootstrap_servers().to_owned(),
+                    properties: Vec::new(),
+                },
+                Some(broker),
+            ))
+        }
+    }
+}
+
+/// `--distributed`: publish the calls and wait for the workers' results.
+async fn coordinate(pipeline: &Path, prepared: Prepared, args: &BackfillOptions) -> u8 {
+    let job = prepared
+        .job
+        .as_ref()
+        .expect("clap requires a JOB with --distributed");
+    let (kafka, embedded) = match kafka_for(args.bootstrap_servers.as_deref(), Some(job)) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    if let Some(broker) = &embedded {
+        for topic in [
+            distributed::tasks_topic(&job.name),
+            distributed::results_topic(&job.name),
+        ] {
+            if let Err(e) = broker.create_topic(&topic, distributed::TASK_PARTITIONS) {
+                eprintln!("error: {e}");
+                return exit::INVOKE_FAILED;
+            }
+        }
+        eprintln!(
+            "sluice: embedded Kafka broker at {servers} (in this process; its data is temporary); \
+             start workers with: sluice worker {} {} --bootstrap-servers {servers}",
+            pipeline.display(),
+            job.name,
+            servers = kafka.servers,
+        );
+    }
+    eprintln!(
+        "sluice: publishing the calls of job {} to {} and waiting for results on {}",
+        job.name,
+        distributed::tasks_topic(&job.name),
+        distributed::results_topic(&job.name)
+    );
+    let (tick, terminal) = progress_hook();
+    let hooks = Hooks {
+        on_tick: Some(tick),
+        ..Hooks::default()
+    };
+    let dead_letter = prepared.cfg.dead_letter.clone();
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let result = distributed::coordinate(prepared.cfg, &job.name, &kafka, hooks, shutdown).await;
+    if terminal {
+        eprint!("\r\x1b[K");
+    }
+    drop(embedded);
+    conclude(result, &dead_letter)
 }

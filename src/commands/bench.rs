@@ -626,16 +626,13 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
             }
         }
         let cfg = BackfillConfig {
-            function: function.to_owned(),
-            sources: vec![source.clone()],
-            format: Format::Parquet,
             max_items_per_call: per_call,
             max_concurrency: concurrency,
             progress: dir.0.join(format!("progress-{per_call}.redb")),
             dead_letter: dir.0.join(format!("dead-{per_call}.jsonl")),
             max_attempts: 1,
             tolerated_failure_count: Some(0),
-            order: Default::default(),
+            ..BackfillConfig::new(function, vec![source.clone()], Format::Parquet)
         };
         let result = sluice_taskgen::run(&ex, cfg, Hooks::default(), std::future::pending()).await;
         ex.shutdown().await;

@@ -7,6 +7,7 @@ pub mod doctor;
 pub mod invoke;
 pub mod run;
 pub mod validate;
+pub mod worker;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -45,6 +45,7 @@
 //! - **Memory** stays bounded (in the streaming mode, without ordering): a reader thread feeds a channel of
 //!   `max_concurrency` calls, and at most `max_concurrency` calls run.
 
+pub mod distributed;
 mod progress;
 mod read;
 mod source;
@@ -68,42 +69,28 @@ use progress::{DeadLetter, Progress};
 use read::Item;
 pub use schedule::{LevelPlan, OrderConfig, plan_levels};
 
-/// Input format of the source files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Format {
-    /// Apache Parquet: each row is a JSON object.
-    Parquet,
-    /// CSV with a header line: each record is an object of strings.
-    Csv,
-    /// JSON lines: each non-blank line is a JSON value.
-    Jsonl,
-    /// Text: each line is a JSON string.
-    Text,
+/// Input format of the source files (the pipeline crate's [`DataFormat`](sluice_pipeline::DataFormat)).
+pub use sluice_pipeline::DataFormat as Format;
+
+/// How items are read from the source files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    /// The files' format.
+    pub format: Format,
+    /// Fields kept in each item; `None`: all. Parquet reads only these
+    /// columns from storage; CSV and JSON objects drop the other keys. A
+    /// column missing from a Parquet or CSV file is an error naming the file.
+    pub columns: Option<Vec<String>>,
+    /// CSV field delimiter. Default `b','`.
+    pub csv_delimiter: u8,
 }
 
-impl Format {
-    /// The name used on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Parquet => "parquet",
-            Format::Csv => "csv",
-            Format::Jsonl => "jsonl",
-            Format::Text => "text",
-        }
-    }
-}
-
-impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "parquet" => Ok(Format::Parquet),
-            "csv" => Ok(Format::Csv),
-            "jsonl" | "ndjson" => Ok(Format::Jsonl),
-            "text" | "txt" => Ok(Format::Text),
-            other => Err(format!(
-                "unknown format {other:?} (known: parquet, csv, jsonl, text)"
-            )),
+impl From<Format> for Input {
+    fn from(format: Format) -> Self {
+        Input {
+            format,
+            columns: None,
+            csv_delimiter: b',',
         }
     }
 }
@@ -159,6 +146,25 @@ pub enum BackfillError {
         /// The decoder's message.
         message: String,
     },
+    /// `columns` names a column the file does not have.
+    #[error("{}: no column {column:?} (columns: {})", file.display(), available.join(", "))]
+    MissingColumn {
+        /// The file.
+        file: PathBuf,
+        /// The missing column.
+        column: String,
+        /// The file's columns.
+        available: Vec<String>,
+    },
+    /// Talking to the Kafka cluster of a distributed job failed (external;
+    /// running again may help).
+    #[error("Kafka: {what}: {message}")]
+    Kafka {
+        /// What was being done.
+        what: String,
+        /// The client's message.
+        message: String,
+    },
     /// A CSV file cannot be read any further.
     #[error("{}:{line}: CSV: {message}", file.display())]
     Csv {
@@ -178,6 +184,22 @@ pub enum BackfillError {
         #[source]
         source: Box<redb::Error>,
     },
+    /// The progress store was written by a run that cut calls differently
+    /// (items or bytes per call, ordering): resuming from it could skip
+    /// items never called.
+    #[error(
+        "progress store {} belongs to a run with calls cut as {stored:?}, not {wanted:?}; \
+         use the same options, or another --progress file to start afresh",
+        path.display()
+    )]
+    ProgressLayout {
+        /// The database file.
+        path: PathBuf,
+        /// The layout it was written with.
+        stored: String,
+        /// The layout of this run.
+        wanted: String,
+    },
     /// The dead-letter file cannot be written.
     #[error("dead-letter file {}: {source}", path.display())]
     DeadLetter {
@@ -193,14 +215,14 @@ pub enum BackfillError {
     Dependencies(String),
     /// More calls failed than tolerated; the job stopped.
     #[error(
-        "stopped: {failed} failed calls exceed the {tolerated} tolerated (last: {last_error}); see {}",
+        "stopped: {failed} failed calls exceed {tolerated} (last: {last_error}); see {}",
         dead_letter.display()
     )]
     TooManyFailures {
         /// Failed calls (and unreadable items) so far.
         failed: u64,
-        /// `tolerated_failure_count`.
-        tolerated: u64,
+        /// What was tolerated, e.g. `the 3 tolerated` or `1.5% of 2000 items`.
+        tolerated: String,
         /// The last failure.
         last_error: String,
         /// Where the failed items went.
@@ -219,14 +241,53 @@ impl BackfillError {
             | BackfillError::NoFiles { .. }
             | BackfillError::Config(_)
             | BackfillError::Parquet { .. }
+            | BackfillError::MissingColumn { .. }
             | BackfillError::Csv { .. }
             | BackfillError::Dependencies(_)
+            | BackfillError::ProgressLayout { .. }
             | BackfillError::TooManyFailures { .. } => Fault::User,
             BackfillError::Read { .. }
             | BackfillError::Progress { .. }
+            | BackfillError::Kafka { .. }
             | BackfillError::DeadLetter { .. } => Fault::External,
         }
     }
+}
+
+/// How many items go into one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Items per call (at least 1).
+    pub items: usize,
+    /// Bytes of the items' JSON per call; a single larger item still makes
+    /// a call of its own.
+    pub bytes: usize,
+}
+
+impl Limits {
+    /// Whether a call holding `count` items of `bytes` is full before an
+    /// item of `next` bytes.
+    fn full(self, count: usize, bytes: usize, next: usize) -> bool {
+        count >= self.items.max(1) || bytes.saturating_add(next) > self.bytes
+    }
+}
+
+/// Length of `v` as compact JSON, without building the text.
+pub(crate) fn json_size(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Writing to a counter cannot fail, and a `Value` always serializes.
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0 + 1 // the separating comma
 }
 
 /// What to backfill and how.
@@ -236,10 +297,12 @@ pub struct BackfillConfig {
     pub function: String,
     /// Source files, in order (see [`resolve_sources`]).
     pub sources: Vec<PathBuf>,
-    /// Input format.
-    pub format: Format,
+    /// Format, columns and CSV options.
+    pub input: Input,
     /// Items per call (at least 1).
     pub max_items_per_call: usize,
+    /// Bytes of items (as JSON) per call.
+    pub max_bytes_per_call: usize,
     /// Calls in flight at once (at least 1).
     pub max_concurrency: usize,
     /// The redb progress database (see [`default_progress_path`]).
@@ -250,8 +313,65 @@ pub struct BackfillConfig {
     pub max_attempts: u32,
     /// Failed calls allowed before the job stops; `None`: no limit.
     pub tolerated_failure_count: Option<u64>,
+    /// Failed items allowed, in percent of all items; `None`: no limit.
+    /// Checked during the run against the item count known up front
+    /// (Parquet metadata, or the whole input with ordering options), and at
+    /// the end against the items read.
+    pub tolerated_failure_percentage: Option<f64>,
     /// Order keys and dependencies (default: none, file-then-row order).
     pub order: OrderConfig,
+}
+
+impl BackfillConfig {
+    /// A configuration with the documented defaults (the pipeline crate's
+    /// `DEFAULT_*` constants): 100 items and 6 MB per call, 4 calls in
+    /// flight, 3 attempts, no failure limit, file-then-row order, the
+    /// progress store from [`default_progress_path`] and the dead-letter
+    /// file next to it.
+    pub fn new(function: &str, sources: Vec<PathBuf>, input: impl Into<Input>) -> Self {
+        let input = input.into();
+        let limits = Limits {
+            items: sluice_pipeline::DEFAULT_MAX_ITEMS_PER_CALL as usize,
+            bytes: sluice_pipeline::DEFAULT_MAX_BYTES_PER_CALL,
+        };
+        let progress = default_progress_path(&sources, input.format, function, limits);
+        BackfillConfig {
+            function: function.to_owned(),
+            dead_letter: default_dead_letter_path(&progress),
+            progress,
+            sources,
+            input,
+            max_items_per_call: limits.items,
+            max_bytes_per_call: limits.bytes,
+            max_concurrency: sluice_pipeline::DEFAULT_CONCURRENCY as usize,
+            max_attempts: sluice_pipeline::DEFAULT_MAX_ATTEMPTS,
+            tolerated_failure_count: None,
+            tolerated_failure_percentage: None,
+            order: OrderConfig::default(),
+        }
+    }
+
+    /// How calls are cut, as stored with the progress: what makes call ids
+    /// mean the same items.
+    fn layout(&self) -> String {
+        let o = &self.order;
+        format!(
+            "items={} bytes={} order_key={:?} id_column={:?} depends_on={:?}",
+            self.max_items_per_call,
+            self.max_bytes_per_call,
+            o.order_key,
+            o.id_column,
+            o.depends_on_column
+        )
+    }
+
+    /// Items and bytes per call.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            items: self.max_items_per_call,
+            bytes: self.max_bytes_per_call,
+        }
+    }
 }
 
 /// Counters of a backfill run.
@@ -279,6 +399,9 @@ pub struct Summary {
     pub duration: Duration,
     /// Whether the run was stopped by the shutdown signal before the end.
     pub interrupted: bool,
+    /// Items the input holds, when known before reading it all (Parquet
+    /// metadata; the whole input with ordering options): for progress bars.
+    pub items_expected: Option<u64>,
 }
 
 impl Summary {
@@ -368,7 +491,7 @@ pub fn default_progress_path(
     sources: &[PathBuf],
     format: Format,
     function: &str,
-    max_items_per_call: usize,
+    limits: Limits,
 ) -> PathBuf {
     // FNV-1a: stable across Rust versions, unlike `DefaultHasher`.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -383,7 +506,8 @@ pub fn default_progress_path(
     }
     feed(format.name().as_bytes());
     feed(function.as_bytes());
-    feed(max_items_per_call.to_string().as_bytes());
+    feed(limits.items.to_string().as_bytes());
+    feed(limits.bytes.to_string().as_bytes());
     let dir = sources
         .first()
         .filter(|s| !source::is_remote(s))
@@ -412,34 +536,52 @@ pub struct FilePlan {
     pub calls: u64,
 }
 
+/// Rows of all sources from Parquet metadata, without reading data; `None`
+/// for other formats.
+pub fn expected_items(sources: &[PathBuf], input: &Input) -> Result<Option<u64>, BackfillError> {
+    if input.format != Format::Parquet {
+        return Ok(None);
+    }
+    let mut total = 0u64;
+    for file in sources {
+        total += read::parquet_row_groups(file)?
+            .iter()
+            .map(|&n| u64::try_from(n).unwrap_or(0))
+            .sum::<u64>();
+    }
+    Ok(Some(total))
+}
+
 /// Reads every source without calling anything.
 pub fn plan(
     sources: &[PathBuf],
-    format: Format,
-    max_items_per_call: usize,
+    input: &Input,
+    limits: Limits,
 ) -> Result<Vec<FilePlan>, BackfillError> {
-    let n = max_items_per_call.max(1) as u64;
+    check_input(input)?;
     let mut plans = Vec::new();
     for file in sources {
-        let row_groups = match format {
+        let row_groups = match input.format {
             Format::Parquet => Some(read::parquet_row_groups(file)?),
             _ => None,
         };
         let (mut items, mut bad_items, mut calls) = (0, 0, 0);
-        let mut last_call = None;
-        read::read_file(file, format, &mut |index, item| {
-            match item {
-                Item::Value(_) => {
-                    items += 1;
-                    if last_call != Some(index / n) {
-                        last_call = Some(index / n);
-                        calls += 1;
-                    }
-                }
+        let mut splitter = Splitter::new(String::new(), limits);
+        read::read_file(file, input, &mut |index, item| {
+            match &item {
+                Item::Value(_) => items += 1,
                 Item::Bad(_) => bad_items += 1,
+            }
+            if let Some(call) = splitter.push(index, item)
+                && !call.items.is_empty()
+            {
+                calls += 1;
             }
             ControlFlow::Continue(())
         })?;
+        if splitter.finish().is_some_and(|c| !c.items.is_empty()) {
+            calls += 1;
+        }
         plans.push(FilePlan {
             file: file.clone(),
             row_groups,
@@ -464,45 +606,104 @@ impl Call {
     fn id(&self) -> String {
         format!("{}#{}", self.source, self.first)
     }
+
+    /// The event a function receives for this call:
+    /// `{"items": [...], "batch": {"source", "first_item", "count", "call_id", ...extra}}`.
+    fn payload(&self, id: &str, extra: serde_json::Map<String, Value>) -> String {
+        let mut batch = serde_json::Map::new();
+        batch.insert("source".into(), json!(self.source));
+        batch.insert("first_item".into(), json!(self.first));
+        batch.insert("count".into(), json!(self.items.len()));
+        batch.insert("call_id".into(), json!(id));
+        batch.extend(extra);
+        json!({ "items": self.items, "batch": batch }).to_string()
+    }
+}
+
+/// Cuts the items of one file into calls: a call starts at an item index
+/// and ends when it holds `limits.items` items (readable or not) or the
+/// next readable item would take it past `limits.bytes`. The same input
+/// always gives the same calls, so call ids are stable across runs.
+struct Splitter {
+    source: String,
+    limits: Limits,
+    current: Option<Call>,
+    /// Items (readable or not) and JSON bytes in `current`.
+    count: usize,
+    bytes: usize,
+}
+
+impl Splitter {
+    fn new(source: String, limits: Limits) -> Self {
+        Splitter {
+            source,
+            limits,
+            current: None,
+            count: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Adds item `index`; returns the call it completed, if any.
+    fn push(&mut self, index: u64, item: Item) -> Option<Call> {
+        let size = match &item {
+            Item::Value(v) => json_size(v),
+            Item::Bad(_) => 0,
+        };
+        let mut done = None;
+        if self.current.is_some() && self.limits.full(self.count, self.bytes, size) {
+            done = self.finish();
+        }
+        let call = self.current.get_or_insert_with(|| Call {
+            source: self.source.clone(),
+            first: index,
+            items: Vec::new(),
+            bad: Vec::new(),
+        });
+        match item {
+            Item::Value(v) => call.items.push(v),
+            Item::Bad(e) => call.bad.push(e),
+        }
+        self.count += 1;
+        self.bytes += size;
+        done
+    }
+
+    /// The call being filled, if any.
+    fn finish(&mut self) -> Option<Call> {
+        self.count = 0;
+        self.bytes = 0;
+        self.current.take()
+    }
+}
+
+/// Options that do not fit the format.
+fn check_input(input: &Input) -> Result<(), BackfillError> {
+    if input.columns.is_some() && input.format == Format::Text {
+        return Err(BackfillError::Config(
+            "columns cannot be chosen for text sources (each line is one string)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads all sources on the current (blocking) thread, sending calls until
 /// the receiver goes away.
 fn reader(
     sources: Vec<PathBuf>,
-    format: Format,
-    per_call: u64,
+    input: Input,
+    limits: Limits,
     tx: mpsc::Sender<Result<Call, BackfillError>>,
 ) {
     for file in sources {
-        let source = file.display().to_string();
-        let mut current: Option<Call> = None;
+        let mut splitter = Splitter::new(file.display().to_string(), limits);
         let mut closed = false;
-        let mut send = |call: Call| -> ControlFlow<()> {
-            if tx.blocking_send(Ok(call)).is_err() {
-                closed = true;
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        };
-        let result = read::read_file(&file, format, &mut |index, item| {
-            let first = index - index % per_call;
-            if current.as_ref().is_some_and(|c| c.first != first)
-                && let Some(done) = current.take()
-                && send(done).is_break()
+        let result = read::read_file(&file, &input, &mut |index, item| {
+            if let Some(done) = splitter.push(index, item)
+                && tx.blocking_send(Ok(done)).is_err()
             {
+                closed = true;
                 return ControlFlow::Break(());
-            }
-            let call = current.get_or_insert_with(|| Call {
-                source: source.clone(),
-                first,
-                items: Vec::new(),
-                bad: Vec::new(),
-            });
-            match item {
-                Item::Value(v) => call.items.push(v),
-                Item::Bad(e) => call.bad.push(e),
             }
             ControlFlow::Continue(())
         });
@@ -510,12 +711,12 @@ fn reader(
             let _ = tx.blocking_send(Err(e));
             return;
         }
-        if let Some(done) = current.take()
-            && send(done).is_break()
-        {
+        if closed {
             return;
         }
-        if closed {
+        if let Some(done) = splitter.finish()
+            && tx.blocking_send(Ok(done)).is_err()
+        {
             return;
         }
     }
@@ -523,7 +724,8 @@ fn reader(
 
 /// Shared state of a run.
 struct Run {
-    executor: Executor,
+    /// `None` for a distributed coordinator, whose workers call the function.
+    executor: Option<Executor>,
     cfg: BackfillConfig,
     progress: Progress,
     dead: DeadLetter,
@@ -538,6 +740,50 @@ struct Run {
 }
 
 impl Run {
+    /// Checks the configuration and opens the progress store and the
+    /// dead-letter file.
+    fn start(
+        executor: Option<Executor>,
+        cfg: BackfillConfig,
+        hooks: Hooks,
+    ) -> Result<Arc<Run>, BackfillError> {
+        if cfg.max_items_per_call == 0
+            || cfg.max_bytes_per_call == 0
+            || cfg.max_concurrency == 0
+            || cfg.max_attempts == 0
+        {
+            return Err(BackfillError::Config(
+                "max items and bytes per call, max concurrency and max attempts must be at least 1"
+                    .into(),
+            ));
+        }
+        if let Some(p) = cfg.tolerated_failure_percentage
+            && !(0.0..=100.0).contains(&p)
+        {
+            return Err(BackfillError::Config(format!(
+                "tolerated failure percentage {p} is not between 0 and 100"
+            )));
+        }
+        check_input(&cfg.input)?;
+        let expected = expected_items(&cfg.sources, &cfg.input)?;
+        let progress = Progress::open(&cfg.progress, &cfg.layout())?;
+        Ok(Arc::new(Run {
+            executor,
+            dead: DeadLetter::new(&cfg.dead_letter)?,
+            progress,
+            summary: Mutex::new(Summary {
+                items_expected: expected,
+                ..Summary::default()
+            }),
+            started: Instant::now(),
+            failures: Mutex::new((0, String::new())),
+            stop: AtomicBool::new(false),
+            fatal: Mutex::new(None),
+            hooks,
+            cfg,
+        }))
+    }
+
     fn snapshot(&self) -> Summary {
         let mut s = self
             .summary
@@ -552,6 +798,32 @@ impl Run {
         f(&mut self.summary.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
+    fn set_expected_items(&self, n: u64) {
+        self.update(|s| s.items_expected = Some(n));
+    }
+
+    /// What the tolerated failures were exceeded by, if they were: failed
+    /// calls past `tolerated_failure_count`, or failed items past
+    /// `tolerated_failure_percentage` of `total` items.
+    fn over_tolerance(&self, failed_calls: u64, total: Option<u64>) -> Option<String> {
+        if let Some(t) = self.cfg.tolerated_failure_count
+            && failed_calls > t
+        {
+            return Some(format!("the {t} tolerated"));
+        }
+        if let (Some(pct), Some(total)) = (self.cfg.tolerated_failure_percentage, total)
+            && total > 0
+        {
+            let failed_items = self.snapshot().items_failed;
+            if failed_items as f64 * 100.0 > pct * total as f64 {
+                return Some(format!(
+                    "the tolerated {pct}% of {total} items ({failed_items} items failed)"
+                ));
+            }
+        }
+        None
+    }
+
     fn fail(&self, e: BackfillError) {
         self.fatal
             .lock()
@@ -562,10 +834,14 @@ impl Run {
 
     /// Counts a failure; stops the job when past the tolerated count.
     fn failure(&self, message: String) {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        f.0 += 1;
-        f.1 = message;
-        if self.cfg.tolerated_failure_count.is_some_and(|t| f.0 > t) {
+        let failed = {
+            let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            f.0 += 1;
+            f.1 = message;
+            f.0
+        };
+        let expected = self.snapshot().items_expected;
+        if self.over_tolerance(failed, expected).is_some() {
             self.stop.store(true, Ordering::SeqCst);
         }
     }
@@ -591,6 +867,27 @@ impl Run {
         }
     }
 
+    /// Counts a call read from the sources and dead-letters its unreadable
+    /// items; says whether it still needs calling (it has items and an
+    /// earlier run has not completed it).
+    fn admit(&self, call: &Call) -> Result<bool, BackfillError> {
+        let count = call.items.len() as u64;
+        self.update(|s| s.items_total += count + call.bad.len() as u64);
+        self.bad_items(call);
+        if call.items.is_empty() {
+            return Ok(false);
+        }
+        self.update(|s| s.calls_total += 1);
+        if self.progress.succeeded(&call.id())? {
+            self.update(|s| {
+                s.calls_skipped += 1;
+                s.items_skipped += count;
+            });
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     /// Invokes one call with retries and records the outcome.
     async fn call(&self, call: Call) {
         let id = call.id();
@@ -606,51 +903,61 @@ impl Run {
         extra: serde_json::Map<String, Value>,
     ) -> bool {
         let count = call.items.len() as u64;
-        let mut batch = serde_json::Map::new();
-        batch.insert("source".into(), json!(call.source));
-        batch.insert("first_item".into(), json!(call.first));
-        batch.insert("count".into(), json!(count));
-        batch.insert("call_id".into(), json!(id));
-        batch.extend(extra);
-        let payload = json!({ "items": call.items, "batch": batch }).to_string();
-        let max_attempts = self.cfg.max_attempts.max(1);
-        let mut attempt = 0u32;
-        let outcome = loop {
-            attempt += 1;
-            match self
-                .executor
-                .invoke(&self.cfg.function, payload.as_str())
-                .await
-            {
-                Ok(r) => break Ok(r),
-                Err(e) if e.retryable() && attempt < max_attempts => {
-                    self.update(|s| s.calls_retried += 1);
-                    tracing::debug!(call = %id, attempt, error = %e, "retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-                }
-                Err(e) => break Err(e),
-            }
-        };
+        let payload = call.payload(id, extra);
+        let executor = self
+            .executor
+            .as_ref()
+            .expect("runs that call functions have an executor");
+        let (outcome, attempts) = invoke_with_retries(
+            executor,
+            &self.cfg.function,
+            &payload,
+            self.cfg.max_attempts,
+            |attempt, e| {
+                self.update(|s| s.calls_retried += 1);
+                tracing::debug!(call = %id, attempt, error = %e, "retrying");
+            },
+        )
+        .await;
         match outcome {
             Ok(response) => {
-                if let Err(e) = self.progress.record(id, u64::from(attempt)) {
-                    self.fail(e);
-                    return false;
-                }
-                self.update(|s| {
-                    s.calls_succeeded += 1;
-                    s.items_succeeded += count;
-                });
-                if let Some(hook) = &self.hooks.on_response {
+                let ok = self.succeeded(id, attempts, count);
+                if ok && let Some(hook) = &self.hooks.on_response {
                     hook(id, &response);
                 }
-                true
+                ok
             }
             Err(e) => {
-                self.dead_letter(&call.source, id, payload, &e, attempt, count);
+                let items = serde_json::from_str::<Value>(&payload)
+                    .ok()
+                    .and_then(|mut v| v.get_mut("items").map(Value::take))
+                    .unwrap_or(Value::Null);
+                self.dead_letter(
+                    &call.source,
+                    id,
+                    items,
+                    e.error_type(),
+                    &e.to_string(),
+                    attempts,
+                    count,
+                );
                 false
             }
         }
+    }
+
+    /// Records a successful call durably and counts it; false (and the run
+    /// stops) if the progress store failed.
+    fn succeeded(&self, id: &str, attempts: u32, count: u64) -> bool {
+        if let Err(e) = self.progress.record(id, u64::from(attempts)) {
+            self.fail(e);
+            return false;
+        }
+        self.update(|s| {
+            s.calls_succeeded += 1;
+            s.items_succeeded += count;
+        });
+        true
     }
 
     /// Dead-letters a call not made because a call it requires failed.
@@ -676,25 +983,24 @@ impl Run {
         self.failure(message);
     }
 
+    /// Dead-letters a call that failed `attempts` times with `error`.
+    #[allow(clippy::too_many_arguments)]
     fn dead_letter(
         &self,
         source: &str,
         id: &str,
-        payload: String,
-        e: &InvokeError,
+        items: Value,
+        error_type: &str,
+        error: &str,
         attempts: u32,
         count: u64,
     ) {
-        let items = serde_json::from_str::<Value>(&payload)
-            .ok()
-            .and_then(|mut v| v.get_mut("items").map(Value::take))
-            .unwrap_or(Value::Null);
         let record = json!({
             "call_id": id,
             "source": source,
             "items": items,
-            "error_type": e.error_type(),
-            "error": e.to_string(),
+            "error_type": error_type,
+            "error": error,
             "attempts": attempts,
         });
         if let Err(err) = self.dead.write(&record) {
@@ -705,7 +1011,32 @@ impl Run {
             s.calls_failed += 1;
             s.items_failed += count;
         });
-        self.failure(format!("{id}: {e}"));
+        self.failure(format!("{id}: {error}"));
+    }
+}
+
+/// Invokes `function` with `payload` up to `max_attempts` times while the
+/// error is retryable (backing off 50 ms × attempt), calling `on_retry`
+/// before each retry. Returns the outcome and the attempts made.
+pub(crate) async fn invoke_with_retries(
+    executor: &Executor,
+    function: &str,
+    payload: &str,
+    max_attempts: u32,
+    on_retry: impl Fn(u32, &InvokeError),
+) -> (Result<Response, InvokeError>, u32) {
+    let max_attempts = max_attempts.max(1);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match executor.invoke(function, payload).await {
+            Ok(r) => return (Ok(r), attempt),
+            Err(e) if e.retryable() && attempt < max_attempts => {
+                on_retry(attempt, &e);
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+            }
+            Err(e) => return (Err(e), attempt),
+        }
     }
 }
 
@@ -723,24 +1054,7 @@ pub async fn run(
     hooks: Hooks,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, BackfillError> {
-    if cfg.max_items_per_call == 0 || cfg.max_concurrency == 0 || cfg.max_attempts == 0 {
-        return Err(BackfillError::Config(
-            "max items per call, max concurrency and max attempts must be at least 1".into(),
-        ));
-    }
-    let progress = Progress::open(&cfg.progress)?;
-    let run = Arc::new(Run {
-        executor: executor.clone(),
-        dead: DeadLetter::new(&cfg.dead_letter)?,
-        progress,
-        summary: Mutex::new(Summary::default()),
-        started: Instant::now(),
-        failures: Mutex::new((0, String::new())),
-        stop: AtomicBool::new(false),
-        fatal: Mutex::new(None),
-        hooks,
-        cfg,
-    });
+    let run = Run::start(Some(executor.clone()), cfg, hooks)?;
     if run.cfg.order.is_active() {
         let ticker = start_ticker(&run);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -755,12 +1069,12 @@ pub async fn run(
     }
     let concurrency = run.cfg.max_concurrency;
     let (tx, mut rx) = mpsc::channel(concurrency);
-    let (sources, format, per_call) = (
+    let (sources, input, limits) = (
         run.cfg.sources.clone(),
-        run.cfg.format,
-        run.cfg.max_items_per_call as u64,
+        run.cfg.input.clone(),
+        run.cfg.limits(),
     );
-    let reader = tokio::task::spawn_blocking(move || reader(sources, format, per_call, tx));
+    let reader = tokio::task::spawn_blocking(move || reader(sources, input, limits, tx));
     let ticker = start_ticker(&run);
 
     let permits = Arc::new(Semaphore::new(concurrency));
@@ -786,22 +1100,9 @@ pub async fn run(
             }
             Some(Ok(call)) => call,
         };
-        let count = call.items.len() as u64;
-        run.update(|s| s.items_total += count + call.bad.len() as u64);
-        run.bad_items(&call);
-        if call.items.is_empty() {
-            continue;
-        }
-        run.update(|s| s.calls_total += 1);
-        match run.progress.succeeded(&call.id()) {
-            Ok(true) => {
-                run.update(|s| {
-                    s.calls_skipped += 1;
-                    s.items_skipped += count;
-                });
-                continue;
-            }
-            Ok(false) => {}
+        match run.admit(&call) {
+            Ok(true) => {}
+            Ok(false) => continue,
             Err(e) => {
                 run.fail(e);
                 break;
@@ -864,9 +1165,12 @@ fn conclude(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    if let Some(tolerated) = run.cfg.tolerated_failure_count
-        && failed > tolerated
-    {
+    // The percentage is of the item count known up front; without one, of
+    // every item read (unless interrupted: then the count is incomplete).
+    let total = summary
+        .items_expected
+        .or((!interrupted).then_some(summary.items_total));
+    if let Some(tolerated) = run.over_tolerance(failed, total) {
         return Err(BackfillError::TooManyFailures {
             failed,
             tolerated,

@@ -6,13 +6,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
 
 use crate::BackfillError;
 
 /// Call id → attempts it took.
 const SUCCEEDED: TableDefinition<&str, u64> = TableDefinition::new("succeeded");
+/// `"layout"` → how calls were cut when the store was created.
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 /// Which calls already succeeded; each success is committed on its own.
 pub(crate) struct Progress {
@@ -21,7 +23,11 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    pub(crate) fn open(path: &Path) -> Result<Self, BackfillError> {
+    /// Opens (or creates) the store of a run whose calls are cut as
+    /// `layout` says. Call ids name a call's first item only, so a store
+    /// written with another layout would skip the wrong items: that is
+    /// refused with [`BackfillError::ProgressLayout`].
+    pub(crate) fn open(path: &Path, layout: &str) -> Result<Self, BackfillError> {
         let err = |e: redb::Error| BackfillError::Progress {
             path: path.to_path_buf(),
             source: Box::new(e),
@@ -29,6 +35,26 @@ impl Progress {
         let db = Database::create(path).map_err(|e| err(e.into()))?;
         let tx = db.begin_write().map_err(|e| err(e.into()))?;
         tx.open_table(SUCCEEDED).map_err(|e| err(e.into()))?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| err(e.into()))?;
+            let stored = meta
+                .get("layout")
+                .map_err(|e| err(e.into()))?
+                .map(|v| v.value().to_owned());
+            match stored {
+                Some(stored) if stored != layout => {
+                    return Err(BackfillError::ProgressLayout {
+                        path: path.to_path_buf(),
+                        stored,
+                        wanted: layout.to_owned(),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("layout", layout).map_err(|e| err(e.into()))?;
+                }
+            }
+        }
         tx.commit().map_err(|e| err(e.into()))?;
         Ok(Self {
             db,

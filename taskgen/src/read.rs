@@ -8,11 +8,14 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use arrow_array::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use arrow_schema::Schema;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ArrowReaderBuilder, ParquetRecordBatchReaderBuilder};
+use parquet::schema::types::SchemaDescriptor;
 use serde_json::Value;
 
 use crate::source;
-use crate::{BackfillError, Format, ItemError};
+use crate::{BackfillError, Format, Input, ItemError};
 
 /// One item read from a source: a JSON value, or a line that could not be
 /// turned into one.
@@ -67,37 +70,77 @@ pub(crate) fn parquet_row_groups(path: &Path) -> Result<Vec<i64>, BackfillError>
 /// the file ends or `each` breaks.
 pub(crate) fn read_file(
     path: &Path,
-    format: Format,
+    input: &Input,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
-    match format {
-        Format::Parquet => read_parquet(path, each),
-        Format::Csv => read_csv(path, each),
-        Format::Jsonl | Format::Text => read_lines(path, format, each),
+    let columns = input.columns.as_deref();
+    match input.format {
+        Format::Parquet => read_parquet(path, columns, each),
+        Format::Csv => read_csv(path, input.csv_delimiter, columns, each),
+        Format::Jsonl | Format::Text => read_lines(path, input.format, columns, each),
     }
+}
+
+/// The projection of `columns` (top-level fields of the file's Arrow
+/// schema), or an error naming the first missing one.
+pub(crate) fn projection(
+    path: &Path,
+    schema: &Schema,
+    parquet: &SchemaDescriptor,
+    columns: &[String],
+) -> Result<ProjectionMask, BackfillError> {
+    let mut indices = Vec::with_capacity(columns.len());
+    for c in columns {
+        match schema.index_of(c) {
+            Ok(i) => indices.push(i),
+            Err(_) => {
+                return Err(BackfillError::MissingColumn {
+                    file: path.to_path_buf(),
+                    column: c.clone(),
+                    available: schema.fields().iter().map(|f| f.name().clone()).collect(),
+                });
+            }
+        }
+    }
+    Ok(ProjectionMask::roots(parquet, indices))
+}
+
+/// Applies `columns` to a Parquet reader builder (sync or async).
+pub(crate) fn project<T>(
+    path: &Path,
+    builder: ArrowReaderBuilder<T>,
+    columns: Option<&[String]>,
+) -> Result<ArrowReaderBuilder<T>, BackfillError> {
+    let Some(columns) = columns else {
+        return Ok(builder);
+    };
+    let mask = projection(path, builder.schema(), builder.parquet_schema(), columns)?;
+    Ok(builder.with_projection(mask))
 }
 
 fn read_parquet(
     path: &Path,
+    columns: Option<&[String]>,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
     let mut index = 0u64;
     if source::is_remote(path) {
         let mut error = None;
-        source::parquet_remote::batches(path, PARQUET_BATCH_ROWS, &mut |batch| match batch_items(
-            path, &batch, &mut index, each,
-        ) {
-            Ok(flow) => Ok(flow.is_continue()),
-            Err(e) => {
-                error = Some(e);
-                Ok(false)
+        source::parquet_remote::batches(path, PARQUET_BATCH_ROWS, columns, &mut |batch| {
+            match batch_items(path, &batch, &mut index, each) {
+                Ok(flow) => Ok(flow.is_continue()),
+                Err(e) => {
+                    error = Some(e);
+                    Ok(false)
+                }
             }
         })
         .map_err(|e| parquet_error(path, e))?;
         return error.map_or(Ok(()), Err);
     }
-    let reader = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
-        .map_err(|e| parquet_error(path, e))?
+    let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
+        .map_err(|e| parquet_error(path, e))?;
+    let reader = project(path, builder, columns)?
         .with_batch_size(PARQUET_BATCH_ROWS)
         .build()
         .map_err(|e| parquet_error(path, e))?;
@@ -136,10 +179,13 @@ fn batch_items(
 
 fn read_csv(
     path: &Path,
+    delimiter: u8,
+    columns: Option<&[String]>,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
+        .delimiter(delimiter)
         .from_reader(open_bytes(path)?);
     let headers = reader
         .headers()
@@ -147,6 +193,20 @@ fn read_csv(
         .iter()
         .map(str::to_owned)
         .collect::<Vec<_>>();
+    // Which fields to keep: all, or the projected ones (each must exist).
+    let keep: Vec<bool> = match columns {
+        None => vec![true; headers.len()],
+        Some(columns) => {
+            if let Some(missing) = columns.iter().find(|c| !headers.contains(c)) {
+                return Err(BackfillError::MissingColumn {
+                    file: path.to_path_buf(),
+                    column: missing.clone(),
+                    available: headers,
+                });
+            }
+            headers.iter().map(|h| columns.contains(h)).collect()
+        }
+    };
     let mut record = csv::StringRecord::new();
     let mut index = 0u64;
     loop {
@@ -169,7 +229,9 @@ fn read_csv(
                     let object = headers
                         .iter()
                         .zip(record.iter())
-                        .map(|(k, v)| (k.clone(), Value::String(v.to_owned())))
+                        .zip(&keep)
+                        .filter(|(_, keep)| **keep)
+                        .map(|((k, v), _)| (k.clone(), Value::String(v.to_owned())))
                         .collect();
                     Item::Value(Value::Object(object))
                 }
@@ -207,6 +269,7 @@ fn csv_fatal(path: &Path, line: u64, e: csv::Error) -> BackfillError {
 fn read_lines(
     path: &Path,
     format: Format,
+    columns: Option<&[String]>,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
     let reader = BufReader::new(open_bytes(path)?);
@@ -226,6 +289,11 @@ fn read_lines(
                     continue; // blank lines are not items
                 }
                 match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(Value::Object(mut object)) if columns.is_some() => {
+                        let columns = columns.unwrap_or_default();
+                        object.retain(|k, _| columns.contains(k));
+                        Item::Value(Value::Object(object))
+                    }
                     Ok(v) => Item::Value(v),
                     Err(e) => Item::Bad(bad_line(path, line_no, &bytes, e.to_string())),
                 }

@@ -38,7 +38,7 @@ use std::sync::atomic::Ordering;
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
-use crate::{BackfillError, Call, Format, Run};
+use crate::{BackfillError, Call, Input, Limits, Run};
 
 /// Ordering and dependency settings; all `None` keeps the streaming mode.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,10 +98,14 @@ impl Loaded {
 /// readable items in file/row order, and the unreadable ones.
 async fn load(
     sources: Vec<PathBuf>,
-    format: Format,
+    input: Input,
 ) -> Result<(Vec<Loaded>, Vec<Call>), BackfillError> {
     let (tx, mut rx) = mpsc::channel(1024);
-    let reader = tokio::task::spawn_blocking(move || crate::reader(sources, format, 1, tx));
+    let one = Limits {
+        items: 1,
+        bytes: usize::MAX,
+    };
+    let reader = tokio::task::spawn_blocking(move || crate::reader(sources, input, one, tx));
     let (mut items, mut bad) = (Vec::new(), Vec::new());
     let mut error = None;
     while let Some(next) = rx.recv().await {
@@ -175,7 +179,7 @@ struct Graph {
     levels: Vec<LevelPlan>,
 }
 
-fn build(items: Vec<Loaded>, order: &OrderConfig, per_call: usize) -> Result<Graph, BackfillError> {
+fn build(items: Vec<Loaded>, order: &OrderConfig, limits: Limits) -> Result<Graph, BackfillError> {
     order.check()?;
     let n = items.len();
     // Item dependencies, by position.
@@ -295,10 +299,23 @@ fn build(items: Vec<Loaded>, order: &OrderConfig, per_call: usize) -> Result<Gra
             .or_default()
             .push(i);
     }
-    let mut chunks: Vec<Vec<usize>> = groups
-        .values()
-        .flat_map(|members| members.chunks(per_call.max(1)).map(<[usize]>::to_vec))
-        .collect();
+    let mut chunks: Vec<Vec<usize>> = Vec::new();
+    for members in groups.values() {
+        let mut current: Vec<usize> = Vec::new();
+        let mut bytes = 0;
+        for &i in members {
+            let size = crate::json_size(&items[i].value);
+            if !current.is_empty() && limits.full(current.len(), bytes, size) {
+                chunks.push(std::mem::take(&mut current));
+                bytes = 0;
+            }
+            current.push(i);
+            bytes += size;
+        }
+        if !current.is_empty() {
+            chunks.push(current);
+        }
+    }
     chunks.sort_by_key(|c| (level[c[0]], c[0]));
     let mut call_of = vec![0usize; n];
     for (c, members) in chunks.iter().enumerate() {
@@ -394,13 +411,13 @@ fn build(items: Vec<Loaded>, order: &OrderConfig, per_call: usize) -> Result<Gra
 /// ids and cycles.
 pub async fn plan_levels(
     sources: &[PathBuf],
-    format: Format,
-    max_items_per_call: usize,
+    input: &Input,
+    limits: Limits,
     order: &OrderConfig,
 ) -> Result<Vec<LevelPlan>, BackfillError> {
     order.check()?;
-    let (items, _bad) = load(sources.to_vec(), format).await?;
-    Ok(build(items, order, max_items_per_call)?.levels)
+    let (items, _bad) = load(sources.to_vec(), input.clone()).await?;
+    Ok(build(items, order, limits)?.levels)
 }
 
 /// Runs the calls of the graph; returns whether `shutdown` interrupted it.
@@ -413,12 +430,13 @@ pub(crate) async fn run_graph<S: Future<Output = ()>>(
     let loaded = tokio::select! {
         biased;
         () = &mut shutdown => return Ok(true),
-        l = load(run.cfg.sources.clone(), run.cfg.format) => l?,
+        l = load(run.cfg.sources.clone(), run.cfg.input.clone()) => l?,
     };
     let (items, bad) = loaded;
     let total_bad = bad.iter().map(|c| c.bad.len() as u64).sum::<u64>();
     let total_items = items.len() as u64;
-    let graph = build(items, &order, run.cfg.max_items_per_call)?;
+    let graph = build(items, &order, run.cfg.limits())?;
+    run.set_expected_items(total_items + total_bad);
     run.update(|s| s.items_total += total_items + total_bad);
     for call in &bad {
         run.bad_items(call);

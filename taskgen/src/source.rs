@@ -348,22 +348,30 @@ pub(crate) mod parquet_remote {
     pub(crate) fn batches(
         source: &Path,
         batch_rows: usize,
+        columns: Option<&[String]>,
         each: &mut dyn FnMut(RecordBatch) -> Result<bool, String>,
     ) -> Result<(), String> {
         let (store, path, _) = locate(source).map_err(|e| e.to_string())?;
         let (tx, mut rx) = mpsc::channel::<Result<RecordBatch, String>>(BATCHES_AHEAD);
+        let columns = columns.map(<[String]>::to_vec);
+        let file = source.to_path_buf();
         IO.spawn(async move {
             let stream = async {
-                ParquetRecordBatchStreamBuilder::new(ParquetObjectReader::new(store, path))
-                    .await?
+                let builder =
+                    ParquetRecordBatchStreamBuilder::new(ParquetObjectReader::new(store, path))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                crate::read::project(&file, builder, columns.as_deref())
+                    .map_err(|e| e.to_string())?
                     .with_batch_size(batch_rows)
                     .build()
+                    .map_err(|e| e.to_string())
             }
             .await;
             let mut stream = match stream {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = tx.send(Err(e.to_string())).await;
+                    let _ = tx.send(Err(e)).await;
                     return;
                 }
             };

@@ -125,7 +125,7 @@ async fn url_errors_name_the_url() {
     assert!(e.to_string().contains("unsupported URL scheme"), "{e}");
 
     let missing = vec![PathBuf::from("memory://errors/x/gone.jsonl")];
-    let e = sluice_taskgen::plan(&missing, Format::Jsonl, 10).unwrap_err();
+    let e = sluice_taskgen::plan(&missing, &Format::Jsonl.into(), limits(10)).unwrap_err();
     assert!(matches!(e, BackfillError::Read { .. }), "{e}");
     assert!(
         e.to_string().starts_with("memory://errors/x/gone.jsonl: "),
@@ -133,7 +133,7 @@ async fn url_errors_name_the_url() {
     );
 
     let missing = vec![PathBuf::from("memory://errors/x/gone.parquet")];
-    let e = sluice_taskgen::plan(&missing, Format::Parquet, 10).unwrap_err();
+    let e = sluice_taskgen::plan(&missing, &Format::Parquet.into(), limits(10)).unwrap_err();
     assert!(
         e.to_string().contains("memory://errors/x/gone.parquet"),
         "{e}"
@@ -152,9 +152,9 @@ async fn plan_reads_every_format_from_memory() {
         ],
     )
     .await;
-    let plan = |name: &str, format| {
+    let plan = |name: &str, format: Format| {
         let sources = vec![PathBuf::from(format!("memory://plan/{name}"))];
-        let p = sluice_taskgen::plan(&sources, format, 10).unwrap();
+        let p = sluice_taskgen::plan(&sources, &format.into(), limits(10)).unwrap();
         (
             p[0].row_groups.clone(),
             p[0].items,
@@ -188,9 +188,6 @@ fn file_urls_are_local_paths() {
 
 fn config(dir: &Path, sources: Vec<PathBuf>, format: Format) -> BackfillConfig {
     BackfillConfig {
-        function: "echo".into(),
-        sources,
-        format,
         max_items_per_call: 100,
         max_concurrency: 2,
         progress: dir.join("progress.redb"),
@@ -198,6 +195,7 @@ fn config(dir: &Path, sources: Vec<PathBuf>, format: Format) -> BackfillConfig {
         max_attempts: 3,
         tolerated_failure_count: None,
         order: Default::default(),
+        ..BackfillConfig::new("echo", sources, format)
     }
 }
 
@@ -213,7 +211,8 @@ async fn backfill_reads_parquet_and_jsonl_from_memory() {
     )
     .await;
     let sources = sluice_taskgen::resolve_sources(&["memory://run/in/".to_owned()]).unwrap();
-    let progress = sluice_taskgen::default_progress_path(&sources, Format::Jsonl, "echo", 100);
+    let progress =
+        sluice_taskgen::default_progress_path(&sources, Format::Jsonl, "echo", limits(100));
     assert_eq!(progress.parent(), Some(Path::new(".")));
 
     let f = function_fixture("echo");
@@ -276,4 +275,12 @@ async fn backfill_reads_parquet_and_jsonl_from_memory() {
     ns.sort_unstable();
     assert_eq!(ids, (0..1234).collect::<Vec<_>>());
     assert_eq!(ns, (0..250).collect::<Vec<_>>());
+}
+
+/// At most `items` items per call, no byte limit.
+fn limits(items: usize) -> sluice_taskgen::Limits {
+    sluice_taskgen::Limits {
+        items,
+        bytes: usize::MAX,
+    }
 }

@@ -61,9 +61,6 @@ fn config(
     order: OrderConfig,
 ) -> BackfillConfig {
     BackfillConfig {
-        function: "slow".into(),
-        sources,
-        format: Format::Jsonl,
         max_items_per_call: per_call,
         max_concurrency: 16,
         progress: dir.join("progress.redb"),
@@ -71,6 +68,7 @@ fn config(
         max_attempts: 1,
         tolerated_failure_count: None,
         order,
+        ..BackfillConfig::new("slow", sources, Format::Jsonl)
     }
 }
 
@@ -208,9 +206,10 @@ async fn items_run_after_their_dependencies_and_not_after_a_failed_one() {
     let second = write_jsonl(dir.path(), "b.jsonl", &items[5..]);
     let sources = vec![first, second];
 
-    let levels = sluice_taskgen::plan_levels(&sources, Format::Jsonl, 1, &with_deps())
-        .await
-        .unwrap();
+    let levels =
+        sluice_taskgen::plan_levels(&sources, &Format::Jsonl.into(), limits(1), &with_deps())
+            .await
+            .unwrap();
     let level = |level, items, calls| LevelPlan {
         level,
         items,
@@ -289,7 +288,7 @@ async fn a_cycle_is_reported_before_any_call() {
         json!({"id": "c", "after": "b"}),
     ];
     let sources = vec![write_jsonl(dir.path(), "jobs.jsonl", &items)];
-    let err = sluice_taskgen::plan_levels(&sources, Format::Jsonl, 1, &with_deps())
+    let err = sluice_taskgen::plan_levels(&sources, &Format::Jsonl.into(), limits(1), &with_deps())
         .await
         .unwrap_err();
     assert!(matches!(err, BackfillError::Dependencies(_)), "{err:?}");
@@ -367,7 +366,7 @@ async fn calls_never_mix_keys_or_levels() {
         order_key: Some("user".into()),
         ..with_deps()
     };
-    let levels = sluice_taskgen::plan_levels(&sources, Format::Jsonl, 4, &order)
+    let levels = sluice_taskgen::plan_levels(&sources, &Format::Jsonl.into(), limits(4), &order)
         .await
         .unwrap();
     // Level 0: ids 0..5 (ann: 0, 3; bob: 1, 2, 4); level 1: ids 5..10
@@ -404,5 +403,13 @@ async fn calls_never_mix_keys_or_levels() {
                 .unwrap();
             assert!(before < me, "{ids:?}");
         }
+    }
+}
+
+/// At most `items` items per call, no byte limit.
+fn limits(items: usize) -> sluice_taskgen::Limits {
+    sluice_taskgen::Limits {
+        items,
+        bytes: usize::MAX,
     }
 }

@@ -127,7 +127,15 @@ async fn lineitem_sums_match_arrow_to_the_cent() {
         sluice_taskgen::resolve_sources(&["memory://tpch-sf001/tpch/*.parquet".to_owned()])
             .unwrap();
     assert_eq!(sources.len(), FILES as usize);
-    let plan = sluice_taskgen::plan(&sources, Format::Parquet, ITEMS_PER_CALL).unwrap();
+    let plan = sluice_taskgen::plan(
+        &sources,
+        &Format::Parquet.into(),
+        sluice_taskgen::Limits {
+            items: ITEMS_PER_CALL,
+            bytes: usize::MAX,
+        },
+    )
+    .unwrap();
     assert_eq!(plan.iter().map(|p| p.items).sum::<u64>(), want_rows);
     assert!(
         plan.iter()
@@ -159,9 +167,6 @@ async fn lineitem_sums_match_arrow_to_the_cent() {
         on_tick: None,
     };
     let cfg = BackfillConfig {
-        function: "echo".into(),
-        sources,
-        format: Format::Parquet,
         max_items_per_call: ITEMS_PER_CALL,
         max_concurrency: 2,
         progress: dir.path().join("progress.redb"),
@@ -169,6 +174,7 @@ async fn lineitem_sums_match_arrow_to_the_cent() {
         max_attempts: 3,
         tolerated_failure_count: Some(0),
         order: Default::default(),
+        ..BackfillConfig::new("echo", sources, Format::Parquet)
     };
     let summary = sluice_taskgen::run(&ex, cfg, hooks, std::future::pending())
         .await

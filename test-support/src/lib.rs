@@ -11,6 +11,11 @@
 //! their root user to an unprivileged host uid, which must be able to
 //! traverse and read them.
 
+mod process;
+
+pub use nix::sys::signal::Signal;
+pub use process::{DEADLINE, Process};
+
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -42,6 +42,7 @@ use sluice_pipeline::{KafkaTrigger, StartingPosition};
 use tokio::sync::watch;
 
 pub use embedded::EmbeddedBroker;
+pub use offsets::OffsetTracker;
 pub use sink::{OutRecord, Sink, produce_file};
 
 use crate::IngestError;

@@ -487,7 +487,7 @@ fn sink_topic(
     Ok(Some(name))
 }
 
-fn validate_bootstrap_servers(
+pub(super) fn validate_bootstrap_servers(
     f: &Fields<'_>,
     value: Option<Spanned<String>>,
 ) -> Result<BootstrapServers, PipelineError> {

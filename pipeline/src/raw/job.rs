@@ -1,0 +1,363 @@
+//! `[job.NAME]` tables as serde sees them, and their validation.
+
+use std::ops::Range;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+use super::kafka::validate_bootstrap_servers;
+use super::{Fields, INTEGER, STRING, is_lambda_name};
+use crate::error::PipelineError;
+use crate::span::{self, Locator};
+use crate::{
+    BackfillJob, CONCURRENCY_RANGE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BYTES_PER_CALL,
+    DEFAULT_MAX_ITEMS_PER_CALL, DataFormat, MAX_ATTEMPTS_RANGE, MAX_BYTES_PER_CALL_RANGE,
+    MAX_ITEMS_PER_CALL_RANGE,
+};
+
+/// One `[job.NAME]` table. As elsewhere every field is optional here and
+/// `None` means "use the default", except `function` and `source`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJob {
+    /// Default `"backfill"`.
+    kind: Option<Spanned<String>>,
+    /// Required.
+    function: Option<Spanned<String>>,
+    /// Required: one path, glob or URL, or an array of them.
+    source: Option<Spanned<Sources>>,
+    /// Default: from the first source's extension.
+    format: Option<Spanned<String>>,
+    /// Default: every column.
+    columns: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Default `","`.
+    csv_delimiter: Option<Spanned<String>>,
+    /// Default [`DEFAULT_MAX_ITEMS_PER_CALL`].
+    max_items_per_call: Option<Spanned<i64>>,
+    /// Default [`DEFAULT_MAX_BYTES_PER_CALL`].
+    max_bytes_per_call: Option<Spanned<i64>>,
+    /// Default: the function's `concurrency`.
+    max_concurrency: Option<Spanned<i64>>,
+    /// Default [`DEFAULT_MAX_ATTEMPTS`].
+    max_attempts: Option<Spanned<i64>>,
+    /// Default none (no limit).
+    tolerated_failure_count: Option<Spanned<i64>>,
+    /// Default none (no limit).
+    tolerated_failure_percentage: Option<Spanned<f64>>,
+    /// Default none.
+    order_key: Option<Spanned<String>>,
+    /// Default none.
+    id_column: Option<Spanned<String>>,
+    /// Default none.
+    depends_on_column: Option<Spanned<String>>,
+    /// Default: next to the first local source.
+    progress: Option<Spanned<String>>,
+    /// Default: the progress path with `.dead.jsonl`.
+    dead_letter: Option<Spanned<String>>,
+    /// Default `"embedded"`.
+    bootstrap_servers: Option<Spanned<String>>,
+}
+
+/// `source = "x"` or `source = ["x", "y"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Sources {
+    One(String),
+    Many(Vec<String>),
+}
+
+const FLOAT: &str = "a number";
+
+/// Keys of [`RawJob`] and the TOML type each needs, for messages.
+pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
+    ("kind", "a string: \"backfill\""),
+    ("function", STRING),
+    (
+        "source",
+        "a path, glob or URL, or an array of them, e.g. [\"data/*.parquet\"]",
+    ),
+    (
+        "format",
+        "a string: \"parquet\", \"csv\", \"jsonl\" or \"text\"",
+    ),
+    (
+        "columns",
+        "an array of column names, e.g. [\"id\", \"amount\"]",
+    ),
+    ("csv_delimiter", "a one-character string, e.g. \";\""),
+    ("max_items_per_call", INTEGER),
+    ("max_bytes_per_call", INTEGER),
+    ("max_concurrency", INTEGER),
+    ("max_attempts", INTEGER),
+    ("tolerated_failure_count", INTEGER),
+    ("tolerated_failure_percentage", FLOAT),
+    ("order_key", STRING),
+    ("id_column", STRING),
+    ("depends_on_column", STRING),
+    ("progress", STRING),
+    ("dead_letter", STRING),
+    (
+        "bootstrap_servers",
+        "a string: \"embedded\" or \"host:port[,host:port...]\"",
+    ),
+];
+
+const NAME_RULE: &str = "1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`";
+
+/// Whether `s` is a URL (`scheme://...`) rather than a local path.
+fn is_url(s: &str) -> bool {
+    s.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric())
+    })
+}
+
+/// A local path relative to the pipeline file's folder; absolute paths and
+/// URLs unchanged.
+fn resolve(base: &Path, s: &str) -> String {
+    if is_url(s) || Path::new(s).is_absolute() {
+        s.to_owned()
+    } else {
+        base.join(s).display().to_string()
+    }
+}
+
+impl RawJob {
+    /// Validates `[job.NAME]`, whose header is at `header`.
+    pub(super) fn validate(
+        self,
+        loc: &Locator<'_>,
+        name: Spanned<String>,
+        header: Range<usize>,
+        declared: &[String],
+        base: &Path,
+    ) -> Result<BackfillJob, PipelineError> {
+        let f = Fields {
+            loc,
+            table: format!("job.{}", span::toml_key(name.get_ref())),
+        };
+        if !is_lambda_name(name.get_ref()) {
+            return Err(PipelineError::InvalidValue {
+                at: loc.at(name.span()),
+                field: f.table.clone(),
+                value: name.into_inner(),
+                expected: NAME_RULE,
+            });
+        }
+        let missing = |field: &'static str, hint: &'static str| PipelineError::MissingField {
+            at: loc.at(header.clone()),
+            table: f.table.clone(),
+            field,
+            hint,
+        };
+        if let Some(kind) = &self.kind {
+            match kind.get_ref().as_str() {
+                "backfill" => {}
+                "mapreduce" => {
+                    return Err(PipelineError::InvalidValue {
+                        at: loc.at(kind.span()),
+                        field: f.field("kind"),
+                        value: kind.get_ref().clone(),
+                        expected: "\"backfill\" (MapReduce jobs are not built yet)",
+                    });
+                }
+                _ => {
+                    return Err(PipelineError::InvalidValue {
+                        at: loc.at(kind.span()),
+                        field: f.field("kind"),
+                        value: kind.get_ref().clone(),
+                        expected: "\"backfill\"",
+                    });
+                }
+            }
+        }
+        let Some(function) = self.function else {
+            return Err(missing(
+                "function",
+                "the declared function called with the items, e.g. function = \"echo\"",
+            ));
+        };
+        if !declared.contains(function.get_ref()) {
+            return Err(PipelineError::UndeclaredFunction {
+                at: loc.at(function.span()),
+                field: f.field("function"),
+                name: function.into_inner(),
+                declared: declared.to_vec(),
+            });
+        }
+        let Some(source) = self.source else {
+            return Err(missing(
+                "source",
+                "the files to read, e.g. source = \"data/*.parquet\"",
+            ));
+        };
+        let source_at = source.span();
+        let sources: Vec<String> = match source.into_inner() {
+            Sources::One(s) => vec![s],
+            Sources::Many(v) => v,
+        };
+        if sources.is_empty() || sources.iter().any(|s| s.trim().is_empty()) {
+            return Err(PipelineError::InvalidValue {
+                at: loc.at(source_at),
+                field: f.field("source"),
+                value: format!("{sources:?}"),
+                expected: "one or more non-empty paths, globs or URLs",
+            });
+        }
+        let sources: Vec<String> = sources.iter().map(|s| resolve(base, s)).collect();
+        let format = match self.format {
+            Some(v) => match v.get_ref().parse::<DataFormat>() {
+                Ok(fmt) => Some(fmt),
+                Err(_) => {
+                    return Err(PipelineError::InvalidValue {
+                        at: loc.at(v.span()),
+                        field: f.field("format"),
+                        value: v.into_inner(),
+                        expected: "\"parquet\", \"csv\", \"jsonl\" or \"text\"",
+                    });
+                }
+            },
+            None => None,
+        };
+        let columns = match self.columns {
+            None => None,
+            Some(cols) => {
+                let at = cols.span();
+                let cols: Vec<String> = cols
+                    .into_inner()
+                    .into_iter()
+                    .map(|c| c.into_inner())
+                    .collect();
+                if cols.is_empty() || cols.iter().any(String::is_empty) {
+                    return Err(PipelineError::InvalidValue {
+                        at: loc.at(at),
+                        field: f.field("columns"),
+                        value: format!("{cols:?}"),
+                        expected: "a non-empty array of non-empty column names",
+                    });
+                }
+                Some(cols)
+            }
+        };
+        let csv_delimiter = match self.csv_delimiter {
+            None => b',',
+            Some(d) => match d.get_ref().as_bytes() {
+                [b] if b.is_ascii() && *b != b'"' && *b != b'\n' && *b != b'\r' => *b,
+                _ => {
+                    return Err(PipelineError::InvalidValue {
+                        at: loc.at(d.span()),
+                        field: f.field("csv_delimiter"),
+                        value: d.into_inner(),
+                        expected: "one ASCII character other than a quote or a line break",
+                    });
+                }
+            },
+        };
+        let max_items_per_call = f.integer(
+            "max_items_per_call",
+            self.max_items_per_call,
+            DEFAULT_MAX_ITEMS_PER_CALL,
+            MAX_ITEMS_PER_CALL_RANGE,
+            " (items)",
+        )?;
+        let max_bytes_per_call = f.ranged(
+            "max_bytes_per_call",
+            self.max_bytes_per_call,
+            DEFAULT_MAX_BYTES_PER_CALL,
+            MAX_BYTES_PER_CALL_RANGE,
+            " (bytes)",
+        )?;
+        let max_concurrency = match self.max_concurrency {
+            None => None,
+            v => Some(f.integer("max_concurrency", v, 1, CONCURRENCY_RANGE, "")?),
+        };
+        let max_attempts = f.integer(
+            "max_attempts",
+            self.max_attempts,
+            DEFAULT_MAX_ATTEMPTS,
+            MAX_ATTEMPTS_RANGE,
+            "",
+        )?;
+        let tolerated_failure_count = match self.tolerated_failure_count {
+            None => None,
+            v => Some(u64::from(f.integer(
+                "tolerated_failure_count",
+                v,
+                0,
+                0..=u32::MAX,
+                " (failed calls)",
+            )?)),
+        };
+        let tolerated_failure_percentage = match self.tolerated_failure_percentage {
+            None => None,
+            Some(p) if (0.0..=100.0).contains(p.get_ref()) => Some(*p.get_ref()),
+            Some(p) => {
+                return Err(PipelineError::InvalidValue {
+                    at: loc.at(p.span()),
+                    field: f.field("tolerated_failure_percentage"),
+                    value: p.get_ref().to_string(),
+                    expected: "a percentage from 0 to 100",
+                });
+            }
+        };
+        let column =
+            |key: &str, v: Option<Spanned<String>>| -> Result<Option<String>, PipelineError> {
+                match v {
+                    Some(v) if v.get_ref().is_empty() => Err(PipelineError::InvalidValue {
+                        at: loc.at(v.span()),
+                        field: f.field(key),
+                        value: String::new(),
+                        expected: "a field name",
+                    }),
+                    v => Ok(v.map(Spanned::into_inner)),
+                }
+            };
+        let order_key = column("order_key", self.order_key)?;
+        let id_at = self.id_column.as_ref().map(Spanned::span);
+        let deps_at = self.depends_on_column.as_ref().map(Spanned::span);
+        let id_column = column("id_column", self.id_column)?;
+        let depends_on_column = column("depends_on_column", self.depends_on_column)?;
+        match (&id_column, &depends_on_column) {
+            (Some(id), None) => {
+                return Err(PipelineError::Requires {
+                    at: loc.at(id_at.unwrap_or(header)),
+                    field: f.field("id_column"),
+                    value: format!("{id:?}"),
+                    required: f.field("depends_on_column"),
+                    reason: "ids are only needed to name what an item depends on",
+                });
+            }
+            (None, Some(deps)) => {
+                return Err(PipelineError::Requires {
+                    at: loc.at(deps_at.unwrap_or(header)),
+                    field: f.field("depends_on_column"),
+                    value: format!("{deps:?}"),
+                    required: f.field("id_column"),
+                    reason: "dependencies name the ids of other items",
+                });
+            }
+            _ => {}
+        }
+        let path = |v: Option<Spanned<String>>| v.map(|v| base.join(v.into_inner()));
+        Ok(BackfillJob {
+            name: name.into_inner(),
+            function: function.into_inner(),
+            sources,
+            format,
+            columns,
+            csv_delimiter,
+            max_items_per_call,
+            max_bytes_per_call,
+            max_concurrency,
+            max_attempts,
+            tolerated_failure_count,
+            tolerated_failure_percentage,
+            order_key,
+            id_column,
+            depends_on_column,
+            progress: path(self.progress),
+            dead_letter: path(self.dead_letter),
+            bootstrap_servers: validate_bootstrap_servers(&f, self.bootstrap_servers)?,
+        })
+    }
+}

@@ -1,0 +1,108 @@
+//! `sluice worker`: process the tasks of distributed backfills.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sluice_taskgen::distributed::{self, WorkerConfig};
+
+use super::backfill::{kafka_for, log_sink};
+use crate::exit;
+
+/// Serves the jobs' tasks until SIGINT/SIGTERM (or idle for
+/// `stop_when_idle`); exit 0, or 3 when the cluster cannot be used.
+pub async fn run(
+    pipeline: &Path,
+    jobs: Vec<String>,
+    bootstrap_servers: Option<String>,
+    concurrency: Option<usize>,
+    stop_when_idle: Option<Duration>,
+    quiet: bool,
+) -> u8 {
+    let p = match super::load_pipeline(pipeline) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let jobs: Vec<String> = if jobs.is_empty() {
+        p.jobs.keys().cloned().collect()
+    } else {
+        jobs
+    };
+    if jobs.is_empty() {
+        eprintln!(
+            "error: {} declares no [job.NAME]: a worker serves the tasks of backfill jobs",
+            pipeline.display()
+        );
+        return exit::USAGE;
+    }
+    let mut first = None;
+    let mut default_concurrency = 0usize;
+    for name in &jobs {
+        match p.job(name) {
+            Ok(job) => {
+                first.get_or_insert(job);
+                let f = p
+                    .function(&job.function)
+                    .expect("validation checks that jobs name declared functions");
+                default_concurrency =
+                    default_concurrency.max(job.max_concurrency.unwrap_or(f.concurrency) as usize);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::USAGE;
+            }
+        }
+    }
+    let (kafka, embedded) = match kafka_for(bootstrap_servers.as_deref(), first) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    if embedded.is_some() {
+        eprintln!(
+            "sluice: embedded Kafka broker at {} (in this process): only useful if the \
+             coordinator runs here too; give --bootstrap-servers to join a coordinator's broker",
+            kafka.servers
+        );
+    }
+    let ex = match super::executor_for(&p, log_sink(quiet)) {
+        Ok(ex) => ex,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    eprintln!(
+        "sluice: worker serving {} on {}",
+        jobs.iter()
+            .map(|j| distributed::tasks_topic(j))
+            .collect::<Vec<_>>()
+            .join(", "),
+        kafka.servers
+    );
+    let cfg = WorkerConfig {
+        jobs,
+        concurrency: concurrency.unwrap_or(default_concurrency).max(1),
+        stop_when_idle,
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let result = distributed::work(&ex, &kafka, cfg, shutdown).await;
+    ex.shutdown().await;
+    drop(embedded);
+    match result {
+        Ok(s) => {
+            println!(
+                "worker: {} tasks succeeded, {} failed, {} malformed",
+                s.succeeded, s.failed, s.malformed
+            );
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::INVOKE_FAILED
+        }
+    }
+}

@@ -1,0 +1,662 @@
+//! Distributed backfills over Kafka: `sluice backfill --distributed` (the
+//! coordinator) and `sluice worker` (any number of them, anywhere).
+//!
+//! ```text
+//!  coordinator                        Kafka                          workers (a consumer group)
+//!  sources → calls ──publish──▶ sluice-backfill-JOB-tasks ──▶ invoke (retries) ─┐
+//!  progress store ◀──record──── sluice-backfill-JOB-results ◀──publish result ──┘
+//! ```
+//!
+//! - The coordinator reads the sources exactly as a local run does (same
+//!   calls, same call ids, same progress store), skips calls an earlier run
+//!   completed, and publishes each remaining call as a task keyed by its call
+//!   id. At most [`MAX_OUTSTANDING`] tasks are unanswered at once, so the
+//!   coordinator never runs far ahead of the workers.
+//! - Workers consume the tasks topic in the group `sluice-backfill-JOB-workers`,
+//!   invoke the job's function with retries, publish a result (with the
+//!   items of a failed call, for the dead-letter file), and only then commit
+//!   the task's offset: a worker killed mid-task leaves it uncommitted, and
+//!   after the rebalance another worker calls it again (at least once).
+//! - The coordinator consumes the results topic (group
+//!   `sluice-backfill-JOB-coordinator`), records successes in the progress
+//!   store and failures in the dead-letter file, then commits the result's
+//!   offset. It finishes when every published task has a result. Killed, it
+//!   is simply run again: completed calls are skipped, the rest published
+//!   again (a duplicate result is harmless).
+//!
+//! Ordering options (`order_key`, dependencies) need one scheduler that sees
+//! every item; they are refused in distributed mode.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sluice_executor::Executor;
+use sluice_ingest::kafka::{OffsetTracker, OutRecord, Sink};
+use tokio::sync::mpsc;
+
+use crate::{BackfillConfig, BackfillError, Hooks, Run, Summary};
+
+/// Partitions of the tasks and results topics the coordinator creates: the
+/// most workers that can share one job.
+pub const TASK_PARTITIONS: i32 = 8;
+/// Tasks published and not yet answered, at most.
+pub const MAX_OUTSTANDING: usize = 1024;
+/// Largest task: Kafka's default `message.max.bytes` is about 1 MB, so a
+/// distributed job's calls are cut at this many bytes of items.
+pub const MAX_TASK_BYTES: usize = 900_000;
+
+/// How long topic creation may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The topic carrying a job's calls.
+pub fn tasks_topic(job: &str) -> String {
+    format!("sluice-backfill-{job}-tasks")
+}
+
+/// The topic carrying the outcomes of a job's calls.
+pub fn results_topic(job: &str) -> String {
+    format!("sluice-backfill-{job}-results")
+}
+
+/// The Kafka cluster of a distributed job.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub servers: String,
+    /// Extra librdkafka properties (security, SASL).
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    fn client(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.servers);
+        for (k, v) in &self.properties {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+
+    fn consumer(&self, group: &str) -> ClientConfig {
+        let mut cfg = self.client();
+        cfg.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .set("topic.metadata.refresh.interval.ms", "1000");
+        cfg
+    }
+
+    fn sink(&self, what: &str) -> Result<Sink, BackfillError> {
+        Sink::new(what, &self.servers, &self.properties).map_err(|e| BackfillError::Kafka {
+            what: format!("creating the {what} producer"),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn kafka_error(what: impl Into<String>, e: &KafkaError) -> BackfillError {
+    BackfillError::Kafka {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
+
+/// One call, as published on the tasks topic.
+#[derive(Debug, Serialize, Deserialize)]
+struct Task {
+    job: String,
+    call_id: String,
+    function: String,
+    max_attempts: u32,
+    source: String,
+    count: u64,
+    /// The function's event, as a local run would send it.
+    payload: String,
+}
+
+/// The outcome of one task, as published on the results topic.
+#[derive(Debug, Serialize, Deserialize)]
+struct TaskResult {
+    call_id: String,
+    source: String,
+    count: u64,
+    ok: bool,
+    attempts: u32,
+    /// Failed calls: the error type and message, and the call's items.
+    #[serde(default)]
+    error_type: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    items: Value,
+    /// Which worker answered (host and pid), for the logs.
+    worker: String,
+}
+
+/// Whether `topic` exists on the cluster (a metadata request, which does
+/// not create it).
+async fn topic_exists(kafka: &KafkaSettings, topic: &str) -> Result<bool, BackfillError> {
+    let mut cfg = kafka.client();
+    cfg.set("allow.auto.create.topics", "false");
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = cfg
+            .create()
+            .map_err(|e| kafka_error("creating a metadata client", &e))?;
+        let md = client
+            .fetch_metadata(Some(&topic), ADMIN_TIMEOUT)
+            .map_err(|e| kafka_error(format!("reading the metadata of {topic}"), &e))?;
+        Ok(md
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+    })
+    .await
+    .map_err(|e| BackfillError::Kafka {
+        what: "reading topic metadata".into(),
+        message: e.to_string(),
+    })?
+}
+
+/// Creates the job's topics if they do not exist yet, with
+/// [`TASK_PARTITIONS`] partitions and the cluster's default replication.
+pub async fn ensure_topics(kafka: &KafkaSettings, job: &str) -> Result<(), BackfillError> {
+    let mut names = Vec::new();
+    for topic in [tasks_topic(job), results_topic(job)] {
+        if !topic_exists(kafka, &topic).await? {
+            names.push(topic);
+        }
+    }
+    if names.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = kafka
+        .client()
+        .create()
+        .map_err(|e| kafka_error("creating the admin client", &e))?;
+    let options = AdminOptions::new()
+        .request_timeout(Some(ADMIN_TIMEOUT))
+        .operation_timeout(Some(ADMIN_TIMEOUT));
+    for replication in [-1, 1] {
+        tracing::debug!(replication, "creating topics");
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|n| NewTopic::new(n, TASK_PARTITIONS, TopicReplication::Fixed(replication)))
+            .collect();
+        let results = admin
+            .create_topics(&topics, &options)
+            .await
+            .map_err(|e| kafka_error("creating the job's topics", &e))?;
+        let mut retry = false;
+        tracing::debug!(?results, "created topics");
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                // Older brokers (and the embedded one) want an explicit
+                // replication factor instead of "the broker's default".
+                Err((_, RDKafkaErrorCode::InvalidReplicationFactor)) if replication < 0 => {
+                    retry = true;
+                }
+                Err((topic, code)) => {
+                    return Err(BackfillError::Kafka {
+                        what: format!("creating topic {topic}"),
+                        message: code.to_string(),
+                    });
+                }
+            }
+        }
+        if !retry {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A consumer polled on its own thread: messages arrive on `rx`; offsets to
+/// commit go to `commits`. Dropping `stop`-flagged pollers commits what was
+/// asked and closes the consumer on that thread.
+struct Poller {
+    rx: mpsc::Receiver<OwnedMessage>,
+    commits: std::sync::mpsc::Sender<(String, i32, i64)>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Poller {
+    fn start(
+        name: &str,
+        cfg: &ClientConfig,
+        topics: &[String],
+        buffer: usize,
+    ) -> Result<Poller, BackfillError> {
+        let consumer: BaseConsumer = cfg
+            .create()
+            .map_err(|e| kafka_error(format!("creating the {name} consumer"), &e))?;
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&refs)
+            .map_err(|e| kafka_error(format!("subscribing to {}", topics.join(", ")), &e))?;
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let (commits, commit_rx) = std::sync::mpsc::channel::<(String, i32, i64)>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name(format!("sluice-{name}-poll"))
+            .spawn(move || {
+                let commit = |mode: CommitMode| {
+                    let mut tpl = TopicPartitionList::new();
+                    let mut any = false;
+                    while let Ok((topic, partition, next)) = commit_rx.try_recv() {
+                        // Later requests for a partition replace earlier ones.
+                        let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
+                        any = true;
+                    }
+                    if any && let Err(e) = consumer.commit(&tpl, mode) {
+                        tracing::warn!(error = %e, "committing offsets failed; the records will be delivered again");
+                    }
+                };
+                while !flag.load(Ordering::SeqCst) {
+                    commit(CommitMode::Async);
+                    match consumer.poll(Duration::from_millis(100)) {
+                        Some(Ok(m)) if tx.blocking_send(m.detach()).is_err() => break,
+                        Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
+                        Some(Ok(_)) | None => {}
+                    }
+                }
+                commit(CommitMode::Sync);
+                consumer.unsubscribe();
+            })
+            .map_err(|e| BackfillError::Kafka {
+                what: "starting the poll thread".into(),
+                message: e.to_string(),
+            })?;
+        Ok(Poller {
+            rx,
+            commits,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn commit(&self, topic: &str, partition: i32, next: i64) {
+        let _ = self.commits.send((topic.to_owned(), partition, next));
+    }
+
+    /// Commits what was asked, closes the consumer and waits for the thread.
+    async fn close(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.rx.close();
+        // Unblock a poll thread waiting to hand over a message.
+        while self.rx.try_recv().is_ok() {}
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Runs `cfg` as a distributed job: publishes its calls as tasks for
+/// `sluice worker` processes and records their results. Returns when every
+/// call has a result (or `shutdown` resolves: tasks already published stay
+/// in the topic, and the next run publishes what is not recorded as done).
+///
+/// # Errors
+/// Ordering options (not supported distributed), Kafka errors, and what a
+/// local [`crate::run`] reports.
+pub async fn coordinate(
+    cfg: BackfillConfig,
+    job: &str,
+    kafka: &KafkaSettings,
+    hooks: Hooks,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, BackfillError> {
+    if cfg.order.is_active() {
+        return Err(BackfillError::Config(
+            "order_key and dependencies need a single scheduler: they cannot be used with \
+             --distributed"
+                .into(),
+        ));
+    }
+    ensure_topics(kafka, job).await?;
+    let run = Run::start(None, cfg, hooks)?;
+    let (tasks, results) = (tasks_topic(job), results_topic(job));
+    let sink = kafka.sink("task")?;
+    let mut polled = Poller::start(
+        "results",
+        &kafka.consumer(&format!("sluice-backfill-{job}-coordinator")),
+        std::slice::from_ref(&results),
+        1024,
+    )?;
+    let (tx, mut calls) = mpsc::channel(run.cfg.max_concurrency.max(16));
+    let (sources, input, limits) = (
+        run.cfg.sources.clone(),
+        run.cfg.input.clone(),
+        run.cfg.limits(),
+    );
+    let reader = tokio::task::spawn_blocking(move || crate::reader(sources, input, limits, tx));
+    let ticker = crate::start_ticker(&run);
+
+    let mut outstanding: HashSet<String> = HashSet::new();
+    let mut reading = true;
+    let mut interrupted = false;
+    let mut read_error = None;
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        if run.stop.load(Ordering::SeqCst) || (!reading && outstanding.is_empty()) {
+            break;
+        }
+        let room = reading && outstanding.len() < MAX_OUTSTANDING;
+        tokio::select! {
+            biased;
+            () = &mut shutdown => { interrupted = true; break; }
+            Some(m) = polled.rx.recv() => {
+                record_result(&run, &m, &mut outstanding);
+                polled.commit(m.topic(), m.partition(), m.offset() + 1);
+            }
+            next = calls.recv(), if room => match next {
+                None => reading = false,
+                Some(Err(e)) => { read_error = Some(e); break; }
+                Some(Ok(call)) => match run.admit(&call) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        let id = call.id();
+                        let task = Task {
+                            job: job.to_owned(),
+                            call_id: id.clone(),
+                            function: run.cfg.function.clone(),
+                            max_attempts: run.cfg.max_attempts,
+                            source: call.source.clone(),
+                            count: call.items.len() as u64,
+                            payload: call.payload(&id, serde_json::Map::new()),
+                        };
+                        let record = OutRecord {
+                            key: Some(id.clone().into_bytes()),
+                            value: Some(serde_json::to_vec(&task).expect("a task serializes")),
+                            headers: Vec::new(),
+                        };
+                        if let Err(e) = sink.send_all(&tasks, &[record]).await {
+                            run.fail(kafka_error(format!("publishing {id} to {tasks}"), &e));
+                            break;
+                        }
+                        outstanding.insert(id);
+                    }
+                    Err(e) => { run.fail(e); break; }
+                },
+            },
+        }
+    }
+    drop(calls);
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    polled.close().await;
+    let _ = reader.await;
+    crate::conclude(&run, interrupted, read_error)
+}
+
+/// Records one result message; a result of a call this run did not publish
+/// (an earlier run's, or a duplicate) still marks a success as done.
+fn record_result(run: &Run, m: &OwnedMessage, outstanding: &mut HashSet<String>) {
+    let parsed = m
+        .payload()
+        .map(serde_json::from_slice::<TaskResult>)
+        .transpose();
+    let r = match parsed {
+        Ok(Some(r)) => r,
+        Ok(None) | Err(_) => {
+            tracing::warn!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                "ignoring a result that is not a sluice task result"
+            );
+            return;
+        }
+    };
+    let ours = outstanding.remove(&r.call_id);
+    if r.attempts > 1 && ours {
+        run.update(|s| s.calls_retried += u64::from(r.attempts - 1));
+    }
+    if r.ok {
+        if ours {
+            run.succeeded(&r.call_id, r.attempts, r.count);
+        } else if let Err(e) = run.progress.record(&r.call_id, u64::from(r.attempts)) {
+            run.fail(e);
+        }
+    } else if ours {
+        tracing::debug!(call = %r.call_id, worker = %r.worker, "call failed");
+        run.dead_letter(
+            &r.source,
+            &r.call_id,
+            r.items,
+            r.error_type.as_deref().unwrap_or("Sluice.Unknown"),
+            r.error.as_deref().unwrap_or("no error message"),
+            r.attempts,
+            r.count,
+        );
+    }
+}
+
+/// What a worker did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerSummary {
+    /// Tasks whose function call succeeded.
+    pub succeeded: u64,
+    /// Tasks whose function call failed (reported to the coordinator).
+    pub failed: u64,
+    /// Task messages that were not sluice tasks (skipped).
+    pub malformed: u64,
+}
+
+/// A worker's settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Jobs to serve (their tasks topics).
+    pub jobs: Vec<String>,
+    /// Calls in flight at once.
+    pub concurrency: usize,
+    /// Stop once no task arrived or finished for this long.
+    pub stop_when_idle: Option<Duration>,
+}
+
+/// Serves the tasks of `cfg.jobs` until `shutdown` resolves (or the worker
+/// has been idle for `stop_when_idle`): invokes each task's function through
+/// `executor`, publishes the result, then commits the task.
+///
+/// # Errors
+/// Kafka errors setting up the consumer or producer.
+pub async fn work(
+    executor: &Executor,
+    kafka: &KafkaSettings,
+    cfg: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<WorkerSummary, BackfillError> {
+    if cfg.jobs.is_empty() {
+        return Err(BackfillError::Config(
+            "a worker needs at least one job".into(),
+        ));
+    }
+    for job in &cfg.jobs {
+        ensure_topics(kafka, job).await?;
+    }
+    let topics: Vec<String> = cfg.jobs.iter().map(|j| tasks_topic(j)).collect();
+    let sink = kafka.sink("result")?;
+    let concurrency = cfg.concurrency.max(1);
+    let mut polled = Poller::start(
+        "tasks",
+        &kafka.consumer(&format!("sluice-backfill-{}-workers", cfg.jobs.join("+"))),
+        &topics,
+        concurrency,
+    )?;
+    let worker = format!(
+        "{}:{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into()),
+        std::process::id()
+    );
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut trackers: HashMap<(String, i32), OffsetTracker> = HashMap::new();
+    let mut summary = WorkerSummary::default();
+    let mut in_flight = 0usize;
+    let mut last_activity = Instant::now();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let idle_left = cfg
+            .stop_when_idle
+            .map(|d| d.saturating_sub(last_activity.elapsed()));
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            Some(done) = done_rx.recv() => {
+                in_flight -= 1;
+                last_activity = Instant::now();
+                finish(done, &mut summary, &mut trackers, &polled);
+            }
+            m = polled.rx.recv(), if in_flight < concurrency => {
+                let Some(m) = m else { break };
+                last_activity = Instant::now();
+                in_flight += 1;
+                trackers
+                    .entry((m.topic().to_owned(), m.partition()))
+                    .or_default()
+                    .dispatched(m.offset());
+                let (ex, sink, worker, done) =
+                    (executor.clone(), sink.clone(), worker.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    let outcome = handle_task(&ex, &sink, &worker, &m).await;
+                    let _ = done.send((m.topic().to_owned(), m.partition(), m.offset(), outcome));
+                });
+            }
+            () = tokio::time::sleep(idle_left.unwrap_or(IDLE_NEVER)), if idle_left.is_some() && in_flight == 0 => break,
+        }
+    }
+    // Let calls in flight finish and commit them.
+    while in_flight > 0 {
+        let Some(done) = done_rx.recv().await else {
+            break;
+        };
+        in_flight -= 1;
+        finish(done, &mut summary, &mut trackers, &polled);
+    }
+    polled.close().await;
+    Ok(summary)
+}
+
+/// Counts a finished task and commits what its partition allows.
+fn finish(
+    (topic, partition, offset, outcome): Done,
+    summary: &mut WorkerSummary,
+    trackers: &mut HashMap<(String, i32), OffsetTracker>,
+    polled: &Poller,
+) {
+    match outcome {
+        Outcome::Succeeded => summary.succeeded += 1,
+        Outcome::Failed => summary.failed += 1,
+        Outcome::Malformed => summary.malformed += 1,
+        // Not answered: the offset stays uncommitted, so the task is
+        // delivered again after a restart or rebalance.
+        Outcome::Unanswered => return,
+    }
+    let t = trackers.entry((topic.clone(), partition)).or_default();
+    t.finished(offset);
+    if let Some(next) = t.take_committable() {
+        polled.commit(&topic, partition, next);
+    }
+}
+
+/// A finished task: topic, partition, offset and outcome.
+type Done = (String, i32, i64, Outcome);
+
+/// Stands for "no idle limit" in a `sleep`.
+const IDLE_NEVER: Duration = Duration::from_secs(24 * 3600);
+
+/// What became of one task message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Succeeded,
+    Failed,
+    /// Not a sluice task: logged and committed.
+    Malformed,
+    /// The result could not be published: not committed.
+    Unanswered,
+}
+
+async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMessage) -> Outcome {
+    let task: Task = match m.payload().map(serde_json::from_slice) {
+        Some(Ok(t)) => t,
+        _ => {
+            tracing::error!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                "skipping a message that is not a sluice task"
+            );
+            return Outcome::Malformed;
+        }
+    };
+    let (outcome, attempts) = crate::invoke_with_retries(
+        executor,
+        &task.function,
+        &task.payload,
+        task.max_attempts,
+        |attempt, e| tracing::debug!(call = %task.call_id, attempt, error = %e, "retrying"),
+    )
+    .await;
+    let result = match &outcome {
+        Ok(_) => TaskResult {
+            call_id: task.call_id.clone(),
+            source: task.source.clone(),
+            count: task.count,
+            ok: true,
+            attempts,
+            error_type: None,
+            error: None,
+            items: Value::Null,
+            worker: worker.to_owned(),
+        },
+        Err(e) => TaskResult {
+            call_id: task.call_id.clone(),
+            source: task.source.clone(),
+            count: task.count,
+            ok: false,
+            attempts,
+            error_type: Some(e.error_type().to_owned()),
+            error: Some(e.to_string()),
+            items: serde_json::from_str::<Value>(&task.payload)
+                .ok()
+                .and_then(|mut v| v.get_mut("items").map(Value::take))
+                .unwrap_or(Value::Null),
+            worker: worker.to_owned(),
+        },
+    };
+    let record = OutRecord {
+        key: Some(task.call_id.clone().into_bytes()),
+        value: Some(serde_json::to_vec(&result).expect("a result serializes")),
+        headers: Vec::new(),
+    };
+    if let Err(e) = sink.send_all(&results_topic(&task.job), &[record]).await {
+        tracing::error!(call = %task.call_id, error = %e, "cannot publish the result; the task stays uncommitted");
+        return Outcome::Unanswered;
+    }
+    if outcome.is_ok() {
+        Outcome::Succeeded
+    } else {
+        Outcome::Failed
+    }
+}

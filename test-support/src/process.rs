@@ -1,0 +1,167 @@
+//! A child process whose stderr lines can be awaited: for tests that run
+//! `sluice` commands side by side and react to what they print.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, ExitStatus, Stdio};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
+use std::time::{Duration, Instant};
+
+/// How long [`Process`] waits for a line or an exit before failing the test.
+pub const DEADLINE: Duration = Duration::from_secs(90);
+
+/// Lines a process wrote to stderr, with a condition variable to wait on.
+#[derive(Default)]
+struct Lines {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A running process (killed when dropped).
+pub struct Process {
+    name: String,
+    pid: Pid,
+    exited: mpsc::Receiver<ExitStatus>,
+    stdout: mpsc::Receiver<String>,
+    stderr: Arc<Lines>,
+    stderr_done: mpsc::Receiver<()>,
+    status: Option<ExitStatus>,
+}
+
+impl Process {
+    /// Starts `command` with stdin closed and stdout and stderr piped;
+    /// `name` labels it in failure messages.
+    pub fn start(name: &str, mut command: Command) -> Process {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let stderr = Arc::new(Lines::default());
+        let pipe = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&stderr);
+        let (done, stderr_done) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                sink.lines
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(line);
+                sink.changed.notify_all();
+            }
+            let _ = done.send(());
+        });
+        let mut pipe = child.stdout.take().expect("piped stdout");
+        let (out_tx, stdout) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = String::new();
+            let _ = pipe.read_to_string(&mut out);
+            let _ = out_tx.send(out);
+        });
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("a pid fits in i32"));
+        let (tx, exited) = mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = tx.send(status);
+            }
+        });
+        Process {
+            name: name.to_owned(),
+            pid,
+            exited,
+            stdout,
+            stderr,
+            stderr_done,
+            status: None,
+        }
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Every stderr line so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr
+            .lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Its stderr, labelled, for failure messages.
+    pub fn log(&self) -> String {
+        format!(
+            "--- stderr of {} ---\n{}",
+            self.name,
+            self.stderr().join("\n")
+        )
+    }
+
+    /// Waits for a stderr line satisfying `pred` and returns it; panics
+    /// (with the log) after [`DEADLINE`].
+    pub fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        let mut lines = self
+            .stderr
+            .lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(l) = lines.iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{}: timed out waiting for {what}\n{}",
+                self.name,
+                self.log()
+            );
+            lines = self
+                .stderr
+                .changed
+                .wait_timeout(lines, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Sends `signal`.
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid, signal).unwrap_or_else(|e| panic!("{signal} to {}: {e}", self.name));
+    }
+
+    /// Waits for the exit (panics after [`DEADLINE`]) and for the end of
+    /// its output; returns the status and stdout.
+    pub fn finish(&mut self) -> (ExitStatus, String) {
+        let status = self.exited.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+            panic!(
+                "{} did not exit within {DEADLINE:?}\n{}",
+                self.name,
+                self.log()
+            )
+        });
+        self.status = Some(status);
+        let out = self
+            .stdout
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_default();
+        let _ = self.stderr_done.recv_timeout(Duration::from_secs(10));
+        (status, out)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.status.is_none() && self.exited.try_recv().is_err() {
+            let _ = kill(self.pid, Signal::SIGKILL);
+            let _ = self.exited.recv_timeout(Duration::from_secs(10));
+        }
+    }
+}

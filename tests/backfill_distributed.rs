@@ -1,0 +1,198 @@
+//! `sluice backfill --distributed` publishing calls to the Kafka broker it
+//! embeds, and `sluice worker` processes consuming them in a group.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use sluice_test_support::{
+    FunctionFixture, Process, Signal, agent_binary, function_fixture, script_fixture,
+};
+
+/// A custom runtime that logs each call's id and takes 300 ms to answer.
+const SLOW: &str = r#"#!/bin/bash
+API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+while true; do
+  EVENT=$(curl -sS -D /tmp/headers "$API/invocation/next")
+  ID=$(grep -i '^lambda-runtime-aws-request-id:' /tmp/headers | tr -d '\r' | cut -d' ' -f2)
+  echo "TASK $(grep -o '"call_id":"[^"]*"' <<<"$EVENT")" >&2
+  sleep 0.3
+  curl -sS -X POST "$API/invocation/$ID/response" -d '{}' >/dev/null
+done
+"#;
+use tempfile::TempDir;
+
+fn sluice(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.env("SLUICE_AGENT", agent_binary()).args(args);
+    c
+}
+
+/// A pipeline with an `echo` and a `fail` function and a job for each over
+/// `data/*.jsonl` (300 items); the function folders live as long as the
+/// returned fixtures.
+fn setup(dir: &Path) -> (PathBuf, [FunctionFixture; 3]) {
+    std::fs::create_dir(dir.join("data")).unwrap();
+    let items: String = (0..300).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+    std::fs::write(dir.join("data/in.jsonl"), items).unwrap();
+    let (echo, fail, slow) = (
+        function_fixture("echo"),
+        function_fixture("fail"),
+        script_fixture(SLOW),
+    );
+    let pipeline = dir.join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[functions.echo]\npath = {:?}\n\n[functions.fail]\npath = {:?}\n\n\
+             [job.replay]\nfunction = \"echo\"\nsource = \"data/*.jsonl\"\n\
+             max_items_per_call = 10\nprogress = \"replay.redb\"\n\n\
+             [job.reject]\nfunction = \"fail\"\nsource = \"data/*.jsonl\"\n\
+             max_items_per_call = 50\nmax_attempts = 2\nprogress = \"reject.redb\"\n\n\
+             [functions.slow]\npath = {:?}\n\n\
+             [job.crawl]\nfunction = \"slow\"\nsource = \"data/*.jsonl\"\n\
+             max_items_per_call = 10\nprogress = \"crawl.redb\"\n",
+            echo.dir.display().to_string(),
+            fail.dir.display().to_string(),
+            slow.dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    (pipeline, [echo, fail, slow])
+}
+
+/// Starts the coordinator of `job` and returns it with its broker address.
+fn coordinator(pipeline: &Path, job: &str) -> (Process, String) {
+    let p = pipeline.to_str().unwrap();
+    let c = Process::start(
+        "coordinator",
+        sluice(&["backfill", p, job, "--distributed"]),
+    );
+    let line = c.wait_line("the broker address", |l| l.contains("--bootstrap-servers "));
+    let addr = line
+        .rsplit_once("--bootstrap-servers ")
+        .unwrap()
+        .1
+        .trim()
+        .to_owned();
+    (c, addr)
+}
+
+fn worker(name: &str, pipeline: &Path, job: &str, addr: &str) -> Process {
+    let p = pipeline.to_str().unwrap();
+    Process::start(
+        name,
+        sluice(&["worker", p, job, "--bootstrap-servers", addr, "-q"]),
+    )
+}
+
+/// Stops a worker with SIGINT and returns the tasks it reported done.
+fn stop(mut w: Process) -> u64 {
+    w.signal(Signal::SIGINT);
+    let (status, out) = w.finish();
+    assert!(status.success(), "{out}\n{}", w.log());
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("worker: "))
+        .unwrap_or_else(|| panic!("no summary in {out:?}\n{}", w.log()));
+    let n = |word: &str| -> u64 {
+        let before = line.split(word).next().unwrap();
+        before.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    n(" tasks succeeded") + n(" failed")
+}
+
+#[test]
+fn two_workers_process_every_call_and_a_rerun_skips_them() {
+    let dir = TempDir::new().unwrap();
+    let (pipeline, _functions) = setup(dir.path());
+    let (mut coord, addr) = coordinator(&pipeline, "replay");
+    let w1 = worker("worker 1", &pipeline, "replay", &addr);
+    let w2 = worker("worker 2", &pipeline, "replay", &addr);
+    let (status, out) = coord.finish();
+    assert!(status.success(), "{out}\n{}", coord.log());
+    assert!(
+        out.contains("calls: 30 total, 30 succeeded, 0 failed"),
+        "{out}"
+    );
+    assert!(out.contains("items: 300 total, 300 succeeded"), "{out}");
+    // Every call was answered by one of the workers (a call may be answered
+    // twice after a rebalance: at least once).
+    let done = stop(w1) + stop(w2);
+    assert!(done >= 30, "workers reported {done} tasks");
+
+    // The progress store is the local one: a second run has nothing to do.
+    let (mut again, _) = coordinator(&pipeline, "replay");
+    let (status, out) = again.finish();
+    assert!(status.success(), "{out}\n{}", again.log());
+    assert!(out.contains("30 skipped (already done)"), "{out}");
+}
+
+#[test]
+fn failed_calls_come_back_to_the_coordinator_s_dead_letter_file() {
+    let dir = TempDir::new().unwrap();
+    let (pipeline, _functions) = setup(dir.path());
+    let (mut coord, addr) = coordinator(&pipeline, "reject");
+    let w = worker("worker", &pipeline, "reject", &addr);
+    let (status, out) = coord.finish();
+    // Exit 1: calls failed, within the (unlimited) tolerance.
+    assert_eq!(status.code(), Some(1), "{out}\n{}", coord.log());
+    assert!(
+        out.contains("calls: 6 total, 0 succeeded, 6 failed"),
+        "{out}"
+    );
+    stop(w);
+    let dead: Vec<Value> = std::fs::read_to_string(dir.path().join("reject.dead.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 6);
+    let mut items: Vec<i64> = Vec::new();
+    for d in &dead {
+        assert_eq!(d["error_type"], "OrderRejected", "{d}");
+        assert_eq!(d["attempts"], 2, "{d}");
+        items.extend(
+            d["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["n"].as_i64().unwrap()),
+        );
+    }
+    items.sort_unstable();
+    assert_eq!(items, (0..300).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_killed_worker_s_tasks_are_taken_over_by_another() {
+    let dir = TempDir::new().unwrap();
+    let (pipeline, _functions) = setup(dir.path());
+    let (mut coord, addr) = coordinator(&pipeline, "crawl");
+    let p = pipeline.to_str().unwrap();
+    let first = Process::start(
+        "worker 1",
+        sluice(&[
+            "worker",
+            p,
+            "crawl",
+            "--bootstrap-servers",
+            &addr,
+            "--concurrency",
+            "1",
+        ]),
+    );
+    // Killed in the middle of its first task: that task is not committed.
+    first.wait_line("a task started", |l| l.contains("TASK"));
+    first.signal(Signal::SIGKILL);
+    let second = worker("worker 2", &pipeline, "crawl", &addr);
+    let (status, out) = coord.finish();
+    assert!(status.success(), "{out}\n{}", coord.log());
+    // The coordinator waits for a result of every call it published, so the
+    // call killed in flight was taken over and called again.
+    assert!(
+        out.contains("calls: 30 total, 30 succeeded, 0 failed"),
+        "{out}"
+    );
+    assert!(stop(second) > 0);
+}
