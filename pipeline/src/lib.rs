@@ -108,6 +108,7 @@
 //! | `progress` | `.sluice-backfill-<hash>.redb` next to the first local source | a path |
 //! | `dead_letter` | the progress path with `.dead.jsonl` | a path |
 //! | `bootstrap_servers` | `"embedded"` | as for Kafka triggers; used by `--distributed` |
+//! | `payload` | `"json"` | `"json"` (`{"items": [...], "batch": {...}}`) or `"arrow"` (`{"arrow": "<base64 Arrow IPC stream>", "batch": {...}}`, Parquet sources) |
 //!
 //! Any other key or section, at any level, is an error. Fields inside a `[[trigger.kafka]]` table
 //! are named `trigger.kafka[I].FIELD` in messages, with `I` counting from 0.
@@ -356,6 +357,29 @@ impl std::str::FromStr for DataFormat {
     }
 }
 
+/// How a backfill call carries its items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PayloadFormat {
+    /// `{"items": [...], "batch": {...}}`, one JSON value per item (the
+    /// default).
+    #[default]
+    Json,
+    /// `{"arrow": "<base64 Arrow IPC stream>", "batch": {...}}`: the rows as
+    /// Arrow record batches, for heavy map-style functions (Parquet sources).
+    Arrow,
+}
+
+impl std::str::FromStr for PayloadFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "json" => Ok(Self::Json),
+            "arrow" => Ok(Self::Arrow),
+            other => Err(format!("unknown payload {other:?} (known: json, arrow)")),
+        }
+    }
+}
+
 /// One validated `[job.NAME]` table of kind `"backfill"`, defaults applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackfillJob {
@@ -396,6 +420,8 @@ pub struct BackfillJob {
     pub dead_letter: Option<PathBuf>,
     /// The Kafka cluster of `--distributed` runs. Default embedded.
     pub bootstrap_servers: BootstrapServers,
+    /// How calls carry their items. Default [`PayloadFormat::Json`].
+    pub payload: PayloadFormat,
 }
 
 /// One validated `[[trigger.kafka]]` table, with defaults applied: Lambda's

@@ -532,6 +532,7 @@ tolerated_failure_percentage = 1.5
 order_key = "customer"
 progress = "state/orders.redb"
 bootstrap_servers = "localhost:9092"
+payload = "arrow"
 "#,
     );
     let base = Path::new(INLINE).parent().unwrap();
@@ -583,6 +584,9 @@ bootstrap_servers = "localhost:9092"
         full.bootstrap_servers,
         sluice_pipeline::BootstrapServers::Servers("localhost:9092".into())
     );
+
+    assert_eq!(full.payload, sluice_pipeline::PayloadFormat::Arrow);
+    assert_eq!(minimal.payload, sluice_pipeline::PayloadFormat::Json);
 
     let err = p.job("nope").unwrap_err().to_string();
     assert!(

@@ -10,7 +10,8 @@ use sluice_pipeline::{
     BackfillJob, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_ITEMS_PER_CALL,
 };
 use sluice_taskgen::{
-    BackfillConfig, BackfillError, Format, Hooks, Input, Limits, OrderConfig, Summary, TickHook,
+    BackfillConfig, BackfillError, Format, Hooks, Input, Limits, OrderConfig, PayloadFormat,
+    Summary, TickHook,
 };
 
 use sluice_ingest::kafka::EmbeddedBroker;
@@ -36,6 +37,10 @@ pub struct BackfillOptions {
     /// Keep only these columns (comma-separated); Parquet reads only them.
     #[arg(long, value_delimiter = ',')]
     pub columns: Vec<String>,
+    /// How calls carry their items: json (`{"items": [...]}`, the default)
+    /// or arrow (`{"arrow": "<base64 Arrow IPC stream>"}`, Parquet only).
+    #[arg(long)]
+    pub payload: Option<PayloadFormat>,
     /// CSV field delimiter (default `,`).
     #[arg(long)]
     pub csv_delimiter: Option<char>,
@@ -111,6 +116,7 @@ pub struct Settings {
     pub tolerated_failure_count: Option<u64>,
     pub tolerated_failure_percentage: Option<f64>,
     pub order: OrderConfig,
+    pub payload: PayloadFormat,
 }
 
 /// Merges the job and the flags; the message says what is missing or wrong.
@@ -197,6 +203,7 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
             .tolerated_failure_percentage
             .or(job.and_then(|j| j.tolerated_failure_percentage)),
         order,
+        payload: o.payload.or(job.map(|j| j.payload)).unwrap_or_default(),
     })
 }
 
@@ -432,6 +439,7 @@ pub async fn prepare(
         tolerated_failure_count: set.tolerated_failure_count,
         tolerated_failure_percentage: set.tolerated_failure_percentage,
         order: set.order,
+        payload: set.payload,
     };
     Ok(Prepared {
         pipeline: p,

@@ -343,12 +343,7 @@ pub async fn coordinate(
         1024,
     )?;
     let (tx, mut calls) = mpsc::channel(run.cfg.max_concurrency.max(16));
-    let (sources, input, limits) = (
-        run.cfg.sources.clone(),
-        run.cfg.input.clone(),
-        run.cfg.limits(),
-    );
-    let reader = tokio::task::spawn_blocking(move || crate::reader(sources, input, limits, tx));
+    let reader = crate::spawn_reader(&run, tx);
     let ticker = crate::start_ticker(&run);
 
     let mut outstanding: HashSet<String> = HashSet::new();
@@ -638,9 +633,14 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
             attempts,
             error_type: Some(e.error_type().to_owned()),
             error: Some(e.to_string()),
+            // JSON items, or the base64 Arrow IPC stream of an Arrow call.
             items: serde_json::from_str::<Value>(&task.payload)
                 .ok()
-                .and_then(|mut v| v.get_mut("items").map(Value::take))
+                .and_then(|mut v| {
+                    v.get_mut("items")
+                        .map(Value::take)
+                        .or_else(|| v.get_mut("arrow").map(Value::take))
+                })
                 .unwrap_or(Value::Null),
             worker: worker.to_owned(),
         },

@@ -60,6 +60,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arrow_array::RecordBatch;
 use serde_json::{Value, json};
 use sluice_executor::{Executor, Fault, InvokeError, Response};
 use thiserror::Error;
@@ -71,6 +72,7 @@ pub use schedule::{LevelPlan, OrderConfig, plan_levels};
 
 /// Input format of the source files (the pipeline crate's [`DataFormat`](sluice_pipeline::DataFormat)).
 pub use sluice_pipeline::DataFormat as Format;
+pub use sluice_pipeline::PayloadFormat;
 
 /// How items are read from the source files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,6 +322,9 @@ pub struct BackfillConfig {
     pub tolerated_failure_percentage: Option<f64>,
     /// Order keys and dependencies (default: none, file-then-row order).
     pub order: OrderConfig,
+    /// How calls carry their items (default JSON; Arrow for Parquet sources
+    /// in file-then-row order).
+    pub payload: PayloadFormat,
 }
 
 impl BackfillConfig {
@@ -348,6 +353,7 @@ impl BackfillConfig {
             tolerated_failure_count: None,
             tolerated_failure_percentage: None,
             order: OrderConfig::default(),
+            payload: PayloadFormat::Json,
         }
     }
 
@@ -573,13 +579,13 @@ pub fn plan(
                 Item::Bad(_) => bad_items += 1,
             }
             if let Some(call) = splitter.push(index, item)
-                && !call.items.is_empty()
+                && !call.is_empty()
             {
                 calls += 1;
             }
             ControlFlow::Continue(())
         })?;
-        if splitter.finish().is_some_and(|c| !c.items.is_empty()) {
+        if splitter.finish().is_some_and(|c| !c.is_empty()) {
             calls += 1;
         }
         plans.push(FilePlan {
@@ -600,23 +606,71 @@ struct Call {
     first: u64,
     items: Vec<Value>,
     bad: Vec<ItemError>,
+    /// With `payload = "arrow"`: the call's rows (and no `items`).
+    rows: Vec<RecordBatch>,
 }
 
 impl Call {
+    fn new(source: String, first: u64) -> Call {
+        Call {
+            source,
+            first,
+            items: Vec::new(),
+            bad: Vec::new(),
+            rows: Vec::new(),
+        }
+    }
+
     fn id(&self) -> String {
         format!("{}#{}", self.source, self.first)
     }
 
+    /// Readable items (JSON values or Arrow rows).
+    fn len(&self) -> usize {
+        self.items.len() + self.rows.iter().map(RecordBatch::num_rows).sum::<usize>()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The items as JSON (Arrow rows converted), for the dead-letter file.
+    fn items_json(&self) -> Value {
+        if self.rows.is_empty() {
+            return Value::Array(self.items.clone());
+        }
+        let mut writer = arrow_json::ArrayWriter::new(Vec::new());
+        let converted = self
+            .rows
+            .iter()
+            .try_for_each(|b| writer.write(b))
+            .and_then(|()| writer.finish());
+        match converted {
+            Ok(()) => serde_json::from_slice(&writer.into_inner()).unwrap_or(Value::Null),
+            Err(e) => json!(format!("rows not convertible to JSON: {e}")),
+        }
+    }
+
     /// The event a function receives for this call:
-    /// `{"items": [...], "batch": {"source", "first_item", "count", "call_id", ...extra}}`.
+    /// `{"items": [...], "batch": {"source", "first_item", "count", "call_id", ...extra}}`,
+    /// or with Arrow rows `{"arrow": "<base64 IPC stream>", "batch": {...}}`.
     fn payload(&self, id: &str, extra: serde_json::Map<String, Value>) -> String {
         let mut batch = serde_json::Map::new();
         batch.insert("source".into(), json!(self.source));
         batch.insert("first_item".into(), json!(self.first));
-        batch.insert("count".into(), json!(self.items.len()));
+        batch.insert("count".into(), json!(self.len()));
         batch.insert("call_id".into(), json!(id));
         batch.extend(extra);
-        json!({ "items": self.items, "batch": batch }).to_string()
+        if self.rows.is_empty() {
+            return json!({ "items": self.items, "batch": batch }).to_string();
+        }
+        use base64::Engine;
+        let ipc = read::ipc_stream(&self.rows);
+        json!({
+            "arrow": base64::engine::general_purpose::STANDARD.encode(ipc),
+            "batch": batch,
+        })
+        .to_string()
     }
 }
 
@@ -654,12 +708,9 @@ impl Splitter {
         if self.current.is_some() && self.limits.full(self.count, self.bytes, size) {
             done = self.finish();
         }
-        let call = self.current.get_or_insert_with(|| Call {
-            source: self.source.clone(),
-            first: index,
-            items: Vec::new(),
-            bad: Vec::new(),
-        });
+        let call = self
+            .current
+            .get_or_insert_with(|| Call::new(self.source.clone(), index));
         match item {
             Item::Value(v) => call.items.push(v),
             Item::Bad(e) => call.bad.push(e),
@@ -685,6 +736,48 @@ fn check_input(input: &Input) -> Result<(), BackfillError> {
         ));
     }
     Ok(())
+}
+
+/// Like [`reader`] for `payload = "arrow"`: each call holds up to
+/// `limits.items` Parquet rows as record batches (cut by count only: Arrow
+/// rows have no JSON size).
+fn arrow_reader(
+    sources: Vec<PathBuf>,
+    input: Input,
+    limits: Limits,
+    tx: mpsc::Sender<Result<Call, BackfillError>>,
+) {
+    let per_call = limits.items.max(1);
+    for file in sources {
+        let source = file.display().to_string();
+        let mut current = Call::new(source.clone(), 0);
+        let mut index = 0u64;
+        let mut closed = false;
+        let result = read::read_parquet_batches(&file, input.columns.as_deref(), &mut |batch| {
+            let mut offset = 0;
+            while offset < batch.num_rows() {
+                let take = (per_call - current.len()).min(batch.num_rows() - offset);
+                current.rows.push(batch.slice(offset, take));
+                offset += take;
+                index += take as u64;
+                if current.len() == per_call {
+                    let done = std::mem::replace(&mut current, Call::new(source.clone(), index));
+                    if tx.blocking_send(Ok(done)).is_err() {
+                        closed = true;
+                        return ControlFlow::Break(());
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        });
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        if closed || (!current.is_empty() && tx.blocking_send(Ok(current)).is_err()) {
+            return;
+        }
+    }
 }
 
 /// Reads all sources on the current (blocking) thread, sending calls until
@@ -765,6 +858,19 @@ impl Run {
             )));
         }
         check_input(&cfg.input)?;
+        if cfg.payload == PayloadFormat::Arrow {
+            if cfg.input.format != Format::Parquet {
+                return Err(BackfillError::Config(format!(
+                    "payload \"arrow\" needs Parquet sources, not {}",
+                    cfg.input.format
+                )));
+            }
+            if cfg.order.is_active() {
+                return Err(BackfillError::Config(
+                    "payload \"arrow\" cannot be combined with order_key or dependencies".into(),
+                ));
+            }
+        }
         let expected = expected_items(&cfg.sources, &cfg.input)?;
         let progress = Progress::open(&cfg.progress, &cfg.layout())?;
         Ok(Arc::new(Run {
@@ -871,10 +977,10 @@ impl Run {
     /// items; says whether it still needs calling (it has items and an
     /// earlier run has not completed it).
     fn admit(&self, call: &Call) -> Result<bool, BackfillError> {
-        let count = call.items.len() as u64;
+        let count = call.len() as u64;
         self.update(|s| s.items_total += count + call.bad.len() as u64);
         self.bad_items(call);
-        if call.items.is_empty() {
+        if call.is_empty() {
             return Ok(false);
         }
         self.update(|s| s.calls_total += 1);
@@ -902,7 +1008,7 @@ impl Run {
         call: Call,
         extra: serde_json::Map<String, Value>,
     ) -> bool {
-        let count = call.items.len() as u64;
+        let count = call.len() as u64;
         let payload = call.payload(id, extra);
         let executor = self
             .executor
@@ -928,10 +1034,7 @@ impl Run {
                 ok
             }
             Err(e) => {
-                let items = serde_json::from_str::<Value>(&payload)
-                    .ok()
-                    .and_then(|mut v| v.get_mut("items").map(Value::take))
-                    .unwrap_or(Value::Null);
+                let items = call.items_json();
                 self.dead_letter(
                     &call.source,
                     id,
@@ -962,12 +1065,12 @@ impl Run {
 
     /// Dead-letters a call not made because a call it requires failed.
     fn dependency_failed(&self, call: &Call, id: &str, dependency: &str) {
-        let count = call.items.len() as u64;
+        let count = call.len() as u64;
         let message = format!("{id}: not called: the call {dependency} it depends on failed");
         let record = json!({
             "call_id": id,
             "source": call.source,
-            "items": call.items,
+            "items": call.items_json(),
             "error_type": "Sluice.DependencyFailed",
             "error": message,
             "attempts": 0,
@@ -1069,12 +1172,7 @@ pub async fn run(
     }
     let concurrency = run.cfg.max_concurrency;
     let (tx, mut rx) = mpsc::channel(concurrency);
-    let (sources, input, limits) = (
-        run.cfg.sources.clone(),
-        run.cfg.input.clone(),
-        run.cfg.limits(),
-    );
-    let reader = tokio::task::spawn_blocking(move || reader(sources, input, limits, tx));
+    let reader = spawn_reader(&run, tx);
     let ticker = start_ticker(&run);
 
     let permits = Arc::new(Semaphore::new(concurrency));
@@ -1129,6 +1227,27 @@ pub async fn run(
     }
     let _ = reader.await;
     conclude(&run, interrupted, read_error)
+}
+
+/// Reads the sources on a blocking thread, sending calls to `tx`: rows as
+/// JSON items, or as Arrow batches with `payload = "arrow"`.
+fn spawn_reader(
+    run: &Run,
+    tx: mpsc::Sender<Result<Call, BackfillError>>,
+) -> tokio::task::JoinHandle<()> {
+    let (sources, input, limits) = (
+        run.cfg.sources.clone(),
+        run.cfg.input.clone(),
+        run.cfg.limits(),
+    );
+    let arrow = run.cfg.payload == PayloadFormat::Arrow;
+    tokio::task::spawn_blocking(move || {
+        if arrow {
+            arrow_reader(sources, input, limits, tx);
+        } else {
+            reader(sources, input, limits, tx);
+        }
+    })
 }
 
 /// Calls the tick hook periodically until aborted.

@@ -124,19 +124,31 @@ fn read_parquet(
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
     let mut index = 0u64;
+    let mut error = None;
+    read_parquet_batches(path, columns, &mut |batch| match batch_items(
+        path, &batch, &mut index, each,
+    ) {
+        Ok(flow) => flow,
+        Err(e) => {
+            error = Some(e);
+            ControlFlow::Break(())
+        }
+    })?;
+    error.map_or(Ok(()), Err)
+}
+
+/// Reads the record batches of a local or remote Parquet file (only
+/// `columns`, if given), calling `each` until it breaks.
+pub(crate) fn read_parquet_batches(
+    path: &Path,
+    columns: Option<&[String]>,
+    each: &mut dyn FnMut(RecordBatch) -> ControlFlow<()>,
+) -> Result<(), BackfillError> {
     if source::is_remote(path) {
-        let mut error = None;
-        source::parquet_remote::batches(path, PARQUET_BATCH_ROWS, columns, &mut |batch| {
-            match batch_items(path, &batch, &mut index, each) {
-                Ok(flow) => Ok(flow.is_continue()),
-                Err(e) => {
-                    error = Some(e);
-                    Ok(false)
-                }
-            }
+        return source::parquet_remote::batches(path, PARQUET_BATCH_ROWS, columns, &mut |batch| {
+            Ok(each(batch).is_continue())
         })
-        .map_err(|e| parquet_error(path, e))?;
-        return error.map_or(Ok(()), Err);
+        .map_err(|e| parquet_error(path, e));
     }
     let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
         .map_err(|e| parquet_error(path, e))?;
@@ -146,11 +158,30 @@ fn read_parquet(
         .map_err(|e| parquet_error(path, e))?;
     for batch in reader {
         let batch = batch.map_err(|e| parquet_error(path, e))?;
-        if batch_items(path, &batch, &mut index, each)?.is_break() {
-            return Ok(());
+        if each(batch).is_break() {
+            break;
         }
     }
     Ok(())
+}
+
+/// `batches` as one Arrow IPC stream.
+pub(crate) fn ipc_stream(batches: &[RecordBatch]) -> Vec<u8> {
+    let Some(first) = batches.first() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let written = (|| {
+        let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut out, &first.schema())?;
+        for b in batches {
+            w.write(b)?;
+        }
+        w.finish()
+    })();
+    // Writing to memory fails only on schema mismatches, which slices of
+    // one file's batches cannot have.
+    written.expect("record batches of one file encode as one IPC stream");
+    out
 }
 
 /// Hands the rows of `batch` to `each` as JSON objects.

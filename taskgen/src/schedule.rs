@@ -117,10 +117,8 @@ async fn load(
             Ok(mut call) => {
                 if !call.bad.is_empty() {
                     bad.push(Call {
-                        source: call.source.clone(),
-                        first: call.first,
-                        items: Vec::new(),
                         bad: std::mem::take(&mut call.bad),
+                        ..Call::new(call.source.clone(), call.first)
                     });
                 }
                 for (k, value) in call.items.into_iter().enumerate() {
@@ -358,10 +356,8 @@ fn build(items: Vec<Loaded>, order: &OrderConfig, limits: Limits) -> Result<Grap
         }
         nodes.push(Node {
             call: Call {
-                source,
-                first: index,
                 items: values.into_iter().map(|l| l.value).collect(),
-                bad: Vec::new(),
+                ..Call::new(source, index)
             },
             id,
             level: lvl,
@@ -491,12 +487,7 @@ pub(crate) async fn run_graph<S: Future<Output = ()>>(
                 }
             }
             let node = &mut nodes[c];
-            let emptied = Call {
-                source: node.call.source.clone(),
-                first: node.call.first,
-                items: Vec::new(),
-                bad: Vec::new(),
-            };
+            let emptied = Call::new(node.call.source.clone(), node.call.first);
             let call = std::mem::replace(&mut node.call, emptied);
             let mut extra = Map::new();
             extra.insert("level".into(), json!(node.level));

@@ -681,3 +681,38 @@ fn cli_runs_a_job_of_the_pipeline_and_flags_override_it() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_parquet_file_is_a_clear_error_naming_it() {
+    let dir = TempDir::new().unwrap();
+    let good = dir.path().join("a.parquet");
+    write_lineitem(&good, 10);
+    // A truncated copy: the footer that says where everything is is gone.
+    let bytes = std::fs::read(&good).unwrap();
+    let bad = dir.path().join("b.parquet");
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let sources = vec![good, bad.clone()];
+    let e = sluice_taskgen::plan(&sources, &Format::Parquet.into(), limits(10)).unwrap_err();
+    assert!(matches!(e, BackfillError::Parquet { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}: Parquet: ", bad.display())),
+        "{e}"
+    );
+    let f = function_fixture("echo");
+    let ex = executor("echo", &f, 1);
+    let e = sluice_taskgen::run(
+        &ex,
+        config(dir.path(), "echo", sources, Format::Parquet),
+        Hooks::default(),
+        never(),
+    )
+    .await
+    .unwrap_err();
+    ex.shutdown().await;
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}: Parquet: ", bad.display())),
+        "{e}"
+    );
+}

@@ -189,3 +189,53 @@ async fn lineitem_sums_match_arrow_to_the_cent() {
     assert_eq!(quantity, want_quantity, "l_quantity in cents");
     assert_eq!(price, want_price, "l_extendedprice in cents");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrow_payloads_with_projected_columns_sum_to_the_cent() {
+    let dir = TempDir::new().unwrap();
+    let files = write_lineitem(dir.path());
+    let (want_quantity, want_price, want_rows) = arrow_sums(&files);
+
+    let f = function_fixture("arrow-sum");
+    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
+        agent_binary(),
+    ))));
+    let mut spec = FunctionSpec::new("arrow-sum", &f.dir);
+    spec.timeout = Duration::from_secs(30);
+    spec.concurrency = 2;
+    ex.register(spec);
+
+    let sums = Arc::new(Mutex::new((0i128, 0i128, 0u64)));
+    let sink = Arc::clone(&sums);
+    let hooks = Hooks {
+        on_response: Some(Arc::new(move |_: &str, r: &Response| {
+            let v: Value = serde_json::from_slice(&r.payload).unwrap();
+            // Only the projected columns reach the function.
+            let keys: Vec<&String> = v["sums"].as_object().unwrap().keys().collect();
+            assert_eq!(keys, ["l_extendedprice", "l_quantity"], "{v}");
+            let exact = |k: &str| v["sums"][k].as_str().unwrap().parse::<i128>().unwrap();
+            let mut s = sink.lock().unwrap();
+            s.0 += exact("l_quantity");
+            s.1 += exact("l_extendedprice");
+            s.2 += v["rows"].as_u64().unwrap();
+        })),
+        on_tick: None,
+    };
+    let mut cfg = BackfillConfig::new("arrow-sum", files, Format::Parquet);
+    cfg.input.columns = Some(vec!["l_quantity".into(), "l_extendedprice".into()]);
+    cfg.payload = sluice_taskgen::PayloadFormat::Arrow;
+    cfg.max_items_per_call = 1000;
+    cfg.max_concurrency = 2;
+    cfg.tolerated_failure_count = Some(0);
+    cfg.progress = dir.path().join("progress.redb");
+    cfg.dead_letter = dir.path().join("dead.jsonl");
+    let summary = sluice_taskgen::run(&ex, cfg, hooks, std::future::pending())
+        .await
+        .unwrap();
+    ex.shutdown().await;
+    assert_eq!(summary.items_succeeded, want_rows);
+    let (quantity, price, rows) = *sums.lock().unwrap();
+    assert_eq!(rows, want_rows);
+    assert_eq!(quantity, want_quantity, "l_quantity in cents");
+    assert_eq!(price, want_price, "l_extendedprice in cents");
+}

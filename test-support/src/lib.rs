@@ -195,8 +195,9 @@ fn copy_tree(from: &Path, to: &Path) {
 
 /// A function folder for one of the workspace's functions, in a fresh
 /// temporary directory:
-/// - `"echo"`, `"fail"`, `"misbehave"`: the built binary (`echo-fn`,
-///   `fail-fn`, `misbehave-fn`) copied as `bootstrap`;
+/// - `"echo"`, `"fail"`, `"arrow-sum"`, `"misbehave"`: the built binary
+///   (`echo-fn`, `fail-fn`, `arrow-sum-fn`, `misbehave-fn`) copied as
+///   `bootstrap`;
 /// - `"shell"`: the files of `examples/functions/shell/`.
 ///
 /// # Panics
@@ -206,6 +207,10 @@ pub fn function_fixture(name: &str) -> FunctionFixture {
     match name {
         "echo" => install_bootstrap(&workspace_binary("echo-function", "echo-fn"), &fixture.dir),
         "fail" => install_bootstrap(&workspace_binary("fail-function", "fail-fn"), &fixture.dir),
+        "arrow-sum" => install_bootstrap(
+            &workspace_binary("arrow-sum-function", "arrow-sum-fn"),
+            &fixture.dir,
+        ),
         "misbehave" => install_bootstrap(
             &workspace_binary("misbehave-function", "misbehave-fn"),
             &fixture.dir,
@@ -218,7 +223,9 @@ pub fn function_fixture(name: &str) -> FunctionFixture {
             // The executable bit may be lost by a checkout; the bootstrap must have it.
             set_mode(&fixture.dir.join("bootstrap"), 0o755);
         }
-        other => panic!("unknown function fixture {other:?} (known: echo, fail, misbehave, shell)"),
+        other => panic!(
+            "unknown function fixture {other:?} (known: echo, fail, arrow-sum, misbehave, shell)"
+        ),
     }
     fixture
 }

@@ -13,7 +13,7 @@ use crate::span::{self, Locator};
 use crate::{
     BackfillJob, CONCURRENCY_RANGE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BYTES_PER_CALL,
     DEFAULT_MAX_ITEMS_PER_CALL, DataFormat, MAX_ATTEMPTS_RANGE, MAX_BYTES_PER_CALL_RANGE,
-    MAX_ITEMS_PER_CALL_RANGE,
+    MAX_ITEMS_PER_CALL_RANGE, PayloadFormat,
 };
 
 /// One `[job.NAME]` table. As elsewhere every field is optional here and
@@ -57,6 +57,8 @@ pub(super) struct RawJob {
     dead_letter: Option<Spanned<String>>,
     /// Default `"embedded"`.
     bootstrap_servers: Option<Spanned<String>>,
+    /// Default `"json"`.
+    payload: Option<Spanned<String>>,
 }
 
 /// `source = "x"` or `source = ["x", "y"]`.
@@ -101,6 +103,7 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
         "bootstrap_servers",
         "a string: \"embedded\" or \"host:port[,host:port...]\"",
     ),
+    ("payload", "a string: \"json\" or \"arrow\""),
 ];
 
 const NAME_RULE: &str = "1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`";
@@ -338,6 +341,20 @@ impl RawJob {
             }
             _ => {}
         }
+        let payload = match self.payload {
+            None => PayloadFormat::Json,
+            Some(v) => match v.get_ref().parse::<PayloadFormat>() {
+                Ok(p) => p,
+                Err(_) => {
+                    return Err(PipelineError::InvalidValue {
+                        at: loc.at(v.span()),
+                        field: f.field("payload"),
+                        value: v.into_inner(),
+                        expected: "\"json\" or \"arrow\"",
+                    });
+                }
+            },
+        };
         let path = |v: Option<Spanned<String>>| v.map(|v| base.join(v.into_inner()));
         Ok(BackfillJob {
             name: name.into_inner(),
@@ -358,6 +375,7 @@ impl RawJob {
             progress: path(self.progress),
             dead_letter: path(self.dead_letter),
             bootstrap_servers: validate_bootstrap_servers(&f, self.bootstrap_servers)?,
+            payload,
         })
     }
 }
