@@ -108,6 +108,7 @@
 //! | `progress` | `.sluice-backfill-<hash>.redb` next to the first local source | a path |
 //! | `dead_letter` | the progress path with `.dead.jsonl` | a path |
 //! | `bootstrap_servers` | `"embedded"` | as for Kafka triggers; used by `--distributed` |
+//! | `depends_on_files` | none | `{ "GLOB" = ["GLOB", ...] }`: files start after the files they name fully succeeded (globs without `/` match file names) |
 //! | `payload` | `"json"` | `"json"` (`{"items": [...], "batch": {...}}`) or `"arrow"` (`{"arrow": "<base64 Arrow IPC stream>", "batch": {...}}`, Parquet sources) |
 //!
 //! Any other key or section, at any level, is an error. Fields inside a `[[trigger.kafka]]` table
@@ -422,6 +423,11 @@ pub struct BackfillJob {
     pub bootstrap_servers: BootstrapServers,
     /// How calls carry their items. Default [`PayloadFormat::Json`].
     pub payload: PayloadFormat,
+    /// `(files, after)`: files matching the glob `files` start only once
+    /// the files matching every glob of `after` fully succeeded. Globs with
+    /// a `/` are paths (relative ones joined to the pipeline file's folder),
+    /// the others match file names. Default none.
+    pub file_dependencies: Vec<(String, Vec<String>)>,
 }
 
 /// One validated `[[trigger.kafka]]` table, with defaults applied: Lambda's

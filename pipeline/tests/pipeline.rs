@@ -533,6 +533,7 @@ order_key = "customer"
 progress = "state/orders.redb"
 bootstrap_servers = "localhost:9092"
 payload = "arrow"
+depends_on_files = { "b.csv" = ["a.csv"], "out/*.csv" = ["in/*.csv", "a.csv"] }
 "#,
     );
     let base = Path::new(INLINE).parent().unwrap();
@@ -587,6 +588,15 @@ payload = "arrow"
 
     assert_eq!(full.payload, sluice_pipeline::PayloadFormat::Arrow);
     assert_eq!(minimal.payload, sluice_pipeline::PayloadFormat::Json);
+    // Globs with a `/` are paths relative to the pipeline file; others match names.
+    let rel = |p: &str| base.join(p).display().to_string();
+    assert_eq!(
+        full.file_dependencies,
+        vec![
+            ("b.csv".to_owned(), vec!["a.csv".to_owned()]),
+            (rel("out/*.csv"), vec![rel("in/*.csv"), "a.csv".to_owned()]),
+        ]
+    );
 
     let err = p.job("nope").unwrap_err().to_string();
     assert!(

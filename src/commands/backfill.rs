@@ -10,8 +10,8 @@ use sluice_pipeline::{
     BackfillJob, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_ITEMS_PER_CALL,
 };
 use sluice_taskgen::{
-    BackfillConfig, BackfillError, Format, Hooks, Input, Limits, OrderConfig, PayloadFormat,
-    Summary, TickHook,
+    BackfillConfig, BackfillError, FileDependency, Format, Hooks, Input, Limits, OrderConfig,
+    PayloadFormat, Summary, TickHook,
 };
 
 use sluice_ingest::kafka::EmbeddedBroker;
@@ -83,6 +83,11 @@ pub struct BackfillOptions {
     /// missing ids are reported before anything runs.
     #[arg(long, value_name = "FIELD", requires = "id_column")]
     pub depends_on_column: Option<String>,
+    /// FILES=PREREQ[,PREREQ...]: files matching the glob FILES start only
+    /// once the files matching each PREREQ glob fully succeeded (globs
+    /// without `/` match file names). Repeatable; replaces the job's.
+    #[arg(long, value_name = "FILES=PREREQS")]
+    pub file_depends_on: Vec<String>,
     /// Print files, row groups, item and call counts (and dependency
     /// levels with the ordering options); call nothing.
     #[arg(long)]
@@ -117,6 +122,7 @@ pub struct Settings {
     pub tolerated_failure_percentage: Option<f64>,
     pub order: OrderConfig,
     pub payload: PayloadFormat,
+    pub file_dependencies: Vec<FileDependency>,
 }
 
 /// Merges the job and the flags; the message says what is missing or wrong.
@@ -204,6 +210,34 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
             .or(job.and_then(|j| j.tolerated_failure_percentage)),
         order,
         payload: o.payload.or(job.map(|j| j.payload)).unwrap_or_default(),
+        file_dependencies: if o.file_depends_on.is_empty() {
+            job.map(|j| {
+                j.file_dependencies
+                    .iter()
+                    .map(|(files, after)| FileDependency {
+                        files: files.clone(),
+                        after: after.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+        } else {
+            o.file_depends_on
+                .iter()
+                .map(|spec| {
+                    let (files, after) = spec
+                        .split_once('=')
+                        .filter(|(f, a)| !f.is_empty() && !a.is_empty())
+                        .ok_or_else(|| {
+                            format!("--file-depends-on {spec:?}: expected FILES=PREREQ[,PREREQ...]")
+                        })?;
+                    Ok(FileDependency {
+                        files: files.to_owned(),
+                        after: after.split(',').map(str::to_owned).collect(),
+                    })
+                })
+                .collect::<Result<_, String>>()?
+        },
     })
 }
 
@@ -286,8 +320,29 @@ pub fn error_code(e: &BackfillError) -> u8 {
 }
 
 /// `--dry-run`: files, row groups, items and calls (and dependency levels).
-async fn dry_run(sources: &[PathBuf], input: &Input, limits: Limits, order: &OrderConfig) -> u8 {
+async fn dry_run(
+    sources: &[PathBuf],
+    input: &Input,
+    limits: Limits,
+    order: &OrderConfig,
+    file_dependencies: &[FileDependency],
+) -> u8 {
     let per_call = limits.items;
+    if !file_dependencies.is_empty() {
+        match sluice_taskgen::file_levels(sources, file_dependencies) {
+            Ok((levels, _)) => {
+                for (i, files) in levels.iter().enumerate() {
+                    let names: Vec<String> =
+                        files.iter().map(|f| f.display().to_string()).collect();
+                    println!("file level {i}: {}", names.join(", "));
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return error_code(&e);
+            }
+        }
+    }
     let plans = match sluice_taskgen::plan(sources, input, limits) {
         Ok(plans) => plans,
         Err(e) => {
@@ -415,7 +470,7 @@ pub async fn prepare(
         limits.bytes = MAX_TASK_BYTES;
     }
     if args.dry_run {
-        return Err(dry_run(&sources, &input, limits, &set.order).await);
+        return Err(dry_run(&sources, &input, limits, &set.order, &set.file_dependencies).await);
     }
     let progress = set.progress.unwrap_or_else(|| {
         sluice_taskgen::default_progress_path(&sources, format, &set.function, limits)
@@ -440,6 +495,7 @@ pub async fn prepare(
         tolerated_failure_percentage: set.tolerated_failure_percentage,
         order: set.order,
         payload: set.payload,
+        file_dependencies: set.file_dependencies,
     };
     Ok(Prepared {
         pipeline: p,

@@ -325,7 +325,7 @@ pub async fn coordinate(
     hooks: Hooks,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, BackfillError> {
-    if cfg.order.is_active() {
+    if cfg.order.is_active() || !cfg.file_dependencies.is_empty() {
         return Err(BackfillError::Config(
             "order_key and dependencies need a single scheduler: they cannot be used with \
              --distributed"
@@ -343,7 +343,7 @@ pub async fn coordinate(
         1024,
     )?;
     let (tx, mut calls) = mpsc::channel(run.cfg.max_concurrency.max(16));
-    let reader = crate::spawn_reader(&run, tx);
+    let reader = crate::spawn_reader(&run, run.cfg.sources.clone(), tx);
     let ticker = crate::start_ticker(&run);
 
     let mut outstanding: HashSet<String> = HashSet::new();

@@ -21,11 +21,15 @@
 //!   per non-blank line), text lines (one JSON string per line). A line that
 //!   cannot be read (malformed JSON, bad CSV record, invalid UTF-8) is a
 //!   *failed item*: it goes to the dead-letter file with its `file:line`.
-//! - **Calls** cover a fixed range of item indices of one file, `first ..
-//!   first + max_items_per_call`, so the same input always gives the same
-//!   calls. The payload is
+//!   [`Input::columns`] keeps only some fields (Parquet reads only those
+//!   columns); CSV takes another delimiter.
+//! - **Calls** start at an item index of one file and hold up to
+//!   `max_items_per_call` items and `max_bytes_per_call` bytes of items'
+//!   JSON, so the same input always gives the same calls. The payload is
 //!   `{"items": [...], "batch": {"source", "first_item", "count", "call_id"}}`
-//!   and the call id is `"<file>#<first>"`.
+//!   (or, with [`PayloadFormat::Arrow`], `{"arrow": "<base64 Arrow IPC
+//!   stream>", "batch": {...}}`) and the call id is `"<file>#<first>"`. The
+//!   progress store remembers how calls were cut and refuses another cut.
 //! - **Progress**: each successful call id is committed to an embedded
 //!   [`redb`] database before the call counts as done; running the same
 //!   backfill again skips those calls. A call interrupted in flight is simply
@@ -33,8 +37,11 @@
 //! - **Failures**: a call is tried up to `max_attempts` times while its error
 //!   is [`InvokeError::retryable`]; then its items go to the dead-letter file
 //!   and it counts as failed. Past `tolerated_failure_count` failed calls
-//!   (unreadable items count as one each) the job stops with
-//!   [`BackfillError::TooManyFailures`].
+//!   (unreadable items count as one each), or `tolerated_failure_percentage`
+//!   of the items, the job stops with [`BackfillError::TooManyFailures`].
+//! - **Distributed** ([`distributed`]): the same calls published to a Kafka
+//!   topic for `sluice worker` processes, results recorded in the same
+//!   progress store.
 //! - **Order and dependencies** ([`OrderConfig`], module `schedule`): with
 //!   an `order_key`, items of one key run one after another (keys in
 //!   parallel); with `id_column` + `depends_on_column`, an item runs only
@@ -53,6 +60,7 @@ mod source;
 pub use source::register_object_store;
 mod schedule;
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -325,6 +333,121 @@ pub struct BackfillConfig {
     /// How calls carry their items (default JSON; Arrow for Parquet sources
     /// in file-then-row order).
     pub payload: PayloadFormat,
+    /// Files that start only after other files fully succeeded (default
+    /// none). See [`file_levels`].
+    pub file_dependencies: Vec<FileDependency>,
+}
+
+/// Files matching `files` are called only after every call of the files
+/// matching each of `after` succeeded; otherwise their calls are
+/// dead-lettered as `Sluice.DependencyFailed`. A pattern without `/`
+/// matches file names, one with `/` whole paths (or URLs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDependency {
+    /// Glob of the dependent files.
+    pub files: String,
+    /// Globs of the files they wait for.
+    pub after: Vec<String>,
+}
+
+/// Whether glob `pattern` matches `source` (its file name if the pattern
+/// has no `/`).
+fn matches_source(pattern: &glob::Pattern, raw: &str, source: &Path) -> bool {
+    if raw.contains('/') {
+        pattern.matches(&source.display().to_string())
+    } else {
+        source
+            .file_name()
+            .is_some_and(|n| pattern.matches(&n.to_string_lossy()))
+    }
+}
+
+/// Sources in dependency levels: level 0 waits for nothing, level n for
+/// files of lower levels; each level keeps the sources' order, and every
+/// source lands in exactly one level. Also returns, per dependent source,
+/// the sources it waits for.
+///
+/// # Errors
+/// A pattern that matches no source, a file waiting for itself, or a cycle
+/// ([`BackfillError::Dependencies`], naming the files).
+#[allow(clippy::type_complexity)]
+pub fn file_levels(
+    sources: &[PathBuf],
+    deps: &[FileDependency],
+) -> Result<(Vec<Vec<PathBuf>>, HashMap<PathBuf, Vec<PathBuf>>), BackfillError> {
+    let compile = |raw: &str| {
+        glob::Pattern::new(raw).map_err(|e| BackfillError::BadPattern {
+            pattern: raw.to_owned(),
+            message: e.to_string(),
+        })
+    };
+    let matching = |raw: &str| -> Result<Vec<PathBuf>, BackfillError> {
+        let p = compile(raw)?;
+        let found: Vec<PathBuf> = sources
+            .iter()
+            .filter(|s| matches_source(&p, raw, s))
+            .cloned()
+            .collect();
+        if found.is_empty() {
+            return Err(BackfillError::Dependencies(format!(
+                "file dependency pattern {raw:?} matches none of the sources"
+            )));
+        }
+        Ok(found)
+    };
+    let mut waits: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
+    for d in deps {
+        let files = matching(&d.files)?;
+        for after in &d.after {
+            for pre in matching(after)? {
+                for f in &files {
+                    if *f == pre {
+                        return Err(BackfillError::Dependencies(format!(
+                            "{} would wait for itself ({:?} after {after:?})",
+                            f.display(),
+                            d.files
+                        )));
+                    }
+                    let w = waits.entry(f.clone()).or_default();
+                    if !w.contains(&pre) {
+                        w.push(pre.clone());
+                    }
+                }
+            }
+        }
+    }
+    let mut level: HashMap<&PathBuf, usize> = HashMap::new();
+    let mut remaining: Vec<&PathBuf> = sources.iter().collect();
+    let mut current = 0;
+    while !remaining.is_empty() {
+        let ready: Vec<&PathBuf> = remaining
+            .iter()
+            .copied()
+            .filter(|s| {
+                waits.get(*s).is_none_or(|pre| {
+                    pre.iter()
+                        .all(|p| level.get(p).is_some_and(|l| *l < current))
+                })
+            })
+            .collect();
+        if ready.is_empty() {
+            let stuck: Vec<String> = remaining.iter().map(|s| s.display().to_string()).collect();
+            return Err(BackfillError::Dependencies(format!(
+                "file dependencies form a cycle among: {}",
+                stuck.join(", ")
+            )));
+        }
+        for s in &ready {
+            level.insert(s, current);
+        }
+        remaining.retain(|s| !ready.contains(s));
+        current += 1;
+    }
+    let mut levels = vec![Vec::new(); current];
+    for s in sources {
+        levels[level[s]].push(s.clone());
+    }
+    Ok((levels, waits))
 }
 
 impl BackfillConfig {
@@ -354,6 +477,7 @@ impl BackfillConfig {
             tolerated_failure_percentage: None,
             order: OrderConfig::default(),
             payload: PayloadFormat::Json,
+            file_dependencies: Vec::new(),
         }
     }
 
@@ -829,6 +953,8 @@ struct Run {
     stop: AtomicBool,
     /// First storage error met by a call task.
     fatal: Mutex<Option<BackfillError>>,
+    /// Sources with a failed call or unreadable item (for file dependencies).
+    failed_sources: Mutex<HashSet<String>>,
     hooks: Hooks,
 }
 
@@ -871,6 +997,12 @@ impl Run {
                 ));
             }
         }
+        if !cfg.file_dependencies.is_empty() && cfg.order.is_active() {
+            return Err(BackfillError::Config(
+                "file dependencies cannot be combined with order_key or item dependencies".into(),
+            ));
+        }
+        file_levels(&cfg.sources, &cfg.file_dependencies)?;
         let expected = expected_items(&cfg.sources, &cfg.input)?;
         let progress = Progress::open(&cfg.progress, &cfg.layout())?;
         Ok(Arc::new(Run {
@@ -885,6 +1017,7 @@ impl Run {
             failures: Mutex::new((0, String::new())),
             stop: AtomicBool::new(false),
             fatal: Mutex::new(None),
+            failed_sources: Mutex::new(HashSet::new()),
             hooks,
             cfg,
         }))
@@ -938,8 +1071,13 @@ impl Run {
         self.stop.store(true, Ordering::SeqCst);
     }
 
-    /// Counts a failure; stops the job when past the tolerated count.
-    fn failure(&self, message: String) {
+    /// Counts a failure of `source`; stops the job when past the tolerated
+    /// failures.
+    fn failure(&self, source: &str, message: String) {
+        self.failed_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(source.to_owned());
         let failed = {
             let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             f.0 += 1;
@@ -969,7 +1107,7 @@ impl Run {
                 return;
             }
             self.update(|s| s.items_failed += 1);
-            self.failure(bad.to_string());
+            self.failure(&call.source, bad.to_string());
         }
     }
 
@@ -1064,9 +1202,9 @@ impl Run {
     }
 
     /// Dead-letters a call not made because a call it requires failed.
-    fn dependency_failed(&self, call: &Call, id: &str, dependency: &str) {
+    fn dependency_failed(&self, call: &Call, id: &str, what_failed: &str) {
         let count = call.len() as u64;
-        let message = format!("{id}: not called: the call {dependency} it depends on failed");
+        let message = format!("{id}: not called: {what_failed} failed");
         let record = json!({
             "call_id": id,
             "source": call.source,
@@ -1083,7 +1221,7 @@ impl Run {
             s.calls_failed += 1;
             s.items_failed += count;
         });
-        self.failure(message);
+        self.failure(&call.source, message);
     }
 
     /// Dead-letters a call that failed `attempts` times with `error`.
@@ -1114,7 +1252,7 @@ impl Run {
             s.calls_failed += 1;
             s.items_failed += count;
         });
-        self.failure(format!("{id}: {error}"));
+        self.failure(source, format!("{id}: {error}"));
     }
 }
 
@@ -1170,14 +1308,56 @@ pub async fn run(
             Err(e) => conclude(&run, false, Some(e)),
         };
     }
+    let (levels, waits) = file_levels(&run.cfg.sources, &run.cfg.file_dependencies)?;
+    let ticker = start_ticker(&run);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let (mut interrupted, mut read_error) = (false, None);
+    for files in levels {
+        // A file whose prerequisites did not all succeed is not called.
+        let failed = run
+            .failed_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let blocked: HashMap<String, String> = files
+            .iter()
+            .filter_map(|f| {
+                let bad = waits
+                    .get(f)?
+                    .iter()
+                    .find(|p| failed.contains(&p.display().to_string()))?;
+                Some((
+                    f.display().to_string(),
+                    format!("the file {} it waits for", bad.display()),
+                ))
+            })
+            .collect();
+        (interrupted, read_error) = stream(&run, files, &blocked, shutdown.as_mut()).await;
+        if interrupted || read_error.is_some() || run.stop.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    conclude(&run, interrupted, read_error)
+}
+
+/// Streams the calls of `sources` through the function, at most
+/// `max_concurrency` at once; calls of a `blocked` file (source → what
+/// failed) are dead-lettered instead. Returns whether `shutdown` interrupted
+/// it and the read error that stopped it, if any.
+async fn stream<S: Future<Output = ()>>(
+    run: &Arc<Run>,
+    sources: Vec<PathBuf>,
+    blocked: &HashMap<String, String>,
+    mut shutdown: std::pin::Pin<&mut S>,
+) -> (bool, Option<BackfillError>) {
     let concurrency = run.cfg.max_concurrency;
     let (tx, mut rx) = mpsc::channel(concurrency);
-    let reader = spawn_reader(&run, tx);
-    let ticker = start_ticker(&run);
-
+    let reader = spawn_reader(run, sources, tx);
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = tokio::task::JoinSet::new();
-    let mut shutdown = std::pin::pin!(shutdown);
     let mut interrupted = false;
     let mut read_error = None;
     loop {
@@ -1206,6 +1386,10 @@ pub async fn run(
                 break;
             }
         }
+        if let Some(what) = blocked.get(&call.source) {
+            run.dependency_failed(&call, &call.id(), what);
+            continue;
+        }
         let permit = tokio::select! {
             biased;
             () = &mut shutdown => { interrupted = true; break; }
@@ -1214,7 +1398,7 @@ pub async fn run(
         if run.stop.load(Ordering::SeqCst) {
             break;
         }
-        let run = Arc::clone(&run);
+        let run = Arc::clone(run);
         tasks.spawn(async move {
             run.call(call).await;
             drop(permit);
@@ -1222,24 +1406,18 @@ pub async fn run(
     }
     drop(rx);
     while tasks.join_next().await.is_some() {}
-    if let Some(t) = ticker {
-        t.abort();
-    }
     let _ = reader.await;
-    conclude(&run, interrupted, read_error)
+    (interrupted, read_error)
 }
 
-/// Reads the sources on a blocking thread, sending calls to `tx`: rows as
+/// Reads `sources` on a blocking thread, sending calls to `tx`: rows as
 /// JSON items, or as Arrow batches with `payload = "arrow"`.
 fn spawn_reader(
     run: &Run,
+    sources: Vec<PathBuf>,
     tx: mpsc::Sender<Result<Call, BackfillError>>,
 ) -> tokio::task::JoinHandle<()> {
-    let (sources, input, limits) = (
-        run.cfg.sources.clone(),
-        run.cfg.input.clone(),
-        run.cfg.limits(),
-    );
+    let (input, limits) = (run.cfg.input.clone(), run.cfg.limits());
     let arrow = run.cfg.payload == PayloadFormat::Arrow;
     tokio::task::spawn_blocking(move || {
         if arrow {

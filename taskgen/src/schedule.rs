@@ -467,7 +467,11 @@ pub(crate) async fn run_graph<S: Future<Output = ()>>(
             run.update(|s| s.calls_total += 1);
             if let Some(dep) = nodes[c].dep_failed.clone() {
                 let node = &nodes[c];
-                run.dependency_failed(&node.call, &node.id, &dep);
+                run.dependency_failed(
+                    &node.call,
+                    &node.id,
+                    &format!("the call {dep} it depends on"),
+                );
                 finish(&mut nodes, &mut ready, c, false);
                 continue;
             }

@@ -413,3 +413,117 @@ fn limits(items: usize) -> sluice_taskgen::Limits {
         bytes: usize::MAX,
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_start_after_the_files_they_depend_on_succeeded() {
+    use sluice_taskgen::FileDependency;
+    let dir = TempDir::new().unwrap();
+    // a.jsonl's calls are slow: were c.jsonl not waiting, it would finish first.
+    let a = write_jsonl(
+        dir.path(),
+        "a.jsonl",
+        &vec![json!({"f": "a", "ms": 300}); 4],
+    );
+    let b = write_jsonl(
+        dir.path(),
+        "b.jsonl",
+        &vec![json!({"f": "b", "ms": 100}); 4],
+    );
+    let c = write_jsonl(dir.path(), "c.jsonl", &vec![json!({"f": "c"}); 4]);
+    let f = script_fixture(SLOW_ECHO);
+    let ex = executor(&f);
+    let (hooks, got) = recorder();
+    let mut cfg = config(
+        dir.path(),
+        vec![c.clone(), a.clone(), b.clone()],
+        1,
+        OrderConfig::default(),
+    );
+    cfg.file_dependencies = vec![FileDependency {
+        files: "c.jsonl".into(),
+        after: vec!["a.jsonl".into(), "b.jsonl".into()],
+    }];
+    let (levels, _) = sluice_taskgen::file_levels(&cfg.sources, &cfg.file_dependencies).unwrap();
+    assert_eq!(levels, vec![vec![a.clone(), b.clone()], vec![c.clone()]]);
+    let s = sluice_taskgen::run(&ex, cfg.clone(), hooks, never())
+        .await
+        .unwrap();
+    assert_eq!(s.items_succeeded, 12);
+    let order: Vec<String> = items_in_order(&got)
+        .iter()
+        .map(|v| v["f"].as_str().unwrap().to_owned())
+        .collect();
+    let first_c = order.iter().position(|f| f == "c").unwrap();
+    assert!(
+        order[..first_c].iter().filter(|f| *f != "c").count() == 8,
+        "c started before a and b finished: {order:?}"
+    );
+
+    // A failed call in a.jsonl: c.jsonl is not called, b.jsonl is.
+    let a = write_jsonl(
+        dir.path(),
+        "a.jsonl",
+        &[json!({"f": "a"}), json!({"f": "a", "fail": true})],
+    );
+    let (hooks, got) = recorder();
+    cfg.sources = vec![c, a, b];
+    cfg.progress = dir.path().join("p2.redb");
+    cfg.dead_letter = dir.path().join("dead2.jsonl");
+    let s = sluice_taskgen::run(&ex, cfg.clone(), hooks, never())
+        .await
+        .unwrap();
+    assert_eq!((s.items_succeeded, s.items_failed), (5, 5));
+    assert!(items_in_order(&got).iter().all(|v| v["f"] != "c"));
+    let dead: Vec<Value> = std::fs::read_to_string(&cfg.dead_letter)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let blocked: Vec<&Value> = dead
+        .iter()
+        .filter(|d| d["error_type"] == "Sluice.DependencyFailed")
+        .collect();
+    assert_eq!(blocked.len(), 4, "{dead:?}");
+    assert!(
+        blocked[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("a.jsonl it waits for failed"),
+        "{}",
+        blocked[0]
+    );
+
+    // Cycles and patterns matching nothing are refused before any call.
+    cfg.file_dependencies = vec![
+        FileDependency {
+            files: "a.jsonl".into(),
+            after: vec!["c.jsonl".into()],
+        },
+        FileDependency {
+            files: "c.jsonl".into(),
+            after: vec!["a.jsonl".into()],
+        },
+    ];
+    cfg.progress = dir.path().join("p3.redb");
+    let e = sluice_taskgen::run(&ex, cfg.clone(), Hooks::default(), never())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("file dependencies form a cycle among"),
+        "{e}"
+    );
+    cfg.file_dependencies = vec![FileDependency {
+        files: "z*.jsonl".into(),
+        after: vec!["a.jsonl".into()],
+    }];
+    let e = sluice_taskgen::run(&ex, cfg, Hooks::default(), never())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("\"z*.jsonl\" matches none of the sources"),
+        "{e}"
+    );
+    ex.shutdown().await;
+}

@@ -1,5 +1,6 @@
 //! `[job.NAME]` tables as serde sees them, and their validation.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 
@@ -59,7 +60,12 @@ pub(super) struct RawJob {
     bootstrap_servers: Option<Spanned<String>>,
     /// Default `"json"`.
     payload: Option<Spanned<String>>,
+    /// Default none: glob of files → globs of the files they wait for.
+    depends_on_files: Option<BTreeMap<Spanned<String>, SpannedGlobs>>,
 }
+
+/// An array of glob patterns, with positions.
+type SpannedGlobs = Spanned<Vec<Spanned<String>>>;
 
 /// `source = "x"` or `source = ["x", "y"]`.
 #[derive(Debug, Deserialize)]
@@ -104,9 +110,26 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
         "a string: \"embedded\" or \"host:port[,host:port...]\"",
     ),
     ("payload", "a string: \"json\" or \"arrow\""),
+    (
+        "depends_on_files",
+        "a table of file globs to arrays of globs, e.g. { \"b.csv\" = [\"a.csv\"] }",
+    ),
 ];
 
 const NAME_RULE: &str = "1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`";
+
+/// Why `s` is not a glob pattern, if it is not (an unclosed `[`).
+fn glob_problem(s: &str) -> Option<&'static str> {
+    let mut open = false;
+    for c in s.chars() {
+        match c {
+            '[' if !open => open = true,
+            ']' if open => open = false,
+            _ => {}
+        }
+    }
+    open.then_some("an unclosed `[`")
+}
 
 /// Whether `s` is a URL (`scheme://...`) rather than a local path.
 fn is_url(s: &str) -> bool {
@@ -355,6 +378,47 @@ impl RawJob {
                 }
             },
         };
+        // Globs with a `/` are paths (relative to the pipeline file), the
+        // others match file names.
+        let glob = |v: Spanned<String>, field: String| -> Result<String, PipelineError> {
+            if v.get_ref().is_empty() || glob_problem(v.get_ref()).is_some() {
+                return Err(PipelineError::InvalidValue {
+                    at: loc.at(v.span()),
+                    field,
+                    value: v.into_inner(),
+                    expected: "a non-empty glob pattern",
+                });
+            }
+            Ok(if v.get_ref().contains('/') {
+                resolve(base, v.get_ref())
+            } else {
+                v.into_inner()
+            })
+        };
+        let mut file_dependencies = Vec::new();
+        for (files, after) in self.depends_on_files.unwrap_or_default() {
+            let field = format!(
+                "{}.{}",
+                f.field("depends_on_files"),
+                span::toml_key(files.get_ref())
+            );
+            let at = after.span();
+            let after = after.into_inner();
+            if after.is_empty() {
+                return Err(PipelineError::InvalidValue {
+                    at: loc.at(at),
+                    field,
+                    value: "[]".into(),
+                    expected: "one or more glob patterns of the files to wait for",
+                });
+            }
+            let files = glob(files, field.clone())?;
+            let after = after
+                .into_iter()
+                .map(|a| glob(a, field.clone()))
+                .collect::<Result<Vec<_>, _>>()?;
+            file_dependencies.push((files, after));
+        }
         let path = |v: Option<Spanned<String>>| v.map(|v| base.join(v.into_inner()));
         Ok(BackfillJob {
             name: name.into_inner(),
@@ -376,6 +440,7 @@ impl RawJob {
             dead_letter: path(self.dead_letter),
             bootstrap_servers: validate_bootstrap_servers(&f, self.bootstrap_servers)?,
             payload,
+            file_dependencies,
         })
     }
 }
