@@ -36,4 +36,11 @@ set -e
 echo; echo "== sluice run examples/kafka/pipeline.toml (Kafka-triggered, embedded broker)"
 $SLUICE run examples/kafka/pipeline.toml \
   --produce orders=examples/kafka/orders.jsonl --key-field customer --stop-when-idle 2s
+echo; echo "== sluice backfill (every line of the README through echo, in calls of 20)"
+rm -f "${TMPDIR:-/tmp}/sluice-example-backfill.redb"
+$SLUICE backfill examples/pipeline.toml -f echo --source README.md --format text \
+  --max-items-per-call 20 --progress "${TMPDIR:-/tmp}/sluice-example-backfill.redb" -q
+echo; echo "== sluice mapreduce examples/wordcount/pipeline.toml wordcount (embedded broker as the shuffle)"
+$SLUICE mapreduce examples/wordcount/pipeline.toml wordcount -q
+head -3 examples/wordcount/out/part-00000.jsonl
 echo; echo "Done. Try: $SLUICE bench invoke"

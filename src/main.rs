@@ -111,6 +111,20 @@ enum Command {
         #[command(flatten)]
         options: Box<commands::backfill::BackfillOptions>,
     },
+    /// Run a MapReduce job (`[job.NAME]` with `kind = "mapreduce"`): map
+    /// calls, a Kafka topic as the shuffle, reduce calls, part files.
+    Mapreduce {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// The job's name.
+        job: String,
+        /// The shuffle's Kafka cluster (default: the job's `bootstrap_servers`).
+        #[arg(long)]
+        bootstrap_servers: Option<String>,
+        /// Do not print the functions' log lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Process the tasks of distributed backfills (`sluice backfill
     /// --distributed`) until SIGINT/SIGTERM; run any number of workers.
     Worker {
@@ -267,6 +281,12 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            Command::Mapreduce {
+                pipeline,
+                job,
+                bootstrap_servers,
+                quiet,
+            } => commands::mapreduce::run(&pipeline, &job, bootstrap_servers, quiet).await,
             Command::Doctor { kafka } => commands::doctor::run(kafka.as_deref()).await,
             Command::Bench(BenchCommand::Invoke {
                 pipeline,

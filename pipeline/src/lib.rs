@@ -91,7 +91,7 @@
 //!
 //! | field | default | allowed |
 //! |---|---|---|
-//! | `kind` | `"backfill"` | `"backfill"` |
+//! | `kind` | `"backfill"` | `"backfill"`, or `"mapreduce"` (below) |
 //! | `function` | required | a declared function |
 //! | `source` | required | a path, glob or URL (`file://`, `s3://`, `gs://`, `az://`), or an array of them; relative paths are relative to the pipeline file's folder |
 //! | `format` | from the first source's extension | `"parquet"`, `"csv"`, `"jsonl"`, `"text"` |
@@ -110,6 +110,20 @@
 //! | `bootstrap_servers` | `"embedded"` | as for Kafka triggers; used by `--distributed` |
 //! | `depends_on_files` | none | `{ "GLOB" = ["GLOB", ...] }`: files start after the files they name fully succeeded (globs without `/` match file names) |
 //! | `payload` | `"json"` | `"json"` (`{"items": [...], "batch": {...}}`) or `"arrow"` (`{"arrow": "<base64 Arrow IPC stream>", "batch": {...}}`, Parquet sources) |
+//!
+//! A job with `kind = "mapreduce"` (`sluice mapreduce PIPELINE JOB`) takes
+//! `source`, `format`, `columns`, `csv_delimiter`, `max_items_per_call`
+//! (items per map split), `max_concurrency`, `max_attempts` and
+//! `bootstrap_servers` as above, and instead of `function`:
+//!
+//! | field | default | allowed |
+//! |---|---|---|
+//! | `map` | required | a declared function |
+//! | `combine` | none | a declared function |
+//! | `reduce` | required | a declared function |
+//! | `reduce_partitions` | [`DEFAULT_REDUCE_PARTITIONS`] | [`REDUCE_PARTITIONS_RANGE`] |
+//! | `groups_per_call` | [`DEFAULT_GROUPS_PER_CALL`] | [`MAX_ITEMS_PER_CALL_RANGE`] |
+//! | `output` | required | a folder |
 //!
 //! Any other key or section, at any level, is an error. Fields inside a `[[trigger.kafka]]` table
 //! are named `trigger.kafka[I].FIELD` in messages, with `I` counting from 0.
@@ -207,6 +221,13 @@ pub const MAX_ITEMS_PER_CALL_RANGE: RangeInclusive<u32> = 1..=100_000;
 pub const DEFAULT_MAX_BYTES_PER_CALL: usize = 6_000_000;
 /// Allowed `max_bytes_per_call`.
 pub const MAX_BYTES_PER_CALL_RANGE: RangeInclusive<usize> = 1..=6_000_000;
+/// Default `reduce_partitions` of a MapReduce job.
+pub const DEFAULT_REDUCE_PARTITIONS: u32 = 4;
+/// Allowed `reduce_partitions`.
+pub const REDUCE_PARTITIONS_RANGE: RangeInclusive<u32> = 1..=256;
+/// Default `groups_per_call` of a MapReduce job's reduce calls.
+pub const DEFAULT_GROUPS_PER_CALL: u32 = 1000;
+
 /// Default `max_attempts` of a backfill call (for retryable errors).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Allowed `max_attempts`.
@@ -294,8 +315,50 @@ pub struct Pipeline {
     pub functions: BTreeMap<String, FunctionConfig>,
     /// The `[[trigger.kafka]]` tables, in file order.
     pub kafka_triggers: Vec<KafkaTrigger>,
-    /// The `[job.NAME]` tables, by name.
+    /// The `[job.NAME]` tables of kind `"backfill"` (the default), by name.
     pub jobs: BTreeMap<String, BackfillJob>,
+    /// The `[job.NAME]` tables of kind `"mapreduce"`, by name.
+    pub mapreduce_jobs: BTreeMap<String, MapReduceJob>,
+}
+
+/// One validated `[job.NAME]` table of kind `"mapreduce"`, defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapReduceJob {
+    /// The job's name.
+    pub name: String,
+    /// Input paths, globs or URLs (relative ones joined to the pipeline
+    /// file's folder).
+    pub sources: Vec<String>,
+    /// Input format; `None`: from the first source's extension.
+    pub format: Option<DataFormat>,
+    /// Columns kept; `None`: all.
+    pub columns: Option<Vec<String>>,
+    /// CSV delimiter. Default `b','`.
+    pub csv_delimiter: u8,
+    /// Function called with each split (a backfill-style call); answers
+    /// `{"records": [{"key": "...", "value": ...}, ...]}`.
+    pub map: String,
+    /// Function called with a map task's output grouped by key before the
+    /// shuffle (the reduce contract); default none.
+    pub combine: Option<String>,
+    /// Function called with groups `{"groups": [{"key", "values"}]}`;
+    /// answers `{"records": [{"key", "value"}]}`.
+    pub reduce: String,
+    /// Reducers = partitions of the shuffle topic. Default
+    /// [`DEFAULT_REDUCE_PARTITIONS`].
+    pub reduce_partitions: u32,
+    /// Key groups per reduce call. Default [`DEFAULT_GROUPS_PER_CALL`].
+    pub groups_per_call: u32,
+    /// Items per map split. Default [`DEFAULT_MAX_ITEMS_PER_CALL`].
+    pub max_items_per_call: u32,
+    /// Calls in flight; `None`: the map function's concurrency.
+    pub max_concurrency: Option<u32>,
+    /// Attempts per call. Default [`DEFAULT_MAX_ATTEMPTS`].
+    pub max_attempts: u32,
+    /// Output folder: `part-NNNNN.jsonl` per reducer.
+    pub output: PathBuf,
+    /// The shuffle's Kafka cluster. Default embedded.
+    pub bootstrap_servers: BootstrapServers,
 }
 
 /// Input format of a data set.
@@ -609,12 +672,13 @@ impl Pipeline {
     /// function paths are resolved against its parent folder (the current
     /// folder if it has none). The function folders must exist.
     pub fn parse(text: &str, file: &Path) -> Result<Pipeline, PipelineError> {
-        let (functions, kafka_triggers, jobs) = raw::parse(text, file)?;
+        let (functions, kafka_triggers, jobs, mapreduce_jobs) = raw::parse(text, file)?;
         Ok(Pipeline {
             file: file.to_path_buf(),
             functions,
             kafka_triggers,
             jobs,
+            mapreduce_jobs,
         })
     }
 

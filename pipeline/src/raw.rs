@@ -21,7 +21,7 @@ use crate::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_INIT_TIMEOUT, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_QUEUE,
     DEFAULT_MEMORY_MB, DEFAULT_TENANT, DEFAULT_TIMEOUT, DEFAULT_TMP_MB, FunctionConfig,
     IDLE_TIMEOUT_RANGE, KafkaTrigger, MAX_PROCESSES_RANGE, MAX_QUEUE_RANGE, MEMORY_MB_RANGE,
-    RESERVED_ENV_KEYS, TIMEOUT_RANGE, TMP_MB_RANGE,
+    MapReduceJob, RESERVED_ENV_KEYS, TIMEOUT_RANGE, TMP_MB_RANGE,
 };
 
 /// The whole file.
@@ -103,7 +103,14 @@ pub(crate) type Declared = (
     BTreeMap<String, FunctionConfig>,
     Vec<KafkaTrigger>,
     BTreeMap<String, BackfillJob>,
+    BTreeMap<String, MapReduceJob>,
 );
+
+/// A validated `[job.NAME]`, of either kind.
+pub(crate) enum Job {
+    Backfill(BackfillJob),
+    MapReduce(MapReduceJob),
+}
 
 /// Parses and validates `text`.
 pub(crate) fn parse(text: &str, file: &Path) -> Result<Declared, PipelineError> {
@@ -305,6 +312,7 @@ impl RawPipeline {
         let mut triggers = Vec::new();
         let mut trigger_names = BTreeMap::new();
         let mut jobs = BTreeMap::new();
+        let mut mapreduce_jobs = BTreeMap::new();
         for (_, item) in items {
             match item {
                 Item::Function(name, function) => {
@@ -324,10 +332,17 @@ impl RawPipeline {
                 }
                 Item::Job(name, job) => {
                     let header = job.span();
-                    let job = job
+                    match job
                         .into_inner()
-                        .validate(loc, name, header, &declared, base)?;
-                    jobs.insert(job.name.clone(), job);
+                        .validate(loc, name, header, &declared, base)?
+                    {
+                        Job::Backfill(job) => {
+                            jobs.insert(job.name.clone(), job);
+                        }
+                        Job::MapReduce(job) => {
+                            mapreduce_jobs.insert(job.name.clone(), job);
+                        }
+                    }
                 }
             }
         }
@@ -336,6 +351,7 @@ impl RawPipeline {
             functions,
             triggers.into_iter().map(|(_, t)| t).collect(),
             jobs,
+            mapreduce_jobs,
         ))
     }
 }

@@ -5,6 +5,7 @@ pub mod backfill;
 pub mod bench;
 pub mod doctor;
 pub mod invoke;
+pub mod mapreduce;
 pub mod run;
 pub mod validate;
 pub mod worker;

@@ -80,7 +80,8 @@ pub struct KafkaSettings {
 }
 
 impl KafkaSettings {
-    fn client(&self) -> ClientConfig {
+    /// A client configuration for this cluster.
+    pub fn client(&self) -> ClientConfig {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.servers);
         for (k, v) in &self.properties {
@@ -177,15 +178,23 @@ async fn topic_exists(kafka: &KafkaSettings, topic: &str) -> Result<bool, Backfi
 /// Creates the job's topics if they do not exist yet, with
 /// [`TASK_PARTITIONS`] partitions and the cluster's default replication.
 pub async fn ensure_topics(kafka: &KafkaSettings, job: &str) -> Result<(), BackfillError> {
-    let mut names = Vec::new();
     for topic in [tasks_topic(job), results_topic(job)] {
-        if !topic_exists(kafka, &topic).await? {
-            names.push(topic);
-        }
+        ensure_topic(kafka, &topic, TASK_PARTITIONS).await?;
     }
-    if names.is_empty() {
+    Ok(())
+}
+
+/// Creates `topic` with `partitions` partitions (and the cluster's default
+/// replication) unless it exists.
+pub async fn ensure_topic(
+    kafka: &KafkaSettings,
+    topic: &str,
+    partitions: i32,
+) -> Result<(), BackfillError> {
+    if topic_exists(kafka, topic).await? {
         return Ok(());
     }
+    let names = [topic.to_owned()];
     let admin: AdminClient<DefaultClientContext> = kafka
         .client()
         .create()
@@ -197,7 +206,7 @@ pub async fn ensure_topics(kafka: &KafkaSettings, job: &str) -> Result<(), Backf
         tracing::debug!(replication, "creating topics");
         let topics: Vec<NewTopic<'_>> = names
             .iter()
-            .map(|n| NewTopic::new(n, TASK_PARTITIONS, TopicReplication::Fixed(replication)))
+            .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(replication)))
             .collect();
         let results = admin
             .create_topics(&topics, &options)

@@ -1259,7 +1259,7 @@ impl Run {
 /// Invokes `function` with `payload` up to `max_attempts` times while the
 /// error is retryable (backing off 50 ms × attempt), calling `on_retry`
 /// before each retry. Returns the outcome and the attempts made.
-pub(crate) async fn invoke_with_retries(
+pub async fn invoke_with_retries(
     executor: &Executor,
     function: &str,
     payload: &str,
@@ -1426,6 +1426,58 @@ fn spawn_reader(
             reader(sources, input, limits, tx);
         }
     })
+}
+
+/// One call of a data set as another box uses it (MapReduce's map splits):
+/// its id, origin, item count, the function's event, and the unreadable
+/// lines it covered.
+#[derive(Debug)]
+pub struct Split {
+    /// `"<file>#<first item>"`.
+    pub id: String,
+    /// The source file.
+    pub source: String,
+    /// Index of its first item in the file.
+    pub first: u64,
+    /// Readable items.
+    pub count: usize,
+    /// `{"items": [...], "batch": {...}}`.
+    pub payload: String,
+    /// Lines that could not be read.
+    pub unreadable: Vec<ItemError>,
+}
+
+/// Reads `sources` on a blocking thread and sends their calls, cut as a
+/// backfill cuts them, as [`Split`]s (at most `buffer` ahead of the
+/// receiver).
+pub fn splits(
+    sources: Vec<PathBuf>,
+    input: Input,
+    limits: Limits,
+    buffer: usize,
+) -> mpsc::Receiver<Result<Split, BackfillError>> {
+    let (tx, mut calls) = mpsc::channel(buffer.max(1));
+    let (out, rx) = mpsc::channel(buffer.max(1));
+    tokio::task::spawn_blocking(move || reader(sources, input, limits, tx));
+    tokio::spawn(async move {
+        while let Some(next) = calls.recv().await {
+            let split = next.map(|call| {
+                let id = call.id();
+                Split {
+                    payload: call.payload(&id, serde_json::Map::new()),
+                    count: call.len(),
+                    id,
+                    source: call.source,
+                    first: call.first,
+                    unreadable: call.bad,
+                }
+            });
+            if out.send(split).await.is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Calls the tick hook periodically until aborted.

@@ -8,13 +8,14 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::kafka::validate_bootstrap_servers;
-use super::{Fields, INTEGER, STRING, is_lambda_name};
+use super::{Fields, INTEGER, Job, STRING, is_lambda_name};
 use crate::error::PipelineError;
 use crate::span::{self, Locator};
 use crate::{
-    BackfillJob, CONCURRENCY_RANGE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BYTES_PER_CALL,
-    DEFAULT_MAX_ITEMS_PER_CALL, DataFormat, MAX_ATTEMPTS_RANGE, MAX_BYTES_PER_CALL_RANGE,
-    MAX_ITEMS_PER_CALL_RANGE, PayloadFormat,
+    BackfillJob, CONCURRENCY_RANGE, DEFAULT_GROUPS_PER_CALL, DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_ITEMS_PER_CALL, DEFAULT_REDUCE_PARTITIONS, DataFormat,
+    MAX_ATTEMPTS_RANGE, MAX_BYTES_PER_CALL_RANGE, MAX_ITEMS_PER_CALL_RANGE, MapReduceJob,
+    PayloadFormat, REDUCE_PARTITIONS_RANGE,
 };
 
 /// One `[job.NAME]` table. As elsewhere every field is optional here and
@@ -62,6 +63,18 @@ pub(super) struct RawJob {
     payload: Option<Spanned<String>>,
     /// Default none: glob of files → globs of the files they wait for.
     depends_on_files: Option<BTreeMap<Spanned<String>, SpannedGlobs>>,
+    /// MapReduce: required.
+    map: Option<Spanned<String>>,
+    /// MapReduce: default none.
+    combine: Option<Spanned<String>>,
+    /// MapReduce: required.
+    reduce: Option<Spanned<String>>,
+    /// MapReduce: default [`DEFAULT_REDUCE_PARTITIONS`].
+    reduce_partitions: Option<Spanned<i64>>,
+    /// MapReduce: required, a folder.
+    output: Option<Spanned<String>>,
+    /// MapReduce: default [`DEFAULT_GROUPS_PER_CALL`].
+    groups_per_call: Option<Spanned<i64>>,
 }
 
 /// An array of glob patterns, with positions.
@@ -79,7 +92,7 @@ const FLOAT: &str = "a number";
 
 /// Keys of [`RawJob`] and the TOML type each needs, for messages.
 pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
-    ("kind", "a string: \"backfill\""),
+    ("kind", "a string: \"backfill\" or \"mapreduce\""),
     ("function", STRING),
     (
         "source",
@@ -114,6 +127,36 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
         "depends_on_files",
         "a table of file globs to arrays of globs, e.g. { \"b.csv\" = [\"a.csv\"] }",
     ),
+    ("map", STRING),
+    ("combine", STRING),
+    ("reduce", STRING),
+    ("reduce_partitions", INTEGER),
+    ("output", STRING),
+    ("groups_per_call", INTEGER),
+];
+
+/// Fields only a backfill job has.
+const BACKFILL_ONLY: &[&str] = &[
+    "function",
+    "max_bytes_per_call",
+    "tolerated_failure_count",
+    "tolerated_failure_percentage",
+    "order_key",
+    "id_column",
+    "depends_on_column",
+    "progress",
+    "dead_letter",
+    "payload",
+    "depends_on_files",
+];
+/// Fields only a MapReduce job has.
+const MAPREDUCE_ONLY: &[&str] = &[
+    "map",
+    "combine",
+    "reduce",
+    "reduce_partitions",
+    "output",
+    "groups_per_call",
 ];
 
 const NAME_RULE: &str = "1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`";
@@ -149,6 +192,58 @@ fn resolve(base: &Path, s: &str) -> String {
 }
 
 impl RawJob {
+    /// The fields present that belong to one kind of job, with their spans.
+    fn spans(&self) -> Vec<(&'static str, Range<usize>)> {
+        let s = |key: &'static str, span: Option<Range<usize>>| span.map(|sp| (key, sp));
+        [
+            s("function", self.function.as_ref().map(Spanned::span)),
+            s(
+                "max_bytes_per_call",
+                self.max_bytes_per_call.as_ref().map(Spanned::span),
+            ),
+            s(
+                "tolerated_failure_count",
+                self.tolerated_failure_count.as_ref().map(Spanned::span),
+            ),
+            s(
+                "tolerated_failure_percentage",
+                self.tolerated_failure_percentage
+                    .as_ref()
+                    .map(Spanned::span),
+            ),
+            s("order_key", self.order_key.as_ref().map(Spanned::span)),
+            s("id_column", self.id_column.as_ref().map(Spanned::span)),
+            s(
+                "depends_on_column",
+                self.depends_on_column.as_ref().map(Spanned::span),
+            ),
+            s("progress", self.progress.as_ref().map(Spanned::span)),
+            s("dead_letter", self.dead_letter.as_ref().map(Spanned::span)),
+            s("payload", self.payload.as_ref().map(Spanned::span)),
+            s(
+                "depends_on_files",
+                self.depends_on_files
+                    .as_ref()
+                    .and_then(|m| m.keys().next().map(Spanned::span)),
+            ),
+            s("map", self.map.as_ref().map(Spanned::span)),
+            s("combine", self.combine.as_ref().map(Spanned::span)),
+            s("reduce", self.reduce.as_ref().map(Spanned::span)),
+            s(
+                "reduce_partitions",
+                self.reduce_partitions.as_ref().map(Spanned::span),
+            ),
+            s("output", self.output.as_ref().map(Spanned::span)),
+            s(
+                "groups_per_call",
+                self.groups_per_call.as_ref().map(Spanned::span),
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
     /// Validates `[job.NAME]`, whose header is at `header`.
     pub(super) fn validate(
         self,
@@ -157,7 +252,7 @@ impl RawJob {
         header: Range<usize>,
         declared: &[String],
         base: &Path,
-    ) -> Result<BackfillJob, PipelineError> {
+    ) -> Result<Job, PipelineError> {
         let f = Fields {
             loc,
             table: format!("job.{}", span::toml_key(name.get_ref())),
@@ -176,41 +271,63 @@ impl RawJob {
             field,
             hint,
         };
-        if let Some(kind) = &self.kind {
-            match kind.get_ref().as_str() {
-                "backfill" => {}
-                "mapreduce" => {
-                    return Err(PipelineError::InvalidValue {
-                        at: loc.at(kind.span()),
-                        field: f.field("kind"),
-                        value: kind.get_ref().clone(),
-                        expected: "\"backfill\" (MapReduce jobs are not built yet)",
-                    });
-                }
+        let mapreduce = match &self.kind {
+            None => false,
+            Some(kind) => match kind.get_ref().as_str() {
+                "backfill" => false,
+                "mapreduce" => true,
                 _ => {
                     return Err(PipelineError::InvalidValue {
                         at: loc.at(kind.span()),
                         field: f.field("kind"),
                         value: kind.get_ref().clone(),
-                        expected: "\"backfill\"",
+                        expected: "\"backfill\" or \"mapreduce\"",
                     });
                 }
-            }
-        }
-        let Some(function) = self.function else {
-            return Err(missing(
-                "function",
-                "the declared function called with the items, e.g. function = \"echo\"",
-            ));
+            },
         };
-        if !declared.contains(function.get_ref()) {
-            return Err(PipelineError::UndeclaredFunction {
-                at: loc.at(function.span()),
-                field: f.field("function"),
-                name: function.into_inner(),
-                declared: declared.to_vec(),
+        // A field of the other kind of job is a mistake worth naming.
+        let (foreign, kind) = if mapreduce {
+            (BACKFILL_ONLY, "mapreduce")
+        } else {
+            (MAPREDUCE_ONLY, "backfill")
+        };
+        if let Some((key, at)) = self.spans().into_iter().find(|(k, _)| foreign.contains(k)) {
+            return Err(PipelineError::Invalid {
+                at: loc.at(at),
+                field: f.field(key),
+                message: if kind == "mapreduce" {
+                    "not a setting of a job of kind = \"mapreduce\" (which calls `map`, \
+                     `combine` and `reduce`)"
+                        .to_owned()
+                } else {
+                    "a setting of MapReduce jobs: add kind = \"mapreduce\"".to_owned()
+                },
             });
         }
+        let declared_function = |key: &str, v: Spanned<String>| {
+            if declared.contains(v.get_ref()) {
+                Ok(v.into_inner())
+            } else {
+                Err(PipelineError::UndeclaredFunction {
+                    at: loc.at(v.span()),
+                    field: f.field(key),
+                    name: v.into_inner(),
+                    declared: declared.to_vec(),
+                })
+            }
+        };
+        let function = if mapreduce {
+            String::new()
+        } else {
+            let Some(function) = self.function else {
+                return Err(missing(
+                    "function",
+                    "the declared function called with the items, e.g. function = \"echo\"",
+                ));
+            };
+            declared_function("function", function)?
+        };
         let Some(source) = self.source else {
             return Err(missing(
                 "source",
@@ -420,9 +537,62 @@ impl RawJob {
             file_dependencies.push((files, after));
         }
         let path = |v: Option<Spanned<String>>| v.map(|v| base.join(v.into_inner()));
-        Ok(BackfillJob {
+        let bootstrap_servers = validate_bootstrap_servers(&f, self.bootstrap_servers)?;
+        if mapreduce {
+            let Some(map) = self.map else {
+                return Err(missing(
+                    "map",
+                    "the declared function called on each split, e.g. map = \"wc-map\"",
+                ));
+            };
+            let Some(reduce) = self.reduce else {
+                return Err(missing(
+                    "reduce",
+                    "the declared function called on each key's values, e.g. reduce = \"wc-reduce\"",
+                ));
+            };
+            let Some(output) = self.output else {
+                return Err(missing(
+                    "output",
+                    "the folder the reducers write to, e.g. output = \"out/wordcount\"",
+                ));
+            };
+            return Ok(Job::MapReduce(MapReduceJob {
+                name: name.into_inner(),
+                sources,
+                format,
+                columns,
+                csv_delimiter,
+                map: declared_function("map", map)?,
+                combine: self
+                    .combine
+                    .map(|c| declared_function("combine", c))
+                    .transpose()?,
+                reduce: declared_function("reduce", reduce)?,
+                reduce_partitions: f.integer(
+                    "reduce_partitions",
+                    self.reduce_partitions,
+                    DEFAULT_REDUCE_PARTITIONS,
+                    REDUCE_PARTITIONS_RANGE,
+                    " (partitions)",
+                )?,
+                groups_per_call: f.integer(
+                    "groups_per_call",
+                    self.groups_per_call,
+                    DEFAULT_GROUPS_PER_CALL,
+                    MAX_ITEMS_PER_CALL_RANGE,
+                    " (key groups)",
+                )?,
+                max_items_per_call,
+                max_concurrency,
+                max_attempts,
+                output: base.join(output.into_inner()),
+                bootstrap_servers,
+            }));
+        }
+        Ok(Job::Backfill(BackfillJob {
             name: name.into_inner(),
-            function: function.into_inner(),
+            function,
             sources,
             format,
             columns,
@@ -438,9 +608,9 @@ impl RawJob {
             depends_on_column,
             progress: path(self.progress),
             dead_letter: path(self.dead_letter),
-            bootstrap_servers: validate_bootstrap_servers(&f, self.bootstrap_servers)?,
+            bootstrap_servers,
             payload,
             file_dependencies,
-        })
+        }))
     }
 }

@@ -1,0 +1,64 @@
+//! Word count for `sluice mapreduce`, as plain `lambda_runtime` code. The
+//! function's `handler` setting (Lambda's `_HANDLER`) picks the role:
+//!
+//! - `map`: `{"items": ["a line", ...]}` → `{"records": [{"key": "word",
+//!   "value": count}, ...]}`, words lowercased and split at anything that is
+//!   not a letter or a digit;
+//! - `reduce` (also fit as a combiner): `{"groups": [{"key": "word",
+//!   "values": [n, ...]}, ...]}` → `{"records": [{"key": "word", "value":
+//!   sum}, ...]}`.
+
+use std::collections::BTreeMap;
+
+use lambda_runtime::{Error, LambdaEvent, service_fn};
+use serde_json::{Value, json};
+
+fn map(event: &Value) -> Value {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for line in event["items"].as_array().into_iter().flatten() {
+        let Some(line) = line.as_str() else { continue };
+        for word in line
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+        {
+            *counts.entry(word.to_lowercase()).or_default() += 1;
+        }
+    }
+    json!({"records": counts.into_iter().map(|(k, n)| json!({"key": k, "value": n})).collect::<Vec<_>>()})
+}
+
+fn reduce(event: &Value) -> Value {
+    let records: Vec<Value> = event["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| {
+            let sum: u64 = g["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_u64)
+                .sum();
+            json!({"key": g["key"], "value": sum})
+        })
+        .collect();
+    json!({ "records": records })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let role = std::env::var("_HANDLER").unwrap_or_default();
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let role = role.clone();
+        async move {
+            match role.as_str() {
+                "map" => Ok(map(&event.payload)),
+                "reduce" | "combine" => Ok(reduce(&event.payload)),
+                other => Err(Error::from(format!(
+                    "unknown handler {other:?}: set handler = \"map\" or \"reduce\""
+                ))),
+            }
+        }
+    }))
+    .await
+}

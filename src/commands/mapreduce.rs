@@ -1,0 +1,205 @@
+//! `sluice mapreduce`: run a `kind = "mapreduce"` job of the pipeline.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sluice_ingest::kafka::EmbeddedBroker;
+use sluice_mapreduce::{MapReduceConfig, Progress};
+use sluice_pipeline::BootstrapServers;
+use sluice_taskgen::distributed::{KafkaSettings, ensure_topic};
+use sluice_taskgen::{Format, Input};
+
+use super::backfill::log_sink;
+use crate::exit;
+
+/// One line of progress per phase.
+fn progress_line(p: &Progress, partitions: u32) -> String {
+    let splits = p.splits.load(Ordering::Relaxed);
+    let total = if p.splits_final.load(Ordering::Relaxed) {
+        splits.to_string()
+    } else {
+        format!("{splits}+")
+    };
+    format!(
+        "map: {}/{total} splits · shuffle: {} records · reduce: {}/{partitions} partitions done · {} retries",
+        p.maps_done.load(Ordering::Relaxed),
+        p.shuffle_records.load(Ordering::Relaxed),
+        p.reducers_done.load(Ordering::Relaxed),
+        p.retries.load(Ordering::Relaxed),
+    )
+}
+
+/// Runs the job; exit 0, 2 on a bad job, 3 when it failed.
+pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: bool) -> u8 {
+    let p = match super::load_pipeline(pipeline) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let Some(j) = p.mapreduce_jobs.get(job) else {
+        let names: Vec<&String> = p.mapreduce_jobs.keys().collect();
+        eprintln!(
+            "error: {}: no job named {job:?} with kind = \"mapreduce\"; MapReduce jobs: {}",
+            pipeline.display(),
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names
+                    .iter()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        );
+        return exit::USAGE;
+    };
+    let first = j.sources.first().map_or("", String::as_str);
+    let Some(format) = j.format.or_else(|| Format::from_extension(first)) else {
+        eprintln!("error: cannot tell the format of {first:?} from its extension; set `format`");
+        return exit::USAGE;
+    };
+    let sources = match sluice_taskgen::resolve_sources(&j.sources) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let map_concurrency = p.functions.get(&j.map).map_or(4, |f| f.concurrency);
+    let cfg = MapReduceConfig {
+        job: j.name.clone(),
+        sources,
+        input: Input {
+            format,
+            columns: j.columns.clone(),
+            csv_delimiter: j.csv_delimiter,
+        },
+        items_per_split: j.max_items_per_call as usize,
+        map: j.map.clone(),
+        combine: j.combine.clone(),
+        reduce: j.reduce.clone(),
+        reduce_partitions: i32::try_from(j.reduce_partitions).unwrap_or(i32::MAX),
+        groups_per_call: j.groups_per_call as usize,
+        max_concurrency: j.max_concurrency.unwrap_or(map_concurrency).max(1) as usize,
+        max_attempts: j.max_attempts,
+        output: j.output.clone(),
+    };
+    if sluice_mapreduce::has_parts(&cfg.output) {
+        eprintln!(
+            "sluice: {} holds part files of an earlier run; this run replaces them",
+            cfg.output.display()
+        );
+    }
+    // The shuffle's cluster: the flag, the job's, or a broker in this process.
+    let servers = match (bootstrap.as_deref(), &j.bootstrap_servers) {
+        (Some("embedded"), _) | (None, BootstrapServers::Embedded) => None,
+        (Some(s), _) => Some(s.to_owned()),
+        (None, BootstrapServers::Servers(s)) => Some(s.clone()),
+    };
+    let run_id = sluice_mapreduce::run_id();
+    let topic = sluice_mapreduce::shuffle_topic(&j.name, run_id);
+    let mut embedded = None;
+    let kafka = match servers {
+        Some(servers) => {
+            let kafka = KafkaSettings {
+                servers,
+                properties: Vec::new(),
+            };
+            if let Err(e) = ensure_topic(&kafka, &topic, cfg.reduce_partitions).await {
+                eprintln!("error: {e}");
+                return exit::INVOKE_FAILED;
+            }
+            kafka
+        }
+        None => {
+            let broker = match EmbeddedBroker::start(1) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return exit::INVOKE_FAILED;
+                }
+            };
+            if let Err(e) = broker.create_topic(&topic, cfg.reduce_partitions) {
+                eprintln!("error: {e}");
+                return exit::INVOKE_FAILED;
+            }
+            let kafka = KafkaSettings {
+                servers: broker.bootstrap_servers().to_owned(),
+                properties: Vec::new(),
+            };
+            embedded = Some(broker);
+            kafka
+        }
+    };
+    eprintln!(
+        "sluice: mapreduce {}: shuffle topic {topic} ({} partitions) on {}{}",
+        j.name,
+        cfg.reduce_partitions,
+        kafka.servers,
+        if embedded.is_some() {
+            " (embedded, temporary)"
+        } else {
+            ""
+        }
+    );
+    let ex = match super::executor_for(&p, log_sink(quiet)) {
+        Ok(ex) => ex,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let progress = Arc::new(Progress::default());
+    let partitions = j.reduce_partitions;
+    let terminal = std::io::stderr().is_terminal();
+    let ticker = {
+        let progress = Arc::clone(&progress);
+        tokio::spawn(async move {
+            let every = if terminal {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(2)
+            };
+            let mut interval = tokio::time::interval(every);
+            interval.tick().await;
+            loop {
+                interval.tick().await;
+                if terminal {
+                    eprint!("\r\x1b[K{}", progress_line(&progress, partitions));
+                } else {
+                    eprintln!("mapreduce: {}", progress_line(&progress, partitions));
+                }
+            }
+        })
+    };
+    let result = sluice_mapreduce::run(&ex, &kafka, cfg, &topic, Arc::clone(&progress)).await;
+    ticker.abort();
+    if terminal {
+        eprint!("\r\x1b[K");
+    }
+    ex.shutdown().await;
+    drop(embedded);
+    match result {
+        Ok(s) => {
+            println!(
+                "map: {} tasks over {} items; shuffle: {} records; reduce: {} keys into {} records; {} retries",
+                s.map_tasks, s.items, s.shuffle_records, s.keys, s.output_records, s.retries
+            );
+            for f in &s.output_files {
+                println!("output: {}", f.display());
+            }
+            println!("duration: {:.2?}", s.duration);
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            if e.fault() == sluice_executor::Fault::User {
+                exit::FUNCTION_ERROR
+            } else {
+                exit::INVOKE_FAILED
+            }
+        }
+    }
+}
