@@ -647,8 +647,8 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
         let cfg = BackfillConfig {
             max_items_per_call: per_call,
             max_concurrency: concurrency,
-            progress: dir.0.join(format!("progress-{per_call}.redb")),
-            dead_letter: dir.0.join(format!("dead-{per_call}.jsonl")),
+            progress: dir.0.join(format!("progress-{per_call}-{payload:?}.redb")),
+            dead_letter: dir.0.join(format!("dead-{per_call}-{payload:?}.jsonl")),
             max_attempts: 1,
             tolerated_failure_count: Some(0),
             payload,

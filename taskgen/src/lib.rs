@@ -485,13 +485,14 @@ impl BackfillConfig {
     /// mean the same items.
     fn layout(&self) -> String {
         let o = &self.order;
+        // Arrow calls are cut by item count only.
+        let bytes = match self.payload {
+            PayloadFormat::Json => self.max_bytes_per_call.to_string(),
+            PayloadFormat::Arrow => "arrow".to_owned(),
+        };
         format!(
-            "items={} bytes={} order_key={:?} id_column={:?} depends_on={:?}",
-            self.max_items_per_call,
-            self.max_bytes_per_call,
-            o.order_key,
-            o.id_column,
-            o.depends_on_column
+            "items={} bytes={bytes} order_key={:?} id_column={:?} depends_on={:?}",
+            self.max_items_per_call, o.order_key, o.id_column, o.depends_on_column
         )
     }
 
