@@ -1,0 +1,388 @@
+//! Tiny guests on the real /dev/kvm: machine code assembled at test time,
+//! run in 64-bit mode with our GDT and page tables.
+//!
+//! Without /dev/kvm these tests skip with a loud message; with
+//! `SLUICE_REQUIRE_KVM=1` a missing /dev/kvm fails them instead.
+
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch};
+use sluice_vmm::asm::Asm;
+use sluice_vmm::devices::BusDevice;
+use sluice_vmm::memory::{HIMEM_START, VIRTIO_MMIO_BASE};
+use sluice_vmm::vcpu::{VcpuError, VcpuState};
+use sluice_vmm::vm::ResetCause;
+use sluice_vmm::{Boot, ExitReason, VmBuilder, VmConfig, VmError, VmState};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+const COM1: u16 = 0x3f8;
+const LONG: Duration = Duration::from_secs(20);
+
+fn kvm_available() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("SLUICE_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("SLUICE_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
+            }
+            eprintln!(
+                "\n*** SKIPPED: /dev/kvm cannot be opened ({e}); KVM tests did not run ***\n"
+            );
+            false
+        }
+    }
+}
+
+fn config(name: &str) -> VmConfig {
+    VmConfig {
+        name: name.into(),
+        mem_size: 16 << 20,
+        ..VmConfig::default()
+    }
+}
+
+/// A write seen by a [`Recorder`]: offset and bytes.
+type Write = (u64, Vec<u8>);
+
+/// A device that records accesses and reports writes on a channel.
+struct Recorder {
+    read_value: Vec<u8>,
+    writes: Sender<Write>,
+    reads: u64,
+}
+
+impl Recorder {
+    fn new(read_value: &[u8]) -> (Arc<Mutex<Self>>, Receiver<Write>) {
+        let (tx, rx) = channel();
+        (
+            Arc::new(Mutex::new(Self {
+                read_value: read_value.to_vec(),
+                writes: tx,
+                reads: 0,
+            })),
+            rx,
+        )
+    }
+}
+
+impl BusDevice for Recorder {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        self.reads += 1;
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.read_value.get(i).copied().unwrap_or(0);
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let _ = self.writes.send((offset, data.to_vec()));
+    }
+}
+
+#[test]
+fn serial_output_then_i8042_reset() {
+    if !kvm_available() {
+        return;
+    }
+    let code = Asm::new()
+        .print(COM1, b"OK\n")
+        .i8042_reset()
+        .spin()
+        .finish();
+    let mut vm = VmBuilder::new(config("serial"), Boot::Code(code))
+        .build()
+        .unwrap();
+    assert_eq!(vm.state(), VmState::Created);
+    let exit = vm.run(LONG).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    assert_eq!(vm.console_output(), b"OK\n");
+    assert_eq!(vm.state(), VmState::Exited);
+    assert!(vm.vcpu_states().iter().all(|s| *s == VcpuState::Exited));
+}
+
+#[test]
+fn port_and_mmio_exits_reach_bus_devices() {
+    if !kvm_available() {
+        return;
+    }
+    let mmio_addr = VIRTIO_MMIO_BASE + 0x40;
+    let code = Asm::new()
+        // MMIO write then read back through the device.
+        .mov_rax(mmio_addr)
+        .store32_at_rax(0xdead_beef)
+        .load32_from_rax()
+        // Report the low byte of what the MMIO read returned on port 0x500.
+        .mov_dx(0x500)
+        .out_dx_al()
+        // Port read from 0x501, echoed to 0x500.
+        .mov_dx(0x501)
+        .in_al_dx()
+        .mov_dx(0x500)
+        .out_dx_al()
+        .i8042_reset()
+        .spin()
+        .finish();
+    let (mmio_dev, mmio_writes) = Recorder::new(&[0x42, 0, 0, 0]);
+    let (pio_dev, pio_writes) = Recorder::new(&[0x77]);
+    let mut vm = VmBuilder::new(config("exits"), Boot::Code(code))
+        .mmio_device(VIRTIO_MMIO_BASE, 0x1000, mmio_dev.clone())
+        .pio_device(0x500, 2, pio_dev.clone())
+        .build()
+        .unwrap();
+    let exit = vm.run(LONG).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    assert_eq!(
+        mmio_writes.try_recv().unwrap(),
+        (0x40, 0xdead_beefu32.to_le_bytes().to_vec())
+    );
+    assert_eq!(mmio_dev.lock().unwrap().reads, 1);
+    assert_eq!(pio_writes.try_recv().unwrap(), (0, vec![0x42]));
+    assert_eq!(pio_writes.try_recv().unwrap(), (0, vec![0x77]));
+    assert_eq!(pio_dev.lock().unwrap().reads, 1);
+}
+
+#[test]
+fn a_guest_that_spins_forever_is_stopped_by_the_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let code = Asm::new().print(COM1, b"spin\n").spin().finish();
+    let mut vm = VmBuilder::new(config("spin"), Boot::Code(code))
+        .build()
+        .unwrap();
+    let timeout = Duration::from_millis(300);
+    let exit = vm.run(timeout).unwrap();
+    assert_eq!(exit.reason, ExitReason::TimedOut);
+    assert!(exit.elapsed >= timeout, "{:?}", exit.elapsed);
+    assert!(
+        exit.elapsed < timeout + Duration::from_secs(5),
+        "stop took {:?}",
+        exit.elapsed
+    );
+    assert_eq!(vm.console_output(), b"spin\n");
+    assert!(vm.vcpu_states().iter().all(|s| *s == VcpuState::Exited));
+}
+
+#[test]
+fn a_triple_fault_is_a_clear_error() {
+    if !kvm_available() {
+        return;
+    }
+    // Load an IDT of limit 0 (every vector out of bounds), then fault:
+    // #UD -> #GP (no gate) -> #DF (no gate) -> triple fault.
+    let idtr = 0x2000u64;
+    let code = Asm::new().mov_rax(idtr).lidt_at_rax().ud2().spin().finish();
+    let mut vm = VmBuilder::new(config("triple"), Boot::Code(code))
+        .build()
+        .unwrap();
+    // IDTR: limit 0, base 0.
+    vm.memory()
+        .write_slice(&[0u8; 10], GuestAddress(idtr))
+        .unwrap();
+    let err = vm.run(LONG).unwrap_err();
+    match &err {
+        VmError::Vcpu(VcpuError::TripleFault { vcpu: 0, .. }) => {}
+        other => panic!("expected a triple fault, got {other:?}"),
+    }
+    assert!(err.to_string().contains("triple-faulted"), "{err}");
+}
+
+#[test]
+fn pause_stops_guest_progress_and_resume_restarts_it() {
+    if !kvm_available() {
+        return;
+    }
+    // Write to port 0x500 forever.
+    let a = Asm::new().mov_dx(0x500).mov_al(1);
+    let top = a.here();
+    let code = a.out_dx_al().jmp(top).finish();
+    let (dev, writes) = Recorder::new(&[]);
+    let mut vm = VmBuilder::new(config("pause"), Boot::Code(code))
+        .pio_device(0x500, 1, dev)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    writes.recv_timeout(LONG).expect("the guest runs");
+    vm.pause(LONG).unwrap();
+    assert_eq!(vm.state(), VmState::Paused);
+    assert_eq!(vm.vcpu_states(), &[VcpuState::Paused]);
+    // Writes made before the pause took effect may still be queued; none after.
+    while writes.try_recv().is_ok() {}
+    assert!(
+        writes.recv_timeout(Duration::from_millis(200)).is_err(),
+        "a paused guest made progress"
+    );
+    vm.resume(LONG).unwrap();
+    assert_eq!(vm.state(), VmState::Running);
+    writes.recv_timeout(LONG).expect("the resumed guest runs");
+    assert!(matches!(vm.pause(LONG), Ok(())));
+    assert!(matches!(
+        vm.pause(LONG),
+        Err(VmError::InvalidState { op: "pause", .. })
+    ));
+    vm.stop();
+    assert_eq!(vm.state(), VmState::Exited);
+}
+
+#[test]
+fn ioeventfd_absorbs_the_write_without_an_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let code = Asm::new()
+        .mov_dx(0x510)
+        .mov_al(9)
+        .out_dx_al()
+        .i8042_reset()
+        .spin()
+        .finish();
+    let (dev, writes) = Recorder::new(&[]);
+    let mut vm = VmBuilder::new(config("ioeventfd"), Boot::Code(code))
+        .pio_device(0x510, 1, dev)
+        .build()
+        .unwrap();
+    let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.vm_fd()
+        .register_ioevent(&evt, &IoEventAddress::Pio(0x510), NoDatamatch)
+        .unwrap();
+    let exit = vm.run(LONG).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    assert_eq!(evt.read().unwrap(), 1);
+    assert!(
+        writes.try_recv().is_err(),
+        "the write exited to the VMM despite the ioeventfd"
+    );
+}
+
+#[test]
+fn irqfd_interrupt_reaches_the_guest_handler() {
+    if !kvm_available() {
+        return;
+    }
+    const IDTR: u64 = 0x2000;
+    const IDT: u64 = 0x3000;
+    const VECTOR: u64 = 0x25; // PIC master offset 0x20 + IRQ 5
+    const HANDLER_OFFSET: u64 = 0x200;
+    let handler = Asm::new()
+        .mov_dx(0x501)
+        .mov_al(VECTOR as u8)
+        .out_dx_al()
+        .i8042_reset()
+        .spin()
+        .finish();
+    let a = Asm::new()
+        .mov_rax(IDTR)
+        .lidt_at_rax()
+        // 8259A master: ICW1 (edge, cascade, ICW4), ICW2 vector base 0x20, ICW3, ICW4 (8086).
+        .mov_al(0x11)
+        .out_imm_al(0x20)
+        .mov_al(0x20)
+        .out_imm_al(0x21)
+        .mov_al(0x04)
+        .out_imm_al(0x21)
+        .mov_al(0x01)
+        .out_imm_al(0x21)
+        // Mask everything but IRQ 5 on the master, everything on the slave.
+        .mov_al(!(1u8 << 5))
+        .out_imm_al(0x21)
+        .mov_al(0xff)
+        .out_imm_al(0xa1)
+        // Tell the host we are ready, then wait for the interrupt.
+        .mov_dx(0x500)
+        .out_dx_al()
+        .sti();
+    let wait = a.here();
+    let mut code = a.hlt().jmp(wait).finish();
+    code.resize(HANDLER_OFFSET as usize, 0x90);
+    code.extend_from_slice(&handler);
+
+    let (ready_dev, ready) = Recorder::new(&[]);
+    let (irq_dev, handled) = Recorder::new(&[]);
+    let mut vm = VmBuilder::new(config("irqfd"), Boot::Code(code))
+        .pio_device(0x500, 1, ready_dev)
+        .pio_device(0x501, 1, irq_dev)
+        .build()
+        .unwrap();
+    // IDTR: limit, base; one 64-bit interrupt gate for VECTOR.
+    let mut idtr = [0u8; 10];
+    idtr[..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
+    idtr[2..].copy_from_slice(&IDT.to_le_bytes());
+    vm.memory().write_slice(&idtr, GuestAddress(IDTR)).unwrap();
+    let target = HIMEM_START + HANDLER_OFFSET;
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(target as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&8u16.to_le_bytes()); // code selector
+    gate[5] = 0x8e; // present, DPL 0, 64-bit interrupt gate
+    gate[6..8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
+    gate[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
+    vm.memory()
+        .write_slice(&gate, GuestAddress(IDT + VECTOR * 16))
+        .unwrap();
+
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.vm_fd().register_irqfd(&irq, 5).unwrap();
+    let injector = {
+        let irq = irq.try_clone().unwrap();
+        std::thread::spawn(move || {
+            ready.recv_timeout(LONG).expect("guest ready");
+            irq.write(1).unwrap();
+        })
+    };
+    let exit = vm.run(LONG).unwrap();
+    injector.join().unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    assert_eq!(handled.try_recv().unwrap(), (0, vec![VECTOR as u8]));
+}
+
+#[test]
+fn console_output_is_rate_limited() {
+    if !kvm_available() {
+        return;
+    }
+    // 300 bytes of output against a 64-byte burst at 1 byte/s.
+    let a = Asm::new().mov_dx(COM1).mov_ecx(300).mov_al(b'x');
+    let top = a.here();
+    let code = a
+        .out_dx_al()
+        .dec_ecx()
+        .jnz(top)
+        .i8042_reset()
+        .spin()
+        .finish();
+    let mut cfg = config("flood");
+    cfg.console_limit = sluice_vmm::devices::console_log::RateLimit {
+        bytes_per_sec: 1,
+        burst: 64,
+    };
+    let mut vm = VmBuilder::new(cfg, Boot::Code(code)).build().unwrap();
+    let exit = vm.run(LONG).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    let kept = vm.console_output().len() as u64;
+    assert!(
+        kept >= 64 && kept < 64 + 1 + exit.elapsed.as_secs(),
+        "kept {kept}"
+    );
+    assert_eq!(kept + vm.console_dropped(), 300);
+}
+
+#[test]
+fn two_vcpus_run_on_named_threads_and_stop_together() {
+    if !kvm_available() {
+        return;
+    }
+    let mut cfg = config("smp");
+    cfg.vcpus = 2;
+    let code = Asm::new().spin().finish();
+    let mut vm = VmBuilder::new(cfg, Boot::Code(code)).build().unwrap();
+    vm.start().unwrap();
+    vm.pause(LONG).unwrap();
+    vm.resume(LONG).unwrap();
+    let exit = vm.run(Duration::from_millis(100)).unwrap();
+    assert_eq!(exit.reason, ExitReason::TimedOut);
+    assert_eq!(vm.vcpu_states(), &[VcpuState::Exited, VcpuState::Exited]);
+}
