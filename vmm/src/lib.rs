@@ -10,6 +10,7 @@ pub mod devices;
 pub mod loader;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 pub mod x86_64;
 

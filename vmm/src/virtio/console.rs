@@ -1,0 +1,259 @@
+//! virtio-console (device id 3) with one port: `receiveq0` carries host
+//! bytes to the guest, `transmitq0` guest bytes to the host. It carries
+//! the guest agent's framed channel (`/dev/hvc0` in the guest).
+//!
+//! Host input goes through an [`InputQueue`] (bounded; a writer blocks
+//! while it is full) so a guest that posts no receive buffers cannot make
+//! the host buffer without limit.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use vm_memory::GuestMemoryMmap;
+
+use super::{Queue, QueueError, VIRTIO_F_VERSION_1, VirtioDevice, mmio::MmioTransport};
+use crate::devices::bus::lock;
+
+/// Virtio device id of a console.
+pub const VIRTIO_ID_CONSOLE: u32 = 3;
+/// Index of `receiveq0` (host → guest).
+pub const RX_QUEUE: usize = 0;
+/// Index of `transmitq0` (guest → host).
+pub const TX_QUEUE: usize = 1;
+/// Size offered for each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most bytes taken from one transmit chain (longer chains are cut).
+pub const MAX_TX_CHAIN: usize = 4 << 20;
+
+/// Counters of a console device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsoleStats {
+    /// Bytes sent by the guest.
+    pub tx_bytes: u64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Malformed descriptor chains returned unused.
+    pub invalid_chains: u64,
+}
+
+/// Host bytes waiting for guest receive buffers.
+#[derive(Debug)]
+pub struct InputQueue {
+    bytes: Mutex<VecDeque<u8>>,
+    space: Condvar,
+    limit: usize,
+}
+
+impl InputQueue {
+    /// A queue holding at most `limit` bytes.
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            bytes: Mutex::new(VecDeque::new()),
+            space: Condvar::new(),
+            limit: limit.max(1),
+        })
+    }
+
+    /// Appends as much of `data` as fits; returns how much.
+    pub fn try_push(&self, data: &[u8]) -> usize {
+        let mut q = lock(&self.bytes);
+        let n = data.len().min(self.limit - q.len());
+        q.extend(&data[..n]);
+        n
+    }
+
+    /// Appends all of `data`, waiting for room.
+    pub fn push_blocking(&self, mut data: &[u8]) {
+        let mut q = lock(&self.bytes);
+        while !data.is_empty() {
+            while q.len() >= self.limit {
+                q = self.space.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+            let n = data.len().min(self.limit - q.len());
+            q.extend(&data[..n]);
+            data = &data[n..];
+        }
+    }
+
+    /// Bytes waiting.
+    pub fn len(&self) -> usize {
+        lock(&self.bytes).len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The console device model.
+pub struct Console {
+    out: Box<dyn Write + Send>,
+    input: Arc<InputQueue>,
+    stats: ConsoleStats,
+    acked_features: u64,
+    queue_sizes: [u16; 2],
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Console {
+    /// A console writing guest output to `out` and reading host input from `input`.
+    pub fn new(out: Box<dyn Write + Send>, input: Arc<InputQueue>) -> Self {
+        Self {
+            out,
+            input,
+            stats: ConsoleStats::default(),
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE; 2],
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ConsoleStats {
+        self.stats
+    }
+
+    /// The host input queue.
+    pub fn input(&self) -> &Arc<InputQueue> {
+        &self.input
+    }
+
+    fn process_tx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, QueueError> {
+        let mut used = false;
+        loop {
+            let chain = match q.pop(mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => return Ok(used),
+                Err(QueueError::InvalidChain { head, reason }) => {
+                    tracing::warn!(head, %reason, "virtio-console: malformed transmit chain");
+                    self.stats.invalid_chains += 1;
+                    q.add_used(mem, head, 0)?;
+                    used = true;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let data = chain.read_all(mem, MAX_TX_CHAIN)?;
+            if let Err(e) = self.out.write_all(&data).and_then(|()| self.out.flush()) {
+                tracing::warn!(error = %e, bytes = data.len(), "virtio-console: host side gone; output dropped");
+            }
+            self.stats.tx_bytes += data.len() as u64;
+            q.add_used(mem, chain.head, 0)?;
+            used = true;
+        }
+    }
+
+    fn process_rx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, QueueError> {
+        let mut used = false;
+        let mut input = lock(&self.input.bytes);
+        while !input.is_empty() {
+            let chain = match q.pop(mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(QueueError::InvalidChain { head, reason }) => {
+                    tracing::warn!(head, %reason, "virtio-console: malformed receive chain");
+                    self.stats.invalid_chains += 1;
+                    q.add_used(mem, head, 0)?;
+                    used = true;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let take = (chain.writable_len().min(u64::from(u32::MAX)) as usize).min(input.len());
+            let data: Vec<u8> = input.drain(..take).collect();
+            let n = chain.write_all(mem, &data)?;
+            self.stats.rx_bytes += n as u64;
+            q.add_used(mem, chain.head, n as u32)?;
+            used = true;
+        }
+        drop(input);
+        self.input.space.notify_all();
+        Ok(used)
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // cols, rows, max_nr_ports, emerg_wr: all zero (no size, one port).
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn process(&mut self, mem: &GuestMemoryMmap, queues: &mut [Queue]) -> Result<bool, QueueError> {
+        let mut used = false;
+        if let Some(q) = queues.get_mut(TX_QUEUE).filter(|q| q.ready) {
+            used |= self.process_tx(mem, q)?;
+        }
+        if let Some(q) = queues.get_mut(RX_QUEUE).filter(|q| q.ready) {
+            used |= self.process_rx(mem, q)?;
+        }
+        Ok(used)
+    }
+
+    fn reset(&mut self) {
+        self.acked_features = 0;
+    }
+}
+
+/// Starts the named thread `virtio-console-in` copying `reader` (e.g. the
+/// host end of a Unix socket) into the console's input and delivering it.
+/// It ends at end of file or on a read error.
+pub fn spawn_input_pump<R: Read + Send + 'static>(
+    transport: Arc<Mutex<MmioTransport<Console>>>,
+    mut reader: R,
+) -> std::io::Result<JoinHandle<()>> {
+    let input = lock(&transport).device().input().clone();
+    std::thread::Builder::new()
+        .name("virtio-console-in".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "virtio-console input ended");
+                        break;
+                    }
+                };
+                // Deliver what fits now, then wait for room for the rest.
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let pushed = input.try_push(rest);
+                    rest = &rest[pushed..];
+                    lock(&transport).process();
+                    if !rest.is_empty() && pushed == 0 {
+                        input.push_blocking(&rest[..1]);
+                        rest = &rest[1..];
+                    }
+                }
+            }
+        })
+}
