@@ -64,6 +64,11 @@ impl Asm {
         s
     }
 
+    /// `mov rax, addr; mov dword [rax], v`: a 32-bit MMIO (or memory) write.
+    pub fn write32(self, addr: u64, v: u32) -> Self {
+        self.mov_rax(addr).store32_at_rax(v)
+    }
+
     /// `mov eax, dword [rax]`
     pub fn load32_from_rax(self) -> Self {
         self.bytes(&[0x8b, 0x00])

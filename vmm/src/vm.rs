@@ -19,12 +19,14 @@ use crate::devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_LEN, SerialDevice};
 use crate::devices::{Bus, BusDevice, BusError};
 use crate::loader::{LoaderError, load_linux};
 use crate::memory::{
-    BOOT_STACK_POINTER, HIMEM_START, KVM_TSS_ADDRESS, MemoryError, ZERO_PAGE_START,
-    create_guest_memory,
+    BOOT_STACK_POINTER, HIMEM_START, KVM_TSS_ADDRESS, MemoryError, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE, ZERO_PAGE_START, create_guest_memory,
 };
 use crate::vcpu::{
     Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState, VcpuStop, install_kick_handler,
 };
+use crate::virtio::console::{Console, InputQueue};
+use crate::virtio::mmio::{MmioTransport, cmdline_entry};
 use crate::x86_64::cpuid::{CpuidError, setup_cpuid, supported_cpuid};
 use crate::x86_64::msr::{MsrError, setup_msrs};
 use crate::x86_64::regs::{RegsError, setup_fpu, setup_lapic, setup_long_mode, setup_regs};
@@ -223,12 +225,34 @@ pub enum VmState {
 
 type ExtraDevice = (u64, u64, Arc<Mutex<dyn BusDevice>>);
 
+/// The IRQ (GSI) of the first virtio-mmio device.
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+
+/// A virtio-console transport as placed on the MMIO bus.
+pub type ConsoleTransport = Arc<Mutex<MmioTransport<Console>>>;
+
+/// Host ends of a virtio-console, given to [`VmBuilder::virtio_console`].
+pub struct VirtioConsoleConfig {
+    /// Where guest output goes.
+    pub out: Box<dyn std::io::Write + Send>,
+    /// Host input for the guest.
+    pub input: Arc<InputQueue>,
+}
+
+impl std::fmt::Debug for VirtioConsoleConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioConsoleConfig")
+            .finish_non_exhaustive()
+    }
+}
+
 /// Builds a [`Vm`].
 pub struct VmBuilder {
     config: VmConfig,
     boot: Boot,
     pio: Vec<ExtraDevice>,
     mmio: Vec<ExtraDevice>,
+    console: Option<VirtioConsoleConfig>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -247,7 +271,16 @@ impl VmBuilder {
             boot,
             pio: Vec::new(),
             mmio: Vec::new(),
+            console: None,
         }
+    }
+
+    /// Adds a virtio-console at [`VIRTIO_MMIO_BASE`] on IRQ
+    /// [`VIRTIO_FIRST_IRQ`]; a Linux guest finds it through the
+    /// `virtio_mmio.device=` entry appended to its command line.
+    pub fn virtio_console(mut self, console: VirtioConsoleConfig) -> Self {
+        self.console = Some(console);
+        self
     }
 
     /// Adds a port-I/O device at `base..base+len`.
@@ -316,7 +349,12 @@ impl VmBuilder {
                 cmdline,
                 initramfs,
             } => {
-                let k = load_linux(&mem, kernel, cmdline, initramfs.as_deref())?;
+                let mut cmdline = cmdline.clone();
+                if self.console.is_some() {
+                    cmdline.push(' ');
+                    cmdline.push_str(&cmdline_entry(VIRTIO_MMIO_BASE, VIRTIO_FIRST_IRQ));
+                }
+                let k = load_linux(&mem, kernel, &cmdline, initramfs.as_deref())?;
                 (k.entry, ZERO_PAGE_START)
             }
         };
@@ -342,6 +380,20 @@ impl VmBuilder {
             pio.insert(base, len, dev)?;
         }
         let mut mmio = Bus::new();
+        let mut console = None;
+        if let Some(cfg) = self.console {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            vm_fd
+                .register_irqfd(&irq, VIRTIO_FIRST_IRQ)
+                .map_err(kvm_err("KVM_IRQFD"))?;
+            let transport = Arc::new(Mutex::new(MmioTransport::new(
+                Console::new(cfg.out, cfg.input),
+                mem.clone(),
+                irq,
+            )));
+            mmio.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())?;
+            console = Some(transport);
+        }
         for (base, len, dev) in self.mmio {
             mmio.insert(base, len, dev)?;
         }
@@ -384,6 +436,7 @@ impl VmBuilder {
             outcome: None,
             capture,
             serial,
+            console,
             name: config.name,
         })
     }
@@ -404,6 +457,7 @@ pub struct Vm {
     outcome: Option<Result<ExitReason, VcpuError>>,
     capture: ConsoleCapture,
     serial: Arc<Mutex<SerialDevice>>,
+    console: Option<ConsoleTransport>,
     name: String,
 }
 
@@ -446,6 +500,12 @@ impl Vm {
     /// Console bytes dropped by the rate limit.
     pub fn console_dropped(&self) -> u64 {
         self.capture.dropped()
+    }
+
+    /// The virtio-console transport, if the VM has one (e.g. to start
+    /// [`crate::virtio::console::spawn_input_pump`] or read its stats).
+    pub fn virtio_console(&self) -> Option<&ConsoleTransport> {
+        self.console.as_ref()
     }
 
     /// Queues bytes for the guest to read from the serial port.

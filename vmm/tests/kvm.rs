@@ -386,3 +386,93 @@ fn two_vcpus_run_on_named_threads_and_stop_together() {
     assert_eq!(exit.reason, ExitReason::TimedOut);
     assert_eq!(vm.vcpu_states(), &[VcpuState::Exited, VcpuState::Exited]);
 }
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_guest_drives_the_virtio_console_over_mmio() {
+    if !kvm_available() {
+        return;
+    }
+    use sluice_vmm::virtio::console::InputQueue;
+    use sluice_vmm::vm::VirtioConsoleConfig;
+    const DESC: u64 = 0x40000;
+    const AVAIL: u64 = 0x41000;
+    const USED: u64 = 0x42000;
+    const BUF: u64 = 0x50000;
+    let msg = b"hello from the guest over virtio\n";
+    let r = |off: u64| VIRTIO_MMIO_BASE + off;
+    // The driver's initialisation sequence, then a notify of transmitq0.
+    let code = Asm::new()
+        .write32(r(0x70), 0)
+        .write32(r(0x70), 1)
+        .write32(r(0x70), 3)
+        .write32(r(0x24), 1)
+        .write32(r(0x20), 1) // VIRTIO_F_VERSION_1
+        .write32(r(0x24), 0)
+        .write32(r(0x20), 0)
+        .write32(r(0x70), 0xb)
+        .write32(r(0x30), 1)
+        .write32(r(0x38), 16)
+        .write32(r(0x80), DESC as u32)
+        .write32(r(0x84), 0)
+        .write32(r(0x90), AVAIL as u32)
+        .write32(r(0x94), 0)
+        .write32(r(0xa0), USED as u32)
+        .write32(r(0xa4), 0)
+        .write32(r(0x44), 1)
+        .write32(r(0x70), 0xf)
+        .write32(r(0x50), 1)
+        // Report InterruptStatus on port 0x500.
+        .mov_rax(r(0x60))
+        .load32_from_rax()
+        .mov_dx(0x500)
+        .out_dx_al()
+        .i8042_reset()
+        .spin()
+        .finish();
+    let sink = Sink::default();
+    let (dev, writes) = Recorder::new(&[]);
+    let mut vm = VmBuilder::new(config("virtio"), Boot::Code(code))
+        .pio_device(0x500, 1, dev)
+        .virtio_console(VirtioConsoleConfig {
+            out: Box::new(sink.clone()),
+            input: InputQueue::new(4096),
+        })
+        .build()
+        .unwrap();
+    // The guest's buffers: one readable descriptor, published in the avail ring.
+    let m = vm.memory();
+    m.write_slice(msg, GuestAddress(BUF)).unwrap();
+    let mut desc = [0u8; 16];
+    desc[0..8].copy_from_slice(&BUF.to_le_bytes());
+    desc[8..12].copy_from_slice(&(msg.len() as u32).to_le_bytes());
+    m.write_slice(&desc, GuestAddress(DESC)).unwrap();
+    m.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+    m.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+
+    let exit = vm.run(LONG).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    assert_eq!(*sink.0.lock().unwrap(), msg);
+    let used_idx: u16 = vm.memory().read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used_idx, 1);
+    assert_eq!(
+        writes.try_recv().unwrap(),
+        (0, vec![1]),
+        "InterruptStatus has the used-ring bit"
+    );
+    let transport = vm.virtio_console().unwrap().lock().unwrap();
+    assert!(transport.is_activated());
+    assert_eq!(transport.device().stats().tx_bytes, msg.len() as u64);
+}
