@@ -7,6 +7,8 @@
 
 pub mod asm;
 pub mod devices;
+pub mod host;
+pub mod initramfs;
 pub mod loader;
 pub mod memory;
 pub mod vcpu;
