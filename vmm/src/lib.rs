@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 
 pub mod asm;
+pub mod bench;
 pub mod devices;
 pub mod host;
 pub mod initramfs;

@@ -476,3 +476,28 @@ fn a_guest_drives_the_virtio_console_over_mmio() {
     assert!(transport.is_activated());
     assert_eq!(transport.device().stats().tx_bytes, msg.len() as u64);
 }
+
+#[test]
+fn benchmark_functions_measure_real_exits() {
+    if !kvm_available() {
+        return;
+    }
+    let report = sluice_vmm::bench::run(3, 2000, 8).unwrap();
+    eprintln!(
+        "create-to-first-exit median {:.2} ms (samples {:?}), port-exit round trip {:.2} µs, virtqueue {:.0} MB/s",
+        report.create_to_first_exit_median_ms(),
+        report.create_to_first_exit_ms,
+        report.port_exit_round_trip_us,
+        report.virtqueue_mb_per_s
+    );
+    assert_eq!(report.create_to_first_exit_ms.len(), 3);
+    assert!(
+        report
+            .create_to_first_exit_ms
+            .iter()
+            .all(|ms| *ms > 0.0 && *ms < 10_000.0)
+    );
+    // A port exit costs at least a guest->host->guest switch; far under a second.
+    assert!(report.port_exit_round_trip_us > 0.1 && report.port_exit_round_trip_us < 1e6);
+    assert!(report.virtqueue_mb_per_s > 1.0);
+}
