@@ -304,18 +304,6 @@ impl VmBuilder {
         install_kick_handler().map_err(VmError::Signal)?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
         let mem = create_guest_memory(config.mem_size)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
@@ -334,6 +322,20 @@ impl VmBuilder {
             unsafe { vm_fd.set_user_memory_region(kregion) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
+
+        // Memory slots first: KVM_SET_USER_MEMORY_REGION after the irqchip and
+        // PIT exist cost 7-11 ms here instead of well under 1 ms.
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let (entry, rsi) = match &self.boot {
             Boot::Code(code) => {
