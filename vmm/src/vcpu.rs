@@ -156,10 +156,12 @@ impl VcpuHandle {
         self.id
     }
 
-    /// Sends `cmd` and kicks the thread out of `KVM_RUN`. A thread that has
-    /// already exited ignores it.
+    /// Sends `cmd` and, unless it is `Run` (only waiting threads act on
+    /// it, and they wait on the channel), kicks the thread out of
+    /// `KVM_RUN`. A thread that has already exited ignores it.
     pub fn send(&self, cmd: VcpuCommand) {
         if self.commands.send(cmd).is_ok()
+            && cmd != VcpuCommand::Run
             && let Some(t) = &self.thread
         {
             // ESRCH only if the thread already finished: nothing to kick.

@@ -275,23 +275,7 @@ fn irqfd_interrupt_reaches_the_guest_handler() {
         .i8042_reset()
         .spin()
         .finish();
-    let a = Asm::new()
-        .mov_rax(IDTR)
-        .lidt_at_rax()
-        // 8259A master: ICW1 (edge, cascade, ICW4), ICW2 vector base 0x20, ICW3, ICW4 (8086).
-        .mov_al(0x11)
-        .out_imm_al(0x20)
-        .mov_al(0x20)
-        .out_imm_al(0x21)
-        .mov_al(0x04)
-        .out_imm_al(0x21)
-        .mov_al(0x01)
-        .out_imm_al(0x21)
-        // Mask everything but IRQ 5 on the master, everything on the slave.
-        .mov_al(!(1u8 << 5))
-        .out_imm_al(0x21)
-        .mov_al(0xff)
-        .out_imm_al(0xa1)
+    let a = pic_init_unmasking(Asm::new().mov_rax(IDTR).lidt_at_rax(), 5)
         // Tell the host we are ready, then wait for the interrupt.
         .mov_dx(0x500)
         .out_dx_al()
@@ -308,21 +292,7 @@ fn irqfd_interrupt_reaches_the_guest_handler() {
         .pio_device(0x501, 1, irq_dev)
         .build()
         .unwrap();
-    // IDTR: limit, base; one 64-bit interrupt gate for VECTOR.
-    let mut idtr = [0u8; 10];
-    idtr[..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
-    idtr[2..].copy_from_slice(&IDT.to_le_bytes());
-    vm.memory().write_slice(&idtr, GuestAddress(IDTR)).unwrap();
-    let target = HIMEM_START + HANDLER_OFFSET;
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(target as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&8u16.to_le_bytes()); // code selector
-    gate[5] = 0x8e; // present, DPL 0, 64-bit interrupt gate
-    gate[6..8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
-    gate[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
-    vm.memory()
-        .write_slice(&gate, GuestAddress(IDT + VECTOR * 16))
-        .unwrap();
+    write_idt(vm.memory(), IDTR, IDT, VECTOR, HIMEM_START + HANDLER_OFFSET);
 
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     vm.vm_fd().register_irqfd(&irq, 5).unwrap();
@@ -500,4 +470,131 @@ fn benchmark_functions_measure_real_exits() {
     // A port exit costs at least a guest->host->guest switch; far under a second.
     assert!(report.port_exit_round_trip_us > 0.1 && report.port_exit_round_trip_us < 1e6);
     assert!(report.virtqueue_mb_per_s > 1.0);
+}
+
+/// 8259A master init (vector base 0x20) with only `irq` unmasked.
+fn pic_init_unmasking(a: Asm, irq: u8) -> Asm {
+    a.mov_al(0x11)
+        .out_imm_al(0x20)
+        .mov_al(0x20)
+        .out_imm_al(0x21)
+        .mov_al(0x04)
+        .out_imm_al(0x21)
+        .mov_al(0x01)
+        .out_imm_al(0x21)
+        .mov_al(!(1u8 << irq))
+        .out_imm_al(0x21)
+        .mov_al(0xff)
+        .out_imm_al(0xa1)
+}
+
+/// Writes an IDTR at `idtr` for a 256-entry IDT at `idt` with one 64-bit
+/// interrupt gate: `vector` → `target`.
+fn write_idt(mem: &vm_memory::GuestMemoryMmap, idtr: u64, idt: u64, vector: u64, target: u64) {
+    let mut r = [0u8; 10];
+    r[..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
+    r[2..].copy_from_slice(&idt.to_le_bytes());
+    mem.write_slice(&r, GuestAddress(idtr)).unwrap();
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(target as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&8u16.to_le_bytes());
+    gate[5] = 0x8e;
+    gate[6..8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
+    gate[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
+    mem.write_slice(&gate, GuestAddress(idt + vector * 16))
+        .unwrap();
+}
+
+#[test]
+fn virtio_console_input_reaches_the_guest_with_an_interrupt() {
+    if !kvm_available() {
+        return;
+    }
+    use sluice_vmm::virtio::console::InputQueue;
+    use sluice_vmm::vm::{VIRTIO_FIRST_IRQ, VirtioConsoleConfig};
+    const IDTR: u64 = 0x2000;
+    const IDT: u64 = 0x3000;
+    const DESC: u64 = 0x40000;
+    const AVAIL: u64 = 0x41000;
+    const USED: u64 = 0x42000;
+    const BUF: u64 = 0x50000;
+    const HANDLER_OFFSET: u64 = 0x400;
+    let vector = 0x20 + u64::from(VIRTIO_FIRST_IRQ);
+    let r = |off: u64| VIRTIO_MMIO_BASE + off;
+    // Handler: report InterruptStatus on port 0x501, acknowledge, reset.
+    let handler = Asm::new()
+        .mov_rax(r(0x60))
+        .load32_from_rax()
+        .mov_dx(0x501)
+        .out_dx_al()
+        .write32(r(0x64), 1)
+        .i8042_reset()
+        .spin()
+        .finish();
+    let a = pic_init_unmasking(
+        Asm::new().mov_rax(IDTR).lidt_at_rax(),
+        VIRTIO_FIRST_IRQ as u8,
+    )
+    .write32(r(0x70), 0)
+    .write32(r(0x70), 3)
+    .write32(r(0x24), 1)
+    .write32(r(0x20), 1)
+    .write32(r(0x24), 0)
+    .write32(r(0x20), 0)
+    .write32(r(0x70), 0xb)
+    .write32(r(0x30), 0) // receiveq0
+    .write32(r(0x38), 16)
+    .write32(r(0x80), DESC as u32)
+    .write32(r(0x90), AVAIL as u32)
+    .write32(r(0xa0), USED as u32)
+    .write32(r(0x44), 1)
+    .write32(r(0x70), 0xf)
+    .write32(r(0x50), 0)
+    .sti();
+    let wait = a.here();
+    let mut code = a.hlt().jmp(wait).finish();
+    assert!(code.len() <= HANDLER_OFFSET as usize);
+    code.resize(HANDLER_OFFSET as usize, 0x90);
+    code.extend_from_slice(&handler);
+
+    let input = InputQueue::new(4096);
+    assert_eq!(input.try_push(b"ping from host"), 14);
+    let (dev, handled) = Recorder::new(&[]);
+    let mut vm = VmBuilder::new(config("virtio-rx"), Boot::Code(code))
+        .pio_device(0x501, 1, dev)
+        .virtio_console(VirtioConsoleConfig {
+            out: Box::new(std::io::sink()),
+            input: input.clone(),
+        })
+        .build()
+        .unwrap();
+    let m = vm.memory();
+    write_idt(m, IDTR, IDT, vector, HIMEM_START + HANDLER_OFFSET);
+    let mut desc = [0u8; 16];
+    desc[0..8].copy_from_slice(&BUF.to_le_bytes());
+    desc[8..12].copy_from_slice(&64u32.to_le_bytes());
+    desc[12..14].copy_from_slice(&2u16.to_le_bytes()); // VIRTQ_DESC_F_WRITE
+    m.write_slice(&desc, GuestAddress(DESC)).unwrap();
+    m.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+    m.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+
+    let exit = vm.run(LONG).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    assert_eq!(
+        handled.try_recv().unwrap(),
+        (0, vec![1]),
+        "the interrupt handler saw the used-ring bit"
+    );
+    let mut got = [0u8; 14];
+    vm.memory().read_slice(&mut got, GuestAddress(BUF)).unwrap();
+    assert_eq!(&got, b"ping from host");
+    let used_len: u32 = vm.memory().read_obj(GuestAddress(USED + 8)).unwrap();
+    assert_eq!(used_len, 14);
+    assert!(input.is_empty());
+    let transport = vm.virtio_console().unwrap().lock().unwrap();
+    assert_eq!(
+        transport.interrupt_status(),
+        0,
+        "the guest acknowledged the interrupt"
+    );
 }
