@@ -109,6 +109,22 @@ impl Asm {
         self.bytes(&[0x75, rel as i8 as u8])
     }
 
+    /// `jz label` (short).
+    pub fn jz(self, label: usize) -> Self {
+        let rel = label as isize - (self.code.len() as isize + 2);
+        self.bytes(&[0x74, rel as i8 as u8])
+    }
+
+    /// `test al, imm8`
+    pub fn test_al(self, v: u8) -> Self {
+        self.bytes(&[0xa8, v])
+    }
+
+    /// `cmp al, imm8`
+    pub fn cmp_al(self, v: u8) -> Self {
+        self.bytes(&[0x3c, v])
+    }
+
     /// `jmp label` (short).
     pub fn jmp(self, label: usize) -> Self {
         let rel = label as isize - (self.code.len() as isize + 2);

@@ -90,6 +90,14 @@ pub enum VcpuError {
         /// Debug form of the exit.
         exit: String,
     },
+    /// The vCPU thread panicked (a bug in a device model or the VMM).
+    #[error("vCPU {vcpu} thread panicked: {message}")]
+    Panicked {
+        /// The vCPU.
+        vcpu: u8,
+        /// The panic message.
+        message: String,
+    },
     /// `KVM_RUN` itself failed.
     #[error("vCPU {vcpu}: KVM_RUN failed: {errno}")]
     Run {
@@ -115,6 +123,15 @@ pub enum VcpuStop {
 thread_local! {
     // The kvm_run page of the vCPU owned by this thread, for the kick handler.
     static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Clears this thread's `KVM_RUN_PTR` when dropped.
+struct ClearKvmRunPtr;
+
+impl Drop for ClearKvmRunPtr {
+    fn drop(&mut self) {
+        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    }
 }
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -219,9 +236,28 @@ impl Vcpu {
     pub fn spawn(self, vm_name: &str) -> std::io::Result<VcpuHandle> {
         let (tx, rx) = std::sync::mpsc::channel();
         let id = self.id;
+        let events = self.events.clone();
         let thread = std::thread::Builder::new()
             .name(format!("{vm_name}-vcpu{id}"))
-            .spawn(move || self.run_loop(rx))?;
+            .spawn(move || {
+                let run =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop(rx)));
+                if let Err(panic) = run {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "non-string panic".into());
+                    let _ = events.send(VmEvent::VcpuState {
+                        vcpu: id,
+                        state: VcpuState::Exited,
+                    });
+                    let _ = events.send(VmEvent::VcpuStopped {
+                        vcpu: id,
+                        stop: VcpuStop::Failed(VcpuError::Panicked { vcpu: id, message }),
+                    });
+                }
+            })?;
         Ok(VcpuHandle {
             id,
             commands: tx,
@@ -239,6 +275,10 @@ impl Vcpu {
 
     fn run_loop(mut self, commands: Receiver<VcpuCommand>) {
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        // Locals drop before parameters, so this clears the kick handler's
+        // pointer before `self.fd` (and its kvm_run mapping) goes away, on
+        // return and on unwinding alike.
+        let _clear = ClearKvmRunPtr;
         let mut state = VcpuState::Created;
         self.report(state);
         let stop = loop {
@@ -271,7 +311,6 @@ impl Vcpu {
                 VcpuState::Exited => break VcpuStop::Stopped,
             }
         };
-        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
         self.report(VcpuState::Exited);
         let _ = self.events.send(VmEvent::VcpuStopped {
             vcpu: self.id,

@@ -598,3 +598,62 @@ fn virtio_console_input_reaches_the_guest_with_an_interrupt() {
         "the guest acknowledged the interrupt"
     );
 }
+
+struct Panics;
+
+impl BusDevice for Panics {
+    fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        panic!("device model bug");
+    }
+}
+
+#[test]
+fn a_panicking_device_fails_the_run_instead_of_hanging_it() {
+    if !kvm_available() {
+        return;
+    }
+    let code = Asm::new().mov_dx(0x500).out_dx_al().spin().finish();
+    let mut vm = VmBuilder::new(config("panic"), Boot::Code(code))
+        .pio_device(0x500, 1, Arc::new(Mutex::new(Panics)))
+        .build()
+        .unwrap();
+    let err = vm.run(LONG).unwrap_err();
+    match err {
+        VmError::Vcpu(VcpuError::Panicked { vcpu: 0, message }) => {
+            assert_eq!(message, "device model bug")
+        }
+        other => panic!("expected a vCPU panic, got {other:?}"),
+    }
+    assert_eq!(vm.vcpu_states(), &[VcpuState::Exited]);
+}
+
+#[test]
+fn serial_input_is_read_by_the_guest_and_echoed() {
+    if !kvm_available() {
+        return;
+    }
+    // Poll LSR.DR, read RBR, echo to THR, until a newline.
+    let a = Asm::new();
+    let top = a.here();
+    let code = a
+        .mov_dx(COM1 + 5)
+        .in_al_dx()
+        .test_al(1)
+        .jz(top)
+        .mov_dx(COM1)
+        .in_al_dx()
+        .out_dx_al()
+        .cmp_al(b'\n')
+        .jnz(top)
+        .i8042_reset()
+        .spin()
+        .finish();
+    let mut vm = VmBuilder::new(config("echo"), Boot::Code(code))
+        .build()
+        .unwrap();
+    assert_eq!(vm.console_input(b"echo me\n"), 8);
+    let exit = vm.run(LONG).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    assert_eq!(vm.console_output(), b"echo me\n");
+}
