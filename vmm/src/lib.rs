@@ -12,7 +12,8 @@
 //!    │  KVM_CREATE_VM, TSS, in-kernel irqchip (PIC+IOAPIC+LAPIC) and PIT
 //!    │  guest RAM (memory.rs: layout, MMIO gap below 4 GiB)
 //!    │  Boot::Code: raw 64-bit code at 1 MiB        Boot::Linux: loader.rs (ELF/bzImage,
-//!    │                                                cmdline, initramfs, zero page + E820)
+//!    │                                                cmdline, initramfs, zero page + E820,
+//!    │                                                MP table)
 //!    │  devices: port bus {COM1 serial → rate-limited console, i8042}, MMIO bus {virtio-mmio}
 //!    │  per vCPU: CPUID (KVM_GET_SUPPORTED_CPUID, patched), MSRs, long mode (GDT,
 //!    │  4 GiB identity map), regs, FPU, LAPIC LINT0/1; one named thread "{vm}-vcpu{N}"
@@ -46,8 +47,9 @@
 //! * [`asm`] and [`bench`](mod@bench): a tiny x86-64 code builder for test guests, and
 //!   the measurements behind `benches/vm.rs`.
 //!
-//! Not built yet: snapshots, virtio-vsock, MP tables for SMP Linux guests,
-//! the `microvm` executor backend and the guest kernel build.
+//! Not built yet: snapshots, virtio-vsock, the `microvm` executor backend,
+//! the guest kernel build (`sluice image build`) and the CLI wiring of
+//! `sluice doctor`/`sluice bench vm` to [`host`] and [`bench`](mod@bench).
 
 // vmm is the one crate of the workspace allowed `unsafe` (KVM ioctls, guest
 // memory mappings, signal handlers); every block carries a `// SAFETY:` comment.

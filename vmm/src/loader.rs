@@ -13,6 +13,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use crate::memory::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START};
 use crate::x86_64::boot_params::{BootInfo, BootParamsError, build_boot_params, write_boot_params};
 
+/// A command line for sluice's microVM kernels: serial console, reboot
+/// (and so VM shutdown) through the i8042 on panic, no PCI probing, no
+/// keyboard or mouse behind the i8042.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+
 /// Highest address an initramfs may end at (`initrd_addr_max` of old kernels).
 const INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 /// Offset of the 64-bit entry point from a bzImage's protected-mode code.
@@ -337,6 +343,14 @@ mod tests {
             load_command_line(&mem, &long),
             Err(LoaderError::Cmdline { .. })
         ));
+    }
+
+    #[test]
+    fn default_command_line_fits_and_parses() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let len = load_command_line(&mem, DEFAULT_CMDLINE).unwrap();
+        assert_eq!(len as usize, DEFAULT_CMDLINE.len());
+        assert!(DEFAULT_CMDLINE.contains("reboot=k"));
     }
 
     #[test]

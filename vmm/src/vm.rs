@@ -28,6 +28,7 @@ use crate::vcpu::{
 use crate::virtio::console::{Console, InputQueue};
 use crate::virtio::mmio::{MmioTransport, cmdline_entry};
 use crate::x86_64::cpuid::{CpuidError, setup_cpuid, supported_cpuid};
+use crate::x86_64::mptable::{MptableError, setup_mptable};
 use crate::x86_64::msr::{MsrError, setup_msrs};
 use crate::x86_64::regs::{RegsError, setup_fpu, setup_lapic, setup_long_mode, setup_regs};
 
@@ -126,6 +127,9 @@ pub enum VmError {
     /// MSR set-up failed.
     #[error(transparent)]
     Msr(#[from] MsrError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
@@ -357,6 +361,7 @@ impl VmBuilder {
                     cmdline.push_str(&cmdline_entry(VIRTIO_MMIO_BASE, VIRTIO_FIRST_IRQ));
                 }
                 let k = load_linux(&mem, kernel, &cmdline, initramfs.as_deref())?;
+                setup_mptable(&mem, config.vcpus)?;
                 (k.entry, ZERO_PAGE_START)
             }
         };
@@ -574,8 +579,15 @@ impl Vm {
     /// Starts the VM (if needed) and waits for its end, at most `timeout`
     /// after [`Vm::start`]. The vCPUs are stopped and joined on return.
     pub fn run(&mut self, timeout: Duration) -> Result<VmExit, VmError> {
-        if self.state == VmState::Created {
-            self.start()?;
+        match self.state {
+            VmState::Created => self.start()?,
+            VmState::Running | VmState::Exited => {}
+            VmState::Paused => {
+                return Err(VmError::InvalidState {
+                    op: "run",
+                    state: self.state,
+                });
+            }
         }
         let started = self.started.unwrap_or_else(Instant::now);
         let deadline = started + timeout;
@@ -599,6 +611,11 @@ impl Vm {
         }
         self.stop();
         let elapsed = started.elapsed();
+        match &self.outcome {
+            Some(Ok(reason)) => tracing::info!(vm = %self.name, ?reason, ?elapsed, "VM exited"),
+            Some(Err(error)) => tracing::warn!(vm = %self.name, %error, ?elapsed, "VM failed"),
+            None => {}
+        }
         match self.outcome.clone() {
             Some(Ok(reason)) => Ok(VmExit { reason, elapsed }),
             Some(Err(e)) => Err(VmError::Vcpu(e)),

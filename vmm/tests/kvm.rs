@@ -225,6 +225,10 @@ fn pause_stops_guest_progress_and_resume_restarts_it() {
         vm.pause(LONG),
         Err(VmError::InvalidState { op: "pause", .. })
     ));
+    assert!(matches!(
+        vm.run(LONG),
+        Err(VmError::InvalidState { op: "run", .. })
+    ));
     vm.stop();
     assert_eq!(vm.state(), VmState::Exited);
 }

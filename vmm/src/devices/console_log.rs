@@ -126,6 +126,13 @@ impl ConsoleLog {
     }
 }
 
+impl Drop for ConsoleLog {
+    fn drop(&mut self) {
+        // A last line without a newline still reaches the log.
+        self.flush_line();
+    }
+}
+
 impl io::Write for ConsoleLog {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.refill();
