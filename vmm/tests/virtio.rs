@@ -238,6 +238,29 @@ fn invalid_queue_size_is_refused_at_driver_ok() {
 }
 
 #[test]
+fn oversized_queue_num_is_not_truncated_into_a_valid_size() {
+    let (mut d, ..) = driver();
+    assert_eq!(d.init(1, QSIZE), ALL_OK);
+    d.wr(0x70, 0);
+    d.wr(0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    d.wr(0x24, 1);
+    d.wr(0x20, 1);
+    d.wr(
+        0x70,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    );
+    d.wr(0x30, 0);
+    d.wr(0x38, 0x1_0010); // 65552: would truncate to 16
+    d.wr(0x80, qbase(0) as u32);
+    d.wr(0x90, (qbase(0) + 0x1000) as u32);
+    d.wr(0xa0, (qbase(0) + 0x2000) as u32);
+    d.wr(0x44, 1);
+    d.wr(0x70, ALL_OK);
+    assert_ne!(d.rd(0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert!(!d.dev.is_activated());
+}
+
+#[test]
 fn transmit_reaches_the_host_and_interrupts() {
     let (mut d, sink, _input, irq) = driver();
     assert_eq!(d.init(1, QSIZE), ALL_OK);

@@ -251,7 +251,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             REG_QUEUE_SEL => self.queue_sel = value,
             REG_QUEUE_NUM if configurable => {
                 if let Some(q) = self.selected_queue() {
-                    q.size = value as u16;
+                    // Out-of-range sizes stay invalid (0) instead of being truncated.
+                    q.size = u16::try_from(value).unwrap_or(0);
                 }
             }
             REG_QUEUE_READY if configurable => {
