@@ -35,6 +35,11 @@ fn vm(c: &mut Criterion) {
                 bench::port_exit_round_trip(iters.max(2) as u32).expect("VM") * iters as u32
             })
         });
+        g.bench_function("pause_resume", |b| {
+            b.iter_custom(|iters| {
+                bench::pause_resume(iters.max(1) as u32).expect("VM") * iters as u32
+            })
+        });
         g.finish();
     }
     let mut g = c.benchmark_group("virtqueue");

@@ -111,6 +111,24 @@ pub fn port_exit_round_trip(exits: u32) -> Result<Duration, BenchError> {
     Ok(last.duration_since(first) / (exits - 1))
 }
 
+/// Mean time of [`crate::Vm::pause`] plus [`crate::Vm::resume`] (all vCPUs out of
+/// `KVM_RUN` and acknowledged, then running again) on a spinning guest.
+pub fn pause_resume(rounds: u32) -> Result<Duration, BenchError> {
+    let code = Asm::new().spin().finish();
+    let mut vm = VmBuilder::new(bench_config("bench-pause"), Boot::Code(code)).build()?;
+    vm.start()?;
+    let limit = Duration::from_secs(10);
+    let rounds = rounds.max(1);
+    let start = Instant::now();
+    for _ in 0..rounds {
+        vm.pause(limit)?;
+        vm.resume(limit)?;
+    }
+    let per_round = start.elapsed() / rounds;
+    vm.stop();
+    Ok(per_round)
+}
+
 /// Bytes per second moved through a virtio-console transmit queue in
 /// `buf_size` buffers (descriptor parsing, validation, copy out of guest
 /// memory, used-ring update), `total` bytes in all.
@@ -169,6 +187,8 @@ pub struct VmBenchReport {
     pub create_to_first_exit_ms: Vec<f64>,
     /// Port-exit round trip, microseconds.
     pub port_exit_round_trip_us: f64,
+    /// Pause + resume of a one-vCPU VM, microseconds.
+    pub pause_resume_us: f64,
     /// Virtqueue throughput with 1 MiB buffers, MB/s (10^6 bytes).
     pub virtqueue_mb_per_s: f64,
 }
@@ -181,8 +201,8 @@ impl VmBenchReport {
     }
 }
 
-/// Runs the three measurements: `vms` VM creations, `exits` port exits,
-/// `mib` MiB through the virtqueue.
+/// Runs the measurements: `vms` VM creations, `exits` port exits, 100
+/// pause/resume rounds, `mib` MiB through the virtqueue.
 pub fn run(vms: usize, exits: u32, mib: u64) -> Result<VmBenchReport, BenchError> {
     let mut samples = Vec::with_capacity(vms);
     for _ in 0..vms.max(1) {
@@ -190,10 +210,12 @@ pub fn run(vms: usize, exits: u32, mib: u64) -> Result<VmBenchReport, BenchError
     }
     samples.sort_by(f64::total_cmp);
     let rt = port_exit_round_trip(exits)?;
+    let pr = pause_resume(100)?;
     let bps = virtqueue_throughput(1 << 20, mib << 20)?;
     Ok(VmBenchReport {
         create_to_first_exit_ms: samples,
         port_exit_round_trip_us: rt.as_secs_f64() * 1e6,
+        pause_resume_us: pr.as_secs_f64() * 1e6,
         virtqueue_mb_per_s: bps / 1e6,
     })
 }

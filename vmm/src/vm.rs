@@ -192,7 +192,9 @@ pub enum Boot {
 pub struct VmConfig {
     /// Used for thread names and log fields.
     pub name: String,
-    /// Number of vCPUs (1..=254).
+    /// Number of vCPUs (1..=254; a Linux guest takes at most 32, the MP
+    /// table's limit). Only vCPU 0 starts at the entry point: the others
+    /// wait in the in-kernel LAPIC for INIT/SIPI from the guest.
     pub vcpus: u8,
     /// RAM in bytes.
     pub mem_size: u64,
