@@ -688,3 +688,15 @@ impl Drop for Vm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Vm>();
+        assert_send::<VmBuilder>();
+    }
+}

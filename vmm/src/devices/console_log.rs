@@ -65,6 +65,23 @@ impl ConsoleCapture {
     }
 }
 
+/// A guest line as safe log text: invalid UTF-8 and control characters
+/// (terminal escapes, carriage returns) become U+FFFD; tabs stay; the
+/// trailing line break is dropped.
+pub fn sanitize(line: &[u8]) -> String {
+    String::from_utf8_lossy(line)
+        .trim_end_matches(['\r', '\n'])
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 /// The rate-limited console writer handed to the serial device.
 #[derive(Debug)]
 pub struct ConsoleLog {
@@ -103,8 +120,8 @@ impl ConsoleLog {
         if self.line.is_empty() {
             return;
         }
-        let text = String::from_utf8_lossy(&self.line);
-        tracing::info!(target: "sluice_vmm::console", vm = %self.vm, "{}", text.trim_end_matches(['\r', '\n']));
+        let text = sanitize(&self.line);
+        tracing::info!(target: "sluice_vmm::console", vm = %self.vm, "{text}");
         self.line.clear();
     }
 
@@ -189,6 +206,13 @@ mod tests {
         let kept = cap.bytes().len();
         assert!((10..=11).contains(&kept), "kept {kept}");
         assert_eq!(cap.dropped() as usize, 100 - kept);
+    }
+
+    #[test]
+    fn log_text_has_no_control_characters() {
+        assert_eq!(sanitize(b"ok\r\n"), "ok");
+        assert_eq!(sanitize(b"\x1b[31mred\ta"), "\u{fffd}[31mred\ta");
+        assert_eq!(sanitize(b"a\rb\xff"), "a\u{fffd}b\u{fffd}");
     }
 
     #[test]
