@@ -664,3 +664,43 @@ fn serial_input_is_read_by_the_guest_and_echoed() {
     assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
     assert_eq!(vm.console_output(), b"echo me\n");
 }
+
+#[test]
+fn an_instruction_kvm_cannot_emulate_is_a_clear_error_under_pvm() {
+    if !kvm_available() {
+        return;
+    }
+    // mov ecx, 0xff; popcnt eax, ecx; report al on port 0x500; reset.
+    let prefix = Asm::new().mov_ecx(0xff);
+    let popcnt_at = HIMEM_START + prefix.here() as u64;
+    let code = prefix
+        .raw(&[0xf3, 0x0f, 0xb8, 0xc1])
+        .mov_dx(0x500)
+        .out_dx_al()
+        .i8042_reset()
+        .spin()
+        .finish();
+    let (dev, writes) = Recorder::new(&[]);
+    let mut vm = VmBuilder::new(config("popcnt"), Boot::Code(code))
+        .pio_device(0x500, 1, dev)
+        .build()
+        .unwrap();
+    let result = vm.run(LONG);
+    if sluice_vmm::host::probe().kvm_module.as_deref() == Some("kvm_pvm") {
+        // kvm_pvm emulates guest code and has no POPCNT.
+        match result {
+            Err(VmError::Vcpu(VcpuError::Internal {
+                vcpu: 0,
+                suberror: 1,
+                rip,
+                ..
+            })) => assert_eq!(rip, popcnt_at),
+            other => panic!("expected an emulation failure at {popcnt_at:#x}, got {other:?}"),
+        }
+        assert!(writes.try_recv().is_err());
+    } else {
+        // Hardware virtualization runs it: popcnt(0xff) = 8.
+        assert_eq!(result.unwrap().reason, ExitReason::Reset(ResetCause::I8042));
+        assert_eq!(writes.try_recv().unwrap(), (0, vec![8]));
+    }
+}
