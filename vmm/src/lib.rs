@@ -8,7 +8,7 @@
 //! ## The box
 //!
 //! ```text
-//!  VmBuilder::new(VmConfig, Boot).pio_device(..).mmio_device(..).virtio_console(..).build()
+//!  VmBuilder::new(VmConfig, Boot).pio_device(..).mmio_device(..).agent_channel()?.build()
 //!    │  KVM_CREATE_VM, TSS, in-kernel irqchip (PIC+IOAPIC+LAPIC) and PIT
 //!    │  guest RAM (memory.rs: layout, MMIO gap below 4 GiB)
 //!    │  Boot::Code: raw 64-bit code at 1 MiB        Boot::Linux: loader.rs (ELF/bzImage,
@@ -37,9 +37,11 @@
 //! * [`virtio`]: virtio-mmio version 2 transport, a split virtqueue that
 //!   validates every descriptor chain (bounds, loops, lengths, ordering,
 //!   no indirect) and returns bad ones unused, and a virtio-console whose
-//!   host side is any `Write` plus a bounded input queue (a Unix socket
-//!   through [`virtio::console::spawn_input_pump`]). Its interrupt is an
-//!   irqfd; Linux finds it through `virtio_mmio.device=4K@0xd0000000:5`.
+//!   host side is any `Write` plus a bounded input queue.
+//!   [`VmBuilder::agent_channel`] makes it the guest agent's channel: the
+//!   host gets one end of a Unix socket pair, a pump thread feeds the other
+//!   end into the device. Its interrupt is an irqfd; Linux finds it through
+//!   `virtio_mmio.device=4K@0xd0000000:5`.
 //! * [`initramfs`]: a deterministic cpio newc writer and the guest image
 //!   layout (static agent as `/init`).
 //! * [`host`]: whether this host can run tiny guests and boot Linux

@@ -2,6 +2,7 @@
 //! PIT, guest memory, devices, configured vCPUs); [`Vm`] starts, pauses,
 //! resumes and stops it, and waits for its end with a timeout.
 
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Arc, Mutex};
@@ -25,7 +26,7 @@ use crate::memory::{
 use crate::vcpu::{
     Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState, VcpuStop, install_kick_handler,
 };
-use crate::virtio::console::{Console, InputQueue};
+use crate::virtio::console::{Console, InputQueue, spawn_input_pump};
 use crate::virtio::mmio::{MmioTransport, cmdline_entry};
 use crate::x86_64::cpuid::{CpuidError, setup_cpuid, supported_cpuid};
 use crate::x86_64::mptable::{MptableError, setup_mptable};
@@ -130,6 +131,9 @@ pub enum VmError {
     /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] MptableError),
+    /// The agent channel's socket could not be set up.
+    #[error("cannot set up the agent channel: {0}")]
+    AgentChannel(#[source] std::io::Error),
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
@@ -245,6 +249,10 @@ pub struct VirtioConsoleConfig {
     pub input: Arc<InputQueue>,
 }
 
+/// Bytes of host input buffered for the agent channel before the host's
+/// writes block.
+pub const AGENT_CHANNEL_INPUT: usize = 256 * 1024;
+
 impl std::fmt::Debug for VirtioConsoleConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VirtioConsoleConfig")
@@ -259,6 +267,8 @@ pub struct VmBuilder {
     pio: Vec<ExtraDevice>,
     mmio: Vec<ExtraDevice>,
     console: Option<VirtioConsoleConfig>,
+    /// VMM end of the agent channel's socket, read by the input pump.
+    channel: Option<UnixStream>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -278,7 +288,24 @@ impl VmBuilder {
             pio: Vec::new(),
             mmio: Vec::new(),
             console: None,
+            channel: None,
         }
+    }
+
+    /// Adds the guest agent's channel: a virtio-console whose host side is
+    /// a Unix socket. Returns the host end: what it writes reaches the
+    /// guest's receive queue, what the guest transmits can be read from it.
+    /// A thread `virtio-console-in` pumps host writes into the device; it
+    /// ends when the host end is closed or the VM is dropped.
+    pub fn agent_channel(mut self) -> Result<(Self, UnixStream), VmError> {
+        let (host, vmm) = UnixStream::pair().map_err(VmError::AgentChannel)?;
+        let out = vmm.try_clone().map_err(VmError::AgentChannel)?;
+        self.console = Some(VirtioConsoleConfig {
+            out: Box::new(out),
+            input: InputQueue::new(AGENT_CHANNEL_INPUT),
+        });
+        self.channel = Some(vmm);
+        Ok((self, host))
     }
 
     /// Adds a virtio-console at [`VIRTIO_MMIO_BASE`] on IRQ
@@ -390,6 +417,7 @@ impl VmBuilder {
         }
         let mut mmio = Bus::new();
         let mut console = None;
+        let mut pump = None;
         if let Some(cfg) = self.console {
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
             vm_fd
@@ -401,6 +429,12 @@ impl VmBuilder {
                 irq,
             )));
             mmio.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())?;
+            if let Some(reader) = &self.channel {
+                let reader = reader.try_clone().map_err(VmError::AgentChannel)?;
+                pump = Some(
+                    spawn_input_pump(transport.clone(), reader).map_err(VmError::AgentChannel)?,
+                );
+            }
             console = Some(transport);
         }
         for (base, len, dev) in self.mmio {
@@ -446,6 +480,8 @@ impl VmBuilder {
             capture,
             serial,
             console,
+            channel: self.channel,
+            pump,
             name: config.name,
         })
     }
@@ -467,6 +503,8 @@ pub struct Vm {
     capture: ConsoleCapture,
     serial: Arc<Mutex<SerialDevice>>,
     console: Option<ConsoleTransport>,
+    channel: Option<UnixStream>,
+    pump: Option<std::thread::JoinHandle<()>>,
     name: String,
 }
 
@@ -685,6 +723,19 @@ impl Drop for Vm {
     fn drop(&mut self) {
         for v in &mut self.vcpus {
             v.stop_and_join();
+        }
+        // Shutting our end down ends the input pump's read; closing the
+        // input queue ends its wait for guest buffers.
+        if let Some(channel) = &self.channel {
+            let _ = channel.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(console) = &self.console {
+            lock(console).device().input().close();
+        }
+        if let Some(pump) = self.pump.take()
+            && pump.join().is_err()
+        {
+            tracing::error!(vm = %self.name, "virtio-console input thread panicked");
         }
     }
 }

@@ -704,3 +704,139 @@ fn an_instruction_kvm_cannot_emulate_is_a_clear_error_under_pvm() {
         assert_eq!(writes.try_recv().unwrap(), (0, vec![8]));
     }
 }
+
+#[test]
+fn agent_channel_carries_bytes_both_ways_over_a_unix_socket() {
+    if !kvm_available() {
+        return;
+    }
+    use sluice_vmm::vm::VIRTIO_FIRST_IRQ;
+    use std::io::{Read, Write};
+    const IDTR: u64 = 0x2000;
+    const IDT: u64 = 0x3000;
+    const HANDLER_OFFSET: u64 = 0x600;
+    // Per queue: descriptors, avail ring, used ring, buffer.
+    let rings = |q: u64| {
+        (
+            0x40000 + q * 0x4000,
+            0x41000 + q * 0x4000,
+            0x42000 + q * 0x4000,
+            0x60000 + q * 0x1000,
+        )
+    };
+    let r = |off: u64| VIRTIO_MMIO_BASE + off;
+    let msg = b"hello host, this is the guest";
+    // Interrupt handler: acknowledge, transmit the prepared buffer, reset.
+    let handler = Asm::new()
+        .write32(r(0x64), 1)
+        .write32(r(0x50), 1)
+        .i8042_reset()
+        .spin()
+        .finish();
+    let mut a = pic_init_unmasking(
+        Asm::new().mov_rax(IDTR).lidt_at_rax(),
+        VIRTIO_FIRST_IRQ as u8,
+    )
+    .write32(r(0x70), 0)
+    .write32(r(0x70), 3)
+    .write32(r(0x24), 1)
+    .write32(r(0x20), 1)
+    .write32(r(0x24), 0)
+    .write32(r(0x20), 0)
+    .write32(r(0x70), 0xb);
+    for q in 0..2u64 {
+        let (desc, avail, used, _) = rings(q);
+        a = a
+            .write32(r(0x30), q as u32)
+            .write32(r(0x38), 16)
+            .write32(r(0x80), desc as u32)
+            .write32(r(0x90), avail as u32)
+            .write32(r(0xa0), used as u32)
+            .write32(r(0x44), 1);
+    }
+    let a = a.write32(r(0x70), 0xf).write32(r(0x50), 0).sti();
+    let wait = a.here();
+    let mut code = a.hlt().jmp(wait).finish();
+    assert!(code.len() <= HANDLER_OFFSET as usize);
+    code.resize(HANDLER_OFFSET as usize, 0x90);
+    code.extend_from_slice(&handler);
+
+    let (builder, mut host) = VmBuilder::new(config("agent-channel"), Boot::Code(code))
+        .agent_channel()
+        .unwrap();
+    let mut vm = builder.build().unwrap();
+    let m = vm.memory();
+    write_idt(
+        m,
+        IDTR,
+        IDT,
+        0x20 + u64::from(VIRTIO_FIRST_IRQ),
+        HIMEM_START + HANDLER_OFFSET,
+    );
+    // receiveq0: one 64-byte writable buffer; transmitq0: the message.
+    for (q, len, flags, data) in [
+        (0u64, 64u32, 2u16, &b""[..]),
+        (1, msg.len() as u32, 0, &msg[..]),
+    ] {
+        let (desc, avail, _, buf) = rings(q);
+        m.write_slice(data, GuestAddress(buf)).unwrap();
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&buf.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        m.write_slice(&d, GuestAddress(desc)).unwrap();
+        m.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+        m.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    }
+    host.write_all(b"hello agent").unwrap();
+
+    let exit = vm.run(LONG).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    let (_, _, rx_used, rx_buf) = rings(0);
+    let len: u32 = vm.memory().read_obj(GuestAddress(rx_used + 8)).unwrap();
+    let mut got = vec![0u8; len as usize];
+    vm.memory()
+        .read_slice(&mut got, GuestAddress(rx_buf))
+        .unwrap();
+    assert_eq!(got, b"hello agent");
+    host.set_read_timeout(Some(LONG)).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    host.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg);
+}
+
+#[test]
+fn dropping_a_vm_ends_a_blocked_agent_channel() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::Write;
+    // The guest never posts receive buffers.
+    let (builder, host) = VmBuilder::new(
+        config("blocked-channel"),
+        Boot::Code(Asm::new().spin().finish()),
+    )
+    .agent_channel()
+    .unwrap();
+    let mut vm = builder.build().unwrap();
+    vm.start().unwrap();
+    // More than the input queue holds: the pump ends up waiting for room.
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![7u8; 64 * 1024];
+        let mut host = host;
+        for _ in 0..8 {
+            if host.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let (done_tx, done_rx) = channel();
+    std::thread::spawn(move || {
+        drop(vm);
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(LONG)
+        .expect("dropping the VM hung on the agent channel");
+    writer.join().unwrap();
+}

@@ -44,6 +44,7 @@ pub struct InputQueue {
     bytes: Mutex<VecDeque<u8>>,
     space: Condvar,
     limit: usize,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl InputQueue {
@@ -53,7 +54,21 @@ impl InputQueue {
             bytes: Mutex::new(VecDeque::new()),
             space: Condvar::new(),
             limit: limit.max(1),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Wakes and fails every blocked and future [`InputQueue::push_blocking`]
+    /// (the VM is going away).
+    pub fn close(&self) {
+        let _q = lock(&self.bytes);
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.space.notify_all();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Appends as much of `data` as fits; returns how much.
@@ -64,17 +79,22 @@ impl InputQueue {
         n
     }
 
-    /// Appends all of `data`, waiting for room.
-    pub fn push_blocking(&self, mut data: &[u8]) {
+    /// Appends all of `data`, waiting for room; `false` if the queue was
+    /// closed first (the rest of `data` is dropped).
+    pub fn push_blocking(&self, mut data: &[u8]) -> bool {
         let mut q = lock(&self.bytes);
         while !data.is_empty() {
             while q.len() >= self.limit {
+                if self.is_closed() {
+                    return false;
+                }
                 q = self.space.wait(q).unwrap_or_else(|e| e.into_inner());
             }
             let n = data.len().min(self.limit - q.len());
             q.extend(&data[..n]);
             data = &data[n..];
         }
+        true
     }
 
     /// Bytes waiting.
@@ -250,10 +270,42 @@ pub fn spawn_input_pump<R: Read + Send + 'static>(
                     rest = &rest[pushed..];
                     lock(&transport).process();
                     if !rest.is_empty() && pushed == 0 {
-                        input.push_blocking(&rest[..1]);
+                        if !input.push_blocking(&rest[..1]) {
+                            return;
+                        }
                         rest = &rest[1..];
                     }
                 }
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+
+    #[test]
+    fn try_push_stops_at_the_limit() {
+        let q = InputQueue::new(4);
+        assert_eq!(q.try_push(b"abcdef"), 4);
+        assert_eq!(q.try_push(b"g"), 0);
+        assert_eq!(q.len(), 4);
+    }
+
+    #[test]
+    fn close_releases_a_writer_waiting_for_room() {
+        let q = InputQueue::new(2);
+        assert_eq!(q.try_push(b"ab"), 2);
+        let (tx, rx) = channel();
+        let writer = {
+            let q = q.clone();
+            std::thread::spawn(move || tx.send(q.push_blocking(b"c")).unwrap())
+        };
+        q.close();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(false));
+        writer.join().unwrap();
+        assert_eq!(q.len(), 2);
+    }
 }
