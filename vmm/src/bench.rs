@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::asm::Asm;
 use crate::devices::BusDevice;
-use crate::virtio::console::{Console, InputQueue, TX_QUEUE};
+use crate::virtio::console::{ByteQueue, Console, ConsoleOutput, TX_QUEUE};
 use crate::virtio::{Queue, QueueError, VirtioDevice};
 use crate::{Boot, ExitReason, VmBuilder, VmConfig, VmError};
 
@@ -143,7 +143,10 @@ pub fn virtqueue_throughput(buf_size: u32, total: u64) -> Result<f64, BenchError
     let fill: Vec<u8> = (0..buf_size).map(|i| i as u8).collect();
     mem.write_slice(&fill, GuestAddress(BUF))
         .map_err(|e| BenchError::Vm(VmError::Config(e.to_string())))?;
-    let mut console = Console::new(Box::new(std::io::sink()), InputQueue::new(1));
+    let mut console = Console::new(
+        ConsoleOutput::Writer(Box::new(std::io::sink())),
+        ByteQueue::new(1),
+    );
     let mut queues = vec![Queue::new(256), Queue::new(256)];
     let q = &mut queues[TX_QUEUE];
     q.size = 256;

@@ -26,7 +26,9 @@ use crate::memory::{
 use crate::vcpu::{
     Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState, VcpuStop, install_kick_handler,
 };
-use crate::virtio::console::{Console, InputQueue, spawn_input_pump};
+use crate::virtio::console::{
+    ByteQueue, Console, ConsoleOutput, spawn_input_pump, spawn_output_pump,
+};
 use crate::virtio::mmio::{MmioTransport, cmdline_entry};
 use crate::x86_64::cpuid::{CpuidError, setup_cpuid, supported_cpuid};
 use crate::x86_64::mptable::{MptableError, setup_mptable};
@@ -244,14 +246,17 @@ pub type ConsoleTransport = Arc<Mutex<MmioTransport<Console>>>;
 /// Host ends of a virtio-console, given to [`VmBuilder::virtio_console`].
 pub struct VirtioConsoleConfig {
     /// Where guest output goes.
-    pub out: Box<dyn std::io::Write + Send>,
+    pub out: ConsoleOutput,
     /// Host input for the guest.
-    pub input: Arc<InputQueue>,
+    pub input: Arc<ByteQueue>,
 }
 
 /// Bytes of host input buffered for the agent channel before the host's
 /// writes block.
 pub const AGENT_CHANNEL_INPUT: usize = 256 * 1024;
+/// Bytes of guest output buffered for the agent channel before the guest's
+/// transmit buffers wait in the ring.
+pub const AGENT_CHANNEL_OUTPUT: usize = 256 * 1024;
 
 impl std::fmt::Debug for VirtioConsoleConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -295,14 +300,14 @@ impl VmBuilder {
     /// Adds the guest agent's channel: a virtio-console whose host side is
     /// a Unix socket. Returns the host end: what it writes reaches the
     /// guest's receive queue, what the guest transmits can be read from it.
-    /// A thread `virtio-console-in` pumps host writes into the device; it
-    /// ends when the host end is closed or the VM is dropped.
+    /// Threads `virtio-console-in` and `virtio-console-out` move bytes
+    /// between the socket and the device, so a host that is slow to read
+    /// or write never blocks a vCPU; they end when the VM is dropped.
     pub fn agent_channel(mut self) -> Result<(Self, UnixStream), VmError> {
         let (host, vmm) = UnixStream::pair().map_err(VmError::AgentChannel)?;
-        let out = vmm.try_clone().map_err(VmError::AgentChannel)?;
         self.console = Some(VirtioConsoleConfig {
-            out: Box::new(out),
-            input: InputQueue::new(AGENT_CHANNEL_INPUT),
+            out: ConsoleOutput::Queue(ByteQueue::new(AGENT_CHANNEL_OUTPUT)),
+            input: ByteQueue::new(AGENT_CHANNEL_INPUT),
         });
         self.channel = Some(vmm);
         Ok((self, host))
@@ -417,7 +422,7 @@ impl VmBuilder {
         }
         let mut mmio = Bus::new();
         let mut console = None;
-        let mut pump = None;
+        let mut pumps = Vec::new();
         if let Some(cfg) = self.console {
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
             vm_fd
@@ -429,10 +434,14 @@ impl VmBuilder {
                 irq,
             )));
             mmio.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())?;
-            if let Some(reader) = &self.channel {
-                let reader = reader.try_clone().map_err(VmError::AgentChannel)?;
-                pump = Some(
-                    spawn_input_pump(transport.clone(), reader).map_err(VmError::AgentChannel)?,
+            if let Some(socket) = &self.channel {
+                let clone = || socket.try_clone().map_err(VmError::AgentChannel);
+                pumps.push(
+                    spawn_input_pump(transport.clone(), clone()?).map_err(VmError::AgentChannel)?,
+                );
+                pumps.push(
+                    spawn_output_pump(transport.clone(), clone()?)
+                        .map_err(VmError::AgentChannel)?,
                 );
             }
             console = Some(transport);
@@ -481,7 +490,7 @@ impl VmBuilder {
             serial,
             console,
             channel: self.channel,
-            pump,
+            pumps,
             name: config.name,
         })
     }
@@ -504,7 +513,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     console: Option<ConsoleTransport>,
     channel: Option<UnixStream>,
-    pump: Option<std::thread::JoinHandle<()>>,
+    pumps: Vec<std::thread::JoinHandle<()>>,
     name: String,
 }
 
@@ -724,18 +733,22 @@ impl Drop for Vm {
         for v in &mut self.vcpus {
             v.stop_and_join();
         }
-        // Shutting our end down ends the input pump's read; closing the
-        // input queue ends its wait for guest buffers.
+        // Shutting our end of the socket down ends the pumps' reads and
+        // writes; closing the queues ends their waits.
         if let Some(channel) = &self.channel {
             let _ = channel.shutdown(std::net::Shutdown::Both);
         }
         if let Some(console) = &self.console {
-            lock(console).device().input().close();
+            let console = lock(console);
+            console.device().input().close();
+            if let Some(out) = console.device().output_queue() {
+                out.close();
+            }
         }
-        if let Some(pump) = self.pump.take()
-            && pump.join().is_err()
-        {
-            tracing::error!(vm = %self.name, "virtio-console input thread panicked");
+        for pump in self.pumps.drain(..) {
+            if pump.join().is_err() {
+                tracing::error!(vm = %self.name, "virtio-console pump thread panicked");
+            }
         }
     }
 }

@@ -379,7 +379,7 @@ fn a_guest_drives_the_virtio_console_over_mmio() {
     if !kvm_available() {
         return;
     }
-    use sluice_vmm::virtio::console::InputQueue;
+    use sluice_vmm::virtio::console::{ByteQueue, ConsoleOutput};
     use sluice_vmm::vm::VirtioConsoleConfig;
     const DESC: u64 = 0x40000;
     const AVAIL: u64 = 0x41000;
@@ -421,8 +421,8 @@ fn a_guest_drives_the_virtio_console_over_mmio() {
     let mut vm = VmBuilder::new(config("virtio"), Boot::Code(code))
         .pio_device(0x500, 1, dev)
         .virtio_console(VirtioConsoleConfig {
-            out: Box::new(sink.clone()),
-            input: InputQueue::new(4096),
+            out: ConsoleOutput::Writer(Box::new(sink.clone())),
+            input: ByteQueue::new(4096),
         })
         .build()
         .unwrap();
@@ -517,7 +517,7 @@ fn virtio_console_input_reaches_the_guest_with_an_interrupt() {
     if !kvm_available() {
         return;
     }
-    use sluice_vmm::virtio::console::InputQueue;
+    use sluice_vmm::virtio::console::{ByteQueue, ConsoleOutput};
     use sluice_vmm::vm::{VIRTIO_FIRST_IRQ, VirtioConsoleConfig};
     const IDTR: u64 = 0x2000;
     const IDT: u64 = 0x3000;
@@ -564,13 +564,13 @@ fn virtio_console_input_reaches_the_guest_with_an_interrupt() {
     code.resize(HANDLER_OFFSET as usize, 0x90);
     code.extend_from_slice(&handler);
 
-    let input = InputQueue::new(4096);
+    let input = ByteQueue::new(4096);
     assert_eq!(input.try_push(b"ping from host"), 14);
     let (dev, handled) = Recorder::new(&[]);
     let mut vm = VmBuilder::new(config("virtio-rx"), Boot::Code(code))
         .pio_device(0x501, 1, dev)
         .virtio_console(VirtioConsoleConfig {
-            out: Box::new(std::io::sink()),
+            out: ConsoleOutput::Writer(Box::new(std::io::sink())),
             input: input.clone(),
         })
         .build()

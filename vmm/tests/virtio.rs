@@ -11,7 +11,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use sluice_vmm::devices::BusDevice;
 use sluice_vmm::virtio::console::{
-    Console, InputQueue, RX_QUEUE, TX_QUEUE, VIRTIO_ID_CONSOLE, spawn_input_pump,
+    ByteQueue, Console, ConsoleOutput, RX_QUEUE, TX_QUEUE, VIRTIO_ID_CONSOLE, spawn_input_pump,
 };
 use sluice_vmm::virtio::mmio::{INT_USED_RING, MMIO_MAGIC, MmioTransport};
 use sluice_vmm::virtio::queue::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
@@ -55,7 +55,11 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(out: Box<dyn Write + Send>, input: Arc<InputQueue>, irq: EventFd) -> Self {
+    fn new(out: Box<dyn Write + Send>, input: Arc<ByteQueue>, irq: EventFd) -> Self {
+        Self::with_output(ConsoleOutput::Writer(out), input, irq)
+    }
+
+    fn with_output(out: ConsoleOutput, input: Arc<ByteQueue>, irq: EventFd) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let dev = MmioTransport::new(Console::new(out, input), mem.clone(), irq);
         Self {
@@ -193,9 +197,9 @@ impl Driver {
     }
 }
 
-fn driver() -> (Driver, Sink, Arc<InputQueue>, EventFd) {
+fn driver() -> (Driver, Sink, Arc<ByteQueue>, EventFd) {
     let sink = Sink::default();
-    let input = InputQueue::new(1 << 20);
+    let input = ByteQueue::new(1 << 20);
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let d = Driver::new(
         Box::new(sink.clone()),
@@ -358,7 +362,7 @@ fn avail_index_running_ahead_needs_a_reset() {
 #[test]
 fn unix_socket_host_side_end_to_end() {
     let (host, vmm_side) = UnixStream::pair().unwrap();
-    let input = InputQueue::new(64);
+    let input = ByteQueue::new(64);
     let irq = EventFd::new(0).unwrap();
     let mut d = Driver::new(
         Box::new(vmm_side.try_clone().unwrap()),
@@ -505,4 +509,68 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_full_output_queue_leaves_transmit_buffers_in_the_ring() {
+    let out = ByteQueue::new(8);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut d = Driver::with_output(ConsoleOutput::Queue(out.clone()), ByteQueue::new(64), irq);
+    assert_eq!(d.init(1, QSIZE), ALL_OK);
+    let heads: Vec<u16> = (0..3)
+        .map(|i| d.add_chain(TX_QUEUE, &[(&[b'a' + i; 10], 10, false)]))
+        .collect();
+    d.notify(TX_QUEUE);
+    // One chunk overshoots the 8-byte limit; the other two wait in the ring.
+    assert_eq!(d.used(TX_QUEUE), vec![(u32::from(heads[0]), 0)]);
+    assert_eq!(out.pop_blocking(100).unwrap(), vec![b'a'; 10]);
+    // What the output pump does after each write.
+    d.dev.process();
+    assert_eq!(d.used(TX_QUEUE), vec![(u32::from(heads[1]), 0)]);
+    assert_eq!(out.pop_blocking(100).unwrap(), vec![b'b'; 10]);
+    // Once closed (VM teardown), output is dropped and nothing waits.
+    out.close();
+    d.dev.process();
+    assert_eq!(d.used(TX_QUEUE), vec![(u32::from(heads[2]), 0)]);
+    assert_eq!(out.pop_blocking(100), None);
+}
+
+#[test]
+fn output_pump_to_a_host_that_never_reads_ends_on_close() {
+    let (host, vmm_side) = UnixStream::pair().unwrap();
+    let out = ByteQueue::new(64 * 1024);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut d = Driver::with_output(ConsoleOutput::Queue(out.clone()), ByteQueue::new(64), irq);
+    assert_eq!(d.init(1, QSIZE), ALL_OK);
+    let big = vec![0x55u8; 60 * 1024];
+    for _ in 0..8 {
+        d.add_chain(TX_QUEUE, &[(&big, big.len() as u32, false)]);
+    }
+    let mem = d.mem.clone();
+    let transport = Arc::new(Mutex::new(d.dev));
+    let pump = sluice_vmm::virtio::console::spawn_output_pump(
+        transport.clone(),
+        vmm_side.try_clone().unwrap(),
+    )
+    .unwrap();
+    // Notifying never blocks, however full the socket gets.
+    transport
+        .lock()
+        .unwrap()
+        .write(0x50, &(TX_QUEUE as u32).to_le_bytes());
+    let used: u16 = mem
+        .read_obj(GuestAddress(qbase(TX_QUEUE) + 0x2000 + 2))
+        .unwrap();
+    assert!(used >= 1);
+    // Teardown: shut our end, close the queue; the pump must end.
+    vmm_side.shutdown(std::net::Shutdown::Both).unwrap();
+    out.close();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        pump.join().unwrap();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("output pump did not end");
+    drop(host);
 }

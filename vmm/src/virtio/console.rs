@@ -2,9 +2,13 @@
 //! bytes to the guest, `transmitq0` guest bytes to the host. It carries
 //! the guest agent's framed channel (`/dev/hvc0` in the guest).
 //!
-//! Host input goes through an [`InputQueue`] (bounded; a writer blocks
+//! Host input goes through a [`ByteQueue`] (bounded; a writer blocks
 //! while it is full) so a guest that posts no receive buffers cannot make
-//! the host buffer without limit.
+//! the host buffer without limit. Guest output goes either straight to a
+//! writer or, for the agent channel, into another bounded [`ByteQueue`]
+//! drained by [`spawn_output_pump`]: when that queue is full the device
+//! leaves transmit buffers in the ring (virtio's own back-pressure), so a
+//! host that stops reading never blocks a vCPU.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -38,16 +42,16 @@ pub struct ConsoleStats {
     pub invalid_chains: u64,
 }
 
-/// Host bytes waiting for guest receive buffers.
+/// A bounded byte queue between a device and a host thread.
 #[derive(Debug)]
-pub struct InputQueue {
+pub struct ByteQueue {
     bytes: Mutex<VecDeque<u8>>,
     space: Condvar,
     limit: usize,
     closed: std::sync::atomic::AtomicBool,
 }
 
-impl InputQueue {
+impl ByteQueue {
     /// A queue holding at most `limit` bytes.
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
@@ -58,7 +62,7 @@ impl InputQueue {
         })
     }
 
-    /// Wakes and fails every blocked and future [`InputQueue::push_blocking`]
+    /// Wakes and fails every blocked and future [`ByteQueue::push_blocking`]
     /// (the VM is going away).
     pub fn close(&self) {
         let _q = lock(&self.bytes);
@@ -67,8 +71,40 @@ impl InputQueue {
         self.space.notify_all();
     }
 
-    fn is_closed(&self) -> bool {
+    /// Whether [`ByteQueue::close`] was called.
+    pub fn is_closed(&self) -> bool {
         self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Free room in bytes (0 when full).
+    pub fn room(&self) -> usize {
+        self.limit.saturating_sub(self.len())
+    }
+
+    /// Appends all of `data` even past the limit (a producer that checked
+    /// [`ByteQueue::room`] first overshoots by at most one chunk); wakes
+    /// [`ByteQueue::pop_blocking`].
+    pub fn push_all(&self, data: &[u8]) {
+        let mut q = lock(&self.bytes);
+        q.extend(data);
+        self.space.notify_all();
+    }
+
+    /// Takes up to `max` bytes, waiting for some; `None` once closed and empty.
+    pub fn pop_blocking(&self, max: usize) -> Option<Vec<u8>> {
+        let mut q = lock(&self.bytes);
+        loop {
+            if !q.is_empty() {
+                let n = q.len().min(max.max(1));
+                let out = q.drain(..n).collect();
+                self.space.notify_all();
+                return Some(out);
+            }
+            if self.is_closed() {
+                return None;
+            }
+            q = self.space.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// Appends as much of `data` as fits; returns how much.
@@ -108,10 +144,28 @@ impl InputQueue {
     }
 }
 
+/// Where guest output goes.
+pub enum ConsoleOutput {
+    /// Written at once on the vCPU thread (tests, logs, `io::sink()`).
+    Writer(Box<dyn Write + Send>),
+    /// Queued for a host thread ([`spawn_output_pump`]); full means
+    /// back-pressure on the guest.
+    Queue(Arc<ByteQueue>),
+}
+
+impl std::fmt::Debug for ConsoleOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Writer(_) => f.write_str("ConsoleOutput::Writer"),
+            Self::Queue(q) => f.debug_tuple("ConsoleOutput::Queue").field(q).finish(),
+        }
+    }
+}
+
 /// The console device model.
 pub struct Console {
-    out: Box<dyn Write + Send>,
-    input: Arc<InputQueue>,
+    out: ConsoleOutput,
+    input: Arc<ByteQueue>,
     stats: ConsoleStats,
     acked_features: u64,
     queue_sizes: [u16; 2],
@@ -126,8 +180,8 @@ impl std::fmt::Debug for Console {
 }
 
 impl Console {
-    /// A console writing guest output to `out` and reading host input from `input`.
-    pub fn new(out: Box<dyn Write + Send>, input: Arc<InputQueue>) -> Self {
+    /// A console sending guest output to `out` and reading host input from `input`.
+    pub fn new(out: ConsoleOutput, input: Arc<ByteQueue>) -> Self {
         Self {
             out,
             input,
@@ -143,13 +197,29 @@ impl Console {
     }
 
     /// The host input queue.
-    pub fn input(&self) -> &Arc<InputQueue> {
+    pub fn input(&self) -> &Arc<ByteQueue> {
         &self.input
+    }
+
+    /// The output queue, if output is queued.
+    pub fn output_queue(&self) -> Option<&Arc<ByteQueue>> {
+        match &self.out {
+            ConsoleOutput::Queue(q) => Some(q),
+            ConsoleOutput::Writer(_) => None,
+        }
     }
 
     fn process_tx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, QueueError> {
         let mut used = false;
         loop {
+            if let ConsoleOutput::Queue(out) = &self.out
+                && out.room() == 0
+                && !out.is_closed()
+            {
+                // Back-pressure: the rest stays in the ring until the pump
+                // makes room and calls `process` again.
+                return Ok(used);
+            }
             let chain = match q.pop(mem) {
                 Ok(Some(c)) => c,
                 Ok(None) => return Ok(used),
@@ -163,8 +233,15 @@ impl Console {
                 Err(e) => return Err(e),
             };
             let data = chain.read_all(mem, MAX_TX_CHAIN)?;
-            if let Err(e) = self.out.write_all(&data).and_then(|()| self.out.flush()) {
-                tracing::warn!(error = %e, bytes = data.len(), "virtio-console: host side gone; output dropped");
+            match &mut self.out {
+                ConsoleOutput::Writer(w) => {
+                    if let Err(e) = w.write_all(&data).and_then(|()| w.flush()) {
+                        tracing::warn!(error = %e, bytes = data.len(), "virtio-console: host side gone; output dropped");
+                    }
+                }
+                // A closed queue (VM going away) drops the bytes.
+                ConsoleOutput::Queue(out) if out.is_closed() => {}
+                ConsoleOutput::Queue(out) => out.push_all(&data),
             }
             self.stats.tx_bytes += data.len() as u64;
             q.add_used(mem, chain.head, 0)?;
@@ -241,6 +318,31 @@ impl VirtioDevice for Console {
     }
 }
 
+/// Starts the named thread `virtio-console-out` writing the console's
+/// output queue to `writer` (e.g. the VMM end of a Unix socket) and letting
+/// the device take more transmit buffers after each write. It ends when the
+/// queue is closed and drained, or when `writer` fails (the queue is then
+/// closed, so later output is dropped).
+pub fn spawn_output_pump<W: Write + Send + 'static>(
+    transport: Arc<Mutex<MmioTransport<Console>>>,
+    mut writer: W,
+) -> std::io::Result<JoinHandle<()>> {
+    let queue = lock(&transport).device().output_queue().cloned();
+    std::thread::Builder::new()
+        .name("virtio-console-out".into())
+        .spawn(move || {
+            let Some(queue) = queue else { return };
+            while let Some(data) = queue.pop_blocking(64 * 1024) {
+                if let Err(e) = writer.write_all(&data).and_then(|()| writer.flush()) {
+                    tracing::debug!(error = %e, "virtio-console output ended");
+                    queue.close();
+                }
+                // Room again: take the transmit buffers left in the ring.
+                lock(&transport).process();
+            }
+        })
+}
+
 /// Starts the named thread `virtio-console-in` copying `reader` (e.g. the
 /// host end of a Unix socket) into the console's input and delivering it.
 /// It ends at end of file or on a read error.
@@ -288,7 +390,7 @@ mod tests {
 
     #[test]
     fn try_push_stops_at_the_limit() {
-        let q = InputQueue::new(4);
+        let q = ByteQueue::new(4);
         assert_eq!(q.try_push(b"abcdef"), 4);
         assert_eq!(q.try_push(b"g"), 0);
         assert_eq!(q.len(), 4);
@@ -296,7 +398,7 @@ mod tests {
 
     #[test]
     fn close_releases_a_writer_waiting_for_room() {
-        let q = InputQueue::new(2);
+        let q = ByteQueue::new(2);
         assert_eq!(q.try_push(b"ab"), 2);
         let (tx, rx) = channel();
         let writer = {
