@@ -141,7 +141,7 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
         // thread; it is set right after the thread takes ownership of the fd and
         // cleared before the fd (and its mapping) is dropped. Only this thread
         // and the kernel access the page, and a byte store is async-signal-safe.
-        unsafe { std::ptr::write_volatile(&mut (*ptr).immediate_exit, 1) };
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*ptr).immediate_exit), 1) };
     }
 }
 
