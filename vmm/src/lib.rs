@@ -36,11 +36,12 @@
 //!   capture through a token bucket, so a guest cannot flood the host's logs.
 //! * [`virtio`]: virtio-mmio version 2 transport, a split virtqueue that
 //!   validates every descriptor chain (bounds, loops, lengths, ordering,
-//!   no indirect) and returns bad ones unused, and a virtio-console whose
-//!   host side is any `Write` plus a bounded input queue.
+//!   no indirect) and returns bad ones unused, and a virtio-console.
 //!   [`VmBuilder::agent_channel`] makes it the guest agent's channel: the
-//!   host gets one end of a Unix socket pair, a pump thread feeds the other
-//!   end into the device. Its interrupt is an irqfd; Linux finds it through
+//!   host gets one end of a Unix socket pair; pump threads move bytes
+//!   between the other end and bounded queues, and a full output queue
+//!   leaves transmit buffers in the ring, so a slow host never blocks a
+//!   vCPU. Its interrupt is an irqfd; Linux finds it through
 //!   `virtio_mmio.device=4K@0xd0000000:5`.
 //! * [`initramfs`]: a deterministic cpio newc writer and the guest image
 //!   layout (static agent as `/init`).
