@@ -336,6 +336,7 @@ impl VmBuilder {
     /// Creates the VM; its vCPU threads wait in `Created` for [`Vm::start`].
     pub fn build(self) -> Result<Vm, VmError> {
         let config = self.config;
+        // APIC id 0xff is the broadcast address.
         if config.vcpus == 0 || config.vcpus == u8::MAX {
             return Err(VmError::Config(format!("{} vCPUs", config.vcpus)));
         }
@@ -422,7 +423,6 @@ impl VmBuilder {
         }
         let mut mmio = Bus::new();
         let mut console = None;
-        let mut pumps = Vec::new();
         if let Some(cfg) = self.console {
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
             vm_fd
@@ -434,16 +434,6 @@ impl VmBuilder {
                 irq,
             )));
             mmio.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())?;
-            if let Some(socket) = &self.channel {
-                let clone = || socket.try_clone().map_err(VmError::AgentChannel);
-                pumps.push(
-                    spawn_input_pump(transport.clone(), clone()?).map_err(VmError::AgentChannel)?,
-                );
-                pumps.push(
-                    spawn_output_pump(transport.clone(), clone()?)
-                        .map_err(VmError::AgentChannel)?,
-                );
-            }
             console = Some(transport);
         }
         for (base, len, dev) in self.mmio {
@@ -475,6 +465,11 @@ impl VmBuilder {
                     .map_err(|source| VmError::Spawn { vcpu: id, source })?,
             );
         }
+        // Last, so that no earlier failure leaves pump threads behind.
+        let pumps = match (&console, &self.channel) {
+            (Some(transport), Some(socket)) => start_pumps(transport, socket)?,
+            _ => Vec::new(),
+        };
         let vcpu_states = vec![VcpuState::Created; vcpus.len()];
         Ok(Vm {
             vcpus,
@@ -493,6 +488,27 @@ impl VmBuilder {
             pumps,
             name: config.name,
         })
+    }
+}
+
+/// Starts the agent channel's input and output pumps; on failure, stops
+/// the one already started.
+fn start_pumps(
+    transport: &ConsoleTransport,
+    socket: &UnixStream,
+) -> Result<Vec<std::thread::JoinHandle<()>>, VmError> {
+    let clone = || socket.try_clone().map_err(VmError::AgentChannel);
+    let input = spawn_input_pump(transport.clone(), clone()?).map_err(VmError::AgentChannel)?;
+    let output = clone()
+        .and_then(|s| spawn_output_pump(transport.clone(), s).map_err(VmError::AgentChannel));
+    match output {
+        Ok(output) => Ok(vec![input, output]),
+        Err(e) => {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+            lock(transport).device().input().close();
+            let _ = input.join();
+            Err(e)
+        }
     }
 }
 
