@@ -569,6 +569,12 @@ impl Vm {
         self.capture.bytes()
     }
 
+    /// Waits until the serial console output contains `needle` (the guest
+    /// keeps running); `false` on timeout.
+    pub fn wait_for_console(&self, needle: &[u8], timeout: Duration) -> bool {
+        self.capture.wait_for(needle, timeout)
+    }
+
     /// Console bytes dropped by the rate limit.
     pub fn console_dropped(&self) -> u64 {
         self.capture.dropped()

@@ -3,7 +3,8 @@
 //! buffer, through a token bucket so a guest cannot flood the host's logs.
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 use std::time::Instant;
 
 use crate::devices::bus::lock;
@@ -32,7 +33,7 @@ impl Default for RateLimit {
 /// Captured console output, shared with the VM's owner.
 #[derive(Debug, Clone, Default)]
 pub struct ConsoleCapture {
-    inner: Arc<Mutex<CaptureInner>>,
+    inner: Arc<(Mutex<CaptureInner>, Condvar)>,
 }
 
 #[derive(Debug, Default)]
@@ -46,22 +47,46 @@ impl ConsoleCapture {
     /// Keeps at most `limit` bytes (the first ones).
     pub fn new(limit: usize) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(CaptureInner {
-                bytes: Vec::new(),
-                limit,
-                dropped: 0,
-            })),
+            inner: Arc::new((
+                Mutex::new(CaptureInner {
+                    bytes: Vec::new(),
+                    limit,
+                    dropped: 0,
+                }),
+                Condvar::new(),
+            )),
         }
     }
 
     /// The bytes captured so far.
     pub fn bytes(&self) -> Vec<u8> {
-        lock(&self.inner).bytes.clone()
+        lock(&self.inner.0).bytes.clone()
     }
 
     /// Bytes refused by the rate limit so far.
     pub fn dropped(&self) -> u64 {
-        lock(&self.inner).dropped
+        lock(&self.inner.0).dropped
+    }
+
+    /// Waits until the captured output contains `needle`; `false` on timeout.
+    pub fn wait_for(&self, needle: &[u8], timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut c = lock(&self.inner.0);
+        loop {
+            if needle.is_empty() || c.bytes.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            c = self
+                .inner
+                .1
+                .wait_timeout(c, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
     }
 }
 
@@ -127,9 +152,10 @@ impl ConsoleLog {
 
     fn accept(&mut self, byte: u8) {
         {
-            let mut c = lock(&self.capture.inner);
+            let mut c = lock(&self.capture.inner.0);
             if c.bytes.len() < c.limit {
                 c.bytes.push(byte);
+                self.capture.inner.1.notify_all();
             }
         }
         if byte == b'\n' || self.line.len() >= MAX_LINE {
@@ -165,7 +191,7 @@ impl io::Write for ConsoleLog {
         let dropped = (buf.len() - allowed) as u64;
         if dropped > 0 {
             self.dropped_since_report += dropped;
-            lock(&self.capture.inner).dropped += dropped;
+            lock(&self.capture.inner.0).dropped += dropped;
         }
         // The guest never sees back-pressure: dropped bytes count as written.
         Ok(buf.len())
@@ -213,6 +239,16 @@ mod tests {
         assert_eq!(sanitize(b"ok\r\n"), "ok");
         assert_eq!(sanitize(b"\x1b[31mred\ta"), "\u{fffd}[31mred\ta");
         assert_eq!(sanitize(b"a\rb\xff"), "a\u{fffd}b\u{fffd}");
+    }
+
+    #[test]
+    fn wait_for_sees_output_written_by_another_thread() {
+        let cap = ConsoleCapture::new(1024);
+        let mut log = ConsoleLog::new("t", RateLimit::default(), cap.clone());
+        assert!(!cap.wait_for(b"ready", Duration::from_millis(10)));
+        let writer = std::thread::spawn(move || log.write_all(b"booting\nready\n").unwrap());
+        assert!(cap.wait_for(b"ready", Duration::from_secs(10)));
+        writer.join().unwrap();
     }
 
     #[test]
