@@ -1,14 +1,73 @@
-//! # sluice-vmm: the microVM monitor (not built yet)
+//! # sluice-vmm: sluice's own KVM microVM monitor
 //!
-//! This crate will own sluice's own virtual machine monitor on `kvm-ioctls`,
-//! `kvm-bindings`, `vm-memory` and `linux-loader`: guest memory layout, 64-bit
-//! Linux boot (ELF vmlinux and bzImage, boot params, command line, initramfs),
-//! CPUID and MSR set-up, the in-kernel irqchip and PIT, a rate-limited serial
-//! console, one named `std::thread` per vCPU driven by an explicit state
-//! machine, virtio-mmio devices (virtio-vsock or virtio-console carrying the
-//! guest agent's framed channel), pause/resume, and snapshot/restore of
-//! initialised function VMs. It will be the only crate allowed to contain
-//! `unsafe` code, each block with a `// SAFETY:` comment.
+//! This crate runs guests on `/dev/kvm` with `kvm-ioctls`/`kvm-bindings`,
+//! guest memory from `vm-memory`, kernels loaded by `linux-loader` and a
+//! 16550A UART from `vm-superio`. It is the one crate of the workspace
+//! allowed `unsafe` code; every block carries a `// SAFETY:` comment.
 //!
-//! Nothing is implemented yet: the process sandbox in `sluice-executor` runs
-//! functions today (see issues "vmm" and "Snapshots and pools").
+//! ## The box
+//!
+//! ```text
+//!  VmBuilder::new(VmConfig, Boot).pio_device(..).mmio_device(..).agent_channel()?.build()
+//!    │  KVM_CREATE_VM, TSS, in-kernel irqchip (PIC+IOAPIC+LAPIC) and PIT
+//!    │  guest RAM (memory.rs: layout, MMIO gap below 4 GiB)
+//!    │  Boot::Code: raw 64-bit code at 1 MiB        Boot::Linux: loader.rs (ELF/bzImage,
+//!    │                                                cmdline, initramfs, zero page + E820,
+//!    │                                                MP table)
+//!    │  devices: port bus {COM1 serial → rate-limited console, i8042}, MMIO bus {virtio-mmio}
+//!    │  per vCPU: CPUID (KVM_GET_SUPPORTED_CPUID, patched), MSRs, long mode (GDT,
+//!    │  4 GiB identity map), regs, FPU, LAPIC LINT0/1; one named thread "{vm}-vcpu{N}"
+//!    ▼
+//!  Vm: start / pause / resume / stop / run(timeout) → VmExit { reason, elapsed } | VmError
+//! ```
+//!
+//! * [`vcpu`]: each vCPU thread is a state machine `Created → Running ⇄
+//!   Paused → Exited`, commanded over an `mpsc` channel. A command is
+//!   followed by a kick (a real-time signal whose handler sets
+//!   `immediate_exit` in the thread's `kvm_run`), so a vCPU leaves
+//!   `KVM_RUN` promptly; pause, stop and timeouts use it.
+//! * [`vm`]: the VM waits on one event channel fed by vCPU threads and
+//!   devices. An i8042 reset (`0xFE` to port `0x64`) ends the run with
+//!   [`ExitReason::Reset`]; a triple fault, an emulation failure or a failed
+//!   entry is a typed [`vcpu::VcpuError`]; a timeout stops the vCPUs and
+//!   returns [`ExitReason::TimedOut`].
+//! * [`devices`]: a range-checked [`devices::Bus`]; the serial console
+//!   writes to `tracing` (target `sluice_vmm::console`) and a bounded
+//!   capture through a token bucket, so a guest cannot flood the host's logs.
+//! * [`virtio`]: virtio-mmio version 2 transport, a split virtqueue that
+//!   validates every descriptor chain (bounds, loops, lengths, ordering,
+//!   no indirect) and returns bad ones unused, and a virtio-console.
+//!   [`VmBuilder::agent_channel`] makes it the guest agent's channel: the
+//!   host gets one end of a Unix socket pair; pump threads move bytes
+//!   between the other end and bounded queues, and a full output queue
+//!   leaves transmit buffers in the ring, so a slow host never blocks a
+//!   vCPU. Its interrupt is an irqfd; Linux finds it through
+//!   `virtio_mmio.device=4K@0xd0000000:5`.
+//! * [`initramfs`]: a deterministic cpio newc writer and the guest image
+//!   layout (static agent as `/init`).
+//! * [`host`]: whether this host can run tiny guests and boot Linux
+//!   (hardware virtualization vs. `kvm_pvm` emulation), for `sluice doctor`.
+//! * [`asm`] and [`bench`](mod@bench): a tiny x86-64 code builder for test guests, and
+//!   the measurements behind `benches/vm.rs`.
+//!
+//! Not built yet: snapshots, virtio-vsock, the `microvm` executor backend,
+//! the guest kernel build (`sluice image build`) and the CLI wiring of
+//! `sluice doctor`/`sluice bench vm` to [`host`] and [`bench`](mod@bench).
+
+// vmm is the one crate of the workspace allowed `unsafe` (KVM ioctls, guest
+// memory mappings, signal handlers); every block carries a `// SAFETY:` comment.
+#![allow(unsafe_code)]
+
+pub mod asm;
+pub mod bench;
+pub mod devices;
+pub mod host;
+pub mod initramfs;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+pub mod virtio;
+pub mod vm;
+pub mod x86_64;
+
+pub use vm::{Boot, ExitReason, Vm, VmBuilder, VmConfig, VmError, VmExit, VmState};

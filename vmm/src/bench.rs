@@ -1,0 +1,224 @@
+//! Measurements for `sluice bench vm` and `benches/vm.rs`: tiny-guest VM
+//! create-to-first-exit, port-exit round trip, and virtqueue throughput.
+
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::asm::Asm;
+use crate::devices::BusDevice;
+use crate::virtio::console::{ByteQueue, Console, ConsoleOutput, TX_QUEUE};
+use crate::virtio::{Queue, QueueError, VirtioDevice};
+use crate::{Boot, ExitReason, VmBuilder, VmConfig, VmError};
+
+/// The port tiny benchmark guests write to.
+pub const BENCH_PORT: u64 = 0x510;
+
+/// Errors of a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The guest did not reach its first exit in time.
+    #[error("the guest made no port exit within {0:?}")]
+    NoExit(Duration),
+    /// The guest ended in an unexpected way.
+    #[error("unexpected end of the benchmark guest: {0:?}")]
+    UnexpectedExit(ExitReason),
+    /// The virtqueue rejected the benchmark's buffers.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// Records the time of each write.
+struct Stamp {
+    times: std::sync::mpsc::Sender<Instant>,
+}
+
+impl BusDevice for Stamp {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        let _ = self.times.send(Instant::now());
+    }
+}
+
+fn stamp_device() -> (Arc<Mutex<Stamp>>, Receiver<Instant>) {
+    let (tx, rx) = channel();
+    (Arc::new(Mutex::new(Stamp { times: tx })), rx)
+}
+
+fn bench_config(name: &str) -> VmConfig {
+    VmConfig {
+        name: name.into(),
+        mem_size: 16 << 20,
+        ..VmConfig::default()
+    }
+}
+
+/// Time from the start of VM creation (KVM_CREATE_VM, memory, vCPU set-up,
+/// thread start) to the guest's first port exit reaching a device.
+pub fn create_to_first_exit() -> Result<Duration, BenchError> {
+    let code = Asm::new()
+        .mov_dx(BENCH_PORT as u16)
+        .out_dx_al()
+        .spin()
+        .finish();
+    let (dev, times) = stamp_device();
+    let t0 = Instant::now();
+    let mut vm = VmBuilder::new(bench_config("bench-first-exit"), Boot::Code(code))
+        .pio_device(BENCH_PORT, 1, dev)
+        .build()?;
+    vm.start()?;
+    let limit = Duration::from_secs(10);
+    let first = times
+        .recv_timeout(limit)
+        .map_err(|_| BenchError::NoExit(limit))?;
+    vm.stop();
+    Ok(first.duration_since(t0))
+}
+
+/// Mean time of one guest `out` to a VMM device and back into the guest,
+/// over `exits` exits of a loop that does nothing else.
+pub fn port_exit_round_trip(exits: u32) -> Result<Duration, BenchError> {
+    let exits = exits.max(2);
+    let a = Asm::new().mov_dx(BENCH_PORT as u16).mov_ecx(exits);
+    let top = a.here();
+    let code = a
+        .out_dx_al()
+        .dec_ecx()
+        .jnz(top)
+        .i8042_reset()
+        .spin()
+        .finish();
+    let (dev, times) = stamp_device();
+    let mut vm = VmBuilder::new(bench_config("bench-pio"), Boot::Code(code))
+        .pio_device(BENCH_PORT, 1, dev)
+        .build()?;
+    let exit = vm.run(Duration::from_secs(120))?;
+    if !matches!(exit.reason, ExitReason::Reset(_)) {
+        return Err(BenchError::UnexpectedExit(exit.reason));
+    }
+    let stamps: Vec<Instant> = times.try_iter().collect();
+    let (first, last) = match (stamps.first(), stamps.last()) {
+        (Some(f), Some(l)) if stamps.len() == exits as usize => (*f, *l),
+        _ => return Err(BenchError::NoExit(exit.elapsed)),
+    };
+    Ok(last.duration_since(first) / (exits - 1))
+}
+
+/// Mean time of [`crate::Vm::pause`] plus [`crate::Vm::resume`] (all vCPUs out of
+/// `KVM_RUN` and acknowledged, then running again) on a spinning guest.
+pub fn pause_resume(rounds: u32) -> Result<Duration, BenchError> {
+    let code = Asm::new().spin().finish();
+    let mut vm = VmBuilder::new(bench_config("bench-pause"), Boot::Code(code)).build()?;
+    vm.start()?;
+    let limit = Duration::from_secs(10);
+    let rounds = rounds.max(1);
+    let start = Instant::now();
+    for _ in 0..rounds {
+        vm.pause(limit)?;
+        vm.resume(limit)?;
+    }
+    let per_round = start.elapsed() / rounds;
+    vm.stop();
+    Ok(per_round)
+}
+
+/// Bytes per second moved through a virtio-console transmit queue in
+/// `buf_size` buffers (descriptor parsing, validation, copy out of guest
+/// memory, used-ring update), `total` bytes in all.
+pub fn virtqueue_throughput(buf_size: u32, total: u64) -> Result<f64, BenchError> {
+    const DESC: u64 = 0x1_0000;
+    const AVAIL: u64 = 0x2_0000;
+    const USED: u64 = 0x3_0000;
+    const BUF: u64 = 0x10_0000;
+    let mem_size = (BUF + u64::from(buf_size)).next_multiple_of(4096) as usize;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)])
+        .map_err(|e| BenchError::Vm(VmError::Config(e.to_string())))?;
+    let fill: Vec<u8> = (0..buf_size).map(|i| i as u8).collect();
+    mem.write_slice(&fill, GuestAddress(BUF))
+        .map_err(|e| BenchError::Vm(VmError::Config(e.to_string())))?;
+    let mut console = Console::new(
+        ConsoleOutput::Writer(Box::new(std::io::sink())),
+        ByteQueue::new(1),
+    );
+    let mut queues = vec![Queue::new(256), Queue::new(256)];
+    let q = &mut queues[TX_QUEUE];
+    q.size = 256;
+    q.desc_table = GuestAddress(DESC);
+    q.avail_ring = GuestAddress(AVAIL);
+    q.used_ring = GuestAddress(USED);
+    q.ready = true;
+    let write = |addr: u64, v: &[u8]| {
+        mem.write_slice(v, GuestAddress(addr))
+            .map_err(|e| BenchError::Vm(VmError::Config(e.to_string())))
+    };
+    let mut desc = [0u8; 16];
+    desc[0..8].copy_from_slice(&BUF.to_le_bytes());
+    desc[8..12].copy_from_slice(&buf_size.to_le_bytes());
+    for i in 0..256u64 {
+        write(DESC + 16 * i, &desc)?;
+        write(AVAIL + 4 + 2 * i, &(i as u16).to_le_bytes())?;
+    }
+    let rounds = total.div_ceil(u64::from(buf_size)).max(1);
+    let mut avail_idx = 0u16;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        avail_idx = avail_idx.wrapping_add(1);
+        write(AVAIL + 2, &avail_idx.to_le_bytes())?;
+        console.process(&mem, &mut queues)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let moved = console.stats().tx_bytes;
+    if moved != rounds * u64::from(buf_size) {
+        return Err(BenchError::Queue(QueueError::Misconfigured(
+            "benchmark buffers were not all consumed",
+        )));
+    }
+    Ok(moved as f64 / secs)
+}
+
+/// Summary of [`run`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmBenchReport {
+    /// create-to-first-exit samples, milliseconds, sorted.
+    pub create_to_first_exit_ms: Vec<f64>,
+    /// Port-exit round trip, microseconds.
+    pub port_exit_round_trip_us: f64,
+    /// Pause + resume of a one-vCPU VM, microseconds.
+    pub pause_resume_us: f64,
+    /// Virtqueue throughput with 1 MiB buffers, MB/s (10^6 bytes).
+    pub virtqueue_mb_per_s: f64,
+}
+
+impl VmBenchReport {
+    /// Median create-to-first-exit in ms.
+    pub fn create_to_first_exit_median_ms(&self) -> f64 {
+        let v = &self.create_to_first_exit_ms;
+        if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+    }
+}
+
+/// Runs the measurements: `vms` VM creations, `exits` port exits, 100
+/// pause/resume rounds, `mib` MiB through the virtqueue.
+pub fn run(vms: usize, exits: u32, mib: u64) -> Result<VmBenchReport, BenchError> {
+    let mut samples = Vec::with_capacity(vms);
+    for _ in 0..vms.max(1) {
+        samples.push(create_to_first_exit()?.as_secs_f64() * 1e3);
+    }
+    samples.sort_by(f64::total_cmp);
+    let rt = port_exit_round_trip(exits)?;
+    let pr = pause_resume(100)?;
+    let bps = virtqueue_throughput(1 << 20, mib << 20)?;
+    Ok(VmBenchReport {
+        create_to_first_exit_ms: samples,
+        port_exit_round_trip_us: rt.as_secs_f64() * 1e6,
+        pause_resume_us: pr.as_secs_f64() * 1e6,
+        virtqueue_mb_per_s: bps / 1e6,
+    })
+}
