@@ -171,6 +171,19 @@ enum BenchCommand {
         #[arg(long)]
         payload: Option<String>,
     },
+    /// The VMM on /dev/kvm with tiny guests: VM create-to-first-exit, port
+    /// exit round trip, pause/resume, virtqueue throughput.
+    Vm {
+        /// VMs to create for the create-to-first-exit figure.
+        #[arg(long, default_value_t = 20)]
+        vms: usize,
+        /// Port exits to time.
+        #[arg(long, default_value_t = 2000)]
+        exits: u32,
+        /// MiB to push through the virtqueue.
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+    },
     /// Records/s through a no-op function at several batch sizes, next to a
     /// plain rdkafka consumer (the ceiling), on the embedded broker.
     Kafka {
@@ -310,6 +323,9 @@ fn main() -> ExitCode {
                 records,
                 batch_sizes,
             }) => commands::bench::kafka(&pipeline, &function, records, &batch_sizes).await,
+            Command::Bench(BenchCommand::Vm { vms, exits, mib }) => {
+                commands::bench::vm(vms, exits, mib).await
+            }
             Command::Bench(BenchCommand::Backfill {
                 pipeline,
                 function,

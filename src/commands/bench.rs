@@ -706,3 +706,57 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
     }
     exit::OK
 }
+
+/// `sluice bench vm`: the VMM's figures on this host's /dev/kvm.
+pub async fn vm(vms: usize, exits: u32, mib: u64) -> u8 {
+    let host = sluice_vmm::host::probe();
+    if !host.can_run_tiny_guests() {
+        eprintln!(
+            "error: this host cannot run VMs: {}",
+            host.linux_blockers().join("; ")
+        );
+        return exit::UNSUPPORTED;
+    }
+    // VMs run on their own threads; keep them off the async workers.
+    let report = tokio::task::spawn_blocking(move || sluice_vmm::bench::run(vms, exits, mib)).await;
+    let r = match report {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let ms = &r.create_to_first_exit_ms;
+    println!(
+        "sluice bench vm ({}): tiny guests",
+        host.kvm_module.as_deref().unwrap_or("kvm")
+    );
+    println!(
+        "{:<40} p50 {:>8.2} ms   min {:>8.2} ms   max {:>8.2} ms   ({} VMs)",
+        "VM create to first exit",
+        r.create_to_first_exit_median_ms(),
+        ms.first().copied().unwrap_or(0.0),
+        ms.last().copied().unwrap_or(0.0),
+        ms.len()
+    );
+    println!(
+        "{:<40} {:>8.2} µs",
+        "port exit round trip", r.port_exit_round_trip_us
+    );
+    println!("{:<40} {:>8.2} µs", "pause + resume", r.pause_resume_us);
+    println!(
+        "{:<40} {:>8.0} MB/s (1 MiB buffers, {mib} MiB)",
+        "virtqueue throughput", r.virtqueue_mb_per_s
+    );
+    if !host.can_boot_linux() {
+        println!(
+            "(Linux guests cannot boot here: {}; boot-to-agent-ready needs hardware KVM)",
+            host.linux_blockers().join("; ")
+        );
+    }
+    exit::OK
+}

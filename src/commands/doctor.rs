@@ -15,38 +15,25 @@ fn report(ok: bool, what: &str, detail: &str) {
     println!("[{}] {what}: {detail}", if ok { " ok " } else { "warn" });
 }
 
-/// The KVM tier of this host.
+/// The KVM tier of this host (from the VMM's own probe): whether Linux
+/// microVM guests can boot, and why not.
 pub fn kvm_status() -> (bool, String) {
-    let dev = std::path::Path::new("/dev/kvm");
-    if !dev.exists() {
+    let host = sluice_vmm::host::probe();
+    if host.can_boot_linux() {
         return (
-            false,
-            "no /dev/kvm: the microVM backend cannot run here".into(),
+            true,
+            format!(
+                "hardware KVM ({}): Linux microVM guests can boot",
+                host.kvm_module.as_deref().unwrap_or("vmx/svm")
+            ),
         );
     }
-    let openable = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dev)
-        .is_ok();
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
-    match (openable, hw, pvm) {
-        (false, _, _) => (false, "/dev/kvm exists but cannot be opened read-write (permissions)".into()),
-        (true, true, _) => (true, "hardware KVM (vmx/svm): Linux microVM guests can boot".into()),
-        (true, false, true) => (
-            false,
-            "PVM-style KVM (kvm_pvm, no vmx/svm flag): software virtualization; tiny guests run, Linux guests cannot boot".into(),
-        ),
-        (true, false, false) => (
-            false,
-            "/dev/kvm without vmx/svm CPU flags (nested or software KVM): Linux guests are unlikely to boot".into(),
-        ),
-    }
+    let tier = if host.can_run_tiny_guests() {
+        "tiny guests run (the VMM's tests do), but Linux guests cannot boot: "
+    } else {
+        "the microVM backend cannot run here: "
+    };
+    (false, format!("{tier}{}", host.linux_blockers().join("; ")))
 }
 
 fn sluice_home() -> PathBuf {
