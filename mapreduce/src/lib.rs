@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_executor::{Executor, Fault};
 use sluice_taskgen::distributed::KafkaSettings;
-use sluice_taskgen::{BackfillError, Input, Limits};
+use sluice_taskgen::{BackfillError, Input, Limits, PayloadFormat};
 use thiserror::Error;
 use tokio::sync::{Semaphore, watch};
 
@@ -162,6 +162,8 @@ pub struct MapReduceConfig {
     pub max_attempts: u32,
     /// Output folder.
     pub output: PathBuf,
+    /// How map calls carry their items (Arrow for Parquet sources).
+    pub payload: PayloadFormat,
 }
 
 /// Counters of a run, updated as it goes (for progress views).
@@ -307,6 +309,12 @@ pub async fn run(
             "reduce partitions, items per split and groups per call must be at least 1".into(),
         ));
     }
+    if cfg.payload == PayloadFormat::Arrow && cfg.input.format != sluice_taskgen::Format::Parquet {
+        return Err(MapReduceError::Config(format!(
+            "payload \"arrow\" needs Parquet sources, not {}",
+            cfg.input.format
+        )));
+    }
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.output).map_err(|source| MapReduceError::Output {
         path: cfg.output.clone(),
@@ -396,6 +404,7 @@ async fn map_phase(
         cfg.sources.clone(),
         cfg.input.clone(),
         limits,
+        cfg.payload,
         cfg.max_concurrency,
     );
     let permits = Arc::new(Semaphore::new(cfg.max_concurrency.max(1)));

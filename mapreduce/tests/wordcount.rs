@@ -103,6 +103,7 @@ async fn wordcount(files: &[PathBuf], partitions: i32, combine: bool) -> BTreeMa
         max_concurrency: 2,
         max_attempts: 2,
         output: out.path().join("counts"),
+        payload: sluice_taskgen::PayloadFormat::Json,
     };
     let progress = Arc::new(Progress::default());
     let summary = sluice_mapreduce::run(&ex, &kafka, cfg, &topic, progress)

@@ -113,7 +113,7 @@
 //!
 //! A job with `kind = "mapreduce"` (`sluice mapreduce PIPELINE JOB`) takes
 //! `source`, `format`, `columns`, `csv_delimiter`, `max_items_per_call`
-//! (items per map split), `max_concurrency`, `max_attempts` and
+//! (items per map split), `max_concurrency`, `max_attempts`, `payload` and
 //! `bootstrap_servers` as above, and instead of `function`:
 //!
 //! | field | default | allowed |
@@ -359,6 +359,8 @@ pub struct MapReduceJob {
     pub output: PathBuf,
     /// The shuffle's Kafka cluster. Default embedded.
     pub bootstrap_servers: BootstrapServers,
+    /// How map calls carry their items. Default [`PayloadFormat::Json`].
+    pub payload: PayloadFormat,
 }
 
 /// Input format of a data set.

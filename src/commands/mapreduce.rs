@@ -85,6 +85,7 @@ pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: b
         max_concurrency: j.max_concurrency.unwrap_or(map_concurrency).max(1) as usize,
         max_attempts: j.max_attempts,
         output: j.output.clone(),
+        payload: j.payload,
     };
     if sluice_mapreduce::has_parts(&cfg.output) {
         eprintln!(

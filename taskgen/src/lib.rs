@@ -1450,16 +1450,20 @@ pub struct Split {
 
 /// Reads `sources` on a blocking thread and sends their calls, cut as a
 /// backfill cuts them, as [`Split`]s (at most `buffer` ahead of the
-/// receiver).
+/// receiver). Arrow payloads need Parquet sources.
 pub fn splits(
     sources: Vec<PathBuf>,
     input: Input,
     limits: Limits,
+    payload: PayloadFormat,
     buffer: usize,
 ) -> mpsc::Receiver<Result<Split, BackfillError>> {
     let (tx, mut calls) = mpsc::channel(buffer.max(1));
     let (out, rx) = mpsc::channel(buffer.max(1));
-    tokio::task::spawn_blocking(move || reader(sources, input, limits, tx));
+    tokio::task::spawn_blocking(move || match payload {
+        PayloadFormat::Json => reader(sources, input, limits, tx),
+        PayloadFormat::Arrow => arrow_reader(sources, input, limits, tx),
+    });
     tokio::spawn(async move {
         while let Some(next) = calls.recv().await {
             let split = next.map(|call| {

@@ -15,17 +15,13 @@ use arrow_array::types::Decimal128Type;
 use object_store::ObjectStore;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
-use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::file::properties::WriterProperties;
 use serde_json::Value;
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
 use sluice_executor::{Executor, FunctionSpec, Response};
 use sluice_taskgen::{BackfillConfig, Format, Hooks};
 use sluice_test_support::{agent_binary, function_fixture};
 use tempfile::TempDir;
-use tpchgen::generators::LineItemGenerator;
-use tpchgen_arrow::{LineItemArrow, RecordBatchIterator};
 
 const SCALE_FACTOR: f64 = 0.01;
 const FILES: i32 = 3;
@@ -34,27 +30,7 @@ const ITEMS_PER_CALL: usize = 500;
 
 /// Writes `lineitem` as `FILES` Parquet files (one generator part each).
 fn write_lineitem(dir: &std::path::Path) -> Vec<PathBuf> {
-    (1..=FILES)
-        .map(|part| {
-            let path = dir.join(format!("lineitem-{part}.parquet"));
-            let batches = LineItemArrow::new(LineItemGenerator::new(SCALE_FACTOR, part, FILES))
-                .with_batch_size(4_096);
-            let props = WriterProperties::builder()
-                .set_max_row_group_size(ROW_GROUP_ROWS)
-                .build();
-            let mut writer = ArrowWriter::try_new(
-                File::create(&path).unwrap(),
-                Arc::clone(batches.schema()),
-                Some(props),
-            )
-            .unwrap();
-            for batch in batches {
-                writer.write(&batch).unwrap();
-            }
-            writer.close().unwrap();
-            path
-        })
-        .collect()
+    sluice_test_support::tpch::write_lineitem(dir, SCALE_FACTOR, FILES, ROW_GROUP_ROWS)
 }
 
 /// Sums of `l_quantity` and `l_extendedprice` in cents, and the row count,

@@ -12,6 +12,8 @@
 //! traverse and read them.
 
 mod process;
+#[cfg(feature = "tpch")]
+pub mod tpch;
 
 pub use nix::sys::signal::Signal;
 pub use process::{DEADLINE, Process};
@@ -195,9 +197,9 @@ fn copy_tree(from: &Path, to: &Path) {
 
 /// A function folder for one of the workspace's functions, in a fresh
 /// temporary directory:
-/// - `"echo"`, `"fail"`, `"arrow-sum"`, `"wordcount"`, `"misbehave"`: the
-///   built binary (`echo-fn`, `fail-fn`, `arrow-sum-fn`, `wordcount-fn`,
-///   `misbehave-fn`) copied as `bootstrap`;
+/// - `"echo"`, `"fail"`, `"arrow-sum"`, `"wordcount"`, `"tpch-q1"`,
+///   `"misbehave"`: the built binary (`echo-fn`, `fail-fn`, ...,
+///   `tpch-q1-fn`, `misbehave-fn`) copied as `bootstrap`;
 /// - `"shell"`: the files of `examples/functions/shell/`.
 ///
 /// # Panics
@@ -207,6 +209,10 @@ pub fn function_fixture(name: &str) -> FunctionFixture {
     match name {
         "echo" => install_bootstrap(&workspace_binary("echo-function", "echo-fn"), &fixture.dir),
         "fail" => install_bootstrap(&workspace_binary("fail-function", "fail-fn"), &fixture.dir),
+        "tpch-q1" => install_bootstrap(
+            &workspace_binary("tpch-q1-function", "tpch-q1-fn"),
+            &fixture.dir,
+        ),
         "wordcount" => install_bootstrap(
             &workspace_binary("wordcount-function", "wordcount-fn"),
             &fixture.dir,
@@ -228,7 +234,7 @@ pub fn function_fixture(name: &str) -> FunctionFixture {
             set_mode(&fixture.dir.join("bootstrap"), 0o755);
         }
         other => panic!(
-            "unknown function fixture {other:?} (known: echo, fail, arrow-sum, wordcount, misbehave, shell)"
+            "unknown function fixture {other:?} (known: echo, fail, arrow-sum, wordcount, tpch-q1, misbehave, shell)"
         ),
     }
     fixture

@@ -146,7 +146,6 @@ const BACKFILL_ONLY: &[&str] = &[
     "depends_on_column",
     "progress",
     "dead_letter",
-    "payload",
     "depends_on_files",
 ];
 /// Fields only a MapReduce job has.
@@ -219,7 +218,6 @@ impl RawJob {
             ),
             s("progress", self.progress.as_ref().map(Spanned::span)),
             s("dead_letter", self.dead_letter.as_ref().map(Spanned::span)),
-            s("payload", self.payload.as_ref().map(Spanned::span)),
             s(
                 "depends_on_files",
                 self.depends_on_files
@@ -588,6 +586,7 @@ impl RawJob {
                 max_attempts,
                 output: base.join(output.into_inner()),
                 bootstrap_servers,
+                payload,
             }));
         }
         Ok(Job::Backfill(BackfillJob {

@@ -1,0 +1,211 @@
+//! TPC-H Query 1 as MapReduce functions for `sluice mapreduce` with
+//! `payload = "arrow"`; the `handler` setting picks the role.
+//!
+//! ```sql
+//! select l_returnflag, l_linestatus, sum(l_quantity), sum(l_extendedprice),
+//!        sum(l_extendedprice * (1 - l_discount)),
+//!        sum(l_extendedprice * (1 - l_discount) * (1 + l_tax)),
+//!        avg(l_quantity), avg(l_extendedprice), avg(l_discount), count(*)
+//! from lineitem where l_shipdate <= date '1998-12-01' - interval '90' day
+//! group by l_returnflag, l_linestatus
+//! ```
+//!
+//! - `map`: an Arrow batch of `lineitem` → one record per group, keyed
+//!   `"R|S"`, with exact partial sums as decimal integer strings: `sum_qty`,
+//!   `sum_base_price`, `sum_disc` (scale 2), `sum_disc_price` (scale 4),
+//!   `sum_charge` (scale 6), and `count`.
+//! - `combine`: adds the partials of each group.
+//! - `reduce`: adds them too, and answers `avg_qty`, `avg_price` and
+//!   `avg_disc` as decimal strings with 4 places, rounded half up.
+
+use std::collections::BTreeMap;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Date32Type, Decimal128Type};
+use arrow_array::{Array, RecordBatch};
+use arrow_ipc::reader::StreamReader;
+use arrow_schema::DataType;
+use base64::Engine;
+use lambda_runtime::{Error, LambdaEvent, service_fn};
+use serde_json::{Value, json};
+
+/// `date '1998-12-01' - interval '90' day`, in days since 1970-01-01.
+const SHIP_CUTOFF: i32 = 10_471;
+
+/// The partial aggregates of one group.
+#[derive(Default, Clone, Copy)]
+struct Partial {
+    qty: i128,
+    base: i128,
+    disc: i128,
+    disc_price: i128,
+    charge: i128,
+    count: i128,
+}
+
+const FIELDS: [&str; 6] = [
+    "sum_qty",
+    "sum_base_price",
+    "sum_disc",
+    "sum_disc_price",
+    "sum_charge",
+    "count",
+];
+
+impl Partial {
+    fn values(&self) -> [i128; 6] {
+        [
+            self.qty,
+            self.base,
+            self.disc,
+            self.disc_price,
+            self.charge,
+            self.count,
+        ]
+    }
+
+    fn from_json(v: &Value) -> Result<Partial, Error> {
+        let get = |k: &str| -> Result<i128, Error> {
+            v[k].as_str()
+                .ok_or_else(|| Error::from(format!("missing {k} in {v}")))?
+                .parse::<i128>()
+                .map_err(|e| Error::from(format!("{k}: {e}")))
+        };
+        Ok(Partial {
+            qty: get("sum_qty")?,
+            base: get("sum_base_price")?,
+            disc: get("sum_disc")?,
+            disc_price: get("sum_disc_price")?,
+            charge: get("sum_charge")?,
+            count: get("count")?,
+        })
+    }
+
+    fn add(&mut self, o: &Partial) {
+        self.qty += o.qty;
+        self.base += o.base;
+        self.disc += o.disc;
+        self.disc_price += o.disc_price;
+        self.charge += o.charge;
+        self.count += o.count;
+    }
+
+    fn to_json(self) -> Value {
+        let mut m = serde_json::Map::new();
+        for (k, v) in FIELDS.iter().zip(self.values()) {
+            m.insert((*k).to_owned(), json!(v.to_string()));
+        }
+        Value::Object(m)
+    }
+}
+
+/// The text of row `i` of a Utf8 or Utf8View column.
+fn text(col: &dyn Array, i: usize) -> Result<&str, Error> {
+    match col.data_type() {
+        DataType::Utf8 => Ok(col.as_string::<i32>().value(i)),
+        DataType::Utf8View => Ok(col.as_string_view().value(i)),
+        DataType::LargeUtf8 => Ok(col.as_string::<i64>().value(i)),
+        other => Err(Error::from(format!(
+            "expected a string column, found {other}"
+        ))),
+    }
+}
+
+fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a dyn Array, Error> {
+    batch
+        .column_by_name(name)
+        .map(AsRef::as_ref)
+        .ok_or_else(|| Error::from(format!("the batch has no column {name}")))
+}
+
+fn map(event: &Value) -> Result<Value, Error> {
+    let b64 = event["arrow"]
+        .as_str()
+        .ok_or("expected an Arrow payload: set payload = \"arrow\" on the job")?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64)?;
+    let mut groups: BTreeMap<String, Partial> = BTreeMap::new();
+    for batch in StreamReader::try_new(bytes.as_slice(), None)? {
+        let batch = batch?;
+        let dec = |name: &str| -> Result<_, Error> {
+            let c = column(&batch, name)?.as_primitive::<Decimal128Type>();
+            if c.scale() != 2 {
+                return Err(Error::from(format!(
+                    "{name}: expected scale 2, found {}",
+                    c.scale()
+                )));
+            }
+            Ok(c)
+        };
+        let (qty, price, disc, tax) = (
+            dec("l_quantity")?,
+            dec("l_extendedprice")?,
+            dec("l_discount")?,
+            dec("l_tax")?,
+        );
+        let ship = column(&batch, "l_shipdate")?.as_primitive::<Date32Type>();
+        let (flag, status) = (
+            column(&batch, "l_returnflag")?,
+            column(&batch, "l_linestatus")?,
+        );
+        for i in 0..batch.num_rows() {
+            if ship.value(i) > SHIP_CUTOFF {
+                continue;
+            }
+            let key = format!("{}|{}", text(flag, i)?, text(status, i)?);
+            let g = groups.entry(key).or_default();
+            let (p, d, t) = (price.value(i), disc.value(i), tax.value(i));
+            g.qty += qty.value(i);
+            g.base += p;
+            g.disc += d;
+            g.disc_price += p * (100 - d);
+            g.charge += p * (100 - d) * (100 + t);
+            g.count += 1;
+        }
+    }
+    Ok(json!({"records": groups
+        .into_iter()
+        .map(|(k, p)| json!({"key": k, "value": p.to_json()}))
+        .collect::<Vec<_>>()}))
+}
+
+fn reduce(event: &Value, finish: bool) -> Result<Value, Error> {
+    let mut records = Vec::new();
+    for g in event["groups"].as_array().into_iter().flatten() {
+        let mut total = Partial::default();
+        for v in g["values"].as_array().into_iter().flatten() {
+            total.add(&Partial::from_json(v)?);
+        }
+        let mut value = total.to_json();
+        if finish && total.count > 0 {
+            // Averages of scale-2 sums, exact as a fraction, and rounded.
+            let avg = |sum: i128| {
+                let q = (sum * 100 + total.count / 2) / total.count; // scale 4, half up
+                format!("{}.{:04}", q / 10_000, q % 10_000)
+            };
+            value["avg_qty"] = json!(avg(total.qty));
+            value["avg_price"] = json!(avg(total.base));
+            value["avg_disc"] = json!(avg(total.disc));
+        }
+        records.push(json!({"key": g["key"], "value": value}));
+    }
+    Ok(json!({ "records": records }))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let role = std::env::var("_HANDLER").unwrap_or_default();
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let role = role.clone();
+        async move {
+            match role.as_str() {
+                "map" => map(&event.payload),
+                "combine" => reduce(&event.payload, false),
+                "reduce" => reduce(&event.payload, true),
+                other => Err(Error::from(format!(
+                    "unknown handler {other:?}: set handler = \"map\", \"combine\" or \"reduce\""
+                ))),
+            }
+        }
+    }))
+    .await
+}
