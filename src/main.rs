@@ -171,6 +171,23 @@ enum BenchCommand {
         #[arg(long)]
         payload: Option<String>,
     },
+    /// TPC-H Q1 as a MapReduce job over generated lineitem Parquet files,
+    /// next to one process computing it with Arrow (and DuckDB if its Python
+    /// package is installed).
+    Mapreduce {
+        /// The pipeline file with the Q1 job and functions.
+        #[arg(long, short, default_value = "examples/tpch/pipeline.toml")]
+        pipeline: PathBuf,
+        /// The MapReduce job (its sources are replaced by the generated files).
+        #[arg(long, default_value = "q1")]
+        job: String,
+        /// TPC-H scale factor.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Parquet files to generate.
+        #[arg(long, default_value_t = 8)]
+        parts: i32,
+    },
     /// The VMM on /dev/kvm with tiny guests: VM create-to-first-exit, port
     /// exit round trip, pause/resume, virtqueue throughput.
     Vm {
@@ -323,6 +340,12 @@ fn main() -> ExitCode {
                 records,
                 batch_sizes,
             }) => commands::bench::kafka(&pipeline, &function, records, &batch_sizes).await,
+            Command::Bench(BenchCommand::Mapreduce {
+                pipeline,
+                job,
+                scale,
+                parts,
+            }) => commands::bench::mapreduce(&pipeline, &job, scale, parts).await,
             Command::Bench(BenchCommand::Vm { vms, exits, mib }) => {
                 commands::bench::vm(vms, exits, mib).await
             }

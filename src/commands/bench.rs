@@ -2,8 +2,9 @@
 //! and its pool, next to spawning the same `bootstrap` for every call (the
 //! baseline every warm pool must beat), in the same run.
 
+use std::collections::BTreeMap;
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -759,4 +760,283 @@ pub async fn vm(vms: usize, exits: u32, mib: u64) -> u8 {
         );
     }
     exit::OK
+}
+
+/// TPC-H Q1 in one process with Arrow (the baseline): per group the exact
+/// sums (qty, base, disc at scale 2; disc_price at 4; charge at 6) and count.
+fn q1_arrow(files: &[PathBuf]) -> Result<BTreeMap<String, [i128; 6]>, String> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Date32Type, Decimal128Type};
+    const SHIP_CUTOFF: i32 = 10_471; // 1998-09-02
+    let text = |col: &dyn arrow_array::Array, i: usize| -> String {
+        match col.data_type() {
+            arrow_schema::DataType::Utf8View => col.as_string_view().value(i).to_owned(),
+            _ => col.as_string::<i32>().value(i).to_owned(),
+        }
+    };
+    let mut out: BTreeMap<String, [i128; 6]> = BTreeMap::new();
+    for file in files {
+        let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .map_err(|e| e.to_string())?;
+        let names = [
+            "l_quantity",
+            "l_extendedprice",
+            "l_discount",
+            "l_tax",
+            "l_returnflag",
+            "l_linestatus",
+            "l_shipdate",
+        ];
+        let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), names);
+        for batch in builder
+            .with_projection(mask)
+            .build()
+            .map_err(|e| e.to_string())?
+        {
+            let batch = batch.map_err(|e| e.to_string())?;
+            let col = |n: &str| batch.column_by_name(n).ok_or(format!("no column {n}"));
+            let (q, p, d, t) = (
+                col("l_quantity")?.as_primitive::<Decimal128Type>(),
+                col("l_extendedprice")?.as_primitive::<Decimal128Type>(),
+                col("l_discount")?.as_primitive::<Decimal128Type>(),
+                col("l_tax")?.as_primitive::<Decimal128Type>(),
+            );
+            let ship = col("l_shipdate")?.as_primitive::<Date32Type>();
+            let (flag, status) = (col("l_returnflag")?, col("l_linestatus")?);
+            for i in 0..batch.num_rows() {
+                if ship.value(i) > SHIP_CUTOFF {
+                    continue;
+                }
+                let g = out
+                    .entry(format!("{}|{}", text(flag, i), text(status, i)))
+                    .or_default();
+                let (pv, dv, tv) = (p.value(i), d.value(i), t.value(i));
+                g[0] += q.value(i);
+                g[1] += pv;
+                g[2] += dv;
+                g[3] += pv * (100 - dv);
+                g[4] += pv * (100 - dv) * (100 + tv);
+                g[5] += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// DuckDB's time for Q1 over `glob` (warm: the best of 3), if `python3 -c
+/// "import duckdb"` works.
+fn q1_duckdb(glob: &str) -> Option<Duration> {
+    let script = format!(
+        "import duckdb, time\n\
+         con = duckdb.connect()\n\
+         q = \"\"\"select l_returnflag, l_linestatus, sum(l_quantity), sum(l_extendedprice),\n\
+           sum(l_extendedprice*(1-l_discount)), sum(l_extendedprice*(1-l_discount)*(1+l_tax)),\n\
+           avg(l_quantity), avg(l_extendedprice), avg(l_discount), count(*)\n\
+           from read_parquet('{glob}') where l_shipdate <= date '1998-09-02'\n\
+           group by l_returnflag, l_linestatus order by 1, 2\"\"\"\n\
+         best = None\n\
+         for _ in range(4):\n\
+         \x20   t = time.perf_counter(); con.execute(q).fetchall(); d = time.perf_counter() - t\n\
+         \x20   best = d if best is None or d < best else best\n\
+         print(best)\n"
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let secs: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    Some(Duration::from_secs_f64(secs))
+}
+
+/// `sluice bench mapreduce`: TPC-H Q1 as a MapReduce job over `parts`
+/// generated lineitem files, next to one process computing it with Arrow
+/// (and DuckDB when its Python package is installed).
+pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8 {
+    let p = match super::load_pipeline(pipeline) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let Some(j) = p.mapreduce_jobs.get(job) else {
+        eprintln!("error: {}: no MapReduce job {job:?}", pipeline.display());
+        return exit::USAGE;
+    };
+    let dir = std::env::temp_dir().join(format!("sluice-bench-mr-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("error: {}: {e}", dir.display());
+        return exit::INVOKE_FAILED;
+    }
+    let dir = ScratchDir(dir);
+    let started = Instant::now();
+    let gen_dir = dir.0.clone();
+    let generated = tokio::task::spawn_blocking(move || generate_lineitem(&gen_dir, scale, parts))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    let files = match generated {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: generating lineitem: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    println!(
+        "sluice bench mapreduce: TPC-H Q1, lineitem at scale factor {scale} in {parts} Parquet files (generated in {:.1?})",
+        started.elapsed()
+    );
+    let arrow_files = files.clone();
+    let t = Instant::now();
+    let want = match tokio::task::spawn_blocking(move || q1_arrow(&arrow_files)).await {
+        Ok(Ok(w)) => w,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let arrow_time = t.elapsed();
+    println!(
+        "{:<44} {:>9.3} s",
+        "one process, Arrow (baseline)",
+        arrow_time.as_secs_f64()
+    );
+    let glob = dir.0.join("*.parquet").display().to_string();
+    let duck = tokio::task::spawn_blocking(move || q1_duckdb(&glob))
+        .await
+        .ok()
+        .flatten();
+    match duck {
+        Some(d) => println!(
+            "{:<44} {:>9.3} s",
+            "DuckDB (Python package, warm)",
+            d.as_secs_f64()
+        ),
+        None => println!(
+            "{:<44} {:>9}",
+            "DuckDB", "not installed (pip install duckdb)"
+        ),
+    }
+
+    let ex = match super::executor_for(&p, Arc::new(|_l: LogLine| {})) {
+        Ok(ex) => ex,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let broker = match sluice_ingest::kafka::EmbeddedBroker::start(1) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let partitions = i32::try_from(j.reduce_partitions).unwrap_or(1);
+    let topic = sluice_mapreduce::shuffle_topic(&j.name, sluice_mapreduce::run_id());
+    if let Err(e) = broker.create_topic(&topic, partitions) {
+        eprintln!("error: {e}");
+        return exit::INVOKE_FAILED;
+    }
+    let kafka = sluice_taskgen::distributed::KafkaSettings {
+        servers: broker.bootstrap_servers().to_owned(),
+        properties: Vec::new(),
+    };
+    let concurrency = p.functions.get(&j.map).map_or(4, |f| f.concurrency) as usize;
+    let cfg = sluice_mapreduce::MapReduceConfig {
+        job: j.name.clone(),
+        sources: files,
+        input: sluice_taskgen::Input {
+            format: sluice_taskgen::Format::Parquet,
+            columns: j.columns.clone(),
+            csv_delimiter: b',',
+        },
+        items_per_split: j.max_items_per_call as usize,
+        map: j.map.clone(),
+        combine: j.combine.clone(),
+        reduce: j.reduce.clone(),
+        reduce_partitions: partitions,
+        groups_per_call: j.groups_per_call as usize,
+        max_concurrency: j.max_concurrency.map_or(concurrency, |c| c as usize),
+        max_attempts: j.max_attempts,
+        output: dir.0.join("out"),
+        payload: j.payload,
+    };
+    let progress = Arc::new(sluice_mapreduce::Progress::default());
+    let result = sluice_mapreduce::run(&ex, &kafka, cfg, &topic, progress).await;
+    ex.shutdown().await;
+    let s = match result {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    // The job's answer must be the baseline's.
+    for file in &s.output_files {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            eprintln!("error: cannot read {}", file.display());
+            return exit::INVOKE_FAILED;
+        };
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            let key = v["key"].as_str().unwrap_or_default();
+            let Some(sums) = want.get(key) else {
+                eprintln!("error: the job answered a group {key:?} the baseline has not");
+                return exit::INVOKE_FAILED;
+            };
+            if v["value"]["sum_charge"].as_str() != Some(sums[4].to_string().as_str())
+                || v["value"]["count"].as_str() != Some(sums[5].to_string().as_str())
+            {
+                eprintln!(
+                    "error: group {key}: the job answered {} (baseline {sums:?})",
+                    v["value"]
+                );
+                return exit::INVOKE_FAILED;
+            }
+        }
+    }
+    let secs = s.duration.as_secs_f64();
+    println!(
+        "{:<44} {:>9.3} s   ({:.1}x the Arrow baseline{})",
+        format!(
+            "sluice mapreduce ({} map tasks, {} reducers)",
+            s.map_tasks, partitions
+        ),
+        secs,
+        secs / arrow_time.as_secs_f64().max(1e-9),
+        duck.map_or(String::new(), |d| format!(
+            ", {:.1}x DuckDB",
+            secs / d.as_secs_f64().max(1e-9)
+        ))
+    );
+    println!("(the job's groups and sums equal the baseline's, exactly)");
+    drop(broker);
+    exit::OK
+}
+
+/// lineitem at `scale` as `parts` Parquet files in `dir`.
+fn generate_lineitem(dir: &Path, scale: f64, parts: i32) -> Result<Vec<PathBuf>, String> {
+    use tpchgen::generators::LineItemGenerator;
+    use tpchgen_arrow::{LineItemArrow, RecordBatchIterator};
+    let mut files = Vec::new();
+    for part in 1..=parts {
+        let path = dir.join(format!("lineitem-{part}.parquet"));
+        let batches =
+            LineItemArrow::new(LineItemGenerator::new(scale, part, parts)).with_batch_size(8192);
+        let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, Arc::clone(batches.schema()), None)
+            .map_err(|e| e.to_string())?;
+        for b in batches {
+            w.write(&b).map_err(|e| e.to_string())?;
+        }
+        w.close().map_err(|e| e.to_string())?;
+        files.push(path);
+    }
+    Ok(files)
 }
