@@ -218,6 +218,62 @@ struct Shuffled {
     v: Value,
 }
 
+/// The bytes of a shuffle record: `key`'s `value` from map task `task`'s
+/// publishing attempt `attempt`, or (without a key) the task's end-of-map
+/// marker.
+pub fn shuffle_record(task: u64, attempt: u32, key: Option<&str>, value: Value) -> Vec<u8> {
+    serde_json::to_vec(&Shuffled {
+        t: task,
+        a: attempt,
+        k: key.map(str::to_owned),
+        v: value,
+    })
+    .expect("a shuffle record serializes")
+}
+
+/// Reads partition `p` of `topic` until `tasks` map tasks are marked, as a
+/// reducer does, and returns the values by key.
+///
+/// # Errors
+/// Kafka errors.
+pub async fn collect(
+    kafka: &KafkaSettings,
+    topic: &str,
+    p: i32,
+    tasks: u64,
+) -> Result<BTreeMap<String, Vec<Value>>, MapReduceError> {
+    let consumer = partition_consumer(kafka, topic, p)?;
+    let (_tx, total) = watch::channel(Some(tasks));
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        collect_partition(&consumer, &topic, p, &total, &AtomicBool::new(false))
+    })
+    .await
+    .map_err(|e| MapReduceError::Config(format!("collecting partition {p} panicked: {e}")))?
+}
+
+/// A consumer reading partition `p` of `topic` from its start.
+fn partition_consumer(
+    kafka: &KafkaSettings,
+    topic: &str,
+    p: i32,
+) -> Result<BaseConsumer, MapReduceError> {
+    let consumer: BaseConsumer = kafka
+        .client()
+        .set("group.id", format!("{topic}-reducer-{p}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|e| kafka_err(format!("creating reducer {p}'s consumer"), e))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, p, Offset::Beginning)
+        .map_err(|e| kafka_err(format!("assigning partition {p}"), e))?;
+    consumer
+        .assign(&tpl)
+        .map_err(|e| kafka_err(format!("assigning partition {p}"), e))?;
+    Ok(consumer)
+}
+
 /// The shuffle topic of a run.
 pub fn shuffle_topic(job: &str, run: u64) -> String {
     format!("sluice-mr-{job}-{run}")
@@ -576,7 +632,7 @@ async fn publish(
             (p, None, marker)
         }));
     for (partition, key, body) in bodies {
-        let body = serde_json::to_vec(&body).expect("a shuffle record serializes");
+        let body = shuffle_record(body.t, body.a, body.k.as_deref(), body.v);
         let mut record = FutureRecord::<str, [u8]>::to(topic)
             .partition(partition)
             .payload(&body);
@@ -634,19 +690,7 @@ async fn reduce_partition(
     stop: Arc<AtomicBool>,
     progress: &Progress,
 ) -> Result<(PathBuf, u64, u64), MapReduceError> {
-    let consumer: BaseConsumer = kafka
-        .client()
-        .set("group.id", format!("{topic}-reducer-{p}"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .map_err(|e| kafka_err(format!("creating reducer {p}'s consumer"), e))?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, p, Offset::Beginning)
-        .map_err(|e| kafka_err(format!("assigning partition {p}"), e))?;
-    consumer
-        .assign(&tpl)
-        .map_err(|e| kafka_err(format!("assigning partition {p}"), e))?;
+    let consumer = partition_consumer(kafka, topic, p)?;
     let topic_name = topic.to_owned();
     // Polling blocks: it runs on a blocking thread.
     let groups = tokio::task::spawn_blocking(move || {
