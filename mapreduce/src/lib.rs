@@ -164,6 +164,8 @@ pub struct MapReduceConfig {
     pub output: PathBuf,
     /// How map calls carry their items (Arrow for Parquet sources).
     pub payload: PayloadFormat,
+    /// What the reducers write.
+    pub output_format: OutputFormat,
 }
 
 /// Counters of a run, updated as it goes (for progress views).
@@ -728,13 +730,62 @@ async fn reduce_partition(
     }
     file.flush().map_err(out_err)?;
     drop(file);
-    std::fs::rename(&tmp, &path).map_err(|source| MapReduceError::Output {
-        path: path.clone(),
-        source,
-    })?;
+    let path = match cfg.output_format {
+        OutputFormat::Jsonl => {
+            std::fs::rename(&tmp, &path).map_err(|source| MapReduceError::Output {
+                path: path.clone(),
+                source,
+            })?;
+            path
+        }
+        OutputFormat::Parquet => {
+            let parquet = path.with_extension("parquet");
+            jsonl_to_parquet(&tmp, &parquet)?;
+            let _ = std::fs::remove_file(&tmp);
+            parquet
+        }
+    };
     progress.reducers_done.fetch_add(1, Ordering::Relaxed);
     Ok((path, groups.len() as u64, written))
 }
+
+/// Converts a reducer's JSON lines to Parquet, with the schema inferred
+/// from the records (`key`, and `value`'s fields as columns when it is an
+/// object).
+fn jsonl_to_parquet(jsonl: &Path, parquet: &Path) -> Result<(), MapReduceError> {
+    let err = |path: &Path, e: &dyn std::fmt::Display| MapReduceError::Output {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let open = || {
+        std::fs::File::open(jsonl)
+            .map(std::io::BufReader::new)
+            .map_err(|source| MapReduceError::Output {
+                path: jsonl.to_path_buf(),
+                source,
+            })
+    };
+    let (schema, _) =
+        arrow_json::reader::infer_json_schema(open()?, None).map_err(|e| err(jsonl, &e))?;
+    let schema = Arc::new(schema);
+    let reader = arrow_json::ReaderBuilder::new(Arc::clone(&schema))
+        .build(open()?)
+        .map_err(|e| err(jsonl, &e))?;
+    let file = std::fs::File::create(parquet).map_err(|source| MapReduceError::Output {
+        path: parquet.to_path_buf(),
+        source,
+    })?;
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(|e| err(parquet, &e))?;
+    for batch in reader {
+        let batch = batch.map_err(|e| err(jsonl, &e))?;
+        writer.write(&batch).map_err(|e| err(parquet, &e))?;
+    }
+    writer.close().map_err(|e| err(parquet, &e))?;
+    Ok(())
+}
+
+pub use sluice_pipeline::OutputFormat;
 
 /// A partition's values by key, counting each map task's first marked
 /// attempt only; returns once all `total` tasks are marked.

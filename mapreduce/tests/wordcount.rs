@@ -104,6 +104,7 @@ async fn wordcount(files: &[PathBuf], partitions: i32, combine: bool) -> BTreeMa
         max_attempts: 2,
         output: out.path().join("counts"),
         payload: sluice_taskgen::PayloadFormat::Json,
+        output_format: sluice_mapreduce::OutputFormat::Jsonl,
     };
     let progress = Arc::new(Progress::default());
     let summary = sluice_mapreduce::run(&ex, &kafka, cfg, &topic, progress)

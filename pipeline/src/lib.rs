@@ -124,6 +124,7 @@
 //! | `reduce_partitions` | [`DEFAULT_REDUCE_PARTITIONS`] | [`REDUCE_PARTITIONS_RANGE`] |
 //! | `groups_per_call` | [`DEFAULT_GROUPS_PER_CALL`] | [`MAX_ITEMS_PER_CALL_RANGE`] |
 //! | `output` | required | a folder |
+//! | `output_format` | `"jsonl"` | `"jsonl"` or `"parquet"` |
 //!
 //! Any other key or section, at any level, is an error. Fields inside a `[[trigger.kafka]]` table
 //! are named `trigger.kafka[I].FIELD` in messages, with `I` counting from 0.
@@ -321,6 +322,18 @@ pub struct Pipeline {
     pub mapreduce_jobs: BTreeMap<String, MapReduceJob>,
 }
 
+/// What a MapReduce job's reducers write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum OutputFormat {
+    /// `part-NNNNN.jsonl`: `{"key": ..., "value": ...}` per line (the
+    /// default).
+    #[default]
+    Jsonl,
+    /// `part-NNNNN.parquet`: columns `key` and `value` (a struct when the
+    /// values are objects), the schema inferred from the records.
+    Parquet,
+}
+
 /// One validated `[job.NAME]` table of kind `"mapreduce"`, defaults applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapReduceJob {
@@ -361,6 +374,8 @@ pub struct MapReduceJob {
     pub bootstrap_servers: BootstrapServers,
     /// How map calls carry their items. Default [`PayloadFormat::Json`].
     pub payload: PayloadFormat,
+    /// What the reducers write. Default [`OutputFormat::Jsonl`].
+    pub output_format: OutputFormat,
 }
 
 /// Input format of a data set.

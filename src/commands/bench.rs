@@ -966,6 +966,7 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
         max_attempts: j.max_attempts,
         output: dir.0.join("out"),
         payload: j.payload,
+        output_format: sluice_mapreduce::OutputFormat::Jsonl,
     };
     let progress = Arc::new(sluice_mapreduce::Progress::default());
     let result = sluice_mapreduce::run(&ex, &kafka, cfg, &topic, progress).await;

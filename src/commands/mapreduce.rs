@@ -86,6 +86,7 @@ pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: b
         max_attempts: j.max_attempts,
         output: j.output.clone(),
         payload: j.payload,
+        output_format: j.output_format,
     };
     if sluice_mapreduce::has_parts(&cfg.output) {
         eprintln!(

@@ -9,6 +9,7 @@ use serde_spanned::Spanned;
 
 use super::kafka::validate_bootstrap_servers;
 use super::{Fields, INTEGER, Job, STRING, is_lambda_name};
+use crate::OutputFormat;
 use crate::error::PipelineError;
 use crate::span::{self, Locator};
 use crate::{
@@ -75,6 +76,8 @@ pub(super) struct RawJob {
     output: Option<Spanned<String>>,
     /// MapReduce: default [`DEFAULT_GROUPS_PER_CALL`].
     groups_per_call: Option<Spanned<i64>>,
+    /// MapReduce: default `"jsonl"`.
+    output_format: Option<Spanned<String>>,
 }
 
 /// An array of glob patterns, with positions.
@@ -133,6 +136,7 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     ("reduce_partitions", INTEGER),
     ("output", STRING),
     ("groups_per_call", INTEGER),
+    ("output_format", "a string: \"jsonl\" or \"parquet\""),
 ];
 
 /// Fields only a backfill job has.
@@ -156,6 +160,7 @@ const MAPREDUCE_ONLY: &[&str] = &[
     "reduce_partitions",
     "output",
     "groups_per_call",
+    "output_format",
 ];
 
 const NAME_RULE: &str = "1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`";
@@ -555,6 +560,21 @@ impl RawJob {
                     "the folder the reducers write to, e.g. output = \"out/wordcount\"",
                 ));
             };
+            let output_format = match self.output_format {
+                None => OutputFormat::Jsonl,
+                Some(v) => match v.get_ref().as_str() {
+                    "jsonl" => OutputFormat::Jsonl,
+                    "parquet" => OutputFormat::Parquet,
+                    _ => {
+                        return Err(PipelineError::InvalidValue {
+                            at: loc.at(v.span()),
+                            field: f.field("output_format"),
+                            value: v.into_inner(),
+                            expected: "\"jsonl\" or \"parquet\"",
+                        });
+                    }
+                },
+            };
             return Ok(Job::MapReduce(MapReduceJob {
                 name: name.into_inner(),
                 sources,
@@ -587,6 +607,7 @@ impl RawJob {
                 output: base.join(output.into_inner()),
                 bootstrap_servers,
                 payload,
+                output_format,
             }));
         }
         Ok(Job::Backfill(BackfillJob {
