@@ -545,16 +545,9 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
         }
     })
     .await;
-    let bytes = match written {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
-            eprintln!("error: writing the Parquet file: {e}");
-            return exit::INVOKE_FAILED;
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::INVOKE_FAILED;
-        }
+    let bytes = match joined("writing the Parquet file", written) {
+        Ok(b) => b,
+        Err(code) => return code,
     };
     println!(
         "sluice bench backfill: {rows} rows (5 columns: 3 numeric, 2 strings), {bytes} bytes of Parquet; function {function}, concurrency {concurrency}"
@@ -578,16 +571,9 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
         }
     })
     .await;
-    let [(scanned, scan), (jsoned, json)] = match scans {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            eprintln!("error: reading the Parquet file: {e}");
-            return exit::INVOKE_FAILED;
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::INVOKE_FAILED;
-        }
+    let [(scanned, scan), (jsoned, json)] = match joined("reading the Parquet file", scans) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let scan_rate = scanned as f64 / scan.as_secs_f64().max(1e-9);
     let json_rate = jsoned as f64 / json.as_secs_f64().max(1e-9);
@@ -720,16 +706,9 @@ pub async fn vm(vms: usize, exits: u32, mib: u64) -> u8 {
     }
     // VMs run on their own threads; keep them off the async workers.
     let report = tokio::task::spawn_blocking(move || sluice_vmm::bench::run(vms, exits, mib)).await;
-    let r = match report {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            eprintln!("error: {e}");
-            return exit::INVOKE_FAILED;
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::INVOKE_FAILED;
-        }
+    let r = match joined("running the VMs", report) {
+        Ok(r) => r,
+        Err(code) => return code,
     };
     let ms = &r.create_to_first_exit_ms;
     println!(
@@ -872,16 +851,11 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
     let dir = ScratchDir(dir);
     let started = Instant::now();
     let gen_dir = dir.0.clone();
-    let generated = tokio::task::spawn_blocking(move || generate_lineitem(&gen_dir, scale, parts))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-    let files = match generated {
+    let generated =
+        tokio::task::spawn_blocking(move || generate_lineitem(&gen_dir, scale, parts)).await;
+    let files = match joined("generating lineitem", generated) {
         Ok(f) => f,
-        Err(e) => {
-            eprintln!("error: generating lineitem: {e}");
-            return exit::INVOKE_FAILED;
-        }
+        Err(code) => return code,
     };
     println!(
         "sluice bench mapreduce: TPC-H Q1, lineitem at scale factor {scale} in {parts} Parquet files (generated in {:.1?})",
@@ -889,16 +863,10 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
     );
     let arrow_files = files.clone();
     let t = Instant::now();
-    let want = match tokio::task::spawn_blocking(move || q1_arrow(&arrow_files)).await {
-        Ok(Ok(w)) => w,
-        Ok(Err(e)) => {
-            eprintln!("error: {e}");
-            return exit::INVOKE_FAILED;
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::INVOKE_FAILED;
-        }
+    let computed = tokio::task::spawn_blocking(move || q1_arrow(&arrow_files)).await;
+    let want = match joined("computing Q1 with Arrow", computed) {
+        Ok(w) => w,
+        Err(code) => return code,
     };
     let arrow_time = t.elapsed();
     println!(
@@ -1040,4 +1008,23 @@ fn generate_lineitem(dir: &Path, scale: f64, parts: i32) -> Result<Vec<PathBuf>,
         files.push(path);
     }
     Ok(files)
+}
+
+/// The value of a joined blocking task, or (after printing `what` and the
+/// error) the exit code for a failed run.
+fn joined<T, E: std::fmt::Display>(
+    what: &str,
+    r: Result<Result<T, E>, tokio::task::JoinError>,
+) -> Result<T, u8> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            eprintln!("error: {what}: {e}");
+            Err(exit::INVOKE_FAILED)
+        }
+        Err(e) => {
+            eprintln!("error: {what}: {e}");
+            Err(exit::INVOKE_FAILED)
+        }
+    }
 }

@@ -33,6 +33,20 @@ fn write_lineitem(dir: &std::path::Path) -> Vec<PathBuf> {
     sluice_test_support::tpch::write_lineitem(dir, SCALE_FACTOR, FILES, ROW_GROUP_ROWS)
 }
 
+/// An executor running the workspace function `name` (2 at once); the
+/// fixture's folder lives as long as the returned fixture.
+fn executor(name: &str) -> (sluice_test_support::FunctionFixture, Executor) {
+    let f = function_fixture(name);
+    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
+        agent_binary(),
+    ))));
+    let mut spec = FunctionSpec::new(name, &f.dir);
+    spec.timeout = Duration::from_secs(30);
+    spec.concurrency = 2;
+    ex.register(spec);
+    (f, ex)
+}
+
 /// Sums of `l_quantity` and `l_extendedprice` in cents, and the row count,
 /// read directly with Arrow.
 fn arrow_sums(files: &[PathBuf]) -> (i128, i128, u64) {
@@ -119,14 +133,7 @@ async fn lineitem_sums_match_arrow_to_the_cent() {
     );
     let want_calls: u64 = plan.iter().map(|p| p.calls).sum();
 
-    let f = function_fixture("echo");
-    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
-        agent_binary(),
-    ))));
-    let mut spec = FunctionSpec::new("echo", &f.dir);
-    spec.timeout = Duration::from_secs(30);
-    spec.concurrency = 2;
-    ex.register(spec);
+    let (_f, ex) = executor("echo");
 
     let sums = Arc::new(Mutex::new((0i128, 0i128, 0u64)));
     let sink = Arc::clone(&sums);
@@ -172,14 +179,7 @@ async fn arrow_payloads_with_projected_columns_sum_to_the_cent() {
     let files = write_lineitem(dir.path());
     let (want_quantity, want_price, want_rows) = arrow_sums(&files);
 
-    let f = function_fixture("arrow-sum");
-    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
-        agent_binary(),
-    ))));
-    let mut spec = FunctionSpec::new("arrow-sum", &f.dir);
-    spec.timeout = Duration::from_secs(30);
-    spec.concurrency = 2;
-    ex.register(spec);
+    let (_f, ex) = executor("arrow-sum");
 
     let sums = Arc::new(Mutex::new((0i128, 0i128, 0u64)));
     let sink = Arc::clone(&sums);
