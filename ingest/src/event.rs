@@ -151,13 +151,11 @@ fn group(records: &[Record]) -> Vec<(&str, i32, Vec<&Record>)> {
         // Batches mostly hold one partition: check the last group first.
         let last = groups.len().checked_sub(1);
         let i = match last {
-            Some(l) if groups[l].0 == r.topic && groups[l].1 == r.partition => l,
-            _ => *index
-                .entry((r.topic.as_str(), r.partition))
-                .or_insert_with(|| {
-                    groups.push((r.topic.as_str(), r.partition, Vec::new()));
-                    groups.len() - 1
-                }),
+            Some(l) if groups[l].0 == &*r.topic && groups[l].1 == r.partition => l,
+            _ => *index.entry((&*r.topic, r.partition)).or_insert_with(|| {
+                groups.push((&*r.topic, r.partition, Vec::new()));
+                groups.len() - 1
+            }),
         };
         groups[i].2.push(r);
     }
@@ -295,7 +293,7 @@ pub fn parse_batch_item_failures(
 
     let known: HashSet<(&str, i32, i64)> = batch
         .iter()
-        .map(|r| (r.topic.as_str(), r.partition, r.offset))
+        .map(|r| (&*r.topic, r.partition, r.offset))
         .collect();
     let partitions: HashSet<(&str, i32)> = known.iter().map(|&(t, p, _)| (t, p)).collect();
     let topics: HashSet<&str> = partitions.iter().map(|&(t, _)| t).collect();
@@ -380,7 +378,7 @@ pub fn filter_view(r: &Record) -> Result<Value, EventError> {
     let value = match &r.value {
         None => Value::Null,
         Some(v) => serde_json::from_slice(v).map_err(|source| EventError::ValueNotJson {
-            topic: r.topic.clone(),
+            topic: r.topic.to_string(),
             partition: r.partition,
             offset: r.offset,
             source,
@@ -392,7 +390,7 @@ pub fn filter_view(r: &Record) -> Result<Value, EventError> {
         .and_then(|k| std::str::from_utf8(k).ok())
         .map_or(Value::Null, |k| Value::String(k.to_owned()));
     let mut m = serde_json::Map::with_capacity(6);
-    m.insert("topic".into(), Value::String(r.topic.clone()));
+    m.insert("topic".into(), Value::String(r.topic.to_string()));
     m.insert("partition".into(), r.partition.into());
     m.insert("offset".into(), r.offset.into());
     m.insert("timestamp".into(), r.timestamp_ms.into());
@@ -443,7 +441,7 @@ pub fn failure_headers(r: &Record, info: &FailureInfo) -> Vec<(String, Vec<u8>)>
     use failure_header as h;
     let mut out = Vec::with_capacity(9 + r.headers.len());
     let mut push = |k: &str, v: String| out.push((k.to_owned(), v.into_bytes()));
-    push(h::SOURCE_TOPIC, r.topic.clone());
+    push(h::SOURCE_TOPIC, r.topic.to_string());
     push(h::SOURCE_PARTITION, r.partition.to_string());
     push(h::SOURCE_OFFSET, r.offset.to_string());
     push(h::SOURCE_TIMESTAMP, r.timestamp_ms.to_string());

@@ -368,7 +368,7 @@ impl Partition {
                     // The pattern only looks at metadata; match on that.
                     let key = rec.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
                     let view = serde_json::json!({
-                        "topic": rec.topic, "partition": rec.partition,
+                        "topic": &*rec.topic, "partition": rec.partition,
                         "offset": rec.offset, "timestamp": rec.timestamp_ms,
                         "key": key,
                     });
@@ -471,7 +471,7 @@ impl Partition {
                     Ok(Some(ids)) => {
                         let (bad, good): (Vec<_>, Vec<_>) = recs.into_iter().partition(|r| {
                             ids.iter().any(|(tp, p, o)| {
-                                *tp == r.topic && *p == r.partition && *o == r.offset
+                                tp.as_str() == &*r.topic && *p == r.partition && *o == r.offset
                             })
                         });
                         let produced = if self.shared.txn.is_some() {

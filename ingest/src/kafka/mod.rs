@@ -300,7 +300,9 @@ impl Ctx {
     }
 }
 
-fn to_record<M: Message>(m: &M) -> Record {
+/// Copy a message into a [`Record`]; `topic` is the last topic seen, reused
+/// while messages name the same one.
+fn to_record<M: Message>(m: &M, topic: &mut Option<Arc<str>>) -> Record {
     let (timestamp_ms, timestamp_type) = match m.timestamp() {
         Timestamp::CreateTime(t) => (t, TimestampType::CreateTime),
         Timestamp::LogAppendTime(t) => (t, TimestampType::LogAppendTime),
@@ -315,7 +317,10 @@ fn to_record<M: Message>(m: &M) -> Record {
         })
         .unwrap_or_default();
     Record {
-        topic: m.topic().to_owned(),
+        topic: match topic {
+            Some(t) if &**t == m.topic() => t.clone(),
+            _ => topic.insert(Arc::from(m.topic())).clone(),
+        },
         partition: m.partition(),
         offset: m.offset(),
         timestamp_ms,
@@ -471,13 +476,14 @@ const POLL_BURST: usize = 1024;
 fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<AtomicBool>) {
     let name = shared.trigger.name.clone();
     let mut last_lag = Instant::now();
+    let mut topic: Option<Arc<str>> = None;
     while !stop.load(Ordering::SeqCst) {
         // Wait for one record, then take what is already fetched (no wait).
         let mut timeout = Duration::from_millis(50);
         for _ in 0..POLL_BURST {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => {
-                    let rec = to_record(&m);
+                    let rec = to_record(&m, &mut topic);
                     drop(m);
                     consumer
                         .context()
@@ -533,7 +539,7 @@ fn flush_polled(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>) {
 fn route(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>, chunk: Vec<Record>) {
     let ctx = consumer.context();
     let n = chunk.len();
-    let (topic, partition) = (chunk[0].topic.clone(), chunk[0].partition);
+    let (topic, partition) = (chunk[0].topic.to_string(), chunk[0].partition);
     let mut lanes = ctx.lanes.lock().unwrap_or_else(|p| p.into_inner());
     let lane = lanes
         .entry((topic.clone(), partition))
