@@ -207,8 +207,8 @@ enum BenchCommand {
         /// The pipeline file declaring the function.
         #[arg(long, short, default_value = "examples/pipeline.toml")]
         pipeline: PathBuf,
-        /// The no-op function (an echo function).
-        #[arg(long, short, default_value = "echo")]
+        /// The no-op function (`noop` answers null whatever the event).
+        #[arg(long, short, default_value = "noop")]
         function: String,
         /// Records to push through each configuration.
         #[arg(long, short = 'n', default_value_t = 20_000)]

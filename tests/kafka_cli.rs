@@ -3,7 +3,9 @@
 //! over), and the embedded broker with `--produce` and `--stop-when-idle`.
 //!
 //! The broker is a `MockCluster` started by the test process (the `sluice`
-//! processes connect to its address). Tests wait by polling a consumer or
+//! processes connect to its address), or the external cluster of
+//! `SLUICE_TEST_KAFKA` (`sluice_test_support::kafka`; topic and group names
+//! are then made unique per test by [`Kafka::name`]). Tests wait by polling a consumer or
 //! the processes' stderr lines under a deadline.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,9 +22,9 @@ use nix::unistd::Pid;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use sluice_test_support::kafka::TestKafka;
 use sluice_test_support::{FunctionFixture, agent_binary, function_fixture};
 
 /// Longest wait for one expected outcome (joins, rebalances after a member
@@ -187,33 +189,37 @@ impl Drop for Sluice {
 // The broker.
 
 struct Kafka {
-    _cluster: MockCluster<'static, DefaultProducerContext>,
+    broker: TestKafka,
     servers: String,
     producer: BaseProducer,
 }
 
 impl Kafka {
     fn start(topics: &[(&str, i32)]) -> Self {
-        let cluster = MockCluster::new(1).expect("starting a mock cluster");
+        let broker = TestKafka::start();
         for (t, p) in topics {
-            cluster
-                .create_topic(t, *p, 1)
-                .unwrap_or_else(|e| panic!("creating topic {t}: {e}"));
+            broker.create_topic(&broker.name(t), *p);
         }
-        let servers = cluster.bootstrap_servers();
+        let servers = broker.servers().to_owned();
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &servers)
             .set("message.timeout.ms", "20000")
             .create()
             .expect("producer");
         Self {
-            _cluster: cluster,
+            broker,
             servers,
             producer,
         }
     }
 
+    /// The broker's name for the test's topic or group `name`.
+    fn name(&self, name: &str) -> String {
+        self.broker.name(name)
+    }
+
     fn produce(&self, topic: &str, partition: i32, value: &str) {
+        let topic = &self.name(topic);
         let rec: BaseRecord<'_, str, str> =
             BaseRecord::to(topic).partition(partition).payload(value);
         self.producer
@@ -229,9 +235,10 @@ impl Kafka {
 
     /// A reader of a one-partition output topic holding echoed Kafka events.
     fn output_reader(&self, topic: &str) -> OutputReader {
+        let topic = &self.name(topic);
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.servers)
-            .set("group.id", "sluice-test-reader")
+            .set("group.id", self.name("sluice-test-reader"))
             .set("enable.auto.commit", "false")
             .create()
             .expect("consumer");
@@ -301,8 +308,14 @@ fn has_all(counts: &BTreeMap<String, usize>, want: &[String]) -> bool {
 }
 
 /// A pipeline file with function `f` (misbehave in Kafka `mode`) and one
-/// trigger; `trigger` adds fields.
-fn write_pipeline(dir: &Path, f: &FunctionFixture, mode: &str, trigger: &str) -> PathBuf {
+/// trigger on topic `input`; `trigger` adds fields.
+fn write_pipeline(
+    dir: &Path,
+    f: &FunctionFixture,
+    mode: &str,
+    input: &str,
+    trigger: &str,
+) -> PathBuf {
     let text = format!(
         r#"
 [functions.f]
@@ -312,7 +325,7 @@ env = {{ MISBEHAVE_KAFKA = "{mode}", MISBEHAVE_SLOW_MS = "300" }}
 
 [[trigger.kafka]]
 function = "f"
-topics = ["in"]
+topics = ["{input}"]
 {trigger}
 "#,
         path = f.dir,
@@ -322,19 +335,23 @@ topics = ["in"]
     p
 }
 
-/// Trigger fields for the test's mock cluster, with fast group timeouts.
-fn external(servers: &str, group: &str) -> String {
+/// Trigger fields for the test's broker (group `group`, output topic
+/// `out`), with fast group timeouts.
+fn external(kafka: &Kafka, group: &str) -> String {
     format!(
         r#"bootstrap_servers = "{servers}"
 group_id = "{group}"
 starting_position = "earliest"
 batch_window = "50ms"
-output_topic = "out"
+output_topic = "{out}"
 
 [trigger.kafka.properties]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "500"
-"#
+"#,
+        servers = kafka.servers,
+        group = kafka.name(group),
+        out = kafka.name("out"),
     )
 }
 
@@ -362,7 +379,8 @@ fn kill_9_mid_batch_then_restart_loses_nothing() {
         tmp.path(),
         &fixture,
         "slow",
-        &format!("batch_size = 5\n{}", external(&kafka.servers, "g")),
+        &kafka.name("in"),
+        &format!("batch_size = 5\n{}", external(&kafka, "g")),
     );
     let mut out = kafka.output_reader("out");
 
@@ -409,7 +427,8 @@ fn two_processes_share_partitions_and_take_over_after_a_kill() {
         tmp.path(),
         &fixture,
         "echo",
-        &format!("batch_size = 10\n{}", external(&kafka.servers, "g")),
+        &kafka.name("in"),
+        &format!("batch_size = 10\n{}", external(&kafka, "g")),
     );
     let mut out = kafka.output_reader("out");
 
@@ -483,6 +502,7 @@ fn embedded_broker_produce_and_stop_when_idle() {
         tmp.path(),
         &fixture,
         "echo",
+        "in",
         "starting_position = \"earliest\"\nbatch_window = \"50ms\"\n",
     );
     let data = tmp.path().join("records.jsonl");

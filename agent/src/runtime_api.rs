@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
 
+use bytes::Bytes;
 use sluice_protocol::{MAX_PAYLOAD, Message};
 
 /// Where the server sends what the function reports.
@@ -41,8 +42,8 @@ pub struct Invocation {
     pub trace_id: String,
     /// `Lambda-Runtime-Client-Context` (omitted when empty).
     pub client_context: String,
-    /// Event body.
-    pub payload: Vec<u8>,
+    /// Event body (shared: the channel frame's bytes, not a copy).
+    pub payload: Bytes,
 }
 
 const MAX_HEAD: usize = 64 * 1024;
@@ -103,7 +104,7 @@ impl RuntimeApi {
             Some(mut conn) => {
                 drop(q);
                 let reply = self.deliver(inv);
-                let _ = conn.write_all(&reply.bytes).and_then(|()| conn.flush());
+                let _ = reply.write_to(&mut conn).and_then(|()| conn.flush());
             }
             None => q.pending.push_back(inv),
         }
@@ -115,7 +116,7 @@ impl RuntimeApi {
         self.shared.closed.store(true, Ordering::SeqCst);
         let parked = self.shared.queue.lock().expect("queue lock").parked.take();
         if let Some(mut conn) = parked {
-            let _ = conn.write_all(&Self::shutdown_reply().bytes);
+            let _ = Self::shutdown_reply().write_to(&mut conn);
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -156,7 +157,7 @@ impl RuntimeApi {
                 // `None`: parked; the response is written when the
                 // invocation arrives.
                 if let Some(resp) = self.next_or_park(&writer)? {
-                    writer.write_all(&resp.bytes)?;
+                    resp.write_to(&mut writer)?;
                     writer.flush()?;
                     if resp.close {
                         return Ok(());
@@ -168,7 +169,7 @@ impl RuntimeApi {
                 continue;
             }
             let resp = self.route(req);
-            writer.write_all(&resp.bytes)?;
+            resp.write_to(&mut writer)?;
             writer.flush()?;
             if !keep_alive || resp.close {
                 return Ok(());
@@ -255,10 +256,10 @@ impl RuntimeApi {
             ));
         }
         head.push_str(&format!("Content-Length: {}\r\n\r\n", inv.payload.len()));
-        let mut bytes = head.into_bytes();
-        bytes.extend_from_slice(&inv.payload);
+        // The event is not copied behind the head: both go out in one writev.
         Reply {
-            bytes,
+            bytes: head.into_bytes(),
+            body: inv.payload,
             close: false,
         }
     }
@@ -321,7 +322,10 @@ fn error_json(error_type: &str, message: &str) -> Vec<u8> {
 }
 
 struct Reply {
+    /// The head (and, for small replies, the body).
     bytes: Vec<u8>,
+    /// A body sent after `bytes` (the event of a `next`), not copied into it.
+    body: Bytes,
     close: bool,
 }
 
@@ -335,8 +339,26 @@ impl Reply {
         bytes.extend_from_slice(&body);
         Self {
             bytes,
+            body: Bytes::new(),
             close: false,
         }
+    }
+
+    /// Write head and body with as few `writev` calls as the socket takes.
+    fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let (mut head, mut body) = (&self.bytes[..], &self.body[..]);
+        while !head.is_empty() || !body.is_empty() {
+            let n = match w.write_vectored(&[io::IoSlice::new(head), io::IoSlice::new(body)]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let from_head = n.min(head.len());
+            head = &head[from_head..];
+            body = &body[n - from_head..];
+        }
+        Ok(())
     }
     fn accepted() -> Self {
         Self::json(202, "Accepted", br#"{"status":"OK"}"#.to_vec())
@@ -575,7 +597,7 @@ mod tests {
             invoked_function_arn: "arn:x".into(),
             trace_id: "t".into(),
             client_context: String::new(),
-            payload: b"{\"a\":1}".to_vec(),
+            payload: Bytes::from_static(b"{\"a\":1}"),
         });
         let mut s = TcpStream::connect(&addr).unwrap();
         let got = roundtrip(
@@ -617,7 +639,7 @@ mod tests {
             invoked_function_arn: String::new(),
             trace_id: String::new(),
             client_context: "ctx".into(),
-            payload: vec![],
+            payload: Bytes::new(),
         });
         let mut s = TcpStream::connect(&addr).unwrap();
         let got = roundtrip(
@@ -664,7 +686,7 @@ mod tests {
             invoked_function_arn: String::new(),
             trace_id: String::new(),
             client_context: String::new(),
-            payload: vec![],
+            payload: Bytes::new(),
         });
         let mut s = TcpStream::connect(&addr).unwrap();
         roundtrip(

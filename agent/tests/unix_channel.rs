@@ -96,7 +96,7 @@ fn serves_a_function_over_a_unix_socket_channel() {
                 invoked_function_arn: "arn".into(),
                 trace_id: "t".into(),
                 client_context: String::new(),
-                payload: event.as_bytes().to_vec(),
+                payload: event.as_bytes().to_vec().into(),
             },
         )
         .unwrap();

@@ -22,13 +22,10 @@
 //! or `value` field (Lambda omits them for tombstones).
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::display::Base64Display;
+use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use serde::Serialize;
-use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct, Serializer};
 use serde_json::Value;
 
 use crate::record::Record;
@@ -96,14 +93,22 @@ pub struct EventSource<'a> {
 /// Records may span several topics and partitions: they are grouped under
 /// `"<topic>-<partition>"` keys, in the order each partition first appears,
 /// keeping record order within each partition.
+///
+/// The JSON is written straight into one buffer sized up front: keys and
+/// values are base64-encoded in place (base64 needs no JSON escaping),
+/// numbers are formatted without `fmt`, and strings are escaped only when
+/// they hold a character that needs it.
 pub fn kafka_event(source: &EventSource, records: &[Record]) -> Vec<u8> {
+    let b64 = |n: usize| n.div_ceil(3) * 4;
     let estimate = 160
+        + source.bootstrap_servers.len()
+        + source.event_source_arn.map_or(0, str::len)
         + records
             .iter()
             .map(|r| {
-                200 + r.topic.len()
-                    + r.key.as_ref().map_or(0, |k| k.len() * 4 / 3 + 4)
-                    + r.value.as_ref().map_or(0, |v| v.len() * 4 / 3 + 4)
+                150 + r.topic.len()
+                    + r.key.as_ref().map_or(0, |k| b64(k.len()) + 8)
+                    + r.value.as_ref().map_or(0, |v| b64(v.len()) + 10)
                     + r.headers
                         .iter()
                         .map(|(k, v)| k.len() + 8 + v.as_ref().map_or(0, |v| v.len() * 5))
@@ -111,163 +116,133 @@ pub fn kafka_event(source: &EventSource, records: &[Record]) -> Vec<u8> {
             })
             .sum::<usize>();
     let mut out = Vec::with_capacity(estimate);
-    let event = Event {
-        source,
-        records: Partitions::group(records),
-    };
-    // Serializing into a Vec cannot fail: every map key is a string and no
-    // Serialize impl below reports an error of its own.
-    if let Err(e) = serde_json::to_writer(&mut out, &event) {
-        unreachable!("serializing a Kafka event failed: {e}");
+    out.extend_from_slice(b"{\"eventSource\":");
+    json_str(&mut out, source.event_source);
+    if let Some(arn) = source.event_source_arn {
+        out.extend_from_slice(b",\"eventSourceArn\":");
+        json_str(&mut out, arn);
     }
+    out.extend_from_slice(b",\"bootstrapServers\":");
+    json_str(&mut out, source.bootstrap_servers);
+    out.extend_from_slice(b",\"records\":{");
+    for (i, (topic, partition, recs)) in group(records).iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_str(&mut out, &format!("{topic}-{partition}"));
+        out.extend_from_slice(b":[");
+        for (j, r) in recs.iter().enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            record_json(&mut out, r);
+        }
+        out.push(b']');
+    }
+    out.extend_from_slice(b"}}");
     out
 }
 
-struct Event<'a> {
-    source: &'a EventSource<'a>,
-    records: Partitions<'a>,
-}
-
-impl Serialize for Event<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let arn = self.source.event_source_arn;
-        let mut st = s.serialize_struct("KafkaEvent", 3 + usize::from(arn.is_some()))?;
-        st.serialize_field("eventSource", self.source.event_source)?;
-        if let Some(arn) = arn {
-            st.serialize_field("eventSourceArn", arn)?;
-        } else {
-            st.skip_field("eventSourceArn")?;
-        }
-        st.serialize_field("bootstrapServers", self.source.bootstrap_servers)?;
-        st.serialize_field("records", &self.records)?;
-        st.end()
-    }
-}
-
 /// Records grouped by partition, in first-appearance order.
-struct Partitions<'a> {
-    groups: Vec<(&'a str, i32, Vec<&'a Record>)>,
+fn group(records: &[Record]) -> Vec<(&str, i32, Vec<&Record>)> {
+    let mut groups: Vec<(&str, i32, Vec<&Record>)> = Vec::new();
+    let mut index: HashMap<(&str, i32), usize> = HashMap::new();
+    for r in records {
+        // Batches mostly hold one partition: check the last group first.
+        let last = groups.len().checked_sub(1);
+        let i = match last {
+            Some(l) if groups[l].0 == &*r.topic && groups[l].1 == r.partition => l,
+            _ => *index.entry((&*r.topic, r.partition)).or_insert_with(|| {
+                groups.push((&*r.topic, r.partition, Vec::new()));
+                groups.len() - 1
+            }),
+        };
+        groups[i].2.push(r);
+    }
+    groups
 }
 
-impl<'a> Partitions<'a> {
-    fn group(records: &'a [Record]) -> Self {
-        let mut index: HashMap<(&str, i32), usize> = HashMap::new();
-        let mut groups: Vec<(&str, i32, Vec<&Record>)> = Vec::new();
-        for r in records {
-            let i = *index
-                .entry((r.topic.as_str(), r.partition))
-                .or_insert_with(|| {
-                    groups.push((r.topic.as_str(), r.partition, Vec::new()));
-                    groups.len() - 1
-                });
-            groups[i].2.push(r);
+fn record_json(out: &mut Vec<u8>, r: &Record) {
+    out.extend_from_slice(b"{\"topic\":");
+    json_str(out, &r.topic);
+    out.extend_from_slice(b",\"partition\":");
+    push_int(out, i64::from(r.partition));
+    out.extend_from_slice(b",\"offset\":");
+    push_int(out, r.offset);
+    out.extend_from_slice(b",\"timestamp\":");
+    push_int(out, r.timestamp_ms);
+    out.extend_from_slice(b",\"timestampType\":\"");
+    out.extend_from_slice(r.timestamp_type.as_lambda_str().as_bytes());
+    out.push(b'"');
+    if let Some(k) = &r.key {
+        out.extend_from_slice(b",\"key\":");
+        push_base64(out, k);
+    }
+    if let Some(v) = &r.value {
+        out.extend_from_slice(b",\"value\":");
+        push_base64(out, v);
+    }
+    out.extend_from_slice(b",\"headers\":[");
+    for (i, (k, v)) in r.headers.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        Partitions { groups }
-    }
-}
-
-struct PartitionKey<'a>(&'a str, i32);
-
-impl fmt::Display for PartitionKey<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.0, self.1)
-    }
-}
-
-impl Serialize for Partitions<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(self.groups.len()))?;
-        for (topic, partition, records) in &self.groups {
-            map.serialize_key(&Display(PartitionKey(topic, *partition)))?;
-            map.serialize_value(&RecordList(records))?;
+        out.push(b'{');
+        json_str(out, k);
+        out.extend_from_slice(b":[");
+        for (j, &b) in v.as_deref().unwrap_or(&[]).iter().enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            // Signed, as Lambda (a Java service) sends header bytes.
+            push_int(out, i64::from(i8::from_ne_bytes([b])));
         }
-        map.end()
+        out.extend_from_slice(b"]}");
+    }
+    out.extend_from_slice(b"]}");
+}
+
+/// A JSON string: copied as is when nothing in it needs escaping.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else if let Err(e) = serde_json::to_writer(&mut *out, s) {
+        // Writing a string into a Vec cannot fail.
+        unreachable!("serializing a JSON string failed: {e}");
     }
 }
 
-struct RecordList<'a>(&'a [&'a Record]);
-
-impl Serialize for RecordList<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(|r| EventRecord(r)))
-    }
+/// `bytes` as a quoted standard base64 string, encoded in place.
+fn push_base64(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(b'"');
+    let start = out.len();
+    out.resize(start + bytes.len().div_ceil(3) * 4, 0);
+    let written = STANDARD
+        .encode_slice(bytes, &mut out[start..])
+        .unwrap_or_else(|e| unreachable!("the base64 output was sized exactly: {e}"));
+    out.truncate(start + written);
+    out.push(b'"');
 }
 
-/// A value serialized as a string through its `Display` (no intermediate
-/// `String` with serde_json).
-struct Display<T>(T);
-
-impl<T: fmt::Display> Serialize for Display<T> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
-    }
-}
-
-struct B64<'a>(&'a [u8]);
-
-impl Serialize for B64<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&Base64Display::new(self.0, &STANDARD))
-    }
-}
-
-struct EventRecord<'a>(&'a Record);
-
-impl Serialize for EventRecord<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let r = self.0;
-        let fields = 7 + usize::from(r.key.is_some()) + usize::from(r.value.is_some());
-        let mut st = s.serialize_struct("KafkaRecord", fields)?;
-        st.serialize_field("topic", &r.topic)?;
-        st.serialize_field("partition", &r.partition)?;
-        st.serialize_field("offset", &r.offset)?;
-        st.serialize_field("timestamp", &r.timestamp_ms)?;
-        st.serialize_field("timestampType", r.timestamp_type.as_lambda_str())?;
-        match &r.key {
-            Some(k) => st.serialize_field("key", &B64(k))?,
-            None => st.skip_field("key")?,
+/// A decimal integer, without going through `fmt`.
+fn push_int(out: &mut Vec<u8>, n: i64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut v = n.unsigned_abs();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
         }
-        match &r.value {
-            Some(v) => st.serialize_field("value", &B64(v))?,
-            None => st.skip_field("value")?,
-        }
-        st.serialize_field("headers", &Headers(&r.headers))?;
-        st.end()
     }
-}
-
-struct Headers<'a>(&'a [(String, Option<Vec<u8>>)]);
-
-impl Serialize for Headers<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(
-            self.0
-                .iter()
-                .map(|(k, v)| Header(k, v.as_deref().unwrap_or(&[]))),
-        )
+    if n < 0 {
+        out.push(b'-');
     }
-}
-
-struct Header<'a>(&'a str, &'a [u8]);
-
-impl Serialize for Header<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(1))?;
-        map.serialize_entry(self.0, &SignedBytes(self.1))?;
-        map.end()
-    }
-}
-
-struct SignedBytes<'a>(&'a [u8]);
-
-impl Serialize for SignedBytes<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for &b in self.0 {
-            seq.serialize_element(&i8::from_ne_bytes([b]))?;
-        }
-        seq.end()
-    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// The item identifier sluice documents for a record:
@@ -318,7 +293,7 @@ pub fn parse_batch_item_failures(
 
     let known: HashSet<(&str, i32, i64)> = batch
         .iter()
-        .map(|r| (r.topic.as_str(), r.partition, r.offset))
+        .map(|r| (&*r.topic, r.partition, r.offset))
         .collect();
     let partitions: HashSet<(&str, i32)> = known.iter().map(|&(t, p, _)| (t, p)).collect();
     let topics: HashSet<&str> = partitions.iter().map(|&(t, _)| t).collect();
@@ -403,7 +378,7 @@ pub fn filter_view(r: &Record) -> Result<Value, EventError> {
     let value = match &r.value {
         None => Value::Null,
         Some(v) => serde_json::from_slice(v).map_err(|source| EventError::ValueNotJson {
-            topic: r.topic.clone(),
+            topic: r.topic.to_string(),
             partition: r.partition,
             offset: r.offset,
             source,
@@ -415,7 +390,7 @@ pub fn filter_view(r: &Record) -> Result<Value, EventError> {
         .and_then(|k| std::str::from_utf8(k).ok())
         .map_or(Value::Null, |k| Value::String(k.to_owned()));
     let mut m = serde_json::Map::with_capacity(6);
-    m.insert("topic".into(), Value::String(r.topic.clone()));
+    m.insert("topic".into(), Value::String(r.topic.to_string()));
     m.insert("partition".into(), r.partition.into());
     m.insert("offset".into(), r.offset.into());
     m.insert("timestamp".into(), r.timestamp_ms.into());
@@ -466,7 +441,7 @@ pub fn failure_headers(r: &Record, info: &FailureInfo) -> Vec<(String, Vec<u8>)>
     use failure_header as h;
     let mut out = Vec::with_capacity(9 + r.headers.len());
     let mut push = |k: &str, v: String| out.push((k.to_owned(), v.into_bytes()));
-    push(h::SOURCE_TOPIC, r.topic.clone());
+    push(h::SOURCE_TOPIC, r.topic.to_string());
     push(h::SOURCE_PARTITION, r.partition.to_string());
     push(h::SOURCE_OFFSET, r.offset.to_string());
     push(h::SOURCE_TIMESTAMP, r.timestamp_ms.to_string());
@@ -525,6 +500,20 @@ mod tests {
         assert_eq!(at(1_545_084_650_987), "2018-12-17T22:10:50.987Z");
         assert_eq!(at(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(at(4_107_542_399_999), "2100-02-28T23:59:59.999Z");
+    }
+
+    #[test]
+    fn integers_and_strings() {
+        let mut out = Vec::new();
+        for n in [0, 7, -1, 10, -128, i64::MAX, i64::MIN] {
+            out.clear();
+            push_int(&mut out, n);
+            assert_eq!(String::from_utf8(out.clone()).unwrap(), n.to_string());
+        }
+        out.clear();
+        json_str(&mut out, "a\"b\\c\n\u{1}é");
+        let back: String = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back, "a\"b\\c\n\u{1}é");
     }
 
     #[test]

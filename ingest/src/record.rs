@@ -1,5 +1,7 @@
 //! One Kafka record as sluice carries it: owned, detached from the client.
 
+use std::sync::Arc;
+
 /// How the record's timestamp was set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimestampType {
@@ -25,8 +27,9 @@ impl TimestampType {
 /// An owned Kafka record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
-    /// Topic.
-    pub topic: String,
+    /// Topic (shared by the records of a partition: no allocation per
+    /// record).
+    pub topic: Arc<str>,
     /// Partition.
     pub partition: i32,
     /// Offset.

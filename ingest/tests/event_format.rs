@@ -17,7 +17,7 @@ use sluice_ingest::record::{Record, TimestampType};
 
 fn rec(topic: &str, partition: i32, offset: i64) -> Record {
     Record {
-        topic: topic.to_owned(),
+        topic: topic.into(),
         partition,
         offset,
         timestamp_ms: 1_545_084_650_987 + offset,
@@ -55,7 +55,7 @@ fn assert_event_matches(bytes: &[u8], records: &[Record]) -> KafkaEvent {
         let got = &event.records[key];
         assert_eq!(got.len(), want.len(), "{key}");
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert_eq!(g.topic.as_deref(), Some(w.topic.as_str()));
+            assert_eq!(g.topic.as_deref(), Some(&*w.topic));
             assert_eq!(g.partition, i64::from(w.partition));
             assert_eq!(g.offset, w.offset);
             // aws_lambda_events goes through f64 seconds and may lose the

@@ -1,6 +1,12 @@
 //! Lambda's Kafka event-source-mapping semantics, end to end in one process:
-//! a `MockCluster` broker, [`run_trigger`] and real sandboxes running the
-//! `misbehave` test function in Kafka mode (`MISBEHAVE_KAFKA`).
+//! a Kafka-protocol broker (a `MockCluster` the test starts, or the external
+//! cluster of `SLUICE_TEST_KAFKA`, see `sluice_test_support::kafka`),
+//! [`run_trigger`] and real sandboxes running the `misbehave` test function
+//! in Kafka mode (`MISBEHAVE_KAFKA`).
+//!
+//! Tests use short topic and group names (`in`, `dlq`, `g`); on an external
+//! cluster [`Kafka`] maps them to unique ones ([`TestKafka::name`]), in its
+//! own methods and in the trigger settings of [`Setup::pipeline`].
 //!
 //! What the function saw is its own record, the `BATCH`/`SEEN` lines it
 //! writes to stderr (collected through the executor's log sink); what left
@@ -17,8 +23,7 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
 use sluice_executor::{Executor, LogLine, LogSink, LogStream};
@@ -26,6 +31,7 @@ use sluice_ingest::IngestError;
 use sluice_ingest::kafka::{Activity, TriggerEnv, run_trigger};
 use sluice_ingest::metrics::Metrics;
 use sluice_pipeline::{BootstrapServers, Pipeline};
+use sluice_test_support::kafka::TestKafka;
 use sluice_test_support::{FunctionFixture, agent_binary, function_fixture};
 use tempfile::TempDir;
 use tokio::sync::watch;
@@ -200,7 +206,9 @@ fn seen_values(batches: &[Batch]) -> Vec<String> {
 // The broker.
 
 struct Kafka {
-    _cluster: MockCluster<'static, DefaultProducerContext>,
+    broker: TestKafka,
+    /// The test's topic names (as the test spells them).
+    topics: Vec<String>,
     servers: String,
     producer: BaseProducer,
 }
@@ -217,35 +225,50 @@ struct Out<'a> {
 
 impl Kafka {
     fn start(topics: &[(&str, i32)]) -> Self {
-        let cluster = MockCluster::new(1).expect("starting a mock cluster");
+        let broker = TestKafka::start();
         for (t, p) in topics {
-            cluster
-                .create_topic(t, *p, 1)
-                .unwrap_or_else(|e| panic!("creating topic {t}: {e}"));
+            broker.create_topic(&broker.name(t), *p);
         }
-        let servers = cluster.bootstrap_servers();
+        let servers = broker.servers().to_owned();
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &servers)
             .set("message.timeout.ms", "20000")
             .create()
             .expect("producer");
         Self {
-            _cluster: cluster,
+            topics: topics.iter().map(|(t, _)| (*t).to_owned()).collect(),
+            broker,
             servers,
             producer,
         }
     }
 
+    /// The broker's name for the test's topic or group `name`.
+    fn name(&self, name: &str) -> String {
+        self.broker.name(name)
+    }
+
+    /// Trigger settings with the test's topic names (quoted) replaced by
+    /// the broker's.
+    fn map_topics(&self, trigger: &str) -> String {
+        let mut out = trigger.to_owned();
+        for t in &self.topics {
+            out = out.replace(&format!("\"{t}\""), &format!("\"{}\"", self.name(t)));
+        }
+        out
+    }
+
     fn client(&self, group: &str) -> BaseConsumer {
         ClientConfig::new()
             .set("bootstrap.servers", &self.servers)
-            .set("group.id", group)
+            .set("group.id", self.name(group))
             .set("enable.auto.commit", "false")
             .create()
             .expect("consumer")
     }
 
     fn send(&self, topic: &str, r: Out<'_>) {
+        let topic = &self.name(topic);
         let mut headers = OwnedHeaders::new();
         for (k, v) in r.headers {
             headers = headers.insert(Header {
@@ -289,6 +312,7 @@ impl Kafka {
 
     fn end_offsets(&self, topic: &str, partitions: i32) -> Vec<i64> {
         let c = self.client("sluice-test-watermarks");
+        let topic = &self.name(topic);
         (0..partitions)
             .map(|p| {
                 c.fetch_watermarks(topic, p, Duration::from_secs(10))
@@ -302,6 +326,7 @@ impl Kafka {
     /// never subscribed, so it does not join the group.
     fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
         let c = self.client(group);
+        let topic = &self.name(topic);
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             tpl.add_partition(topic, p);
@@ -332,6 +357,7 @@ impl Kafka {
         pred: impl Fn(&[OwnedMessage]) -> bool,
     ) -> Vec<OwnedMessage> {
         let c = self.client("sluice-test-reader");
+        let topic = &self.name(topic);
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             tpl.add_partition_offset(topic, p, Offset::Beginning)
@@ -518,8 +544,8 @@ impl Setup {
             mode,
             function,
             &self.kafka.servers,
-            group,
-            trigger,
+            &self.kafka.name(group),
+            &self.kafka.map_topics(trigger),
         )
     }
 }
@@ -678,12 +704,12 @@ fn exhausted_retries_go_to_the_on_failure_topic_with_metadata() {
     assert_eq!(h("sluice.function"), "f");
     assert_eq!(h("sluice.error.type"), "Poison");
     assert!(
-        h("sluice.error.message").contains("poison record in-0@4"),
+        h("sluice.error.message").contains(&format!("poison record {}-0@4", s.kafka.name("in"))),
         "{}",
         h("sluice.error.message")
     );
     assert_eq!(h("sluice.attempts"), "2");
-    assert_eq!(h("sluice.source.topic"), "in");
+    assert_eq!(h("sluice.source.topic"), s.kafka.name("in"));
     assert_eq!(h("sluice.source.partition"), "0");
     assert_eq!(h("sluice.source.offset"), "4");
     assert!(h("sluice.failed.at").ends_with('Z'));

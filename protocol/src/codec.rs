@@ -1,5 +1,6 @@
 use std::io::{self, Read, Write};
 
+use bytes::Bytes;
 use thiserror::Error;
 
 use crate::message::{ExitStatus, LogStream, Message, StartConfig};
@@ -78,44 +79,53 @@ pub enum DecodeError {
     UnexpectedEof,
 }
 
-/// Encode one message as a complete frame (length prefix included).
+/// Encode one message as a complete frame (length prefix included), in one
+/// buffer of exactly the frame's size.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    let mut body = Vec::with_capacity(64);
-    let kind = match msg {
-        Message::Start(cfg) => {
-            let json = serde_json::to_vec(cfg).expect("StartConfig serializes");
-            put_bytes(&mut body, &json);
-            K_START
-        }
-        Message::Invoke {
+    if let Message::Invoke {
+        request_id,
+        deadline_ms,
+        invoked_function_arn,
+        trace_id,
+        client_context,
+        payload,
+    } = msg
+    {
+        let mut frame = invoke_head(
             request_id,
-            deadline_ms,
+            *deadline_ms,
             invoked_function_arn,
             trace_id,
             client_context,
-            payload,
-        } => {
-            put_bytes(&mut body, request_id.as_bytes());
-            body.extend_from_slice(&deadline_ms.to_be_bytes());
-            put_bytes(&mut body, invoked_function_arn.as_bytes());
-            put_bytes(&mut body, trace_id.as_bytes());
-            put_bytes(&mut body, client_context.as_bytes());
-            put_bytes(&mut body, payload);
-            K_INVOKE
+            payload.len(),
+        );
+        frame.extend_from_slice(payload);
+        return frame;
+    }
+    // Length prefix and kind byte, filled in at the end.
+    let mut frame = Vec::with_capacity(64);
+    frame.extend_from_slice(&[0; 5]);
+    let kind = match msg {
+        Message::Start(cfg) => {
+            let json = serde_json::to_vec(cfg).expect("StartConfig serializes");
+            put_bytes(&mut frame, &json);
+            K_START
         }
+        Message::Invoke { .. } => unreachable!("encoded above"),
         Message::Shutdown => K_SHUTDOWN,
         Message::Proceed => K_PROCEED,
         Message::Unshared => K_UNSHARED,
         Message::Ready { init_us } => {
-            body.extend_from_slice(&init_us.to_be_bytes());
+            frame.extend_from_slice(&init_us.to_be_bytes());
             K_READY
         }
         Message::Response {
             request_id,
             body: b,
         } => {
-            put_bytes(&mut body, request_id.as_bytes());
-            put_bytes(&mut body, b);
+            frame.reserve_exact(9 + request_id.len() + b.len());
+            put_bytes(&mut frame, request_id.as_bytes());
+            put_bytes(&mut frame, b);
             K_RESPONSE
         }
         Message::Error {
@@ -123,26 +133,26 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             error_type,
             body: b,
         } => {
-            put_bytes(&mut body, request_id.as_bytes());
-            put_bytes(&mut body, error_type.as_bytes());
-            put_bytes(&mut body, b);
+            put_bytes(&mut frame, request_id.as_bytes());
+            put_bytes(&mut frame, error_type.as_bytes());
+            put_bytes(&mut frame, b);
             K_ERROR
         }
         Message::InitError {
             error_type,
             body: b,
         } => {
-            put_bytes(&mut body, error_type.as_bytes());
-            put_bytes(&mut body, b);
+            put_bytes(&mut frame, error_type.as_bytes());
+            put_bytes(&mut frame, b);
             K_INIT_ERROR
         }
         Message::Log { stream, line } => {
-            body.push(match stream {
+            frame.push(match stream {
                 LogStream::Stdout => 1,
                 LogStream::Stderr => 2,
                 LogStream::Agent => 3,
             });
-            put_bytes(&mut body, line);
+            put_bytes(&mut frame, line);
             K_LOG
         }
         Message::Exited(status) => {
@@ -150,21 +160,51 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 ExitStatus::Code(c) => (0u8, *c),
                 ExitStatus::Signal(s) => (1u8, *s),
             };
-            body.push(tag);
-            body.extend_from_slice(&v.to_be_bytes());
+            frame.push(tag);
+            frame.extend_from_slice(&v.to_be_bytes());
             K_EXITED
         }
         Message::Fatal { message } => {
-            put_bytes(&mut body, message.as_bytes());
+            put_bytes(&mut frame, message.as_bytes());
             K_FATAL
         }
     };
-    let len = u32::try_from(body.len() + 1).expect("frame fits in u32");
-    let mut frame = Vec::with_capacity(body.len() + 5);
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.push(kind);
-    frame.extend_from_slice(&body);
+    frame[4] = kind;
+    let len = u32::try_from(frame.len() - 4).expect("frame fits in u32");
+    frame[..4].copy_from_slice(&len.to_be_bytes());
     frame
+}
+
+/// The start of an `Invoke` frame whose payload (`payload_len` bytes)
+/// follows: write this, then the payload, and the frame is complete. Lets a
+/// sender put a large event on the channel without copying it into a frame
+/// buffer first.
+pub fn invoke_head(
+    request_id: &str,
+    deadline_ms: u64,
+    invoked_function_arn: &str,
+    trace_id: &str,
+    client_context: &str,
+    payload_len: usize,
+) -> Vec<u8> {
+    let fields = 4 * 5
+        + 8
+        + request_id.len()
+        + invoked_function_arn.len()
+        + trace_id.len()
+        + client_context.len();
+    let len = u32::try_from(1 + fields + payload_len).expect("frame fits in u32");
+    let mut head = Vec::with_capacity(5 + fields + payload_len);
+    head.extend_from_slice(&len.to_be_bytes());
+    head.push(K_INVOKE);
+    put_bytes(&mut head, request_id.as_bytes());
+    head.extend_from_slice(&deadline_ms.to_be_bytes());
+    put_bytes(&mut head, invoked_function_arn.as_bytes());
+    put_bytes(&mut head, trace_id.as_bytes());
+    put_bytes(&mut head, client_context.as_bytes());
+    let payload_len = u32::try_from(payload_len).expect("field fits in u32");
+    head.extend_from_slice(&payload_len.to_be_bytes());
+    head
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -176,6 +216,9 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 struct Fields<'a> {
     kind: &'static str,
     buf: &'a [u8],
+    /// The frame as shared bytes, when the caller has it so: large fields
+    /// are then sliced out of it instead of copied.
+    owner: Option<&'a Bytes>,
 }
 
 impl<'a> Fields<'a> {
@@ -207,6 +250,13 @@ impl<'a> Fields<'a> {
         let len = self.u32(field)? as usize;
         self.take(len, field)
     }
+    fn shared(&mut self, field: &'static str) -> Result<Bytes, DecodeError> {
+        let b = self.bytes(field)?;
+        Ok(match self.owner {
+            Some(owner) => owner.slice_ref(b),
+            None => Bytes::copy_from_slice(b),
+        })
+    }
     fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
         let b = self.bytes(field)?;
         String::from_utf8(b.to_vec()).map_err(|_| DecodeError::Utf8 {
@@ -227,8 +277,9 @@ impl<'a> Fields<'a> {
 }
 
 /// Decode the contents of one frame (kind byte and body, without the length
-/// prefix).
-fn decode_frame(frame: &[u8]) -> Result<Message, DecodeError> {
+/// prefix). With `owner` (the same bytes, shared), an invocation's payload
+/// is a slice of it rather than a copy.
+fn decode_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, DecodeError> {
     let (&kind, body) = frame.split_first().ok_or(DecodeError::Empty)?;
     let name = match kind {
         K_START => "start",
@@ -248,6 +299,7 @@ fn decode_frame(frame: &[u8]) -> Result<Message, DecodeError> {
     let mut f = Fields {
         kind: name,
         buf: body,
+        owner,
     };
     let msg = match kind {
         K_START => {
@@ -266,7 +318,7 @@ fn decode_frame(frame: &[u8]) -> Result<Message, DecodeError> {
             invoked_function_arn: f.string("invoked_function_arn")?,
             trace_id: f.string("trace_id")?,
             client_context: f.string("client_context")?,
-            payload: f.bytes("payload")?.to_vec(),
+            payload: f.shared("payload")?,
         },
         K_SHUTDOWN => Message::Shutdown,
         K_PROCEED => Message::Proceed,
@@ -385,7 +437,7 @@ impl FrameDecoder {
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
-        let result = decode_frame(&self.buf[4..4 + len]);
+        let result = decode_frame(&self.buf[4..4 + len], None);
         self.buf.drain(..4 + len);
         if result.is_err() {
             self.failed = true;
@@ -433,7 +485,11 @@ pub fn read_message<R: Read + ?Sized>(r: &mut R, max_frame: usize) -> io::Result
             e
         }
     })?;
-    decode_frame(&frame).map(Some).map_err(invalid)
+    // Shared, so that an invocation's payload is the frame's own bytes.
+    let frame = Bytes::from(frame);
+    decode_frame(&frame, Some(&frame))
+        .map(Some)
+        .map_err(invalid)
 }
 
 /// Write one message to a blocking writer and flush it.
@@ -461,7 +517,7 @@ mod tests {
                 invoked_function_arn: a,
                 trace_id: t,
                 client_context: c,
-                payload: p
+                payload: p.into()
             }),
             Just(Message::Shutdown),
             Just(Message::Proceed),
@@ -533,6 +589,23 @@ mod tests {
     }
 
     const DEFAULT_MAX: usize = crate::DEFAULT_MAX_FRAME;
+
+    #[test]
+    fn invoke_head_then_payload_is_the_encoded_frame() {
+        let payload = bytes::Bytes::from_static(b"{\"records\":{}}");
+        let msg = Message::Invoke {
+            request_id: "r-1".into(),
+            deadline_ms: 7,
+            invoked_function_arn: "arn:x".into(),
+            trace_id: "Root=1".into(),
+            client_context: String::new(),
+            payload: payload.clone(),
+        };
+        let mut wire = invoke_head("r-1", 7, "arn:x", "Root=1", "", payload.len());
+        wire.extend_from_slice(&payload);
+        assert_eq!(wire, encode(&msg));
+        assert_eq!(read_message(&mut wire.as_slice(), 1024).unwrap(), Some(msg));
+    }
 
     #[test]
     fn oversized_frame_rejected_before_body_arrives() {

@@ -20,7 +20,7 @@
 mod codec;
 mod message;
 
-pub use codec::{DecodeError, FrameDecoder, encode, read_message, write_message};
+pub use codec::{DecodeError, FrameDecoder, encode, invoke_head, read_message, write_message};
 pub use message::{ExitStatus, LogStream, Message, StartConfig};
 
 /// Default upper bound of one frame: Lambda's 6 MB synchronous payload limit

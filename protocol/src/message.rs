@@ -90,8 +90,9 @@ pub enum Message {
         trace_id: String,
         /// `Lambda-Runtime-Client-Context` (empty: header omitted).
         client_context: String,
-        /// The event.
-        payload: Vec<u8>,
+        /// The event (shared bytes: a decoded frame's payload is a slice of
+        /// the frame, not a copy).
+        payload: bytes::Bytes,
     },
     /// Ask the agent to stop the function and exit.
     Shutdown,

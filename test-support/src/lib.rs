@@ -5,7 +5,9 @@
 //!   the running test;
 //! - [`function_fixture`]: a function folder (`bootstrap` + files) for one of
 //!   the example or test functions, in a fresh temporary directory;
-//! - [`script_fixture`]: a function folder whose `bootstrap` is a shell script.
+//! - [`script_fixture`]: a function folder whose `bootstrap` is a shell script;
+//! - [`kafka::TestKafka`]: the Kafka-protocol broker of a test (a mock
+//!   cluster, or the external cluster of `SLUICE_TEST_KAFKA`).
 //!
 //! Function folders and their temporary parent are mode 0755: sandboxes map
 //! their root user to an unprivileged host uid, which must be able to
@@ -26,6 +28,8 @@ use std::process::Command;
 use std::sync::{Mutex, PoisonError};
 
 use tempfile::TempDir;
+
+pub mod kafka;
 
 /// Root of the workspace: the parent of this crate's folder.
 fn workspace_root() -> &'static Path {

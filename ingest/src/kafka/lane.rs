@@ -21,7 +21,8 @@ use crate::record::Record;
 
 /// What the poll thread keeps per partition.
 pub(super) struct LaneHandle {
-    pub tx: mpsc::UnboundedSender<Record>,
+    /// Records in offset order, in chunks (what one poll burst got).
+    pub tx: mpsc::UnboundedSender<Vec<Record>>,
     pub stop: watch::Sender<bool>,
     pub done: std::sync::mpsc::Receiver<()>,
     pub backlog: Arc<AtomicUsize>,
@@ -111,7 +112,11 @@ impl Partition {
         *self.stop.borrow()
     }
 
-    async fn dispatch(self, mut rx: mpsc::UnboundedReceiver<Record>, mut skip_before: Option<i64>) {
+    async fn dispatch(
+        self,
+        mut rx: mpsc::UnboundedReceiver<Vec<Record>>,
+        mut skip_before: Option<i64>,
+    ) {
         let n = self.shared.trigger.parallelization_factor.max(1) as usize;
         let mut subs = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
@@ -127,18 +132,38 @@ impl Partition {
                 biased;
                 _ = stop.changed() => break,
                 r = rx.recv() => match r {
-                    Some(rec) => {
-                        self.tracker.lock().unwrap_or_else(|p| p.into_inner()).dispatched(rec.offset);
+                    Some(mut chunk) => {
+                        {
+                            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+                            for rec in &chunk {
+                                t.dispatched(rec.offset);
+                            }
+                        }
                         if let Some(cut) = skip_before {
-                            if rec.timestamp_ms < cut {
-                                // Before the starting timestamp: done, not delivered.
-                                self.finish(std::slice::from_ref(&rec));
+                            // Before the starting timestamp: done, not delivered.
+                            let early = chunk.iter().take_while(|r| r.timestamp_ms < cut).count();
+                            if early > 0 {
+                                self.finish(&chunk[..early]);
+                                chunk.drain(..early);
+                            }
+                            if chunk.is_empty() {
                                 continue;
                             }
                             skip_before = None;
                         }
-                        let i = if n == 1 { 0 } else { key_slot(rec.key.as_deref(), n) };
-                        let _ = subs[i].send(rec);
+                        if n == 1 {
+                            let _ = subs[0].send(chunk);
+                        } else {
+                            let mut parts: Vec<Vec<Record>> = vec![Vec::new(); n];
+                            for rec in chunk {
+                                parts[key_slot(rec.key.as_deref(), n)].push(rec);
+                            }
+                            for (sub, part) in subs.iter().zip(parts) {
+                                if !part.is_empty() {
+                                    let _ = sub.send(part);
+                                }
+                            }
+                        }
                     }
                     None => break,
                 },
@@ -212,23 +237,35 @@ impl Partition {
         }
     }
 
-    async fn sub_lane(self, mut rx: mpsc::UnboundedReceiver<Record>) {
+    async fn sub_lane(self, mut rx: mpsc::UnboundedReceiver<Vec<Record>>) {
         let t = &self.shared.trigger;
-        let mut carry: Option<Record> = None;
+        // Received, not yet in a batch (in offset order).
+        let mut queued: VecDeque<Record> = VecDeque::new();
+        let mut closed = false;
         let mut stop = self.stop.clone();
         loop {
             if self.stopped() {
                 return;
             }
-            let first = match carry.take() {
+            let first = match queued.pop_front() {
                 Some(r) => r,
+                None if closed => return,
                 None => tokio::select! {
                     biased;
                     _ = stop.changed() => return,
-                    r = rx.recv() => match r { Some(r) => r, None => return },
+                    r = rx.recv() => match r {
+                        Some(chunk) => {
+                            queued.extend(chunk);
+                            match queued.pop_front() {
+                                Some(r) => r,
+                                None => continue,
+                            }
+                        }
+                        None => return,
+                    },
                 },
             };
-            let mut batch = Vec::new();
+            let mut batch = Vec::with_capacity((t.batch_size as usize).min(1024));
             let mut bytes = 0usize;
             let deadline = Instant::now() + t.batch_window;
             let mut next = Some(first);
@@ -237,7 +274,7 @@ impl Partition {
                     match self.admit(rec).await {
                         Admit::Keep(rec) => {
                             if !batch.is_empty() && bytes + rec.size() > t.max_batch_bytes {
-                                carry = Some(rec);
+                                queued.push_front(rec);
                                 break;
                             }
                             bytes += rec.size();
@@ -249,6 +286,23 @@ impl Partition {
                 if batch.len() >= t.batch_size as usize || self.stopped() {
                     break;
                 }
+                // What is already here joins without arming a timer.
+                if let Some(r) = queued.pop_front() {
+                    next = Some(r);
+                    continue;
+                }
+                match rx.try_recv() {
+                    Ok(chunk) => {
+                        queued.extend(chunk);
+                        next = queued.pop_front();
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() && !batch.is_empty() {
                     break;
@@ -257,8 +311,14 @@ impl Partition {
                     biased;
                     _ = stop.changed() => break,
                     r = tokio::time::timeout(left.max(Duration::from_millis(if batch.is_empty() { 3_600_000 } else { 0 })), rx.recv()) => match r {
-                        Ok(Some(r)) => next = Some(r),
-                        Ok(None) => break,
+                        Ok(Some(chunk)) => {
+                            queued.extend(chunk);
+                            next = queued.pop_front();
+                        }
+                        Ok(None) => {
+                            closed = true;
+                            break;
+                        }
                         Err(_) => if !batch.is_empty() { break },
                     },
                 }
@@ -308,7 +368,7 @@ impl Partition {
                     // The pattern only looks at metadata; match on that.
                     let key = rec.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
                     let view = serde_json::json!({
-                        "topic": rec.topic, "partition": rec.partition,
+                        "topic": &*rec.topic, "partition": rec.partition,
                         "offset": rec.offset, "timestamp": rec.timestamp_ms,
                         "key": key,
                     });
@@ -411,7 +471,7 @@ impl Partition {
                     Ok(Some(ids)) => {
                         let (bad, good): (Vec<_>, Vec<_>) = recs.into_iter().partition(|r| {
                             ids.iter().any(|(tp, p, o)| {
-                                *tp == r.topic && *p == r.partition && *o == r.offset
+                                tp.as_str() == &*r.topic && *p == r.partition && *o == r.offset
                             })
                         });
                         let produced = if self.shared.txn.is_some() {
@@ -459,7 +519,7 @@ impl Partition {
             return false;
         }
         self.shared.metrics.batch(&t.name, BatchOutcome::Success);
-        tracing::info!(
+        tracing::debug!(
             trigger = %t.name, topic = %self.topic, partition = self.partition,
             offsets = %format!("{}..={}", recs.first().map_or(0, |r| r.offset), recs.last().map_or(0, |r| r.offset)),
             records = recs.len(), ms = started.elapsed().as_millis() as u64, "batch succeeded"

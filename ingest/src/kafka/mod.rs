@@ -127,6 +127,10 @@ struct Ctx {
     committed: Mutex<HashMap<(String, i32), i64>>,
     revoke_timeout: Duration,
     first_assignment: AtomicBool,
+    /// Records of the current poll burst, not yet handed to their lanes.
+    /// Flushed after the burst, and before a rebalance acts on the lanes
+    /// (rebalance callbacks run inside `poll`, in the middle of a burst).
+    polled: Mutex<Vec<Record>>,
 }
 
 impl ClientContext for Ctx {}
@@ -140,6 +144,9 @@ impl ConsumerContext for Ctx {
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
             tracing::info!(trigger = %self.shared.trigger.name, partitions = ?parts, "partitions revoked: finishing in-flight batches");
+            // What was polled before the revocation goes to its lanes first,
+            // as if each record had been routed the moment it was polled.
+            flush_polled(consumer, &self.shared);
             self.stop_lanes(Some(&parts));
             self.apply_control(consumer, CommitMode::Sync);
             for (t, p) in &parts {
@@ -294,7 +301,9 @@ impl Ctx {
     }
 }
 
-fn to_record<M: Message>(m: &M) -> Record {
+/// Copy a message into a [`Record`]; `topic` is the last topic seen, reused
+/// while messages name the same one.
+fn to_record<M: Message>(m: &M, topic: &mut Option<Arc<str>>) -> Record {
     let (timestamp_ms, timestamp_type) = match m.timestamp() {
         Timestamp::CreateTime(t) => (t, TimestampType::CreateTime),
         Timestamp::LogAppendTime(t) => (t, TimestampType::LogAppendTime),
@@ -309,7 +318,10 @@ fn to_record<M: Message>(m: &M) -> Record {
         })
         .unwrap_or_default();
     Record {
-        topic: m.topic().to_owned(),
+        topic: match topic {
+            Some(t) if &**t == m.topic() => t.clone(),
+            _ => topic.insert(Arc::from(m.topic())).clone(),
+        },
         partition: m.partition(),
         offset: m.offset(),
         timestamp_ms,
@@ -425,6 +437,7 @@ pub async fn run_trigger(
         committed: Mutex::new(HashMap::new()),
         revoke_timeout: function_timeout,
         first_assignment: AtomicBool::new(false),
+        polled: Mutex::new(Vec::with_capacity(POLL_BURST)),
     };
     let consumer: BaseConsumer<Ctx> = cfg
         .create_with_context(ctx)
@@ -456,19 +469,36 @@ pub async fn run_trigger(
     Ok(())
 }
 
+/// Records taken from the consumer in one go before they are handed to their
+/// lanes: per-record hand-offs (a channel send and a task wake-up each) would
+/// cost more than the poll itself.
+const POLL_BURST: usize = 1024;
+
 fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<AtomicBool>) {
     let name = shared.trigger.name.clone();
     let mut last_lag = Instant::now();
+    let mut topic: Option<Arc<str>> = None;
     while !stop.load(Ordering::SeqCst) {
-        match consumer.poll(Duration::from_millis(50)) {
-            Some(Ok(m)) => {
-                let rec = to_record(&m);
-                drop(m);
-                route(&consumer, &shared, rec);
+        // Wait for one record, then take what is already fetched (no wait).
+        let mut timeout = Duration::from_millis(50);
+        for _ in 0..POLL_BURST {
+            match consumer.poll(timeout) {
+                Some(Ok(m)) => {
+                    let rec = to_record(&m, &mut topic);
+                    drop(m);
+                    consumer
+                        .context()
+                        .polled
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(rec);
+                }
+                Some(Err(e)) => tracing::warn!(trigger = %name, "consumer error: {e}"),
+                None => break,
             }
-            Some(Err(e)) => tracing::warn!(trigger = %name, "consumer error: {e}"),
-            None => {}
+            timeout = Duration::ZERO;
         }
+        flush_polled(&consumer, &shared);
         consumer
             .context()
             .apply_control(&consumer, CommitMode::Async);
@@ -485,28 +515,58 @@ fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<
     drop(consumer);
 }
 
-fn route(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>, rec: Record) {
+/// Hand the records of the current burst to their lanes, one chunk per run
+/// of records of the same partition (order within a partition is kept).
+fn flush_polled(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>) {
     let ctx = consumer.context();
-    let key = (rec.topic.clone(), rec.partition);
+    let polled = std::mem::replace(
+        &mut *ctx.polled.lock().unwrap_or_else(|p| p.into_inner()),
+        Vec::with_capacity(POLL_BURST),
+    );
+    let mut rest = polled.into_iter().peekable();
+    while let Some(first) = rest.next() {
+        let mut chunk = vec![first];
+        while let Some(r) =
+            rest.next_if(|r| r.partition == chunk[0].partition && r.topic == chunk[0].topic)
+        {
+            chunk.push(r);
+        }
+        route(consumer, shared, chunk);
+    }
+}
+
+/// Hand records of one partition to its lane (started if needed), and pause
+/// the partition if its lane holds too many.
+fn route(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>, chunk: Vec<Record>) {
+    let ctx = consumer.context();
+    let n = chunk.len();
+    let (topic, partition) = (chunk[0].topic.to_string(), chunk[0].partition);
     let mut lanes = ctx.lanes.lock().unwrap_or_else(|p| p.into_inner());
     let lane = lanes
-        .entry(key.clone())
-        .or_insert_with(|| lane::spawn(shared.clone(), key.0.clone(), key.1, None));
+        .entry((topic.clone(), partition))
+        .or_insert_with(|| lane::spawn(shared.clone(), topic.clone(), partition, None));
     shared
         .metrics
-        .records_in(&shared.trigger.name, &rec.topic, rec.partition, 1);
-    shared.activity.records.fetch_add(1, Ordering::Relaxed);
-    shared.activity.backlog.fetch_add(1, Ordering::SeqCst);
+        .records_in(&shared.trigger.name, &topic, partition, n as u64);
+    // Backlog first: whoever sees the records counted sees them unfinished.
+    shared
+        .activity
+        .backlog
+        .fetch_add(n as i64, Ordering::SeqCst);
+    shared
+        .activity
+        .records
+        .fetch_add(n as u64, Ordering::SeqCst);
     shared.activity.touch();
-    let backlog = lane.backlog.fetch_add(1, Ordering::SeqCst) + 1;
-    if lane.tx.send(rec).is_err() {
+    let backlog = lane.backlog.fetch_add(n, Ordering::SeqCst) + n;
+    if lane.tx.send(chunk).is_err() {
         return;
     }
     if backlog >= shared.high_water && !lane.paused.swap(true, Ordering::SeqCst) {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&key.0, key.1);
+        tpl.add_partition(&topic, partition);
         if let Err(e) = consumer.pause(&tpl) {
-            tracing::warn!("pausing {}-{} failed: {e}", key.0, key.1);
+            tracing::warn!("pausing {topic}-{partition} failed: {e}");
             lane.paused.store(false, Ordering::SeqCst);
         }
     }
