@@ -9,23 +9,19 @@
 //! the processes' stderr lines under a deadline.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sluice_test_support::kafka::TestKafka;
-use sluice_test_support::{FunctionFixture, agent_binary, function_fixture};
+use sluice_test_support::{FunctionFixture, Process, Signal, agent_binary, function_fixture};
 
 /// Longest wait for one expected outcome (joins, rebalances after a member
 /// vanished, processing).
@@ -34,154 +30,57 @@ const DEADLINE: Duration = Duration::from_secs(90);
 // ---------------------------------------------------------------------------
 // `sluice run` processes.
 
-/// Lines a process wrote to stderr, with a condition variable to wait on.
-#[derive(Default)]
-struct Lines {
-    lines: Mutex<Vec<String>>,
-    changed: Condvar,
-}
-
-impl Lines {
-    fn snapshot(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Wait until some line satisfies `pred`; false at the deadline.
-    fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if lines.iter().any(|l| pred(l)) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            lines = self
-                .changed
-                .wait_timeout(lines, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
-}
-
-/// A running `sluice run`.
+/// A running `sluice run` (killed when dropped).
 struct Sluice {
-    name: &'static str,
-    pid: Pid,
-    exited: mpsc::Receiver<ExitStatus>,
+    process: Process,
     status: Option<ExitStatus>,
-    stderr: Arc<Lines>,
-    /// Signalled when stderr reached its end.
-    stderr_done: mpsc::Receiver<()>,
 }
 
 impl Sluice {
     fn start(name: &'static str, args: &[&str], pipeline: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command
             .env("SLUICE_AGENT", agent_binary())
             .arg("run")
             .arg(pipeline)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting sluice run");
-        let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-        let stderr = Arc::new(Lines::default());
-        let pipe = child.stderr.take().expect("piped stderr");
-        let sink = stderr.clone();
-        let (done, stderr_done) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                sink.lines
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(line);
-                sink.changed.notify_all();
-            }
-            let _ = done.send(());
-        });
-        let (tx, exited) = mpsc::channel();
-        std::thread::spawn(move || {
-            if let Ok(status) = child.wait() {
-                let _ = tx.send(status);
-            }
-        });
+            .args(args);
         Self {
-            name,
-            pid,
-            exited,
+            process: Process::start(name, command),
             status: None,
-            stderr,
-            stderr_done,
         }
     }
 
     fn log(&self) -> String {
-        format!(
-            "--- stderr of {} ---\n{}",
-            self.name,
-            self.stderr.snapshot().join("\n")
-        )
+        self.process.log()
     }
 
     fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) {
-        assert!(
-            self.stderr.wait_line(DEADLINE, pred),
-            "{}: timed out waiting for {what}\n{}",
-            self.name,
-            self.log()
-        );
+        self.process.wait_line(what, pred);
     }
 
     fn signal(&self, sig: Signal) {
-        kill(self.pid, sig).unwrap_or_else(|e| panic!("{sig} to {}: {e}", self.name));
+        self.process.signal(sig);
     }
 
     fn wait_exit(&mut self) -> ExitStatus {
         if let Some(s) = self.status {
             return s;
         }
-        let status = self.exited.recv_timeout(DEADLINE).unwrap_or_else(|_| {
-            panic!(
-                "{} did not exit within {DEADLINE:?}\n{}",
-                self.name,
-                self.log()
-            )
-        });
+        let (status, _) = self.process.finish();
         self.status = Some(status);
-        // Everything it wrote, read.
-        let _ = self.stderr_done.recv_timeout(Duration::from_secs(10));
         status
     }
 
     /// Record values the function saw, from its `SEEN` lines (`[f] SEEN
     /// in-0@3 value`).
     fn seen(&self) -> Vec<(String, String)> {
-        self.stderr
-            .snapshot()
+        self.process
+            .stderr()
             .iter()
             .filter_map(|l| l.split_once("SEEN ").map(|(_, rest)| rest))
             .filter_map(|rest| rest.split_once(' '))
             .map(|(id, v)| (id.to_owned(), v.to_owned()))
             .collect()
-    }
-}
-
-impl Drop for Sluice {
-    fn drop(&mut self) {
-        if self.status.is_none() && self.exited.try_recv().is_err() {
-            let _ = kill(self.pid, Signal::SIGKILL);
-            let _ = self.exited.recv_timeout(Duration::from_secs(10));
-        }
     }
 }
 
@@ -521,7 +420,7 @@ fn embedded_broker_produce_and_stop_when_idle() {
     );
     let status = run.wait_exit();
     assert_eq!(status.code(), Some(0), "{}", run.log());
-    let log = run.stderr.snapshot();
+    let log = run.process.stderr();
     assert!(
         log.iter().any(|l| l.contains("loaded 25 records")),
         "{}",
