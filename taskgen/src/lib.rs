@@ -864,21 +864,28 @@ fn check_input(input: &Input) -> Result<(), BackfillError> {
 }
 
 /// Like [`reader`] for `payload = "arrow"`: each call holds up to
-/// `limits.items` Parquet rows as record batches (cut by count only: Arrow
-/// rows have no JSON size).
+/// `limits.items` Parquet rows as record batches, and fewer when the file's
+/// first batch says that many rows would take more than `limits.bytes` once
+/// base64-encoded (the same file always gives the same calls).
 fn arrow_reader(
     sources: Vec<PathBuf>,
     input: Input,
     limits: Limits,
     tx: mpsc::Sender<Result<Call, BackfillError>>,
 ) {
-    let per_call = limits.items.max(1);
     for file in sources {
         let source = file.display().to_string();
         let mut current = Call::new(source.clone(), 0);
         let mut index = 0u64;
         let mut closed = false;
+        let mut per_call = 0usize;
         let result = read::read_parquet_batches(&file, input.columns.as_deref(), &mut |batch| {
+            if per_call == 0 && batch.num_rows() > 0 {
+                // Bytes per row in memory (an upper bound of the IPC size),
+                // times 4/3 for base64.
+                let row = (batch.get_array_memory_size() / batch.num_rows()).max(1) * 4 / 3 + 1;
+                per_call = limits.items.max(1).min((limits.bytes / row).max(1));
+            }
             let mut offset = 0;
             while offset < batch.num_rows() {
                 let take = (per_call - current.len()).min(batch.num_rows() - offset);

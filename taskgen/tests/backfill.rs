@@ -716,3 +716,25 @@ async fn a_corrupt_parquet_file_is_a_clear_error_naming_it() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrow_calls_are_cut_to_fit_the_byte_limit() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("lineitem.parquet");
+    write_lineitem(&path, 2_000);
+    let f = function_fixture("arrow-sum");
+    let ex = executor("arrow-sum", &f, 2);
+    let (hooks, got) = collector();
+    let mut cfg = config(dir.path(), "arrow-sum", vec![path], Format::Parquet);
+    cfg.payload = sluice_taskgen::PayloadFormat::Arrow;
+    cfg.max_items_per_call = 2_000;
+    cfg.max_bytes_per_call = 20_000;
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    ex.shutdown().await;
+    assert_eq!(s.items_succeeded, 2_000);
+    assert!(s.calls_succeeded > 2, "{} calls", s.calls_succeeded);
+    let got = got.lock().unwrap();
+    let rows: u64 = got.iter().map(|(_, v)| v["rows"].as_u64().unwrap()).sum();
+    assert_eq!(rows, 2_000);
+    assert!(got.iter().all(|(_, v)| v["rows"].as_u64().unwrap() < 2_000));
+}
