@@ -16,6 +16,53 @@ use crate::{Boot, ExitReason, VmBuilder, VmConfig, VmError};
 /// The port tiny benchmark guests write to.
 pub const BENCH_PORT: u64 = 0x510;
 
+/// [`sum_guest`] writes its loop counter (`out dx, eax`) here each round.
+pub const SUM_PROGRESS_PORT: u16 = 0x520;
+/// [`sum_guest`] writes the low 32 bits of its identity seed here at the end.
+pub const SUM_SEED_PORT: u16 = 0x521;
+/// [`sum_guest`] writes the low 32 bits of its sum here, then resets.
+pub const SUM_RESULT_PORT: u16 = 0x522;
+/// Port range to claim for [`sum_guest`]'s three ports (its 4-byte writes
+/// to the last one end at offset 6).
+pub const SUM_PORTS_LEN: u64 = 8;
+/// Where [`sum_guest`] reads its identity seed (a u64) after its loop: a
+/// clone gets its own with [`crate::VmBuilder::guest_write`].
+pub const SUM_SEED_ADDR: u64 = 0x5000;
+/// Where [`sum_guest`] stores the seed it read (u64) and its sum (u64, +8).
+pub const SUM_OUT_ADDR: u64 = 0x6000;
+
+/// A tiny guest that sums `n + (n-1) + ... + 1` in RBX, writing the loop
+/// counter to [`SUM_PROGRESS_PORT`] every round (so it can be paused and
+/// snapshotted mid-way and its progress followed); then it reads its
+/// identity seed from [`SUM_SEED_ADDR`], stores seed and sum at
+/// [`SUM_OUT_ADDR`], reports them on [`SUM_SEED_PORT`] and
+/// [`SUM_RESULT_PORT`] and resets the machine.
+pub fn sum_guest(n: u32) -> Vec<u8> {
+    let a = Asm::new()
+        .mov_ecx(n.max(1))
+        .zero_ebx()
+        .mov_dx(SUM_PROGRESS_PORT);
+    let top = a.here();
+    a.add_rbx_rcx()
+        .mov_eax_ecx()
+        .out_dx_eax()
+        .dec_ecx()
+        .jnz(top)
+        .mov_rax(SUM_SEED_ADDR)
+        .load64_from_rax()
+        .mov_rdi(SUM_OUT_ADDR)
+        .store_rax_at_rdi(0)
+        .store_rbx_at_rdi(8)
+        .mov_dx(SUM_SEED_PORT)
+        .out_dx_eax()
+        .mov_eax_ebx()
+        .mov_dx(SUM_RESULT_PORT)
+        .out_dx_eax()
+        .i8042_reset()
+        .spin()
+        .finish()
+}
+
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

@@ -65,9 +65,11 @@ pub mod host;
 pub mod initramfs;
 pub mod loader;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 pub mod x86_64;
 
+pub use snapshot::{Snapshot, SnapshotError, SnapshotInfo};
 pub use vm::{Boot, ExitReason, Vm, VmBuilder, VmConfig, VmError, VmExit, VmState};

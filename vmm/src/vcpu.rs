@@ -24,7 +24,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::devices::Bus;
-use crate::vm::VmEvent;
+use crate::snapshot::{SnapshotError, VcpuSnapshot, save_vcpu};
+use crate::vm::{VmEvent, VmState};
 
 /// The states of a vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +40,11 @@ pub enum VcpuState {
     Exited,
 }
 
+/// Reply to [`VcpuCommand::Save`].
+pub type SaveReply = Sender<Result<Box<VcpuSnapshot>, SnapshotError>>;
+
 /// Commands to a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum VcpuCommand {
     /// Start or resume.
     Run,
@@ -48,6 +52,15 @@ pub enum VcpuCommand {
     Pause,
     /// Leave the run loop for good.
     Stop,
+    /// Read the vCPU's state for a snapshot (only while `Created` or
+    /// `Paused`; a running vCPU answers with an error). The MSRs read are
+    /// `msr_index` (`KVM_GET_MSR_INDEX_LIST`).
+    Save {
+        /// MSRs to read.
+        msr_index: Arc<[u32]>,
+        /// Where the state goes.
+        reply: SaveReply,
+    },
 }
 
 /// Why a vCPU stopped on the guest's own account.
@@ -173,12 +186,13 @@ impl VcpuHandle {
         self.id
     }
 
-    /// Sends `cmd` and, unless it is `Run` (only waiting threads act on
-    /// it, and they wait on the channel), kicks the thread out of
-    /// `KVM_RUN`. A thread that has already exited ignores it.
+    /// Sends `cmd` and, unless it is `Run` or `Save` (only waiting
+    /// threads act on them, and they wait on the channel), kicks the
+    /// thread out of `KVM_RUN`. A thread that has already exited ignores it.
     pub fn send(&self, cmd: VcpuCommand) {
+        let kick = matches!(cmd, VcpuCommand::Pause | VcpuCommand::Stop);
         if self.commands.send(cmd).is_ok()
-            && cmd != VcpuCommand::Run
+            && kick
             && let Some(t) = &self.thread
         {
             // ESRCH only if the thread already finished: nothing to kick.
@@ -289,6 +303,9 @@ impl Vcpu {
                         self.report(state);
                     }
                     Ok(VcpuCommand::Pause) => {}
+                    Ok(VcpuCommand::Save { msr_index, reply }) => {
+                        let _ = reply.send(self.save(&msr_index));
+                    }
                     Ok(VcpuCommand::Stop) | Err(_) => break VcpuStop::Stopped,
                 },
                 VcpuState::Running => {
@@ -300,6 +317,11 @@ impl Vcpu {
                         }
                         Ok(VcpuCommand::Stop) | Err(TryRecvError::Disconnected) => {
                             break VcpuStop::Stopped;
+                        }
+                        Ok(VcpuCommand::Save { reply, .. }) => {
+                            let _ = reply.send(Err(SnapshotError::InvalidState {
+                                state: VmState::Running,
+                            }));
                         }
                         Ok(VcpuCommand::Run) | Err(TryRecvError::Empty) => {}
                     }
@@ -316,6 +338,30 @@ impl Vcpu {
             vcpu: self.id,
             stop,
         });
+    }
+
+    /// Saves the state of this (not running) vCPU. First an entry with
+    /// `immediate_exit` set lets KVM finish the instruction of the last
+    /// exit (e.g. store the data of a port read in RAX) without running
+    /// guest code, so the saved registers are the instruction's result.
+    fn save(&mut self, msr_index: &[u32]) -> Result<Box<VcpuSnapshot>, SnapshotError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = self.fd.run().map(|_| ()).map_err(|e| e.errno());
+        self.fd.set_kvm_immediate_exit(0);
+        match completed {
+            Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => {}
+            Ok(()) => tracing::warn!(
+                vcpu = self.id,
+                "KVM_RUN with immediate_exit returned an exit"
+            ),
+            Err(errno) => {
+                return Err(SnapshotError::Kvm {
+                    ioctl: "KVM_RUN (immediate exit)",
+                    source: kvm_ioctls::Error::new(errno),
+                });
+            }
+        }
+        save_vcpu(&self.fd, msr_index).map(Box::new)
     }
 
     fn rip(&self) -> u64 {
