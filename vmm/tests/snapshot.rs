@@ -407,3 +407,26 @@ fn corrupt_truncated_and_wrong_version_snapshots_are_rejected() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn the_restore_benchmark_measures_real_restores() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let report = sluice_vmm::bench::snapshot_restore(dir.path(), 16, 5, 10).unwrap();
+    eprintln!("{}", report.summary());
+    assert_eq!(report.restore_ms.len(), 5);
+    assert_eq!(report.fresh_ms.len(), 5);
+    assert!(
+        report
+            .restore_ms
+            .iter()
+            .all(|ms| *ms > 0.0 && *ms < 10_000.0)
+    );
+    assert!(report.fresh_ms.iter().all(|ms| *ms > 0.0 && *ms < 10_000.0));
+    assert!(report.restore_ms.windows(2).all(|w| w[0] <= w[1]), "sorted");
+    assert_eq!(report.idle_clones, 10);
+    assert!(report.clones_per_sec > 0.0);
+    assert!(report.snapshot_ms > 0.0);
+}
