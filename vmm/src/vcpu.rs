@@ -177,10 +177,64 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 pub struct VcpuHandle {
     id: u8,
     commands: Sender<VcpuCommand>,
+    /// Hands the thread its vCPU; dropped (ending a thread that never got
+    /// one) by [`VcpuHandle::attach`] or on stop.
+    setup: Option<Sender<Vcpu>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl VcpuHandle {
+    /// Starts the thread `"{vm}-vcpu{id}"` before its vCPU exists: it waits
+    /// for [`VcpuHandle::attach`], then runs in state `Created`. A VM
+    /// starts its vCPU threads first, so thread creation and scheduling
+    /// overlap the KVM set-up instead of adding to it (a restore spends
+    /// well under a millisecond in ioctls; a new thread's first run took
+    /// longer than that on a busy host). If the handle is dropped before
+    /// `attach`, the thread ends without running anything.
+    pub fn start(vm_name: &str, id: u8, events: Sender<VmEvent>) -> std::io::Result<VcpuHandle> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (setup_tx, setup_rx) = std::sync::mpsc::channel::<Vcpu>();
+        let thread = std::thread::Builder::new()
+            .name(format!("{vm_name}-vcpu{id}"))
+            .spawn(move || {
+                let Ok(vcpu) = setup_rx.recv() else {
+                    return;
+                };
+                let run =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run_loop(rx)));
+                if let Err(panic) = run {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "non-string panic".into());
+                    let _ = events.send(VmEvent::VcpuState {
+                        vcpu: id,
+                        state: VcpuState::Exited,
+                    });
+                    let _ = events.send(VmEvent::VcpuStopped {
+                        vcpu: id,
+                        stop: VcpuStop::Failed(VcpuError::Panicked { vcpu: id, message }),
+                    });
+                }
+            })?;
+        Ok(VcpuHandle {
+            id,
+            commands: tx,
+            setup: Some(setup_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Gives the thread its configured vCPU (its id must match).
+    pub fn attach(&mut self, vcpu: Vcpu) {
+        debug_assert_eq!(vcpu.id, self.id);
+        if let Some(setup) = self.setup.take() {
+            // Err only if the thread is gone (it panicked before recv).
+            let _ = setup.send(vcpu);
+        }
+    }
+
     /// The vCPU index.
     pub fn id(&self) -> u8 {
         self.id
@@ -202,6 +256,7 @@ impl VcpuHandle {
 
     /// Stops the thread and waits for it.
     pub fn stop_and_join(&mut self) {
+        self.setup.take();
         self.send(VcpuCommand::Stop);
         if let Some(t) = self.thread.take()
             && t.join().is_err()
@@ -248,35 +303,9 @@ enum Step {
 impl Vcpu {
     /// Starts the thread `"{vm}-vcpu{id}"` in state `Created`.
     pub fn spawn(self, vm_name: &str) -> std::io::Result<VcpuHandle> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let id = self.id;
-        let events = self.events.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("{vm_name}-vcpu{id}"))
-            .spawn(move || {
-                let run =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop(rx)));
-                if let Err(panic) = run {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "non-string panic".into());
-                    let _ = events.send(VmEvent::VcpuState {
-                        vcpu: id,
-                        state: VcpuState::Exited,
-                    });
-                    let _ = events.send(VmEvent::VcpuStopped {
-                        vcpu: id,
-                        stop: VcpuStop::Failed(VcpuError::Panicked { vcpu: id, message }),
-                    });
-                }
-            })?;
-        Ok(VcpuHandle {
-            id,
-            commands: tx,
-            thread: Some(thread),
-        })
+        let mut handle = VcpuHandle::start(vm_name, self.id, self.events.clone())?;
+        handle.attach(self);
+        Ok(handle)
     }
 
     fn report(&self, state: VcpuState) {

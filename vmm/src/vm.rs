@@ -379,6 +379,15 @@ impl VmBuilder {
             return Err(VmError::Config(format!("{} vCPUs", config.vcpus)));
         }
         install_kick_handler().map_err(VmError::Signal)?;
+        // vCPU threads first: their start-up overlaps the set-up below.
+        let (events_tx, events_rx) = channel();
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for id in 0..config.vcpus {
+            vcpus.push(
+                VcpuHandle::start(&config.name, id, events_tx.clone())
+                    .map_err(|source| VmError::Spawn { vcpu: id, source })?,
+            );
+        }
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let restore = self.restore.clone();
@@ -454,7 +463,6 @@ impl VmBuilder {
                 })?;
         }
 
-        let (events_tx, events_rx) = channel();
         let capture = ConsoleCapture::new(config.console_capture);
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm_fd
@@ -523,8 +531,7 @@ impl VmBuilder {
             Some(_) => None,
             None => Some(supported_cpuid(&kvm)?),
         };
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for id in 0..config.vcpus {
+        for (id, handle) in (0..config.vcpus).zip(vcpus.iter_mut()) {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -549,10 +556,7 @@ impl VmBuilder {
                 mmio: mmio.clone(),
                 events: events_tx.clone(),
             };
-            vcpus.push(
-                vcpu.spawn(&config.name)
-                    .map_err(|source| VmError::Spawn { vcpu: id, source })?,
-            );
+            handle.attach(vcpu);
         }
         // Last, so that no earlier failure leaves pump threads behind.
         let pumps = match (&console, &self.channel) {
