@@ -406,9 +406,10 @@ impl VmBuilder {
                 userspace_addr: host as u64,
                 flags: 0,
             };
-            // SAFETY: `host..host+len` is a live anonymous mapping owned by
-            // `mem`, which the Vm keeps until after the VM fd is closed (field
-            // order in `Vm`), so KVM never maps memory we have released.
+            // SAFETY: `host..host+len` is a live mapping (anonymous, or the
+            // snapshot's memory file mapped MAP_PRIVATE) owned by `mem`, which
+            // the Vm keeps until after the VM fd is closed (field order in
+            // `Vm`), so KVM never maps memory we have released.
             unsafe { vm_fd.set_user_memory_region(kregion) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
@@ -531,13 +532,14 @@ impl VmBuilder {
             Some(_) => None,
             None => Some(supported_cpuid(&kvm)?),
         };
+        let mut refused_msrs = Vec::new();
         for (id, handle) in (0..config.vcpus).zip(vcpus.iter_mut()) {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             match (&restore, &cpuid) {
                 (Some(snap), _) => {
-                    restore_vcpu(&fd, &snap.state().vcpus[usize::from(id)])?;
+                    refused_msrs.push(restore_vcpu(&fd, &snap.state().vcpus[usize::from(id)])?);
                 }
                 (None, Some(cpuid)) => {
                     setup_cpuid(&fd, cpuid, id, config.vcpus)?;
@@ -579,6 +581,7 @@ impl VmBuilder {
             console,
             channel: self.channel,
             pumps,
+            refused_msrs,
             name: config.name,
         })
     }
@@ -623,6 +626,7 @@ pub struct Vm {
     console: Option<ConsoleTransport>,
     channel: Option<UnixStream>,
     pumps: Vec<std::thread::JoinHandle<()>>,
+    refused_msrs: Vec<Vec<u32>>,
     name: String,
 }
 
@@ -645,6 +649,12 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// For a restored VM, the saved MSRs KVM refused to set, per vCPU
+    /// (they are skipped; empty for a booted VM).
+    pub fn refused_msrs(&self) -> &[Vec<u32>] {
+        &self.refused_msrs
     }
 
     /// The VM state.
