@@ -948,11 +948,16 @@ pub(crate) fn restore_vm(vm_fd: &VmFd, s: &SnapshotState) -> Result<(), Snapshot
 // Memory.
 
 /// Writes guest RAM to `path`, region after region, leaving pages of zeros
-/// as holes; returns the layout for the state file.
+/// as holes; returns the layout for the state file. The data goes to a
+/// new file renamed over `path` at the end: clones of an earlier snapshot
+/// may have the old file mapped `MAP_PRIVATE`, and their pages not yet
+/// copied would change if the file were rewritten in place.
 pub(crate) fn write_memory(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    final_path: &Path,
 ) -> Result<Vec<MemoryRegionState>, SnapshotError> {
+    let tmp = final_path.with_extension("mem.tmp");
+    let path = tmp.as_path();
     let file = File::create(path).map_err(io_err("create", path))?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     file.set_len(total).map_err(io_err("resize", path))?;
@@ -1000,6 +1005,8 @@ pub(crate) fn write_memory(
         });
         file_offset += len;
     }
+    file.sync_all().map_err(io_err("sync", path))?;
+    std::fs::rename(path, final_path).map_err(io_err("rename", path))?;
     Ok(regions)
 }
 

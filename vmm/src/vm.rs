@@ -740,7 +740,9 @@ impl Vm {
     /// (created if needed): guest RAM to [`MEMORY_FILE`], and everything
     /// else to [`STATE_FILE`] (see [`crate::snapshot`] for the format).
     /// The VM stays paused and can be resumed afterwards. Restore with
-    /// [`Snapshot::load`] and [`VmBuilder::restore`].
+    /// [`Snapshot::load`] and [`VmBuilder::restore`]. Snapshotting into a
+    /// directory that holds an older snapshot replaces it through new
+    /// files and renames: clones of the old one keep their memory.
     pub fn snapshot(&mut self, dir: &std::path::Path) -> Result<SnapshotInfo, SnapshotError> {
         if !matches!(self.state, VmState::Paused | VmState::Created) {
             return Err(SnapshotError::InvalidState { state: self.state });
@@ -777,6 +779,20 @@ impl Vm {
             vcpus.push(*saved);
         }
         let (clock, irqchips, pit) = save_vm(&self.vm_fd)?;
+        // An older snapshot in `dir` stops being loadable before its memory
+        // file is replaced, so a crash never pairs old state with new RAM.
+        let state_path = dir.join(STATE_FILE);
+        match std::fs::remove_file(&state_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(SnapshotError::Io {
+                    op: "remove",
+                    path: state_path,
+                    source,
+                });
+            }
+        }
         let memory_path = dir.join(MEMORY_FILE);
         let regions = write_memory(&self.mem, &memory_path)?;
         let state = SnapshotState {
@@ -790,7 +806,6 @@ impl Vm {
             virtio_console: self.console.as_ref().map(|t| lock(t).state()),
         };
         let bytes = state.encode();
-        let state_path = dir.join(STATE_FILE);
         write_atomically(&state_path, &bytes)?;
         let unreadable_msrs = state
             .vcpus

@@ -651,3 +651,130 @@ fn unread_serial_input_and_uart_registers_survive_a_restore() {
     assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
     assert_eq!(clone.console_output(), b"kept\nZ");
 }
+
+#[test]
+fn pic_programming_and_the_kvm_clock_are_restored() {
+    if !kvm_available() {
+        return;
+    }
+    use kvm_bindings::kvm_clock_data;
+    use sluice_vmm::asm::Asm;
+    const FLAG: u64 = 0x52000;
+    // ICW1-4 with vector base 0x28, then IMR 0x5a; tell the host; wait for
+    // FLAG (clone only); report the PIC's IMR as read back from port 0x21.
+    let a = Asm::new()
+        .mov_al(0x11)
+        .out_imm_al(0x20)
+        .mov_al(0x28)
+        .out_imm_al(0x21)
+        .mov_al(0x04)
+        .out_imm_al(0x21)
+        .mov_al(0x01)
+        .out_imm_al(0x21)
+        .mov_al(0x5a)
+        .out_imm_al(0x21)
+        .mov_dx(0x500)
+        .out_dx_al();
+    let wait = a.here();
+    let code = a
+        .mov_rax(FLAG)
+        .load32_from_rax()
+        .test_al(1)
+        .jz(wait)
+        .mov_dx(0x21)
+        .in_al_dx()
+        .mov_dx(0x500)
+        .out_dx_al()
+        .i8042_reset()
+        .spin()
+        .finish();
+    let (tx, ready) = channel();
+    let mut source = VmBuilder::new(config("pic-source"), Boot::Code(code))
+        .pio_device(0x500, 1, Arc::new(Mutex::new(Marker(tx))))
+        .build()
+        .unwrap();
+    source.start().unwrap();
+    assert_eq!(ready.recv_timeout(LONG).unwrap(), 0x5a);
+    source.pause(LONG).unwrap();
+    // A clock far from a new VM's, to tell a restored clock from a fresh one.
+    const CLOCK: u64 = 1000 * 1_000_000_000;
+    source
+        .vm_fd()
+        .set_clock(&kvm_clock_data {
+            clock: CLOCK,
+            ..Default::default()
+        })
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    source.snapshot(dir.path()).unwrap();
+    source.stop();
+    let snap = Arc::new(Snapshot::load(dir.path()).unwrap());
+
+    let (tx, imr) = channel();
+    let mut clone = VmBuilder::restore(config("pic-clone"), snap)
+        .pio_device(0x500, 1, Arc::new(Mutex::new(Marker(tx))))
+        .guest_write(FLAG, &[1])
+        .build()
+        .unwrap();
+    let clock = clone.vm_fd().get_clock().unwrap().clock;
+    assert!(
+        (CLOCK..CLOCK + 60 * 1_000_000_000).contains(&clock),
+        "restored clock {clock}"
+    );
+    let exit = clone.run(LONG).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    assert_eq!(
+        imr.try_recv().unwrap(),
+        0x5a,
+        "the PIC's mask after restore"
+    );
+    // A new VM's clock starts near zero.
+    let fresh = VmBuilder::new(config("clock-fresh"), Boot::Code(Vec::new()))
+        .build()
+        .unwrap();
+    assert!(fresh.vm_fd().get_clock().unwrap().clock < CLOCK);
+}
+
+#[test]
+fn snapshotting_again_into_a_directory_leaves_clones_of_the_old_snapshot_intact() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, _rx, _) = run_and_pause("resnap-first", 1000, 10);
+    first
+        .memory()
+        .write_slice(b"old!", GuestAddress(0x70_0000))
+        .unwrap();
+    first.snapshot(dir.path()).unwrap();
+    first.stop();
+    let old = Arc::new(Snapshot::load(dir.path()).unwrap());
+    let clone = VmBuilder::restore(config("resnap-clone"), old)
+        .pio_device(u64::from(SUM_PROGRESS_PORT), SUM_PORTS_LEN, ports().0)
+        .build()
+        .unwrap();
+
+    let (mut second, _rx, _) = run_and_pause("resnap-second", 1000, 10);
+    second
+        .memory()
+        .write_slice(b"new!", GuestAddress(0x70_0000))
+        .unwrap();
+    second.snapshot(dir.path()).unwrap();
+    second.stop();
+
+    let mut seen = [0u8; 4];
+    clone
+        .memory()
+        .read_slice(&mut seen, GuestAddress(0x70_0000))
+        .unwrap();
+    assert_eq!(
+        &seen, b"old!",
+        "the clone's unwritten page changed under it"
+    );
+    let new = Snapshot::load(dir.path()).unwrap();
+    new.map_memory()
+        .unwrap()
+        .read_slice(&mut seen, GuestAddress(0x70_0000))
+        .unwrap();
+    assert_eq!(&seen, b"new!");
+}
