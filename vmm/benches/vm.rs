@@ -79,16 +79,21 @@ fn snapshot(c: &mut Criterion) {
     // same run, clones per second, memory per idle clone.
     let report = bench::snapshot_restore(dir.path(), mem_mib, samples, clones).expect("snapshot");
     println!("snapshot/restore: {}", report.summary());
-    // Then criterion's own view of the two latencies.
+    // Then criterion's own view of the two latencies, from one snapshot.
+    let (rb, _) = bench::RestoreBench::new(dir.path(), mem_mib).expect("snapshot");
     let mut g = c.benchmark_group("snapshot");
-    g.sample_size(20);
+    g.sample_size(50);
     g.bench_function("restore_to_running", |b| {
         b.iter_custom(|iters| {
-            let d = tempfile::tempdir().expect("temporary directory");
-            let r = bench::snapshot_restore(d.path(), mem_mib, iters as usize, 0).expect("restore");
-            r.restore_ms
-                .iter()
-                .map(|ms| Duration::from_secs_f64(ms / 1e3))
+            (0..iters)
+                .map(|i| rb.restore_to_running("crit-restore", i).expect("restore").1)
+                .sum::<Duration>()
+        })
+    });
+    g.bench_function("fresh_create_and_boot", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| rb.fresh_to_running().expect("boot").1)
                 .sum::<Duration>()
         })
     });

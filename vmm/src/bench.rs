@@ -385,6 +385,83 @@ fn to_first_exit(
     Ok((vm, first.duration_since(t0), built))
 }
 
+/// A snapshot of a running [`sum_guest`] (looping for ever) to restore
+/// from, and the same guest to boot fresh, for restore benchmarks.
+#[derive(Debug)]
+pub struct RestoreBench {
+    snap: Arc<Snapshot>,
+    mem_mib: u64,
+    code: Vec<u8>,
+}
+
+impl RestoreBench {
+    /// Boots a `mem_mib` MiB [`sum_guest`], pauses it after its first
+    /// exit, snapshots it into `dir` and loads the snapshot; returns the
+    /// bench and the milliseconds [`Vm::snapshot`] took.
+    pub fn new(dir: &std::path::Path, mem_mib: u64) -> Result<(Self, f64), BenchError> {
+        let code = sum_guest(u32::MAX);
+        let (mut source, _, _) = fresh_sum_guest(mem_mib, &code)?;
+        source.pause(Duration::from_secs(10))?;
+        let t0 = Instant::now();
+        source.snapshot(dir)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        drop(source);
+        let snap = Arc::new(Snapshot::load(dir)?);
+        Ok((
+            Self {
+                snap,
+                mem_mib,
+                code,
+            },
+            ms,
+        ))
+    }
+
+    fn config(&self, name: &str) -> VmConfig {
+        sum_config(name, self.mem_mib)
+    }
+
+    /// A clone with identity `seed`, from [`VmBuilder::restore`] to its
+    /// first port exit; returns it, that time, and the time `build` took.
+    pub fn restore_to_running(
+        &self,
+        name: &str,
+        seed: u64,
+    ) -> Result<(Vm, Duration, Duration), BenchError> {
+        to_first_exit(Instant::now(), |dev| {
+            VmBuilder::restore(self.config(name), self.snap.clone())
+                .pio_device(u64::from(SUM_PROGRESS_PORT), SUM_PORTS_LEN, dev)
+                .guest_write(SUM_SEED_ADDR, &seed.to_le_bytes())
+                .build()
+        })
+    }
+
+    /// The same guest created and booted from scratch, to its first port
+    /// exit; returns it, that time, and the time `build` took.
+    pub fn fresh_to_running(&self) -> Result<(Vm, Duration, Duration), BenchError> {
+        fresh_sum_guest(self.mem_mib, &self.code)
+    }
+}
+
+fn sum_config(name: &str, mem_mib: u64) -> VmConfig {
+    VmConfig {
+        name: name.into(),
+        mem_size: mem_mib << 20,
+        ..VmConfig::default()
+    }
+}
+
+fn fresh_sum_guest(mem_mib: u64, code: &[u8]) -> Result<(Vm, Duration, Duration), BenchError> {
+    to_first_exit(Instant::now(), |dev| {
+        VmBuilder::new(
+            sum_config("bench-fresh", mem_mib),
+            Boot::Code(code.to_vec()),
+        )
+        .pio_device(u64::from(SUM_PROGRESS_PORT), SUM_PORTS_LEN, dev)
+        .build()
+    })
+}
+
 /// Snapshot/restore figures for a `mem_mib` MiB tiny guest ([`sum_guest`]
 /// looping for ever): the guest runs, is paused and snapshotted into
 /// `dir`; then `samples` restores-to-running (from the loaded snapshot to
@@ -399,46 +476,15 @@ pub fn snapshot_restore(
     idle_clones: usize,
 ) -> Result<RestoreBenchReport, BenchError> {
     let limit = Duration::from_secs(10);
-    let code = sum_guest(u32::MAX);
-    let config = |name: &str| VmConfig {
-        name: name.into(),
-        mem_size: mem_mib << 20,
-        ..VmConfig::default()
-    };
-    let ports = u64::from(SUM_PROGRESS_PORT);
-    let snapshot_ms = {
-        let (mut source, _, _) = to_first_exit(Instant::now(), |dev| {
-            VmBuilder::new(config("bench-snap-source"), Boot::Code(code.clone()))
-                .pio_device(ports, SUM_PORTS_LEN, dev)
-                .build()
-        })?;
-        source.pause(limit)?;
-        let t0 = Instant::now();
-        source.snapshot(dir)?;
-        t0.elapsed().as_secs_f64() * 1e3
-    };
-    let snap = Arc::new(Snapshot::load(dir)?);
-    // Each clone gets its own seed, as a real clone would.
-    let restore = |name: &str, seed: u64, dev: Arc<Mutex<Stamp>>| {
-        VmBuilder::restore(config(name), snap.clone())
-            .pio_device(ports, SUM_PORTS_LEN, dev)
-            .guest_write(SUM_SEED_ADDR, &seed.to_le_bytes())
-            .build()
-    };
+    let (bench, snapshot_ms) = RestoreBench::new(dir, mem_mib)?;
     let mut restore_ms = Vec::with_capacity(samples);
     let mut restore_build_ms = Vec::with_capacity(samples);
     let mut fresh_ms = Vec::with_capacity(samples);
     for i in 0..samples.max(1) {
-        let (vm, t, _) = to_first_exit(Instant::now(), |dev| {
-            VmBuilder::new(config("bench-fresh"), Boot::Code(code.clone()))
-                .pio_device(ports, SUM_PORTS_LEN, dev)
-                .build()
-        })?;
+        let (vm, t, _) = bench.fresh_to_running()?;
         drop(vm);
         fresh_ms.push(t.as_secs_f64() * 1e3);
-        let (vm, t, built) = to_first_exit(Instant::now(), |dev| {
-            restore("bench-restore", i as u64, dev)
-        })?;
+        let (vm, t, built) = bench.restore_to_running("bench-restore", i as u64)?;
         drop(vm);
         restore_ms.push(t.as_secs_f64() * 1e3);
         restore_build_ms.push(built.as_secs_f64() * 1e3);
@@ -452,9 +498,7 @@ pub fn snapshot_restore(
     let mut clones = Vec::with_capacity(idle_clones);
     let t0 = Instant::now();
     for i in 0..idle_clones {
-        let (mut vm, _, _) = to_first_exit(Instant::now(), |dev| {
-            restore(&format!("idle{i}"), i as u64, dev)
-        })?;
+        let (mut vm, _, _) = bench.restore_to_running(&format!("idle{i}"), i as u64)?;
         vm.pause(limit)?;
         clones.push(vm);
     }
