@@ -65,7 +65,9 @@
 //!   number of clones share its page cache and copy only the pages they
 //!   write; [`VmBuilder::guest_write`] gives each clone its identity (a
 //!   seed the guest reads after it resumes). vCPU threads are started
-//!   first in `build`, so their start-up overlaps the KVM set-up.
+//!   first in `build`, so their start-up overlaps the KVM set-up, and
+//!   poll briefly for their first command
+//!   ([`vcpu::SPIN_BEFORE_SLEEP`]) instead of sleeping at once.
 //! * [`initramfs`]: a deterministic cpio newc writer and the guest image
 //!   layout (static agent as `/init`).
 //! * [`host`]: whether this host can run tiny guests and boot Linux
