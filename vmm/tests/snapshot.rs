@@ -778,3 +778,48 @@ fn snapshotting_again_into_a_directory_leaves_clones_of_the_old_snapshot_intact(
         .unwrap();
     assert_eq!(&seen, b"new!");
 }
+
+#[test]
+fn a_two_vcpu_vm_is_snapshotted_and_restored_with_both_vcpus() {
+    if !kvm_available() {
+        return;
+    }
+    const N: u32 = 2000;
+    let two = |name: &str| VmConfig {
+        vcpus: 2,
+        ..config(name)
+    };
+    // vCPU 0 runs the sum guest; vCPU 1 waits for INIT/SIPI in its LAPIC.
+    let (b, rx) = with_ports(VmBuilder::new(two("smp-source"), Boot::Code(sum_guest(N))));
+    let mut source = b.build().unwrap();
+    source.start().unwrap();
+    let mut last = 0;
+    for _ in 0..10 {
+        if let Report::Progress(v) = rx.recv_timeout(LONG).unwrap() {
+            last = v;
+        }
+    }
+    source.pause(LONG).unwrap();
+    for r in rx.try_iter() {
+        if let Report::Progress(v) = r {
+            last = v;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let info = source.snapshot(dir.path()).unwrap();
+    assert_eq!(info.unreadable_msrs.len(), 2);
+    source.stop();
+    let snap = Arc::new(Snapshot::load(dir.path()).unwrap());
+    let vcpus = &snap.state().vcpus;
+    assert_eq!(vcpus.len(), 2);
+    // The boot vCPU is in the loop; the other never left its reset state.
+    assert_ne!(vcpus[0].regs.rip, vcpus[1].regs.rip);
+    assert_ne!(vcpus[0].mp_state.mp_state, vcpus[1].mp_state.mp_state);
+
+    let (b, rx) =
+        with_ports(VmBuilder::restore(config("smp-clone"), snap).guest_write(SUM_SEED_ADDR, &[7]));
+    let mut clone = b.build().unwrap();
+    assert_eq!(clone.vcpu_states().len(), 2);
+    assert_eq!(clone.refused_msrs().len(), 2);
+    finish_and_check(&mut clone, &rx, N, last, 7);
+}
