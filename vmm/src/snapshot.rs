@@ -185,6 +185,13 @@ pub enum SnapshotError {
         /// How long we waited.
         timeout: Duration,
     },
+    /// A vCPU thread has exited (the guest stopped it, or it failed), so
+    /// its state cannot be read.
+    #[error("vCPU {vcpu} has exited; its state cannot be saved")]
+    VcpuExited {
+        /// The vCPU.
+        vcpu: u8,
+    },
     /// The devices of the VM being restored do not match the snapshot's.
     #[error("the snapshot's devices do not match the restored VM: {0}")]
     Devices(String),

@@ -769,13 +769,13 @@ impl Vm {
                 reply,
             });
             let timeout = crate::snapshot::VCPU_SAVE_TIMEOUT;
-            let saved =
-                answer
-                    .recv_timeout(timeout)
-                    .map_err(|_| SnapshotError::VcpuTimeout {
-                        vcpu: v.id(),
-                        timeout,
-                    })??;
+            let saved = answer.recv_timeout(timeout).map_err(|e| match e {
+                RecvTimeoutError::Timeout => SnapshotError::VcpuTimeout {
+                    vcpu: v.id(),
+                    timeout,
+                },
+                RecvTimeoutError::Disconnected => SnapshotError::VcpuExited { vcpu: v.id() },
+            })??;
             vcpus.push(*saved);
         }
         let (clock, irqchips, pit) = save_vm(&self.vm_fd)?;
