@@ -166,6 +166,53 @@ impl Asm {
         self.mov_al(0xfe).out_imm_al(0x64)
     }
 
+    /// `xor ebx, ebx`
+    pub fn zero_ebx(self) -> Self {
+        self.bytes(&[0x31, 0xdb])
+    }
+
+    /// `add rbx, rcx`
+    pub fn add_rbx_rcx(self) -> Self {
+        self.bytes(&[0x48, 0x01, 0xcb])
+    }
+
+    /// `mov eax, ecx`
+    pub fn mov_eax_ecx(self) -> Self {
+        self.bytes(&[0x89, 0xc8])
+    }
+
+    /// `mov eax, ebx`
+    pub fn mov_eax_ebx(self) -> Self {
+        self.bytes(&[0x89, 0xd8])
+    }
+
+    /// `out dx, eax`
+    pub fn out_dx_eax(self) -> Self {
+        self.bytes(&[0xef])
+    }
+
+    /// `mov rax, qword [rax]`
+    pub fn load64_from_rax(self) -> Self {
+        self.bytes(&[0x48, 0x8b, 0x00])
+    }
+
+    /// `mov rdi, imm64`
+    pub fn mov_rdi(self, v: u64) -> Self {
+        let mut s = self.bytes(&[0x48, 0xbf]);
+        s.code.extend_from_slice(&v.to_le_bytes());
+        s
+    }
+
+    /// `mov qword [rdi + disp], rax`
+    pub fn store_rax_at_rdi(self, disp: i8) -> Self {
+        self.bytes(&[0x48, 0x89, 0x47, disp as u8])
+    }
+
+    /// `mov qword [rdi + disp], rbx`
+    pub fn store_rbx_at_rdi(self, disp: i8) -> Self {
+        self.bytes(&[0x48, 0x89, 0x5f, disp as u8])
+    }
+
     /// Raw bytes.
     pub fn raw(self, b: &[u8]) -> Self {
         self.bytes(b)
@@ -182,6 +229,26 @@ mod tests {
         assert_eq!(code, [0x66, 0xba, 0xf8, 0x03, 0xb0, b'O', 0xee]);
         assert_eq!(Asm::new().spin().finish(), [0xeb, 0xfe]);
         assert_eq!(Asm::new().i8042_reset().finish(), [0xb0, 0xfe, 0xe6, 0x64]);
+    }
+
+    #[test]
+    fn encodes_the_snapshot_guest_instructions() {
+        let code = Asm::new()
+            .zero_ebx()
+            .add_rbx_rcx()
+            .mov_eax_ecx()
+            .out_dx_eax()
+            .load64_from_rax()
+            .store_rax_at_rdi(0)
+            .store_rbx_at_rdi(8)
+            .finish();
+        assert_eq!(
+            code,
+            [
+                0x31, 0xdb, 0x48, 0x01, 0xcb, 0x89, 0xc8, 0xef, 0x48, 0x8b, 0x00, 0x48, 0x89, 0x47,
+                0x00, 0x48, 0x89, 0x5f, 0x08
+            ]
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Measurements for `sluice bench vm` and `benches/vm.rs`: tiny-guest VM
-//! create-to-first-exit, port-exit round trip, and virtqueue throughput.
+//! create-to-first-exit, port-exit round trip, virtqueue throughput, and
+//! snapshot restore ([`snapshot_restore`]: restore-to-running next to a
+//! fresh boot of the same guest, clones per second, memory per idle clone).
 
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
@@ -9,12 +11,60 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::asm::Asm;
 use crate::devices::BusDevice;
+use crate::snapshot::{Snapshot, SnapshotError};
 use crate::virtio::console::{ByteQueue, Console, ConsoleOutput, TX_QUEUE};
 use crate::virtio::{Queue, QueueError, VirtioDevice};
-use crate::{Boot, ExitReason, VmBuilder, VmConfig, VmError};
+use crate::{Boot, ExitReason, Vm, VmBuilder, VmConfig, VmError};
 
 /// The port tiny benchmark guests write to.
 pub const BENCH_PORT: u64 = 0x510;
+
+/// [`sum_guest`] writes its loop counter (`out dx, eax`) here each round.
+pub const SUM_PROGRESS_PORT: u16 = 0x520;
+/// [`sum_guest`] writes the low 32 bits of its identity seed here at the end.
+pub const SUM_SEED_PORT: u16 = 0x521;
+/// [`sum_guest`] writes the low 32 bits of its sum here, then resets.
+pub const SUM_RESULT_PORT: u16 = 0x522;
+/// Port range to claim for [`sum_guest`]'s three ports (its 4-byte writes
+/// to the last one end at offset 6).
+pub const SUM_PORTS_LEN: u64 = 8;
+/// Where [`sum_guest`] reads its identity seed (a u64) after its loop: a
+/// clone gets its own with [`crate::VmBuilder::guest_write`].
+pub const SUM_SEED_ADDR: u64 = 0x5000;
+/// Where [`sum_guest`] stores the seed it read (u64) and its sum (u64, +8).
+pub const SUM_OUT_ADDR: u64 = 0x6000;
+
+/// A tiny guest that sums `n + (n-1) + ... + 1` in RBX, writing the loop
+/// counter to [`SUM_PROGRESS_PORT`] every round (so it can be paused and
+/// snapshotted mid-way and its progress followed); then it reads its
+/// identity seed from [`SUM_SEED_ADDR`], stores seed and sum at
+/// [`SUM_OUT_ADDR`], reports them on [`SUM_SEED_PORT`] and
+/// [`SUM_RESULT_PORT`] and resets the machine.
+pub fn sum_guest(n: u32) -> Vec<u8> {
+    let a = Asm::new()
+        .mov_ecx(n.max(1))
+        .zero_ebx()
+        .mov_dx(SUM_PROGRESS_PORT);
+    let top = a.here();
+    a.add_rbx_rcx()
+        .mov_eax_ecx()
+        .out_dx_eax()
+        .dec_ecx()
+        .jnz(top)
+        .mov_rax(SUM_SEED_ADDR)
+        .load64_from_rax()
+        .mov_rdi(SUM_OUT_ADDR)
+        .store_rax_at_rdi(0)
+        .store_rbx_at_rdi(8)
+        .mov_dx(SUM_SEED_PORT)
+        .out_dx_eax()
+        .mov_eax_ebx()
+        .mov_dx(SUM_RESULT_PORT)
+        .out_dx_eax()
+        .i8042_reset()
+        .spin()
+        .finish()
+}
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +81,18 @@ pub enum BenchError {
     /// The virtqueue rejected the benchmark's buffers.
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// Taking or loading the snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// /proc/self/status or /proc/meminfo could not be read.
+    #[error("cannot read {path}: {source}")]
+    Proc {
+        /// The file.
+        path: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Records the time of each write.
@@ -220,5 +282,240 @@ pub fn run(vms: usize, exits: u32, mib: u64) -> Result<VmBenchReport, BenchError
         port_exit_round_trip_us: rt.as_secs_f64() * 1e6,
         pause_resume_us: pr.as_secs_f64() * 1e6,
         virtqueue_mb_per_s: bps / 1e6,
+    })
+}
+
+/// Summary of [`snapshot_restore`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreBenchReport {
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Time to write the snapshot (state + sparse memory file), ms.
+    pub snapshot_ms: f64,
+    /// Restore-to-running samples (from a loaded [`Snapshot`] to the
+    /// restored guest's first port exit), ms, sorted.
+    pub restore_ms: Vec<f64>,
+    /// Of which [`VmBuilder::build`] (map memory, create the VM, set all
+    /// state, spawn the vCPU threads), ms, sorted; the rest is
+    /// [`Vm::start`] up to the guest's first exit.
+    pub restore_build_ms: Vec<f64>,
+    /// Fresh create-and-boot samples of the same guest and RAM (to its
+    /// first port exit), ms, sorted, taken interleaved with `restore_ms`.
+    pub fresh_ms: Vec<f64>,
+    /// Clones kept alive at once for the memory measurement.
+    pub idle_clones: usize,
+    /// Clones restored to running (and paused) per second while
+    /// `idle_clones` were created one after another.
+    pub clones_per_sec: f64,
+    /// Growth of this process's VmRSS per idle clone, KiB.
+    pub rss_per_clone_kib: f64,
+    /// Drop of the host's MemAvailable per idle clone, KiB (includes
+    /// kernel memory such as KVM's per-VM and per-vCPU structures, but
+    /// also whatever else the host did meanwhile).
+    pub mem_available_per_clone_kib: f64,
+}
+
+/// The `p`-quantile (0..=1) of sorted samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+impl RestoreBenchReport {
+    /// One paragraph of figures.
+    pub fn summary(&self) -> String {
+        let q = |v: &[f64], p| percentile(v, p);
+        format!(
+            "{} MiB tiny guest: snapshot {:.1} ms; restore-to-running p50 {:.3} ms p99 {:.3} ms \
+             ({} samples; build alone p50 {:.3} ms) vs fresh create-and-boot p50 {:.3} ms p99 {:.3} ms; \
+             {:.0} clones/s; {} idle clones: {:.0} KiB VmRSS and {:.0} KiB MemAvailable per clone \
+             (extrapolated to 1,000 clones: {:.2} GiB / {:.2} GiB)",
+            self.mem_mib,
+            self.snapshot_ms,
+            q(&self.restore_ms, 0.5),
+            q(&self.restore_ms, 0.99),
+            self.restore_ms.len(),
+            q(&self.restore_build_ms, 0.5),
+            q(&self.fresh_ms, 0.5),
+            q(&self.fresh_ms, 0.99),
+            self.clones_per_sec,
+            self.idle_clones,
+            self.rss_per_clone_kib,
+            self.mem_available_per_clone_kib,
+            self.rss_per_clone_kib * 1000.0 / (1 << 20) as f64,
+            self.mem_available_per_clone_kib * 1000.0 / (1 << 20) as f64,
+        )
+    }
+}
+
+fn proc_kib(path: &'static str, key: &str) -> Result<u64, BenchError> {
+    let text = std::fs::read_to_string(path).map_err(|source| BenchError::Proc { path, source })?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .ok_or_else(|| BenchError::Proc {
+            path,
+            source: std::io::Error::other(format!("no {key} line")),
+        })
+}
+
+fn sum_ports_stamp() -> (Arc<Mutex<Stamp>>, Receiver<Instant>) {
+    stamp_device()
+}
+
+/// Builds (`build`), starts and waits for the first port exit of a VM;
+/// returns it, the time from `t0` to that exit, and the time `build` took.
+fn to_first_exit(
+    t0: Instant,
+    build: impl FnOnce(Arc<Mutex<Stamp>>) -> Result<Vm, VmError>,
+) -> Result<(Vm, Duration, Duration), BenchError> {
+    let (dev, times) = sum_ports_stamp();
+    let mut vm = build(dev)?;
+    let built = t0.elapsed();
+    vm.start()?;
+    let limit = Duration::from_secs(10);
+    let first = times
+        .recv_timeout(limit)
+        .map_err(|_| BenchError::NoExit(limit))?;
+    Ok((vm, first.duration_since(t0), built))
+}
+
+/// A snapshot of a running [`sum_guest`] (looping for ever) to restore
+/// from, and the same guest to boot fresh, for restore benchmarks.
+#[derive(Debug)]
+pub struct RestoreBench {
+    snap: Arc<Snapshot>,
+    mem_mib: u64,
+    code: Vec<u8>,
+}
+
+impl RestoreBench {
+    /// Boots a `mem_mib` MiB [`sum_guest`], pauses it after its first
+    /// exit, snapshots it into `dir` and loads the snapshot; returns the
+    /// bench and the milliseconds [`Vm::snapshot`] took.
+    pub fn new(dir: &std::path::Path, mem_mib: u64) -> Result<(Self, f64), BenchError> {
+        let code = sum_guest(u32::MAX);
+        let (mut source, _, _) = fresh_sum_guest(mem_mib, &code)?;
+        source.pause(Duration::from_secs(10))?;
+        let t0 = Instant::now();
+        source.snapshot(dir)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        drop(source);
+        let snap = Arc::new(Snapshot::load(dir)?);
+        Ok((
+            Self {
+                snap,
+                mem_mib,
+                code,
+            },
+            ms,
+        ))
+    }
+
+    fn config(&self, name: &str) -> VmConfig {
+        sum_config(name, self.mem_mib)
+    }
+
+    /// A clone with identity `seed`, from [`VmBuilder::restore`] to its
+    /// first port exit; returns it, that time, and the time `build` took.
+    pub fn restore_to_running(
+        &self,
+        name: &str,
+        seed: u64,
+    ) -> Result<(Vm, Duration, Duration), BenchError> {
+        to_first_exit(Instant::now(), |dev| {
+            VmBuilder::restore(self.config(name), self.snap.clone())
+                .pio_device(u64::from(SUM_PROGRESS_PORT), SUM_PORTS_LEN, dev)
+                .guest_write(SUM_SEED_ADDR, &seed.to_le_bytes())
+                .build()
+        })
+    }
+
+    /// The same guest created and booted from scratch, to its first port
+    /// exit; returns it, that time, and the time `build` took.
+    pub fn fresh_to_running(&self) -> Result<(Vm, Duration, Duration), BenchError> {
+        fresh_sum_guest(self.mem_mib, &self.code)
+    }
+}
+
+fn sum_config(name: &str, mem_mib: u64) -> VmConfig {
+    VmConfig {
+        name: name.into(),
+        mem_size: mem_mib << 20,
+        ..VmConfig::default()
+    }
+}
+
+fn fresh_sum_guest(mem_mib: u64, code: &[u8]) -> Result<(Vm, Duration, Duration), BenchError> {
+    to_first_exit(Instant::now(), |dev| {
+        VmBuilder::new(
+            sum_config("bench-fresh", mem_mib),
+            Boot::Code(code.to_vec()),
+        )
+        .pio_device(u64::from(SUM_PROGRESS_PORT), SUM_PORTS_LEN, dev)
+        .build()
+    })
+}
+
+/// Snapshot/restore figures for a `mem_mib` MiB tiny guest ([`sum_guest`]
+/// looping for ever): the guest runs, is paused and snapshotted into
+/// `dir`; then `samples` restores-to-running (from the loaded snapshot to
+/// the clone's first port exit) alternate with as many fresh
+/// create-and-boots of the same guest (to its first port exit); then
+/// `idle_clones` clones are restored, run to their first exit and paused,
+/// all kept alive, for clones per second and memory per idle clone.
+pub fn snapshot_restore(
+    dir: &std::path::Path,
+    mem_mib: u64,
+    samples: usize,
+    idle_clones: usize,
+) -> Result<RestoreBenchReport, BenchError> {
+    let limit = Duration::from_secs(10);
+    let (bench, snapshot_ms) = RestoreBench::new(dir, mem_mib)?;
+    let mut restore_ms = Vec::with_capacity(samples);
+    let mut restore_build_ms = Vec::with_capacity(samples);
+    let mut fresh_ms = Vec::with_capacity(samples);
+    for i in 0..samples.max(1) {
+        let (vm, t, _) = bench.fresh_to_running()?;
+        drop(vm);
+        fresh_ms.push(t.as_secs_f64() * 1e3);
+        let (vm, t, built) = bench.restore_to_running("bench-restore", i as u64)?;
+        drop(vm);
+        restore_ms.push(t.as_secs_f64() * 1e3);
+        restore_build_ms.push(built.as_secs_f64() * 1e3);
+    }
+    restore_ms.sort_by(f64::total_cmp);
+    restore_build_ms.sort_by(f64::total_cmp);
+    fresh_ms.sort_by(f64::total_cmp);
+
+    let rss0 = proc_kib("/proc/self/status", "VmRSS:")?;
+    let avail0 = proc_kib("/proc/meminfo", "MemAvailable:")?;
+    let mut clones = Vec::with_capacity(idle_clones);
+    let t0 = Instant::now();
+    for i in 0..idle_clones {
+        let (mut vm, _, _) = bench.restore_to_running(&format!("idle{i}"), i as u64)?;
+        vm.pause(limit)?;
+        clones.push(vm);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let rss1 = proc_kib("/proc/self/status", "VmRSS:")?;
+    let avail1 = proc_kib("/proc/meminfo", "MemAvailable:")?;
+    drop(clones);
+    let n = idle_clones.max(1) as f64;
+    Ok(RestoreBenchReport {
+        mem_mib,
+        snapshot_ms,
+        restore_ms,
+        restore_build_ms,
+        fresh_ms,
+        idle_clones,
+        clones_per_sec: idle_clones as f64 / secs.max(1e-9),
+        rss_per_clone_kib: rss1.saturating_sub(rss0) as f64 / n,
+        mem_available_per_clone_kib: avail0.saturating_sub(avail1) as f64 / n,
     })
 }

@@ -19,6 +19,12 @@
 //!    │  4 GiB identity map), regs, FPU, LAPIC LINT0/1; one named thread "{vm}-vcpu{N}"
 //!    ▼
 //!  Vm: start / pause / resume / stop / run(timeout) → VmExit { reason, elapsed } | VmError
+//!    │
+//!    │  paused: vm.snapshot(dir) → dir/vm.state (versioned, CRC-32) + dir/vm.mem (sparse RAM)
+//!    ▼
+//!  Snapshot::load(dir)? ──Arc──▶ VmBuilder::restore(config, snap).guest_write(seed_addr, seed).build()?
+//!                                  (RAM = vm.mem mapped MAP_PRIVATE; all state set before the
+//!                                   vCPU threads get their fds) ──▶ Vm::start resumes the guest
 //! ```
 //!
 //! * [`vcpu`]: each vCPU thread is a state machine `Created → Running ⇄
@@ -43,15 +49,40 @@
 //!   leaves transmit buffers in the ring, so a slow host never blocks a
 //!   vCPU. Its interrupt is an irqfd; Linux finds it through
 //!   `virtio_mmio.device=4K@0xd0000000:5`.
+//! * [`snapshot`]: [`Vm::snapshot`] on a paused VM writes guest RAM
+//!   (zero pages as holes) and a state file: magic, format version, body
+//!   length and a CRC-32, then the memory layout, KVM clock, PIC
+//!   master/slave, IOAPIC, PIT, and per vCPU CPUID, every MSR of
+//!   `KVM_GET_MSR_INDEX_LIST` KVM lets us read (refusals recorded), regs,
+//!   sregs, FPU, xsave, xcrs, LAPIC, mp_state, vCPU events and debug
+//!   registers (saved by the vCPU's own thread after an `immediate_exit`
+//!   entry completes the last exit's instruction), plus the serial UART
+//!   (registers and unread input) and the virtio-mmio transport with its
+//!   queue indexes. [`Snapshot::load`] rejects a bad magic, another
+//!   version, a truncated or corrupt file or a memory file of the wrong
+//!   size with a typed [`SnapshotError`] before anything is restored.
+//!   [`VmBuilder::restore`] maps the memory file `MAP_PRIVATE`, so any
+//!   number of clones share its page cache and copy only the pages they
+//!   write; [`VmBuilder::guest_write`] gives each clone its identity (a
+//!   seed the guest reads after it resumes). vCPU threads are started
+//!   first in `build`, so their start-up overlaps the KVM set-up, and
+//!   poll briefly for their first command
+//!   ([`vcpu::SPIN_BEFORE_SLEEP`]) instead of sleeping at once.
 //! * [`initramfs`]: a deterministic cpio newc writer and the guest image
 //!   layout (static agent as `/init`).
 //! * [`host`]: whether this host can run tiny guests and boot Linux
 //!   (hardware virtualization vs. `kvm_pvm` emulation), for `sluice doctor`.
 //! * [`asm`] and [`bench`](mod@bench): a tiny x86-64 code builder for test guests, and
-//!   the measurements behind `benches/vm.rs`.
+//!   the measurements behind `benches/vm.rs` (including
+//!   [`bench::snapshot_restore`]: restore-to-running next to a fresh boot
+//!   of the same guest, clones per second, memory per idle clone).
 //!
-//! Not built yet: snapshots, virtio-vsock, the `microvm` executor backend,
-//! the guest kernel build (`sluice image build`) and the CLI wiring of
+//! Not built yet: identity for Linux clones (vmgenid, reseeding the
+//! guest's RNG), the host-side queues of the agent channel in a snapshot
+//! (bytes the host wrote that the device has not yet put in the guest's
+//! ring, or guest output the pump has not yet sent, are not saved),
+//! virtio-vsock, the `microvm` executor backend and its clone pools, the
+//! guest kernel build (`sluice image build`) and the CLI wiring of
 //! `sluice doctor`/`sluice bench vm` to [`host`] and [`bench`](mod@bench).
 
 // vmm is the one crate of the workspace allowed `unsafe` (KVM ioctls, guest
@@ -65,9 +96,11 @@ pub mod host;
 pub mod initramfs;
 pub mod loader;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 pub mod x86_64;
 
+pub use snapshot::{Snapshot, SnapshotError, SnapshotInfo};
 pub use vm::{Boot, ExitReason, Vm, VmBuilder, VmConfig, VmError, VmExit, VmState};

@@ -15,16 +15,18 @@
 //! the loop then reads its commands.
 
 use std::cell::Cell;
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvError, Sender, TryRecvError};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::devices::Bus;
-use crate::vm::VmEvent;
+use crate::snapshot::{SnapshotError, VcpuSnapshot, save_vcpu};
+use crate::vm::{VmEvent, VmState};
 
 /// The states of a vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +41,31 @@ pub enum VcpuState {
     Exited,
 }
 
+/// How long a new vCPU thread polls for its vCPU and then for its first
+/// command before it sleeps on the channel. `build` is normally followed
+/// by `start` at once, and waking a sleeping thread on an idle CPU cost
+/// 1-3 ms on the nested-virtualization hosts we measured (the CPU itself
+/// sleeps in the outer hypervisor), more than a whole restore.
+pub const SPIN_BEFORE_SLEEP: Duration = Duration::from_millis(3);
+
+/// Receives from `rx`, polling for up to `spin` before blocking.
+fn recv_spinning<T>(rx: &Receiver<T>, spin: Duration) -> Result<T, RecvError> {
+    let deadline = Instant::now() + spin;
+    loop {
+        match rx.try_recv() {
+            Ok(v) => return Ok(v),
+            Err(TryRecvError::Disconnected) => return Err(RecvError),
+            Err(TryRecvError::Empty) if Instant::now() < deadline => std::hint::spin_loop(),
+            Err(TryRecvError::Empty) => return rx.recv(),
+        }
+    }
+}
+
+/// Reply to [`VcpuCommand::Save`].
+pub type SaveReply = Sender<Result<Box<VcpuSnapshot>, SnapshotError>>;
+
 /// Commands to a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum VcpuCommand {
     /// Start or resume.
     Run,
@@ -48,6 +73,15 @@ pub enum VcpuCommand {
     Pause,
     /// Leave the run loop for good.
     Stop,
+    /// Read the vCPU's state for a snapshot (only while `Created` or
+    /// `Paused`; a running vCPU answers with an error). The MSRs read are
+    /// `msr_index` (`KVM_GET_MSR_INDEX_LIST`).
+    Save {
+        /// MSRs to read.
+        msr_index: Arc<[u32]>,
+        /// Where the state goes.
+        reply: SaveReply,
+    },
 }
 
 /// Why a vCPU stopped on the guest's own account.
@@ -164,21 +198,76 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 pub struct VcpuHandle {
     id: u8,
     commands: Sender<VcpuCommand>,
+    /// Hands the thread its vCPU; dropped (ending a thread that never got
+    /// one) by [`VcpuHandle::attach`] or on stop.
+    setup: Option<Sender<Vcpu>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl VcpuHandle {
+    /// Starts the thread `"{vm}-vcpu{id}"` before its vCPU exists: it waits
+    /// for [`VcpuHandle::attach`], then runs in state `Created`. A VM
+    /// starts its vCPU threads first, so thread creation and scheduling
+    /// overlap the KVM set-up instead of adding to it (a restore spends
+    /// well under a millisecond in ioctls; a new thread's first run took
+    /// longer than that on a busy host). If the handle is dropped before
+    /// `attach`, the thread ends without running anything.
+    pub fn start(vm_name: &str, id: u8, events: Sender<VmEvent>) -> std::io::Result<VcpuHandle> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (setup_tx, setup_rx) = std::sync::mpsc::channel::<Vcpu>();
+        let thread = std::thread::Builder::new()
+            .name(format!("{vm_name}-vcpu{id}"))
+            .spawn(move || {
+                let Ok(vcpu) = recv_spinning(&setup_rx, SPIN_BEFORE_SLEEP) else {
+                    return;
+                };
+                let run =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run_loop(rx)));
+                if let Err(panic) = run {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "non-string panic".into());
+                    let _ = events.send(VmEvent::VcpuState {
+                        vcpu: id,
+                        state: VcpuState::Exited,
+                    });
+                    let _ = events.send(VmEvent::VcpuStopped {
+                        vcpu: id,
+                        stop: VcpuStop::Failed(VcpuError::Panicked { vcpu: id, message }),
+                    });
+                }
+            })?;
+        Ok(VcpuHandle {
+            id,
+            commands: tx,
+            setup: Some(setup_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Gives the thread its configured vCPU (its id must match).
+    pub fn attach(&mut self, vcpu: Vcpu) {
+        debug_assert_eq!(vcpu.id, self.id);
+        if let Some(setup) = self.setup.take() {
+            // Err only if the thread is gone (it panicked before recv).
+            let _ = setup.send(vcpu);
+        }
+    }
+
     /// The vCPU index.
     pub fn id(&self) -> u8 {
         self.id
     }
 
-    /// Sends `cmd` and, unless it is `Run` (only waiting threads act on
-    /// it, and they wait on the channel), kicks the thread out of
-    /// `KVM_RUN`. A thread that has already exited ignores it.
+    /// Sends `cmd` and, unless it is `Run` or `Save` (only waiting
+    /// threads act on them, and they wait on the channel), kicks the
+    /// thread out of `KVM_RUN`. A thread that has already exited ignores it.
     pub fn send(&self, cmd: VcpuCommand) {
+        let kick = matches!(cmd, VcpuCommand::Pause | VcpuCommand::Stop);
         if self.commands.send(cmd).is_ok()
-            && cmd != VcpuCommand::Run
+            && kick
             && let Some(t) = &self.thread
         {
             // ESRCH only if the thread already finished: nothing to kick.
@@ -188,6 +277,7 @@ impl VcpuHandle {
 
     /// Stops the thread and waits for it.
     pub fn stop_and_join(&mut self) {
+        self.setup.take();
         self.send(VcpuCommand::Stop);
         if let Some(t) = self.thread.take()
             && t.join().is_err()
@@ -234,35 +324,9 @@ enum Step {
 impl Vcpu {
     /// Starts the thread `"{vm}-vcpu{id}"` in state `Created`.
     pub fn spawn(self, vm_name: &str) -> std::io::Result<VcpuHandle> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let id = self.id;
-        let events = self.events.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("{vm_name}-vcpu{id}"))
-            .spawn(move || {
-                let run =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop(rx)));
-                if let Err(panic) = run {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "non-string panic".into());
-                    let _ = events.send(VmEvent::VcpuState {
-                        vcpu: id,
-                        state: VcpuState::Exited,
-                    });
-                    let _ = events.send(VmEvent::VcpuStopped {
-                        vcpu: id,
-                        stop: VcpuStop::Failed(VcpuError::Panicked { vcpu: id, message }),
-                    });
-                }
-            })?;
-        Ok(VcpuHandle {
-            id,
-            commands: tx,
-            thread: Some(thread),
-        })
+        let mut handle = VcpuHandle::start(vm_name, self.id, self.events.clone())?;
+        handle.attach(self);
+        Ok(handle)
     }
 
     fn report(&self, state: VcpuState) {
@@ -281,14 +345,23 @@ impl Vcpu {
         let _clear = ClearKvmRunPtr;
         let mut state = VcpuState::Created;
         self.report(state);
+        let mut first = true;
         let stop = loop {
+            let spin = if std::mem::take(&mut first) {
+                SPIN_BEFORE_SLEEP
+            } else {
+                Duration::ZERO
+            };
             match state {
-                VcpuState::Created | VcpuState::Paused => match commands.recv() {
+                VcpuState::Created | VcpuState::Paused => match recv_spinning(&commands, spin) {
                     Ok(VcpuCommand::Run) => {
                         state = VcpuState::Running;
                         self.report(state);
                     }
                     Ok(VcpuCommand::Pause) => {}
+                    Ok(VcpuCommand::Save { msr_index, reply }) => {
+                        let _ = reply.send(self.save(&msr_index));
+                    }
                     Ok(VcpuCommand::Stop) | Err(_) => break VcpuStop::Stopped,
                 },
                 VcpuState::Running => {
@@ -300,6 +373,11 @@ impl Vcpu {
                         }
                         Ok(VcpuCommand::Stop) | Err(TryRecvError::Disconnected) => {
                             break VcpuStop::Stopped;
+                        }
+                        Ok(VcpuCommand::Save { reply, .. }) => {
+                            let _ = reply.send(Err(SnapshotError::InvalidState {
+                                state: VmState::Running,
+                            }));
                         }
                         Ok(VcpuCommand::Run) | Err(TryRecvError::Empty) => {}
                     }
@@ -316,6 +394,30 @@ impl Vcpu {
             vcpu: self.id,
             stop,
         });
+    }
+
+    /// Saves the state of this (not running) vCPU. First an entry with
+    /// `immediate_exit` set lets KVM finish the instruction of the last
+    /// exit (e.g. store the data of a port read in RAX) without running
+    /// guest code, so the saved registers are the instruction's result.
+    fn save(&mut self, msr_index: &[u32]) -> Result<Box<VcpuSnapshot>, SnapshotError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = self.fd.run().map(|_| ()).map_err(|e| e.errno());
+        self.fd.set_kvm_immediate_exit(0);
+        match completed {
+            Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => {}
+            Ok(()) => tracing::warn!(
+                vcpu = self.id,
+                "KVM_RUN with immediate_exit returned an exit"
+            ),
+            Err(errno) => {
+                return Err(SnapshotError::Kvm {
+                    ioctl: "KVM_RUN (immediate exit)",
+                    source: kvm_ioctls::Error::new(errno),
+                });
+            }
+        }
+        save_vcpu(&self.fd, msr_index).map(Box::new)
     }
 
     fn rip(&self) -> u64 {

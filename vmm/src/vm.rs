@@ -23,6 +23,10 @@ use crate::memory::{
     BOOT_STACK_POINTER, HIMEM_START, KVM_TSS_ADDRESS, MemoryError, VIRTIO_MMIO_BASE,
     VIRTIO_MMIO_SIZE, ZERO_PAGE_START, create_guest_memory,
 };
+use crate::snapshot::{
+    MEMORY_FILE, STATE_FILE, Snapshot, SnapshotError, SnapshotInfo, SnapshotState, restore_vcpu,
+    restore_vm, save_vm, write_atomically, write_memory,
+};
 use crate::vcpu::{
     Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState, VcpuStop, install_kick_handler,
 };
@@ -154,6 +158,9 @@ pub enum VmError {
     /// The guest failed on a vCPU.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Restoring from a snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The operation is not allowed in the VM's current state.
     #[error("cannot {op} a VM that is {state:?}")]
     InvalidState {
@@ -274,6 +281,10 @@ pub struct VmBuilder {
     console: Option<VirtioConsoleConfig>,
     /// VMM end of the agent channel's socket, read by the input pump.
     channel: Option<UnixStream>,
+    /// Restore from this snapshot instead of booting.
+    restore: Option<Arc<Snapshot>>,
+    /// Bytes written into guest memory before the vCPUs start.
+    guest_writes: Vec<(u64, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -294,7 +305,34 @@ impl VmBuilder {
             mmio: Vec::new(),
             console: None,
             channel: None,
+            restore: None,
+            guest_writes: Vec::new(),
         }
+    }
+
+    /// A clone of the VM saved in `snapshot` (see [`Vm::snapshot`]): guest
+    /// memory is the snapshot's memory file mapped `MAP_PRIVATE`
+    /// (copy-on-write, page cache shared by all clones), and the vCPUs,
+    /// irqchip, PIT, KVM clock, serial UART and virtio-console transport
+    /// are in the saved state. `config` gives the name and console
+    /// settings; RAM size and vCPU count come from the snapshot. Add the
+    /// same extra devices (and virtio-console) as the snapshotted VM had;
+    /// [`Vm::start`] resumes the guest where it was paused.
+    pub fn restore(mut config: VmConfig, snapshot: Arc<Snapshot>) -> Self {
+        config.mem_size = snapshot.state().mem_size;
+        config.vcpus = snapshot.state().vcpus.len() as u8;
+        let mut b = Self::new(config, Boot::Code(Vec::new()));
+        b.restore = Some(snapshot);
+        b
+    }
+
+    /// Writes `bytes` at guest-physical `addr` after the guest is loaded
+    /// or restored and before any vCPU runs. This is how a clone gets its
+    /// own identity: a seed or id at an address the guest reads after it
+    /// resumes, so no two clones of one snapshot behave the same.
+    pub fn guest_write(mut self, addr: u64, bytes: &[u8]) -> Self {
+        self.guest_writes.push((addr, bytes.to_vec()));
+        self
     }
 
     /// Adds the guest agent's channel: a virtio-console whose host side is
@@ -341,9 +379,22 @@ impl VmBuilder {
             return Err(VmError::Config(format!("{} vCPUs", config.vcpus)));
         }
         install_kick_handler().map_err(VmError::Signal)?;
+        // vCPU threads first: their start-up overlaps the set-up below.
+        let (events_tx, events_rx) = channel();
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for id in 0..config.vcpus {
+            vcpus.push(
+                VcpuHandle::start(&config.name, id, events_tx.clone())
+                    .map_err(|source| VmError::Spawn { vcpu: id, source })?,
+            );
+        }
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let mem = create_guest_memory(config.mem_size)?;
+        let restore = self.restore.clone();
+        let mem = match &restore {
+            Some(snap) => snap.map_memory()?,
+            None => create_guest_memory(config.mem_size)?,
+        };
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
@@ -355,9 +406,10 @@ impl VmBuilder {
                 userspace_addr: host as u64,
                 flags: 0,
             };
-            // SAFETY: `host..host+len` is a live anonymous mapping owned by
-            // `mem`, which the Vm keeps until after the VM fd is closed (field
-            // order in `Vm`), so KVM never maps memory we have released.
+            // SAFETY: `host..host+len` is a live mapping (anonymous, or the
+            // snapshot's memory file mapped MAP_PRIVATE) owned by `mem`, which
+            // the Vm keeps until after the VM fd is closed (field order in
+            // `Vm`), so KVM never maps memory we have released.
             unsafe { vm_fd.set_user_memory_region(kregion) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
@@ -375,8 +427,12 @@ impl VmBuilder {
             ..Default::default()
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        if let Some(snap) = &restore {
+            restore_vm(&vm_fd, snap.state())?;
+        }
 
         let (entry, rsi) = match &self.boot {
+            _ if restore.is_some() => (0, 0),
             Boot::Code(code) => {
                 mem.write_slice(code, GuestAddress(HIMEM_START))
                     .map_err(|source| VmError::LoadCode {
@@ -400,17 +456,26 @@ impl VmBuilder {
                 (k.entry, ZERO_PAGE_START)
             }
         };
+        for (addr, bytes) in &self.guest_writes {
+            mem.write_slice(bytes, GuestAddress(*addr))
+                .map_err(|source| VmError::LoadCode {
+                    addr: *addr,
+                    source,
+                })?;
+        }
 
-        let (events_tx, events_rx) = channel();
         let capture = ConsoleCapture::new(config.console_capture);
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm_fd
             .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            ConsoleLog::new(config.name.clone(), config.console_limit, capture.clone()),
-        )));
+        let serial_log =
+            ConsoleLog::new(config.name.clone(), config.console_limit, capture.clone());
+        let serial = Arc::new(Mutex::new(match &restore {
+            Some(snap) => SerialDevice::from_state(serial_irq, serial_log, &snap.state().serial)
+                .map_err(SnapshotError::Devices)?,
+            None => SerialDevice::new(serial_irq, serial_log),
+        }));
         let mut pio = Bus::new();
         pio.insert(COM1_PORT, COM1_PORT_LEN, serial.clone())?;
         pio.insert(
@@ -433,26 +498,59 @@ impl VmBuilder {
                 mem.clone(),
                 irq,
             )));
+            if let Some(saved) = restore
+                .as_ref()
+                .and_then(|snap| snap.state().virtio_console.as_ref())
+            {
+                lock(&transport)
+                    .restore(saved)
+                    .map_err(SnapshotError::Devices)?;
+            }
             mmio.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())?;
             console = Some(transport);
+        }
+        if let Some(snap) = &restore
+            && snap.state().virtio_console.is_some() != console.is_some()
+        {
+            return Err(SnapshotError::Devices(format!(
+                "the snapshot {} a virtio-console, the restored VM {}",
+                if console.is_some() { "has no" } else { "has" },
+                if console.is_some() {
+                    "has one"
+                } else {
+                    "has none"
+                },
+            ))
+            .into());
         }
         for (base, len, dev) in self.mmio {
             mmio.insert(base, len, dev)?;
         }
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
-        let cpuid = supported_cpuid(&kvm)?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for id in 0..config.vcpus {
+        let cpuid = match &restore {
+            Some(_) => None,
+            None => Some(supported_cpuid(&kvm)?),
+        };
+        let mut refused_msrs = Vec::new();
+        for (id, handle) in (0..config.vcpus).zip(vcpus.iter_mut()) {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            setup_cpuid(&fd, &cpuid, id, config.vcpus)?;
-            setup_msrs(&fd)?;
-            setup_long_mode(&fd, &mem)?;
-            setup_regs(&fd, entry, BOOT_STACK_POINTER, rsi)?;
-            setup_fpu(&fd)?;
-            setup_lapic(&fd)?;
+            match (&restore, &cpuid) {
+                (Some(snap), _) => {
+                    refused_msrs.push(restore_vcpu(&fd, &snap.state().vcpus[usize::from(id)])?);
+                }
+                (None, Some(cpuid)) => {
+                    setup_cpuid(&fd, cpuid, id, config.vcpus)?;
+                    setup_msrs(&fd)?;
+                    setup_long_mode(&fd, &mem)?;
+                    setup_regs(&fd, entry, BOOT_STACK_POINTER, rsi)?;
+                    setup_fpu(&fd)?;
+                    setup_lapic(&fd)?;
+                }
+                (None, None) => unreachable!("CPUID is read whenever there is no snapshot"),
+            }
             let vcpu = Vcpu {
                 id,
                 fd,
@@ -460,10 +558,7 @@ impl VmBuilder {
                 mmio: mmio.clone(),
                 events: events_tx.clone(),
             };
-            vcpus.push(
-                vcpu.spawn(&config.name)
-                    .map_err(|source| VmError::Spawn { vcpu: id, source })?,
-            );
+            handle.attach(vcpu);
         }
         // Last, so that no earlier failure leaves pump threads behind.
         let pumps = match (&console, &self.channel) {
@@ -475,7 +570,7 @@ impl VmBuilder {
             vcpus,
             vm_fd,
             mem,
-            _kvm: kvm,
+            kvm,
             events: events_rx,
             vcpu_states,
             state: VmState::Created,
@@ -486,6 +581,7 @@ impl VmBuilder {
             console,
             channel: self.channel,
             pumps,
+            refused_msrs,
             name: config.name,
         })
     }
@@ -519,7 +615,7 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     vm_fd: VmFd,
     mem: GuestMemoryMmap,
-    _kvm: Kvm,
+    kvm: Kvm,
     events: Receiver<VmEvent>,
     vcpu_states: Vec<VcpuState>,
     state: VmState,
@@ -530,6 +626,7 @@ pub struct Vm {
     console: Option<ConsoleTransport>,
     channel: Option<UnixStream>,
     pumps: Vec<std::thread::JoinHandle<()>>,
+    refused_msrs: Vec<Vec<u32>>,
     name: String,
 }
 
@@ -552,6 +649,12 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// For a restored VM, the saved MSRs KVM refused to set, per vCPU
+    /// (they are skipped; empty for a booted VM).
+    pub fn refused_msrs(&self) -> &[Vec<u32>] {
+        &self.refused_msrs
     }
 
     /// The VM state.
@@ -633,6 +736,91 @@ impl Vm {
         Ok(())
     }
 
+    /// Writes a snapshot of this paused (or never started) VM into `dir`
+    /// (created if needed): guest RAM to [`MEMORY_FILE`], and everything
+    /// else to [`STATE_FILE`] (see [`crate::snapshot`] for the format).
+    /// The VM stays paused and can be resumed afterwards. Restore with
+    /// [`Snapshot::load`] and [`VmBuilder::restore`]. Snapshotting into a
+    /// directory that holds an older snapshot replaces it through new
+    /// files and renames: clones of the old one keep their memory.
+    pub fn snapshot(&mut self, dir: &std::path::Path) -> Result<SnapshotInfo, SnapshotError> {
+        if !matches!(self.state, VmState::Paused | VmState::Created) {
+            return Err(SnapshotError::InvalidState { state: self.state });
+        }
+        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
+            op: "create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let msr_index: Arc<[u32]> = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(|source| SnapshotError::Kvm {
+                ioctl: "KVM_GET_MSR_INDEX_LIST",
+                source,
+            })?
+            .as_slice()
+            .into();
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let (reply, answer) = channel();
+            v.send(VcpuCommand::Save {
+                msr_index: msr_index.clone(),
+                reply,
+            });
+            let timeout = crate::snapshot::VCPU_SAVE_TIMEOUT;
+            let saved = answer.recv_timeout(timeout).map_err(|e| match e {
+                RecvTimeoutError::Timeout => SnapshotError::VcpuTimeout {
+                    vcpu: v.id(),
+                    timeout,
+                },
+                RecvTimeoutError::Disconnected => SnapshotError::VcpuExited { vcpu: v.id() },
+            })??;
+            vcpus.push(*saved);
+        }
+        let (clock, irqchips, pit) = save_vm(&self.vm_fd)?;
+        // An older snapshot in `dir` stops being loadable before its memory
+        // file is replaced, so a crash never pairs old state with new RAM.
+        let state_path = dir.join(STATE_FILE);
+        match std::fs::remove_file(&state_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(SnapshotError::Io {
+                    op: "remove",
+                    path: state_path,
+                    source,
+                });
+            }
+        }
+        let memory_path = dir.join(MEMORY_FILE);
+        let regions = write_memory(&self.mem, &memory_path)?;
+        let state = SnapshotState {
+            mem_size: regions.iter().map(|r| r.len).sum(),
+            regions,
+            clock,
+            irqchips,
+            pit,
+            vcpus,
+            serial: lock(&self.serial).state(),
+            virtio_console: self.console.as_ref().map(|t| lock(t).state()),
+        };
+        let bytes = state.encode();
+        write_atomically(&state_path, &bytes)?;
+        let unreadable_msrs = state
+            .vcpus
+            .iter()
+            .map(|v| v.unreadable_msrs.clone())
+            .collect();
+        tracing::info!(vm = %self.name, dir = %dir.display(), state_bytes = bytes.len(), "VM snapshot written");
+        Ok(SnapshotInfo {
+            state_path,
+            memory_path,
+            state_bytes: bytes.len() as u64,
+            unreadable_msrs,
+        })
+    }
+
     /// Stops and joins every vCPU.
     pub fn stop(&mut self) {
         for v in &mut self.vcpus {
@@ -699,7 +887,7 @@ impl Vm {
 
     fn broadcast(&self, cmd: VcpuCommand) {
         for v in &self.vcpus {
-            v.send(cmd);
+            v.send(cmd.clone());
         }
     }
 

@@ -789,6 +789,25 @@ fn agent_channel_carries_bytes_both_ways_over_a_unix_socket() {
         m.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
     }
     host.write_all(b"hello agent").unwrap();
+    // The device returns the transmit buffer (an interrupt, after which the
+    // guest resets) as soon as it is activated: wait until the input pump
+    // has queued the host's bytes, or they may miss the run.
+    let input = vm
+        .virtio_console()
+        .unwrap()
+        .lock()
+        .unwrap()
+        .device()
+        .input()
+        .clone();
+    let deadline = std::time::Instant::now() + LONG;
+    while input.len() < b"hello agent".len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the input pump never queued the bytes"
+        );
+        std::thread::yield_now();
+    }
 
     let exit = vm.run(LONG).unwrap();
     assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));

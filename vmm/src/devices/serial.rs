@@ -45,6 +45,27 @@ impl SerialDevice {
         }
     }
 
+    /// A UART in the state `state` (from a snapshot).
+    pub fn from_state(
+        irq: EventFd,
+        out: ConsoleLog,
+        state: &vm_superio::serial::SerialState,
+    ) -> Result<Self, String> {
+        Serial::from_state(
+            state,
+            EventFdTrigger(irq),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map(|serial| Self { serial })
+        .map_err(|e| format!("serial: {e:?}"))
+    }
+
+    /// Registers and unread input, for a snapshot.
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.serial.state()
+    }
+
     /// Queues input bytes for the guest; returns how many fit in the FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::queue::QueueState;
 use super::{
     Queue, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK,
     STATUS_FAILED, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1, VirtioDevice,
@@ -50,6 +51,31 @@ const REG_CONFIG: u64 = 0x100;
 /// The kernel command-line entry declaring a device at `base` with `irq`.
 pub fn cmdline_entry(base: u64, irq: u32) -> String {
     format!("virtio_mmio.device=4K@{base:#x}:{irq}")
+}
+
+/// The transport's registers and queues, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportState {
+    /// Virtio device id of the device behind it.
+    pub device_type: u32,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// Device status.
+    pub status: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// Whether the driver set DRIVER_OK and the device was activated.
+    pub activated: bool,
+    /// Each queue.
+    pub queues: Vec<QueueState>,
 }
 
 /// A virtio device behind the MMIO register interface; put it on the MMIO
@@ -116,6 +142,64 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// Registers and queues, for a snapshot (device-internal buffers are
+    /// host-side and not included).
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status(),
+            config_generation: self.config_generation,
+            activated: self.activated,
+            queues: self.queues.iter().map(Queue::state).collect(),
+        }
+    }
+
+    /// Restores [`MmioTransport::state`] on a fresh transport of the same
+    /// device type (re-activating the device if the driver had), checking
+    /// that the queues match the device and fit in guest memory.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
+        if s.device_type != self.device.device_type() {
+            return Err(format!(
+                "virtio device type {} in the snapshot, {} here",
+                s.device_type,
+                self.device.device_type()
+            ));
+        }
+        let max: Vec<u16> = self.queues.iter().map(|q| q.max_size).collect();
+        let saved: Vec<u16> = s.queues.iter().map(|q| q.max_size).collect();
+        if max != saved {
+            return Err(format!(
+                "virtio queue sizes {saved:?} in the snapshot, {max:?} here"
+            ));
+        }
+        let queues: Vec<Queue> = s.queues.iter().map(Queue::from_state).collect();
+        for (i, q) in queues.iter().enumerate() {
+            if q.ready && s.activated {
+                q.validate(&self.mem)
+                    .map_err(|e| format!("virtio queue {i}: {e}"))?;
+            }
+        }
+        self.queues = queues;
+        self.queue_sel = s.queue_sel;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.interrupt_status
+            .store(s.interrupt_status, Ordering::Release);
+        self.config_generation = s.config_generation;
+        self.activated = s.activated;
+        if s.activated {
+            self.device.activate(s.driver_features);
+        }
+        Ok(())
     }
 
     /// The interrupt status register.

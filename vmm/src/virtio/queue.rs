@@ -156,6 +156,27 @@ impl DescriptorChain {
     }
 }
 
+/// A queue's configuration and ring positions, for snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueState {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Size chosen by the driver.
+    pub size: u16,
+    /// Whether the driver configured it.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+    /// Next available-ring index the device will read.
+    pub next_avail: u16,
+    /// Next used-ring index the device will write.
+    pub next_used: u16,
+}
+
 /// A split virtqueue as configured by the driver.
 #[derive(Debug, Clone)]
 pub struct Queue {
@@ -187,6 +208,34 @@ impl Queue {
             used_ring: GuestAddress(0),
             next_avail: Wrapping(0),
             next_used: Wrapping(0),
+        }
+    }
+
+    /// Configuration and ring positions, for a snapshot.
+    pub fn state(&self) -> QueueState {
+        QueueState {
+            max_size: self.max_size,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table.0,
+            avail_ring: self.avail_ring.0,
+            used_ring: self.used_ring.0,
+            next_avail: self.next_avail.0,
+            next_used: self.next_used.0,
+        }
+    }
+
+    /// A queue as saved by [`Queue::state`].
+    pub fn from_state(s: &QueueState) -> Self {
+        Self {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: GuestAddress(s.desc_table),
+            avail_ring: GuestAddress(s.avail_ring),
+            used_ring: GuestAddress(s.used_ring),
+            next_avail: Wrapping(s.next_avail),
+            next_used: Wrapping(s.next_used),
         }
     }
 
