@@ -4,6 +4,9 @@
 //! Without /dev/kvm these tests skip with a loud message; with
 //! `SLUICE_REQUIRE_KVM=1` a missing /dev/kvm fails them instead.
 
+mod common;
+
+use common::{config, kvm_available};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,39 +17,12 @@ use sluice_vmm::devices::BusDevice;
 use sluice_vmm::memory::{HIMEM_START, VIRTIO_MMIO_BASE};
 use sluice_vmm::vcpu::{VcpuError, VcpuState};
 use sluice_vmm::vm::ResetCause;
-use sluice_vmm::{Boot, ExitReason, VmBuilder, VmConfig, VmError, VmState};
+use sluice_vmm::{Boot, ExitReason, VmBuilder, VmError, VmState};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 const COM1: u16 = 0x3f8;
 const LONG: Duration = Duration::from_secs(20);
-
-fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("SLUICE_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("SLUICE_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!(
-                "\n*** SKIPPED: /dev/kvm cannot be opened ({e}); KVM tests did not run ***\n"
-            );
-            false
-        }
-    }
-}
-
-fn config(name: &str) -> VmConfig {
-    VmConfig {
-        name: name.into(),
-        mem_size: 16 << 20,
-        ..VmConfig::default()
-    }
-}
 
 /// A write seen by a [`Recorder`]: offset and bytes.
 type Write = (u64, Vec<u8>);

@@ -6,6 +6,9 @@
 //! Without /dev/kvm these tests skip with a loud message; with
 //! `SLUICE_REQUIRE_KVM=1` a missing /dev/kvm fails them instead.
 
+mod common;
+
+use common::{config, kvm_available};
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -26,33 +29,6 @@ use sluice_vmm::{
 use vm_memory::{Bytes, GuestAddress};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("SLUICE_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("SLUICE_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!(
-                "\n*** SKIPPED: /dev/kvm cannot be opened ({e}); snapshot tests did not run ***\n"
-            );
-            false
-        }
-    }
-}
-
-fn config(name: &str) -> VmConfig {
-    VmConfig {
-        name: name.into(),
-        mem_size: 16 << 20,
-        ..VmConfig::default()
-    }
-}
 
 /// What the sum guest reported on one of its ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
