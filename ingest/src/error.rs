@@ -36,6 +36,15 @@ pub enum IngestError {
         /// What is wrong.
         message: String,
     },
+    /// The state store of a stateful trigger could not be opened.
+    #[error("trigger {trigger}: state: {source}")]
+    State {
+        /// Trigger name.
+        trigger: String,
+        /// Why.
+        #[source]
+        source: sluice_state_carrier::StateError,
+    },
     /// A pipeline-level problem found at run time (user error).
     #[error("trigger {trigger}: {message}")]
     Config {
@@ -49,6 +58,10 @@ pub enum IngestError {
 impl IngestError {
     /// Whether retrying (e.g. after the cluster comes back) can help.
     pub fn retryable(&self) -> bool {
-        matches!(self, IngestError::Kafka { .. })
+        match self {
+            IngestError::Kafka { .. } => true,
+            IngestError::State { source, .. } => source.retryable(),
+            _ => false,
+        }
     }
 }

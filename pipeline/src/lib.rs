@@ -508,7 +508,70 @@ pub struct BackfillJob {
     /// a `/` are paths (relative ones joined to the pipeline file's folder),
     /// the others match file names. Default none.
     pub file_dependencies: Vec<(String, Vec<String>)>,
+    /// State carried from call to call, in item order. Default none.
+    pub state: Option<StateConfig>,
 }
+
+/// `state = { ... }` of a Kafka trigger or a backfill job: the state each
+/// call returns is passed into the next call of the same partition or key
+/// (Lambda's tumbling-window contract).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateConfig {
+    /// What one state belongs to. Default [`StateScope::Partition`].
+    pub scope: StateScope,
+    /// Tumbling window; `None` (the default): one window that never closes
+    /// on Kafka, and closes at the end of the input in a backfill.
+    pub window: Option<StateWindow>,
+    /// A state larger than this (as JSON) ends its window early. Default
+    /// [`DEFAULT_STATE_MAX_BYTES`] (Lambda's 1 MB).
+    pub max_bytes: usize,
+    /// Where checkpoints go. Default [`StateStore::Local`] under
+    /// `.sluice-state/` next to the pipeline file.
+    pub store: StateStore,
+}
+
+/// What one state belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StateScope {
+    /// One state per Kafka partition (per backfill job).
+    #[default]
+    Partition,
+    /// One state per record key (per value of the job's `order_key`).
+    Key,
+}
+
+/// A tumbling window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StateWindow {
+    /// Fixed intervals of event time (the record timestamp), aligned to
+    /// the Unix epoch, e.g. `window = "30s"`.
+    Time(Duration),
+    /// Every N items, e.g. `window = 100`.
+    Count(u64),
+}
+
+/// Where checkpoints of state are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StateStore {
+    /// Checkpoint files in this folder (`store = "local"`, the default):
+    /// one per partition, replaced atomically.
+    Local(PathBuf),
+    /// A compacted Kafka topic on the trigger's cluster (`store = "kafka"`),
+    /// so that a node taking over a partition restores its state.
+    Changelog(String),
+}
+
+/// Default of [`StateConfig::max_bytes`]: Lambda's 1 MB.
+pub const DEFAULT_STATE_MAX_BYTES: usize = 1024 * 1024;
+/// Allowed [`StateConfig::max_bytes`].
+pub const STATE_MAX_BYTES_RANGE: RangeInclusive<usize> = 2..=16 * 1024 * 1024;
+/// Allowed time windows.
+pub const STATE_WINDOW_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(7 * 24 * 3600);
+/// Allowed count windows.
+pub const STATE_WINDOW_COUNT_RANGE: RangeInclusive<u64> = 1..=100_000_000;
+/// Folder of local checkpoints, next to the pipeline file.
+pub const DEFAULT_STATE_DIR: &str = ".sluice-state";
 
 /// One validated `[[trigger.kafka]]` table, with defaults applied: Lambda's
 /// Kafka event source mapping.
@@ -572,6 +635,8 @@ pub struct KafkaTrigger {
     /// Extra librdkafka properties, passed through verbatim; none of
     /// [`MANAGED_KAFKA_PROPERTIES`]. Default empty.
     pub properties: BTreeMap<String, String>,
+    /// State carried from call to call. Default none (stateless).
+    pub state: Option<StateConfig>,
 }
 
 /// The Kafka cluster a trigger reads from.

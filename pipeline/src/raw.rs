@@ -4,6 +4,7 @@
 
 mod job;
 mod kafka;
+mod state;
 
 use std::collections::BTreeMap;
 use std::ops::{Range, RangeInclusive};
@@ -157,6 +158,10 @@ fn serde_error(loc: &Locator<'_>, doc: &DeTable<'_>, err: &toml::de::Error) -> P
             [job, _] if job == "job" => {
                 Some(job::JOB_FIELDS.iter().map(|(name, _)| *name).collect())
             }
+            [trigger, kind, _, st] if trigger == "trigger" && kind == "kafka" && st == "state" => {
+                Some(state::STATE_FIELDS.to_vec())
+            }
+            [job, _, st] if job == "job" && st == "state" => Some(state::STATE_FIELDS.to_vec()),
             _ => None,
         };
         if let Some(expected) = allowed {

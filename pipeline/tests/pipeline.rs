@@ -314,6 +314,7 @@ topics = ["refunds", "returns"]
         retry_backoff_max: Duration::from_secs(30),
         partitions: 3,
         properties: Default::default(),
+        state: None,
     };
     assert_eq!(pipeline.kafka_triggers.len(), 2);
     assert_eq!(pipeline.kafka_triggers[0], expected);
@@ -602,5 +603,109 @@ depends_on_files = { "b.csv" = ["a.csv"], "out/*.csv" = ["in/*.csv", "a.csv"] }
     assert!(
         err.contains("no job named \"nope\"; declared jobs: full, minimal"),
         "{err}"
+    );
+}
+
+#[test]
+fn state_settings_are_parsed_with_defaults() {
+    let pipeline = parse_with_echo(
+        r#"
+[[trigger.kafka]]
+name = "sums"
+function = "echo"
+topics = ["payments"]
+state = { scope = "key", window = "30s" }
+
+[[trigger.kafka]]
+function = "echo"
+topics = ["clicks"]
+state = { window = 100, max_bytes = 4096, store = "kafka" }
+
+[[trigger.kafka]]
+function = "echo"
+topics = ["views"]
+state = {}
+"#,
+    );
+    let t = &pipeline.kafka_triggers;
+    let s0 = t[0].state.as_ref().unwrap();
+    assert_eq!(s0.scope, sluice_pipeline::StateScope::Key);
+    assert_eq!(
+        s0.window,
+        Some(sluice_pipeline::StateWindow::Time(Duration::from_secs(30)))
+    );
+    assert_eq!(s0.max_bytes, sluice_pipeline::DEFAULT_STATE_MAX_BYTES);
+    assert_eq!(
+        s0.store,
+        sluice_pipeline::StateStore::Local(
+            Path::new(INLINE)
+                .parent()
+                .unwrap()
+                .join(".sluice-state/sums")
+        )
+    );
+    let s1 = t[1].state.as_ref().unwrap();
+    assert_eq!(s1.scope, sluice_pipeline::StateScope::Partition);
+    assert_eq!(s1.window, Some(sluice_pipeline::StateWindow::Count(100)));
+    assert_eq!(s1.max_bytes, 4096);
+    assert_eq!(
+        s1.store,
+        sluice_pipeline::StateStore::Changelog("sluice-state-echo-2".into())
+    );
+    assert_eq!(t[2].state.as_ref().unwrap().window, None);
+}
+
+#[test]
+fn bad_state_settings_name_the_field() {
+    let cases = [
+        (
+            r#"state = { scope = "shard" }"#,
+            "trigger.kafka[0].state.scope` = \"shard\" is invalid",
+        ),
+        (r#"state = { window = "soon" }"#, "trigger.kafka[0].state.window"),
+        (r#"state = { window = 0 }"#, "trigger.kafka[0].state.window"),
+        (r#"state = { max_bytes = 1 }"#, "trigger.kafka[0].state.max_bytes"),
+        (r#"state = { windows = "1s" }"#, "windows"),
+        (
+            r#"state = { store = "local", changelog_topic = "x" }"#,
+            "requires `trigger.kafka[0].state.store = \"kafka\"`",
+        ),
+        (
+            "state = {}\nparallelization_factor = 2",
+            "needs parallelization_factor = 1",
+        ),
+        (
+            "state = {}\nbisect_batch_on_error = true",
+            "bisect_batch_on_error",
+        ),
+    ];
+    for (settings, expected) in cases {
+        let text = format!(
+            "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"t\"]\n{settings}\n"
+        );
+        let err = error_with_echo(&text).to_string();
+        assert!(err.contains(expected), "{settings}: {err}");
+        assert!(err.contains(INLINE), "{settings}: names the file: {err}");
+    }
+}
+
+#[test]
+fn backfill_state_needs_an_order_key_for_the_key_scope() {
+    let err = error_with_echo(
+        "[job.fold]\nfunction = \"echo\"\nsource = \"x.jsonl\"\nstate = { scope = \"key\" }\n",
+    )
+    .to_string();
+    assert!(err.contains("order_key"), "{err}");
+    let err = error_with_echo(
+        "[job.fold]\nfunction = \"echo\"\nsource = \"x.jsonl\"\nstate = { window = \"1s\" }\n",
+    )
+    .to_string();
+    assert!(err.contains("count window"), "{err}");
+    let p = parse_with_echo(
+        "[job.fold]\nfunction = \"echo\"\nsource = \"x.jsonl\"\norder_key = \"k\"\nstate = { scope = \"key\", window = 10 }\n",
+    );
+    assert_eq!(
+        p.jobs["fold"].state.as_ref().unwrap().window,
+        Some(sluice_pipeline::StateWindow::Count(10))
     );
 }

@@ -202,7 +202,7 @@ fn copy_tree(from: &Path, to: &Path) {
 /// A function folder for one of the workspace's functions, in a fresh
 /// temporary directory:
 /// - `"echo"`, `"fail"`, `"arrow-sum"`, `"wordcount"`, `"tpch-q1"`,
-///   `"misbehave"`: the built binary (`echo-fn`, `fail-fn`, ...,
+///   `"running-sum"`, `"misbehave"`: the built binary (`echo-fn`, `fail-fn`, ...,
 ///   `tpch-q1-fn`, `misbehave-fn`) copied as `bootstrap`;
 /// - `"shell"`: the files of `examples/functions/shell/`.
 ///
@@ -229,6 +229,10 @@ pub fn function_fixture(name: &str) -> FunctionFixture {
             &workspace_binary("misbehave-function", "misbehave-fn"),
             &fixture.dir,
         ),
+        "running-sum" => install_bootstrap(
+            &workspace_binary("running-sum-function", "running-sum-fn"),
+            &fixture.dir,
+        ),
         "shell" => {
             copy_tree(
                 &workspace_root().join("examples/functions/shell"),
@@ -238,7 +242,7 @@ pub fn function_fixture(name: &str) -> FunctionFixture {
             set_mode(&fixture.dir.join("bootstrap"), 0o755);
         }
         other => panic!(
-            "unknown function fixture {other:?} (known: echo, fail, arrow-sum, wordcount, tpch-q1, misbehave, shell)"
+            "unknown function fixture {other:?} (known: echo, fail, arrow-sum, wordcount, tpch-q1, running-sum, misbehave, shell)"
         ),
     }
     fixture

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::offsets::OffsetTracker;
 use super::sink::OutRecord;
+use super::stateful::{self, Carried};
 use super::{Control, TriggerShared};
 use crate::event::{self, EventSource, FailureInfo};
 use crate::metrics::BatchOutcome;
@@ -42,6 +43,7 @@ pub(super) fn spawn(
     let backlog = Arc::new(AtomicUsize::new(0));
     let paused = Arc::new(AtomicBool::new(false));
     let lane = Partition {
+        carried: None,
         shared: shared.clone(),
         topic,
         partition,
@@ -64,22 +66,25 @@ pub(super) fn spawn(
 }
 
 #[derive(Clone)]
-struct Partition {
-    shared: Arc<TriggerShared>,
-    topic: String,
-    partition: i32,
+pub(super) struct Partition {
+    pub(super) shared: Arc<TriggerShared>,
+    pub(super) topic: String,
+    pub(super) partition: i32,
     tracker: Arc<Mutex<OffsetTracker>>,
     backlog: Arc<AtomicUsize>,
     paused: Arc<AtomicBool>,
-    stop: watch::Receiver<bool>,
+    pub(super) stop: watch::Receiver<bool>,
+    /// Stateful triggers: the partition's checkpoint (loaded before any
+    /// record is processed).
+    pub(super) carried: Option<Arc<Carried>>,
 }
 
 /// How one attempt of a batch failed.
 #[derive(Debug, Clone)]
-struct Failure {
-    error_type: String,
-    message: String,
-    retryable: bool,
+pub(super) struct Failure {
+    pub(super) error_type: String,
+    pub(super) message: String,
+    pub(super) retryable: bool,
 }
 
 impl From<&InvokeError> for Failure {
@@ -100,7 +105,7 @@ impl From<&InvokeError> for Failure {
     }
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -113,17 +118,24 @@ impl Partition {
     }
 
     async fn dispatch(
-        self,
+        mut self,
         mut rx: mpsc::UnboundedReceiver<Vec<Record>>,
         mut skip_before: Option<i64>,
     ) {
+        if let Some(store) = self.shared.state_store.clone() {
+            match self.load_checkpoint(store).await {
+                Some(carried) => self.carried = Some(Arc::new(carried)),
+                None => return,
+            }
+        }
+        let scope = self.shared.trigger.state.as_ref().map(|s| s.scope);
         let n = self.shared.trigger.parallelization_factor.max(1) as usize;
         let mut subs = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
-        for _ in 0..n {
+        for slot in 0..n {
             let (tx, sub_rx) = mpsc::unbounded_channel();
             let lane = self.clone();
-            handles.push(tokio::spawn(async move { lane.sub_lane(sub_rx).await }));
+            handles.push(tokio::spawn(async move { lane.sub_lane(sub_rx, slot).await }));
             subs.push(tx);
         }
         let mut stop = self.stop.clone();
@@ -156,7 +168,16 @@ impl Partition {
                         } else {
                             let mut parts: Vec<Vec<Record>> = vec![Vec::new(); n];
                             for rec in chunk {
-                                parts[key_slot(rec.key.as_deref(), n)].push(rec);
+                                let slot = match scope {
+                                    // Stateful: by state key, as the idle
+                                    // window check finds its keys.
+                                    Some(scope) => key_slot(
+                                        Some(stateful::state_key(scope, &rec).as_bytes()),
+                                        n,
+                                    ),
+                                    None => key_slot(rec.key.as_deref(), n),
+                                };
+                                parts[slot].push(rec);
                             }
                             for (sub, part) in subs.iter().zip(parts) {
                                 if !part.is_empty() {
@@ -216,7 +237,7 @@ impl Partition {
         }
     }
 
-    fn finish(&self, records: &[Record]) {
+    pub(super) fn finish(&self, records: &[Record]) {
         {
             let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
             for r in records {
@@ -237,7 +258,9 @@ impl Partition {
         }
     }
 
-    async fn sub_lane(self, mut rx: mpsc::UnboundedReceiver<Vec<Record>>) {
+    async fn sub_lane(self, mut rx: mpsc::UnboundedReceiver<Vec<Record>>, slot: usize) {
+        let idle_check = self.idle_check();
+        let slots = self.shared.trigger.parallelization_factor.max(1) as usize;
         let t = &self.shared.trigger;
         // Received, not yet in a batch (in offset order).
         let mut queued: VecDeque<Record> = VecDeque::new();
@@ -253,6 +276,12 @@ impl Partition {
                 None => tokio::select! {
                     biased;
                     _ = stop.changed() => return,
+                    _ = sleep_or_never(idle_check) => {
+                        if !self.close_idle_windows(slot, slots).await {
+                            return;
+                        }
+                        continue;
+                    }
                     r = rx.recv() => match r {
                         Some(chunk) => {
                             queued.extend(chunk);
@@ -387,6 +416,10 @@ impl Partition {
     /// on-failure topic. Records left unfinished (the lane was stopped) are
     /// not committed and will be redelivered.
     async fn process(&self, batch: Vec<Record>) {
+        if self.carried.is_some() {
+            self.process_stateful(batch).await;
+            return;
+        }
         let source = EventSource {
             event_source: "SelfManagedKafka",
             event_source_arn: None,
@@ -574,7 +607,7 @@ impl Partition {
     /// finished. Without an on-failure topic (only possible for records the
     /// function never saw: malformed or too large), they are logged and
     /// skipped. Returns false when the lane was stopped first.
-    async fn dead_letter_or_drop(&self, recs: Vec<Record>, f: &Failure, attempts: u32) -> bool {
+    pub(super) async fn dead_letter_or_drop(&self, recs: Vec<Record>, f: &Failure, attempts: u32) -> bool {
         let t = &self.shared.trigger;
         let (Some(topic), Some(sink)) = (&t.on_failure, &self.shared.sink) else {
             for r in &recs {
@@ -678,7 +711,7 @@ impl Partition {
     }
 
     /// Produce the function's response to the output topic, if any.
-    async fn output(&self, response: &[u8]) -> bool {
+    pub(super) async fn output(&self, response: &[u8]) -> bool {
         let t = &self.shared.trigger;
         let (Some(topic), Some(sink)) = (&t.output_topic, &self.shared.sink) else {
             return true;
@@ -702,12 +735,20 @@ impl Partition {
     }
 }
 
+/// Sleep for `d`, or forever without one.
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 enum Admit {
     Keep(Record),
     Done,
 }
 
-fn key_slot(key: Option<&[u8]>, n: usize) -> usize {
+pub(super) fn key_slot(key: Option<&[u8]>, n: usize) -> usize {
     let Some(k) = key else { return 0 };
     let mut h = std::collections::hash_map::DefaultHasher::new();
     k.hash(&mut h);

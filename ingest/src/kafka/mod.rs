@@ -25,6 +25,7 @@ mod embedded;
 mod lane;
 mod offsets;
 mod sink;
+mod stateful;
 mod txn;
 
 use std::collections::HashMap;
@@ -112,6 +113,8 @@ struct TriggerShared {
     /// consumer never commits by itself.
     txn: Option<txn::Transactional>,
     servers: String,
+    /// Stateful triggers: where checkpoints go.
+    state_store: Option<Arc<dyn sluice_state_carrier::Store>>,
     control: mpsc::Sender<Control>,
     activity: Arc<Activity>,
     runtime: tokio::runtime::Handle,
@@ -391,6 +394,17 @@ pub async fn run_trigger(
     } else {
         None
     };
+    let state_store = match &trigger.state {
+        Some(cfg) => Some(
+            sluice_state_carrier::open_store(cfg, &env.servers, &props)
+                .await
+                .map_err(|source| IngestError::State {
+                    trigger: trigger.name.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let (control_tx, control_rx) = mpsc::channel();
     let high_water = env
         .max_buffered_records
@@ -402,6 +416,7 @@ pub async fn run_trigger(
         sink,
         txn,
         servers: env.servers.clone(),
+        state_store,
         control: control_tx,
         activity: env.activity.clone(),
         runtime: tokio::runtime::Handle::current(),

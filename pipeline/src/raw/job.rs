@@ -64,6 +64,8 @@ pub(super) struct RawJob {
     payload: Option<Spanned<String>>,
     /// Default none: glob of files → globs of the files they wait for.
     depends_on_files: Option<BTreeMap<Spanned<String>, SpannedGlobs>>,
+    /// Default none (stateless).
+    state: Option<Spanned<super::state::RawState>>,
     /// MapReduce: required.
     map: Option<Spanned<String>>,
     /// MapReduce: default none.
@@ -130,6 +132,7 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
         "depends_on_files",
         "a table of file globs to arrays of globs, e.g. { \"b.csv\" = [\"a.csv\"] }",
     ),
+    ("state", super::state::STATE_TYPE),
     ("map", STRING),
     ("combine", STRING),
     ("reduce", STRING),
@@ -151,6 +154,7 @@ const BACKFILL_ONLY: &[&str] = &[
     "progress",
     "dead_letter",
     "depends_on_files",
+    "state",
 ];
 /// Fields only a MapReduce job has.
 const MAPREDUCE_ONLY: &[&str] = &[
@@ -229,6 +233,7 @@ impl RawJob {
                     .as_ref()
                     .and_then(|m| m.keys().next().map(Spanned::span)),
             ),
+            s("state", self.state.as_ref().map(Spanned::span)),
             s("map", self.map.as_ref().map(Spanned::span)),
             s("combine", self.combine.as_ref().map(Spanned::span)),
             s("reduce", self.reduce.as_ref().map(Spanned::span)),
@@ -610,6 +615,34 @@ impl RawJob {
                 output_format,
             }));
         }
+        let state_at = self.state.as_ref().map(Spanned::span);
+        let state = self
+            .state
+            .map(|s| s.into_inner().validate(&f, name.get_ref(), base))
+            .transpose()?;
+        if let (Some(at), Some(st)) = (state_at, &state) {
+            let conflict = |message: &str| PipelineError::Invalid {
+                at: loc.at(at.clone()),
+                field: f.field("state"),
+                message: message.to_owned(),
+            };
+            if st.scope == crate::StateScope::Key && order_key.is_none() {
+                return Err(conflict(
+                    "state scope \"key\" needs `order_key`: the field whose value is the key",
+                ));
+            }
+            if id_column.is_some() || !file_dependencies.is_empty() {
+                return Err(conflict(
+                    "a stateful job folds its items in input order: `id_column`, \
+                     `depends_on_column` and `depends_on_files` do not apply",
+                ));
+            }
+            if matches!(st.window, Some(crate::StateWindow::Time(_))) {
+                return Err(conflict(
+                    "a backfill has no event time: use a count window (window = 100) or none",
+                ));
+            }
+        }
         Ok(Job::Backfill(BackfillJob {
             name: name.into_inner(),
             function,
@@ -631,6 +664,7 @@ impl RawJob {
             bootstrap_servers,
             payload,
             file_dependencies,
+            state,
         }))
     }
 }

@@ -86,6 +86,8 @@ pub(super) struct RawKafka {
     partitions: Option<Spanned<i64>>,
     /// Default empty.
     properties: Option<BTreeMap<Spanned<String>, Spanned<PropertyValue>>>,
+    /// Default none (stateless).
+    state: Option<Spanned<super::state::RawState>>,
 }
 
 const FILTER_TYPE: &str = "a table (a filter pattern), e.g. { value = { type = [\"order\"] } }";
@@ -128,6 +130,7 @@ pub(super) const KAFKA_FIELDS: &[(&str, &str)] = &[
         "properties",
         "a table of librdkafka properties, e.g. { \"security.protocol\" = \"SASL_SSL\" }",
     ),
+    ("state", super::state::STATE_TYPE),
 ];
 
 /// A `properties` value: a string, or an integer or boolean written as one.
@@ -330,6 +333,12 @@ impl RawKafka {
             "",
         )?;
         let properties = validate_properties(&f, self.properties.unwrap_or_default())?;
+        let state_at = self.state.as_ref().map(Spanned::span);
+        let base = loc.file.parent().unwrap_or(std::path::Path::new(""));
+        let state = self
+            .state
+            .map(|s| s.into_inner().validate(&f, &name, base))
+            .transpose()?;
 
         // Rules between fields.
         if on_failure.is_none() {
@@ -369,6 +378,33 @@ impl RawKafka {
             Some(flag) => flag.into_inner(),
             None => false,
         };
+        if let (Some(at), Some(state)) = (&state_at, &state) {
+            let conflict = |message: String| PipelineError::Invalid {
+                at: loc.at(at.clone()),
+                field: f.field("state"),
+                message,
+            };
+            if exactly_once {
+                return Err(conflict(
+                    "a stateful trigger cannot also be `exactly_once`: its state is \
+                     checkpointed outside the Kafka transaction"
+                        .into(),
+                ));
+            }
+            if self.bisect_batch_on_error == Some(true) || self.report_batch_item_failures == Some(true) {
+                return Err(conflict(
+                    "a stateful trigger folds whole batches in order: \
+                     `bisect_batch_on_error` and `report_batch_item_failures` do not apply"
+                        .into(),
+                ));
+            }
+            if state.scope == crate::StateScope::Partition && parallelization_factor > 1 {
+                return Err(conflict(format!(
+                    "state scope \"partition\" needs parallelization_factor = 1 (it is {parallelization_factor}): \
+                     one state per partition is folded in offset order; use scope = \"key\" for concurrency"
+                )));
+            }
+        }
         if retry_backoff_max < retry_backoff {
             let max_is_default = retry_backoff_max_at.is_none();
             let at = retry_backoff_max_at.or(retry_backoff_at).unwrap_or(header);
@@ -404,6 +440,7 @@ impl RawKafka {
             retry_backoff_max,
             partitions,
             properties,
+            state,
         })
     }
 }
@@ -424,7 +461,7 @@ fn topic_problem(name: &str) -> Option<String> {
     }
 }
 
-fn topic(f: &Fields<'_>, field: String, value: Spanned<String>) -> Result<String, PipelineError> {
+pub(super) fn topic(f: &Fields<'_>, field: String, value: Spanned<String>) -> Result<String, PipelineError> {
     match topic_problem(value.get_ref()) {
         None => Ok(value.into_inner()),
         Some(reason) => Err(PipelineError::BadTopic {
@@ -659,8 +696,12 @@ mod tests {
 
     #[test]
     fn every_listed_kafka_field_is_accepted() {
-        // Any value fits `filter` at this stage.
-        for (name, _) in KAFKA_FIELDS.iter().filter(|(name, _)| *name != "filter") {
+        // Any value fits `filter` at this stage; `state` is a table, which
+        // serde sees a datetime as (reported as an unknown field instead).
+        for (name, _) in KAFKA_FIELDS
+            .iter()
+            .filter(|(name, _)| !matches!(*name, "filter" | "state"))
+        {
             // A datetime fits no field.
             let text = format!("[[trigger.kafka]]\n{name} = 1979-05-27T07:32:00Z\n");
             let err = toml::from_str::<super::super::RawPipeline>(&text)
