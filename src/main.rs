@@ -145,9 +145,33 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// State carried by stateful triggers and jobs (`state = {...}`).
+    #[command(subcommand)]
+    State(StateCommand),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StateCommand {
+    /// Print the checkpointed state, one JSON line per key: trigger or job,
+    /// source (GROUP/TOPIC/PARTITION), key, state, open window, last folded
+    /// offset.
+    Show {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Only this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only this trigger or job.
+        #[arg(long)]
+        trigger: Option<String>,
+        /// The Kafka cluster of `store = "kafka"` states, when the pipeline
+        /// says "embedded" (whose data lives only as long as its process).
+        #[arg(long)]
+        bootstrap_servers: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -318,6 +342,20 @@ fn main() -> ExitCode {
                 quiet,
             } => commands::mapreduce::run(&pipeline, &job, bootstrap_servers, quiet).await,
             Command::Doctor { kafka } => commands::doctor::run(kafka.as_deref()).await,
+            Command::State(StateCommand::Show {
+                pipeline,
+                key,
+                trigger,
+                bootstrap_servers,
+            }) => {
+                commands::state::show(
+                    &pipeline,
+                    key.as_deref(),
+                    trigger.as_deref(),
+                    bootstrap_servers.as_deref(),
+                )
+                .await
+            }
             Command::Bench(BenchCommand::Invoke {
                 pipeline,
                 function,

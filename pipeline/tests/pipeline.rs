@@ -662,9 +662,15 @@ fn bad_state_settings_name_the_field() {
             r#"state = { scope = "shard" }"#,
             "trigger.kafka[0].state.scope` = \"shard\" is invalid",
         ),
-        (r#"state = { window = "soon" }"#, "trigger.kafka[0].state.window"),
+        (
+            r#"state = { window = "soon" }"#,
+            "trigger.kafka[0].state.window",
+        ),
         (r#"state = { window = 0 }"#, "trigger.kafka[0].state.window"),
-        (r#"state = { max_bytes = 1 }"#, "trigger.kafka[0].state.max_bytes"),
+        (
+            r#"state = { max_bytes = 1 }"#,
+            "trigger.kafka[0].state.max_bytes",
+        ),
         (r#"state = { windows = "1s" }"#, "windows"),
         (
             r#"state = { store = "local", changelog_topic = "x" }"#,
@@ -680,9 +686,8 @@ fn bad_state_settings_name_the_field() {
         ),
     ];
     for (settings, expected) in cases {
-        let text = format!(
-            "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"t\"]\n{settings}\n"
-        );
+        let text =
+            format!("[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"t\"]\n{settings}\n");
         let err = error_with_echo(&text).to_string();
         assert!(err.contains(expected), "{settings}: {err}");
         assert!(err.contains(INLINE), "{settings}: names the file: {err}");

@@ -7,6 +7,7 @@ pub mod doctor;
 pub mod invoke;
 pub mod mapreduce;
 pub mod run;
+pub mod state;
 pub mod validate;
 pub mod worker;
 

@@ -93,6 +93,13 @@ pub async fn run(args: RunArgs) -> u8 {
                 for topic in t.topics.iter().chain(&t.on_failure).chain(&t.output_topic) {
                     topics.insert((topic.clone(), t.partitions));
                 }
+                if let Some(sluice_pipeline::StateConfig {
+                    store: sluice_pipeline::StateStore::Changelog(topic),
+                    ..
+                }) = &t.state
+                {
+                    topics.insert((topic.clone(), 1));
+                }
             }
         }
         for (topic, _) in &loads {

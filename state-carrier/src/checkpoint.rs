@@ -206,7 +206,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("truncated"), "{err}");
-        let err = Checkpoint::decode(&good[..10], "f").unwrap_err().to_string();
+        let err = Checkpoint::decode(&good[..10], "f")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("header"), "{err}");
 
         let mut v2 = good.clone();

@@ -21,7 +21,9 @@ pub enum Fault {
 pub enum StateError {
     /// The function's response is not a JSON object with a `state` field
     /// (Lambda's tumbling-window contract makes that a failed call).
-    #[error("the response carries no `state` (a stateful function must answer {{\"state\": ...}}): {reason}")]
+    #[error(
+        "the response carries no `state` (a stateful function must answer {{\"state\": ...}}): {reason}"
+    )]
     MissingState {
         /// What the response was instead.
         reason: String,

@@ -328,7 +328,10 @@ mod tests {
         let mut finals = Vec::new();
         let mut rest = 0;
         while rest < items.len() {
-            match ks.step(spec, &items[rest..rest.saturating_add(batch).min(items.len())]) {
+            match ks.step(
+                spec,
+                &items[rest..rest.saturating_add(batch).min(items.len())],
+            ) {
                 Step::Close { window, early } => {
                     finals.push((ks.state["sum"].as_i64().unwrap_or(0), window, early));
                     ks.closed();
@@ -358,7 +361,10 @@ mod tests {
         let it = items(&[3_000, 7_000, 12_000, 4_000, 25_000]);
         let (finals, open) = run(&s, &it, &[1, 2, 4, 8, 16]);
         assert_eq!(finals.len(), 2);
-        assert_eq!((finals[0].0, finals[0].1.start_ms, finals[0].1.end_ms), (3, 0, 10_000));
+        assert_eq!(
+            (finals[0].0, finals[0].1.start_ms, finals[0].1.end_ms),
+            (3, 0, 10_000)
+        );
         assert_eq!((finals[1].0, finals[1].1.start_ms), (12, 10_000));
         assert_eq!(open.state["sum"], 16);
         assert_eq!(open.window.unwrap().start_ms, 20_000);

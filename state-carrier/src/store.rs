@@ -15,15 +15,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::ClientContext;
-use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::StateError;
 use crate::checkpoint::Checkpoint;
@@ -133,6 +134,84 @@ impl Store for FileStore {
     }
 }
 
+/// Whether the cluster has `topic` (without creating it).
+fn topic_exists(cfg: &ClientConfig, topic: &str) -> Result<bool, StateError> {
+    let kerr = |source| StateError::Kafka {
+        topic: topic.to_owned(),
+        what: "reading the cluster's metadata",
+        source: Box::new(source),
+    };
+    let mut cfg = cfg.clone();
+    cfg.set("allow.auto.create.topics", "false");
+    let consumer: BaseConsumer = cfg.create().map_err(kerr)?;
+    let meta = consumer
+        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
+        .map_err(kerr)?;
+    Ok(meta
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+}
+
+/// Create `topic`: compacted, one partition, the cluster's default
+/// replication (or 1 where the cluster wants an explicit factor). A cluster
+/// that does not answer CreateTopics (rdkafka's mock cluster) gets a
+/// warning: the topic is then created on first write, uncompacted.
+async fn create_topic(cfg: &ClientConfig, topic: &str) -> Result<(), StateError> {
+    let kerr = |what: &'static str| {
+        move |source: KafkaError| StateError::Kafka {
+            topic: topic.to_owned(),
+            what,
+            source: Box::new(source),
+        }
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        cfg.create().map_err(kerr("creating the admin client"))?;
+    let options = AdminOptions::new()
+        .request_timeout(Some(CREATE_TIMEOUT))
+        .operation_timeout(Some(CREATE_TIMEOUT));
+    for replication in [-1, 1] {
+        let new = NewTopic::new(topic, 1, TopicReplication::Fixed(replication))
+            .set("cleanup.policy", "compact");
+        let results = match admin.create_topics([&new], &options).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(
+                    topic,
+                    "creating the state changelog topic failed ({e}); it will be created on first write, without compaction"
+                );
+                return Ok(());
+            }
+        };
+        let mut retry = false;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, RDKafkaErrorCode::InvalidReplicationFactor)) if replication < 0 => {
+                    retry = true;
+                }
+                Err((
+                    _,
+                    RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut,
+                )) => {
+                    tracing::warn!(
+                        topic,
+                        "the cluster did not create the state changelog topic in time; it will be created on first write, without compaction"
+                    );
+                    return Ok(());
+                }
+                Err((_, code)) => {
+                    return Err(kerr("creating the topic")(KafkaError::AdminOp(code)));
+                }
+            }
+        }
+        if !retry {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Delivery reports of the changelog producer.
 struct Deliveries {
     last_error: Mutex<Option<KafkaError>>,
@@ -169,6 +248,7 @@ impl std::fmt::Debug for ChangelogStore {
 }
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+const CREATE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl ChangelogStore {
     /// Open the changelog `topic` on `servers` (with extra client
@@ -191,24 +271,8 @@ impl ChangelogStore {
         for (k, v) in properties {
             cfg.set(k, v);
         }
-        let admin: AdminClient<DefaultClientContext> =
-            cfg.create().map_err(kerr("creating the admin client"))?;
-        let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
-            .set("cleanup.policy", "compact");
-        let results = admin
-            .create_topics([&new], &AdminOptions::new().operation_timeout(Some(KAFKA_TIMEOUT)))
-            .await
-            .map_err(kerr("creating the topic"))?;
-        for r in results {
-            if let Err((_, code)) = r
-                && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
-            {
-                return Err(StateError::Kafka {
-                    topic: topic.to_owned(),
-                    what: "creating the topic",
-                    source: Box::new(KafkaError::AdminOp(code)),
-                });
-            }
+        if !topic_exists(&cfg, topic)? {
+            create_topic(&cfg, topic).await?;
         }
         let mut pcfg = cfg.clone();
         pcfg.set("enable.idempotence", "true")
@@ -360,11 +424,20 @@ mod tests {
         assert_eq!(store.load("g/t/0").unwrap(), Some(cp.clone()));
         assert_eq!(store.list().unwrap(), vec![cp]);
         let path = store.path("g/t/0");
-        assert!(path.file_name().unwrap().to_str().unwrap().starts_with("g%2Ft%2F0"));
+        assert!(
+            path.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("g%2Ft%2F0")
+        );
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.truncate(bytes.len() - 2);
         std::fs::write(&path, bytes).unwrap();
         let err = store.load("g/t/0").unwrap_err().to_string();
-        assert!(err.contains("truncated") && err.contains("g%2Ft%2F0"), "{err}");
+        assert!(
+            err.contains("truncated") && err.contains("g%2Ft%2F0"),
+            "{err}"
+        );
     }
 }

@@ -135,7 +135,9 @@ impl Partition {
         for slot in 0..n {
             let (tx, sub_rx) = mpsc::unbounded_channel();
             let lane = self.clone();
-            handles.push(tokio::spawn(async move { lane.sub_lane(sub_rx, slot).await }));
+            handles.push(tokio::spawn(
+                async move { lane.sub_lane(sub_rx, slot).await },
+            ));
             subs.push(tx);
         }
         let mut stop = self.stop.clone();
@@ -607,7 +609,12 @@ impl Partition {
     /// finished. Without an on-failure topic (only possible for records the
     /// function never saw: malformed or too large), they are logged and
     /// skipped. Returns false when the lane was stopped first.
-    pub(super) async fn dead_letter_or_drop(&self, recs: Vec<Record>, f: &Failure, attempts: u32) -> bool {
+    pub(super) async fn dead_letter_or_drop(
+        &self,
+        recs: Vec<Record>,
+        f: &Failure,
+        attempts: u32,
+    ) -> bool {
         let t = &self.shared.trigger;
         let (Some(topic), Some(sink)) = (&t.on_failure, &self.shared.sink) else {
             for r in &recs {

@@ -209,7 +209,10 @@ impl Partition {
                 }
                 Step::Invoke { n, window } => {
                     let seg = &recs[i..i + n];
-                    match self.call(key, &spec, &ks, seg, &items[i..i + n], window).await {
+                    match self
+                        .call(key, &spec, &ks, seg, &items[i..i + n], window)
+                        .await
+                    {
                         Called::Folded(next) => {
                             ks = next;
                             if !self.save(key, &ks).await {
@@ -268,7 +271,11 @@ impl Partition {
         let mut attempts = 0u32;
         loop {
             let started = std::time::Instant::now();
-            let result = self.shared.executor.invoke(&t.function, payload.clone()).await;
+            let result = self
+                .shared
+                .executor
+                .invoke(&t.function, payload.clone())
+                .await;
             self.shared
                 .metrics
                 .observe_invoke(&t.name, started.elapsed().as_secs_f64());
@@ -306,7 +313,10 @@ impl Partition {
                 }
                 continue;
             }
-            return if self.dead_letter_or_drop(seg.to_vec(), &failure, attempts).await {
+            return if self
+                .dead_letter_or_drop(seg.to_vec(), &failure, attempts)
+                .await
+            {
                 Called::DeadLettered
             } else {
                 Called::Stopped
@@ -332,7 +342,13 @@ impl Partition {
     /// Close `window` of `key`: a final invoke, retried until it succeeds
     /// (the key waits), its response produced to `output_topic`, then an
     /// empty state checkpointed. False if the lane stopped first.
-    async fn final_invoke(&self, key: &str, ks: &mut KeyState, window: Window, early: bool) -> bool {
+    async fn final_invoke(
+        &self,
+        key: &str,
+        ks: &mut KeyState,
+        window: Window,
+        early: bool,
+    ) -> bool {
         let t = &self.shared.trigger;
         let payload = Self::with_fields(
             event::kafka_event(&self.source_event(), &[]),
@@ -340,7 +356,11 @@ impl Partition {
         );
         let mut attempts = 0u32;
         loop {
-            let result = self.shared.executor.invoke(&t.function, payload.clone()).await;
+            let result = self
+                .shared
+                .executor
+                .invoke(&t.function, payload.clone())
+                .await;
             let failure = match result {
                 Ok(resp) => match sluice_state_carrier::fold::take_state(&resp.payload) {
                     Ok(_) => {
@@ -382,7 +402,9 @@ impl Partition {
             let cp = self.carried().cp.lock().await;
             cp.keys
                 .iter()
-                .filter(|(k, _)| slots <= 1 || super::lane::key_slot(Some(k.as_bytes()), slots) == slot)
+                .filter(|(k, _)| {
+                    slots <= 1 || super::lane::key_slot(Some(k.as_bytes()), slots) == slot
+                })
                 .filter(|(_, ks)| ks.due_when_idle(&spec, now).is_some())
                 .map(|(k, ks)| (k.clone(), ks.clone()))
                 .collect()

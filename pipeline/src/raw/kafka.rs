@@ -391,7 +391,9 @@ impl RawKafka {
                         .into(),
                 ));
             }
-            if self.bisect_batch_on_error == Some(true) || self.report_batch_item_failures == Some(true) {
+            if self.bisect_batch_on_error == Some(true)
+                || self.report_batch_item_failures == Some(true)
+            {
                 return Err(conflict(
                     "a stateful trigger folds whole batches in order: \
                      `bisect_batch_on_error` and `report_batch_item_failures` do not apply"
@@ -461,7 +463,11 @@ fn topic_problem(name: &str) -> Option<String> {
     }
 }
 
-pub(super) fn topic(f: &Fields<'_>, field: String, value: Spanned<String>) -> Result<String, PipelineError> {
+pub(super) fn topic(
+    f: &Fields<'_>,
+    field: String,
+    value: Spanned<String>,
+) -> Result<String, PipelineError> {
     match topic_problem(value.get_ref()) {
         None => Ok(value.into_inner()),
         Some(reason) => Err(PipelineError::BadTopic {

@@ -14,7 +14,8 @@
 //!
 //! Test knobs, by environment: `KEEP_AMOUNTS=1` also keeps every amount in
 //! the state (so that it grows); `FAIL_FINAL_ONCE=DIR` fails the first
-//! final invoke (leaving a marker file in DIR).
+//! final invoke (leaving a marker file in DIR); `SLOW_MS=N` sleeps N ms in
+//! every call.
 
 use base64::Engine;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
@@ -47,6 +48,9 @@ fn amounts(event: &Value) -> Result<Vec<i64>, Error> {
 }
 
 fn handle(event: &Value) -> Result<Value, Error> {
+    if let Some(ms) = std::env::var("SLOW_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let mut state = event["state"].clone();
     if !state.is_object() {
         state = json!({});
