@@ -526,3 +526,83 @@ fn windows_by_count_time_and_size() {
         .expect("checkpoints");
     assert_eq!(open[0].keys[""].state["sum"], 19);
 }
+
+/// The same fold over the same records, from a Kafka topic (`sluice run`)
+/// and from a JSON lines file (`sluice backfill`, `order_key` as the key):
+/// the Kafka state and the backfill's closed windows hold the same sums,
+/// which are the direct sums. Running the backfill again folds nothing
+/// twice.
+#[test]
+fn a_backfill_fold_equals_the_kafka_fold() {
+    let kafka = Kafka::start(&[("in", 3)]);
+    let fixture = function_fixture("running-sum");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("payments.jsonl");
+    let mut direct = BTreeMap::new();
+    produce_amounts(&kafka, "in", 0..150, 5, &mut direct);
+    let lines: String = (0..150i64)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({ "key": format!("k{}", i % 5), "amount": i * 3 + 1 })
+            )
+        })
+        .collect();
+    std::fs::write(&data, lines).expect("writing the data set");
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &fixture,
+        &[("sum", "")],
+        &format!(
+            "[job.fold]\nfunction = \"sum\"\nsource = {data:?}\norder_key = \"key\"\nmax_items_per_call = 4\nstate = {{ scope = \"key\", dir = {:?} }}\n\n[[trigger.kafka]]\nname = \"sums\"\nfunction = \"sum\"\ntopics = [\"{}\"]\nbatch_size = 6\nstate = {{ scope = \"key\", dir = {:?} }}\n{}",
+            tmp.path().join("backfill-state"),
+            kafka.name("in"),
+            tmp.path().join("kafka-state"),
+            cluster(&kafka, "g")
+        ),
+    );
+    let kafka_store = FileStore::open(&tmp.path().join("kafka-state")).expect("state dir");
+    let s = Sluice::run("run", &pipeline);
+    wait_count(&kafka_store, 150, "every record folded", || s.process.log());
+    let (status, log) = s.stop();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(folded(&kafka_store.list().expect("checkpoints")), direct);
+
+    let backfill = |what: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .env("SLUICE_AGENT", agent_binary())
+            .args(["backfill", "--quiet"])
+            .arg(&pipeline)
+            .arg("fold")
+            .output()
+            .expect("sluice backfill");
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+        let store = FileStore::open(&tmp.path().join("backfill-state")).expect("state dir");
+        let mut results = BTreeMap::new();
+        for cp in store.list().expect("checkpoints") {
+            for (k, ks) in cp.keys {
+                let r = ks.last_result.expect("a closed window per key");
+                assert!(
+                    ks.window.is_none(),
+                    "the end of the input closes the window"
+                );
+                results.insert(
+                    k,
+                    (r["sum"].as_i64().unwrap(), r["count"].as_i64().unwrap()),
+                );
+            }
+        }
+        results
+    };
+    assert_eq!(backfill("first backfill"), direct, "backfill fold");
+    assert_eq!(
+        backfill("second backfill"),
+        direct,
+        "a rerun folds nothing twice"
+    );
+}

@@ -11,7 +11,7 @@ use sluice_pipeline::{
 };
 use sluice_taskgen::{
     BackfillConfig, BackfillError, FileDependency, Format, Hooks, Input, Limits, OrderConfig,
-    PayloadFormat, Summary, TickHook,
+    PayloadFormat, StateOptions, Summary, TickHook,
 };
 
 use sluice_ingest::kafka::EmbeddedBroker;
@@ -496,7 +496,34 @@ pub async fn prepare(
         order: set.order,
         payload: set.payload,
         file_dependencies: set.file_dependencies,
+        state: job.as_ref().and_then(|j| {
+            j.state.clone().map(|config| StateOptions {
+                config,
+                source: format!("backfill/{}", j.name),
+                servers: match &j.bootstrap_servers {
+                    sluice_pipeline::BootstrapServers::Servers(s) => s.clone(),
+                    sluice_pipeline::BootstrapServers::Embedded => String::new(),
+                },
+            })
+        }),
     };
+    if let Some(st) = &cfg.state {
+        if args.distributed {
+            eprintln!(
+                "error: a stateful job folds its items in order in one process: --distributed does not apply"
+            );
+            return Err(exit::USAGE);
+        }
+        if st.servers.is_empty()
+            && matches!(st.config.store, sluice_pipeline::StateStore::Changelog(_))
+        {
+            eprintln!(
+                "error: job {}: state store \"kafka\" needs the job's bootstrap_servers (the embedded broker's data would be gone when the backfill ends)",
+                job.as_ref().map_or("", |j| j.name.as_str())
+            );
+            return Err(exit::USAGE);
+        }
+    }
     Ok(Prepared {
         pipeline: p,
         job,

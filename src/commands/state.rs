@@ -108,6 +108,7 @@ async fn print_one(
                     "window": window,
                     "last_offset": ks.last_offset,
                     "windows_closed": ks.windows_closed,
+                    "last_result": ks.last_result,
                 })
             );
         }

@@ -125,6 +125,10 @@ pub struct KeyState {
     pub close_pending: Option<CloseReason>,
     /// Windows closed so far.
     pub windows_closed: u64,
+    /// The answer of the last final invoke (the last closed window's
+    /// result), if any.
+    #[serde(default)]
+    pub last_result: Option<serde_json::Value>,
 }
 
 impl Default for KeyState {
@@ -135,6 +139,7 @@ impl Default for KeyState {
             last_offset: -1,
             close_pending: None,
             windows_closed: 0,
+            last_result: None,
         }
     }
 }
@@ -182,6 +187,7 @@ mod tests {
                 last_offset: 41,
                 close_pending: None,
                 windows_closed: 2,
+                last_result: None,
             },
         );
         cp

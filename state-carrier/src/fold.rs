@@ -228,8 +228,10 @@ impl KeyState {
         }
     }
 
-    /// The final invoke succeeded: the next window starts empty.
-    pub fn closed(&mut self) {
+    /// The final invoke succeeded with `result` (its answer, kept as
+    /// [`KeyState::last_result`]): the next window starts empty.
+    pub fn closed(&mut self, result: Option<Value>) {
+        self.last_result = result;
         self.state = Value::Object(Default::default());
         self.window = None;
         self.close_pending = None;
@@ -334,7 +336,7 @@ mod tests {
             ) {
                 Step::Close { window, early } => {
                     finals.push((ks.state["sum"].as_i64().unwrap_or(0), window, early));
-                    ks.closed();
+                    ks.closed(None);
                 }
                 Step::Invoke { n, window } => {
                     let sum = ks.state["sum"].as_i64().unwrap_or(0)
@@ -348,7 +350,7 @@ mod tests {
         }
         if let Some(Step::Close { window, early }) = ks.due() {
             finals.push((ks.state["sum"].as_i64().unwrap_or(0), window, early));
-            ks.closed();
+            ks.closed(None);
         }
         (finals, ks)
     }

@@ -53,6 +53,7 @@
 //!   `max_concurrency` calls, and at most `max_concurrency` calls run.
 
 pub mod distributed;
+mod fold;
 mod progress;
 mod read;
 mod source;
@@ -223,6 +224,21 @@ pub enum BackfillError {
     /// before anything runs; the message names the ids and their `file:row`).
     #[error("{0}")]
     Dependencies(String),
+    /// The state store of a stateful job failed (or holds a checkpoint
+    /// that cannot be trusted).
+    #[error("state: {0}")]
+    State(#[from] sluice_state_carrier::StateError),
+    /// A window's final invoke kept failing: the job stops, the window stays
+    /// open in the checkpoint, and a rerun tries it again.
+    #[error("the final invoke of key {key:?}'s window failed {attempts} times: {error}")]
+    FinalInvokeFailed {
+        /// The state key (`""` for the partition scope).
+        key: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        error: String,
+    },
     /// More calls failed than tolerated; the job stopped.
     #[error(
         "stopped: {failed} failed calls exceed {tolerated} (last: {last_error}); see {}",
@@ -255,7 +271,13 @@ impl BackfillError {
             | BackfillError::Csv { .. }
             | BackfillError::Dependencies(_)
             | BackfillError::ProgressLayout { .. }
-            | BackfillError::TooManyFailures { .. } => Fault::User,
+            | BackfillError::TooManyFailures { .. }
+            | BackfillError::FinalInvokeFailed { .. } => Fault::User,
+            BackfillError::State(e) => match e.fault() {
+                sluice_state_carrier::Fault::User => Fault::User,
+                sluice_state_carrier::Fault::External => Fault::External,
+                sluice_state_carrier::Fault::Data => Fault::Internal,
+            },
             BackfillError::Read { .. }
             | BackfillError::Progress { .. }
             | BackfillError::Kafka { .. }
@@ -336,6 +358,26 @@ pub struct BackfillConfig {
     /// Files that start only after other files fully succeeded (default
     /// none). See [`file_levels`].
     pub file_dependencies: Vec<FileDependency>,
+    /// State carried from call to call (default none). See [`StateOptions`].
+    pub state: Option<StateOptions>,
+}
+
+/// A stateful backfill (`state = {...}` on the job): items are folded in
+/// input order (per `order_key` value with the key scope), each call
+/// carrying the state the previous one returned (Lambda's tumbling-window
+/// contract, see `sluice_state_carrier`). The checkpoint (state and the
+/// position of the last folded item, per key) is the job's progress: a
+/// resumed job skips the items already folded. Windows are counts, or none
+/// (one window closed at the end of the input); every window ends with a
+/// final invoke whose answer is kept as the key's `last_result`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateOptions {
+    /// The job's `state` table.
+    pub config: sluice_pipeline::StateConfig,
+    /// The checkpoint's source name, e.g. `backfill/JOB`.
+    pub source: String,
+    /// The Kafka cluster of a changelog store.
+    pub servers: String,
 }
 
 /// Files matching `files` are called only after every call of the files
@@ -478,6 +520,7 @@ impl BackfillConfig {
             order: OrderConfig::default(),
             payload: PayloadFormat::Json,
             file_dependencies: Vec::new(),
+            state: None,
         }
     }
 
@@ -1005,6 +1048,24 @@ impl Run {
                 ));
             }
         }
+        if let Some(st) = &cfg.state {
+            if cfg.payload == PayloadFormat::Arrow {
+                return Err(BackfillError::Config(
+                    "a stateful job sends JSON items: payload \"arrow\" does not apply".into(),
+                ));
+            }
+            if !cfg.file_dependencies.is_empty() || cfg.order.id_column.is_some() {
+                return Err(BackfillError::Config(
+                    "a stateful job folds items in input order: file and item dependencies do not apply".into(),
+                ));
+            }
+            if st.config.scope == sluice_pipeline::StateScope::Key && cfg.order.order_key.is_none()
+            {
+                return Err(BackfillError::Config(
+                    "state scope \"key\" needs order_key: the field whose value is the key".into(),
+                ));
+            }
+        }
         if !cfg.file_dependencies.is_empty() && cfg.order.is_active() {
             return Err(BackfillError::Config(
                 "file dependencies cannot be combined with order_key or item dependencies".into(),
@@ -1304,6 +1365,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, BackfillError> {
     let run = Run::start(Some(executor.clone()), cfg, hooks)?;
+    if run.cfg.state.is_some() {
+        let ticker = start_ticker(&run);
+        let mut shutdown = std::pin::pin!(shutdown);
+        let result = fold::run_folded(&run, shutdown.as_mut()).await;
+        if let Some(t) = ticker {
+            t.abort();
+        }
+        return match result {
+            Ok(interrupted) => conclude(&run, interrupted, None),
+            Err(e) => conclude(&run, false, Some(e)),
+        };
+    }
     if run.cfg.order.is_active() {
         let ticker = start_ticker(&run);
         let mut shutdown = std::pin::pin!(shutdown);

@@ -81,10 +81,10 @@ pub struct LevelPlan {
 }
 
 /// A readable item with where it comes from.
-struct Loaded {
-    source: String,
-    index: u64,
-    value: Value,
+pub(crate) struct Loaded {
+    pub(crate) source: String,
+    pub(crate) index: u64,
+    pub(crate) value: Value,
 }
 
 impl Loaded {
@@ -96,7 +96,7 @@ impl Loaded {
 
 /// Reads every source (through the crate's reader, one item per "call"):
 /// readable items in file/row order, and the unreadable ones.
-async fn load(
+pub(crate) async fn load(
     sources: Vec<PathBuf>,
     input: Input,
 ) -> Result<(Vec<Loaded>, Vec<Call>), BackfillError> {
@@ -141,7 +141,7 @@ async fn load(
 
 /// A scalar field as an id or key: strings as they are (empty: none),
 /// numbers and booleans as JSON text, null or missing: none.
-fn scalar(v: Option<&Value>) -> Option<String> {
+pub(crate) fn scalar(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::Null => None,
         Value::String(s) if s.is_empty() => None,

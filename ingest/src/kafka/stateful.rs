@@ -367,7 +367,7 @@ impl Partition {
                         if !self.output(&resp.payload).await {
                             return false;
                         }
-                        ks.closed();
+                        ks.closed(serde_json::from_slice(&resp.payload).ok());
                         tracing::info!(
                             trigger = %t.name, topic = %self.topic, partition = self.partition,
                             key, start = %sluice_state_carrier::fold::rfc3339(window.start_ms),
