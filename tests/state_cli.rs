@@ -597,12 +597,18 @@ fn a_backfill_fold_equals_the_kafka_fold() {
                 );
             }
         }
-        results
+        (results, summary)
     };
-    assert_eq!(backfill("first backfill"), direct, "backfill fold");
-    assert_eq!(
-        backfill("second backfill"),
-        direct,
-        "a rerun folds nothing twice"
+    let (results, summary) = backfill("first backfill");
+    assert_eq!(results, direct, "backfill fold");
+    assert!(
+        summary.contains("items: 150 total, 150 succeeded"),
+        "{summary}"
+    );
+    let (results, summary) = backfill("second backfill");
+    assert_eq!(results, direct);
+    assert!(
+        summary.contains("0 succeeded, 0 failed, 150 skipped"),
+        "a rerun folds nothing twice: {summary}"
     );
 }

@@ -9,6 +9,15 @@ use sluice_pipeline::{BootstrapServers, StateConfig, StateStore};
 
 use crate::exit;
 
+/// A stateful trigger or job: name, state settings, cluster, client
+/// properties.
+type Stateful<'a> = (
+    &'a str,
+    &'a StateConfig,
+    &'a BootstrapServers,
+    Vec<(String, String)>,
+);
+
 /// Print one JSON line per key of every stateful trigger and job.
 pub async fn show(
     pipeline: &Path,
@@ -20,8 +29,7 @@ pub async fn show(
         Ok(p) => p,
         Err(code) => return code,
     };
-    let mut stateful: Vec<(&str, &StateConfig, &BootstrapServers, Vec<(String, String)>)> =
-        Vec::new();
+    let mut stateful: Vec<Stateful<'_>> = Vec::new();
     for t in &p.kafka_triggers {
         if let Some(s) = &t.state {
             let props = t
