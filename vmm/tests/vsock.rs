@@ -6,6 +6,8 @@
 //! Waits are on the device's interrupt eventfd or on blocking socket reads,
 //! each with a generous deadline that only bounds a failing test.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -633,4 +635,272 @@ proptest! {
         prop_assert_eq!(g.used(TX_QUEUE).len(), packets.len());
         prop_assert_eq!(g.rd(0x70) & 0x40, 0);
     }
+}
+
+/// The device on /dev/kvm with a tiny guest as the driver: the guest
+/// initialises the device through MMIO exits, connects to host port 5000
+/// (a host listener at `<uds>_5000`), sends a greeting, and resets the VM
+/// once two packets (the device's RESPONSE and the host's reply) are in its
+/// receive ring; interrupts reach KVM through the device's irqfd.
+#[test]
+fn a_tiny_guest_connects_to_the_host_over_vsock_on_kvm() {
+    use common::{config, kvm_available};
+    use sluice_vmm::asm::Asm;
+    use sluice_vmm::vm::{ResetCause, VSOCK_MMIO_BASE};
+    use sluice_vmm::{Boot, ExitReason, VmBuilder};
+    if !kvm_available() {
+        return;
+    }
+    const RX: [u64; 3] = [0x40000, 0x41000, 0x42000];
+    const TX: [u64; 3] = [0x43000, 0x44000, 0x45000];
+    const PKT: u64 = 0x50000;
+    const RXBUF: u64 = 0x60000;
+    let greeting = b"hello from the guest";
+    let r = |off: u64| VSOCK_MMIO_BASE + off;
+    let mut a = Asm::new()
+        .write32(r(0x70), 0)
+        .write32(r(0x70), 1)
+        .write32(r(0x70), 3)
+        .write32(r(0x24), 1)
+        .write32(r(0x20), 1) // VIRTIO_F_VERSION_1
+        .write32(r(0x24), 0)
+        .write32(r(0x20), 0)
+        .write32(r(0x70), 0xb);
+    for (q, [desc, avail, used]) in [(0u32, RX), (1, TX)] {
+        a = a
+            .write32(r(0x30), q)
+            .write32(r(0x38), 16)
+            .write32(r(0x80), desc as u32)
+            .write32(r(0x90), avail as u32)
+            .write32(r(0xa0), used as u32)
+            .write32(r(0x44), 1);
+    }
+    let a = a
+        .write32(r(0x70), 0xf)
+        .write32(r(0x50), RX_QUEUE as u32)
+        .write32(r(0x50), TX_QUEUE as u32);
+    let wait = a.here();
+    let code = a
+        .mov_rax(RX[2] + 2)
+        .load32_from_rax()
+        .cmp_al(2)
+        .jnz(wait)
+        .i8042_reset()
+        .spin()
+        .finish();
+
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut vm = VmBuilder::new(config("vsock-guest"), Boot::Code(code))
+        .vsock(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds.clone(),
+        })
+        .build()
+        .unwrap();
+    let m = vm.memory();
+    let desc = |q: &[u64; 3], i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        m.write_slice(&d, GuestAddress(q[0] + 16 * i)).unwrap();
+    };
+    let hdr = |op: u16, len: u32| PacketHeader {
+        src_cid: GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port: 1025,
+        dst_port: 5000,
+        len,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: GUEST_BUF,
+        fwd_cnt: 0,
+    };
+    m.write_slice(&hdr(OP_REQUEST, 0).to_bytes(), GuestAddress(PKT))
+        .unwrap();
+    m.write_slice(
+        &hdr(OP_RW, greeting.len() as u32).to_bytes(),
+        GuestAddress(PKT + 0x100),
+    )
+    .unwrap();
+    m.write_slice(greeting, GuestAddress(PKT + 0x200)).unwrap();
+    desc(&TX, 0, PKT, HDR_LEN as u32, 0, 0);
+    desc(&TX, 1, PKT + 0x100, HDR_LEN as u32, VIRTQ_DESC_F_NEXT, 2);
+    desc(&TX, 2, PKT + 0x200, greeting.len() as u32, 0, 0);
+    for (slot, head) in [0u16, 1].into_iter().enumerate() {
+        m.write_obj(head, GuestAddress(TX[1] + 4 + 2 * slot as u64))
+            .unwrap();
+    }
+    m.write_obj(2u16, GuestAddress(TX[1] + 2)).unwrap();
+    for i in 0..4u16 {
+        desc(
+            &RX,
+            u64::from(i),
+            RXBUF + 0x1000 * u64::from(i),
+            4096,
+            VIRTQ_DESC_F_WRITE,
+            0,
+        );
+        m.write_obj(i, GuestAddress(RX[1] + 4 + 2 * u64::from(i)))
+            .unwrap();
+    }
+    m.write_obj(4u16, GuestAddress(RX[1] + 2)).unwrap();
+
+    vm.start().unwrap();
+    assert!(
+        wait_readable(&listener, WAIT).unwrap(),
+        "the guest's connection did not reach the host listener"
+    );
+    let (mut host, _) = listener.accept().unwrap();
+    host.set_nonblocking(false).unwrap();
+    host.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(read_exact(&mut host, greeting.len()), greeting);
+    host.write_all(b"hi guest").unwrap();
+    let exit = vm.run(Duration::from_secs(60)).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+
+    let m = vm.memory();
+    let packet = |i: u64| {
+        let mut h = [0u8; HDR_LEN];
+        m.read_slice(&mut h, GuestAddress(RXBUF + 0x1000 * i))
+            .unwrap();
+        let h = PacketHeader::from_bytes(&h);
+        let mut payload = vec![0u8; h.len as usize];
+        m.read_slice(
+            &mut payload,
+            GuestAddress(RXBUF + 0x1000 * i + HDR_LEN as u64),
+        )
+        .unwrap();
+        (h, payload)
+    };
+    let (resp, _) = packet(0);
+    assert_eq!(
+        (resp.op, resp.src_port, resp.dst_port),
+        (OP_RESPONSE, 5000, 1025)
+    );
+    let (rw, data) = packet(1);
+    assert_eq!((rw.op, data.as_slice()), (OP_RW, &b"hi guest"[..]));
+    let stats = vm.virtio_vsock().unwrap().lock().unwrap().device().stats();
+    assert_eq!((stats.tx_bytes, stats.rx_bytes), (greeting.len() as u64, 8));
+}
+
+/// Signals the host when the guest writes its port.
+struct Marker(std::sync::mpsc::Sender<u8>);
+
+impl BusDevice for Marker {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let _ = self.0.send(data[0]);
+    }
+}
+
+/// A snapshot keeps the device's transport (queues, CID); a restored
+/// device tells the guest its connections are gone with a transport-reset
+/// event in the event queue, which the guest sees and acts on. A clone with
+/// another CID is refused.
+#[test]
+fn a_restored_vsock_device_sends_the_guest_a_transport_reset() {
+    use common::{config, kvm_available};
+    use sluice_vmm::asm::Asm;
+    use sluice_vmm::vm::{ResetCause, VSOCK_MMIO_BASE};
+    use sluice_vmm::{Boot, ExitReason, Snapshot, SnapshotError, VmBuilder, VmError};
+    if !kvm_available() {
+        return;
+    }
+    const EVQ: [u64; 3] = [0x40000, 0x41000, 0x42000];
+    const EVBUF: u64 = 0x50000;
+    let r = |off: u64| VSOCK_MMIO_BASE + off;
+    let a = Asm::new()
+        .write32(r(0x70), 0)
+        .write32(r(0x70), 1)
+        .write32(r(0x70), 3)
+        .write32(r(0x24), 1)
+        .write32(r(0x20), 1)
+        .write32(r(0x24), 0)
+        .write32(r(0x20), 0)
+        .write32(r(0x70), 0xb)
+        .write32(r(0x30), EVENT_QUEUE as u32)
+        .write32(r(0x38), 16)
+        .write32(r(0x80), EVQ[0] as u32)
+        .write32(r(0x90), EVQ[1] as u32)
+        .write32(r(0xa0), EVQ[2] as u32)
+        .write32(r(0x44), 1)
+        .write32(r(0x70), 0xf)
+        .write32(r(0x50), EVENT_QUEUE as u32)
+        .mov_dx(0x500)
+        .mov_al(1)
+        .out_dx_al();
+    let wait = a.here();
+    let code = a
+        .mov_rax(EVQ[2] + 2)
+        .load32_from_rax()
+        .cmp_al(1)
+        .jnz(wait)
+        .i8042_reset()
+        .spin()
+        .finish();
+    let dir = tempfile::tempdir().unwrap();
+    let vsock = |name: &str, cid: u64| VsockConfig {
+        guest_cid: cid,
+        uds_path: dir.path().join(name),
+    };
+    let (tx, ready) = std::sync::mpsc::channel();
+    let mut source = VmBuilder::new(config("vsock-source"), Boot::Code(code))
+        .pio_device(0x500, 1, Arc::new(Mutex::new(Marker(tx))))
+        .vsock(vsock("source.sock", GUEST_CID))
+        .build()
+        .unwrap();
+    let m = source.memory();
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&EVBUF.to_le_bytes());
+    d[8..12].copy_from_slice(&4u32.to_le_bytes());
+    d[12..14].copy_from_slice(&VIRTQ_DESC_F_WRITE.to_le_bytes());
+    m.write_slice(&d, GuestAddress(EVQ[0])).unwrap();
+    m.write_obj(1u16, GuestAddress(EVQ[1] + 2)).unwrap();
+    m.write_obj(0xffff_ffffu32, GuestAddress(EVBUF)).unwrap();
+    source.start().unwrap();
+    assert_eq!(ready.recv_timeout(WAIT).unwrap(), 1);
+    source.pause(WAIT).unwrap();
+    // No event in the source: its device was never restored.
+    let used: u16 = source.memory().read_obj(GuestAddress(EVQ[2] + 2)).unwrap();
+    assert_eq!(used, 0);
+    let snap_dir = dir.path().join("snap");
+    source.snapshot(&snap_dir).unwrap();
+    source.stop();
+    let snap = Arc::new(Snapshot::load(&snap_dir).unwrap());
+    let saved = snap.state().virtio_vsock.as_ref().expect("vsock state");
+    assert_eq!(saved.guest_cid, GUEST_CID);
+    assert!(saved.transport.activated);
+    assert_eq!(saved.transport.queues[EVENT_QUEUE].next_avail, 0);
+
+    let other_cid = VmBuilder::restore(config("vsock-bad-clone"), snap.clone())
+        .vsock(vsock("bad.sock", GUEST_CID + 1))
+        .build();
+    assert!(matches!(
+        other_cid,
+        Err(VmError::Snapshot(SnapshotError::Devices(ref m))) if m.contains("CID")
+    ));
+    let without = VmBuilder::restore(config("vsock-no-device"), snap.clone()).build();
+    assert!(matches!(
+        without,
+        Err(VmError::Snapshot(SnapshotError::Devices(_)))
+    ));
+
+    let (tx, _ready) = std::sync::mpsc::channel();
+    let mut clone = VmBuilder::restore(config("vsock-clone"), snap)
+        .pio_device(0x500, 1, Arc::new(Mutex::new(Marker(tx))))
+        .vsock(vsock("clone.sock", GUEST_CID))
+        .build()
+        .unwrap();
+    let exit = clone.run(Duration::from_secs(60)).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    let event: u32 = clone.memory().read_obj(GuestAddress(EVBUF)).unwrap();
+    assert_eq!(event, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
 }

@@ -549,7 +549,7 @@ impl Vsock {
     /// credit for and writes buffered guest data. Returns whether anything
     /// is now due to the guest.
     pub fn host_io(&mut self) -> bool {
-        let mut due = false;
+        let mut due = self.reset_event_pending;
         loop {
             match would_block_ok(self.listener.accept()) {
                 Ok(Some((stream, _))) => {
@@ -937,6 +937,13 @@ impl Vsock {
             self.reset_event_pending = false;
         }
         Ok(true)
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        // The socket file would make the next bind of this path fail.
+        let _ = std::fs::remove_file(&self.uds_path);
     }
 }
 
