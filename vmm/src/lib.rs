@@ -93,6 +93,7 @@ pub mod asm;
 pub mod bench;
 pub mod devices;
 pub mod host;
+pub mod image;
 pub mod initramfs;
 pub mod loader;
 pub mod memory;
