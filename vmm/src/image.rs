@@ -21,10 +21,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::initramfs::{CpioError, guest_initramfs};
+use crate::initramfs::{CpioError, GUEST_TASK_ROOT, folder_archive, guest_initramfs};
+use crate::vm::Boot;
 
 /// The kernel configuration fragment merged over `make tinyconfig`.
 pub const KERNEL_CONFIG_FRAGMENT: &str = include_str!("../guest/kernel.config");
+/// The guest kernel's command line (the VMM appends its virtio-mmio
+/// devices): serial console, reboot through the i8042 on panic or at the
+/// agent's end, no PS/2 probing.
+pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux quiet";
 /// Where Debian's `linux-source-<ver>` package puts its tarball.
 pub const DEBIAN_SOURCE_DIR: &str = "/usr/src";
 
@@ -420,6 +425,22 @@ pub struct GuestImage {
     pub cached: bool,
 }
 
+impl GuestImage {
+    /// The boot of a guest running the function in `function_dir`: the
+    /// image's kernel and [`GUEST_CMDLINE`], and its initramfs followed by
+    /// an archive of the folder at `/var/task` (Linux unpacks both).
+    pub fn boot_function(&self, function_dir: &Path) -> Result<Boot, ImageError> {
+        let mut initramfs =
+            std::fs::read(&self.initramfs).map_err(io_err("read", &self.initramfs))?;
+        initramfs.extend(folder_archive(function_dir, GUEST_TASK_ROOT)?);
+        Ok(Boot::Linux {
+            kernel: self.kernel.clone(),
+            cmdline: GUEST_CMDLINE.into(),
+            initramfs: Some(initramfs),
+        })
+    }
+}
+
 /// Puts `kernel` and an initramfs with `agent` as `/init` into the image
 /// cache, keyed by both files' bytes.
 pub fn assemble_image(
@@ -601,6 +622,24 @@ mod tests {
         let again = assemble_image(&layout, &kernel, ldconfig).unwrap();
         assert!(again.cached);
         assert_eq!(again.initramfs, first.initramfs);
+        // A function's boot: the image's initramfs, then its folder.
+        let fdir = home.path().join("fn");
+        std::fs::create_dir(&fdir).unwrap();
+        std::fs::write(fdir.join("bootstrap"), b"run").unwrap();
+        let Boot::Linux {
+            kernel: k,
+            cmdline,
+            initramfs: Some(initrd),
+        } = first.boot_function(&fdir).unwrap()
+        else {
+            panic!("not a Linux boot");
+        };
+        assert_eq!((k, cmdline.as_str()), (first.kernel.clone(), GUEST_CMDLINE));
+        assert_eq!(&initrd[..cpio.len()], &cpio[..]);
+        assert_eq!(
+            &initrd[cpio.len()..],
+            &folder_archive(&fdir, GUEST_TASK_ROOT).unwrap()[..]
+        );
         // Another kernel is another image.
         std::fs::write(&kernel, b"another kernel").unwrap();
         let other = assemble_image(&layout, &kernel, ldconfig).unwrap();
