@@ -57,7 +57,7 @@ pub fn build(args: BuildArgs) -> u8 {
                 }
             };
             println!(
-                "kernel: building linux-source-{} with vmm/guest/kernel.config (cache: {})",
+                "kernel: linux-source-{} with vmm/guest/kernel.config (cache: {})",
                 source.version,
                 layout.home.display()
             );
