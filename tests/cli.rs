@@ -225,7 +225,7 @@ fn image_build_with_a_given_kernel_caches_the_image_and_refuses_a_dynamic_agent(
         .collect();
     assert_eq!(images.len(), 1);
     assert_eq!(
-        std::fs::read(images[0].join("bzImage")).unwrap(),
+        std::fs::read(images[0].join("kernel")).unwrap(),
         b"a prebuilt kernel"
     );
     let again = build();

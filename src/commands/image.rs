@@ -70,15 +70,20 @@ pub fn build(args: BuildArgs) -> u8 {
             match build_kernel(&layout, &opts) {
                 Ok(k) => {
                     if k.cached {
-                        println!("kernel: cached at {}", k.bzimage.display());
+                        println!("kernel: cached at {}", k.vmlinux.display());
                     } else {
                         println!(
                             "kernel: built in {:.1} s at {}",
                             k.build_time.as_secs_f64(),
-                            k.bzimage.display()
+                            k.vmlinux.display()
                         );
                     }
-                    k.bzimage
+                    println!(
+                        "kernel: bzImage {} bytes, vmlinux {} bytes (the image boots the vmlinux: no decompression)",
+                        std::fs::metadata(&k.bzimage).map(|m| m.len()).unwrap_or(0),
+                        std::fs::metadata(&k.vmlinux).map(|m| m.len()).unwrap_or(0)
+                    );
+                    k.vmlinux
                 }
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -8,7 +8,7 @@
 //!  <home>/kernel/build/<ver>/                make O=… tinyconfig + merge_config.sh + olddefconfig
 //!                                            (shared by every fragment: rebuilds are incremental)
 //!  <home>/kernel/<key>/{bzImage,vmlinux,config}  key = hash(fragment, source version)
-//!  <home>/images/<key>/{bzImage,initramfs.cpio}  key = hash(kernel bytes, agent bytes)
+//!  <home>/images/<key>/{kernel,initramfs.cpio}   key = hash(kernel bytes, agent bytes)
 //! ```
 //!
 //! A cached kernel is used as is; building one takes tens of minutes on
@@ -227,6 +227,9 @@ impl ImageLayout {
 pub struct BuiltKernel {
     /// The compressed kernel (bzImage).
     pub bzimage: PathBuf,
+    /// The uncompressed kernel (ELF vmlinux), what images boot: no
+    /// decompression at boot.
+    pub vmlinux: PathBuf,
     /// Whether it came from the cache.
     pub cached: bool,
     /// Time spent building (zero when cached).
@@ -285,9 +288,11 @@ pub fn build_kernel(
     let key = ImageLayout::kernel_key(&opts.fragment, version);
     let dir = layout.kernel_dir(&key);
     let bzimage = dir.join("bzImage");
-    if bzimage.is_file() {
+    let vmlinux = dir.join("vmlinux");
+    if bzimage.is_file() && vmlinux.is_file() {
         return Ok(BuiltKernel {
             bzimage,
+            vmlinux,
             cached: true,
             build_time: Duration::ZERO,
         });
@@ -362,6 +367,7 @@ pub fn build_kernel(
     tracing::info!(target: "sluice_vmm::image", ?build_time, kernel = %bzimage.display(), "guest kernel built");
     Ok(BuiltKernel {
         bzimage,
+        vmlinux,
         cached: false,
         build_time,
     })
@@ -417,7 +423,7 @@ pub fn check_static_agent(path: &Path) -> Result<(), ImageError> {
 /// A guest image ready to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestImage {
-    /// The kernel (a copy of the built or given one).
+    /// The kernel (a copy of the built vmlinux or the given kernel).
     pub kernel: PathBuf,
     /// The initramfs (cpio newc, the agent as `/init`).
     pub initramfs: PathBuf,
@@ -454,7 +460,7 @@ pub fn assemble_image(
     let key = cache_key(&[b"image", &kernel_bytes, &agent_bytes]);
     let dir = layout.image_dir(&key);
     let image = GuestImage {
-        kernel: dir.join("bzImage"),
+        kernel: dir.join("kernel"),
         initramfs: dir.join("initramfs.cpio"),
         cached: true,
     };
@@ -465,7 +471,7 @@ pub fn assemble_image(
     let tmp = layout.home.join("images").join(format!(".{key}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
-    std::fs::write(tmp.join("bzImage"), &kernel_bytes).map_err(io_err("write", &tmp))?;
+    std::fs::write(tmp.join("kernel"), &kernel_bytes).map_err(io_err("write", &tmp))?;
     std::fs::write(tmp.join("initramfs.cpio"), &cpio).map_err(io_err("write", &tmp))?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(io_err("rename into", &dir))?;
@@ -566,9 +572,15 @@ mod tests {
         let dir = layout.kernel_dir(&ImageLayout::kernel_key(KERNEL_CONFIG_FRAGMENT, "6.1"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("bzImage"), b"kernel").unwrap();
+        // Half a cache entry is not an entry.
+        assert!(build_kernel(&layout, &opts).is_err());
+        std::fs::write(dir.join("vmlinux"), b"kernel").unwrap();
         let k = build_kernel(&layout, &opts).unwrap();
         assert!(k.cached);
-        assert_eq!(k.bzimage, dir.join("bzImage"));
+        assert_eq!(
+            (k.bzimage, k.vmlinux),
+            (dir.join("bzImage"), dir.join("vmlinux"))
+        );
     }
 
     #[test]

@@ -115,7 +115,7 @@ fn linux_kernel_reads_our_command_line_and_e820_map() {
 /// over the agent channel. The function folder (at `/var/task`, appended
 /// to the initramfs) has no `bootstrap`, so the agent reports the init
 /// error a process sandbox would. Needs hardware KVM and
-/// `SLUICE_GUEST_IMAGE` (an image folder with `bzImage` and
+/// `SLUICE_GUEST_IMAGE` (an image folder with `kernel` and
 /// `initramfs.cpio`, printed by `sluice image build`).
 #[test]
 fn the_guest_image_boots_the_agent_which_answers_over_the_agent_channel() {
@@ -133,7 +133,7 @@ fn the_guest_image_boots_the_agent_which_answers_over_the_agent_channel() {
         return;
     };
     let image = GuestImage {
-        kernel: dir.join("bzImage"),
+        kernel: dir.join("kernel"),
         initramfs: dir.join("initramfs.cpio"),
         cached: true,
     };
