@@ -151,6 +151,16 @@ enum Command {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The microVM guest image.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Build (or find cached) the guest kernel from Debian's linux-source
+    /// and an initramfs with the static agent as /init, under $SLUICE_HOME.
+    Build(commands::image::BuildArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -384,6 +394,7 @@ fn main() -> ExitCode {
                 scale,
                 parts,
             }) => commands::bench::mapreduce(&pipeline, &job, scale, parts).await,
+            Command::Image(ImageCommand::Build(args)) => commands::image::build(args),
             Command::Bench(BenchCommand::Vm { vms, exits, mib }) => {
                 commands::bench::vm(vms, exits, mib).await
             }

@@ -1,5 +1,5 @@
 //! The `sluice` binary as a user runs it: exit codes, payload sources,
-//! located pipeline errors, doctor.
+//! located pipeline errors, doctor, image build.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -169,7 +169,7 @@ fn doctor_reports_what_this_machine_can_run() {
         "seccomp",
         "landlock",
         "process sandbox",
-        "guest kernel",
+        "guest image",
         "Kafka",
     ] {
         assert!(
@@ -181,6 +181,71 @@ fn doctor_reports_what_this_machine_can_run() {
         out.status.code(),
         Some(0),
         "{stdout}\n{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn image_build_with_a_given_kernel_caches_the_image_and_refuses_a_dynamic_agent() {
+    // Debian's ldconfig is a static-pie executable: it stands in for the
+    // static agent (the debug agent of this build is dynamically linked).
+    let static_exe = Path::new("/sbin/ldconfig");
+    if !static_exe.exists() {
+        eprintln!("*** SKIPPED: no static /sbin/ldconfig to stand in for the agent ***");
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let kernel = home.path().join("bzImage");
+    std::fs::write(&kernel, b"a prebuilt kernel").unwrap();
+    let build = || {
+        let mut c = sluice();
+        c.env("SLUICE_HOME", home.path())
+            .args(["image", "build", "--kernel"])
+            .arg(&kernel)
+            .arg("--agent")
+            .arg(static_exe);
+        run(&mut c, None)
+    };
+    let out = build();
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("(given)") && stdout.contains("initramfs.cpio"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("(cached)"), "{stdout}");
+    let images: Vec<_> = std::fs::read_dir(home.path().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(images.len(), 1);
+    assert_eq!(
+        std::fs::read(images[0].join("kernel")).unwrap(),
+        b"a prebuilt kernel"
+    );
+    let again = build();
+    assert!(
+        text(&again.stdout).contains("image (cached)"),
+        "{}",
+        text(&again.stdout)
+    );
+
+    let mut c = sluice();
+    c.env("SLUICE_HOME", home.path())
+        .args(["image", "build", "--kernel"])
+        .arg(&kernel)
+        .arg("--agent")
+        .arg(agent_binary());
+    let out = run(&mut c, None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("dynamically linked"),
+        "{}",
         text(&out.stderr)
     );
 }

@@ -15,6 +15,7 @@
 //! output pipes of the agent (process sandbox), or a path to a Unix socket or
 //! a character device (a virtio console in a microVM).
 
+pub mod init;
 pub mod isolate;
 mod netlink;
 pub mod runtime_api;

@@ -3,23 +3,31 @@
 //! Usage (started by the sluice executor, never by hand):
 //! `sluice-agent [--channel stdio|unix:PATH|file:PATH]`; the first frame on the
 //! channel is the `Start` configuration. `--stage1` is internal.
+//! `--init` (or running as `/init`, in a microVM guest) mounts the guest's
+//! file systems first, serves on `/dev/hvc0` unless `--channel` says
+//! otherwise, and reboots the guest at the end.
 
 use std::process::ExitCode;
 
+use sluice_agent::init::{GUEST_CHANNEL, run_init};
 use sluice_agent::{Channel, run_stage0, run_stage1};
 
 fn main() -> ExitCode {
+    let argv0 = std::env::args().next().unwrap_or_default();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut channel = Channel::Stdio;
+    let mut channel = None;
     let mut stage1 = false;
+    // The guest kernel runs the initramfs's /init with argv[0] "/init".
+    let mut init = argv0 == "/init";
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
             "--stage1" => stage1 = true,
+            "--init" => init = true,
             "--channel" => {
                 i += 1;
                 match args.get(i).map(|s| Channel::parse(s)) {
-                    Some(Ok(c)) => channel = c,
+                    Some(Ok(c)) => channel = Some(c),
                     Some(Err(e)) => {
                         eprintln!("sluice-agent: {e}");
                         return ExitCode::from(2);
@@ -31,7 +39,7 @@ fn main() -> ExitCode {
                 }
             }
             "--help" | "-h" => {
-                eprintln!("usage: sluice-agent [--channel stdio|unix:PATH|file:PATH]");
+                eprintln!("usage: sluice-agent [--init] [--channel stdio|unix:PATH|file:PATH]");
                 return ExitCode::SUCCESS;
             }
             other => {
@@ -43,8 +51,10 @@ fn main() -> ExitCode {
     }
     let code = if stage1 {
         run_stage1()
+    } else if init {
+        run_init(channel.unwrap_or_else(|| Channel::File(GUEST_CHANNEL.into())))
     } else {
-        run_stage0(channel)
+        run_stage0(channel.unwrap_or(Channel::Stdio))
     };
     ExitCode::from(code)
 }

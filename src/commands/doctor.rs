@@ -36,7 +36,8 @@ pub fn kvm_status() -> (bool, String) {
     (false, format!("{tier}{}", host.linux_blockers().join("; ")))
 }
 
-fn sluice_home() -> PathBuf {
+/// The sluice home directory: `$SLUICE_HOME`, else `~/.sluice`.
+pub fn sluice_home() -> PathBuf {
     std::env::var_os("SLUICE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".sluice")))
@@ -116,20 +117,20 @@ pub async fn run(kafka: Option<&str>) -> u8 {
         Err(e) => report(false, "process sandbox", e),
     }
 
-    let kernels = sluice_home().join("kernels");
-    let has_kernel = fs::read_dir(&kernels)
-        .map(|mut d| d.next().is_some())
+    let images = sluice_home().join("images");
+    let has_image = fs::read_dir(&images)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| e.path().join("initramfs.cpio").is_file())
+        })
         .unwrap_or(false);
     report(
-        has_kernel,
-        "guest kernel",
-        &if has_kernel {
-            format!("found in {}", kernels.display())
+        has_image,
+        "guest image",
+        &if has_image {
+            format!("found in {}", images.display())
         } else {
-            format!(
-                "none in {} (the microVM backend and `sluice image build` are not built yet)",
-                kernels.display()
-            )
+            format!("none in {} (run `sluice image build`)", images.display())
         },
     );
 

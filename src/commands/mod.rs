@@ -4,6 +4,7 @@
 pub mod backfill;
 pub mod bench;
 pub mod doctor;
+pub mod image;
 pub mod invoke;
 pub mod mapreduce;
 pub mod run;

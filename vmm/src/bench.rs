@@ -1,5 +1,6 @@
 //! Measurements for `sluice bench vm` and `benches/vm.rs`: tiny-guest VM
-//! create-to-first-exit, port-exit round trip, virtqueue throughput, and
+//! create-to-first-exit, port-exit round trip, virtqueue throughput,
+//! virtio-vsock stream throughput against a Unix socket pair, and
 //! snapshot restore ([`snapshot_restore`]: restore-to-running next to a
 //! fresh boot of the same guest, clones per second, memory per idle clone).
 
@@ -245,6 +246,224 @@ pub fn virtqueue_throughput(buf_size: u32, total: u64) -> Result<f64, BenchError
     Ok(moved as f64 / secs)
 }
 
+/// Host-to-guest stream throughput of the virtio-vsock device, bytes per
+/// second, next to a plain Unix socket pair moving the same bytes in the
+/// same run (the baseline): a host thread connects to the device's socket
+/// (`CONNECT`), and host code playing the guest driver accepts, receives
+/// `total` bytes in 64 KiB receive buffers through the real `vsock-mux`
+/// thread, and returns credit as it consumes them. Returns (vsock,
+/// baseline).
+pub fn vsock_throughput(total: u64) -> Result<(f64, f64), BenchError> {
+    use crate::devices::BusDevice;
+    use crate::virtio::mmio::MmioTransport;
+    use crate::virtio::vsock::{
+        HDR_LEN, HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, PacketHeader,
+        TYPE_STREAM, Vsock, VsockConfig, spawn_muxer, wait_readable,
+    };
+    use std::io::{Read, Write};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const QS: u16 = 128;
+    const RX: u64 = 0x1_0000;
+    const TX: u64 = 0x2_0000;
+    const TXBUF: u64 = 0x3_0000;
+    const RXBUF: u64 = 0x10_0000;
+    const CHUNK: u32 = 64 * 1024;
+    const SLOT: u64 = (HDR_LEN as u64 + CHUNK as u64).next_multiple_of(4096);
+    const CID: u64 = 3;
+    const BUF_ALLOC: u32 = 4 << 20;
+    let fail = |what: String| BenchError::Vm(VmError::Config(what));
+    let io = |e: std::io::Error| fail(format!("vsock benchmark I/O: {e}"));
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (RXBUF + SLOT * u64::from(QS)) as usize)])
+            .map_err(|e| fail(e.to_string()))?;
+    let uds = std::env::temp_dir().join(format!(
+        "sluice-bench-vsock-{}-{:?}.sock",
+        std::process::id(),
+        Instant::now()
+    ));
+    let dev = Vsock::new(&VsockConfig {
+        guest_cid: CID,
+        uds_path: uds.clone(),
+    })
+    .map_err(VmError::from)?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    let t = Arc::new(Mutex::new(MmioTransport::new(
+        dev,
+        mem.clone(),
+        irq.try_clone().map_err(VmError::EventFd)?,
+    )));
+    let _mux = spawn_muxer(t.clone()).map_err(VmError::from)?;
+    let wr = |off: u64, v: u32| crate::devices::bus::lock(&t).write(off, &v.to_le_bytes());
+    for st in [0, 1, 3] {
+        wr(0x70, st);
+    }
+    wr(0x24, 1);
+    wr(0x20, 1);
+    wr(0x24, 0);
+    wr(0x20, 0);
+    wr(0x70, 0xb);
+    for (q, base) in [(0u32, RX), (1, TX)] {
+        wr(0x30, q);
+        wr(0x38, u32::from(QS));
+        wr(0x80, base as u32);
+        wr(0x90, (base + 0x1000) as u32);
+        wr(0xa0, (base + 0x2000) as u32);
+        wr(0x44, 1);
+    }
+    wr(0x70, 0xf);
+    let w = |addr: u64, b: &[u8]| {
+        mem.write_slice(b, GuestAddress(addr))
+            .map_err(|e| fail(e.to_string()))
+    };
+    let desc = |q: u64, i: u64, addr: u64, len: u32, flags: u16| {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        w(q + 16 * i, &d)
+    };
+    // Every rx descriptor i is one 64 KiB + header buffer, posted once and
+    // re-posted when consumed.
+    for i in 0..u64::from(QS) {
+        desc(RX, i, RXBUF + SLOT * i, HDR_LEN as u32 + CHUNK, 2)?;
+        w(RX + 0x1000 + 4 + 2 * i, &(i as u16).to_le_bytes())?;
+    }
+    let mut rx_avail = QS;
+    w(RX + 0x1000 + 2, &rx_avail.to_le_bytes())?;
+    wr(0x50, 0);
+    let (mut tx_idx, mut rx_used_seen) = (0u16, 0u16);
+    let mut send = |hdr: PacketHeader| -> Result<(), BenchError> {
+        let slot = u64::from(tx_idx % QS);
+        w(TXBUF + 64 * slot, &hdr.to_bytes())?;
+        desc(TX, slot, TXBUF + 64 * slot, HDR_LEN as u32, 0)?;
+        w(TX + 0x1000 + 4 + 2 * slot, &(slot as u16).to_le_bytes())?;
+        tx_idx = tx_idx.wrapping_add(1);
+        w(TX + 0x1000 + 2, &tx_idx.to_le_bytes())?;
+        wr(0x50, 1);
+        Ok(())
+    };
+
+    let writer = std::thread::Builder::new()
+        .name("bench-vsock-host".into())
+        .spawn({
+            let uds = uds.clone();
+            move || -> std::io::Result<Instant> {
+                let mut s = std::os::unix::net::UnixStream::connect(&uds)?;
+                s.write_all(b"CONNECT 1\n")?;
+                let mut ok = [0u8; 1];
+                while s.read(&mut ok)? == 1 && ok[0] != b'\n' {}
+                let chunk = vec![0x5a_u8; CHUNK as usize];
+                let started = Instant::now();
+                let mut left = total;
+                while left > 0 {
+                    let n = left.min(u64::from(CHUNK)) as usize;
+                    s.write_all(&chunk[..n])?;
+                    left -= n as u64;
+                }
+                Ok(started)
+            }
+        })
+        .map_err(io)?;
+    let mut received = 0u64;
+    let mut fwd = 0u32;
+    let mut peer = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while received < total {
+        let used_idx: u16 = mem
+            .read_obj(GuestAddress(RX + 0x2000 + 2))
+            .map_err(|e| fail(e.to_string()))?;
+        if used_idx == rx_used_seen {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !wait_readable(&irq, left).map_err(io)? {
+                return Err(fail("vsock benchmark stalled".into()));
+            }
+            let _ = irq.read();
+            continue;
+        }
+        while rx_used_seen != used_idx {
+            let slot = u64::from(rx_used_seen % QS);
+            let id: u32 = mem
+                .read_obj(GuestAddress(RX + 0x2000 + 4 + 8 * slot))
+                .map_err(|e| fail(e.to_string()))?;
+            rx_used_seen = rx_used_seen.wrapping_add(1);
+            let mut h = [0u8; HDR_LEN];
+            mem.read_slice(&mut h, GuestAddress(RXBUF + SLOT * u64::from(id)))
+                .map_err(|e| fail(e.to_string()))?;
+            let hdr = PacketHeader::from_bytes(&h);
+            let reply = |op, fwd_cnt| PacketHeader {
+                src_cid: CID,
+                dst_cid: HOST_CID,
+                src_port: hdr.dst_port,
+                dst_port: hdr.src_port,
+                type_: TYPE_STREAM,
+                op,
+                buf_alloc: BUF_ALLOC,
+                fwd_cnt,
+                ..Default::default()
+            };
+            match hdr.op {
+                OP_REQUEST => {
+                    peer = Some(hdr.src_port);
+                    send(reply(OP_RESPONSE, fwd))?;
+                }
+                OP_RW if peer == Some(hdr.src_port) => {
+                    received += u64::from(hdr.len);
+                    let before = fwd;
+                    fwd = fwd.wrapping_add(hdr.len);
+                    if fwd / (BUF_ALLOC / 4) != before / (BUF_ALLOC / 4) {
+                        send(reply(OP_CREDIT_UPDATE, fwd))?;
+                    }
+                }
+                _ => {}
+            }
+            w(
+                RX + 0x1000 + 4 + 2 * u64::from(rx_avail % QS),
+                &(id as u16).to_le_bytes(),
+            )?;
+            rx_avail = rx_avail.wrapping_add(1);
+        }
+        w(RX + 0x1000 + 2, &rx_avail.to_le_bytes())?;
+        wr(0x50, 0);
+        if Instant::now() > deadline {
+            return Err(fail("vsock benchmark stalled".into()));
+        }
+    }
+    let started = writer
+        .join()
+        .map_err(|_| fail("vsock benchmark writer panicked".into()))?
+        .map_err(io)?;
+    let vsock = received as f64 / started.elapsed().as_secs_f64();
+
+    // Baseline: the same bytes through a Unix socket pair, read in 64 KiB.
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().map_err(io)?;
+    let started = Instant::now();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let chunk = vec![0x5a_u8; CHUNK as usize];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(u64::from(CHUNK)) as usize;
+            a.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    });
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut got = 0u64;
+    while got < total {
+        match b.read(&mut buf).map_err(io)? {
+            0 => break,
+            n => got += n as u64,
+        }
+    }
+    writer
+        .join()
+        .map_err(|_| fail("baseline writer panicked".into()))?
+        .map_err(io)?;
+    let baseline = got as f64 / started.elapsed().as_secs_f64();
+    Ok((vsock, baseline))
+}
+
 /// Summary of [`run`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmBenchReport {
@@ -256,6 +475,10 @@ pub struct VmBenchReport {
     pub pause_resume_us: f64,
     /// Virtqueue throughput with 1 MiB buffers, MB/s (10^6 bytes).
     pub virtqueue_mb_per_s: f64,
+    /// Host-to-guest virtio-vsock stream throughput, MB/s.
+    pub vsock_mb_per_s: f64,
+    /// A Unix socket pair moving the same bytes in the same run, MB/s.
+    pub unix_socket_mb_per_s: f64,
 }
 
 impl VmBenchReport {
@@ -277,11 +500,14 @@ pub fn run(vms: usize, exits: u32, mib: u64) -> Result<VmBenchReport, BenchError
     let rt = port_exit_round_trip(exits)?;
     let pr = pause_resume(100)?;
     let bps = virtqueue_throughput(1 << 20, mib << 20)?;
+    let (vsock, unix) = vsock_throughput(mib << 20)?;
     Ok(VmBenchReport {
         create_to_first_exit_ms: samples,
         port_exit_round_trip_us: rt.as_secs_f64() * 1e6,
         pause_resume_us: pr.as_secs_f64() * 1e6,
         virtqueue_mb_per_s: bps / 1e6,
+        vsock_mb_per_s: vsock / 1e6,
+        unix_socket_mb_per_s: unix / 1e6,
     })
 }
 

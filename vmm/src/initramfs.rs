@@ -256,6 +256,63 @@ pub fn guest_initramfs_from(agent: &Path) -> Result<Vec<u8>, CpioError> {
     guest_initramfs(&init, &[])
 }
 
+/// Where a function's folder goes inside the guest (`LAMBDA_TASK_ROOT`).
+pub const GUEST_TASK_ROOT: &str = "var/task";
+
+/// A newc archive of the folder `dir` under `prefix` (directories, regular
+/// files with their permission bits, symbolic links; other file types are
+/// refused), in sorted order so equal folders give equal bytes. Appended
+/// to the guest initramfs (Linux unpacks concatenated archives), it puts a
+/// function's code at `/var/task` for the agent.
+pub fn folder_archive(dir: &Path, prefix: &str) -> Result<Vec<u8>, CpioError> {
+    use std::os::unix::fs::PermissionsExt;
+    fn walk<W: Write>(w: &mut CpioWriter<W>, dir: &Path, at: &str) -> Result<(), CpioError> {
+        let read = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| CpioError::Read { path, source }
+        };
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(read(dir))?
+            .collect::<Result<_, _>>()
+            .map_err(read(dir))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let inner = format!("{at}/{name}");
+            let meta = std::fs::symlink_metadata(&path).map_err(read(&path))?;
+            let perm = meta.permissions().mode();
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&path).map_err(read(&path))?;
+                w.symlink(&inner, &target.to_string_lossy())?;
+            } else if meta.is_dir() {
+                w.dir(&inner, perm)?;
+                walk(w, &path, &inner)?;
+            } else if meta.is_file() {
+                let data = std::fs::read(&path).map_err(read(&path))?;
+                w.file(&inner, perm, &data)?;
+            } else {
+                return Err(CpioError::InvalidPath {
+                    path: path.display().to_string(),
+                    reason: "not a file, folder or symbolic link",
+                });
+            }
+        }
+        Ok(())
+    }
+    let mut w = CpioWriter::new(Vec::new());
+    let mut at = String::new();
+    for part in prefix.split('/') {
+        if !at.is_empty() {
+            at.push('/');
+        }
+        at.push_str(part);
+        w.dir(&at, 0o755)?;
+    }
+    walk(&mut w, dir, prefix)?;
+    w.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,5 +439,42 @@ mod tests {
                 prop_assert_eq!(data, d);
             }
         }
+    }
+
+    #[test]
+    fn a_function_folder_lands_under_var_task() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path();
+        std::fs::write(f.join("bootstrap"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(f.join("bootstrap"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::create_dir(f.join("lib")).unwrap();
+        std::fs::write(f.join("lib/data.txt"), b"data").unwrap();
+        std::os::unix::fs::symlink("lib/data.txt", f.join("link")).unwrap();
+        let img = folder_archive(f, GUEST_TASK_ROOT).unwrap();
+        let entries = parse(&img);
+        let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "var",
+                "var/task",
+                "var/task/bootstrap",
+                "var/task/lib",
+                "var/task/lib/data.txt",
+                "var/task/link"
+            ]
+        );
+        assert_eq!(entries[2].1, S_IFREG | 0o755);
+        assert_eq!(entries[2].3, b"#!/bin/sh\n");
+        assert_eq!(entries[3].1 & S_IFDIR, S_IFDIR);
+        assert_eq!(entries[5].1, S_IFLNK | 0o777);
+        assert_eq!(entries[5].3, b"lib/data.txt");
+        assert_eq!(img, folder_archive(f, GUEST_TASK_ROOT).unwrap());
+        assert!(matches!(
+            folder_archive(&f.join("missing"), GUEST_TASK_ROOT),
+            Err(CpioError::Read { .. })
+        ));
     }
 }

@@ -68,8 +68,15 @@
 //!   first in `build`, so their start-up overlaps the KVM set-up, and
 //!   poll briefly for their first command
 //!   ([`vcpu::SPIN_BEFORE_SLEEP`]) instead of sleeping at once.
+//! * [`virtio::vsock`]: virtio-vsock emulated in the VMM with a hybrid
+//!   Unix-socket host side (`CONNECT <port>` in, `<uds>_<port>` out),
+//!   credit-based flow control and a `vsock-mux` polling thread;
+//!   [`VmBuilder::vsock`] puts it at `0xd0001000`, IRQ 6.
 //! * [`initramfs`]: a deterministic cpio newc writer and the guest image
 //!   layout (static agent as `/init`).
+//! * [`image`]: the guest kernel built from Debian's `linux-source` with
+//!   `guest/kernel.config`, cached by hash, and the image (kernel +
+//!   initramfs) behind `sluice image build`.
 //! * [`host`]: whether this host can run tiny guests and boot Linux
 //!   (hardware virtualization vs. `kvm_pvm` emulation), for `sluice doctor`.
 //! * [`asm`] and [`bench`](mod@bench): a tiny x86-64 code builder for test guests, and
@@ -81,9 +88,8 @@
 //! guest's RNG), the host-side queues of the agent channel in a snapshot
 //! (bytes the host wrote that the device has not yet put in the guest's
 //! ring, or guest output the pump has not yet sent, are not saved),
-//! virtio-vsock, the `microvm` executor backend and its clone pools, the
-//! guest kernel build (`sluice image build`) and the CLI wiring of
-//! `sluice doctor`/`sluice bench vm` to [`host`] and [`bench`](mod@bench).
+//! vsock connections in a snapshot (a restored device resets them), and
+//! the `microvm` executor backend and its clone pools.
 
 // vmm is the one crate of the workspace allowed `unsafe` (KVM ioctls, guest
 // memory mappings, signal handlers); every block carries a `// SAFETY:` comment.
@@ -93,6 +99,7 @@ pub mod asm;
 pub mod bench;
 pub mod devices;
 pub mod host;
+pub mod image;
 pub mod initramfs;
 pub mod loader;
 pub mod memory;

@@ -15,7 +15,9 @@
 //!                 PIT, per vCPU {CPUID, MSRs (every one KVM_GET_MSR_INDEX_LIST
 //!                 names that KVM let us read), regs, sregs, FPU, xsave, xcrs,
 //!                 LAPIC, mp_state, vcpu events, debug regs}, serial UART,
-//!                 virtio-mmio transport and queue indexes
+//!                 virtio-mmio transport and queue indexes of the
+//!                 virtio-console, virtio-vsock guest CID and transport
+//!                 (version 2; vsock connections are not saved)
 //!   ```
 //!
 //!   KVM structures are stored as their raw `repr(C)` bytes, each with a
@@ -57,7 +59,7 @@ use crate::vm::VmState;
 /// First bytes of a state file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"SLUICEVM";
 /// The state-file format this build writes and reads.
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 /// Bytes before the body.
 pub const HEADER_LEN: usize = 24;
 /// Name of the state file inside a snapshot directory.
@@ -478,6 +480,19 @@ pub struct SnapshotState {
     pub serial: SerialState,
     /// The virtio-console transport and its queues, if the VM had one.
     pub virtio_console: Option<TransportState>,
+    /// The virtio-vsock device, if the VM had one. Its connections are
+    /// host sockets and are not saved: a restored device sends the guest a
+    /// transport-reset event.
+    pub virtio_vsock: Option<VsockSnapshot>,
+}
+
+/// A virtio-vsock device in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockSnapshot {
+    /// The guest's context id (the restored VM must use the same).
+    pub guest_cid: u64,
+    /// Transport registers and queues.
+    pub transport: TransportState,
 }
 
 impl std::fmt::Debug for SnapshotState {
@@ -487,6 +502,7 @@ impl std::fmt::Debug for SnapshotState {
             .field("regions", &self.regions)
             .field("vcpus", &self.vcpus)
             .field("virtio_console", &self.virtio_console)
+            .field("virtio_vsock", &self.virtio_vsock)
             .finish_non_exhaustive()
     }
 }
@@ -576,6 +592,56 @@ fn decode_queue(r: &mut Reader<'_>) -> Result<QueueState, String> {
     })
 }
 
+fn encode_transport(w: &mut Writer, t: Option<&TransportState>) {
+    let Some(t) = t else {
+        w.u8(0);
+        return;
+    };
+    w.u8(1);
+    w.u32(t.device_type);
+    w.u32(t.queue_sel);
+    w.u32(t.device_features_sel);
+    w.u32(t.driver_features_sel);
+    w.u64(t.driver_features);
+    w.u32(t.status);
+    w.u32(t.interrupt_status);
+    w.u32(t.config_generation);
+    w.u8(u8::from(t.activated));
+    w.u32(t.queues.len() as u32);
+    for q in &t.queues {
+        encode_queue(w, q);
+    }
+}
+
+fn decode_transport(r: &mut Reader<'_>, what: &str) -> Result<Option<TransportState>, String> {
+    if !r.bool(&format!("{what} present"))? {
+        return Ok(None);
+    }
+    let device_type = r.u32("virtio device type")?;
+    let queue_sel = r.u32("queue select")?;
+    let device_features_sel = r.u32("device features select")?;
+    let driver_features_sel = r.u32("driver features select")?;
+    let driver_features = r.u64("driver features")?;
+    let status = r.u32("device status")?;
+    let interrupt_status = r.u32("interrupt status")?;
+    let config_generation = r.u32("config generation")?;
+    let activated = r.bool("activated")?;
+    let n = r.count("queue count", 29)?;
+    let queues = (0..n).map(|_| decode_queue(r)).collect::<Result<_, _>>()?;
+    Ok(Some(TransportState {
+        device_type,
+        queue_sel,
+        device_features_sel,
+        driver_features_sel,
+        driver_features,
+        status,
+        interrupt_status,
+        config_generation,
+        activated,
+        queues,
+    }))
+}
+
 impl SnapshotState {
     /// The body of the state file.
     fn encode_body(&self) -> Vec<u8> {
@@ -611,23 +677,13 @@ impl SnapshotState {
             w.u8(b);
         }
         w.bytes(&s.in_buffer);
-        match &self.virtio_console {
+        encode_transport(&mut w, self.virtio_console.as_ref());
+        match &self.virtio_vsock {
             None => w.u8(0),
-            Some(t) => {
+            Some(v) => {
                 w.u8(1);
-                w.u32(t.device_type);
-                w.u32(t.queue_sel);
-                w.u32(t.device_features_sel);
-                w.u32(t.driver_features_sel);
-                w.u64(t.driver_features);
-                w.u32(t.status);
-                w.u32(t.interrupt_status);
-                w.u32(t.config_generation);
-                w.u8(u8::from(t.activated));
-                w.u32(t.queues.len() as u32);
-                for q in &t.queues {
-                    encode_queue(&mut w, q);
-                }
+                w.u64(v.guest_cid);
+                encode_transport(&mut w, Some(&v.transport));
             }
         }
         w.0
@@ -676,31 +732,14 @@ impl SnapshotState {
             scratch: s[8],
             in_buffer: r.bytes("serial input")?.to_vec(),
         };
-        let virtio_console = if r.bool("virtio-console present")? {
-            let device_type = r.u32("virtio device type")?;
-            let queue_sel = r.u32("queue select")?;
-            let device_features_sel = r.u32("device features select")?;
-            let driver_features_sel = r.u32("driver features select")?;
-            let driver_features = r.u64("driver features")?;
-            let status = r.u32("device status")?;
-            let interrupt_status = r.u32("interrupt status")?;
-            let config_generation = r.u32("config generation")?;
-            let activated = r.bool("activated")?;
-            let n = r.count("queue count", 29)?;
-            let queues = (0..n)
-                .map(|_| decode_queue(&mut r))
-                .collect::<Result<_, _>>()?;
-            Some(TransportState {
-                device_type,
-                queue_sel,
-                device_features_sel,
-                driver_features_sel,
-                driver_features,
-                status,
-                interrupt_status,
-                config_generation,
-                activated,
-                queues,
+        let virtio_console = decode_transport(&mut r, "virtio-console")?;
+        let virtio_vsock = if r.bool("virtio-vsock present")? {
+            let guest_cid = r.u64("vsock guest CID")?;
+            let transport = decode_transport(&mut r, "virtio-vsock")?
+                .ok_or_else(|| "virtio-vsock without its transport".to_string())?;
+            Some(VsockSnapshot {
+                guest_cid,
+                transport,
             })
         } else {
             None
@@ -720,6 +759,7 @@ impl SnapshotState {
             vcpus,
             serial,
             virtio_console,
+            virtio_vsock,
         })
     }
 
@@ -1198,6 +1238,21 @@ mod tests {
                     next_used: 4,
                 }],
             }),
+            virtio_vsock: Some(VsockSnapshot {
+                guest_cid: 7,
+                transport: TransportState {
+                    device_type: 19,
+                    queue_sel: 2,
+                    device_features_sel: 1,
+                    driver_features_sel: 0,
+                    driver_features: 1 << 32,
+                    status: 0xf,
+                    interrupt_status: 0,
+                    config_generation: 0,
+                    activated: true,
+                    queues: Vec::new(),
+                },
+            }),
         }
     }
 
@@ -1224,6 +1279,7 @@ mod tests {
         assert_eq!(d.irqchips[2].chip_id, 2);
         assert_eq!(d.serial, s.serial);
         assert_eq!(d.virtio_console, s.virtio_console);
+        assert_eq!(d.virtio_vsock, s.virtio_vsock);
         assert_eq!(d.regions, s.regions);
         // Deterministic: encoding the decoded state gives the same bytes.
         assert_eq!(d.encode(), file);
@@ -1273,18 +1329,19 @@ mod tests {
             Err(SnapshotError::BadMagic { .. })
         ));
         let mut bad = file.clone();
-        bad[8..12].copy_from_slice(&2u32.to_le_bytes());
+        // Version 1 (before virtio-vsock was saved) is refused.
+        bad[8..12].copy_from_slice(&1u32.to_le_bytes());
         match SnapshotState::decode(Path::new(P), &bad) {
             Err(e @ SnapshotError::UnsupportedVersion { .. }) => {
                 assert!(matches!(
                     e,
                     SnapshotError::UnsupportedVersion {
-                        found: 2,
+                        found: 1,
                         supported: SNAPSHOT_VERSION,
                         ..
                     }
                 ));
-                assert!(e.to_string().contains("version 2"), "{e}");
+                assert!(e.to_string().contains("version 1"), "{e}");
             }
             other => panic!("{other:?}"),
         }

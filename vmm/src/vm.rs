@@ -24,8 +24,8 @@ use crate::memory::{
     VIRTIO_MMIO_SIZE, ZERO_PAGE_START, create_guest_memory,
 };
 use crate::snapshot::{
-    MEMORY_FILE, STATE_FILE, Snapshot, SnapshotError, SnapshotInfo, SnapshotState, restore_vcpu,
-    restore_vm, save_vm, write_atomically, write_memory,
+    MEMORY_FILE, STATE_FILE, Snapshot, SnapshotError, SnapshotInfo, SnapshotState, VsockSnapshot,
+    restore_vcpu, restore_vm, save_vm, write_atomically, write_memory,
 };
 use crate::vcpu::{
     Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState, VcpuStop, install_kick_handler,
@@ -34,6 +34,7 @@ use crate::virtio::console::{
     ByteQueue, Console, ConsoleOutput, spawn_input_pump, spawn_output_pump,
 };
 use crate::virtio::mmio::{MmioTransport, cmdline_entry};
+use crate::virtio::vsock::{Muxer, Vsock, VsockConfig, VsockError, VsockTransport, spawn_muxer};
 use crate::x86_64::cpuid::{CpuidError, setup_cpuid, supported_cpuid};
 use crate::x86_64::mptable::{MptableError, setup_mptable};
 use crate::x86_64::msr::{MsrError, setup_msrs};
@@ -137,6 +138,9 @@ pub enum VmError {
     /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] MptableError),
+    /// The virtio-vsock device cannot be set up.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// The agent channel's socket could not be set up.
     #[error("cannot set up the agent channel: {0}")]
     AgentChannel(#[source] std::io::Error),
@@ -247,6 +251,11 @@ type ExtraDevice = (u64, u64, Arc<Mutex<dyn BusDevice>>);
 /// The IRQ (GSI) of the first virtio-mmio device.
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
 
+/// The virtio-vsock device's MMIO window (the slot after the console's).
+pub const VSOCK_MMIO_BASE: u64 = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE;
+/// The virtio-vsock device's IRQ (GSI).
+pub const VSOCK_IRQ: u32 = VIRTIO_FIRST_IRQ + 1;
+
 /// A virtio-console transport as placed on the MMIO bus.
 pub type ConsoleTransport = Arc<Mutex<MmioTransport<Console>>>;
 
@@ -279,6 +288,7 @@ pub struct VmBuilder {
     pio: Vec<ExtraDevice>,
     mmio: Vec<ExtraDevice>,
     console: Option<VirtioConsoleConfig>,
+    vsock: Option<VsockConfig>,
     /// VMM end of the agent channel's socket, read by the input pump.
     channel: Option<UnixStream>,
     /// Restore from this snapshot instead of booting.
@@ -304,6 +314,7 @@ impl VmBuilder {
             pio: Vec::new(),
             mmio: Vec::new(),
             console: None,
+            vsock: None,
             channel: None,
             restore: None,
             guest_writes: Vec::new(),
@@ -356,6 +367,15 @@ impl VmBuilder {
     /// `virtio_mmio.device=` entry appended to its command line.
     pub fn virtio_console(mut self, console: VirtioConsoleConfig) -> Self {
         self.console = Some(console);
+        self
+    }
+
+    /// Adds a virtio-vsock device at [`VSOCK_MMIO_BASE`] on IRQ
+    /// [`VSOCK_IRQ`] whose host side is the Unix socket
+    /// `config.uds_path` (see [`crate::virtio::vsock`]); the thread
+    /// `vsock-mux` serves it until the VM is dropped.
+    pub fn vsock(mut self, config: VsockConfig) -> Self {
+        self.vsock = Some(config);
         self
     }
 
@@ -451,6 +471,10 @@ impl VmBuilder {
                     cmdline.push(' ');
                     cmdline.push_str(&cmdline_entry(VIRTIO_MMIO_BASE, VIRTIO_FIRST_IRQ));
                 }
+                if self.vsock.is_some() {
+                    cmdline.push(' ');
+                    cmdline.push_str(&cmdline_entry(VSOCK_MMIO_BASE, VSOCK_IRQ));
+                }
                 let k = load_linux(&mem, kernel, &cmdline, initramfs.as_deref())?;
                 setup_mptable(&mem, config.vcpus)?;
                 (k.entry, ZERO_PAGE_START)
@@ -523,6 +547,52 @@ impl VmBuilder {
             ))
             .into());
         }
+        let mut vsock = None;
+        if let Some(cfg) = &self.vsock {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            vm_fd
+                .register_irqfd(&irq, VSOCK_IRQ)
+                .map_err(kvm_err("KVM_IRQFD"))?;
+            let transport = Arc::new(Mutex::new(MmioTransport::new(
+                Vsock::new(cfg)?,
+                mem.clone(),
+                irq,
+            )));
+            if let Some(saved) = restore
+                .as_ref()
+                .and_then(|snap| snap.state().virtio_vsock.as_ref())
+            {
+                if saved.guest_cid != cfg.guest_cid {
+                    return Err(SnapshotError::Devices(format!(
+                        "vsock guest CID {} in the snapshot, {} here",
+                        saved.guest_cid, cfg.guest_cid
+                    ))
+                    .into());
+                }
+                let mut t = lock(&transport);
+                t.restore(&saved.transport)
+                    .map_err(SnapshotError::Devices)?;
+                // Host sockets did not survive: the guest must drop its
+                // connections.
+                t.device_mut().transport_reset();
+            }
+            mmio.insert(VSOCK_MMIO_BASE, VIRTIO_MMIO_SIZE, transport.clone())?;
+            vsock = Some(transport);
+        }
+        if let Some(snap) = &restore
+            && snap.state().virtio_vsock.is_some() != vsock.is_some()
+        {
+            return Err(SnapshotError::Devices(format!(
+                "the snapshot has {} virtio-vsock, the restored VM {}",
+                if vsock.is_some() { "no" } else { "a" },
+                if vsock.is_some() {
+                    "has one"
+                } else {
+                    "has none"
+                },
+            ))
+            .into());
+        }
         for (base, len, dev) in self.mmio {
             mmio.insert(base, len, dev)?;
         }
@@ -565,6 +635,10 @@ impl VmBuilder {
             (Some(transport), Some(socket)) => start_pumps(transport, socket)?,
             _ => Vec::new(),
         };
+        let muxer = match &vsock {
+            Some(t) => Some(spawn_muxer(t.clone())?),
+            None => None,
+        };
         let vcpu_states = vec![VcpuState::Created; vcpus.len()];
         Ok(Vm {
             vcpus,
@@ -579,6 +653,8 @@ impl VmBuilder {
             capture,
             serial,
             console,
+            vsock,
+            muxer,
             channel: self.channel,
             pumps,
             refused_msrs,
@@ -624,6 +700,8 @@ pub struct Vm {
     capture: ConsoleCapture,
     serial: Arc<Mutex<SerialDevice>>,
     console: Option<ConsoleTransport>,
+    vsock: Option<VsockTransport>,
+    muxer: Option<Muxer>,
     channel: Option<UnixStream>,
     pumps: Vec<std::thread::JoinHandle<()>>,
     refused_msrs: Vec<Vec<u32>>,
@@ -687,6 +765,11 @@ impl Vm {
     /// [`crate::virtio::console::spawn_input_pump`] or read its stats).
     pub fn virtio_console(&self) -> Option<&ConsoleTransport> {
         self.console.as_ref()
+    }
+
+    /// The virtio-vsock transport, if the VM has one.
+    pub fn virtio_vsock(&self) -> Option<&VsockTransport> {
+        self.vsock.as_ref()
     }
 
     /// Queues bytes for the guest to read from the serial port.
@@ -804,6 +887,13 @@ impl Vm {
             vcpus,
             serial: lock(&self.serial).state(),
             virtio_console: self.console.as_ref().map(|t| lock(t).state()),
+            virtio_vsock: self.vsock.as_ref().map(|t| {
+                let t = lock(t);
+                VsockSnapshot {
+                    guest_cid: t.device().guest_cid(),
+                    transport: t.state(),
+                }
+            }),
         };
         let bytes = state.encode();
         write_atomically(&state_path, &bytes)?;
@@ -943,6 +1033,8 @@ impl Drop for Vm {
         for v in &mut self.vcpus {
             v.stop_and_join();
         }
+        // Stops and joins the vsock-mux thread.
+        self.muxer.take();
         // Shutting our end of the socket down ends the pumps' reads and
         // writes; closing the queues ends their waits.
         if let Some(channel) = &self.channel {

@@ -435,12 +435,14 @@ fn benchmark_functions_measure_real_exits() {
     let report = sluice_vmm::bench::run(3, 2000, 8).unwrap();
     eprintln!(
         "create-to-first-exit median {:.2} ms (samples {:?}), port-exit round trip {:.2} µs, \
-         pause+resume {:.1} µs, virtqueue {:.0} MB/s",
+         pause+resume {:.1} µs, virtqueue {:.0} MB/s, vsock {:.0} MB/s (Unix socket {:.0} MB/s)",
         report.create_to_first_exit_median_ms(),
         report.create_to_first_exit_ms,
         report.port_exit_round_trip_us,
         report.pause_resume_us,
-        report.virtqueue_mb_per_s
+        report.virtqueue_mb_per_s,
+        report.vsock_mb_per_s,
+        report.unix_socket_mb_per_s
     );
     assert!(report.pause_resume_us > 0.0 && report.pause_resume_us < 1e6);
     assert_eq!(report.create_to_first_exit_ms.len(), 3);

@@ -108,3 +108,86 @@ fn linux_kernel_reads_our_command_line_and_e820_map() {
         "{console}"
     );
 }
+
+/// The built guest image end to end: the kernel from `sluice image build`
+/// boots with the agent as `/init`, which mounts its file systems, opens
+/// `/dev/hvc0` (our virtio-console) and answers the host's `Start` frame
+/// over the agent channel. The function folder (at `/var/task`, appended
+/// to the initramfs) has no `bootstrap`, so the agent reports the init
+/// error a process sandbox would. Needs hardware KVM and
+/// `SLUICE_GUEST_IMAGE` (an image folder with `kernel` and
+/// `initramfs.cpio`, printed by `sluice image build`).
+#[test]
+fn the_guest_image_boots_the_agent_which_answers_over_the_agent_channel() {
+    use sluice_protocol::{DEFAULT_MAX_FRAME, Message, StartConfig, read_message, write_message};
+    use sluice_vmm::image::GuestImage;
+    use std::io::BufReader;
+
+    let host = sluice_vmm::host::probe();
+    if !host.can_boot_linux() {
+        skip(&host.linux_blockers().join("; "));
+        return;
+    }
+    let Some(dir) = std::env::var_os("SLUICE_GUEST_IMAGE").map(PathBuf::from) else {
+        skip("SLUICE_GUEST_IMAGE is not set (an image folder from `sluice image build`)");
+        return;
+    };
+    let image = GuestImage {
+        kernel: dir.join("kernel"),
+        initramfs: dir.join("initramfs.cpio"),
+        cached: true,
+    };
+    let function = tempfile::tempdir().unwrap();
+    std::fs::write(function.path().join("README"), b"no bootstrap here").unwrap();
+    let config = VmConfig {
+        name: "guest-image".into(),
+        mem_size: 256 << 20,
+        console_capture: 1 << 20,
+        ..VmConfig::default()
+    };
+    let (builder, channel) = VmBuilder::new(config, image.boot_function(function.path()).unwrap())
+        .agent_channel()
+        .unwrap();
+    let mut vm = builder.build().unwrap();
+    vm.start().unwrap();
+    channel
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut w = channel.try_clone().unwrap();
+    let mut r = BufReader::new(channel);
+    let start = StartConfig {
+        function_name: "guest".into(),
+        function_version: "1".into(),
+        memory_mb: 128,
+        handler: "h.main".into(),
+        log_group: "g".into(),
+        log_stream: "s".into(),
+        function_dir: "/var/task".into(),
+        task_root: "/var/task".into(),
+        root_dir: String::new(),
+        runtime_layers: vec![],
+        tmp_mb: 16,
+        rlimit_nproc: 0,
+        rlimit_as_bytes: 0,
+        runtime_api_port: 0,
+        env: vec![],
+        run_as: None,
+        isolate: false,
+    };
+    write_message(&mut w, &Message::Start(Box::new(start))).unwrap();
+    let answer = read_message(&mut r, DEFAULT_MAX_FRAME);
+    let console = String::from_utf8_lossy(&vm.console_output()).into_owned();
+    match answer {
+        Ok(Some(Message::InitError { error_type, .. })) => {
+            assert_eq!(
+                error_type, "Runtime.InvalidEntrypoint",
+                "console:\n{console}"
+            )
+        }
+        other => panic!("unexpected answer {other:?}; console:\n{console}"),
+    }
+    write_message(&mut w, &Message::Shutdown).unwrap();
+    // The agent reboots the guest (reboot=k): an i8042 reset.
+    let exit = vm.run(Duration::from_secs(60)).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+}

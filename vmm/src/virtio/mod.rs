@@ -8,6 +8,7 @@
 pub mod console;
 pub mod mmio;
 pub mod queue;
+pub mod vsock;
 
 use vm_memory::GuestMemoryMmap;
 
