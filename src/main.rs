@@ -265,6 +265,21 @@ enum BenchCommand {
         #[arg(long, short = 'n', default_value_t = 200_000)]
         rows: usize,
     },
+    /// Stateful calls (1 KiB and 100 KiB state, checkpoint per call) next
+    /// to stateless calls of the same function; checkpoint cost; recovery
+    /// time by state size.
+    State {
+        /// The pipeline file declaring the function.
+        #[arg(long, short, default_value = "examples/state/pipeline.toml")]
+        pipeline: PathBuf,
+        /// A function that answers {"state": ...} carrying unknown fields
+        /// (the running-sum example).
+        #[arg(long, short, default_value = "running-sum")]
+        function: String,
+        /// Calls per figure.
+        #[arg(long, short = 'n', default_value_t = 500)]
+        calls: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -403,6 +418,11 @@ fn main() -> ExitCode {
                 function,
                 rows,
             }) => commands::bench::backfill(&pipeline, &function, rows).await,
+            Command::Bench(BenchCommand::State {
+                pipeline,
+                function,
+                calls,
+            }) => commands::bench_state::run(&pipeline, &function, calls).await,
         }
     });
     ExitCode::from(code)

@@ -11,8 +11,9 @@
 //! 3. the call carries Lambda's tumbling-window fields; its response must
 //!    carry `state`; failed calls are retried like any batch (backoff,
 //!    `max_retry_attempts`, then the on-failure topic, the state unchanged);
-//! 4. the new state and position are checkpointed (durably) and only then
-//!    are the records finished, which lets their offsets be committed.
+//! 4. after the batch, the partition's checkpoint (every key's new state
+//!    and position) is saved durably, once, and only then are the folded
+//!    records finished, which lets their offsets be committed.
 //!
 //! A final invoke (`records` empty, `isFinalInvokeForWindow: true`) has its
 //! response produced to `output_topic` (if any); a failed final invoke is
@@ -122,12 +123,19 @@ impl Partition {
         }
     }
 
-    /// Save `ks` as the state of `key`, durably, retrying until it is saved
-    /// or the lane stops (false).
-    async fn save(&self, key: &str, ks: &KeyState) -> bool {
+    /// Put `ks` as the state of `key` into the partition's checkpoint, in
+    /// memory; [`Self::persist`] makes it durable.
+    async fn stage(&self, key: &str, ks: &KeyState) {
+        let mut cp = self.carried().cp.lock().await;
+        cp.keys.insert(key.to_owned(), ks.clone());
+    }
+
+    /// Save the partition's checkpoint durably, retrying until it is saved
+    /// or the lane stops (false). One save per batch: its records are
+    /// finished (and their offsets committable) only after it.
+    async fn persist(&self) -> bool {
         let carried = self.carried();
         let mut cp = carried.cp.lock().await;
-        cp.keys.insert(key.to_owned(), ks.clone());
         cp.seq += 1;
         let mut delay = Duration::from_millis(100);
         loop {
@@ -167,15 +175,30 @@ impl Partition {
                 }
             }
         }
+        // Folded records: finished once the checkpoint holding them is saved.
+        let mut folded = Vec::new();
+        let mut changed = false;
         for (key, recs) in groups {
-            if !self.fold_key(&key, recs).await {
+            if !self.fold_key(&key, recs, &mut folded, &mut changed).await {
                 return false;
             }
         }
+        if changed && !self.persist().await {
+            return false;
+        }
+        self.finish(&folded);
         true
     }
 
-    async fn fold_key(&self, key: &str, recs: Vec<Record>) -> bool {
+    /// Fold one key's records of a batch; the records folded go to
+    /// `folded`, and `changed` tells whether the checkpoint must be saved.
+    async fn fold_key(
+        &self,
+        key: &str,
+        recs: Vec<Record>,
+        folded: &mut Vec<Record>,
+        changed: &mut bool,
+    ) -> bool {
         let spec = self.spec().clone();
         let mut ks = self
             .carried()
@@ -206,6 +229,7 @@ impl Partition {
                     if !self.final_invoke(key, &mut ks, window, early).await {
                         return false;
                     }
+                    *changed = true;
                 }
                 Step::Invoke { n, window } => {
                     let seg = &recs[i..i + n];
@@ -215,10 +239,9 @@ impl Partition {
                     {
                         Called::Folded(next) => {
                             ks = next;
-                            if !self.save(key, &ks).await {
-                                return false;
-                            }
-                            self.finish(seg);
+                            self.stage(key, &ks).await;
+                            *changed = true;
+                            folded.extend_from_slice(seg);
                         }
                         Called::DeadLettered => {}
                         Called::Stopped => return false,
@@ -228,6 +251,7 @@ impl Partition {
             }
         }
         if let Some(Step::Close { window, early }) = ks.due() {
+            *changed = true;
             return self.final_invoke(key, &mut ks, window, early).await;
         }
         true
@@ -341,7 +365,8 @@ impl Partition {
 
     /// Close `window` of `key`: a final invoke, retried until it succeeds
     /// (the key waits), its response produced to `output_topic`, then an
-    /// empty state checkpointed. False if the lane stopped first.
+    /// empty state staged (the caller persists it). False if the lane
+    /// stopped first.
     async fn final_invoke(
         &self,
         key: &str,
@@ -373,7 +398,8 @@ impl Partition {
                             key, start = %sluice_state_carrier::fold::rfc3339(window.start_ms),
                             items = window.items, early, "window closed"
                         );
-                        return self.save(key, ks).await;
+                        self.stage(key, ks).await;
+                        return true;
                     }
                     Err(e) => e.to_string(),
                 },
@@ -409,6 +435,7 @@ impl Partition {
                 .map(|(k, ks)| (k.clone(), ks.clone()))
                 .collect()
         };
+        let closing = !due.is_empty();
         for (key, mut ks) in due {
             if let Some(Step::Close { window, early }) = ks.due_when_idle(&spec, now)
                 && !self.final_invoke(&key, &mut ks, window, early).await
@@ -416,7 +443,7 @@ impl Partition {
                 return false;
             }
         }
-        true
+        !closing || self.persist().await
     }
 
     /// How long an idle sub-lane waits before checking its time windows.

@@ -3,7 +3,8 @@
 //! window.
 //!
 //! Each call gets the state the previous call returned (`{}` at the start
-//! of a window) and answers `{"state": {"sum": S, "count": N}}`. The final
+//! of a window) and answers `{"state": {"sum": S, "count": N}}` (other
+//! fields of the state are carried unchanged). The final
 //! invoke of a window (`isFinalInvokeForWindow: true`, no records) answers
 //! the window's result: `{"state": …, "key": …, "sum": S, "count": N,
 //! "window": {…}, "terminatedEarly": bool}`.
@@ -75,10 +76,10 @@ fn handle(event: &Value) -> Result<Value, Error> {
         }));
     }
     let new = amounts(event)?;
-    let mut next = json!({
-        "sum": sum + new.iter().sum::<i64>(),
-        "count": count + new.len() as i64,
-    });
+    // Other fields of the state are carried as they are.
+    let mut next = state.clone();
+    next["sum"] = json!(sum + new.iter().sum::<i64>());
+    next["count"] = json!(count + new.len() as i64);
     if std::env::var_os("KEEP_AMOUNTS").is_some() {
         let mut kept: Vec<Value> = state["amounts"].as_array().cloned().unwrap_or_default();
         kept.extend(new.into_iter().map(Value::from));
