@@ -43,4 +43,12 @@ $SLUICE backfill examples/pipeline.toml -f echo --source README.md --format text
 echo; echo "== sluice mapreduce examples/wordcount/pipeline.toml wordcount (embedded broker as the shuffle)"
 $SLUICE mapreduce examples/wordcount/pipeline.toml wordcount -q
 head -3 examples/wordcount/out/part-00000.jsonl
+echo; echo "== stateful folds: sluice run examples/state/pipeline.toml, then sluice state show"
+rm -rf examples/state/.sluice-state
+$SLUICE run examples/state/pipeline.toml -q \
+  --produce payments=examples/state/payments.jsonl --key-field key --stop-when-idle 3s
+$SLUICE state show examples/state/pipeline.toml --trigger sums
+echo; echo "== the same fold as a backfill (sluice backfill examples/state/pipeline.toml sums-backfill)"
+$SLUICE backfill examples/state/pipeline.toml sums-backfill -q
+$SLUICE state show examples/state/pipeline.toml --trigger sums-backfill
 echo; echo "Done. Try: $SLUICE bench invoke"

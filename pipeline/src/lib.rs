@@ -74,6 +74,7 @@
 //! | `retry_backoff_max` | [`DEFAULT_RETRY_BACKOFF_MAX`] | `retry_backoff` to [`RETRY_BACKOFF_MAX_LIMIT`] |
 //! | `partitions` | [`DEFAULT_PARTITIONS`] | [`PARTITIONS_RANGE`]; used by `"embedded"` only (an external cluster's topics keep their own) |
 //! | `properties` | empty | librdkafka properties (strings, integers or booleans), not [`MANAGED_KAFKA_PROPERTIES`] |
+//! | `state` | none (stateless) | a [state table](#state-state--) |
 //!
 //! # Backfill jobs: `[job.NAME]`
 //!
@@ -110,6 +111,7 @@
 //! | `bootstrap_servers` | `"embedded"` | as for Kafka triggers; used by `--distributed` |
 //! | `depends_on_files` | none | `{ "GLOB" = ["GLOB", ...] }`: files start after the files they name fully succeeded (globs without `/` match file names) |
 //! | `payload` | `"json"` | `"json"` (`{"items": [...], "batch": {...}}`) or `"arrow"` (`{"arrow": "<base64 Arrow IPC stream>", "batch": {...}}`, Parquet sources) |
+//! | `state` | none (stateless) | a [state table](#state-state--); the key scope needs `order_key`; count windows only |
 //!
 //! A job with `kind = "mapreduce"` (`sluice mapreduce PIPELINE JOB`) takes
 //! `source`, `format`, `columns`, `csv_delimiter`, `max_items_per_call`
@@ -125,6 +127,24 @@
 //! | `groups_per_call` | [`DEFAULT_GROUPS_PER_CALL`] | [`MAX_ITEMS_PER_CALL_RANGE`] |
 //! | `output` | required | a folder |
 //! | `output_format` | `"jsonl"` | `"jsonl"` or `"parquet"` |
+//!
+//! # State: `state = { ... }`
+//!
+//! On a Kafka trigger or a backfill job, `state` makes sluice carry the
+//! state each call returns into the next call of the same partition or key
+//! (Lambda's tumbling-window contract; see `sluice-state-carrier`).
+//!
+//! | field | default | allowed |
+//! |---|---|---|
+//! | `scope` | `"partition"` | `"partition"` (one state per partition; per job in a backfill) or `"key"` (per record key; per `order_key` value) |
+//! | `window` | none: never closes on Kafka, closes at the end of a backfill | a duration in [`STATE_WINDOW_RANGE`] (event-time tumbling windows) or a count in [`STATE_WINDOW_COUNT_RANGE`] |
+//! | `max_bytes` | [`DEFAULT_STATE_MAX_BYTES`] | [`STATE_MAX_BYTES_RANGE`]: a larger state ends its window early |
+//! | `store` | `"local"` | `"local"` (checkpoint files) or `"kafka"` (a compacted changelog topic, for scale-out) |
+//! | `dir` | `.sluice-state/NAME` next to the pipeline file | a folder (`store = "local"` only) |
+//! | `changelog_topic` | `sluice-state-NAME` | a topic (`store = "kafka"` only) |
+//!
+//! A stateful trigger cannot be `exactly_once`, nor bisect or report batch
+//! item failures; the partition scope needs `parallelization_factor = 1`.
 //!
 //! Any other key or section, at any level, is an error. Fields inside a `[[trigger.kafka]]` table
 //! are named `trigger.kafka[I].FIELD` in messages, with `I` counting from 0.
