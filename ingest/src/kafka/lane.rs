@@ -588,20 +588,29 @@ impl Partition {
         let may_retry = f.retryable && t.max_retry_attempts.is_none_or(|max| attempts <= max);
         if may_retry {
             self.shared.metrics.retry(&t.name);
-            let exp = attempts.saturating_sub(1).min(20);
-            let delay = t
-                .retry_backoff
-                .saturating_mul(1u32 << exp)
-                .min(t.retry_backoff_max);
-            let mut stop = self.stop.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.changed() => return false,
+            if !self.backoff(attempts).await {
+                return false;
             }
             work.push_front((recs, attempts));
             return true;
         }
         self.dead_letter_or_drop(recs, &f, attempts).await
+    }
+
+    /// Wait before retry `attempts` (exponential from `retry_backoff` up
+    /// to `retry_backoff_max`); false if the lane was stopped first.
+    pub(super) async fn backoff(&self, attempts: u32) -> bool {
+        let t = &self.shared.trigger;
+        let exp = attempts.saturating_sub(1).min(20);
+        let delay = t
+            .retry_backoff
+            .saturating_mul(1u32 << exp)
+            .min(t.retry_backoff_max);
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = stop.changed() => false,
+        }
     }
 
     /// Write failed records to the on-failure topic (waiting for the

@@ -348,21 +348,6 @@ impl Partition {
         }
     }
 
-    /// Wait before retry `attempts` (exponential); false if stopped first.
-    async fn backoff(&self, attempts: u32) -> bool {
-        let t = &self.shared.trigger;
-        let exp = attempts.saturating_sub(1).min(20);
-        let delay = t
-            .retry_backoff
-            .saturating_mul(1u32 << exp)
-            .min(t.retry_backoff_max);
-        let mut stop = self.stop.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => true,
-            _ = stop.changed() => false,
-        }
-    }
-
     /// Close `window` of `key`: a final invoke, retried until it succeeds
     /// (the key waits), its response produced to `output_topic`, then an
     /// empty state staged (the caller persists it). False if the lane
