@@ -12,26 +12,35 @@
 //! 3. The [`Sandbox`] delivers the invocation over the agent channel
 //!    (`sluice-protocol`) and waits for the response, an error, the
 //!    function's exit, or the timeout (which kills the sandbox).
-//! 4. A healthy sandbox goes back to the warm pool; idle ones are reaped
-//!    after `idle_timeout` ([`Executor::reap_idle`]).
+//! 4. A healthy sandbox goes back to the warm pool (at most `max_warm` idle).
+//! 5. In the background ([`Executor::spawn_maintenance`], or one
+//!    [`Executor::maintain`] step at a time with an injected [`Clock`]):
+//!    idle sandboxes are reaped after `idle_timeout`, `min_warm` idle ones
+//!    are kept ready, capacity is started shortly before the next burst of
+//!    a function whose arrivals are periodic (and extra idle sandboxes are
+//!    stopped between bursts), and the pool of a function whose folder
+//!    changed is dropped. The pool module's docs describe the forecast.
 //!
 //! Backends: [`process::ProcessBackend`] (namespaces, cgroups, landlock,
 //! seccomp; the default where hardware KVM is missing). The microVM backend
 //! will implement the same traits.
 
 mod backend;
+mod clock;
 mod error;
 mod logs;
 mod pool;
+mod prewarm;
 pub mod process;
 mod spec;
 
 use std::path::PathBuf;
 
 pub use backend::{Backend, Invocation, LogSink, Sandbox};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Fault, InvokeError, SandboxError};
 pub use logs::{LogLine, LogRateLimiter, tracing_sink};
-pub use pool::{Executor, FunctionStats, InvokeOptions, Response};
+pub use pool::{Executor, FunctionStats, InvokeOptions, Maintenance, PoolConfig, Response};
 pub use sluice_protocol::LogStream;
 pub use spec::FunctionSpec;
 
