@@ -800,9 +800,8 @@ impl Executor {
             return report;
         }
         for st in self.all_states() {
-            let pooled = st.min_warm() > 0
-                || st.starting.load(Ordering::SeqCst) > 0
-                || st.idle_count() > 0;
+            let pooled =
+                st.min_warm() > 0 || st.starting.load(Ordering::SeqCst) > 0 || st.idle_count() > 0;
             if pooled && st.spec.version() != st.version {
                 let before = st.shared.invalidated.load(Ordering::Relaxed);
                 self.register(st.spec.clone());

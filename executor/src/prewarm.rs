@@ -93,10 +93,7 @@ impl Arrivals {
             return None;
         }
         let slack = period.mul_f64(tolerance);
-        if intervals
-            .iter()
-            .any(|d| d.abs_diff(period) > slack)
-        {
+        if intervals.iter().any(|d| d.abs_diff(period) > slack) {
             return None;
         }
         let last = self.bursts.back()?;
