@@ -359,7 +359,14 @@ impl Metrics {
             header(out, name, help, kind)?;
             for (function, st) in &stats {
                 if let Some(v) = value(st) {
-                    sample(out, name, &["function"], &[function.clone()], None, v)?;
+                    sample(
+                        out,
+                        name,
+                        &["function"],
+                        std::slice::from_ref(function),
+                        None,
+                        v,
+                    )?;
                 }
             }
         }
