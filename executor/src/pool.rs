@@ -66,6 +66,8 @@ pub struct PoolConfig {
     /// Idle sandboxes beyond `min_warm` are stopped between bursts only when
     /// the next pre-warm is at least this far away. Default 10 s.
     pub trim_gap: Duration,
+    /// Background starts running at once, over all functions. Default 8.
+    pub max_parallel_starts: usize,
 }
 
 impl Default for PoolConfig {
@@ -75,6 +77,7 @@ impl Default for PoolConfig {
             burst_gap: Duration::from_secs(1),
             tolerance: 0.25,
             trim_gap: Duration::from_secs(10),
+            max_parallel_starts: 8,
         }
     }
 }
@@ -387,6 +390,8 @@ struct Inner {
     wake: Notify,
     /// Bumped whenever pool state changes, for [`Executor::wait_until`].
     changed: watch::Sender<u64>,
+    /// Bounds background starts ([`PoolConfig::max_parallel_starts`]).
+    start_permits: Arc<Semaphore>,
     /// Sandboxes being stopped or started in the background; `shutdown`
     /// waits for them.
     background: Mutex<tokio::task::JoinSet<()>>,
@@ -438,6 +443,7 @@ impl Executor {
                 seq: AtomicU64::new(0),
                 wake: Notify::new(),
                 changed: watch::Sender::new(0),
+                start_permits: Arc::new(Semaphore::new(pool.max_parallel_starts.max(1))),
                 background: Mutex::new(tokio::task::JoinSet::new()),
             }),
         }
@@ -681,7 +687,15 @@ impl Executor {
         state.starting.fetch_add(1, Ordering::SeqCst);
         let this = self.clone();
         let st = state.clone();
+        let permits = self.inner.start_permits.clone();
         self.spawn_background(async move {
+            // The semaphore is never closed.
+            let _permit = permits.acquire_owned().await;
+            if this.inner.shutting_down.load(Ordering::SeqCst) || !this.is_current(&st) {
+                st.starting.fetch_sub(1, Ordering::SeqCst);
+                this.pool_changed();
+                return;
+            }
             let started = this
                 .inner
                 .backend
