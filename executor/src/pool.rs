@@ -1,43 +1,5 @@
 //! The executor: functions, their concurrency limits and their warm pools.
-//!
-//! # Pools
-//!
-//! Each function keeps idle, initialised sandboxes per tenant. A caller
-//! takes the most recently used one (a *hit*, counted as a warm start) or
-//! starts a new one on its own path (a *miss*, a cold start). Everything
-//! else happens in [`Executor::maintain`], one step of background upkeep
-//! that [`Executor::spawn_maintenance`] runs every [`PoolConfig::tick`] (and
-//! as soon as a caller takes one of the last `min_warm` idle sandboxes).
-//! Times come from the executor's [`Clock`], so tests drive the pool with a
-//! [`crate::ManualClock`]. One step, per function:
-//!
-//! 1. **Updates.** When the function folder changed (its
-//!    [`FunctionSpec::version`]), the function is registered again: its idle
-//!    sandboxes are stopped (`invalidated`), busy ones are stopped when their
-//!    call ends, and sandboxes starting in the background are discarded.
-//! 2. **Reaping.** Idle sandboxes older than `idle_timeout` are stopped,
-//!    except the newest `min_warm` of the default tenant.
-//! 3. **Forecast.** Arrivals are recorded per function at call time. Arrivals
-//!    less than [`PoolConfig::burst_gap`] apart form a burst; the largest
-//!    number of calls in flight during a burst is its demand. When the last
-//!    bursts start at regular intervals (within [`PoolConfig::tolerance`] of
-//!    their median, at least three bursts), the next burst is expected one
-//!    period after the last, with the largest recent demand.
-//! 4. **Trimming.** Between bursts of a periodic function, when the
-//!    pre-warm window is still at least [`PoolConfig::trim_gap`] away, idle
-//!    sandboxes beyond `min_warm` are stopped (`trimmed`): they would idle
-//!    for nothing until the next burst.
-//! 5. **Refill and pre-warming.** The target is `min_warm` idle sandboxes of
-//!    the default tenant, raised to the forecast demand from *lead* before
-//!    the expected burst until a little after it (lead = one tick plus twice
-//!    the slowest initialisation seen, at most half a period), never above
-//!    `max_warm` nor the function's `concurrency`. Missing sandboxes are
-//!    started in the background (`refills` for `min_warm`, `prewarmed`
-//!    beyond it); a hit on a pre-warmed sandbox counts as a `prewarm_hit`.
-//!
-//! A function whose spec has `prewarm = false` gets steps 1, 2 and the
-//! `min_warm` refill only. Idle sandboxes never exceed `max_warm`: a
-//! released sandbox beyond it is stopped.
+//! See the crate docs, [Warm pools](crate#warm-pools), for pool upkeep.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -399,7 +361,7 @@ struct Inner {
 
 /// Invokes functions in sandboxes from a [`Backend`], with per-function
 /// concurrency limits, bounded waiting and warm pools per function version
-/// and tenant (see the [module docs](self) for pool upkeep).
+/// and tenant (see [Warm pools](crate#warm-pools)).
 #[derive(Clone)]
 pub struct Executor {
     inner: Arc<Inner>,
@@ -806,7 +768,7 @@ impl Executor {
 
     /// One step of pool upkeep at the clock's current time: invalidate
     /// updated functions, reap, trim between bursts, refill and pre-warm
-    /// (see the [module docs](self)). Starts run in the background; this
+    /// (see [Warm pools](crate#warm-pools)). Starts run in the background; this
     /// returns once they are under way.
     pub async fn maintain(&self) -> Maintenance {
         let mut report = Maintenance::default();
