@@ -256,3 +256,32 @@ async fn a_function_update_invalidates_its_pool() {
     assert_eq!(ex.maintain().await.invalidated, 0);
     ex.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_warming_never_exceeds_max_warm() {
+    let f = function_fixture("echo");
+    let clock = ManualClock::new();
+    let ex = executor(&clock);
+    let mut s = spec("echo", &f);
+    s.concurrency = 4;
+    s.max_warm = 1;
+    s.idle_timeout = Duration::from_secs(20);
+    ex.register(s);
+    let t0 = clock.now();
+    for k in 0..3u64 {
+        clock.set(t0 + Duration::from_secs(k * 60));
+        burst(&ex, "echo").await;
+        clock.set(t0 + Duration::from_secs(k * 60 + 30));
+        ex.maintain().await;
+    }
+    // The bursts needed two sandboxes, but at most one is kept idle.
+    clock.set(t0 + Duration::from_secs(179));
+    assert_eq!(ex.maintain().await.started, 1);
+    let st = wait(&ex, "echo", "pre-warm", |st| st.starting == 0).await;
+    assert_eq!((st.idle, st.prewarmed), (1, 1), "{st:?}");
+    clock.set(t0 + Duration::from_secs(180));
+    let cold = burst(&ex, "echo").await;
+    assert_eq!(cold.iter().filter(|c| !**c).count(), 1, "{cold:?}");
+    assert!(ex.stats("echo").unwrap().idle <= 1);
+    ex.shutdown().await;
+}
