@@ -926,14 +926,21 @@ impl Executor {
                 i.sandbox.shutdown().await;
             }
         }
-        let mut set = std::mem::take(
-            &mut *self
-                .inner
-                .background
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        while set.join_next().await.is_some() {}
+        // Tasks may add others (a start stopping what it started): repeat
+        // until none is left.
+        loop {
+            let mut set = std::mem::take(
+                &mut *self
+                    .inner
+                    .background
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            if set.is_empty() {
+                break;
+            }
+            while set.join_next().await.is_some() {}
+        }
         self.pool_changed();
     }
 }

@@ -205,8 +205,8 @@ pub async fn run(args: RunArgs) -> u8 {
             }
         }
     }
-    executor.shutdown().await;
     let _ = maintenance.await;
+    executor.shutdown().await;
     eprintln!(
         "sluice: stopped after {} records",
         activity.records.load(std::sync::atomic::Ordering::Relaxed)
