@@ -126,6 +126,9 @@ pub struct Metrics {
     function_errors: Family<AtomicU64>,
     lag: Family<AtomicI64>,
     invoke: Family<Histogram>,
+    checkpoints: Family<AtomicU64>,
+    checkpoint_micros: Family<AtomicU64>,
+    windows_closed: Family<AtomicU64>,
     executor: RwLock<Option<sluice_executor::Executor>>,
 }
 
@@ -143,6 +146,9 @@ const DLQ: &str = "sluice_dlq_records_total";
 const FUNCTION_ERRORS: &str = "sluice_function_errors_total";
 const LAG: &str = "sluice_partition_lag";
 const INVOKE: &str = "sluice_invoke_duration_seconds";
+const CHECKPOINTS: &str = "sluice_state_checkpoints_total";
+const CHECKPOINT_MICROS: &str = "sluice_state_checkpoint_microseconds_total";
+const WINDOWS_CLOSED: &str = "sluice_state_windows_closed_total";
 
 impl Metrics {
     /// An empty registry.
@@ -156,6 +162,9 @@ impl Metrics {
             function_errors: Family::new(),
             lag: Family::new(),
             invoke: Family::new(),
+            checkpoints: Family::new(),
+            checkpoint_micros: Family::new(),
+            windows_closed: Family::new(),
             executor: RwLock::new(None),
         })
     }
@@ -205,6 +214,23 @@ impl Metrics {
         self.function_errors.with(&[trigger, error_type], |c| {
             c.fetch_add(1, Ordering::Relaxed)
         });
+    }
+
+    /// A stateful trigger saved a checkpoint, taking `elapsed`.
+    pub fn state_checkpoint(&self, trigger: &str, elapsed: std::time::Duration) {
+        self.checkpoints
+            .with(&[trigger], |c| c.fetch_add(1, Ordering::Relaxed));
+        self.checkpoint_micros.with(&[trigger], |c| {
+            c.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed)
+        });
+    }
+
+    /// A stateful trigger closed a window (`early`: the state outgrew
+    /// `max_bytes`).
+    pub fn window_closed(&self, trigger: &str, early: bool) {
+        let early = if early { "true" } else { "false" };
+        self.windows_closed
+            .with(&[trigger, early], |c| c.fetch_add(1, Ordering::Relaxed));
     }
 
     /// Consumer lag of a partition (high watermark minus next offset).
@@ -300,6 +326,28 @@ impl Metrics {
             "Failed invocations, by error type.",
             &["trigger", "error_type"],
             &self.function_errors,
+        )?;
+
+        counter(
+            out,
+            CHECKPOINTS,
+            "State checkpoints saved by stateful triggers.",
+            &["trigger"],
+            &self.checkpoints,
+        )?;
+        counter(
+            out,
+            CHECKPOINT_MICROS,
+            "Time spent saving state checkpoints, in microseconds.",
+            &["trigger"],
+            &self.checkpoint_micros,
+        )?;
+        counter(
+            out,
+            WINDOWS_CLOSED,
+            "Windows closed by a final invoke, by early termination.",
+            &["trigger", "early"],
+            &self.windows_closed,
         )?;
 
         header(out, LAG, "Consumer lag per partition, in records.", "gauge")?;
@@ -863,6 +911,11 @@ mod tests {
         }
         m.observe_invoke("t1", f64::NAN);
         m.observe_invoke(nasty, 0.01);
+        m.state_checkpoint("t1", std::time::Duration::from_micros(250));
+        m.state_checkpoint("t1", std::time::Duration::from_micros(750));
+        m.window_closed("t1", false);
+        m.window_closed("t1", true);
+        m.window_closed("t1", true);
 
         let text = m.render();
         let (types, samples) = parse_exposition(&text);
@@ -902,6 +955,24 @@ mod tests {
         assert_eq!(
             v("sluice_records_filtered_total", &[("trigger", "t1")]),
             4.0
+        );
+        assert_eq!(
+            v("sluice_state_checkpoints_total", &[("trigger", "t1")]),
+            2.0
+        );
+        assert_eq!(
+            v(
+                "sluice_state_checkpoint_microseconds_total",
+                &[("trigger", "t1")]
+            ),
+            1000.0
+        );
+        assert_eq!(
+            v(
+                "sluice_state_windows_closed_total",
+                &[("trigger", "t1"), ("early", "true")]
+            ),
+            2.0
         );
         assert_eq!(
             v(
@@ -1000,7 +1071,7 @@ mod tests {
     fn empty_registry_renders_headers_only() {
         let text = Metrics::new().render();
         let (types, samples) = parse_exposition(&text);
-        assert_eq!(types.len(), 8);
+        assert_eq!(types.len(), 11);
         assert!(samples.is_empty());
     }
 

@@ -180,8 +180,14 @@ impl Partition {
         loop {
             let snapshot = cp.clone();
             let store = carried.store.clone();
+            let started = std::time::Instant::now();
             match tokio::task::spawn_blocking(move || store.save(&snapshot)).await {
-                Ok(Ok(())) => return true,
+                Ok(Ok(())) => {
+                    self.shared
+                        .metrics
+                        .state_checkpoint(&self.shared.trigger.name, started.elapsed());
+                    return true;
+                }
                 Ok(Err(e)) => {
                     tracing::error!(trigger = %self.shared.trigger.name, "checkpointing the state failed, retrying: {e}")
                 }
@@ -417,6 +423,7 @@ impl Partition {
                             return false;
                         }
                         ks.closed(serde_json::from_slice(&resp.payload).ok());
+                        self.shared.metrics.window_closed(&t.name, early);
                         tracing::info!(
                             trigger = %t.name, topic = %self.topic, partition = self.partition,
                             key, start = %sluice_state_carrier::fold::rfc3339(window.start_ms),
