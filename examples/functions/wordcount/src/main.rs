@@ -7,8 +7,15 @@
 //! - `reduce` (also fit as a combiner): `{"groups": [{"key": "word",
 //!   "values": [n, ...]}, ...]}` → `{"records": [{"key": "word", "value":
 //!   sum}, ...]}`.
+//!
+//! Fault injection for tests: with `WORDCOUNT_CRASH_EVERY=N`, the process
+//! exits (status 70) in the middle of every Nth call it serves, before
+//! answering; the executor then starts a fresh sandbox, whose count starts
+//! again, so a retried call succeeds when `N` is at least 2 and the function
+//! runs one sandbox at a time.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use serde_json::{Value, json};
@@ -45,12 +52,24 @@ fn reduce(event: &Value) -> Value {
     json!({ "records": records })
 }
 
+/// Calls served by this process.
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let role = std::env::var("_HANDLER").unwrap_or_default();
+    let crash_every: Option<u64> = std::env::var("WORDCOUNT_CRASH_EVERY")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n > 0);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let role = role.clone();
         async move {
+            let call = CALLS.fetch_add(1, Ordering::SeqCst) + 1;
+            if crash_every.is_some_and(|n| call % n == 0) {
+                eprintln!("wordcount: crashing in call {call} (WORDCOUNT_CRASH_EVERY)");
+                std::process::exit(70);
+            }
             match role.as_str() {
                 "map" => Ok(map(&event.payload)),
                 "reduce" | "combine" => Ok(reduce(&event.payload)),
