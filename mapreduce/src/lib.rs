@@ -27,10 +27,32 @@
 //!   groups in key order, and writes the records it answers to
 //!   `part-PPPPP.jsonl` (`{"key": ..., "value": ...}` per line, written to a
 //!   temporary name and renamed), readable by DuckDB and pandas.
-//! - **Re-running** a killed job starts from scratch on a fresh shuffle
-//!   topic and gives the same output.
-//!
-//! Groups are held in memory per reducer (no spilling yet).
+//! - **Faults.** A map call that fails (the function's process crashed,
+//!   timed out, answered an error) is retried with the same split while its
+//!   error is retryable; only a successful call's records are published, so
+//!   a crashed call leaves nothing in the shuffle. A reduce call is retried
+//!   the same way with the same groups; its answer is written only once it
+//!   succeeded.
+//! - **Killed runs** ([`RunState`]). On an external cluster the run's
+//!   state (its shuffle topic, the map tasks whose records and markers are
+//!   acknowledged, the reducers whose part file is written) is saved to
+//!   [`STATE_FILE`] in the output folder as the run goes. Running the same
+//!   job again (same settings and inputs, topic still there) resumes it: done
+//!   map tasks and reducers are skipped, the other reducers read their
+//!   partition again from its start. Each resumption is a new *generation*,
+//!   part of the attempt number on every record, so records a killed run
+//!   published without their marker never count. With the embedded broker
+//!   the shuffle dies with the process, and a run always starts from
+//!   scratch. A fresh run first removes the part, temporary and state files
+//!   of earlier runs, so outputs never mix; a finished run leaves
+//!   [`SUCCESS_FILE`].
+//! - **Memory.** A reducer holds its groups in memory up to
+//!   `reduce_memory_bytes` (keys and values sized as JSON), then writes them
+//!   as a sorted run (`.spill-P-N.tmp`, one `[key, [values]]` JSON line per
+//!   key) to the output folder and starts again; at the end the runs and
+//!   what is in memory are merged in key order, each key's values in arrival
+//!   order, so spilling never changes what the reduce function sees. (A map
+//!   task's records wait in memory until its marker arrives.)
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -204,6 +226,9 @@ pub struct RunState {
     /// The job's settings and its inputs' sizes and times: a resumed run
     /// must be the same job.
     pub job: Value,
+    /// Where the run's records start in each partition (the topic's end
+    /// when the run started: records of earlier runs never count).
+    pub start_offsets: Vec<i64>,
     /// 1 for a fresh run, +1 for each resumption; part of every record's
     /// attempt number, so records a killed run left without their marker
     /// are never matched with a later run's marker.
@@ -218,7 +243,9 @@ pub struct RunState {
 }
 
 impl RunState {
-    /// A fresh run on `topic`: removes the output folder's part files,
+    /// A fresh run on `topic`, whose partitions it reads from
+    /// `start_offsets` (missing ones: from the start; see [`end_offsets`]):
+    /// removes the output folder's part files,
     /// temporary files, success marker and state of earlier runs (so that
     /// outputs of runs never mix), and saves the new state when `durable`.
     ///
@@ -228,6 +255,7 @@ impl RunState {
         cfg: &MapReduceConfig,
         servers: &str,
         topic: &str,
+        start_offsets: Vec<i64>,
         durable: bool,
     ) -> Result<RunState, MapReduceError> {
         std::fs::create_dir_all(&cfg.output).map_err(|source| MapReduceError::Output {
@@ -256,6 +284,7 @@ impl RunState {
             topic: topic.to_owned(),
             servers: servers.to_owned(),
             job: fingerprint(cfg),
+            start_offsets,
             generation: 1,
             maps_done: Default::default(),
             reducers_done: BTreeMap::new(),
@@ -446,7 +475,7 @@ pub async fn collect(
     p: i32,
     tasks: u64,
 ) -> Result<BTreeMap<String, Vec<Value>>, MapReduceError> {
-    let consumer = partition_consumer(kafka, topic, p)?;
+    let consumer = partition_consumer(kafka, topic, p, None)?;
     let (_tx, total) = watch::channel(Some(tasks));
     let topic = topic.to_owned();
     let grouped = tokio::task::spawn_blocking(move || {
@@ -455,7 +484,14 @@ pub async fn collect(
             dir: PathBuf::from("."),
             progress: None,
         };
-        collect_partition(&consumer, &topic, p, &total, &AtomicBool::new(false), &spill)
+        collect_partition(
+            &consumer,
+            &topic,
+            p,
+            &total,
+            &AtomicBool::new(false),
+            &spill,
+        )
     })
     .await
     .map_err(|e| MapReduceError::Config(format!("collecting partition {p} panicked: {e}")))??;
@@ -467,6 +503,7 @@ fn partition_consumer(
     kafka: &KafkaSettings,
     topic: &str,
     p: i32,
+    start: Option<i64>,
 ) -> Result<BaseConsumer, MapReduceError> {
     let consumer: BaseConsumer = kafka
         .client()
@@ -476,7 +513,10 @@ fn partition_consumer(
         .create()
         .map_err(|e| kafka_err(format!("creating reducer {p}'s consumer"), e))?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, p, Offset::Beginning)
+    let offset = start
+        .filter(|o| *o > 0)
+        .map_or(Offset::Beginning, Offset::Offset);
+    tpl.add_partition_offset(topic, p, offset)
         .map_err(|e| kafka_err(format!("assigning partition {p}"), e))?;
     consumer
         .assign(&tpl)
@@ -625,8 +665,14 @@ pub async fn run(
         );
         let (total, stop, progress) = (total_rx.clone(), Arc::clone(&stop), Arc::clone(&progress));
         let checkpoint = Arc::clone(&checkpoint);
+        let start = checkpoint
+            .lock()
+            .start_offsets
+            .get(usize::try_from(p).unwrap_or(0))
+            .copied();
         reducers.spawn(async move {
-            let out = reduce_partition(&ex, &kafka, &cfg, &topic, p, total, stop, &progress).await?;
+            let out = reduce_partition(&ex, &kafka, &cfg, &topic, p, start, total, stop, &progress)
+                .await?;
             checkpoint.reducer_done(
                 p,
                 ReducerDone {
@@ -947,11 +993,12 @@ async fn reduce_partition(
     cfg: &MapReduceConfig,
     topic: &str,
     p: i32,
+    start: Option<i64>,
     total: watch::Receiver<Option<u64>>,
     stop: Arc<AtomicBool>,
     progress: &Arc<Progress>,
 ) -> Result<(PathBuf, u64, u64), MapReduceError> {
-    let consumer = partition_consumer(kafka, topic, p)?;
+    let consumer = partition_consumer(kafka, topic, p, start)?;
     let topic_name = topic.to_owned();
     let spill = Spill {
         budget: cfg.reduce_memory_bytes.max(1),
@@ -1084,8 +1131,9 @@ impl Grouped {
     /// # Errors
     /// A run cannot be read.
     pub fn merged(self) -> Result<MergedGroups, MapReduceError> {
-        let mut sources: Vec<Box<dyn Iterator<Item = Result<(String, Vec<Value>), MapReduceError>> + Send>> =
-            Vec::new();
+        let mut sources: Vec<
+            Box<dyn Iterator<Item = Result<(String, Vec<Value>), MapReduceError>> + Send>,
+        > = Vec::new();
         for run in &self.runs {
             let file = std::fs::File::open(run).map_err(|source| MapReduceError::Output {
                 path: run.clone(),
@@ -1306,4 +1354,29 @@ pub fn topic_partitions(
         .iter()
         .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
         .map(|t| i32::try_from(t.partitions().len()).unwrap_or(i32::MAX)))
+}
+
+/// The end offset of each of `topic`'s first `partitions` partitions: where
+/// a fresh run on an existing topic starts reading.
+///
+/// # Errors
+/// Kafka errors.
+pub fn end_offsets(
+    kafka: &KafkaSettings,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Result<Vec<i64>, MapReduceError> {
+    let consumer: BaseConsumer = kafka
+        .client()
+        .create()
+        .map_err(|e| kafka_err("creating a metadata client", e))?;
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, timeout)
+                .map(|(_, high)| high)
+                .map_err(|e| kafka_err(format!("reading the end of {topic}/{p}"), e))
+        })
+        .collect()
 }

@@ -143,7 +143,7 @@ async fn q1_equals_a_direct_arrow_computation() {
         output_format: sluice_mapreduce::OutputFormat::Parquet,
         reduce_memory_bytes: sluice_mapreduce::DEFAULT_REDUCE_MEMORY_BYTES,
     };
-    let state = RunState::fresh(&cfg, &kafka.servers, &topic, false).unwrap();
+    let state = RunState::fresh(&cfg, &kafka.servers, &topic, Vec::new(), false).unwrap();
     let summary = sluice_mapreduce::run(&ex, &kafka, cfg, state, Arc::new(Progress::default()))
         .await
         .unwrap();

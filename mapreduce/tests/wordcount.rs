@@ -145,7 +145,7 @@ async fn wordcount(files: &[PathBuf], case: &Case) -> (BTreeMap<String, u64>, Su
         output_format: sluice_mapreduce::OutputFormat::Jsonl,
         reduce_memory_bytes: case.reduce_memory_bytes,
     };
-    let state = RunState::fresh(&cfg, &kafka.servers, &topic, false).unwrap();
+    let state = RunState::fresh(&cfg, &kafka.servers, &topic, Vec::new(), false).unwrap();
     let progress = Arc::new(Progress::default());
     let summary = sluice_mapreduce::run(&ex, &kafka, cfg, state, progress)
         .await

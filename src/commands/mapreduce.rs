@@ -33,7 +33,13 @@ fn progress_line(p: &Progress, partitions: u32) -> String {
 }
 
 /// Runs the job; exit 0, 2 on a bad job, 3 when it failed.
-pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: bool) -> u8 {
+pub async fn run(
+    pipeline: &Path,
+    job: &str,
+    bootstrap: Option<String>,
+    shuffle_topic: Option<String>,
+    quiet: bool,
+) -> u8 {
     let p = match super::load_pipeline(pipeline) {
         Ok(p) => p,
         Err(code) => return code,
@@ -87,7 +93,7 @@ pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: b
         output: j.output.clone(),
         payload: j.payload,
         output_format: j.output_format,
-        reduce_memory_bytes: sluice_mapreduce::DEFAULT_REDUCE_MEMORY_BYTES,
+        reduce_memory_bytes: (j.reduce_memory_mb as usize) << 20,
     };
     // The shuffle's cluster: the flag, the job's, or a broker in this process.
     let servers = match (bootstrap.as_deref(), &j.bootstrap_servers) {
@@ -104,10 +110,13 @@ pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: b
                 servers,
                 properties: Vec::new(),
             };
-            prepare_external(&cfg, kafka, &j.name).await
+            prepare_external(&cfg, kafka, &j.name, shuffle_topic).await
         }
         // The embedded broker's shuffle dies with the process: always from
         // scratch.
+        None if shuffle_topic.is_some() => {
+            Err("--shuffle-topic needs a Kafka cluster (bootstrap_servers)".to_owned())
+        }
         None => match EmbeddedBroker::start(1) {
             Ok(broker) => {
                 let topic = sluice_mapreduce::shuffle_topic(&j.name, sluice_mapreduce::run_id());
@@ -115,11 +124,12 @@ pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: b
                     servers: broker.bootstrap_servers().to_owned(),
                     properties: Vec::new(),
                 };
-                let prepared = broker
-                    .create_topic(&topic, cfg.reduce_partitions)
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| fresh(&cfg, &kafka, &topic, false))
-                    .map(|state| (kafka, state));
+                let prepared = match broker.create_topic(&topic, cfg.reduce_partitions) {
+                    Ok(()) => fresh(&cfg, &kafka, &topic, false)
+                        .await
+                        .map(|state| (kafka, state)),
+                    Err(e) => Err(e.to_string()),
+                };
                 embedded = Some(broker);
                 prepared
             }
@@ -220,7 +230,7 @@ pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: b
 }
 
 /// A fresh run on `topic`, with a note when earlier outputs go.
-fn fresh(
+async fn fresh(
     cfg: &MapReduceConfig,
     kafka: &KafkaSettings,
     topic: &str,
@@ -232,25 +242,42 @@ fn fresh(
             cfg.output.display()
         );
     }
-    RunState::fresh(cfg, &kafka.servers, topic, durable).map_err(|e| e.to_string())
+    // The run reads the topic from its current end: records of earlier runs
+    // on the same topic never count.
+    let (k, t, partitions) = (kafka.clone(), topic.to_owned(), cfg.reduce_partitions);
+    let start = tokio::task::spawn_blocking(move || {
+        sluice_mapreduce::end_offsets(&k, &t, partitions, Duration::from_secs(10))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    RunState::fresh(cfg, &kafka.servers, topic, start, durable).map_err(|e| e.to_string())
+}
+
+/// The number of partitions of `topic`.
+async fn partitions_of(kafka: &KafkaSettings, topic: &str) -> Result<Option<i32>, String> {
+    let (k, topic) = (kafka.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        sluice_mapreduce::topic_partitions(&k, &topic, Duration::from_secs(10))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
 }
 
 /// The run on an external cluster: the unfinished run of this job when its
-/// state and shuffle topic are still there, else a fresh one on a new topic.
+/// state and shuffle topic are still there, else a fresh one on a new topic
+/// (or on `named`, which must exist).
 async fn prepare_external(
     cfg: &MapReduceConfig,
     kafka: KafkaSettings,
     job: &str,
+    named: Option<String>,
 ) -> Result<(KafkaSettings, RunState), String> {
-    if let Some(state) = RunState::resumable(cfg, &kafka.servers) {
-        let (k, topic) = (kafka.clone(), state.topic.clone());
-        let partitions = tokio::task::spawn_blocking(move || {
-            sluice_mapreduce::topic_partitions(&k, &topic, Duration::from_secs(10))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-        if partitions == Some(cfg.reduce_partitions) {
+    if let Some(state) = RunState::resumable(cfg, &kafka.servers)
+        && named.as_ref().is_none_or(|n| *n == state.topic)
+    {
+        if partitions_of(&kafka, &state.topic).await? == Some(cfg.reduce_partitions) {
             let state = state.resume(cfg).map_err(|e| e.to_string())?;
             return Ok((kafka, state));
         }
@@ -259,10 +286,27 @@ async fn prepare_external(
             state.topic
         );
     }
-    let topic = sluice_mapreduce::shuffle_topic(job, sluice_mapreduce::run_id());
-    ensure_topic(&kafka, &topic, cfg.reduce_partitions)
-        .await
-        .map_err(|e| e.to_string())?;
-    let state = fresh(cfg, &kafka, &topic, true)?;
+    let topic = match named {
+        Some(topic) => {
+            let found = partitions_of(&kafka, &topic).await?;
+            if found != Some(cfg.reduce_partitions) {
+                return Err(format!(
+                    "--shuffle-topic {topic}: needs {} partitions (reduce_partitions) on {}, found {}",
+                    cfg.reduce_partitions,
+                    kafka.servers,
+                    found.map_or("no such topic".to_owned(), |n| n.to_string())
+                ));
+            }
+            topic
+        }
+        None => {
+            let topic = sluice_mapreduce::shuffle_topic(job, sluice_mapreduce::run_id());
+            ensure_topic(&kafka, &topic, cfg.reduce_partitions)
+                .await
+                .map_err(|e| e.to_string())?;
+            topic
+        }
+    };
+    let state = fresh(cfg, &kafka, &topic, true).await?;
     Ok((kafka, state))
 }
