@@ -1131,9 +1131,7 @@ impl Grouped {
     /// # Errors
     /// A run cannot be read.
     pub fn merged(self) -> Result<MergedGroups, MapReduceError> {
-        let mut sources: Vec<
-            Box<dyn Iterator<Item = Result<(String, Vec<Value>), MapReduceError>> + Send>,
-        > = Vec::new();
+        let mut sources: Vec<GroupSource> = Vec::new();
         for run in &self.runs {
             let file = std::fs::File::open(run).map_err(|source| MapReduceError::Output {
                 path: run.clone(),
@@ -1166,9 +1164,12 @@ impl Grouped {
     }
 }
 
+/// A sorted source of groups: a spilled run, or what stayed in memory.
+type GroupSource = Box<dyn Iterator<Item = Result<(String, Vec<Value>), MapReduceError>> + Send>;
+
 /// The groups of a [`Grouped`], merged in key order.
 pub struct MergedGroups {
-    sources: Vec<Box<dyn Iterator<Item = Result<(String, Vec<Value>), MapReduceError>> + Send>>,
+    sources: Vec<GroupSource>,
     heads: Vec<Option<(String, Vec<Value>)>>,
     runs: Vec<PathBuf>,
 }

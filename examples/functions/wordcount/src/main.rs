@@ -89,7 +89,7 @@ async fn main() -> Result<(), Error> {
                 std::future::pending::<()>().await;
             }
             let call = CALLS.fetch_add(1, Ordering::SeqCst) + 1;
-            if crash_every.is_some_and(|n| call % n == 0) {
+            if crash_every.is_some_and(|n| call.is_multiple_of(n)) {
                 eprintln!("wordcount: crashing in call {call} (WORDCOUNT_CRASH_EVERY)");
                 std::process::exit(70);
             }
