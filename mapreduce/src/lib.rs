@@ -309,8 +309,16 @@ impl RunState {
     pub fn resume(mut self, cfg: &MapReduceConfig) -> Result<RunState, MapReduceError> {
         self.generation += 1;
         self.durable = true;
-        // Part files of reducers not recorded as done may be partial.
         self.reducers_done.retain(|_, r| r.file.is_file());
+        // The killed run's temporary and spilled files are of no use.
+        if let Ok(dir) = std::fs::read_dir(&cfg.output) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".part-") || name.starts_with(".spill-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         self.save(&cfg.output)?;
         Ok(self)
     }
