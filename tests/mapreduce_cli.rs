@@ -203,6 +203,16 @@ fn a_killed_run_on_a_kafka_cluster_is_resumed_with_the_same_result() {
     let (stdout, _) = finish(dir.path(), topic);
     assert!(!stdout.contains("resumed"), "{stdout}");
     assert_eq!(output(dir.path()), direct(dir.path()));
+    // Other input on the same topic: the earlier runs' records (the same
+    // map task numbers and attempts) are before the new run's start.
+    let mut text = std::fs::read_to_string(dir.path().join("in.txt")).unwrap();
+    text = text.replace("common", "other");
+    std::fs::write(dir.path().join("in.txt"), text).unwrap();
+    let (stdout, _) = finish(dir.path(), topic);
+    assert!(!stdout.contains("resumed"), "{stdout}");
+    let counts = output(dir.path());
+    assert_eq!(counts, direct(dir.path()));
+    assert!(!counts.contains_key("common"), "{counts:?}");
 }
 
 /// With the embedded broker the shuffle dies with the process: a run killed
