@@ -41,7 +41,10 @@
 //!   map tasks and reducers are skipped, the other reducers read their
 //!   partition again from its start. Each resumption is a new *generation*,
 //!   part of the attempt number on every record, so records a killed run
-//!   published without their marker never count. With the embedded broker
+//!   published without their marker never count. A fresh run on an
+//!   existing topic (`sluice mapreduce --shuffle-topic`) reads each
+//!   partition from its end offset at the start ([`end_offsets`]), so
+//!   earlier runs' records never count either. With the embedded broker
 //!   the shuffle dies with the process, and a run always starts from
 //!   scratch. A fresh run first removes the part, temporary and state files
 //!   of earlier runs, so outputs never mix; a finished run leaves
