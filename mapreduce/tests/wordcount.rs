@@ -8,11 +8,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
 use sluice_executor::{Executor, FunctionSpec};
 use sluice_ingest::kafka::EmbeddedBroker;
-use sluice_mapreduce::{MapReduceConfig, Progress, RunState, Summary, shuffle_topic};
+use sluice_mapreduce::{
+    MapReduceConfig, Progress, RunState, Summary, partition_of, shuffle_record, shuffle_topic,
+};
 use sluice_taskgen::Format;
 use sluice_taskgen::distributed::KafkaSettings;
 use sluice_test_support::{FunctionFixture, agent_binary, function_fixture};
@@ -75,6 +78,9 @@ struct Case {
     crash_reduce_every: Option<u32>,
     reduce_memory_bytes: usize,
     max_concurrency: usize,
+    /// Resume as generation 2 of a run whose generation 1 was killed while
+    /// publishing map task 0: its records are in the topic, its marker not.
+    killed_while_publishing: bool,
 }
 
 impl Case {
@@ -88,6 +94,7 @@ impl Case {
             crash_reduce_every: None,
             reduce_memory_bytes: sluice_mapreduce::DEFAULT_REDUCE_MEMORY_BYTES,
             max_concurrency: 2,
+            killed_while_publishing: false,
         }
     }
 }
@@ -145,7 +152,21 @@ async fn wordcount(files: &[PathBuf], case: &Case) -> (BTreeMap<String, u64>, Su
         output_format: sluice_mapreduce::OutputFormat::Jsonl,
         reduce_memory_bytes: case.reduce_memory_bytes,
     };
-    let state = RunState::fresh(&cfg, &kafka.servers, &topic, Vec::new(), false).unwrap();
+    let mut state = RunState::fresh(&cfg, &kafka.servers, &topic, Vec::new(), false).unwrap();
+    if case.killed_while_publishing {
+        let producer: FutureProducer = kafka.client().create().unwrap();
+        for key in ["stale-a", "stale-b", "the"] {
+            // Task 0, generation 1's first publishing attempt.
+            let body = shuffle_record(0, 1001, Some(key), json!(1000));
+            let p = partition_of(key, case.partitions);
+            let record = FutureRecord::<str, [u8]>::to(&topic)
+                .partition(p)
+                .key(key)
+                .payload(&body);
+            producer.send(record, Duration::from_secs(10)).await.unwrap();
+        }
+        state.generation = 2;
+    }
     let progress = Arc::new(Progress::default());
     let summary = sluice_mapreduce::run(&ex, &kafka, cfg, state, progress)
         .await
@@ -244,4 +265,17 @@ async fn a_tiny_reduce_memory_budget_spills_sorted_runs_without_changing_the_res
     let (got, summary) = wordcount(&files[..3], &case).await;
     assert_eq!(got, direct_count(&files[..3]));
     assert!(summary.spills >= 4, "{summary:?}");
+}
+
+/// A resumed run (generation 2) on a topic holding records of map task 0
+/// that the killed generation 1 published without their end-of-map marker:
+/// the resumed run publishes task 0 again under its own attempt number, and
+/// the stale records never count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_killed_run_published_without_their_marker_never_count() {
+    let files = corpus();
+    let mut case = Case::new(2);
+    case.killed_while_publishing = true;
+    let (got, _) = wordcount(&files[..3], &case).await;
+    assert_eq!(got, direct_count(&files[..3]));
 }
