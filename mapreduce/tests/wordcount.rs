@@ -163,7 +163,10 @@ async fn wordcount(files: &[PathBuf], case: &Case) -> (BTreeMap<String, u64>, Su
                 .partition(p)
                 .key(key)
                 .payload(&body);
-            producer.send(record, Duration::from_secs(10)).await.unwrap();
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .unwrap();
         }
         state.generation = 2;
     }
