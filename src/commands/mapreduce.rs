@@ -112,11 +112,11 @@ pub async fn run(
             };
             prepare_external(&cfg, kafka, &j.name, shuffle_topic).await
         }
-        // The embedded broker's shuffle dies with the process: always from
-        // scratch.
         None if shuffle_topic.is_some() => {
             Err("--shuffle-topic needs a Kafka cluster (bootstrap_servers)".to_owned())
         }
+        // The embedded broker's shuffle dies with the process: always from
+        // scratch.
         None => match EmbeddedBroker::start(1) {
             Ok(broker) => {
                 let topic = sluice_mapreduce::shuffle_topic(&j.name, sluice_mapreduce::run_id());
@@ -206,6 +206,12 @@ pub async fn run(
                 "map: {} tasks over {} items; shuffle: {} records; reduce: {} keys into {} records; {} retries",
                 s.map_tasks, s.items, s.shuffle_records, s.keys, s.output_records, s.retries
             );
+            if s.spills > 0 {
+                println!(
+                    "reducers spilled {} sorted runs to disk (reduce_memory_mb)",
+                    s.spills
+                );
+            }
             if s.resumed != (0, 0) {
                 println!(
                     "resumed: {} map tasks and {} reducers were done by an earlier run",
