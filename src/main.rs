@@ -121,6 +121,11 @@ enum Command {
         /// The shuffle's Kafka cluster (default: the job's `bootstrap_servers`).
         #[arg(long)]
         bootstrap_servers: Option<String>,
+        /// An existing topic with `reduce_partitions` partitions to shuffle
+        /// through, for clusters where sluice may not create topics
+        /// (default: a new `sluice-mr-JOB-RUN` topic per run).
+        #[arg(long)]
+        shuffle_topic: Option<String>,
         /// Do not print the functions' log lines.
         #[arg(long, short)]
         quiet: bool,
@@ -364,8 +369,12 @@ fn main() -> ExitCode {
                 pipeline,
                 job,
                 bootstrap_servers,
+                shuffle_topic,
                 quiet,
-            } => commands::mapreduce::run(&pipeline, &job, bootstrap_servers, quiet).await,
+            } => {
+                commands::mapreduce::run(&pipeline, &job, bootstrap_servers, shuffle_topic, quiet)
+                    .await
+            }
             Command::Doctor { kafka } => commands::doctor::run(kafka.as_deref()).await,
             Command::State(StateCommand::Show {
                 pipeline,

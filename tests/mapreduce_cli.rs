@@ -1,8 +1,11 @@
 //! `sluice mapreduce PIPELINE JOB` as a user runs it.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Command;
 
-use sluice_test_support::{agent_binary, function_fixture};
+use sluice_ingest::kafka::EmbeddedBroker;
+use sluice_test_support::{Process, Signal, agent_binary, function_fixture};
 use tempfile::TempDir;
 
 #[test]
@@ -66,4 +69,168 @@ fn mapreduce_job_writes_part_files_and_names_bad_jobs() {
         stderr.contains("no job named \"nope\" with kind = \"mapreduce\"; MapReduce jobs: wc"),
         "{stderr}"
     );
+}
+
+/// A word-count job over 40 lines (4 map tasks, 2 reducers, one group per
+/// reduce call); `hang` is the map function's and the reduce function's
+/// `env` (`WORDCOUNT_HANG_ITEM`, `WORDCOUNT_HANG_KEY`), `servers` the
+/// shuffle's cluster (`None`: embedded).
+fn write_job(dir: &Path, f: &Path, hang: (&str, &str), servers: Option<&str>) {
+    if !dir.join("in.txt").exists() {
+        let lines: Vec<String> = (0..40)
+            .map(|i| format!("w{} w{} common zz{}", i % 7, i % 3, i % 2))
+            .collect();
+        std::fs::write(dir.join("in.txt"), lines.join("\n") + "\n").unwrap();
+    }
+    let servers = servers.map_or(String::new(), |s| format!("bootstrap_servers = {s:?}\n"));
+    std::fs::write(
+        dir.join("pipeline.toml"),
+        format!(
+            "[functions.m]\npath = {p:?}\nhandler = \"map\"\ntimeout = \"600s\"\nenv = {{ WORDCOUNT_HANG_ITEM = {m:?} }}\n\n\
+             [functions.r]\npath = {p:?}\nhandler = \"reduce\"\ntimeout = \"600s\"\nenv = {{ WORDCOUNT_HANG_KEY = {r:?} }}\n\n\
+             [job.wc]\nkind = \"mapreduce\"\nsource = \"in.txt\"\nmap = \"m\"\nreduce = \"r\"\n\
+             reduce_partitions = 2\nmax_items_per_call = 10\ngroups_per_call = 1\noutput = \"out\"\n{servers}",
+            p = f.display().to_string(),
+            m = hang.0,
+            r = hang.1,
+        ),
+    )
+    .unwrap();
+}
+
+/// `sluice mapreduce`, shuffling through `topic` when given.
+fn mapreduce(dir: &Path, topic: Option<&str>) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.env("SLUICE_AGENT", agent_binary())
+        .arg("mapreduce")
+        .arg(dir.join("pipeline.toml"))
+        .arg("wc");
+    if let Some(t) = topic {
+        c.arg("--shuffle-topic").arg(t);
+    }
+    c
+}
+
+/// Starts the job and SIGKILLs it once a stderr progress line holds `when`.
+fn kill_when(dir: &Path, topic: Option<&str>, when: &str) {
+    let mut p = Process::start("sluice mapreduce", mapreduce(dir, topic));
+    p.wait_line(when, |l| l.contains(when));
+    p.signal(Signal::SIGKILL);
+    let (status, _) = p.finish();
+    assert!(!status.success());
+}
+
+/// Runs the job to its end; returns stdout and stderr.
+fn finish(dir: &Path, topic: Option<&str>) -> (String, String) {
+    let out = mapreduce(dir, topic).output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    (stdout, stderr)
+}
+
+/// The counts of the output folder, after checking it holds the two part
+/// files, `_SUCCESS`, and nothing else (no temporary or state files).
+fn output(dir: &Path) -> BTreeMap<String, u64> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["_SUCCESS", "part-00000.jsonl", "part-00001.jsonl"]);
+    let mut counts = BTreeMap::new();
+    for p in 0..2 {
+        let text = std::fs::read_to_string(dir.join(format!("out/part-{p:05}.jsonl"))).unwrap();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let key = v["key"].as_str().unwrap().to_owned();
+            assert!(
+                counts.insert(key, v["value"].as_u64().unwrap()).is_none(),
+                "{line}"
+            );
+        }
+    }
+    counts
+}
+
+/// The count of the input, directly.
+fn direct(dir: &Path) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for w in std::fs::read_to_string(dir.join("in.txt"))
+        .unwrap()
+        .split_whitespace()
+    {
+        *counts.entry(w.to_owned()).or_default() += 1;
+    }
+    counts
+}
+
+/// On an external cluster, a run killed in its map phase and one killed in
+/// its reduce phase (one reducer done, the other mid-way) are resumed on
+/// the same shuffle topic: finished map tasks and reducers are not run
+/// again, and the output is the direct count.
+#[test]
+fn a_killed_run_on_a_kafka_cluster_is_resumed_with_the_same_result() {
+    let dir = TempDir::new().unwrap();
+    let f = function_fixture("wordcount");
+    let broker = EmbeddedBroker::start(1).unwrap();
+    let servers = Some(broker.bootstrap_servers());
+    // The test's broker is a mock cluster, which cannot create topics on
+    // request: the job shuffles through a topic made beforehand.
+    broker.create_topic("wc-shuffle", 2).unwrap();
+    let topic = Some("wc-shuffle");
+    // The map task of lines 0..10 never answers: kill after the other 3.
+    write_job(dir.path(), &f.dir, ("w0 w0 common zz0", ""), servers);
+    kill_when(dir.path(), topic, "map: 3/4 splits");
+    assert!(dir.path().join("out/.sluice-mapreduce.json").is_file());
+    // The map phase ends; the reduce call of key zz1 never answers: kill
+    // once the other reducer is done.
+    write_job(dir.path(), &f.dir, ("", "zz1"), servers);
+    kill_when(dir.path(), topic, "reduce: 1/2 partitions done");
+    write_job(dir.path(), &f.dir, ("", ""), servers);
+    let (stdout, stderr) = finish(dir.path(), topic);
+    assert!(stderr.contains("sluice: resuming an unfinished run (4 map tasks and 1 reducers done; attempt generation 3)"), "{stderr}");
+    assert!(stdout.contains("map: 4 tasks over 40 items"), "{stdout}");
+    assert!(
+        stdout.contains("resumed: 4 map tasks and 1 reducers were done by an earlier run"),
+        "{stdout}"
+    );
+    assert_eq!(output(dir.path()), direct(dir.path()));
+    // A run after a finished one starts afresh, from the topic's end (the
+    // records of the earlier run do not count), with the same result.
+    let (stdout, _) = finish(dir.path(), topic);
+    assert!(!stdout.contains("resumed"), "{stdout}");
+    assert_eq!(output(dir.path()), direct(dir.path()));
+    // Other input on the same topic: the earlier runs' records (the same
+    // map task numbers and attempts) are before the new run's start.
+    let mut text = std::fs::read_to_string(dir.path().join("in.txt")).unwrap();
+    text = text.replace("common", "other");
+    std::fs::write(dir.path().join("in.txt"), text).unwrap();
+    let (stdout, _) = finish(dir.path(), topic);
+    assert!(!stdout.contains("resumed"), "{stdout}");
+    let counts = output(dir.path());
+    assert_eq!(counts, direct(dir.path()));
+    assert!(!counts.contains_key("common"), "{counts:?}");
+}
+
+/// With the embedded broker the shuffle dies with the process: a run killed
+/// mid-way (one reducer done, the other mid-way) is run again from scratch,
+/// replacing the partial output, with the same result.
+#[test]
+fn a_killed_run_on_the_embedded_broker_is_rerun_from_scratch_with_the_same_result() {
+    let dir = TempDir::new().unwrap();
+    let f = function_fixture("wordcount");
+    write_job(dir.path(), &f.dir, ("", "zz1"), None);
+    kill_when(dir.path(), None, "reduce: 1/2 partitions done");
+    write_job(dir.path(), &f.dir, ("", ""), None);
+    let (stdout, stderr) = finish(dir.path(), None);
+    assert!(
+        stderr.contains("holds part files of an earlier run; this run replaces them"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("resumed"), "{stdout}");
+    assert!(stdout.contains("map: 4 tasks over 40 items"), "{stdout}");
+    assert_eq!(output(dir.path()), direct(dir.path()));
 }

@@ -27,10 +27,35 @@
 //!   groups in key order, and writes the records it answers to
 //!   `part-PPPPP.jsonl` (`{"key": ..., "value": ...}` per line, written to a
 //!   temporary name and renamed), readable by DuckDB and pandas.
-//! - **Re-running** a killed job starts from scratch on a fresh shuffle
-//!   topic and gives the same output.
-//!
-//! Groups are held in memory per reducer (no spilling yet).
+//! - **Faults.** A map call that fails (the function's process crashed,
+//!   timed out, answered an error) is retried with the same split while its
+//!   error is retryable; only a successful call's records are published, so
+//!   a crashed call leaves nothing in the shuffle. A reduce call is retried
+//!   the same way with the same groups; its answer is written only once it
+//!   succeeded.
+//! - **Killed runs** ([`RunState`]). On an external cluster the run's
+//!   state (its shuffle topic, the map tasks whose records and markers are
+//!   acknowledged, the reducers whose part file is written) is saved to
+//!   [`STATE_FILE`] in the output folder as the run goes. Running the same
+//!   job again (same settings and inputs, topic still there) resumes it: done
+//!   map tasks and reducers are skipped, the other reducers read their
+//!   partition again from its start. Each resumption is a new *generation*,
+//!   part of the attempt number on every record, so records a killed run
+//!   published without their marker never count. A fresh run on an
+//!   existing topic (`sluice mapreduce --shuffle-topic`) reads each
+//!   partition from its end offset at the start ([`end_offsets`]), so
+//!   earlier runs' records never count either. With the embedded broker
+//!   the shuffle dies with the process, and a run always starts from
+//!   scratch. A fresh run first removes the part, temporary and state files
+//!   of earlier runs, so outputs never mix; a finished run leaves
+//!   [`SUCCESS_FILE`].
+//! - **Memory.** A reducer holds its groups in memory up to
+//!   `reduce_memory_bytes` (keys and values sized as JSON), then writes them
+//!   as a sorted run (`.spill-P-N.tmp`, one `[key, [values]]` JSON line per
+//!   key) to the output folder and starts again; at the end the runs and
+//!   what is in memory are merged in key order, each key's values in arrival
+//!   order, so spilling never changes what the reduce function sees. (A map
+//!   task's records wait in memory until its marker arrives.)
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -166,6 +191,216 @@ pub struct MapReduceConfig {
     pub payload: PayloadFormat,
     /// What the reducers write.
     pub output_format: OutputFormat,
+    /// Bytes of grouped values a reducer holds in memory (keys and values
+    /// as JSON) before it sorts them and spills a run to disk.
+    pub reduce_memory_bytes: usize,
+}
+
+/// The default of [`MapReduceConfig::reduce_memory_bytes`]: 256 MiB.
+pub const DEFAULT_REDUCE_MEMORY_BYTES: usize = 256 << 20;
+
+/// The file of a run's durable progress in the output folder.
+pub const STATE_FILE: &str = ".sluice-mapreduce.json";
+/// The file a successful run leaves in the output folder (as Hadoop does).
+pub const SUCCESS_FILE: &str = "_SUCCESS";
+
+/// A finished reducer, as the run state records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReducerDone {
+    /// Its part file.
+    pub file: PathBuf,
+    /// Keys reduced.
+    pub keys: u64,
+    /// Records written.
+    pub records: u64,
+}
+
+/// A run's progress: its shuffle topic, and the map tasks and reducers
+/// finished. Saved to [`STATE_FILE`] as the run goes when the shuffle is
+/// durable (an external cluster), so that a killed run can be resumed on
+/// the same topic; with an embedded broker the shuffle dies with the
+/// process and a run always starts from scratch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// The shuffle topic.
+    pub topic: String,
+    /// Its cluster's bootstrap servers.
+    pub servers: String,
+    /// The job's settings and its inputs' sizes and times: a resumed run
+    /// must be the same job.
+    pub job: Value,
+    /// Where the run's records start in each partition (the topic's end
+    /// when the run started: records of earlier runs never count).
+    pub start_offsets: Vec<i64>,
+    /// 1 for a fresh run, +1 for each resumption; part of every record's
+    /// attempt number, so records a killed run left without their marker
+    /// are never matched with a later run's marker.
+    pub generation: u32,
+    /// Map tasks whose records and markers are all acknowledged.
+    pub maps_done: std::collections::BTreeSet<u64>,
+    /// Reducers whose part file is written.
+    pub reducers_done: BTreeMap<i32, ReducerDone>,
+    /// Whether to save this state as the run goes.
+    #[serde(skip)]
+    pub durable: bool,
+}
+
+impl RunState {
+    /// A fresh run on `topic`, whose partitions it reads from
+    /// `start_offsets` (missing ones: from the start; see [`end_offsets`]):
+    /// removes the output folder's part files,
+    /// temporary files, success marker and state of earlier runs (so that
+    /// outputs of runs never mix), and saves the new state when `durable`.
+    ///
+    /// # Errors
+    /// The output folder cannot be cleared or written.
+    pub fn fresh(
+        cfg: &MapReduceConfig,
+        servers: &str,
+        topic: &str,
+        start_offsets: Vec<i64>,
+        durable: bool,
+    ) -> Result<RunState, MapReduceError> {
+        std::fs::create_dir_all(&cfg.output).map_err(|source| MapReduceError::Output {
+            path: cfg.output.clone(),
+            source,
+        })?;
+        for entry in std::fs::read_dir(&cfg.output).map_err(|source| MapReduceError::Output {
+            path: cfg.output.clone(),
+            source,
+        })? {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("part-")
+                || name.starts_with(".part-")
+                || name.starts_with(".spill-")
+                || name == SUCCESS_FILE
+                || name == STATE_FILE
+            {
+                std::fs::remove_file(entry.path()).map_err(|source| MapReduceError::Output {
+                    path: entry.path(),
+                    source,
+                })?;
+            }
+        }
+        let state = RunState {
+            topic: topic.to_owned(),
+            servers: servers.to_owned(),
+            job: fingerprint(cfg),
+            start_offsets,
+            generation: 1,
+            maps_done: Default::default(),
+            reducers_done: BTreeMap::new(),
+            durable,
+        };
+        state.save(&cfg.output)?;
+        Ok(state)
+    }
+
+    /// The saved state of an earlier run of this same job (same settings,
+    /// inputs and cluster) that did not finish, if any.
+    pub fn resumable(cfg: &MapReduceConfig, servers: &str) -> Option<RunState> {
+        let text = std::fs::read(cfg.output.join(STATE_FILE)).ok()?;
+        let state: RunState = serde_json::from_slice(&text).ok()?;
+        (state.servers == servers && state.job == fingerprint(cfg)).then_some(state)
+    }
+
+    /// This state resumed: the next generation, saved.
+    ///
+    /// # Errors
+    /// The state cannot be written.
+    pub fn resume(mut self, cfg: &MapReduceConfig) -> Result<RunState, MapReduceError> {
+        self.generation += 1;
+        self.durable = true;
+        self.reducers_done.retain(|_, r| r.file.is_file());
+        // The killed run's temporary and spilled files are of no use.
+        if let Ok(dir) = std::fs::read_dir(&cfg.output) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".part-") || name.starts_with(".spill-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        self.save(&cfg.output)?;
+        Ok(self)
+    }
+
+    /// Writes the state (to a temporary name, then renamed) when durable.
+    fn save(&self, output: &Path) -> Result<(), MapReduceError> {
+        if !self.durable {
+            return Ok(());
+        }
+        let path = output.join(STATE_FILE);
+        let tmp = output.join(format!("{STATE_FILE}.tmp"));
+        let body = serde_json::to_vec_pretty(self).expect("the run state serializes");
+        std::fs::write(&tmp, body)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| MapReduceError::Output { path, source })
+    }
+
+    /// The attempt number of publishing attempt `attempt` in this run.
+    fn attempt(&self, attempt: u32) -> u32 {
+        self.generation
+            .saturating_mul(1000)
+            .saturating_add(attempt.min(999))
+    }
+}
+
+/// What makes two runs the same job: settings, and each input's size and
+/// modification time.
+fn fingerprint(cfg: &MapReduceConfig) -> Value {
+    let sources: Vec<Value> = cfg
+        .sources
+        .iter()
+        .map(|p| {
+            let meta = std::fs::metadata(p).ok();
+            let modified = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos().to_string());
+            json!([p, meta.map(|m| m.len()), modified])
+        })
+        .collect();
+    json!({
+        "sources": sources,
+        "input": format!("{:?}", cfg.input),
+        "items_per_split": cfg.items_per_split,
+        "map": cfg.map,
+        "combine": cfg.combine,
+        "reduce": cfg.reduce,
+        "reduce_partitions": cfg.reduce_partitions,
+        "groups_per_call": cfg.groups_per_call,
+        "payload": format!("{:?}", cfg.payload),
+        "output_format": format!("{:?}", cfg.output_format),
+    })
+}
+
+/// The run state shared by a run's tasks, saved as they finish.
+struct Checkpoint {
+    output: PathBuf,
+    state: std::sync::Mutex<RunState>,
+}
+
+impl Checkpoint {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn map_done(&self, task: u64) -> Result<(), MapReduceError> {
+        let mut s = self.lock();
+        s.maps_done.insert(task);
+        s.save(&self.output)
+    }
+
+    fn reducer_done(&self, p: i32, done: ReducerDone) -> Result<(), MapReduceError> {
+        let mut s = self.lock();
+        s.reducers_done.insert(p, done);
+        s.save(&self.output)
+    }
 }
 
 /// Counters of a run, updated as it goes (for progress views).
@@ -183,6 +418,8 @@ pub struct Progress {
     pub retries: AtomicU64,
     /// Set once every split has been read.
     pub splits_final: AtomicBool,
+    /// Sorted runs reducers spilled to disk.
+    pub spills: AtomicU64,
 }
 
 /// The outcome of a run.
@@ -200,8 +437,13 @@ pub struct Summary {
     pub output_records: u64,
     /// Map and reduce calls retried.
     pub retries: u64,
+    /// Sorted runs reducers spilled to disk (past `reduce_memory_bytes`).
+    pub spills: u64,
     /// The output files, one per reducer.
     pub output_files: Vec<PathBuf>,
+    /// Map tasks and reducers an earlier, killed run of this job had
+    /// finished (not run again).
+    pub resumed: (u64, u64),
     /// Wall time.
     pub duration: Duration,
 }
@@ -244,14 +486,27 @@ pub async fn collect(
     p: i32,
     tasks: u64,
 ) -> Result<BTreeMap<String, Vec<Value>>, MapReduceError> {
-    let consumer = partition_consumer(kafka, topic, p)?;
+    let consumer = partition_consumer(kafka, topic, p, None)?;
     let (_tx, total) = watch::channel(Some(tasks));
     let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        collect_partition(&consumer, &topic, p, &total, &AtomicBool::new(false))
+    let grouped = tokio::task::spawn_blocking(move || {
+        let spill = Spill {
+            budget: usize::MAX,
+            dir: PathBuf::from("."),
+            progress: None,
+        };
+        collect_partition(
+            &consumer,
+            &topic,
+            p,
+            &total,
+            &AtomicBool::new(false),
+            &spill,
+        )
     })
     .await
-    .map_err(|e| MapReduceError::Config(format!("collecting partition {p} panicked: {e}")))?
+    .map_err(|e| MapReduceError::Config(format!("collecting partition {p} panicked: {e}")))??;
+    Ok(grouped.memory)
 }
 
 /// A consumer reading partition `p` of `topic` from its start.
@@ -259,6 +514,7 @@ fn partition_consumer(
     kafka: &KafkaSettings,
     topic: &str,
     p: i32,
+    start: Option<i64>,
 ) -> Result<BaseConsumer, MapReduceError> {
     let consumer: BaseConsumer = kafka
         .client()
@@ -268,7 +524,10 @@ fn partition_consumer(
         .create()
         .map_err(|e| kafka_err(format!("creating reducer {p}'s consumer"), e))?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, p, Offset::Beginning)
+    let offset = start
+        .filter(|o| *o > 0)
+        .map_or(Offset::Beginning, Offset::Offset);
+    tpl.add_partition_offset(topic, p, offset)
         .map_err(|e| kafka_err(format!("assigning partition {p}"), e))?;
     consumer
         .assign(&tpl)
@@ -350,8 +609,11 @@ async fn call_groups(
     records(function, &response.payload)
 }
 
-/// Runs the job; the shuffle topic must exist with `reduce_partitions`
-/// partitions (see [`shuffle_topic`]).
+/// Runs the job on `state`'s shuffle topic, which must exist with
+/// `reduce_partitions` partitions (see [`shuffle_topic`] and
+/// [`RunState`]): map tasks and reducers the state records as done are
+/// not run again. On success the output folder gets [`SUCCESS_FILE`] and
+/// loses [`STATE_FILE`].
 ///
 /// # Errors
 /// See [`MapReduceError`]; the output folder may hold some part files then.
@@ -359,7 +621,7 @@ pub async fn run(
     executor: &Executor,
     kafka: &KafkaSettings,
     cfg: MapReduceConfig,
-    topic: &str,
+    state: RunState,
     progress: Arc<Progress>,
 ) -> Result<Summary, MapReduceError> {
     if cfg.reduce_partitions < 1 || cfg.items_per_split == 0 || cfg.groups_per_call == 0 {
@@ -378,6 +640,16 @@ pub async fn run(
         path: cfg.output.clone(),
         source,
     })?;
+    let resumed = (
+        state.maps_done.len() as u64,
+        state.reducers_done.len() as u64,
+    );
+    let topic = state.topic.clone();
+    let topic = topic.as_str();
+    let checkpoint = Arc::new(Checkpoint {
+        output: cfg.output.clone(),
+        state: std::sync::Mutex::new(state),
+    });
     let producer: FutureProducer = kafka
         .client()
         .set("enable.idempotence", "true")
@@ -391,6 +663,11 @@ pub async fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let mut reducers = tokio::task::JoinSet::new();
     for p in 0..cfg.reduce_partitions {
+        if let Some(done) = checkpoint.lock().reducers_done.get(&p).cloned() {
+            progress.reducers_done.fetch_add(1, Ordering::Relaxed);
+            reducers.spawn(async move { Ok((done.file, done.keys, done.records)) });
+            continue;
+        }
         let (ex, kafka, cfg, topic) = (
             executor.clone(),
             kafka.clone(),
@@ -398,12 +675,28 @@ pub async fn run(
             topic.to_owned(),
         );
         let (total, stop, progress) = (total_rx.clone(), Arc::clone(&stop), Arc::clone(&progress));
+        let checkpoint = Arc::clone(&checkpoint);
+        let start = checkpoint
+            .lock()
+            .start_offsets
+            .get(usize::try_from(p).unwrap_or(0))
+            .copied();
         reducers.spawn(async move {
-            reduce_partition(&ex, &kafka, &cfg, &topic, p, total, stop, &progress).await
+            let out = reduce_partition(&ex, &kafka, &cfg, &topic, p, start, total, stop, &progress)
+                .await?;
+            checkpoint.reducer_done(
+                p,
+                ReducerDone {
+                    file: out.0.clone(),
+                    keys: out.1,
+                    records: out.2,
+                },
+            )?;
+            Ok(out)
         });
     }
 
-    let result = map_phase(executor, &producer, &cfg, topic, &progress).await;
+    let result = map_phase(executor, &producer, &cfg, &checkpoint, &progress).await;
     let (tasks, items) = match result {
         Ok(counts) => counts,
         Err(e) => {
@@ -433,6 +726,18 @@ pub async fn run(
         return Err(e);
     }
     outputs.sort_by(|a, b| a.0.cmp(&b.0));
+    let success = cfg.output.join(SUCCESS_FILE);
+    std::fs::write(&success, b"").map_err(|source| MapReduceError::Output {
+        path: success,
+        source,
+    })?;
+    let state_file = cfg.output.join(STATE_FILE);
+    if state_file.exists() {
+        std::fs::remove_file(&state_file).map_err(|source| MapReduceError::Output {
+            path: state_file,
+            source,
+        })?;
+    }
     Ok(Summary {
         map_tasks: tasks,
         items,
@@ -440,7 +745,9 @@ pub async fn run(
         keys: outputs.iter().map(|o| o.1).sum(),
         output_records: outputs.iter().map(|o| o.2).sum(),
         retries: progress.retries.load(Ordering::Relaxed),
+        spills: progress.spills.load(Ordering::Relaxed),
         output_files: outputs.into_iter().map(|o| o.0).collect(),
+        resumed,
         duration: started.elapsed(),
     })
 }
@@ -451,7 +758,7 @@ async fn map_phase(
     executor: &Executor,
     producer: &FutureProducer,
     cfg: &MapReduceConfig,
-    topic: &str,
+    checkpoint: &Arc<Checkpoint>,
     progress: &Arc<Progress>,
 ) -> Result<(u64, u64), MapReduceError> {
     let limits = Limits {
@@ -491,19 +798,23 @@ async fn map_phase(
         n += 1;
         items += split.count as u64;
         progress.splits.fetch_add(1, Ordering::Relaxed);
+        if checkpoint.lock().maps_done.contains(&task) {
+            progress.maps_done.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         let permit = Arc::clone(&permits)
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let (ex, producer, cfg, topic, progress) = (
+        let (ex, producer, cfg, checkpoint, progress) = (
             executor.clone(),
             producer.clone(),
             cfg.clone(),
-            topic.to_owned(),
+            Arc::clone(checkpoint),
             Arc::clone(progress),
         );
         tasks.spawn(async move {
-            let r = map_task(&ex, &producer, &cfg, &topic, task, &split, &progress).await;
+            let r = map_task(&ex, &producer, &cfg, &checkpoint, task, &split, &progress).await;
             drop(permit);
             r
         });
@@ -535,7 +846,7 @@ async fn map_task(
     executor: &Executor,
     producer: &FutureProducer,
     cfg: &MapReduceConfig,
-    topic: &str,
+    checkpoint: &Checkpoint,
     task: u64,
     split: &sluice_taskgen::Split,
     progress: &Progress,
@@ -578,13 +889,18 @@ async fn map_task(
             );
         }
     }
+    let (topic, first) = {
+        let s = checkpoint.lock();
+        (s.topic.clone(), s.attempt(0))
+    };
     let mut last_error = None;
     for attempt in 1..=cfg.max_attempts.max(1) {
         if attempt > 1 {
             progress.retries.fetch_add(1, Ordering::Relaxed);
         }
-        match publish(producer, cfg, topic, task, attempt, &out).await {
+        match publish(producer, cfg, &topic, task, first + attempt, &out).await {
             Ok(()) => {
+                checkpoint.map_done(task)?;
                 progress
                     .shuffle_records
                     .fetch_add(out.len() as u64, Ordering::Relaxed);
@@ -688,18 +1004,25 @@ async fn reduce_partition(
     cfg: &MapReduceConfig,
     topic: &str,
     p: i32,
+    start: Option<i64>,
     total: watch::Receiver<Option<u64>>,
     stop: Arc<AtomicBool>,
-    progress: &Progress,
+    progress: &Arc<Progress>,
 ) -> Result<(PathBuf, u64, u64), MapReduceError> {
-    let consumer = partition_consumer(kafka, topic, p)?;
+    let consumer = partition_consumer(kafka, topic, p, start)?;
     let topic_name = topic.to_owned();
+    let spill = Spill {
+        budget: cfg.reduce_memory_bytes.max(1),
+        dir: cfg.output.clone(),
+        progress: Some(Arc::clone(progress)),
+    };
     // Polling blocks: it runs on a blocking thread.
-    let groups = tokio::task::spawn_blocking(move || {
-        collect_partition(&consumer, &topic_name, p, &total, &stop)
+    let grouped = tokio::task::spawn_blocking(move || {
+        collect_partition(&consumer, &topic_name, p, &total, &stop, &spill)
     })
     .await
     .map_err(|e| MapReduceError::Config(format!("reducer {p} panicked: {e}")))??;
+    let mut groups = grouped.merged()?;
 
     let path = cfg.output.join(format!("part-{p:05}.jsonl"));
     let tmp = cfg.output.join(format!(".part-{p:05}.jsonl.tmp"));
@@ -708,15 +1031,23 @@ async fn reduce_partition(
         source,
     };
     let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(out_err)?);
-    let refs: Vec<(&String, &Vec<Value>)> = groups.iter().collect();
-    let mut written = 0u64;
-    for chunk in refs.chunks(cfg.groups_per_call.max(1)) {
+    let (mut written, mut keys) = (0u64, 0u64);
+    loop {
+        let chunk = groups
+            .by_ref()
+            .take(cfg.groups_per_call.max(1))
+            .collect::<Result<Vec<_>, _>>()?;
+        if chunk.is_empty() {
+            break;
+        }
+        keys += chunk.len() as u64;
+        let refs: Vec<(&String, &Vec<Value>)> = chunk.iter().map(|(k, vs)| (k, vs)).collect();
         let out = call_groups(
             executor,
             &cfg.reduce,
             "reduce",
             p,
-            chunk,
+            &refs,
             cfg.max_attempts,
             progress,
         )
@@ -728,6 +1059,7 @@ async fn reduce_partition(
             written += 1;
         }
     }
+    drop(groups);
     file.flush().map_err(out_err)?;
     drop(file);
     let path = match cfg.output_format {
@@ -740,13 +1072,18 @@ async fn reduce_partition(
         }
         OutputFormat::Parquet => {
             let parquet = path.with_extension("parquet");
-            jsonl_to_parquet(&tmp, &parquet)?;
+            let tmp_parquet = cfg.output.join(format!(".part-{p:05}.parquet.tmp"));
+            jsonl_to_parquet(&tmp, &tmp_parquet)?;
+            std::fs::rename(&tmp_parquet, &parquet).map_err(|source| MapReduceError::Output {
+                path: parquet.clone(),
+                source,
+            })?;
             let _ = std::fs::remove_file(&tmp);
             parquet
         }
     };
     progress.reducers_done.fetch_add(1, Ordering::Relaxed);
-    Ok((path, groups.len() as u64, written))
+    Ok((path, keys, written))
 }
 
 /// Converts a reducer's JSON lines to Parquet, with the schema inferred
@@ -787,26 +1124,165 @@ fn jsonl_to_parquet(jsonl: &Path, parquet: &Path) -> Result<(), MapReduceError> 
 
 pub use sluice_pipeline::OutputFormat;
 
+/// A reducer's values by key: sorted runs spilled to disk, and what is
+/// still in memory.
+#[derive(Debug, Default)]
+pub struct Grouped {
+    /// Values by key not spilled.
+    pub memory: BTreeMap<String, Vec<Value>>,
+    /// Spilled runs, oldest first: one `[key, [values...]]` JSON line per
+    /// key, in key order.
+    pub runs: Vec<PathBuf>,
+}
+
+impl Grouped {
+    /// The groups in key order, each key's values in arrival order (runs
+    /// merged); spilled runs are deleted once read.
+    ///
+    /// # Errors
+    /// A run cannot be read.
+    pub fn merged(self) -> Result<MergedGroups, MapReduceError> {
+        let mut sources: Vec<GroupSource> = Vec::new();
+        for run in &self.runs {
+            let file = std::fs::File::open(run).map_err(|source| MapReduceError::Output {
+                path: run.clone(),
+                source,
+            })?;
+            let path = run.clone();
+            let lines = std::io::BufRead::lines(std::io::BufReader::new(file));
+            sources.push(Box::new(lines.map(move |line| {
+                let line = line.map_err(|source| MapReduceError::Output {
+                    path: path.clone(),
+                    source,
+                })?;
+                serde_json::from_str(&line).map_err(|e| MapReduceError::Output {
+                    path: path.clone(),
+                    source: std::io::Error::other(e),
+                })
+            })));
+        }
+        sources.push(Box::new(self.memory.into_iter().map(Ok)));
+        let mut merged = MergedGroups {
+            heads: Vec::with_capacity(sources.len()),
+            sources,
+            runs: self.runs,
+        };
+        for i in 0..merged.sources.len() {
+            let head = merged.sources[i].next().transpose()?;
+            merged.heads.push(head);
+        }
+        Ok(merged)
+    }
+}
+
+/// A sorted source of groups: a spilled run, or what stayed in memory.
+type GroupSource = Box<dyn Iterator<Item = Result<(String, Vec<Value>), MapReduceError>> + Send>;
+
+/// The groups of a [`Grouped`], merged in key order.
+pub struct MergedGroups {
+    sources: Vec<GroupSource>,
+    heads: Vec<Option<(String, Vec<Value>)>>,
+    runs: Vec<PathBuf>,
+}
+
+impl Iterator for MergedGroups {
+    type Item = Result<(String, Vec<Value>), MapReduceError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // Few runs: a linear scan for the smallest head is enough.
+        let key = self
+            .heads
+            .iter()
+            .filter_map(|h| h.as_ref().map(|(k, _)| k))
+            .min()?
+            .clone();
+        let mut values = Vec::new();
+        for i in 0..self.heads.len() {
+            if self.heads[i].as_ref().is_some_and(|(k, _)| *k == key) {
+                let (_, vs) = self.heads[i].take().expect("checked above");
+                values.extend(vs);
+                match self.sources[i].next().transpose() {
+                    Ok(head) => self.heads[i] = head,
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+        }
+        Some(Ok((key, values)))
+    }
+}
+
+impl Drop for MergedGroups {
+    fn drop(&mut self) {
+        for run in &self.runs {
+            let _ = std::fs::remove_file(run);
+        }
+    }
+}
+
+/// Where a reducer spills, and past which size.
+struct Spill {
+    budget: usize,
+    dir: PathBuf,
+    progress: Option<Arc<Progress>>,
+}
+
+/// A value's share of a reducer's memory budget: its JSON size and the
+/// bookkeeping around it.
+fn value_bytes(v: &Value) -> usize {
+    const OVERHEAD: usize = 32;
+    OVERHEAD
+        + match v {
+            Value::Null | Value::Bool(_) | Value::Number(_) => 8,
+            Value::String(s) => s.len() + 2,
+            other => other.to_string().len(),
+        }
+}
+
+/// Writes `groups` (sorted) as a spilled run of partition `p`.
+fn spill_run(
+    groups: &BTreeMap<String, Vec<Value>>,
+    dir: &Path,
+    p: i32,
+    n: usize,
+) -> Result<PathBuf, MapReduceError> {
+    let path = dir.join(format!(".spill-{p:05}-{n:05}.tmp"));
+    let err = |source| MapReduceError::Output {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(err)?);
+    for group in groups {
+        serde_json::to_writer(&mut file, &group).map_err(|e| err(e.into()))?;
+        file.write_all(b"\n").map_err(err)?;
+    }
+    file.flush().map_err(err)?;
+    Ok(path)
+}
+
 /// A partition's values by key, counting each map task's first marked
-/// attempt only; returns once all `total` tasks are marked.
+/// attempt only; returns once all `total` tasks are marked. Past
+/// `spill.budget` bytes of grouped values, the groups are written to a
+/// sorted run on disk and memory starts again.
 fn collect_partition(
     consumer: &BaseConsumer,
     topic: &str,
     p: i32,
     total: &watch::Receiver<Option<u64>>,
     stop: &AtomicBool,
-) -> Result<BTreeMap<String, Vec<Value>>, MapReduceError> {
+    spill: &Spill,
+) -> Result<Grouped, MapReduceError> {
     let mut pending: HashMap<(u64, u32), Vec<(String, Value)>> = HashMap::new();
     let mut accepted: HashSet<u64> = HashSet::new();
-    let mut groups: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut grouped = Grouped::default();
+    let mut bytes = 0usize;
     loop {
         if let Some(n) = *total.borrow()
             && accepted.len() as u64 >= n
         {
-            return Ok(groups);
+            return Ok(grouped);
         }
         if stop.load(Ordering::SeqCst) {
-            return Ok(groups);
+            return Ok(grouped);
         }
         let Some(m) = consumer.poll(Duration::from_millis(100)) else {
             continue;
@@ -828,9 +1304,26 @@ fn collect_partition(
             None => {
                 accepted.insert(rec.t);
                 for (k, v) in pending.remove(&(rec.t, rec.a)).unwrap_or_default() {
-                    groups.entry(k).or_default().push(v);
+                    bytes += value_bytes(&v);
+                    match grouped.memory.get_mut(&k) {
+                        Some(vs) => vs.push(v),
+                        None => {
+                            bytes += k.len() + 64;
+                            grouped.memory.insert(k, vec![v]);
+                        }
+                    }
                 }
                 pending.retain(|(t, _), _| *t != rec.t);
+                if bytes > spill.budget {
+                    let run = spill_run(&grouped.memory, &spill.dir, p, grouped.runs.len())?;
+                    tracing::debug!(partition = p, bytes, run = %run.display(), "spilled a sorted run");
+                    grouped.runs.push(run);
+                    grouped.memory.clear();
+                    bytes = 0;
+                    if let Some(progress) = &spill.progress {
+                        progress.spills.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }
@@ -849,4 +1342,53 @@ pub fn has_parts(path: &Path) -> bool {
     std::fs::read_dir(path).is_ok_and(|mut d| {
         d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("part-")))
     })
+}
+
+/// The number of partitions of `topic`, `None` when it does not exist
+/// (blocks for at most `timeout`).
+///
+/// # Errors
+/// Kafka errors.
+pub fn topic_partitions(
+    kafka: &KafkaSettings,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i32>, MapReduceError> {
+    let consumer: BaseConsumer = kafka
+        .client()
+        .create()
+        .map_err(|e| kafka_err("creating a metadata client", e))?;
+    let meta = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| kafka_err(format!("reading the metadata of {topic}"), e))?;
+    Ok(meta
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| i32::try_from(t.partitions().len()).unwrap_or(i32::MAX)))
+}
+
+/// The end offset of each of `topic`'s first `partitions` partitions: where
+/// a fresh run on an existing topic starts reading.
+///
+/// # Errors
+/// Kafka errors.
+pub fn end_offsets(
+    kafka: &KafkaSettings,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Result<Vec<i64>, MapReduceError> {
+    let consumer: BaseConsumer = kafka
+        .client()
+        .create()
+        .map_err(|e| kafka_err("creating a metadata client", e))?;
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, timeout)
+                .map(|(_, high)| high)
+                .map_err(|e| kafka_err(format!("reading the end of {topic}/{p}"), e))
+        })
+        .collect()
 }

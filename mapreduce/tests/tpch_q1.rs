@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
 use sluice_executor::{Executor, FunctionSpec};
 use sluice_ingest::kafka::EmbeddedBroker;
-use sluice_mapreduce::{MapReduceConfig, Progress, shuffle_topic};
+use sluice_mapreduce::{MapReduceConfig, Progress, RunState, shuffle_topic};
 use sluice_taskgen::distributed::KafkaSettings;
 use sluice_taskgen::{Format, PayloadFormat};
 use sluice_test_support::{agent_binary, function_fixture};
@@ -141,8 +141,10 @@ async fn q1_equals_a_direct_arrow_computation() {
         output: dir.path().join("q1"),
         payload: PayloadFormat::Arrow,
         output_format: sluice_mapreduce::OutputFormat::Parquet,
+        reduce_memory_bytes: sluice_mapreduce::DEFAULT_REDUCE_MEMORY_BYTES,
     };
-    let summary = sluice_mapreduce::run(&ex, &kafka, cfg, &topic, Arc::new(Progress::default()))
+    let state = RunState::fresh(&cfg, &kafka.servers, &topic, Vec::new(), false).unwrap();
+    let summary = sluice_mapreduce::run(&ex, &kafka, cfg, state, Arc::new(Progress::default()))
         .await
         .unwrap();
     ex.shutdown().await;

@@ -8,11 +8,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
 use sluice_executor::{Executor, FunctionSpec};
 use sluice_ingest::kafka::EmbeddedBroker;
-use sluice_mapreduce::{MapReduceConfig, Progress, shuffle_topic};
+use sluice_mapreduce::{
+    MapReduceConfig, Progress, RunState, Summary, partition_of, shuffle_record, shuffle_topic,
+};
 use sluice_taskgen::Format;
 use sluice_taskgen::distributed::KafkaSettings;
 use sluice_test_support::{FunctionFixture, agent_binary, function_fixture};
@@ -63,28 +66,70 @@ fn direct_count(files: &[PathBuf]) -> BTreeMap<String, u64> {
     counts
 }
 
-fn executor(f: &FunctionFixture) -> Executor {
+/// How a word count runs.
+struct Case {
+    partitions: i32,
+    combine: bool,
+    items_per_split: usize,
+    groups_per_call: usize,
+    /// `WORDCOUNT_CRASH_EVERY` of the map and the reduce function: the
+    /// function's process exits in the middle of every Nth call it serves.
+    crash_map_every: Option<u32>,
+    crash_reduce_every: Option<u32>,
+    reduce_memory_bytes: usize,
+    max_concurrency: usize,
+    /// Resume as generation 2 of a run whose generation 1 was killed while
+    /// publishing map task 0: its records are in the topic, its marker not.
+    killed_while_publishing: bool,
+}
+
+impl Case {
+    fn new(partitions: i32) -> Self {
+        Self {
+            partitions,
+            combine: false,
+            items_per_split: 200,
+            groups_per_call: 500,
+            crash_map_every: None,
+            crash_reduce_every: None,
+            reduce_memory_bytes: sluice_mapreduce::DEFAULT_REDUCE_MEMORY_BYTES,
+            max_concurrency: 2,
+            killed_while_publishing: false,
+        }
+    }
+}
+
+fn executor(f: &FunctionFixture, case: &Case) -> Executor {
     let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
         agent_binary(),
     ))));
-    for (name, handler) in [("wc-map", "map"), ("wc-reduce", "reduce")] {
+    for (name, handler, crash) in [
+        ("wc-map", "map", case.crash_map_every),
+        ("wc-reduce", "reduce", case.crash_reduce_every),
+    ] {
         let mut s = FunctionSpec::new(name, &f.dir);
         s.handler = handler.into();
         s.timeout = Duration::from_secs(30);
         s.concurrency = 2;
+        if let Some(n) = crash {
+            s.env.push(("WORDCOUNT_CRASH_EVERY".into(), n.to_string()));
+            // One sandbox: a retried call goes to the fresh sandbox that
+            // replaced the crashed one, whose first call succeeds.
+            s.concurrency = 1;
+        }
         ex.register(s);
     }
     ex
 }
 
-/// Runs word count with `partitions` reducers (and a combiner if asked);
-/// returns the counts read back from the part files.
-async fn wordcount(files: &[PathBuf], partitions: i32, combine: bool) -> BTreeMap<String, u64> {
+/// Runs word count; returns the counts read back from the part files, and
+/// the summary.
+async fn wordcount(files: &[PathBuf], case: &Case) -> (BTreeMap<String, u64>, Summary) {
     let f = function_fixture("wordcount");
-    let ex = executor(&f);
+    let ex = executor(&f, case);
     let broker = EmbeddedBroker::start(1).unwrap();
     let topic = shuffle_topic("wordcount", sluice_mapreduce::run_id());
-    broker.create_topic(&topic, partitions).unwrap();
+    broker.create_topic(&topic, case.partitions).unwrap();
     let kafka = KafkaSettings {
         servers: broker.bootstrap_servers().to_owned(),
         properties: Vec::new(),
@@ -94,24 +139,51 @@ async fn wordcount(files: &[PathBuf], partitions: i32, combine: bool) -> BTreeMa
         job: "wordcount".into(),
         sources: files.to_vec(),
         input: Format::Text.into(),
-        items_per_split: 200,
+        items_per_split: case.items_per_split,
         map: "wc-map".into(),
-        combine: combine.then(|| "wc-reduce".to_owned()),
+        combine: case.combine.then(|| "wc-reduce".to_owned()),
         reduce: "wc-reduce".into(),
-        reduce_partitions: partitions,
-        groups_per_call: 500,
-        max_concurrency: 2,
+        reduce_partitions: case.partitions,
+        groups_per_call: case.groups_per_call,
+        max_concurrency: case.max_concurrency,
         max_attempts: 2,
         output: out.path().join("counts"),
         payload: sluice_taskgen::PayloadFormat::Json,
         output_format: sluice_mapreduce::OutputFormat::Jsonl,
+        reduce_memory_bytes: case.reduce_memory_bytes,
     };
+    let mut state = RunState::fresh(&cfg, &kafka.servers, &topic, Vec::new(), false).unwrap();
+    if case.killed_while_publishing {
+        let producer: FutureProducer = kafka.client().create().unwrap();
+        for key in ["stale-a", "stale-b", "the"] {
+            // Task 0, generation 1's first publishing attempt.
+            let body = shuffle_record(0, 1001, Some(key), json!(1000));
+            let p = partition_of(key, case.partitions);
+            let record = FutureRecord::<str, [u8]>::to(&topic)
+                .partition(p)
+                .key(key)
+                .payload(&body);
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+        state.generation = 2;
+    }
     let progress = Arc::new(Progress::default());
-    let summary = sluice_mapreduce::run(&ex, &kafka, cfg, &topic, progress)
+    let summary = sluice_mapreduce::run(&ex, &kafka, cfg, state, progress)
         .await
         .unwrap();
     ex.shutdown().await;
-    assert_eq!(summary.output_files.len(), partitions as usize);
+    assert_eq!(summary.output_files.len(), case.partitions as usize);
+    assert!(out.path().join("counts/_SUCCESS").is_file());
+    // No temporary or spilled files are left.
+    let left: Vec<_> = std::fs::read_dir(out.path().join("counts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     let mut counts = BTreeMap::new();
     for file in &summary.output_files {
         for line in std::fs::read_to_string(file).unwrap().lines() {
@@ -125,7 +197,7 @@ async fn wordcount(files: &[PathBuf], partitions: i32, combine: bool) -> BTreeMa
         }
     }
     assert_eq!(summary.keys, counts.len() as u64);
-    counts
+    (counts, summary)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,13 +209,76 @@ async fn word_count_equals_a_direct_count() {
         "a corpus of {} words is too small",
         want.len()
     );
-    let got = wordcount(&files, 4, false).await;
+    let (got, summary) = wordcount(&files, &Case::new(4)).await;
     assert_eq!(got, want);
+    assert_eq!(summary.retries, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_combiner_does_not_change_the_result() {
     let files = corpus();
-    let got = wordcount(&files[..3], 2, true).await;
+    let mut case = Case::new(2);
+    case.combine = true;
+    let (got, _) = wordcount(&files[..3], &case).await;
+    assert_eq!(got, direct_count(&files[..3]));
+}
+
+/// Map calls whose process exits mid-call are retried on a fresh sandbox;
+/// a crashed call published nothing, so nothing is counted twice. (One
+/// call at a time: the retry is the fresh sandbox's first call.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_tasks_that_crash_once_are_retried_without_changing_the_result() {
+    let files = corpus();
+    let mut case = Case::new(2);
+    case.items_per_split = 60;
+    case.max_concurrency = 1;
+    case.crash_map_every = Some(2);
+    let (got, summary) = wordcount(&files[..3], &case).await;
+    assert_eq!(got, direct_count(&files[..3]));
+    assert!(summary.map_tasks >= 4, "{summary:?}");
+    // Every second call crashed: about half the tasks were retried.
+    assert!(summary.retries >= summary.map_tasks / 2, "{summary:?}");
+}
+
+/// A reduce function whose process exits in the middle of a reducer's
+/// calls (after it answered some groups) is called again for the groups of
+/// the crashed call; the part file holds every key once. (One reducer, so
+/// that the retry is the fresh sandbox's first call.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reducer_that_crashes_mid_way_is_rerun_and_its_output_is_complete() {
+    let files = corpus();
+    let mut case = Case::new(1);
+    case.groups_per_call = 40;
+    case.crash_reduce_every = Some(3);
+    let (got, summary) = wordcount(&files[..3], &case).await;
+    assert_eq!(got, direct_count(&files[..3]));
+    // The reducer makes more than 3 calls: some crashed mid-way.
+    assert!(got.len() > 3 * 40, "{} keys", got.len());
+    assert!(summary.retries >= 1, "{summary:?}");
+}
+
+/// With a reduce memory budget of a few KiB, reducers spill many sorted
+/// runs to disk and merge them: the result is the in-memory one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_reduce_memory_budget_spills_sorted_runs_without_changing_the_result() {
+    let files = corpus();
+    let mut case = Case::new(2);
+    case.items_per_split = 50;
+    case.reduce_memory_bytes = 16 << 10;
+    let (got, summary) = wordcount(&files[..3], &case).await;
+    assert_eq!(got, direct_count(&files[..3]));
+    assert!(summary.spills >= 4, "{summary:?}");
+}
+
+/// A resumed run (generation 2) on a topic holding records of map task 0
+/// that the killed generation 1 published without their end-of-map marker:
+/// the resumed run publishes task 0 again under its own attempt number, and
+/// the stale records never count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_killed_run_published_without_their_marker_never_count() {
+    let files = corpus();
+    let mut case = Case::new(2);
+    case.killed_while_publishing = true;
+    let (got, _) = wordcount(&files[..3], &case).await;
     assert_eq!(got, direct_count(&files[..3]));
 }

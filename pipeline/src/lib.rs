@@ -133,6 +133,7 @@
 //! | `reduce` | required | a declared function |
 //! | `reduce_partitions` | [`DEFAULT_REDUCE_PARTITIONS`] | [`REDUCE_PARTITIONS_RANGE`] |
 //! | `groups_per_call` | [`DEFAULT_GROUPS_PER_CALL`] | [`MAX_ITEMS_PER_CALL_RANGE`] |
+//! | `reduce_memory_mb` | [`DEFAULT_REDUCE_MEMORY_MB`] | [`REDUCE_MEMORY_MB_RANGE`]: grouped values a reducer holds before it spills sorted runs to the output folder |
 //! | `output` | required | a folder |
 //! | `output_format` | `"jsonl"` | `"jsonl"` or `"parquet"` |
 //!
@@ -262,6 +263,10 @@ pub const DEFAULT_REDUCE_PARTITIONS: u32 = 4;
 pub const REDUCE_PARTITIONS_RANGE: RangeInclusive<u32> = 1..=256;
 /// Default `groups_per_call` of a MapReduce job's reduce calls.
 pub const DEFAULT_GROUPS_PER_CALL: u32 = 1000;
+/// Default `reduce_memory_mb`: what a reducer holds before spilling.
+pub const DEFAULT_REDUCE_MEMORY_MB: u32 = 256;
+/// Allowed `reduce_memory_mb`.
+pub const REDUCE_MEMORY_MB_RANGE: RangeInclusive<u32> = 1..=1_048_576;
 
 /// Default `max_attempts` of a backfill call (for retryable errors).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -396,6 +401,9 @@ pub struct MapReduceJob {
     pub reduce_partitions: u32,
     /// Key groups per reduce call. Default [`DEFAULT_GROUPS_PER_CALL`].
     pub groups_per_call: u32,
+    /// MiB of grouped values a reducer holds before spilling sorted runs to
+    /// disk. Default [`DEFAULT_REDUCE_MEMORY_MB`].
+    pub reduce_memory_mb: u32,
     /// Items per map split. Default [`DEFAULT_MAX_ITEMS_PER_CALL`].
     pub max_items_per_call: u32,
     /// Calls in flight; `None`: the map function's concurrency.

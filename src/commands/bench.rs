@@ -1181,9 +1181,18 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
         output: dir.0.join("out"),
         payload: j.payload,
         output_format: sluice_mapreduce::OutputFormat::Jsonl,
+        reduce_memory_bytes: (j.reduce_memory_mb as usize) << 20,
     };
     let progress = Arc::new(sluice_mapreduce::Progress::default());
-    let result = sluice_mapreduce::run(&ex, &kafka, cfg, &topic, progress).await;
+    let state =
+        match sluice_mapreduce::RunState::fresh(&cfg, &kafka.servers, &topic, Vec::new(), false) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::INVOKE_FAILED;
+            }
+        };
+    let result = sluice_mapreduce::run(&ex, &kafka, cfg, state, progress).await;
     ex.shutdown().await;
     let s = match result {
         Ok(s) => s,

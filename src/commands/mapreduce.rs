@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sluice_ingest::kafka::EmbeddedBroker;
-use sluice_mapreduce::{MapReduceConfig, Progress};
+use sluice_mapreduce::{MapReduceConfig, Progress, RunState};
 use sluice_pipeline::BootstrapServers;
 use sluice_taskgen::distributed::{KafkaSettings, ensure_topic};
 use sluice_taskgen::{Format, Input};
@@ -33,7 +33,13 @@ fn progress_line(p: &Progress, partitions: u32) -> String {
 }
 
 /// Runs the job; exit 0, 2 on a bad job, 3 when it failed.
-pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: bool) -> u8 {
+pub async fn run(
+    pipeline: &Path,
+    job: &str,
+    bootstrap: Option<String>,
+    shuffle_topic: Option<String>,
+    quiet: bool,
+) -> u8 {
     let p = match super::load_pipeline(pipeline) {
         Ok(p) => p,
         Err(code) => return code,
@@ -87,54 +93,57 @@ pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: b
         output: j.output.clone(),
         payload: j.payload,
         output_format: j.output_format,
+        reduce_memory_bytes: (j.reduce_memory_mb as usize) << 20,
     };
-    if sluice_mapreduce::has_parts(&cfg.output) {
-        eprintln!(
-            "sluice: {} holds part files of an earlier run; this run replaces them",
-            cfg.output.display()
-        );
-    }
     // The shuffle's cluster: the flag, the job's, or a broker in this process.
     let servers = match (bootstrap.as_deref(), &j.bootstrap_servers) {
         (Some("embedded"), _) | (None, BootstrapServers::Embedded) => None,
         (Some(s), _) => Some(s.to_owned()),
         (None, BootstrapServers::Servers(s)) => Some(s.clone()),
     };
-    let run_id = sluice_mapreduce::run_id();
-    let topic = sluice_mapreduce::shuffle_topic(&j.name, run_id);
     let mut embedded = None;
-    let kafka = match servers {
+    let prepared = match servers {
+        // A cluster outlives this process: a killed run of the same job is
+        // resumed on its shuffle topic when that topic is still there.
         Some(servers) => {
             let kafka = KafkaSettings {
                 servers,
                 properties: Vec::new(),
             };
-            if let Err(e) = ensure_topic(&kafka, &topic, cfg.reduce_partitions).await {
-                eprintln!("error: {e}");
-                return exit::INVOKE_FAILED;
-            }
-            kafka
+            prepare_external(&cfg, kafka, &j.name, shuffle_topic).await
         }
-        None => {
-            let broker = match EmbeddedBroker::start(1) {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return exit::INVOKE_FAILED;
-                }
-            };
-            if let Err(e) = broker.create_topic(&topic, cfg.reduce_partitions) {
-                eprintln!("error: {e}");
-                return exit::INVOKE_FAILED;
+        None if shuffle_topic.is_some() => {
+            Err("--shuffle-topic needs a Kafka cluster (bootstrap_servers)".to_owned())
+        }
+        // The embedded broker's shuffle dies with the process: always from
+        // scratch.
+        None => match EmbeddedBroker::start(1) {
+            Ok(broker) => {
+                let topic = sluice_mapreduce::shuffle_topic(&j.name, sluice_mapreduce::run_id());
+                let kafka = KafkaSettings {
+                    servers: broker.bootstrap_servers().to_owned(),
+                    properties: Vec::new(),
+                };
+                let prepared = match broker.create_topic(&topic, cfg.reduce_partitions) {
+                    Ok(()) => fresh(&cfg, &kafka, &topic, false)
+                        .await
+                        .map(|state| (kafka, state)),
+                    Err(e) => Err(e.to_string()),
+                };
+                embedded = Some(broker);
+                prepared
             }
-            let kafka = KafkaSettings {
-                servers: broker.bootstrap_servers().to_owned(),
-                properties: Vec::new(),
-            };
-            embedded = Some(broker);
-            kafka
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    let (kafka, state) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
         }
     };
+    let topic = state.topic.clone();
     eprintln!(
         "sluice: mapreduce {}: shuffle topic {topic} ({} partitions) on {}{}",
         j.name,
@@ -146,6 +155,14 @@ pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: b
             ""
         }
     );
+    if state.generation > 1 {
+        eprintln!(
+            "sluice: resuming an unfinished run ({} map tasks and {} reducers done; attempt generation {})",
+            state.maps_done.len(),
+            state.reducers_done.len(),
+            state.generation
+        );
+    }
     let ex = match super::executor_for(&p, log_sink(quiet)) {
         Ok(ex) => ex,
         Err(e) => {
@@ -176,7 +193,7 @@ pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: b
             }
         })
     };
-    let result = sluice_mapreduce::run(&ex, &kafka, cfg, &topic, Arc::clone(&progress)).await;
+    let result = sluice_mapreduce::run(&ex, &kafka, cfg, state, Arc::clone(&progress)).await;
     ticker.abort();
     if terminal {
         eprint!("\r\x1b[K");
@@ -189,6 +206,18 @@ pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: b
                 "map: {} tasks over {} items; shuffle: {} records; reduce: {} keys into {} records; {} retries",
                 s.map_tasks, s.items, s.shuffle_records, s.keys, s.output_records, s.retries
             );
+            if s.spills > 0 {
+                println!(
+                    "reducers spilled {} sorted runs to disk (reduce_memory_mb)",
+                    s.spills
+                );
+            }
+            if s.resumed != (0, 0) {
+                println!(
+                    "resumed: {} map tasks and {} reducers were done by an earlier run",
+                    s.resumed.0, s.resumed.1
+                );
+            }
             for f in &s.output_files {
                 println!("output: {}", f.display());
             }
@@ -204,4 +233,86 @@ pub async fn run(pipeline: &Path, job: &str, bootstrap: Option<String>, quiet: b
             }
         }
     }
+}
+
+/// A fresh run on `topic`, with a note when earlier outputs go.
+async fn fresh(
+    cfg: &MapReduceConfig,
+    kafka: &KafkaSettings,
+    topic: &str,
+    durable: bool,
+) -> Result<RunState, String> {
+    if sluice_mapreduce::has_parts(&cfg.output) {
+        eprintln!(
+            "sluice: {} holds part files of an earlier run; this run replaces them",
+            cfg.output.display()
+        );
+    }
+    // The run reads the topic from its current end: records of earlier runs
+    // on the same topic never count.
+    let (k, t, partitions) = (kafka.clone(), topic.to_owned(), cfg.reduce_partitions);
+    let start = tokio::task::spawn_blocking(move || {
+        sluice_mapreduce::end_offsets(&k, &t, partitions, Duration::from_secs(10))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    RunState::fresh(cfg, &kafka.servers, topic, start, durable).map_err(|e| e.to_string())
+}
+
+/// The number of partitions of `topic`.
+async fn partitions_of(kafka: &KafkaSettings, topic: &str) -> Result<Option<i32>, String> {
+    let (k, topic) = (kafka.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        sluice_mapreduce::topic_partitions(&k, &topic, Duration::from_secs(10))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+/// The run on an external cluster: the unfinished run of this job when its
+/// state and shuffle topic are still there, else a fresh one on a new topic
+/// (or on `named`, which must exist).
+async fn prepare_external(
+    cfg: &MapReduceConfig,
+    kafka: KafkaSettings,
+    job: &str,
+    named: Option<String>,
+) -> Result<(KafkaSettings, RunState), String> {
+    if let Some(state) = RunState::resumable(cfg, &kafka.servers)
+        && named.as_ref().is_none_or(|n| *n == state.topic)
+    {
+        if partitions_of(&kafka, &state.topic).await? == Some(cfg.reduce_partitions) {
+            let state = state.resume(cfg).map_err(|e| e.to_string())?;
+            return Ok((kafka, state));
+        }
+        eprintln!(
+            "sluice: the shuffle topic {} of the unfinished run is gone; starting again",
+            state.topic
+        );
+    }
+    let topic = match named {
+        Some(topic) => {
+            let found = partitions_of(&kafka, &topic).await?;
+            if found != Some(cfg.reduce_partitions) {
+                return Err(format!(
+                    "--shuffle-topic {topic}: needs {} partitions (reduce_partitions) on {}, found {}",
+                    cfg.reduce_partitions,
+                    kafka.servers,
+                    found.map_or("no such topic".to_owned(), |n| n.to_string())
+                ));
+            }
+            topic
+        }
+        None => {
+            let topic = sluice_mapreduce::shuffle_topic(job, sluice_mapreduce::run_id());
+            ensure_topic(&kafka, &topic, cfg.reduce_partitions)
+                .await
+                .map_err(|e| e.to_string())?;
+            topic
+        }
+    };
+    let state = fresh(cfg, &kafka, &topic, true).await?;
+    Ok((kafka, state))
 }

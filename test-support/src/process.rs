@@ -117,12 +117,15 @@ impl Process {
                 return l.clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "{}: timed out waiting for {what}\n{}",
-                self.name,
-                self.log()
-            );
+            if left.is_zero() {
+                // `log` takes the lock again.
+                drop(lines);
+                panic!(
+                    "{}: timed out waiting for {what}\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
             lines = self
                 .stderr
                 .changed

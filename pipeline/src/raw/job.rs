@@ -14,9 +14,10 @@ use crate::error::PipelineError;
 use crate::span::{self, Locator};
 use crate::{
     BackfillJob, CONCURRENCY_RANGE, DEFAULT_GROUPS_PER_CALL, DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_ITEMS_PER_CALL, DEFAULT_REDUCE_PARTITIONS, DataFormat,
-    MAX_ATTEMPTS_RANGE, MAX_BYTES_PER_CALL_RANGE, MAX_ITEMS_PER_CALL_RANGE, MapReduceJob,
-    PayloadFormat, REDUCE_PARTITIONS_RANGE,
+    DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_ITEMS_PER_CALL, DEFAULT_REDUCE_MEMORY_MB,
+    DEFAULT_REDUCE_PARTITIONS, DataFormat, MAX_ATTEMPTS_RANGE, MAX_BYTES_PER_CALL_RANGE,
+    MAX_ITEMS_PER_CALL_RANGE, MapReduceJob, PayloadFormat, REDUCE_MEMORY_MB_RANGE,
+    REDUCE_PARTITIONS_RANGE,
 };
 
 /// One `[job.NAME]` table. As elsewhere every field is optional here and
@@ -78,6 +79,8 @@ pub(super) struct RawJob {
     output: Option<Spanned<String>>,
     /// MapReduce: default [`DEFAULT_GROUPS_PER_CALL`].
     groups_per_call: Option<Spanned<i64>>,
+    /// MapReduce: default [`DEFAULT_REDUCE_MEMORY_MB`].
+    reduce_memory_mb: Option<Spanned<i64>>,
     /// MapReduce: default `"jsonl"`.
     output_format: Option<Spanned<String>>,
 }
@@ -139,6 +142,7 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     ("reduce_partitions", INTEGER),
     ("output", STRING),
     ("groups_per_call", INTEGER),
+    ("reduce_memory_mb", INTEGER),
     ("output_format", "a string: \"jsonl\" or \"parquet\""),
 ];
 
@@ -164,6 +168,7 @@ const MAPREDUCE_ONLY: &[&str] = &[
     "reduce_partitions",
     "output",
     "groups_per_call",
+    "reduce_memory_mb",
     "output_format",
 ];
 
@@ -245,6 +250,10 @@ impl RawJob {
             s(
                 "groups_per_call",
                 self.groups_per_call.as_ref().map(Spanned::span),
+            ),
+            s(
+                "reduce_memory_mb",
+                self.reduce_memory_mb.as_ref().map(Spanned::span),
             ),
         ]
         .into_iter()
@@ -605,6 +614,13 @@ impl RawJob {
                     DEFAULT_GROUPS_PER_CALL,
                     MAX_ITEMS_PER_CALL_RANGE,
                     " (key groups)",
+                )?,
+                reduce_memory_mb: f.integer(
+                    "reduce_memory_mb",
+                    self.reduce_memory_mb,
+                    DEFAULT_REDUCE_MEMORY_MB,
+                    REDUCE_MEMORY_MB_RANGE,
+                    " (MiB)",
                 )?,
                 max_items_per_call,
                 max_concurrency,
