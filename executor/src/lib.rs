@@ -16,19 +16,24 @@
 //!    after `idle_timeout` ([`Executor::reap_idle`]).
 //!
 //! Backends: [`process::ProcessBackend`] (namespaces, cgroups, landlock,
-//! seccomp; the default where hardware KVM is missing). The microVM backend
-//! will implement the same traits.
+//! seccomp; the default where hardware KVM is missing) and
+//! [`microvm::MicrovmBackend`] (a KVM microVM of `sluice-vmm` per sandbox,
+//! the guest agent as its `/init`, the same protocol over a virtio-console;
+//! only where the host can boot Linux guests and a guest image is built).
+//! [`Routed`] sends each function to its own backend when a pipeline mixes
+//! them.
 
 mod backend;
 mod error;
 mod logs;
+pub mod microvm;
 mod pool;
 pub mod process;
 mod spec;
 
 use std::path::PathBuf;
 
-pub use backend::{Backend, Invocation, LogSink, Sandbox};
+pub use backend::{Backend, Invocation, LogSink, Routed, Sandbox};
 pub use error::{Fault, InvokeError, SandboxError};
 pub use logs::{LogLine, LogRateLimiter, tracing_sink};
 pub use pool::{Executor, FunctionStats, InvokeOptions, Response};
