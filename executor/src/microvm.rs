@@ -81,9 +81,7 @@ pub enum MicrovmError {
         reasons: String,
     },
     /// No guest image has been built.
-    #[error(
-        "no microVM guest image in {dir} (user setup: run `sluice image build`; no retry)"
-    )]
+    #[error("no microVM guest image in {dir} (user setup: run `sluice image build`; no retry)")]
     NoGuestImage {
         /// Where images are looked for.
         dir: PathBuf,
@@ -141,9 +139,11 @@ impl MicrovmConfig {
                 reasons: self.host.linux_blockers().join("; "),
             });
         }
-        self.image.as_ref().ok_or_else(|| MicrovmError::NoGuestImage {
-            dir: self.images_dir.clone(),
-        })
+        self.image
+            .as_ref()
+            .ok_or_else(|| MicrovmError::NoGuestImage {
+                dir: self.images_dir.clone(),
+            })
     }
 }
 
@@ -183,7 +183,13 @@ impl Backend for MicrovmBackend {
         tenant: &str,
         logs: LogSink,
     ) -> Result<Box<dyn Sandbox>, InvokeError> {
-        let setup = SandboxSetup::new(spec, tenant, logs, self.cfg.vcpus, self.cfg.log_lines_per_sec);
+        let setup = SandboxSetup::new(
+            spec,
+            tenant,
+            logs,
+            self.cfg.vcpus,
+            self.cfg.log_lines_per_sec,
+        );
         let image = self.image.clone();
         let dir = spec.dir.clone();
         let sb = MicrovmSandbox::boot(setup, move |config| {

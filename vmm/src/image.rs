@@ -689,6 +689,9 @@ mod tests {
         let latest = layout.latest_image().unwrap();
         assert_eq!(latest.initramfs, other.initramfs);
         // An empty cache has none.
-        assert_eq!(ImageLayout::new(home.path().join("none")).latest_image(), None);
+        assert_eq!(
+            ImageLayout::new(home.path().join("none")).latest_image(),
+            None
+        );
     }
 }

@@ -276,7 +276,9 @@ mod tests {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let seen = lines.clone();
         let mut log = ConsoleLog::new("t", RateLimit::default(), ConsoleCapture::new(0))
-            .with_line_sink(Arc::new(move |l: &str| seen.lock().unwrap().push(l.to_owned())));
+            .with_line_sink(Arc::new(move |l: &str| {
+                seen.lock().unwrap().push(l.to_owned())
+            }));
         log.write_all(b"one\r\ntw").unwrap();
         assert_eq!(*lines.lock().unwrap(), ["one"]);
         log.write_all(b"o\x1b\n").unwrap();
