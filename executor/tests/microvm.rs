@@ -24,8 +24,7 @@ use sluice_executor::microvm::{
     MicrovmBackend, MicrovmConfig, MicrovmError, MicrovmSandbox, SandboxSetup,
 };
 use sluice_executor::{
-    Backend, Executor, FunctionSpec, Invocation, InvokeError, LogLine, LogSink, LogStream,
-    Sandbox,
+    Backend, Executor, FunctionSpec, Invocation, InvokeError, LogLine, LogSink, LogStream, Sandbox,
 };
 use sluice_protocol::{Message, encode, invoke_head};
 use sluice_vmm::asm::Asm;
@@ -118,7 +117,9 @@ fn kvm_available() -> bool {
     if std::env::var("SLUICE_REQUIRE_KVM").as_deref() == Ok("1") {
         panic!("SLUICE_REQUIRE_KVM=1 but /dev/kvm cannot run guests: {host:?}");
     }
-    eprintln!("\n*** SKIPPED: /dev/kvm cannot run guests ({host:?}); microVM tests did not run ***\n");
+    eprintln!(
+        "\n*** SKIPPED: /dev/kvm cannot run guests ({host:?}); microVM tests did not run ***\n"
+    );
     false
 }
 
@@ -165,12 +166,13 @@ fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
     d
 }
 
-/// The guest program: virtio-console set-up, then a loop that waits for the
+/// The guest program: `console` written to the serial port, virtio-console set-up, then a loop that waits for the
 /// receive ring's used index to move and, each time, publishes the next
 /// transmit chain (or, past the script, does `then`).
-fn guest_code(then: Then) -> Vec<u8> {
+fn guest_code(then: Then, console: &[u8]) -> Vec<u8> {
     let r = |off: u64| VIRTIO_MMIO_BASE + off;
     let mut a = Asm::new()
+        .print(0x3f8, console)
         .mov_rax(IDTR)
         .lidt_at_rax()
         .write32(r(0x70), 0)
@@ -229,9 +231,10 @@ fn scripted_vm(
     config: sluice_vmm::VmConfig,
     script: &[Vec<Part>],
     then: Then,
+    console: &[u8],
 ) -> VmBuilder {
     assert!(script.len() < usize::from(QSIZE));
-    let mut b = VmBuilder::new(config, Boot::Code(guest_code(then)))
+    let mut b = VmBuilder::new(config, Boot::Code(guest_code(then, console)))
         .guest_write(IDTR, &[0u8; 10])
         .guest_write(COUNTER, &[script.len() as u8]);
     // Every receive buffer posted up front.
@@ -333,6 +336,8 @@ fn frame(m: Message) -> Part {
     Part::Bytes(encode(&m))
 }
 
+const BANNER: &[u8] = b"scripted guest up\n";
+
 async fn boot(
     dir: &Path,
     script: Vec<Vec<Part>>,
@@ -341,7 +346,10 @@ async fn boot(
 ) -> Result<MicrovmSandbox, InvokeError> {
     let spec = spec(dir);
     let setup = SandboxSetup::new(&spec, "tenant-a", logs.sink(), 1, 1000);
-    MicrovmSandbox::boot(setup, move |config| Ok(scripted_vm(config, &script, then))).await
+    MicrovmSandbox::boot(setup, move |config| {
+        Ok(scripted_vm(config, &script, then, BANNER))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,15 +398,19 @@ async fn invocations_run_end_to_end_over_the_virtio_console_of_a_real_vm() {
     let mut sb = boot(dir.path(), script, Then::Spin, &logs).await.unwrap();
     assert!(sb.is_reusable());
     assert!(sb.init_duration() > Duration::ZERO);
+    // The serial console's line, then the agent's log frame.
     assert_eq!(
         logs.lines(),
-        [(LogStream::Stdout, "hello from the guest".to_owned())]
+        [
+            (LogStream::Agent, "scripted guest up".to_owned()),
+            (LogStream::Stdout, "hello from the guest".to_owned())
+        ]
     );
 
     let body = sb.invoke(first, Duration::from_secs(60)).await.unwrap();
     assert_eq!(body, b"pong");
     assert_eq!(
-        logs.lines()[1],
+        logs.lines()[2],
         (
             LogStream::Stderr,
             String::from_utf8_lossy(&first_frame).into_owned()
@@ -415,7 +427,10 @@ async fn invocations_run_end_to_end_over_the_virtio_console_of_a_real_vm() {
             error_type,
             error_message,
             ..
-        }) => assert_eq!((error_type.as_str(), error_message.as_str()), ("Boom", "no luck")),
+        }) => assert_eq!(
+            (error_type.as_str(), error_message.as_str()),
+            ("Boom", "no luck")
+        ),
         other => panic!("expected the function's error, got {other:?}"),
     }
     assert!(sb.is_reusable());
@@ -487,9 +502,11 @@ async fn a_guest_that_never_answers_start_fails_init_within_its_timeout() {
     spec.init_timeout = Duration::from_millis(300);
     let logs = Logs::default();
     let setup = SandboxSetup::new(&spec, "t", logs.sink(), 1, 1000);
-    let err = MicrovmSandbox::boot(setup, |config| Ok(scripted_vm(config, &[], Then::Spin)))
-        .await
-        .unwrap_err();
+    let err = MicrovmSandbox::boot(setup, |config| {
+        Ok(scripted_vm(config, &[], Then::Spin, BANNER))
+    })
+    .await
+    .unwrap_err();
     match err {
         InvokeError::InitFailed { error_type, .. } => {
             assert_eq!(error_type, "Runtime.InitTimeout")
@@ -529,6 +546,36 @@ async fn a_garbage_frame_kills_the_vm_as_a_protocol_violation() {
     Box::new(sb).shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_guest_console_is_rate_limited_into_the_log_sink() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let logs = Logs::default();
+    let spam: Vec<u8> = (0..30)
+        .flat_map(|i| format!("spam {i}\n").into_bytes())
+        .collect();
+    let script = vec![vec![frame(Message::Ready { init_us: 1 })]];
+    // One line per second, bursts of ten.
+    let setup = SandboxSetup::new(&spec(dir.path()), "t", logs.sink(), 1, 1);
+    let sb = MicrovmSandbox::boot(setup, move |config| {
+        Ok(scripted_vm(config, &script, Then::Spin, &spam))
+    })
+    .await
+    .unwrap();
+    let lines = logs.lines();
+    // A token may come back while the guest prints.
+    assert!((10..=11).contains(&lines.len()), "{lines:?}");
+    for (i, (stream, line)) in lines.iter().take(10).enumerate() {
+        assert_eq!(
+            (*stream, line.as_str()),
+            (LogStream::Agent, format!("spam {i}").as_str())
+        );
+    }
+    Box::new(sb).shutdown().await;
+}
+
 /// The pool over a backend of scripted VMs: a crashed VM is replaced by a
 /// fresh one for the next invocation.
 struct ScriptedBackend;
@@ -546,11 +593,11 @@ impl Backend for ScriptedBackend {
         logs: LogSink,
     ) -> Result<Box<dyn Sandbox>, InvokeError> {
         let setup = SandboxSetup::new(spec, tenant, logs, 1, 1000);
-        // Ready, one answer ("ok" to whatever request id the pool picked is
-        // impossible to script), so: Ready, then a reset on the invocation.
+        // The pool picks the request ids, so the script cannot answer:
+        // Ready, then a reset on the first invocation.
         let script = vec![vec![frame(Message::Ready { init_us: 1 })]];
         let sb = MicrovmSandbox::boot(setup, move |config| {
-            Ok(scripted_vm(config, &script, Then::Reset))
+            Ok(scripted_vm(config, &script, Then::Reset, BANNER))
         })
         .await?;
         Ok(Box::new(sb))
@@ -573,7 +620,10 @@ async fn the_pool_replaces_a_crashed_vm() {
         );
     }
     let stats = ex.stats("scripted").unwrap();
-    assert_eq!(stats.cold_starts, 2, "each invocation got a fresh VM: {stats:?}");
+    assert_eq!(
+        stats.cold_starts, 2,
+        "each invocation got a fresh VM: {stats:?}"
+    );
 }
 
 // ---- the Linux tier -----------------------------------------------------
@@ -609,7 +659,9 @@ async fn linux_tier_the_echo_function_answers_through_the_microvm_backend() {
         if std::env::var("SLUICE_REQUIRE_HW_KVM").as_deref() == Ok("1") {
             panic!("SLUICE_REQUIRE_HW_KVM=1 but the echo function is not static: {e}");
         }
-        eprintln!("\n*** SKIPPED: Linux-guest tier: the echo function is not a static binary ({e}) ***\n");
+        eprintln!(
+            "\n*** SKIPPED: Linux-guest tier: the echo function is not a static binary ({e}) ***\n"
+        );
         return;
     }
     let ex = Executor::with_log_sink(

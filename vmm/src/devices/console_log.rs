@@ -217,8 +217,10 @@ impl io::Write for ConsoleLog {
         Ok(buf.len())
     }
 
+    /// Does not cut the current line: the UART flushes after every byte,
+    /// and a line is logged whole (at its newline, at [`MAX_LINE`] bytes,
+    /// or when the VM is dropped).
     fn flush(&mut self) -> io::Result<()> {
-        self.flush_line();
         Ok(())
     }
 }
@@ -280,6 +282,8 @@ mod tests {
                 seen.lock().unwrap().push(l.to_owned())
             }));
         log.write_all(b"one\r\ntw").unwrap();
+        // The UART flushes after every byte: that does not cut the line.
+        log.flush().unwrap();
         assert_eq!(*lines.lock().unwrap(), ["one"]);
         log.write_all(b"o\x1b\n").unwrap();
         drop(log);
