@@ -23,8 +23,10 @@ use std::time::Duration;
 use sluice_executor::microvm::{
     MicrovmBackend, MicrovmConfig, MicrovmError, MicrovmSandbox, SandboxSetup,
 };
+use sluice_executor::process::{ProcessBackend, ProcessConfig};
 use sluice_executor::{
-    Backend, Executor, FunctionSpec, Invocation, InvokeError, LogLine, LogSink, LogStream, Sandbox,
+    Backend, Executor, FunctionSpec, Invocation, InvokeError, LogLine, LogSink, LogStream, Routed,
+    Sandbox,
 };
 use sluice_protocol::{Message, encode, invoke_head};
 use sluice_vmm::asm::Asm;
@@ -407,7 +409,14 @@ async fn invocations_run_end_to_end_over_the_virtio_console_of_a_real_vm() {
         ]
     );
 
+    let sent = std::time::Instant::now();
     let body = sb.invoke(first, Duration::from_secs(60)).await.unwrap();
+    // For the record only (no timed assertions): orders of magnitude.
+    eprintln!(
+        "scripted tiny guest: build + boot to Ready {:?}, one invocation round trip {:?}",
+        sb.init_duration(),
+        sent.elapsed()
+    );
     assert_eq!(body, b"pong");
     assert_eq!(
         logs.lines()[2],
@@ -605,13 +614,19 @@ impl Backend for ScriptedBackend {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pool_replaces_a_crashed_vm() {
+async fn the_pool_replaces_a_crashed_vm_and_routes_other_functions_to_processes() {
     if !kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ex = Executor::with_log_sink(Arc::new(ScriptedBackend), Logs::default().sink());
+    let echo = sluice_test_support::function_fixture("echo");
+    let process = ProcessBackend::new(ProcessConfig::detect(sluice_test_support::agent_binary()));
+    let routed = Routed::new(Arc::new(process)).route("scripted", Arc::new(ScriptedBackend));
+    assert_eq!(routed.backend_for("scripted").name(), "scripted-microvm");
+    assert_eq!(routed.backend_for("echo").name(), "process");
+    let ex = Executor::with_log_sink(Arc::new(routed), Logs::default().sink());
     ex.register(spec(dir.path()));
+    ex.register(FunctionSpec::new("echo", &echo.dir));
     for _ in 0..2 {
         let err = ex.invoke("scripted", b"{}".to_vec()).await.unwrap_err();
         assert!(
@@ -624,6 +639,9 @@ async fn the_pool_replaces_a_crashed_vm() {
         stats.cold_starts, 2,
         "each invocation got a fresh VM: {stats:?}"
     );
+    let resp = ex.invoke("echo", br#"{"p":1}"#.to_vec()).await.unwrap();
+    assert_eq!(resp.payload, br#"{"p":1}"#);
+    ex.shutdown().await;
 }
 
 // ---- the Linux tier -----------------------------------------------------
