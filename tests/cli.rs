@@ -177,6 +177,16 @@ fn doctor_reports_what_this_machine_can_run() {
             "{what} missing:\n{stdout}"
         );
     }
+    let auto = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("backend for `backend = \"auto\"`: "))
+        .unwrap_or_else(|| panic!("no auto backend line:\n{stdout}"));
+    if !sluice_vmm::host::probe().can_boot_linux() {
+        assert!(
+            auto.starts_with("process (") && auto.contains("Linux guests cannot boot"),
+            "{auto}"
+        );
+    }
     assert_eq!(
         out.status.code(),
         Some(0),
