@@ -612,3 +612,61 @@ fn a_backfill_fold_equals_the_kafka_fold() {
         "a rerun folds nothing twice: {summary}"
     );
 }
+
+/// The embedded broker's records die with its process: a second `sluice
+/// run` over a fresh embedded topic must not skip its records because an
+/// earlier run's checkpoint holds higher offsets. It starts over, warns,
+/// and folds the same sums again.
+#[test]
+fn an_earlier_embedded_runs_checkpoint_is_not_applied_to_a_new_broker() {
+    let fixture = function_fixture("running-sum");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("payments.jsonl");
+    let lines: String = (0..20i64)
+        .map(|i| format!("{}\n", json!({ "key": format!("k{}", i % 2), "amount": i })))
+        .collect();
+    std::fs::write(&data, lines).expect("writing the records");
+    let state = tmp.path().join("state");
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &fixture,
+        &[("sum", "")],
+        &format!(
+            "[[trigger.kafka]]\nfunction = \"sum\"\ntopics = [\"payments\"]\nstarting_position = \"earliest\"\nbatch_window = \"50ms\"\nstate = {{ scope = \"key\", dir = {state:?} }}\n"
+        ),
+    );
+    let store = FileStore::open(&state).expect("state dir");
+    let mut logs = Vec::new();
+    for _ in 0..2 {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .env("SLUICE_AGENT", agent_binary())
+            .arg("run")
+            .arg(&pipeline)
+            .args([
+                "-q",
+                "--key-field",
+                "key",
+                "--stop-when-idle",
+                "2s",
+                "--produce",
+            ])
+            .arg(format!("payments={}", data.display()))
+            .output()
+            .expect("sluice run");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{log}");
+        let got = folded(&store.list().expect("checkpoints"));
+        let want: BTreeMap<String, (i64, i64)> = [
+            ("k0".to_owned(), ((0..20).step_by(2).sum(), 10)),
+            ("k1".to_owned(), ((1..20).step_by(2).sum(), 10)),
+        ]
+        .into();
+        assert_eq!(got, want, "{log}");
+        logs.push(log);
+    }
+    assert!(
+        logs[1].contains("earlier run's embedded broker"),
+        "{}",
+        logs[1]
+    );
+}

@@ -12,8 +12,62 @@
 //! 3. The [`Sandbox`] delivers the invocation over the agent channel
 //!    (`sluice-protocol`) and waits for the response, an error, the
 //!    function's exit, or the timeout (which kills the sandbox).
-//! 4. A healthy sandbox goes back to the warm pool; idle ones are reaped
-//!    after `idle_timeout` ([`Executor::reap_idle`]).
+//! 4. A healthy sandbox goes back to the warm pool (at most `max_warm` idle).
+//! 5. In the background ([`Executor::spawn_maintenance`], or one
+//!    [`Executor::maintain`] step at a time with an injected [`Clock`]):
+//!    idle sandboxes are reaped after `idle_timeout`, `min_warm` idle ones
+//!    are kept ready, capacity is started shortly before the next burst of
+//!    a function whose arrivals are periodic (and extra idle sandboxes are
+//!    stopped between bursts), and the pool of a function whose folder
+//!    changed is dropped (see [Warm pools](#warm-pools)).
+//!
+//! # Warm pools
+//!
+//! Each function keeps idle, initialised sandboxes per tenant. A caller
+//! takes the most recently used one (a *hit*, counted as a warm start) or
+//! starts a new one on its own path (a *miss*, a cold start). Everything
+//! else happens in [`Executor::maintain`], one step of background upkeep
+//! that [`Executor::spawn_maintenance`] runs every [`PoolConfig::tick`] (and
+//! as soon as a caller takes one of the last `min_warm` idle sandboxes).
+//! Times come from the executor's [`Clock`], so tests drive the pool with a
+//! [`ManualClock`]. One step, per function:
+//!
+//! 1. **Updates.** When the function folder changed (its
+//!    [`FunctionSpec::version`]), the function is registered again: its idle
+//!    sandboxes are stopped (`invalidated`), busy ones are stopped when their
+//!    call ends, and sandboxes starting in the background are discarded.
+//! 2. **Reaping.** Idle sandboxes older than `idle_timeout` are stopped,
+//!    except the newest `min_warm` of the default tenant.
+//! 3. **Forecast.** Arrivals are recorded per function at call time. Arrivals
+//!    less than [`PoolConfig::burst_gap`] apart form a burst; the largest
+//!    number of calls in flight during a burst is its demand. When the last
+//!    bursts start at regular intervals (within [`PoolConfig::tolerance`] of
+//!    their median, at least three bursts), the next burst is expected one
+//!    period after the last, with the largest recent demand.
+//! 4. **Trimming.** Between bursts of a periodic function, when the
+//!    pre-warm window is still at least [`PoolConfig::trim_gap`] away, idle
+//!    sandboxes beyond `min_warm` are stopped (`trimmed`): they would idle
+//!    for nothing until the next burst.
+//! 5. **Refill and pre-warming.** The target is `min_warm` idle sandboxes of
+//!    the default tenant, raised to the forecast demand from *lead* before
+//!    the expected burst until a little after it (lead = one tick plus twice
+//!    the slowest initialisation seen, at most half a period), never above
+//!    `max_warm` nor the function's `concurrency`. Missing sandboxes are
+//!    started in the background (`refills` for `min_warm`, `prewarmed`
+//!    beyond it), at most [`PoolConfig::max_parallel_starts`] at once; a hit
+//!    on a pre-warmed sandbox counts as a `prewarm_hit`.
+//!
+//! A function whose spec has `prewarm = false` gets steps 1, 2 and the
+//! `min_warm` refill only. Idle sandboxes never exceed `max_warm`: a
+//! released sandbox beyond it is stopped.
+//!
+//! Pre-warming is Lambda's provisioned concurrency made automatic: instead
+//! of a number of sandboxes fixed ahead, the timing and size of the next
+//! burst are read off the last few, so a function called every minute by a
+//! scheduler has warm sandboxes around its bursts and none in between. The
+//! forecast is deliberately simple (median interval, all recent intervals
+//! within tolerance): an irregular function gets no forecast and behaves
+//! like a plain pool with `min_warm` and `idle_timeout`.
 //!
 //! Backends: [`process::ProcessBackend`] (namespaces, cgroups, landlock,
 //! seccomp; the default where hardware KVM is missing) and
@@ -24,19 +78,22 @@
 //! them.
 
 mod backend;
+mod clock;
 mod error;
 mod logs;
 pub mod microvm;
 mod pool;
+mod prewarm;
 pub mod process;
 mod spec;
 
 use std::path::PathBuf;
 
 pub use backend::{Backend, Invocation, LogSink, Routed, Sandbox};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Fault, InvokeError, SandboxError};
 pub use logs::{LogLine, LogRateLimiter, tracing_sink};
-pub use pool::{Executor, FunctionStats, InvokeOptions, Response};
+pub use pool::{Executor, FunctionStats, InvokeOptions, Maintenance, PoolConfig, Response};
 pub use sluice_protocol::LogStream;
 pub use spec::FunctionSpec;
 

@@ -37,6 +37,15 @@ pub struct FunctionSpec {
     pub max_processes: u32,
     /// Size of the writable `/tmp`, MiB.
     pub tmp_mb: u32,
+    /// Idle sandboxes of the default tenant kept ready, started in the
+    /// background (at most `max_warm`). Default 0.
+    pub min_warm: u32,
+    /// Most idle sandboxes kept; beyond it a released sandbox is stopped.
+    /// Default `u32::MAX`: bounded by `concurrency` only.
+    pub max_warm: u32,
+    /// Whether to start sandboxes ahead of bursts when arrivals are
+    /// periodic, and stop extra idle ones between bursts. Default true.
+    pub prewarm: bool,
 }
 
 impl FunctionSpec {
@@ -56,6 +65,9 @@ impl FunctionSpec {
             handler: "bootstrap".into(),
             max_processes: 1024,
             tmp_mb: 512,
+            min_warm: 0,
+            max_warm: u32::MAX,
+            prewarm: true,
         }
     }
 

@@ -32,5 +32,8 @@ pub fn function_spec(f: &sluice_pipeline::FunctionConfig) -> sluice_executor::Fu
     s.handler = f.handler.clone();
     s.max_processes = f.max_processes;
     s.tmp_mb = f.tmp_mb;
+    s.min_warm = f.min_warm;
+    s.max_warm = f.max_warm;
+    s.prewarm = f.prewarm;
     s
 }

@@ -2,7 +2,9 @@
 //!
 //! A small registry of atomics rendered in the text exposition format 0.0.4;
 //! no metrics crate. Series are created on first use; series of a revoked
-//! partition's lag are removed with [`Metrics::remove_partition`].
+//! partition's lag are removed with [`Metrics::remove_partition`]. The
+//! warm pools of an executor given to [`Metrics::watch_executor`] are read
+//! at render time (`sluice_pool_*`, per function).
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -124,6 +126,10 @@ pub struct Metrics {
     function_errors: Family<AtomicU64>,
     lag: Family<AtomicI64>,
     invoke: Family<Histogram>,
+    checkpoints: Family<AtomicU64>,
+    checkpoint_micros: Family<AtomicU64>,
+    windows_closed: Family<AtomicU64>,
+    executor: RwLock<Option<sluice_executor::Executor>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -140,6 +146,9 @@ const DLQ: &str = "sluice_dlq_records_total";
 const FUNCTION_ERRORS: &str = "sluice_function_errors_total";
 const LAG: &str = "sluice_partition_lag";
 const INVOKE: &str = "sluice_invoke_duration_seconds";
+const CHECKPOINTS: &str = "sluice_state_checkpoints_total";
+const CHECKPOINT_MICROS: &str = "sluice_state_checkpoint_microseconds_total";
+const WINDOWS_CLOSED: &str = "sluice_state_windows_closed_total";
 
 impl Metrics {
     /// An empty registry.
@@ -153,7 +162,19 @@ impl Metrics {
             function_errors: Family::new(),
             lag: Family::new(),
             invoke: Family::new(),
+            checkpoints: Family::new(),
+            checkpoint_micros: Family::new(),
+            windows_closed: Family::new(),
+            executor: RwLock::new(None),
         })
+    }
+
+    /// Export the pool state and counters of `executor`'s functions.
+    pub fn watch_executor(&self, executor: sluice_executor::Executor) {
+        *self
+            .executor
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(executor);
     }
 
     /// `n` records consumed from a partition.
@@ -193,6 +214,23 @@ impl Metrics {
         self.function_errors.with(&[trigger, error_type], |c| {
             c.fetch_add(1, Ordering::Relaxed)
         });
+    }
+
+    /// A stateful trigger saved a checkpoint, taking `elapsed`.
+    pub fn state_checkpoint(&self, trigger: &str, elapsed: std::time::Duration) {
+        self.checkpoints
+            .with(&[trigger], |c| c.fetch_add(1, Ordering::Relaxed));
+        self.checkpoint_micros.with(&[trigger], |c| {
+            c.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed)
+        });
+    }
+
+    /// A stateful trigger closed a window (`early`: the state outgrew
+    /// `max_bytes`).
+    pub fn window_closed(&self, trigger: &str, early: bool) {
+        let early = if early { "true" } else { "false" };
+        self.windows_closed
+            .with(&[trigger, early], |c| c.fetch_add(1, Ordering::Relaxed));
     }
 
     /// Consumer lag of a partition (high watermark minus next offset).
@@ -290,6 +328,28 @@ impl Metrics {
             &self.function_errors,
         )?;
 
+        counter(
+            out,
+            CHECKPOINTS,
+            "State checkpoints saved by stateful triggers.",
+            &["trigger"],
+            &self.checkpoints,
+        )?;
+        counter(
+            out,
+            CHECKPOINT_MICROS,
+            "Time spent saving state checkpoints, in microseconds.",
+            &["trigger"],
+            &self.checkpoint_micros,
+        )?;
+        counter(
+            out,
+            WINDOWS_CLOSED,
+            "Windows closed by a final invoke, by early termination.",
+            &["trigger", "early"],
+            &self.windows_closed,
+        )?;
+
         header(out, LAG, "Consumer lag per partition, in records.", "gauge")?;
         self.lag.for_each(|labels, g| {
             sample(
@@ -329,9 +389,128 @@ impl Metrics {
             let s = f64::from_bits(h.sum.load(Ordering::Relaxed));
             sample(out, &sum, &["trigger"], labels, None, format_float(s))?;
             sample(out, &count, &["trigger"], labels, None, cumulative)
-        })
+        })?;
+        self.render_pools(out)
+    }
+
+    fn render_pools(&self, out: &mut String) -> fmt::Result {
+        let executor = self
+            .executor
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(executor) = executor else {
+            return Ok(());
+        };
+        let stats = executor.all_stats();
+        for (name, help, kind, value) in POOL_SERIES {
+            header(out, name, help, kind)?;
+            for (function, st) in &stats {
+                if let Some(v) = value(st) {
+                    sample(
+                        out,
+                        name,
+                        &["function"],
+                        std::slice::from_ref(function),
+                        None,
+                        v,
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 }
+
+type PoolValue = fn(&sluice_executor::FunctionStats) -> Option<String>;
+
+/// Pool series per function: name, help, type, value (`None`: no sample).
+const POOL_SERIES: [(&str, &str, &str, PoolValue); 14] = [
+    (
+        "sluice_pool_idle_sandboxes",
+        "Idle initialised sandboxes.",
+        "gauge",
+        |s| Some(s.idle.to_string()),
+    ),
+    (
+        "sluice_pool_busy_sandboxes",
+        "Sandboxes running an invocation.",
+        "gauge",
+        |s| Some(s.busy.to_string()),
+    ),
+    (
+        "sluice_pool_starting_sandboxes",
+        "Sandboxes being started in the background.",
+        "gauge",
+        |s| Some(s.starting.to_string()),
+    ),
+    (
+        "sluice_pool_burst_period_seconds",
+        "Detected interval between bursts of calls (only when periodic).",
+        "gauge",
+        |s| s.period.map(|p| format_float(p.as_secs_f64())),
+    ),
+    (
+        "sluice_pool_hits_total",
+        "Invocations served by an idle sandbox (warm starts).",
+        "counter",
+        |s| Some(s.warm_starts.to_string()),
+    ),
+    (
+        "sluice_pool_misses_total",
+        "Invocations that started a sandbox on their own path (cold starts).",
+        "counter",
+        |s| Some(s.cold_starts.to_string()),
+    ),
+    (
+        "sluice_pool_prewarm_hits_total",
+        "Hits on sandboxes started ahead of an expected burst.",
+        "counter",
+        |s| Some(s.prewarm_hits.to_string()),
+    ),
+    (
+        "sluice_pool_refills_total",
+        "Sandboxes started in the background to keep min_warm ready.",
+        "counter",
+        |s| Some(s.refills.to_string()),
+    ),
+    (
+        "sluice_pool_prewarmed_total",
+        "Sandboxes started in the background ahead of an expected burst.",
+        "counter",
+        |s| Some(s.prewarmed.to_string()),
+    ),
+    (
+        "sluice_pool_reaped_total",
+        "Idle sandboxes stopped after idle_timeout.",
+        "counter",
+        |s| Some(s.reaped.to_string()),
+    ),
+    (
+        "sluice_pool_trimmed_total",
+        "Idle sandboxes stopped between bursts.",
+        "counter",
+        |s| Some(s.trimmed.to_string()),
+    ),
+    (
+        "sluice_pool_invalidated_total",
+        "Idle sandboxes stopped because the function was updated.",
+        "counter",
+        |s| Some(s.invalidated.to_string()),
+    ),
+    (
+        "sluice_pool_start_failures_total",
+        "Background sandbox starts that failed.",
+        "counter",
+        |s| Some(s.start_failures.to_string()),
+    ),
+    (
+        "sluice_pool_throttles_total",
+        "Calls rejected because the function's queue was full.",
+        "counter",
+        |s| Some(s.throttles.to_string()),
+    ),
+];
 
 fn counter(
     out: &mut String,
@@ -672,6 +851,41 @@ mod tests {
             .collect()
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pool_series_follow_the_executor() {
+        use sluice_executor::process::{ProcessBackend, ProcessConfig};
+        use sluice_executor::{Executor, FunctionSpec};
+        let f = sluice_test_support::function_fixture("echo");
+        let backend =
+            ProcessBackend::new(ProcessConfig::detect(sluice_test_support::agent_binary()));
+        let ex = Executor::new(Arc::new(backend));
+        ex.register(FunctionSpec::new("echo", &f.dir));
+        let m = Metrics::new();
+        m.watch_executor(ex.clone());
+        for p in ["1", "2", "3"] {
+            assert_eq!(ex.invoke("echo", p).await.unwrap().payload, p.as_bytes());
+        }
+        let text = m.render();
+        let (types, samples) = parse_exposition(&text);
+        assert_eq!(types["sluice_pool_idle_sandboxes"], "gauge");
+        assert_eq!(types["sluice_pool_hits_total"], "counter");
+        let v = |name: &str| {
+            let found = find(&samples, name, &[("function", "echo")]);
+            assert_eq!(found.len(), 1, "{name}:\n{text}");
+            found[0].2
+        };
+        assert_eq!(v("sluice_pool_misses_total"), 1.0);
+        assert_eq!(v("sluice_pool_hits_total"), 2.0);
+        assert_eq!(v("sluice_pool_idle_sandboxes"), 1.0);
+        assert_eq!(v("sluice_pool_busy_sandboxes"), 0.0);
+        assert_eq!(v("sluice_pool_prewarmed_total"), 0.0);
+        assert!(
+            find(&samples, "sluice_pool_burst_period_seconds", &[]).is_empty(),
+            "no period before a pattern:\n{text}"
+        );
+        ex.shutdown().await;
+    }
+
     #[test]
     fn render_is_valid_exposition_format() {
         let m = Metrics::new();
@@ -697,6 +911,11 @@ mod tests {
         }
         m.observe_invoke("t1", f64::NAN);
         m.observe_invoke(nasty, 0.01);
+        m.state_checkpoint("t1", std::time::Duration::from_micros(250));
+        m.state_checkpoint("t1", std::time::Duration::from_micros(750));
+        m.window_closed("t1", false);
+        m.window_closed("t1", true);
+        m.window_closed("t1", true);
 
         let text = m.render();
         let (types, samples) = parse_exposition(&text);
@@ -736,6 +955,24 @@ mod tests {
         assert_eq!(
             v("sluice_records_filtered_total", &[("trigger", "t1")]),
             4.0
+        );
+        assert_eq!(
+            v("sluice_state_checkpoints_total", &[("trigger", "t1")]),
+            2.0
+        );
+        assert_eq!(
+            v(
+                "sluice_state_checkpoint_microseconds_total",
+                &[("trigger", "t1")]
+            ),
+            1000.0
+        );
+        assert_eq!(
+            v(
+                "sluice_state_windows_closed_total",
+                &[("trigger", "t1"), ("early", "true")]
+            ),
+            2.0
         );
         assert_eq!(
             v(
@@ -834,7 +1071,7 @@ mod tests {
     fn empty_registry_renders_headers_only() {
         let text = Metrics::new().render();
         let (types, samples) = parse_exposition(&text);
-        assert_eq!(types.len(), 8);
+        assert_eq!(types.len(), 11);
         assert!(samples.is_empty());
     }
 

@@ -384,6 +384,29 @@ pub enum PipelineError {
         max_is_default: bool,
     },
 
+    /// A pool setting above the one bounding it: `min_warm` above
+    /// `max_warm`, or `max_warm` above `concurrency`.
+    #[error(
+        "{at}: `{field}` = {value} is more than `{limit_field}` ({limit}{}); {reason}",
+        if *limit_is_default { ", the default" } else { "" }
+    )]
+    ExceedsLimit {
+        /// Position of the value.
+        at: Location,
+        /// Dotted path of the field.
+        field: String,
+        /// The value.
+        value: u32,
+        /// Dotted path of the bounding field.
+        limit_field: String,
+        /// Its value.
+        limit: u32,
+        /// Whether that value is the default (not written in the file).
+        limit_is_default: bool,
+        /// Why the bound exists.
+        reason: &'static str,
+    },
+
     /// A librdkafka property that sluice sets itself.
     #[error("{at}: `{field}` sets {key:?}, which sluice manages; {advice}")]
     ManagedProperty {
@@ -503,6 +526,7 @@ impl PipelineError {
             | Self::SourceTopicReused { at, .. }
             | Self::Requires { at, .. }
             | Self::BackoffOrder { at, .. }
+            | Self::ExceedsLimit { at, .. }
             | Self::ManagedProperty { at, .. }
             | Self::BadBootstrapServers { at, .. }
             | Self::BadFilter { at, .. }

@@ -30,6 +30,14 @@
 //! | `handler` | [`DEFAULT_HANDLER`] | 1 to 128 characters, no whitespace |
 //! | `max_processes` | [`DEFAULT_MAX_PROCESSES`] | [`MAX_PROCESSES_RANGE`] |
 //! | `tmp_mb` | [`DEFAULT_TMP_MB`] | [`TMP_MB_RANGE`] |
+//! | `min_warm` | [`DEFAULT_MIN_WARM`] | [`WARM_RANGE`], at most `max_warm` |
+//! | `max_warm` | `concurrency` | [`WARM_RANGE`], at most `concurrency` |
+//! | `prewarm` | [`DEFAULT_PREWARM`] | `true` or `false` |
+//!
+//! `min_warm` idle sandboxes are kept ready (started in the background);
+//! at most `max_warm` are kept idle. With `prewarm`, sluice watches when
+//! calls arrive and, when they come in regular bursts, starts sandboxes
+//! shortly before the next burst and stops extra idle ones between bursts.
 //!
 //! Durations use [`humantime`] syntax: `"500ms"`, `"3s"`, `"15m"`, `"1h 30m"`.
 //! Function names follow Lambda's rule, `[A-Za-z0-9_-]{1,64}`.
@@ -208,6 +216,12 @@ pub const MAX_PROCESSES_RANGE: RangeInclusive<u32> = 1..=65536;
 pub const DEFAULT_TMP_MB: u32 = 512;
 /// Allowed `tmp_mb`, in megabytes (Lambda's ephemeral storage maximum).
 pub const TMP_MB_RANGE: RangeInclusive<u32> = 1..=10240;
+/// Default `min_warm`: no sandbox is kept ready before the first call.
+pub const DEFAULT_MIN_WARM: u32 = 0;
+/// Allowed `min_warm` and `max_warm` (also bounded by `concurrency`).
+pub const WARM_RANGE: RangeInclusive<u32> = 0..=1000;
+/// Default `prewarm`: start sandboxes ahead of periodic bursts.
+pub const DEFAULT_PREWARM: bool = true;
 
 /// Environment keys a function may not set: Lambda's documented reserved
 /// runtime variables, which the sandbox sets itself.
@@ -726,6 +740,12 @@ pub struct FunctionConfig {
     pub max_processes: u32,
     /// Size of the writable `/tmp`, in megabytes. Default [`DEFAULT_TMP_MB`].
     pub tmp_mb: u32,
+    /// Idle sandboxes kept ready. Default [`DEFAULT_MIN_WARM`].
+    pub min_warm: u32,
+    /// Most idle sandboxes kept. Default `concurrency`.
+    pub max_warm: u32,
+    /// Pre-warm ahead of periodic bursts. Default [`DEFAULT_PREWARM`].
+    pub prewarm: bool,
 }
 
 /// Which sandbox runs a function.

@@ -24,6 +24,7 @@ use crate::{
     IDLE_TIMEOUT_RANGE, KafkaTrigger, MAX_PROCESSES_RANGE, MAX_QUEUE_RANGE, MEMORY_MB_RANGE,
     MapReduceJob, RESERVED_ENV_KEYS, TIMEOUT_RANGE, TMP_MB_RANGE,
 };
+use crate::{DEFAULT_MIN_WARM, DEFAULT_PREWARM, WARM_RANGE};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -75,6 +76,12 @@ struct RawFunction {
     max_processes: Option<Spanned<i64>>,
     /// Default [`DEFAULT_TMP_MB`].
     tmp_mb: Option<Spanned<i64>>,
+    /// Default [`DEFAULT_MIN_WARM`].
+    min_warm: Option<Spanned<i64>>,
+    /// Default: `concurrency`.
+    max_warm: Option<Spanned<i64>>,
+    /// Default [`DEFAULT_PREWARM`].
+    prewarm: Option<Spanned<bool>>,
 }
 
 const INTEGER: &str = "an integer";
@@ -96,6 +103,9 @@ const FUNCTION_FIELDS: &[(&str, &str)] = &[
     ("handler", STRING),
     ("max_processes", INTEGER),
     ("tmp_mb", INTEGER),
+    ("min_warm", INTEGER),
+    ("max_warm", INTEGER),
+    ("prewarm", "a boolean (true or false)"),
 ];
 
 /// What a valid file declares: the functions by name, and the Kafka triggers
@@ -573,6 +583,7 @@ impl RawFunction {
             DEFAULT_INIT_TIMEOUT,
             TIMEOUT_RANGE,
         )?;
+        let concurrency_is_default = self.concurrency.is_none();
         let concurrency = f.integer(
             "concurrency",
             self.concurrency,
@@ -623,6 +634,14 @@ impl RawFunction {
             TMP_MB_RANGE,
             " (megabytes)",
         )?;
+        let (min_warm, max_warm) = validate_warm(
+            &f,
+            self.min_warm,
+            self.max_warm,
+            concurrency,
+            concurrency_is_default,
+        )?;
+        let prewarm = self.prewarm.map_or(DEFAULT_PREWARM, Spanned::into_inner);
         let path = validate_path(&f, path, base)?;
 
         Ok(FunctionConfig {
@@ -640,8 +659,60 @@ impl RawFunction {
             handler,
             max_processes,
             tmp_mb,
+            min_warm,
+            max_warm,
+            prewarm,
         })
     }
+}
+
+/// `min_warm` ≤ `max_warm` ≤ `concurrency`; `max_warm` defaults to
+/// `concurrency`.
+fn validate_warm(
+    f: &Fields<'_>,
+    min_warm: Option<Spanned<i64>>,
+    max_warm: Option<Spanned<i64>>,
+    concurrency: u32,
+    concurrency_is_default: bool,
+) -> Result<(u32, u32), PipelineError> {
+    let min_at = min_warm.as_ref().map(Spanned::span);
+    let max_at = max_warm.as_ref().map(Spanned::span);
+    let min = f.integer("min_warm", min_warm, DEFAULT_MIN_WARM, WARM_RANGE, "")?;
+    let max = f.integer("max_warm", max_warm, concurrency, WARM_RANGE, "")?;
+    if let Some(at) = max_at.clone().filter(|_| max > concurrency) {
+        return Err(PipelineError::ExceedsLimit {
+            at: f.loc.at(at),
+            field: f.field("max_warm"),
+            value: max,
+            limit_field: f.field("concurrency"),
+            limit: concurrency,
+            limit_is_default: concurrency_is_default,
+            reason: "a function never has more sandboxes than its concurrency",
+        });
+    }
+    if let Some(at) = min_at.filter(|_| min > max) {
+        let (limit_field, reason) = if max_at.is_some() {
+            (
+                "max_warm",
+                "at most max_warm sandboxes are kept idle, so min_warm cannot be more",
+            )
+        } else {
+            (
+                "concurrency",
+                "max_warm defaults to the concurrency, and min_warm cannot be more than max_warm",
+            )
+        };
+        return Err(PipelineError::ExceedsLimit {
+            at: f.loc.at(at),
+            field: f.field("min_warm"),
+            value: min,
+            limit_field: f.field(limit_field),
+            limit: max,
+            limit_is_default: max_at.is_none() && concurrency_is_default,
+            reason,
+        });
+    }
+    Ok((min, max))
 }
 
 /// Where to point for a problem with a whole function table: its

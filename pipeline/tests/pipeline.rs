@@ -52,6 +52,7 @@ fn defaults_are_applied() {
     assert_eq!(echo.handler, "bootstrap");
     assert_eq!(echo.max_processes, 1024);
     assert_eq!(echo.tmp_mb, 512);
+    assert_eq!((echo.min_warm, echo.max_warm, echo.prewarm), (0, 4, true));
 }
 
 #[test]
@@ -75,6 +76,9 @@ backend = "process"
 handler = "main.handler"
 max_processes = 65536
 tmp_mb = 1
+min_warm = 2
+max_warm = 10
+prewarm = false
 
 [functions.other-fn_2]
 path = "fns/echo"
@@ -104,6 +108,7 @@ path = "fns/echo"
     assert_eq!(echo.handler, "main.handler");
     assert_eq!(echo.max_processes, 65536);
     assert_eq!(echo.tmp_mb, 1);
+    assert_eq!((echo.min_warm, echo.max_warm, echo.prewarm), (2, 10, false));
     assert_eq!(
         pipeline.functions.keys().collect::<Vec<_>>(),
         ["echo", "other-fn_2"]

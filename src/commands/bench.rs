@@ -1,6 +1,7 @@
 //! `sluice bench invoke`: warm invoke round trip through the process sandbox
 //! and its pool, next to spawning the same `bootstrap` for every call (the
-//! baseline every warm pool must beat), in the same run.
+//! baseline every warm pool must beat), in the same run; then periodic
+//! bursts with and without pre-warming.
 
 use std::collections::BTreeMap;
 use std::net::{TcpListener, TcpStream};
@@ -219,7 +220,115 @@ pub async fn invoke(
         if w50 <= 200.0 { "met" } else { "NOT met" },
         if ratio >= 10.0 { "met" } else { "NOT met" }
     );
+
+    // Periodic bursts, without pre-warming (the baseline) and with it.
+    let mut rows = Vec::new();
+    for prewarm in [false, true] {
+        match periodic_bursts(&f, &payload, prewarm).await {
+            Ok(r) => rows.push(r),
+            Err(e) => {
+                eprintln!("error: periodic bursts: {e}");
+                return exit::INVOKE_FAILED;
+            }
+        }
+    }
+    println!(
+        "periodic bursts: {PERIODIC_SIZE} calls every {}s of simulated time (manual clock; \
+         idle_timeout {}s), {PERIODIC_LEARN} learning bursts then {PERIODIC_MEASURED} measured; \
+         latencies are real",
+        PERIODIC_PERIOD.as_secs(),
+        PERIODIC_IDLE_TIMEOUT.as_secs()
+    );
+    for ((cold, first), name) in rows.iter().zip(["without pre-warming", "with pre-warming"]) {
+        println!(
+            "  {name:<22} cold starts per burst {:.2}   first call of a burst p50={:>8} µs",
+            *cold as f64 / PERIODIC_MEASURED as f64,
+            first.value_at_quantile(0.5)
+        );
+    }
+    let without = rows[0].1.value_at_quantile(0.5) as f64;
+    let with = rows[1].1.value_at_quantile(0.5).max(1) as f64;
+    println!(
+        "ratio first-call p50 without / with pre-warming: {:.1}x",
+        without / with
+    );
     exit::OK
+}
+
+/// Calls per burst in the periodic-bursts figure.
+const PERIODIC_SIZE: usize = 3;
+/// Bursts before the pattern is known (not measured, for both runs).
+const PERIODIC_LEARN: usize = 3;
+/// Bursts measured.
+const PERIODIC_MEASURED: usize = 10;
+/// Simulated interval between bursts.
+const PERIODIC_PERIOD: Duration = Duration::from_secs(60);
+/// Shorter than the period, so idle sandboxes do not survive to the next
+/// burst on their own.
+const PERIODIC_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Bursts of [`PERIODIC_SIZE`] concurrent calls every [`PERIODIC_PERIOD`]
+/// of a manual clock, with pool maintenance one second before each burst
+/// and half a period after it. Returns the cold starts of the measured
+/// bursts and the latency histogram of each burst's first call.
+async fn periodic_bursts(
+    f: &sluice_pipeline::FunctionConfig,
+    payload: &[u8],
+    prewarm: bool,
+) -> Result<(u64, Histogram<u64>), String> {
+    use sluice_executor::{Clock, Executor, ManualClock, PoolConfig};
+    let backend = super::process_backend().map_err(|e| format!("{e:#}"))?;
+    let clock = ManualClock::new();
+    let ex = Executor::with_options(
+        Arc::new(backend),
+        Arc::new(|_l: LogLine| {}),
+        Arc::new(clock.clone()),
+        PoolConfig::default(),
+    );
+    let mut spec = sluice_ingest::function_spec(f);
+    spec.name = "periodic".into();
+    spec.concurrency = spec.concurrency.max(PERIODIC_SIZE as u32);
+    spec.max_warm = spec.concurrency;
+    spec.min_warm = 0;
+    spec.idle_timeout = PERIODIC_IDLE_TIMEOUT;
+    spec.prewarm = prewarm;
+    ex.register(spec);
+    let t0 = clock.now();
+    let mut cold = 0;
+    let mut first = hist();
+    for k in 0..PERIODIC_LEARN + PERIODIC_MEASURED {
+        let burst_at = t0 + PERIODIC_PERIOD * k as u32;
+        clock.set(burst_at - Duration::from_secs(1));
+        ex.maintain().await;
+        ex.wait_until("periodic", |s| s.starting == 0)
+            .await
+            .map_err(|e| e.to_string())?;
+        clock.set(burst_at);
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..PERIODIC_SIZE {
+            let ex = ex.clone();
+            let payload = payload.to_vec();
+            calls.spawn(async move {
+                let t = Instant::now();
+                let r = ex.invoke("periodic", payload).await;
+                (i, t.elapsed(), r)
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            let (i, took, r) = done.map_err(|e| e.to_string())?;
+            let r = r.map_err(|e| e.to_string())?;
+            if k >= PERIODIC_LEARN {
+                cold += u64::from(r.cold_start);
+                if i == 0 {
+                    first.record(took.as_micros() as u64).ok();
+                }
+            }
+        }
+        clock.set(burst_at + PERIODIC_PERIOD / 2);
+        ex.maintain().await;
+    }
+    ex.shutdown().await;
+    Ok((cold, first))
 }
 
 /// `sluice bench kafka`: records/s and latency through a no-op function at

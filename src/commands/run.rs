@@ -152,8 +152,9 @@ pub async fn run(args: RunArgs) -> u8 {
         }
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let reaper = executor.spawn_reaper(Duration::from_secs(10), shutdown_rx.clone());
+    let maintenance = executor.spawn_maintenance(shutdown_rx.clone());
     let registry = Metrics::new();
+    registry.watch_executor(executor.clone());
     if let Some(addr) = &args.metrics_addr {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
@@ -211,8 +212,8 @@ pub async fn run(args: RunArgs) -> u8 {
             }
         }
     }
+    let _ = maintenance.await;
     executor.shutdown().await;
-    let _ = reaper.await;
     eprintln!(
         "sluice: stopped after {} records",
         activity.records.load(std::sync::atomic::Ordering::Relaxed)

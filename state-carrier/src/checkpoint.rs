@@ -38,6 +38,11 @@ pub struct Checkpoint {
     pub source: String,
     /// Saves so far (1 for the first save).
     pub seq: u64,
+    /// The Kafka cluster whose offsets the checkpoint's positions are
+    /// (its cluster id, or `embedded-…` for one run's embedded broker);
+    /// empty for backfills or when unknown.
+    #[serde(default)]
+    pub cluster: String,
     /// State per key; the partition scope uses the key `""`.
     pub keys: BTreeMap<String, KeyState>,
 }
@@ -48,6 +53,7 @@ impl Checkpoint {
         Self {
             source: source.into(),
             seq: 0,
+            cluster: String::new(),
             keys: BTreeMap::new(),
         }
     }

@@ -158,11 +158,15 @@ async fn fold_key(
     if !done.is_empty() {
         run.update(|s| s.items_skipped += done.len() as u64);
     }
+    // A data set has no event time: windows show when they were folded.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     let positions: Vec<Item> = todo
         .iter()
         .map(|(o, _)| Item {
             offset: *o,
-            timestamp_ms: 0,
+            timestamp_ms: now,
         })
         .collect();
     let key_field = (spec.scope == StateScope::Key).then_some(key);

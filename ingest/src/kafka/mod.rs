@@ -115,6 +115,10 @@ struct TriggerShared {
     servers: String,
     /// Stateful triggers: where checkpoints go.
     state_store: Option<Arc<dyn sluice_state_carrier::Store>>,
+    /// The cluster the offsets belong to, recorded in checkpoints: the
+    /// cluster id, or `embedded-<pid>-<time>` for this run's embedded
+    /// broker (whose records die with it); empty if unknown.
+    cluster_id: Mutex<String>,
     control: mpsc::Sender<Control>,
     activity: Arc<Activity>,
     runtime: tokio::runtime::Handle,
@@ -417,6 +421,7 @@ pub async fn run_trigger(
         txn,
         servers: env.servers.clone(),
         state_store,
+        cluster_id: Mutex::new(String::new()),
         control: control_tx,
         activity: env.activity.clone(),
         runtime: tokio::runtime::Handle::current(),
@@ -457,6 +462,22 @@ pub async fn run_trigger(
     let consumer: BaseConsumer<Ctx> = cfg
         .create_with_context(ctx)
         .map_err(kerr("creating the consumer"))?;
+    if shared.state_store.is_some() {
+        let id = match t.bootstrap_servers {
+            sluice_pipeline::BootstrapServers::Embedded => format!(
+                "embedded-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ),
+            sluice_pipeline::BootstrapServers::Servers(_) => consumer
+                .client()
+                .fetch_cluster_id(Duration::from_secs(10))
+                .unwrap_or_default(),
+        };
+        *shared.cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = id;
+    }
     let topics: Vec<&str> = t.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(kerr("subscribing"))?;
     tracing::info!(trigger = %t.name, topics = ?t.topics, group = %t.group_id, function = %t.function, "trigger started");

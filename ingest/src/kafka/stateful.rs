@@ -96,7 +96,46 @@ impl Partition {
             let loaded = tokio::task::spawn_blocking(move || s.load(&key)).await;
             match loaded {
                 Ok(Ok(cp)) => {
-                    let cp = cp.unwrap_or_else(|| Checkpoint::new(src.clone()));
+                    let cluster = self
+                        .shared
+                        .cluster_id
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    let cp = match cp {
+                        Some(cp)
+                            if cp.cluster.is_empty()
+                                || cluster.is_empty()
+                                || cp.cluster == cluster =>
+                        {
+                            cp
+                        }
+                        Some(cp) if cp.cluster.starts_with("embedded-") => {
+                            tracing::warn!(
+                                trigger = %self.shared.trigger.name, topic = %self.topic, partition = self.partition,
+                                keys = cp.keys.len(),
+                                "the checkpoint is from an earlier run's embedded broker, whose records are gone: starting with empty state"
+                            );
+                            Checkpoint::new(src.clone())
+                        }
+                        Some(cp) => {
+                            tracing::error!(
+                                trigger = %self.shared.trigger.name, topic = %self.topic, partition = self.partition,
+                                "the checkpoint belongs to another Kafka cluster ({}; this one is {cluster}): its offsets mean nothing here; the partition waits (remove the checkpoint to start over)",
+                                cp.cluster
+                            );
+                            let mut stop = self.stop.clone();
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => {}
+                                _ = stop.changed() => return None,
+                            }
+                            delay = (delay * 2).min(Duration::from_secs(30));
+                            continue;
+                        }
+                        None => Checkpoint::new(src.clone()),
+                    };
+                    let mut cp = cp;
+                    cp.cluster = cluster;
                     tracing::info!(
                         trigger = %self.shared.trigger.name, topic = %self.topic,
                         partition = self.partition, keys = cp.keys.len(), seq = cp.seq,
@@ -141,8 +180,14 @@ impl Partition {
         loop {
             let snapshot = cp.clone();
             let store = carried.store.clone();
+            let started = std::time::Instant::now();
             match tokio::task::spawn_blocking(move || store.save(&snapshot)).await {
-                Ok(Ok(())) => return true,
+                Ok(Ok(())) => {
+                    self.shared
+                        .metrics
+                        .state_checkpoint(&self.shared.trigger.name, started.elapsed());
+                    return true;
+                }
                 Ok(Err(e)) => {
                     tracing::error!(trigger = %self.shared.trigger.name, "checkpointing the state failed, retrying: {e}")
                 }
@@ -378,6 +423,7 @@ impl Partition {
                             return false;
                         }
                         ks.closed(serde_json::from_slice(&resp.payload).ok());
+                        self.shared.metrics.window_closed(&t.name, early);
                         tracing::info!(
                             trigger = %t.name, topic = %self.topic, partition = self.partition,
                             key, start = %sluice_state_carrier::fold::rfc3339(window.start_ms),
