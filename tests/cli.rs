@@ -177,12 +177,79 @@ fn doctor_reports_what_this_machine_can_run() {
             "{what} missing:\n{stdout}"
         );
     }
+    let auto = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("backend for `backend = \"auto\"`: "))
+        .unwrap_or_else(|| panic!("no auto backend line:\n{stdout}"));
+    if !sluice_vmm::host::probe().can_boot_linux() {
+        assert!(
+            auto.starts_with("process (") && auto.contains("Linux guests cannot boot"),
+            "{auto}"
+        );
+    }
     assert_eq!(
         out.status.code(),
         Some(0),
         "{stdout}\n{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn the_microvm_backend_is_refused_at_start_up_where_linux_cannot_boot() {
+    let host = sluice_vmm::host::probe();
+    if host.can_boot_linux() {
+        eprintln!(
+            "*** SKIPPED: this host can boot Linux guests; the refusal is not tested here ***"
+        );
+        return;
+    }
+    let static_exe = Path::new("/sbin/ldconfig");
+    if !static_exe.exists() {
+        eprintln!("*** SKIPPED: no static /sbin/ldconfig to stand in for the agent ***");
+        return;
+    }
+    // An image exists, so only the host stands in the way.
+    let home = tempfile::tempdir().unwrap();
+    let kernel = home.path().join("bzImage");
+    std::fs::write(&kernel, b"a prebuilt kernel").unwrap();
+    let mut c = sluice();
+    c.env("SLUICE_HOME", home.path())
+        .args(["image", "build", "--kernel"])
+        .arg(&kernel)
+        .arg("--agent")
+        .arg(static_exe);
+    assert_eq!(run(&mut c, None).status.code(), Some(0));
+
+    let echo = function_fixture("echo");
+    let tmp = tempfile::tempdir().unwrap();
+    let invoke = |backend: &str| {
+        let p = pipeline(
+            tmp.path(),
+            &[("echo", &echo, &format!("backend = {backend:?}"))],
+        );
+        let mut c = sluice();
+        c.env("SLUICE_HOME", home.path())
+            .args(["invoke", "-p"])
+            .arg(&p)
+            .args(["echo", "--payload", r#"{"vm":1}"#]);
+        run(&mut c, None)
+    };
+    let out = invoke("microvm");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("function echo: backend = \"microvm\"")
+            && stderr.contains("Linux guests cannot boot here"),
+        "{stderr}"
+    );
+    for why in host.linux_blockers() {
+        assert!(stderr.contains(&why), "{stderr} lacks {why}");
+    }
+    // `auto` falls back to the process sandbox here, image or not.
+    let out = invoke("auto");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), r#"{"vm":1}"#);
 }
 
 #[test]

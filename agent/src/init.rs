@@ -2,7 +2,8 @@
 //!
 //! The kernel unpacks the initramfs (`sluice image build` puts the static
 //! agent at `/init`) and runs it with nothing mounted. The agent mounts
-//! `/proc`, `/sys`, `/dev` (devtmpfs), `/tmp` and `/run`, then serves as in
+//! `/proc`, `/sys`, `/dev` (devtmpfs), `/tmp` and `/run`, brings the
+//! loopback interface up (the Runtime API listens on `127.0.0.1`), then serves as in
 //! the process sandbox but without isolation (the VM is the sandbox) over
 //! the virtio console [`GUEST_CHANNEL`], and reboots the guest when the
 //! host ends the session (with `reboot=k` the VMM sees an i8042 reset and
@@ -65,6 +66,11 @@ pub fn mount_guest_filesystems() -> Vec<(String, nix::Error)> {
 /// namespace), with the agent's exit code.
 pub fn run_init(channel: Channel) -> u8 {
     mount_guest_filesystems();
+    // A fresh kernel's `lo` is down; the function reaches the Runtime API
+    // on 127.0.0.1.
+    if let Err(e) = crate::netlink::loopback_up() {
+        eprintln!("sluice-agent(init): cannot bring lo up: {e}");
+    }
     let code = run_stage0(channel);
     nix::unistd::sync();
     let Err(e) = reboot(RebootMode::RB_AUTOBOOT);

@@ -60,3 +60,63 @@ pub trait Sandbox: Send + 'static {
     /// Stop it and release its resources.
     async fn shutdown(self: Box<Self>);
 }
+
+/// A backend that starts each function's sandboxes on the backend chosen
+/// for it, and the others on a default one (a pipeline whose functions ask
+/// for different backends).
+pub struct Routed {
+    default: std::sync::Arc<dyn Backend>,
+    routes: std::collections::HashMap<String, std::sync::Arc<dyn Backend>>,
+}
+
+impl std::fmt::Debug for Routed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut routes: Vec<_> = self
+            .routes
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.name()))
+            .collect();
+        routes.sort();
+        f.debug_struct("Routed")
+            .field("default", &self.default.name())
+            .field("routes", &routes)
+            .finish()
+    }
+}
+
+impl Routed {
+    /// Every function on `default` until routed elsewhere.
+    pub fn new(default: std::sync::Arc<dyn Backend>) -> Self {
+        Self {
+            default,
+            routes: Default::default(),
+        }
+    }
+
+    /// Starts `function`'s sandboxes on `backend`.
+    pub fn route(mut self, function: &str, backend: std::sync::Arc<dyn Backend>) -> Self {
+        self.routes.insert(function.to_owned(), backend);
+        self
+    }
+
+    /// The backend `function` runs on.
+    pub fn backend_for(&self, function: &str) -> &dyn Backend {
+        self.routes.get(function).unwrap_or(&self.default).as_ref()
+    }
+}
+
+#[async_trait]
+impl Backend for Routed {
+    fn name(&self) -> &'static str {
+        "routed"
+    }
+
+    async fn start(
+        &self,
+        spec: &FunctionSpec,
+        tenant: &str,
+        logs: LogSink,
+    ) -> Result<Box<dyn Sandbox>, InvokeError> {
+        self.backend_for(&spec.name).start(spec, tenant, logs).await
+    }
+}

@@ -195,13 +195,23 @@ pub enum SandboxError {
     /// The channel to the agent closed unexpectedly.
     #[error("agent channel closed")]
     ChannelClosed,
+    /// The microVM could not be prepared or built (guest image, KVM).
+    #[error("{what}: {message}")]
+    Vm {
+        /// What the host was doing.
+        what: String,
+        /// The VMM's error.
+        message: String,
+    },
 }
 
 impl SandboxError {
     /// Who is at fault.
     pub fn fault(&self) -> Fault {
         match self {
-            SandboxError::Spawn { .. } | SandboxError::Host { .. } => Fault::External,
+            SandboxError::Spawn { .. } | SandboxError::Host { .. } | SandboxError::Vm { .. } => {
+                Fault::External
+            }
             SandboxError::Setup { .. } => Fault::External,
             // The agent runs next to untrusted code; a broken channel is
             // treated as the function's doing.
@@ -213,7 +223,10 @@ impl SandboxError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            SandboxError::Protocol { .. } | SandboxError::ChannelClosed | SandboxError::Host { .. }
+            SandboxError::Protocol { .. }
+                | SandboxError::ChannelClosed
+                | SandboxError::Host { .. }
+                | SandboxError::Vm { .. }
         )
     }
 }

@@ -70,13 +70,18 @@
 //! like a plain pool with `min_warm` and `idle_timeout`.
 //!
 //! Backends: [`process::ProcessBackend`] (namespaces, cgroups, landlock,
-//! seccomp; the default where hardware KVM is missing). The microVM backend
-//! will implement the same traits.
+//! seccomp; the default where hardware KVM is missing) and
+//! [`microvm::MicrovmBackend`] (a KVM microVM of `sluice-vmm` per sandbox,
+//! the guest agent as its `/init`, the same protocol over a virtio-console;
+//! only where the host can boot Linux guests and a guest image is built).
+//! [`Routed`] sends each function to its own backend when a pipeline mixes
+//! them.
 
 mod backend;
 mod clock;
 mod error;
 mod logs;
+pub mod microvm;
 mod pool;
 mod prewarm;
 pub mod process;
@@ -84,7 +89,7 @@ mod spec;
 
 use std::path::PathBuf;
 
-pub use backend::{Backend, Invocation, LogSink, Sandbox};
+pub use backend::{Backend, Invocation, LogSink, Routed, Sandbox};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Fault, InvokeError, SandboxError};
 pub use logs::{LogLine, LogRateLimiter, tracing_sink};

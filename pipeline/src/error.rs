@@ -224,20 +224,6 @@ pub enum PipelineError {
         key: String,
     },
 
-    /// A sandbox backend that exists in the format but not in this build.
-    #[error(
-        "{at}: `{field}`: backend {value:?} is not available in this build \
-         (the microVM backend is not built yet); use \"process\" or \"auto\""
-    )]
-    BackendUnavailable {
-        /// Position of the value.
-        at: Location,
-        /// Dotted path of the field.
-        field: String,
-        /// The backend as written.
-        value: String,
-    },
-
     /// A function's `path` does not lead to a usable function folder.
     #[error("{at}: `{field}` = {value:?}: {}", path_problem(resolved, problem))]
     BadFunctionPath {
@@ -530,7 +516,6 @@ impl PipelineError {
             | Self::InvalidValue { at, .. }
             | Self::BadEnvKey { at, .. }
             | Self::ReservedEnvKey { at, .. }
-            | Self::BackendUnavailable { at, .. }
             | Self::BadFunctionPath { at, .. }
             | Self::RetryAttemptsOutOfRange { at, .. }
             | Self::UndeclaredFunction { at, .. }

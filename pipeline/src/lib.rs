@@ -26,7 +26,7 @@
 //! | `idle_timeout` | [`DEFAULT_IDLE_TIMEOUT`] | [`IDLE_TIMEOUT_RANGE`] |
 //! | `env` | empty | keys `[A-Za-z_][A-Za-z0-9_]*`, not [`RESERVED_ENV_KEYS`] |
 //! | `tenant` | [`DEFAULT_TENANT`] | `[A-Za-z0-9_-]{1,64}` |
-//! | `backend` | `"auto"` | `"auto"`, `"process"` (`"microvm"` is not built yet) |
+//! | `backend` | `"auto"` | `"auto"` (microVM where the host boots Linux guests and an image is built, else process), `"process"`, `"microvm"` |
 //! | `handler` | [`DEFAULT_HANDLER`] | 1 to 128 characters, no whitespace |
 //! | `max_processes` | [`DEFAULT_MAX_PROCESSES`] | [`MAX_PROCESSES_RANGE`] |
 //! | `tmp_mb` | [`DEFAULT_TMP_MB`] | [`TMP_MB_RANGE`] |
@@ -764,8 +764,8 @@ pub enum Backend {
     Auto,
     /// Sandboxed processes (`"process"`).
     Process,
-    /// MicroVMs (`"microvm"`); not available in this build, so validation
-    /// rejects it for now.
+    /// MicroVMs (`"microvm"`): needs hardware KVM and a guest image;
+    /// `sluice` refuses to start without them.
     Microvm,
 }
 

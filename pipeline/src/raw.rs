@@ -774,11 +774,7 @@ fn validate_backend(
     match backend.get_ref().as_str() {
         "auto" => Ok(Backend::Auto),
         "process" => Ok(Backend::Process),
-        "microvm" => Err(PipelineError::BackendUnavailable {
-            at: f.loc.at(backend.span()),
-            field: f.field("backend"),
-            value: backend.into_inner(),
-        }),
+        "microvm" => Ok(Backend::Microvm),
         _ => Err(PipelineError::InvalidValue {
             at: f.loc.at(backend.span()),
             field: f.field("backend"),

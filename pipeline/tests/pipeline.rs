@@ -116,6 +116,24 @@ path = "fns/echo"
 }
 
 #[test]
+fn every_backend_name_is_accepted() {
+    for (name, backend) in [
+        ("auto", Backend::Auto),
+        ("process", Backend::Process),
+        ("microvm", Backend::Microvm),
+    ] {
+        let pipeline = Pipeline::parse(
+            &format!("[functions.echo]\npath = \"fixtures/echo\"\nbackend = \"{name}\"\n"),
+            Path::new("tests/golden/inline.toml"),
+        )
+        .expect("parse");
+        let echo = pipeline.function("echo").expect("echo");
+        assert_eq!(echo.backend, backend);
+        assert_eq!(echo.backend.as_str(), name);
+    }
+}
+
+#[test]
 fn relative_paths_resolve_against_the_pipeline_folder() {
     // A relative pipeline path: function paths resolve against its folder,
     // not against the current folder.

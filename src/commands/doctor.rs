@@ -149,10 +149,9 @@ pub async fn run(kafka: Option<&str>) -> u8 {
             }
         }
     }
-    let backend = if kvm_ok {
-        "microvm (once built), process"
-    } else {
-        "process"
+    let backend = match sluice_executor::microvm::MicrovmConfig::detect(&sluice_home()).check() {
+        Ok(_) => "microvm".to_owned(),
+        Err(e) => format!("process ({e})"),
     };
     println!("backend for `backend = \"auto\"`: {backend}");
     if sandbox_ok.is_ok() {

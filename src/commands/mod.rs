@@ -16,9 +16,10 @@ pub mod worker;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use sluice_executor::microvm::{MicrovmBackend, MicrovmConfig, MicrovmError};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
-use sluice_executor::{Executor, LogSink, locate_agent};
+use sluice_executor::{Executor, LogSink, Routed, locate_agent};
 use sluice_pipeline::{Backend, Pipeline};
 
 /// The process backend with the agent found next to this binary.
@@ -29,14 +30,50 @@ pub fn process_backend() -> Result<ProcessBackend> {
     Ok(ProcessBackend::new(ProcessConfig::detect(agent)))
 }
 
-/// An executor with every function of `pipeline` registered.
+/// An executor with every function of `pipeline` registered, each on its
+/// backend: `process`; `microvm` (refused here, with the host probe's
+/// reasons, where Linux guests cannot boot or no guest image is built);
+/// `auto`, the microVM where it can run, else the process sandbox.
 pub fn executor_for(pipeline: &Pipeline, logs: LogSink) -> Result<Executor> {
+    let mut microvm: Option<Result<Arc<MicrovmBackend>, MicrovmError>> = None;
+    let mut microvm_backend = || {
+        microvm
+            .get_or_insert_with(|| {
+                MicrovmBackend::new(MicrovmConfig::detect(&doctor::sluice_home())).map(Arc::new)
+            })
+            .as_ref()
+            .map(|b| b.clone() as Arc<dyn sluice_executor::Backend>)
+            .map_err(|e| e.to_string())
+    };
+    let mut routes = Vec::new();
     for f in pipeline.functions.values() {
-        if matches!(f.backend, Backend::Microvm) {
-            bail!("function {}: the microVM backend is not built yet", f.name);
-        }
+        let backend = match f.backend {
+            Backend::Process => None,
+            Backend::Microvm => Some(
+                microvm_backend()
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("function {}: backend = \"microvm\"", f.name))?,
+            ),
+            Backend::Auto => microvm_backend().ok(),
+        };
+        routes.push((f.name.clone(), backend));
     }
-    let ex = Executor::with_log_sink(Arc::new(process_backend()?), logs);
+    let backend: Arc<dyn sluice_executor::Backend> = if routes.iter().all(|(_, b)| b.is_none()) {
+        Arc::new(process_backend()?)
+    } else if let Some((_, Some(vm))) = routes.first()
+        && routes.iter().all(|(_, b)| b.is_some())
+    {
+        vm.clone()
+    } else {
+        let mut routed = Routed::new(Arc::new(process_backend()?));
+        for (name, b) in routes {
+            if let Some(b) = b {
+                routed = routed.route(&name, b);
+            }
+        }
+        Arc::new(routed)
+    };
+    let ex = Executor::with_log_sink(backend, logs);
     for f in pipeline.functions.values() {
         ex.register(sluice_ingest::function_spec(f));
     }

@@ -220,6 +220,26 @@ impl ImageLayout {
     pub fn image_dir(&self, key: &str) -> PathBuf {
         self.home.join("images").join(key)
     }
+
+    /// The most recently assembled complete image in the cache (the one the
+    /// last `sluice image build` made or found), if any.
+    pub fn latest_image(&self) -> Option<GuestImage> {
+        let rd = std::fs::read_dir(self.home.join("images")).ok()?;
+        rd.filter_map(Result::ok)
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| {
+                let dir = e.path();
+                let image = GuestImage {
+                    kernel: dir.join("kernel"),
+                    initramfs: dir.join("initramfs.cpio"),
+                    cached: true,
+                };
+                let modified = std::fs::metadata(&image.initramfs).ok()?.modified().ok()?;
+                image.kernel.is_file().then_some((modified, image))
+            })
+            .max_by_key(|(modified, _)| *modified)
+            .map(|(_, image)| image)
+    }
 }
 
 /// A kernel ready to boot.
@@ -496,6 +516,7 @@ mod tests {
             "CONFIG_BLK_DEV_INITRD",
             "CONFIG_SERIAL_8250_CONSOLE",
             "CONFIG_DEVTMPFS",
+            "CONFIG_INET",
         ] {
             assert!(
                 KERNEL_CONFIG_FRAGMENT
@@ -652,10 +673,25 @@ mod tests {
             &initrd[cpio.len()..],
             &folder_archive(&fdir, GUEST_TASK_ROOT).unwrap()[..]
         );
-        // Another kernel is another image.
+        assert_eq!(layout.latest_image(), Some(again.clone()));
+        // Another kernel is another image, and the latest one (the first
+        // one's time is set back: file times can be one timer tick coarse).
+        std::fs::File::options()
+            .write(true)
+            .open(&first.initramfs)
+            .unwrap()
+            .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))
+            .unwrap();
         std::fs::write(&kernel, b"another kernel").unwrap();
         let other = assemble_image(&layout, &kernel, ldconfig).unwrap();
         assert!(!other.cached);
         assert_ne!(other.initramfs, first.initramfs);
+        let latest = layout.latest_image().unwrap();
+        assert_eq!(latest.initramfs, other.initramfs);
+        // An empty cache has none.
+        assert_eq!(
+            ImageLayout::new(home.path().join("none")).latest_image(),
+            None
+        );
     }
 }

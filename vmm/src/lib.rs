@@ -89,7 +89,9 @@
 //! (bytes the host wrote that the device has not yet put in the guest's
 //! ring, or guest output the pump has not yet sent, are not saved),
 //! vsock connections in a snapshot (a restored device resets them), and
-//! the `microvm` executor backend and its clone pools.
+//! clone pools for the `microvm` executor backend (which lives in
+//! `sluice-executor` and uses [`Vm::stopper`] and
+//! [`VmBuilder::console_lines`] from here).
 
 // vmm is the one crate of the workspace allowed `unsafe` (KVM ioctls, guest
 // memory mappings, signal handlers); every block carries a `// SAFETY:` comment.

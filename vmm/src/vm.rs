@@ -4,7 +4,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,7 +66,28 @@ pub enum VmEvent {
     },
     /// A device asked for a machine reset.
     Reset(ResetCause),
+    /// A [`VmStopper`] asked the run to end.
+    StopRequested,
 }
+
+/// Ends a VM's [`Vm::run`] from another thread (e.g. an invocation timeout
+/// while the run waits): the run returns [`ExitReason::Stopped`] after
+/// stopping and joining the vCPUs. Stopping an ended VM does nothing.
+#[derive(Debug, Clone)]
+pub struct VmStopper {
+    events: Sender<VmEvent>,
+}
+
+impl VmStopper {
+    /// Asks the VM's run to end.
+    pub fn stop(&self) {
+        let _ = self.events.send(VmEvent::StopRequested);
+    }
+}
+
+/// Receives each complete line the guest writes to its serial console
+/// (sanitized, without the line break), after the console's byte rate limit.
+pub type ConsoleLineSink = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// How a VM run ended (without an error).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,6 +316,8 @@ pub struct VmBuilder {
     restore: Option<Arc<Snapshot>>,
     /// Bytes written into guest memory before the vCPUs start.
     guest_writes: Vec<(u64, Vec<u8>)>,
+    /// Also hand serial console lines to this sink.
+    console_lines: Option<ConsoleLineSink>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -318,6 +341,7 @@ impl VmBuilder {
             channel: None,
             restore: None,
             guest_writes: Vec::new(),
+            console_lines: None,
         }
     }
 
@@ -376,6 +400,13 @@ impl VmBuilder {
     /// `vsock-mux` serves it until the VM is dropped.
     pub fn vsock(mut self, config: VsockConfig) -> Self {
         self.vsock = Some(config);
+        self
+    }
+
+    /// Hands every serial console line to `sink` as well as to `tracing`
+    /// (e.g. a sandbox's rate-limited function log).
+    pub fn console_lines(mut self, sink: ConsoleLineSink) -> Self {
+        self.console_lines = Some(sink);
         self
     }
 
@@ -493,8 +524,11 @@ impl VmBuilder {
         vm_fd
             .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
-        let serial_log =
+        let mut serial_log =
             ConsoleLog::new(config.name.clone(), config.console_limit, capture.clone());
+        if let Some(sink) = self.console_lines.clone() {
+            serial_log = serial_log.with_line_sink(sink);
+        }
         let serial = Arc::new(Mutex::new(match &restore {
             Some(snap) => SerialDevice::from_state(serial_irq, serial_log, &snap.state().serial)
                 .map_err(SnapshotError::Devices)?,
@@ -658,6 +692,7 @@ impl VmBuilder {
             channel: self.channel,
             pumps,
             refused_msrs,
+            stopper: VmStopper { events: events_tx },
             name: config.name,
         })
     }
@@ -705,6 +740,7 @@ pub struct Vm {
     channel: Option<UnixStream>,
     pumps: Vec<std::thread::JoinHandle<()>>,
     refused_msrs: Vec<Vec<u32>>,
+    stopper: VmStopper,
     name: String,
 }
 
@@ -733,6 +769,11 @@ impl Vm {
     /// (they are skipped; empty for a booted VM).
     pub fn refused_msrs(&self) -> &[Vec<u32>] {
         &self.refused_msrs
+    }
+
+    /// A handle that ends [`Vm::run`] from another thread.
+    pub fn stopper(&self) -> VmStopper {
+        self.stopper.clone()
     }
 
     /// The VM state.
@@ -991,6 +1032,9 @@ impl Vm {
             }
             VmEvent::Reset(cause) => {
                 self.outcome.get_or_insert(Ok(ExitReason::Reset(cause)));
+            }
+            VmEvent::StopRequested => {
+                self.outcome.get_or_insert(Ok(ExitReason::Stopped));
             }
             VmEvent::VcpuStopped { stop, .. } => match stop {
                 VcpuStop::Stopped => {}

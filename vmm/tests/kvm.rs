@@ -145,6 +145,32 @@ fn a_guest_that_spins_forever_is_stopped_by_the_timeout() {
 }
 
 #[test]
+fn a_stopper_ends_a_run_from_another_thread() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = VmBuilder::new(config("stopper"), Boot::Code(Asm::new().spin().finish()))
+        .build()
+        .unwrap();
+    let stopper = vm.stopper();
+    vm.start().unwrap();
+    let (tx, rx) = channel();
+    let runner = std::thread::spawn(move || {
+        let exit = vm.run(Duration::from_secs(3600));
+        let _ = tx.send(());
+        (exit, vm)
+    });
+    stopper.stop();
+    rx.recv_timeout(LONG)
+        .expect("the stopper did not end the run");
+    let (exit, vm) = runner.join().unwrap();
+    assert_eq!(exit.unwrap().reason, ExitReason::Stopped);
+    assert!(vm.vcpu_states().iter().all(|s| *s == VcpuState::Exited));
+    // Stopping an ended VM does nothing.
+    stopper.stop();
+}
+
+#[test]
 fn a_triple_fault_is_a_clear_error() {
     if !kvm_available() {
         return;

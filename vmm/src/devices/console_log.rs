@@ -108,7 +108,6 @@ pub fn sanitize(line: &[u8]) -> String {
 }
 
 /// The rate-limited console writer handed to the serial device.
-#[derive(Debug)]
 pub struct ConsoleLog {
     vm: String,
     limit: RateLimit,
@@ -117,6 +116,17 @@ pub struct ConsoleLog {
     line: Vec<u8>,
     dropped_since_report: u64,
     capture: ConsoleCapture,
+    line_sink: Option<crate::vm::ConsoleLineSink>,
+}
+
+impl std::fmt::Debug for ConsoleLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleLog")
+            .field("vm", &self.vm)
+            .field("limit", &self.limit)
+            .field("line_sink", &self.line_sink.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConsoleLog {
@@ -130,7 +140,14 @@ impl ConsoleLog {
             line: Vec::new(),
             dropped_since_report: 0,
             capture,
+            line_sink: None,
         }
+    }
+
+    /// Also hands every complete line to `sink`.
+    pub fn with_line_sink(mut self, sink: crate::vm::ConsoleLineSink) -> Self {
+        self.line_sink = Some(sink);
+        self
     }
 
     fn refill(&mut self) {
@@ -147,6 +164,9 @@ impl ConsoleLog {
         }
         let text = sanitize(&self.line);
         tracing::info!(target: "sluice_vmm::console", vm = %self.vm, "{text}");
+        if let Some(sink) = &self.line_sink {
+            sink(&text);
+        }
         self.line.clear();
     }
 
@@ -197,8 +217,10 @@ impl io::Write for ConsoleLog {
         Ok(buf.len())
     }
 
+    /// Does not cut the current line: the UART flushes after every byte,
+    /// and a line is logged whole (at its newline, at [`MAX_LINE`] bytes,
+    /// or when the VM is dropped).
     fn flush(&mut self) -> io::Result<()> {
-        self.flush_line();
         Ok(())
     }
 }
@@ -249,6 +271,23 @@ mod tests {
         let writer = std::thread::spawn(move || log.write_all(b"booting\nready\n").unwrap());
         assert!(cap.wait_for(b"ready", Duration::from_secs(10)));
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_line_sink_gets_complete_sanitized_lines() {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        let mut log = ConsoleLog::new("t", RateLimit::default(), ConsoleCapture::new(0))
+            .with_line_sink(Arc::new(move |l: &str| {
+                seen.lock().unwrap().push(l.to_owned())
+            }));
+        log.write_all(b"one\r\ntw").unwrap();
+        // The UART flushes after every byte: that does not cut the line.
+        log.flush().unwrap();
+        assert_eq!(*lines.lock().unwrap(), ["one"]);
+        log.write_all(b"o\x1b\n").unwrap();
+        drop(log);
+        assert_eq!(*lines.lock().unwrap(), ["one", "two\u{fffd}"]);
     }
 
     #[test]

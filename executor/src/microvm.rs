@@ -1,0 +1,734 @@
+//! The microVM sandbox backend: every sandbox is a KVM microVM of our own
+//! VMM (`sluice-vmm`) booting the guest image built by `sluice image build`
+//! (kernel + initramfs with the static agent as `/init`), with the
+//! function's folder appended to the initramfs at `/var/task`, the
+//! function's `memory_mb` as guest RAM and one vCPU.
+//!
+//! ```text
+//!  MicrovmBackend::start ─▶ MicrovmSandbox::boot(setup, make_vm)
+//!     spawn_blocking: VmBuilder (+ agent_channel, + console_lines) .build()
+//!     thread "<vm>-run": Vm::run ──▶ end (reset / guest stop / vCPU fault / stopped)
+//!                                     sent to the sandbox, then the VM is dropped,
+//!                                     which closes the agent channel
+//!     host end of the agent channel (Unix socket ⇄ virtio-console ⇄ /dev/hvc0)
+//!        write: Start, Invoke, Shutdown frames (sluice-protocol)
+//!        read task: frames → sandbox; Log frames → rate-limited LogSink
+//!     serial console lines ─▶ the same rate limiter and LogSink (stream `agent`)
+//! ```
+//!
+//! The sandbox speaks exactly the protocol of the process backend, minus the
+//! `Unshared`/`Proceed` step (the VM is the sandbox, `isolate = false`). An
+//! invocation timeout stops the VM ([`sluice_vmm::vm::VmStopper`]); a VM
+//! that ends by itself (the guest rebooted, a vCPU faulted or
+//! triple-faulted) closes the channel, and the sandbox reports
+//! [`InvokeError::SandboxCrashed`] with the VM's end as its detail and
+//! stops being reusable, so the pool starts a new one.
+//!
+//! Where it lives: here, in the executor, depending on `sluice-vmm`. The
+//! VMM knows nothing of functions, invocations or pools, and the executor's
+//! traits, errors and log sink stay in one crate with both backends; the
+//! dependency points one way (executor → vmm → KVM), and the binary only
+//! picks a backend ([`MicrovmBackend::new`] refuses hosts that cannot boot
+//! Linux guests, with the host probe's reasons).
+
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use sluice_protocol::{
+    DEFAULT_MAX_FRAME, ExitStatus, FrameDecoder, LogStream, Message, StartConfig, encode,
+    invoke_head,
+};
+use sluice_vmm::host::HostSupport;
+use sluice_vmm::image::{GuestImage, ImageLayout};
+use sluice_vmm::vm::{ConsoleLineSink, ResetCause, VmStopper};
+use sluice_vmm::{ExitReason, VmBuilder, VmConfig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::{Backend, Invocation, LogSink, Sandbox};
+use crate::logs::{LogLine, LogRateLimiter};
+use crate::process::parse_error_body;
+use crate::{FunctionSpec, InvokeError, SandboxError};
+
+/// `LAMBDA_TASK_ROOT` inside the guest, where the function's folder is
+/// unpacked from the initramfs.
+pub const GUEST_TASK_ROOT: &str = "/var/task";
+
+/// The longest a sandbox VM may live; the pool reaps idle sandboxes long
+/// before (this only bounds [`sluice_vmm::Vm::run`]).
+pub const MAX_VM_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How long [`Sandbox::shutdown`] waits for the guest to reboot after the
+/// `Shutdown` frame before stopping the VM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the microVM backend cannot be used on this host.
+#[derive(Debug, thiserror::Error)]
+pub enum MicrovmError {
+    /// The host probe says Linux guests cannot boot here.
+    #[error(
+        "the microVM backend cannot run on this host: Linux guests cannot boot here \
+         ({reasons}) (host setup, not a sluice bug; no retry: run on a server with \
+         hardware KVM, or use backend = \"process\")"
+    )]
+    HostCannotBootLinux {
+        /// The probe's reasons, joined with `; `.
+        reasons: String,
+    },
+    /// No guest image has been built.
+    #[error("no microVM guest image in {dir} (user setup: run `sluice image build`; no retry)")]
+    NoGuestImage {
+        /// Where images are looked for.
+        dir: PathBuf,
+    },
+}
+
+impl MicrovmError {
+    /// Who is at fault: the host's or the user's set-up, never the function.
+    pub fn fault(&self) -> crate::Fault {
+        crate::Fault::External
+    }
+
+    /// Whether trying again can help: never without changing the host.
+    pub fn retryable(&self) -> bool {
+        false
+    }
+}
+
+/// Settings of the microVM backend.
+#[derive(Debug, Clone)]
+pub struct MicrovmConfig {
+    /// What this host can run ([`sluice_vmm::host::probe`]).
+    pub host: HostSupport,
+    /// The guest image, if one is built.
+    pub image: Option<GuestImage>,
+    /// Where images are looked for (for messages).
+    pub images_dir: PathBuf,
+    /// vCPUs per sandbox.
+    pub vcpus: u8,
+    /// Log lines per second a sandbox may emit (agent frames and serial
+    /// console together; bursts up to 10 times this).
+    pub log_lines_per_sec: u32,
+}
+
+impl MicrovmConfig {
+    /// This host's probe and the newest image under the sluice home
+    /// directory `home` (see [`ImageLayout::latest_image`]).
+    pub fn detect(home: &Path) -> Self {
+        let layout = ImageLayout::new(home);
+        Self {
+            host: sluice_vmm::host::probe(),
+            image: layout.latest_image(),
+            images_dir: home.join("images"),
+            vcpus: 1,
+            log_lines_per_sec: 200,
+        }
+    }
+
+    /// Whether sandboxes can boot with these settings: the host can boot
+    /// Linux guests and an image exists. This is what `backend = "auto"`
+    /// asks before it picks the microVM backend.
+    pub fn check(&self) -> Result<&GuestImage, MicrovmError> {
+        if !self.host.can_boot_linux() {
+            return Err(MicrovmError::HostCannotBootLinux {
+                reasons: self.host.linux_blockers().join("; "),
+            });
+        }
+        self.image
+            .as_ref()
+            .ok_or_else(|| MicrovmError::NoGuestImage {
+                dir: self.images_dir.clone(),
+            })
+    }
+}
+
+/// VM names are `sbx<pid>-<n>`: unique in this process, short enough for
+/// the vCPU thread names (`<vm>-vcpu0`).
+static NEXT_VM: AtomicU64 = AtomicU64::new(0);
+
+/// The microVM sandbox backend.
+#[derive(Debug)]
+pub struct MicrovmBackend {
+    cfg: MicrovmConfig,
+    image: GuestImage,
+}
+
+impl MicrovmBackend {
+    /// A backend with these settings, or why this host cannot run it.
+    pub fn new(cfg: MicrovmConfig) -> Result<Self, MicrovmError> {
+        let image = cfg.check()?.clone();
+        Ok(Self { cfg, image })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &MicrovmConfig {
+        &self.cfg
+    }
+}
+
+#[async_trait]
+impl Backend for MicrovmBackend {
+    fn name(&self) -> &'static str {
+        "microvm"
+    }
+
+    async fn start(
+        &self,
+        spec: &FunctionSpec,
+        tenant: &str,
+        logs: LogSink,
+    ) -> Result<Box<dyn Sandbox>, InvokeError> {
+        let setup = SandboxSetup::new(
+            spec,
+            tenant,
+            logs,
+            self.cfg.vcpus,
+            self.cfg.log_lines_per_sec,
+        );
+        let image = self.image.clone();
+        let dir = spec.dir.clone();
+        let sb = MicrovmSandbox::boot(setup, move |config| {
+            let boot = image.boot_function(&dir).map_err(|e| SandboxError::Vm {
+                what: format!("preparing the guest image for {}", dir.display()),
+                message: e.to_string(),
+            })?;
+            Ok(VmBuilder::new(config, boot))
+        })
+        .await?;
+        Ok(Box::new(sb))
+    }
+}
+
+/// What a sandbox VM is started with.
+#[derive(Clone)]
+pub struct SandboxSetup {
+    /// The function.
+    pub spec: FunctionSpec,
+    /// The tenant.
+    pub tenant: String,
+    /// The VM's name (unique per process; names its threads).
+    pub vm_name: String,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Log lines per second (see [`MicrovmConfig::log_lines_per_sec`]).
+    pub log_lines_per_sec: u32,
+    /// Where log lines go.
+    pub logs: LogSink,
+}
+
+impl std::fmt::Debug for SandboxSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxSetup")
+            .field("function", &self.spec.name)
+            .field("tenant", &self.tenant)
+            .field("vm_name", &self.vm_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SandboxSetup {
+    /// A setup with a fresh VM name.
+    pub fn new(
+        spec: &FunctionSpec,
+        tenant: &str,
+        logs: LogSink,
+        vcpus: u8,
+        log_lines_per_sec: u32,
+    ) -> Self {
+        let n = NEXT_VM.fetch_add(1, Ordering::Relaxed);
+        Self {
+            spec: spec.clone(),
+            tenant: tenant.to_owned(),
+            vm_name: format!("sbx{}-{n}", std::process::id()),
+            vcpus,
+            log_lines_per_sec,
+            logs,
+        }
+    }
+
+    /// The VM settings: the function's memory, the setup's vCPUs.
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            name: self.vm_name.clone(),
+            vcpus: self.vcpus,
+            mem_size: u64::from(self.spec.memory_mb) << 20,
+            ..VmConfig::default()
+        }
+    }
+
+    /// The `Start` frame's configuration: the VM is the sandbox, so no
+    /// isolation, no host paths and no rlimits; the function's folder is
+    /// [`GUEST_TASK_ROOT`].
+    pub fn start_config(&self) -> StartConfig {
+        let spec = &self.spec;
+        StartConfig {
+            function_name: spec.name.clone(),
+            function_version: "$LATEST".into(),
+            memory_mb: spec.memory_mb,
+            handler: spec.handler.clone(),
+            log_group: format!("/aws/lambda/{}", spec.name),
+            log_stream: format!("{}/[$LATEST]{}", self.tenant, self.vm_name),
+            function_dir: GUEST_TASK_ROOT.into(),
+            task_root: GUEST_TASK_ROOT.into(),
+            root_dir: String::new(),
+            runtime_layers: Vec::new(),
+            tmp_mb: spec.tmp_mb,
+            rlimit_nproc: 0,
+            rlimit_as_bytes: 0,
+            runtime_api_port: 9001,
+            env: spec.env.clone(),
+            run_as: None,
+            isolate: false,
+        }
+    }
+}
+
+fn sandbox_err(function: &str, source: SandboxError) -> InvokeError {
+    InvokeError::Sandbox {
+        function: function.to_owned(),
+        source,
+    }
+}
+
+/// How a VM run ended, in words for crash reports.
+fn describe_end(end: &Result<ExitReason, String>) -> String {
+    match end {
+        Ok(ExitReason::Reset(ResetCause::I8042)) => {
+            "the guest rebooted (i8042 reset: the agent ended or the kernel panicked)".into()
+        }
+        Ok(ExitReason::GuestStop(why)) => format!("the guest stopped its vCPU ({why})"),
+        Ok(ExitReason::TimedOut) => format!("the VM ran past {MAX_VM_LIFETIME:?}"),
+        Ok(ExitReason::Stopped) => "the VM was stopped by the host".into(),
+        Err(e) => format!("the VM failed: {e}"),
+    }
+}
+
+type FrameResult = Result<Message, SandboxError>;
+
+/// Reads frames from the agent channel: log frames go to the rate-limited
+/// sink, the rest to the sandbox. A decoding error is queued, then the VM
+/// is stopped.
+async fn read_frames<R: AsyncRead + Unpin>(
+    mut reader: R,
+    tx: mpsc::Sender<FrameResult>,
+    logs: LogSink,
+    limiter: Arc<LogRateLimiter>,
+    meta: Arc<(String, String)>,
+    stopper: VmStopper,
+) {
+    let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) => {
+                let e = match dec.finish() {
+                    Ok(()) => SandboxError::ChannelClosed,
+                    Err(e) => SandboxError::Protocol {
+                        detail: e.to_string(),
+                    },
+                };
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+            Ok(n) => n,
+            Err(_) => {
+                let _ = tx.send(Err(SandboxError::ChannelClosed)).await;
+                return;
+            }
+        };
+        dec.push(&buf[..n]);
+        loop {
+            match dec.next_message() {
+                Ok(None) => break,
+                Ok(Some(Message::Log { stream, line })) => {
+                    admit_line(&logs, &limiter, &meta, stream, &line);
+                }
+                Ok(Some(m)) => {
+                    if tx.send(Ok(m)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(SandboxError::Protocol {
+                            detail: e.to_string(),
+                        }))
+                        .await;
+                    stopper.stop();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn admit_line(
+    logs: &LogSink,
+    limiter: &LogRateLimiter,
+    meta: &(String, String),
+    stream: LogStream,
+    line: &[u8],
+) {
+    if let Some(dropped) = limiter.admit() {
+        if dropped > 0 {
+            logs(LogLine::dropped(&meta.0, &meta.1, dropped));
+        }
+        logs(LogLine::new(&meta.0, &meta.1, stream, line));
+    }
+}
+
+/// One running microVM sandbox.
+pub struct MicrovmSandbox {
+    function: String,
+    vm_name: String,
+    writer: OwnedWriteHalf,
+    rx: mpsc::Receiver<FrameResult>,
+    stopper: VmStopper,
+    ended: Option<oneshot::Receiver<String>>,
+    end: Option<String>,
+    monitor: Option<std::thread::JoinHandle<()>>,
+    dead: bool,
+    init: Duration,
+}
+
+impl std::fmt::Debug for MicrovmSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicrovmSandbox")
+            .field("function", &self.function)
+            .field("vm", &self.vm_name)
+            .field("dead", &self.dead)
+            .finish()
+    }
+}
+
+impl MicrovmSandbox {
+    /// Builds the VM that `make_vm` describes (given the setup's
+    /// [`VmConfig`]; called on a blocking thread), adds the agent channel
+    /// and the console log, runs it on the thread `<vm>-run`, sends the
+    /// `Start` frame and waits for the agent's `Ready` within the
+    /// function's init timeout (boot included).
+    pub async fn boot<F>(setup: SandboxSetup, make_vm: F) -> Result<Self, InvokeError>
+    where
+        F: FnOnce(VmConfig) -> Result<VmBuilder, SandboxError> + Send + 'static,
+    {
+        let started = Instant::now();
+        let function = setup.spec.name.clone();
+        let limiter = Arc::new(LogRateLimiter::new(setup.log_lines_per_sec));
+        let meta = Arc::new((function.clone(), setup.tenant.clone()));
+        let console: ConsoleLineSink = {
+            let (logs, limiter, meta) = (setup.logs.clone(), limiter.clone(), meta.clone());
+            Arc::new(move |line: &str| {
+                admit_line(&logs, &limiter, &meta, LogStream::Agent, line.as_bytes())
+            })
+        };
+        let config = setup.vm_config();
+        let built = tokio::task::spawn_blocking(move || {
+            let builder = make_vm(config)?.console_lines(console);
+            let vm_err = |what: &str| {
+                let what = what.to_owned();
+                move |e: sluice_vmm::VmError| SandboxError::Vm {
+                    what,
+                    message: e.to_string(),
+                }
+            };
+            let (builder, channel) = builder
+                .agent_channel()
+                .map_err(vm_err("creating the agent channel"))?;
+            let vm = builder.build().map_err(vm_err("building the VM"))?;
+            Ok::<_, SandboxError>((vm, channel))
+        })
+        .await
+        .map_err(|e| {
+            sandbox_err(
+                &function,
+                SandboxError::Vm {
+                    what: "building the VM".into(),
+                    message: format!("the build task failed: {e}"),
+                },
+            )
+        })?;
+        let (mut vm, channel) = built.map_err(|e| sandbox_err(&function, e))?;
+        let stopper = vm.stopper();
+        let (end_tx, ended) = oneshot::channel();
+        let vm_name = setup.vm_name.clone();
+        let monitor = std::thread::Builder::new()
+            .name(format!("{vm_name}-run"))
+            .spawn(move || {
+                let end = vm.run(MAX_VM_LIFETIME).map(|e| e.reason);
+                let end = end.map_err(|e| e.to_string());
+                let text = describe_end(&end);
+                tracing::debug!(vm = %vm_name, end = %text, "sandbox VM ended");
+                // The end first, then the drop that closes the channel: whoever
+                // sees the channel close finds the reason waiting.
+                let _ = end_tx.send(text);
+                drop(vm);
+            })
+            .map_err(|source| {
+                sandbox_err(
+                    &function,
+                    SandboxError::Host {
+                        what: "spawning the VM's run thread".into(),
+                        source,
+                    },
+                )
+            })?;
+        let channel = to_tokio(channel).map_err(|source| {
+            stopper.stop();
+            sandbox_err(
+                &function,
+                SandboxError::Host {
+                    what: "registering the agent channel".into(),
+                    source,
+                },
+            )
+        })?;
+        let (reader, writer) = channel.into_split();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(read_frames(
+            reader,
+            tx,
+            setup.logs.clone(),
+            limiter,
+            meta,
+            stopper.clone(),
+        ));
+        let mut sb = MicrovmSandbox {
+            function,
+            vm_name: setup.vm_name.clone(),
+            writer,
+            rx,
+            stopper,
+            ended: Some(ended),
+            end: None,
+            monitor: Some(monitor),
+            dead: false,
+            init: Duration::ZERO,
+        };
+        let deadline = started + setup.spec.init_timeout;
+        if let Err(e) = sb
+            .write_frame(&encode(&Message::Start(Box::new(setup.start_config()))))
+            .await
+        {
+            sb.kill();
+            return Err(e);
+        }
+        let got = {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, sb.rx.recv()).await {
+                Ok(Some(m)) => Some(m),
+                Ok(None) => Some(Err(SandboxError::ChannelClosed)),
+                Err(_) => None,
+            }
+        };
+        match got {
+            Some(Ok(Message::Ready { init_us })) => {
+                sb.init = started.elapsed();
+                tracing::debug!(function = %sb.function, tenant = %setup.tenant, vm = %sb.vm_name, init_us, boot = ?sb.init, "microVM sandbox ready");
+                Ok(sb)
+            }
+            other => Err(sb.init_failure(other).await),
+        }
+    }
+
+    /// Writes one complete frame (a single write, so small frames reach
+    /// the guest in one piece).
+    async fn write_frame(&mut self, frame: &[u8]) -> Result<(), InvokeError> {
+        let res = async {
+            self.writer.write_all(frame).await?;
+            self.writer.flush().await
+        }
+        .await;
+        if res.is_err() {
+            self.kill();
+            return Err(self.crash_error("the agent channel closed").await);
+        }
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        self.stopper.stop();
+        self.dead = true;
+    }
+
+    /// How the VM ended (waits briefly for its run thread to say).
+    async fn vm_end(&mut self) -> String {
+        if let Some(end) = &self.end {
+            return end.clone();
+        }
+        let end = match self.ended.take() {
+            Some(rx) => match tokio::time::timeout(SHUTDOWN_GRACE, rx).await {
+                Ok(Ok(end)) => end,
+                _ => "the VM did not report its end".into(),
+            },
+            None => "the VM did not report its end".into(),
+        };
+        self.end = Some(end.clone());
+        end
+    }
+
+    async fn crash_error(&mut self, context: &str) -> InvokeError {
+        self.kill();
+        let end = self.vm_end().await;
+        InvokeError::SandboxCrashed {
+            function: self.function.clone(),
+            detail: format!("{context} ({end})"),
+        }
+    }
+
+    async fn init_failure(&mut self, got: Option<FrameResult>) -> InvokeError {
+        let function = self.function.clone();
+        let init_failed = |error_type: &str, message: String| InvokeError::InitFailed {
+            function: function.clone(),
+            error_type: error_type.into(),
+            message,
+        };
+        let err = match got {
+            None => init_failed(
+                "Runtime.InitTimeout",
+                "the guest did not boot and ask for an invocation within the init timeout".into(),
+            ),
+            Some(Ok(Message::InitError { error_type, body })) => {
+                let (t, m) = parse_error_body(&error_type, &body);
+                init_failed(&t, m)
+            }
+            Some(Ok(Message::Exited(status))) => init_failed(
+                "Runtime.ExitError",
+                format!("bootstrap {} during init", describe(status)),
+            ),
+            Some(Ok(Message::Fatal { message })) => {
+                sandbox_err(&function, SandboxError::Setup { message })
+            }
+            Some(Ok(other)) => sandbox_err(
+                &function,
+                SandboxError::Protocol {
+                    detail: format!("unexpected {} frame during init", other.kind_name()),
+                },
+            ),
+            Some(Err(SandboxError::ChannelClosed)) => {
+                self.kill();
+                let end = self.vm_end().await;
+                init_failed(
+                    "Runtime.ExitError",
+                    format!("the VM ended during init ({end})"),
+                )
+            }
+            Some(Err(e)) => sandbox_err(&function, e),
+        };
+        self.kill();
+        err
+    }
+
+    /// Waits for the run thread (after the VM was stopped or ended).
+    async fn join_monitor(&mut self) {
+        if let Some(t) = self.monitor.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+fn to_tokio(s: StdUnixStream) -> std::io::Result<tokio::net::UnixStream> {
+    s.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(s)
+}
+
+fn describe(status: ExitStatus) -> String {
+    match status {
+        ExitStatus::Code(c) => format!("exited with status {c}"),
+        ExitStatus::Signal(s) => format!("was killed by signal {s}"),
+    }
+}
+
+#[async_trait]
+impl Sandbox for MicrovmSandbox {
+    async fn invoke(&mut self, inv: Invocation, timeout: Duration) -> Result<Vec<u8>, InvokeError> {
+        if self.dead {
+            return Err(self.crash_error("sandbox already dead").await);
+        }
+        let request_id = inv.request_id;
+        let mut frame = invoke_head(
+            &request_id,
+            inv.deadline_ms,
+            &inv.invoked_function_arn,
+            &inv.trace_id,
+            &inv.client_context,
+            inv.payload.len(),
+        );
+        frame.extend_from_slice(&inv.payload);
+        self.write_frame(&frame).await?;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => {
+                    self.kill();
+                    return Err(InvokeError::Timeout { function: self.function.clone(), timeout });
+                }
+                msg = self.rx.recv() => match msg {
+                    Some(Ok(Message::Response { request_id: id, body })) if id == request_id => return Ok(body),
+                    Some(Ok(Message::Error { request_id: id, error_type, body })) if id == request_id => {
+                        let (error_type, error_message) = parse_error_body(&error_type, &body);
+                        return Err(InvokeError::Function { function: self.function.clone(), error_type, error_message, body });
+                    }
+                    Some(Ok(Message::Exited(status))) => {
+                        return Err(self.crash_error(&format!("bootstrap {} during the invocation", describe(status))).await);
+                    }
+                    Some(Ok(Message::Fatal { message })) => {
+                        self.kill();
+                        return Err(sandbox_err(&self.function, SandboxError::Setup { message }));
+                    }
+                    Some(Ok(Message::Ready { .. })) => {}
+                    Some(Ok(other)) => {
+                        self.kill();
+                        return Err(sandbox_err(&self.function, SandboxError::Protocol {
+                            detail: format!("unexpected {} frame during invocation {request_id}", other.kind_name()),
+                        }));
+                    }
+                    Some(Err(SandboxError::ChannelClosed)) | None => {
+                        return Err(self.crash_error("the VM closed the agent channel during the invocation").await);
+                    }
+                    Some(Err(e)) => {
+                        self.kill();
+                        return Err(sandbox_err(&self.function, e));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_reusable(&self) -> bool {
+        !self.dead
+    }
+
+    fn init_duration(&self) -> Duration {
+        self.init
+    }
+
+    async fn shutdown(mut self: Box<Self>) {
+        if !self.dead {
+            // The agent stops the function and reboots the guest: the VM
+            // ends by itself; stop it if it does not.
+            let _ = self.writer.write_all(&encode(&Message::Shutdown)).await;
+            let _ = self.writer.flush().await;
+            if let Some(rx) = self.ended.take() {
+                match tokio::time::timeout(SHUTDOWN_GRACE, rx).await {
+                    Ok(Ok(end)) => self.end = Some(end),
+                    _ => self.stopper.stop(),
+                }
+            }
+        }
+        self.kill();
+        self.join_monitor().await;
+    }
+}
+
+impl Drop for MicrovmSandbox {
+    fn drop(&mut self) {
+        // The run thread drops the VM (joining its vCPUs) once stopped.
+        self.stopper.stop();
+    }
+}

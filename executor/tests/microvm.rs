@@ -1,0 +1,738 @@
+//! The microVM backend on this host, for real.
+//!
+//! * Where Linux guests cannot boot (here: `kvm_pvm`, no vmx/svm), the
+//!   backend refuses to start, with the host probe's reasons.
+//! * The sandbox's host side (boot, `Start`/`Ready`, invocations, errors,
+//!   logs, timeout kill, crash reports) runs against real KVM VMs of
+//!   `sluice-vmm` whose guest is a tiny hand-written program standing in for
+//!   the agent: it drives the virtio-console agent channel by polling its
+//!   receive ring, and for each frame the host sends it transmits the next
+//!   frame of a script prepared in guest memory (a transmit chain may also
+//!   point at the receive buffer, so the host gets back, byte for byte, the
+//!   invocation frame the guest received). After the script it spins,
+//!   resets the machine or triple-faults, as the test asks.
+//! * The Linux tier (the built guest image with the real agent, the echo
+//!   function) runs only with hardware KVM and an image; elsewhere it is
+//!   skipped loudly, and `SLUICE_REQUIRE_HW_KVM=1` turns the skip into a
+//!   failure.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_executor::microvm::{
+    MicrovmBackend, MicrovmConfig, MicrovmError, MicrovmSandbox, SandboxSetup,
+};
+use sluice_executor::process::{ProcessBackend, ProcessConfig};
+use sluice_executor::{
+    Backend, Executor, FunctionSpec, Invocation, InvokeError, LogLine, LogSink, LogStream, Routed,
+    Sandbox,
+};
+use sluice_protocol::{Message, encode, invoke_head};
+use sluice_vmm::asm::Asm;
+use sluice_vmm::host::HostSupport;
+use sluice_vmm::image::GuestImage;
+use sluice_vmm::memory::VIRTIO_MMIO_BASE;
+use sluice_vmm::{Boot, VmBuilder};
+
+// ---- the host's refusal -------------------------------------------------
+
+fn pvm_host() -> HostSupport {
+    HostSupport {
+        kvm: Ok(()),
+        hardware_virtualization: false,
+        kvm_module: Some("kvm_pvm".into()),
+        missing_caps: vec![],
+    }
+}
+
+fn config(host: HostSupport, image: Option<GuestImage>) -> MicrovmConfig {
+    MicrovmConfig {
+        host,
+        image,
+        images_dir: "/nonexistent/images".into(),
+        vcpus: 1,
+        log_lines_per_sec: 100,
+    }
+}
+
+#[test]
+fn this_host_gets_the_probes_reasons_or_a_missing_image() {
+    let home = tempfile::tempdir().unwrap();
+    let cfg = MicrovmConfig::detect(home.path());
+    let err = MicrovmBackend::new(cfg.clone()).expect_err("an empty home has no guest image");
+    let text = err.to_string();
+    if cfg.host.can_boot_linux() {
+        assert!(matches!(err, MicrovmError::NoGuestImage { .. }), "{err}");
+        assert!(text.contains("sluice image build"), "{text}");
+    } else {
+        assert!(
+            matches!(err, MicrovmError::HostCannotBootLinux { .. }),
+            "{err}"
+        );
+        for why in cfg.host.linux_blockers() {
+            assert!(text.contains(&why), "{text} lacks {why}");
+        }
+        eprintln!("microvm refused here, as it must be: {text}");
+    }
+    assert!(!err.retryable());
+}
+
+#[test]
+fn only_a_linux_capable_host_with_an_image_gets_the_backend() {
+    let image = GuestImage {
+        kernel: "/img/kernel".into(),
+        initramfs: "/img/initramfs.cpio".into(),
+        cached: true,
+    };
+    // PVM, even with an image: refused, and the message says why.
+    let err = MicrovmBackend::new(config(pvm_host(), Some(image.clone()))).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("kvm_pvm") && text.contains("vmx/svm"),
+        "{text}"
+    );
+    assert!(text.contains("backend = \"process\""), "{text}");
+    // Hardware KVM without an image: the user is told to build one.
+    let hw = HostSupport {
+        hardware_virtualization: true,
+        kvm_module: Some("kvm_intel".into()),
+        ..pvm_host()
+    };
+    let err = MicrovmBackend::new(config(hw.clone(), None)).unwrap_err();
+    assert!(matches!(err, MicrovmError::NoGuestImage { .. }), "{err}");
+    // Both: the backend, on that image.
+    let b = MicrovmBackend::new(config(hw, Some(image.clone()))).unwrap();
+    assert_eq!(b.name(), "microvm");
+    assert_eq!(b.config().check().unwrap(), &image);
+}
+
+// ---- the scripted tiny guest ----------------------------------------------
+
+/// Whether /dev/kvm can run tiny guests; loud skip otherwise
+/// (`SLUICE_REQUIRE_KVM=1` fails instead).
+fn kvm_available() -> bool {
+    let host = sluice_vmm::host::probe();
+    if host.can_run_tiny_guests() {
+        return true;
+    }
+    if std::env::var("SLUICE_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("SLUICE_REQUIRE_KVM=1 but /dev/kvm cannot run guests: {host:?}");
+    }
+    eprintln!(
+        "\n*** SKIPPED: /dev/kvm cannot run guests ({host:?}); microVM tests did not run ***\n"
+    );
+    false
+}
+
+const RX_DESC: u64 = 0x40000;
+const RX_AVAIL: u64 = 0x41000;
+const RX_USED: u64 = 0x42000;
+const TX_DESC: u64 = 0x44000;
+const TX_AVAIL: u64 = 0x45000;
+const TX_USED: u64 = 0x46000;
+const SEEN: u64 = 0x48000;
+const COUNTER: u64 = 0x48010;
+const IDTR: u64 = 0x2000;
+const RX_BUFS: u64 = 0x30_0000;
+const RX_BUF_LEN: u32 = 0x1000;
+const FRAMES: u64 = 0x40_0000;
+const QSIZE: u16 = 16;
+
+/// What the guest does once its script is played.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Spin forever (the host's timeout must stop it).
+    Spin,
+    /// Reset the machine through the i8042.
+    Reset,
+    /// `ud2` with an empty IDT: a triple fault.
+    TripleFault,
+}
+
+/// One part of a transmitted chain.
+enum Part {
+    /// These bytes.
+    Bytes(Vec<u8>),
+    /// The first `len` bytes of receive buffer `n` (what the host's `n`th
+    /// write put there).
+    Received { n: u64, len: u32 },
+}
+
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    d
+}
+
+/// The guest program: `console` written to the serial port, virtio-console set-up, then a loop that waits for the
+/// receive ring's used index to move and, each time, publishes the next
+/// transmit chain (or, past the script, does `then`).
+fn guest_code(then: Then, console: &[u8]) -> Vec<u8> {
+    let r = |off: u64| VIRTIO_MMIO_BASE + off;
+    let mut a = Asm::new()
+        .print(0x3f8, console)
+        .mov_rax(IDTR)
+        .lidt_at_rax()
+        .write32(r(0x70), 0)
+        .write32(r(0x70), 3)
+        .write32(r(0x24), 1)
+        .write32(r(0x20), 1) // VIRTIO_F_VERSION_1
+        .write32(r(0x24), 0)
+        .write32(r(0x20), 0)
+        .write32(r(0x70), 0xb);
+    for (q, (d, av, u)) in [(RX_DESC, RX_AVAIL, RX_USED), (TX_DESC, TX_AVAIL, TX_USED)]
+        .into_iter()
+        .enumerate()
+    {
+        a = a
+            .write32(r(0x30), q as u32)
+            .write32(r(0x38), u32::from(QSIZE))
+            .write32(r(0x80), d as u32)
+            .write32(r(0x84), 0)
+            .write32(r(0x90), av as u32)
+            .write32(r(0x94), 0)
+            .write32(r(0xa0), u as u32)
+            .write32(r(0xa4), 0)
+            .write32(r(0x44), 1);
+    }
+    let a = a.write32(r(0x70), 0xf).write32(r(0x50), 0);
+    let top = a.here();
+    // Publish the next transmit chain and notify transmitq0.
+    let transmit = Asm::new()
+        .mov_rax(TX_AVAIL + 2)
+        .raw(&[0x66, 0x83, 0x00, 0x01]) // add word [rax], 1
+        .write32(r(0x50), 1)
+        .finish();
+    let a = a
+        .mov_rax(RX_USED + 2)
+        .raw(&[0x0f, 0xb7, 0x08]) // movzx ecx, word [rax]
+        .mov_rax(SEEN)
+        .raw(&[0x66, 0x39, 0x08]) // cmp word [rax], cx
+        .jz(top)
+        .raw(&[0x66, 0x89, 0x08]) // mov word [rax], cx
+        .mov_rax(COUNTER)
+        .raw(&[0x80, 0x28, 0x01]) // sub byte [rax], 1
+        .raw(&[0x72, (transmit.len() + 2) as u8]) // jb past the script
+        .raw(&transmit);
+    let a = a.jmp(top);
+    match then {
+        Then::Spin => a.spin(),
+        Then::Reset => a.i8042_reset().spin(),
+        Then::TripleFault => a.ud2().spin(),
+    }
+    .finish()
+}
+
+/// A VM running the scripted guest: `script[k]` is transmitted after the
+/// host's `k`th write.
+fn scripted_vm(
+    config: sluice_vmm::VmConfig,
+    script: &[Vec<Part>],
+    then: Then,
+    console: &[u8],
+) -> VmBuilder {
+    assert!(script.len() < usize::from(QSIZE));
+    let mut b = VmBuilder::new(config, Boot::Code(guest_code(then, console)))
+        .guest_write(IDTR, &[0u8; 10])
+        .guest_write(COUNTER, &[script.len() as u8]);
+    // Every receive buffer posted up front.
+    for i in 0..u64::from(QSIZE) {
+        let d = desc(RX_BUFS + i * u64::from(RX_BUF_LEN), RX_BUF_LEN, 2, 0);
+        b = b
+            .guest_write(RX_DESC + 16 * i, &d)
+            .guest_write(RX_AVAIL + 4 + 2 * i, &(i as u16).to_le_bytes());
+    }
+    b = b.guest_write(RX_AVAIL + 2, &QSIZE.to_le_bytes());
+    // Transmit chains: the ring lists their heads; the guest moves the index.
+    let mut next_desc = 0u16;
+    let mut data = FRAMES;
+    for (k, chain) in script.iter().enumerate() {
+        let head = next_desc;
+        for (j, part) in chain.iter().enumerate() {
+            let (addr, len) = match part {
+                Part::Bytes(bytes) => {
+                    b = b.guest_write(data, bytes);
+                    let at = data;
+                    data += (bytes.len() as u64).next_multiple_of(64).max(64);
+                    (at, bytes.len() as u32)
+                }
+                Part::Received { n, len } => (RX_BUFS + n * u64::from(RX_BUF_LEN), *len),
+            };
+            let last = j + 1 == chain.len();
+            let flags = if last { 0 } else { 1 }; // VIRTQ_DESC_F_NEXT
+            b = b.guest_write(
+                TX_DESC + 16 * u64::from(next_desc),
+                &desc(addr, len, flags, next_desc + 1),
+            );
+            next_desc += 1;
+        }
+        b = b.guest_write(TX_AVAIL + 4 + 2 * k as u64, &head.to_le_bytes());
+    }
+    b
+}
+
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<LogLine>>>);
+
+impl Logs {
+    fn sink(&self) -> LogSink {
+        let lines = self.0.clone();
+        Arc::new(move |l: LogLine| lines.lock().unwrap().push(l))
+    }
+
+    fn lines(&self) -> Vec<(LogStream, String)> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| (l.stream, l.line.clone()))
+            .collect()
+    }
+}
+
+fn spec(dir: &Path) -> FunctionSpec {
+    let mut s = FunctionSpec::new("scripted", dir);
+    s.memory_mb = 16;
+    s
+}
+
+fn invocation(id: &str, payload: &[u8]) -> Invocation {
+    Invocation {
+        request_id: id.into(),
+        deadline_ms: 1_700_000_000_000,
+        invoked_function_arn: "arn:aws:lambda:local:000000000000:function:scripted".into(),
+        trace_id: "Root=1-trace".into(),
+        client_context: String::new(),
+        payload: payload.to_vec(),
+    }
+}
+
+fn invoke_frame(inv: &Invocation) -> Vec<u8> {
+    let mut f = invoke_head(
+        &inv.request_id,
+        inv.deadline_ms,
+        &inv.invoked_function_arn,
+        &inv.trace_id,
+        &inv.client_context,
+        inv.payload.len(),
+    );
+    f.extend_from_slice(&inv.payload);
+    f
+}
+
+/// The head of a `Log` frame whose line is the `len` bytes that follow.
+fn log_head(stream: LogStream, len: usize) -> Vec<u8> {
+    let mut f = encode(&Message::Log {
+        stream,
+        line: vec![0; len],
+    });
+    f.truncate(f.len() - len);
+    f
+}
+
+fn frame(m: Message) -> Part {
+    Part::Bytes(encode(&m))
+}
+
+const BANNER: &[u8] = b"scripted guest up\n";
+
+async fn boot(
+    dir: &Path,
+    script: Vec<Vec<Part>>,
+    then: Then,
+    logs: &Logs,
+) -> Result<MicrovmSandbox, InvokeError> {
+    let spec = spec(dir);
+    let setup = SandboxSetup::new(&spec, "tenant-a", logs.sink(), 1, 1000);
+    MicrovmSandbox::boot(setup, move |config| {
+        Ok(scripted_vm(config, &script, then, BANNER))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invocations_run_end_to_end_over_the_virtio_console_of_a_real_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let first = invocation("req-1", br#"{"hello":"guest"}"#);
+    let first_frame = invoke_frame(&first);
+    let logs = Logs::default();
+    let script = vec![
+        // After Start: a log line and Ready, in one transmit.
+        vec![
+            frame(Message::Log {
+                stream: LogStream::Stdout,
+                line: b"hello from the guest".to_vec(),
+            }),
+            frame(Message::Ready { init_us: 42 }),
+        ],
+        // After the first invocation: the received frame back as a log
+        // line (proof of what crossed into the guest), then the response.
+        vec![
+            Part::Bytes(log_head(LogStream::Stderr, first_frame.len())),
+            Part::Received {
+                n: 1,
+                len: first_frame.len() as u32,
+            },
+            frame(Message::Response {
+                request_id: "req-1".into(),
+                body: b"pong".to_vec(),
+            }),
+        ],
+        // The second one fails in the function.
+        vec![frame(Message::Error {
+            request_id: "req-2".into(),
+            error_type: String::new(),
+            body: br#"{"errorType":"Boom","errorMessage":"no luck"}"#.to_vec(),
+        })],
+        // The third only logs: it runs into its timeout.
+        vec![frame(Message::Log {
+            stream: LogStream::Stdout,
+            line: b"still thinking".to_vec(),
+        })],
+    ];
+    let mut sb = boot(dir.path(), script, Then::Spin, &logs).await.unwrap();
+    assert!(sb.is_reusable());
+    assert!(sb.init_duration() > Duration::ZERO);
+    // The serial console's line, then the agent's log frame.
+    assert_eq!(
+        logs.lines(),
+        [
+            (LogStream::Agent, "scripted guest up".to_owned()),
+            (LogStream::Stdout, "hello from the guest".to_owned())
+        ]
+    );
+
+    let sent = std::time::Instant::now();
+    let body = sb.invoke(first, Duration::from_secs(60)).await.unwrap();
+    // For the record only (no timed assertions): orders of magnitude.
+    eprintln!(
+        "scripted tiny guest: build + boot to Ready {:?}, one invocation round trip {:?}",
+        sb.init_duration(),
+        sent.elapsed()
+    );
+    assert_eq!(body, b"pong");
+    assert_eq!(
+        logs.lines()[2],
+        (
+            LogStream::Stderr,
+            String::from_utf8_lossy(&first_frame).into_owned()
+        ),
+        "the guest received the invocation frame intact"
+    );
+    assert!(sb.is_reusable());
+
+    match sb
+        .invoke(invocation("req-2", b"{}"), Duration::from_secs(60))
+        .await
+    {
+        Err(InvokeError::Function {
+            error_type,
+            error_message,
+            ..
+        }) => assert_eq!(
+            (error_type.as_str(), error_message.as_str()),
+            ("Boom", "no luck")
+        ),
+        other => panic!("expected the function's error, got {other:?}"),
+    }
+    assert!(sb.is_reusable());
+
+    let timeout = Duration::from_millis(300);
+    match sb.invoke(invocation("req-3", b"{}"), timeout).await {
+        Err(InvokeError::Timeout { timeout: t, .. }) => assert_eq!(t, timeout),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(!sb.is_reusable(), "a timed-out VM is killed");
+    assert_eq!(
+        logs.lines().last().unwrap(),
+        &(LogStream::Stdout, "still thinking".to_owned())
+    );
+    // The VM really was stopped: a dead sandbox says how it ended.
+    match sb.invoke(invocation("req-4", b"{}"), timeout).await {
+        Err(InvokeError::SandboxCrashed { detail, .. }) => {
+            assert!(detail.contains("stopped by the host"), "{detail}")
+        }
+        other => panic!("expected a dead sandbox, got {other:?}"),
+    }
+    Box::new(sb).shutdown().await;
+}
+
+async fn crash_after_ready(then: Then) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = Logs::default();
+    let script = vec![vec![frame(Message::Ready { init_us: 1 })]];
+    let mut sb = boot(dir.path(), script, then, &logs).await.unwrap();
+    let err = sb
+        .invoke(invocation("req-1", b"{}"), Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(!sb.is_reusable(), "a crashed VM is not reused");
+    assert_eq!(err.error_type(), "Runtime.ExitError");
+    assert!(err.retryable(), "a new sandbox may succeed");
+    Box::new(sb).shutdown().await;
+    match err {
+        InvokeError::SandboxCrashed { detail, .. } => detail,
+        other => panic!("expected a crash, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_reboots_mid_invocation_is_a_crash() {
+    if !kvm_available() {
+        return;
+    }
+    let detail = crash_after_ready(Then::Reset).await;
+    assert!(detail.contains("rebooted"), "{detail}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_triple_fault_mid_invocation_is_a_crash_that_says_so() {
+    if !kvm_available() {
+        return;
+    }
+    let detail = crash_after_ready(Then::TripleFault).await;
+    assert!(detail.contains("triple-faulted"), "{detail}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_answers_start_fails_init_within_its_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = spec(dir.path());
+    spec.init_timeout = Duration::from_millis(300);
+    let logs = Logs::default();
+    let setup = SandboxSetup::new(&spec, "t", logs.sink(), 1, 1000);
+    let err = MicrovmSandbox::boot(setup, |config| {
+        Ok(scripted_vm(config, &[], Then::Spin, BANNER))
+    })
+    .await
+    .unwrap_err();
+    match err {
+        InvokeError::InitFailed { error_type, .. } => {
+            assert_eq!(error_type, "Runtime.InitTimeout")
+        }
+        other => panic!("expected an init timeout, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_frame_kills_the_vm_as_a_protocol_violation() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let logs = Logs::default();
+    // A frame announcing 4 GiB: rejected before its body is read.
+    let script = vec![
+        vec![frame(Message::Ready { init_us: 1 })],
+        vec![Part::Bytes(vec![0xff, 0xff, 0xff, 0xff, 7])],
+    ];
+    let mut sb = boot(dir.path(), script, Then::Spin, &logs).await.unwrap();
+    let err = sb
+        .invoke(invocation("req-1", b"{}"), Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            InvokeError::Sandbox {
+                source: sluice_executor::SandboxError::Protocol { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!sb.is_reusable());
+    Box::new(sb).shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_guest_console_is_rate_limited_into_the_log_sink() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let logs = Logs::default();
+    let spam: Vec<u8> = (0..30)
+        .flat_map(|i| format!("spam {i}\n").into_bytes())
+        .collect();
+    let script = vec![vec![frame(Message::Ready { init_us: 1 })]];
+    // One line per second, bursts of ten.
+    let setup = SandboxSetup::new(&spec(dir.path()), "t", logs.sink(), 1, 1);
+    let sb = MicrovmSandbox::boot(setup, move |config| {
+        Ok(scripted_vm(config, &script, Then::Spin, &spam))
+    })
+    .await
+    .unwrap();
+    let lines = logs.lines();
+    // A token may come back while the guest prints.
+    assert!((10..=11).contains(&lines.len()), "{lines:?}");
+    for (i, (stream, line)) in lines.iter().take(10).enumerate() {
+        assert_eq!(
+            (*stream, line.as_str()),
+            (LogStream::Agent, format!("spam {i}").as_str())
+        );
+    }
+    Box::new(sb).shutdown().await;
+}
+
+/// The pool over a backend of scripted VMs: a crashed VM is replaced by a
+/// fresh one for the next invocation.
+struct ScriptedBackend;
+
+#[async_trait::async_trait]
+impl Backend for ScriptedBackend {
+    fn name(&self) -> &'static str {
+        "scripted-microvm"
+    }
+
+    async fn start(
+        &self,
+        spec: &FunctionSpec,
+        tenant: &str,
+        logs: LogSink,
+    ) -> Result<Box<dyn Sandbox>, InvokeError> {
+        let setup = SandboxSetup::new(spec, tenant, logs, 1, 1000);
+        // The pool picks the request ids, so the script cannot answer:
+        // Ready, then a reset on the first invocation.
+        let script = vec![vec![frame(Message::Ready { init_us: 1 })]];
+        let sb = MicrovmSandbox::boot(setup, move |config| {
+            Ok(scripted_vm(config, &script, Then::Reset, BANNER))
+        })
+        .await?;
+        Ok(Box::new(sb))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_replaces_a_crashed_vm_and_routes_other_functions_to_processes() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let echo = sluice_test_support::function_fixture("echo");
+    let process = ProcessBackend::new(ProcessConfig::detect(sluice_test_support::agent_binary()));
+    let routed = Routed::new(Arc::new(process)).route("scripted", Arc::new(ScriptedBackend));
+    assert_eq!(routed.backend_for("scripted").name(), "scripted-microvm");
+    assert_eq!(routed.backend_for("echo").name(), "process");
+    let ex = Executor::with_log_sink(Arc::new(routed), Logs::default().sink());
+    ex.register(spec(dir.path()));
+    ex.register(FunctionSpec::new("echo", &echo.dir));
+    for _ in 0..2 {
+        let err = ex.invoke("scripted", b"{}".to_vec()).await.unwrap_err();
+        assert!(
+            matches!(&err, InvokeError::SandboxCrashed { detail, .. } if detail.contains("rebooted")),
+            "{err:?}"
+        );
+    }
+    let stats = ex.stats("scripted").unwrap();
+    assert_eq!(
+        stats.cold_starts, 2,
+        "each invocation got a fresh VM: {stats:?}"
+    );
+    let resp = ex.invoke("echo", br#"{"p":1}"#.to_vec()).await.unwrap();
+    assert_eq!(resp.payload, br#"{"p":1}"#);
+    ex.shutdown().await;
+}
+
+// ---- the Linux tier -----------------------------------------------------
+
+/// Skips loudly unless this host can boot Linux guests and has an image;
+/// with `SLUICE_REQUIRE_HW_KVM=1` the skip is a failure.
+fn linux_tier(cfg: &MicrovmConfig) -> bool {
+    match cfg.check() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("SLUICE_REQUIRE_HW_KVM").as_deref() == Ok("1") {
+                panic!("SLUICE_REQUIRE_HW_KVM=1 but the microVM backend cannot run: {e}");
+            }
+            eprintln!("\n*** SKIPPED: Linux-guest tier of the microVM backend: {e} ***\n");
+            false
+        }
+    }
+}
+
+/// A function folder whose `bootstrap` is the echo function built as a
+/// static executable (`+crt-static`, in its own target folder so the
+/// workspace's build is left alone).
+fn static_echo() -> tempfile::TempDir {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("static-guest");
+    let triple = "x86_64-unknown-linux-gnu";
+    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+        .current_dir(root)
+        .args([
+            "build",
+            "-p",
+            "echo-function",
+            "--bin",
+            "echo-fn",
+            "--target",
+            triple,
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the static echo function failed");
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = dir.path().join("bootstrap");
+    std::fs::copy(target.join(triple).join("debug/echo-fn"), &bootstrap).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bootstrap, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[test]
+fn the_static_echo_function_for_guests_builds_static() {
+    // Only where the Linux tier can run: the build takes minutes.
+    if !MicrovmConfig::detect(Path::new("/nonexistent"))
+        .host
+        .can_boot_linux()
+        && std::env::var("SLUICE_BUILD_STATIC_ECHO").as_deref() != Ok("1")
+    {
+        eprintln!(
+            "*** SKIPPED: static echo build (only with hardware KVM or SLUICE_BUILD_STATIC_ECHO=1) ***"
+        );
+        return;
+    }
+    let dir = static_echo();
+    sluice_vmm::image::check_static_agent(&dir.path().join("bootstrap")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linux_tier_the_echo_function_answers_through_the_microvm_backend() {
+    let home = std::env::var_os("SLUICE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".sluice")))
+        .unwrap_or_else(|| ".sluice".into());
+    let cfg = MicrovmConfig::detect(&home);
+    if !linux_tier(&cfg) {
+        return;
+    }
+    // The guest has no libc: the function must be a static binary.
+    let echo = static_echo();
+    sluice_vmm::image::check_static_agent(&echo.path().join("bootstrap")).unwrap();
+    let ex = Executor::with_log_sink(
+        Arc::new(MicrovmBackend::new(cfg).unwrap()),
+        Logs::default().sink(),
+    );
+    let mut spec = FunctionSpec::new("echo", echo.path());
+    spec.init_timeout = Duration::from_secs(30);
+    ex.register(spec);
+    let payload = br#"{"hello":"microvm"}"#.to_vec();
+    let resp = ex.invoke("echo", payload.clone()).await.unwrap();
+    assert_eq!(resp.payload, payload);
+    // Warm: the same VM answers again.
+    ex.invoke("echo", payload.clone()).await.unwrap();
+    assert_eq!(ex.stats("echo").unwrap().cold_starts, 1);
+}
