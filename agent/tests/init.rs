@@ -8,6 +8,7 @@
 use std::io::BufReader;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -39,8 +40,16 @@ fn init_mode_mounts_and_serves_as_pid_1() {
         eprintln!("\n*** SKIPPED: unshare --user --mount --pid does not work here ***\n");
         return;
     }
-    // Not under /tmp: the agent mounts a fresh tmpfs there.
-    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // Not under /tmp or /run: the agent mounts fresh tmpfs there, which
+    // would hide the socket and the function (the checkout itself may live
+    // under /tmp).
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let base = if base.starts_with("/tmp") || base.starts_with("/run") {
+        Path::new("/var/tmp")
+    } else {
+        base
+    };
+    let tmp = tempfile::tempdir_in(base).unwrap();
     let fdir = tmp.path().join("fn");
     std::fs::create_dir(&fdir).unwrap();
     let bootstrap = fdir.join("bootstrap");
@@ -54,7 +63,23 @@ fn init_mode_mounts_and_serves_as_pid_1() {
         .args(["--init", "--channel", &format!("unix:{}", sock.display())])
         .spawn()
         .unwrap();
-    let (stream, _) = listener.accept().unwrap();
+    // Accept on a thread, so that an agent that never connects fails the
+    // test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(listener.accept());
+    });
+    let stream = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok((stream, _))) => stream,
+        other => {
+            let _ = agent.kill();
+            let status = agent.wait();
+            panic!(
+                "the agent never connected to {}: {other:?} (agent: {status:?})",
+                sock.display()
+            );
+        }
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
