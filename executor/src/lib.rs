@@ -78,6 +78,7 @@
 //! them.
 
 mod backend;
+mod channel;
 mod clock;
 mod error;
 mod logs;

@@ -38,20 +38,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sluice_protocol::{
-    DEFAULT_MAX_FRAME, ExitStatus, FrameDecoder, LogStream, Message, StartConfig, encode,
-    invoke_head,
-};
+use sluice_protocol::{ExitStatus, LogStream, Message, StartConfig, encode, invoke_head};
 use sluice_vmm::host::HostSupport;
 use sluice_vmm::image::{GuestImage, ImageLayout};
 use sluice_vmm::vm::{ConsoleLineSink, ResetCause, VmStopper};
 use sluice_vmm::{ExitReason, VmBuilder, VmConfig};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{Backend, Invocation, LogSink, Sandbox};
-use crate::logs::{LogLine, LogRateLimiter};
+use crate::channel::{FrameResult, admit_line, read_frames};
+use crate::logs::LogRateLimiter;
 use crate::process::parse_error_body;
 use crate::{FunctionSpec, InvokeError, SandboxError};
 
@@ -308,80 +306,6 @@ fn describe_end(end: &Result<ExitReason, String>) -> String {
     }
 }
 
-type FrameResult = Result<Message, SandboxError>;
-
-/// Reads frames from the agent channel: log frames go to the rate-limited
-/// sink, the rest to the sandbox. A decoding error is queued, then the VM
-/// is stopped.
-async fn read_frames<R: AsyncRead + Unpin>(
-    mut reader: R,
-    tx: mpsc::Sender<FrameResult>,
-    logs: LogSink,
-    limiter: Arc<LogRateLimiter>,
-    meta: Arc<(String, String)>,
-    stopper: VmStopper,
-) {
-    let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match reader.read(&mut buf).await {
-            Ok(0) => {
-                let e = match dec.finish() {
-                    Ok(()) => SandboxError::ChannelClosed,
-                    Err(e) => SandboxError::Protocol {
-                        detail: e.to_string(),
-                    },
-                };
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-            Ok(n) => n,
-            Err(_) => {
-                let _ = tx.send(Err(SandboxError::ChannelClosed)).await;
-                return;
-            }
-        };
-        dec.push(&buf[..n]);
-        loop {
-            match dec.next_message() {
-                Ok(None) => break,
-                Ok(Some(Message::Log { stream, line })) => {
-                    admit_line(&logs, &limiter, &meta, stream, &line);
-                }
-                Ok(Some(m)) => {
-                    if tx.send(Ok(m)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(SandboxError::Protocol {
-                            detail: e.to_string(),
-                        }))
-                        .await;
-                    stopper.stop();
-                    return;
-                }
-            }
-        }
-    }
-}
-
-fn admit_line(
-    logs: &LogSink,
-    limiter: &LogRateLimiter,
-    meta: &(String, String),
-    stream: LogStream,
-    line: &[u8],
-) {
-    if let Some(dropped) = limiter.admit() {
-        if dropped > 0 {
-            logs(LogLine::dropped(&meta.0, &meta.1, dropped));
-        }
-        logs(LogLine::new(&meta.0, &meta.1, stream, line));
-    }
-}
-
 /// One running microVM sandbox.
 pub struct MicrovmSandbox {
     function: String,
@@ -489,13 +413,17 @@ impl MicrovmSandbox {
         })?;
         let (reader, writer) = channel.into_split();
         let (tx, rx) = mpsc::channel(64);
+        let on_violation = {
+            let stopper = stopper.clone();
+            move || stopper.stop()
+        };
         tokio::spawn(read_frames(
             reader,
             tx,
             setup.logs.clone(),
             limiter,
             meta,
-            stopper.clone(),
+            on_violation,
         ));
         let mut sb = MicrovmSandbox {
             function,

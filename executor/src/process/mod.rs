@@ -14,16 +14,15 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Pid, getegid, geteuid};
-use sluice_protocol::{
-    DEFAULT_MAX_FRAME, ExitStatus, FrameDecoder, Message, StartConfig, encode, invoke_head,
-};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use sluice_protocol::{ExitStatus, Message, StartConfig, encode, invoke_head};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
 pub use cgroup::{CgroupSupport, SandboxCgroup};
 
 use crate::backend::{Backend, Invocation, LogSink, Sandbox};
+use crate::channel::{FrameResult, read_frames};
 use crate::logs::{LogLine, LogRateLimiter};
 use crate::{FunctionSpec, InvokeError, SandboxError};
 
@@ -204,7 +203,9 @@ impl Backend for ProcessBackend {
             logs.clone(),
             limiter.clone(),
             meta.clone(),
-            pid,
+            move || {
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            },
         ));
         tokio::spawn(read_agent_stderr(stderr, logs, limiter, meta));
 
@@ -290,70 +291,6 @@ fn write_id_maps(pid: u32, host_root: bool) -> std::io::Result<()> {
         std::fs::write(proc_dir.join("gid_map"), format!("0 {} 1\n", getegid()))?;
     }
     Ok(())
-}
-
-type FrameResult = Result<Message, SandboxError>;
-
-async fn read_frames(
-    mut stdout: tokio::process::ChildStdout,
-    tx: mpsc::Sender<FrameResult>,
-    logs: LogSink,
-    limiter: Arc<LogRateLimiter>,
-    meta: Arc<(String, String)>,
-    pid: u32,
-) {
-    let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match stdout.read(&mut buf).await {
-            Ok(0) => {
-                let e = match dec.finish() {
-                    Ok(()) => SandboxError::ChannelClosed,
-                    Err(e) => SandboxError::Protocol {
-                        detail: e.to_string(),
-                    },
-                };
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-            Ok(n) => n,
-            Err(_) => {
-                let _ = tx.send(Err(SandboxError::ChannelClosed)).await;
-                return;
-            }
-        };
-        dec.push(&buf[..n]);
-        loop {
-            match dec.next_message() {
-                Ok(None) => break,
-                Ok(Some(Message::Log { stream, line })) => {
-                    if let Some(dropped) = limiter.admit() {
-                        if dropped > 0 {
-                            logs(LogLine::dropped(&meta.0, &meta.1, dropped));
-                        }
-                        logs(LogLine::new(&meta.0, &meta.1, stream, &line));
-                    }
-                }
-                Ok(Some(m)) => {
-                    if tx.send(Ok(m)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    // A hostile or broken peer: record why, then kill the
-                    // sandbox at once (in that order, so that whoever sees the
-                    // broken pipe finds the reason queued).
-                    let _ = tx
-                        .send(Err(SandboxError::Protocol {
-                            detail: e.to_string(),
-                        }))
-                        .await;
-                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                    return;
-                }
-            }
-        }
-    }
 }
 
 async fn read_agent_stderr(
