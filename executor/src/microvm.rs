@@ -107,8 +107,6 @@ pub struct MicrovmConfig {
     pub image: Option<GuestImage>,
     /// Where images are looked for (for messages).
     pub images_dir: PathBuf,
-    /// vCPUs per sandbox.
-    pub vcpus: u8,
     /// Log lines per second a sandbox may emit (agent frames and serial
     /// console together; bursts up to 10 times this).
     pub log_lines_per_sec: u32,
@@ -123,7 +121,6 @@ impl MicrovmConfig {
             host: sluice_vmm::host::probe(),
             image: layout.latest_image(),
             images_dir: home.join("images"),
-            vcpus: 1,
             log_lines_per_sec: 200,
         }
     }
@@ -185,7 +182,7 @@ impl Backend for MicrovmBackend {
             spec,
             tenant,
             logs,
-            self.cfg.vcpus,
+            spec.vcpus.max(1),
             self.cfg.log_lines_per_sec,
         );
         let image = self.image.clone();

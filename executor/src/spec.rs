@@ -37,6 +37,9 @@ pub struct FunctionSpec {
     pub max_processes: u32,
     /// Size of the writable `/tmp`, MiB.
     pub tmp_mb: u32,
+    /// vCPUs of a microVM sandbox (the process backend ignores it).
+    /// Default 1.
+    pub vcpus: u8,
     /// Idle sandboxes of the default tenant kept ready, started in the
     /// background (at most `max_warm`). Default 0.
     pub min_warm: u32,
@@ -65,6 +68,7 @@ impl FunctionSpec {
             handler: "bootstrap".into(),
             max_processes: 1024,
             tmp_mb: 512,
+            vcpus: 1,
             min_warm: 0,
             max_warm: u32::MAX,
             prewarm: true,

@@ -51,7 +51,6 @@ fn config(host: HostSupport, image: Option<GuestImage>) -> MicrovmConfig {
         host,
         image,
         images_dir: "/nonexistent/images".into(),
-        vcpus: 1,
         log_lines_per_sec: 100,
     }
 }

@@ -32,6 +32,7 @@ pub fn function_spec(f: &sluice_pipeline::FunctionConfig) -> sluice_executor::Fu
     s.handler = f.handler.clone();
     s.max_processes = f.max_processes;
     s.tmp_mb = f.tmp_mb;
+    s.vcpus = u8::try_from(f.vcpus).unwrap_or(u8::MAX);
     s.min_warm = f.min_warm;
     s.max_warm = f.max_warm;
     s.prewarm = f.prewarm;

@@ -30,6 +30,7 @@
 //! | `handler` | [`DEFAULT_HANDLER`] | 1 to 128 characters, no whitespace |
 //! | `max_processes` | [`DEFAULT_MAX_PROCESSES`] | [`MAX_PROCESSES_RANGE`] |
 //! | `tmp_mb` | [`DEFAULT_TMP_MB`] | [`TMP_MB_RANGE`] |
+//! | `vcpus` | [`DEFAULT_VCPUS`] | [`VCPUS_RANGE`]; the microVM backend's vCPUs (the process backend shares the host's CPUs) |
 //! | `min_warm` | [`DEFAULT_MIN_WARM`] | [`WARM_RANGE`], at most `max_warm` |
 //! | `max_warm` | `concurrency` | [`WARM_RANGE`], at most `concurrency` |
 //! | `prewarm` | [`DEFAULT_PREWARM`] | `true` or `false` |
@@ -217,6 +218,10 @@ pub const MAX_PROCESSES_RANGE: RangeInclusive<u32> = 1..=65536;
 pub const DEFAULT_TMP_MB: u32 = 512;
 /// Allowed `tmp_mb`, in megabytes (Lambda's ephemeral storage maximum).
 pub const TMP_MB_RANGE: RangeInclusive<u32> = 1..=10240;
+/// Default `vcpus`: one vCPU per microVM (Firecracker's default).
+pub const DEFAULT_VCPUS: u32 = 1;
+/// Allowed `vcpus` (Firecracker's limit).
+pub const VCPUS_RANGE: RangeInclusive<u32> = 1..=32;
 /// Default `min_warm`: no sandbox is kept ready before the first call.
 pub const DEFAULT_MIN_WARM: u32 = 0;
 /// Allowed `min_warm` and `max_warm` (also bounded by `concurrency`).
@@ -748,6 +753,8 @@ pub struct FunctionConfig {
     pub max_processes: u32,
     /// Size of the writable `/tmp`, in megabytes. Default [`DEFAULT_TMP_MB`].
     pub tmp_mb: u32,
+    /// vCPUs of a microVM sandbox. Default [`DEFAULT_VCPUS`].
+    pub vcpus: u32,
     /// Idle sandboxes kept ready. Default [`DEFAULT_MIN_WARM`].
     pub min_warm: u32,
     /// Most idle sandboxes kept. Default `concurrency`.

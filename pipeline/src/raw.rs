@@ -76,6 +76,8 @@ struct RawFunction {
     max_processes: Option<Spanned<i64>>,
     /// Default [`DEFAULT_TMP_MB`].
     tmp_mb: Option<Spanned<i64>>,
+    /// Default [`crate::DEFAULT_VCPUS`].
+    vcpus: Option<Spanned<i64>>,
     /// Default [`DEFAULT_MIN_WARM`].
     min_warm: Option<Spanned<i64>>,
     /// Default: `concurrency`.
@@ -106,6 +108,7 @@ const FUNCTION_FIELDS: &[(&str, &str)] = &[
     ("min_warm", INTEGER),
     ("max_warm", INTEGER),
     ("prewarm", "a boolean (true or false)"),
+    ("vcpus", INTEGER),
 ];
 
 /// What a valid file declares: the functions by name, and the Kafka triggers
@@ -634,6 +637,13 @@ impl RawFunction {
             TMP_MB_RANGE,
             " (megabytes)",
         )?;
+        let vcpus = f.integer(
+            "vcpus",
+            self.vcpus,
+            crate::DEFAULT_VCPUS,
+            crate::VCPUS_RANGE,
+            "",
+        )?;
         let (min_warm, max_warm) = validate_warm(
             &f,
             self.min_warm,
@@ -659,6 +669,7 @@ impl RawFunction {
             handler,
             max_processes,
             tmp_mb,
+            vcpus,
             min_warm,
             max_warm,
             prewarm,

@@ -737,3 +737,20 @@ fn backfill_state_needs_an_order_key_for_the_key_scope() {
         Some(sluice_pipeline::StateWindow::Count(10))
     );
 }
+
+#[test]
+fn vcpus_default_to_one_and_are_bounded() {
+    let p = parse_with_echo("");
+    assert_eq!(p.functions["echo"].vcpus, sluice_pipeline::DEFAULT_VCPUS);
+    let text = with_echo("").replace("[functions.echo]\n", "[functions.echo]\nvcpus = 2\n");
+    let p = Pipeline::parse(&text, Path::new(INLINE)).expect("vcpus = 2");
+    assert_eq!(p.functions["echo"].vcpus, 2);
+    let text = with_echo("").replace("[functions.echo]\n", "[functions.echo]\nvcpus = 33\n");
+    let err = Pipeline::parse(&text, Path::new(INLINE))
+        .expect_err("33 vCPUs")
+        .to_string();
+    assert!(
+        err.contains("functions.echo.vcpus") && err.contains("33"),
+        "{err}"
+    );
+}
