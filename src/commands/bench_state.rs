@@ -31,13 +31,6 @@ fn event(value: &[u8]) -> Vec<u8> {
     .into_bytes()
 }
 
-fn with_fields(mut ev: Vec<u8>, fields: &[u8]) -> Vec<u8> {
-    ev.pop();
-    ev.extend_from_slice(fields);
-    ev.push(b'}');
-    ev
-}
-
 /// Run the benchmark with `function` (the `running-sum` example) of
 /// `pipeline`, `calls` calls per measurement.
 pub async fn run(pipeline: &Path, function: &str, calls: usize) -> u8 {
@@ -115,10 +108,7 @@ pub async fn run(pipeline: &Path, function: &str, calls: usize) -> u8 {
                 eprintln!("error: a window closed in a run without windows");
                 return exit::INVOKE_FAILED;
             };
-            let payload = with_fields(
-                record.clone(),
-                &ks.event_fields(None, &window, false, false),
-            );
+            let payload = ks.add_to_event(record.clone(), None, &window, false, false);
             let resp = match ex.invoke(function, payload).await {
                 Ok(r) => r,
                 Err(e) => {

@@ -136,21 +136,27 @@ impl KeyState {
         }
     }
 
-    /// The fields a call adds to its event, as JSON text starting with a
-    /// comma: `,"state":…,"window":{"start":…,"end":…},"isFinalInvokeForWindow":…,"isWindowTerminatedEarly":…`.
+    /// `event` (a JSON object, as the caller builds it for its source) with
+    /// the fields a stateful call adds: `"state":…,"window":{"start":…,"end":…},"isFinalInvokeForWindow":…,"isWindowTerminatedEarly":…`.
     ///
     /// `key` (the key scope's key) is added as `stateKey`, a sluice extension:
     /// a final invoke has no records to tell the function whose window
     /// closes.
-    pub fn event_fields(
+    pub fn add_to_event(
         &self,
+        event: impl Into<Vec<u8>>,
         key: Option<&str>,
         window: &Window,
         final_invoke: bool,
         early: bool,
     ) -> Vec<u8> {
         let state = serde_json::to_vec(&self.state).unwrap_or_else(|_| b"{}".to_vec());
-        let mut out = Vec::with_capacity(state.len() + 160);
+        let mut out = event.into();
+        // Reopen the object: drop its closing brace.
+        if out.last() == Some(&b'}') {
+            out.pop();
+        }
+        out.reserve(state.len() + 161);
         if let Some(key) = key {
             out.extend_from_slice(b",\"stateKey\":");
             out.extend(serde_json::to_vec(key).unwrap_or_else(|_| b"\"\"".to_vec()));
@@ -165,6 +171,7 @@ impl KeyState {
         out.extend_from_slice(if final_invoke { b"true" } else { b"false" });
         out.extend_from_slice(b",\"isWindowTerminatedEarly\":");
         out.extend_from_slice(if early { b"true" } else { b"false" });
+        out.push(b'}');
         out
     }
 
@@ -447,9 +454,7 @@ mod tests {
             end_ms: 1_596_128_700_000,
             items: 0,
         };
-        let mut ev = b"{\"records\":{}".to_vec();
-        ev.extend(ks.event_fields(Some("k"), &w, true, false));
-        ev.push(b'}');
+        let ev = ks.add_to_event(&b"{\"records\":{}}"[..], Some("k"), &w, true, false);
         let v: Value = serde_json::from_slice(&ev).unwrap();
         assert_eq!(v["window"]["start"], "2020-07-30T17:00:00Z");
         assert_eq!(v["window"]["end"], "2020-07-30T17:05:00Z");

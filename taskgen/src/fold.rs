@@ -190,9 +190,12 @@ async fn fold_key(
                 let id = format!("{first_source}#{first_index}");
                 let mut call = Call::new(first_source, first_index);
                 call.items = seg.iter().map(|(_, l)| l.value.clone()).collect();
-                let payload = with_fields(
+                let payload = ks.add_to_event(
                     call.payload(&id, extra(key_field)),
-                    &ks.event_fields(key_field, &window, false, false),
+                    key_field,
+                    &window,
+                    false,
+                    false,
                 );
                 run.update(|s| s.calls_total += 1);
                 match invoke(run, &payload, |resp| {
@@ -269,21 +272,12 @@ fn extra(key: Option<&str>) -> Map<String, Value> {
     m
 }
 
-/// The call's JSON object with the state fields added.
-fn with_fields(payload: String, fields: &[u8]) -> String {
-    let mut bytes = payload.into_bytes();
-    bytes.pop();
-    bytes.extend_from_slice(fields);
-    bytes.push(b'}');
-    String::from_utf8(bytes).unwrap_or_default()
-}
-
 /// Call the job's function with `payload` up to `max_attempts` times until
 /// it answers and `accept` takes the answer. The result and the attempts
 /// made; the error as (errorType, message).
 async fn invoke<T, E: std::fmt::Display + ErrorType>(
     run: &Run,
-    payload: &str,
+    payload: &[u8],
     accept: impl Fn(&[u8]) -> Result<T, E>,
 ) -> (Result<T, (String, String)>, u32) {
     let executor = run.executor.as_ref().expect("stateful runs call functions");
@@ -330,9 +324,12 @@ async fn final_invoke(
     let run = &shared.run;
     let key_field =
         (run.cfg.state.as_ref().map(|s| s.config.scope) == Some(StateScope::Key)).then_some(key);
-    let payload = with_fields(
+    let payload = ks.add_to_event(
         json!({ "items": [], "batch": { "final": true, "key": key_field } }).to_string(),
-        &ks.event_fields(key_field, &window, true, early),
+        key_field,
+        &window,
+        true,
+        early,
     );
     let (result, attempts) = invoke(run, &payload, |resp| {
         sluice_state_carrier::fold::take_state(resp)

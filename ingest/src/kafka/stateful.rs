@@ -315,13 +315,6 @@ impl Partition {
         }
     }
 
-    fn with_fields(mut event: Vec<u8>, fields: &[u8]) -> Vec<u8> {
-        event.pop(); // the closing brace
-        event.extend_from_slice(fields);
-        event.push(b'}');
-        event
-    }
-
     /// One call of `seg` with the key's state, retried as a batch is.
     async fn call(
         &self,
@@ -333,9 +326,12 @@ impl Partition {
         window: Window,
     ) -> Called {
         let t = &self.shared.trigger;
-        let payload = Self::with_fields(
+        let payload = ks.add_to_event(
             event::kafka_event(&self.source_event(), seg),
-            &ks.event_fields(self.key_field(key), &window, false, false),
+            self.key_field(key),
+            &window,
+            false,
+            false,
         );
         let mut attempts = 0u32;
         loop {
@@ -405,9 +401,12 @@ impl Partition {
         early: bool,
     ) -> bool {
         let t = &self.shared.trigger;
-        let payload = Self::with_fields(
+        let payload = ks.add_to_event(
             event::kafka_event(&self.source_event(), &[]),
-            &ks.event_fields(self.key_field(key), &window, true, early),
+            self.key_field(key),
+            &window,
+            true,
+            early,
         );
         let mut attempts = 0u32;
         loop {
