@@ -3,12 +3,13 @@ use std::io::{self, Read, Write};
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::message::{ExitStatus, LogStream, Message, StartConfig};
+use crate::message::{ExitStatus, LogStream, Message, SEED_LEN, StartConfig};
 
 const K_START: u8 = 1;
 const K_INVOKE: u8 = 2;
 const K_SHUTDOWN: u8 = 3;
 const K_PROCEED: u8 = 4;
+const K_RESTORED: u8 = 5;
 const K_UNSHARED: u8 = 16;
 const K_READY: u8 = 17;
 const K_RESPONSE: u8 = 18;
@@ -114,6 +115,16 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         Message::Invoke { .. } => unreachable!("encoded above"),
         Message::Shutdown => K_SHUTDOWN,
         Message::Proceed => K_PROCEED,
+        Message::Restored {
+            seed,
+            sandbox_id,
+            log_stream,
+        } => {
+            frame.extend_from_slice(seed);
+            put_bytes(&mut frame, sandbox_id.as_bytes());
+            put_bytes(&mut frame, log_stream.as_bytes());
+            K_RESTORED
+        }
         Message::Unshared => K_UNSHARED,
         Message::Ready { init_us } => {
             frame.extend_from_slice(&init_us.to_be_bytes());
@@ -286,6 +297,7 @@ fn decode_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, DecodeEr
         K_INVOKE => "invoke",
         K_SHUTDOWN => "shutdown",
         K_PROCEED => "proceed",
+        K_RESTORED => "restored",
         K_UNSHARED => "unshared",
         K_READY => "ready",
         K_RESPONSE => "response",
@@ -322,6 +334,14 @@ fn decode_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, DecodeEr
         },
         K_SHUTDOWN => Message::Shutdown,
         K_PROCEED => Message::Proceed,
+        K_RESTORED => Message::Restored {
+            seed: f
+                .take(SEED_LEN, "seed")?
+                .try_into()
+                .expect("take returns SEED_LEN bytes"),
+            sandbox_id: f.string("sandbox_id")?,
+            log_stream: f.string("log_stream")?,
+        },
         K_UNSHARED => Message::Unshared,
         K_READY => Message::Ready {
             init_us: f.u64("init_us")?,
@@ -522,6 +542,13 @@ mod tests {
             Just(Message::Shutdown),
             Just(Message::Proceed),
             Just(Message::Unshared),
+            (any::<[u8; SEED_LEN]>(), s, s).prop_map(|(seed, sandbox_id, log_stream)| {
+                Message::Restored {
+                    seed,
+                    sandbox_id,
+                    log_stream,
+                }
+            }),
             any::<u64>().prop_map(|init_us| Message::Ready { init_us }),
             (s, b.clone()).prop_map(|(request_id, body)| Message::Response { request_id, body }),
             (s, s, b.clone()).prop_map(|(request_id, error_type, body)| Message::Error {
@@ -664,5 +691,38 @@ mod tests {
         assert_eq!(dec.next_message(), Ok(None));
         assert_eq!(dec.finish(), Err(DecodeError::UnexpectedEof));
         assert!(read_message(&mut &wire[..6], 64).is_err());
+    }
+
+    #[test]
+    fn restored_frame_layout_and_a_short_seed() {
+        let msg = Message::Restored {
+            seed: std::array::from_fn(|i| i as u8),
+            sandbox_id: "sb-1".into(),
+            log_stream: "t/[$LATEST]sb-1".into(),
+        };
+        let wire = encode(&msg);
+        // length, kind 5, 32 seed bytes, then two length-prefixed strings.
+        assert_eq!(wire.len(), 5 + SEED_LEN + 4 + 4 + 4 + 15);
+        assert_eq!(&wire[..5], &[0, 0, 0, (wire.len() - 4) as u8, K_RESTORED]);
+        assert_eq!(wire[5..5 + SEED_LEN], msg_seed(&msg));
+        assert_eq!(read_message(&mut wire.as_slice(), 1024).unwrap(), Some(msg));
+        // A frame whose seed is cut short is rejected, naming the field.
+        let short = [0, 0, 0, 11, K_RESTORED, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+        let mut dec = FrameDecoder::new(1024);
+        dec.push(&short);
+        assert_eq!(
+            dec.next_message(),
+            Err(DecodeError::Truncated {
+                kind: "restored",
+                field: "seed"
+            })
+        );
+    }
+
+    fn msg_seed(m: &Message) -> [u8; SEED_LEN] {
+        match m {
+            Message::Restored { seed, .. } => *seed,
+            _ => unreachable!(),
+        }
     }
 }

@@ -21,7 +21,7 @@ mod codec;
 mod message;
 
 pub use codec::{DecodeError, FrameDecoder, encode, invoke_head, read_message, write_message};
-pub use message::{ExitStatus, LogStream, Message, StartConfig};
+pub use message::{ExitStatus, LogStream, Message, SEED_LEN, StartConfig};
 
 /// Default upper bound of one frame: Lambda's 6 MB synchronous payload limit
 /// plus room for the headers that travel with it.

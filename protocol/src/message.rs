@@ -72,6 +72,9 @@ pub enum ExitStatus {
     Signal(i32),
 }
 
+/// Bytes of entropy in a [`Message::Restored`] frame.
+pub const SEED_LEN: usize = 32;
+
 /// One message on the agent channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -99,6 +102,21 @@ pub enum Message {
     /// The host has written the uid/gid maps and cgroup membership that
     /// [`Message::Unshared`] asked for: stage 0 may go on.
     Proceed,
+    /// The sandbox is a clone restored from a function snapshot taken
+    /// while `bootstrap` waited at `/invocation/next`: every clone of one
+    /// snapshot starts with the same memory, so the agent mixes `seed`
+    /// into the kernel's entropy pool and takes on this clone's own
+    /// identity before it answers [`Message::Ready`] (Lambda SnapStart's
+    /// uniqueness caveat: two clones must never produce the same random
+    /// values or names).
+    Restored {
+        /// Fresh random bytes from the host, for the guest's entropy pool.
+        seed: [u8; SEED_LEN],
+        /// This clone's sandbox id (unique per clone).
+        sandbox_id: String,
+        /// `AWS_LAMBDA_LOG_STREAM_NAME` of this clone.
+        log_stream: String,
+    },
 
     // ---- agent to host ----
     /// Stage 0 of the process sandbox created its user namespace and waits
@@ -156,6 +174,7 @@ impl Message {
             Message::Invoke { .. } => "invoke",
             Message::Shutdown => "shutdown",
             Message::Proceed => "proceed",
+            Message::Restored { .. } => "restored",
             Message::Unshared => "unshared",
             Message::Ready { .. } => "ready",
             Message::Response { .. } => "response",

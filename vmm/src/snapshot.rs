@@ -197,6 +197,16 @@ pub enum SnapshotError {
     /// The devices of the VM being restored do not match the snapshot's.
     #[error("the snapshot's devices do not match the restored VM: {0}")]
     Devices(String),
+    /// A [`crate::vm::VmSnapshotter`] asked a VM whose run has ended (or
+    /// did not answer in time); nothing was written.
+    #[error("the VM's run did not take the snapshot: {why}")]
+    NotRunning {
+        /// What happened.
+        why: String,
+    },
+    /// Pausing or resuming the VM around the snapshot failed.
+    #[error("pausing or resuming the VM around the snapshot failed: {0}")]
+    PauseResume(String),
 }
 
 fn kvm_err(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {

@@ -68,6 +68,62 @@ pub enum VmEvent {
     Reset(ResetCause),
     /// A [`VmStopper`] asked the run to end.
     StopRequested,
+    /// A [`VmSnapshotter`] asked the run for a snapshot.
+    Snapshot(SnapshotRequest),
+}
+
+/// A snapshot asked of a running VM (see [`VmSnapshotter`]).
+#[derive(Debug, Clone)]
+pub struct SnapshotRequest {
+    dir: PathBuf,
+    reply: Sender<Result<SnapshotInfo, SnapshotError>>,
+}
+
+/// Takes a snapshot of a VM while another thread waits in its
+/// [`Vm::run`]: the run pauses the vCPUs, writes the snapshot
+/// ([`Vm::snapshot`]), resumes them and answers. This is how a sandbox
+/// saves a guest that reached a state worth cloning without taking the VM
+/// away from the thread that runs it.
+#[derive(Debug, Clone)]
+pub struct VmSnapshotter {
+    events: Sender<VmEvent>,
+}
+
+/// How long the run may take to pause or resume the vCPUs around a
+/// [`VmSnapshotter`] snapshot.
+pub const LIVE_SNAPSHOT_PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl VmSnapshotter {
+    /// Asks the run for a snapshot into `dir` and waits at most `timeout`
+    /// for it. The VM runs on afterwards. Fails with
+    /// [`SnapshotError::NotRunning`] if the run has ended or does not
+    /// answer in time (a snapshot may then still be written later into
+    /// `dir`: use a directory of its own).
+    pub fn snapshot(
+        &self,
+        dir: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        let (reply, answer) = channel();
+        let req = SnapshotRequest {
+            dir: dir.to_path_buf(),
+            reply,
+        };
+        if self.events.send(VmEvent::Snapshot(req)).is_err() {
+            return Err(SnapshotError::NotRunning {
+                why: "the VM is gone".into(),
+            });
+        }
+        match answer.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(SnapshotError::NotRunning {
+                why: format!("no answer within {timeout:?}"),
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(SnapshotError::NotRunning {
+                why: "the VM's run ended first".into(),
+            }),
+        }
+    }
 }
 
 /// Ends a VM's [`Vm::run`] from another thread (e.g. an invocation timeout
@@ -693,6 +749,7 @@ impl VmBuilder {
             pumps,
             refused_msrs,
             stopper: VmStopper { events: events_tx },
+            snapshot_requests: Vec::new(),
             name: config.name,
         })
     }
@@ -741,6 +798,8 @@ pub struct Vm {
     pumps: Vec<std::thread::JoinHandle<()>>,
     refused_msrs: Vec<Vec<u32>>,
     stopper: VmStopper,
+    /// Snapshot requests received while not in the run loop proper.
+    snapshot_requests: Vec<SnapshotRequest>,
     name: String,
 }
 
@@ -774,6 +833,13 @@ impl Vm {
     /// A handle that ends [`Vm::run`] from another thread.
     pub fn stopper(&self) -> VmStopper {
         self.stopper.clone()
+    }
+
+    /// A handle that snapshots the VM while [`Vm::run`] runs it.
+    pub fn snapshotter(&self) -> VmSnapshotter {
+        VmSnapshotter {
+            events: self.stopper.events.clone(),
+        }
     }
 
     /// The VM state.
@@ -998,6 +1064,11 @@ impl Vm {
                 }
             };
             self.absorb(event);
+            while self.outcome.is_none() && !self.snapshot_requests.is_empty() {
+                let req = self.snapshot_requests.remove(0);
+                let result = self.live_snapshot(&req.dir);
+                let _ = req.reply.send(result);
+            }
         }
         self.stop();
         let elapsed = started.elapsed();
@@ -1014,6 +1085,19 @@ impl Vm {
                 elapsed,
             }),
         }
+    }
+
+    /// Pause, snapshot, resume (for a [`VmSnapshotter`]).
+    fn live_snapshot(&mut self, dir: &std::path::Path) -> Result<SnapshotInfo, SnapshotError> {
+        if self.state != VmState::Running {
+            return Err(SnapshotError::InvalidState { state: self.state });
+        }
+        self.pause(LIVE_SNAPSHOT_PAUSE_TIMEOUT)
+            .map_err(|e| SnapshotError::PauseResume(e.to_string()))?;
+        let result = self.snapshot(dir);
+        self.resume(LIVE_SNAPSHOT_PAUSE_TIMEOUT)
+            .map_err(|e| SnapshotError::PauseResume(e.to_string()))?;
+        result
     }
 
     fn broadcast(&self, cmd: VcpuCommand) {
@@ -1036,6 +1120,7 @@ impl Vm {
             VmEvent::StopRequested => {
                 self.outcome.get_or_insert(Ok(ExitReason::Stopped));
             }
+            VmEvent::Snapshot(req) => self.snapshot_requests.push(req),
             VmEvent::VcpuStopped { stop, .. } => match stop {
                 VcpuStop::Stopped => {}
                 VcpuStop::GuestStop(why) => {

@@ -799,3 +799,56 @@ fn a_two_vcpu_vm_is_snapshotted_and_restored_with_both_vcpus() {
     assert_eq!(clone.refused_msrs().len(), 2);
     finish_and_check(&mut clone, &rx, N, last, 7);
 }
+
+#[test]
+fn a_snapshotter_saves_a_vm_while_another_thread_runs_it() {
+    if !kvm_available() {
+        return;
+    }
+    const N: u32 = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let (b, rx) = with_ports(VmBuilder::new(
+        config("live-source"),
+        Boot::Code(sum_guest(N)),
+    ));
+    let mut vm = b.build().unwrap();
+    let snapshotter = vm.snapshotter();
+    let runner = std::thread::Builder::new()
+        .name("live-source-run".into())
+        .spawn(move || vm.run(LONG).unwrap())
+        .unwrap();
+    for _ in 0..300 {
+        assert!(matches!(
+            rx.recv_timeout(LONG).unwrap(),
+            Report::Progress(_)
+        ));
+    }
+    let info = snapshotter.snapshot(dir.path(), LONG).unwrap();
+    assert_eq!(info.state_path, dir.path().join(STATE_FILE));
+    // The source resumed after the snapshot and finished.
+    let exit = runner.join().unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    assert!(rx.try_iter().any(|r| r == Report::Result(sum(N))));
+    // Its run is over: a later request says so instead of hanging.
+    match snapshotter.snapshot(dir.path(), LONG) {
+        Err(SnapshotError::NotRunning { .. }) => {}
+        other => panic!("expected NotRunning, got {other:?}"),
+    }
+    // A clone continues from the paused counter down to the right sum.
+    let snap = Arc::new(Snapshot::load(dir.path()).unwrap());
+    let (b, rx) = with_ports(
+        VmBuilder::restore(config("live-clone"), snap).guest_write(SUM_SEED_ADDR, &[9]),
+    );
+    let mut clone = b.build().unwrap();
+    let exit = clone.run(LONG).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
+    let reports: Vec<Report> = rx.try_iter().collect();
+    let Some(Report::Progress(first)) = reports.first().copied() else {
+        panic!("the clone reported {:?} first", reports.first());
+    };
+    assert!(first > 1 && first < N - 299, "resumed at {first}");
+    let mut expected: Vec<Report> = (1..=first).rev().map(Report::Progress).collect();
+    expected.push(Report::Seed(9));
+    expected.push(Report::Result(sum(N)));
+    assert_eq!(reports, expected);
+}
