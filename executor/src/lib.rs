@@ -86,6 +86,7 @@ pub mod microvm;
 mod pool;
 mod prewarm;
 pub mod process;
+pub mod snapshots;
 mod spec;
 
 use std::path::PathBuf;

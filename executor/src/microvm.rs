@@ -38,11 +38,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sluice_protocol::{ExitStatus, LogStream, Message, StartConfig, encode, invoke_head};
+use sluice_protocol::{
+    ExitStatus, LogStream, Message, SEED_LEN, StartConfig, encode, invoke_head,
+};
 use sluice_vmm::host::HostSupport;
 use sluice_vmm::image::{GuestImage, ImageLayout};
-use sluice_vmm::vm::{ConsoleLineSink, ResetCause, VmStopper};
-use sluice_vmm::{ExitReason, VmBuilder, VmConfig};
+use sluice_vmm::vm::{ConsoleLineSink, ResetCause, VmSnapshotter, VmStopper};
+use sluice_vmm::{ExitReason, Snapshot, VmBuilder, VmConfig};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
@@ -51,6 +53,7 @@ use crate::backend::{Backend, Invocation, LogSink, Sandbox};
 use crate::channel::{FrameResult, admit_line, read_frames};
 use crate::logs::LogRateLimiter;
 use crate::process::parse_error_body;
+use crate::snapshots::{SnapshotCache, SnapshotKey, image_identity};
 use crate::{FunctionSpec, InvokeError, SandboxError};
 
 /// `LAMBDA_TASK_ROOT` inside the guest, where the function's folder is
@@ -64,6 +67,9 @@ pub const MAX_VM_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How long [`Sandbox::shutdown`] waits for the guest to reboot after the
 /// `Shutdown` frame before stopping the VM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a function snapshot may take (pause, write, resume).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why the microVM backend cannot be used on this host.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +116,8 @@ pub struct MicrovmConfig {
     /// Log lines per second a sandbox may emit (agent frames and serial
     /// console together; bursts up to 10 times this).
     pub log_lines_per_sec: u32,
+    /// Where function snapshots are cached ([`crate::snapshots`]).
+    pub snapshots_dir: PathBuf,
 }
 
 impl MicrovmConfig {
@@ -122,6 +130,7 @@ impl MicrovmConfig {
             image: layout.latest_image(),
             images_dir: home.join("images"),
             log_lines_per_sec: 200,
+            snapshots_dir: home.join("snapshots"),
         }
     }
 
@@ -151,13 +160,22 @@ static NEXT_VM: AtomicU64 = AtomicU64::new(0);
 pub struct MicrovmBackend {
     cfg: MicrovmConfig,
     image: GuestImage,
+    image_id: String,
+    snapshots: SnapshotCache,
 }
 
 impl MicrovmBackend {
     /// A backend with these settings, or why this host cannot run it.
     pub fn new(cfg: MicrovmConfig) -> Result<Self, MicrovmError> {
         let image = cfg.check()?.clone();
-        Ok(Self { cfg, image })
+        let image_id = image_identity(&image);
+        let snapshots = SnapshotCache::new(&cfg.snapshots_dir);
+        Ok(Self {
+            cfg,
+            image,
+            image_id,
+            snapshots,
+        })
     }
 
     /// The settings.
@@ -185,16 +203,26 @@ impl Backend for MicrovmBackend {
             spec.vcpus.max(1),
             self.cfg.log_lines_per_sec,
         );
+        let plan = spec.snapshot.then(|| SnapshotPlan {
+            cache: self.snapshots.clone(),
+            key: SnapshotKey::new(
+                &spec.name,
+                &spec.version(),
+                &self.image_id,
+                setup.vm_config().mem_size,
+                setup.vcpus,
+            ),
+        });
         let image = self.image.clone();
         let dir = spec.dir.clone();
-        let sb = MicrovmSandbox::boot(setup, move |config| {
+        let make_vm = move |config| {
             let boot = image.boot_function(&dir).map_err(|e| SandboxError::Vm {
                 what: format!("preparing the guest image for {}", dir.display()),
                 message: e.to_string(),
             })?;
             Ok(VmBuilder::new(config, boot))
-        })
-        .await?;
+        };
+        let sb = MicrovmSandbox::start(setup, make_vm, plan).await?;
         Ok(Box::new(sb))
     }
 }
@@ -283,6 +311,77 @@ impl SandboxSetup {
     }
 }
 
+/// Which function snapshot a start may restore from or store into.
+#[derive(Debug, Clone)]
+pub struct SnapshotPlan {
+    /// The cache.
+    pub cache: SnapshotCache,
+    /// The function's key in it.
+    pub key: SnapshotKey,
+}
+
+/// How a sandbox came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Booted; no snapshot was stored (none asked, or storing failed).
+    Booted,
+    /// Booted, and its VM was snapshotted into the cache once `Ready`.
+    BootedAndSnapshotted,
+    /// Restored from a cached function snapshot.
+    Restored,
+}
+
+/// The identity a restored clone was given in its `Restored` frame.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CloneIdentity {
+    /// The entropy sent for the guest's pool.
+    pub seed: [u8; SEED_LEN],
+    /// The clone's sandbox id: 32 lowercase hex digits, random.
+    pub sandbox_id: String,
+    /// `<tenant>/[$LATEST]<sandbox id>`.
+    pub log_stream: String,
+}
+
+impl std::fmt::Debug for CloneIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The seed stays out of logs.
+        f.debug_struct("CloneIdentity")
+            .field("sandbox_id", &self.sandbox_id)
+            .field("log_stream", &self.log_stream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CloneIdentity {
+    /// A fresh identity from the host's random source for a clone of
+    /// `tenant`'s sandbox.
+    pub fn fresh(tenant: &str) -> std::io::Result<Self> {
+        use std::io::Read;
+        let mut bytes = [0u8; SEED_LEN + 16];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let mut seed = [0u8; SEED_LEN];
+        seed.copy_from_slice(&bytes[..SEED_LEN]);
+        let sandbox_id: String = bytes[SEED_LEN..]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Self {
+            seed,
+            log_stream: format!("{tenant}/[$LATEST]{sandbox_id}"),
+            sandbox_id,
+        })
+    }
+
+    /// The frame that hands it to the agent.
+    pub fn message(&self) -> Message {
+        Message::Restored {
+            seed: self.seed,
+            sandbox_id: self.sandbox_id.clone(),
+            log_stream: self.log_stream.clone(),
+        }
+    }
+}
+
 fn sandbox_err(function: &str, source: SandboxError) -> InvokeError {
     InvokeError::Sandbox {
         function: function.to_owned(),
@@ -310,11 +409,15 @@ pub struct MicrovmSandbox {
     writer: OwnedWriteHalf,
     rx: mpsc::Receiver<FrameResult>,
     stopper: VmStopper,
+    snapshotter: VmSnapshotter,
+    origin: Origin,
+    identity: Option<CloneIdentity>,
     ended: Option<oneshot::Receiver<String>>,
     end: Option<String>,
     monitor: Option<std::thread::JoinHandle<()>>,
     dead: bool,
     init: Duration,
+    init_timeout: Duration,
 }
 
 impl std::fmt::Debug for MicrovmSandbox {
@@ -322,6 +425,7 @@ impl std::fmt::Debug for MicrovmSandbox {
         f.debug_struct("MicrovmSandbox")
             .field("function", &self.function)
             .field("vm", &self.vm_name)
+            .field("origin", &self.origin)
             .field("dead", &self.dead)
             .finish()
     }
@@ -332,12 +436,131 @@ impl MicrovmSandbox {
     /// [`VmConfig`]; called on a blocking thread), adds the agent channel
     /// and the console log, runs it on the thread `<vm>-run`, sends the
     /// `Start` frame and waits for the agent's `Ready` within the
-    /// function's init timeout (boot included).
+    /// function's init timeout (boot included). No snapshot is used.
     pub async fn boot<F>(setup: SandboxSetup, make_vm: F) -> Result<Self, InvokeError>
     where
         F: FnOnce(VmConfig) -> Result<VmBuilder, SandboxError> + Send + 'static,
     {
+        Self::start(setup, make_vm, None).await
+    }
+
+    /// A sandbox for `setup`, using function snapshots as `plan` says:
+    ///
+    /// * a loadable snapshot of `plan.key` in the cache: a clone is
+    ///   restored from it, with a new agent channel; it gets a
+    ///   [`Message::Restored`] frame with its own [`CloneIdentity`] and
+    ///   must answer `Ready` within the init timeout. A clone that cannot
+    ///   be built falls back to a boot; one that does not answer fails
+    ///   this start; both remove the entry.
+    /// * otherwise: [`MicrovmSandbox::boot`], then the VM is paused,
+    ///   snapshotted into the cache and resumed (a failure to store is
+    ///   logged; the sandbox is used either way).
+    pub async fn start<F>(
+        setup: SandboxSetup,
+        make_vm: F,
+        plan: Option<SnapshotPlan>,
+    ) -> Result<Self, InvokeError>
+    where
+        F: FnOnce(VmConfig) -> Result<VmBuilder, SandboxError> + Send + 'static,
+    {
         let started = Instant::now();
+        let function = setup.spec.name.clone();
+        if let Some(plan) = &plan {
+            let (cache, key) = (plan.cache.clone(), plan.key.clone());
+            let found = tokio::task::spawn_blocking(move || cache.lookup(&key))
+                .await
+                .ok()
+                .flatten();
+            if let Some(snap) = found {
+                match Self::restore(&setup, snap, started).await {
+                    Ok(sb) => return Ok(sb),
+                    Err((built, error)) => {
+                        tracing::warn!(function = %function, %error,
+                            "a clone of the function snapshot failed; removing the snapshot");
+                        let (cache, key) = (plan.cache.clone(), plan.key.clone());
+                        let _ = tokio::task::spawn_blocking(move || cache.remove(&key)).await;
+                        if built {
+                            return Err(error);
+                        }
+                    }
+                }
+            }
+        }
+        let mut sb = Self::launch(&setup, make_vm).await?;
+        let start = encode(&Message::Start(Box::new(setup.start_config())));
+        sb.handshake(&start, started, &setup.tenant).await?;
+        if let Some(plan) = plan {
+            sb.store_snapshot(plan).await;
+        }
+        Ok(sb)
+    }
+
+    /// Restores a clone of `snap`. On failure, whether the clone was built
+    /// (its agent did not answer) or not (the VM could not be created).
+    async fn restore(
+        setup: &SandboxSetup,
+        snap: Arc<Snapshot>,
+        started: Instant,
+    ) -> Result<Self, (bool, InvokeError)> {
+        let function = setup.spec.name.clone();
+        let identity = CloneIdentity::fresh(&setup.tenant).map_err(|source| {
+            let e = SandboxError::Host {
+                what: "reading /dev/urandom for a clone's identity".into(),
+                source,
+            };
+            (false, sandbox_err(&function, e))
+        })?;
+        let mut sb = Self::launch(setup, move |config| Ok(VmBuilder::restore(config, snap)))
+            .await
+            .map_err(|e| (false, e))?;
+        sb.origin = Origin::Restored;
+        let frame = encode(&identity.message());
+        sb.identity = Some(identity);
+        sb.handshake(&frame, started, &setup.tenant)
+            .await
+            .map_err(|e| (true, e))?;
+        Ok(sb)
+    }
+
+    /// Pauses the VM, snapshots it into the cache and resumes it.
+    async fn store_snapshot(&mut self, plan: SnapshotPlan) {
+        let snapshotter = self.snapshotter.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            plan.cache.store(&plan.key, |dir| {
+                snapshotter.snapshot(dir, SNAPSHOT_TIMEOUT).map(|_| ())
+            })
+        })
+        .await;
+        match stored {
+            Ok(Ok(dir)) => {
+                self.origin = Origin::BootedAndSnapshotted;
+                tracing::debug!(function = %self.function, vm = %self.vm_name, dir = %dir.display(), "function snapshot taken");
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(function = %self.function, vm = %self.vm_name, %error, "cannot store the function snapshot; later cold starts boot")
+            }
+            Err(error) => {
+                tracing::warn!(function = %self.function, %error, "the snapshot task failed")
+            }
+        }
+    }
+
+    /// How this sandbox came to be.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// The identity a restored clone was given (`None` for a booted VM).
+    pub fn identity(&self) -> Option<&CloneIdentity> {
+        self.identity.as_ref()
+    }
+
+    /// Builds the VM `make_vm` describes with the agent channel and the
+    /// console log, and runs it on the thread `<vm>-run`.
+    async fn launch<F>(setup: &SandboxSetup, make_vm: F) -> Result<Self, InvokeError>
+    where
+        F: FnOnce(VmConfig) -> Result<VmBuilder, SandboxError> + Send + 'static,
+    {
         let function = setup.spec.name.clone();
         let limiter = Arc::new(LogRateLimiter::new(setup.log_lines_per_sec));
         let meta = Arc::new((function.clone(), setup.tenant.clone()));
@@ -375,6 +598,7 @@ impl MicrovmSandbox {
         })?;
         let (mut vm, channel) = built.map_err(|e| sandbox_err(&function, e))?;
         let stopper = vm.stopper();
+        let snapshotter = vm.snapshotter();
         let (end_tx, ended) = oneshot::channel();
         let vm_name = setup.vm_name.clone();
         let monitor = std::thread::Builder::new()
@@ -422,29 +646,37 @@ impl MicrovmSandbox {
             meta,
             on_violation,
         ));
-        let mut sb = MicrovmSandbox {
+        Ok(MicrovmSandbox {
             function,
             vm_name: setup.vm_name.clone(),
             writer,
             rx,
             stopper,
+            snapshotter,
+            origin: Origin::Booted,
+            identity: None,
             ended: Some(ended),
             end: None,
             monitor: Some(monitor),
             dead: false,
             init: Duration::ZERO,
-        };
-        let deadline = started + setup.spec.init_timeout;
-        if let Err(e) = sb
-            .write_frame(&encode(&Message::Start(Box::new(setup.start_config()))))
-            .await
-        {
-            sb.kill();
-            return Err(e);
-        }
+            init_timeout: setup.spec.init_timeout,
+        })
+    }
+
+    /// Sends `frame` (`Start` or `Restored`) and waits for `Ready` until
+    /// the init timeout counted from `started`; kills the VM on failure.
+    async fn handshake(
+        &mut self,
+        frame: &[u8],
+        started: Instant,
+        tenant: &str,
+    ) -> Result<(), InvokeError> {
+        let deadline = started + self.init_timeout;
+        self.write_frame(frame).await?;
         let got = {
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, sb.rx.recv()).await {
+            match tokio::time::timeout(left, self.rx.recv()).await {
                 Ok(Some(m)) => Some(m),
                 Ok(None) => Some(Err(SandboxError::ChannelClosed)),
                 Err(_) => None,
@@ -452,11 +684,11 @@ impl MicrovmSandbox {
         };
         match got {
             Some(Ok(Message::Ready { init_us })) => {
-                sb.init = started.elapsed();
-                tracing::debug!(function = %sb.function, tenant = %setup.tenant, vm = %sb.vm_name, init_us, boot = ?sb.init, "microVM sandbox ready");
-                Ok(sb)
+                self.init = started.elapsed();
+                tracing::debug!(function = %self.function, %tenant, vm = %self.vm_name, origin = ?self.origin, init_us, init = ?self.init, "microVM sandbox ready");
+                Ok(())
             }
-            other => Err(sb.init_failure(other).await),
+            other => Err(self.init_failure(other).await),
         }
     }
 
@@ -515,7 +747,13 @@ impl MicrovmSandbox {
         let err = match got {
             None => init_failed(
                 "Runtime.InitTimeout",
-                "the guest did not boot and ask for an invocation within the init timeout".into(),
+                if self.origin == Origin::Restored {
+                    "the restored guest did not answer its Restored frame within the init timeout"
+                        .into()
+                } else {
+                    "the guest did not boot and ask for an invocation within the init timeout"
+                        .into()
+                },
             ),
             Some(Ok(Message::InitError { error_type, body })) => {
                 let (t, m) = parse_error_body(&error_type, &body);

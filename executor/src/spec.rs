@@ -49,6 +49,10 @@ pub struct FunctionSpec {
     /// Whether to start sandboxes ahead of bursts when arrivals are
     /// periodic, and stop extra idle ones between bursts. Default true.
     pub prewarm: bool,
+    /// Whether the microVM backend restores cold starts from a snapshot of
+    /// the function's initialised VM (see [`crate::snapshots`]); the
+    /// process backend ignores it. Default true.
+    pub snapshot: bool,
 }
 
 impl FunctionSpec {
@@ -72,6 +76,7 @@ impl FunctionSpec {
             min_warm: 0,
             max_warm: u32::MAX,
             prewarm: true,
+            snapshot: true,
         }
     }
 

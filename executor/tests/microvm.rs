@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_executor::microvm::{
-    MicrovmBackend, MicrovmConfig, MicrovmError, MicrovmSandbox, SandboxSetup,
+    MicrovmBackend, MicrovmConfig, MicrovmError, MicrovmSandbox, Origin, SandboxSetup, SnapshotPlan,
 };
+use sluice_executor::snapshots::{SnapshotCache, SnapshotKey};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
 use sluice_executor::{
     Backend, Executor, FunctionSpec, Invocation, InvokeError, LogLine, LogSink, LogStream, Routed,
@@ -52,6 +53,7 @@ fn config(host: HostSupport, image: Option<GuestImage>) -> MicrovmConfig {
         image,
         images_dir: "/nonexistent/images".into(),
         log_lines_per_sec: 100,
+        snapshots_dir: "/nonexistent/snapshots".into(),
     }
 }
 
@@ -641,6 +643,259 @@ async fn the_pool_replaces_a_crashed_vm_and_routes_other_functions_to_processes(
     let resp = ex.invoke("echo", br#"{"p":1}"#.to_vec()).await.unwrap();
     assert_eq!(resp.payload, br#"{"p":1}"#);
     ex.shutdown().await;
+}
+
+// ---- function snapshots -------------------------------------------------
+
+const TENANT: &str = "tenant-a";
+
+/// The length of every `Restored` frame for [`TENANT`]: a 32-byte seed, a
+/// 32-hex-digit sandbox id and `<tenant>/[$LATEST]<id>`.
+fn restored_len() -> usize {
+    let id = "0".repeat(32);
+    encode(&Message::Restored {
+        seed: [0; sluice_protocol::SEED_LEN],
+        log_stream: format!("{TENANT}/[$LATEST]{id}"),
+        sandbox_id: id,
+    })
+    .len()
+}
+
+/// The invocation every clone runs (a payload long enough that its frame
+/// is longer than a `Restored` frame).
+fn clone_invocation() -> Invocation {
+    invocation("req-1", &[b'x'; 64])
+}
+
+/// The snapshot guest's script: `Ready` after `Start` (then the VM is
+/// snapshotted); in a clone, the `Restored` frame it received echoed back
+/// as a log line and `Ready`; then the invocation frame echoed and a
+/// response.
+fn snapshot_script() -> Vec<Vec<Part>> {
+    let inv = invoke_frame(&clone_invocation());
+    let l = restored_len();
+    vec![
+        vec![frame(Message::Ready { init_us: 1 })],
+        vec![
+            Part::Bytes(log_head(LogStream::Stderr, l)),
+            Part::Received { n: 1, len: l as u32 },
+            frame(Message::Ready { init_us: 2 }),
+        ],
+        vec![
+            Part::Bytes(log_head(LogStream::Stderr, inv.len())),
+            Part::Received {
+                n: 2,
+                len: inv.len() as u32,
+            },
+            frame(Message::Response {
+                request_id: "req-1".into(),
+                body: b"pong".to_vec(),
+            }),
+        ],
+    ]
+}
+
+/// Starts a sandbox of the scripted function in `dir` with the snapshot
+/// cache `cache` (key: the function's real version).
+async fn start_with_snapshots(
+    dir: &Path,
+    cache: &SnapshotCache,
+    logs: &Logs,
+) -> Result<MicrovmSandbox, InvokeError> {
+    let spec = spec(dir);
+    let setup = SandboxSetup::new(&spec, TENANT, logs.sink(), 1, 1000);
+    let key = SnapshotKey::new(
+        &spec.name,
+        &spec.version(),
+        "scripted-guest",
+        setup.vm_config().mem_size,
+        setup.vcpus,
+    );
+    let plan = SnapshotPlan {
+        cache: cache.clone(),
+        key,
+    };
+    let script = snapshot_script();
+    MicrovmSandbox::start(
+        setup,
+        move |config| Ok(scripted_vm(config, &script, Then::Spin, BANNER)),
+        Some(plan),
+    )
+    .await
+}
+
+fn entries(cache: &SnapshotCache) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(cache.root())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+fn banner_seen(logs: &Logs) -> bool {
+    logs.lines()
+        .iter()
+        .any(|(s, l)| *s == LogStream::Agent && l == "scripted guest up")
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_start_snapshots_and_later_starts_restore_clones_with_their_own_identity() {
+    if !kvm_available() {
+        return;
+    }
+    let function = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let cache = SnapshotCache::new(home.path().join("snapshots"));
+
+    // First start: a boot (banner on the serial console), then the
+    // snapshot, written into place.
+    let logs = Logs::default();
+    let mut first = start_with_snapshots(function.path(), &cache, &logs)
+        .await
+        .unwrap();
+    assert_eq!(first.origin(), Origin::BootedAndSnapshotted);
+    assert!(first.identity().is_none());
+    assert!(banner_seen(&logs), "{:?}", logs.lines());
+    let names = entries(&cache);
+    assert_eq!(names.len(), 1, "one entry, no temporary left: {names:?}");
+    assert!(names[0].starts_with("scripted-"), "{names:?}");
+    let entry = cache.root().join(&names[0]);
+    sluice_vmm::Snapshot::load(&entry).expect("the entry is a loadable snapshot");
+
+    // The snapshotted VM was resumed and still talks: it receives the next
+    // frame and answers with the script's next step (the echo of what it
+    // received; it has no answer to an invocation, so the call times out).
+    let inv = invoke_frame(&clone_invocation());
+    let timeout = Duration::from_secs(1);
+    match first.invoke(clone_invocation(), timeout).await {
+        Err(InvokeError::Timeout { .. }) => {}
+        other => panic!("expected the script to run out, got {other:?}"),
+    }
+    assert!(
+        logs.lines()
+            .contains(&(LogStream::Stderr, lossy(&inv[..restored_len()]))),
+        "the resumed VM received the frame: {:?}",
+        logs.lines()
+    );
+    drop(first);
+
+    // Later starts: clones, no boot, each with its own identity, each
+    // running an invocation end to end.
+    let mut identities = Vec::new();
+    for _ in 0..2 {
+        let logs = Logs::default();
+        let mut sb = start_with_snapshots(function.path(), &cache, &logs)
+            .await
+            .unwrap();
+        assert_eq!(sb.origin(), Origin::Restored);
+        assert!(!banner_seen(&logs), "a clone does not boot: {:?}", logs.lines());
+        let id = sb.identity().expect("a clone has an identity").clone();
+        assert_eq!(id.sandbox_id.len(), 32);
+        assert_eq!(id.log_stream, format!("{TENANT}/[$LATEST]{}", id.sandbox_id));
+        // What the guest found in its receive buffer is the Restored frame
+        // with this identity, byte for byte.
+        assert_eq!(
+            logs.lines(),
+            [(LogStream::Stderr, lossy(&encode(&id.message())))]
+        );
+        let body = sb
+            .invoke(clone_invocation(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(body, b"pong");
+        assert_eq!(logs.lines()[1], (LogStream::Stderr, lossy(&inv)));
+        assert!(sb.is_reusable());
+        eprintln!(
+            "scripted guest: restore from the function snapshot to Ready {:?}",
+            sb.init_duration()
+        );
+        identities.push(id);
+        drop(sb);
+    }
+    assert_ne!(identities[0].seed, identities[1].seed);
+    assert_ne!(identities[0].sandbox_id, identities[1].sandbox_id);
+    assert_eq!(entries(&cache), names, "restores leave the entry alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_function_version_boots_afresh_and_replaces_the_old_snapshot() {
+    if !kvm_available() {
+        return;
+    }
+    let function = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let cache = SnapshotCache::new(home.path().join("snapshots"));
+    let logs = Logs::default();
+    let sb = start_with_snapshots(function.path(), &cache, &logs)
+        .await
+        .unwrap();
+    assert_eq!(sb.origin(), Origin::BootedAndSnapshotted);
+    drop(sb);
+    let old = entries(&cache);
+    assert_eq!(old.len(), 1);
+
+    // The function's folder changes: a new version.
+    std::fs::write(function.path().join("handler.txt"), b"v2").unwrap();
+    let logs = Logs::default();
+    let sb = start_with_snapshots(function.path(), &cache, &logs)
+        .await
+        .unwrap();
+    assert_eq!(sb.origin(), Origin::BootedAndSnapshotted);
+    assert!(banner_seen(&logs), "a fresh boot");
+    drop(sb);
+    let new = entries(&cache);
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_ne!(new, old, "the old version's entry was removed");
+
+    // And the new entry serves the next start.
+    let logs = Logs::default();
+    let sb = start_with_snapshots(function.path(), &cache, &logs)
+        .await
+        .unwrap();
+    assert_eq!(sb.origin(), Origin::Restored);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_snapshot_is_never_restored_the_start_boots_afresh() {
+    if !kvm_available() {
+        return;
+    }
+    let function = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let cache = SnapshotCache::new(home.path().join("snapshots"));
+    let sb = start_with_snapshots(function.path(), &cache, &Logs::default())
+        .await
+        .unwrap();
+    drop(sb);
+    let names = entries(&cache);
+    let state = cache
+        .root()
+        .join(&names[0])
+        .join(sluice_vmm::snapshot::STATE_FILE);
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&state, &bytes).unwrap();
+
+    let logs = Logs::default();
+    let sb = start_with_snapshots(function.path(), &cache, &logs)
+        .await
+        .unwrap();
+    assert_eq!(
+        sb.origin(),
+        Origin::BootedAndSnapshotted,
+        "booted, and a good snapshot taken again"
+    );
+    assert!(banner_seen(&logs));
+    assert!(sb.identity().is_none());
+    let fresh = cache.root().join(&entries(&cache)[0]);
+    sluice_vmm::Snapshot::load(&fresh).expect("the rewritten entry loads");
+    assert!(sb.is_reusable());
 }
 
 // ---- the Linux tier -----------------------------------------------------
