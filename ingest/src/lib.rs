@@ -36,5 +36,6 @@ pub fn function_spec(f: &sluice_pipeline::FunctionConfig) -> sluice_executor::Fu
     s.min_warm = f.min_warm;
     s.max_warm = f.max_warm;
     s.prewarm = f.prewarm;
+    s.snapshot = f.snapshot;
     s
 }

@@ -34,6 +34,7 @@
 //! | `min_warm` | [`DEFAULT_MIN_WARM`] | [`WARM_RANGE`], at most `max_warm` |
 //! | `max_warm` | `concurrency` | [`WARM_RANGE`], at most `concurrency` |
 //! | `prewarm` | [`DEFAULT_PREWARM`] | `true` or `false` |
+//! | `snapshot` | [`DEFAULT_SNAPSHOT`] | `true` or `false`; the microVM backend restores cold starts from a snapshot of the function's initialised VM (`true` with `backend = "process"` is an error) |
 //!
 //! `min_warm` idle sandboxes are kept ready (started in the background);
 //! at most `max_warm` are kept idle. With `prewarm`, sluice watches when
@@ -228,6 +229,9 @@ pub const DEFAULT_MIN_WARM: u32 = 0;
 pub const WARM_RANGE: RangeInclusive<u32> = 0..=1000;
 /// Default `prewarm`: start sandboxes ahead of periodic bursts.
 pub const DEFAULT_PREWARM: bool = true;
+/// Default `snapshot`: microVM cold starts restore a snapshot of the
+/// function's initialised VM (the process backend ignores it).
+pub const DEFAULT_SNAPSHOT: bool = true;
 
 /// Environment keys a function may not set: Lambda's documented reserved
 /// runtime variables, which the sandbox sets itself.
@@ -761,6 +765,9 @@ pub struct FunctionConfig {
     pub max_warm: u32,
     /// Pre-warm ahead of periodic bursts. Default [`DEFAULT_PREWARM`].
     pub prewarm: bool,
+    /// Restore microVM cold starts from a function snapshot. Default
+    /// [`DEFAULT_SNAPSHOT`].
+    pub snapshot: bool,
 }
 
 /// Which sandbox runs a function.

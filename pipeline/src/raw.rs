@@ -84,6 +84,8 @@ struct RawFunction {
     max_warm: Option<Spanned<i64>>,
     /// Default [`DEFAULT_PREWARM`].
     prewarm: Option<Spanned<bool>>,
+    /// Default [`crate::DEFAULT_SNAPSHOT`].
+    snapshot: Option<Spanned<bool>>,
 }
 
 const INTEGER: &str = "an integer";
@@ -109,6 +111,7 @@ const FUNCTION_FIELDS: &[(&str, &str)] = &[
     ("max_warm", INTEGER),
     ("prewarm", "a boolean (true or false)"),
     ("vcpus", INTEGER),
+    ("snapshot", "a boolean (true or false)"),
 ];
 
 /// What a valid file declares: the functions by name, and the Kafka triggers
@@ -652,6 +655,19 @@ impl RawFunction {
             concurrency_is_default,
         )?;
         let prewarm = self.prewarm.map_or(DEFAULT_PREWARM, Spanned::into_inner);
+        let snapshot = match self.snapshot {
+            Some(s) if *s.get_ref() && backend == Backend::Process => {
+                return Err(PipelineError::Requires {
+                    at: f.loc.at(s.span()),
+                    field: f.field("snapshot"),
+                    value: "true".into(),
+                    required: format!("{} = \"microvm\" or \"auto\"", f.field("backend")),
+                    reason: "function snapshots are VM snapshots; the process backend has none",
+                });
+            }
+            Some(s) => s.into_inner(),
+            None => crate::DEFAULT_SNAPSHOT,
+        };
         let path = validate_path(&f, path, base)?;
 
         Ok(FunctionConfig {
@@ -673,6 +689,7 @@ impl RawFunction {
             min_warm,
             max_warm,
             prewarm,
+            snapshot,
         })
     }
 }

@@ -754,3 +754,26 @@ fn vcpus_default_to_one_and_are_bounded() {
         "{err}"
     );
 }
+
+#[test]
+fn snapshots_default_on_and_can_be_turned_off() {
+    let p = parse_with_echo("");
+    assert!(p.functions["echo"].snapshot);
+    let text = with_echo("").replace("[functions.echo]\n", "[functions.echo]\nsnapshot = false\n");
+    let p = Pipeline::parse(&text, Path::new(INLINE)).expect("snapshot = false");
+    assert!(!p.functions["echo"].snapshot);
+    // Off with the process backend is fine; on is a mistake.
+    let text = with_echo("").replace(
+        "[functions.echo]\n",
+        "[functions.echo]\nbackend = \"process\"\nsnapshot = false\n",
+    );
+    Pipeline::parse(&text, Path::new(INLINE)).expect("process without snapshots");
+    let text = with_echo("").replace(
+        "[functions.echo]\n",
+        "[functions.echo]\nbackend = \"process\"\nsnapshot = true\n",
+    );
+    let err = Pipeline::parse(&text, Path::new(INLINE))
+        .expect_err("snapshots with the process backend")
+        .to_string();
+    assert!(err.contains("functions.echo.snapshot"), "{err}");
+}
