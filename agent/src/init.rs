@@ -12,7 +12,7 @@
 use nix::mount::{MsFlags, mount};
 use nix::sys::reboot::{RebootMode, reboot};
 
-use crate::supervisor::{Channel, run_stage0};
+use crate::supervisor::{Channel, ENTROPY_SINK, run_stage0};
 
 /// The agent channel inside a guest: the first virtio console port.
 pub const GUEST_CHANNEL: &str = "/dev/hvc0";
@@ -71,7 +71,7 @@ pub fn run_init(channel: Channel) -> u8 {
     if let Err(e) = crate::netlink::loopback_up() {
         eprintln!("sluice-agent(init): cannot bring lo up: {e}");
     }
-    let code = run_stage0(channel);
+    let code = run_stage0(channel, std::path::Path::new(ENTROPY_SINK));
     nix::unistd::sync();
     let Err(e) = reboot(RebootMode::RB_AUTOBOOT);
     eprintln!("sluice-agent(init): reboot failed: {e}");

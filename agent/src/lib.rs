@@ -11,6 +11,17 @@
 //! rlimits, landlock and seccomp. In a microVM (later) the VM is the sandbox
 //! and the agent runs as `/init`.
 //!
+//! A microVM sandbox may be a clone restored from a function snapshot taken
+//! while `bootstrap` waited at `/invocation/next`. The host then sends
+//! `Restored` (a fresh seed, the clone's sandbox id and log stream): the
+//! agent writes the seed to `/dev/urandom`, which mixes it into the
+//! kernel's input pool (without crediting entropy: an `RNDADDENTROPY` or
+//! `RNDRESEEDCRNG` ioctl needs `unsafe`, which this crate forbids, so the
+//! kernel's CRNG takes it up at its next reseed), names the clone in the
+//! `Sluice-Sandbox-Id` and `Sluice-Log-Stream` headers of every later
+//! `next` (its environment is the snapshotted process's), logs it, and
+//! answers `Ready`.
+//!
 //! The channel transport is pluggable ([`Channel`]): the standard input and
 //! output pipes of the agent (process sandbox), or a path to a Unix socket or
 //! a character device (a virtio console in a microVM).
@@ -21,4 +32,4 @@ mod netlink;
 pub mod runtime_api;
 mod supervisor;
 
-pub use supervisor::{Channel, run_stage0, run_stage1};
+pub use supervisor::{Channel, ENTROPY_SINK, run_stage0, run_stage1};

@@ -5,18 +5,20 @@
 //! channel is the `Start` configuration. `--stage1` is internal.
 //! `--init` (or running as `/init`, in a microVM guest) mounts the guest's
 //! file systems first, serves on `/dev/hvc0` unless `--channel` says
-//! otherwise, and reboots the guest at the end.
+//! otherwise, and reboots the guest at the end. `--entropy PATH` (default
+//! `/dev/urandom`) is where a restored clone's seed is written (for tests).
 
 use std::process::ExitCode;
 
 use sluice_agent::init::{GUEST_CHANNEL, run_init};
-use sluice_agent::{Channel, run_stage0, run_stage1};
+use sluice_agent::{Channel, ENTROPY_SINK, run_stage0, run_stage1};
 
 fn main() -> ExitCode {
     let argv0 = std::env::args().next().unwrap_or_default();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut channel = None;
     let mut stage1 = false;
+    let mut entropy = std::path::PathBuf::from(ENTROPY_SINK);
     // The guest kernel runs the initramfs's /init with argv[0] "/init".
     let mut init = argv0 == "/init";
     let mut i = 0;
@@ -38,8 +40,20 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            "--entropy" => {
+                i += 1;
+                match args.get(i) {
+                    Some(p) => entropy = p.into(),
+                    None => {
+                        eprintln!("sluice-agent: --entropy needs a path");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             "--help" | "-h" => {
-                eprintln!("usage: sluice-agent [--init] [--channel stdio|unix:PATH|file:PATH]");
+                eprintln!(
+                    "usage: sluice-agent [--init] [--channel stdio|unix:PATH|file:PATH] [--entropy PATH]"
+                );
                 return ExitCode::SUCCESS;
             }
             other => {
@@ -54,7 +68,7 @@ fn main() -> ExitCode {
     } else if init {
         run_init(channel.unwrap_or_else(|| Channel::File(GUEST_CHANNEL.into())))
     } else {
-        run_stage0(channel.unwrap_or(Channel::Stdio))
+        run_stage0(channel.unwrap_or(Channel::Stdio), &entropy)
     };
     ExitCode::from(code)
 }

@@ -64,6 +64,9 @@ struct Shared {
     outstanding: Mutex<HashSet<String>>,
     started: Instant,
     sink: Box<dyn Sink>,
+    /// Extra `next` response headers naming this sandbox, set when the
+    /// sandbox was restored from a function snapshot.
+    identity: Mutex<String>,
 }
 
 /// The Runtime API state shared by all connections.
@@ -93,6 +96,7 @@ impl RuntimeApi {
                 outstanding: Mutex::new(HashSet::new()),
                 started,
                 sink: Box::new(sink),
+                identity: Mutex::new(String::new()),
             }),
         }
     }
@@ -108,6 +112,20 @@ impl RuntimeApi {
             }
             None => q.pending.push_back(inv),
         }
+    }
+
+    /// Names this sandbox in every later `next` response, in the headers
+    /// `Sluice-Sandbox-Id` and `Sluice-Log-Stream` (a sluice extension: a
+    /// clone restored from a function snapshot keeps the environment of
+    /// the process it was cloned from, so its own identity comes this
+    /// way). Control characters are dropped from both values.
+    pub fn set_identity(&self, sandbox_id: &str, log_stream: &str) {
+        let clean = |s: &str| s.chars().filter(|c| !c.is_control()).collect::<String>();
+        *self.shared.identity.lock().expect("identity lock") = format!(
+            "Sluice-Sandbox-Id: {}\r\nSluice-Log-Stream: {}\r\n",
+            clean(sandbox_id),
+            clean(log_stream)
+        );
     }
 
     /// Wake every waiting `next` and make it fail: the sandbox is going away.
@@ -255,6 +273,7 @@ impl RuntimeApi {
                 inv.client_context
             ));
         }
+        head.push_str(&self.shared.identity.lock().expect("identity lock"));
         head.push_str(&format!("Content-Length: {}\r\n\r\n", inv.payload.len()));
         // The event is not copied behind the head: both go out in one writev.
         Reply {

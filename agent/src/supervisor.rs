@@ -23,6 +23,8 @@ use crate::isolate;
 use crate::runtime_api::{Invocation, RuntimeApi};
 
 const CONFIG_ENV: &str = "SLUICE_AGENT_STAGE1_CONFIG";
+/// Where a clone's seed is written by default: the kernel's entropy pool.
+pub const ENTROPY_SINK: &str = "/dev/urandom";
 const MAX_LOG_LINE: usize = 16 * 1024;
 
 /// The transport of the agent channel.
@@ -81,7 +83,10 @@ fn fatal<W: Write + ?Sized>(wr: &mut W, message: String) -> u8 {
 
 /// Stage 0: read the configuration, build the sandbox (when asked to), and
 /// either serve directly (no isolation) or hand over to stage 1.
-pub fn run_stage0(channel: Channel) -> u8 {
+///
+/// `entropy` is where the seed of a [`Message::Restored`] frame is written
+/// ([`ENTROPY_SINK`] but in tests).
+pub fn run_stage0(channel: Channel, entropy: &Path) -> u8 {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     let (mut rd, mut wr) = match channel.open() {
         Ok(x) => x,
@@ -103,7 +108,7 @@ pub fn run_stage0(channel: Channel) -> u8 {
     };
     if !cfg.isolate {
         let task_root = PathBuf::from(&cfg.function_dir);
-        return serve(cfg, rd, wr, &task_root, false);
+        return serve(cfg, rd, wr, &task_root, false, entropy);
     }
     if channel != Channel::Stdio {
         return fatal(
@@ -175,7 +180,7 @@ pub fn run_stage1() -> u8 {
         return fatal(&mut wr, e.to_string());
     }
     let task_root = PathBuf::from(&cfg.task_root);
-    serve(cfg, rd, wr, &task_root, true)
+    serve(cfg, rd, wr, &task_root, true, Path::new(ENTROPY_SINK))
 }
 
 type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
@@ -197,6 +202,7 @@ fn serve(
     wr: Box<dyn Write + Send>,
     task_root: &Path,
     isolated: bool,
+    entropy: &Path,
 ) -> u8 {
     let writer: SharedWriter = Arc::new(Mutex::new(wr));
     let fail = |message: String| -> u8 {
@@ -295,9 +301,13 @@ fn serve(
 
     {
         let api = api.clone();
+        let restore = Restore {
+            writer: writer.clone(),
+            entropy: entropy.to_path_buf(),
+        };
         let spawned = thread::Builder::new()
             .name("agent-channel".into())
-            .spawn(move || read_channel(rd, api, child_pid));
+            .spawn(move || read_channel(rd, api, child_pid, restore));
         if let Err(e) = spawned {
             return fail(format!("starting the channel reader: {e}"));
         }
@@ -371,7 +381,60 @@ fn relay_logs(
         });
 }
 
-fn read_channel(rd: Box<dyn Read + Send>, api: RuntimeApi, child: Pid) {
+/// What a [`Message::Restored`] frame needs.
+struct Restore {
+    writer: SharedWriter,
+    entropy: PathBuf,
+}
+
+impl Restore {
+    /// This sandbox is a clone of a function snapshot: mix the host's seed
+    /// into the kernel's entropy pool, take on the clone's identity, and
+    /// answer `Ready`. A seed that cannot be written is fatal (the
+    /// function is killed and the agent exits): a clone must never run
+    /// with its siblings' randomness.
+    fn apply(
+        &self,
+        api: &RuntimeApi,
+        child: Pid,
+        seed: &[u8],
+        sandbox_id: &str,
+        log_stream: &str,
+    ) {
+        let t = Instant::now();
+        let mixed = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.entropy)
+            .and_then(|mut f| f.write_all(seed));
+        if let Err(e) = mixed {
+            let message = format!(
+                "cannot mix the clone's seed into {}: {e}",
+                self.entropy.display()
+            );
+            eprintln!("sluice-agent: {message}");
+            send(&self.writer, &Message::Fatal { message });
+            let _ = kill(child, Signal::SIGKILL);
+            std::process::exit(1);
+        }
+        api.set_identity(sandbox_id, log_stream);
+        let line = format!(
+            "restored from a function snapshot as sandbox {sandbox_id} (log stream {log_stream}); {} seed bytes mixed into {}",
+            seed.len(),
+            self.entropy.display()
+        );
+        send(
+            &self.writer,
+            &Message::Log {
+                stream: LogStream::Agent,
+                line: line.into_bytes(),
+            },
+        );
+        let init_us = t.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
+        send(&self.writer, &Message::Ready { init_us });
+    }
+}
+
+fn read_channel(rd: Box<dyn Read + Send>, api: RuntimeApi, child: Pid, restore: Restore) {
     let mut r = BufReader::with_capacity(64 * 1024, rd);
     loop {
         match read_message(&mut r, DEFAULT_MAX_FRAME) {
@@ -390,6 +453,11 @@ fn read_channel(rd: Box<dyn Read + Send>, api: RuntimeApi, child: Pid) {
                 client_context,
                 payload,
             }),
+            Ok(Some(Message::Restored {
+                seed,
+                sandbox_id,
+                log_stream,
+            })) => restore.apply(&api, child, &seed, &sandbox_id, &log_stream),
             Ok(Some(Message::Shutdown)) | Ok(None) => {
                 let _ = kill(child, Signal::SIGKILL);
                 std::process::exit(0);
