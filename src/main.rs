@@ -228,7 +228,8 @@ enum BenchCommand {
         parts: i32,
     },
     /// The VMM on /dev/kvm with tiny guests: VM create-to-first-exit, port
-    /// exit round trip, pause/resume, virtqueue throughput.
+    /// exit round trip, pause/resume, virtqueue throughput, and the microVM
+    /// sandbox (scripted agent) restoring a function snapshot vs booting.
     Vm {
         /// VMs to create for the create-to-first-exit figure.
         #[arg(long, default_value_t = 20)]

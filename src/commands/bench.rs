@@ -978,6 +978,30 @@ pub async fn vm(vms: usize, exits: u32, mib: u64) -> u8 {
         r.vsock_mb_per_s / r.unix_socket_mb_per_s.max(f64::MIN_POSITIVE),
         r.unix_socket_mb_per_s
     );
+    match function_snapshot_bench(vms.max(2)).await {
+        Ok(b) => {
+            let q = |v: &[f64], p| sluice_vmm::bench::percentile(v, p);
+            let (rp50, rp99) = (q(&b.restore_ms, 0.5), q(&b.restore_ms, 0.99));
+            let (bp50, bp99) = (q(&b.boot_ms, 0.5), q(&b.boot_ms, 0.99));
+            println!(
+                "{:<40} p50 {:>8.2} ms   p99 {:>8.2} ms   ({} starts)",
+                "scripted agent: boot to Ready",
+                bp50,
+                bp99,
+                b.boot_ms.len()
+            );
+            println!(
+                "{:<40} p50 {:>8.2} ms   p99 {:>8.2} ms   ({} starts) = {:.2} x boot at p50 (snapshot taken in {:.1} ms)",
+                "  restore function snapshot to Ready",
+                rp50,
+                rp99,
+                b.restore_ms.len(),
+                rp50 / bp50.max(f64::MIN_POSITIVE),
+                b.snapshot_ms
+            );
+        }
+        Err(e) => eprintln!("function snapshot bench failed: {e}"),
+    }
     if !host.can_boot_linux() {
         println!(
             "(Linux guests cannot boot here: {}; boot-to-agent-ready needs hardware KVM)",
@@ -985,6 +1009,78 @@ pub async fn vm(vms: usize, exits: u32, mib: u64) -> u8 {
         );
     }
     exit::OK
+}
+
+/// Start-to-`Ready` times of the microVM sandbox with the scripted tiny
+/// guest (`sluice_vmm::scripted`) standing in for the agent, ms, sorted.
+struct FunctionSnapshotBench {
+    /// Cold starts that boot (no snapshot).
+    boot_ms: Vec<f64>,
+    /// Cold starts restored from the function snapshot (lookup and load
+    /// of the cached snapshot, restore, `Restored` frame, `Ready`).
+    restore_ms: Vec<f64>,
+    /// The first start with snapshots: boot, `Ready`, snapshot into the
+    /// cache.
+    snapshot_ms: f64,
+}
+
+/// `samples` boots and `samples` restores of the scripted guest,
+/// interleaved, in one run.
+async fn function_snapshot_bench(samples: usize) -> anyhow::Result<FunctionSnapshotBench> {
+    use sluice_executor::Sandbox;
+    use sluice_executor::microvm::{MicrovmSandbox, Origin, SandboxSetup, SnapshotPlan};
+    use sluice_executor::snapshots::{SnapshotCache, SnapshotKey};
+    use sluice_protocol::encode;
+    use sluice_vmm::scripted::{Part, Then, scripted_vm};
+
+    let dir = tempfile::tempdir()?;
+    let function = dir.path().join("fn");
+    std::fs::create_dir(&function)?;
+    let cache = SnapshotCache::new(dir.path().join("snapshots"));
+    let mut spec = sluice_executor::FunctionSpec::new("scripted", &function);
+    spec.memory_mb = 128;
+    let quiet: sluice_executor::LogSink = Arc::new(|_l: LogLine| {});
+    let ready = || Part::Bytes(encode(&Message::Ready { init_us: 0 }));
+    // Ready after Start (then the snapshot); in clones, Ready after Restored.
+    let script = move || vec![vec![ready()], vec![ready()]];
+    let start = |plan: Option<SnapshotPlan>| {
+        let setup = SandboxSetup::new(&spec, "bench", quiet.clone(), 1, 1000);
+        let script = script();
+        MicrovmSandbox::start(
+            setup,
+            move |config| Ok(scripted_vm(config, &script, Then::Spin, b"")),
+            plan,
+        )
+    };
+    let plan = SnapshotPlan {
+        cache: cache.clone(),
+        key: SnapshotKey::new(&spec.name, &spec.version(), "scripted", 128 << 20, 1),
+    };
+    let t = Instant::now();
+    let first = start(Some(plan.clone())).await?;
+    let snapshot_ms = t.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(
+        first.origin() == Origin::BootedAndSnapshotted,
+        "the first start did not store a snapshot"
+    );
+    drop(first);
+    let (mut boot_ms, mut restore_ms) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        let sb = start(None).await?;
+        boot_ms.push(sb.init_duration().as_secs_f64() * 1e3);
+        drop(sb);
+        let sb = start(Some(plan.clone())).await?;
+        anyhow::ensure!(sb.origin() == Origin::Restored, "a start did not restore");
+        restore_ms.push(sb.init_duration().as_secs_f64() * 1e3);
+        drop(sb);
+    }
+    boot_ms.sort_by(f64::total_cmp);
+    restore_ms.sort_by(f64::total_cmp);
+    Ok(FunctionSnapshotBench {
+        boot_ms,
+        restore_ms,
+        snapshot_ms,
+    })
 }
 
 /// TPC-H Q1 in one process with Arrow (the baseline): per group the exact

@@ -105,6 +105,7 @@ pub mod image;
 pub mod initramfs;
 pub mod loader;
 pub mod memory;
+pub mod scripted;
 pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
