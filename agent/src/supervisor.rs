@@ -393,14 +393,7 @@ impl Restore {
     /// answer `Ready`. A seed that cannot be written is fatal (the
     /// function is killed and the agent exits): a clone must never run
     /// with its siblings' randomness.
-    fn apply(
-        &self,
-        api: &RuntimeApi,
-        child: Pid,
-        seed: &[u8],
-        sandbox_id: &str,
-        log_stream: &str,
-    ) {
+    fn apply(&self, api: &RuntimeApi, child: Pid, seed: &[u8], sandbox_id: &str, log_stream: &str) {
         let t = Instant::now();
         let mixed = std::fs::OpenOptions::new()
             .write(true)

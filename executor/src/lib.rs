@@ -76,6 +76,9 @@
 //! only where the host can boot Linux guests and a guest image is built).
 //! [`Routed`] sends each function to its own backend when a pipeline mixes
 //! them.
+//! The microVM backend restores cold starts from a snapshot of the
+//! function's VM taken once its runtime first waited for an invocation
+//! ([`snapshots`]), keyed by function version and guest image.
 
 mod backend;
 mod channel;

@@ -24,6 +24,16 @@
 //! [`InvokeError::SandboxCrashed`] with the VM's end as its detail and
 //! stops being reusable, so the pool starts a new one.
 //!
+//! **Function snapshots** ([`crate::snapshots`], unless the function's
+//! `snapshot` is off): [`MicrovmSandbox::start`] with a [`SnapshotPlan`]
+//! restores a cold start from the function's cached snapshot when there
+//! is one (a clone with a new agent channel, sent a `Restored` frame with
+//! its own [`CloneIdentity`] — fresh seed, sandbox id, log stream — and
+//! answering `Ready`), and otherwise boots, waits for `Ready`, and has the
+//! VM's run thread pause, snapshot and resume it
+//! ([`sluice_vmm::vm::VmSnapshotter`]) into the cache before using it.
+//! [`MicrovmSandbox::origin`] tells which happened.
+//!
 //! Where it lives: here, in the executor, depending on `sluice-vmm`. The
 //! VMM knows nothing of functions, invocations or pools, and the executor's
 //! traits, errors and log sink stay in one crate with both backends; the
@@ -38,9 +48,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sluice_protocol::{
-    ExitStatus, LogStream, Message, SEED_LEN, StartConfig, encode, invoke_head,
-};
+use sluice_protocol::{ExitStatus, LogStream, Message, SEED_LEN, StartConfig, encode, invoke_head};
 use sluice_vmm::host::HostSupport;
 use sluice_vmm::image::{GuestImage, ImageLayout};
 use sluice_vmm::vm::{ConsoleLineSink, ResetCause, VmSnapshotter, VmStopper};

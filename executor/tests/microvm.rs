@@ -11,6 +11,12 @@
 //!   point at the receive buffer, so the host gets back, byte for byte, the
 //!   invocation frame the guest received). After the script it spins,
 //!   resets the machine or triple-faults, as the test asks.
+//!   The guest is `sluice_vmm::scripted`.
+//! * Function snapshots with the same guest: the first start boots and
+//!   stores a snapshot; later starts restore clones (no boot banner), each
+//!   gets a `Restored` frame with its own seed and sandbox id (echoed back
+//!   from guest memory) and runs an invocation; a new function version and
+//!   a corrupt entry boot afresh.
 //! * The Linux tier (the built guest image with the real agent, the echo
 //!   function) runs only with hardware KVM and an image; elsewhere it is
 //!   skipped loudly, and `SLUICE_REQUIRE_HW_KVM=1` turns the skip into a
@@ -23,8 +29,8 @@ use std::time::Duration;
 use sluice_executor::microvm::{
     MicrovmBackend, MicrovmConfig, MicrovmError, MicrovmSandbox, Origin, SandboxSetup, SnapshotPlan,
 };
-use sluice_executor::snapshots::{SnapshotCache, SnapshotKey};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
+use sluice_executor::snapshots::{SnapshotCache, SnapshotKey};
 use sluice_executor::{
     Backend, Executor, FunctionSpec, Invocation, InvokeError, LogLine, LogSink, LogStream, Routed,
     Sandbox,
@@ -527,7 +533,10 @@ fn snapshot_script() -> Vec<Vec<Part>> {
         vec![frame(Message::Ready { init_us: 1 })],
         vec![
             Part::Bytes(log_head(LogStream::Stderr, l)),
-            Part::Received { n: 1, len: l as u32 },
+            Part::Received {
+                n: 1,
+                len: l as u32,
+            },
             frame(Message::Ready { init_us: 2 }),
         ],
         vec![
@@ -642,10 +651,17 @@ async fn the_first_start_snapshots_and_later_starts_restore_clones_with_their_ow
             .await
             .unwrap();
         assert_eq!(sb.origin(), Origin::Restored);
-        assert!(!banner_seen(&logs), "a clone does not boot: {:?}", logs.lines());
+        assert!(
+            !banner_seen(&logs),
+            "a clone does not boot: {:?}",
+            logs.lines()
+        );
         let id = sb.identity().expect("a clone has an identity").clone();
         assert_eq!(id.sandbox_id.len(), 32);
-        assert_eq!(id.log_stream, format!("{TENANT}/[$LATEST]{}", id.sandbox_id));
+        assert_eq!(
+            id.log_stream,
+            format!("{TENANT}/[$LATEST]{}", id.sandbox_id)
+        );
         // What the guest found in its receive buffer is the Restored frame
         // with this identity, byte for byte.
         assert_eq!(

@@ -175,4 +175,3 @@ pub fn scripted_vm(
     }
     b
 }
-

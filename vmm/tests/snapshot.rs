@@ -836,9 +836,8 @@ fn a_snapshotter_saves_a_vm_while_another_thread_runs_it() {
     }
     // A clone continues from the paused counter down to the right sum.
     let snap = Arc::new(Snapshot::load(dir.path()).unwrap());
-    let (b, rx) = with_ports(
-        VmBuilder::restore(config("live-clone"), snap).guest_write(SUM_SEED_ADDR, &[9]),
-    );
+    let (b, rx) =
+        with_ports(VmBuilder::restore(config("live-clone"), snap).guest_write(SUM_SEED_ADDR, &[9]));
     let mut clone = b.build().unwrap();
     let exit = clone.run(LONG).unwrap();
     assert_eq!(exit.reason, ExitReason::Reset(ResetCause::I8042));
