@@ -560,7 +560,19 @@ async fn start_with_snapshots(
     cache: &SnapshotCache,
     logs: &Logs,
 ) -> Result<MicrovmSandbox, InvokeError> {
-    let spec = spec(dir);
+    start_scripted(dir, cache, logs, snapshot_script(), spec(dir).init_timeout).await
+}
+
+/// [`start_with_snapshots`] with another script and init timeout.
+async fn start_scripted(
+    dir: &Path,
+    cache: &SnapshotCache,
+    logs: &Logs,
+    script: Vec<Vec<Part>>,
+    init_timeout: Duration,
+) -> Result<MicrovmSandbox, InvokeError> {
+    let mut spec = spec(dir);
+    spec.init_timeout = init_timeout;
     let setup = SandboxSetup::new(&spec, TENANT, logs.sink(), 1, 1000);
     let key = SnapshotKey::new(
         &spec.name,
@@ -573,7 +585,6 @@ async fn start_with_snapshots(
         cache: cache.clone(),
         key,
     };
-    let script = snapshot_script();
     MicrovmSandbox::start(
         setup,
         move |config| Ok(scripted_vm(config, &script, Then::Spin, BANNER)),
@@ -761,6 +772,47 @@ async fn a_corrupt_snapshot_is_never_restored_the_start_boots_afresh() {
     let fresh = cache.root().join(&entries(&cache)[0]);
     sluice_vmm::Snapshot::load(&fresh).expect("the rewritten entry loads");
     assert!(sb.is_reusable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_that_does_not_answer_fails_its_start_and_its_snapshot_is_dropped() {
+    if !kvm_available() {
+        return;
+    }
+    let function = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let cache = SnapshotCache::new(home.path().join("snapshots"));
+    // Ready after Start, then nothing: a clone never answers Restored.
+    let mute = || vec![vec![frame(Message::Ready { init_us: 1 })]];
+    let timeout = Duration::from_secs(1);
+    let sb = start_scripted(function.path(), &cache, &Logs::default(), mute(), timeout)
+        .await
+        .unwrap();
+    assert_eq!(sb.origin(), Origin::BootedAndSnapshotted);
+    drop(sb);
+    assert_eq!(entries(&cache).len(), 1);
+    let err = start_scripted(function.path(), &cache, &Logs::default(), mute(), timeout)
+        .await
+        .unwrap_err();
+    match &err {
+        InvokeError::InitFailed {
+            error_type,
+            message,
+            ..
+        } => {
+            assert_eq!(error_type, "Runtime.InitTimeout");
+            assert!(message.contains("Restored"), "{message}");
+        }
+        other => panic!("expected an init timeout, got {other:?}"),
+    }
+    assert!(entries(&cache).is_empty(), "the snapshot was dropped");
+    // The next start boots afresh.
+    let logs = Logs::default();
+    let sb = start_scripted(function.path(), &cache, &logs, mute(), timeout)
+        .await
+        .unwrap();
+    assert_eq!(sb.origin(), Origin::BootedAndSnapshotted);
+    assert!(banner_seen(&logs));
 }
 
 // ---- the Linux tier -----------------------------------------------------
