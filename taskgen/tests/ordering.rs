@@ -701,10 +701,10 @@ async fn a_multi_level_input_runs_level_by_level_as_before() {
     let n = 600u64;
     let deps_of = |i: u64| -> Vec<u64> {
         let mut d = Vec::new();
-        if i % 5 != 0 {
+        if !i.is_multiple_of(5) {
             d.push((i * 7 + 3) % n);
         }
-        if i % 3 == 0 && i > 0 {
+        if i.is_multiple_of(3) && i > 0 {
             d.push(i - 1);
         }
         d
