@@ -283,6 +283,12 @@ pub fn print_summary(s: &Summary) {
         "items: {} total, {} succeeded, {} failed, {} skipped",
         s.items_total, s.items_succeeded, s.items_failed, s.items_skipped
     );
+    if s.peak_buffered_items > 0 {
+        println!(
+            "scheduler: at most {} items buffered at once",
+            s.peak_buffered_items
+        );
+    }
     println!(
         "duration: {:.2?}, {:.1} items/s{}",
         s.duration,

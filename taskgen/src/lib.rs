@@ -354,7 +354,7 @@ pub struct BackfillConfig {
     pub tolerated_failure_count: Option<u64>,
     /// Failed items allowed, in percent of all items; `None`: no limit.
     /// Checked during the run against the item count known up front
-    /// (Parquet metadata, or the whole input with ordering options), and at
+    /// (Parquet metadata, or the id pass with item dependencies), and at
     /// the end against the items read.
     pub tolerated_failure_percentage: Option<f64>,
     /// Order keys and dependencies (default: none, file-then-row order).
@@ -599,7 +599,7 @@ pub struct Summary {
     /// Whether the run was stopped by the shutdown signal before the end.
     pub interrupted: bool,
     /// Items the input holds, when known before reading it all (Parquet
-    /// metadata; the whole input with ordering options): for progress bars.
+    /// metadata; the id pass with item dependencies): for progress bars.
     pub items_expected: Option<u64>,
     /// With `order_key` or item dependencies: the most items the scheduler
     /// held at once (partial and waiting calls; never above

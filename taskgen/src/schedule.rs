@@ -903,3 +903,61 @@ async fn run_pass<S: Future<Output = ()>>(
         None => Ok(interrupted),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut_all(
+        keys: &[&str],
+        per_call: usize,
+        budget: usize,
+    ) -> (Vec<(String, u64, usize)>, usize) {
+        let limits = Limits {
+            items: per_call,
+            bytes: usize::MAX,
+        };
+        let mut cutter: Cutter<u64> = Cutter::new(limits, budget);
+        let mut cuts = Vec::new();
+        let mut peak = 0;
+        for (i, k) in keys.iter().enumerate() {
+            cutter.push(Some((*k).to_owned()), 0, i as u64, 1, i as u64, &mut cuts);
+            peak = peak.max(cutter.held);
+        }
+        cutter.finish(&mut cuts);
+        let calls = cuts
+            .into_iter()
+            .map(|c| {
+                assert!(
+                    c.items
+                        .iter()
+                        .all(|&i| keys[i as usize] == c.key.as_deref().unwrap())
+                );
+                (c.key.unwrap(), c.first, c.items.len())
+            })
+            .collect();
+        (calls, peak)
+    }
+
+    #[test]
+    fn full_partial_calls_are_cut_per_key() {
+        let (calls, _) = cut_all(&["a", "b", "a", "a", "b", "a"], 2, 100);
+        assert_eq!(
+            calls,
+            vec![("a".into(), 0, 2), ("b".into(), 1, 2), ("a".into(), 3, 2)]
+        );
+    }
+
+    #[test]
+    fn the_budget_cuts_the_oldest_partial_calls_first() {
+        // Budget 3: partial calls hold at most 2 items after each push.
+        let keys = ["a", "b", "c", "a", "d", "b"];
+        let (calls, peak) = cut_all(&keys, 10, 3);
+        assert!(peak < 3, "{peak}");
+        // After "c" (a, b, c: 3 held) the oldest, "a", is cut.
+        assert_eq!(calls[0], ("a".into(), 0, 1));
+        assert_eq!(calls.iter().map(|c| c.2).sum::<usize>(), keys.len());
+        // The same input gives the same calls.
+        assert_eq!(cut_all(&keys, 10, 3).0, calls);
+    }
+}
