@@ -177,6 +177,7 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
     };
     let max_buffered_items = o
         .max_buffered_items
+        .or(job.map(|j| j.max_buffered_items))
         .unwrap_or(sluice_taskgen::DEFAULT_MAX_BUFFERED_ITEMS);
     if max_buffered_items == 0 {
         return Err("--max-buffered-items 0: expected at least 1".into());

@@ -376,10 +376,10 @@ pub struct BackfillConfig {
     pub max_buffered_items: usize,
 }
 
-/// Default [`BackfillConfig::max_buffered_items`]: 100 000 items (about
-/// 100 MB of 1 KB items), room for a partial call of 100 items for each
-/// of 1 000 keys.
-pub const DEFAULT_MAX_BUFFERED_ITEMS: usize = 100_000;
+/// Default [`BackfillConfig::max_buffered_items`] (the pipeline crate's):
+/// 100 000 items (about 100 MB of 1 KB items), room for a partial call of
+/// 100 items for each of 1 000 keys.
+pub use sluice_pipeline::DEFAULT_MAX_BUFFERED_ITEMS;
 
 /// A stateful backfill (`state = {...}` on the job): items are folded in
 /// input order (per `order_key` value with the key scope), each call
