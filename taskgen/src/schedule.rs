@@ -54,7 +54,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
@@ -408,7 +408,13 @@ fn place(names: &[String], starts: &[u64], i: u64) -> String {
 /// The first pass of the dependency mode: reads only the id, depends-on
 /// and order-key fields (Parquet: only those columns), checks the ids and
 /// computes levels. Keeps ids while it runs, never items.
-fn id_pass(sources: &[PathBuf], input: &Input, order: &OrderConfig) -> Result<Deps, BackfillError> {
+/// Stops early (with an empty result) once `cancel` is set.
+fn id_pass(
+    sources: &[PathBuf],
+    input: &Input,
+    order: &OrderConfig,
+    cancel: &AtomicBool,
+) -> Result<Deps, BackfillError> {
     let (Some(id_col), Some(dep_col)) = (&order.id_column, &order.depends_on_column) else {
         return Err(BackfillError::Config(
             "--id-column and --depends-on-column go together".into(),
@@ -442,6 +448,9 @@ fn id_pass(sources: &[PathBuf], input: &Input, order: &OrderConfig) -> Result<De
         let mut count = 0u64;
         let mut duplicate = None;
         crate::read::read_file(file, &input, &mut |index, item| {
+            if cancel.load(Ordering::Relaxed) {
+                return ControlFlow::Break(());
+            }
             count = count.max(index + 1);
             let Item::Value(v) = item else {
                 return ControlFlow::Continue(());
@@ -633,7 +642,7 @@ pub async fn plan_order(
     let (sources, input, order) = (sources.to_vec(), input.clone(), order.clone());
     blocking(move || {
         let deps = match order.id_column {
-            Some(_) => Some(id_pass(&sources, &input, &order)?),
+            Some(_) => Some(id_pass(&sources, &input, &order, &AtomicBool::new(false))?),
             None => None,
         };
         let mut plans: BTreeMap<u32, (LevelPlan, HashSet<String>, Cutter<()>)> = BTreeMap::new();
@@ -699,10 +708,16 @@ pub(crate) async fn run_ordered<S: Future<Output = ()>>(
         return run_pass(run, None, 0, shutdown, &mut failed).await;
     }
     let (sources, input) = (run.cfg.sources.clone(), run.cfg.input.clone());
+    // Set on shutdown: the id pass's thread stops reading.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let stop_reading = Arc::clone(&cancel);
     let deps = tokio::select! {
         biased;
-        () = &mut shutdown => return Ok(true),
-        d = blocking(move || id_pass(&sources, &input, &order)) => d?,
+        () = &mut shutdown => {
+            stop_reading.store(true, Ordering::Relaxed);
+            return Ok(true);
+        }
+        d = blocking(move || id_pass(&sources, &input, &order, &cancel)) => d?,
     };
     run.set_expected_items(deps.total);
     run.update(|s| s.items_total += deps.total);
