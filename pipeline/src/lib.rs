@@ -116,6 +116,7 @@
 //! | `tolerated_failure_percentage` | none (no limit) | 0 to 100 (% of items) |
 //! | `order_key` | none | a field: items with the same value run in order |
 //! | `id_column` + `depends_on_column` | none | fields: an item runs after the ids it names succeeded |
+//! | `max_buffered_items` | [`DEFAULT_MAX_BUFFERED_ITEMS`] | [`MAX_BUFFERED_ITEMS_RANGE`]: with `order_key` or dependencies, items held in calls being filled or waiting for their key |
 //! | `progress` | `.sluice-backfill-<hash>.redb` next to the first local source | a path |
 //! | `dead_letter` | the progress path with `.dead.jsonl` | a path |
 //! | `bootstrap_servers` | `"embedded"` | as for Kafka triggers; used by `--distributed` |
@@ -266,6 +267,12 @@ pub const MAX_ITEMS_PER_CALL_RANGE: RangeInclusive<u32> = 1..=100_000;
 pub const DEFAULT_MAX_BYTES_PER_CALL: usize = 6_000_000;
 /// Allowed `max_bytes_per_call`.
 pub const MAX_BYTES_PER_CALL_RANGE: RangeInclusive<usize> = 1..=6_000_000;
+/// Default `max_buffered_items` of a backfill job with `order_key` or
+/// dependencies: 100 000 items (about 100 MB of 1 KB items), room for a
+/// partial call of 100 items for each of 1 000 keys.
+pub const DEFAULT_MAX_BUFFERED_ITEMS: usize = 100_000;
+/// Allowed `max_buffered_items`.
+pub const MAX_BUFFERED_ITEMS_RANGE: RangeInclusive<usize> = 1..=100_000_000;
 /// Default `reduce_partitions` of a MapReduce job.
 pub const DEFAULT_REDUCE_PARTITIONS: u32 = 4;
 /// Allowed `reduce_partitions`.
@@ -546,6 +553,9 @@ pub struct BackfillJob {
     pub id_column: Option<String>,
     /// Field naming the ids an item depends on (with `id_column`).
     pub depends_on_column: Option<String>,
+    /// With `order_key` or dependencies: items the scheduler may hold.
+    /// Default [`DEFAULT_MAX_BUFFERED_ITEMS`].
+    pub max_buffered_items: usize,
     /// Progress database; `None`: derived from the sources.
     pub progress: Option<PathBuf>,
     /// Dead-letter file; `None`: next to the progress database.

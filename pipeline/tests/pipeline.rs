@@ -554,6 +554,7 @@ max_attempts = 5
 tolerated_failure_count = 2
 tolerated_failure_percentage = 1.5
 order_key = "customer"
+max_buffered_items = 5000
 progress = "state/orders.redb"
 bootstrap_servers = "localhost:9092"
 payload = "arrow"
@@ -604,6 +605,11 @@ depends_on_files = { "b.csv" = ["a.csv"], "out/*.csv" = ["in/*.csv", "a.csv"] }
     assert_eq!(full.tolerated_failure_count, Some(2));
     assert_eq!(full.tolerated_failure_percentage, Some(1.5));
     assert_eq!(full.order_key.as_deref(), Some("customer"));
+    assert_eq!(full.max_buffered_items, 5000);
+    assert_eq!(
+        minimal.max_buffered_items,
+        sluice_pipeline::DEFAULT_MAX_BUFFERED_ITEMS
+    );
     assert_eq!(full.progress, Some(base.join("state/orders.redb")));
     assert_eq!(
         full.bootstrap_servers,
@@ -776,4 +782,13 @@ fn snapshots_default_on_and_can_be_turned_off() {
         .expect_err("snapshots with the process backend")
         .to_string();
     assert!(err.contains("functions.echo.snapshot"), "{err}");
+}
+
+#[test]
+fn backfill_max_buffered_items_must_be_at_least_one() {
+    let err = error_with_echo(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.jsonl\"\norder_key = \"k\"\nmax_buffered_items = 0\n",
+    )
+    .to_string();
+    assert!(err.contains("max_buffered_items"), "{err}");
 }

@@ -79,10 +79,17 @@ pub struct BackfillOptions {
     #[arg(long, value_name = "FIELD", requires = "depends_on_column")]
     pub id_column: Option<String>,
     /// Field naming the id (or JSON list of ids) an item depends on: it
-    /// runs only after those succeeded. Reads all items first; cycles and
-    /// missing ids are reported before anything runs.
+    /// runs only after those succeeded. A first pass reads only the ids;
+    /// cycles, duplicate and missing ids are reported before anything runs;
+    /// then the input is read once per dependency level.
     #[arg(long, value_name = "FIELD", requires = "id_column")]
     pub depends_on_column: Option<String>,
+    /// With --order-key or dependencies: the most items held at once in
+    /// calls being filled per key or waiting for their key (default
+    /// 100000). Reaching it cuts the oldest partial calls short and pauses
+    /// reading; a resume must use the same value.
+    #[arg(long, value_name = "N")]
+    pub max_buffered_items: Option<usize>,
     /// FILES=PREREQ[,PREREQ...]: files matching the glob FILES start only
     /// once the files matching each PREREQ glob fully succeeded (globs
     /// without `/` match file names). Repeatable; replaces the job's.
@@ -121,6 +128,7 @@ pub struct Settings {
     pub tolerated_failure_count: Option<u64>,
     pub tolerated_failure_percentage: Option<f64>,
     pub order: OrderConfig,
+    pub max_buffered_items: usize,
     pub payload: PayloadFormat,
     pub file_dependencies: Vec<FileDependency>,
 }
@@ -167,6 +175,13 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
             depends_on_column: j.depends_on_column.clone(),
         })
     };
+    let max_buffered_items = o
+        .max_buffered_items
+        .or(job.map(|j| j.max_buffered_items))
+        .unwrap_or(sluice_taskgen::DEFAULT_MAX_BUFFERED_ITEMS);
+    if max_buffered_items == 0 {
+        return Err("--max-buffered-items 0: expected at least 1".into());
+    }
     Ok(Settings {
         function,
         patterns,
@@ -209,6 +224,7 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
             .tolerated_failure_percentage
             .or(job.and_then(|j| j.tolerated_failure_percentage)),
         order,
+        max_buffered_items,
         payload: o.payload.or(job.map(|j| j.payload)).unwrap_or_default(),
         file_dependencies: if o.file_depends_on.is_empty() {
             job.map(|j| {
@@ -268,6 +284,12 @@ pub fn print_summary(s: &Summary) {
         "items: {} total, {} succeeded, {} failed, {} skipped",
         s.items_total, s.items_succeeded, s.items_failed, s.items_skipped
     );
+    if s.peak_buffered_items > 0 {
+        println!(
+            "scheduler: at most {} items buffered at once",
+            s.peak_buffered_items
+        );
+    }
     println!(
         "duration: {:.2?}, {:.1} items/s{}",
         s.duration,
@@ -324,7 +346,7 @@ async fn dry_run(
     sources: &[PathBuf],
     input: &Input,
     limits: Limits,
-    order: &OrderConfig,
+    (order, max_buffered_items): (&OrderConfig, usize),
     file_dependencies: &[FileDependency],
 ) -> u8 {
     let per_call = limits.items;
@@ -386,7 +408,7 @@ async fn dry_run(
         "total: {} files, {items} items, {bad} unreadable",
         plans.len()
     );
-    match sluice_taskgen::plan_levels(sources, input, limits, order).await {
+    match sluice_taskgen::plan_order(sources, input, limits, order, max_buffered_items).await {
         Ok(levels) => {
             let calls: u64 = levels.iter().map(|l| l.calls).sum();
             for l in &levels {
@@ -470,7 +492,14 @@ pub async fn prepare(
         limits.bytes = MAX_TASK_BYTES;
     }
     if args.dry_run {
-        return Err(dry_run(&sources, &input, limits, &set.order, &set.file_dependencies).await);
+        return Err(dry_run(
+            &sources,
+            &input,
+            limits,
+            (&set.order, set.max_buffered_items),
+            &set.file_dependencies,
+        )
+        .await);
     }
     let progress = set.progress.unwrap_or_else(|| {
         sluice_taskgen::default_progress_path(&sources, format, &set.function, limits)
@@ -496,6 +525,7 @@ pub async fn prepare(
         order: set.order,
         payload: set.payload,
         file_dependencies: set.file_dependencies,
+        max_buffered_items: set.max_buffered_items,
         state: job.as_ref().and_then(|j| {
             j.state.clone().map(|config| StateOptions {
                 config,

@@ -1,7 +1,7 @@
 //! Stateful backfills: the items folded in input order through the state
 //! carrier (see [`crate::StateOptions`]).
 //!
-//! The whole input is read first (as with `order_key`), each readable item
+//! The whole input is read first (unlike a stateless `order_key` run, which streams), each readable item
 //! numbered by its position in the input (file order, then row order): that
 //! number is the item's offset in the checkpoint. Items are grouped by key
 //! (one group for the partition scope; the `order_key` value for the key

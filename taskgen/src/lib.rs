@@ -46,11 +46,18 @@
 //!   an `order_key`, items of one key run one after another (keys in
 //!   parallel); with `id_column` + `depends_on_column`, an item runs only
 //!   after the items it depends on succeeded (else it is dead-lettered as
-//!   `Sluice.DependencyFailed`). These modes read all items first, report
-//!   duplicate ids, missing ids and cycles before any call, and then run a
-//!   graph of calls (see [`plan_levels`] for `--dry-run`).
-//! - **Memory** stays bounded (in the streaming mode, without ordering): a reader thread feeds a channel of
-//!   `max_concurrency` calls, and at most `max_concurrency` calls run.
+//!   `Sluice.DependencyFailed`). An order key alone streams the input once,
+//!   cutting calls per key; dependencies first read only the id fields
+//!   (reporting duplicate ids, missing ids and cycles before any call), then
+//!   read the input once per dependency level (see [`plan_order`] for
+//!   `--dry-run`).
+//! - **Memory** stays bounded: in the streaming mode a reader thread feeds a
+//!   channel of `max_concurrency` calls, and at most `max_concurrency` calls
+//!   run; with ordering options the scheduler holds at most
+//!   [`BackfillConfig::max_buffered_items`] items besides the calls in
+//!   flight (the dependency mode also keeps a level and the dependency
+//!   edges of every item, never the items). Stateful backfills
+//!   ([`StateOptions`]) still read every item first.
 
 pub mod distributed;
 mod fold;
@@ -77,7 +84,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use progress::{DeadLetter, Progress};
 use read::Item;
-pub use schedule::{LevelPlan, OrderConfig, plan_levels};
+pub use schedule::{LevelPlan, OrderConfig, plan_levels, plan_order};
 
 /// Input format of the source files (the pipeline crate's [`DataFormat`](sluice_pipeline::DataFormat)).
 pub use sluice_pipeline::DataFormat as Format;
@@ -347,7 +354,7 @@ pub struct BackfillConfig {
     pub tolerated_failure_count: Option<u64>,
     /// Failed items allowed, in percent of all items; `None`: no limit.
     /// Checked during the run against the item count known up front
-    /// (Parquet metadata, or the whole input with ordering options), and at
+    /// (Parquet metadata, or the id pass with item dependencies), and at
     /// the end against the items read.
     pub tolerated_failure_percentage: Option<f64>,
     /// Order keys and dependencies (default: none, file-then-row order).
@@ -360,7 +367,19 @@ pub struct BackfillConfig {
     pub file_dependencies: Vec<FileDependency>,
     /// State carried from call to call (default none). See [`StateOptions`].
     pub state: Option<StateOptions>,
+    /// With `order_key` or item dependencies: the most items the scheduler
+    /// holds at once — in calls being filled per key and in calls waiting
+    /// for their key's previous call — before it cuts the oldest partial
+    /// calls short and stops reading (default
+    /// [`DEFAULT_MAX_BUFFERED_ITEMS`], at least 1). It decides how calls are
+    /// cut, so it is part of the layout kept in the progress store.
+    pub max_buffered_items: usize,
 }
+
+/// Default [`BackfillConfig::max_buffered_items`] (the pipeline crate's):
+/// 100 000 items (about 100 MB of 1 KB items), room for a partial call of
+/// 100 items for each of 1 000 keys.
+pub use sluice_pipeline::DEFAULT_MAX_BUFFERED_ITEMS;
 
 /// A stateful backfill (`state = {...}` on the job): items are folded in
 /// input order (per `order_key` value with the key scope), each call
@@ -521,6 +540,7 @@ impl BackfillConfig {
             payload: PayloadFormat::Json,
             file_dependencies: Vec::new(),
             state: None,
+            max_buffered_items: DEFAULT_MAX_BUFFERED_ITEMS,
         }
     }
 
@@ -533,10 +553,15 @@ impl BackfillConfig {
             PayloadFormat::Json => self.max_bytes_per_call.to_string(),
             PayloadFormat::Arrow => "arrow".to_owned(),
         };
-        format!(
+        let mut layout = format!(
             "items={} bytes={bytes} order_key={:?} id_column={:?} depends_on={:?}",
             self.max_items_per_call, o.order_key, o.id_column, o.depends_on_column
-        )
+        );
+        // The budget cuts calls only with ordering options.
+        if o.is_active() && self.state.is_none() {
+            layout.push_str(&format!(" buffered={}", self.max_buffered_items));
+        }
+        layout
     }
 
     /// Items and bytes per call.
@@ -574,8 +599,12 @@ pub struct Summary {
     /// Whether the run was stopped by the shutdown signal before the end.
     pub interrupted: bool,
     /// Items the input holds, when known before reading it all (Parquet
-    /// metadata; the whole input with ordering options): for progress bars.
+    /// metadata; the id pass with item dependencies): for progress bars.
     pub items_expected: Option<u64>,
+    /// With `order_key` or item dependencies: the most items the scheduler
+    /// held at once (partial and waiting calls; never above
+    /// [`BackfillConfig::max_buffered_items`]). 0 in the other modes.
+    pub peak_buffered_items: u64,
 }
 
 impl Summary {
@@ -1027,6 +1056,11 @@ impl Run {
                     .into(),
             ));
         }
+        if cfg.max_buffered_items == 0 {
+            return Err(BackfillError::Config(
+                "max_buffered_items 0: the scheduler must hold at least 1 item".into(),
+            ));
+        }
         if let Some(p) = cfg.tolerated_failure_percentage
             && !(0.0..=100.0).contains(&p)
         {
@@ -1380,7 +1414,7 @@ pub async fn run(
     if run.cfg.order.is_active() {
         let ticker = start_ticker(&run);
         let mut shutdown = std::pin::pin!(shutdown);
-        let result = schedule::run_graph(&run, shutdown.as_mut()).await;
+        let result = schedule::run_ordered(&run, shutdown.as_mut()).await;
         if let Some(t) = ticker {
             t.abort();
         }

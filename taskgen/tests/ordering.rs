@@ -527,3 +527,340 @@ async fn files_start_after_the_files_they_depend_on_succeeded() {
     );
     ex.shutdown().await;
 }
+
+/// The echo example function (fast: thousands of calls) as `echo`.
+fn echo_executor(f: &FunctionFixture) -> Executor {
+    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
+        agent_binary(),
+    ))));
+    let mut s = FunctionSpec::new("echo", &f.dir);
+    s.timeout = Duration::from_secs(20);
+    s.concurrency = 16;
+    ex.register(s);
+    ex
+}
+
+/// `n` items `{"user", "seq"}` over `keys` users, unevenly spread (some
+/// users are far more frequent), `seq` counting each user's items.
+fn keyed_items(n: usize, keys: usize) -> Vec<Value> {
+    let mut seq = vec![0u64; keys];
+    (0..n)
+        .map(|i| {
+            // Squaring skews the spread; the mix of i keeps it irregular.
+            let r = (i.wrapping_mul(2_654_435_761) >> 7) % (keys * keys);
+            let k = (r as f64).sqrt() as usize % keys;
+            seq[k] += 1;
+            json!({"user": format!("u{k}"), "seq": seq[k] - 1})
+        })
+        .collect()
+}
+
+/// Per user, the `seq` of the items in the order their calls completed.
+fn seqs_by_user(items: &[Value]) -> std::collections::HashMap<String, Vec<u64>> {
+    let mut by: std::collections::HashMap<String, Vec<u64>> = std::collections::HashMap::new();
+    for i in items {
+        by.entry(i["user"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(i["seq"].as_u64().unwrap());
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_keyed_input_keeps_each_keys_order_within_the_item_budget() {
+    let dir = TempDir::new().unwrap();
+    let (n, keys, budget) = (200_000, 300, 10_000);
+    let items = keyed_items(n, keys);
+    // Two files: a key's items continue from one file into the next.
+    let sources = vec![
+        write_jsonl(dir.path(), "a.jsonl", &items[..n / 2]),
+        write_jsonl(dir.path(), "b.jsonl", &items[n / 2..]),
+    ];
+    let mut cfg = config(dir.path(), sources.clone(), 100, keyed());
+    cfg.function = "echo".into();
+    cfg.max_buffered_items = budget;
+    // 300 keys × up to 99 items in partial calls exceed the budget: some
+    // calls are cut short, and the plan (no call made) agrees with the run.
+    let plan = sluice_taskgen::plan_order(
+        &sources,
+        &Format::Jsonl.into(),
+        limits(100),
+        &keyed(),
+        budget,
+    )
+    .await
+    .unwrap();
+    assert_eq!(plan.len(), 1);
+    assert_eq!((plan[0].items, plan[0].keys), (n as u64, keys as u64));
+    assert!(plan[0].calls > (n / 100) as u64, "{plan:?}");
+
+    let f = sluice_test_support::function_fixture("echo");
+    let ex = echo_executor(&f);
+    let (hooks, got) = recorder();
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    ex.shutdown().await;
+    assert_eq!(
+        (s.calls_total, s.calls_succeeded, s.calls_failed),
+        (plan[0].calls, plan[0].calls, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.items_succeeded, n as u64);
+    eprintln!(
+        "{n} items, {keys} keys: {} calls, peak {} buffered items of {budget}",
+        s.calls_total, s.peak_buffered_items
+    );
+    assert!(
+        s.peak_buffered_items > 0 && s.peak_buffered_items <= budget as u64,
+        "peak {} over the budget {budget}",
+        s.peak_buffered_items
+    );
+    let done = items_in_order(&got);
+    assert_eq!(done.len(), n);
+    let by = seqs_by_user(&done);
+    assert_eq!(by.len(), keys);
+    for (user, seqs) in &by {
+        assert!(
+            seqs.iter().enumerate().all(|(i, &s)| s == i as u64),
+            "{user} out of order: {seqs:?}"
+        );
+    }
+    for (_, v) in got.lock().unwrap().iter() {
+        let items = v["items"].as_array().unwrap();
+        assert!(items.iter().all(|i| i["user"] == v["batch"]["key"]), "{v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_keyed_backfill_resumes_in_order() {
+    let dir = TempDir::new().unwrap();
+    let (n, keys, budget) = (20_000, 50, 1_000);
+    let items = keyed_items(n, keys);
+    let sources = vec![write_jsonl(dir.path(), "in.jsonl", &items)];
+    let mut cfg = config(dir.path(), sources.clone(), 10, keyed());
+    cfg.function = "echo".into();
+    cfg.max_buffered_items = budget;
+    let f = sluice_test_support::function_fixture("echo");
+    let ex = echo_executor(&f);
+
+    // Run 1: interrupted through the shutdown future after 200 calls.
+    let (mut hooks, got1) = recorder();
+    let inner = hooks.on_response.take().unwrap();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let (count, notify) = (Arc::new(Mutex::new(0)), Arc::clone(&stop));
+    hooks.on_response = Some(Arc::new(move |id: &str, r: &Response| {
+        inner(id, r);
+        let mut c = count.lock().unwrap();
+        *c += 1;
+        if *c == 200 {
+            notify.notify_one();
+        }
+    }));
+    let stopped = Arc::clone(&stop);
+    let s1 = sluice_taskgen::run(&ex, cfg.clone(), hooks, async move {
+        stopped.notified().await;
+    })
+    .await
+    .unwrap();
+    assert!(s1.interrupted, "{s1:?}");
+    assert!(s1.items_succeeded < n as u64, "{s1:?}");
+    assert!(s1.peak_buffered_items <= budget as u64, "{s1:?}");
+
+    // Another budget would cut other calls: refused.
+    let mut other = cfg.clone();
+    other.max_buffered_items = budget + 1;
+    let e = sluice_taskgen::run(&ex, other, Hooks::default(), never())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BackfillError::ProgressLayout { .. }), "{e:?}");
+
+    // Run 2: the rest; the calls of run 1 are skipped by id.
+    let (hooks, got2) = recorder();
+    let s2 = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    ex.shutdown().await;
+    assert!(!s2.interrupted);
+    assert_eq!(s2.calls_skipped, s1.calls_succeeded, "{s1:?} {s2:?}");
+    assert_eq!(s2.items_skipped + s2.items_succeeded, n as u64, "{s2:?}");
+    assert!(s2.peak_buffered_items <= budget as u64, "{s2:?}");
+
+    // Per key, run 1 did a prefix and run 2 the rest, each in order.
+    let first = seqs_by_user(&items_in_order(&got1));
+    let second = seqs_by_user(&items_in_order(&got2));
+    let total = seqs_by_user(&items);
+    for (user, all) in &total {
+        let mut seen = first.get(user).cloned().unwrap_or_default();
+        seen.extend(second.get(user).cloned().unwrap_or_default());
+        assert_eq!(&seen, all, "{user}: run 1 then run 2");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_level_input_runs_level_by_level_as_before() {
+    let dir = TempDir::new().unwrap();
+    // 600 items over two files; item i depends on up to two earlier or
+    // later items, which makes about six levels.
+    let n = 600u64;
+    let deps_of = |i: u64| -> Vec<u64> {
+        let mut d = Vec::new();
+        if !i.is_multiple_of(5) {
+            d.push((i * 7 + 3) % n);
+        }
+        if i.is_multiple_of(3) && i > 0 {
+            d.push(i - 1);
+        }
+        d
+    };
+    // Levels as the test computes them, keeping the graph acyclic by
+    // dropping dependencies on items that are not "earlier" in the order
+    // (i + 300) % n.
+    let rank = |i: u64| (i + 300) % n;
+    let deps: Vec<Vec<u64>> = (0..n)
+        .map(|i| {
+            deps_of(i)
+                .into_iter()
+                .filter(|&j| rank(j) < rank(i))
+                .collect()
+        })
+        .collect();
+    let mut by_rank: Vec<u64> = (0..n).collect();
+    by_rank.sort_by_key(|&i| rank(i));
+    let mut level = vec![0u64; n as usize];
+    for &i in &by_rank {
+        level[i as usize] = deps[i as usize]
+            .iter()
+            .map(|&j| level[j as usize] + 1)
+            .max()
+            .unwrap_or(0);
+    }
+    let items: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({
+                "id": format!("i{i}"),
+                "after": deps[i as usize].iter().map(|j| format!("i{j}")).collect::<Vec<_>>(),
+                "user": format!("u{}", i % 7),
+            })
+        })
+        .collect();
+    let half = (n / 2) as usize;
+    let sources = vec![
+        write_jsonl(dir.path(), "a.jsonl", &items[..half]),
+        write_jsonl(dir.path(), "b.jsonl", &items[half..]),
+    ];
+    let order = OrderConfig {
+        order_key: Some("user".into()),
+        ..with_deps()
+    };
+    // Calls as before: per (level, key), in file/row order, 4 items each.
+    let mut groups: std::collections::BTreeMap<(u64, u64), Vec<u64>> = Default::default();
+    for i in 0..n {
+        groups
+            .entry((level[i as usize], i % 7))
+            .or_default()
+            .push(i);
+    }
+    let mut want_ids = std::collections::BTreeSet::new();
+    for ((lvl, _), members) in &groups {
+        for chunk in members.chunks(4) {
+            let (file, row) = if chunk[0] < n / 2 {
+                (&sources[0], chunk[0])
+            } else {
+                (&sources[1], chunk[0] - n / 2)
+            };
+            want_ids.insert(format!(
+                "{}#{row}@L{lvl}n{}k=user",
+                file.display(),
+                chunk.len()
+            ));
+        }
+    }
+    let levels = level.iter().max().unwrap() + 1;
+    assert!(levels >= 4, "a multi-level input: {levels} levels");
+    let plan = sluice_taskgen::plan_levels(&sources, &Format::Jsonl.into(), limits(4), &order)
+        .await
+        .unwrap();
+    assert_eq!(plan.len() as u64, levels);
+    assert_eq!(
+        plan.iter().map(|l| l.calls).sum::<u64>(),
+        want_ids.len() as u64
+    );
+
+    let f = sluice_test_support::function_fixture("echo");
+    let ex = echo_executor(&f);
+    let (hooks, got) = recorder();
+    let mut cfg = config(dir.path(), sources.clone(), 4, order.clone());
+    cfg.function = "echo".into();
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    assert_eq!((s.items_succeeded, s.calls_failed), (n, 0), "{s:?}");
+    let got_ids: std::collections::BTreeSet<String> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(got_ids, want_ids);
+    // Each item ran after every item it depends on, at its level.
+    let done = items_in_order(&got);
+    let at: std::collections::HashMap<String, usize> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .flat_map(|(c, (_, v))| {
+            v["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |i| (i["id"].as_str().unwrap().to_owned(), c))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(done.len() as u64, n);
+    for i in 0..n {
+        for j in &deps[i as usize] {
+            assert!(
+                at[&format!("i{j}")] < at[&format!("i{i}")],
+                "i{i} ran before i{j}"
+            );
+        }
+    }
+    for (_, v) in got.lock().unwrap().iter() {
+        let lvl = v["batch"]["level"].as_u64().unwrap();
+        for i in v["items"].as_array().unwrap() {
+            let id: u64 = i["id"].as_str().unwrap()[1..].parse().unwrap();
+            assert_eq!(level[id as usize], lvl, "{i}");
+        }
+    }
+
+    // A budget of 50 items: smaller calls, same order guarantees, and the
+    // scheduler never holds more than 50 items.
+    let (hooks, got) = recorder();
+    let mut cfg = config(dir.path(), sources, 4, order);
+    cfg.function = "echo".into();
+    cfg.max_buffered_items = 50;
+    cfg.progress = dir.path().join("small.redb");
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    ex.shutdown().await;
+    assert_eq!((s.items_succeeded, s.calls_failed), (n, 0), "{s:?}");
+    assert!(s.peak_buffered_items <= 50, "{s:?}");
+    let at: std::collections::HashMap<String, usize> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .flat_map(|(c, (_, v))| {
+            v["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |i| (i["id"].as_str().unwrap().to_owned(), c))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for i in 0..n {
+        for j in &deps[i as usize] {
+            assert!(
+                at[&format!("i{j}")] < at[&format!("i{i}")],
+                "i{i} ran before i{j}"
+            );
+        }
+    }
+}

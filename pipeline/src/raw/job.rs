@@ -14,10 +14,10 @@ use crate::error::PipelineError;
 use crate::span::{self, Locator};
 use crate::{
     BackfillJob, CONCURRENCY_RANGE, DEFAULT_GROUPS_PER_CALL, DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_ITEMS_PER_CALL, DEFAULT_REDUCE_MEMORY_MB,
-    DEFAULT_REDUCE_PARTITIONS, DataFormat, MAX_ATTEMPTS_RANGE, MAX_BYTES_PER_CALL_RANGE,
-    MAX_ITEMS_PER_CALL_RANGE, MapReduceJob, PayloadFormat, REDUCE_MEMORY_MB_RANGE,
-    REDUCE_PARTITIONS_RANGE,
+    DEFAULT_MAX_BUFFERED_ITEMS, DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_ITEMS_PER_CALL,
+    DEFAULT_REDUCE_MEMORY_MB, DEFAULT_REDUCE_PARTITIONS, DataFormat, MAX_ATTEMPTS_RANGE,
+    MAX_BUFFERED_ITEMS_RANGE, MAX_BYTES_PER_CALL_RANGE, MAX_ITEMS_PER_CALL_RANGE, MapReduceJob,
+    PayloadFormat, REDUCE_MEMORY_MB_RANGE, REDUCE_PARTITIONS_RANGE,
 };
 
 /// One `[job.NAME]` table. As elsewhere every field is optional here and
@@ -55,6 +55,8 @@ pub(super) struct RawJob {
     id_column: Option<Spanned<String>>,
     /// Default none.
     depends_on_column: Option<Spanned<String>>,
+    /// Default [`DEFAULT_MAX_BUFFERED_ITEMS`].
+    max_buffered_items: Option<Spanned<i64>>,
     /// Default: next to the first local source.
     progress: Option<Spanned<String>>,
     /// Default: the progress path with `.dead.jsonl`.
@@ -124,6 +126,7 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     ("order_key", STRING),
     ("id_column", STRING),
     ("depends_on_column", STRING),
+    ("max_buffered_items", INTEGER),
     ("progress", STRING),
     ("dead_letter", STRING),
     (
@@ -155,6 +158,7 @@ const BACKFILL_ONLY: &[&str] = &[
     "order_key",
     "id_column",
     "depends_on_column",
+    "max_buffered_items",
     "progress",
     "dead_letter",
     "depends_on_files",
@@ -229,6 +233,10 @@ impl RawJob {
             s(
                 "depends_on_column",
                 self.depends_on_column.as_ref().map(Spanned::span),
+            ),
+            s(
+                "max_buffered_items",
+                self.max_buffered_items.as_ref().map(Spanned::span),
             ),
             s("progress", self.progress.as_ref().map(Spanned::span)),
             s("dead_letter", self.dead_letter.as_ref().map(Spanned::span)),
@@ -426,6 +434,13 @@ impl RawJob {
             DEFAULT_MAX_BYTES_PER_CALL,
             MAX_BYTES_PER_CALL_RANGE,
             " (bytes)",
+        )?;
+        let max_buffered_items = f.ranged(
+            "max_buffered_items",
+            self.max_buffered_items,
+            DEFAULT_MAX_BUFFERED_ITEMS,
+            MAX_BUFFERED_ITEMS_RANGE,
+            " (items)",
         )?;
         let max_concurrency = match self.max_concurrency {
             None => None,
@@ -675,6 +690,7 @@ impl RawJob {
             order_key,
             id_column,
             depends_on_column,
+            max_buffered_items,
             progress: path(self.progress),
             dead_letter: path(self.dead_letter),
             bootstrap_servers,
