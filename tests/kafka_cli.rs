@@ -437,3 +437,50 @@ fn embedded_broker_produce_and_stop_when_idle() {
     want.sort();
     assert_eq!(seen, want, "each record processed once");
 }
+
+/// A file bigger than the embedded broker keeps per partition: the broker
+/// would drop the oldest records before anything reads them, so
+/// `--produce` fails with a message saying so, naming the file, and runs
+/// nothing (exit 2), instead of processing only the newest records.
+#[test]
+fn a_file_past_the_embedded_brokers_retention_is_refused_not_half_processed() {
+    let fixture = function_fixture("misbehave");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &fixture,
+        "echo",
+        "in",
+        "starting_position = \"earliest\"\npartitions = 1\n",
+    );
+    let data = tmp.path().join("big.jsonl");
+    // About 7 MiB into one partition (the broker keeps 5 MiB).
+    let pad = "x".repeat(1000);
+    let lines: Vec<String> = (0..7000)
+        .map(|i| format!(r#"{{"n":{i},"pad":"{pad}"}}"#))
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").expect("writing records");
+
+    let mut run = Sluice::start(
+        "sluice run",
+        &[
+            "--produce",
+            &format!("in={}", data.display()),
+            "--stop-when-idle",
+            "1s",
+        ],
+        &pipeline,
+    );
+    let status = run.wait_exit();
+    assert_eq!(status.code(), Some(2), "{}", run.log());
+    let log = run.process.stderr().join("\n");
+    assert!(
+        log.contains("big.jsonl") && log.contains("keeps at most 5 MiB per partition"),
+        "{log}"
+    );
+    assert!(
+        run.seen().is_empty(),
+        "nothing was processed: {}",
+        run.log()
+    );
+}

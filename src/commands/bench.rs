@@ -393,6 +393,20 @@ pub async fn kafka(pipeline: &Path, function: &str, records: usize, batch_sizes:
             return exit::INVOKE_FAILED;
         }
     }
+    match broker.dropped("bench") {
+        Ok(d) if d.is_empty() => {}
+        Ok(_) => {
+            eprintln!(
+                "error: {records} records do not fit the embedded broker's retention ({} MiB per partition, {partitions} partitions): use fewer --records",
+                sluice_ingest::kafka::RETAINED_BYTES_PER_PARTITION >> 20
+            );
+            return exit::USAGE;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    }
     println!(
         "sluice bench kafka: {records} records of {} bytes in {partitions} partitions (produced in {:?}), function {function}",
         value.len(),

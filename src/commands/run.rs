@@ -137,6 +137,31 @@ pub async fn run(args: RunArgs) -> u8 {
                 return exit::USAGE;
             }
         }
+        // The embedded broker drops a partition's oldest records past its
+        // retention: say so now rather than lose them.
+        if let Some(b) = embedded
+            .as_ref()
+            .filter(|b| servers == b.bootstrap_servers())
+        {
+            match b.dropped(topic) {
+                Ok(d) if d.is_empty() => {}
+                Ok(d) => {
+                    let lost: i64 = d.iter().map(|(_, n)| n).sum();
+                    let parts: Vec<String> = d.iter().map(|(p, _)| p.to_string()).collect();
+                    eprintln!(
+                        "error: --produce {topic}={}: the embedded broker keeps at most {} MiB per partition and dropped the oldest {lost} records of partition(s) {} before any was processed (nothing was run); give the topic more partitions (`partitions` on its trigger), load a smaller file, or use a real cluster (`bootstrap_servers`)",
+                        file.display(),
+                        kafka::RETAINED_BYTES_PER_PARTITION >> 20,
+                        parts.join(", ")
+                    );
+                    return exit::USAGE;
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return exit::INVOKE_FAILED;
+                }
+            }
+        }
     }
 
     let logs: sluice_executor::LogSink = if args.quiet {

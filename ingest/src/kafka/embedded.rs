@@ -1,11 +1,25 @@
 //! The embedded broker: rdkafka's `MockCluster`, which serves the real Kafka
 //! protocol on a local port from inside this process. Its data lives in
 //! memory only and is gone when the process exits.
+//!
+//! Retention: librdkafka's mock broker keeps at most the newest
+//! [`RETAINED_BYTES_PER_PARTITION`] bytes (or 100,000 produce requests) of
+//! each partition and silently drops older records, whether or not anyone
+//! read them. [`EmbeddedBroker::dropped`] tells whether that happened, so
+//! that loading a file (`sluice run --produce`) fails loudly instead of
+//! losing records.
 
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
 use crate::IngestError;
+
+/// What librdkafka's mock broker keeps of each partition (a fixed limit of
+/// its `rdkafka_mock.c`): older records are dropped.
+pub const RETAINED_BYTES_PER_PARTITION: u64 = 5 * 1024 * 1024;
 
 /// An in-process Kafka-protocol broker.
 pub struct EmbeddedBroker {
@@ -35,6 +49,39 @@ impl EmbeddedBroker {
     /// Its `bootstrap.servers`.
     pub fn bootstrap_servers(&self) -> &str {
         &self.servers
+    }
+
+    /// Partitions of `topic` whose oldest records the broker has already
+    /// dropped to stay within its retention, with the number dropped (the
+    /// partition's low watermark). Empty when every record produced is still
+    /// there.
+    pub fn dropped(&self, topic: &str) -> Result<Vec<(i32, i64)>, IngestError> {
+        let err = |what: String| {
+            move |source: rdkafka::error::KafkaError| IngestError::Embedded {
+                what,
+                source: Box::new(source),
+            }
+        };
+        let timeout = Duration::from_secs(10);
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .create()
+            .map_err(err("creating a client to read watermarks".into()))?;
+        let meta = client
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(err(format!("reading the metadata of {topic}")))?;
+        let mut dropped = Vec::new();
+        for t in meta.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                let (low, _high) = client
+                    .fetch_watermarks(topic, p.id(), timeout)
+                    .map_err(err(format!("reading the watermarks of {topic}-{}", p.id())))?;
+                if low > 0 {
+                    dropped.push((p.id(), low));
+                }
+            }
+        }
+        Ok(dropped)
     }
 
     /// Create a topic (replication 1).

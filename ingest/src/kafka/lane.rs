@@ -314,7 +314,9 @@ impl Partition {
                         Admit::Done => {}
                     }
                 }
-                if batch.len() >= t.batch_size as usize || self.stopped() {
+                // The stop flag sits behind a lock: look every 64 records.
+                if batch.len() >= t.batch_size as usize || (batch.len() % 64 == 0 && self.stopped())
+                {
                     break;
                 }
                 // What is already here joins without arming a timer.

@@ -42,7 +42,7 @@ use sluice_executor::Executor;
 use sluice_pipeline::{KafkaTrigger, StartingPosition};
 use tokio::sync::watch;
 
-pub use embedded::EmbeddedBroker;
+pub use embedded::{EmbeddedBroker, RETAINED_BYTES_PER_PARTITION};
 pub use offsets::OffsetTracker;
 pub use sink::{OutRecord, Sink, produce_file};
 
