@@ -71,7 +71,7 @@ pub fn run_init(channel: Channel) -> u8 {
     if let Err(e) = crate::netlink::loopback_up() {
         eprintln!("sluice-agent(init): cannot bring lo up: {e}");
     }
-    let code = run_stage0(channel, std::path::Path::new(ENTROPY_SINK));
+    let code = run_stage0(channel, std::path::Path::new(ENTROPY_SINK), true);
     nix::unistd::sync();
     let Err(e) = reboot(RebootMode::RB_AUTOBOOT);
     eprintln!("sluice-agent(init): reboot failed: {e}");

@@ -68,7 +68,7 @@ fn main() -> ExitCode {
     } else if init {
         run_init(channel.unwrap_or_else(|| Channel::File(GUEST_CHANNEL.into())))
     } else {
-        run_stage0(channel.unwrap_or(Channel::Stdio), &entropy)
+        run_stage0(channel.unwrap_or(Channel::Stdio), &entropy, false)
     };
     ExitCode::from(code)
 }

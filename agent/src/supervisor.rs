@@ -86,7 +86,11 @@ fn fatal<W: Write + ?Sized>(wr: &mut W, message: String) -> u8 {
 ///
 /// `entropy` is where the seed of a [`Message::Restored`] frame is written
 /// ([`ENTROPY_SINK`] but in tests).
-pub fn run_stage0(channel: Channel, entropy: &Path) -> u8 {
+///
+/// `set_clock`: whether a `Restored` frame also sets the system clock to the
+/// host's time (in a microVM guest, where the agent is `/init`; never in
+/// the process sandbox, which shares the host's clock).
+pub fn run_stage0(channel: Channel, entropy: &Path, set_clock: bool) -> u8 {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     let (mut rd, mut wr) = match channel.open() {
         Ok(x) => x,
@@ -108,7 +112,7 @@ pub fn run_stage0(channel: Channel, entropy: &Path) -> u8 {
     };
     if !cfg.isolate {
         let task_root = PathBuf::from(&cfg.function_dir);
-        return serve(cfg, rd, wr, &task_root, false, entropy);
+        return serve(cfg, rd, wr, &task_root, false, entropy, set_clock);
     }
     if channel != Channel::Stdio {
         return fatal(
@@ -180,7 +184,15 @@ pub fn run_stage1() -> u8 {
         return fatal(&mut wr, e.to_string());
     }
     let task_root = PathBuf::from(&cfg.task_root);
-    serve(cfg, rd, wr, &task_root, true, Path::new(ENTROPY_SINK))
+    serve(
+        cfg,
+        rd,
+        wr,
+        &task_root,
+        true,
+        Path::new(ENTROPY_SINK),
+        false,
+    )
 }
 
 type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
@@ -203,6 +215,7 @@ fn serve(
     task_root: &Path,
     isolated: bool,
     entropy: &Path,
+    set_clock: bool,
 ) -> u8 {
     let writer: SharedWriter = Arc::new(Mutex::new(wr));
     let fail = |message: String| -> u8 {
@@ -304,6 +317,7 @@ fn serve(
         let restore = Restore {
             writer: writer.clone(),
             entropy: entropy.to_path_buf(),
+            set_clock,
         };
         let spawned = thread::Builder::new()
             .name("agent-channel".into())
@@ -381,10 +395,19 @@ fn relay_logs(
         });
 }
 
+/// The fields of a [`Message::Restored`] frame.
+struct Restored<'a> {
+    seed: &'a [u8],
+    sandbox_id: &'a str,
+    log_stream: &'a str,
+    unix_time_ns: u64,
+}
+
 /// What a [`Message::Restored`] frame needs.
 struct Restore {
     writer: SharedWriter,
     entropy: PathBuf,
+    set_clock: bool,
 }
 
 impl Restore {
@@ -393,7 +416,13 @@ impl Restore {
     /// answer `Ready`. A seed that cannot be written is fatal (the
     /// function is killed and the agent exits): a clone must never run
     /// with its siblings' randomness.
-    fn apply(&self, api: &RuntimeApi, child: Pid, seed: &[u8], sandbox_id: &str, log_stream: &str) {
+    fn apply(&self, api: &RuntimeApi, child: Pid, restored: Restored<'_>) {
+        let Restored {
+            seed,
+            sandbox_id,
+            log_stream,
+            unix_time_ns,
+        } = restored;
         let t = Instant::now();
         let mixed = std::fs::OpenOptions::new()
             .write(true)
@@ -409,9 +438,24 @@ impl Restore {
             let _ = kill(child, Signal::SIGKILL);
             std::process::exit(1);
         }
+        // The clone's clock is the snapshot's: deadlines would look far
+        // away. A clock that cannot be set is fatal too.
+        let clock = if self.set_clock {
+            let now = nix::sys::time::TimeSpec::from(std::time::Duration::from_nanos(unix_time_ns));
+            if let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now) {
+                let message = format!("cannot set the clone's clock to the host's time: {e}");
+                eprintln!("sluice-agent: {message}");
+                send(&self.writer, &Message::Fatal { message });
+                let _ = kill(child, Signal::SIGKILL);
+                std::process::exit(1);
+            }
+            "; clock set to the host's time"
+        } else {
+            ""
+        };
         api.set_identity(sandbox_id, log_stream);
         let line = format!(
-            "restored from a function snapshot as sandbox {sandbox_id} (log stream {log_stream}); {} seed bytes mixed into {}",
+            "restored from a function snapshot as sandbox {sandbox_id} (log stream {log_stream}); {} seed bytes mixed into {}{clock}",
             seed.len(),
             self.entropy.display()
         );
@@ -450,7 +494,17 @@ fn read_channel(rd: Box<dyn Read + Send>, api: RuntimeApi, child: Pid, restore: 
                 seed,
                 sandbox_id,
                 log_stream,
-            })) => restore.apply(&api, child, &seed, &sandbox_id, &log_stream),
+                unix_time_ns,
+            })) => restore.apply(
+                &api,
+                child,
+                Restored {
+                    seed: &seed,
+                    sandbox_id: &sandbox_id,
+                    log_stream: &log_stream,
+                    unix_time_ns,
+                },
+            ),
             Ok(Some(Message::Shutdown)) | Ok(None) => {
                 let _ = kill(child, Signal::SIGKILL);
                 std::process::exit(0);

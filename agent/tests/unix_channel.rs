@@ -239,6 +239,7 @@ fn restored(seed: u8, id: &str) -> Message {
         seed: [seed; sluice_protocol::SEED_LEN],
         sandbox_id: id.into(),
         log_stream: format!("t/[$LATEST]{id}"),
+        unix_time_ns: 1_764_000_000_000_000_000,
     }
 }
 

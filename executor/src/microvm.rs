@@ -380,12 +380,17 @@ impl CloneIdentity {
         })
     }
 
-    /// The frame that hands it to the agent.
+    /// The frame that hands it to the agent, with the host's time now
+    /// (the clone's clock is the snapshot's until the agent sets it).
     pub fn message(&self) -> Message {
+        let unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         Message::Restored {
             seed: self.seed,
             sandbox_id: self.sandbox_id.clone(),
             log_stream: self.log_stream.clone(),
+            unix_time_ns,
         }
     }
 }

@@ -512,6 +512,7 @@ fn restored_len() -> usize {
         seed: [0; sluice_protocol::SEED_LEN],
         log_stream: format!("{TENANT}/[$LATEST]{id}"),
         sandbox_id: id,
+        unix_time_ns: 0,
     })
     .len()
 }

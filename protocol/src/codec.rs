@@ -119,10 +119,12 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             seed,
             sandbox_id,
             log_stream,
+            unix_time_ns,
         } => {
             frame.extend_from_slice(seed);
             put_bytes(&mut frame, sandbox_id.as_bytes());
             put_bytes(&mut frame, log_stream.as_bytes());
+            frame.extend_from_slice(&unix_time_ns.to_be_bytes());
             K_RESTORED
         }
         Message::Unshared => K_UNSHARED,
@@ -341,6 +343,7 @@ fn decode_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, DecodeEr
                 .expect("take returns SEED_LEN bytes"),
             sandbox_id: f.string("sandbox_id")?,
             log_stream: f.string("log_stream")?,
+            unix_time_ns: f.u64("unix_time_ns")?,
         },
         K_UNSHARED => Message::Unshared,
         K_READY => Message::Ready {
@@ -542,13 +545,14 @@ mod tests {
             Just(Message::Shutdown),
             Just(Message::Proceed),
             Just(Message::Unshared),
-            (any::<[u8; SEED_LEN]>(), s, s).prop_map(|(seed, sandbox_id, log_stream)| {
-                Message::Restored {
+            (any::<[u8; SEED_LEN]>(), s, s, any::<u64>()).prop_map(
+                |(seed, sandbox_id, log_stream, unix_time_ns)| Message::Restored {
                     seed,
                     sandbox_id,
                     log_stream,
+                    unix_time_ns,
                 }
-            }),
+            ),
             any::<u64>().prop_map(|init_us| Message::Ready { init_us }),
             (s, b.clone()).prop_map(|(request_id, body)| Message::Response { request_id, body }),
             (s, s, b.clone()).prop_map(|(request_id, error_type, body)| Message::Error {
@@ -699,10 +703,16 @@ mod tests {
             seed: std::array::from_fn(|i| i as u8),
             sandbox_id: "sb-1".into(),
             log_stream: "t/[$LATEST]sb-1".into(),
+            unix_time_ns: 1_764_000_000_123_456_789,
         };
         let wire = encode(&msg);
-        // length, kind 5, 32 seed bytes, then two length-prefixed strings.
-        assert_eq!(wire.len(), 5 + SEED_LEN + 4 + 4 + 4 + 15);
+        // length, kind 5, 32 seed bytes, two length-prefixed strings, the
+        // host's time.
+        assert_eq!(wire.len(), 5 + SEED_LEN + 4 + 4 + 4 + 15 + 8);
+        assert_eq!(
+            wire[wire.len() - 8..],
+            1_764_000_000_123_456_789u64.to_be_bytes()
+        );
         assert_eq!(&wire[..5], &[0, 0, 0, (wire.len() - 4) as u8, K_RESTORED]);
         assert_eq!(wire[5..5 + SEED_LEN], msg_seed(&msg));
         assert_eq!(read_message(&mut wire.as_slice(), 1024).unwrap(), Some(msg));

@@ -116,6 +116,11 @@ pub enum Message {
         sandbox_id: String,
         /// `AWS_LAMBDA_LOG_STREAM_NAME` of this clone.
         log_stream: String,
+        /// The host's wall clock (ns since the Unix epoch) when the frame
+        /// was sent: a clone's clock starts at the snapshot's time, and a
+        /// function computes its remaining time from its deadline with it,
+        /// so the guest agent sets the guest's clock to this.
+        unix_time_ns: u64,
     },
 
     // ---- agent to host ----
