@@ -348,6 +348,10 @@ pub struct CloneIdentity {
     pub sandbox_id: String,
     /// `<tenant>/[$LATEST]<sandbox id>`.
     pub log_stream: String,
+    /// The host's wall clock when the identity was made, just before its
+    /// frame is sent (ns since the Unix epoch): the guest agent sets the
+    /// clone's clock to it, as the clone's clock is the snapshot's.
+    pub unix_time_ns: u64,
 }
 
 impl std::fmt::Debug for CloneIdentity {
@@ -373,24 +377,24 @@ impl CloneIdentity {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
+        let unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         Ok(Self {
             seed,
             log_stream: format!("{tenant}/[$LATEST]{sandbox_id}"),
             sandbox_id,
+            unix_time_ns,
         })
     }
 
-    /// The frame that hands it to the agent, with the host's time now
-    /// (the clone's clock is the snapshot's until the agent sets it).
+    /// The frame that hands it to the agent.
     pub fn message(&self) -> Message {
-        let unix_time_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         Message::Restored {
             seed: self.seed,
             sandbox_id: self.sandbox_id.clone(),
             log_stream: self.log_stream.clone(),
-            unix_time_ns,
+            unix_time_ns: self.unix_time_ns,
         }
     }
 }
