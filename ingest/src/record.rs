@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 /// How the record's timestamp was set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimestampType {
@@ -38,10 +40,11 @@ pub struct Record {
     pub timestamp_ms: i64,
     /// Timestamp kind.
     pub timestamp_type: TimestampType,
-    /// Key bytes.
-    pub key: Option<Vec<u8>>,
-    /// Value bytes.
-    pub value: Option<Vec<u8>>,
+    /// Key bytes (a slice of the poll burst's shared buffer: no allocation
+    /// per record).
+    pub key: Option<Bytes>,
+    /// Value bytes (as the key).
+    pub value: Option<Bytes>,
     /// Headers in order (a key may repeat).
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
@@ -49,8 +52,8 @@ pub struct Record {
 impl Record {
     /// Bytes this record adds to a batch (key, value and headers).
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len)
-            + self.value.as_ref().map_or(0, Vec::len)
+        self.key.as_ref().map_or(0, Bytes::len)
+            + self.value.as_ref().map_or(0, Bytes::len)
             + self
                 .headers
                 .iter()

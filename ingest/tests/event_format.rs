@@ -22,8 +22,8 @@ fn rec(topic: &str, partition: i32, offset: i64) -> Record {
         offset,
         timestamp_ms: 1_545_084_650_987 + offset,
         timestamp_type: TimestampType::CreateTime,
-        key: Some(format!("k{offset}").into_bytes()),
-        value: Some(format!("{{\"n\":{offset}}}").into_bytes()),
+        key: Some(format!("k{offset}").into_bytes().into()),
+        value: Some(format!("{{\"n\":{offset}}}").into_bytes().into()),
         headers: Vec::new(),
     }
 }
@@ -70,10 +70,15 @@ fn assert_event_matches(bytes: &[u8], records: &[Record]) -> KafkaEvent {
                 s.as_ref()
                     .map(|s| STANDARD.decode(s).expect("base64 key/value"))
             };
-            assert_eq!(decode(&g.key), w.key, "key of {key} offset {}", w.offset);
+            assert_eq!(
+                decode(&g.key),
+                w.key.as_deref().map(<[u8]>::to_vec),
+                "key of {key} offset {}",
+                w.offset
+            );
             assert_eq!(
                 decode(&g.value),
-                w.value,
+                w.value.as_deref().map(<[u8]>::to_vec),
                 "value of {key} offset {}",
                 w.offset
             );
@@ -123,11 +128,11 @@ fn mixed_batch() -> Vec<Record> {
     r2.timestamp_type = TimestampType::LogAppendTime;
     let r3 = rec("orders", 0, 16);
     let mut r4 = rec("my-topic-2", 3, 8);
-    r4.key = Some(all_bytes.clone());
-    r4.value = Some(all_bytes.iter().rev().copied().collect());
+    r4.key = Some(all_bytes.clone().into());
+    r4.value = Some(all_bytes.iter().rev().copied().collect::<Vec<u8>>().into());
     let mut r5 = rec("my-topic", 23, 1);
-    r5.key = Some(Vec::new());
-    r5.value = Some(Vec::new());
+    r5.key = Some(Vec::new().into());
+    r5.value = Some(Vec::new().into());
     r5.timestamp_ms = 0;
     r5.timestamp_type = TimestampType::NotAvailable;
     let mut r6 = rec("orders", 1, 101);
@@ -206,8 +211,8 @@ fn event_is_byte_for_byte_the_documented_format() {
         offset: 15,
         timestamp_ms: 1_545_084_650_987,
         timestamp_type: TimestampType::CreateTime,
-        key: Some(b"abcDEF123==".to_vec()),
-        value: Some(b"{\"key\":\"value\"}".to_vec()),
+        key: Some(b"abcDEF123==".to_vec().into()),
+        value: Some(b"{\"key\":\"value\"}".to_vec().into()),
         headers: vec![("headerKey".into(), Some(b"headerValue".to_vec()))],
     };
     let got = String::from_utf8(kafka_event(&SMK, &[r])).expect("utf-8");
@@ -237,7 +242,7 @@ fn large_batch_round_trips() {
     let records: Vec<Record> = (0..10_000)
         .map(|i| {
             let mut r = rec(if i % 3 == 0 { "a" } else { "b" }, i % 4, i64::from(i));
-            r.value = Some(vec![u8::try_from(i % 251).expect("byte"); 100]);
+            r.value = Some(vec![u8::try_from(i % 251).expect("byte"); 100].into());
             r.headers = vec![("h".into(), Some(vec![1, 2, 3]))];
             r
         })
@@ -404,8 +409,8 @@ fn responses_that_are_not_partial_batch_responses() {
 #[test]
 fn filter_view_of_json_value() {
     let mut r = rec("orders", 2, 9);
-    r.key = Some(b"customer-1".to_vec());
-    r.value = Some(br#"{"kind":"refund","amount":12.5,"tags":["a"]}"#.to_vec());
+    r.key = Some(b"customer-1".to_vec().into());
+    r.value = Some(br#"{"kind":"refund","amount":12.5,"tags":["a"]}"#.to_vec().into());
     let view = filter_view(&r).expect("json value");
     assert_eq!(
         view,
@@ -421,8 +426,8 @@ fn filter_view_of_json_value() {
 
     // Non-UTF-8 or absent key: null. Scalar JSON values are JSON too;
     // no value (tombstone): null.
-    r.key = Some(vec![0xff, 0xfe]);
-    r.value = Some(b"  42 ".to_vec());
+    r.key = Some(vec![0xff, 0xfe].into());
+    r.value = Some(b"  42 ".to_vec().into());
     let view = filter_view(&r).expect("json value");
     assert_eq!(view["key"], Value::Null);
     assert_eq!(view["value"], json!(42));
@@ -437,7 +442,7 @@ fn filter_view_of_json_value() {
 fn filter_view_of_non_json_value_is_an_error() {
     for value in [&b"plain text"[..], b"{\"a\":", b"", &[0xff, 0x00]] {
         let mut r = rec("orders", 1, 3);
-        r.value = Some(value.to_vec());
+        r.value = Some(value.to_vec().into());
         match filter_view(&r) {
             Err(EventError::ValueNotJson {
                 topic,

@@ -647,8 +647,8 @@ impl Partition {
         let out: Vec<OutRecord> = recs
             .iter()
             .map(|r| OutRecord {
-                key: r.key.clone(),
-                value: r.value.clone(),
+                key: r.key.as_deref().map(<[u8]>::to_vec),
+                value: r.value.as_deref().map(<[u8]>::to_vec),
                 headers: event::failure_headers(r, &info),
             })
             .collect();

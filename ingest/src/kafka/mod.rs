@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Headers, Message};
@@ -308,9 +309,24 @@ impl Ctx {
     }
 }
 
-/// Copy a message into a [`Record`]; `topic` is the last topic seen, reused
-/// while messages name the same one.
-fn to_record<M: Message>(m: &M, topic: &mut Option<Arc<str>>) -> Record {
+/// Bytes of key and value copied into one shared buffer before a new one is
+/// taken: records are slices of it, so a burst of small records costs one
+/// allocation, not two per record (and one free, on whichever thread drops
+/// the last slice).
+const ARENA_BYTES: usize = 256 * 1024;
+
+/// Copy `bytes` into the arena and take them out as a shared slice.
+fn carve(arena: &mut BytesMut, bytes: &[u8]) -> Bytes {
+    if arena.capacity() - arena.len() < bytes.len() {
+        *arena = BytesMut::with_capacity(ARENA_BYTES.max(bytes.len()));
+    }
+    arena.extend_from_slice(bytes);
+    arena.split().freeze()
+}
+
+/// Copy a message into a [`Record`] (key and value into `arena`); `topic` is
+/// the last topic seen, reused while messages name the same one.
+fn to_record<M: Message>(m: &M, topic: &mut Option<Arc<str>>, arena: &mut BytesMut) -> Record {
     let (timestamp_ms, timestamp_type) = match m.timestamp() {
         Timestamp::CreateTime(t) => (t, TimestampType::CreateTime),
         Timestamp::LogAppendTime(t) => (t, TimestampType::LogAppendTime),
@@ -333,8 +349,8 @@ fn to_record<M: Message>(m: &M, topic: &mut Option<Arc<str>>) -> Record {
         offset: m.offset(),
         timestamp_ms,
         timestamp_type,
-        key: m.key().map(<[u8]>::to_vec),
-        value: m.payload().map(<[u8]>::to_vec),
+        key: m.key().map(|k| carve(arena, k)),
+        value: m.payload().map(|v| carve(arena, v)),
         headers,
     }
 }
@@ -514,13 +530,14 @@ fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<
     let name = shared.trigger.name.clone();
     let mut last_lag = Instant::now();
     let mut topic: Option<Arc<str>> = None;
+    let mut arena = BytesMut::with_capacity(ARENA_BYTES);
     while !stop.load(Ordering::SeqCst) {
         // Wait for one record, then take what is already fetched (no wait).
         let mut timeout = Duration::from_millis(50);
         for _ in 0..POLL_BURST {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => {
-                    let rec = to_record(&m, &mut topic);
+                    let rec = to_record(&m, &mut topic, &mut arena);
                     drop(m);
                     consumer
                         .context()
