@@ -116,7 +116,7 @@
 //! | `tolerated_failure_percentage` | none (no limit) | 0 to 100 (% of items) |
 //! | `order_key` | none | a field: items with the same value run in order |
 //! | `id_column` + `depends_on_column` | none | fields: an item runs after the ids it names succeeded |
-//! | `max_buffered_items` | [`DEFAULT_MAX_BUFFERED_ITEMS`] | [`MAX_BUFFERED_ITEMS_RANGE`]: with `order_key` or dependencies, items held in calls being filled or waiting for their key |
+//! | `max_buffered_items` | [`DEFAULT_MAX_BUFFERED_ITEMS`] | [`MAX_BUFFERED_ITEMS_RANGE`]: with `order_key` or dependencies, items held in calls being filled or waiting for their key; with `state`, items read and not yet folded |
 //! | `progress` | `.sluice-backfill-<hash>.redb` next to the first local source | a path |
 //! | `dead_letter` | the progress path with `.dead.jsonl` | a path |
 //! | `bootstrap_servers` | `"embedded"` | as for Kafka triggers; used by `--distributed` |

@@ -87,7 +87,8 @@ pub struct BackfillOptions {
     /// With --order-key or dependencies: the most items held at once in
     /// calls being filled per key or waiting for their key (default
     /// 100000). Reaching it cuts the oldest partial calls short and pauses
-    /// reading; a resume must use the same value.
+    /// reading; a resume must use the same value. A stateful job holds at
+    /// most N items read and not yet folded.
     #[arg(long, value_name = "N")]
     pub max_buffered_items: Option<usize>,
     /// FILES=PREREQ[,PREREQ...]: files matching the glob FILES start only

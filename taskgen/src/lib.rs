@@ -57,7 +57,8 @@
 //!   [`BackfillConfig::max_buffered_items`] items besides the calls in
 //!   flight (the dependency mode also keeps a level and the dependency
 //!   edges of every item, never the items). Stateful backfills
-//!   ([`StateOptions`]) still read every item first.
+//!   ([`StateOptions`], module `fold`) stream too: items read and not yet
+//!   folded stay within `max_buffered_items`.
 
 pub mod distributed;
 mod fold;
@@ -372,7 +373,9 @@ pub struct BackfillConfig {
     /// for their key's previous call — before it cuts the oldest partial
     /// calls short and stops reading (default
     /// [`DEFAULT_MAX_BUFFERED_ITEMS`], at least 1). It decides how calls are
-    /// cut, so it is part of the layout kept in the progress store.
+    /// cut, so it is part of the layout kept in the progress store. A
+    /// stateful backfill holds at most this many items read and not yet
+    /// folded (queued per key or in calls in flight).
     pub max_buffered_items: usize,
 }
 
@@ -602,8 +605,9 @@ pub struct Summary {
     /// metadata; the id pass with item dependencies): for progress bars.
     pub items_expected: Option<u64>,
     /// With `order_key` or item dependencies: the most items the scheduler
-    /// held at once (partial and waiting calls; never above
-    /// [`BackfillConfig::max_buffered_items`]). 0 in the other modes.
+    /// held at once (partial and waiting calls); in a stateful backfill, the
+    /// most items read and not yet folded. Never above
+    /// [`BackfillConfig::max_buffered_items`]; 0 in the other modes.
     pub peak_buffered_items: u64,
 }
 

@@ -109,51 +109,6 @@ pub(crate) struct Loaded {
     pub(crate) value: Value,
 }
 
-/// Reads every source (through the crate's reader, one item per "call"):
-/// readable items in file/row order, and the unreadable ones.
-pub(crate) async fn load(
-    sources: Vec<PathBuf>,
-    input: Input,
-) -> Result<(Vec<Loaded>, Vec<Call>), BackfillError> {
-    let (tx, mut rx) = mpsc::channel(1024);
-    let one = Limits {
-        items: 1,
-        bytes: usize::MAX,
-    };
-    let reader = tokio::task::spawn_blocking(move || crate::reader(sources, input, one, tx));
-    let (mut items, mut bad) = (Vec::new(), Vec::new());
-    let mut error = None;
-    while let Some(next) = rx.recv().await {
-        match next {
-            Err(e) => {
-                error = Some(e);
-                break;
-            }
-            Ok(mut call) => {
-                if !call.bad.is_empty() {
-                    bad.push(Call {
-                        bad: std::mem::take(&mut call.bad),
-                        ..Call::new(call.source.clone(), call.first)
-                    });
-                }
-                for (k, value) in call.items.into_iter().enumerate() {
-                    items.push(Loaded {
-                        source: call.source.clone(),
-                        index: call.first + k as u64,
-                        value,
-                    });
-                }
-            }
-        }
-    }
-    drop(rx);
-    let _ = reader.await;
-    match error {
-        Some(e) => Err(e),
-        None => Ok((items, bad)),
-    }
-}
-
 /// A scalar field as an id or key: strings as they are (empty: none),
 /// numbers and booleans as JSON text, null or missing: none.
 pub(crate) fn scalar(v: Option<&Value>) -> Option<String> {
@@ -177,11 +132,11 @@ fn depends_on(v: Option<&Value>) -> Vec<String> {
 pub(crate) const READ_AHEAD: usize = 256;
 
 /// One item read: (file number, item number in the file, item).
-type Read = Result<(usize, u64, Item), BackfillError>;
+pub(crate) type Read = Result<(usize, u64, Item), BackfillError>;
 
 /// Reads `sources` on a blocking thread, item by item, until the receiver
 /// goes away (at most [`READ_AHEAD`] items ahead of it).
-fn spawn_items(
+pub(crate) fn spawn_items(
     sources: Vec<PathBuf>,
     input: Input,
 ) -> (mpsc::Receiver<Read>, tokio::task::JoinHandle<()>) {
