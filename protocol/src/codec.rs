@@ -500,14 +500,13 @@ pub fn read_message<R: Read + ?Sized>(r: &mut R, max_frame: usize) -> io::Result
             max: max_frame,
         }));
     }
-    let mut frame = vec![0u8; len];
-    r.read_exact(&mut frame).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            invalid(DecodeError::UnexpectedEof)
-        } else {
-            e
-        }
-    })?;
+    // Read into spare capacity: no zeroing of a buffer about to be
+    // overwritten (events are hundreds of KB).
+    let mut frame = Vec::with_capacity(len);
+    (&mut *r).take(len as u64).read_to_end(&mut frame)?;
+    if frame.len() < len {
+        return Err(invalid(DecodeError::UnexpectedEof));
+    }
     // Shared, so that an invocation's payload is the frame's own bytes.
     let frame = Bytes::from(frame);
     decode_frame(&frame, Some(&frame))

@@ -341,12 +341,24 @@ impl ProcessSandbox {
         self.send_parts(&encode(msg), &[]).await
     }
 
-    /// Write one frame given as two consecutive parts.
+    /// Write one frame given as two consecutive parts, both in one
+    /// `writev` where the pipe takes them: written separately, the agent
+    /// wakes on the head and then waits (spinning on the pipe's lock) while
+    /// the event is copied in.
     async fn send_parts(&mut self, head: &[u8], rest: &[u8]) -> Result<(), InvokeError> {
         let res = async {
-            self.stdin.write_all(head).await?;
-            if !rest.is_empty() {
-                self.stdin.write_all(rest).await?;
+            let (mut head, mut rest) = (head, rest);
+            while !head.is_empty() || !rest.is_empty() {
+                let n = self
+                    .stdin
+                    .write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(rest)])
+                    .await?;
+                if n == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+                }
+                let from_head = n.min(head.len());
+                head = &head[from_head..];
+                rest = &rest[n - from_head..];
             }
             self.stdin.flush().await
         }

@@ -247,11 +247,7 @@ impl Partition {
             }
         }
         let left = self.backlog.fetch_sub(records.len(), Ordering::SeqCst) - records.len();
-        self.shared.activity.touch();
-        self.shared
-            .activity
-            .backlog
-            .fetch_sub(records.len() as i64, Ordering::SeqCst);
+        self.shared.activity.finished(records.len());
         if left <= self.shared.low_water && self.paused.swap(false, Ordering::SeqCst) {
             let _ = self.shared.control.send(Control::Resume {
                 topic: self.topic.clone(),

@@ -30,7 +30,7 @@ mod txn;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -77,6 +77,10 @@ pub struct Activity {
     pub records: AtomicU64,
     /// Triggers that received their first partition assignment.
     pub triggers_assigned: AtomicU64,
+    /// When the first record was received.
+    first_record: OnceLock<Instant>,
+    /// Woken whenever the backlog drops to zero.
+    drained: tokio::sync::Notify,
 }
 
 impl Default for Activity {
@@ -87,6 +91,8 @@ impl Default for Activity {
             backlog: AtomicI64::new(0),
             records: AtomicU64::new(0),
             triggers_assigned: AtomicU64::new(0),
+            first_record: OnceLock::new(),
+            drained: tokio::sync::Notify::new(),
         }
     }
 }
@@ -97,10 +103,49 @@ impl Activity {
             .store(self.started.elapsed().as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// `n` records arrived.
+    fn received(&self, n: usize) {
+        // Backlog first: whoever sees the records counted sees them
+        // unfinished.
+        self.backlog.fetch_add(n as i64, Ordering::SeqCst);
+        self.records.fetch_add(n as u64, Ordering::SeqCst);
+        self.first_record.get_or_init(Instant::now);
+        self.touch();
+    }
+
+    /// `n` received records were finished, or abandoned to a rebalance.
+    fn finished(&self, n: usize) {
+        self.touch();
+        if self.backlog.fetch_sub(n as i64, Ordering::SeqCst) - n as i64 <= 0 {
+            self.drained.notify_waiters();
+        }
+    }
+
     /// Time since a record last arrived or finished.
     pub fn idle_for(&self) -> Duration {
         let now = self.started.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::SeqCst)))
+    }
+
+    /// When the first record arrived, if one did.
+    pub fn first_record(&self) -> Option<Instant> {
+        self.first_record.get().copied()
+    }
+
+    /// Wait until at least `records` records arrived and none is left
+    /// unfinished (woken by the lanes, not by polling).
+    pub async fn wait_drained(&self, records: u64) {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.records.load(Ordering::SeqCst) >= records
+                && self.backlog.load(Ordering::SeqCst) <= 0
+            {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -135,10 +180,15 @@ struct Ctx {
     committed: Mutex<HashMap<(String, i32), i64>>,
     revoke_timeout: Duration,
     first_assignment: AtomicBool,
-    /// Records of the current poll burst, not yet handed to their lanes.
-    /// Flushed after the burst, and before a rebalance acts on the lanes
-    /// (rebalance callbacks run inside `poll`, in the middle of a burst).
-    polled: Mutex<Vec<Record>>,
+    /// Partitions revoked since the poll loop last looked, and how many
+    /// revocations there were in all. Rebalance callbacks run inside
+    /// `poll`, in the middle of a burst: records of the burst polled before
+    /// a revocation, for a revoked partition, must not reach a lane (the
+    /// partition's next owner, or this consumer after a reassignment, reads
+    /// them again from the committed offset). The count lets the loop notice
+    /// a revocation with a plain load per record instead of a lock.
+    revoked: Mutex<Vec<(String, i32)>>,
+    revocations: AtomicU64,
 }
 
 impl ClientContext for Ctx {}
@@ -152,9 +202,13 @@ impl ConsumerContext for Ctx {
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
             tracing::info!(trigger = %self.shared.trigger.name, partitions = ?parts, "partitions revoked: finishing in-flight batches");
-            // What was polled before the revocation goes to its lanes first,
-            // as if each record had been routed the moment it was polled.
-            flush_polled(consumer, &self.shared);
+            // Records of the current burst for these partitions are dropped
+            // by the poll loop (see `revoked`).
+            self.revoked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(parts.iter().cloned());
+            self.revocations.fetch_add(1, Ordering::SeqCst);
             self.stop_lanes(Some(&parts));
             self.apply_control(consumer, CommitMode::Sync);
             for (t, p) in &parts {
@@ -231,18 +285,15 @@ impl Ctx {
             if l.done.recv_timeout(left).is_err() {
                 tracing::warn!(trigger = %self.shared.trigger.name, "a lane did not stop within {:?}; its records will be redelivered", self.revoke_timeout);
             }
-            let backlog = l.backlog.load(Ordering::SeqCst) as i64;
-            self.shared
-                .activity
-                .backlog
-                .fetch_sub(backlog, Ordering::SeqCst);
+            let backlog = l.backlog.load(Ordering::SeqCst);
+            self.shared.activity.finished(backlog);
         }
     }
 
     /// Apply queued commits (latest offset per partition) and resumes.
     fn apply_control(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) {
         let mut latest: HashMap<(String, i32), i64> = HashMap::new();
-        let mut resume = TopicPartitionList::new();
+        let mut resume: Option<TopicPartitionList> = None;
         {
             let rx = self.control_rx.lock().unwrap_or_else(|p| p.into_inner());
             while let Ok(c) = rx.try_recv() {
@@ -256,12 +307,14 @@ impl Ctx {
                         *e = (*e).max(offset);
                     }
                     Control::Resume { topic, partition } => {
-                        resume.add_partition(&topic, partition);
+                        resume
+                            .get_or_insert_with(TopicPartitionList::new)
+                            .add_partition(&topic, partition);
                     }
                 }
             }
         }
-        if resume.count() > 0 {
+        if let Some(resume) = resume {
             let _ = consumer.resume(&resume);
         }
         if latest.is_empty() {
@@ -473,7 +526,8 @@ pub async fn run_trigger(
         committed: Mutex::new(HashMap::new()),
         revoke_timeout: function_timeout,
         first_assignment: AtomicBool::new(false),
-        polled: Mutex::new(Vec::with_capacity(POLL_BURST)),
+        revoked: Mutex::new(Vec::new()),
+        revocations: AtomicU64::new(0),
     };
     let consumer: BaseConsumer<Ctx> = cfg
         .create_with_context(ctx)
@@ -531,27 +585,27 @@ fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<
     let mut last_lag = Instant::now();
     let mut topic: Option<Arc<str>> = None;
     let mut arena = BytesMut::with_capacity(ARENA_BYTES);
+    let mut polled: Vec<Record> = Vec::with_capacity(POLL_BURST);
+    let mut revocations = consumer.context().revocations.load(Ordering::SeqCst);
     while !stop.load(Ordering::SeqCst) {
         // Wait for one record, then take what is already fetched (no wait).
         let mut timeout = Duration::from_millis(50);
         for _ in 0..POLL_BURST {
-            match consumer.poll(timeout) {
-                Some(Ok(m)) => {
-                    let rec = to_record(&m, &mut topic, &mut arena);
-                    drop(m);
-                    consumer
-                        .context()
-                        .polled
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(rec);
-                }
+            let next = consumer.poll(timeout);
+            let seen = consumer.context().revocations.load(Ordering::Relaxed);
+            if seen != revocations {
+                // A revocation ran inside that poll.
+                revocations = seen;
+                drop_revoked(consumer.context(), &mut polled);
+            }
+            match next {
+                Some(Ok(m)) => polled.push(to_record(&m, &mut topic, &mut arena)),
                 Some(Err(e)) => tracing::warn!(trigger = %name, "consumer error: {e}"),
                 None => break,
             }
             timeout = Duration::ZERO;
         }
-        flush_polled(&consumer, &shared);
+        flush_polled(&consumer, &shared, &mut polled);
         consumer
             .context()
             .apply_control(&consumer, CommitMode::Async);
@@ -568,22 +622,44 @@ fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<
     drop(consumer);
 }
 
+/// Forget the records of `polled` whose partition was revoked since the
+/// last look: their lanes are gone, and they will be read again from the
+/// committed offset by whoever owns the partition next.
+fn drop_revoked(ctx: &Ctx, polled: &mut Vec<Record>) {
+    let revoked = std::mem::take(&mut *ctx.revoked.lock().unwrap_or_else(|p| p.into_inner()));
+    polled.retain(|r| {
+        !revoked
+            .iter()
+            .any(|(t, p)| *p == r.partition && **t == *r.topic)
+    });
+}
+
 /// Hand the records of the current burst to their lanes, one chunk per run
 /// of records of the same partition (order within a partition is kept).
-fn flush_polled(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>) {
-    let ctx = consumer.context();
-    let polled = std::mem::replace(
-        &mut *ctx.polled.lock().unwrap_or_else(|p| p.into_inner()),
-        Vec::with_capacity(POLL_BURST),
-    );
-    let mut rest = polled.into_iter().peekable();
-    while let Some(first) = rest.next() {
-        let mut chunk = vec![first];
-        while let Some(r) =
-            rest.next_if(|r| r.partition == chunk[0].partition && r.topic == chunk[0].topic)
-        {
-            chunk.push(r);
-        }
+fn flush_polled(
+    consumer: &BaseConsumer<Ctx>,
+    shared: &Arc<TriggerShared>,
+    polled: &mut Vec<Record>,
+) {
+    // Runs first, then each run moved into a chunk of its exact size;
+    // `polled` keeps its capacity for the next burst.
+    let mut runs: Vec<usize> = Vec::new();
+    let mut start = 0;
+    while start < polled.len() {
+        let first = &polled[start];
+        let run = polled[start..]
+            .iter()
+            .take_while(|r| {
+                r.partition == first.partition
+                    && (Arc::ptr_eq(&r.topic, &first.topic) || r.topic == first.topic)
+            })
+            .count();
+        runs.push(run);
+        start += run;
+    }
+    let mut records = polled.drain(..);
+    for run in runs {
+        let chunk: Vec<Record> = records.by_ref().take(run).collect();
         route(consumer, shared, chunk);
     }
 }
@@ -601,16 +677,7 @@ fn route(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>, chunk: Vec<R
     shared
         .metrics
         .records_in(&shared.trigger.name, &topic, partition, n as u64);
-    // Backlog first: whoever sees the records counted sees them unfinished.
-    shared
-        .activity
-        .backlog
-        .fetch_add(n as i64, Ordering::SeqCst);
-    shared
-        .activity
-        .records
-        .fetch_add(n as u64, Ordering::SeqCst);
-    shared.activity.touch();
+    shared.activity.received(n);
     let backlog = lane.backlog.fetch_add(n, Ordering::SeqCst) + n;
     if lane.tx.send(chunk).is_err() {
         return;

@@ -36,8 +36,14 @@ impl OffsetTracker {
     /// A record was finished (succeeded, filtered out, or written to the
     /// on-failure topic).
     pub fn finished(&mut self, offset: i64) {
-        if let Ok(i) = self.pending.binary_search_by_key(&offset, |&(o, _)| o) {
-            self.pending[i].1 = true;
+        match self.pending.front() {
+            // Batches mostly finish in offset order: the lowest first.
+            Some(&(lowest, _)) if lowest == offset => self.pending[0].1 = true,
+            _ => {
+                if let Ok(i) = self.pending.binary_search_by_key(&offset, |&(o, _)| o) {
+                    self.pending[i].1 = true;
+                }
+            }
         }
         while self.pending.front().is_some_and(|&(_, done)| done) {
             self.pending.pop_front();
