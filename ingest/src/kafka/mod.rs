@@ -596,7 +596,10 @@ fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<
             if seen != revocations {
                 // A revocation ran inside that poll.
                 revocations = seen;
-                drop_revoked(consumer.context(), &mut polled);
+                let ctx = consumer.context();
+                let revoked =
+                    std::mem::take(&mut *ctx.revoked.lock().unwrap_or_else(|p| p.into_inner()));
+                drop_revoked(&revoked, &mut polled);
             }
             match next {
                 Some(Ok(m)) => polled.push(to_record(&m, &mut topic, &mut arena)),
@@ -622,11 +625,10 @@ fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<
     drop(consumer);
 }
 
-/// Forget the records of `polled` whose partition was revoked since the
-/// last look: their lanes are gone, and they will be read again from the
-/// committed offset by whoever owns the partition next.
-fn drop_revoked(ctx: &Ctx, polled: &mut Vec<Record>) {
-    let revoked = std::mem::take(&mut *ctx.revoked.lock().unwrap_or_else(|p| p.into_inner()));
+/// Forget the records of `polled` whose partition is in `revoked`: their
+/// lanes are gone, and they will be read again from the committed offset by
+/// whoever owns the partition next.
+fn drop_revoked(revoked: &[(String, i32)], polled: &mut Vec<Record>) {
     polled.retain(|r| {
         !revoked
             .iter()
@@ -643,7 +645,17 @@ fn flush_polled(
 ) {
     // Runs first, then each run moved into a chunk of its exact size;
     // `polled` keeps its capacity for the next burst.
-    let mut runs: Vec<usize> = Vec::new();
+    let runs = partition_runs(polled);
+    let mut records = polled.drain(..);
+    for run in runs {
+        let chunk: Vec<Record> = records.by_ref().take(run).collect();
+        route(consumer, shared, chunk);
+    }
+}
+
+/// Lengths of the runs of consecutive records of one partition.
+fn partition_runs(polled: &[Record]) -> Vec<usize> {
+    let mut runs = Vec::new();
     let mut start = 0;
     while start < polled.len() {
         let first = &polled[start];
@@ -657,11 +669,7 @@ fn flush_polled(
         runs.push(run);
         start += run;
     }
-    let mut records = polled.drain(..);
-    for run in runs {
-        let chunk: Vec<Record> = records.by_ref().take(run).collect();
-        route(consumer, shared, chunk);
-    }
+    runs
 }
 
 /// Hand records of one partition to its lane (started if needed), and pause
@@ -713,5 +721,56 @@ fn update_lag(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>) {
                 .metrics
                 .set_lag(&shared.trigger.name, &t, p, (high - done).max(0));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(topic: &Arc<str>, partition: i32, offset: i64) -> Record {
+        Record {
+            topic: topic.clone(),
+            partition,
+            offset,
+            timestamp_ms: 0,
+            timestamp_type: TimestampType::CreateTime,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_revocation_drops_only_the_revoked_partitions_records_in_a_burst() {
+        let a: Arc<str> = Arc::from("a");
+        let b: Arc<str> = Arc::from("b");
+        let mut polled = vec![
+            rec(&a, 0, 1),
+            rec(&a, 1, 7),
+            rec(&b, 0, 3),
+            rec(&a, 0, 2),
+            rec(&a, 1, 8),
+        ];
+        drop_revoked(&[("a".into(), 0), ("b".into(), 1)], &mut polled);
+        let left: Vec<(&str, i32, i64)> = polled
+            .iter()
+            .map(|r| (&*r.topic, r.partition, r.offset))
+            .collect();
+        assert_eq!(left, [("a", 1, 7), ("b", 0, 3), ("a", 1, 8)]);
+    }
+
+    #[test]
+    fn a_burst_is_cut_into_one_chunk_per_run_of_a_partition() {
+        let a: Arc<str> = Arc::from("a");
+        let same: Arc<str> = Arc::from("a"); // equal name, other allocation
+        let polled = [
+            rec(&a, 0, 1),
+            rec(&same, 0, 2),
+            rec(&a, 1, 5),
+            rec(&a, 0, 3),
+        ];
+        let runs = partition_runs(&polled);
+        assert_eq!(runs, [2, 1, 1]);
     }
 }
