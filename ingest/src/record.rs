@@ -1,8 +1,67 @@
 //! One Kafka record as sluice carries it: owned, detached from the client.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::{Mutex, OnceLock};
 
 use bytes::Bytes;
+
+/// A topic name, interned for the life of the process: copying one is
+/// copying a pointer, with no reference count for the poll thread and the
+/// lanes to contend on (every record carries one). Names are few (the
+/// topics a trigger reads), so the interned set stays small.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(&'static str);
+
+impl Topic {
+    /// The interned name `name`.
+    pub fn new(name: &str) -> Self {
+        static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+        let mut names = NAMES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match names.get(name) {
+            Some(&interned) => Topic(interned),
+            None => {
+                let interned: &'static str = Box::leak(name.to_owned().into_boxed_str());
+                names.insert(interned);
+                Topic(interned)
+            }
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &'static str {
+        self.0
+    }
+}
+
+impl From<&str> for Topic {
+    fn from(name: &str) -> Self {
+        Topic::new(name)
+    }
+}
+
+impl Deref for Topic {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
+}
 
 /// How the record's timestamp was set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,9 +88,8 @@ impl TimestampType {
 /// An owned Kafka record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
-    /// Topic (shared by the records of a partition: no allocation per
-    /// record).
-    pub topic: Arc<str>,
+    /// Topic (interned: no allocation or reference count per record).
+    pub topic: Topic,
     /// Partition.
     pub partition: i32,
     /// Offset.

@@ -49,7 +49,7 @@ pub use sink::{OutRecord, Sink, produce_file};
 
 use crate::IngestError;
 use crate::metrics::Metrics;
-use crate::record::{Record, TimestampType};
+use crate::record::{Record, TimestampType, Topic};
 
 /// Requests from lanes to the poll thread.
 #[derive(Debug)]
@@ -379,7 +379,7 @@ fn carve(arena: &mut BytesMut, bytes: &[u8]) -> Bytes {
 
 /// Copy a message into a [`Record`] (key and value into `arena`); `topic` is
 /// the last topic seen, reused while messages name the same one.
-fn to_record<M: Message>(m: &M, topic: &mut Option<Arc<str>>, arena: &mut BytesMut) -> Record {
+fn to_record<M: Message>(m: &M, topic: &mut Option<Topic>, arena: &mut BytesMut) -> Record {
     let (timestamp_ms, timestamp_type) = match m.timestamp() {
         Timestamp::CreateTime(t) => (t, TimestampType::CreateTime),
         Timestamp::LogAppendTime(t) => (t, TimestampType::LogAppendTime),
@@ -395,8 +395,8 @@ fn to_record<M: Message>(m: &M, topic: &mut Option<Arc<str>>, arena: &mut BytesM
         .unwrap_or_default();
     Record {
         topic: match topic {
-            Some(t) if &**t == m.topic() => t.clone(),
-            _ => topic.insert(Arc::from(m.topic())).clone(),
+            Some(t) if &**t == m.topic() => *t,
+            _ => *topic.insert(Topic::new(m.topic())),
         },
         partition: m.partition(),
         offset: m.offset(),
@@ -583,7 +583,7 @@ const POLL_BURST: usize = 1024;
 fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<AtomicBool>) {
     let name = shared.trigger.name.clone();
     let mut last_lag = Instant::now();
-    let mut topic: Option<Arc<str>> = None;
+    let mut topic: Option<Topic> = None;
     let mut arena = BytesMut::with_capacity(ARENA_BYTES);
     let mut polled: Vec<Record> = Vec::with_capacity(POLL_BURST);
     let mut revocations = consumer.context().revocations.load(Ordering::SeqCst);
@@ -661,10 +661,7 @@ fn partition_runs(polled: &[Record]) -> Vec<usize> {
         let first = &polled[start];
         let run = polled[start..]
             .iter()
-            .take_while(|r| {
-                r.partition == first.partition
-                    && (Arc::ptr_eq(&r.topic, &first.topic) || r.topic == first.topic)
-            })
+            .take_while(|r| r.partition == first.partition && r.topic == first.topic)
             .count();
         runs.push(run);
         start += run;
@@ -728,9 +725,9 @@ fn update_lag(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>) {
 mod tests {
     use super::*;
 
-    fn rec(topic: &Arc<str>, partition: i32, offset: i64) -> Record {
+    fn rec(topic: &str, partition: i32, offset: i64) -> Record {
         Record {
-            topic: topic.clone(),
+            topic: topic.into(),
             partition,
             offset,
             timestamp_ms: 0,
@@ -743,14 +740,12 @@ mod tests {
 
     #[test]
     fn a_revocation_drops_only_the_revoked_partitions_records_in_a_burst() {
-        let a: Arc<str> = Arc::from("a");
-        let b: Arc<str> = Arc::from("b");
         let mut polled = vec![
-            rec(&a, 0, 1),
-            rec(&a, 1, 7),
-            rec(&b, 0, 3),
-            rec(&a, 0, 2),
-            rec(&a, 1, 8),
+            rec("a", 0, 1),
+            rec("a", 1, 7),
+            rec("b", 0, 3),
+            rec("a", 0, 2),
+            rec("a", 1, 8),
         ];
         drop_revoked(&[("a".into(), 0), ("b".into(), 1)], &mut polled);
         let left: Vec<(&str, i32, i64)> = polled
@@ -762,13 +757,11 @@ mod tests {
 
     #[test]
     fn a_burst_is_cut_into_one_chunk_per_run_of_a_partition() {
-        let a: Arc<str> = Arc::from("a");
-        let same: Arc<str> = Arc::from("a"); // equal name, other allocation
         let polled = [
-            rec(&a, 0, 1),
-            rec(&same, 0, 2),
-            rec(&a, 1, 5),
-            rec(&a, 0, 3),
+            rec("a", 0, 1),
+            rec(&String::from("a"), 0, 2), // the same name, interned once
+            rec("a", 1, 5),
+            rec("a", 0, 3),
         ];
         let runs = partition_runs(&polled);
         assert_eq!(runs, [2, 1, 1]);
