@@ -215,7 +215,6 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// `bytes` as a quoted standard base64 string, encoded in place.
 /// A JSON string holding `bytes` in standard base64 (SIMD where the CPU
 /// has it: for small records this is most of an event's encoding).
 fn push_base64(out: &mut Vec<u8>, bytes: &[u8]) {

@@ -31,11 +31,6 @@ impl Topic {
             }
         }
     }
-
-    /// The name.
-    pub fn as_str(&self) -> &'static str {
-        self.0
-    }
 }
 
 impl From<&str> for Topic {

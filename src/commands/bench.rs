@@ -509,8 +509,7 @@ pub async fn kafka(pipeline: &Path, function: &str, records: usize, batch_sizes:
         let mut last = None;
         for run in 0..PLAIN_RUNS {
             // The previous run's trigger stops before this one starts.
-            if let Some(prev) = last.take() {
-                let SluicePass { stop, task, .. } = prev;
+            if let Some(SluicePass { stop, task, .. }) = last.take() {
                 let _ = stop.send(true);
                 let _ = task.await;
             }
