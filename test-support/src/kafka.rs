@@ -149,8 +149,19 @@ impl TestKafka {
     }
 }
 
-/// CreateTopics through the admin API (replication: the broker's default).
+/// CreateTopics through the admin API (replication: the broker's default),
+/// on a thread of its own: callers may be inside a tokio runtime, where a
+/// runtime of its own cannot block.
 fn admin_create(servers: &str, topic: &str, partitions: i32) {
+    let (servers, topic) = (servers.to_owned(), topic.to_owned());
+    let created =
+        std::thread::spawn(move || admin_create_blocking(&servers, &topic, partitions)).join();
+    if let Err(panic) = created {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn admin_create_blocking(servers: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", servers)
         .create()
