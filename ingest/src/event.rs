@@ -502,7 +502,7 @@ mod tests {
     #[test]
     fn integers_and_strings() {
         let mut out = Vec::new();
-        for n in [0, 7, 9, 10, 99, 100, -1, -10, -128, 999_999, 1_764_691_200_000, i64::MAX, i64::MIN] {
+        for n in [0, 7, 9, -1, 10, 99, -128, i64::MAX, i64::MIN] {
             out.clear();
             push_int(&mut out, n);
             assert_eq!(String::from_utf8(out.clone()).unwrap(), n.to_string());
