@@ -6,9 +6,9 @@
 # what the mock cannot: topics created with the admin API (CreateTopics),
 # another broker's group coordinator, fetch and commit handling.
 #
-# Not part of scripts/test.sh: building tansu takes about 15 minutes, and
-# tansu 0.6.0 has gaps that some tests hit (below). Run it by hand:
-#   scripts/test-external-kafka.sh
+# The last step of scripts/test.sh. Building tansu takes about 15 minutes
+# the first time; tansu 0.6.0 has gaps that some tests hit (they are skipped,
+# each with its reason, below). Needs python3 (to find a free port).
 # Honours SLUICE_TOOLS (where tansu is installed; default ~/.cache/sluice-tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The test command: formatting, lints, then every test of the workspace.
+# The test command: formatting, lints, every test of the workspace (Kafka
+# tests against librdkafka's mock cluster), then the Kafka tests again
+# against an independent broker (scripts/test-external-kafka.sh: tansu,
+# built from crates.io on first use, about 15 minutes).
 # Tests start real sandboxes (namespaces, cgroups), so run as root on Linux.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+scripts/test-external-kafka.sh
