@@ -521,12 +521,20 @@ fn partition_consumer(
         .set("group.id", format!("{topic}-reducer-{p}"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        // A reducer waits on the last end-of-map markers: a broker that holds
+        // an empty fetch for librdkafka's default 500 ms (the embedded one
+        // does, even when records arrive meanwhile) would add that to every
+        // job.
+        .set("fetch.wait.max.ms", "10")
+        // Offset 0 of a log that starts later (retention) means its start.
+        .set("auto.offset.reset", "earliest")
         .create()
         .map_err(|e| kafka_err(format!("creating reducer {p}'s consumer"), e))?;
     let mut tpl = TopicPartitionList::new();
-    let offset = start
-        .filter(|o| *o > 0)
-        .map_or(Offset::Beginning, Offset::Offset);
+    // An explicit offset, not `Beginning`: librdkafka looks a logical offset
+    // up with ListOffsets, and retries that only after 500 ms when the
+    // partition's leader is not known yet, as on a topic just created.
+    let offset = Offset::Offset(start.unwrap_or(0).max(0));
     tpl.add_partition_offset(topic, p, offset)
         .map_err(|e| kafka_err(format!("assigning partition {p}"), e))?;
     consumer
@@ -1284,7 +1292,8 @@ fn collect_partition(
         if stop.load(Ordering::SeqCst) {
             return Ok(grouped);
         }
-        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+        // Short, so that the map phase's end (`total`) is seen soon.
+        let Some(m) = consumer.poll(Duration::from_millis(10)) else {
             continue;
         };
         let m = m.map_err(|e| kafka_err(format!("reading partition {p} of {topic}"), e))?;

@@ -558,6 +558,7 @@ max_buffered_items = 5000
 progress = "state/orders.redb"
 bootstrap_servers = "localhost:9092"
 payload = "arrow"
+arrow_compression = "lz4"
 depends_on_files = { "b.csv" = ["a.csv"], "out/*.csv" = ["in/*.csv", "a.csv"] }
 "#,
     );
@@ -618,6 +619,14 @@ depends_on_files = { "b.csv" = ["a.csv"], "out/*.csv" = ["in/*.csv", "a.csv"] }
 
     assert_eq!(full.payload, sluice_pipeline::PayloadFormat::Arrow);
     assert_eq!(minimal.payload, sluice_pipeline::PayloadFormat::Json);
+    assert_eq!(
+        full.arrow_compression,
+        sluice_pipeline::ArrowCompression::Lz4
+    );
+    assert_eq!(
+        minimal.arrow_compression,
+        sluice_pipeline::ArrowCompression::None
+    );
     // Globs with a `/` are paths relative to the pipeline file; others match names.
     let rel = |p: &str| base.join(p).display().to_string();
     assert_eq!(
@@ -633,6 +642,31 @@ depends_on_files = { "b.csv" = ["a.csv"], "out/*.csv" = ["in/*.csv", "a.csv"] }
         err.contains("no job named \"nope\"; declared jobs: full, minimal"),
         "{err}"
     );
+}
+
+#[test]
+fn arrow_compression_is_checked() {
+    let cases = [
+        (
+            "payload = \"arrow\"\narrow_compression = \"gzip\"",
+            "7:21: `job.j.arrow_compression` = \"gzip\" is invalid: expected \"none\", \"lz4\" or \"zstd\"",
+        ),
+        (
+            "arrow_compression = \"lz4\"",
+            "6:21: `job.j.arrow_compression`",
+        ),
+    ];
+    for (settings, expected) in cases {
+        let text = format!("[job.j]\nfunction = \"echo\"\n{settings}\nsource = \"x.parquet\"\n");
+        let err = error_with_echo(&text).to_string();
+        assert!(err.contains(expected), "{settings}: {err}");
+        assert!(err.contains(INLINE), "{settings}: names the file: {err}");
+    }
+    let err = error_with_echo(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.parquet\"\narrow_compression = \"zstd\"\n",
+    )
+    .to_string();
+    assert!(err.contains("set payload = \"arrow\" too"), "{err}");
 }
 
 #[test]

@@ -10,8 +10,8 @@ use sluice_pipeline::{
     BackfillJob, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_ITEMS_PER_CALL,
 };
 use sluice_taskgen::{
-    BackfillConfig, BackfillError, FileDependency, Format, Hooks, Input, Limits, OrderConfig,
-    PayloadFormat, StateOptions, Summary, TickHook,
+    ArrowCompression, BackfillConfig, BackfillError, FileDependency, Format, Hooks, Input, Limits,
+    OrderConfig, PayloadFormat, StateOptions, Summary, TickHook,
 };
 
 use sluice_ingest::kafka::EmbeddedBroker;
@@ -41,6 +41,10 @@ pub struct BackfillOptions {
     /// or arrow (`{"arrow": "<base64 Arrow IPC stream>"}`, Parquet only).
     #[arg(long)]
     pub payload: Option<PayloadFormat>,
+    /// With `--payload arrow`: none (the default), lz4 or zstd compression
+    /// of the Arrow IPC buffers (the function's Arrow reader must support it).
+    #[arg(long)]
+    pub arrow_compression: Option<ArrowCompression>,
     /// CSV field delimiter (default `,`).
     #[arg(long)]
     pub csv_delimiter: Option<char>,
@@ -131,6 +135,7 @@ pub struct Settings {
     pub order: OrderConfig,
     pub max_buffered_items: usize,
     pub payload: PayloadFormat,
+    pub arrow_compression: ArrowCompression,
     pub file_dependencies: Vec<FileDependency>,
 }
 
@@ -227,6 +232,10 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
         order,
         max_buffered_items,
         payload: o.payload.or(job.map(|j| j.payload)).unwrap_or_default(),
+        arrow_compression: o
+            .arrow_compression
+            .or(job.map(|j| j.arrow_compression))
+            .unwrap_or_default(),
         file_dependencies: if o.file_depends_on.is_empty() {
             job.map(|j| {
                 j.file_dependencies
@@ -486,6 +495,7 @@ pub async fn prepare(
         format,
         columns: set.columns,
         csv_delimiter: set.csv_delimiter,
+        arrow_compression: set.arrow_compression,
     };
     let mut limits = set.limits;
     if args.distributed && limits.bytes > MAX_TASK_BYTES {

@@ -81,6 +81,7 @@ pub async fn run(
             format,
             columns: j.columns.clone(),
             csv_delimiter: j.csv_delimiter,
+            arrow_compression: j.arrow_compression,
         },
         items_per_split: j.max_items_per_call as usize,
         map: j.map.clone(),

@@ -89,7 +89,7 @@ pub use schedule::{LevelPlan, OrderConfig, plan_levels, plan_order};
 
 /// Input format of the source files (the pipeline crate's [`DataFormat`](sluice_pipeline::DataFormat)).
 pub use sluice_pipeline::DataFormat as Format;
-pub use sluice_pipeline::PayloadFormat;
+pub use sluice_pipeline::{ArrowCompression, PayloadFormat};
 
 /// How items are read from the source files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +102,8 @@ pub struct Input {
     pub columns: Option<Vec<String>>,
     /// CSV field delimiter. Default `b','`.
     pub csv_delimiter: u8,
+    /// How Arrow payloads are compressed. Default none.
+    pub arrow_compression: ArrowCompression,
 }
 
 impl From<Format> for Input {
@@ -110,6 +112,7 @@ impl From<Format> for Input {
             format,
             columns: None,
             csv_delimiter: b',',
+            arrow_compression: ArrowCompression::None,
         }
     }
 }
@@ -809,6 +812,8 @@ struct Call {
     bad: Vec<ItemError>,
     /// With `payload = "arrow"`: the call's rows (and no `items`).
     rows: Vec<RecordBatch>,
+    /// How `rows` are compressed in the payload.
+    compression: ArrowCompression,
 }
 
 impl Call {
@@ -819,6 +824,7 @@ impl Call {
             items: Vec::new(),
             bad: Vec::new(),
             rows: Vec::new(),
+            compression: ArrowCompression::None,
         }
     }
 
@@ -865,13 +871,18 @@ impl Call {
         if self.rows.is_empty() {
             return json!({ "items": self.items, "batch": batch }).to_string();
         }
+        // Written by hand: the base64 text needs no JSON escaping, and
+        // serde_json would check each of its bytes (megabytes per call).
         use base64::Engine;
-        let ipc = read::ipc_stream(&self.rows);
-        json!({
-            "arrow": base64::engine::general_purpose::STANDARD.encode(ipc),
-            "batch": batch,
-        })
-        .to_string()
+        let ipc = read::ipc_stream(&self.rows, self.compression);
+        let batch = Value::Object(batch).to_string();
+        let mut out = String::with_capacity(ipc.len().div_ceil(3) * 4 + batch.len() + 24);
+        out.push_str("{\"arrow\":\"");
+        base64::engine::general_purpose::STANDARD.encode_string(&ipc, &mut out);
+        out.push_str("\",\"batch\":");
+        out.push_str(&batch);
+        out.push('}');
+        out
     }
 }
 
@@ -951,7 +962,11 @@ fn arrow_reader(
 ) {
     for file in sources {
         let source = file.display().to_string();
-        let mut current = Call::new(source.clone(), 0);
+        let call = |first| Call {
+            compression: input.arrow_compression,
+            ..Call::new(source.clone(), first)
+        };
+        let mut current = call(0);
         let mut index = 0u64;
         let mut closed = false;
         let mut per_call = 0usize;
@@ -969,7 +984,7 @@ fn arrow_reader(
                 offset += take;
                 index += take as u64;
                 if current.len() == per_call {
-                    let done = std::mem::replace(&mut current, Call::new(source.clone(), index));
+                    let done = std::mem::replace(&mut current, call(index));
                     if tx.blocking_send(Ok(done)).is_err() {
                         closed = true;
                         return ControlFlow::Break(());

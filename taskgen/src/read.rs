@@ -15,7 +15,7 @@ use parquet::schema::types::SchemaDescriptor;
 use serde_json::Value;
 
 use crate::source;
-use crate::{BackfillError, Format, Input, ItemError};
+use crate::{ArrowCompression, BackfillError, Format, Input, ItemError};
 
 /// One item read from a source: a JSON value, or a line that could not be
 /// turned into one.
@@ -166,13 +166,20 @@ pub(crate) fn read_parquet_batches(
 }
 
 /// `batches` as one Arrow IPC stream.
-pub(crate) fn ipc_stream(batches: &[RecordBatch]) -> Vec<u8> {
+pub(crate) fn ipc_stream(batches: &[RecordBatch], compression: ArrowCompression) -> Vec<u8> {
     let Some(first) = batches.first() else {
         return Vec::new();
     };
     let mut out = Vec::new();
     let written = (|| {
-        let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut out, &first.schema())?;
+        let codec = match compression {
+            ArrowCompression::None => None,
+            ArrowCompression::Lz4 => Some(arrow_ipc::CompressionType::LZ4_FRAME),
+            ArrowCompression::Zstd => Some(arrow_ipc::CompressionType::ZSTD),
+        };
+        let opts = arrow_ipc::writer::IpcWriteOptions::default().try_with_compression(codec)?;
+        let mut w =
+            arrow_ipc::writer::StreamWriter::try_new_with_options(&mut out, &first.schema(), opts)?;
         for b in batches {
             w.write(b)?;
         }

@@ -175,6 +175,18 @@ async fn lineitem_sums_match_arrow_to_the_cent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arrow_payloads_with_projected_columns_sum_to_the_cent() {
+    arrow_payload_sums(sluice_taskgen::ArrowCompression::None).await;
+}
+
+/// The same with LZ4- and Zstandard-compressed IPC buffers, which the
+/// function's Arrow reader decompresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_arrow_payloads_sum_to_the_cent() {
+    arrow_payload_sums(sluice_taskgen::ArrowCompression::Lz4).await;
+    arrow_payload_sums(sluice_taskgen::ArrowCompression::Zstd).await;
+}
+
+async fn arrow_payload_sums(compression: sluice_taskgen::ArrowCompression) {
     let dir = TempDir::new().unwrap();
     let files = write_lineitem(dir.path());
     let (want_quantity, want_price, want_rows) = arrow_sums(&files);
@@ -200,6 +212,7 @@ async fn arrow_payloads_with_projected_columns_sum_to_the_cent() {
     let mut cfg = BackfillConfig::new("arrow-sum", files, Format::Parquet);
     cfg.input.columns = Some(vec!["l_quantity".into(), "l_extendedprice".into()]);
     cfg.payload = sluice_taskgen::PayloadFormat::Arrow;
+    cfg.input.arrow_compression = compression;
     cfg.max_items_per_call = 1000;
     cfg.max_concurrency = 2;
     cfg.tolerated_failure_count = Some(0);

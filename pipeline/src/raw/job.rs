@@ -13,11 +13,12 @@ use crate::OutputFormat;
 use crate::error::PipelineError;
 use crate::span::{self, Locator};
 use crate::{
-    BackfillJob, CONCURRENCY_RANGE, DEFAULT_GROUPS_PER_CALL, DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_MAX_BUFFERED_ITEMS, DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_ITEMS_PER_CALL,
-    DEFAULT_REDUCE_MEMORY_MB, DEFAULT_REDUCE_PARTITIONS, DataFormat, MAX_ATTEMPTS_RANGE,
-    MAX_BUFFERED_ITEMS_RANGE, MAX_BYTES_PER_CALL_RANGE, MAX_ITEMS_PER_CALL_RANGE, MapReduceJob,
-    PayloadFormat, REDUCE_MEMORY_MB_RANGE, REDUCE_PARTITIONS_RANGE,
+    ArrowCompression, BackfillJob, CONCURRENCY_RANGE, DEFAULT_GROUPS_PER_CALL,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BUFFERED_ITEMS, DEFAULT_MAX_BYTES_PER_CALL,
+    DEFAULT_MAX_ITEMS_PER_CALL, DEFAULT_REDUCE_MEMORY_MB, DEFAULT_REDUCE_PARTITIONS, DataFormat,
+    MAX_ATTEMPTS_RANGE, MAX_BUFFERED_ITEMS_RANGE, MAX_BYTES_PER_CALL_RANGE,
+    MAX_ITEMS_PER_CALL_RANGE, MapReduceJob, PayloadFormat, REDUCE_MEMORY_MB_RANGE,
+    REDUCE_PARTITIONS_RANGE,
 };
 
 /// One `[job.NAME]` table. As elsewhere every field is optional here and
@@ -65,6 +66,8 @@ pub(super) struct RawJob {
     bootstrap_servers: Option<Spanned<String>>,
     /// Default `"json"`.
     payload: Option<Spanned<String>>,
+    /// Default `"none"`; only with `payload = "arrow"`.
+    arrow_compression: Option<Spanned<String>>,
     /// Default none: glob of files → globs of the files they wait for.
     depends_on_files: Option<BTreeMap<Spanned<String>, SpannedGlobs>>,
     /// Default none (stateless).
@@ -134,6 +137,10 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
         "a string: \"embedded\" or \"host:port[,host:port...]\"",
     ),
     ("payload", "a string: \"json\" or \"arrow\""),
+    (
+        "arrow_compression",
+        "a string: \"none\", \"lz4\" or \"zstd\"",
+    ),
     (
         "depends_on_files",
         "a table of file globs to arrays of globs, e.g. { \"b.csv\" = [\"a.csv\"] }",
@@ -527,6 +534,32 @@ impl RawJob {
                 }
             },
         };
+        let arrow_compression = match self.arrow_compression {
+            None => ArrowCompression::None,
+            Some(v) => {
+                let at = loc.at(v.span());
+                let parsed = v.get_ref().parse::<ArrowCompression>();
+                match parsed {
+                    Ok(c) if payload == PayloadFormat::Arrow || c == ArrowCompression::None => c,
+                    Ok(_) => {
+                        return Err(PipelineError::Invalid {
+                            at,
+                            field: f.field("arrow_compression"),
+                            message: "compresses Arrow payloads: set payload = \"arrow\" too"
+                                .to_owned(),
+                        });
+                    }
+                    Err(_) => {
+                        return Err(PipelineError::InvalidValue {
+                            at,
+                            field: f.field("arrow_compression"),
+                            value: v.into_inner(),
+                            expected: "\"none\", \"lz4\" or \"zstd\"",
+                        });
+                    }
+                }
+            }
+        };
         // Globs with a `/` are paths (relative to the pipeline file), the
         // others match file names.
         let glob = |v: Spanned<String>, field: String| -> Result<String, PipelineError> {
@@ -643,6 +676,7 @@ impl RawJob {
                 output: base.join(output.into_inner()),
                 bootstrap_servers,
                 payload,
+                arrow_compression,
                 output_format,
             }));
         }
@@ -695,6 +729,7 @@ impl RawJob {
             dead_letter: path(self.dead_letter),
             bootstrap_servers,
             payload,
+            arrow_compression,
             file_dependencies,
             state,
         }))
