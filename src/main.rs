@@ -267,8 +267,9 @@ enum BenchCommand {
         /// The pipeline file declaring the function.
         #[arg(long, short, default_value = "examples/pipeline.toml")]
         pipeline: PathBuf,
-        /// The no-op function (an echo function).
-        #[arg(long, short, default_value = "echo")]
+        /// The no-op function (`noop` answers null whatever the event; an
+        /// echo function would also send every row back).
+        #[arg(long, short, default_value = "noop")]
         function: String,
         /// Rows in the generated file (1 row per call uses at most 5,000).
         #[arg(long, short = 'n', default_value_t = 200_000)]

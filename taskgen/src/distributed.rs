@@ -369,7 +369,7 @@ pub async fn coordinate(
             biased;
             () = &mut shutdown => { interrupted = true; break; }
             Some(m) = polled.rx.recv() => {
-                record_result(&run, &m, &mut outstanding);
+                record_result(&run, &m, &mut outstanding).await;
                 polled.commit(m.topic(), m.partition(), m.offset() + 1);
             }
             next = calls.recv(), if room => match next {
@@ -415,7 +415,7 @@ pub async fn coordinate(
 
 /// Records one result message; a result of a call this run did not publish
 /// (an earlier run's, or a duplicate) still marks a success as done.
-fn record_result(run: &Run, m: &OwnedMessage, outstanding: &mut HashSet<String>) {
+async fn record_result(run: &Run, m: &OwnedMessage, outstanding: &mut HashSet<String>) {
     let parsed = m
         .payload()
         .map(serde_json::from_slice::<TaskResult>)
@@ -438,8 +438,8 @@ fn record_result(run: &Run, m: &OwnedMessage, outstanding: &mut HashSet<String>)
     }
     if r.ok {
         if ours {
-            run.succeeded(&r.call_id, r.attempts, r.count);
-        } else if let Err(e) = run.progress.record(&r.call_id, u64::from(r.attempts)) {
+            run.succeeded(&r.call_id, r.attempts, r.count).await;
+        } else if let Err(e) = run.progress.record(&r.call_id, u64::from(r.attempts)).await {
             run.fail(e);
         }
     } else if ours {

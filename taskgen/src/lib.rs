@@ -31,7 +31,8 @@
 //!   stream>", "batch": {...}}`) and the call id is `"<file>#<first>"`. The
 //!   progress store remembers how calls were cut and refuses another cut.
 //! - **Progress**: each successful call id is committed to an embedded
-//!   [`redb`] database before the call counts as done; running the same
+//!   [`redb`] database before the call counts as done (successes that
+//!   finish together share one transaction: group commit); running the same
 //!   backfill again skips those calls. A call interrupted in flight is simply
 //!   called again: at least once, not exactly once.
 //! - **Failures**: a call is tried up to `max_attempts` times while its error
@@ -204,7 +205,7 @@ pub enum BackfillError {
         path: PathBuf,
         /// The cause.
         #[source]
-        source: Box<redb::Error>,
+        source: Arc<redb::Error>,
     },
     /// The progress store was written by a run that cut calls differently
     /// (items or bytes per call, ordering): resuming from it could skip
@@ -1287,7 +1288,7 @@ impl Run {
         .await;
         match outcome {
             Ok(response) => {
-                let ok = self.succeeded(id, attempts, count);
+                let ok = self.succeeded(id, attempts, count).await;
                 if ok && let Some(hook) = &self.hooks.on_response {
                     hook(id, &response);
                 }
@@ -1311,8 +1312,8 @@ impl Run {
 
     /// Records a successful call durably and counts it; false (and the run
     /// stops) if the progress store failed.
-    fn succeeded(&self, id: &str, attempts: u32, count: u64) -> bool {
-        if let Err(e) = self.progress.record(id, u64::from(attempts)) {
+    async fn succeeded(&self, id: &str, attempts: u32, count: u64) -> bool {
+        if let Err(e) = self.progress.record(id, u64::from(attempts)).await {
             self.fail(e);
             return false;
         }
