@@ -272,7 +272,7 @@ enum BenchCommand {
         #[arg(long, short, default_value = "noop")]
         function: String,
         /// Rows in the generated file (1 row per call uses at most 5,000).
-        #[arg(long, short = 'n', default_value_t = 200_000)]
+        #[arg(long, short = 'n', default_value_t = 1_000_000)]
         rows: usize,
     },
     /// Stateful calls (1 KiB and 100 KiB state, checkpoint per call) next

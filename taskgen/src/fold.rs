@@ -272,6 +272,9 @@ pub(crate) async fn run_folded<S: Future<Output = ()>>(
                         ..Call::new(names[file].clone(), index)
                     });
                 }
+                Some(Ok((_, _, Read::Json(_)))) => {
+                    unreachable!("read_file gives values, never JSON text")
+                }
                 Some(Ok((file, index, Read::Value(value)))) => {
                     let offset = next_offset;
                     next_offset += 1;

@@ -16,7 +16,9 @@
 //!   and sorted) or `object_store` URLs: `file://`, `s3://`, `gs://`,
 //!   `az://` (credentials from the environment), `memory://` (tests); a
 //!   prefix lists every object below it, a glob in the last segment filters.
-//! - **Items**: Parquet rows as JSON objects (through `arrow-json`), CSV
+//! - **Items**: Parquet rows as JSON objects (through `arrow-json`, in
+//!   column order; without `order_key` or dependencies the text `arrow-json`
+//!   writes goes into the call as it is, no `serde_json::Value` per row), CSV
 //!   records as objects of strings keyed by the header, JSON lines (one value
 //!   per non-blank line), text lines (one JSON string per line). A line that
 //!   cannot be read (malformed JSON, bad CSV record, invalid UTF-8) is a
@@ -778,9 +780,9 @@ pub fn plan(
         };
         let (mut items, mut bad_items, mut calls) = (0, 0, 0);
         let mut splitter = Splitter::new(String::new(), limits);
-        read::read_file(file, input, &mut |index, item| {
+        read::read_file_json(file, input, &mut |index, item| {
             match &item {
-                Item::Value(_) => items += 1,
+                Item::Value(_) | Item::Json(_) => items += 1,
                 Item::Bad(_) => bad_items += 1,
             }
             if let Some(call) = splitter.push(index, item)
@@ -810,6 +812,10 @@ struct Call {
     source: String,
     first: u64,
     items: Vec<Value>,
+    /// Items as JSON text, comma-separated (the body of a JSON array), and
+    /// how many (read with [`read::read_file_json`]; then `items` is empty).
+    json: String,
+    json_count: usize,
     bad: Vec<ItemError>,
     /// With `payload = "arrow"`: the call's rows (and no `items`).
     rows: Vec<RecordBatch>,
@@ -823,6 +829,8 @@ impl Call {
             source,
             first,
             items: Vec::new(),
+            json: String::new(),
+            json_count: 0,
             bad: Vec::new(),
             rows: Vec::new(),
             compression: ArrowCompression::None,
@@ -833,9 +841,11 @@ impl Call {
         format!("{}#{}", self.source, self.first)
     }
 
-    /// Readable items (JSON values or Arrow rows).
+    /// Readable items (JSON values, JSON texts or Arrow rows).
     fn len(&self) -> usize {
-        self.items.len() + self.rows.iter().map(RecordBatch::num_rows).sum::<usize>()
+        self.items.len()
+            + self.json_count
+            + self.rows.iter().map(RecordBatch::num_rows).sum::<usize>()
     }
 
     fn is_empty(&self) -> bool {
@@ -844,6 +854,12 @@ impl Call {
 
     /// The items as JSON (Arrow rows converted), for the dead-letter file.
     fn items_json(&self) -> Value {
+        if self.json_count > 0 {
+            let mut items: Vec<Value> = serde_json::from_str(&format!("[{}]", self.json))
+                .unwrap_or_else(|e| vec![json!(format!("items not readable as JSON: {e}"))]);
+            items.extend(self.items.iter().cloned());
+            return Value::Array(items);
+        }
         if self.rows.is_empty() {
             return Value::Array(self.items.clone());
         }
@@ -869,8 +885,19 @@ impl Call {
         batch.insert("count".into(), json!(self.len()));
         batch.insert("call_id".into(), json!(id));
         batch.extend(extra);
+        if self.json_count > 0 && self.items.is_empty() {
+            // The items' text goes in as it is.
+            let batch = Value::Object(batch).to_string();
+            let mut out = String::with_capacity(self.json.len() + batch.len() + 24);
+            out.push_str("{\"items\":[");
+            out.push_str(&self.json);
+            out.push_str("],\"batch\":");
+            out.push_str(&batch);
+            out.push('}');
+            return out;
+        }
         if self.rows.is_empty() {
-            return json!({ "items": self.items, "batch": batch }).to_string();
+            return json!({ "items": self.items_json(), "batch": batch }).to_string();
         }
         // Written by hand: the base64 text needs no JSON escaping, and
         // serde_json would check each of its bytes (megabytes per call).
@@ -915,6 +942,7 @@ impl Splitter {
     fn push(&mut self, index: u64, item: Item) -> Option<Call> {
         let size = match &item {
             Item::Value(v) => json_size(v),
+            Item::Json(text) => text.len(),
             Item::Bad(_) => 0,
         };
         let mut done = None;
@@ -926,6 +954,13 @@ impl Splitter {
             .get_or_insert_with(|| Call::new(self.source.clone(), index));
         match item {
             Item::Value(v) => call.items.push(v),
+            Item::Json(text) => {
+                if call.json_count > 0 {
+                    call.json.push(',');
+                }
+                call.json.push_str(&text);
+                call.json_count += 1;
+            }
             Item::Bad(e) => call.bad.push(e),
         }
         self.count += 1;
@@ -1015,7 +1050,7 @@ fn reader(
     for file in sources {
         let mut splitter = Splitter::new(file.display().to_string(), limits);
         let mut closed = false;
-        let result = read::read_file(&file, &input, &mut |index, item| {
+        let result = read::read_file_json(&file, &input, &mut |index, item| {
             if let Some(done) = splitter.push(index, item)
                 && tx.blocking_send(Ok(done)).is_err()
             {

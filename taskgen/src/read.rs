@@ -22,6 +22,10 @@ use crate::{ArrowCompression, BackfillError, Format, Input, ItemError};
 #[derive(Debug)]
 pub(crate) enum Item {
     Value(Value),
+    /// One value already written as JSON text (Parquet rows read by
+    /// [`read_file_json`]): calls of plain backfills pass it on as it is,
+    /// with no `Value` built, sorted and written again per row.
+    Json(String),
     Bad(ItemError),
 }
 
@@ -73,9 +77,28 @@ pub(crate) fn read_file(
     input: &Input,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
+    read(path, input, false, each)
+}
+
+/// Like [`read_file`], but Parquet rows come as [`Item::Json`]: for callers
+/// that only pass items on (no field of an item is looked at).
+pub(crate) fn read_file_json(
+    path: &Path,
+    input: &Input,
+    each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
+) -> Result<(), BackfillError> {
+    read(path, input, true, each)
+}
+
+fn read(
+    path: &Path,
+    input: &Input,
+    as_json: bool,
+    each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
+) -> Result<(), BackfillError> {
     let columns = input.columns.as_deref();
     match input.format {
-        Format::Parquet => read_parquet(path, columns, each),
+        Format::Parquet => read_parquet(path, columns, as_json, each),
         Format::Csv => read_csv(path, input.csv_delimiter, columns, each),
         Format::Jsonl | Format::Text => read_lines(path, input.format, columns, each),
     }
@@ -121,12 +144,13 @@ pub(crate) fn project<T>(
 fn read_parquet(
     path: &Path,
     columns: Option<&[String]>,
+    as_json: bool,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
     let mut index = 0u64;
     let mut error = None;
     read_parquet_batches(path, columns, &mut |batch| match batch_items(
-        path, &batch, &mut index, each,
+        path, &batch, as_json, &mut index, each,
     ) {
         Ok(flow) => flow,
         Err(e) => {
@@ -218,14 +242,30 @@ pub(crate) fn ipc_stream(batches: &[RecordBatch], compression: ArrowCompression)
     out
 }
 
-/// Hands the rows of `batch` to `each` as JSON objects.
+/// Hands the rows of `batch` to `each` as JSON objects (`as_json`: as
+/// their JSON text).
 fn batch_items(
     path: &Path,
     batch: &RecordBatch,
+    as_json: bool,
     index: &mut u64,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<ControlFlow<()>, BackfillError> {
     if batch.num_rows() == 0 {
+        return Ok(ControlFlow::Continue(()));
+    }
+    if as_json {
+        let mut writer = arrow_json::LineDelimitedWriter::new(Vec::new());
+        writer.write(batch).map_err(|e| parquet_error(path, e))?;
+        writer.finish().map_err(|e| parquet_error(path, e))?;
+        let text = String::from_utf8(writer.into_inner()).map_err(|e| parquet_error(path, e))?;
+        // One object per line: JSON strings escape their line breaks.
+        for row in text.lines() {
+            if each(*index, Item::Json(row.to_owned())).is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
+            *index += 1;
+        }
         return Ok(ControlFlow::Continue(()));
     }
     let mut writer = arrow_json::ArrayWriter::new(Vec::new());

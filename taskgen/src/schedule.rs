@@ -835,6 +835,9 @@ async fn run_pass<S: Future<Output = ()>>(
                                 });
                             }
                         }
+                        Item::Json(_) => {
+                            unreachable!("read_file gives values, never JSON text")
+                        }
                         Item::Value(v) => {
                             if deps.is_none_or(|d| d.level[n as usize] == level) {
                                 if deps.is_none() {

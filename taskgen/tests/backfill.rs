@@ -738,3 +738,35 @@ async fn arrow_calls_are_cut_to_fit_the_byte_limit() {
     assert_eq!(rows, 2_000);
     assert!(got.iter().all(|(_, v)| v["rows"].as_u64().unwrap() < 2_000));
 }
+
+/// Parquet rows travel as the JSON text arrow writes (never rebuilt as
+/// values): a failed call still dead-letters each row whole, as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_parquet_rows_are_dead_lettered_whole() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("lineitem.parquet");
+    let batch = write_lineitem(&path, 150);
+    let sources = sluice_taskgen::resolve_sources(&[path.display().to_string()]).unwrap();
+    let f = function_fixture("fail");
+    let ex = executor("fail", &f, 2);
+    let mut cfg = config(dir.path(), "fail", sources, Format::Parquet);
+    cfg.max_items_per_call = 100;
+    cfg.max_attempts = 1;
+    let s = sluice_taskgen::run(&ex, cfg.clone(), Hooks::default(), never())
+        .await
+        .unwrap();
+    ex.shutdown().await;
+    assert_eq!((s.calls_total, s.calls_failed, s.items_failed), (2, 2, 150));
+    let rows: Vec<Value> = dead_letters(&cfg.dead_letter)
+        .into_iter()
+        .flat_map(|d| d["items"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(rows.len(), 150);
+    let total = |k: &str| rows.iter().map(|r| r[k].as_f64().unwrap()).sum::<f64>();
+    assert!((total("l_quantity") - arrow_sum(&batch, "l_quantity")).abs() < 1e-6);
+    assert!((total("l_extendedprice") - arrow_sum(&batch, "l_extendedprice")).abs() < 1e-3);
+    assert!(
+        rows.iter()
+            .all(|r| r["l_shipmode"].as_str().unwrap().starts_with("MODE"))
+    );
+}
