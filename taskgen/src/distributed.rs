@@ -385,7 +385,7 @@ pub async fn coordinate(
                             function: run.cfg.function.clone(),
                             max_attempts: run.cfg.max_attempts,
                             source: call.source.clone(),
-                            count: call.items.len() as u64,
+                            count: call.len() as u64,
                             payload: call.payload(&id, serde_json::Map::new()),
                         };
                         let record = OutRecord {

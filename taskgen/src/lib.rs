@@ -570,6 +570,12 @@ impl BackfillConfig {
         if o.is_active() && self.state.is_none() {
             layout.push_str(&format!(" buffered={}", self.max_buffered_items));
         }
+        // Plain JSON calls measure items by the text read (Parquet rows as
+        // arrow-json writes them, JSON lines as they are), not re-written:
+        // a store cut the older way is refused rather than misread.
+        if !o.is_active() && self.state.is_none() && self.payload == PayloadFormat::Json {
+            layout.push_str(" sizes=text");
+        }
         layout
     }
 

@@ -100,7 +100,7 @@ fn read(
     match input.format {
         Format::Parquet => read_parquet(path, columns, as_json, each),
         Format::Csv => read_csv(path, input.csv_delimiter, columns, each),
-        Format::Jsonl | Format::Text => read_lines(path, input.format, columns, each),
+        Format::Jsonl | Format::Text => read_lines(path, input.format, columns, as_json, each),
     }
 }
 
@@ -375,6 +375,7 @@ fn read_lines(
     path: &Path,
     format: Format,
     columns: Option<&[String]>,
+    as_json: bool,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
     let reader = BufReader::new(open_bytes(path)?);
@@ -392,6 +393,27 @@ fn read_lines(
             Format::Jsonl => {
                 if bytes.iter().all(u8::is_ascii_whitespace) {
                     continue; // blank lines are not items
+                }
+                if as_json && columns.is_none() {
+                    // Checked, then passed on as it is.
+                    let item = match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+                        Err(e) => Item::Bad(bad_line(path, line_no, &bytes, e.to_string())),
+                        Ok(_) => match String::from_utf8(bytes) {
+                            Ok(text) if text.trim().len() == text.len() => Item::Json(text),
+                            Ok(text) => Item::Json(text.trim().to_owned()),
+                            Err(e) => Item::Bad(bad_line(
+                                path,
+                                line_no,
+                                e.as_bytes(),
+                                "not valid UTF-8".into(),
+                            )),
+                        },
+                    };
+                    if each(index, item).is_break() {
+                        return Ok(());
+                    }
+                    index += 1;
+                    continue;
                 }
                 match serde_json::from_slice::<Value>(&bytes) {
                     Ok(Value::Object(mut object)) if columns.is_some() => {
