@@ -396,43 +396,29 @@ fn read_lines(
                 }
                 if as_json && columns.is_none() {
                     // Checked, then passed on as it is.
-                    let item = match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+                    match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
                         Err(e) => Item::Bad(bad_line(path, line_no, &bytes, e.to_string())),
-                        Ok(_) => match String::from_utf8(bytes) {
+                        Ok(_) => match utf8(path, line_no, bytes) {
                             Ok(text) if text.trim().len() == text.len() => Item::Json(text),
                             Ok(text) => Item::Json(text.trim().to_owned()),
-                            Err(e) => Item::Bad(bad_line(
-                                path,
-                                line_no,
-                                e.as_bytes(),
-                                "not valid UTF-8".into(),
-                            )),
+                            Err(bad) => Item::Bad(bad),
                         },
-                    };
-                    if each(index, item).is_break() {
-                        return Ok(());
                     }
-                    index += 1;
-                    continue;
-                }
-                match serde_json::from_slice::<Value>(&bytes) {
-                    Ok(Value::Object(mut object)) if columns.is_some() => {
-                        let columns = columns.unwrap_or_default();
-                        object.retain(|k, _| columns.contains(k));
-                        Item::Value(Value::Object(object))
+                } else {
+                    match serde_json::from_slice::<Value>(&bytes) {
+                        Ok(Value::Object(mut object)) if columns.is_some() => {
+                            let columns = columns.unwrap_or_default();
+                            object.retain(|k, _| columns.contains(k));
+                            Item::Value(Value::Object(object))
+                        }
+                        Ok(v) => Item::Value(v),
+                        Err(e) => Item::Bad(bad_line(path, line_no, &bytes, e.to_string())),
                     }
-                    Ok(v) => Item::Value(v),
-                    Err(e) => Item::Bad(bad_line(path, line_no, &bytes, e.to_string())),
                 }
             }
-            _ => match String::from_utf8(bytes) {
+            _ => match utf8(path, line_no, bytes) {
                 Ok(s) => Item::Value(Value::String(s)),
-                Err(e) => Item::Bad(bad_line(
-                    path,
-                    line_no,
-                    e.as_bytes(),
-                    "not valid UTF-8".into(),
-                )),
+                Err(bad) => Item::Bad(bad),
             },
         };
         if each(index, item).is_break() {
@@ -441,6 +427,12 @@ fn read_lines(
         index += 1;
     }
     Ok(())
+}
+
+/// Line `line` of `path` as a string, or the failed item it makes.
+fn utf8(path: &Path, line: u64, bytes: Vec<u8>) -> Result<String, ItemError> {
+    String::from_utf8(bytes)
+        .map_err(|e| bad_line(path, line, e.as_bytes(), "not valid UTF-8".into()))
 }
 
 fn bad_line(path: &Path, line: u64, bytes: &[u8], message: String) -> ItemError {
