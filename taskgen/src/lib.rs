@@ -1296,19 +1296,25 @@ impl Run {
         Ok(true)
     }
 
-    /// Invokes one call with retries and records the outcome.
-    async fn call(&self, call: Call) {
+    /// Invokes one call with retries and records the outcome; `invoking`
+    /// is released once the function succeeded, before the success is
+    /// durable.
+    async fn call(&self, call: Call, invoking: tokio::sync::OwnedSemaphorePermit) {
         let id = call.id();
-        self.invoke_call(&id, call, serde_json::Map::new()).await;
+        self.invoke_call(&id, call, serde_json::Map::new(), Some(invoking))
+            .await;
     }
 
     /// Invokes `call` as `id` (with `extra` fields in `batch`) with retries,
-    /// records the outcome and says whether it succeeded.
+    /// records the outcome and says whether it succeeded. `invoking`, if
+    /// any, is dropped as soon as the function has succeeded, or once a
+    /// failure is recorded.
     async fn invoke_call(
         &self,
         id: &str,
         call: Call,
         extra: serde_json::Map<String, Value>,
+        invoking: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> bool {
         let count = call.len() as u64;
         let payload = call.payload(id, extra);
@@ -1329,6 +1335,10 @@ impl Run {
         .await;
         match outcome {
             Ok(response) => {
+                // The next call need not wait for this one's commit. A
+                // failure keeps its place until it is counted, so that a
+                // job past its tolerated failures starts no other call.
+                drop(invoking);
                 let ok = self.succeeded(id, attempts, count).await;
                 if ok && let Some(hook) = &self.hooks.on_response {
                     hook(id, &response);
@@ -1533,6 +1543,11 @@ async fn stream<S: Future<Output = ()>>(
     let (tx, mut rx) = mpsc::channel(concurrency);
     let reader = spawn_reader(run, sources, tx);
     let permits = Arc::new(Semaphore::new(concurrency));
+    // A call leaves `permits` once the function succeeded, and this once
+    // its success is recorded: the next call need not wait for the
+    // previous one's commit, and a slow disk still bounds the calls
+    // waiting for theirs.
+    let unrecorded = Arc::new(Semaphore::new(concurrency.saturating_mul(4)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut interrupted = false;
     let mut read_error = None;
@@ -1566,6 +1581,11 @@ async fn stream<S: Future<Output = ()>>(
             run.dependency_failed(&call, &call.id(), what);
             continue;
         }
+        let recording = tokio::select! {
+            biased;
+            () = &mut shutdown => { interrupted = true; break; }
+            p = Arc::clone(&unrecorded).acquire_owned() => p.expect("the semaphore is never closed"),
+        };
         let permit = tokio::select! {
             biased;
             () = &mut shutdown => { interrupted = true; break; }
@@ -1576,8 +1596,8 @@ async fn stream<S: Future<Output = ()>>(
         }
         let run = Arc::clone(run);
         tasks.spawn(async move {
-            run.call(call).await;
-            drop(permit);
+            run.call(call, permit).await;
+            drop(recording);
         });
     }
     drop(rx);

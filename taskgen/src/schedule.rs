@@ -782,7 +782,7 @@ async fn run_pass<S: Future<Output = ()>>(
             let run = Arc::clone(run);
             let key = cut.key;
             tasks.spawn(async move {
-                let ok = run.invoke_call(&id, call, extra).await;
+                let ok = run.invoke_call(&id, call, extra, None).await;
                 (key, members, id, ok)
             });
         }
