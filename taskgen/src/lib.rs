@@ -902,6 +902,9 @@ impl Call {
             out.push('}');
             return out;
         }
+        if self.rows.is_empty() && self.json_count == 0 {
+            return json!({ "items": self.items, "batch": batch }).to_string();
+        }
         if self.rows.is_empty() {
             return json!({ "items": self.items_json(), "batch": batch }).to_string();
         }
