@@ -22,9 +22,9 @@ use crate::{ArrowCompression, BackfillError, Format, Input, ItemError};
 #[derive(Debug)]
 pub(crate) enum Item {
     Value(Value),
-    /// One value already written as JSON text (Parquet rows read by
-    /// [`read_file_json`]): calls of plain backfills pass it on as it is,
-    /// with no `Value` built, sorted and written again per row.
+    /// One value already written as JSON text (Parquet rows and JSON lines
+    /// read by [`read_file_json`]): calls of plain backfills pass it on as
+    /// it is, with no `Value` built, sorted and written again per item.
     Json(String),
     Bad(ItemError),
 }
@@ -80,8 +80,9 @@ pub(crate) fn read_file(
     read(path, input, false, each)
 }
 
-/// Like [`read_file`], but Parquet rows come as [`Item::Json`]: for callers
-/// that only pass items on (no field of an item is looked at).
+/// Like [`read_file`], but Parquet rows and (without `columns`) JSON lines
+/// come as [`Item::Json`]: for callers that only pass items on (no field of
+/// an item is looked at).
 pub(crate) fn read_file_json(
     path: &Path,
     input: &Input,
