@@ -637,12 +637,8 @@ pub async fn run(
             "reduce partitions, items per split and groups per call must be at least 1".into(),
         ));
     }
-    if cfg.payload == PayloadFormat::Arrow && cfg.input.format != sluice_taskgen::Format::Parquet {
-        return Err(MapReduceError::Config(format!(
-            "payload \"arrow\" needs Parquet sources, not {}",
-            cfg.input.format
-        )));
-    }
+    sluice_taskgen::check_columnar(cfg.payload, &cfg.input)
+        .map_err(|e| MapReduceError::Config(e.to_string()))?;
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.output).map_err(|source| MapReduceError::Output {
         path: cfg.output.clone(),

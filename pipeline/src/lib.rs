@@ -121,7 +121,7 @@
 //! | `dead_letter` | the progress path with `.dead.jsonl` | a path |
 //! | `bootstrap_servers` | `"embedded"` | as for Kafka triggers; used by `--distributed` |
 //! | `depends_on_files` | none | `{ "GLOB" = ["GLOB", ...] }`: files start after the files they name fully succeeded (globs without `/` match file names) |
-//! | `payload` | `"json"` | `"json"` (`{"items": [...], "batch": {...}}`) or `"arrow"` (`{"arrow": "<base64 Arrow IPC stream>", "batch": {...}}`, Parquet sources) |
+//! | `payload` | `"json"` | `"json"` (`{"items": [...], "batch": {...}}`), `"arrow"` (`{"arrow": "<base64 Arrow IPC stream>", "batch": {...}}`, Parquet sources) or `"parquet"` (`{"parquet": "<base64 Parquet file>", "batch": {...}}`, Parquet sources: whole row groups, the chosen columns' chunks copied as they are, nothing decoded on the host; a call takes whole row groups within `max_items_per_call` and `max_bytes_per_call`, at least one) |
 //! | `arrow_compression` | `"none"` | with `payload = "arrow"`: `"lz4"` or `"zstd"` compress the IPC stream's buffers (the reader must support it: pyarrow does; arrow-rs needs its `lz4`/`zstd` feature) |
 //! | `state` | none (stateless) | a [state table](#state-state--); the key scope needs `order_key`; count windows only |
 //!
@@ -510,6 +510,29 @@ pub enum PayloadFormat {
     /// `{"arrow": "<base64 Arrow IPC stream>", "batch": {...}}`: the rows as
     /// Arrow record batches, for heavy map-style functions (Parquet sources).
     Arrow,
+    /// `{"parquet": "<base64 Parquet file>", "batch": {...}}`: whole row
+    /// groups of a Parquet source, only the chosen columns, their column
+    /// chunks copied byte for byte (the host decodes nothing; calls are
+    /// row-group aligned).
+    Parquet,
+}
+
+impl PayloadFormat {
+    /// The name a pipeline file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Arrow => "arrow",
+            Self::Parquet => "parquet",
+        }
+    }
+
+    /// Whether calls carry a Parquet source's rows in a columnar format
+    /// (Arrow or Parquet), which needs Parquet sources and is cut by row
+    /// count rather than by item.
+    pub fn is_columnar(self) -> bool {
+        self != Self::Json
+    }
 }
 
 impl std::str::FromStr for PayloadFormat {
@@ -518,7 +541,10 @@ impl std::str::FromStr for PayloadFormat {
         match s {
             "json" => Ok(Self::Json),
             "arrow" => Ok(Self::Arrow),
-            other => Err(format!("unknown payload {other:?} (known: json, arrow)")),
+            "parquet" => Ok(Self::Parquet),
+            other => Err(format!(
+                "unknown payload {other:?} (known: json, arrow, parquet)"
+            )),
         }
     }
 }

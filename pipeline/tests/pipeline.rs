@@ -670,6 +670,26 @@ fn arrow_compression_is_checked() {
 }
 
 #[test]
+fn payload_is_checked_and_parquet_is_known() {
+    let pipeline = parse_with_echo(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.parquet\"\npayload = \"parquet\"\n",
+    );
+    let job = pipeline.job("j").unwrap();
+    assert_eq!(job.payload, sluice_pipeline::PayloadFormat::Parquet);
+    let err = error_with_echo(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.parquet\"\npayload = \"orc\"\n",
+    )
+    .to_string();
+    assert!(
+        err.contains(
+            "7:11: `job.j.payload` = \"orc\" is invalid: expected \"json\", \"arrow\" or \"parquet\""
+        ),
+        "{err}"
+    );
+    assert!(err.contains(INLINE), "names the file: {err}");
+}
+
+#[test]
 fn state_settings_are_parsed_with_defaults() {
     let pipeline = parse_with_echo(
         r#"

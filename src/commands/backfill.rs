@@ -37,8 +37,10 @@ pub struct BackfillOptions {
     /// Keep only these columns (comma-separated); Parquet reads only them.
     #[arg(long, value_delimiter = ',')]
     pub columns: Vec<String>,
-    /// How calls carry their items: json (`{"items": [...]}`, the default)
-    /// or arrow (`{"arrow": "<base64 Arrow IPC stream>"}`, Parquet only).
+    /// How calls carry their items: json (`{"items": [...]}`, the default),
+    /// arrow (`{"arrow": "<base64 Arrow IPC stream>"}`, Parquet only) or
+    /// parquet (`{"parquet": "<base64 Parquet file>"}`: whole row groups,
+    /// column chunks copied as they are; Parquet only).
     #[arg(long)]
     pub payload: Option<PayloadFormat>,
     /// With `--payload arrow`: none (the default), lz4 or zstd compression
@@ -355,7 +357,7 @@ pub fn error_code(e: &BackfillError) -> u8 {
 async fn dry_run(
     sources: &[PathBuf],
     input: &Input,
-    limits: Limits,
+    (limits, payload): (Limits, PayloadFormat),
     (order, max_buffered_items): (&OrderConfig, usize),
     file_dependencies: &[FileDependency],
 ) -> u8 {
@@ -375,7 +377,7 @@ async fn dry_run(
             }
         }
     }
-    let plans = match sluice_taskgen::plan(sources, input, limits) {
+    let plans = match sluice_taskgen::plan_payload(sources, input, limits, payload) {
         Ok(plans) => plans,
         Err(e) => {
             eprintln!("error: {e}");
@@ -506,7 +508,7 @@ pub async fn prepare(
         return Err(dry_run(
             &sources,
             &input,
-            limits,
+            (limits, set.payload),
             (&set.order, set.max_buffered_items),
             &set.file_dependencies,
         )

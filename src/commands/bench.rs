@@ -963,8 +963,10 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
             "{:<44} {:>12.0} rows/s  ({:>5.1} % of scan, {:>5.1} % of scan + JSON)  {:>8.0} calls/s",
             match payload {
                 PayloadFormat::Json => format!("backfill, {per_call} rows/call ({n} rows)"),
-                PayloadFormat::Arrow =>
-                    format!("backfill, {per_call} rows/call, Arrow ({function})"),
+                PayloadFormat::Arrow | PayloadFormat::Parquet => format!(
+                    "backfill, {per_call} rows/call, {} ({function})",
+                    payload.name()
+                ),
             },
             rate,
             100.0 * rate / scan_rate,
@@ -1274,17 +1276,23 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
         "sluice bench mapreduce: TPC-H Q1, lineitem at scale factor {scale} in {parts} Parquet files (generated in {:.1?})",
         started.elapsed()
     );
-    let arrow_files = files.clone();
-    let t = Instant::now();
-    let computed = tokio::task::spawn_blocking(move || q1_arrow(&arrow_files)).await;
-    let want = match joined("computing Q1 with Arrow", computed) {
-        Ok(w) => w,
-        Err(code) => return code,
-    };
-    let arrow_time = t.elapsed();
+    // Each contender: the best of RUNS, as DuckDB's figure is (warm).
+    const RUNS: usize = 3;
+    let mut want = BTreeMap::new();
+    let mut arrow_time = Duration::MAX;
+    for _ in 0..RUNS {
+        let arrow_files = files.clone();
+        let t = Instant::now();
+        let computed = tokio::task::spawn_blocking(move || q1_arrow(&arrow_files)).await;
+        want = match joined("computing Q1 with Arrow", computed) {
+            Ok(w) => w,
+            Err(code) => return code,
+        };
+        arrow_time = arrow_time.min(t.elapsed());
+    }
     println!(
-        "{:<44} {:>9.3} s",
-        "one process, Arrow (baseline)",
+        "{:<52} {:>9.3} s",
+        format!("one process, Arrow (baseline, best of {RUNS})"),
         arrow_time.as_secs_f64()
     );
     let glob = dir.0.join("*.parquet").display().to_string();
@@ -1294,12 +1302,12 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
         .flatten();
     match duck {
         Some(d) => println!(
-            "{:<44} {:>9.3} s",
-            "DuckDB (Python package, warm)",
+            "{:<52} {:>9.3} s",
+            "DuckDB (Python package, warm: best of 4)",
             d.as_secs_f64()
         ),
         None => println!(
-            "{:<44} {:>9}",
+            "{:<52} {:>9}",
             "DuckDB", "not installed (pip install duckdb)"
         ),
     }
@@ -1319,85 +1327,89 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
         }
     };
     let partitions = i32::try_from(j.reduce_partitions).unwrap_or(1);
-    let topic = sluice_mapreduce::shuffle_topic(&j.name, sluice_mapreduce::run_id());
-    if let Err(e) = broker.create_topic(&topic, partitions) {
-        eprintln!("error: {e}");
-        return exit::INVOKE_FAILED;
-    }
     let kafka = sluice_taskgen::distributed::KafkaSettings {
         servers: broker.bootstrap_servers().to_owned(),
         properties: Vec::new(),
     };
     let concurrency = p.functions.get(&j.map).map_or(4, |f| f.concurrency) as usize;
-    let cfg = sluice_mapreduce::MapReduceConfig {
-        job: j.name.clone(),
-        sources: files,
-        input: sluice_taskgen::Input {
-            format: sluice_taskgen::Format::Parquet,
-            columns: j.columns.clone(),
-            csv_delimiter: b',',
-            arrow_compression: j.arrow_compression,
-        },
-        items_per_split: j.max_items_per_call as usize,
-        map: j.map.clone(),
-        combine: j.combine.clone(),
-        reduce: j.reduce.clone(),
-        reduce_partitions: partitions,
-        groups_per_call: j.groups_per_call as usize,
-        max_concurrency: j.max_concurrency.map_or(concurrency, |c| c as usize),
-        max_attempts: j.max_attempts,
-        output: dir.0.join("out"),
-        payload: j.payload,
-        output_format: sluice_mapreduce::OutputFormat::Jsonl,
-        reduce_memory_bytes: (j.reduce_memory_mb as usize) << 20,
-    };
-    let progress = Arc::new(sluice_mapreduce::Progress::default());
-    let state =
-        match sluice_mapreduce::RunState::fresh(&cfg, &kafka.servers, &topic, Vec::new(), false) {
+    // The same executor for every run: after the first, sandboxes are warm.
+    let (mut first, mut best) = (None, None::<sluice_mapreduce::Summary>);
+    for run in 0..RUNS {
+        let topic = sluice_mapreduce::shuffle_topic(&j.name, sluice_mapreduce::run_id());
+        if let Err(e) = broker.create_topic(&topic, partitions) {
+            eprintln!("error: {e}");
+            return exit::INVOKE_FAILED;
+        }
+        let cfg = sluice_mapreduce::MapReduceConfig {
+            job: j.name.clone(),
+            sources: files.clone(),
+            input: sluice_taskgen::Input {
+                format: sluice_taskgen::Format::Parquet,
+                columns: j.columns.clone(),
+                csv_delimiter: b',',
+                arrow_compression: j.arrow_compression,
+            },
+            items_per_split: j.max_items_per_call as usize,
+            map: j.map.clone(),
+            combine: j.combine.clone(),
+            reduce: j.reduce.clone(),
+            reduce_partitions: partitions,
+            groups_per_call: j.groups_per_call as usize,
+            max_concurrency: j.max_concurrency.map_or(concurrency, |c| c as usize),
+            max_attempts: j.max_attempts,
+            output: dir.0.join(format!("out-{run}")),
+            payload: j.payload,
+            output_format: sluice_mapreduce::OutputFormat::Jsonl,
+            reduce_memory_bytes: (j.reduce_memory_mb as usize) << 20,
+        };
+        let progress = Arc::new(sluice_mapreduce::Progress::default());
+        let state = match sluice_mapreduce::RunState::fresh(
+            &cfg,
+            &kafka.servers,
+            &topic,
+            Vec::new(),
+            false,
+        ) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("error: {e}");
                 return exit::INVOKE_FAILED;
             }
         };
-    let result = sluice_mapreduce::run(&ex, &kafka, cfg, state, progress).await;
-    ex.shutdown().await;
-    let s = match result {
-        Ok(s) => s,
-        Err(e) => {
+        let s = match sluice_mapreduce::run(&ex, &kafka, cfg, state, progress).await {
+            Ok(s) => s,
+            Err(e) => {
+                ex.shutdown().await;
+                eprintln!("error: {e}");
+                return exit::INVOKE_FAILED;
+            }
+        };
+        if let Err(e) = q1_matches(&s.output_files, &want) {
+            ex.shutdown().await;
             eprintln!("error: {e}");
             return exit::INVOKE_FAILED;
         }
-    };
-    // The job's answer must be the baseline's.
-    for file in &s.output_files {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            eprintln!("error: cannot read {}", file.display());
-            return exit::INVOKE_FAILED;
-        };
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-            let key = v["key"].as_str().unwrap_or_default();
-            let Some(sums) = want.get(key) else {
-                eprintln!("error: the job answered a group {key:?} the baseline has not");
-                return exit::INVOKE_FAILED;
-            };
-            if v["value"]["sum_charge"].as_str() != Some(sums[4].to_string().as_str())
-                || v["value"]["count"].as_str() != Some(sums[5].to_string().as_str())
-            {
-                eprintln!(
-                    "error: group {key}: the job answered {} (baseline {sums:?})",
-                    v["value"]
-                );
-                return exit::INVOKE_FAILED;
-            }
+        first.get_or_insert(s.duration);
+        if best.as_ref().is_none_or(|b| s.duration < b.duration) {
+            best = Some(s);
         }
+    }
+    ex.shutdown().await;
+    let Some(s) = best else {
+        return exit::INVOKE_FAILED;
+    };
+    if let Some(first) = first {
+        println!(
+            "{:<52} {:>9.3} s",
+            "sluice mapreduce, first run (cold sandboxes)",
+            first.as_secs_f64()
+        );
     }
     let secs = s.duration.as_secs_f64();
     println!(
-        "{:<44} {:>9.3} s   ({:.1}x the Arrow baseline{})",
+        "{:<52} {:>9.3} s   ({:.1}x the Arrow baseline{})",
         format!(
-            "sluice mapreduce ({} map tasks, {} reducers)",
+            "sluice mapreduce ({} map tasks, {} reducers, best of {RUNS})",
             s.map_tasks, partitions
         ),
         secs,
@@ -1412,20 +1424,70 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
     exit::OK
 }
 
-/// lineitem at `scale` as `parts` Parquet files in `dir`.
+/// Checks the job's output files against the baseline's groups and sums.
+fn q1_matches(outputs: &[PathBuf], want: &BTreeMap<String, [i128; 6]>) -> Result<(), String> {
+    let mut seen = 0;
+    for file in outputs {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        for line in text.lines() {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("{}: {e}", file.display()))?;
+            let key = v["key"].as_str().unwrap_or_default();
+            let Some(sums) = want.get(key) else {
+                return Err(format!(
+                    "the job answered a group {key:?} the baseline has not"
+                ));
+            };
+            if v["value"]["sum_charge"].as_str() != Some(sums[4].to_string().as_str())
+                || v["value"]["count"].as_str() != Some(sums[5].to_string().as_str())
+            {
+                return Err(format!(
+                    "group {key}: the job answered {} (baseline {sums:?})",
+                    v["value"]
+                ));
+            }
+            seen += 1;
+        }
+    }
+    if seen != want.len() {
+        return Err(format!(
+            "the job answered {seen} groups, the baseline {}",
+            want.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of a row group (all columns, encoded) in the bench's lineitem
+/// files: `tpchgen-cli`'s default (`--parquet-row-group-bytes`, 7 MiB).
+const LINEITEM_ROW_GROUP_BYTES: usize = 7 << 20;
+
+/// lineitem at `scale` as `parts` Parquet files in `dir`, laid out as
+/// `tpchgen-cli parquet` writes them: Snappy, row groups of about 7 MiB.
 fn generate_lineitem(dir: &Path, scale: f64, parts: i32) -> Result<Vec<PathBuf>, String> {
     use tpchgen::generators::LineItemGenerator;
     use tpchgen_arrow::{LineItemArrow, RecordBatchIterator};
     let mut files = Vec::new();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
     for part in 1..=parts {
         let path = dir.join(format!("lineitem-{part}.parquet"));
         let batches =
             LineItemArrow::new(LineItemGenerator::new(scale, part, parts)).with_batch_size(8192);
         let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
-        let mut w = parquet::arrow::ArrowWriter::try_new(file, Arc::clone(batches.schema()), None)
-            .map_err(|e| e.to_string())?;
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            file,
+            Arc::clone(batches.schema()),
+            Some(props.clone()),
+        )
+        .map_err(|e| e.to_string())?;
         for b in batches {
             w.write(&b).map_err(|e| e.to_string())?;
+            if w.in_progress_size() >= LINEITEM_ROW_GROUP_BYTES {
+                w.flush().map_err(|e| e.to_string())?;
+            }
         }
         w.close().map_err(|e| e.to_string())?;
         files.push(path);

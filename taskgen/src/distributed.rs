@@ -642,13 +642,14 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
             attempts,
             error_type: Some(e.error_type().to_owned()),
             error: Some(e.to_string()),
-            // JSON items, or the base64 Arrow IPC stream of an Arrow call.
+            // JSON items, or the base64 rows of an Arrow or Parquet call.
             items: serde_json::from_str::<Value>(&task.payload)
                 .ok()
                 .and_then(|mut v| {
                     v.get_mut("items")
                         .map(Value::take)
                         .or_else(|| v.get_mut("arrow").map(Value::take))
+                        .or_else(|| v.get_mut("parquet").map(Value::take))
                 })
                 .unwrap_or(Value::Null),
             worker: worker.to_owned(),

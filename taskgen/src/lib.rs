@@ -68,6 +68,7 @@ mod fold;
 mod progress;
 mod read;
 mod source;
+mod splice;
 
 pub use source::register_object_store;
 mod schedule;
@@ -170,6 +171,23 @@ pub enum BackfillError {
         file: PathBuf,
         /// The decoder's message.
         message: String,
+    },
+    /// With `payload = "parquet"`, one row group's chosen columns do not fit
+    /// in a call (row groups are never cut).
+    #[error(
+        "{}: row group {row_group} ({rows} rows) takes {bytes} bytes in a call with the chosen columns, over max_bytes_per_call = {limit}: row groups are never cut, so write the file with smaller row groups, choose fewer columns, or use payload \"arrow\""
+    , file.display())]
+    RowGroupTooLarge {
+        /// The file.
+        file: PathBuf,
+        /// Index of the row group in the file.
+        row_group: usize,
+        /// Its rows.
+        rows: u64,
+        /// Its chosen column chunks, base64-encoded.
+        bytes: u64,
+        /// The call size limit.
+        limit: usize,
     },
     /// `columns` names a column the file does not have.
     #[error("{}: no column {column:?} (columns: {})", file.display(), available.join(", "))]
@@ -282,6 +300,7 @@ impl BackfillError {
             | BackfillError::Config(_)
             | BackfillError::Parquet { .. }
             | BackfillError::MissingColumn { .. }
+            | BackfillError::RowGroupTooLarge { .. }
             | BackfillError::Csv { .. }
             | BackfillError::Dependencies(_)
             | BackfillError::ProgressLayout { .. }
@@ -561,6 +580,8 @@ impl BackfillConfig {
         let bytes = match self.payload {
             PayloadFormat::Json => self.max_bytes_per_call.to_string(),
             PayloadFormat::Arrow => "arrow".to_owned(),
+            // Whole row groups within both limits.
+            PayloadFormat::Parquet => format!("parquet {}", self.max_bytes_per_call),
         };
         let mut layout = format!(
             "items={} bytes={bytes} order_key={:?} id_column={:?} depends_on={:?}",
@@ -771,19 +792,43 @@ pub fn expected_items(sources: &[PathBuf], input: &Input) -> Result<Option<u64>,
     Ok(Some(total))
 }
 
-/// Reads every source without calling anything.
+/// Reads every source without calling anything (calls cut as JSON
+/// payloads cut them).
 pub fn plan(
     sources: &[PathBuf],
     input: &Input,
     limits: Limits,
 ) -> Result<Vec<FilePlan>, BackfillError> {
+    plan_payload(sources, input, limits, PayloadFormat::Json)
+}
+
+/// Like [`plan`], with calls cut as `payload` cuts them (Parquet payloads:
+/// from the metadata alone).
+pub fn plan_payload(
+    sources: &[PathBuf],
+    input: &Input,
+    limits: Limits,
+    payload: PayloadFormat,
+) -> Result<Vec<FilePlan>, BackfillError> {
     check_input(input)?;
+    check_columnar(payload, input)?;
     let mut plans = Vec::new();
     for file in sources {
         let row_groups = match input.format {
             Format::Parquet => Some(read::parquet_row_groups(file)?),
             _ => None,
         };
+        if payload == PayloadFormat::Parquet {
+            let rows = row_groups.as_deref().unwrap_or_default();
+            plans.push(FilePlan {
+                file: file.clone(),
+                items: rows.iter().map(|&n| u64::try_from(n).unwrap_or(0)).sum(),
+                row_groups,
+                bad_items: 0,
+                calls: splice::calls_of(file, input.columns.as_deref(), limits)?,
+            });
+            continue;
+        }
         let (mut items, mut bad_items, mut calls) = (0, 0, 0);
         let mut splitter = Splitter::new(String::new(), limits);
         read::read_file_json(file, input, &mut |index, item| {
@@ -825,6 +870,8 @@ struct Call {
     bad: Vec<ItemError>,
     /// With `payload = "arrow"`: the call's rows (and no `items`).
     rows: Vec<RecordBatch>,
+    /// With `payload = "parquet"`: the call's row groups (and no `items`).
+    parquet: Option<splice::Spliced>,
     /// How `rows` are compressed in the payload.
     compression: ArrowCompression,
 }
@@ -839,6 +886,7 @@ impl Call {
             json_count: 0,
             bad: Vec::new(),
             rows: Vec::new(),
+            parquet: None,
             compression: ArrowCompression::None,
         }
     }
@@ -852,6 +900,7 @@ impl Call {
         self.items.len()
             + self.json_count
             + self.rows.iter().map(RecordBatch::num_rows).sum::<usize>()
+            + self.parquet.as_ref().map_or(0, |p| p.rows)
     }
 
     fn is_empty(&self) -> bool {
@@ -866,12 +915,20 @@ impl Call {
             items.extend(self.items.iter().cloned());
             return Value::Array(items);
         }
-        if self.rows.is_empty() {
-            return Value::Array(self.items.clone());
-        }
+        let decoded;
+        let rows = match &self.parquet {
+            Some(p) => match splice::decode(&p.bytes) {
+                Ok(batches) => {
+                    decoded = batches;
+                    &decoded
+                }
+                Err(e) => return json!(format!("rows not readable: {e}")),
+            },
+            None if self.rows.is_empty() => return Value::Array(self.items.clone()),
+            None => &self.rows,
+        };
         let mut writer = arrow_json::ArrayWriter::new(Vec::new());
-        let converted = self
-            .rows
+        let converted = rows
             .iter()
             .try_for_each(|b| writer.write(b))
             .and_then(|()| writer.finish());
@@ -883,7 +940,8 @@ impl Call {
 
     /// The event a function receives for this call:
     /// `{"items": [...], "batch": {"source", "first_item", "count", "call_id", ...extra}}`,
-    /// or with Arrow rows `{"arrow": "<base64 IPC stream>", "batch": {...}}`.
+    /// or with Arrow rows `{"arrow": "<base64 IPC stream>", "batch": {...}}`,
+    /// or with Parquet row groups `{"parquet": "<base64 file>", "batch": {...}}`.
     fn payload(&self, id: &str, extra: serde_json::Map<String, Value>) -> String {
         let mut batch = serde_json::Map::new();
         batch.insert("source".into(), json!(self.source));
@@ -902,20 +960,30 @@ impl Call {
             out.push('}');
             return out;
         }
-        if self.rows.is_empty() && self.json_count == 0 {
+        let columnar = !self.rows.is_empty() || self.parquet.is_some();
+        if !columnar && self.json_count == 0 {
             return json!({ "items": self.items, "batch": batch }).to_string();
         }
-        if self.rows.is_empty() {
+        if !columnar {
             return json!({ "items": self.items_json(), "batch": batch }).to_string();
         }
         // Written by hand: the base64 text needs no JSON escaping, and
         // serde_json would check each of its bytes (megabytes per call).
         use base64::Engine;
-        let ipc = read::ipc_stream(&self.rows, self.compression);
+        let ipc;
+        let (field, bytes) = match &self.parquet {
+            Some(p) => ("parquet", p.bytes.as_slice()),
+            None => {
+                ipc = read::ipc_stream(&self.rows, self.compression);
+                ("arrow", ipc.as_slice())
+            }
+        };
         let batch = Value::Object(batch).to_string();
-        let mut out = String::with_capacity(ipc.len().div_ceil(3) * 4 + batch.len() + 24);
-        out.push_str("{\"arrow\":\"");
-        base64::engine::general_purpose::STANDARD.encode_string(&ipc, &mut out);
+        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4 + batch.len() + 24);
+        out.push_str("{\"");
+        out.push_str(field);
+        out.push_str("\":\"");
+        base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut out);
         out.push_str("\",\"batch\":");
         out.push_str(&batch);
         out.push('}');
@@ -985,6 +1053,18 @@ impl Splitter {
     }
 }
 
+/// A columnar payload needs Parquet sources.
+pub fn check_columnar(payload: PayloadFormat, input: &Input) -> Result<(), BackfillError> {
+    if payload.is_columnar() && input.format != Format::Parquet {
+        return Err(BackfillError::Config(format!(
+            "payload {:?} needs Parquet sources, not {}",
+            payload.name(),
+            input.format
+        )));
+    }
+    Ok(())
+}
+
 /// Options that do not fit the format.
 fn check_input(input: &Input) -> Result<(), BackfillError> {
     if input.columns.is_some() && input.format == Format::Text {
@@ -1043,6 +1123,39 @@ fn arrow_reader(
             return;
         }
         if closed || (!current.is_empty() && tx.blocking_send(Ok(current)).is_err()) {
+            return;
+        }
+    }
+}
+
+/// Like [`reader`] for `payload = "parquet"`: each call holds whole row
+/// groups of a file, the chosen columns' chunks copied as they are.
+fn parquet_reader(
+    sources: Vec<PathBuf>,
+    input: Input,
+    limits: Limits,
+    tx: mpsc::Sender<Result<Call, BackfillError>>,
+) {
+    for file in sources {
+        let source = file.display().to_string();
+        let mut closed = false;
+        let result = splice::read_spliced(&file, input.columns.as_deref(), limits, &mut |s| {
+            let first = s.first;
+            let call = Call {
+                parquet: Some(s),
+                ..Call::new(source.clone(), first)
+            };
+            if tx.blocking_send(Ok(call)).is_err() {
+                closed = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        });
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        if closed {
             return;
         }
     }
@@ -1133,24 +1246,21 @@ impl Run {
             )));
         }
         check_input(&cfg.input)?;
-        if cfg.payload == PayloadFormat::Arrow {
-            if cfg.input.format != Format::Parquet {
-                return Err(BackfillError::Config(format!(
-                    "payload \"arrow\" needs Parquet sources, not {}",
-                    cfg.input.format
-                )));
-            }
+        if cfg.payload.is_columnar() {
+            check_columnar(cfg.payload, &cfg.input)?;
             if cfg.order.is_active() {
-                return Err(BackfillError::Config(
-                    "payload \"arrow\" cannot be combined with order_key or dependencies".into(),
-                ));
+                return Err(BackfillError::Config(format!(
+                    "payload {:?} cannot be combined with order_key or dependencies",
+                    cfg.payload.name()
+                )));
             }
         }
         if let Some(st) = &cfg.state {
-            if cfg.payload == PayloadFormat::Arrow {
-                return Err(BackfillError::Config(
-                    "a stateful job sends JSON items: payload \"arrow\" does not apply".into(),
-                ));
+            if cfg.payload.is_columnar() {
+                return Err(BackfillError::Config(format!(
+                    "a stateful job sends JSON items: payload {:?} does not apply",
+                    cfg.payload.name()
+                )));
             }
             if !cfg.file_dependencies.is_empty() || cfg.order.id_column.is_some() {
                 return Err(BackfillError::Config(
@@ -1609,22 +1719,31 @@ async fn stream<S: Future<Output = ()>>(
     (interrupted, read_error)
 }
 
-/// Reads `sources` on a blocking thread, sending calls to `tx`: rows as
-/// JSON items, or as Arrow batches with `payload = "arrow"`.
+/// Reads `sources` (on the current, blocking thread), sending calls to
+/// `tx`: rows as JSON items, Arrow batches or Parquet row groups.
+fn read_calls(
+    payload: PayloadFormat,
+    sources: Vec<PathBuf>,
+    input: Input,
+    limits: Limits,
+    tx: mpsc::Sender<Result<Call, BackfillError>>,
+) {
+    match payload {
+        PayloadFormat::Json => reader(sources, input, limits, tx),
+        PayloadFormat::Arrow => arrow_reader(sources, input, limits, tx),
+        PayloadFormat::Parquet => parquet_reader(sources, input, limits, tx),
+    }
+}
+
+/// Reads `sources` on a blocking thread, sending calls to `tx`.
 fn spawn_reader(
     run: &Run,
     sources: Vec<PathBuf>,
     tx: mpsc::Sender<Result<Call, BackfillError>>,
 ) -> tokio::task::JoinHandle<()> {
     let (input, limits) = (run.cfg.input.clone(), run.cfg.limits());
-    let arrow = run.cfg.payload == PayloadFormat::Arrow;
-    tokio::task::spawn_blocking(move || {
-        if arrow {
-            arrow_reader(sources, input, limits, tx);
-        } else {
-            reader(sources, input, limits, tx);
-        }
-    })
+    let payload = run.cfg.payload;
+    tokio::task::spawn_blocking(move || read_calls(payload, sources, input, limits, tx))
 }
 
 /// One call of a data set as another box uses it (MapReduce's map splits):
@@ -1658,10 +1777,7 @@ pub fn splits(
 ) -> mpsc::Receiver<Result<Split, BackfillError>> {
     let (tx, mut calls) = mpsc::channel(buffer.max(1));
     let (out, rx) = mpsc::channel(buffer.max(1));
-    tokio::task::spawn_blocking(move || match payload {
-        PayloadFormat::Json => reader(sources, input, limits, tx),
-        PayloadFormat::Arrow => arrow_reader(sources, input, limits, tx),
-    });
+    tokio::task::spawn_blocking(move || read_calls(payload, sources, input, limits, tx));
     tokio::spawn(async move {
         while let Some(next) = calls.recv().await {
             let split = next.map(|call| {

@@ -113,6 +113,17 @@ pub(crate) fn projection(
     parquet: &SchemaDescriptor,
     columns: &[String],
 ) -> Result<ProjectionMask, BackfillError> {
+    let indices = field_indices(path, schema, columns)?;
+    Ok(ProjectionMask::roots(parquet, indices))
+}
+
+/// The indices of `columns` among the top-level fields of `schema`, or an
+/// error naming the first missing one.
+pub(crate) fn field_indices(
+    path: &Path,
+    schema: &Schema,
+    columns: &[String],
+) -> Result<Vec<usize>, BackfillError> {
     let mut indices = Vec::with_capacity(columns.len());
     for c in columns {
         match schema.index_of(c) {
@@ -126,7 +137,7 @@ pub(crate) fn projection(
             }
         }
     }
-    Ok(ProjectionMask::roots(parquet, indices))
+    Ok(indices)
 }
 
 /// Applies `columns` to a Parquet reader builder (sync or async).

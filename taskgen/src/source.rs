@@ -343,6 +343,41 @@ pub(crate) mod parquet_remote {
         })
     }
 
+    /// A remote Parquet object: its store, path and metadata.
+    pub(crate) type Located = (
+        Arc<dyn ObjectStore>,
+        ObjectPath,
+        Arc<parquet::file::metadata::ParquetMetaData>,
+    );
+
+    /// The object's store, path and Parquet metadata.
+    pub(crate) fn metadata(source: &Path) -> Result<Located, String> {
+        let (store, path, _) = locate(source).map_err(|e| e.to_string())?;
+        let (s, p) = (Arc::clone(&store), path.clone());
+        let meta = block_on(async move {
+            ParquetRecordBatchStreamBuilder::new(ParquetObjectReader::new(s, p))
+                .await
+                .map(|b| Arc::clone(b.metadata()))
+                .map_err(|e| e.to_string())
+        })?;
+        Ok((store, path, meta))
+    }
+
+    /// The bytes of `ranges` of an object.
+    pub(crate) fn ranges(
+        store: &Arc<dyn ObjectStore>,
+        path: &ObjectPath,
+        ranges: Vec<std::ops::Range<u64>>,
+    ) -> Result<Vec<bytes::Bytes>, String> {
+        let (store, path) = (Arc::clone(store), path.clone());
+        block_on(async move {
+            store
+                .get_ranges(&path, &ranges)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
     /// Decodes the object row group by row group, `batch_rows` rows per
     /// batch, calling `each` until it returns false.
     pub(crate) fn batches(

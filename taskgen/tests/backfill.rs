@@ -770,3 +770,96 @@ async fn failed_parquet_rows_are_dead_lettered_whole() {
             .all(|r| r["l_shipmode"].as_str().unwrap().starts_with("MODE"))
     );
 }
+
+/// `payload = "parquet"`: a failed call dead-letters its rows as JSON (the
+/// row groups decoded again), with only the chosen columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_parquet_payload_rows_are_dead_lettered_as_json() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("lineitem.parquet");
+    // Row groups of 700 rows: 700, 700, 100.
+    let batch = write_lineitem(&path, 1_500);
+    let f = function_fixture("fail");
+    let ex = executor("fail", &f, 2);
+    let mut cfg = config(dir.path(), "fail", vec![path], Format::Parquet);
+    cfg.payload = sluice_taskgen::PayloadFormat::Parquet;
+    cfg.input.columns = Some(vec!["l_quantity".into(), "l_shipmode".into()]);
+    cfg.max_items_per_call = 1_000;
+    cfg.max_attempts = 1;
+    let s = sluice_taskgen::run(&ex, cfg.clone(), Hooks::default(), never())
+        .await
+        .unwrap();
+    ex.shutdown().await;
+    // Whole row groups within 1,000 rows: 700, then 700 + 100.
+    assert_eq!(
+        (s.calls_total, s.calls_failed, s.items_failed),
+        (2, 2, 1_500)
+    );
+    let dead = dead_letters(&cfg.dead_letter);
+    let mut counts: Vec<usize> = dead
+        .iter()
+        .map(|d| d["items"].as_array().unwrap().len())
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [700, 800]);
+    let rows: Vec<Value> = dead
+        .iter()
+        .flat_map(|d| d["items"].as_array().unwrap().clone())
+        .collect();
+    let total: f64 = rows.iter().map(|r| r["l_quantity"].as_f64().unwrap()).sum();
+    assert!((total - arrow_sum(&batch, "l_quantity")).abs() < 1e-6);
+    assert!(rows.iter().all(|r| r.get("l_extendedprice").is_none()));
+    assert!(
+        rows.iter()
+            .all(|r| r["l_shipmode"].as_str().unwrap().starts_with("MODE"))
+    );
+}
+
+/// Row groups are never cut: one over `max_bytes_per_call` is an error
+/// naming the file and the group, before any call (and in the plan).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_group_over_the_byte_limit_is_a_clear_error() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("lineitem.parquet");
+    write_lineitem(&path, 1_500);
+    let f = function_fixture("arrow-sum");
+    let ex = executor("arrow-sum", &f, 2);
+    let mut cfg = config(dir.path(), "arrow-sum", vec![path.clone()], Format::Parquet);
+    cfg.payload = sluice_taskgen::PayloadFormat::Parquet;
+    cfg.max_items_per_call = 1_000;
+    cfg.max_bytes_per_call = 1_000;
+    let e = sluice_taskgen::run(&ex, cfg.clone(), Hooks::default(), never())
+        .await
+        .unwrap_err();
+    ex.shutdown().await;
+    let text = e.to_string();
+    assert!(
+        matches!(
+            e,
+            sluice_taskgen::BackfillError::RowGroupTooLarge {
+                row_group: 0,
+                rows: 700,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(text.contains("lineitem.parquet"), "{text}");
+    assert!(text.contains("max_bytes_per_call = 1000"), "{text}");
+    let plan = sluice_taskgen::plan_payload(
+        &[path],
+        &Format::Parquet.into(),
+        sluice_taskgen::Limits {
+            items: 1_000,
+            bytes: 1_000,
+        },
+        sluice_taskgen::PayloadFormat::Parquet,
+    );
+    assert!(
+        matches!(
+            plan,
+            Err(sluice_taskgen::BackfillError::RowGroupTooLarge { .. })
+        ),
+        "{plan:?}"
+    );
+}

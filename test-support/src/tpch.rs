@@ -26,8 +26,10 @@ pub fn write_lineitem(
             let path = dir.join(format!("lineitem-{part}.parquet"));
             let batches = LineItemArrow::new(LineItemGenerator::new(scale_factor, part, files))
                 .with_batch_size(4_096);
+            // Snappy, as `tpchgen-cli parquet` writes it by default.
             let props = WriterProperties::builder()
                 .set_max_row_group_size(row_group_rows)
+                .set_compression(parquet::basic::Compression::SNAPPY)
                 .build();
             let mut writer = ArrowWriter::try_new(
                 File::create(&path).expect("creating a lineitem file"),

@@ -529,7 +529,7 @@ impl RawJob {
                         at: loc.at(v.span()),
                         field: f.field("payload"),
                         value: v.into_inner(),
-                        expected: "\"json\" or \"arrow\"",
+                        expected: "\"json\", \"arrow\" or \"parquet\"",
                     });
                 }
             },

@@ -1,9 +1,11 @@
-//! A map-style function for backfills with `payload = "arrow"`: each event
-//! carries a slice of the data set as an Arrow IPC stream (base64, in JSON,
-//! so that this is still plain `lambda_runtime` code):
+//! A map-style function for backfills with `payload = "arrow"` or
+//! `payload = "parquet"`: each event carries a slice of the data set as an
+//! Arrow IPC stream or as a Parquet file of whole row groups (base64, in
+//! JSON, so that this is still plain `lambda_runtime` code):
 //!
 //! ```json
 //! {"arrow": "<base64 Arrow IPC stream>", "batch": {"source": "...", "first_item": 0, "count": 1000, "call_id": "..."}}
+//! {"parquet": "<base64 Parquet file>", "batch": {"source": "...", "first_item": 0, "count": 7000, "call_id": "..."}}
 //! ```
 //!
 //! It answers the row count and, for every numeric (integer, float or
@@ -22,13 +24,38 @@ use arrow_array::{Array, RecordBatch};
 use arrow_ipc::reader::StreamReader;
 use arrow_schema::DataType;
 use base64::Engine;
+use bytes::Bytes;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 #[derive(Deserialize)]
 struct Event {
-    arrow: String,
+    arrow: Option<String>,
+    parquet: Option<String>,
+}
+
+/// Rows per record batch decoded from a Parquet payload.
+const PARQUET_BATCH_ROWS: usize = 8 * 1024;
+
+/// The event's record batches.
+fn batches(event: Event) -> Result<Vec<RecordBatch>, Error> {
+    let decode = |b64: String| base64::engine::general_purpose::STANDARD.decode(b64);
+    match (event.arrow, event.parquet) {
+        (_, Some(parquet)) => Ok(ParquetRecordBatchReaderBuilder::try_new(Bytes::from(decode(
+            parquet,
+        )?))?
+        .with_batch_size(PARQUET_BATCH_ROWS)
+        .build()?
+        .collect::<Result<_, _>>()?),
+        (Some(arrow), None) => Ok(
+            StreamReader::try_new(decode(arrow)?.as_slice(), None)?.collect::<Result<_, _>>()?
+        ),
+        (None, None) => Err(Error::from(
+            "expected {\"arrow\": ...} or {\"parquet\": ...}: set payload = \"arrow\" or \"parquet\"",
+        )),
+    }
 }
 
 /// Sum of one column: floats as f64, integers and decimals exactly.
@@ -66,12 +93,9 @@ fn sum(col: &dyn Array) -> Option<Value> {
 }
 
 async fn handler(event: LambdaEvent<Event>) -> Result<Value, Error> {
-    let bytes = base64::engine::general_purpose::STANDARD.decode(event.payload.arrow)?;
-    let reader = StreamReader::try_new(bytes.as_slice(), None)?;
     let mut rows = 0usize;
     let mut sums: BTreeMap<String, Value> = BTreeMap::new();
-    for batch in reader {
-        let batch: RecordBatch = batch?;
+    for batch in batches(event.payload)? {
         rows += batch.num_rows();
         for (field, col) in batch.schema().fields().iter().zip(batch.columns()) {
             let Some(s) = sum(col.as_ref()) else { continue };

@@ -1,5 +1,6 @@
 //! TPC-H Query 1 as MapReduce functions for `sluice mapreduce` with
-//! `payload = "arrow"`; the `handler` setting picks the role.
+//! `payload = "parquet"` (or `"arrow"`); the `handler` setting picks the
+//! role.
 //!
 //! ```sql
 //! select l_returnflag, l_linestatus, sum(l_quantity), sum(l_extendedprice),
@@ -10,7 +11,8 @@
 //! group by l_returnflag, l_linestatus
 //! ```
 //!
-//! - `map`: an Arrow batch of `lineitem` → one record per group, keyed
+//! - `map`: `lineitem` rows (Parquet row groups or Arrow batches) → one
+//!   record per group, keyed
 //!   `"R|S"`, with exact partial sums as decimal integer strings: `sum_qty`,
 //!   `sum_base_price`, `sum_disc` (scale 2), `sum_disc_price` (scale 4),
 //!   `sum_charge` (scale 6), and `count`.
@@ -24,7 +26,9 @@ use arrow_array::{Array, RecordBatch};
 use arrow_ipc::reader::StreamReader;
 use arrow_schema::DataType;
 use base64::Engine;
+use bytes::Bytes;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Value, json};
 
 /// `date '1998-12-01' - interval '90' day`, in days since 1970-01-01.
@@ -116,6 +120,15 @@ impl<'a> Text<'a> {
         }
     }
 
+    /// The view of text `i` when it is a short one held inline (at most
+    /// 12 bytes: then equal views are equal texts).
+    fn inline_view(&self, i: usize) -> Option<u128> {
+        match self {
+            Text::View(a) => Some(a.views()[i]).filter(|&v| v as u32 <= 12),
+            _ => None,
+        }
+    }
+
     fn value(&self, i: usize) -> &'a str {
         match self {
             Text::Utf8(a) => a.value(i),
@@ -132,15 +145,34 @@ fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a dyn Array, Error
         .ok_or_else(|| Error::from(format!("the batch has no column {name}")))
 }
 
+/// Rows per record batch decoded from a Parquet payload.
+const PARQUET_BATCH_ROWS: usize = 8 * 1024;
+
+/// The record batches of the event: `{"parquet": "<base64 Parquet file>"}`
+/// (`payload = "parquet"`) or `{"arrow": "<base64 Arrow IPC stream>"}`
+/// (`payload = "arrow"`).
+fn batches(event: &Value) -> Result<Box<dyn Iterator<Item = Result<RecordBatch, Error>>>, Error> {
+    let decode = |b64: &str| base64::engine::general_purpose::STANDARD.decode(b64);
+    if let Some(b64) = event["parquet"].as_str() {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(decode(b64)?))?
+            .with_batch_size(PARQUET_BATCH_ROWS)
+            .build()?;
+        return Ok(Box::new(reader.map(|b| b.map_err(Error::from))));
+    }
+    let b64 = event["arrow"].as_str().ok_or(
+        "expected a Parquet or Arrow payload: set payload = \"parquet\" or \"arrow\" on the job",
+    )?;
+    let reader = StreamReader::try_new(std::io::Cursor::new(decode(b64)?), None)?;
+    Ok(Box::new(reader.map(|b| b.map_err(Error::from))))
+}
+
 fn map(event: &Value) -> Result<Value, Error> {
-    let b64 = event["arrow"]
-        .as_str()
-        .ok_or("expected an Arrow payload: set payload = \"arrow\" on the job")?;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(b64)?;
     // Q1 has a handful of groups: a short list searched by the two texts
     // beats building a key string for each of millions of rows.
     let mut groups: Vec<(String, String, Partial)> = Vec::new();
-    for batch in StreamReader::try_new(bytes.as_slice(), None)? {
+    // Group index by the views of inline (short) texts.
+    let mut inline: Vec<((u128, u128), usize)> = Vec::new();
+    for batch in batches(event)? {
         let batch = batch?;
         let dec = |name: &str| -> Result<_, Error> {
             let c = column(&batch, name)?.as_primitive::<Decimal128Type>();
@@ -167,12 +199,27 @@ fn map(event: &Value) -> Result<Value, Error> {
             if ship.value(i) > SHIP_CUTOFF {
                 continue;
             }
-            let (f, st) = (flag.value(i), status.value(i));
-            let at = match groups.iter().position(|(a, b, _)| a == f && b == st) {
+            // Short texts of a view column are compared as their views.
+            let views = (flag.inline_view(i), status.inline_view(i));
+            let cached = match views {
+                (Some(a), Some(b)) => inline.iter().find(|c| c.0 == (a, b)).map(|c| c.1),
+                _ => None,
+            };
+            let at = match cached {
                 Some(at) => at,
                 None => {
-                    groups.push((f.to_owned(), st.to_owned(), Partial::default()));
-                    groups.len() - 1
+                    let (f, st) = (flag.value(i), status.value(i));
+                    let at = match groups.iter().position(|(a, b, _)| a == f && b == st) {
+                        Some(at) => at,
+                        None => {
+                            groups.push((f.to_owned(), st.to_owned(), Partial::default()));
+                            groups.len() - 1
+                        }
+                    };
+                    if let (Some(a), Some(b)) = views {
+                        inline.push(((a, b), at));
+                    }
+                    at
                 }
             };
             let g = &mut groups[at].2;
