@@ -1085,7 +1085,7 @@ fn arrow_reader(
     limits: Limits,
     tx: mpsc::Sender<Result<Call, BackfillError>>,
 ) {
-    for file in sources {
+    read::send_each(&sources, &tx, |_, file, send| {
         let source = file.display().to_string();
         let call = |first| Call {
             compression: input.arrow_compression,
@@ -1093,9 +1093,8 @@ fn arrow_reader(
         };
         let mut current = call(0);
         let mut index = 0u64;
-        let mut closed = false;
         let mut per_call = 0usize;
-        let result = read::read_parquet_batches(&file, input.columns.as_deref(), &mut |batch| {
+        read::read_parquet_batches(file, input.columns.as_deref(), &mut |batch| {
             if per_call == 0 && batch.num_rows() > 0 {
                 // Bytes per row in memory (an upper bound of the IPC size),
                 // times 4/3 for base64.
@@ -1109,23 +1108,16 @@ fn arrow_reader(
                 offset += take;
                 index += take as u64;
                 if current.len() == per_call {
-                    let done = std::mem::replace(&mut current, call(index));
-                    if tx.blocking_send(Ok(done)).is_err() {
-                        closed = true;
-                        return ControlFlow::Break(());
-                    }
+                    send(std::mem::replace(&mut current, call(index)))?;
                 }
             }
             ControlFlow::Continue(())
-        });
-        if let Err(e) = result {
-            let _ = tx.blocking_send(Err(e));
-            return;
+        })?;
+        if !current.is_empty() {
+            let _ = send(current);
         }
-        if closed || (!current.is_empty() && tx.blocking_send(Ok(current)).is_err()) {
-            return;
-        }
-    }
+        Ok(())
+    });
 }
 
 /// Like [`reader`] for `payload = "parquet"`: each call holds whole row
@@ -1136,29 +1128,16 @@ fn parquet_reader(
     limits: Limits,
     tx: mpsc::Sender<Result<Call, BackfillError>>,
 ) {
-    for file in sources {
+    read::send_each(&sources, &tx, |_, file, send| {
         let source = file.display().to_string();
-        let mut closed = false;
-        let result = splice::read_spliced(&file, input.columns.as_deref(), limits, &mut |s| {
+        splice::read_spliced(file, input.columns.as_deref(), limits, &mut |s| {
             let first = s.first;
-            let call = Call {
+            send(Call {
                 parquet: Some(s),
                 ..Call::new(source.clone(), first)
-            };
-            if tx.blocking_send(Ok(call)).is_err() {
-                closed = true;
-                return ControlFlow::Break(());
-            }
-            ControlFlow::Continue(())
-        });
-        if let Err(e) = result {
-            let _ = tx.blocking_send(Err(e));
-            return;
-        }
-        if closed {
-            return;
-        }
-    }
+            })
+        })
+    });
 }
 
 /// Reads all sources on the current (blocking) thread, sending calls until
@@ -1169,31 +1148,21 @@ fn reader(
     limits: Limits,
     tx: mpsc::Sender<Result<Call, BackfillError>>,
 ) {
-    for file in sources {
+    read::send_each(&sources, &tx, |_, file, send| {
         let mut splitter = Splitter::new(file.display().to_string(), limits);
-        let mut closed = false;
-        let result = read::read_file_json(&file, &input, &mut |index, item| {
-            if let Some(done) = splitter.push(index, item)
-                && tx.blocking_send(Ok(done)).is_err()
-            {
-                closed = true;
-                return ControlFlow::Break(());
-            }
-            ControlFlow::Continue(())
-        });
-        if let Err(e) = result {
-            let _ = tx.blocking_send(Err(e));
-            return;
+        read::read_file_json(
+            file,
+            &input,
+            &mut |index, item| match splitter.push(index, item) {
+                Some(done) => send(done),
+                None => ControlFlow::Continue(()),
+            },
+        )?;
+        if let Some(done) = splitter.finish() {
+            let _ = send(done);
         }
-        if closed {
-            return;
-        }
-        if let Some(done) = splitter.finish()
-            && tx.blocking_send(Ok(done)).is_err()
-        {
-            return;
-        }
-    }
+        Ok(())
+    });
 }
 
 /// Shared state of a run.

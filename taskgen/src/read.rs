@@ -55,6 +55,37 @@ fn parquet_error(file: &Path, e: impl std::fmt::Display) -> BackfillError {
     }
 }
 
+/// Reads `sources` one after another with `read_file(index, file, send)`,
+/// which hands what it reads to `send`: each goes to `tx` until the
+/// receiver goes away or a read fails (then its error is sent last).
+pub(crate) fn send_each<T>(
+    sources: &[PathBuf],
+    tx: &tokio::sync::mpsc::Sender<Result<T, BackfillError>>,
+    mut read_file: impl FnMut(
+        usize,
+        &Path,
+        &mut dyn FnMut(T) -> ControlFlow<()>,
+    ) -> Result<(), BackfillError>,
+) {
+    for (i, file) in sources.iter().enumerate() {
+        let mut closed = false;
+        let mut send = |value: T| {
+            if tx.blocking_send(Ok(value)).is_err() {
+                closed = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        };
+        if let Err(e) = read_file(i, file, &mut send) {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
 /// Rows of each row group of a Parquet file.
 pub(crate) fn parquet_row_groups(path: &Path) -> Result<Vec<i64>, BackfillError> {
     if source::is_remote(path) {

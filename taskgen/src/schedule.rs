@@ -142,23 +142,9 @@ pub(crate) fn spawn_items(
 ) -> (mpsc::Receiver<Read>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     let handle = tokio::task::spawn_blocking(move || {
-        for (f, file) in sources.iter().enumerate() {
-            let mut closed = false;
-            let result = crate::read::read_file(file, &input, &mut |index, item| {
-                if tx.blocking_send(Ok((f, index, item))).is_err() {
-                    closed = true;
-                    return ControlFlow::Break(());
-                }
-                ControlFlow::Continue(())
-            });
-            if let Err(e) = result {
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-            if closed {
-                return;
-            }
-        }
+        crate::read::send_each(&sources, &tx, |f, file, send| {
+            crate::read::read_file(file, &input, &mut |index, item| send((f, index, item)))
+        });
     });
     (rx, handle)
 }

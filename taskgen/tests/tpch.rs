@@ -33,6 +33,51 @@ fn write_lineitem(dir: &std::path::Path) -> Vec<PathBuf> {
     sluice_test_support::tpch::write_lineitem(dir, SCALE_FACTOR, FILES, ROW_GROUP_ROWS)
 }
 
+/// `files` copied to a new in-memory object store registered at `base`
+/// (`memory://NAME`), under `tpch/`; their URLs.
+async fn in_memory_store(files: &[PathBuf], base: &str) -> Vec<PathBuf> {
+    let store = Arc::new(InMemory::new());
+    for file in files {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        store
+            .put(
+                &ObjectPath::from(format!("tpch/{name}")),
+                std::fs::read(file).unwrap().into(),
+            )
+            .await
+            .unwrap();
+    }
+    sluice_taskgen::register_object_store(base, store);
+    let sources = sluice_taskgen::resolve_sources(&[format!("{base}/tpch/*.parquet")]).unwrap();
+    assert_eq!(sources.len(), files.len());
+    sources
+}
+
+/// The sums of `l_quantity` and `l_extendedprice` (cents) that `arrow-sum`
+/// answers, added up, and the rows of each call.
+type ArrowSums = Arc<Mutex<(i128, i128, Vec<u64>)>>;
+
+/// Hooks collecting what `arrow-sum` answers into [`ArrowSums`]; only the
+/// projected columns may reach the function.
+fn arrow_sum_hooks() -> (Hooks, ArrowSums) {
+    let sums: ArrowSums = Arc::new(Mutex::new((0, 0, Vec::new())));
+    let sink = Arc::clone(&sums);
+    let hooks = Hooks {
+        on_response: Some(Arc::new(move |_: &str, r: &Response| {
+            let v: Value = serde_json::from_slice(&r.payload).unwrap();
+            let keys: Vec<&String> = v["sums"].as_object().unwrap().keys().collect();
+            assert_eq!(keys, ["l_extendedprice", "l_quantity"], "{v}");
+            let exact = |k: &str| v["sums"][k].as_str().unwrap().parse::<i128>().unwrap();
+            let mut s = sink.lock().unwrap();
+            s.0 += exact("l_quantity");
+            s.1 += exact("l_extendedprice");
+            s.2.push(v["rows"].as_u64().unwrap());
+        })),
+        on_tick: None,
+    };
+    (hooks, sums)
+}
+
 /// An executor running the workspace function `name` (2 at once); the
 /// fixture's folder lives as long as the returned fixture.
 fn executor(name: &str) -> (sluice_test_support::FunctionFixture, Executor) {
@@ -101,21 +146,7 @@ async fn lineitem_sums_match_arrow_to_the_cent() {
     assert!(want_rows > 50_000, "{want_rows} rows");
 
     // The same files behind an object store URL.
-    let store = Arc::new(InMemory::new());
-    for file in &files {
-        let name = file.file_name().unwrap().to_str().unwrap();
-        store
-            .put(
-                &ObjectPath::from(format!("tpch/{name}")),
-                std::fs::read(file).unwrap().into(),
-            )
-            .await
-            .unwrap();
-    }
-    sluice_taskgen::register_object_store("memory://tpch-sf001", store);
-    let sources =
-        sluice_taskgen::resolve_sources(&["memory://tpch-sf001/tpch/*.parquet".to_owned()])
-            .unwrap();
+    let sources = in_memory_store(&files, "memory://tpch-sf001").await;
     assert_eq!(sources.len(), FILES as usize);
     let plan = sluice_taskgen::plan(
         &sources,
@@ -193,22 +224,7 @@ async fn arrow_payload_sums(compression: sluice_taskgen::ArrowCompression) {
 
     let (_f, ex) = executor("arrow-sum");
 
-    let sums = Arc::new(Mutex::new((0i128, 0i128, 0u64)));
-    let sink = Arc::clone(&sums);
-    let hooks = Hooks {
-        on_response: Some(Arc::new(move |_: &str, r: &Response| {
-            let v: Value = serde_json::from_slice(&r.payload).unwrap();
-            // Only the projected columns reach the function.
-            let keys: Vec<&String> = v["sums"].as_object().unwrap().keys().collect();
-            assert_eq!(keys, ["l_extendedprice", "l_quantity"], "{v}");
-            let exact = |k: &str| v["sums"][k].as_str().unwrap().parse::<i128>().unwrap();
-            let mut s = sink.lock().unwrap();
-            s.0 += exact("l_quantity");
-            s.1 += exact("l_extendedprice");
-            s.2 += v["rows"].as_u64().unwrap();
-        })),
-        on_tick: None,
-    };
+    let (hooks, sums) = arrow_sum_hooks();
     let mut cfg = BackfillConfig::new("arrow-sum", files, Format::Parquet);
     cfg.input.columns = Some(vec!["l_quantity".into(), "l_extendedprice".into()]);
     cfg.payload = sluice_taskgen::PayloadFormat::Arrow;
@@ -223,8 +239,8 @@ async fn arrow_payload_sums(compression: sluice_taskgen::ArrowCompression) {
         .unwrap();
     ex.shutdown().await;
     assert_eq!(summary.items_succeeded, want_rows);
-    let (quantity, price, rows) = *sums.lock().unwrap();
-    assert_eq!(rows, want_rows);
+    let (quantity, price, calls) = sums.lock().unwrap().clone();
+    assert_eq!(calls.iter().sum::<u64>(), want_rows);
     assert_eq!(quantity, want_quantity, "l_quantity in cents");
     assert_eq!(price, want_price, "l_extendedprice in cents");
 }
@@ -238,22 +254,7 @@ async fn parquet_payloads_carry_whole_row_groups_and_sum_to_the_cent() {
     let dir = TempDir::new().unwrap();
     let files = write_lineitem(dir.path());
     let (want_quantity, want_price, want_rows) = arrow_sums(&files);
-    let store = Arc::new(InMemory::new());
-    for file in &files {
-        let name = file.file_name().unwrap().to_str().unwrap();
-        store
-            .put(
-                &ObjectPath::from(format!("tpch/{name}")),
-                std::fs::read(file).unwrap().into(),
-            )
-            .await
-            .unwrap();
-    }
-    sluice_taskgen::register_object_store("memory://tpch-parquet-payload", store);
-    let sources = sluice_taskgen::resolve_sources(&[
-        "memory://tpch-parquet-payload/tpch/*.parquet".to_owned(),
-    ])
-    .unwrap();
+    let sources = in_memory_store(&files, "memory://tpch-parquet-payload").await;
     let mut input: sluice_taskgen::Input = Format::Parquet.into();
     input.columns = Some(vec!["l_quantity".into(), "l_extendedprice".into()]);
     let limits = sluice_taskgen::Limits {
@@ -272,21 +273,7 @@ async fn parquet_payloads_carry_whole_row_groups_and_sum_to_the_cent() {
     assert_eq!(want_calls, 2 * FILES as u64, "{plan:?}");
 
     let (_f, ex) = executor("arrow-sum");
-    let sums = Arc::new(Mutex::new((0i128, 0i128, Vec::new())));
-    let sink = Arc::clone(&sums);
-    let hooks = Hooks {
-        on_response: Some(Arc::new(move |_: &str, r: &Response| {
-            let v: Value = serde_json::from_slice(&r.payload).unwrap();
-            let keys: Vec<&String> = v["sums"].as_object().unwrap().keys().collect();
-            assert_eq!(keys, ["l_extendedprice", "l_quantity"], "{v}");
-            let exact = |k: &str| v["sums"][k].as_str().unwrap().parse::<i128>().unwrap();
-            let mut s = sink.lock().unwrap();
-            s.0 += exact("l_quantity");
-            s.1 += exact("l_extendedprice");
-            s.2.push(v["rows"].as_u64().unwrap());
-        })),
-        on_tick: None,
-    };
+    let (hooks, sums) = arrow_sum_hooks();
     let mut cfg = BackfillConfig::new("arrow-sum", sources, Format::Parquet);
     cfg.input = input;
     cfg.payload = sluice_taskgen::PayloadFormat::Parquet;
