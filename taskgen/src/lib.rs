@@ -814,21 +814,25 @@ pub fn plan_payload(
     check_columnar(payload, input)?;
     let mut plans = Vec::new();
     for file in sources {
+        if payload == PayloadFormat::Parquet {
+            let (rows, calls) = splice::plan(file, input.columns.as_deref(), limits)?;
+            plans.push(FilePlan {
+                file: file.clone(),
+                items: rows.iter().sum(),
+                row_groups: Some(
+                    rows.iter()
+                        .map(|&n| i64::try_from(n).unwrap_or(0))
+                        .collect(),
+                ),
+                bad_items: 0,
+                calls,
+            });
+            continue;
+        }
         let row_groups = match input.format {
             Format::Parquet => Some(read::parquet_row_groups(file)?),
             _ => None,
         };
-        if payload == PayloadFormat::Parquet {
-            let rows = row_groups.as_deref().unwrap_or_default();
-            plans.push(FilePlan {
-                file: file.clone(),
-                items: rows.iter().map(|&n| u64::try_from(n).unwrap_or(0)).sum(),
-                row_groups,
-                bad_items: 0,
-                calls: splice::calls_of(file, input.columns.as_deref(), limits)?,
-            });
-            continue;
-        }
         let (mut items, mut bad_items, mut calls) = (0, 0, 0);
         let mut splitter = Splitter::new(String::new(), limits);
         read::read_file_json(file, input, &mut |index, item| {

@@ -48,7 +48,7 @@ fn open_bytes(path: &Path) -> Result<Box<dyn Read + Send>, BackfillError> {
     }
 }
 
-fn parquet_error(file: &Path, e: impl std::fmt::Display) -> BackfillError {
+pub(crate) fn parquet_error(file: &Path, e: impl std::fmt::Display) -> BackfillError {
     BackfillError::Parquet {
         file: file.to_path_buf(),
         message: e.to_string(),

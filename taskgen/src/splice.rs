@@ -24,6 +24,7 @@ use parquet::file::reader::{ChunkReader, Length};
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::Type;
 
+use crate::read::parquet_error;
 use crate::{BackfillError, Limits};
 
 /// One call's rows: a Parquet file of whole row groups.
@@ -35,13 +36,6 @@ pub(crate) struct Spliced {
     pub rows: usize,
     /// The Parquet file.
     pub bytes: Vec<u8>,
-}
-
-fn parquet_error(file: &Path, e: impl std::fmt::Display) -> BackfillError {
-    BackfillError::Parquet {
-        file: file.to_path_buf(),
-        message: e.to_string(),
-    }
 }
 
 /// Where the column chunks are read from.
@@ -220,35 +214,46 @@ pub(crate) fn group(sizes: &[(u64, u64)], limits: Limits) -> Vec<Range<usize>> {
     calls
 }
 
-/// The first row group over `limits.bytes` on its own, as an error.
-fn check_sizes(path: &Path, sizes: &[(u64, u64)], limits: Limits) -> Result<(), BackfillError> {
-    match sizes
+/// The calls of a file: its row groups grouped by [`group`] (calls of no
+/// rows left out), each with its rows; or an error for the first row group
+/// over `limits.bytes` on its own.
+fn calls(
+    path: &Path,
+    sizes: &[(u64, u64)],
+    limits: Limits,
+) -> Result<Vec<(Range<usize>, u64)>, BackfillError> {
+    if let Some(g) = sizes
         .iter()
         .position(|&(_, bytes)| bytes > limits.bytes as u64)
     {
-        Some(g) => Err(BackfillError::RowGroupTooLarge {
+        return Err(BackfillError::RowGroupTooLarge {
             file: path.to_path_buf(),
             row_group: g,
             rows: sizes[g].0,
             bytes: sizes[g].1,
             limit: limits.bytes,
-        }),
-        None => Ok(()),
+        });
     }
+    Ok(group(sizes, limits)
+        .into_iter()
+        .map(|r| {
+            let rows = sizes[r.clone()].iter().map(|s| s.0).sum();
+            (r, rows)
+        })
+        .filter(|&(_, rows)| rows > 0)
+        .collect())
 }
 
-/// How many calls `path` makes (for `--dry-run`).
-pub(crate) fn calls_of(
+/// The rows of each row group of `path` and how many calls they make (for
+/// `--dry-run`), from the footer alone.
+pub(crate) fn plan(
     path: &Path,
     columns: Option<&[String]>,
     limits: Limits,
-) -> Result<u64, BackfillError> {
+) -> Result<(Vec<u64>, u64), BackfillError> {
     let sizes = Source::open(path, columns)?.sizes();
-    check_sizes(path, &sizes, limits)?;
-    Ok(group(&sizes, limits)
-        .into_iter()
-        .filter(|r| sizes[r.clone()].iter().any(|s| s.0 > 0))
-        .count() as u64)
+    let calls = calls(path, &sizes, limits)?.len() as u64;
+    Ok((sizes.into_iter().map(|s| s.0).collect(), calls))
 }
 
 /// Cuts `path` into calls and hands each over until `each` breaks.
@@ -259,19 +264,12 @@ pub(crate) fn read_spliced(
     each: &mut dyn FnMut(Spliced) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
     let source = Source::open(path, columns)?;
-    let sizes = source.sizes();
-    check_sizes(path, &sizes, limits)?;
     let mut first = 0u64;
-    for groups in group(&sizes, limits) {
-        let rows: u64 = sizes[groups.clone()].iter().map(|s| s.0).sum();
-        if rows == 0 {
-            continue;
-        }
-        let bytes = source.splice(path, groups)?;
+    for (groups, rows) in calls(path, &source.sizes(), limits)? {
         let call = Spliced {
             first,
             rows: usize::try_from(rows).unwrap_or(usize::MAX),
-            bytes,
+            bytes: source.splice(path, groups)?,
         };
         first += rows;
         if each(call).is_break() {
