@@ -8,7 +8,8 @@
 //! * **stage 0** (the process the host spawns). As real root it first takes a
 //!   private mount namespace and assembles the sandbox root on a tmpfs at
 //!   `root_dir` (runtime layers and the function folder bind-mounted
-//!   read-only, a size-limited writable `/tmp`, a minimal `/dev` and a
+//!   read-only, a size-limited writable `/tmp`, `/run/sluice` for
+//!   invocation attachments (written by the agent), a minimal `/dev` and a
 //!   synthetic `/etc`), so that it can reach folders an unprivileged uid could
 //!   not traverse. It then unshares user, mount, PID, network, IPC, UTS and
 //!   cgroup namespaces, sends `Unshared` and waits for `Proceed` while the
@@ -31,7 +32,10 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::resource::{Resource, setrlimit};
 use nix::unistd::{Gid, Uid, chdir, pivot_root, setgroups, sethostname, setresgid, setresuid};
-use sluice_protocol::StartConfig;
+use sluice_protocol::{MAX_ATTACHMENT, SANDBOX_ROOT_HOST_ID, StartConfig};
+
+/// The folder of `sluice_protocol::ATTACHMENT_PATH`.
+pub const ATTACHMENT_DIR: &str = "/run/sluice";
 
 /// A step of the sandbox set-up that failed.
 #[derive(Debug)]
@@ -80,7 +84,7 @@ fn inside(root: &Path, p: &str) -> PathBuf {
 /// sandbox root assembled at `cfg.root_dir`.
 pub fn build_root_as_host_root(cfg: &StartConfig) -> Result<(), SetupError> {
     unshare(CloneFlags::CLONE_NEWNS).step(|| "unshare(CLONE_NEWNS)".into())?;
-    build_root(cfg)
+    build_root(cfg, Some(SANDBOX_ROOT_HOST_ID))
 }
 
 /// Unshare every namespace the sandbox uses, except the mount namespace
@@ -113,7 +117,10 @@ pub fn become_sandbox_root(drop_groups: bool) -> Result<(), SetupError> {
 }
 
 /// Assemble the root file system of the sandbox at `cfg.root_dir`.
-pub fn build_root(cfg: &StartConfig) -> Result<(), SetupError> {
+/// `root_host_id`: the host uid/gid sandbox root will map to, when the
+/// root is built before the user namespace exists (host root); then the
+/// agent's own writable folders are given to it.
+pub fn build_root(cfg: &StartConfig, root_host_id: Option<u32>) -> Result<(), SetupError> {
     let root = Path::new(&cfg.root_dir);
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(
@@ -167,6 +174,26 @@ pub fn build_root(cfg: &StartConfig) -> Result<(), SetupError> {
         Some(format!("size={}m,mode=1777", cfg.tmp_mb.max(1)).as_str()),
     )
     .step(|| "mount tmpfs on /tmp".into())?;
+
+    // Invocation attachments (`sluice_protocol::ATTACHMENT_PATH`): written
+    // by the agent (sandbox root), readable by the function.
+    let attachments = inside(root, ATTACHMENT_DIR);
+    fs::create_dir_all(&attachments).step(|| format!("mkdir {ATTACHMENT_DIR}"))?;
+    mount(
+        Some("tmpfs"),
+        &attachments,
+        Some("tmpfs"),
+        nosuid | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(
+            format!(
+                "size={}m,mode=755{}",
+                MAX_ATTACHMENT.div_ceil(1 << 20) + 1,
+                root_host_id.map_or(String::new(), |id| format!(",uid={id},gid={id}"))
+            )
+            .as_str(),
+        ),
+    )
+    .step(|| format!("mount tmpfs on {ATTACHMENT_DIR}"))?;
 
     let dev = inside(root, "/dev");
     fs::create_dir_all(&dev).step(|| "mkdir /dev".into())?;
@@ -337,7 +364,8 @@ pub fn apply_rlimits(cfg: &StartConfig) -> Result<(), SetupError> {
 }
 
 /// Landlock: read and execute the runtime layers, the function and the
-/// synthetic `/etc`, read-write `/tmp` and the harmless devices, nothing else.
+/// synthetic `/etc`, read-write `/tmp`, the attachment folder and the
+/// harmless devices, nothing else.
 /// Best effort: kernels without landlock keep the other layers.
 pub fn apply_landlock(cfg: &StartConfig) -> Result<&'static str, SetupError> {
     use landlock::{
@@ -357,7 +385,10 @@ pub fn apply_landlock(cfg: &StartConfig) -> Result<&'static str, SetupError> {
         "/proc".into(),
         "/dev".into(),
     ]);
-    let write = ["/tmp", "/dev/null", "/dev/zero", "/dev/full", "/dev/shm"];
+    let write: Vec<&str> = ["/tmp", "/dev/null", "/dev/zero", "/dev/full", "/dev/shm"]
+        .into_iter()
+        .chain(Some(ATTACHMENT_DIR).filter(|d| Path::new(d).is_dir()))
+        .collect();
     let err = |e: landlock::RulesetError| SetupError {
         step: "landlock".into(),
         source: io::Error::other(e.to_string()),

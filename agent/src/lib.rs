@@ -26,6 +26,7 @@
 //! output pipes of the agent (process sandbox), or a path to a Unix socket or
 //! a character device (a virtio console in a microVM).
 
+pub mod attachment;
 pub mod init;
 pub mod isolate;
 mod netlink;

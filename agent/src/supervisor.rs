@@ -16,8 +16,11 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{Pid, geteuid};
 use sluice_protocol::{
-    DEFAULT_MAX_FRAME, ExitStatus, LogStream, Message, StartConfig, read_message, write_message,
+    DEFAULT_MAX_FRAME, ExitStatus, LogStream, MAX_HOST_FRAME, Message, StartConfig, read_message,
+    write_message,
 };
+
+use crate::attachment::Stage;
 
 use crate::isolate;
 use crate::runtime_api::{Invocation, RuntimeApi};
@@ -145,7 +148,7 @@ pub fn run_stage0(channel: Channel, entropy: &Path, set_clock: bool) -> u8 {
     if let Err(e) = isolate::become_sandbox_root(host_root) {
         return fatal(&mut wr, e.to_string());
     }
-    if !host_root && let Err(e) = isolate::build_root(&cfg) {
+    if !host_root && let Err(e) = isolate::build_root(&cfg, None) {
         return fatal(&mut wr, e.to_string());
     }
     let json = serde_json::to_string(&cfg).expect("config serializes");
@@ -304,9 +307,20 @@ fn serve(
     }
     drop(log_done_tx);
 
+    let stage = Stage::default();
     let api = {
         let w = writer.clone();
-        RuntimeApi::new(move |m: Message| send(&w, &m), started)
+        let stage = stage.clone();
+        RuntimeApi::new(
+            move |m: Message| {
+                // An answered invocation's attachment is freed at once.
+                if matches!(m, Message::Response { .. } | Message::Error { .. }) {
+                    stage.clear();
+                }
+                send(&w, &m)
+            },
+            started,
+        )
     };
     if let Err(e) = api.serve(listener) {
         return fail(format!("starting the Runtime API: {e}"));
@@ -321,7 +335,7 @@ fn serve(
         };
         let spawned = thread::Builder::new()
             .name("agent-channel".into())
-            .spawn(move || read_channel(rd, api, child_pid, restore));
+            .spawn(move || read_channel(rd, api, child_pid, restore, stage));
         if let Err(e) = spawned {
             return fail(format!("starting the channel reader: {e}"));
         }
@@ -471,10 +485,28 @@ impl Restore {
     }
 }
 
-fn read_channel(rd: Box<dyn Read + Send>, api: RuntimeApi, child: Pid, restore: Restore) {
+fn read_channel(
+    rd: Box<dyn Read + Send>,
+    api: RuntimeApi,
+    child: Pid,
+    restore: Restore,
+    stage: Stage,
+) {
     let mut r = BufReader::with_capacity(64 * 1024, rd);
+    // Set by an `Attachment` frame for the `Invoke` that follows it: Ok
+    // when staged, the error when the file could not be written.
+    let mut attached: Option<Result<(), String>> = None;
     loop {
-        match read_message(&mut r, DEFAULT_MAX_FRAME) {
+        match read_message(&mut r, MAX_HOST_FRAME) {
+            Ok(Some(Message::Attachment { data })) => {
+                attached = Some(stage.put(&data).map_err(|e| {
+                    format!(
+                        "cannot stage the invocation's attachment ({} bytes) at {}: {e}",
+                        data.len(),
+                        stage.path().display()
+                    )
+                }));
+            }
             Ok(Some(Message::Invoke {
                 request_id,
                 deadline_ms,
@@ -482,14 +514,38 @@ fn read_channel(rd: Box<dyn Read + Send>, api: RuntimeApi, child: Pid, restore: 
                 trace_id,
                 client_context,
                 payload,
-            })) => api.push_invoke(Invocation {
-                request_id,
-                deadline_ms,
-                invoked_function_arn,
-                trace_id,
-                client_context,
-                payload,
-            }),
+            })) => match attached.take() {
+                Some(Err(message)) => {
+                    // The function never sees an invocation whose data is missing.
+                    stage.clear();
+                    send(
+                        &restore.writer,
+                        &Message::Error {
+                            request_id,
+                            error_type: "Sluice.AttachmentFailed".into(),
+                            body: serde_json::json!({
+                                "errorType": "Sluice.AttachmentFailed",
+                                "errorMessage": message,
+                            })
+                            .to_string()
+                            .into_bytes(),
+                        },
+                    );
+                }
+                staged => {
+                    if staged.is_none() {
+                        stage.clear();
+                    }
+                    api.push_invoke(Invocation {
+                        request_id,
+                        deadline_ms,
+                        invoked_function_arn,
+                        trace_id,
+                        client_context,
+                        payload,
+                    })
+                }
+            },
             Ok(Some(Message::Restored {
                 seed,
                 sandbox_id,

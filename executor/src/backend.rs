@@ -23,6 +23,9 @@ pub struct Invocation {
     pub client_context: String,
     /// The event.
     pub payload: Vec<u8>,
+    /// Delivered as a file at `sluice_protocol::ATTACHMENT_PATH` before the
+    /// event (see `InvokeOptions::attachment`).
+    pub attachment: Option<bytes::Bytes>,
 }
 
 /// Receives the function's log lines.

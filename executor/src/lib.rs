@@ -99,7 +99,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Fault, InvokeError, SandboxError};
 pub use logs::{LogLine, LogRateLimiter, tracing_sink};
 pub use pool::{Executor, FunctionStats, InvokeOptions, Maintenance, PoolConfig, Response};
-pub use sluice_protocol::LogStream;
+pub use sluice_protocol::{ATTACHMENT_PATH, LogStream, MAX_ATTACHMENT};
 pub use spec::FunctionSpec;
 
 /// Find the `sluice-agent` binary: `$SLUICE_AGENT`, else next to the running

@@ -830,6 +830,10 @@ impl Sandbox for MicrovmSandbox {
             return Err(self.crash_error("sandbox already dead").await);
         }
         let request_id = inv.request_id;
+        if let Some(data) = inv.attachment {
+            self.write_frame(&encode(&Message::Attachment { data }))
+                .await?;
+        }
         let mut frame = invoke_head(
             &request_id,
             inv.deadline_ms,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sluice_protocol::MAX_PAYLOAD;
+use sluice_protocol::{MAX_ATTACHMENT, MAX_PAYLOAD};
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::backend::{Backend, Invocation, LogSink, Sandbox};
@@ -51,6 +51,11 @@ pub struct InvokeOptions {
     pub tenant: Option<String>,
     /// `Lambda-Runtime-Client-Context` (JSON).
     pub client_context: Option<String>,
+    /// Bytes the sandbox stages as a read-only file at
+    /// [`sluice_protocol::ATTACHMENT_PATH`] for this invocation only (at
+    /// most [`sluice_protocol::MAX_ATTACHMENT`]): a large columnar payload
+    /// that the event names instead of carrying it in base64.
+    pub attachment: Option<bytes::Bytes>,
 }
 
 /// A successful invocation.
@@ -501,6 +506,14 @@ impl Executor {
                 limit: MAX_PAYLOAD,
             });
         }
+        if let Some(a) = &opts.attachment
+            && a.len() > MAX_ATTACHMENT
+        {
+            return Err(InvokeError::PayloadTooLarge {
+                size: a.len(),
+                limit: MAX_ATTACHMENT,
+            });
+        }
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return Err(InvokeError::ShuttingDown);
         }
@@ -581,6 +594,7 @@ impl Executor {
             ),
             client_context: opts.client_context.unwrap_or_default(),
             payload,
+            attachment: opts.attachment,
         };
         let busy = shared.busy.fetch_add(1, Ordering::SeqCst) + 1;
         shared.peak_busy.fetch_max(busy, Ordering::SeqCst);

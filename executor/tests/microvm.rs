@@ -164,6 +164,7 @@ fn invocation(id: &str, payload: &[u8]) -> Invocation {
         trace_id: "Root=1-trace".into(),
         client_context: String::new(),
         payload: payload.to_vec(),
+        attachment: None,
     }
 }
 

@@ -280,6 +280,68 @@ async fn host_files_are_out_of_reach() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attachment_is_a_read_only_file_for_its_invocation_only() {
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    ex.register(spec("reader", &f));
+    let path = sluice_protocol::ATTACHMENT_PATH;
+    let with = |data: Vec<u8>| InvokeOptions {
+        attachment: Some(data.into()),
+        ..Default::default()
+    };
+    let answer =
+        |r: sluice_executor::Response| -> Value { serde_json::from_slice(&r.payload).unwrap() };
+
+    // Larger than an event may be (6 MB), with every byte value.
+    let big: Vec<u8> = (0..20_000_000u32).map(|i| (i % 251) as u8).collect();
+    let sum: u64 = big.iter().map(|&b| u64::from(b)).sum();
+    let digest = json!({"action": "file_digest", "path": path}).to_string();
+    let r = ex
+        .invoke_with("reader", digest.clone(), with(big))
+        .await
+        .unwrap();
+    assert_eq!(answer(r), json!({"len": 20_000_000, "sum": sum}));
+
+    // Each invocation sees its own; the sandbox is reused.
+    let read = json!({"action": "read_file", "path": path}).to_string();
+    let r = ex
+        .invoke_with("reader", read.clone(), with(b"second".to_vec()))
+        .await
+        .unwrap();
+    assert!(!r.cold_start);
+    assert_eq!(answer(r)["content"], "second");
+
+    // The function cannot change it.
+    let write = json!({"action": "write_file", "path": path, "content": "mine"}).to_string();
+    let err = ex
+        .invoke_with("reader", write, with(b"third".to_vec()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, InvokeError::Function { error_type, .. } if error_type == "WriteFailed"),
+        "{err}"
+    );
+
+    // An invocation without one finds nothing left behind.
+    let err = ex.invoke("reader", read).await.unwrap_err();
+    assert!(
+        matches!(&err, InvokeError::Function { error_type, .. } if error_type == "ReadFailed"),
+        "{err}"
+    );
+    let st = ex.stats("reader").unwrap();
+    assert_eq!((st.cold_starts, st.invocations), (1, 4), "{st:?}");
+
+    // Over the attachment limit: refused before any sandbox sees it.
+    let huge = vec![0u8; sluice_protocol::MAX_ATTACHMENT + 1];
+    let err = ex
+        .invoke_with("reader", digest, with(huge))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, InvokeError::PayloadTooLarge { .. }), "{err}");
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_network_connections_even_to_host_loopback() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();

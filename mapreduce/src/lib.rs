@@ -189,6 +189,9 @@ pub struct MapReduceConfig {
     pub output: PathBuf,
     /// How map calls carry their items (Arrow for Parquet sources).
     pub payload: PayloadFormat,
+    /// Stage a columnar payload as a file that the map call's event names
+    /// (see `sluice_taskgen::BackfillConfig::payload_file`).
+    pub payload_file: bool,
     /// What the reducers write.
     pub output_format: OutputFormat,
     /// Bytes of grouped values a reducer holds in memory (keys and values
@@ -526,6 +529,8 @@ fn partition_consumer(
         // does, even when records arrive meanwhile) would add that to every
         // job.
         .set("fetch.wait.max.ms", "10")
+        .set("fetch.error.backoff.ms", "10")
+        .set("retry.backoff.ms", "10")
         // Offset 0 of a log that starts later (retention) means its start.
         .set("auto.offset.reset", "earliest")
         .create()
@@ -603,11 +608,17 @@ async fn call_groups(
         "batch": {"partition": partition},
     })
     .to_string();
-    let (outcome, attempts) =
-        sluice_taskgen::invoke_with_retries(executor, function, &payload, max_attempts, |_, _| {
+    let (outcome, attempts) = sluice_taskgen::invoke_with_retries(
+        executor,
+        function,
+        &payload,
+        None,
+        max_attempts,
+        |_, _| {
             progress.retries.fetch_add(1, Ordering::Relaxed);
-        })
-        .await;
+        },
+    )
+    .await;
     let response = outcome.map_err(|e| MapReduceError::Reduce {
         function: kind,
         partition,
@@ -638,6 +649,7 @@ pub async fn run(
         ));
     }
     sluice_taskgen::check_columnar(cfg.payload, &cfg.input)
+        .and_then(|()| sluice_taskgen::check_payload_file(cfg.payload, cfg.payload_file))
         .map_err(|e| MapReduceError::Config(e.to_string()))?;
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.output).map_err(|source| MapReduceError::Output {
@@ -726,6 +738,8 @@ pub async fn run(
             }
         }
     }
+    // Every record is acknowledged: nothing is left for the close to flush.
+    close_in_background(producer);
     if let Some(e) = first_error {
         return Err(e);
     }
@@ -774,6 +788,7 @@ async fn map_phase(
         cfg.input.clone(),
         limits,
         cfg.payload,
+        cfg.payload_file,
         cfg.max_concurrency,
     );
     let permits = Arc::new(Semaphore::new(cfg.max_concurrency.max(1)));
@@ -818,9 +833,17 @@ async fn map_phase(
             Arc::clone(progress),
         );
         tasks.spawn(async move {
-            let r = map_task(&ex, &producer, &cfg, &checkpoint, task, &split, &progress).await;
-            drop(permit);
-            r
+            map_task(
+                &ex,
+                &producer,
+                &cfg,
+                &checkpoint,
+                task,
+                split,
+                permit,
+                &progress,
+            )
+            .await
         });
         // Stop early on a failed task.
         while let Some(done) = tasks.try_join_next() {
@@ -846,19 +869,25 @@ async fn map_phase(
 
 /// One map task: the map call (and combine), then its records and markers,
 /// published again with the next attempt number if publishing failed.
+/// `invoking` (a map slot) and the split's payload are let go once the
+/// calls are done, so the next map call need not wait for the shuffle's
+/// acknowledgements.
+#[allow(clippy::too_many_arguments)]
 async fn map_task(
     executor: &Executor,
     producer: &FutureProducer,
     cfg: &MapReduceConfig,
     checkpoint: &Checkpoint,
     task: u64,
-    split: &sluice_taskgen::Split,
+    split: sluice_taskgen::Split,
+    invoking: tokio::sync::OwnedSemaphorePermit,
     progress: &Progress,
 ) -> Result<(), MapReduceError> {
     let (outcome, attempts) = sluice_taskgen::invoke_with_retries(
         executor,
         &cfg.map,
         &split.payload,
+        split.attachment.clone(),
         cfg.max_attempts,
         |_, _| {
             progress.retries.fetch_add(1, Ordering::Relaxed);
@@ -893,6 +922,7 @@ async fn map_task(
             );
         }
     }
+    drop((split, invoking));
     let (topic, first) = {
         let s = checkpoint.lock();
         (s.topic.clone(), s.attempt(0))
@@ -999,6 +1029,43 @@ fn check(
     }
 }
 
+/// Threads closing Kafka clients that finished runs left behind.
+static CLOSING: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Drops a Kafka client on a thread of its own: closing one takes
+/// librdkafka about 100 ms (its threads time out their system calls),
+/// which a job whose records are all in and acknowledged need not wait
+/// for. [`wait_for_closed_clients`] waits for these threads.
+fn close_in_background<C: Send + 'static>(client: C) {
+    // If no thread starts, the closure, and the client with it, is
+    // dropped here.
+    if let Ok(closing) = std::thread::Builder::new()
+        .name("kafka-close".into())
+        .spawn(move || drop(client))
+    {
+        CLOSING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(closing);
+    }
+}
+
+/// Waits until the Kafka clients of finished runs, closed in the
+/// background, are closed: call it before stopping an embedded broker they
+/// talk to (or they log its connections failing), and before timing
+/// another run.
+pub fn wait_for_closed_clients() {
+    let closing = std::mem::take(
+        &mut *CLOSING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for c in closing {
+        let _ = c.join();
+    }
+}
+
 /// Consumes partition `p` until every map task's marker is in, then reduces
 /// it and writes its part file; returns (file, keys, records).
 #[allow(clippy::too_many_arguments)]
@@ -1021,11 +1088,14 @@ async fn reduce_partition(
         progress: Some(Arc::clone(progress)),
     };
     // Polling blocks: it runs on a blocking thread.
-    let grouped = tokio::task::spawn_blocking(move || {
-        collect_partition(&consumer, &topic_name, p, &total, &stop, &spill)
+    let (grouped, consumer) = tokio::task::spawn_blocking(move || {
+        let grouped = collect_partition(&consumer, &topic_name, p, &total, &stop, &spill);
+        (grouped, consumer)
     })
     .await
-    .map_err(|e| MapReduceError::Config(format!("reducer {p} panicked: {e}")))??;
+    .map_err(|e| MapReduceError::Config(format!("reducer {p} panicked: {e}")))?;
+    close_in_background(consumer);
+    let grouped = grouped?;
     let mut groups = grouped.merged()?;
 
     let path = cfg.output.join(format!("part-{p:05}.jsonl"));

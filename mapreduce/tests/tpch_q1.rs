@@ -89,7 +89,7 @@ async fn q1_over_arrow_payloads_equals_a_direct_arrow_computation() {
     let mut input: sluice_taskgen::Input = Format::Parquet.into();
     input.arrow_compression = sluice_taskgen::ArrowCompression::Lz4;
     // 5,000 rows per split: row groups of 7,000 are cut across splits.
-    let summary = q1(input, PayloadFormat::Arrow, 5_000).await;
+    let summary = q1(input, (PayloadFormat::Arrow, false), 5_000).await;
     assert!(
         summary.map_tasks >= 60_175 / 5_000,
         "60,175 rows in splits of up to 5,000: {}",
@@ -100,17 +100,36 @@ async fn q1_over_arrow_payloads_equals_a_direct_arrow_computation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q1_over_parquet_payloads_equals_a_direct_arrow_computation() {
     // Up to 15,000 rows per split: two whole row groups of 7,000 at most.
-    let summary = q1(Format::Parquet.into(), PayloadFormat::Parquet, 15_000).await;
+    let summary = q1(
+        Format::Parquet.into(),
+        (PayloadFormat::Parquet, false),
+        15_000,
+    )
+    .await;
     // Each file has about 20,000 rows: row groups of 7,000, 7,000 and the
     // rest, so a split of the first two and one of the last.
     assert_eq!(summary.map_tasks, 6, "two splits per file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q1_over_parquet_and_arrow_payload_files_equals_a_direct_arrow_computation() {
+    // The map calls' events name a file staged in the sandbox.
+    let summary = q1(
+        Format::Parquet.into(),
+        (PayloadFormat::Parquet, true),
+        15_000,
+    )
+    .await;
+    assert_eq!(summary.map_tasks, 6, "two splits per file");
+    let summary = q1(Format::Parquet.into(), (PayloadFormat::Arrow, true), 5_000).await;
+    assert!(summary.map_tasks >= 60_175 / 5_000, "{}", summary.map_tasks);
 }
 
 /// Runs Q1 with `payload`, checks the result against [`direct_q1`] to the
 /// cent, and returns the job's summary.
 async fn q1(
     mut input: sluice_taskgen::Input,
-    payload: PayloadFormat,
+    (payload, payload_file): (PayloadFormat, bool),
     items_per_split: usize,
 ) -> sluice_mapreduce::Summary {
     let dir = TempDir::new().unwrap();
@@ -167,6 +186,7 @@ async fn q1(
         max_attempts: 2,
         output: dir.path().join("q1"),
         payload,
+        payload_file,
         output_format: sluice_mapreduce::OutputFormat::Parquet,
         reduce_memory_bytes: sluice_mapreduce::DEFAULT_REDUCE_MEMORY_BYTES,
     };

@@ -149,6 +149,7 @@ async fn wordcount(files: &[PathBuf], case: &Case) -> (BTreeMap<String, u64>, Su
         max_attempts: 2,
         output: out.path().join("counts"),
         payload: sluice_taskgen::PayloadFormat::Json,
+        payload_file: false,
         output_format: sluice_mapreduce::OutputFormat::Jsonl,
         reduce_memory_bytes: case.reduce_memory_bytes,
     };

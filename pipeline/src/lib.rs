@@ -122,13 +122,14 @@
 //! | `bootstrap_servers` | `"embedded"` | as for Kafka triggers; used by `--distributed` |
 //! | `depends_on_files` | none | `{ "GLOB" = ["GLOB", ...] }`: files start after the files they name fully succeeded (globs without `/` match file names) |
 //! | `payload` | `"json"` | `"json"` (`{"items": [...], "batch": {...}}`), `"arrow"` (`{"arrow": "<base64 Arrow IPC stream>", "batch": {...}}`, Parquet sources) or `"parquet"` (`{"parquet": "<base64 Parquet file>", "batch": {...}}`, Parquet sources: whole row groups, the chosen columns' chunks copied as they are, nothing decoded on the host; a call takes whole row groups within `max_items_per_call` and `max_bytes_per_call`, at least one) |
+//! | `payload_file` | `false` | with `payload = "parquet"` or `"arrow"`: the Parquet file or Arrow stream is staged as a read-only file in the sandbox, at `/run/sluice/payload` until the call has answered, and the event names it: `{"parquet_file": "/run/sluice/payload", "batch": {...}}` (or `"arrow_file"`), saving the base64 and JSON work on both sides (up to 128 MiB; not with `--distributed`) |
 //! | `arrow_compression` | `"none"` | with `payload = "arrow"`: `"lz4"` or `"zstd"` compress the IPC stream's buffers (the reader must support it: pyarrow does; arrow-rs needs its `lz4`/`zstd` feature) |
 //! | `state` | none (stateless) | a [state table](#state-state--); the key scope needs `order_key`; count windows only |
 //!
 //! A job with `kind = "mapreduce"` (`sluice mapreduce PIPELINE JOB`) takes
 //! `source`, `format`, `columns`, `csv_delimiter`, `max_items_per_call`
 //! (items per map split), `max_concurrency`, `max_attempts`, `payload`,
-//! `arrow_compression` and
+//! `payload_file`, `arrow_compression` and
 //! `bootstrap_servers` as above, and instead of `function`:
 //!
 //! | field | default | allowed |
@@ -434,6 +435,8 @@ pub struct MapReduceJob {
     pub bootstrap_servers: BootstrapServers,
     /// How map calls carry their items. Default [`PayloadFormat::Json`].
     pub payload: PayloadFormat,
+    /// Stage a columnar payload as a file the event names. Default false.
+    pub payload_file: bool,
     /// Compression of Arrow payloads. Default [`ArrowCompression::None`].
     pub arrow_compression: ArrowCompression,
     /// What the reducers write. Default [`OutputFormat::Jsonl`].
@@ -625,6 +628,8 @@ pub struct BackfillJob {
     pub bootstrap_servers: BootstrapServers,
     /// How calls carry their items. Default [`PayloadFormat::Json`].
     pub payload: PayloadFormat,
+    /// Stage a columnar payload as a file the event names. Default false.
+    pub payload_file: bool,
     /// Compression of Arrow payloads. Default [`ArrowCompression::None`].
     pub arrow_compression: ArrowCompression,
     /// `(files, after)`: files matching the glob `files` start only once

@@ -690,6 +690,34 @@ fn payload_is_checked_and_parquet_is_known() {
 }
 
 #[test]
+fn payload_file_needs_a_columnar_payload() {
+    let pipeline = parse_with_echo(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.parquet\"\npayload = \"parquet\"\npayload_file = true\n",
+    );
+    let job = pipeline.job("j").unwrap();
+    assert!(job.payload_file);
+    assert!(
+        !parse_with_echo("[job.j]\nfunction = \"echo\"\nsource = \"x.parquet\"\n")
+            .job("j")
+            .unwrap()
+            .payload_file
+    );
+    let err = error_with_echo(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.parquet\"\npayload_file = true\n",
+    )
+    .to_string();
+    assert!(err.contains("7:16: `job.j.payload_file` = true"), "{err}");
+    assert!(err.contains("`job.j.payload`"), "{err}");
+    assert!(err.contains(INLINE), "names the file: {err}");
+    let err = error_with_echo(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.parquet\"\npayload_file = \"yes\"\n",
+    )
+    .to_string();
+    assert!(err.contains("payload_file"), "{err}");
+    assert!(err.contains("a boolean"), "{err}");
+}
+
+#[test]
 fn state_settings_are_parsed_with_defaults() {
     let pipeline = parse_with_echo(
         r#"

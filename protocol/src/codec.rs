@@ -10,6 +10,7 @@ const K_INVOKE: u8 = 2;
 const K_SHUTDOWN: u8 = 3;
 const K_PROCEED: u8 = 4;
 const K_RESTORED: u8 = 5;
+const K_ATTACHMENT: u8 = 6;
 const K_UNSHARED: u8 = 16;
 const K_READY: u8 = 17;
 const K_RESPONSE: u8 = 18;
@@ -113,6 +114,11 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             K_START
         }
         Message::Invoke { .. } => unreachable!("encoded above"),
+        Message::Attachment { data } => {
+            frame.reserve_exact(4 + data.len());
+            put_bytes(&mut frame, data);
+            K_ATTACHMENT
+        }
         Message::Shutdown => K_SHUTDOWN,
         Message::Proceed => K_PROCEED,
         Message::Restored {
@@ -220,6 +226,18 @@ pub fn invoke_head(
     head
 }
 
+/// The head of an `Attachment` frame whose `len` bytes follow: write this,
+/// then the bytes (no copy of a large attachment into a frame buffer).
+pub fn attachment_head(len: usize) -> Vec<u8> {
+    let len32 = u32::try_from(len).expect("field fits in u32");
+    let frame_len = u32::try_from(1 + 4 + len).expect("frame fits in u32");
+    let mut head = Vec::with_capacity(9);
+    head.extend_from_slice(&frame_len.to_be_bytes());
+    head.push(K_ATTACHMENT);
+    head.extend_from_slice(&len32.to_be_bytes());
+    head
+}
+
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     let len = u32::try_from(b.len()).expect("field fits in u32");
     out.extend_from_slice(&len.to_be_bytes());
@@ -300,6 +318,7 @@ fn decode_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, DecodeEr
         K_SHUTDOWN => "shutdown",
         K_PROCEED => "proceed",
         K_RESTORED => "restored",
+        K_ATTACHMENT => "attachment",
         K_UNSHARED => "unshared",
         K_READY => "ready",
         K_RESPONSE => "response",
@@ -333,6 +352,9 @@ fn decode_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, DecodeEr
             trace_id: f.string("trace_id")?,
             client_context: f.string("client_context")?,
             payload: f.shared("payload")?,
+        },
+        K_ATTACHMENT => Message::Attachment {
+            data: f.shared("data")?,
         },
         K_SHUTDOWN => Message::Shutdown,
         K_PROCEED => Message::Proceed,
@@ -541,6 +563,8 @@ mod tests {
                 client_context: c,
                 payload: p.into()
             }),
+            b.clone()
+                .prop_map(|d| Message::Attachment { data: d.into() }),
             Just(Message::Shutdown),
             Just(Message::Proceed),
             Just(Message::Unshared),
@@ -619,6 +643,16 @@ mod tests {
     }
 
     const DEFAULT_MAX: usize = crate::DEFAULT_MAX_FRAME;
+
+    #[test]
+    fn attachment_head_then_data_is_the_encoded_frame() {
+        let data = bytes::Bytes::from_static(b"PAR1...PAR1");
+        let msg = Message::Attachment { data: data.clone() };
+        let mut wire = attachment_head(data.len());
+        wire.extend_from_slice(&data);
+        assert_eq!(wire, encode(&msg));
+        assert_eq!(read_message(&mut wire.as_slice(), 1024).unwrap(), Some(msg));
+    }
 
     #[test]
     fn invoke_head_then_payload_is_the_encoded_frame() {

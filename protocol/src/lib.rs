@@ -20,6 +20,7 @@
 mod codec;
 mod message;
 
+pub use codec::attachment_head;
 pub use codec::{DecodeError, FrameDecoder, encode, invoke_head, read_message, write_message};
 pub use message::{ExitStatus, LogStream, Message, SEED_LEN, StartConfig};
 
@@ -29,3 +30,21 @@ pub const DEFAULT_MAX_FRAME: usize = 6 * 1024 * 1024 + 64 * 1024;
 
 /// Lambda's limit for a synchronous request or response payload (6 MB).
 pub const MAX_PAYLOAD: usize = 6 * 1024 * 1024;
+
+/// Upper bound of an invocation's attachment ([`Message::Attachment`]): a
+/// columnar payload delivered as a file in the sandbox rather than inside
+/// the event (Lambda's equivalent is a payload staged in `/tmp` or S3).
+pub const MAX_ATTACHMENT: usize = 128 * 1024 * 1024;
+
+/// Upper bound of one frame the agent reads from the host: an attachment
+/// plus room for its head.
+pub const MAX_HOST_FRAME: usize = MAX_ATTACHMENT + 64 * 1024;
+
+/// The host uid and gid that sandbox root maps to when the host runs as
+/// root (the function's own user, 993:990, maps to one less).
+pub const SANDBOX_ROOT_HOST_ID: u32 = 65534;
+
+/// Where the agent puts an invocation's attachment inside the sandbox: a
+/// file the function may read (not write) until its next invocation. The
+/// event names it, e.g. `{"parquet_file": "/run/sluice/payload"}`.
+pub const ATTACHMENT_PATH: &str = "/run/sluice/payload";

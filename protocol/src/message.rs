@@ -97,6 +97,14 @@ pub enum Message {
         /// the frame, not a copy).
         payload: bytes::Bytes,
     },
+    /// The next [`Message::Invoke`]'s attachment: the agent writes `data`
+    /// to [`crate::ATTACHMENT_PATH`] (read-only for the function) before it
+    /// hands that invocation to the runtime. An `Invoke` without one
+    /// removes the previous invocation's file.
+    Attachment {
+        /// The file's contents (a slice of the frame, not a copy).
+        data: bytes::Bytes,
+    },
     /// Ask the agent to stop the function and exit.
     Shutdown,
     /// The host has written the uid/gid maps and cgroup membership that
@@ -177,6 +185,7 @@ impl Message {
         match self {
             Message::Start(_) => "start",
             Message::Invoke { .. } => "invoke",
+            Message::Attachment { .. } => "attachment",
             Message::Shutdown => "shutdown",
             Message::Proceed => "proceed",
             Message::Restored { .. } => "restored",

@@ -47,6 +47,11 @@ pub struct BackfillOptions {
     /// of the Arrow IPC buffers (the function's Arrow reader must support it).
     #[arg(long)]
     pub arrow_compression: Option<ArrowCompression>,
+    /// With a columnar payload: stage it as a read-only file in the sandbox
+    /// and send `{"parquet_file": "/run/sluice/payload"}` (or `arrow_file`)
+    /// instead of base64 in the event.
+    #[arg(long)]
+    pub payload_file: bool,
     /// CSV field delimiter (default `,`).
     #[arg(long)]
     pub csv_delimiter: Option<char>,
@@ -137,6 +142,7 @@ pub struct Settings {
     pub order: OrderConfig,
     pub max_buffered_items: usize,
     pub payload: PayloadFormat,
+    pub payload_file: bool,
     pub arrow_compression: ArrowCompression,
     pub file_dependencies: Vec<FileDependency>,
 }
@@ -234,6 +240,7 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
         order,
         max_buffered_items,
         payload: o.payload.or(job.map(|j| j.payload)).unwrap_or_default(),
+        payload_file: o.payload_file || job.is_some_and(|j| j.payload_file),
         arrow_compression: o
             .arrow_compression
             .or(job.map(|j| j.arrow_compression))
@@ -537,6 +544,7 @@ pub async fn prepare(
         tolerated_failure_percentage: set.tolerated_failure_percentage,
         order: set.order,
         payload: set.payload,
+        payload_file: set.payload_file,
         file_dependencies: set.file_dependencies,
         max_buffered_items: set.max_buffered_items,
         state: job.as_ref().and_then(|j| {

@@ -93,6 +93,7 @@ pub async fn run(
         max_attempts: j.max_attempts,
         output: j.output.clone(),
         payload: j.payload,
+        payload_file: j.payload_file,
         output_format: j.output_format,
         reduce_memory_bytes: (j.reduce_memory_mb as usize) << 20,
     };
@@ -200,6 +201,11 @@ pub async fn run(
         eprint!("\r\x1b[K");
     }
     ex.shutdown().await;
+    // The job's Kafka clients close in the background; the embedded broker
+    // outlives them.
+    tokio::task::spawn_blocking(sluice_mapreduce::wait_for_closed_clients)
+        .await
+        .ok();
     drop(embedded);
     match result {
         Ok(s) => {

@@ -334,6 +334,13 @@ pub async fn coordinate(
     hooks: Hooks,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, BackfillError> {
+    if cfg.payload_file {
+        return Err(BackfillError::Config(
+            "payload_file stages payloads in a local sandbox: tasks published for \
+             --distributed workers carry them in the event (leave payload_file out)"
+                .into(),
+        ));
+    }
     if cfg.order.is_active() || !cfg.file_dependencies.is_empty() {
         return Err(BackfillError::Config(
             "order_key and dependencies need a single scheduler: they cannot be used with \
@@ -618,6 +625,7 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
         executor,
         &task.function,
         &task.payload,
+        None,
         task.max_attempts,
         |attempt, e| tracing::debug!(call = %task.call_id, attempt, error = %e, "retrying"),
     )

@@ -82,6 +82,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
+use bytes::Bytes;
 use serde_json::{Value, json};
 use sluice_executor::{Executor, Fault, InvokeError, Response};
 use thiserror::Error;
@@ -388,6 +389,11 @@ pub struct BackfillConfig {
     /// How calls carry their items (default JSON; Arrow for Parquet sources
     /// in file-then-row order).
     pub payload: PayloadFormat,
+    /// With a columnar payload: stage it as a file in the sandbox
+    /// ([`sluice_executor::ATTACHMENT_PATH`]) that the event names
+    /// (`{"parquet_file": ...}` or `{"arrow_file": ...}`) instead of
+    /// carrying it in base64 (default false). Not with `--distributed`.
+    pub payload_file: bool,
     /// Files that start only after other files fully succeeded (default
     /// none). See [`file_levels`].
     pub file_dependencies: Vec<FileDependency>,
@@ -566,6 +572,7 @@ impl BackfillConfig {
             tolerated_failure_percentage: None,
             order: OrderConfig::default(),
             payload: PayloadFormat::Json,
+            payload_file: false,
             file_dependencies: Vec::new(),
             state: None,
             max_buffered_items: DEFAULT_MAX_BUFFERED_ITEMS,
@@ -942,20 +949,51 @@ impl Call {
         }
     }
 
-    /// The event a function receives for this call:
-    /// `{"items": [...], "batch": {"source", "first_item", "count", "call_id", ...extra}}`,
-    /// or with Arrow rows `{"arrow": "<base64 IPC stream>", "batch": {...}}`,
-    /// or with Parquet row groups `{"parquet": "<base64 file>", "batch": {...}}`.
-    fn payload(&self, id: &str, extra: serde_json::Map<String, Value>) -> String {
+    /// The event and, with `as_file` and a columnar payload, its attachment:
+    /// `{"parquet_file": "<path>", "batch": {...}}` (or `"arrow_file"`)
+    /// with the Parquet file or Arrow IPC stream staged at that path in the
+    /// sandbox; otherwise [`Call::payload`] and no attachment.
+    fn event(
+        &self,
+        id: &str,
+        extra: serde_json::Map<String, Value>,
+        as_file: bool,
+    ) -> (String, Option<Bytes>) {
+        if !as_file || (self.rows.is_empty() && self.parquet.is_none()) {
+            return (self.payload(id, extra), None);
+        }
+        let (field, data) = match &self.parquet {
+            Some(p) => ("parquet_file", p.bytes.clone()),
+            None => (
+                "arrow_file",
+                Bytes::from(read::ipc_stream(&self.rows, self.compression)),
+            ),
+        };
+        let mut event = json!({ field: sluice_executor::ATTACHMENT_PATH });
+        event["batch"] = self.batch(id, extra);
+        (event.to_string(), Some(data))
+    }
+
+    /// The `batch` object of the event.
+    fn batch(&self, id: &str, extra: serde_json::Map<String, Value>) -> Value {
         let mut batch = serde_json::Map::new();
         batch.insert("source".into(), json!(self.source));
         batch.insert("first_item".into(), json!(self.first));
         batch.insert("count".into(), json!(self.len()));
         batch.insert("call_id".into(), json!(id));
         batch.extend(extra);
+        Value::Object(batch)
+    }
+
+    /// The event a function receives for this call:
+    /// `{"items": [...], "batch": {"source", "first_item", "count", "call_id", ...extra}}`,
+    /// or with Arrow rows `{"arrow": "<base64 IPC stream>", "batch": {...}}`,
+    /// or with Parquet row groups `{"parquet": "<base64 file>", "batch": {...}}`.
+    fn payload(&self, id: &str, extra: serde_json::Map<String, Value>) -> String {
+        let batch = self.batch(id, extra);
         if self.json_count > 0 && self.items.is_empty() {
             // The items' text goes in as it is.
-            let batch = Value::Object(batch).to_string();
+            let batch = batch.to_string();
             let mut out = String::with_capacity(self.json.len() + batch.len() + 24);
             out.push_str("{\"items\":[");
             out.push_str(&self.json);
@@ -976,13 +1014,13 @@ impl Call {
         use base64::Engine;
         let ipc;
         let (field, bytes) = match &self.parquet {
-            Some(p) => ("parquet", p.bytes.as_slice()),
+            Some(p) => ("parquet", &p.bytes[..]),
             None => {
                 ipc = read::ipc_stream(&self.rows, self.compression);
                 ("arrow", ipc.as_slice())
             }
         };
-        let batch = Value::Object(batch).to_string();
+        let batch = batch.to_string();
         let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4 + batch.len() + 24);
         out.push_str("{\"");
         out.push_str(field);
@@ -1055,6 +1093,17 @@ impl Splitter {
         self.bytes = 0;
         self.current.take()
     }
+}
+
+/// `payload_file` needs a columnar payload.
+pub fn check_payload_file(payload: PayloadFormat, payload_file: bool) -> Result<(), BackfillError> {
+    if payload_file && !payload.is_columnar() {
+        return Err(BackfillError::Config(format!(
+            "payload_file stages a columnar payload as a file: set payload = \"parquet\" or \"arrow\", not {:?}",
+            payload.name()
+        )));
+    }
+    Ok(())
 }
 
 /// A columnar payload needs Parquet sources.
@@ -1219,6 +1268,7 @@ impl Run {
             )));
         }
         check_input(&cfg.input)?;
+        check_payload_file(cfg.payload, cfg.payload_file)?;
         if cfg.payload.is_columnar() {
             check_columnar(cfg.payload, &cfg.input)?;
             if cfg.order.is_active() {
@@ -1403,7 +1453,7 @@ impl Run {
         invoking: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> bool {
         let count = call.len() as u64;
-        let payload = call.payload(id, extra);
+        let (payload, attachment) = call.event(id, extra, self.cfg.payload_file);
         let executor = self
             .executor
             .as_ref()
@@ -1412,6 +1462,7 @@ impl Run {
             executor,
             &self.cfg.function,
             &payload,
+            attachment,
             self.cfg.max_attempts,
             |attempt, e| {
                 self.update(|s| s.calls_retried += 1);
@@ -1516,13 +1567,15 @@ impl Run {
     }
 }
 
-/// Invokes `function` with `payload` up to `max_attempts` times while the
-/// error is retryable (backing off 50 ms × attempt), calling `on_retry`
-/// before each retry. Returns the outcome and the attempts made.
+/// Invokes `function` with `payload` (and `attachment`, staged as a file
+/// in the sandbox) up to `max_attempts` times while the error is retryable
+/// (backing off 50 ms × attempt), calling `on_retry` before each retry.
+/// Returns the outcome and the attempts made.
 pub async fn invoke_with_retries(
     executor: &Executor,
     function: &str,
     payload: &str,
+    attachment: Option<Bytes>,
     max_attempts: u32,
     on_retry: impl Fn(u32, &InvokeError),
 ) -> (Result<Response, InvokeError>, u32) {
@@ -1530,7 +1583,11 @@ pub async fn invoke_with_retries(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match executor.invoke(function, payload).await {
+        let opts = sluice_executor::InvokeOptions {
+            attachment: attachment.clone(),
+            ..Default::default()
+        };
+        match executor.invoke_with(function, payload, opts).await {
             Ok(r) => return (Ok(r), attempt),
             Err(e) if e.retryable() && attempt < max_attempts => {
                 on_retry(attempt, &e);
@@ -1732,8 +1789,10 @@ pub struct Split {
     pub first: u64,
     /// Readable items.
     pub count: usize,
-    /// `{"items": [...], "batch": {...}}`.
+    /// `{"items": [...], "batch": {...}}` (or a columnar payload's event).
     pub payload: String,
+    /// The columnar payload, when it goes as a file (`payload_file`).
+    pub attachment: Option<Bytes>,
     /// Lines that could not be read.
     pub unreadable: Vec<ItemError>,
 }
@@ -1746,6 +1805,7 @@ pub fn splits(
     input: Input,
     limits: Limits,
     payload: PayloadFormat,
+    payload_file: bool,
     buffer: usize,
 ) -> mpsc::Receiver<Result<Split, BackfillError>> {
     let (tx, mut calls) = mpsc::channel(buffer.max(1));
@@ -1755,8 +1815,10 @@ pub fn splits(
         while let Some(next) = calls.recv().await {
             let split = next.map(|call| {
                 let id = call.id();
+                let (payload, attachment) = call.event(&id, serde_json::Map::new(), payload_file);
                 Split {
-                    payload: call.payload(&id, serde_json::Map::new()),
+                    payload,
+                    attachment,
                     count: call.len(),
                     id,
                     source: call.source,

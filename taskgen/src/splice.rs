@@ -35,7 +35,7 @@ pub(crate) struct Spliced {
     /// Rows in the file.
     pub rows: usize,
     /// The Parquet file.
-    pub bytes: Vec<u8>,
+    pub bytes: Bytes,
 }
 
 /// Where the column chunks are read from.
@@ -269,7 +269,7 @@ pub(crate) fn read_spliced(
         let call = Spliced {
             first,
             rows: usize::try_from(rows).unwrap_or(usize::MAX),
-            bytes: source.splice(path, groups)?,
+            bytes: Bytes::from(source.splice(path, groups)?),
         };
         first += rows;
         if each(call).is_break() {

@@ -247,8 +247,9 @@ async fn arrow_payload_sums(compression: sluice_taskgen::ArrowCompression) {
 
 /// `payload = "parquet"` from an object store: calls carry whole row groups
 /// (two of 7,000 rows within 15,000 rows per call) of the chosen columns
-/// only, fetched by byte range and never decoded on the host; the
-/// function's sums equal Arrow's to the cent, and the plan counts the calls.
+/// only, fetched by byte range and never decoded on the host, in the event
+/// or (`payload_file`) as a file in the sandbox; the function's sums equal
+/// Arrow's to the cent, and the plan counts the calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parquet_payloads_carry_whole_row_groups_and_sum_to_the_cent() {
     let dir = TempDir::new().unwrap();
@@ -273,33 +274,38 @@ async fn parquet_payloads_carry_whole_row_groups_and_sum_to_the_cent() {
     assert_eq!(want_calls, 2 * FILES as u64, "{plan:?}");
 
     let (_f, ex) = executor("arrow-sum");
-    let (hooks, sums) = arrow_sum_hooks();
-    let mut cfg = BackfillConfig::new("arrow-sum", sources, Format::Parquet);
-    cfg.input = input;
-    cfg.payload = sluice_taskgen::PayloadFormat::Parquet;
-    cfg.max_items_per_call = limits.items;
-    cfg.max_concurrency = 2;
-    cfg.tolerated_failure_count = Some(0);
-    cfg.progress = dir.path().join("progress.redb");
-    cfg.dead_letter = dir.path().join("dead.jsonl");
-    let summary = sluice_taskgen::run(&ex, cfg, hooks, std::future::pending())
-        .await
-        .unwrap();
+    // In the event (base64), then staged as a file the event names.
+    for payload_file in [false, true] {
+        let (hooks, sums) = arrow_sum_hooks();
+        let mut cfg = BackfillConfig::new("arrow-sum", sources.clone(), Format::Parquet);
+        cfg.input = input.clone();
+        cfg.payload = sluice_taskgen::PayloadFormat::Parquet;
+        cfg.payload_file = payload_file;
+        cfg.max_items_per_call = limits.items;
+        cfg.max_concurrency = 2;
+        cfg.tolerated_failure_count = Some(0);
+        cfg.progress = dir.path().join(format!("progress-{payload_file}.redb"));
+        cfg.dead_letter = dir.path().join(format!("dead-{payload_file}.jsonl"));
+        let summary = sluice_taskgen::run(&ex, cfg, hooks, std::future::pending())
+            .await
+            .unwrap();
+        assert_eq!(
+            (summary.calls_succeeded, summary.items_succeeded),
+            (want_calls, want_rows),
+            "payload_file = {payload_file}"
+        );
+        let (quantity, price, calls) = sums.lock().unwrap().clone();
+        assert_eq!(calls.iter().sum::<u64>(), want_rows);
+        assert_eq!(
+            calls
+                .iter()
+                .filter(|&&rows| rows == 2 * ROW_GROUP_ROWS as u64)
+                .count(),
+            FILES as usize,
+            "one call of two whole row groups per file: {calls:?}"
+        );
+        assert_eq!(quantity, want_quantity, "l_quantity in cents");
+        assert_eq!(price, want_price, "l_extendedprice in cents");
+    }
     ex.shutdown().await;
-    assert_eq!(
-        (summary.calls_succeeded, summary.items_succeeded),
-        (want_calls, want_rows)
-    );
-    let (quantity, price, calls) = sums.lock().unwrap().clone();
-    assert_eq!(calls.iter().sum::<u64>(), want_rows);
-    assert_eq!(
-        calls
-            .iter()
-            .filter(|&&rows| rows == 2 * ROW_GROUP_ROWS as u64)
-            .count(),
-        FILES as usize,
-        "one call of two whole row groups per file: {calls:?}"
-    );
-    assert_eq!(quantity, want_quantity, "l_quantity in cents");
-    assert_eq!(price, want_price, "l_extendedprice in cents");
 }

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Pid, getegid, geteuid};
-use sluice_protocol::{ExitStatus, Message, StartConfig, encode, invoke_head};
+use sluice_protocol::{
+    ExitStatus, Message, SANDBOX_ROOT_HOST_ID, StartConfig, attachment_head, encode, invoke_head,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
@@ -283,8 +285,15 @@ fn write_id_maps(pid: u32, host_root: bool) -> std::io::Result<()> {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     if host_root {
         // Sandbox root and the function's user map to unprivileged host ids.
-        std::fs::write(proc_dir.join("uid_map"), "0 65534 1\n993 65533 1\n")?;
-        std::fs::write(proc_dir.join("gid_map"), "0 65534 1\n990 65533 1\n")?;
+        let (root, user) = (SANDBOX_ROOT_HOST_ID, SANDBOX_ROOT_HOST_ID - 1);
+        std::fs::write(
+            proc_dir.join("uid_map"),
+            format!("0 {root} 1\n993 {user} 1\n"),
+        )?;
+        std::fs::write(
+            proc_dir.join("gid_map"),
+            format!("0 {root} 1\n990 {user} 1\n"),
+        )?;
     } else {
         std::fs::write(proc_dir.join("setgroups"), "deny")?;
         std::fs::write(proc_dir.join("uid_map"), format!("0 {} 1\n", geteuid()))?;
@@ -529,6 +538,9 @@ impl Sandbox for ProcessSandbox {
             return Err(self.crash_error("sandbox already dead").await);
         }
         let request_id = inv.request_id;
+        if let Some(data) = &inv.attachment {
+            self.send_parts(&attachment_head(data.len()), data).await?;
+        }
         // The frame's head, then the event as it is: no copy into a frame.
         let head = invoke_head(
             &request_id,

@@ -68,6 +68,8 @@ pub(super) struct RawJob {
     payload: Option<Spanned<String>>,
     /// Default `"none"`; only with `payload = "arrow"`.
     arrow_compression: Option<Spanned<String>>,
+    /// Default false; only with a columnar payload.
+    payload_file: Option<Spanned<bool>>,
     /// Default none: glob of files → globs of the files they wait for.
     depends_on_files: Option<BTreeMap<Spanned<String>, SpannedGlobs>>,
     /// Default none (stateless).
@@ -136,7 +138,8 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
         "bootstrap_servers",
         "a string: \"embedded\" or \"host:port[,host:port...]\"",
     ),
-    ("payload", "a string: \"json\" or \"arrow\""),
+    ("payload", "a string: \"json\", \"arrow\" or \"parquet\""),
+    ("payload_file", "a boolean (true or false)"),
     (
         "arrow_compression",
         "a string: \"none\", \"lz4\" or \"zstd\"",
@@ -560,6 +563,20 @@ impl RawJob {
                 }
             }
         };
+        let payload_file = match self.payload_file {
+            Some(flag) if *flag.get_ref() && !payload.is_columnar() => {
+                return Err(PipelineError::Requires {
+                    at: loc.at(flag.span()),
+                    field: f.field("payload_file"),
+                    value: "true".to_owned(),
+                    required: f.field("payload"),
+                    reason: "it stages a columnar payload (payload = \"parquet\" or \"arrow\") \
+                             as a file in the sandbox",
+                });
+            }
+            Some(flag) => flag.into_inner(),
+            None => false,
+        };
         // Globs with a `/` are paths (relative to the pipeline file), the
         // others match file names.
         let glob = |v: Spanned<String>, field: String| -> Result<String, PipelineError> {
@@ -676,6 +693,7 @@ impl RawJob {
                 output: base.join(output.into_inner()),
                 bootstrap_servers,
                 payload,
+                payload_file,
                 arrow_compression,
                 output_format,
             }));
@@ -729,6 +747,7 @@ impl RawJob {
             dead_letter: path(self.dead_letter),
             bootstrap_servers,
             payload,
+            payload_file,
             arrow_compression,
             file_dependencies,
             state,

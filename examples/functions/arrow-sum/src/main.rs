@@ -8,6 +8,10 @@
 //! {"parquet": "<base64 Parquet file>", "batch": {"source": "...", "first_item": 0, "count": 7000, "call_id": "..."}}
 //! ```
 //!
+//! With `payload_file = true` the data arrives as a file in the sandbox
+//! instead, which the event names (`{"arrow_file": "/run/sluice/payload",
+//! ...}` or `{"parquet_file": ...}`).
+//!
 //! It answers the row count and, for every numeric (integer, float or
 //! decimal) column, the sum of its non-null values, decimals in their
 //! integer representation (for example cents):
@@ -34,6 +38,8 @@ use serde_json::{Value, json};
 struct Event {
     arrow: Option<String>,
     parquet: Option<String>,
+    arrow_file: Option<String>,
+    parquet_file: Option<String>,
 }
 
 /// Rows per record batch decoded from a Parquet payload.
@@ -42,20 +48,30 @@ const PARQUET_BATCH_ROWS: usize = 8 * 1024;
 /// The event's record batches.
 fn batches(event: Event) -> Result<Vec<RecordBatch>, Error> {
     let decode = |b64: String| base64::engine::general_purpose::STANDARD.decode(b64);
-    match (event.arrow, event.parquet) {
-        (_, Some(parquet)) => Ok(ParquetRecordBatchReaderBuilder::try_new(Bytes::from(decode(
-            parquet,
-        )?))?
-        .with_batch_size(PARQUET_BATCH_ROWS)
-        .build()?
-        .collect::<Result<_, _>>()?),
-        (Some(arrow), None) => Ok(
-            StreamReader::try_new(decode(arrow)?.as_slice(), None)?.collect::<Result<_, _>>()?
-        ),
-        (None, None) => Err(Error::from(
-            "expected {\"arrow\": ...} or {\"parquet\": ...}: set payload = \"arrow\" or \"parquet\"",
-        )),
+    let read = |path: String| std::fs::read(&path).map_err(|e| format!("{path}: {e}"));
+    let parquet = match (event.parquet, event.parquet_file) {
+        (Some(b64), _) => Some(decode(b64)?),
+        (None, Some(path)) => Some(read(path)?),
+        (None, None) => None,
+    };
+    if let Some(parquet) = parquet {
+        return Ok(
+            ParquetRecordBatchReaderBuilder::try_new(Bytes::from(parquet))?
+                .with_batch_size(PARQUET_BATCH_ROWS)
+                .build()?
+                .collect::<Result<_, _>>()?,
+        );
     }
+    let arrow = match (event.arrow, event.arrow_file) {
+        (Some(b64), _) => decode(b64)?,
+        (None, Some(path)) => read(path)?,
+        (None, None) => {
+            return Err(Error::from(
+                "expected {\"arrow\": ...} or {\"parquet\": ...}: set payload = \"arrow\" or \"parquet\"",
+            ));
+        }
+    };
+    Ok(StreamReader::try_new(arrow.as_slice(), None)?.collect::<Result<_, _>>()?)
 }
 
 /// Sum of one column: floats as f64, integers and decimals exactly.

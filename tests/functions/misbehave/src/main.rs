@@ -11,6 +11,8 @@
 //! - `sleep` + `ms`: sleep, then return `{"slept_ms": ms}`;
 //! - `alloc` + `mb`: allocate and touch that many MiB, keep them, return `{"allocated_mb": mb}`;
 //! - `read_file` + `path`: return `{"content": ...}`, or error `ReadFailed`;
+//! - `file_digest` + `path`: return `{"len": bytes, "sum": sum of the bytes}`, or error `ReadFailed`;
+//! - `write_file` + `path` + `content`: write it, `{"written": path}` or error `WriteFailed`;
 //! - `connect` + `addr`: TCP connect (2 s timeout), `{"connected": true}` or error `ConnectFailed`;
 //! - `fork_bomb`: spawn copies of itself that spawn copies of themselves, then wait forever;
 //! - `panic`: panic in the handler;
@@ -144,6 +146,24 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
             match std::fs::read(path) {
                 Ok(bytes) => Ok(json!({ "content": String::from_utf8_lossy(&bytes) })),
                 Err(e) => Err(error("ReadFailed", format!("{path}: {e}"))),
+            }
+        }
+        "file_digest" => {
+            let path = str_field(&event, "path")?;
+            match std::fs::read(path) {
+                Ok(bytes) => Ok(json!({
+                    "len": bytes.len(),
+                    "sum": bytes.iter().map(|&b| u64::from(b)).sum::<u64>(),
+                })),
+                Err(e) => Err(error("ReadFailed", format!("{path}: {e}"))),
+            }
+        }
+        "write_file" => {
+            let path = str_field(&event, "path")?;
+            let content = str_field(&event, "content")?;
+            match std::fs::write(path, content) {
+                Ok(()) => Ok(json!({ "written": path })),
+                Err(e) => Err(error("WriteFailed", format!("{path}: {e}"))),
             }
         }
         "connect" => {
