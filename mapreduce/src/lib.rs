@@ -529,8 +529,6 @@ fn partition_consumer(
         // does, even when records arrive meanwhile) would add that to every
         // job.
         .set("fetch.wait.max.ms", "10")
-        .set("fetch.error.backoff.ms", "10")
-        .set("retry.backoff.ms", "10")
         // Offset 0 of a log that starts later (retention) means its start.
         .set("auto.offset.reset", "earliest")
         .create()

@@ -1335,7 +1335,6 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
     // The same executor for every run: after the first, sandboxes are warm.
     let (mut first, mut best) = (None, None::<(sluice_mapreduce::Summary, Option<f64>)>);
     for run in 0..RUNS {
-        let busy_before = busy_cpu_seconds();
         let topic = sluice_mapreduce::shuffle_topic(&j.name, sluice_mapreduce::run_id());
         if let Err(e) = broker.create_topic(&topic, partitions) {
             eprintln!("error: {e}");
@@ -1378,11 +1377,18 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
                 return exit::INVOKE_FAILED;
             }
         };
-        // The caller's wall time (not the summary's).
+        // The caller's wall time (not the summary's), and the machine's CPU
+        // time over the same span.
+        let busy_before = busy_cpu_seconds();
         let t0 = Instant::now();
-        let s = match sluice_mapreduce::run(&ex, &kafka, cfg, state, progress).await {
+        let run = sluice_mapreduce::run(&ex, &kafka, cfg, state, progress).await;
+        let took = t0.elapsed();
+        let busy = busy_before
+            .zip(busy_cpu_seconds())
+            .map(|(before, after)| after - before);
+        let s = match run {
             Ok(s) => sluice_mapreduce::Summary {
-                duration: t0.elapsed(),
+                duration: took,
                 ..s
             },
             Err(e) => {
@@ -1396,9 +1402,6 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
             eprintln!("error: {e}");
             return exit::INVOKE_FAILED;
         }
-        let busy = busy_before
-            .zip(busy_cpu_seconds())
-            .map(|(before, after)| after - before);
         // Kafka clients close after the results are in (not timed), but
         // before the next run starts.
         tokio::task::spawn_blocking(sluice_mapreduce::wait_for_closed_clients)
