@@ -57,6 +57,7 @@ skip=(
     --skip state_moves_with_its_partition_through_the_changelog
 )
 export SLUICE_TEST_KAFKA="127.0.0.1:$port"
-cargo test -p sluice-ingest --test kafka_semantics -- "${skip[@]}"
-cargo test -p sluice-state-carrier --test changelog -- "${skip[@]}"
-cargo test -p sluice --test kafka_cli --test state_cli -- "${skip[@]}"
+# --workspace: the same selection as scripts/test.sh's `cargo test
+# --workspace`, so cargo resolves the same features and reuses its build
+# (with -p it would compile most dependencies again, with other features).
+cargo test --workspace --test kafka_semantics --test changelog --test kafka_cli --test state_cli -- "${skip[@]}"

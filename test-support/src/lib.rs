@@ -62,27 +62,36 @@ fn build_location() -> (PathBuf, String) {
     (target_dir, profile)
 }
 
-/// Binaries already built by this process, by `(package, bin)`.
-static BUILT: Mutex<Option<HashMap<(String, String), PathBuf>>> = Mutex::new(None);
+/// Binaries already built by this process, by name.
+static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
 
-/// Path of a workspace binary, built on demand (once per test process).
+/// Path of a binary of this workspace, built on demand (once per test
+/// process).
 ///
-/// Runs `$CARGO build -p <package> --bin <bin>` (`CARGO` defaults to `cargo`)
-/// against this workspace, into the target directory of the running test and
-/// with its profile: `debug` builds without a flag, `release` with
-/// `--release`, any other profile with `--profile <name>`.
+/// Runs `$CARGO build --workspace --bin <bin> --examples` (`CARGO` defaults
+/// to `cargo`) into the target directory of the running test and with its
+/// profile: `debug` builds without a flag, `release` with `--release`, any
+/// other profile with `--profile <name>`.
+///
+/// Why `--workspace` and `--examples` (there are no examples): cargo resolves
+/// the features of dependencies over the packages it was asked to build, and
+/// turns on dev-dependencies' features only when something it builds needs
+/// them. `cargo test --workspace` does both, so a plain `-p <package>` build
+/// would compile most dependencies a second time with other features (and
+/// replace the binary cargo test had built): a few GB of disk and minutes of
+/// CPU per run of the test suite. Resolved like this, the build finds the
+/// binary `cargo test --workspace` already made and does nothing.
 ///
 /// # Panics
-/// If the build fails (the message includes cargo's stderr) or does not
-/// produce the binary.
-pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+/// If the build fails (the message includes cargo's stderr; no binary of the
+/// workspace has that name, for one) or does not produce the binary.
+pub fn workspace_binary(bin: &str) -> PathBuf {
     // Held during the build: concurrent tests wait for the first one's build
     // instead of starting their own. A test that panicked while building
     // leaves nothing half-recorded, so a poisoned lock is still usable.
     let mut built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
     let built = built.get_or_insert_with(HashMap::new);
-    let key = (package.to_owned(), bin.to_owned());
-    if let Some(path) = built.get(&key) {
+    if let Some(path) = built.get(bin) {
         return path.clone();
     }
 
@@ -90,8 +99,7 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = workspace_root().join("Cargo.toml");
     let mut cmd = Command::new(&cargo);
-    cmd.arg("build")
-        .args(["-p", package, "--bin", bin])
+    cmd.args(["build", "--workspace", "--bin", bin, "--examples"])
         .arg("--manifest-path")
         .arg(&manifest)
         .arg("--target-dir")
@@ -107,13 +115,13 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     }
     let output = cmd.output().unwrap_or_else(|e| {
         panic!(
-            "cannot run {} to build {package}/{bin}: {e}",
+            "cannot run {} to build {bin}: {e}",
             Path::new(&cargo).display()
         )
     });
     if !output.status.success() {
         panic!(
-            "building {package}/{bin} failed ({}): {cmd:?}\n--- cargo stderr ---\n{}",
+            "building {bin} failed ({}): {cmd:?}\n--- cargo stderr ---\n{}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
@@ -123,21 +131,21 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         .join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.is_file(),
-        "cargo built {package}/{bin} but {} does not exist",
+        "cargo built {bin} but {} does not exist",
         path.display()
     );
-    built.insert(key, path.clone());
+    built.insert(bin.to_owned(), path.clone());
     path
 }
 
 /// The sandbox agent binary (`sluice-agent`), built on demand.
 pub fn agent_binary() -> PathBuf {
-    workspace_binary("sluice-agent", "sluice-agent")
+    workspace_binary("sluice-agent")
 }
 
 /// The `sluice` command-line binary, built on demand.
 pub fn sluice_binary() -> PathBuf {
-    workspace_binary("sluice", "sluice")
+    workspace_binary("sluice")
 }
 
 /// A function folder in a temporary directory, removed when this is dropped.
@@ -211,28 +219,13 @@ fn copy_tree(from: &Path, to: &Path) {
 pub fn function_fixture(name: &str) -> FunctionFixture {
     let fixture = fixture_dir(name);
     match name {
-        "echo" => install_bootstrap(&workspace_binary("echo-function", "echo-fn"), &fixture.dir),
-        "fail" => install_bootstrap(&workspace_binary("fail-function", "fail-fn"), &fixture.dir),
-        "tpch-q1" => install_bootstrap(
-            &workspace_binary("tpch-q1-function", "tpch-q1-fn"),
-            &fixture.dir,
-        ),
-        "wordcount" => install_bootstrap(
-            &workspace_binary("wordcount-function", "wordcount-fn"),
-            &fixture.dir,
-        ),
-        "arrow-sum" => install_bootstrap(
-            &workspace_binary("arrow-sum-function", "arrow-sum-fn"),
-            &fixture.dir,
-        ),
-        "misbehave" => install_bootstrap(
-            &workspace_binary("misbehave-function", "misbehave-fn"),
-            &fixture.dir,
-        ),
-        "running-sum" => install_bootstrap(
-            &workspace_binary("running-sum-function", "running-sum-fn"),
-            &fixture.dir,
-        ),
+        "echo" => install_bootstrap(&workspace_binary("echo-fn"), &fixture.dir),
+        "fail" => install_bootstrap(&workspace_binary("fail-fn"), &fixture.dir),
+        "tpch-q1" => install_bootstrap(&workspace_binary("tpch-q1-fn"), &fixture.dir),
+        "wordcount" => install_bootstrap(&workspace_binary("wordcount-fn"), &fixture.dir),
+        "arrow-sum" => install_bootstrap(&workspace_binary("arrow-sum-fn"), &fixture.dir),
+        "misbehave" => install_bootstrap(&workspace_binary("misbehave-fn"), &fixture.dir),
+        "running-sum" => install_bootstrap(&workspace_binary("running-sum-fn"), &fixture.dir),
         "shell" => {
             copy_tree(
                 &workspace_root().join("examples/functions/shell"),
@@ -318,9 +311,9 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "building no-such-package/no-such-bin failed")]
+    #[should_panic(expected = "building no-such-bin failed")]
     fn a_failed_build_panics_with_cargo_stderr() {
-        workspace_binary("no-such-package", "no-such-bin");
+        workspace_binary("no-such-bin");
     }
 
     #[test]
