@@ -99,6 +99,15 @@ pub fn workspace_binary(bin: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = workspace_root().join("Cargo.toml");
     let mut cmd = Command::new(&cargo);
+    // Without what cargo set for running this test: build scripts that
+    // watch those variables (ring's watches `CARGO_PKG_NAME` and `OUT_DIR`)
+    // would run again and rebuild everything above them, twice (here, and
+    // in the next plain cargo command).
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_for_a_crate) {
+            cmd.env_remove(&name);
+        }
+    }
     cmd.args(["build", "--workspace", "--bin", bin, "--examples"])
         .arg("--manifest-path")
         .arg(&manifest)
@@ -136,6 +145,22 @@ pub fn workspace_binary(bin: &str) -> PathBuf {
     );
     built.insert(bin.to_owned(), path.clone());
     path
+}
+
+/// Whether cargo sets `name` for the crate it runs (a test, a build script)
+/// rather than the user for cargo.
+fn set_by_cargo_for_a_crate(name: &str) -> bool {
+    ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]
+        .iter()
+        .any(|p| name.starts_with(p))
+        || matches!(
+            name,
+            "OUT_DIR"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+        )
 }
 
 /// The sandbox agent binary (`sluice-agent`), built on demand.
@@ -308,6 +333,29 @@ mod tests {
             fs::read_to_string(f.dir.join("bootstrap")).unwrap(),
             "#!/bin/bash\necho hi\n"
         );
+    }
+
+    #[test]
+    fn only_what_cargo_sets_for_a_crate_is_left_out_of_a_build() {
+        for name in [
+            "CARGO_PKG_NAME",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_BIN_EXE_sluice",
+            "OUT_DIR",
+            "CARGO_TARGET_TMPDIR",
+        ] {
+            assert!(set_by_cargo_for_a_crate(name), "{name}");
+        }
+        for name in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_INCREMENTAL",
+            "CARGO_PROFILE_DEV_DEBUG",
+            "CC",
+            "PATH",
+        ] {
+            assert!(!set_by_cargo_for_a_crate(name), "{name}");
+        }
     }
 
     #[test]
