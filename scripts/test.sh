@@ -9,6 +9,13 @@ cd "$(dirname "$0")/.."
 # A clean build gains nothing from incremental compilation, whose caches were
 # a quarter of the target directory (about 2 GB).
 export CARGO_INCREMENTAL=0
+# A run from a fresh clone fills about 3 GB of target/, and building tansu the
+# first time about 1.5 GB more in the temp folder: say so before a full disk
+# breaks a build halfway.
+avail_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+if [ "${avail_kb:-0}" -lt $((5 * 1024 * 1024)) ]; then
+  echo "warning: $((avail_kb / 1024)) MB free on $(df -P . | awk 'NR == 2 {print $6}'); a test run from a fresh clone needs about 5 GB" >&2
+fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
