@@ -3,31 +3,114 @@
 //! invalidation on a function update. Time is a [`ManualClock`] driven by
 //! the test; maintenance steps are run explicitly (or by the background task
 //! when that is what is tested) and the tests wait on pool changes, never on
-//! wall-clock time.
+//! wall-clock time. The calls of a burst meet at a barrier in front of their
+//! sandboxes ([`Gate`]), so they overlap however loaded the machine is.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use serde_json::Value;
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
 use sluice_executor::{
-    Clock, Executor, FunctionSpec, FunctionStats, LogLine, ManualClock, PoolConfig, Response,
+    Backend, Clock, Executor, FunctionSpec, FunctionStats, Invocation, InvokeError, LogLine,
+    LogSink, ManualClock, PoolConfig, Response, Sandbox,
 };
 use sluice_test_support::{FunctionFixture, agent_binary, function_fixture, script_fixture};
-use tokio::sync::watch;
+use tokio::sync::{Barrier, watch};
 
 /// Upper bound on waiting for a pool condition: a hang guard, not a timing
 /// assertion.
 const HANG_GUARD: Duration = Duration::from_secs(120);
 
-fn executor(clock: &ManualClock) -> Executor {
-    let backend = ProcessBackend::new(ProcessConfig::detect(agent_binary()));
-    Executor::with_options(
+/// While set, every invocation waits here before it reaches its sandbox, so
+/// the calls of a burst all hold a sandbox at once. Without it, on a loaded
+/// machine, the first call of a burst can be answered before the second one
+/// takes a sandbox, and the second then (rightly) reuses the first one's:
+/// not the burst the test means.
+#[derive(Clone, Default)]
+struct Gate(Arc<Mutex<Option<Arc<Barrier>>>>);
+
+impl Gate {
+    /// Run `calls` (`n` invocations) with all `n` holding a sandbox at once.
+    async fn together<T>(&self, n: usize, calls: impl std::future::Future<Output = T>) -> T {
+        *self.0.lock().unwrap() = Some(Arc::new(Barrier::new(n)));
+        let out = calls.await;
+        *self.0.lock().unwrap() = None;
+        out
+    }
+
+    fn barrier(&self) -> Option<Arc<Barrier>> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// The process backend, its sandboxes behind [`Gate`].
+struct Gated {
+    backend: ProcessBackend,
+    gate: Gate,
+}
+
+#[async_trait]
+impl Backend for Gated {
+    fn name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    async fn start(
+        &self,
+        spec: &FunctionSpec,
+        tenant: &str,
+        logs: LogSink,
+    ) -> Result<Box<dyn Sandbox>, InvokeError> {
+        let sandbox = self.backend.start(spec, tenant, logs).await?;
+        Ok(Box::new(GatedSandbox {
+            sandbox,
+            gate: self.gate.clone(),
+        }))
+    }
+}
+
+struct GatedSandbox {
+    sandbox: Box<dyn Sandbox>,
+    gate: Gate,
+}
+
+#[async_trait]
+impl Sandbox for GatedSandbox {
+    async fn invoke(&mut self, inv: Invocation, timeout: Duration) -> Result<Vec<u8>, InvokeError> {
+        if let Some(b) = self.gate.barrier() {
+            b.wait().await;
+        }
+        self.sandbox.invoke(inv, timeout).await
+    }
+
+    fn is_reusable(&self) -> bool {
+        self.sandbox.is_reusable()
+    }
+
+    fn init_duration(&self) -> Duration {
+        self.sandbox.init_duration()
+    }
+
+    async fn shutdown(self: Box<Self>) {
+        self.sandbox.shutdown().await;
+    }
+}
+
+fn executor(clock: &ManualClock) -> (Executor, Gate) {
+    let gate = Gate::default();
+    let backend = Gated {
+        backend: ProcessBackend::new(ProcessConfig::detect(agent_binary())),
+        gate: gate.clone(),
+    };
+    let ex = Executor::with_options(
         Arc::new(backend),
         Arc::new(|_l: LogLine| {}),
         Arc::new(clock.clone()),
         PoolConfig::default(),
-    )
+    );
+    (ex, gate)
 }
 
 fn spec(name: &str, f: &FunctionFixture) -> FunctionSpec {
@@ -53,8 +136,12 @@ async fn wait(
 }
 
 /// Two calls arriving together; whether each started a new sandbox.
-async fn burst(ex: &Executor, function: &str) -> [bool; 2] {
-    let (a, b) = tokio::join!(ex.invoke(function, "[1]"), ex.invoke(function, "[2]"));
+async fn burst(ex: &Executor, gate: &Gate, function: &str) -> [bool; 2] {
+    let (a, b) = gate
+        .together(2, async {
+            tokio::join!(ex.invoke(function, "[1]"), ex.invoke(function, "[2]"))
+        })
+        .await;
     let check = |r: Result<Response, _>, want: &str| {
         let r = r.expect("invoke");
         assert_eq!(r.payload, want.as_bytes());
@@ -67,7 +154,7 @@ async fn burst(ex: &Executor, function: &str) -> [bool; 2] {
 async fn a_periodic_pattern_gets_warm_sandboxes_ahead_of_each_burst() {
     let f = function_fixture("echo");
     let clock = ManualClock::new();
-    let ex = executor(&clock);
+    let (ex, gate) = executor(&clock);
     let mut s = spec("echo", &f);
     s.concurrency = 4;
     // Shorter than the period: without pre-warming every burst starts cold.
@@ -81,7 +168,7 @@ async fn a_periodic_pattern_gets_warm_sandboxes_ahead_of_each_burst() {
     // and its sandboxes are reaped before the next one.
     for k in 0..3 {
         clock.set(at(k * period));
-        assert_eq!(burst(&ex, "echo").await, [true, true], "burst {k}");
+        assert_eq!(burst(&ex, &gate, "echo").await, [true, true], "burst {k}");
         clock.set(at(k * period + 30));
         let m = ex.maintain().await;
         assert_eq!((m.reaped, m.started), (2, 0), "after burst {k}: {m:?}");
@@ -101,7 +188,7 @@ async fn a_periodic_pattern_gets_warm_sandboxes_ahead_of_each_burst() {
         })
         .await;
         clock.set(at(k * period));
-        assert_eq!(burst(&ex, "echo").await, [false, false], "burst {k}");
+        assert_eq!(burst(&ex, &gate, "echo").await, [false, false], "burst {k}");
         // Between bursts, the idle sandboxes are stopped early (the next
         // pre-warm is far away) instead of idling until `idle_timeout`.
         clock.set(at(k * period + 15));
@@ -121,7 +208,7 @@ async fn a_periodic_pattern_gets_warm_sandboxes_ahead_of_each_burst() {
 async fn without_prewarm_a_periodic_pattern_stays_cold() {
     let f = function_fixture("echo");
     let clock = ManualClock::new();
-    let ex = executor(&clock);
+    let (ex, gate) = executor(&clock);
     let mut s = spec("echo", &f);
     s.idle_timeout = Duration::from_secs(20);
     s.prewarm = false;
@@ -131,7 +218,7 @@ async fn without_prewarm_a_periodic_pattern_stays_cold() {
         clock.set(t0 + Duration::from_secs(k * 60 - u64::from(k > 0)));
         assert_eq!(ex.maintain().await.started, 0);
         clock.set(t0 + Duration::from_secs(k * 60));
-        assert_eq!(burst(&ex, "echo").await, [true, true], "burst {k}");
+        assert_eq!(burst(&ex, &gate, "echo").await, [true, true], "burst {k}");
         clock.set(t0 + Duration::from_secs(k * 60 + 30));
         assert_eq!(ex.maintain().await.reaped, 2);
     }
@@ -144,7 +231,7 @@ async fn without_prewarm_a_periodic_pattern_stays_cold() {
 async fn min_warm_is_refilled_in_the_background_and_idle_sandboxes_are_reaped() {
     let f = function_fixture("echo");
     let clock = ManualClock::new();
-    let ex = executor(&clock);
+    let (ex, gate) = executor(&clock);
     let mut s = spec("echo", &f);
     s.concurrency = 4;
     s.min_warm = 1;
@@ -172,12 +259,16 @@ async fn min_warm_is_refilled_in_the_background_and_idle_sandboxes_are_reaped() 
 
     // Four calls at once: the idle ones are hits, the rest start cold; at
     // most `max_warm` = 3 are kept afterwards.
-    let (a, b, c, d) = tokio::join!(
-        ex.invoke("echo", "1"),
-        ex.invoke("echo", "2"),
-        ex.invoke("echo", "3"),
-        ex.invoke("echo", "4")
-    );
+    let (a, b, c, d) = gate
+        .together(4, async {
+            tokio::join!(
+                ex.invoke("echo", "1"),
+                ex.invoke("echo", "2"),
+                ex.invoke("echo", "3"),
+                ex.invoke("echo", "4")
+            )
+        })
+        .await;
     for r in [a, b, c, d] {
         r.unwrap();
     }
@@ -219,7 +310,7 @@ async fn a_function_update_invalidates_its_pool() {
     let f = script_fixture(COUNTER);
     std::fs::write(f.dir.join("VERSION"), "1").unwrap();
     let clock = ManualClock::new();
-    let ex = executor(&clock);
+    let (ex, _) = executor(&clock);
     let mut s = spec("counter", &f);
     s.min_warm = 1;
     ex.register(s);
@@ -261,7 +352,7 @@ async fn a_function_update_invalidates_its_pool() {
 async fn pre_warming_never_exceeds_max_warm() {
     let f = function_fixture("echo");
     let clock = ManualClock::new();
-    let ex = executor(&clock);
+    let (ex, gate) = executor(&clock);
     let mut s = spec("echo", &f);
     s.concurrency = 4;
     s.max_warm = 1;
@@ -270,7 +361,7 @@ async fn pre_warming_never_exceeds_max_warm() {
     let t0 = clock.now();
     for k in 0..3u64 {
         clock.set(t0 + Duration::from_secs(k * 60));
-        burst(&ex, "echo").await;
+        burst(&ex, &gate, "echo").await;
         clock.set(t0 + Duration::from_secs(k * 60 + 30));
         ex.maintain().await;
     }
@@ -280,7 +371,7 @@ async fn pre_warming_never_exceeds_max_warm() {
     let st = wait(&ex, "echo", "pre-warm", |st| st.starting == 0).await;
     assert_eq!((st.idle, st.prewarmed), (1, 1), "{st:?}");
     clock.set(t0 + Duration::from_secs(180));
-    let cold = burst(&ex, "echo").await;
+    let cold = burst(&ex, &gate, "echo").await;
     assert_eq!(cold.iter().filter(|c| !**c).count(), 1, "{cold:?}");
     assert!(ex.stats("echo").unwrap().idle <= 1);
     ex.shutdown().await;
