@@ -259,6 +259,11 @@ enum BenchCommand {
         /// Batch sizes to measure.
         #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
         batch_sizes: Vec<u32>,
+        /// A librdkafka property for the trigger's consumer, as `KEY=VALUE`
+        /// (repeatable), as a trigger's `properties` table would set it: to
+        /// measure a tuning before putting it in a pipeline.
+        #[arg(long = "property", value_name = "KEY=VALUE", value_parser = key_value)]
+        properties: Vec<(String, String)>,
     },
     /// Rows/s and calls/s of `sluice backfill` over a generated Parquet
     /// file through a no-op function at 1, 100 and 1,000 rows per call,
@@ -290,6 +295,14 @@ enum BenchCommand {
         #[arg(long, short = 'n', default_value_t = 500)]
         calls: usize,
     },
+}
+
+/// `KEY=VALUE` as a pair (the value may itself hold `=`).
+fn key_value(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("{arg:?} is not KEY=VALUE")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -416,7 +429,11 @@ fn main() -> ExitCode {
                 function,
                 records,
                 batch_sizes,
-            }) => commands::bench::kafka(&pipeline, &function, records, &batch_sizes).await,
+                properties,
+            }) => {
+                commands::bench::kafka(&pipeline, &function, records, &batch_sizes, &properties)
+                    .await
+            }
             Command::Bench(BenchCommand::Mapreduce {
                 pipeline,
                 job,

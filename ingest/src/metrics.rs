@@ -129,6 +129,7 @@ pub struct Metrics {
     checkpoints: Family<AtomicU64>,
     checkpoint_micros: Family<AtomicU64>,
     windows_closed: Family<AtomicU64>,
+    pauses: Family<AtomicU64>,
     executor: RwLock<Option<sluice_executor::Executor>>,
 }
 
@@ -149,6 +150,7 @@ const INVOKE: &str = "sluice_invoke_duration_seconds";
 const CHECKPOINTS: &str = "sluice_state_checkpoints_total";
 const CHECKPOINT_MICROS: &str = "sluice_state_checkpoint_microseconds_total";
 const WINDOWS_CLOSED: &str = "sluice_state_windows_closed_total";
+const PAUSES: &str = "sluice_partition_pauses_total";
 
 impl Metrics {
     /// An empty registry.
@@ -165,6 +167,7 @@ impl Metrics {
             checkpoints: Family::new(),
             checkpoint_micros: Family::new(),
             windows_closed: Family::new(),
+            pauses: Family::new(),
             executor: RwLock::new(None),
         })
     }
@@ -231,6 +234,25 @@ impl Metrics {
         let early = if early { "true" } else { "false" };
         self.windows_closed
             .with(&[trigger, early], |c| c.fetch_add(1, Ordering::Relaxed));
+    }
+
+    /// A partition was paused: its lane held too many unfinished records.
+    pub fn partition_paused(&self, trigger: &str, topic: &str, partition: i32) {
+        let p = partition.to_string();
+        self.pauses
+            .with(&[trigger, topic, &p], |c| c.fetch_add(1, Ordering::Relaxed));
+    }
+
+    /// Pauses of all partitions of a trigger so far.
+    pub fn pauses(&self, trigger: &str) -> u64 {
+        let mut n = 0;
+        let _ = self.pauses.for_each(|labels, c| {
+            if labels.first().map(String::as_str) == Some(trigger) {
+                n += c.load(Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        n
     }
 
     /// Consumer lag of a partition (high watermark minus next offset).
@@ -348,6 +370,14 @@ impl Metrics {
             "Windows closed by a final invoke, by early termination.",
             &["trigger", "early"],
             &self.windows_closed,
+        )?;
+
+        counter(
+            out,
+            PAUSES,
+            "Partitions paused because their lane held too many unfinished records (backpressure).",
+            &["trigger", "topic", "partition"],
+            &self.pauses,
         )?;
 
         header(out, LAG, "Consumer lag per partition, in records.", "gauge")?;
@@ -916,6 +946,9 @@ mod tests {
         m.window_closed("t1", false);
         m.window_closed("t1", true);
         m.window_closed("t1", true);
+        m.partition_paused("t1", "orders", 1);
+        m.partition_paused("t1", "orders", 1);
+        m.partition_paused("t2", "orders", 0);
 
         let text = m.render();
         let (types, samples) = parse_exposition(&text);
@@ -929,9 +962,13 @@ mod tests {
             "sluice_retries_total",
             "sluice_dlq_records_total",
             "sluice_function_errors_total",
+            "sluice_partition_pauses_total",
         ] {
             assert_eq!(types[name], "counter", "{name}");
         }
+        assert_eq!(m.pauses("t1"), 2);
+        assert_eq!(m.pauses("t2"), 1);
+        assert_eq!(m.pauses("t3"), 0);
 
         let v = |name: &str, labels: &[(&str, &str)]| {
             let found = find(&samples, name, labels);
@@ -955,6 +992,13 @@ mod tests {
         assert_eq!(
             v("sluice_records_filtered_total", &[("trigger", "t1")]),
             4.0
+        );
+        assert_eq!(
+            v(
+                "sluice_partition_pauses_total",
+                &[("trigger", "t1"), ("topic", "orders"), ("partition", "1")]
+            ),
+            2.0
         );
         assert_eq!(
             v("sluice_state_checkpoints_total", &[("trigger", "t1")]),
@@ -1071,7 +1115,7 @@ mod tests {
     fn empty_registry_renders_headers_only() {
         let text = Metrics::new().render();
         let (types, samples) = parse_exposition(&text);
-        assert_eq!(types.len(), 11);
+        assert_eq!(types.len(), 12);
         assert!(samples.is_empty());
     }
 

@@ -440,6 +440,8 @@ struct Run {
     task: Option<tokio::task::JoinHandle<Result<(), IngestError>>>,
     log: Arc<Log>,
     activity: Arc<Activity>,
+    metrics: Arc<Metrics>,
+    trigger: String,
 }
 
 impl Run {
@@ -461,15 +463,17 @@ impl Run {
             panic!("tests use the mock cluster's address");
         };
         let activity = Arc::new(Activity::default());
+        let metrics = Metrics::new();
         let env = TriggerEnv {
             executor: executor.clone(),
-            metrics: Metrics::new(),
+            metrics: metrics.clone(),
             servers,
             activity: activity.clone(),
             // Low, so that partitions are paused and resumed in these tests.
             max_buffered_records: 1000,
         };
         let (stop, rx) = watch::channel(false);
+        let name = trigger.name.clone();
         let task = rt.spawn(run_trigger(trigger, env, rx));
         Self {
             rt,
@@ -478,6 +482,8 @@ impl Run {
             task: Some(task),
             log,
             activity,
+            metrics,
+            trigger: name,
         }
     }
 
@@ -1206,6 +1212,17 @@ fn backlog_pause_and_resume_loses_nothing() {
     );
     let run = Run::start(&p);
     run.wait_all_finished(3000);
+    // The first poll burst alone (1,024 records) reaches the high water.
+    let pauses = run.metrics.pauses(&run.trigger);
+    assert!(pauses >= 1, "the partition was never paused");
+    assert!(
+        run.metrics.render().contains(&format!(
+            "sluice_partition_pauses_total{{trigger=\"{}\",topic=\"in\",partition=\"0\"}} {pauses}",
+            run.trigger
+        )),
+        "{}",
+        run.metrics.render()
+    );
     let log = run.stop();
     let want: Vec<String> = (0..3000).map(|i| format!("r{i}")).collect();
     assert_eq!(delivered(&log.batches()), want);

@@ -343,7 +343,13 @@ async fn periodic_bursts(
 /// judged on the median round. Then, with the last trigger idle, single
 /// records are produced one at a time and timed from the send to the end of
 /// their batch (end-to-end latency, batch window included).
-pub async fn kafka(pipeline: &Path, function: &str, records: usize, batch_sizes: &[u32]) -> u8 {
+pub async fn kafka(
+    pipeline: &Path,
+    function: &str,
+    records: usize,
+    batch_sizes: &[u32],
+    properties: &[(String, String)],
+) -> u8 {
     use sluice_ingest::kafka::{EmbeddedBroker, OutRecord, Sink};
 
     let p = match super::load_pipeline(pipeline) {
@@ -411,6 +417,10 @@ pub async fn kafka(pipeline: &Path, function: &str, records: usize, batch_sizes:
         value.len(),
         t0.elapsed()
     );
+    if !properties.is_empty() {
+        let set: Vec<String> = properties.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("trigger consumer properties: {}", set.join(", "));
+    }
     // Its polling thread is not part of what is measured.
     drop(sink);
 
@@ -418,17 +428,24 @@ pub async fn kafka(pipeline: &Path, function: &str, records: usize, batch_sizes:
     // Records in the topic: the latency probes add to it.
     let mut in_topic = records;
     for &b in batch_sizes {
-        let text = format!(
+        let mut text = format!(
             "[functions.{function}]\npath = {:?}\nconcurrency = {partitions}\n\n[[trigger.kafka]]\nfunction = {function:?}\ntopics = [\"bench\"]\nbootstrap_servers = {servers:?}\ngroup_id = \"bench-{b}\"\nstarting_position = \"earliest\"\nbatch_size = {b}\nbatch_window = \"5ms\"\n",
             p.function(function)
                 .map(|f| f.path.clone())
                 .unwrap_or_default()
         );
+        if !properties.is_empty() {
+            text.push_str("\n[trigger.kafka.properties]\n");
+            for (k, v) in properties {
+                text.push_str(&format!("{k:?} = {v:?}\n"));
+            }
+        }
         let bp = match sluice_pipeline::Pipeline::parse(&text, Path::new("bench.toml")) {
             Ok(bp) => bp,
             Err(e) => {
+                // Built from the flags (`--property`): a usage error.
                 eprintln!("error: {e}");
-                return exit::INVOKE_FAILED;
+                return exit::USAGE;
             }
         };
         let ex = match super::executor_for(&bp, Arc::new(|_l: LogLine| {})) {
@@ -456,6 +473,9 @@ pub async fn kafka(pipeline: &Path, function: &str, records: usize, batch_sizes:
         // shared and noisy: a ratio of two runs moments apart compares like
         // with like, and the median of the rounds' ratios is the figure.
         let mut rounds: Vec<(Duration, Duration)> = Vec::with_capacity(ROUNDS);
+        // Backpressure: partitions paused by the passes (each pause drops
+        // what librdkafka had prefetched for the partition).
+        let mut pauses = 0u64;
         let mut last = None;
         for round in 0..ROUNDS {
             // The previous round's trigger stops before anything else runs.
@@ -473,9 +493,11 @@ pub async fn kafka(pipeline: &Path, function: &str, records: usize, batch_sizes:
                 };
             let mut trigger = bp.kafka_triggers[0].clone();
             trigger.group_id = format!("bench-{b}-{round}");
+            let pass_trigger = trigger.name.clone();
             match sluice_pass(&ex, trigger, &servers, in_topic).await {
                 Ok(pass) => {
                     rounds.push((plain, pass.took));
+                    pauses += pass.metrics.pauses(&pass_trigger);
                     last = Some(pass);
                 }
                 Err(e) => {
@@ -518,7 +540,7 @@ pub async fn kafka(pipeline: &Path, function: &str, records: usize, batch_sizes:
         };
         in_topic += LATENCY_PROBES;
         println!(
-            "{:<40} {:>10.0} records/s (best of {ROUNDS}); plain consumer {:.0} records/s; sluice/plain per round: median {:.1} % (range {:.1}-{:.1} %)  batch invoke p50 <= {:.1} ms, p99 <= {:.1} ms",
+            "{:<40} {:>10.0} records/s (best of {ROUNDS}); plain consumer {:.0} records/s; sluice/plain per round: median {:.1} % (range {:.1}-{:.1} %)  batch invoke p50 <= {:.1} ms, p99 <= {:.1} ms; partitions paused {pauses} times",
             format!("sluice run, batch_size {b}"),
             rate(best_sluice),
             rate(best_plain),

@@ -693,6 +693,10 @@ fn route(consumer: &BaseConsumer<Ctx>, shared: &Arc<TriggerShared>, chunk: Vec<R
         if let Err(e) = consumer.pause(&tpl) {
             tracing::warn!("pausing {topic}-{partition} failed: {e}");
             lane.paused.store(false, Ordering::SeqCst);
+        } else {
+            shared
+                .metrics
+                .partition_paused(&shared.trigger.name, &topic, partition);
         }
     }
 }

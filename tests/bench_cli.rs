@@ -1,0 +1,102 @@
+//! `sluice bench kafka` as a user runs it: a short run end to end, so that
+//! the benchmark cannot rot unnoticed, and its flags' errors.
+
+use std::process::{Command, Output};
+
+use sluice_test_support::{FunctionFixture, agent_binary, function_fixture};
+
+fn bench_kafka(pipeline: &std::path::Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        // The agent must sit next to the sluice binary (same target folder).
+        .env("SLUICE_AGENT", agent_binary())
+        .args(["bench", "kafka", "-p"])
+        .arg(pipeline)
+        .args(["-f", "echo"])
+        .args(extra)
+        .output()
+        .expect("running sluice bench kafka")
+}
+
+/// A pipeline with the echo function; the fixture must outlive its use.
+fn echo_pipeline(dir: &std::path::Path) -> (FunctionFixture, std::path::PathBuf) {
+    let echo = function_fixture("echo");
+    let p = dir.join("pipeline.toml");
+    std::fs::write(&p, format!("[functions.echo]\npath = {:?}\n", echo.dir))
+        .expect("writing the pipeline");
+    (echo, p)
+}
+
+/// A small run (a few hundred records, one batch size) prints the figures
+/// of each part: sluice against the plain consumer, backpressure, latency;
+/// a `--property` reaches the trigger's consumer (a 5 ms fetch wait keeps
+/// the latency probes short).
+#[test]
+fn a_short_kafka_bench_prints_its_figures() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let (_echo, p) = echo_pipeline(tmp.path());
+    let out = bench_kafka(
+        &p,
+        &[
+            "-n",
+            "600",
+            "--batch-sizes",
+            "50",
+            "--property",
+            "fetch.wait.max.ms=5",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("600 records of"),
+        "the header names the records: {stdout}"
+    );
+    assert!(
+        stdout.contains("trigger consumer properties: fetch.wait.max.ms=5"),
+        "{stdout}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("sluice run, batch_size 50"))
+        .unwrap_or_else(|| panic!("no figures for batch size 50: {stdout}"));
+    for part in [
+        "records/s (best of 5)",
+        "plain consumer",
+        "median",
+        "partitions paused",
+    ] {
+        assert!(line.contains(part), "{part:?} missing from {line:?}");
+    }
+    assert!(
+        stdout.contains("end-to-end latency, one record at a time (n=100)"),
+        "{stdout}"
+    );
+}
+
+/// A property sluice manages itself (offsets are committed by sluice) is
+/// refused as a usage error naming it, as in a pipeline file.
+#[test]
+fn a_managed_property_is_refused_with_its_name() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let (_echo, p) = echo_pipeline(tmp.path());
+    let out = bench_kafka(
+        &p,
+        &[
+            "-n",
+            "10",
+            "--batch-sizes",
+            "10",
+            "--property",
+            "enable.auto.commit=true",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("enable.auto.commit"), "{stderr}");
+
+    let out = bench_kafka(&p, &["--property", "no-equals-sign"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not KEY=VALUE"), "{stderr}");
+}
