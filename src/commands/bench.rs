@@ -440,7 +440,7 @@ pub async fn kafka(
                 text.push_str(&format!("{k:?} = {v:?}\n"));
             }
         }
-        let bp = match sluice_pipeline::Pipeline::parse(&text, Path::new("bench.toml")) {
+        let mut bp = match sluice_pipeline::Pipeline::parse(&text, Path::new("bench.toml")) {
             Ok(bp) => bp,
             Err(e) => {
                 // Built from the flags (`--property`): a usage error.
@@ -448,6 +448,14 @@ pub async fn kafka(
                 return exit::USAGE;
             }
         };
+        // The function as its pipeline declares it (environment, memory,
+        // limits), one sandbox per partition.
+        if let Ok(declared) = p.function(function) {
+            let mut f = declared.clone();
+            f.concurrency = partitions as u32;
+            f.max_warm = f.max_warm.max(f.concurrency);
+            bp.functions.insert(function.to_owned(), f);
+        }
         let ex = match super::executor_for(&bp, Arc::new(|_l: LogLine| {})) {
             Ok(ex) => ex,
             Err(e) => {
