@@ -356,10 +356,10 @@ pub async fn kafka(
         Ok(p) => p,
         Err(code) => return code,
     };
-    if p.function(function).is_err() {
+    let Ok(declared) = p.function(function) else {
         eprintln!("error: {}: no function {function:?}", pipeline.display());
         return exit::USAGE;
-    }
+    };
     let broker = match EmbeddedBroker::start(1) {
         Ok(b) => b,
         Err(e) => {
@@ -430,9 +430,7 @@ pub async fn kafka(
     for &b in batch_sizes {
         let mut text = format!(
             "[functions.{function}]\npath = {:?}\nconcurrency = {partitions}\n\n[[trigger.kafka]]\nfunction = {function:?}\ntopics = [\"bench\"]\nbootstrap_servers = {servers:?}\ngroup_id = \"bench-{b}\"\nstarting_position = \"earliest\"\nbatch_size = {b}\nbatch_window = \"5ms\"\n",
-            p.function(function)
-                .map(|f| f.path.clone())
-                .unwrap_or_default()
+            declared.path
         );
         if !properties.is_empty() {
             text.push_str("\n[trigger.kafka.properties]\n");
@@ -450,12 +448,10 @@ pub async fn kafka(
         };
         // The function as its pipeline declares it (environment, memory,
         // limits), one sandbox per partition.
-        if let Ok(declared) = p.function(function) {
-            let mut f = declared.clone();
-            f.concurrency = partitions as u32;
-            f.max_warm = f.max_warm.max(f.concurrency);
-            bp.functions.insert(function.to_owned(), f);
-        }
+        let mut f = declared.clone();
+        f.concurrency = partitions as u32;
+        f.max_warm = f.max_warm.max(f.concurrency);
+        bp.functions.insert(function.to_owned(), f);
         let ex = match super::executor_for(&bp, Arc::new(|_l: LogLine| {})) {
             Ok(ex) => ex,
             Err(e) => {
@@ -501,11 +497,10 @@ pub async fn kafka(
                 };
             let mut trigger = bp.kafka_triggers[0].clone();
             trigger.group_id = format!("bench-{b}-{round}");
-            let pass_trigger = trigger.name.clone();
             match sluice_pass(&ex, trigger, &servers, in_topic).await {
                 Ok(pass) => {
                     rounds.push((plain, pass.took));
-                    pauses += pass.metrics.pauses(&pass_trigger);
+                    pauses += pass.metrics.pauses(&bp.kafka_triggers[0].name);
                     last = Some(pass);
                 }
                 Err(e) => {
