@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sluice_protocol::{ExitStatus, LogStream, Message, SEED_LEN, StartConfig, encode, invoke_head};
+use sluice_protocol::{LogStream, Message, SEED_LEN, StartConfig, encode};
 use sluice_vmm::host::HostSupport;
 use sluice_vmm::image::{GuestImage, ImageLayout};
 use sluice_vmm::vm::{ConsoleLineSink, ResetCause, VmSnapshotter, VmStopper};
@@ -58,9 +58,11 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{Backend, Invocation, LogSink, Sandbox};
-use crate::channel::{FrameResult, admit_line, read_frames};
+use crate::channel::{
+    AgentEnd, FrameResult, InitEnd, admit_line, init_end, invoke_over, read_frames, recv_until,
+    sandbox_err, write_parts,
+};
 use crate::logs::LogRateLimiter;
-use crate::process::parse_error_body;
 use crate::snapshots::{SnapshotCache, SnapshotKey, image_identity};
 use crate::{FunctionSpec, InvokeError, SandboxError};
 
@@ -399,13 +401,6 @@ impl CloneIdentity {
     }
 }
 
-fn sandbox_err(function: &str, source: SandboxError) -> InvokeError {
-    InvokeError::Sandbox {
-        function: function.to_owned(),
-        source,
-    }
-}
-
 /// How a VM run ended, in words for crash reports.
 fn describe_end(end: &Result<ExitReason, String>) -> String {
     match end {
@@ -690,16 +685,8 @@ impl MicrovmSandbox {
         tenant: &str,
     ) -> Result<(), InvokeError> {
         let deadline = started + self.init_timeout;
-        self.write_frame(frame).await?;
-        let got = {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.rx.recv()).await {
-                Ok(Some(m)) => Some(m),
-                Ok(None) => Some(Err(SandboxError::ChannelClosed)),
-                Err(_) => None,
-            }
-        };
-        match got {
+        self.write_frame(frame, &[]).await?;
+        match recv_until(&mut self.rx, deadline).await {
             Some(Ok(Message::Ready { init_us })) => {
                 self.init = started.elapsed();
                 tracing::debug!(function = %self.function, %tenant, vm = %self.vm_name, origin = ?self.origin, init_us, init = ?self.init, "microVM sandbox ready");
@@ -709,15 +696,10 @@ impl MicrovmSandbox {
         }
     }
 
-    /// Writes one complete frame (a single write, so small frames reach
-    /// the guest in one piece).
-    async fn write_frame(&mut self, frame: &[u8]) -> Result<(), InvokeError> {
-        let res = async {
-            self.writer.write_all(frame).await?;
-            self.writer.flush().await
-        }
-        .await;
-        if res.is_err() {
+    /// Writes one frame given as its head and its body (see
+    /// [`write_parts`]).
+    async fn write_frame(&mut self, head: &[u8], body: &[u8]) -> Result<(), InvokeError> {
+        if write_parts(&mut self.writer, head, body).await.is_err() {
             self.kill();
             return Err(self.crash_error("the agent channel closed").await);
         }
@@ -755,15 +737,13 @@ impl MicrovmSandbox {
     }
 
     async fn init_failure(&mut self, got: Option<FrameResult>) -> InvokeError {
-        let function = self.function.clone();
-        let init_failed = |error_type: &str, message: String| InvokeError::InitFailed {
-            function: function.clone(),
+        let init_failed = |message: String, error_type: &str| InvokeError::InitFailed {
+            function: self.function.clone(),
             error_type: error_type.into(),
             message,
         };
-        let err = match got {
-            None => init_failed(
-                "Runtime.InitTimeout",
+        let err = match init_end(&self.function, got) {
+            InitEnd::TimedOut => init_failed(
                 if self.origin == Origin::Restored {
                     "the restored guest did not answer its Restored frame within the init timeout"
                         .into()
@@ -771,33 +751,19 @@ impl MicrovmSandbox {
                     "the guest did not boot and ask for an invocation within the init timeout"
                         .into()
                 },
+                "Runtime.InitTimeout",
             ),
-            Some(Ok(Message::InitError { error_type, body })) => {
-                let (t, m) = parse_error_body(&error_type, &body);
-                init_failed(&t, m)
-            }
-            Some(Ok(Message::Exited(status))) => init_failed(
-                "Runtime.ExitError",
-                format!("bootstrap {} during init", describe(status)),
-            ),
-            Some(Ok(Message::Fatal { message })) => {
-                sandbox_err(&function, SandboxError::Setup { message })
-            }
-            Some(Ok(other)) => sandbox_err(
-                &function,
-                SandboxError::Protocol {
-                    detail: format!("unexpected {} frame during init", other.kind_name()),
-                },
-            ),
-            Some(Err(SandboxError::ChannelClosed)) => {
+            InitEnd::Exited(how) => init_failed(how, "Runtime.ExitError"),
+            InitEnd::ChannelClosed => {
                 self.kill();
                 let end = self.vm_end().await;
-                init_failed(
-                    "Runtime.ExitError",
-                    format!("the VM ended during init ({end})"),
-                )
+                InvokeError::InitFailed {
+                    function: self.function.clone(),
+                    error_type: "Runtime.ExitError".into(),
+                    message: format!("the VM ended during init ({end})"),
+                }
             }
-            Some(Err(e)) => sandbox_err(&function, e),
+            InitEnd::Failed(e) => e,
         };
         self.kill();
         err
@@ -816,72 +782,37 @@ fn to_tokio(s: StdUnixStream) -> std::io::Result<tokio::net::UnixStream> {
     tokio::net::UnixStream::from_std(s)
 }
 
-fn describe(status: ExitStatus) -> String {
-    match status {
-        ExitStatus::Code(c) => format!("exited with status {c}"),
-        ExitStatus::Signal(s) => format!("was killed by signal {s}"),
+#[async_trait]
+impl AgentEnd for MicrovmSandbox {
+    fn function(&self) -> &str {
+        &self.function
+    }
+
+    fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    fn frames(&mut self) -> &mut mpsc::Receiver<FrameResult> {
+        &mut self.rx
+    }
+
+    async fn write_frame(&mut self, head: &[u8], body: &[u8]) -> Result<(), InvokeError> {
+        MicrovmSandbox::write_frame(self, head, body).await
+    }
+
+    fn kill(&mut self) {
+        MicrovmSandbox::kill(self)
+    }
+
+    async fn crash_error(&mut self, context: &str) -> InvokeError {
+        MicrovmSandbox::crash_error(self, context).await
     }
 }
 
 #[async_trait]
 impl Sandbox for MicrovmSandbox {
     async fn invoke(&mut self, inv: Invocation, timeout: Duration) -> Result<Vec<u8>, InvokeError> {
-        if self.dead {
-            return Err(self.crash_error("sandbox already dead").await);
-        }
-        let request_id = inv.request_id;
-        if let Some(data) = inv.attachment {
-            self.write_frame(&encode(&Message::Attachment { data }))
-                .await?;
-        }
-        let mut frame = invoke_head(
-            &request_id,
-            inv.deadline_ms,
-            &inv.invoked_function_arn,
-            &inv.trace_id,
-            &inv.client_context,
-            inv.payload.len(),
-        );
-        frame.extend_from_slice(&inv.payload);
-        self.write_frame(&frame).await?;
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = &mut deadline => {
-                    self.kill();
-                    return Err(InvokeError::Timeout { function: self.function.clone(), timeout });
-                }
-                msg = self.rx.recv() => match msg {
-                    Some(Ok(Message::Response { request_id: id, body })) if id == request_id => return Ok(body),
-                    Some(Ok(Message::Error { request_id: id, error_type, body })) if id == request_id => {
-                        let (error_type, error_message) = parse_error_body(&error_type, &body);
-                        return Err(InvokeError::Function { function: self.function.clone(), error_type, error_message, body });
-                    }
-                    Some(Ok(Message::Exited(status))) => {
-                        return Err(self.crash_error(&format!("bootstrap {} during the invocation", describe(status))).await);
-                    }
-                    Some(Ok(Message::Fatal { message })) => {
-                        self.kill();
-                        return Err(sandbox_err(&self.function, SandboxError::Setup { message }));
-                    }
-                    Some(Ok(Message::Ready { .. })) => {}
-                    Some(Ok(other)) => {
-                        self.kill();
-                        return Err(sandbox_err(&self.function, SandboxError::Protocol {
-                            detail: format!("unexpected {} frame during invocation {request_id}", other.kind_name()),
-                        }));
-                    }
-                    Some(Err(SandboxError::ChannelClosed)) | None => {
-                        return Err(self.crash_error("the VM closed the agent channel during the invocation").await);
-                    }
-                    Some(Err(e)) => {
-                        self.kill();
-                        return Err(sandbox_err(&self.function, e));
-                    }
-                }
-            }
-        }
+        invoke_over(self, inv, timeout).await
     }
 
     fn is_reusable(&self) -> bool {

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Pid, getegid, geteuid};
-use sluice_protocol::{
-    ExitStatus, Message, SANDBOX_ROOT_HOST_ID, StartConfig, attachment_head, encode, invoke_head,
-};
+use sluice_protocol::{Message, SANDBOX_ROOT_HOST_ID, StartConfig, encode};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
@@ -24,7 +22,10 @@ use tokio::sync::mpsc;
 pub use cgroup::{CgroupSupport, SandboxCgroup};
 
 use crate::backend::{Backend, Invocation, LogSink, Sandbox};
-use crate::channel::{FrameResult, read_frames};
+use crate::channel::{
+    AgentEnd, FrameResult, InitEnd, init_end, invoke_over, read_frames, recv_until, sandbox_err,
+    write_parts,
+};
 use crate::logs::{LogLine, LogRateLimiter};
 use crate::{FunctionSpec, InvokeError, SandboxError};
 
@@ -95,13 +96,6 @@ fn host_err(function: &str, what: String, source: std::io::Error) -> InvokeError
     InvokeError::Sandbox {
         function: function.to_owned(),
         source: SandboxError::Host { what, source },
-    }
-}
-
-fn sandbox_err(function: &str, source: SandboxError) -> InvokeError {
-    InvokeError::Sandbox {
-        function: function.to_owned(),
-        source,
     }
 }
 
@@ -229,7 +223,7 @@ impl Backend for ProcessBackend {
         }
 
         // Stage 0 unshares, then waits for its uid/gid maps and cgroups.
-        match sb.recv_until(init_deadline).await {
+        match recv_until(&mut sb.rx, init_deadline).await {
             Some(Ok(Message::Unshared)) => {}
             other => return Err(sb.init_failure(other).await),
         }
@@ -244,7 +238,7 @@ impl Backend for ProcessBackend {
         if let Err(e) = sb.send(&Message::Proceed).await {
             return Err(sb.abort(e).await);
         }
-        match sb.recv_until(init_deadline).await {
+        match recv_until(&mut sb.rx, init_deadline).await {
             Some(Ok(Message::Ready { init_us })) => {
                 sb.init = started.elapsed();
                 tracing::debug!(function = fname, tenant, init_us, sandbox = %sb.root_dir.display(), "sandbox ready");
@@ -350,29 +344,10 @@ impl ProcessSandbox {
         self.send_parts(&encode(msg), &[]).await
     }
 
-    /// Write one frame given as two consecutive parts, both in one
-    /// `writev` where the pipe takes them: written separately, the agent
-    /// wakes on the head and then waits (spinning on the pipe's lock) while
-    /// the event is copied in.
+    /// Write one frame given as two consecutive parts (see
+    /// [`write_parts`]).
     async fn send_parts(&mut self, head: &[u8], rest: &[u8]) -> Result<(), InvokeError> {
-        let res = async {
-            let (mut head, mut rest) = (head, rest);
-            while !head.is_empty() || !rest.is_empty() {
-                let n = self
-                    .stdin
-                    .write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(rest)])
-                    .await?;
-                if n == 0 {
-                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
-                }
-                let from_head = n.min(head.len());
-                head = &head[from_head..];
-                rest = &rest[n - from_head..];
-            }
-            self.stdin.flush().await
-        }
-        .await;
-        if res.is_err() {
+        if write_parts(&mut self.stdin, head, rest).await.is_err() {
             self.kill();
             if let Ok(Err(e @ SandboxError::Protocol { .. })) = self.rx.try_recv() {
                 self.dead = true;
@@ -381,15 +356,6 @@ impl ProcessSandbox {
             return Err(self.crash_error("the agent channel closed").await);
         }
         Ok(())
-    }
-
-    async fn recv_until(&mut self, deadline: Instant) -> Option<Result<Message, SandboxError>> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, self.rx.recv()).await {
-            Ok(Some(m)) => Some(m),
-            Ok(None) => Some(Err(SandboxError::ChannelClosed)),
-            Err(_) => None,
-        }
     }
 
     fn kill(&mut self) {
@@ -461,136 +427,54 @@ impl ProcessSandbox {
     }
 
     async fn init_failure(&mut self, got: Option<FrameResult>) -> InvokeError {
-        let function = self.function.clone();
-        let err = match got {
-            None => InvokeError::InitFailed {
-                function: function.clone(),
+        let err = match init_end(&self.function, got) {
+            InitEnd::TimedOut => InvokeError::InitFailed {
+                function: self.function.clone(),
                 error_type: "Runtime.InitTimeout".into(),
                 message: "the runtime did not ask for an invocation within the init timeout".into(),
             },
-            Some(Ok(Message::InitError { error_type, body })) => {
-                let (t, m) = parse_error_body(&error_type, &body);
-                InvokeError::InitFailed {
-                    function: function.clone(),
-                    error_type: t,
-                    message: m,
-                }
-            }
-            Some(Ok(Message::Exited(status))) => {
-                self.init_exit(format!("bootstrap {} during init", describe(status)))
-            }
-            Some(Ok(Message::Fatal { message })) => {
-                sandbox_err(&function, SandboxError::Setup { message })
-            }
-            Some(Ok(other)) => sandbox_err(
-                &function,
-                SandboxError::Protocol {
-                    detail: format!("unexpected {} frame during init", other.kind_name()),
-                },
-            ),
-            Some(Err(SandboxError::ChannelClosed)) => {
+            InitEnd::Exited(how) => self.init_exit(how),
+            InitEnd::ChannelClosed => {
                 let detail = self.exit_detail().await;
                 self.init_exit(format!("sandbox ended during init ({detail})"))
             }
-            Some(Err(e)) => sandbox_err(&function, e),
+            InitEnd::Failed(e) => e,
         };
         self.abort(err).await
     }
 }
 
-fn describe(status: ExitStatus) -> String {
-    match status {
-        ExitStatus::Code(c) => format!("exited with status {c}"),
-        ExitStatus::Signal(s) => format!("was killed by signal {s}"),
+#[async_trait]
+impl AgentEnd for ProcessSandbox {
+    fn function(&self) -> &str {
+        &self.function
     }
-}
 
-/// Split a Lambda error body (`{"errorType","errorMessage"}`) into type and
-/// message, falling back to the header and the raw text.
-pub(crate) fn parse_error_body(header_type: &str, body: &[u8]) -> (String, String) {
-    let v: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-    let t = v
-        .as_ref()
-        .and_then(|v| v.get("errorType"))
-        .and_then(|t| t.as_str())
-        .map(str::to_owned)
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| {
-            if header_type.is_empty() {
-                "Unhandled".to_owned()
-            } else {
-                header_type.to_owned()
-            }
-        });
-    let m = v
-        .as_ref()
-        .and_then(|v| v.get("errorMessage"))
-        .and_then(|t| t.as_str())
-        .map(str::to_owned)
-        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
-    (t, m)
+    fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    fn frames(&mut self) -> &mut mpsc::Receiver<FrameResult> {
+        &mut self.rx
+    }
+
+    async fn write_frame(&mut self, head: &[u8], body: &[u8]) -> Result<(), InvokeError> {
+        self.send_parts(head, body).await
+    }
+
+    fn kill(&mut self) {
+        ProcessSandbox::kill(self)
+    }
+
+    async fn crash_error(&mut self, context: &str) -> InvokeError {
+        ProcessSandbox::crash_error(self, context).await
+    }
 }
 
 #[async_trait]
 impl Sandbox for ProcessSandbox {
     async fn invoke(&mut self, inv: Invocation, timeout: Duration) -> Result<Vec<u8>, InvokeError> {
-        if self.dead {
-            return Err(self.crash_error("sandbox already dead").await);
-        }
-        let request_id = inv.request_id;
-        if let Some(data) = &inv.attachment {
-            self.send_parts(&attachment_head(data.len()), data).await?;
-        }
-        // The frame's head, then the event as it is: no copy into a frame.
-        let head = invoke_head(
-            &request_id,
-            inv.deadline_ms,
-            &inv.invoked_function_arn,
-            &inv.trace_id,
-            &inv.client_context,
-            inv.payload.len(),
-        );
-        self.send_parts(&head, &inv.payload).await?;
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = &mut deadline => {
-                    self.kill();
-                    return Err(InvokeError::Timeout { function: self.function.clone(), timeout });
-                }
-                msg = self.rx.recv() => match msg {
-                    Some(Ok(Message::Response { request_id: id, body })) if id == request_id => return Ok(body),
-                    Some(Ok(Message::Error { request_id: id, error_type, body })) if id == request_id => {
-                        let (error_type, error_message) = parse_error_body(&error_type, &body);
-                        return Err(InvokeError::Function { function: self.function.clone(), error_type, error_message, body });
-                    }
-                    Some(Ok(Message::Exited(status))) => {
-                        self.kill();
-                        return Err(self.crash_error(&format!("bootstrap {} during the invocation", describe(status))).await);
-                    }
-                    Some(Ok(Message::Fatal { message })) => {
-                        self.kill();
-                        return Err(sandbox_err(&self.function, SandboxError::Setup { message }));
-                    }
-                    Some(Ok(Message::Ready { .. })) => {}
-                    Some(Ok(other)) => {
-                        self.kill();
-                        return Err(sandbox_err(&self.function, SandboxError::Protocol {
-                            detail: format!("unexpected {} frame during invocation {request_id}", other.kind_name()),
-                        }));
-                    }
-                    Some(Err(SandboxError::ChannelClosed)) | None => {
-                        self.kill();
-                        return Err(self.crash_error("the agent channel closed").await);
-                    }
-                    Some(Err(e)) => {
-                        self.kill();
-                        return Err(sandbox_err(&self.function, e));
-                    }
-                }
-            }
-        }
+        invoke_over(self, inv, timeout).await
     }
 
     fn is_reusable(&self) -> bool {
