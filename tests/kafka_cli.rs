@@ -484,3 +484,90 @@ fn a_file_past_the_embedded_brokers_retention_is_refused_not_half_processed() {
         run.log()
     );
 }
+
+/// `GET /metrics` from a `sluice run` (blocking; HTTP/1.0, so the server
+/// closes the connection after the answer).
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("asking for /metrics");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("reading /metrics");
+    out
+}
+
+/// The sum of the samples of `metric` in a scrape.
+fn metric_sum(scrape: &str, metric: &str) -> u64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A broker that cannot be reached: librdkafka reports it at every retry
+/// (here every few milliseconds), and the log must still say it a few
+/// times only, naming the servers, while `/metrics` counts every report;
+/// SIGTERM still stops the run cleanly.
+#[test]
+fn an_unreachable_broker_is_reported_without_flooding_the_log() {
+    let fixture = function_fixture("misbehave");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let servers = format!("127.0.0.1:{port}");
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &fixture,
+        "echo",
+        "in",
+        &format!(
+            "bootstrap_servers = \"{servers}\"\ngroup_id = \"g\"\n\
+             [trigger.kafka.properties]\n\
+             \"reconnect.backoff.ms\" = \"1\"\n\"reconnect.backoff.max.ms\" = \"5\"\n"
+        ),
+    );
+    let mut run = Sluice::start(
+        "sluice run (no broker)",
+        &["--metrics-addr", "127.0.0.1:0"],
+        &pipeline,
+    );
+    let line = run
+        .process
+        .wait_line("the metrics address", |l| l.contains("metrics at http://"));
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .expect("the metrics address")
+        .to_owned();
+    let deadline = Instant::now() + DEADLINE;
+    let mut errors = 0;
+    while errors < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "only {errors} client errors counted\n{}",
+            run.log()
+        );
+        errors = metric_sum(&scrape(&addr), "sluice_kafka_client_errors_total");
+    }
+    run.signal(Signal::SIGTERM);
+    let status = run.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", run.log());
+    let log = run.process.stderr();
+    let said = log
+        .iter()
+        .filter(|l| l.contains(&format!("no Kafka broker of {servers} can be reached")))
+        .count();
+    assert!(said >= 1, "the outage is named\n{}", run.log());
+    let about_it = log.iter().filter(|l| l.contains(&servers)).count();
+    assert!(
+        about_it <= 10,
+        "{about_it} lines about the broker for {errors} errors\n{}",
+        run.log()
+    );
+}

@@ -130,6 +130,7 @@ pub struct Metrics {
     checkpoint_micros: Family<AtomicU64>,
     windows_closed: Family<AtomicU64>,
     pauses: Family<AtomicU64>,
+    kafka_errors: Family<AtomicU64>,
     executor: RwLock<Option<sluice_executor::Executor>>,
 }
 
@@ -151,6 +152,7 @@ const CHECKPOINTS: &str = "sluice_state_checkpoints_total";
 const CHECKPOINT_MICROS: &str = "sluice_state_checkpoint_microseconds_total";
 const WINDOWS_CLOSED: &str = "sluice_state_windows_closed_total";
 const PAUSES: &str = "sluice_partition_pauses_total";
+const KAFKA_ERRORS: &str = "sluice_kafka_client_errors_total";
 
 impl Metrics {
     /// An empty registry.
@@ -168,6 +170,7 @@ impl Metrics {
             checkpoint_micros: Family::new(),
             windows_closed: Family::new(),
             pauses: Family::new(),
+            kafka_errors: Family::new(),
             executor: RwLock::new(None),
         })
     }
@@ -241,6 +244,13 @@ impl Metrics {
         let p = partition.to_string();
         self.pauses
             .with(&[trigger, topic, &p], |c| c.fetch_add(1, Ordering::Relaxed));
+    }
+
+    /// The trigger's consumer reported a client error (`error`: its code,
+    /// such as `AllBrokersDown`), whether or not the log showed it.
+    pub fn kafka_client_error(&self, trigger: &str, error: &str) {
+        self.kafka_errors
+            .with(&[trigger, error], |c| c.fetch_add(1, Ordering::Relaxed));
     }
 
     /// Pauses of all partitions of a trigger so far.
@@ -378,6 +388,14 @@ impl Metrics {
             "Partitions paused because their lane held too many unfinished records (backpressure).",
             &["trigger", "topic", "partition"],
             &self.pauses,
+        )?;
+
+        counter(
+            out,
+            KAFKA_ERRORS,
+            "Errors the trigger's Kafka consumer reported (a broker down, a failed transport), by error code; the log shows the first of each kind, then one per 30 s.",
+            &["trigger", "error"],
+            &self.kafka_errors,
         )?;
 
         header(out, LAG, "Consumer lag per partition, in records.", "gauge")?;
@@ -949,6 +967,9 @@ mod tests {
         m.partition_paused("t1", "orders", 1);
         m.partition_paused("t1", "orders", 1);
         m.partition_paused("t2", "orders", 0);
+        m.kafka_client_error("t1", "AllBrokersDown");
+        m.kafka_client_error("t1", "AllBrokersDown");
+        m.kafka_client_error("t1", "BrokerTransportFailure");
 
         let text = m.render();
         let (types, samples) = parse_exposition(&text);
@@ -963,6 +984,7 @@ mod tests {
             "sluice_dlq_records_total",
             "sluice_function_errors_total",
             "sluice_partition_pauses_total",
+            "sluice_kafka_client_errors_total",
         ] {
             assert_eq!(types[name], "counter", "{name}");
         }
@@ -997,6 +1019,13 @@ mod tests {
             v(
                 "sluice_partition_pauses_total",
                 &[("trigger", "t1"), ("topic", "orders"), ("partition", "1")]
+            ),
+            2.0
+        );
+        assert_eq!(
+            v(
+                "sluice_kafka_client_errors_total",
+                &[("trigger", "t1"), ("error", "AllBrokersDown")]
             ),
             2.0
         );
@@ -1115,7 +1144,7 @@ mod tests {
     fn empty_registry_renders_headers_only() {
         let text = Metrics::new().render();
         let (types, samples) = parse_exposition(&text);
-        assert_eq!(types.len(), 12);
+        assert_eq!(types.len(), 13);
         assert!(samples.is_empty());
     }
 

@@ -72,6 +72,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_executor::{Executor, Fault};
+use sluice_ingest::kafka::LoggedContext;
 use sluice_taskgen::distributed::KafkaSettings;
 use sluice_taskgen::{BackfillError, Input, Limits, PayloadFormat};
 use thiserror::Error;
@@ -518,8 +519,9 @@ fn partition_consumer(
     topic: &str,
     p: i32,
     start: Option<i64>,
-) -> Result<BaseConsumer, MapReduceError> {
-    let consumer: BaseConsumer = kafka
+) -> Result<BaseConsumer<LoggedContext>, MapReduceError> {
+    let context = LoggedContext::new(format!("reducer {p} consumer"), kafka.servers.as_str());
+    let consumer: BaseConsumer<LoggedContext> = kafka
         .client()
         .set("group.id", format!("{topic}-reducer-{p}"))
         .set("enable.auto.commit", "false")
@@ -531,7 +533,7 @@ fn partition_consumer(
         .set("fetch.wait.max.ms", "10")
         // Offset 0 of a log that starts later (retention) means its start.
         .set("auto.offset.reset", "earliest")
-        .create()
+        .create_with_context(context)
         .map_err(|e| kafka_err(format!("creating reducer {p}'s consumer"), e))?;
     let mut tpl = TopicPartitionList::new();
     // An explicit offset, not `Beginning`: librdkafka looks a logical offset
@@ -664,12 +666,13 @@ pub async fn run(
         output: cfg.output.clone(),
         state: std::sync::Mutex::new(state),
     });
-    let producer: FutureProducer = kafka
+    let context = LoggedContext::new("shuffle producer", kafka.servers.as_str());
+    let producer: FutureProducer<LoggedContext> = kafka
         .client()
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", "30000")
         .set("linger.ms", "5")
-        .create()
+        .create_with_context(context)
         .map_err(|e| kafka_err("creating the shuffle producer", e))?;
 
     // Reducers start at once and wait for their partition to complete.
@@ -772,7 +775,7 @@ pub async fn run(
 /// returns the number of tasks and of input items.
 async fn map_phase(
     executor: &Executor,
-    producer: &FutureProducer,
+    producer: &FutureProducer<LoggedContext>,
     cfg: &MapReduceConfig,
     checkpoint: &Arc<Checkpoint>,
     progress: &Arc<Progress>,
@@ -873,7 +876,7 @@ async fn map_phase(
 #[allow(clippy::too_many_arguments)]
 async fn map_task(
     executor: &Executor,
-    producer: &FutureProducer,
+    producer: &FutureProducer<LoggedContext>,
     cfg: &MapReduceConfig,
     checkpoint: &Checkpoint,
     task: u64,
@@ -948,7 +951,7 @@ async fn map_task(
 /// Publishes a task's records, then its marker to every partition, and
 /// waits for every acknowledgement.
 async fn publish(
-    producer: &FutureProducer,
+    producer: &FutureProducer<LoggedContext>,
     cfg: &MapReduceConfig,
     topic: &str,
     task: u64,
@@ -1336,7 +1339,7 @@ fn spill_run(
 /// `spill.budget` bytes of grouped values, the groups are written to a
 /// sorted run on disk and memory starts again.
 fn collect_partition(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<LoggedContext>,
     topic: &str,
     p: i32,
     total: &watch::Receiver<Option<u64>>,

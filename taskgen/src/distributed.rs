@@ -43,7 +43,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_executor::Executor;
-use sluice_ingest::kafka::{OffsetTracker, OutRecord, Sink};
+use sluice_ingest::kafka::{LoggedContext, OffsetTracker, OutRecord, Sink};
 use tokio::sync::mpsc;
 
 use crate::{BackfillConfig, BackfillError, Hooks, Run, Summary};
@@ -254,8 +254,10 @@ impl Poller {
         topics: &[String],
         buffer: usize,
     ) -> Result<Poller, BackfillError> {
-        let consumer: BaseConsumer = cfg
-            .create()
+        let servers = cfg.get("bootstrap.servers").unwrap_or_default();
+        let context = LoggedContext::new(format!("{name} consumer"), servers);
+        let consumer: BaseConsumer<LoggedContext> = cfg
+            .create_with_context(context)
             .map_err(|e| kafka_error(format!("creating the {name} consumer"), &e))?;
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
@@ -284,7 +286,7 @@ impl Poller {
                     commit(CommitMode::Async);
                     match consumer.poll(Duration::from_millis(100)) {
                         Some(Ok(m)) if tx.blocking_send(m.detach()).is_err() => break,
-                        Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
+                        Some(Err(e)) => consumer.context().log.error(&e, ""),
                         Some(Ok(_)) | None => {}
                     }
                 }

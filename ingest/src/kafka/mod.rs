@@ -21,6 +21,7 @@
 //! the partitions move. Newly assigned partitions start at their committed
 //! offsets. Shutdown does the same for every lane, then closes the consumer.
 
+mod client_log;
 mod embedded;
 mod lane;
 mod offsets;
@@ -43,6 +44,7 @@ use sluice_executor::Executor;
 use sluice_pipeline::{KafkaTrigger, StartingPosition};
 use tokio::sync::watch;
 
+pub use client_log::{KafkaLog, LoggedContext};
 pub use embedded::{EmbeddedBroker, RETAINED_BYTES_PER_PARTITION};
 pub use offsets::OffsetTracker;
 pub use sink::{OutRecord, Sink, produce_file};
@@ -189,9 +191,31 @@ struct Ctx {
     /// a revocation with a plain load per record instead of a lock.
     revoked: Mutex<Vec<(String, i32)>>,
     revocations: AtomicU64,
+    /// librdkafka's logs and errors, and those `poll` returns, collapsed
+    /// while they repeat (a broker that is down).
+    log: KafkaLog,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.log.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.client_error(&error, reason);
+    }
+}
+
+impl Ctx {
+    /// A client error, from librdkafka's error callback or from `poll`:
+    /// counted, and logged unless it repeats.
+    fn client_error(&self, error: &rdkafka::error::KafkaError, reason: &str) {
+        self.shared
+            .metrics
+            .kafka_client_error(&self.shared.trigger.name, &client_log::error_kind(error));
+        self.log.error(error, reason);
+    }
+}
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -528,6 +552,7 @@ pub async fn run_trigger(
         first_assignment: AtomicBool::new(false),
         revoked: Mutex::new(Vec::new()),
         revocations: AtomicU64::new(0),
+        log: KafkaLog::new(format!("trigger {}", t.name), env.servers.clone()),
     };
     let consumer: BaseConsumer<Ctx> = cfg
         .create_with_context(ctx)
@@ -581,7 +606,6 @@ pub async fn run_trigger(
 const POLL_BURST: usize = 1024;
 
 fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<AtomicBool>) {
-    let name = shared.trigger.name.clone();
     let mut last_lag = Instant::now();
     let mut topic: Option<Topic> = None;
     let mut arena = BytesMut::with_capacity(ARENA_BYTES);
@@ -603,7 +627,7 @@ fn poll_loop(consumer: BaseConsumer<Ctx>, shared: Arc<TriggerShared>, stop: Arc<
             }
             match next {
                 Some(Ok(m)) => polled.push(to_record(&m, &mut topic, &mut arena)),
-                Some(Err(e)) => tracing::warn!(trigger = %name, "consumer error: {e}"),
+                Some(Err(e)) => consumer.context().client_error(&e, ""),
                 None => break,
             }
             timeout = Duration::ZERO;

@@ -7,6 +7,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+use super::client_log::LoggedContext;
 use crate::IngestError;
 
 /// One record to produce.
@@ -23,7 +24,7 @@ pub struct OutRecord {
 /// A producer whose sends are awaited until the broker acknowledged them.
 #[derive(Clone)]
 pub struct Sink {
-    producer: FutureProducer,
+    producer: FutureProducer<LoggedContext>,
 }
 
 impl std::fmt::Debug for Sink {
@@ -33,7 +34,8 @@ impl std::fmt::Debug for Sink {
 }
 
 impl Sink {
-    /// An idempotent producer for `servers` with extra client properties.
+    /// An idempotent producer for `servers` with extra client properties;
+    /// `trigger` names it in errors and logs.
     pub fn new(
         trigger: &str,
         servers: &str,
@@ -46,11 +48,14 @@ impl Sink {
         for (k, v) in properties {
             cfg.set(k, v);
         }
-        let producer = cfg.create().map_err(|source| IngestError::Kafka {
-            trigger: trigger.to_owned(),
-            what: "creating the producer".into(),
-            source: Box::new(source),
-        })?;
+        let context = LoggedContext::new(format!("{trigger} producer"), servers);
+        let producer = cfg
+            .create_with_context(context)
+            .map_err(|source| IngestError::Kafka {
+                trigger: trigger.to_owned(),
+                what: "creating the producer".into(),
+                source: Box::new(source),
+            })?;
         Ok(Self { producer })
     }
 

@@ -14,6 +14,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+use super::client_log::LoggedContext;
 use super::sink::{OutRecord, check, future_record};
 use crate::IngestError;
 
@@ -21,7 +22,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The transactional producer of one trigger; one transaction at a time.
 pub(super) struct Transactional {
-    producer: FutureProducer,
+    producer: FutureProducer<LoggedContext>,
     turn: Arc<tokio::sync::Mutex<()>>,
     group: Arc<Mutex<Option<ConsumerGroupMetadata>>>,
 }
@@ -58,8 +59,9 @@ impl Transactional {
         for (k, v) in properties {
             cfg.set(k, v);
         }
-        let producer: FutureProducer = cfg
-            .create()
+        let context = LoggedContext::new(format!("{trigger} transactional producer"), servers);
+        let producer: FutureProducer<LoggedContext> = cfg
+            .create_with_context(context)
             .map_err(err("creating the transactional producer"))?;
         let p = producer.clone();
         tokio::task::spawn_blocking(move || p.init_transactions(TIMEOUT))
