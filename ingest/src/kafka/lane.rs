@@ -79,6 +79,24 @@ pub(super) struct Partition {
     pub(super) carried: Option<Arc<Carried>>,
 }
 
+/// At most this much of a function's error message goes into one log line
+/// (a function can put a whole batch in its message); the on-failure topic
+/// gets all of it.
+const LOGGED_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut to [`LOGGED_MESSAGE_BYTES`] (at a character boundary),
+/// saying how long it was.
+fn for_log(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.len() <= LOGGED_MESSAGE_BYTES {
+        return message.into();
+    }
+    let mut end = LOGGED_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &message[..end], message.len()).into()
+}
+
 /// How one attempt of a batch failed.
 #[derive(Debug, Clone)]
 pub(super) struct Failure {
@@ -572,7 +590,7 @@ impl Partition {
         tracing::warn!(
             trigger = %t.name, topic = %self.topic, partition = self.partition,
             first_offset = recs.first().map(|r| r.offset), records = recs.len(),
-            attempts = attempts + 1, error_type = %f.error_type, "batch failed: {}", f.message
+            attempts = attempts + 1, error_type = %f.error_type, "batch failed: {}", for_log(&f.message)
         );
         if t.bisect_batch_on_error && recs.len() > 1 {
             // Bisecting does not count as a retry (as in Lambda).
@@ -628,7 +646,7 @@ impl Partition {
                 tracing::error!(
                     trigger = %t.name, topic = %r.topic, partition = r.partition, offset = r.offset,
                     error_type = %f.error_type,
-                    "record skipped (no on_failure topic configured): {}", f.message
+                    "record skipped (no on_failure topic configured): {}", for_log(&f.message)
                 );
             }
             self.finish(&recs);
@@ -801,4 +819,28 @@ pub(crate) fn output_records(response: &[u8]) -> Vec<OutRecord> {
         value: Some(response.to_vec()),
         headers: vec![],
     }]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_error_messages_are_cut_for_the_log_at_a_character_boundary() {
+        assert_eq!(for_log("short"), "short");
+        let long = "é".repeat(LOGGED_MESSAGE_BYTES); // 2 bytes each
+        let cut = for_log(&long);
+        let (kept, note) = cut.split_once('…').expect("a cut message");
+        assert_eq!(kept.len(), LOGGED_MESSAGE_BYTES);
+        assert_eq!(
+            note,
+            format!(" ({} bytes in all)", 2 * LOGGED_MESSAGE_BYTES)
+        );
+        let odd = format!("a{long}");
+        let (kept, _) = for_log(&odd)
+            .split_once('…')
+            .map(|(k, n)| (k.len(), n.to_owned()))
+            .expect("cut");
+        assert_eq!(kept, LOGGED_MESSAGE_BYTES - 1, "not inside a character");
+    }
 }
