@@ -331,8 +331,12 @@ fn read_csv(
     columns: Option<&[String]>,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
+    // Flexible, and records read as bytes: a record with too many or too
+    // few fields, or a field that is not UTF-8, is one failed item that
+    // keeps its text (the dead-letter file gets it), not an error without it.
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
+        .flexible(true)
         .delimiter(delimiter)
         .from_reader(open_bytes(path)?);
     let headers = reader
@@ -355,48 +359,54 @@ fn read_csv(
             headers.iter().map(|h| columns.contains(h)).collect()
         }
     };
-    let mut record = csv::StringRecord::new();
+    let mut record = csv::ByteRecord::new();
     let mut index = 0u64;
+    let separator = char::from(delimiter).to_string();
     loop {
-        let item = match reader.read_record(&mut record) {
+        let item = match reader.read_byte_record(&mut record) {
             Ok(false) => return Ok(()),
             Ok(true) => {
                 let line = record.position().map_or(0, |p| p.line());
-                if record.len() != headers.len() {
+                let bad = |message: String| {
                     Item::Bad(ItemError {
                         file: path.to_path_buf(),
                         line,
-                        message: format!(
-                            "{} fields where the header has {}",
-                            record.len(),
-                            headers.len()
-                        ),
-                        raw: record.iter().collect::<Vec<_>>().join(","),
+                        message,
+                        raw: record
+                            .iter()
+                            .map(String::from_utf8_lossy)
+                            .collect::<Vec<_>>()
+                            .join(&separator),
                     })
+                };
+                let not_utf8 = record
+                    .iter()
+                    .position(|field| std::str::from_utf8(field).is_err());
+                if record.len() != headers.len() {
+                    bad(format!(
+                        "{} fields where the header has {}",
+                        record.len(),
+                        headers.len()
+                    ))
+                } else if let Some(i) = not_utf8 {
+                    bad(format!("field `{}` is not valid UTF-8", headers[i]))
                 } else {
                     let object = headers
                         .iter()
                         .zip(record.iter())
                         .zip(&keep)
                         .filter(|(_, keep)| **keep)
-                        .map(|((k, v), _)| (k.clone(), Value::String(v.to_owned())))
+                        .map(|((k, v), _)| {
+                            let v = std::str::from_utf8(v).unwrap_or_default();
+                            (k.clone(), Value::String(v.to_owned()))
+                        })
                         .collect();
                     Item::Value(Value::Object(object))
                 }
             }
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line());
-                match e.kind() {
-                    csv::ErrorKind::Utf8 { .. } | csv::ErrorKind::UnequalLengths { .. } => {
-                        Item::Bad(ItemError {
-                            file: path.to_path_buf(),
-                            line,
-                            message: e.to_string(),
-                            raw: String::new(),
-                        })
-                    }
-                    _ => return Err(csv_fatal(path, line, e)),
-                }
+                return Err(csv_fatal(path, line, e));
             }
         };
         if each(index, item).is_break() {

@@ -321,7 +321,9 @@ async fn echo_items(dir: &Path, file: &Path, format: Format) -> (Summary, Vec<Va
 async fn csv_and_text_items() {
     let dir = TempDir::new().unwrap();
     let csv = dir.path().join("a.csv");
-    std::fs::write(&csv, "id,name\n1,\"Smith, J\"\n2,Lee\n3\n4,Ng\n").unwrap();
+    let mut text = b"id,name\n1,\"Smith, J\"\n2,Lee\n3\n4,Ng\n5,Ok,extra\n6,".to_vec();
+    text.extend_from_slice(b"Bj\xf8rn\n7,Li\n");
+    std::fs::write(&csv, text).unwrap();
     let (s, items) = echo_items(dir.path(), &csv, Format::Csv).await;
     assert_eq!(
         items,
@@ -329,14 +331,34 @@ async fn csv_and_text_items() {
             json!({"id": "1", "name": "Smith, J"}),
             json!({"id": "2", "name": "Lee"}),
             json!({"id": "4", "name": "Ng"}),
+            json!({"id": "7", "name": "Li"}),
         ]
     );
-    assert_eq!((s.items_total, s.items_failed), (4, 1));
+    assert_eq!((s.items_total, s.items_failed), (7, 3));
+    // Each bad record is a failed item named by file and line that keeps
+    // its text: too few fields, too many, a field that is not UTF-8.
     let dead = dead_letters(&dir.path().join("dead.jsonl"));
-    let error = dead[0]["error"].as_str().unwrap();
-    assert!(
-        error.contains(&format!("{}:4:", csv.canonicalize().unwrap().display())),
-        "{error}"
+    let file = csv.canonicalize().unwrap();
+    let got: Vec<(String, Value)> = dead
+        .iter()
+        .map(|d| (d["error"].as_str().unwrap().to_owned(), d["items"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                format!("{}:4: 1 fields where the header has 2", file.display()),
+                json!(["3"])
+            ),
+            (
+                format!("{}:6: 3 fields where the header has 2", file.display()),
+                json!(["5,Ok,extra"])
+            ),
+            (
+                format!("{}:7: field `name` is not valid UTF-8", file.display()),
+                json!(["6,Bj\u{fffd}rn"])
+            ),
+        ]
     );
 
     let dir = TempDir::new().unwrap();
