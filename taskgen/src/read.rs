@@ -361,7 +361,6 @@ fn read_csv(
     };
     let mut record = csv::ByteRecord::new();
     let mut index = 0u64;
-    let separator = char::from(delimiter).to_string();
     loop {
         let item = match reader.read_byte_record(&mut record) {
             Ok(false) => return Ok(()),
@@ -372,11 +371,7 @@ fn read_csv(
                         file: path.to_path_buf(),
                         line,
                         message,
-                        raw: record
-                            .iter()
-                            .map(String::from_utf8_lossy)
-                            .collect::<Vec<_>>()
-                            .join(&separator),
+                        raw: csv_line(&record, delimiter),
                     })
                 };
                 let not_utf8 = record
@@ -414,6 +409,22 @@ fn read_csv(
         }
         index += 1;
     }
+}
+
+/// A record written back as one CSV line (quoted where its fields need
+/// it), for the dead-letter file.
+fn csv_line(record: &csv::ByteRecord, delimiter: u8) -> String {
+    let mut w = csv::WriterBuilder::new()
+        .delimiter(delimiter)
+        .flexible(true)
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::new());
+    let _ = w.write_byte_record(record);
+    let mut bytes = w.into_inner().unwrap_or_default();
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 fn csv_fatal(path: &Path, line: u64, e: csv::Error) -> BackfillError {

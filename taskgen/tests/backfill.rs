@@ -321,7 +321,7 @@ async fn echo_items(dir: &Path, file: &Path, format: Format) -> (Summary, Vec<Va
 async fn csv_and_text_items() {
     let dir = TempDir::new().unwrap();
     let csv = dir.path().join("a.csv");
-    let mut text = b"id,name\n1,\"Smith, J\"\n2,Lee\n3\n4,Ng\n5,Ok,extra\n6,".to_vec();
+    let mut text = b"id,name\n1,\"Smith, J\"\n2,Lee\n3\n4,Ng\n5,\"O, k\",extra\n6,".to_vec();
     text.extend_from_slice(b"Bj\xf8rn\n7,Li\n");
     std::fs::write(&csv, text).unwrap();
     let (s, items) = echo_items(dir.path(), &csv, Format::Csv).await;
@@ -352,7 +352,7 @@ async fn csv_and_text_items() {
             ),
             (
                 format!("{}:6: 3 fields where the header has 2", file.display()),
-                json!(["5,Ok,extra"])
+                json!(["5,\"O, k\",extra"])
             ),
             (
                 format!("{}:7: field `name` is not valid UTF-8", file.display()),
