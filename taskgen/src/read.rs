@@ -461,7 +461,7 @@ fn read_lines(
                 if as_json && columns.is_none() {
                     // Checked, then passed on as it is.
                     match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
-                        Err(e) => Item::Bad(bad_line(path, line_no, &bytes, e.to_string())),
+                        Err(e) => Item::Bad(bad_line(path, line_no, &bytes, json_error(&e))),
                         Ok(_) => match utf8(path, line_no, bytes) {
                             Ok(text) if text.trim().len() == text.len() => Item::Json(text),
                             Ok(text) => Item::Json(text.trim().to_owned()),
@@ -476,7 +476,7 @@ fn read_lines(
                             Item::Value(Value::Object(object))
                         }
                         Ok(v) => Item::Value(v),
-                        Err(e) => Item::Bad(bad_line(path, line_no, &bytes, e.to_string())),
+                        Err(e) => Item::Bad(bad_line(path, line_no, &bytes, json_error(&e))),
                     }
                 }
             }
@@ -491,6 +491,17 @@ fn read_lines(
         index += 1;
     }
     Ok(())
+}
+
+/// What is wrong with a line that is not JSON: serde_json's words with
+/// the column, without its "line 1" (the line is the file's, named by the
+/// caller).
+fn json_error(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rsplit_once(" at line ") {
+        Some((what, _)) => format!("{what} at column {}", e.column()),
+        None => text,
+    }
 }
 
 /// Line `line` of `path` as a string, or the failed item it makes.
