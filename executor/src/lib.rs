@@ -11,7 +11,10 @@
 //!    when the runtime first asks for `invocation/next`).
 //! 3. The [`Sandbox`] delivers the invocation over the agent channel
 //!    (`sluice-protocol`) and waits for the response, an error, the
-//!    function's exit, or the timeout (which kills the sandbox).
+//!    function's exit, or the timeout (which kills the sandbox). What each
+//!    frame of the agent means, at a start and during an invocation, is
+//!    decided in one place for both backends (`channel.rs`); a backend only
+//!    says how its sandbox is written to, killed and reported.
 //! 4. A healthy sandbox goes back to the warm pool (at most `max_warm` idle).
 //! 5. In the background ([`Executor::spawn_maintenance`], or one
 //!    [`Executor::maintain`] step at a time with an injected [`Clock`]):
