@@ -576,6 +576,13 @@ pub async fn run_trigger(
     let topics: Vec<&str> = t.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(kerr("subscribing"))?;
     tracing::info!(trigger = %t.name, topics = ?t.topics, group = %t.group_id, function = %t.function, "trigger started");
+    if matches!(
+        t.bootstrap_servers,
+        sluice_pipeline::BootstrapServers::Embedded
+    ) {
+        // A first-time user sees nothing for these seconds otherwise.
+        tracing::info!(trigger = %t.name, "the embedded broker assigns partitions after about 3 s (its group.initial.rebalance.delay.ms, as Kafka's default)");
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let poll = {
