@@ -737,13 +737,15 @@ impl MicrovmSandbox {
     }
 
     async fn init_failure(&mut self, got: Option<FrameResult>) -> InvokeError {
-        let init_failed = |message: String, error_type: &str| InvokeError::InitFailed {
-            function: self.function.clone(),
+        let function = self.function.clone();
+        let init_failed = |error_type: &str, message: String| InvokeError::InitFailed {
+            function: function.clone(),
             error_type: error_type.into(),
             message,
         };
-        let err = match init_end(&self.function, got) {
+        let err = match init_end(&function, got) {
             InitEnd::TimedOut => init_failed(
+                "Runtime.InitTimeout",
                 if self.origin == Origin::Restored {
                     "the restored guest did not answer its Restored frame within the init timeout"
                         .into()
@@ -751,17 +753,15 @@ impl MicrovmSandbox {
                     "the guest did not boot and ask for an invocation within the init timeout"
                         .into()
                 },
-                "Runtime.InitTimeout",
             ),
-            InitEnd::Exited(how) => init_failed(how, "Runtime.ExitError"),
+            InitEnd::Exited(how) => init_failed("Runtime.ExitError", how),
             InitEnd::ChannelClosed => {
                 self.kill();
                 let end = self.vm_end().await;
-                InvokeError::InitFailed {
-                    function: self.function.clone(),
-                    error_type: "Runtime.ExitError".into(),
-                    message: format!("the VM ended during init ({end})"),
-                }
+                init_failed(
+                    "Runtime.ExitError",
+                    format!("the VM ended during init ({end})"),
+                )
             }
             InitEnd::Failed(e) => e,
         };

@@ -374,29 +374,34 @@ fn read_csv(
                         raw: csv_line(&record, delimiter),
                     })
                 };
-                let not_utf8 = record
-                    .iter()
-                    .position(|field| std::str::from_utf8(field).is_err());
                 if record.len() != headers.len() {
                     bad(format!(
                         "{} fields where the header has {}",
                         record.len(),
                         headers.len()
                     ))
-                } else if let Some(i) = not_utf8 {
-                    bad(format!("field `{}` is not valid UTF-8", headers[i]))
                 } else {
-                    let object = headers
-                        .iter()
-                        .zip(record.iter())
-                        .zip(&keep)
-                        .filter(|(_, keep)| **keep)
-                        .map(|((k, v), _)| {
-                            let v = std::str::from_utf8(v).unwrap_or_default();
-                            (k.clone(), Value::String(v.to_owned()))
-                        })
-                        .collect();
-                    Item::Value(Value::Object(object))
+                    // Every field is checked, kept or not, each once.
+                    let mut object = serde_json::Map::new();
+                    let mut not_utf8 = None;
+                    for (i, ((k, v), keep)) in
+                        headers.iter().zip(record.iter()).zip(&keep).enumerate()
+                    {
+                        match std::str::from_utf8(v) {
+                            Ok(v) if *keep => {
+                                object.insert(k.clone(), Value::String(v.to_owned()));
+                            }
+                            Ok(_) => {}
+                            Err(_) => {
+                                not_utf8 = Some(i);
+                                break;
+                            }
+                        }
+                    }
+                    match not_utf8 {
+                        Some(i) => bad(format!("field `{}` is not valid UTF-8", headers[i])),
+                        None => Item::Value(Value::Object(object)),
+                    }
                 }
             }
             Err(e) => {
