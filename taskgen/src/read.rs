@@ -338,7 +338,7 @@ fn read_csv(
         .has_headers(true)
         .flexible(true)
         .delimiter(delimiter)
-        .from_reader(open_bytes(path)?);
+        .from_reader(Tail::new(open_bytes(path)?));
     let headers = reader
         .headers()
         .map_err(|e| csv_fatal(path, 1, e))?
@@ -374,7 +374,9 @@ fn read_csv(
                         raw: csv_line(&record, delimiter),
                     })
                 };
-                if record.len() != headers.len() {
+                if let Some(unclosed) = unclosed_quote(path, &reader, &record, delimiter)? {
+                    Item::Bad(unclosed)
+                } else if record.len() != headers.len() {
                     bad(format!(
                         "{} fields where the header has {}",
                         record.len(),
@@ -413,6 +415,118 @@ fn read_csv(
             return Ok(());
         }
         index += 1;
+    }
+}
+
+/// The CSV bytes read through it, with their count and the last of them,
+/// so that [`unclosed_quote`] can tell a file's last record.
+struct Tail<R> {
+    inner: R,
+    read: u64,
+    last: Option<u8>,
+    eof: bool,
+}
+
+impl<R> Tail<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            read: 0,
+            last: None,
+            eof: false,
+        }
+    }
+}
+
+impl<R: Read> Read for Tail<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.eof |= n == 0 && !buf.is_empty();
+        self.read += n as u64;
+        if n > 0 {
+            self.last = Some(buf[n - 1]);
+        }
+        Ok(n)
+    }
+}
+
+/// The last record of a file that ends inside a quoted field, as a failed
+/// item. The csv reader takes such a field to run to the end of the file,
+/// so one stray quote would otherwise fold every later record into one
+/// field, silently. Looked for only in the file's last record (all of it
+/// read), and only if that could be one: its last field spans lines (only a
+/// quoted field can), or the file does not end with a line break. The
+/// record's bytes are then read again from the file, to be sure and to keep
+/// them as they were.
+fn unclosed_quote<R: Read>(
+    path: &Path,
+    reader: &csv::Reader<Tail<R>>,
+    record: &csv::ByteRecord,
+    delimiter: u8,
+) -> Result<Option<ItemError>, BackfillError> {
+    let src = reader.get_ref();
+    let Some(start) = record.position() else {
+        return Ok(None);
+    };
+    if !src.eof || reader.position().byte() != src.read {
+        return Ok(None);
+    }
+    let spans_lines = record
+        .iter()
+        .next_back()
+        .is_some_and(|f| f.iter().any(|&b| b == b'\n' || b == b'\r'));
+    if !spans_lines && matches!(src.last, Some(b'\n' | b'\r')) {
+        return Ok(None);
+    }
+    let mut raw = Vec::new();
+    let failed = |source| BackfillError::Read {
+        file: path.to_path_buf(),
+        source,
+    };
+    let mut f = open_bytes(path)?;
+    std::io::copy(&mut (&mut f).take(start.byte()), &mut std::io::sink()).map_err(failed)?;
+    f.read_to_end(&mut raw).map_err(failed)?;
+    let Some(opened) = open_quote_at_end(&raw, delimiter) else {
+        return Ok(None);
+    };
+    let line = start.line() + raw[..opened].iter().filter(|&&b| b == b'\n').count() as u64;
+    Ok(Some(ItemError {
+        file: path.to_path_buf(),
+        line: start.line(),
+        message: format!(
+            "the quoted field opened on line {line} is never closed (the file ends inside it)"
+        ),
+        raw: String::from_utf8_lossy(&raw).into_owned(),
+    }))
+}
+
+/// Where the quoted field that `text` (CSV records) ends inside was opened,
+/// if it ends inside one: the csv reader's rules (a quote opens a field only
+/// at its start; `""` inside is a quote).
+fn open_quote_at_end(text: &[u8], delimiter: u8) -> Option<usize> {
+    enum State {
+        FieldStart,
+        Unquoted,
+        Quoted(usize),
+        QuoteInQuoted(usize),
+    }
+    let mut state = State::FieldStart;
+    for (i, &b) in text.iter().enumerate() {
+        let ends_field = b == delimiter || b == b'\n' || b == b'\r';
+        state = match state {
+            State::FieldStart if b == b'"' => State::Quoted(i),
+            State::FieldStart | State::Unquoted if ends_field => State::FieldStart,
+            State::FieldStart | State::Unquoted => State::Unquoted,
+            State::Quoted(at) if b == b'"' => State::QuoteInQuoted(at),
+            State::Quoted(at) => State::Quoted(at),
+            State::QuoteInQuoted(at) if b == b'"' => State::Quoted(at),
+            State::QuoteInQuoted(_) if ends_field => State::FieldStart,
+            State::QuoteInQuoted(_) => State::Unquoted,
+        };
+    }
+    match state {
+        State::Quoted(at) => Some(at),
+        _ => None,
     }
 }
 
@@ -521,5 +635,27 @@ fn bad_line(path: &Path, line: u64, bytes: &[u8], message: String) -> ItemError 
         line,
         message,
         raw: String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_quote_at_end;
+
+    #[test]
+    fn a_file_ending_inside_a_quoted_field_is_found() {
+        let at = |t: &str| open_quote_at_end(t.as_bytes(), b',');
+        assert_eq!(at("1,\"open\n2,3\n"), Some(2));
+        assert_eq!(at("1,\"closed\"\n"), None);
+        assert_eq!(at("1,\"two\nlines\"\n"), None);
+        // `""` inside a quoted field is a quote, not its end.
+        assert_eq!(at("1,\"a \"\" b\n"), Some(2));
+        assert_eq!(at("1,\"a \"\" b\""), None);
+        // A quote that does not start a field is a plain character.
+        assert_eq!(at("1,5\"3\n"), None);
+        // The field's own start counts, after a delimiter or a line.
+        assert_eq!(at("x\n\"y"), Some(2));
+        assert_eq!(open_quote_at_end(b"1;\"a;b", b';'), Some(2));
+        assert_eq!(at(""), None);
     }
 }

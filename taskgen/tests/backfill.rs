@@ -361,6 +361,34 @@ async fn csv_and_text_items() {
         ]
     );
 
+    // A stray quote: the csv reader would take the field it opens to run
+    // to the end of the file, folding the later records into it. The record
+    // is a failed item that keeps the file's text from its start; a quoted
+    // field over two lines and a quote inside a field are fine.
+    let dir = TempDir::new().unwrap();
+    let csv = dir.path().join("b.csv");
+    let text = "id,note\n1,\"two\nlines\"\n2,5\"3 inch\n3,\"oops\n4,x\n5,y\n";
+    std::fs::write(&csv, text).unwrap();
+    let (s, items) = echo_items(dir.path(), &csv, Format::Csv).await;
+    assert_eq!(
+        items,
+        vec![
+            json!({"id": "1", "note": "two\nlines"}),
+            json!({"id": "2", "note": "5\"3 inch"}),
+        ]
+    );
+    assert_eq!((s.items_total, s.items_failed), (3, 1));
+    let dead = dead_letters(&dir.path().join("dead.jsonl"));
+    let file = csv.canonicalize().unwrap();
+    assert_eq!(
+        dead[0]["error"],
+        format!(
+            "{}:5: the quoted field opened on line 5 is never closed (the file ends inside it)",
+            file.display()
+        )
+    );
+    assert_eq!(dead[0]["items"], json!(["3,\"oops\n4,x\n5,y\n"]));
+
     let dir = TempDir::new().unwrap();
     let text = dir.path().join("a.txt");
     std::fs::write(&text, "first line\n\n{\"not\": \"parsed\"}\n").unwrap();
