@@ -309,6 +309,12 @@ pub fn print_summary(s: &Summary) {
             s.peak_buffered_items
         );
     }
+    if s.items_without_order_key > 0 {
+        println!(
+            "order_key: {} items had no value for it (a misspelt key?)",
+            s.items_without_order_key
+        );
+    }
     println!(
         "duration: {:.2?}, {:.1} items/s{}",
         s.duration,

@@ -50,7 +50,7 @@ use sluice_state_carrier::{Checkpoint, Item, KeyState, Step, Store, Window};
 use tokio::sync::Mutex;
 
 use crate::read::Item as Read;
-use crate::schedule::{Loaded, scalar, spawn_items};
+use crate::schedule::{Loaded, spawn_items};
 use crate::{BackfillError, Call, Run};
 
 /// What the key tasks share.
@@ -281,11 +281,8 @@ pub(crate) async fn run_folded<S: Future<Output = ()>>(
                     run.update(|s| s.items_total += 1);
                     let key = match opts.config.scope {
                         StateScope::Partition => String::new(),
-                        StateScope::Key => cfg
-                            .order
-                            .order_key
-                            .as_ref()
-                            .and_then(|k| scalar(value.get(k)))
+                        StateScope::Key => run
+                            .order_key_of(&value, &names[file], index)
                             .unwrap_or_default(),
                     };
                     if !keys.contains_key(&key) {

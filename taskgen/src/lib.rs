@@ -200,6 +200,19 @@ pub enum BackfillError {
         /// The file's columns.
         available: Vec<String>,
     },
+    /// An ordering option (`order_key`, `id_column`, `depends_on_column`)
+    /// names a column a file does not have: nothing would be ordered by it.
+    #[error("{option} {column:?}: {} has no such column (columns: {})", file.display(), available.join(", "))]
+    OrderColumnMissing {
+        /// The option.
+        option: &'static str,
+        /// The file.
+        file: PathBuf,
+        /// The column it names.
+        column: String,
+        /// The file's columns.
+        available: Vec<String>,
+    },
     /// Talking to the Kafka cluster of a distributed job failed (external;
     /// running again may help).
     #[error("Kafka: {what}: {message}")]
@@ -301,6 +314,7 @@ impl BackfillError {
             | BackfillError::Config(_)
             | BackfillError::Parquet { .. }
             | BackfillError::MissingColumn { .. }
+            | BackfillError::OrderColumnMissing { .. }
             | BackfillError::RowGroupTooLarge { .. }
             | BackfillError::Csv { .. }
             | BackfillError::Dependencies(_)
@@ -649,6 +663,12 @@ pub struct Summary {
     /// most items read and not yet folded. Never above
     /// [`BackfillConfig::max_buffered_items`]; 0 in the other modes.
     pub peak_buffered_items: u64,
+    /// With `order_key`: items without a value for it (no field, null, an
+    /// empty string or an object). They run in no particular order (in a
+    /// stateful job, they share the empty key's state). Many of them often
+    /// mean a misspelt key in JSON lines, whose fields are not checked
+    /// before the run.
+    pub items_without_order_key: u64,
 }
 
 impl Summary {
@@ -1303,6 +1323,9 @@ impl Run {
             ));
         }
         file_levels(&cfg.sources, &cfg.file_dependencies)?;
+        // Before the progress store exists: a misspelt column must not
+        // leave a store that refuses the corrected command.
+        cfg.order.check_columns(&cfg.sources, &cfg.input)?;
         let expected = expected_items(&cfg.sources, &cfg.input)?;
         let progress = Progress::open(&cfg.progress, &cfg.layout())?;
         Ok(Arc::new(Run {
@@ -1335,6 +1358,30 @@ impl Run {
 
     fn update(&self, f: impl FnOnce(&mut Summary)) {
         f(&mut self.summary.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The order key of `item` (`index` of `source`), counting and, the
+    /// first time, logging an item without one (see
+    /// [`Summary::items_without_order_key`]).
+    pub(crate) fn order_key_of(&self, item: &Value, source: &str, index: u64) -> Option<String> {
+        let name = self.cfg.order.order_key.as_ref()?;
+        let key = schedule::scalar(item.get(name));
+        if key.is_none() {
+            let mut first = false;
+            self.update(|s| {
+                first = s.items_without_order_key == 0;
+                s.items_without_order_key += 1;
+            });
+            if first {
+                tracing::warn!(
+                    order_key = %name,
+                    source,
+                    item = index,
+                    "an item has no value for order_key: items without one are not ordered by key (a stateful job gives them one shared state); the summary counts them"
+                );
+            }
+        }
+        key
     }
 
     fn set_expected_items(&self, n: u64) {

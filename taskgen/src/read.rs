@@ -136,6 +136,41 @@ fn read(
     }
 }
 
+/// The top-level fields every item of `path` has (its CSV header, its
+/// Parquet file's Arrow schema), or `None` for formats whose items may
+/// differ (JSON lines, text). Reads only the header or the footer.
+pub(crate) fn field_names(
+    path: &Path,
+    input: &Input,
+) -> Result<Option<Vec<String>>, BackfillError> {
+    let schema = match input.format {
+        Format::Jsonl | Format::Text => return Ok(None),
+        Format::Csv => {
+            let mut reader = csv::ReaderBuilder::new()
+                .has_headers(true)
+                .delimiter(input.csv_delimiter)
+                .from_reader(open_bytes(path)?);
+            let headers = reader.headers().map_err(|e| csv_fatal(path, 1, e))?;
+            return Ok(Some(headers.iter().map(str::to_owned).collect()));
+        }
+        Format::Parquet if source::is_remote(path) => {
+            let (_, _, meta) =
+                source::parquet_remote::metadata(path).map_err(|e| parquet_error(path, e))?;
+            let file = meta.file_metadata();
+            parquet::arrow::parquet_to_arrow_schema(file.schema_descr(), file.key_value_metadata())
+                .map_err(|e| parquet_error(path, e))?
+        }
+        Format::Parquet => ParquetRecordBatchReaderBuilder::try_new(open(path)?)
+            .map_err(|e| parquet_error(path, e))?
+            .schema()
+            .as_ref()
+            .clone(),
+    };
+    Ok(Some(
+        schema.fields().iter().map(|f| f.name().clone()).collect(),
+    ))
+}
+
 /// The projection of `columns` (top-level fields of the file's Arrow
 /// schema), or an error naming the first missing one.
 pub(crate) fn projection(

@@ -87,6 +87,55 @@ impl OrderConfig {
         }
         Ok(())
     }
+
+    /// The options naming a column, as (option, column).
+    fn columns(&self) -> impl Iterator<Item = (&'static str, &String)> {
+        [
+            ("order_key", &self.order_key),
+            ("id_column", &self.id_column),
+            ("depends_on_column", &self.depends_on_column),
+        ]
+        .into_iter()
+        .filter_map(|(option, c)| c.as_ref().map(|c| (option, c)))
+    }
+
+    /// Each column an option names must be among the chosen `columns` and
+    /// in every file whose items all have the same fields (a CSV header, a
+    /// Parquet schema). An item without the field has no key and no
+    /// dependency, so a misspelt name would otherwise order nothing,
+    /// silently. JSON lines are not checked: their items may differ.
+    /// Reads each file's header or footer (blocking).
+    pub(crate) fn check_columns(
+        &self,
+        sources: &[PathBuf],
+        input: &Input,
+    ) -> Result<(), BackfillError> {
+        if let Some(chosen) = &input.columns
+            && let Some((option, column)) = self.columns().find(|(_, c)| !chosen.contains(c))
+        {
+            return Err(BackfillError::Config(format!(
+                "{option} {column:?} is not among the chosen columns ({}): the items would not carry it",
+                chosen.join(", ")
+            )));
+        }
+        if self.columns().next().is_none() {
+            return Ok(());
+        }
+        for file in sources {
+            let Some(fields) = crate::read::field_names(file, input)? else {
+                return Ok(());
+            };
+            if let Some((option, column)) = self.columns().find(|(_, c)| !fields.contains(c)) {
+                return Err(BackfillError::OrderColumnMissing {
+                    option,
+                    file: file.clone(),
+                    column: column.clone(),
+                    available: fields,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One dependency level as `--dry-run` reports it.
@@ -582,6 +631,7 @@ pub async fn plan_order(
     order.check()?;
     let (sources, input, order) = (sources.to_vec(), input.clone(), order.clone());
     blocking(move || {
+        order.check_columns(&sources, &input)?;
         let deps = match order.id_column {
             Some(_) => Some(id_pass(&sources, &input, &order, &AtomicBool::new(false))?),
             None => None,
@@ -829,7 +879,7 @@ async fn run_pass<S: Future<Output = ()>>(
                                 if deps.is_none() {
                                     run.update(|s| s.items_total += 1);
                                 }
-                                let key = cfg.order.order_key.as_ref().and_then(|k| scalar(v.get(k)));
+                                let key = run.order_key_of(&v, &names[file], index);
                                 let size = crate::json_size(&v);
                                 cutter.push(key, file, index, size, (n, v), &mut cuts);
                             }

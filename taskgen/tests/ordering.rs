@@ -150,7 +150,7 @@ async fn same_key_items_run_one_after_another_and_keys_in_parallel() {
         (s.calls_total, s.calls_succeeded, s.calls_failed),
         (24, 24, 0)
     );
-    assert_eq!(s.items_succeeded, 24);
+    assert_eq!((s.items_succeeded, s.items_without_order_key), (24, 0));
 
     let done = items_in_order(&got);
     assert_eq!(done.len(), 24);
@@ -316,6 +316,106 @@ async fn a_cycle_is_reported_before_any_call() {
     assert!(!msg.contains("free"), "{msg}");
     assert!(got.lock().unwrap().is_empty(), "a call ran");
     assert!(!dir.path().join("dead.jsonl").exists());
+}
+
+/// An ordering option that names a column a CSV or Parquet file lacks (a
+/// misspelt name), or one left out of the chosen columns, would order
+/// nothing: the dry run and the run refuse it before any call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordering_column_missing_from_a_file_is_reported_before_any_call() {
+    use std::sync::Arc as A;
+
+    use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+    use parquet::arrow::ArrowWriter;
+
+    let dir = TempDir::new().unwrap();
+    let csv = dir.path().join("jobs.csv");
+    std::fs::write(&csv, "id,user\n1,ann\n2,bo\n").unwrap();
+    let parquet = dir.path().join("jobs.parquet");
+    let batch = RecordBatch::try_from_iter([
+        ("id", A::new(Int64Array::from(vec![1, 2])) as ArrayRef),
+        (
+            "user",
+            A::new(StringArray::from(vec!["ann", "bo"])) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let mut w = ArrowWriter::try_new(
+        std::fs::File::create(&parquet).unwrap(),
+        batch.schema(),
+        None,
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+
+    let typo = OrderConfig {
+        order_key: Some("usr".into()),
+        ..OrderConfig::default()
+    };
+    let dep_typo = OrderConfig {
+        order_key: Some("user".into()),
+        id_column: Some("id".into()),
+        depends_on_column: Some("after".into()),
+    };
+    let f = script_fixture(SLOW_ECHO);
+    let ex = executor(&f);
+    let (hooks, got) = recorder();
+    for (file, format) in [(&csv, Format::Csv), (&parquet, Format::Parquet)] {
+        for (order, option, column) in [
+            (&typo, "order_key", "usr"),
+            (&dep_typo, "depends_on_column", "after"),
+        ] {
+            let sources = vec![file.clone()];
+            let want = format!(
+                "{option} \"{column}\": {} has no such column (columns: id, user)",
+                file.display()
+            );
+            let err = sluice_taskgen::plan_levels(&sources, &format.into(), limits(1), order)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, BackfillError::OrderColumnMissing { .. }),
+                "{err:?}"
+            );
+            assert_eq!(err.to_string(), want);
+            let mut cfg = config(dir.path(), sources, 1, order.clone());
+            cfg.input.format = format;
+            let err = sluice_taskgen::run(&ex, cfg, hooks.clone(), never())
+                .await
+                .unwrap_err();
+            assert_eq!(err.to_string(), want);
+        }
+    }
+    // The key exists, but the chosen columns leave it out of the items.
+    let mut cfg = config(dir.path(), vec![csv.clone()], 1, keyed());
+    cfg.input.format = Format::Csv;
+    cfg.input.columns = Some(vec!["id".into()]);
+    let err = sluice_taskgen::run(&ex, cfg, hooks, never())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid option: order_key \"user\" is not among the chosen columns (id): the items would not carry it"
+    );
+    assert!(got.lock().unwrap().is_empty(), "a call ran");
+
+    // JSON lines are not checked before the run (their items may differ):
+    // the summary counts the items without a key (no field, an empty one).
+    let dir = TempDir::new().unwrap();
+    let items = [
+        json!({"user": "ann"}),
+        json!({"usr": "bo"}),
+        json!({"user": ""}),
+        json!({"user": "ann"}),
+    ];
+    let sources = vec![write_jsonl(dir.path(), "mixed.jsonl", &items)];
+    let (hooks, _) = recorder();
+    let s = sluice_taskgen::run(&ex, config(dir.path(), sources, 1, keyed()), hooks, never())
+        .await
+        .unwrap();
+    ex.shutdown().await;
+    assert_eq!((s.items_succeeded, s.items_without_order_key), (4, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
