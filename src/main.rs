@@ -324,8 +324,23 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::INVOKE_FAILED);
         }
     };
+    // The command runs as a task on the worker threads rather than as
+    // `block_on`'s future on this thread: a task woken by I/O then runs on
+    // the worker that saw the I/O, instead of each wake-up crossing to this
+    // thread (a context switch per step of every invocation).
     let code = runtime.block_on(async move {
-        match cli.command {
+        match tokio::spawn(dispatch(cli.command)).await {
+            Ok(code) => code,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    });
+    ExitCode::from(code)
+}
+
+/// Runs one command; its exit code.
+async fn dispatch(command: Command) -> u8 {
+    {
+        match command {
             Command::Validate { pipeline } => commands::validate::run(&pipeline),
             Command::Invoke {
                 pipeline,
@@ -455,6 +470,5 @@ fn main() -> ExitCode {
                 calls,
             }) => commands::bench_state::run(&pipeline, &function, calls).await,
         }
-    });
-    ExitCode::from(code)
+    }
 }

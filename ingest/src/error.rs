@@ -22,9 +22,9 @@ pub enum IngestError {
     Embedded {
         /// What was being done.
         what: String,
-        /// The client's error.
+        /// The client's error (or the system's, starting its thread).
         #[source]
-        source: Box<rdkafka::error::KafkaError>,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A `--produce` file could not be loaded.
     #[error("{file}:{line}: {message}")]

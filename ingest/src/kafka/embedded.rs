@@ -9,9 +9,12 @@
 //! that loading a file (`sluice run --produce`) fails loudly instead of
 //! losing records.
 
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
@@ -22,9 +25,24 @@ use crate::IngestError;
 pub const RETAINED_BYTES_PER_PARTITION: u64 = 5 * 1024 * 1024;
 
 /// An in-process Kafka-protocol broker.
+///
+/// The `MockCluster` handle is not `Send`, so a thread of its own
+/// (`embedded-kafka`) owns it and carries out what is asked of it; this
+/// handle can then live in any task, and the command futures that hold it
+/// run on tokio's worker threads.
 pub struct EmbeddedBroker {
-    cluster: MockCluster<'static, DefaultProducerContext>,
     servers: String,
+    ops: mpsc::Sender<Op>,
+    owner: Option<JoinHandle<()>>,
+}
+
+/// What the owner thread does with the cluster.
+enum Op {
+    CreateTopic {
+        topic: String,
+        partitions: i32,
+        done: mpsc::Sender<Result<(), KafkaError>>,
+    },
 }
 
 impl std::fmt::Debug for EmbeddedBroker {
@@ -35,15 +53,70 @@ impl std::fmt::Debug for EmbeddedBroker {
     }
 }
 
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        // Closing the channel ends the owner thread, which drops the
+        // cluster (stopping its broker threads) before this returns.
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.ops, closed));
+        if let Some(owner) = self.owner.take() {
+            let _ = owner.join();
+        }
+    }
+}
+
 impl EmbeddedBroker {
     /// Start a broker with `brokers` nodes on local ephemeral ports.
     pub fn start(brokers: i32) -> Result<Self, IngestError> {
-        let cluster = MockCluster::new(brokers).map_err(|source| IngestError::Embedded {
+        let failed = |source: KafkaError| IngestError::Embedded {
             what: "starting the mock cluster".into(),
             source: Box::new(source),
-        })?;
-        let servers = cluster.bootstrap_servers();
-        Ok(Self { cluster, servers })
+        };
+        let (started_tx, started) = mpsc::channel();
+        let (ops, rx) = mpsc::channel::<Op>();
+        let owner = std::thread::Builder::new()
+            .name("embedded-kafka".into())
+            .spawn(move || {
+                let cluster = match MockCluster::<DefaultProducerContext>::new(brokers) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = started_tx.send(Ok(cluster.bootstrap_servers()));
+                for op in rx {
+                    match op {
+                        Op::CreateTopic {
+                            topic,
+                            partitions,
+                            done,
+                        } => {
+                            let _ = done.send(cluster.create_topic(&topic, partitions, 1));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| IngestError::Embedded {
+                what: "starting the mock cluster's thread".into(),
+                source: Box::new(e),
+            })?;
+        let servers = match started.recv() {
+            Ok(Ok(servers)) => servers,
+            Ok(Err(e)) => {
+                let _ = owner.join();
+                return Err(failed(e));
+            }
+            Err(_) => {
+                let _ = owner.join();
+                return Err(failed(KafkaError::Canceled));
+            }
+        };
+        Ok(Self {
+            servers,
+            ops,
+            owner: Some(owner),
+        })
     }
 
     /// Its `bootstrap.servers`.
@@ -86,11 +159,21 @@ impl EmbeddedBroker {
 
     /// Create a topic (replication 1).
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), IngestError> {
-        self.cluster
-            .create_topic(topic, partitions, 1)
-            .map_err(|source| IngestError::Embedded {
-                what: format!("creating topic {topic} with {partitions} partitions"),
-                source: Box::new(source),
+        let failed = |source: KafkaError| IngestError::Embedded {
+            what: format!("creating topic {topic} with {partitions} partitions"),
+            source: Box::new(source),
+        };
+        let (done, result) = mpsc::channel();
+        self.ops
+            .send(Op::CreateTopic {
+                topic: topic.to_owned(),
+                partitions,
+                done,
             })
+            .map_err(|_| failed(KafkaError::Canceled))?;
+        result
+            .recv()
+            .unwrap_or(Err(KafkaError::Canceled))
+            .map_err(failed)
     }
 }
