@@ -241,6 +241,20 @@ pub enum BackfillError {
         #[source]
         source: Arc<redb::Error>,
     },
+    /// The progress store cannot be created where it goes (by default next
+    /// to the first source file, whose folder may be read-only).
+    #[error(
+        "progress store {}: cannot be created there ({source}); choose a writable place \
+         with --progress (or `progress = \"...\"` in the job)",
+        path.display()
+    )]
+    ProgressNotWritable {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
     /// The progress store was written by a run that cut calls differently
     /// (items or bytes per call, ordering): resuming from it could skip
     /// items never called.
@@ -319,6 +333,7 @@ impl BackfillError {
             | BackfillError::Csv { .. }
             | BackfillError::Dependencies(_)
             | BackfillError::ProgressLayout { .. }
+            | BackfillError::ProgressNotWritable { .. }
             | BackfillError::TooManyFailures { .. }
             | BackfillError::FinalInvokeFailed { .. } => Fault::User,
             BackfillError::State(e) => match e.fault() {

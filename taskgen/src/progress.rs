@@ -50,7 +50,20 @@ impl Progress {
             path: path.to_path_buf(),
             source: Arc::new(e),
         };
-        let db = Database::create(path).map_err(|e| err(e.into()))?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::Storage(redb::StorageError::Io(io))
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                BackfillError::ProgressNotWritable {
+                    path: path.to_path_buf(),
+                    source: Arc::new(io),
+                }
+            }
+            e => err(e.into()),
+        })?;
         let tx = db.begin_write().map_err(|e| err(e.into()))?;
         tx.open_table(SUCCEEDED).map_err(|e| err(e.into()))?;
         {
