@@ -3,7 +3,7 @@
 //! `object_store`.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
@@ -518,9 +518,16 @@ fn unclosed_quote<R: Read>(
         file: path.to_path_buf(),
         source,
     };
-    let mut f = open_bytes(path)?;
-    std::io::copy(&mut (&mut f).take(start.byte()), &mut std::io::sink()).map_err(failed)?;
-    f.read_to_end(&mut raw).map_err(failed)?;
+    if source::is_remote(path) {
+        let mut f = open_bytes(path)?;
+        std::io::copy(&mut (&mut f).take(start.byte()), &mut std::io::sink()).map_err(failed)?;
+        f.read_to_end(&mut raw).map_err(failed)?;
+    } else {
+        let mut f = open(path)?;
+        f.seek(std::io::SeekFrom::Start(start.byte()))
+            .map_err(failed)?;
+        f.read_to_end(&mut raw).map_err(failed)?;
+    }
     let Some(opened) = open_quote_at_end(&raw, delimiter) else {
         return Ok(None);
     };

@@ -147,6 +147,8 @@ async fn plan_reads_every_format_from_memory() {
         &[
             ("t.parquet", parquet_bytes(2_500, 1_000)),
             ("t.csv", b"a,b\n1,2\n3\n4,5\n".to_vec()),
+            // A quote never closed: one bad record, not a field to the end.
+            ("open.csv", b"a,b\n1,2\n3,\"x\n4,5\n".to_vec()),
             ("t.jsonl", b"{\"a\":1}\n\nnot json\r\n[2]\n".to_vec()),
             ("t.txt", b"one\r\ntwo\n\xff\n".to_vec()),
         ],
@@ -167,6 +169,7 @@ async fn plan_reads_every_format_from_memory() {
         (Some(vec![1000, 1000, 500]), 2500, 0, 250)
     );
     assert_eq!(plan("t.csv", Format::Csv), (None, 2, 1, 1));
+    assert_eq!(plan("open.csv", Format::Csv), (None, 1, 1, 1));
     assert_eq!(plan("t.jsonl", Format::Jsonl), (None, 2, 1, 1));
     assert_eq!(plan("t.txt", Format::Text), (None, 2, 1, 1));
 }
