@@ -2,6 +2,7 @@
 //! read directly; remote sources (URLs, see [`crate::source`]) through
 //! `object_store`.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek};
 use std::ops::ControlFlow;
@@ -400,7 +401,8 @@ fn read_csv(
         let item = match reader.read_byte_record(&mut record) {
             Ok(false) => return Ok(()),
             Ok(true) => {
-                let line = record.position().map_or(0, |p| p.line());
+                let end = reader.position().byte();
+                let line = reader.get_mut().first_line(end, &record);
                 let bad = |message: String| {
                     Item::Bad(ItemError {
                         file: path.to_path_buf(),
@@ -409,7 +411,7 @@ fn read_csv(
                         raw: csv_line(&record, delimiter),
                     })
                 };
-                if let Some(unclosed) = unclosed_quote(path, &reader, &record, delimiter)? {
+                if let Some(unclosed) = unclosed_quote(path, &reader, &record, line, delimiter)? {
                     Item::Bad(unclosed)
                 } else if record.len() != headers.len() {
                     bad(format!(
@@ -453,13 +455,20 @@ fn read_csv(
     }
 }
 
-/// The CSV bytes read through it, with their count and the last of them,
-/// so that [`unclosed_quote`] can tell a file's last record.
+/// The CSV bytes read through it: their count, the last of them (so that
+/// [`unclosed_quote`] can tell a file's last record), and where their line
+/// breaks are, for [`Tail::first_line`]. The csv reader's own line numbers
+/// are off after a CRLF or a blank line (a record's position is that of
+/// the line break before it).
 struct Tail<R> {
     inner: R,
     read: u64,
     last: Option<u8>,
     eof: bool,
+    /// Offsets of the `\n`s read and not yet counted into `lines`.
+    breaks: VecDeque<u64>,
+    /// `\n`s before the last record asked about.
+    lines: u64,
 }
 
 impl<R> Tail<R> {
@@ -469,7 +478,28 @@ impl<R> Tail<R> {
             read: 0,
             last: None,
             eof: false,
+            breaks: VecDeque::new(),
+            lines: 0,
         }
+    }
+
+    /// The 1-based line on which `record`, whose terminator ends at byte
+    /// `end`, begins: the line of its last byte, less the line breaks
+    /// inside its (quoted) fields. Records must be asked about in order.
+    fn first_line(&mut self, end: u64, record: &csv::ByteRecord) -> u64 {
+        let mut terminated = false;
+        while let Some(&at) = self.breaks.front().filter(|&&at| at < end) {
+            self.lines += 1;
+            terminated = at + 1 == end;
+            self.breaks.pop_front();
+        }
+        // A record ended by `\n` has counted its own terminator.
+        let last = 1 + self.lines - u64::from(terminated);
+        let inside: usize = record
+            .iter()
+            .map(|f| f.iter().filter(|&&b| b == b'\n').count())
+            .sum();
+        last.saturating_sub(inside as u64).max(1)
     }
 }
 
@@ -477,6 +507,14 @@ impl<R: Read> Read for Tail<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.eof |= n == 0 && !buf.is_empty();
+        let base = self.read;
+        self.breaks.extend(
+            buf[..n]
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .map(|(i, _)| base + i as u64),
+        );
         self.read += n as u64;
         if n > 0 {
             self.last = Some(buf[n - 1]);
@@ -497,6 +535,7 @@ fn unclosed_quote<R: Read>(
     path: &Path,
     reader: &csv::Reader<Tail<R>>,
     record: &csv::ByteRecord,
+    first_line: u64,
     delimiter: u8,
 ) -> Result<Option<ItemError>, BackfillError> {
     let src = reader.get_ref();
@@ -531,10 +570,20 @@ fn unclosed_quote<R: Read>(
     let Some(opened) = open_quote_at_end(&raw, delimiter) else {
         return Ok(None);
     };
-    let line = start.line() + raw[..opened].iter().filter(|&&b| b == b'\n').count() as u64;
+    // The file's last line break is inside the field, not the record's
+    // terminator that `Tail::first_line` took it for.
+    let first_line = first_line + u64::from(raw.last() == Some(&b'\n'));
+    // After a CRLF or a blank line the reader's record starts at a line
+    // break: the record's own text begins after them.
+    let lead = raw
+        .iter()
+        .take_while(|&&b| b == b'\n' || b == b'\r')
+        .count();
+    let line = first_line + raw[lead..opened].iter().filter(|&&b| b == b'\n').count() as u64;
+    raw.drain(..lead);
     Ok(Some(ItemError {
         file: path.to_path_buf(),
-        line: start.line(),
+        line: first_line,
         message: format!(
             "the quoted field opened on line {line} is never closed (the file ends inside it)"
         ),
@@ -682,7 +731,41 @@ fn bad_line(path: &Path, line: u64, bytes: &[u8], message: String) -> ItemError 
 
 #[cfg(test)]
 mod tests {
-    use super::open_quote_at_end;
+    use std::ops::ControlFlow;
+
+    use super::{Item, open_quote_at_end, read_file};
+    use crate::Format;
+
+    /// The line of each bad record of `text` read as CSV.
+    fn bad_lines(text: &str) -> Vec<u64> {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("t.csv");
+        std::fs::write(&path, text).unwrap();
+        let mut lines = Vec::new();
+        read_file(&path, &Format::Csv.into(), &mut |_, item| {
+            if let Item::Bad(e) = item {
+                lines.push(e.line);
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        lines
+    }
+
+    #[test]
+    fn csv_errors_give_the_line_the_record_starts_on() {
+        // LF, CRLF, blank lines, a quoted field over two lines, no final
+        // line break: each bad record ("3" or "4") named by its own line.
+        assert_eq!(bad_lines("a,b\n1,2\n3\n4\n"), [3, 4]);
+        assert_eq!(bad_lines("a,b\r\n1,2\r\n3\r\n4\r\n"), [3, 4]);
+        assert_eq!(bad_lines("a,b\n\n1,2\n\n\n3\n"), [6]);
+        assert_eq!(bad_lines("a,b\r\n\r\n3\r\n\r\n4"), [3, 5]);
+        assert_eq!(bad_lines("a,b\n1,\"x\ny\"\n3\n"), [4]);
+        assert_eq!(bad_lines("a,b\r\n1,\"x\r\ny\",z\r\n4\r\n"), [2, 4]);
+        // Unclosed quotes, with and without a final line break.
+        assert_eq!(bad_lines("a,b\r\n1,2\r\n3,\"x\r\n4,5\r\n"), [3]);
+        assert_eq!(bad_lines("a,b\n1,2\n\n3,\"x"), [4]);
+    }
 
     #[test]
     fn a_file_ending_inside_a_quoted_field_is_found() {

@@ -388,6 +388,22 @@ async fn csv_and_text_items() {
         )
     );
     assert_eq!(dead[0]["items"], json!(["3,\"oops\n4,x\n5,y\n"]));
+    // The same with CRLF line breaks.
+    let dir = TempDir::new().unwrap();
+    let csv = dir.path().join("c.csv");
+    std::fs::write(&csv, "id,note\r\n1,a\r\n2,\"oops\r\n3,b\r\n").unwrap();
+    let (s, _) = echo_items(dir.path(), &csv, Format::Csv).await;
+    assert_eq!((s.items_total, s.items_failed), (2, 1));
+    let dead = dead_letters(&dir.path().join("dead.jsonl"));
+    let file = csv.canonicalize().unwrap();
+    assert_eq!(
+        dead[0]["error"],
+        format!(
+            "{}:3: the quoted field opened on line 3 is never closed (the file ends inside it)",
+            file.display()
+        )
+    );
+    assert_eq!(dead[0]["items"], json!(["2,\"oops\r\n3,b\r\n"]));
 
     let dir = TempDir::new().unwrap();
     let text = dir.path().join("a.txt");
