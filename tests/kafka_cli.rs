@@ -431,11 +431,44 @@ fn embedded_broker_produce_and_stop_when_idle() {
         "{}",
         run.log()
     );
+    assert!(!log.iter().any(|l| l.contains("warning")), "{}", run.log());
     let mut seen: Vec<String> = run.seen().into_iter().map(|(_, v)| v).collect();
     seen.sort();
     let mut want = lines.clone();
     want.sort();
     assert_eq!(seen, want, "each record processed once");
+}
+
+/// A trigger left at `starting_position = "latest"` (the default) skips
+/// what `--produce` loaded before it joined: sluice says so, naming the
+/// trigger and the setting, instead of leaving an idle run unexplained.
+#[test]
+fn records_loaded_before_a_latest_trigger_joins_are_called_out() {
+    let fixture = function_fixture("misbehave");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pipeline = write_pipeline(tmp.path(), &fixture, "echo", "in", "");
+    let data = tmp.path().join("records.jsonl");
+    std::fs::write(&data, "{\"n\":1}\n{\"n\":2}\n").expect("writing records");
+    let mut run = Sluice::start(
+        "sluice run",
+        &[
+            "--produce",
+            &format!("in={}", data.display()),
+            "--stop-when-idle",
+            "1s",
+        ],
+        &pipeline,
+    );
+    assert_eq!(run.wait_exit().code(), Some(0), "{}", run.log());
+    let log = run.process.stderr().join("\n");
+    assert!(
+        log.contains("warning: trigger f-1 reads in from its latest offset")
+            && log.contains("the 2 records just loaded will not reach it")
+            && log.contains("starting_position = \"earliest\""),
+        "{log}"
+    );
+    assert!(log.contains("stopped after 0 records"), "{log}");
+    assert!(run.seen().is_empty(), "{}", run.log());
 }
 
 /// A file bigger than the embedded broker keeps per partition: the broker

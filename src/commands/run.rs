@@ -128,10 +128,31 @@ pub async fn run(args: RunArgs) -> u8 {
             .map(servers_of)
             .unwrap_or_else(|| servers_of(&p.kafka_triggers[0]));
         match kafka::produce_file(&servers, topic, file, args.key_field.as_deref()).await {
-            Ok(n) => eprintln!(
-                "sluice: loaded {n} records from {} into {topic}",
-                file.display()
-            ),
+            Ok(n) => {
+                eprintln!(
+                    "sluice: loaded {n} records from {} into {topic}",
+                    file.display()
+                );
+                // A trigger that starts at the latest offset skips what was
+                // just loaded: with nothing printed, that looks like a hang.
+                for t in p.kafka_triggers.iter().filter(|t| {
+                    t.topics.contains(topic)
+                        && t.starting_position == sluice_pipeline::StartingPosition::Latest
+                        && servers_of(t) == servers
+                }) {
+                    let unless = if embedded.is_some()
+                        && matches!(t.bootstrap_servers, BootstrapServers::Embedded)
+                    {
+                        String::new()
+                    } else {
+                        format!(" (unless its group {:?} has committed offsets)", t.group_id)
+                    };
+                    eprintln!(
+                        "sluice: warning: trigger {} reads {topic} from its latest offset (`starting_position` defaults to \"latest\", as in Lambda), so the {n} records just loaded will not reach it{unless}; set `starting_position = \"earliest\"` on the trigger to process them",
+                        t.name
+                    );
+                }
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 return exit::USAGE;
