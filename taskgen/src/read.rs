@@ -497,7 +497,7 @@ impl<R> Tail<R> {
         let last = 1 + self.lines - u64::from(terminated);
         let inside: usize = record
             .iter()
-            .map(|f| f.iter().filter(|&&b| b == b'\n').count())
+            .map(|f| memchr::memchr_iter(b'\n', f).count())
             .sum();
         last.saturating_sub(inside as u64).max(1)
     }
@@ -508,13 +508,8 @@ impl<R: Read> Read for Tail<R> {
         let n = self.inner.read(buf)?;
         self.eof |= n == 0 && !buf.is_empty();
         let base = self.read;
-        self.breaks.extend(
-            buf[..n]
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| **b == b'\n')
-                .map(|(i, _)| base + i as u64),
-        );
+        self.breaks
+            .extend(memchr::memchr_iter(b'\n', &buf[..n]).map(|i| base + i as u64));
         self.read += n as u64;
         if n > 0 {
             self.last = Some(buf[n - 1]);
