@@ -437,10 +437,13 @@ async fn dry_run(
         Ok(levels) => {
             let calls: u64 = levels.iter().map(|l| l.calls).sum();
             for l in &levels {
-                let keys = if order.order_key.is_some() {
-                    format!(", {} keys", l.keys)
-                } else {
-                    String::new()
+                let keys = match (&order.order_key, l.unkeyed) {
+                    (None, _) => String::new(),
+                    (Some(_), 0) => format!(", {} keys", l.keys),
+                    (Some(k), n) => format!(
+                        ", {} keys, {n} items without a value for order_key {k:?} (a misspelt key?)",
+                        l.keys
+                    ),
                 };
                 println!(
                     "level {}: {} items, {} calls{keys}",

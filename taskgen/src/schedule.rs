@@ -149,6 +149,9 @@ pub struct LevelPlan {
     pub calls: u64,
     /// Distinct order keys among them (0 without `order_key`).
     pub keys: u64,
+    /// With `order_key`: items without a value for it (see
+    /// [`crate::Summary::items_without_order_key`]).
+    pub unkeyed: u64,
 }
 
 /// A readable item with where it comes from.
@@ -653,6 +656,7 @@ pub async fn plan_order(
                         items: 0,
                         calls: 0,
                         keys: 0,
+                        unkeyed: 0,
                     };
                     (
                         plan,
@@ -661,10 +665,13 @@ pub async fn plan_order(
                     )
                 });
                 plan.items += 1;
-                if let Some(k) = &key
-                    && !keys.contains(k)
-                {
-                    keys.insert(k.clone());
+                match &key {
+                    Some(k) if !keys.contains(k) => {
+                        keys.insert(k.clone());
+                    }
+                    Some(_) => {}
+                    None if order.order_key.is_some() => plan.unkeyed += 1,
+                    None => {}
                 }
                 cutter.push(key, f, index, crate::json_size(&v), (), &mut cuts);
                 plan.calls += cuts.len() as u64;

@@ -215,6 +215,7 @@ async fn items_run_after_their_dependencies_and_not_after_a_failed_one() {
         items,
         calls,
         keys: 0,
+        unkeyed: 0,
     };
     assert_eq!(
         levels,
@@ -410,6 +411,10 @@ async fn an_ordering_column_missing_from_a_file_is_reported_before_any_call() {
         json!({"user": "ann"}),
     ];
     let sources = vec![write_jsonl(dir.path(), "mixed.jsonl", &items)];
+    let levels = sluice_taskgen::plan_levels(&sources, &Format::Jsonl.into(), limits(1), &keyed())
+        .await
+        .unwrap();
+    assert_eq!((levels[0].keys, levels[0].unkeyed), (1, 2), "{levels:?}");
     let (hooks, _) = recorder();
     let s = sluice_taskgen::run(&ex, config(dir.path(), sources, 1, keyed()), hooks, never())
         .await
@@ -476,6 +481,7 @@ async fn calls_never_mix_keys_or_levels() {
         items: 5,
         calls: 2,
         keys: 2,
+        unkeyed: 0,
     };
     assert_eq!(levels, vec![want(0), want(1)]);
 
