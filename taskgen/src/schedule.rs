@@ -470,6 +470,13 @@ fn id_pass(
         }
         total += count;
     }
+    if named.is_empty() && total > 0 {
+        tracing::warn!(
+            depends_on_column = %dep_col,
+            items = total,
+            "no item names a dependency in depends_on_column (a misspelt name?): all items are on level 0"
+        );
+    }
     let n = usize::try_from(total).map_err(|_| {
         BackfillError::Config(format!("{total} items are too many for this machine"))
     })?;
@@ -503,6 +510,11 @@ fn id_pass(
         let mut msg = format!("dependency on a missing item: {}", missing.join("; "));
         if more > 0 {
             msg.push_str(&format!(" (and {more} more)"));
+        }
+        if by_id.is_empty() {
+            msg.push_str(&format!(
+                "; no item has a value for id_column {id_col:?} (a misspelt name?)"
+            ));
         }
         return Err(BackfillError::Dependencies(msg));
     }

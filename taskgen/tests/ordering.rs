@@ -431,14 +431,28 @@ async fn a_missing_dependency_or_duplicate_id_is_reported_before_any_call() {
     let f = script_fixture(SLOW_ECHO);
     let ex = executor(&f);
     let (hooks, got) = recorder();
-    let cfg = config(dir.path(), sources, 1, with_deps());
+    let cfg = config(dir.path(), sources.clone(), 1, with_deps());
     let err = sluice_taskgen::run(&ex, cfg, hooks.clone(), never())
         .await
         .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("missing id \"7\""), "{msg}");
     assert!(msg.contains("jobs.jsonl:2"), "{msg}");
+    assert!(!msg.contains("misspelt"), "{msg}");
     assert!(got.lock().unwrap().is_empty(), "a call ran");
+    // No item has the id column at all: the message says so.
+    let misspelt = OrderConfig {
+        id_column: Some("ident".into()),
+        ..with_deps()
+    };
+    let err = sluice_taskgen::plan_levels(&sources, &Format::Jsonl.into(), limits(1), &misspelt)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no item has a value for id_column \"ident\" (a misspelt name?)"),
+        "{err}"
+    );
 
     let dup = vec![json!({"id": "x"}), json!({"id": "y"}), json!({"id": "x"})];
     let sources = vec![write_jsonl(dir.path(), "dup.jsonl", &dup)];
