@@ -390,6 +390,21 @@ fn two_processes_share_partitions_and_take_over_after_a_kill() {
     assert_eq!(a.wait_exit().code(), Some(0), "{}", a.log());
 }
 
+/// `sluice run` on the embedded broker with `data` loaded into topic `in`
+/// (`--produce`), stopping once idle for 1 s.
+fn produce_and_run(pipeline: &Path, data: &Path) -> Sluice {
+    Sluice::start(
+        "sluice run",
+        &[
+            "--produce",
+            &format!("in={}", data.display()),
+            "--stop-when-idle",
+            "1s",
+        ],
+        pipeline,
+    )
+}
+
 /// The embedded broker: `--produce` loads a file, `--stop-when-idle` stops
 /// once everything was processed; the exit code is 0 and the count is
 /// reported.
@@ -408,16 +423,7 @@ fn embedded_broker_produce_and_stop_when_idle() {
     let lines: Vec<String> = (0..25).map(|i| format!(r#"{{"n":{i}}}"#)).collect();
     std::fs::write(&data, lines.join("\n") + "\n").expect("writing records");
 
-    let mut run = Sluice::start(
-        "sluice run",
-        &[
-            "--produce",
-            &format!("in={}", data.display()),
-            "--stop-when-idle",
-            "1s",
-        ],
-        &pipeline,
-    );
+    let mut run = produce_and_run(&pipeline, &data);
     let status = run.wait_exit();
     assert_eq!(status.code(), Some(0), "{}", run.log());
     let log = run.process.stderr();
@@ -449,16 +455,7 @@ fn records_loaded_before_a_latest_trigger_joins_are_called_out() {
     let pipeline = write_pipeline(tmp.path(), &fixture, "echo", "in", "");
     let data = tmp.path().join("records.jsonl");
     std::fs::write(&data, "{\"n\":1}\n{\"n\":2}\n").expect("writing records");
-    let mut run = Sluice::start(
-        "sluice run",
-        &[
-            "--produce",
-            &format!("in={}", data.display()),
-            "--stop-when-idle",
-            "1s",
-        ],
-        &pipeline,
-    );
+    let mut run = produce_and_run(&pipeline, &data);
     assert_eq!(run.wait_exit().code(), Some(0), "{}", run.log());
     let log = run.process.stderr().join("\n");
     assert!(
@@ -494,16 +491,7 @@ fn a_file_past_the_embedded_brokers_retention_is_refused_not_half_processed() {
         .collect();
     std::fs::write(&data, lines.join("\n") + "\n").expect("writing records");
 
-    let mut run = Sluice::start(
-        "sluice run",
-        &[
-            "--produce",
-            &format!("in={}", data.display()),
-            "--stop-when-idle",
-            "1s",
-        ],
-        &pipeline,
-    );
+    let mut run = produce_and_run(&pipeline, &data);
     let status = run.wait_exit();
     assert_eq!(status.code(), Some(2), "{}", run.log());
     let log = run.process.stderr().join("\n");
