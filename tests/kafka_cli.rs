@@ -445,6 +445,50 @@ fn embedded_broker_produce_and_stop_when_idle() {
     assert_eq!(seen, want, "each record processed once");
 }
 
+/// `--key-field` on lines that cannot give a key (no such field, not JSON):
+/// they are loaded anyway, without a key, and sluice says how many and
+/// names the first by line, instead of silently spreading a key's records
+/// over partitions (as a misspelt field would).
+#[test]
+fn records_loaded_without_their_key_field_are_called_out() {
+    let fixture = function_fixture("misbehave");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &fixture,
+        "echo",
+        "in",
+        "starting_position = \"earliest\"\nbatch_window = \"50ms\"\n",
+    );
+    let data = tmp.path().join("records.jsonl");
+    let lines = [r#"{"k":"a","n":1}"#, r#"{"n":2}"#, r#"{"k":"a","#];
+    std::fs::write(&data, lines.join("\n") + "\n").expect("writing records");
+    let mut run = Sluice::start(
+        "sluice run",
+        &[
+            "--produce",
+            &format!("in={}", data.display()),
+            "--key-field",
+            "k",
+            "--stop-when-idle",
+            "1s",
+        ],
+        &pipeline,
+    );
+    assert_eq!(run.wait_exit().code(), Some(0), "{}", run.log());
+    let log = run.process.stderr().join("\n");
+    assert!(
+        log.contains("warning: --key-field k: 2 of 3 records were loaded without a key")
+            && log.contains("records.jsonl:2: no such field"),
+        "{log}"
+    );
+    let mut seen: Vec<String> = run.seen().into_iter().map(|(_, v)| v).collect();
+    seen.sort();
+    let mut want: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    want.sort();
+    assert_eq!(seen, want, "every record processed, keyed or not");
+}
+
 /// A trigger left at `starting_position = "latest"` (the default) skips
 /// what `--produce` loaded before it joined: sluice says so, naming the
 /// trigger and the setting, instead of leaving an idle run unexplained.

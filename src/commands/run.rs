@@ -128,11 +128,26 @@ pub async fn run(args: RunArgs) -> u8 {
             .map(servers_of)
             .unwrap_or_else(|| servers_of(&p.kafka_triggers[0]));
         match kafka::produce_file(&servers, topic, file, args.key_field.as_deref()).await {
-            Ok(n) => {
+            Ok(loaded) => {
+                let n = loaded.records;
                 eprintln!(
                     "sluice: loaded {n} records from {} into {topic}",
                     file.display()
                 );
+                if let (Some(field), Some((line, why))) =
+                    (args.key_field.as_deref(), loaded.first_unkeyed)
+                {
+                    let hint = if loaded.unkeyed == n {
+                        " (a misspelt field?)"
+                    } else {
+                        ""
+                    };
+                    eprintln!(
+                        "sluice: warning: --key-field {field}: {} of {n} records were loaded without a key{hint}, so their partition, and their order relative to records of the same key, is arbitrary; the first is {}:{line}: {why}",
+                        loaded.unkeyed,
+                        file.display()
+                    );
+                }
                 // A trigger that starts at the latest offset skips what was
                 // just loaded: with nothing printed, that looks like a hang.
                 for t in p.kafka_triggers.iter().filter(|t| {

@@ -47,7 +47,7 @@ use tokio::sync::watch;
 pub use client_log::{KafkaLog, LoggedContext};
 pub use embedded::{EmbeddedBroker, RETAINED_BYTES_PER_PARTITION};
 pub use offsets::OffsetTracker;
-pub use sink::{OutRecord, Sink, produce_file};
+pub use sink::{Loaded, OutRecord, Sink, produce_file};
 
 use crate::IngestError;
 use crate::metrics::Metrics;

@@ -119,16 +119,30 @@ pub(super) fn check<E>(
     }
 }
 
+/// What [`produce_file`] loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// Records produced (the file's non-empty lines).
+    pub records: usize,
+    /// With a key field: records loaded without a key, because their line is
+    /// not a JSON object or has no such field.
+    pub unkeyed: usize,
+    /// The first of those: its 1-based line and why it has no key.
+    pub first_unkeyed: Option<(usize, &'static str)>,
+}
+
 /// Load a JSON-lines file into `topic`: every non-empty line is one record
 /// value, verbatim (so malformed lines can be loaded on purpose). With
 /// `key_field`, a line that is a JSON object with that field gets it as key
-/// (strings as-is, other values as JSON text). Returns the number of records.
+/// (strings as-is, other values as JSON text); the others are loaded without
+/// a key and counted, so that a misspelt field does not silently spread a
+/// key's records over partitions.
 pub async fn produce_file(
     servers: &str,
     topic: &str,
     path: &std::path::Path,
     key_field: Option<&str>,
-) -> Result<usize, IngestError> {
+) -> Result<Loaded, IngestError> {
     let text = std::fs::read_to_string(path).map_err(|e| IngestError::Load {
         file: path.display().to_string(),
         line: 0,
@@ -136,18 +150,23 @@ pub async fn produce_file(
     })?;
     let sink = Sink::new("--produce", servers, &[])?;
     let mut records = Vec::new();
-    for line in text.lines() {
+    let mut unkeyed = 0;
+    let mut first_unkeyed = None;
+    for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let key = key_field.and_then(|f| {
-            let v: serde_json::Value = serde_json::from_str(line).ok()?;
-            let k = v.get(f)?;
-            Some(match k {
-                serde_json::Value::String(s) => s.clone().into_bytes(),
-                other => other.to_string().into_bytes(),
-            })
-        });
+        let key = match key_field {
+            None => None,
+            Some(field) => match record_key(line, field) {
+                Ok(key) => Some(key),
+                Err(why) => {
+                    unkeyed += 1;
+                    first_unkeyed.get_or_insert((index + 1, why));
+                    None
+                }
+            },
+        };
         records.push(OutRecord {
             key,
             value: Some(line.as_bytes().to_vec()),
@@ -163,5 +182,36 @@ pub async fn produce_file(
                 message: format!("producing to {topic}: {e}"),
             })?;
     }
-    Ok(records.len())
+    Ok(Loaded {
+        records: records.len(),
+        unkeyed,
+        first_unkeyed,
+    })
+}
+
+/// The key `field` gives the JSON object on `line`, or why there is none.
+fn record_key(line: &str, field: &str) -> Result<Vec<u8>, &'static str> {
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|_| "not JSON")?;
+    let object = value.as_object().ok_or("not a JSON object")?;
+    match object.get(field) {
+        None | Some(serde_json::Value::Null) => Err("no such field"),
+        Some(serde_json::Value::String(s)) => Ok(s.clone().into_bytes()),
+        Some(other) => Ok(other.to_string().into_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::record_key;
+
+    #[test]
+    fn a_key_comes_from_a_json_objects_field_or_says_why_not() {
+        assert_eq!(record_key(r#"{"k":"a"}"#, "k"), Ok(b"a".to_vec()));
+        assert_eq!(record_key(r#"{"k":7}"#, "k"), Ok(b"7".to_vec()));
+        assert_eq!(record_key(r#"{"k":{"x":1}}"#, "k"), Ok(br#"{"x":1}"#.to_vec()));
+        assert_eq!(record_key(r#"{"n":1}"#, "k"), Err("no such field"));
+        assert_eq!(record_key(r#"{"k":null}"#, "k"), Err("no such field"));
+        assert_eq!(record_key("[1]", "k"), Err("not a JSON object"));
+        assert_eq!(record_key(r#"{"k":"#, "k"), Err("not JSON"));
+    }
 }
