@@ -515,6 +515,20 @@ pub async fn prepare(
         csv_delimiter: set.csv_delimiter,
         arrow_compression: set.arrow_compression,
     };
+    if let Some(hint) = sluice_taskgen::suspect_csv_delimiter(&sources, &input) {
+        // How to type it: a tab needs the shell's $'\t' and TOML's "\t".
+        let (flag, toml) = match hint.likely {
+            '\t' => ("$'\\t'".to_owned(), "\\t".to_owned()),
+            c => (format!("'{c}'"), c.to_string()),
+        };
+        eprintln!(
+            "sluice: warning: {}: the CSV header reads as one column, {:?}, with the delimiter {:?}, so every row would be one field of that name; if the fields are separated by {:?}, give --csv-delimiter {flag} (csv_delimiter = \"{toml}\" in the job)",
+            hint.file.display(),
+            hint.header,
+            char::from(input.csv_delimiter),
+            hint.likely,
+        );
+    }
     let mut limits = set.limits;
     if args.distributed && limits.bytes > MAX_TASK_BYTES {
         // A task must fit in one Kafka message.

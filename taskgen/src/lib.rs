@@ -834,6 +834,46 @@ pub fn expected_items(sources: &[PathBuf], input: &Input) -> Result<Option<u64>,
     Ok(Some(total))
 }
 
+/// A CSV source that looks read with the wrong delimiter: its header is
+/// one column whose name holds another common delimiter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelimiterHint {
+    /// The file whose header was read.
+    pub file: PathBuf,
+    /// That header, as one column.
+    pub header: String,
+    /// The delimiter the header probably uses.
+    pub likely: char,
+}
+
+/// With CSV sources, reads the first file's header and returns a
+/// [`DelimiterHint`] when it parses as a single column containing `;`, `,`,
+/// a tab or `|` (other than the delimiter in use): every row would then be
+/// one field named after the whole header, which no function expects.
+/// `None` for other formats, plausible headers, or a header that cannot be
+/// read (the run itself reports that).
+#[must_use]
+pub fn suspect_csv_delimiter(sources: &[PathBuf], input: &Input) -> Option<DelimiterHint> {
+    if input.format != Format::Csv {
+        return None;
+    }
+    let file = sources.first()?;
+    let header = match read::field_names(file, input) {
+        Ok(Some(fields)) if fields.len() == 1 => fields.into_iter().next()?,
+        _ => return None,
+    };
+    let likely = [';', ',', '\t', '|']
+        .into_iter()
+        .filter(|&c| u8::try_from(c).ok() != Some(input.csv_delimiter))
+        .max_by_key(|&c| header.matches(c).count())
+        .filter(|&c| header.contains(c))?;
+    Some(DelimiterHint {
+        file: file.clone(),
+        header,
+        likely,
+    })
+}
+
 /// Reads every source without calling anything (calls cut as JSON
 /// payloads cut them).
 pub fn plan(

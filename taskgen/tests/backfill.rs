@@ -929,3 +929,62 @@ async fn a_row_group_over_the_byte_limit_is_a_clear_error() {
         "{plan:?}"
     );
 }
+
+/// A CSV file read with the wrong delimiter has a one-column header that
+/// holds the real one: `suspect_csv_delimiter` names it, and stays quiet
+/// for a real one-column file, the right delimiter and other formats.
+#[test]
+fn a_csv_header_read_as_one_column_suggests_its_delimiter() {
+    let dir = TempDir::new().unwrap();
+    let hint = |text: &str, delimiter: u8, format: Format| {
+        let file = dir.path().join("h.csv");
+        std::fs::write(&file, text).unwrap();
+        let mut input = sluice_taskgen::Input::from(format);
+        input.csv_delimiter = delimiter;
+        sluice_taskgen::suspect_csv_delimiter(&[file], &input).map(|h| (h.header, h.likely))
+    };
+    assert_eq!(
+        hint("id;name;amount\n1;a;2\n", b',', Format::Csv),
+        Some(("id;name;amount".to_owned(), ';'))
+    );
+    assert_eq!(
+        hint("id\tname\n1\ta\n", b',', Format::Csv),
+        Some(("id\tname".to_owned(), '\t'))
+    );
+    assert_eq!(
+        hint("a,b,c\n1,2,3\n", b';', Format::Csv),
+        Some(("a,b,c".to_owned(), ','))
+    );
+    assert_eq!(hint("id;name\n1;a\n", b';', Format::Csv), None);
+    assert_eq!(hint("name\nann\n", b',', Format::Csv), None);
+    assert_eq!(hint("id,name\n1,a\n", b',', Format::Csv), None);
+    assert_eq!(hint("id;name\n", b',', Format::Jsonl), None);
+
+    // The command says so before running, and how to fix it.
+    let file = dir.path().join("semi.csv");
+    std::fs::write(&file, "id;name\n1;a\n").unwrap();
+    let f = function_fixture("echo");
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[functions.echo]\npath = {:?}\n",
+            f.dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(sluice_binary())
+        .args(["backfill", "-p"])
+        .arg(&pipeline)
+        .args(["-f", "echo", "--dry-run", "--source"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("semi.csv: the CSV header reads as one column, \"id;name\"")
+            && err.contains("give --csv-delimiter ';' (csv_delimiter = \";\" in the job)"),
+        "{err}"
+    );
+}

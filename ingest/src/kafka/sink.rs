@@ -208,7 +208,10 @@ mod tests {
     fn a_key_comes_from_a_json_objects_field_or_says_why_not() {
         assert_eq!(record_key(r#"{"k":"a"}"#, "k"), Ok(b"a".to_vec()));
         assert_eq!(record_key(r#"{"k":7}"#, "k"), Ok(b"7".to_vec()));
-        assert_eq!(record_key(r#"{"k":{"x":1}}"#, "k"), Ok(br#"{"x":1}"#.to_vec()));
+        assert_eq!(
+            record_key(r#"{"k":{"x":1}}"#, "k"),
+            Ok(br#"{"x":1}"#.to_vec())
+        );
         assert_eq!(record_key(r#"{"n":1}"#, "k"), Err("no such field"));
         assert_eq!(record_key(r#"{"k":null}"#, "k"), Err("no such field"));
         assert_eq!(record_key("[1]", "k"), Err("not a JSON object"));
