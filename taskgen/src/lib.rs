@@ -103,7 +103,10 @@ pub struct Input {
     pub format: Format,
     /// Fields kept in each item; `None`: all. Parquet reads only these
     /// columns from storage; CSV and JSON objects drop the other keys. A
-    /// column missing from a Parquet or CSV file is an error naming the file.
+    /// column missing from a Parquet or CSV file is an error naming the file;
+    /// a JSON line that is not an object is a failed item naming its line
+    /// (and one with none of the columns, sent as `{}`, is logged once per
+    /// file as a likely misspelling).
     pub columns: Option<Vec<String>>,
     /// CSV field delimiter. Default `b','`.
     pub csv_delimiter: u8,

@@ -649,6 +649,7 @@ fn read_lines(
 ) -> Result<(), BackfillError> {
     let reader = BufReader::new(open_bytes(path)?);
     let mut index = 0u64;
+    let mut warned_no_column = false;
     for (n, line) in reader.split(b'\n').enumerate() {
         let line_no = n as u64 + 1;
         let mut bytes = line.map_err(|source| BackfillError::Read {
@@ -677,9 +678,32 @@ fn read_lines(
                     match serde_json::from_slice::<Value>(&bytes) {
                         Ok(Value::Object(mut object)) if columns.is_some() => {
                             let columns = columns.unwrap_or_default();
+                            let had_fields = !object.is_empty();
                             object.retain(|k, _| columns.contains(k));
+                            if had_fields && object.is_empty() && !warned_no_column {
+                                // Sparse items are allowed; a misspelt
+                                // column would empty every one, silently.
+                                warned_no_column = true;
+                                tracing::warn!(
+                                    file = %path.display(),
+                                    line = line_no,
+                                    columns = ?columns,
+                                    "an item has none of the chosen columns, so the function gets it as {{}} (a misspelt column?); said once per file"
+                                );
+                            }
                             Item::Value(Value::Object(object))
                         }
+                        // Fields are chosen, so the function expects an
+                        // object: anything else fails here, named.
+                        Ok(v) if columns.is_some() => Item::Bad(bad_line(
+                            path,
+                            line_no,
+                            &bytes,
+                            format!(
+                                "{} is not a JSON object, so `columns` cannot choose fields from it",
+                                json_kind(&v)
+                            ),
+                        )),
                         Ok(v) => Item::Value(v),
                         Err(e) => Item::Bad(bad_line(path, line_no, &bytes, json_error(&e))),
                     }
@@ -696,6 +720,18 @@ fn read_lines(
         index += 1;
     }
     Ok(())
+}
+
+/// "an array", "a number"...: what a JSON value is, for messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// What is wrong with a line that is not JSON: serde_json's words with

@@ -578,6 +578,38 @@ async fn columns_are_projected_and_a_missing_column_names_the_file() {
             .contains("no column \"zip\" (columns: id, name, city)"),
         "{e}"
     );
+
+    // JSON lines: objects keep the chosen fields (an object without them
+    // becomes {}); a line that is not an object is a failed item, named.
+    let jsonl = dir.path().join("mixed.jsonl");
+    std::fs::write(&jsonl, "{\"name\":\"A\",\"x\":1}\n[1]\n{\"x\":2}\n7\n").unwrap();
+    let (hooks, got) = collector();
+    let mut cfg = config(dir.path(), "echo", vec![jsonl.clone()], Format::Jsonl);
+    cfg.progress = dir.path().join("p5.redb");
+    cfg.dead_letter = dir.path().join("dead5.jsonl");
+    cfg.input.columns = Some(vec!["name".into()]);
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    assert_eq!(
+        items_of(&got.lock().unwrap()),
+        vec![json!({"name": "A"}), json!({})]
+    );
+    assert_eq!((s.items_total, s.items_failed), (4, 2));
+    let errors: Vec<String> = dead_letters(&dir.path().join("dead5.jsonl"))
+        .iter()
+        .map(|d| d["error"].as_str().unwrap().to_owned())
+        .collect();
+    let file = jsonl.display();
+    assert_eq!(
+        errors,
+        [
+            format!(
+                "{file}:2: an array is not a JSON object, so `columns` cannot choose fields from it"
+            ),
+            format!(
+                "{file}:4: a number is not a JSON object, so `columns` cannot choose fields from it"
+            ),
+        ]
+    );
     ex.shutdown().await;
 }
 
