@@ -83,6 +83,30 @@ fn invoke_prints_the_response_and_exits_0() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), r#"{"from":"stdin"}"#);
+
+    // A payload that is not JSON is refused before any call, naming where
+    // it came from (Lambda's Invoke API refuses it too).
+    for (arg, stdin, from) in [
+        ("{bad".to_owned(), None, "--payload"),
+        ("-".to_owned(), Some(""), "the payload from stdin"),
+        (format!("@{}", p.display()), None, "the payload file"),
+    ] {
+        let out = run(
+            sluice()
+                .args(["invoke", "-p"])
+                .arg(&p)
+                .arg("echo")
+                .arg(format!("--payload={arg}")),
+            stdin,
+        );
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.starts_with(&format!("error: {from}")) && err.contains("is not JSON"),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty());
+    }
 }
 
 #[test]

@@ -8,21 +8,31 @@ use sluice_executor::{InvokeError, InvokeOptions, LogLine, LogStream};
 
 use crate::exit;
 
+/// The payload of `--payload JSON | @FILE | -` (default `{}`), checked to
+/// be JSON as Lambda's Invoke API checks it: a typo is a usage error naming
+/// where the payload came from, not a deserialization error from inside the
+/// function.
 pub(crate) fn read_payload(arg: Option<&str>) -> Result<Vec<u8>, String> {
-    match arg {
-        None => Ok(b"{}".to_vec()),
+    let (from, bytes) = match arg {
+        None => return Ok(b"{}".to_vec()),
         Some("-") => {
             let mut buf = Vec::new();
             std::io::stdin()
                 .read_to_end(&mut buf)
                 .map_err(|e| format!("reading the payload from stdin: {e}"))?;
-            Ok(buf)
+            ("the payload from stdin".to_owned(), buf)
         }
         Some(s) if s.starts_with('@') => {
-            std::fs::read(&s[1..]).map_err(|e| format!("reading the payload file {}: {e}", &s[1..]))
+            let file = &s[1..];
+            let bytes =
+                std::fs::read(file).map_err(|e| format!("reading the payload file {file}: {e}"))?;
+            (format!("the payload file {file}"), bytes)
         }
-        Some(s) => Ok(s.as_bytes().to_vec()),
-    }
+        Some(s) => ("--payload".to_owned(), s.as_bytes().to_vec()),
+    };
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        .map_err(|e| format!("{from} is not JSON (a Lambda event must be): {e}"))?;
+    Ok(bytes)
 }
 
 /// Function output goes to stderr, tagged with the function's name; the
