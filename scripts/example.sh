@@ -10,11 +10,13 @@ cd "$(dirname "$0")/.."
 
 need=()
 for cmd in gcc make pkg-config curl; do command -v "$cmd" >/dev/null || need+=("$cmd"); done
+# librdkafka is built with OpenSSL (TLS and SASL to real clusters) and zlib.
+for lib in openssl zlib; do pkg-config --exists "$lib" 2>/dev/null || need+=("$lib headers"); done
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config curl zlib1g-dev
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config curl zlib1g-dev libssl-dev
   else
-    echo "missing tools: ${need[*]} (install them, e.g. apt-get install build-essential pkg-config curl)" >&2
+    echo "missing tools: ${need[*]} (install them, e.g. apt-get install build-essential pkg-config curl zlib1g-dev libssl-dev)" >&2
     exit 1
   fi
 fi

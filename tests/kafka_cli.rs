@@ -489,6 +489,31 @@ fn records_loaded_without_their_key_field_are_called_out() {
     assert_eq!(seen, want, "every record processed, keyed or not");
 }
 
+/// A trigger that cannot start (here: a SASL mechanism this librdkafka
+/// build lacks, which only creating the client finds) stops the run with
+/// its error and a non-zero exit code, not a quiet exit 0.
+#[test]
+fn a_trigger_that_cannot_start_fails_the_run() {
+    let fixture = function_fixture("misbehave");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &fixture,
+        "echo",
+        "in",
+        "[trigger.kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"GSSAPI\"\n",
+    );
+    let mut run = Sluice::start("sluice run", &["--stop-when-idle", "1s"], &pipeline);
+    assert_eq!(run.wait_exit().code(), Some(3), "{}", run.log());
+    let log = run.process.stderr().join("\n");
+    assert!(
+        log.contains("error: trigger f-1: creating the consumer")
+            && log.contains("GSSAPI")
+            && log.contains("a trigger stopped"),
+        "{log}"
+    );
+}
+
 /// A trigger left at `starting_position = "latest"` (the default) skips
 /// what `--produce` loaded before it joined: sluice says so, naming the
 /// trigger and the setting, instead of leaving an idle run unexplained.

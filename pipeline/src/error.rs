@@ -420,6 +420,22 @@ pub enum PipelineError {
         advice: &'static str,
     },
 
+    /// A property librdkafka does not know, or a value it refuses (checked
+    /// when the file is loaded, not when the trigger starts).
+    #[error("{at}: `{field}` sets {key:?} = {value:?}, which librdkafka refuses: {problem}")]
+    KafkaProperty {
+        /// Position of the key (unknown property) or value (invalid value).
+        at: Location,
+        /// Dotted path of the `properties` table.
+        field: String,
+        /// The property.
+        key: String,
+        /// Its value.
+        value: Box<str>,
+        /// librdkafka's words.
+        problem: Box<str>,
+    },
+
     /// A `bootstrap_servers` value that is not a server list.
     #[error(
         "{at}: `{field}` = {value:?} is invalid ({reason}); expected \"embedded\" or a \
@@ -528,6 +544,7 @@ impl PipelineError {
             | Self::BackoffOrder { at, .. }
             | Self::ExceedsLimit { at, .. }
             | Self::ManagedProperty { at, .. }
+            | Self::KafkaProperty { at, .. }
             | Self::BadBootstrapServers { at, .. }
             | Self::BadFilter { at, .. }
             | Self::Invalid { at, .. } => Some(at),

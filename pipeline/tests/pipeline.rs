@@ -505,6 +505,34 @@ fn trigger_errors_are_typed_and_located() {
          which sluice manages; use the trigger's `starting_position` instead"
     );
 
+    // librdkafka itself judges the pass-through properties when the file is
+    // loaded: an unknown name points at the key, a bad value at the value.
+    let err = error_with_echo(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"t\"]\n\
+         properties = { \"sesion.timeout.ms\" = \"100\" }\n",
+    );
+    assert_eq!(
+        err.to_string(),
+        "tests/golden/inline.toml:7:16: `trigger.kafka[0].properties` sets \"sesion.timeout.ms\" \
+         = \"100\", which librdkafka refuses: no such property (a misspelling? librdkafka's \
+         CONFIGURATION.md lists them)"
+    );
+    let err = error_with_echo(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"t\"]\n\
+         properties = { \"session.timeout.ms\" = \"ten\" }\n",
+    );
+    assert_eq!(
+        err.to_string(),
+        "tests/golden/inline.toml:7:39: `trigger.kafka[0].properties` sets \"session.timeout.ms\" \
+         = \"ten\", which librdkafka refuses: Invalid value for configuration property \
+         \"session.timeout.ms\""
+    );
+    // TLS and SASL are built in (librdkafka with OpenSSL).
+    parse_with_echo(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"t\"]\n\
+         properties = { \"security.protocol\" = \"SASL_SSL\", \"sasl.mechanism\" = \"SCRAM-SHA-512\" }\n",
+    );
+
     let err = error_with_echo(
         "[[trigger.kafka]]\nname = \"a.b\"\nfunction = \"echo\"\ntopics = [\"t\"]\n",
     );

@@ -256,22 +256,12 @@ pub async fn run(args: RunArgs) -> u8 {
     }
 
     let triggers = p.kafka_triggers.len() as u64;
-    let reason = wait_for_stop(&activity, triggers, args.stop_when_idle, &mut tasks).await;
+    let (reason, mut code) =
+        wait_for_stop(&activity, triggers, args.stop_when_idle, &mut tasks).await;
     eprintln!("sluice: {reason}: draining in-flight batches and committing");
     let _ = shutdown_tx.send(true);
-    let mut code = exit::OK;
     while let Some(r) = tasks.join_next().await {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                eprintln!("error: {e}");
-                code = exit::INVOKE_FAILED;
-            }
-            Err(e) => {
-                eprintln!("error: trigger task failed: {e}");
-                code = exit::INVOKE_FAILED;
-            }
-        }
+        code = code.max(trigger_exit(r));
     }
     let _ = maintenance.await;
     executor.shutdown().await;
@@ -288,34 +278,52 @@ async fn wait_for_stop(
     triggers: u64,
     idle: Option<Duration>,
     tasks: &mut tokio::task::JoinSet<Result<(), sluice_ingest::IngestError>>,
-) -> &'static str {
+) -> (&'static str, u8) {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
-        Err(_) => return "cannot listen for SIGTERM",
+        Err(_) => return ("cannot listen for SIGTERM", exit::INVOKE_FAILED),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return "SIGINT received",
-            _ = term.recv() => return "SIGTERM received",
+            _ = tokio::signal::ctrl_c() => return ("SIGINT received", exit::OK),
+            _ = term.recv() => return ("SIGTERM received", exit::OK),
             _ = tick.tick() => {
                 if let Some(d) = idle {
                     let backlog = activity.backlog.load(std::sync::atomic::Ordering::SeqCst);
                     let joined = activity.triggers_assigned.load(std::sync::atomic::Ordering::SeqCst) >= triggers;
                     if joined && backlog <= 0 && activity.idle_for() >= d {
-                        return "idle";
+                        return ("idle", exit::OK);
                     }
                 }
                 if tasks.is_empty() {
-                    return "no trigger left running";
+                    return ("no trigger left running", exit::OK);
                 }
             }
             Some(r) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Ok(Err(e)) = r {
-                    eprintln!("error: {e}");
-                }
-                return "a trigger stopped";
+                return ("a trigger stopped", trigger_exit(r));
             }
+        }
+    }
+}
+
+/// The exit code a finished trigger task asks for, its error printed: 0
+/// when it ended cleanly, 2 for a pipeline mistake found at run time, 3
+/// otherwise (a run whose trigger failed never exits 0).
+fn trigger_exit(r: Result<Result<(), sluice_ingest::IngestError>, tokio::task::JoinError>) -> u8 {
+    match r {
+        Ok(Ok(())) => exit::OK,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            if matches!(e, sluice_ingest::IngestError::Config { .. }) {
+                exit::USAGE
+            } else {
+                exit::INVOKE_FAILED
+            }
+        }
+        Err(e) => {
+            eprintln!("error: trigger task failed: {e}");
+            exit::INVOKE_FAILED
         }
     }
 }

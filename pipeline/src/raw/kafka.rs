@@ -691,9 +691,60 @@ fn validate_properties(
                 expected: "a string without NUL characters",
             });
         }
+        if let Err(problem) = librdkafka_accepts(key.get_ref(), &value.get_ref().0) {
+            let at = match problem {
+                Refused::UnknownProperty => key.span(),
+                Refused::InvalidValue(_) => value.span(),
+            };
+            return Err(PipelineError::KafkaProperty {
+                at: f.loc.at(at),
+                field,
+                key: key.into_inner(),
+                value: value.into_inner().0.into(),
+                problem: problem.to_string().into(),
+            });
+        }
         out.insert(key.into_inner(), value.into_inner().0);
     }
     Ok(out)
+}
+
+/// Why librdkafka refuses a property.
+#[derive(Debug)]
+enum Refused {
+    UnknownProperty,
+    InvalidValue(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::UnknownProperty => f.write_str(
+                "no such property (a misspelling? librdkafka's CONFIGURATION.md lists them)",
+            ),
+            Refused::InvalidValue(desc) => f.write_str(desc),
+        }
+    }
+}
+
+/// Asks librdkafka itself whether it accepts `key = value`, the way a
+/// client would set it (no client is created, nothing is contacted), so a
+/// misspelt property fails here with its line, not later when a trigger
+/// starts.
+fn librdkafka_accepts(key: &str, value: &str) -> Result<(), Refused> {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaConfRes;
+    match rdkafka::ClientConfig::new()
+        .set(key, value)
+        .create_native_config()
+    {
+        Ok(_) => Ok(()),
+        Err(KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..)) => {
+            Err(Refused::UnknownProperty)
+        }
+        Err(KafkaError::ClientConfig(_, desc, ..)) => Err(Refused::InvalidValue(desc)),
+        Err(other) => Err(Refused::InvalidValue(other.to_string())),
+    }
 }
 
 #[cfg(test)]
