@@ -83,7 +83,7 @@
 //! | `retry_backoff` | [`DEFAULT_RETRY_BACKOFF`] | [`RETRY_BACKOFF_RANGE`] |
 //! | `retry_backoff_max` | [`DEFAULT_RETRY_BACKOFF_MAX`] | `retry_backoff` to [`RETRY_BACKOFF_MAX_LIMIT`] |
 //! | `partitions` | [`DEFAULT_PARTITIONS`] | [`PARTITIONS_RANGE`]; used by `"embedded"` only (an external cluster's topics keep their own) |
-//! | `properties` | empty | librdkafka properties (strings, integers or booleans), not [`MANAGED_KAFKA_PROPERTIES`] |
+//! | `properties` | empty | librdkafka properties (strings, integers or booleans), not [`MANAGED_KAFKA_PROPERTIES`]; librdkafka checks each when the file loads |
 //! | `state` | none (stateless) | a [state table](#state-state--) |
 //!
 //! # Backfill jobs: `[job.NAME]`
@@ -120,6 +120,7 @@
 //! | `progress` | `.sluice-backfill-<hash>.redb` next to the first local source | a path |
 //! | `dead_letter` | the progress path with `.dead.jsonl` | a path |
 //! | `bootstrap_servers` | `"embedded"` | as for Kafka triggers; used by `--distributed` |
+//! | `properties` | empty | as for Kafka triggers; used with an external cluster (`--distributed`, `sluice worker`, MapReduce's shuffle) |
 //! | `depends_on_files` | none | `{ "GLOB" = ["GLOB", ...] }`: files start after the files they name fully succeeded (globs without `/` match file names) |
 //! | `payload` | `"json"` | `"json"` (`{"items": [...], "batch": {...}}`), `"arrow"` (`{"arrow": "<base64 Arrow IPC stream>", "batch": {...}}`, Parquet sources) or `"parquet"` (`{"parquet": "<base64 Parquet file>", "batch": {...}}`, Parquet sources: whole row groups, the chosen columns' chunks copied as they are, nothing decoded on the host; a call takes whole row groups within `max_items_per_call` and `max_bytes_per_call`, at least one) |
 //! | `payload_file` | `false` | with `payload = "parquet"` or `"arrow"`: the Parquet file or Arrow stream is staged as a read-only file in the sandbox, at `/run/sluice/payload` until the call has answered, and the event names it: `{"parquet_file": "/run/sluice/payload", "batch": {...}}` (or `"arrow_file"`), saving the base64 and JSON work on both sides (not with `--distributed`) |
@@ -130,7 +131,7 @@
 //! `source`, `format`, `columns`, `csv_delimiter`, `max_items_per_call`
 //! (items per map split), `max_concurrency`, `max_attempts`, `payload`,
 //! `payload_file`, `arrow_compression` and
-//! `bootstrap_servers` as above, and instead of `function`:
+//! `bootstrap_servers` and `properties` as above, and instead of `function`:
 //!
 //! | field | default | allowed |
 //! |---|---|---|
@@ -433,6 +434,9 @@ pub struct MapReduceJob {
     pub output: PathBuf,
     /// The shuffle's Kafka cluster. Default embedded.
     pub bootstrap_servers: BootstrapServers,
+    /// Extra librdkafka properties (security, SASL) for an external
+    /// cluster, checked by librdkafka at load. Default empty.
+    pub properties: BTreeMap<String, String>,
     /// How map calls carry their items. Default [`PayloadFormat::Json`].
     pub payload: PayloadFormat,
     /// Stage a columnar payload as a file the event names. Default false.
@@ -626,6 +630,9 @@ pub struct BackfillJob {
     pub dead_letter: Option<PathBuf>,
     /// The Kafka cluster of `--distributed` runs. Default embedded.
     pub bootstrap_servers: BootstrapServers,
+    /// Extra librdkafka properties (security, SASL) for an external
+    /// cluster, checked by librdkafka at load. Default empty.
+    pub properties: BTreeMap<String, String>,
     /// How calls carry their items. Default [`PayloadFormat::Json`].
     pub payload: PayloadFormat,
     /// Stage a columnar payload as a file the event names. Default false.

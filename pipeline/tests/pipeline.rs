@@ -585,6 +585,7 @@ order_key = "customer"
 max_buffered_items = 5000
 progress = "state/orders.redb"
 bootstrap_servers = "localhost:9092"
+properties = { "security.protocol" = "SASL_SSL", "sasl.mechanism" = "SCRAM-SHA-256" }
 payload = "arrow"
 arrow_compression = "lz4"
 depends_on_files = { "b.csv" = ["a.csv"], "out/*.csv" = ["in/*.csv", "a.csv"] }
@@ -616,7 +617,22 @@ depends_on_files = { "b.csv" = ["a.csv"], "out/*.csv" = ["in/*.csv", "a.csv"] }
         sluice_pipeline::BootstrapServers::Embedded
     );
 
+    assert!(minimal.properties.is_empty());
     let full = p.job("full").unwrap();
+    assert_eq!(
+        full.properties.get("sasl.mechanism").map(String::as_str),
+        Some("SCRAM-SHA-256")
+    );
+    // Checked as a trigger's are, by librdkafka, located.
+    let err = error_with_echo(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.csv\"\nproperties = { \"sasl.mechanisms\" = 1, \"sasl.usrname\" = \"u\" }\n",
+    );
+    assert_eq!(
+        err.to_string(),
+        "tests/golden/inline.toml:7:39: `job.j.properties` sets \"sasl.usrname\" = \"u\", which \
+         librdkafka refuses: no such property (a misspelling? librdkafka's CONFIGURATION.md lists \
+         them)"
+    );
     assert_eq!(
         full.sources,
         vec!["s3://bucket/orders/*.parquet", "/abs/x.parquet"]

@@ -709,10 +709,14 @@ pub fn kafka_for(
         (None, BootstrapServers::Servers(s)) => Some(s),
     };
     match servers {
+        // The job's properties (security, SASL) are for its own cluster;
+        // the embedded broker takes none.
         Some(servers) => Ok((
             KafkaSettings {
                 servers,
-                properties: Vec::new(),
+                properties: job
+                    .map(|j| j.properties.clone().into_iter().collect())
+                    .unwrap_or_default(),
             },
             None,
         )),
@@ -781,4 +785,45 @@ async fn coordinate(pipeline: &Path, prepared: Prepared, args: &BackfillOptions)
     }
     drop(embedded);
     conclude(result, &dead_letter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kafka_for;
+    use sluice_pipeline::Pipeline;
+
+    /// A job's librdkafka properties go to its own cluster (the job's or
+    /// `--bootstrap-servers`), never to the embedded broker.
+    #[test]
+    fn a_jobs_properties_reach_its_external_cluster_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let function = dir.path().join("f");
+        std::fs::create_dir(&function).unwrap();
+        let bootstrap = function.join("bootstrap");
+        std::fs::write(&bootstrap, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            &bootstrap,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let text = "[functions.f]\npath = \"f\"\n\n[job.j]\nfunction = \"f\"\nsource = \"x.csv\"\n\
+                    bootstrap_servers = \"kafka-1:9092\"\nproperties = { \"client.id\" = \"nightly\" }\n";
+        let p = Pipeline::parse(text, &dir.path().join("pipeline.toml")).unwrap();
+        let job = p.job("j").unwrap();
+        let want = vec![("client.id".to_owned(), "nightly".to_owned())];
+
+        let (kafka, embedded) = kafka_for(None, Some(job)).unwrap();
+        assert_eq!(
+            (kafka.servers.as_str(), &kafka.properties),
+            ("kafka-1:9092", &want)
+        );
+        assert!(embedded.is_none());
+        let (kafka, _) = kafka_for(Some("kafka-2:9092"), Some(job)).unwrap();
+        assert_eq!(
+            (kafka.servers.as_str(), &kafka.properties),
+            ("kafka-2:9092", &want)
+        );
+        let (kafka, embedded) = kafka_for(Some("embedded"), Some(job)).unwrap();
+        assert!(embedded.is_some() && kafka.properties.is_empty());
+    }
 }

@@ -110,7 +110,7 @@ pub async fn run(
         Some(servers) => {
             let kafka = KafkaSettings {
                 servers,
-                properties: Vec::new(),
+                properties: j.properties.clone().into_iter().collect(),
             };
             prepare_external(&cfg, kafka, &j.name, shuffle_topic).await
         }

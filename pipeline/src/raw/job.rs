@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_spanned::Spanned;
 
-use super::kafka::validate_bootstrap_servers;
+use super::kafka::{validate_bootstrap_servers, validate_properties};
 use super::{Fields, INTEGER, Job, STRING, is_lambda_name};
 use crate::OutputFormat;
 use crate::error::PipelineError;
@@ -64,6 +64,8 @@ pub(super) struct RawJob {
     dead_letter: Option<Spanned<String>>,
     /// Default `"embedded"`.
     bootstrap_servers: Option<Spanned<String>>,
+    /// Default none: extra librdkafka properties for an external cluster.
+    properties: Option<BTreeMap<Spanned<String>, Spanned<super::kafka::PropertyValue>>>,
     /// Default `"json"`.
     payload: Option<Spanned<String>>,
     /// Default `"none"`; only with `payload = "arrow"`.
@@ -137,6 +139,10 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     (
         "bootstrap_servers",
         "a string: \"embedded\" or \"host:port[,host:port...]\"",
+    ),
+    (
+        "properties",
+        "a table of librdkafka properties, e.g. { \"security.protocol\" = \"SASL_SSL\" }",
     ),
     ("payload", "a string: \"json\", \"arrow\" or \"parquet\""),
     ("payload_file", "a boolean (true or false)"),
@@ -620,6 +626,7 @@ impl RawJob {
         }
         let path = |v: Option<Spanned<String>>| v.map(|v| base.join(v.into_inner()));
         let bootstrap_servers = validate_bootstrap_servers(&f, self.bootstrap_servers)?;
+        let properties = validate_properties(&f, self.properties.unwrap_or_default())?;
         if mapreduce {
             let Some(map) = self.map else {
                 return Err(missing(
@@ -692,6 +699,7 @@ impl RawJob {
                 max_attempts,
                 output: base.join(output.into_inner()),
                 bootstrap_servers,
+                properties,
                 payload,
                 payload_file,
                 arrow_compression,
@@ -746,6 +754,7 @@ impl RawJob {
             progress: path(self.progress),
             dead_letter: path(self.dead_letter),
             bootstrap_servers,
+            properties,
             payload,
             payload_file,
             arrow_compression,

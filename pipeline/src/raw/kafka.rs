@@ -135,7 +135,7 @@ pub(super) const KAFKA_FIELDS: &[(&str, &str)] = &[
 
 /// A `properties` value: a string, or an integer or boolean written as one.
 #[derive(Debug)]
-pub(super) struct PropertyValue(String);
+pub(super) struct PropertyValue(pub(super) String);
 
 impl<'de> Deserialize<'de> for PropertyValue {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -650,7 +650,7 @@ fn validate_filter(f: &Fields<'_>, value: Spanned<toml::Value>) -> Result<Patter
         })
 }
 
-fn validate_properties(
+pub(super) fn validate_properties(
     f: &Fields<'_>,
     properties: BTreeMap<Spanned<String>, Spanned<PropertyValue>>,
 ) -> Result<BTreeMap<String, String>, PipelineError> {
