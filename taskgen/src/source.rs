@@ -130,8 +130,35 @@ pub(crate) fn read_error(url: &str, e: object_store::Error) -> BackfillError {
     };
     BackfillError::Read {
         file: PathBuf::from(url),
-        source: std::io::Error::new(kind, e.to_string()),
+        source: std::io::Error::new(kind, with_credentials_hint(url, e.to_string())),
     }
+}
+
+/// `message`, plus what to set when it shows that no credentials were
+/// found: object_store then asks the cloud's metadata service, and its
+/// error names only that service's address.
+fn with_credentials_hint(url: &str, message: String) -> String {
+    let scheme = url.split_once("://").map_or("", |(s, _)| s);
+    let hint = match scheme {
+        "s3" | "s3a" if message.contains("169.254.169.254") => {
+            "no AWS credentials were found in the environment (AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY, or AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN), so the \
+             EC2 instance metadata service was asked, and it did not answer"
+        }
+        "gs" if message.contains("169.254.169.254") => {
+            "no Google credentials were found in the environment (GOOGLE_APPLICATION_CREDENTIALS \
+             or GOOGLE_SERVICE_ACCOUNT, a service-account key file), so the GCE metadata server \
+             was asked, and it did not answer"
+        }
+        "az" | "azure" | "abfs" | "abfss" | "adl"
+            if message.contains("Account must be specified") =>
+        {
+            "set AZURE_STORAGE_ACCOUNT_NAME, and AZURE_STORAGE_ACCOUNT_KEY, a SAS token \
+             (AZURE_STORAGE_SAS_KEY) or a service principal (AZURE_CLIENT_ID...)"
+        }
+        _ => return message,
+    };
+    format!("{message}; {hint}")
 }
 
 /// The store for `scheme://authority`: registered, cached, or built from the
@@ -161,7 +188,7 @@ fn store(url: &Url<'_>, pattern: &str) -> Result<Arc<dyn ObjectStore>, BackfillE
             object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_url(base.as_str())
                 .build()
-                .map_err(|e| bad_pattern(pattern, e.to_string()))?,
+                .map_err(|e| bad_pattern(pattern, with_credentials_hint(pattern, e.to_string())))?,
         ),
         other => {
             return Err(bad_pattern(
@@ -424,5 +451,28 @@ pub(crate) mod parquet_remote {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_credentials_hint;
+
+    #[test]
+    fn errors_that_show_missing_credentials_say_what_to_set() {
+        let imds = "Error performing PUT http://169.254.169.254/latest/api/token".to_owned();
+        let s3 = with_credentials_hint("s3://b/k.parquet", imds.clone());
+        assert!(
+            s3.starts_with(&imds) && s3.contains("AWS_ACCESS_KEY_ID"),
+            "{s3}"
+        );
+        let gs = with_credentials_hint("gs://b/k.parquet", imds.clone());
+        assert!(gs.contains("GOOGLE_APPLICATION_CREDENTIALS"), "{gs}");
+        let az = with_credentials_hint("az://c/k", "Account must be specified".into());
+        assert!(az.contains("AZURE_STORAGE_ACCOUNT_NAME"), "{az}");
+        // Other errors, and other schemes, are left as they are.
+        let other = "HTTP error: error sending request".to_owned();
+        assert_eq!(with_credentials_hint("s3://b/k", other.clone()), other);
+        assert_eq!(with_credentials_hint("memory:///k", imds.clone()), imds);
     }
 }
