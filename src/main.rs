@@ -140,8 +140,9 @@ enum Command {
         /// The Kafka cluster (default: the first job's `bootstrap_servers`).
         #[arg(long)]
         bootstrap_servers: Option<String>,
-        /// Calls in flight (default: the largest concurrency of the jobs).
-        #[arg(long)]
+        /// Calls in flight (default: the largest concurrency of the jobs;
+        /// 1 to 1,000).
+        #[arg(long, value_parser = commands::backfill::concurrency)]
         concurrency: Option<usize>,
         /// Stop once no task arrived or finished for this long, e.g. `10s`.
         #[arg(long, value_parser = humantime::parse_duration)]

@@ -55,14 +55,14 @@ pub struct BackfillOptions {
     /// CSV field delimiter (default `,`).
     #[arg(long)]
     pub csv_delimiter: Option<char>,
-    /// Items per call (default 100).
-    #[arg(long)]
+    /// Items per call (default 100; 1 to 100,000).
+    #[arg(long, value_parser = items_per_call)]
     pub max_items_per_call: Option<usize>,
-    /// Bytes of items (as JSON) per call (default 6,000,000).
-    #[arg(long)]
+    /// Bytes of items (as JSON) per call (default 6,000,000, the most).
+    #[arg(long, value_parser = bytes_per_call)]
     pub max_bytes_per_call: Option<usize>,
-    /// Calls in flight (default: the function's concurrency).
-    #[arg(long)]
+    /// Calls in flight (default: the function's concurrency; 1 to 1,000).
+    #[arg(long, value_parser = concurrency)]
     pub max_concurrency: Option<usize>,
     /// Progress database (default: .sluice-backfill-<hash>.redb next to
     /// the first source file).
@@ -72,8 +72,8 @@ pub struct BackfillOptions {
     /// .dead.jsonl).
     #[arg(long)]
     pub dead_letter: Option<PathBuf>,
-    /// Attempts per call for retryable errors (default 3).
-    #[arg(long)]
+    /// Attempts per call for retryable errors (default 3; 1 to 100).
+    #[arg(long, value_parser = attempts)]
     pub max_attempts: Option<u32>,
     /// Stop with exit code 3 once more calls than this have failed.
     #[arg(long)]
@@ -100,7 +100,7 @@ pub struct BackfillOptions {
     /// 100000). Reaching it cuts the oldest partial calls short and pauses
     /// reading; a resume must use the same value. A stateful job holds at
     /// most N items read and not yet folded.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = buffered_items)]
     pub max_buffered_items: Option<usize>,
     /// FILES=PREREQ[,PREREQ...]: files matching the glob FILES start only
     /// once the files matching each PREREQ glob fully succeeded (globs
@@ -122,6 +122,48 @@ pub struct BackfillOptions {
     /// `bootstrap_servers`, "embedded" by default: a broker in this process).
     #[arg(long, requires = "distributed")]
     pub bootstrap_servers: Option<String>,
+}
+
+/// A number flag within the range the pipeline file allows for the same
+/// setting, so that a flag cannot do what the file refuses (0 items per
+/// call, 0 calls in flight).
+fn in_range<T>(text: &str, range: std::ops::RangeInclusive<T>) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+    T::Err: std::fmt::Display,
+{
+    let n: T = text.parse().map_err(|e| format!("{e}"))?;
+    if range.contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{n} is out of range: expected {}..={}",
+            range.start(),
+            range.end()
+        ))
+    }
+}
+
+fn items_per_call(text: &str) -> Result<usize, String> {
+    let r = sluice_pipeline::MAX_ITEMS_PER_CALL_RANGE;
+    in_range(text, *r.start() as usize..=*r.end() as usize)
+}
+
+fn bytes_per_call(text: &str) -> Result<usize, String> {
+    in_range(text, sluice_pipeline::MAX_BYTES_PER_CALL_RANGE)
+}
+
+pub(crate) fn concurrency(text: &str) -> Result<usize, String> {
+    let r = sluice_pipeline::CONCURRENCY_RANGE;
+    in_range(text, *r.start() as usize..=*r.end() as usize)
+}
+
+fn attempts(text: &str) -> Result<u32, String> {
+    in_range(text, sluice_pipeline::MAX_ATTEMPTS_RANGE)
+}
+
+fn buffered_items(text: &str) -> Result<usize, String> {
+    in_range(text, sluice_pipeline::MAX_BUFFERED_ITEMS_RANGE)
 }
 
 /// A backfill's settings: the job's (if any), overridden by the flags.
@@ -193,9 +235,6 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
         .max_buffered_items
         .or(job.map(|j| j.max_buffered_items))
         .unwrap_or(sluice_taskgen::DEFAULT_MAX_BUFFERED_ITEMS);
-    if max_buffered_items == 0 {
-        return Err("--max-buffered-items 0: expected at least 1".into());
-    }
     Ok(Settings {
         function,
         patterns,

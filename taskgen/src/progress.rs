@@ -50,6 +50,13 @@ impl Progress {
             path: path.to_path_buf(),
             source: Arc::new(e),
         };
+        // A --progress in a folder not made yet: make it, as for any output.
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|io| BackfillError::ProgressNotWritable {
+                path: path.to_path_buf(),
+                source: Arc::new(io),
+            })?;
+        }
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::Storage(redb::StorageError::Io(io))
                 if matches!(
@@ -196,6 +203,13 @@ pub(crate) struct DeadLetter {
 impl DeadLetter {
     /// The dead-letter file of a new run; the previous run's file is removed.
     pub(crate) fn new(path: &Path) -> Result<Self, BackfillError> {
+        // Made now, so that the first failure does not find it missing.
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| BackfillError::DeadLetter {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

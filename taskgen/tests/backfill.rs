@@ -493,6 +493,13 @@ fn cli_dry_run_and_backfill() {
         out.contains("total: 2 files, 20 items, 0 unreadable, 3 calls"),
         "{out}"
     );
+    // Flags keep to the ranges the pipeline file allows.
+    let (code, _, err) = run(&["--dry-run", "--max-concurrency", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("'--max-concurrency <MAX_CONCURRENCY>': 0 is out of range: expected 1..=1000"),
+        "{err}"
+    );
 
     let (code, out, err) = run(&["-q"]);
     assert_eq!(code, Some(0), "{out}{err}");
@@ -1019,4 +1026,25 @@ fn a_csv_header_read_as_one_column_suggests_its_delimiter() {
             && err.contains("give --csv-delimiter ';' (csv_delimiter = \";\" in the job)"),
         "{err}"
     );
+}
+
+/// `progress` and `dead_letter` in folders that do not exist yet: both are
+/// made before the first call, so the first failure has somewhere to go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_and_dead_letter_folders_are_made() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("in.jsonl");
+    std::fs::write(&path, "{\"n\":1}\nnot json\n").unwrap();
+    let f = function_fixture("echo");
+    let ex = executor("echo", &f, 1);
+    let mut cfg = config(dir.path(), "echo", vec![path], Format::Jsonl);
+    cfg.progress = dir.path().join("state/runs/progress.redb");
+    cfg.dead_letter = dir.path().join("failed/dead.jsonl");
+    let s = sluice_taskgen::run(&ex, cfg, Hooks::default(), never())
+        .await
+        .unwrap();
+    ex.shutdown().await;
+    assert_eq!((s.items_total, s.items_failed), (2, 1));
+    assert!(dir.path().join("state/runs/progress.redb").is_file());
+    assert_eq!(dead_letters(&dir.path().join("failed/dead.jsonl")).len(), 1);
 }
