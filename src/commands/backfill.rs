@@ -348,6 +348,12 @@ pub fn print_summary(s: &Summary) {
             s.peak_buffered_items
         );
     }
+    if s.earlier_failures > 0 {
+        println!(
+            "earlier runs: {} failures kept in the dead-letter file (the fold moved past them and does not call them again)",
+            s.earlier_failures
+        );
+    }
     if s.items_without_order_key > 0 {
         println!(
             "order_key: {} items had no value for it (a misspelt key?)",
@@ -682,7 +688,7 @@ pub fn conclude(result: Result<Summary, BackfillError>, dead_letter: &Path) -> u
     match result {
         Ok(s) => {
             print_summary(&s);
-            if s.items_failed > 0 {
+            if s.items_failed > 0 || s.earlier_failures > 0 {
                 eprintln!("failed items are in {}", dead_letter.display());
                 exit::FUNCTION_ERROR
             } else if s.interrupted {

@@ -128,12 +128,24 @@ pub(crate) async fn run_folded<S: Future<Output = ()>>(
     let store = sluice_state_carrier::open_store(&opts.config, &opts.servers, &[]).await?;
     let source = opts.source.clone();
     let loading = store.clone();
-    let cp = tokio::select! {
+    let loaded = tokio::select! {
         biased;
         () = &mut shutdown => return Ok(true),
         cp = tokio::task::spawn_blocking(move || loading.load(&source)) => cp
-            .map_err(|e| BackfillError::Config(format!("loading the state panicked: {e}")))??
-            .unwrap_or_else(|| Checkpoint::new(opts.source.clone())),
+            .map_err(|e| BackfillError::Config(format!("loading the state panicked: {e}")))??,
+    };
+    // A fold from scratch starts its dead-letter file afresh; a resumed one
+    // keeps what earlier runs failed for good.
+    let cp = match loaded {
+        Some(cp) => {
+            let earlier = run.dead.earlier() as u64;
+            run.update(|s| s.earlier_failures = earlier);
+            cp
+        }
+        None => {
+            run.dead.restart()?;
+            Checkpoint::new(opts.source.clone())
+        }
     };
     let shared = Arc::new(Shared {
         run: run.clone(),
@@ -450,6 +462,7 @@ async fn fold_one(
                 });
             }
             (Err((error_type, error)), attempts) => {
+                run.update(|s| s.calls_retried += u64::from(attempts.saturating_sub(1)));
                 run.dead_letter(
                     &call.source,
                     &id,

@@ -687,6 +687,9 @@ pub struct Summary {
     /// mean a misspelt key in JSON lines, whose fields are not checked
     /// before the run.
     pub items_without_order_key: u64,
+    /// Stateful jobs: failures of earlier runs of the fold, kept in the
+    /// dead-letter file (a fold does not call them again).
+    pub earlier_failures: u64,
 }
 
 impl Summary {
@@ -1388,7 +1391,13 @@ impl Run {
         let progress = Progress::open(&cfg.progress, &cfg.layout())?;
         Ok(Arc::new(Run {
             executor,
-            dead: DeadLetter::new(&cfg.dead_letter)?,
+            // A fold never calls a failed call again: keep its record
+            // (run_folded starts the file afresh if the fold does).
+            dead: if cfg.state.is_some() {
+                DeadLetter::keeping(&cfg.dead_letter)?
+            } else {
+                DeadLetter::new(&cfg.dead_letter)?
+            },
             progress,
             summary: Mutex::new(Summary {
                 items_expected: expected,

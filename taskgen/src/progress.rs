@@ -1,6 +1,7 @@
 //! The durable progress store (redb: succeeded call ids) and the dead-letter
 //! file (JSON lines).
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -189,41 +190,106 @@ fn commit_loop(db: &Database, pending: &mpsc::Receiver<Pending>) {
     }
 }
 
-/// One JSON object per failed call (or unreadable item) of the current run.
+/// One JSON object per failed call (or unreadable item).
 ///
-/// A re-run calls every call that has not succeeded yet, failed ones
-/// included, so the file is started afresh by every run: it always lists the
-/// failures of the latest run and agrees with that run's summary (never the
-/// same failure twice across resumes).
+/// A stateless re-run calls every call that has not succeeded yet, failed
+/// ones included, so [`DeadLetter::new`] starts the file afresh: it lists
+/// the failures of the latest run and agrees with that run's summary. A
+/// stateful fold moves past a failed call for good (re-calling it later
+/// would fold out of order), so a resumed fold keeps the file
+/// ([`DeadLetter::keeping`]): the failures of earlier runs stay, and an
+/// unreadable line read again is not written twice.
 pub(crate) struct DeadLetter {
     path: PathBuf,
     file: Mutex<Option<File>>,
+    /// Identities of the records kept from earlier runs.
+    earlier: Mutex<HashSet<String>>,
+}
+
+/// Makes the dead-letter file's folder now, so that the first failure does
+/// not find it missing.
+fn make_parent(path: &Path) -> Result<(), BackfillError> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => {
+            std::fs::create_dir_all(parent).map_err(|source| BackfillError::DeadLetter {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        None => Ok(()),
+    }
+}
+
+/// What makes two dead-letter records the same failure: the line of an
+/// unreadable item, else the call.
+fn identity(record: &Value) -> String {
+    match record.get("line") {
+        Some(line) => format!("{}:{line}", record["source"]),
+        None => record["call_id"].to_string(),
+    }
 }
 
 impl DeadLetter {
     /// The dead-letter file of a new run; the previous run's file is removed.
     pub(crate) fn new(path: &Path) -> Result<Self, BackfillError> {
-        // Made now, so that the first failure does not find it missing.
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| BackfillError::DeadLetter {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        }
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        make_parent(path)?;
+        let dead = Self {
+            path: path.to_path_buf(),
+            file: Mutex::new(None),
+            earlier: Mutex::new(HashSet::new()),
+        };
+        dead.restart()?;
+        Ok(dead)
+    }
+
+    /// The dead-letter file of a run that may resume a fold: the records
+    /// already there are kept.
+    pub(crate) fn keeping(path: &Path) -> Result<Self, BackfillError> {
+        make_parent(path)?;
+        let earlier = match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .map(|v| identity(&v))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
             Err(source) => {
                 return Err(BackfillError::DeadLetter {
                     path: path.to_path_buf(),
                     source,
                 });
             }
-        }
+        };
         Ok(Self {
             path: path.to_path_buf(),
             file: Mutex::new(None),
+            earlier: Mutex::new(earlier),
         })
+    }
+
+    /// Failures recorded by earlier runs and kept.
+    pub(crate) fn earlier(&self) -> usize {
+        self.earlier.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Forgets earlier runs' records (a fold starting from scratch).
+    pub(crate) fn restart(&self) -> Result<(), BackfillError> {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(BackfillError::DeadLetter {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        }
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.earlier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        Ok(())
     }
 
     /// Appends `record` as one line, opening the file on first use.
@@ -232,6 +298,12 @@ impl DeadLetter {
             path: self.path.clone(),
             source,
         };
+        {
+            let earlier = self.earlier.lock().unwrap_or_else(|p| p.into_inner());
+            if !earlier.is_empty() && earlier.contains(&identity(record)) {
+                return Ok(());
+            }
+        }
         let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
             let f = OpenOptions::new()

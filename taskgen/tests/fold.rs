@@ -158,6 +158,9 @@ async fn a_fold_streams_within_the_item_budget_and_keeps_each_keys_order() {
     let s = backfill(&ex, config(dir.path(), source, budget, None)).await;
     assert_eq!((s.items_succeeded, s.items_skipped), (0, n), "{s:?}");
     assert_eq!(results(dir.path()), want);
+    // The dead-letter file is kept, its unreadable lines not written twice.
+    assert_eq!(s.earlier_failures, 3, "{s:?}");
+    assert_eq!(dead_lettered(dir.path()).len(), 3, "the unreadable lines");
 
     // Count windows of 7 (not a multiple of the 10 items per call): the
     // same windows with the budget as without.
@@ -192,4 +195,37 @@ async fn a_fold_streams_within_the_item_budget_and_keeps_each_keys_order() {
         let last = &v[(windows - 1) * 7..];
         assert_eq!(small[k], (last.to_vec(), windows as u64), "{k}");
     }
+}
+
+/// A fold moves past a call that failed for good and never calls it again,
+/// so a resumed run keeps the earlier runs' dead letters (and counts them)
+/// instead of starting the file afresh as a stateless re-run does; a fold
+/// from scratch (no checkpoint) starts it afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_fold_keeps_the_failures_it_moved_past() {
+    let dir = TempDir::new().unwrap();
+    let (source, _) = write_input(dir.path(), 40);
+    let f = function_fixture("fail");
+    let ex = executor(&f);
+    let mut cfg = config(dir.path(), source, 100, None);
+    cfg.max_attempts = 2;
+
+    let s = backfill(&ex, cfg.clone()).await;
+    assert_eq!((s.items_succeeded, s.items_failed), (0, 40), "{s:?}");
+    assert_eq!(s.calls_retried, s.calls_failed, "one retry per call: {s:?}");
+    let first = dead_lettered(dir.path());
+    assert_eq!(first.len() as u64, s.calls_failed);
+    assert!(first.iter().all(|d| d["attempts"] == 2), "{first:?}");
+
+    let s = backfill(&ex, cfg.clone()).await;
+    assert_eq!((s.calls_total, s.items_skipped), (0, 40), "{s:?}");
+    assert_eq!(s.earlier_failures, first.len() as u64, "{s:?}");
+    assert_eq!(dead_lettered(dir.path()), first, "kept as they were");
+
+    // Without its checkpoint the fold starts over, and so does the file.
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    let s = backfill(&ex, cfg).await;
+    ex.shutdown().await;
+    assert_eq!((s.items_failed, s.earlier_failures), (40, 0), "{s:?}");
+    assert_eq!(dead_lettered(dir.path()).len(), first.len());
 }
