@@ -574,7 +574,15 @@ fn kafka_err(what: impl Into<String>, e: impl std::fmt::Display) -> MapReduceErr
 fn records(function: &str, payload: &[u8]) -> Result<Vec<(String, Value)>, MapReduceError> {
     let bad = || MapReduceError::BadResponse {
         function: function.to_owned(),
-        found: String::from_utf8_lossy(&payload[..payload.len().min(120)]).into_owned(),
+        found: if payload.len() > 120 {
+            format!(
+                "{}… ({} bytes)",
+                String::from_utf8_lossy(&payload[..120]),
+                payload.len()
+            )
+        } else {
+            String::from_utf8_lossy(payload).into_owned()
+        },
     };
     let v: Value = serde_json::from_slice(payload).map_err(|_| bad())?;
     let list = v.get("records").and_then(Value::as_array).ok_or_else(bad)?;
