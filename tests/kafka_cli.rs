@@ -514,6 +514,59 @@ fn a_trigger_that_cannot_start_fails_the_run() {
     );
 }
 
+/// `--produce` mistakes: a file that does not exist is a usage error
+/// before any broker starts; a topic no trigger reads is loaded with a
+/// warning naming the topics the triggers do read.
+#[test]
+fn produce_mistakes_are_called_out() {
+    let fixture = function_fixture("misbehave");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &fixture,
+        "echo",
+        "in",
+        "starting_position = \"earliest\"\n",
+    );
+    let missing = tmp.path().join("missing.jsonl");
+    let mut run = Sluice::start(
+        "sluice run",
+        &["--produce", &format!("in={}", missing.display())],
+        &pipeline,
+    );
+    assert_eq!(run.wait_exit().code(), Some(2), "{}", run.log());
+    let log = run.process.stderr().join("\n");
+    assert!(
+        log.contains(&format!(
+            "error: --produce in={}: No such file",
+            missing.display()
+        )) && !log.contains("embedded Kafka broker at"),
+        "{log}"
+    );
+
+    let data = tmp.path().join("records.jsonl");
+    std::fs::write(&data, "{\"n\":1}\n").expect("writing records");
+    let mut run = Sluice::start(
+        "sluice run",
+        &[
+            "--produce",
+            &format!("inn={}", data.display()),
+            "--stop-when-idle",
+            "1s",
+        ],
+        &pipeline,
+    );
+    assert_eq!(run.wait_exit().code(), Some(0), "{}", run.log());
+    let log = run.process.stderr().join("\n");
+    assert!(
+        log.contains(
+            "reads topic \"inn\" (they read: in), so nothing here will process these records"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("stopped after 0 records"), "{log}");
+}
+
 /// A trigger left at `starting_position = "latest"` (the default) skips
 /// what `--produce` loaded before it joined: sluice says so, naming the
 /// trigger and the setting, instead of leaving an idle run unexplained.

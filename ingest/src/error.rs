@@ -27,7 +27,7 @@ pub enum IngestError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A `--produce` file could not be loaded.
-    #[error("{file}:{line}: {message}")]
+    #[error("{file}{}: {message}", if *line > 0 { format!(":{line}") } else { String::new() })]
     Load {
         /// The file.
         file: String,

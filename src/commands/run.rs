@@ -60,6 +60,28 @@ pub async fn run(args: RunArgs) -> u8 {
             eprintln!("error: --produce {spec:?}: expected TOPIC=FILE.jsonl");
             return exit::USAGE;
         };
+        // Checked before any broker starts: a typo costs nothing.
+        if let Err(e) = std::fs::metadata(file) {
+            eprintln!("error: --produce {topic}={file}: {e}");
+            return exit::USAGE;
+        }
+        if !p
+            .kafka_triggers
+            .iter()
+            .any(|t| t.topics.iter().any(|t| t == topic))
+        {
+            let read: std::collections::BTreeSet<&str> = p
+                .kafka_triggers
+                .iter()
+                .flat_map(|t| t.topics.iter().map(String::as_str))
+                .collect();
+            let read: Vec<&str> = read.into_iter().collect();
+            eprintln!(
+                "sluice: warning: --produce {topic}={file}: no trigger of {} reads topic {topic:?} (they read: {}), so nothing here will process these records",
+                args.pipeline.display(),
+                read.join(", ")
+            );
+        }
         loads.push((topic.to_owned(), PathBuf::from(file)));
     }
 
