@@ -393,16 +393,15 @@ fn two_processes_share_partitions_and_take_over_after_a_kill() {
 /// `sluice run` on the embedded broker with `data` loaded into topic `in`
 /// (`--produce`), stopping once idle for 1 s.
 fn produce_and_run(pipeline: &Path, data: &Path) -> Sluice {
-    Sluice::start(
-        "sluice run",
-        &[
-            "--produce",
-            &format!("in={}", data.display()),
-            "--stop-when-idle",
-            "1s",
-        ],
-        pipeline,
-    )
+    produce_to(pipeline, "in", data, &[])
+}
+
+/// `sluice run --produce TOPIC=DATA --stop-when-idle 1s`, plus `extra`.
+fn produce_to(pipeline: &Path, topic: &str, data: &Path, extra: &[&str]) -> Sluice {
+    let produce = format!("{topic}={}", data.display());
+    let mut args = vec!["--produce", &produce, "--stop-when-idle", "1s"];
+    args.extend_from_slice(extra);
+    Sluice::start("sluice run", &args, pipeline)
 }
 
 /// The embedded broker: `--produce` loads a file, `--stop-when-idle` stops
@@ -463,18 +462,7 @@ fn records_loaded_without_their_key_field_are_called_out() {
     let data = tmp.path().join("records.jsonl");
     let lines = [r#"{"k":"a","n":1}"#, r#"{"n":2}"#, r#"{"k":"a","#];
     std::fs::write(&data, lines.join("\n") + "\n").expect("writing records");
-    let mut run = Sluice::start(
-        "sluice run",
-        &[
-            "--produce",
-            &format!("in={}", data.display()),
-            "--key-field",
-            "k",
-            "--stop-when-idle",
-            "1s",
-        ],
-        &pipeline,
-    );
+    let mut run = produce_to(&pipeline, "in", &data, &["--key-field", "k"]);
     assert_eq!(run.wait_exit().code(), Some(0), "{}", run.log());
     let log = run.process.stderr().join("\n");
     assert!(
@@ -546,16 +534,7 @@ fn produce_mistakes_are_called_out() {
 
     let data = tmp.path().join("records.jsonl");
     std::fs::write(&data, "{\"n\":1}\n").expect("writing records");
-    let mut run = Sluice::start(
-        "sluice run",
-        &[
-            "--produce",
-            &format!("inn={}", data.display()),
-            "--stop-when-idle",
-            "1s",
-        ],
-        &pipeline,
-    );
+    let mut run = produce_to(&pipeline, "inn", &data, &[]);
     assert_eq!(run.wait_exit().code(), Some(0), "{}", run.log());
     let log = run.process.stderr().join("\n");
     assert!(

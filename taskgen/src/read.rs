@@ -701,7 +701,7 @@ fn read_lines(
                             &bytes,
                             format!(
                                 "{} is not a JSON object, so `columns` cannot choose fields from it",
-                                json_kind(&v)
+                                sluice_ingest::event::json_type(&v)
                             ),
                         )),
                         Ok(v) => Item::Value(v),
@@ -720,18 +720,6 @@ fn read_lines(
         index += 1;
     }
     Ok(())
-}
-
-/// "an array", "a number"...: what a JSON value is, for messages.
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// What is wrong with a line that is not JSON: serde_json's words with

@@ -445,6 +445,17 @@ async fn a_malformed_json_line_is_a_failed_item_named_by_file_and_line() {
     assert_eq!(dead[0]["items"], json!(["{\"n\": oops}"]));
 }
 
+/// `DIR/pipeline.toml` declaring `f` as function `echo`.
+fn echo_pipeline(dir: &Path, f: &FunctionFixture) -> PathBuf {
+    let pipeline = dir.join("pipeline.toml");
+    let text = format!(
+        "[functions.echo]\npath = {:?}\n",
+        f.dir.display().to_string()
+    );
+    std::fs::write(&pipeline, text).unwrap();
+    pipeline
+}
+
 #[test]
 fn cli_dry_run_and_backfill() {
     let dir = TempDir::new().unwrap();
@@ -453,15 +464,7 @@ fn cli_dry_run_and_backfill() {
     write_jsonl(&data.join("a.jsonl"), 15);
     write_jsonl(&data.join("b.jsonl"), 5);
     let f = function_fixture("echo");
-    let pipeline = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[functions.echo]\npath = {:?}\n",
-            f.dir.display().to_string()
-        ),
-    )
-    .unwrap();
+    let pipeline = echo_pipeline(dir.path(), &f);
     let glob = data.join("*.jsonl").display().to_string();
     let run = |extra: &[&str]| {
         let out = Command::new(sluice_binary())
@@ -1003,15 +1006,7 @@ fn a_csv_header_read_as_one_column_suggests_its_delimiter() {
     let file = dir.path().join("semi.csv");
     std::fs::write(&file, "id;name\n1;a\n").unwrap();
     let f = function_fixture("echo");
-    let pipeline = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[functions.echo]\npath = {:?}\n",
-            f.dir.display().to_string()
-        ),
-    )
-    .unwrap();
+    let pipeline = echo_pipeline(dir.path(), &f);
     let out = Command::new(sluice_binary())
         .args(["backfill", "-p"])
         .arg(&pipeline)
