@@ -82,6 +82,16 @@ impl Sluice {
             .map(|(id, v)| (id.to_owned(), v.to_owned()))
             .collect()
     }
+
+    /// Asserts that the function saw exactly `want`'s values, each once,
+    /// in any order.
+    fn assert_saw_each_once<S: AsRef<str>>(&self, want: &[S]) {
+        let mut seen: Vec<String> = self.seen().into_iter().map(|(_, v)| v).collect();
+        seen.sort();
+        let mut want: Vec<&str> = want.iter().map(AsRef::as_ref).collect();
+        want.sort_unstable();
+        assert_eq!(seen, want, "each record processed once\n{}", self.log());
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -437,11 +447,7 @@ fn embedded_broker_produce_and_stop_when_idle() {
         run.log()
     );
     assert!(!log.iter().any(|l| l.contains("warning")), "{}", run.log());
-    let mut seen: Vec<String> = run.seen().into_iter().map(|(_, v)| v).collect();
-    seen.sort();
-    let mut want = lines.clone();
-    want.sort();
-    assert_eq!(seen, want, "each record processed once");
+    run.assert_saw_each_once(&lines);
 }
 
 /// `--key-field` on lines that cannot give a key (no such field, not JSON):
@@ -470,11 +476,7 @@ fn records_loaded_without_their_key_field_are_called_out() {
             && log.contains("records.jsonl:2: no such field"),
         "{log}"
     );
-    let mut seen: Vec<String> = run.seen().into_iter().map(|(_, v)| v).collect();
-    seen.sort();
-    let mut want: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
-    want.sort();
-    assert_eq!(seen, want, "every record processed, keyed or not");
+    run.assert_saw_each_once(&lines);
 }
 
 /// A trigger that cannot start (here: a SASL mechanism this librdkafka
