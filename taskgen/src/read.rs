@@ -659,6 +659,10 @@ fn read_lines(
         if bytes.last() == Some(&b'\r') {
             bytes.pop();
         }
+        // A UTF-8 byte order mark (Windows tools write one) is not data.
+        if n == 0 && bytes.starts_with(b"\xEF\xBB\xBF") {
+            bytes.drain(..3);
+        }
         let item = match format {
             Format::Jsonl => {
                 if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -769,6 +773,46 @@ mod tests {
         })
         .unwrap();
         lines
+    }
+
+    /// A UTF-8 byte order mark before the first line is not data: JSON
+    /// lines and text read as if it were not there (the csv crate skips it
+    /// too, so a CSV header's first column keeps its name).
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let read = |name: &str, text: &[u8], format: Format| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let mut items = Vec::new();
+            read_file(&path, &format.into(), &mut |_, item| {
+                items.push(match item {
+                    Item::Value(v) => v,
+                    Item::Json(t) => serde_json::from_str(&t).unwrap(),
+                    Item::Bad(e) => panic!("line {}: {}", e.line, e.message),
+                });
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+            items
+        };
+        let bom = b"\xEF\xBB\xBF";
+        assert_eq!(
+            read(
+                "a.jsonl",
+                &[bom, &b"{\"id\":1}\n{\"id\":2}\n"[..]].concat(),
+                Format::Jsonl
+            ),
+            [serde_json::json!({"id": 1}), serde_json::json!({"id": 2})]
+        );
+        assert_eq!(
+            read("a.txt", &[bom, &b"one\n"[..]].concat(), Format::Text),
+            [serde_json::json!("one")]
+        );
+        assert_eq!(
+            read("a.csv", &[bom, &b"id,x\n1,2\n"[..]].concat(), Format::Csv),
+            [serde_json::json!({"id": "1", "x": "2"})]
+        );
     }
 
     #[test]
