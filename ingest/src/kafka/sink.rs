@@ -152,6 +152,8 @@ pub async fn produce_file(
     let mut records = Vec::new();
     let mut unkeyed = 0;
     let mut first_unkeyed = None;
+    // A UTF-8 byte order mark (Windows tools write one) is not data.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
