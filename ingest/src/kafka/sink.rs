@@ -149,11 +149,31 @@ pub async fn produce_file(
         message: e.to_string(),
     })?;
     let sink = Sink::new("--produce", servers, &[])?;
+    let (records, mut loaded) = file_records(&text, key_field);
+    for chunk in records.chunks(10_000) {
+        sink.send_all(topic, chunk)
+            .await
+            .map_err(|e| IngestError::Load {
+                file: path.display().to_string(),
+                line: 0,
+                message: format!("producing to {topic}: {e}"),
+            })?;
+    }
+    loaded.records = records.len();
+    Ok(loaded)
+}
+
+/// The records of a JSON-lines file's `text` (see [`produce_file`]), and
+/// what became of `key_field`.
+fn file_records(text: &str, key_field: Option<&str>) -> (Vec<OutRecord>, Loaded) {
     let mut records = Vec::new();
-    let mut unkeyed = 0;
-    let mut first_unkeyed = None;
+    let mut loaded = Loaded {
+        records: 0,
+        unkeyed: 0,
+        first_unkeyed: None,
+    };
     // A UTF-8 byte order mark (Windows tools write one) is not data.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -163,8 +183,8 @@ pub async fn produce_file(
             Some(field) => match record_key(line, field) {
                 Ok(key) => Some(key),
                 Err(why) => {
-                    unkeyed += 1;
-                    first_unkeyed.get_or_insert((index + 1, why));
+                    loaded.unkeyed += 1;
+                    loaded.first_unkeyed.get_or_insert((index + 1, why));
                     None
                 }
             },
@@ -175,20 +195,8 @@ pub async fn produce_file(
             headers: vec![],
         });
     }
-    for chunk in records.chunks(10_000) {
-        sink.send_all(topic, chunk)
-            .await
-            .map_err(|e| IngestError::Load {
-                file: path.display().to_string(),
-                line: 0,
-                message: format!("producing to {topic}: {e}"),
-            })?;
-    }
-    Ok(Loaded {
-        records: records.len(),
-        unkeyed,
-        first_unkeyed,
-    })
+    loaded.records = records.len();
+    (records, loaded)
 }
 
 /// The key `field` gives the JSON object on `line`, or why there is none.
@@ -204,7 +212,26 @@ fn record_key(line: &str, field: &str) -> Result<Vec<u8>, &'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::record_key;
+    use super::{file_records, record_key};
+
+    #[test]
+    fn a_files_lines_become_records_keyed_by_the_field() {
+        let text = "\u{feff}{\"k\":\"a\"}\r\n\n{\"n\":1}\nnot json\n";
+        let (records, loaded) = file_records(text, Some("k"));
+        let values: Vec<&[u8]> = records
+            .iter()
+            .map(|r| r.value.as_deref().unwrap())
+            .collect();
+        // The byte order mark and the CR are not data; blank lines are no
+        // records; lines without a key are loaded anyway.
+        assert_eq!(values, [&br#"{"k":"a"}"#[..], br#"{"n":1}"#, b"not json"]);
+        assert_eq!(records[0].key.as_deref(), Some(&b"a"[..]));
+        assert!(records[1].key.is_none() && records[2].key.is_none());
+        assert_eq!((loaded.records, loaded.unkeyed), (3, 2));
+        assert_eq!(loaded.first_unkeyed, Some((3, "no such field")));
+        let (_, loaded) = file_records(text, None);
+        assert_eq!((loaded.records, loaded.unkeyed), (3, 0));
+    }
 
     #[test]
     fn a_key_comes_from_a_json_objects_field_or_says_why_not() {
