@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: formatting, lints, every test of the workspace (Kafka
-# tests against librdkafka's mock cluster), then the Kafka tests again
-# against an independent broker (scripts/test-external-kafka.sh: tansu,
-# built from crates.io on first use, about 15 minutes).
+# tests against librdkafka's mock cluster), the object-store tests against
+# an S3-protocol server (scripts/test-s3.sh: moto, from PyPI), then the Kafka
+# tests again against an independent broker (scripts/test-external-kafka.sh:
+# tansu, built from crates.io on first use, about 15 minutes).
 # Tests start real sandboxes (namespaces, cgroups), so run as root on Linux.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +20,5 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+scripts/test-s3.sh
 scripts/test-external-kafka.sh
