@@ -86,9 +86,10 @@ fn worker(name: &str, pipeline: &Path, job: &str, addr: &str) -> Process {
     )
 }
 
-/// Stops a worker with SIGINT and returns the tasks it reported done.
+/// Stops a worker with SIGTERM (as systemd or a container runtime would)
+/// and returns the tasks it reported done.
 fn stop(mut w: Process) -> u64 {
-    w.signal(Signal::SIGINT);
+    w.signal(Signal::SIGTERM);
     let (status, out) = w.finish();
     assert!(status.success(), "{out}\n{}", w.log());
     let line = out
@@ -195,4 +196,33 @@ fn a_killed_worker_s_tasks_are_taken_over_by_another() {
         "{out}"
     );
     assert!(stop(second) > 0);
+}
+
+/// A local backfill stopped with SIGTERM (or SIGINT) finishes its calls in
+/// flight, prints its summary, exits 3 (interrupted); the same command
+/// then calls only what had not succeeded.
+#[test]
+fn sigterm_stops_a_backfill_cleanly_and_the_rerun_finishes_it() {
+    let dir = TempDir::new().unwrap();
+    let (pipeline, _functions) = setup(dir.path());
+    let p = pipeline.to_str().unwrap();
+    let mut run = Process::start("backfill", sluice(&["backfill", p, "crawl"]));
+    run.wait_line("a first call", |l| l.contains("TASK "));
+    run.signal(Signal::SIGTERM);
+    let (status, out) = run.finish();
+    assert_eq!(status.code(), Some(3), "{out}\n{}", run.log());
+    assert!(out.contains("(interrupted)"), "{out}");
+    let done = |out: &str, word: &str| -> u64 {
+        let line = out.lines().find(|l| l.starts_with("calls: ")).unwrap();
+        let before = line.split(word).next().unwrap();
+        before.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    let first = done(&out, " succeeded");
+    assert!(first < 30, "stopped early: {out}");
+
+    let mut again = Process::start("rerun", sluice(&["backfill", p, "crawl"]));
+    let (status, out) = again.finish();
+    assert_eq!(status.code(), Some(0), "{out}\n{}", again.log());
+    assert_eq!(done(&out, " skipped"), first, "{out}");
+    assert_eq!(done(&out, " succeeded"), 30 - first, "{out}");
 }

@@ -729,9 +729,7 @@ pub async fn run(pipeline: PathBuf, job: Option<String>, args: BackfillOptions) 
         ..Hooks::default()
     };
     let dead_letter = prepared.cfg.dead_letter.clone();
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let shutdown = super::stop_requested();
     let result = sluice_taskgen::run(&ex, prepared.cfg, hooks, shutdown).await;
     ex.shutdown().await;
     if terminal {
@@ -821,9 +819,7 @@ async fn coordinate(pipeline: &Path, prepared: Prepared, args: &BackfillOptions)
         ..Hooks::default()
     };
     let dead_letter = prepared.cfg.dead_letter.clone();
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let shutdown = super::stop_requested();
     let result = distributed::coordinate(prepared.cfg, &job.name, &kafka, hooks, shutdown).await;
     if terminal {
         eprint!("\r\x1b[K");

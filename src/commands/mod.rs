@@ -80,6 +80,23 @@ pub fn executor_for(pipeline: &Pipeline, logs: LogSink) -> Result<Executor> {
     Ok(ex)
 }
 
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (what `kill`, systemd and
+/// container runtimes send): commands that run until stopped finish their
+/// calls in flight on either.
+pub async fn stop_requested() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// Load a pipeline, printing its located error and returning the usage exit
 /// code on failure.
 pub fn load_pipeline(path: &Path) -> Result<Pipeline, u8> {

@@ -86,9 +86,7 @@ pub async fn run(
         concurrency: concurrency.unwrap_or(default_concurrency).max(1),
         stop_when_idle,
     };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let shutdown = super::stop_requested();
     let result = distributed::work(&ex, &kafka, cfg, shutdown).await;
     ex.shutdown().await;
     drop(embedded);
