@@ -923,16 +923,17 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
     // JSON items through the no-op function at 1, 100 and 1,000 rows per
     // call; then, if the pipeline declares the `arrow-sum` example, 1,000
     // rows per call as Arrow IPC through it (a function that really reads
-    // every row).
+    // every row), in the event and as a staged file (`payload_file`).
     let mut cases = vec![
-        (1usize, PayloadFormat::Json, function),
-        (100, PayloadFormat::Json, function),
-        (1000, PayloadFormat::Json, function),
+        (1usize, PayloadFormat::Json, false, function),
+        (100, PayloadFormat::Json, false, function),
+        (1000, PayloadFormat::Json, false, function),
     ];
     if p.functions.contains_key(ARROW_FUNCTION) {
-        cases.push((1000, PayloadFormat::Arrow, ARROW_FUNCTION));
+        cases.push((1000, PayloadFormat::Arrow, false, ARROW_FUNCTION));
+        cases.push((1000, PayloadFormat::Arrow, true, ARROW_FUNCTION));
     }
-    for (per_call, payload, function) in cases {
+    for (per_call, payload, payload_file, function) in cases {
         let (source, n) = if per_call == 1 {
             (&small, small_rows)
         } else {
@@ -965,11 +966,16 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
         let cfg = BackfillConfig {
             max_items_per_call: per_call,
             max_concurrency: concurrency,
-            progress: dir.0.join(format!("progress-{per_call}-{payload:?}.redb")),
-            dead_letter: dir.0.join(format!("dead-{per_call}-{payload:?}.jsonl")),
+            progress: dir
+                .0
+                .join(format!("progress-{per_call}-{payload:?}-{payload_file}.redb")),
+            dead_letter: dir
+                .0
+                .join(format!("dead-{per_call}-{payload:?}-{payload_file}.jsonl")),
             max_attempts: 1,
             tolerated_failure_count: Some(0),
             payload,
+            payload_file,
             ..BackfillConfig::new(function, vec![source.clone()], Format::Parquet)
         };
         let result = sluice_taskgen::run(&ex, cfg, Hooks::default(), std::future::pending()).await;
@@ -995,8 +1001,9 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
             match payload {
                 PayloadFormat::Json => format!("backfill, {per_call} rows/call ({n} rows)"),
                 PayloadFormat::Arrow | PayloadFormat::Parquet => format!(
-                    "backfill, {per_call} rows/call, {} ({function})",
-                    payload.name()
+                    "backfill, {per_call} rows/call, {}{} ({function})",
+                    payload.name(),
+                    if payload_file { " as a file" } else { "" }
                 ),
             },
             rate,
