@@ -966,9 +966,9 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
         let cfg = BackfillConfig {
             max_items_per_call: per_call,
             max_concurrency: concurrency,
-            progress: dir
-                .0
-                .join(format!("progress-{per_call}-{payload:?}-{payload_file}.redb")),
+            progress: dir.0.join(format!(
+                "progress-{per_call}-{payload:?}-{payload_file}.redb"
+            )),
             dead_letter: dir
                 .0
                 .join(format!("dead-{per_call}-{payload:?}-{payload_file}.jsonl")),

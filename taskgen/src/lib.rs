@@ -258,6 +258,18 @@ pub enum BackfillError {
         #[source]
         source: Arc<std::io::Error>,
     },
+    /// Another run holds the progress store (one run per store at a time:
+    /// two would call the same items).
+    #[error(
+        "progress store {} is in use by another run of this backfill (a store takes one run at \
+         a time); wait for that run or stop it (Ctrl-C finishes its calls in flight), or give \
+         this one another --progress",
+        path.display()
+    )]
+    ProgressInUse {
+        /// The database file.
+        path: PathBuf,
+    },
     /// The progress store was written by a run that cut calls differently
     /// (items or bytes per call, ordering): resuming from it could skip
     /// items never called.
@@ -337,6 +349,7 @@ impl BackfillError {
             | BackfillError::Dependencies(_)
             | BackfillError::ProgressLayout { .. }
             | BackfillError::ProgressNotWritable { .. }
+            | BackfillError::ProgressInUse { .. }
             | BackfillError::TooManyFailures { .. }
             | BackfillError::FinalInvokeFailed { .. } => Fault::User,
             BackfillError::State(e) => match e.fault() {

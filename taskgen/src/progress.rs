@@ -70,6 +70,9 @@ impl Progress {
                     source: Arc::new(io),
                 }
             }
+            redb::DatabaseError::DatabaseAlreadyOpen => BackfillError::ProgressInUse {
+                path: path.to_path_buf(),
+            },
             e => err(e.into()),
         })?;
         let tx = db.begin_write().map_err(|e| err(e.into()))?;

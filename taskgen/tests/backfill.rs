@@ -1043,3 +1043,28 @@ async fn progress_and_dead_letter_folders_are_made() {
     assert!(dir.path().join("state/runs/progress.redb").is_file());
     assert_eq!(dead_letters(&dir.path().join("failed/dead.jsonl")).len(), 1);
 }
+
+/// A second run on a progress store another run holds is refused with an
+/// error that says so and what to do, before anything is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_store_in_use_is_refused_by_name() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("in.jsonl");
+    write_jsonl(&path, 3);
+    let f = function_fixture("echo");
+    let ex = executor("echo", &f, 1);
+    let cfg = config(dir.path(), "echo", vec![path], Format::Jsonl);
+    // What the other run's open store looks like to this one: redb's lock.
+    let held = redb::Database::create(&cfg.progress).unwrap();
+    let e = sluice_taskgen::run(&ex, cfg.clone(), Hooks::default(), never())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BackfillError::ProgressInUse { .. }), "{e}");
+    assert!(e.to_string().contains("is in use by another run"), "{e}");
+    drop(held);
+    let s = sluice_taskgen::run(&ex, cfg, Hooks::default(), never())
+        .await
+        .unwrap();
+    ex.shutdown().await;
+    assert_eq!(s.items_succeeded, 3);
+}
