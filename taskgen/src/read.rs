@@ -395,6 +395,25 @@ fn read_csv(
             headers.iter().map(|h| columns.contains(h)).collect()
         }
     };
+    // Items are objects keyed by column name: a name kept twice would lose
+    // one of its values in every row.
+    for (i, name) in headers.iter().enumerate() {
+        if let Some(j) = headers[i + 1..].iter().position(|h| h == name)
+            && keep[i]
+        {
+            return Err(BackfillError::Csv {
+                file: path.to_path_buf(),
+                line: 1,
+                message: format!(
+                    "the header names column {name:?} twice (fields {} and {}); items are \
+                     objects keyed by column name, so one of its values would be lost in \
+                     every row: rename one, or leave it out with `columns`",
+                    i + 1,
+                    i + j + 2
+                ),
+            });
+        }
+    }
     let mut record = csv::ByteRecord::new();
     let mut index = 0u64;
     loop {
@@ -813,6 +832,31 @@ mod tests {
             read("a.csv", &[bom, &b"id,x\n1,2\n"[..]].concat(), Format::Csv),
             [serde_json::json!({"id": "1", "x": "2"})]
         );
+    }
+
+    /// A column name twice in a CSV header would lose one value per row:
+    /// refused, unless `columns` leaves that name out.
+    #[test]
+    fn a_csv_header_with_a_name_twice_is_refused_unless_left_out() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("dup.csv");
+        std::fs::write(&path, "id,name,id\n1,a,2\n").unwrap();
+        let read = |columns: Option<Vec<String>>| {
+            let mut input: crate::Input = Format::Csv.into();
+            input.columns = columns;
+            let mut n = 0;
+            read_file(&path, &input, &mut |_, _| {
+                n += 1;
+                ControlFlow::Continue(())
+            })
+            .map(|()| n)
+        };
+        let e = read(None).unwrap_err().to_string();
+        assert!(
+            e.contains("dup.csv:1:") && e.contains("names column \"id\" twice (fields 1 and 3)"),
+            "{e}"
+        );
+        assert_eq!(read(Some(vec!["name".into()])).unwrap(), 1);
     }
 
     #[test]
