@@ -473,10 +473,17 @@ impl DataFormat {
 
     /// The format a file name's extension suggests (`.parquet`, `.csv`,
     /// `.tsv`, `.jsonl`/`.ndjson`/`.json`, `.txt`/`.log`), ignoring a
-    /// trailing glob.
+    /// trailing glob and a compression extension after it (`.gz`, `.zst`).
     pub fn from_extension(path: &str) -> Option<Self> {
-        let ext = path.rsplit_once('.')?.1.to_ascii_lowercase();
-        match ext.as_str() {
+        // `orders.jsonl.gz`: the format is the extension before the
+        // compression's.
+        let lower = path.to_ascii_lowercase();
+        let name = [".gz", ".gzip", ".zst", ".zstd"]
+            .iter()
+            .find_map(|c| lower.strip_suffix(c))
+            .unwrap_or(&lower);
+        let ext = name.rsplit_once('.')?.1;
+        match ext {
             "parquet" | "pq" => Some(Self::Parquet),
             "csv" | "tsv" => Some(Self::Csv),
             "jsonl" | "ndjson" | "json" => Some(Self::Jsonl),

@@ -918,3 +918,19 @@ fn backfill_max_buffered_items_must_be_at_least_one() {
     .to_string();
     assert!(err.contains("max_buffered_items"), "{err}");
 }
+
+#[test]
+fn a_files_format_comes_from_its_extension_before_any_compression() {
+    use sluice_pipeline::DataFormat;
+    for (name, want) in [
+        ("x.parquet", Some(DataFormat::Parquet)),
+        ("data/*.csv", Some(DataFormat::Csv)),
+        ("s3://b/orders.jsonl.gz", Some(DataFormat::Jsonl)),
+        ("logs/app.LOG.ZST", Some(DataFormat::Text)),
+        ("x.tsv.gzip", Some(DataFormat::Csv)),
+        ("x.gz", None),
+        ("noext", None),
+    ] {
+        assert_eq!(DataFormat::from_extension(name), want, "{name}");
+    }
+}

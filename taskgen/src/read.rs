@@ -41,12 +41,42 @@ fn open(path: &Path) -> Result<File, BackfillError> {
 }
 
 /// The bytes of a local file or a remote object, streamed.
-fn open_bytes(path: &Path) -> Result<Box<dyn Read + Send>, BackfillError> {
-    if source::is_remote(path) {
-        Ok(Box::new(source::open(path)?))
+/// How a file of lines (CSV, JSON lines, text) is compressed, from its
+/// name: `.gz` (gzip, also several members one after another) or `.zst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    Gzip,
+    Zstd,
+}
+
+fn codec_of(path: &Path) -> Option<Codec> {
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    if name.ends_with(".gz") || name.ends_with(".gzip") {
+        Some(Codec::Gzip)
+    } else if name.ends_with(".zst") || name.ends_with(".zstd") {
+        Some(Codec::Zstd)
     } else {
-        Ok(Box::new(open(path)?))
+        None
     }
+}
+
+/// The bytes of a local or remote file, decompressed as its name says.
+fn open_bytes(path: &Path) -> Result<Box<dyn Read + Send>, BackfillError> {
+    let raw: Box<dyn Read + Send> = if source::is_remote(path) {
+        Box::new(source::open(path)?)
+    } else {
+        Box::new(open(path)?)
+    };
+    Ok(match codec_of(path) {
+        None => raw,
+        Some(Codec::Gzip) => Box::new(flate2::read::MultiGzDecoder::new(raw)),
+        Some(Codec::Zstd) => Box::new(zstd::stream::read::Decoder::new(raw).map_err(|source| {
+            BackfillError::Read {
+                file: path.to_path_buf(),
+                source,
+            }
+        })?),
+    })
 }
 
 pub(crate) fn parquet_error(file: &Path, e: impl std::fmt::Display) -> BackfillError {
@@ -571,7 +601,8 @@ fn unclosed_quote<R: Read>(
         file: path.to_path_buf(),
         source,
     };
-    if source::is_remote(path) {
+    if source::is_remote(path) || codec_of(path).is_some() {
+        // No seeking in a stream: read up to the record again.
         let mut f = open_bytes(path)?;
         std::io::copy(&mut (&mut f).take(start.byte()), &mut std::io::sink()).map_err(failed)?;
         f.read_to_end(&mut raw).map_err(failed)?;
@@ -832,6 +863,57 @@ mod tests {
             read("a.csv", &[bom, &b"id,x\n1,2\n"[..]].concat(), Format::Csv),
             [serde_json::json!({"id": "1", "x": "2"})]
         );
+    }
+
+    /// Files of lines compressed with gzip (one member or several, as
+    /// `cat a.gz b.gz` makes) or zstd read as their plain text would; a
+    /// corrupt one fails naming the file.
+    #[test]
+    fn compressed_files_of_lines_are_read_as_they_are_named() {
+        use std::io::Write;
+        let dir = tempfile::TempDir::new().unwrap();
+        let gzip = |text: &str| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(text.as_bytes()).unwrap();
+            e.finish().unwrap()
+        };
+        let items = |name: &str, bytes: Vec<u8>, format: Format| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let mut out = Vec::new();
+            read_file(&path, &format.into(), &mut |_, item| {
+                out.push(match item {
+                    Item::Value(v) => v,
+                    Item::Json(t) => serde_json::from_str(&t).unwrap(),
+                    Item::Bad(e) => serde_json::json!({"bad": e.line}),
+                });
+                ControlFlow::Continue(())
+            })
+            .map(|()| out)
+        };
+        let lines = "{\"n\":1}\n{\"n\":2}\n";
+        let want = [serde_json::json!({"n": 1}), serde_json::json!({"n": 2})];
+        assert_eq!(
+            items("a.jsonl.gz", gzip(lines), Format::Jsonl).unwrap(),
+            want
+        );
+        let two = [gzip("{\"n\":1}\n"), gzip("{\"n\":2}\n")].concat();
+        assert_eq!(items("b.jsonl.gz", two, Format::Jsonl).unwrap(), want);
+        let zst = zstd::encode_all(lines.as_bytes(), 3).unwrap();
+        assert_eq!(items("c.jsonl.zst", zst, Format::Jsonl).unwrap(), want);
+        // CSV, with a quote never closed: the stream is read again to
+        // find the record (no seeking in a compressed file).
+        assert_eq!(
+            items("d.csv.gz", gzip("a,b\n1,2\n3,\"x\n"), Format::Csv).unwrap(),
+            [
+                serde_json::json!({"a": "1", "b": "2"}),
+                serde_json::json!({"bad": 3})
+            ]
+        );
+        let mut corrupt = gzip(lines);
+        corrupt.truncate(corrupt.len() / 2);
+        let e = items("e.jsonl.gz", corrupt, Format::Jsonl).unwrap_err();
+        assert!(e.to_string().contains("e.jsonl.gz"), "{e}");
     }
 
     /// A column name twice in a CSV header would lose one value per row:
