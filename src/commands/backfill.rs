@@ -542,18 +542,21 @@ pub async fn prepare(
         eprintln!("error: {e}");
         exit::USAGE
     })?;
+    let sources = sluice_taskgen::resolve_sources(&set.patterns).map_err(|e| {
+        eprintln!("error: {e}");
+        error_code(&e)
+    })?;
     let first = set.patterns.first().map_or("", String::as_str);
-    let Some(format) = set.format.or_else(|| Format::from_extension(first)) else {
+    let Some(format) = set
+        .format
+        .or_else(|| sluice_taskgen::format_of(&set.patterns, &sources))
+    else {
         eprintln!(
             "error: cannot tell the format of {first:?} from its extension; give --format \
              (parquet, csv, jsonl or text)"
         );
         return Err(exit::USAGE);
     };
-    let sources = sluice_taskgen::resolve_sources(&set.patterns).map_err(|e| {
-        eprintln!("error: {e}");
-        error_code(&e)
-    })?;
     let input = Input {
         format,
         columns: set.columns,

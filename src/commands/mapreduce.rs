@@ -9,8 +9,8 @@ use std::time::Duration;
 use sluice_ingest::kafka::EmbeddedBroker;
 use sluice_mapreduce::{MapReduceConfig, Progress, RunState};
 use sluice_pipeline::BootstrapServers;
+use sluice_taskgen::Input;
 use sluice_taskgen::distributed::{KafkaSettings, ensure_topic};
-use sluice_taskgen::{Format, Input};
 
 use super::backfill::log_sink;
 use crate::exit;
@@ -61,17 +61,20 @@ pub async fn run(
         );
         return exit::USAGE;
     };
-    let first = j.sources.first().map_or("", String::as_str);
-    let Some(format) = j.format.or_else(|| Format::from_extension(first)) else {
-        eprintln!("error: cannot tell the format of {first:?} from its extension; set `format`");
-        return exit::USAGE;
-    };
     let sources = match sluice_taskgen::resolve_sources(&j.sources) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
             return exit::USAGE;
         }
+    };
+    let Some(format) = j
+        .format
+        .or_else(|| sluice_taskgen::format_of(&j.sources, &sources))
+    else {
+        let first = j.sources.first().map_or("", String::as_str);
+        eprintln!("error: cannot tell the format of {first:?} from its extension; set `format`");
+        return exit::USAGE;
     };
     let map_concurrency = p.functions.get(&j.map).map_or(4, |f| f.concurrency);
     let cfg = MapReduceConfig {

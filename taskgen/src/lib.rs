@@ -754,6 +754,23 @@ pub fn resolve_sources(patterns: &[String]) -> Result<Vec<PathBuf>, BackfillErro
             }
             continue;
         }
+        // A folder, like an object-store prefix: every file below it.
+        if Path::new(pattern).is_dir() {
+            let mut found = Vec::new();
+            files_below(Path::new(pattern), &mut found)?;
+            if found.is_empty() {
+                return Err(BackfillError::NoFiles {
+                    pattern: pattern.clone(),
+                });
+            }
+            found.sort();
+            for f in found {
+                if !out.contains(&f) {
+                    out.push(f);
+                }
+            }
+            continue;
+        }
         let paths = glob::glob(pattern).map_err(|e| BackfillError::BadPattern {
             pattern: pattern.clone(),
             message: e.to_string(),
@@ -783,6 +800,46 @@ pub fn resolve_sources(patterns: &[String]) -> Result<Vec<PathBuf>, BackfillErro
         }
     }
     Ok(out)
+}
+
+/// The format of a data set from its names: the first pattern's extension,
+/// else (a folder, a prefix) the first resolved file's.
+pub fn format_of(patterns: &[String], sources: &[PathBuf]) -> Option<Format> {
+    patterns
+        .first()
+        .and_then(|p| Format::from_extension(p))
+        .or_else(|| {
+            sources
+                .first()
+                .and_then(|f| Format::from_extension(&f.to_string_lossy()))
+        })
+}
+
+/// The files below `dir`, at any depth, canonical, skipping hidden names
+/// (such as the progress store sluice keeps next to the data).
+fn files_below(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), BackfillError> {
+    let failed = |source| BackfillError::Read {
+        file: dir.to_path_buf(),
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(failed)? {
+        let entry = entry.map_err(failed)?;
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_dir() {
+            files_below(&path, out)?;
+        } else if path.is_file() {
+            out.push(
+                std::fs::canonicalize(&path).map_err(|source| BackfillError::Read {
+                    file: path.clone(),
+                    source,
+                })?,
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `<first source's folder>/.sluice-backfill-<hash>.redb`, the hash covering

@@ -190,6 +190,38 @@ fn file_urls_are_local_paths() {
     assert!(e.to_string().contains("file://"), "{e}");
 }
 
+/// A local folder is a source as an object-store prefix is: every file
+/// below it, sorted, hidden ones (such as the progress store kept next to
+/// the data) left out; its format is its first file's.
+#[test]
+fn a_folder_is_every_file_below_it() {
+    let dir = TempDir::new().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("2024/01")).unwrap();
+    for name in [
+        "b.jsonl",
+        "2024/01/a.jsonl",
+        ".sluice-backfill-x.redb",
+        "2024/.hidden",
+    ] {
+        std::fs::write(data.join(name), "{}\n").unwrap();
+    }
+    let base = data.canonicalize().unwrap().display().to_string();
+    let want = [format!("{base}/2024/01/a.jsonl"), format!("{base}/b.jsonl")];
+    for pattern in [data.display().to_string(), format!("{}/", data.display())] {
+        assert_eq!(resolve(&[&pattern]).unwrap(), want, "{pattern}");
+    }
+    let patterns = [data.display().to_string()];
+    let sources = sluice_taskgen::resolve_sources(&patterns).unwrap();
+    assert_eq!(
+        sluice_taskgen::format_of(&patterns, &sources),
+        Some(Format::Jsonl)
+    );
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
+    let e = resolve(&[&dir.path().join("empty").display().to_string()]).unwrap_err();
+    assert!(e.to_string().contains("no file matches"), "{e}");
+}
+
 fn config(dir: &Path, sources: Vec<PathBuf>, format: Format) -> BackfillConfig {
     BackfillConfig {
         max_items_per_call: 100,
