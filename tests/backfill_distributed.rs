@@ -219,6 +219,8 @@ fn sigterm_stops_a_backfill_cleanly_and_the_rerun_finishes_it() {
     };
     let first = done(&out, " succeeded");
     assert!(first < 30, "stopped early: {out}");
+    // The calls in flight finished; none was counted without running.
+    assert_eq!(done(&out, " total"), first, "{out}");
 
     let mut again = Process::start("rerun", sluice(&["backfill", p, "crawl"]));
     let (status, out) = again.finish();

@@ -1616,6 +1616,17 @@ impl Run {
         Ok(true)
     }
 
+    /// Takes back what [`Run::admit`] counted for a call that an
+    /// interruption kept from starting: the summary counts only calls that
+    /// ran (its unreadable items stay counted, as they were dead-lettered).
+    fn not_started(&self, call: &Call) {
+        let count = call.len() as u64;
+        self.update(|s| {
+            s.calls_total -= 1;
+            s.items_total -= count;
+        });
+    }
+
     /// Invokes one call with retries and records the outcome; `invoking`
     /// is released once the function succeeded, before the success is
     /// durable.
@@ -1910,15 +1921,16 @@ async fn stream<S: Future<Output = ()>>(
         }
         let recording = tokio::select! {
             biased;
-            () = &mut shutdown => { interrupted = true; break; }
+            () = &mut shutdown => { run.not_started(&call); interrupted = true; break; }
             p = Arc::clone(&unrecorded).acquire_owned() => p.expect("the semaphore is never closed"),
         };
         let permit = tokio::select! {
             biased;
-            () = &mut shutdown => { interrupted = true; break; }
+            () = &mut shutdown => { run.not_started(&call); interrupted = true; break; }
             p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
         };
         if run.stop.load(Ordering::SeqCst) {
+            run.not_started(&call);
             break;
         }
         let run = Arc::clone(run);
