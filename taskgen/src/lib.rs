@@ -746,36 +746,31 @@ impl std::fmt::Debug for Hooks {
 pub fn resolve_sources(patterns: &[String]) -> Result<Vec<PathBuf>, BackfillError> {
     let mut out: Vec<PathBuf> = Vec::new();
     for pattern in patterns {
-        if let Some(found) = source::resolve(pattern)? {
-            for f in found {
-                if !out.contains(&f) {
-                    out.push(f);
-                }
+        let found = match source::resolve(pattern)? {
+            Some(found) => found,
+            None => local_files(pattern)?,
+        };
+        for f in found {
+            if !out.contains(&f) {
+                out.push(f);
             }
-            continue;
         }
-        // A folder, like an object-store prefix: every file below it.
-        if Path::new(pattern).is_dir() {
-            let mut found = Vec::new();
-            files_below(Path::new(pattern), &mut found)?;
-            if found.is_empty() {
-                return Err(BackfillError::NoFiles {
-                    pattern: pattern.clone(),
-                });
-            }
-            found.sort();
-            for f in found {
-                if !out.contains(&f) {
-                    out.push(f);
-                }
-            }
-            continue;
-        }
+    }
+    Ok(out)
+}
+
+/// The local files `pattern` names, canonical and sorted: every file below
+/// it for a folder (as for an object-store prefix), else the files its
+/// glob matches. None is an error.
+fn local_files(pattern: &str) -> Result<Vec<PathBuf>, BackfillError> {
+    let mut found = Vec::new();
+    if Path::new(pattern).is_dir() {
+        files_below(Path::new(pattern), &mut found)?;
+    } else {
         let paths = glob::glob(pattern).map_err(|e| BackfillError::BadPattern {
-            pattern: pattern.clone(),
+            pattern: pattern.to_owned(),
             message: e.to_string(),
         })?;
-        let mut found = Vec::new();
         for p in paths {
             let p = p.map_err(|e| BackfillError::Read {
                 file: e.path().to_path_buf(),
@@ -787,19 +782,14 @@ pub fn resolve_sources(patterns: &[String]) -> Result<Vec<PathBuf>, BackfillErro
                 found.push(abs);
             }
         }
-        if found.is_empty() {
-            return Err(BackfillError::NoFiles {
-                pattern: pattern.clone(),
-            });
-        }
-        found.sort();
-        for f in found {
-            if !out.contains(&f) {
-                out.push(f);
-            }
-        }
     }
-    Ok(out)
+    if found.is_empty() {
+        return Err(BackfillError::NoFiles {
+            pattern: pattern.to_owned(),
+        });
+    }
+    found.sort();
+    Ok(found)
 }
 
 /// The format of a data set from its names: the first pattern's extension,

@@ -52,12 +52,10 @@ impl Progress {
             source: Arc::new(e),
         };
         // A --progress in a folder not made yet: make it, as for any output.
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|io| BackfillError::ProgressNotWritable {
-                path: path.to_path_buf(),
-                source: Arc::new(io),
-            })?;
-        }
+        make_parent(path).map_err(|io| BackfillError::ProgressNotWritable {
+            path: path.to_path_buf(),
+            source: Arc::new(io),
+        })?;
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::Storage(redb::StorageError::Io(io))
                 if matches!(
@@ -209,18 +207,22 @@ pub(crate) struct DeadLetter {
     earlier: Mutex<HashSet<String>>,
 }
 
-/// Makes the dead-letter file's folder now, so that the first failure does
-/// not find it missing.
-fn make_parent(path: &Path) -> Result<(), BackfillError> {
+/// Makes the folder of the file at `path` (progress store, dead letters)
+/// if it is not there yet.
+fn make_parent(path: &Path) -> std::io::Result<()> {
     match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => {
-            std::fs::create_dir_all(parent).map_err(|source| BackfillError::DeadLetter {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Some(parent) => std::fs::create_dir_all(parent),
         None => Ok(()),
     }
+}
+
+/// [`make_parent`] for the dead-letter file, made before the first call so
+/// that the first failure does not find its folder missing.
+fn make_dead_letter_parent(path: &Path) -> Result<(), BackfillError> {
+    make_parent(path).map_err(|source| BackfillError::DeadLetter {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// What makes two dead-letter records the same failure: the line of an
@@ -235,7 +237,7 @@ fn identity(record: &Value) -> String {
 impl DeadLetter {
     /// The dead-letter file of a new run; the previous run's file is removed.
     pub(crate) fn new(path: &Path) -> Result<Self, BackfillError> {
-        make_parent(path)?;
+        make_dead_letter_parent(path)?;
         let dead = Self {
             path: path.to_path_buf(),
             file: Mutex::new(None),
@@ -248,7 +250,7 @@ impl DeadLetter {
     /// The dead-letter file of a run that may resume a fold: the records
     /// already there are kept.
     pub(crate) fn keeping(path: &Path) -> Result<Self, BackfillError> {
-        make_parent(path)?;
+        make_dead_letter_parent(path)?;
         let earlier = match std::fs::read_to_string(path) {
             Ok(text) => text
                 .lines()

@@ -806,8 +806,10 @@ fn bad_line(path: &Path, line: u64, bytes: &[u8], message: String) -> ItemError 
 mod tests {
     use std::ops::ControlFlow;
 
+    use serde_json::Value;
+
     use super::{Item, open_quote_at_end, read_file};
-    use crate::Format;
+    use crate::{BackfillError, Format};
 
     /// The line of each bad record of `text` read as CSV.
     fn bad_lines(text: &str) -> Vec<u64> {
@@ -825,6 +827,28 @@ mod tests {
         lines
     }
 
+    /// The items of `bytes` written to `dir/name` and read as `format`, as
+    /// JSON; an unreadable one as `{"bad": LINE}`.
+    fn items_of(
+        dir: &tempfile::TempDir,
+        name: &str,
+        bytes: Vec<u8>,
+        format: Format,
+    ) -> Result<Vec<Value>, BackfillError> {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let mut out = Vec::new();
+        read_file(&path, &format.into(), &mut |_, item| {
+            out.push(match item {
+                Item::Value(v) => v,
+                Item::Json(t) => serde_json::from_str(&t).unwrap(),
+                Item::Bad(e) => serde_json::json!({"bad": e.line}),
+            });
+            ControlFlow::Continue(())
+        })
+        .map(|()| out)
+    }
+
     /// A UTF-8 byte order mark before the first line is not data: JSON
     /// lines and text read as if it were not there (the csv crate skips it
     /// too, so a CSV header's first column keeps its name).
@@ -832,19 +856,7 @@ mod tests {
     fn a_byte_order_mark_is_skipped() {
         let dir = tempfile::TempDir::new().unwrap();
         let read = |name: &str, text: &[u8], format: Format| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, text).unwrap();
-            let mut items = Vec::new();
-            read_file(&path, &format.into(), &mut |_, item| {
-                items.push(match item {
-                    Item::Value(v) => v,
-                    Item::Json(t) => serde_json::from_str(&t).unwrap(),
-                    Item::Bad(e) => panic!("line {}: {}", e.line, e.message),
-                });
-                ControlFlow::Continue(())
-            })
-            .unwrap();
-            items
+            items_of(&dir, name, text.to_vec(), format).unwrap()
         };
         let bom = b"\xEF\xBB\xBF";
         assert_eq!(
@@ -877,20 +889,8 @@ mod tests {
             e.write_all(text.as_bytes()).unwrap();
             e.finish().unwrap()
         };
-        let items = |name: &str, bytes: Vec<u8>, format: Format| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, bytes).unwrap();
-            let mut out = Vec::new();
-            read_file(&path, &format.into(), &mut |_, item| {
-                out.push(match item {
-                    Item::Value(v) => v,
-                    Item::Json(t) => serde_json::from_str(&t).unwrap(),
-                    Item::Bad(e) => serde_json::json!({"bad": e.line}),
-                });
-                ControlFlow::Continue(())
-            })
-            .map(|()| out)
-        };
+        let items =
+            |name: &str, bytes: Vec<u8>, format: Format| items_of(&dir, name, bytes, format);
         let lines = "{\"n\":1}\n{\"n\":2}\n";
         let want = [serde_json::json!({"n": 1}), serde_json::json!({"n": 2})];
         assert_eq!(
