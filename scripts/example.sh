@@ -38,6 +38,10 @@ set -e
 echo; echo "== sluice run examples/kafka/pipeline.toml (Kafka-triggered, embedded broker)"
 $SLUICE run examples/kafka/pipeline.toml \
   --produce orders=examples/kafka/orders.jsonl --key-field customer --stop-when-idle 2s
+echo; echo "== sluice run examples/objects/pipeline.toml (a folder watched like an S3 prefix; binary.dat fails on purpose)"
+rm -rf examples/objects/.sluice-state
+$SLUICE run examples/objects/pipeline.toml --stop-when-idle 2s
+echo "dead letters:"; cat examples/objects/.sluice-state/count-landing.dead-letter.jsonl
 echo; echo "== sluice backfill (every line of the README through echo, in calls of 20)"
 rm -f "${TMPDIR:-/tmp}/sluice-example-backfill.redb"
 $SLUICE backfill examples/pipeline.toml -f echo --source README.md --format text \

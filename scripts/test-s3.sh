@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The backfill's object-store tests against a real S3-protocol server
+# The object-store tests of the backfill and of object-store triggers
+# against a real S3-protocol server
 # instead of object_store's in-memory store: moto's server (from PyPI),
 # started here on a free port, reached the way `sluice backfill` users reach
 # S3: an `s3://` URL, with the endpoint, region and credentials in the usual
@@ -40,8 +41,13 @@ export AWS_ENDPOINT="$endpoint" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1
 export AWS_ACCESS_KEY_ID=sluice AWS_SECRET_ACCESS_KEY=sluice
 export SLUICE_TEST_S3="s3://$bucket"
 cargo test -p sluice-taskgen --test object_store s3
-# The test skips itself without SLUICE_TEST_S3: make sure it ran here.
-grep -q "GET /$bucket/sluice-test-" "$log" || {
-    echo "error: the S3 test sent no request to moto" >&2
+cargo test -p sluice-ingest --test object_trigger s3
+# The tests skip themselves without SLUICE_TEST_S3: make sure they ran here.
+grep -q "GET /$bucket/sluice-test-[0-9]" "$log" || {
+    echo "error: the backfill S3 test sent no request to moto" >&2
+    exit 1
+}
+grep -q "GET /$bucket?list-type=2&prefix=sluice-test-objects-" "$log" || {
+    echo "error: the object-store trigger S3 test listed nothing on moto" >&2
     exit 1
 }

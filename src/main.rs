@@ -66,7 +66,7 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Run the pipeline's Kafka triggers until SIGINT/SIGTERM.
+    /// Run the pipeline's Kafka and object-store triggers until SIGINT/SIGTERM.
     Run {
         /// The pipeline file.
         pipeline: PathBuf,

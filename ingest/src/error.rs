@@ -45,6 +45,27 @@ pub enum IngestError {
         #[source]
         source: sluice_state_carrier::StateError,
     },
+    /// The progress store of an object-store trigger could not be read or
+    /// written (external: the disk).
+    #[error("trigger {trigger}: progress store: {message}")]
+    Progress {
+        /// Trigger name.
+        trigger: String,
+        /// What failed.
+        message: String,
+    },
+    /// The dead-letter file of an object-store trigger could not be
+    /// written (external: the disk); the object stays unrecorded.
+    #[error("trigger {trigger}: dead-letter file {}: {source}", file.display())]
+    DeadLetter {
+        /// Trigger name.
+        trigger: String,
+        /// The file.
+        file: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A pipeline-level problem found at run time (user error).
     #[error("trigger {trigger}: {message}")]
     Config {
@@ -59,7 +80,9 @@ impl IngestError {
     /// Whether retrying (e.g. after the cluster comes back) can help.
     pub fn retryable(&self) -> bool {
         match self {
-            IngestError::Kafka { .. } => true,
+            IngestError::Kafka { .. }
+            | IngestError::Progress { .. }
+            | IngestError::DeadLetter { .. } => true,
             IngestError::State { source, .. } => source.retryable(),
             _ => false,
         }

@@ -8,12 +8,18 @@
 //! durably in the on-failure topic. Scale-out is the consumer group's: start
 //! more `sluice run` processes with the same pipeline.
 //!
-//! Object-store prefix pollers are not built yet.
+//! Object-store prefixes ([`objects`]): Lambda's S3 trigger by polling.
+//! Every new or overwritten object under a prefix invokes the function once
+//! with an S3 event notification, its bytes staged in the sandbox; what was
+//! handled is kept in a local redb store, so a restart calls every object
+//! not yet recorded, and objects whose calls fail for good go to a
+//! dead-letter file.
 
 mod error;
 pub mod event;
 pub mod kafka;
 pub mod metrics;
+pub mod objects;
 pub mod record;
 
 pub use error::IngestError;

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -32,7 +32,7 @@ use sluice_ingest::kafka::{Activity, TriggerEnv, run_trigger};
 use sluice_ingest::metrics::Metrics;
 use sluice_pipeline::{BootstrapServers, Pipeline};
 use sluice_test_support::kafka::TestKafka;
-use sluice_test_support::{FunctionFixture, agent_binary, function_fixture};
+use sluice_test_support::{FunctionFixture, Lines, agent_binary, function_fixture};
 use tempfile::TempDir;
 use tokio::sync::watch;
 
@@ -88,33 +88,24 @@ impl Batch {
     }
 }
 
-/// Function log lines, with a condition variable to wait on.
+/// Function log lines, to wait on.
 #[derive(Default)]
 struct Log {
-    lines: Mutex<Vec<String>>,
-    changed: Condvar,
+    lines: Lines,
 }
 
 impl Log {
     fn sink(self: &Arc<Self>) -> LogSink {
         let me = self.clone();
         Arc::new(move |l: LogLine| {
-            if l.stream == LogStream::Agent {
-                return;
+            if l.stream != LogStream::Agent {
+                me.lines.push(l.line);
             }
-            me.lines
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(l.line);
-            me.changed.notify_all();
         })
     }
 
     fn lines(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.lines.snapshot()
     }
 
     /// Complete batches, in the order the function saw them.
@@ -125,22 +116,9 @@ impl Log {
     /// Wait until `pred` holds for the batches seen so far; false at the
     /// deadline. Also wakes up every 50 ms so callers may poll other state.
     fn wait(&self, timeout: Duration, pred: impl Fn(&[Batch]) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if pred(&parse_batches(&lines)) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            lines = self
-                .changed
-                .wait_timeout(lines, left.min(Duration::from_millis(50)))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        self.lines
+            .wait_for(timeout, |lines| pred(&parse_batches(lines)).then_some(()))
+            .is_some()
     }
 
     fn wait_or_panic(&self, what: &str, pred: impl Fn(&[Batch]) -> bool) -> Vec<Batch> {

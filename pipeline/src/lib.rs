@@ -86,6 +86,35 @@
 //! | `properties` | empty | librdkafka properties (strings, integers or booleans), not [`MANAGED_KAFKA_PROPERTIES`]; librdkafka checks each when the file loads |
 //! | `state` | none (stateless) | a [state table](#state-state--) |
 //!
+//! # Object-store triggers: `[[trigger.object_store]]`
+//!
+//! Lambda's S3 trigger, by polling: every object that appears under `url`
+//! (or is overwritten) invokes `function` once with an S3 event
+//! notification; the object's bytes are staged in the sandbox at
+//! `/run/sluice/payload`.
+//!
+//! ```toml
+//! [[trigger.object_store]]
+//! function = "ingest"                  # required: a declared function
+//! url = "s3://landing/incoming/"       # required: a folder or a URL
+//! suffix = ".csv"                      # everything else is optional
+//! ```
+//!
+//! | field | default | allowed |
+//! |---|---|---|
+//! | `name` | `"FUNCTION-objects-N"` | `[A-Za-z0-9_-]{1,64}`, unique among all triggers |
+//! | `function` | required | a declared function |
+//! | `url` | required | a folder (relative to the pipeline file's), `file:///FOLDER`, or a URL of [`OBJECT_URL_SCHEMES`] |
+//! | `suffix` | none (every object) | a non-empty name ending |
+//! | `starting_position` | `"latest"` (objects already there are skipped) | `"earliest"`, `"latest"` or a UTC RFC 3339 timestamp (objects modified since) |
+//! | `poll_interval` | [`DEFAULT_POLL_INTERVAL`] | [`POLL_INTERVAL_RANGE`] |
+//! | `max_object_bytes` | [`DEFAULT_MAX_OBJECT_BYTES`] | [`MAX_OBJECT_BYTES_RANGE`] |
+//! | `max_retry_attempts` | [`DEFAULT_OBJECT_RETRY_ATTEMPTS`] | [`MAX_RETRY_ATTEMPTS_RANGE`] |
+//! | `retry_backoff` | [`DEFAULT_RETRY_BACKOFF`] | [`RETRY_BACKOFF_RANGE`] |
+//! | `retry_backoff_max` | [`DEFAULT_RETRY_BACKOFF_MAX`] | `retry_backoff` to [`RETRY_BACKOFF_MAX_LIMIT`] |
+//! | `progress` | `.sluice-state/NAME.objects.redb` | a path (relative to the pipeline file's folder) |
+//! | `dead_letter` | `.sluice-state/NAME.dead-letter.jsonl` | a path (relative to the pipeline file's folder) |
+//!
 //! # Backfill jobs: `[job.NAME]`
 //!
 //! A job runs a function over an existing data set (`sluice backfill
@@ -375,6 +404,8 @@ pub struct Pipeline {
     pub functions: BTreeMap<String, FunctionConfig>,
     /// The `[[trigger.kafka]]` tables, in file order.
     pub kafka_triggers: Vec<KafkaTrigger>,
+    /// The `[[trigger.object_store]]` tables, in file order.
+    pub object_triggers: Vec<ObjectTrigger>,
     /// The `[job.NAME]` tables of kind `"backfill"` (the default), by name.
     pub jobs: BTreeMap<String, BackfillJob>,
     /// The `[job.NAME]` tables of kind `"mapreduce"`, by name.
@@ -782,6 +813,68 @@ pub struct KafkaTrigger {
     pub state: Option<StateConfig>,
 }
 
+/// Default `poll_interval` of an object-store trigger: how often the prefix
+/// is listed.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// Allowed `poll_interval`.
+pub const POLL_INTERVAL_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(3600);
+/// Default `max_object_bytes`: larger objects are not fetched; they go to
+/// the dead-letter file.
+pub const DEFAULT_MAX_OBJECT_BYTES: u64 = 64 * 1024 * 1024;
+/// Allowed `max_object_bytes` (the sandbox's attachment limit).
+pub const MAX_OBJECT_BYTES_RANGE: RangeInclusive<u64> = 1..=128 * 1024 * 1024;
+/// Default `max_retry_attempts` of an object-store trigger: Lambda's for
+/// asynchronous invocations (S3 notifications).
+pub const DEFAULT_OBJECT_RETRY_ATTEMPTS: u32 = 2;
+/// URL schemes an object-store trigger can watch (`file://` URLs and plain
+/// paths are local folders).
+pub const OBJECT_URL_SCHEMES: &[&str] = &[
+    "memory", "s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl",
+];
+
+/// One validated `[[trigger.object_store]]` table, with defaults applied:
+/// Lambda's S3 trigger, by polling. Every object that appears under `url`
+/// (or is overwritten) invokes `function` once, with an S3 event
+/// notification as the event and the object's bytes staged in the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectTrigger {
+    /// Unique name. Default `FUNCTION-objects-N`, N being the trigger's
+    /// position among the object-store triggers, from 1.
+    pub name: String,
+    /// The function invoked with each object; a declared function.
+    pub function: String,
+    /// The watched prefix: a URL of one of [`OBJECT_URL_SCHEMES`]
+    /// (`s3://bucket/incoming/`), or an absolute local folder (relative
+    /// paths and `file://` URLs are turned into one).
+    pub url: String,
+    /// Only objects whose name ends with this. Default none: every object
+    /// (names starting with `.` are always left out).
+    pub suffix: Option<String>,
+    /// Which objects already there when the trigger first runs are
+    /// processed: none ([`StartingPosition::Latest`], the default), all
+    /// (`Earliest`), or those modified at or after a time (`Timestamp`).
+    pub starting_position: StartingPosition,
+    /// How often the prefix is listed. Default [`DEFAULT_POLL_INTERVAL`].
+    pub poll_interval: Duration,
+    /// Largest object fetched. Default [`DEFAULT_MAX_OBJECT_BYTES`].
+    pub max_object_bytes: u64,
+    /// Retries of a failed invocation. Default
+    /// [`DEFAULT_OBJECT_RETRY_ATTEMPTS`].
+    pub max_retry_attempts: u32,
+    /// Delay before the first retry. Default [`DEFAULT_RETRY_BACKOFF`].
+    pub retry_backoff: Duration,
+    /// Longest delay between retries. Default [`DEFAULT_RETRY_BACKOFF_MAX`].
+    pub retry_backoff_max: Duration,
+    /// The store of the objects handled (redb). Default
+    /// `.sluice-state/NAME.objects.redb` next to the pipeline file.
+    pub progress: PathBuf,
+    /// JSON lines receiving the objects whose invocations failed for good.
+    /// Default `.sluice-state/NAME.dead-letter.jsonl` next to the pipeline
+    /// file.
+    pub dead_letter: PathBuf,
+}
+
 /// The Kafka cluster a trigger reads from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum BootstrapServers {
@@ -908,13 +1001,14 @@ impl Pipeline {
     /// function paths are resolved against its parent folder (the current
     /// folder if it has none). The function folders must exist.
     pub fn parse(text: &str, file: &Path) -> Result<Pipeline, PipelineError> {
-        let (functions, kafka_triggers, jobs, mapreduce_jobs) = raw::parse(text, file)?;
+        let d = raw::parse(text, file)?;
         Ok(Pipeline {
             file: file.to_path_buf(),
-            functions,
-            kafka_triggers,
-            jobs,
-            mapreduce_jobs,
+            functions: d.functions,
+            kafka_triggers: d.kafka_triggers,
+            object_triggers: d.object_triggers,
+            jobs: d.jobs,
+            mapreduce_jobs: d.mapreduce_jobs,
         })
     }
 

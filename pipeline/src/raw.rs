@@ -4,6 +4,7 @@
 
 mod job;
 mod kafka;
+mod objects;
 mod state;
 
 use std::collections::BTreeMap;
@@ -22,7 +23,7 @@ use crate::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_INIT_TIMEOUT, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_QUEUE,
     DEFAULT_MEMORY_MB, DEFAULT_TENANT, DEFAULT_TIMEOUT, DEFAULT_TMP_MB, FunctionConfig,
     IDLE_TIMEOUT_RANGE, KafkaTrigger, MAX_PROCESSES_RANGE, MAX_QUEUE_RANGE, MEMORY_MB_RANGE,
-    MapReduceJob, RESERVED_ENV_KEYS, TIMEOUT_RANGE, TMP_MB_RANGE,
+    MapReduceJob, ObjectTrigger, RESERVED_ENV_KEYS, TIMEOUT_RANGE, TMP_MB_RANGE,
 };
 use crate::{DEFAULT_MIN_WARM, DEFAULT_PREWARM, WARM_RANGE};
 
@@ -114,14 +115,15 @@ const FUNCTION_FIELDS: &[(&str, &str)] = &[
     ("snapshot", "a boolean (true or false)"),
 ];
 
-/// What a valid file declares: the functions by name, and the Kafka triggers
-/// in file order.
-pub(crate) type Declared = (
-    BTreeMap<String, FunctionConfig>,
-    Vec<KafkaTrigger>,
-    BTreeMap<String, BackfillJob>,
-    BTreeMap<String, MapReduceJob>,
-);
+/// What a valid file declares: the functions and jobs by name, the
+/// triggers in file order.
+pub(crate) struct Declared {
+    pub functions: BTreeMap<String, FunctionConfig>,
+    pub kafka_triggers: Vec<KafkaTrigger>,
+    pub object_triggers: Vec<ObjectTrigger>,
+    pub jobs: BTreeMap<String, BackfillJob>,
+    pub mapreduce_jobs: BTreeMap<String, MapReduceJob>,
+}
 
 /// A validated `[job.NAME]`, of either kind.
 pub(crate) enum Job {
@@ -171,6 +173,12 @@ fn serde_error(loc: &Locator<'_>, doc: &DeTable<'_>, err: &toml::de::Error) -> P
             [trigger, kind, _] if trigger == "trigger" && kind == "kafka" => {
                 Some(kafka::KAFKA_FIELDS.iter().map(|(name, _)| *name).collect())
             }
+            [trigger, kind, _] if trigger == "trigger" && kind == "object_store" => Some(
+                objects::OBJECT_FIELDS
+                    .iter()
+                    .map(|(name, _)| *name)
+                    .collect(),
+            ),
             [job, _] if job == "job" => {
                 Some(job::JOB_FIELDS.iter().map(|(name, _)| *name).collect())
             }
@@ -238,6 +246,14 @@ fn expected_type(path: &[String]) -> Option<&'static str> {
             Some("an array of tables, written [[trigger.kafka]] (with double brackets)")
         }
         ["trigger", "kafka", _] => Some("a table of Kafka trigger settings"),
+        ["trigger", "object_store"] => {
+            Some("an array of tables, written [[trigger.object_store]] (with double brackets)")
+        }
+        ["trigger", "object_store", _] => Some("a table of object-store trigger settings"),
+        ["trigger", "object_store", _, field] => objects::OBJECT_FIELDS
+            .iter()
+            .find(|(name, _)| name == field)
+            .map(|(_, ty)| *ty),
         ["trigger", "kafka", _, "topics", _] => Some(STRING),
         ["trigger", "kafka", _, "properties", _] => Some(kafka::PROPERTY_VALUE),
         ["job"] => Some("a table of jobs, e.g. [job.backfill-orders]"),
@@ -287,6 +303,8 @@ enum Item {
     Function(Spanned<String>, Box<RawFunction>),
     /// A `[[trigger.kafka]]` table and its position in the array.
     Kafka(usize, Box<Spanned<kafka::RawKafka>>),
+    /// A `[[trigger.object_store]]` table and its position in the array.
+    Objects(usize, Box<Spanned<objects::RawObjects>>),
     /// A `[job.NAME]` table.
     Job(Spanned<String>, Box<Spanned<job::RawJob>>),
 }
@@ -322,6 +340,13 @@ impl RawPipeline {
                     .map(|(i, trigger)| (trigger.span().start, Item::Kafka(i, Box::new(trigger)))),
             )
             .chain(
+                self.trigger
+                    .object_store
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, t)| (t.span().start, Item::Objects(i, Box::new(t)))),
+            )
+            .chain(
                 self.job
                     .into_iter()
                     .map(|(name, job)| (name.span().start, Item::Job(name, Box::new(job)))),
@@ -331,6 +356,7 @@ impl RawPipeline {
         let base = loc.file.parent().unwrap_or(Path::new(""));
         let mut functions = BTreeMap::new();
         let mut triggers = Vec::new();
+        let mut object_triggers = Vec::new();
         let mut trigger_names = BTreeMap::new();
         let mut jobs = BTreeMap::new();
         let mut mapreduce_jobs = BTreeMap::new();
@@ -351,6 +377,17 @@ impl RawPipeline {
                     )?;
                     triggers.push((index, trigger));
                 }
+                Item::Objects(index, trigger) => {
+                    let header = trigger.span();
+                    let trigger = trigger.into_inner().validate(
+                        loc,
+                        index,
+                        header,
+                        &declared,
+                        &mut trigger_names,
+                    )?;
+                    object_triggers.push((index, trigger));
+                }
                 Item::Job(name, job) => {
                     let header = job.span();
                     match job
@@ -368,12 +405,14 @@ impl RawPipeline {
             }
         }
         triggers.sort_by_key(|(index, _)| *index);
-        Ok((
+        object_triggers.sort_by_key(|(index, _)| *index);
+        Ok(Declared {
             functions,
-            triggers.into_iter().map(|(_, t)| t).collect(),
+            kafka_triggers: triggers.into_iter().map(|(_, t)| t).collect(),
+            object_triggers: object_triggers.into_iter().map(|(_, t)| t).collect(),
             jobs,
             mapreduce_jobs,
-        ))
+        })
     }
 }
 

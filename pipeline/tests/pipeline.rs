@@ -934,3 +934,83 @@ fn a_files_format_comes_from_its_extension_before_any_compression() {
         assert_eq!(DataFormat::from_extension(name), want, "{name}");
     }
 }
+
+#[test]
+fn object_store_triggers_get_defaults_and_resolve_folders() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_function(dir.path(), "functions/echo");
+    let file = write_pipeline(
+        dir.path(),
+        r#"
+[functions.echo]
+path = "functions/echo"
+
+[[trigger.object_store]]
+function = "echo"
+url = "landing/in"
+
+[[trigger.object_store]]
+name = "s3-in"
+function = "echo"
+url = "s3://landing/in/"
+suffix = ".csv"
+starting_position = "2024-05-01T00:00:00Z"
+poll_interval = "1m"
+max_object_bytes = 1024
+max_retry_attempts = 0
+retry_backoff = "2s"
+retry_backoff_max = "10s"
+progress = "state/s3.redb"
+dead_letter = "/var/tmp/s3-dead.jsonl"
+
+[[trigger.object_store]]
+function = "echo"
+url = "file:///srv/drop/"
+starting_position = "earliest"
+"#,
+    );
+    let p = Pipeline::load(&file).expect("load");
+    let [local, s3, file_url] = &p.object_triggers[..] else {
+        panic!("three triggers: {:?}", p.object_triggers);
+    };
+    assert_eq!(local.name, "echo-objects-1");
+    assert_eq!(
+        local.url,
+        dir.path().join("landing/in").display().to_string()
+    );
+    assert_eq!(local.suffix, None);
+    assert_eq!(local.starting_position, StartingPosition::Latest);
+    assert_eq!(local.poll_interval, Duration::from_secs(5));
+    assert_eq!(local.max_object_bytes, 64 << 20);
+    assert_eq!(local.max_retry_attempts, 2);
+    assert_eq!(
+        (local.retry_backoff, local.retry_backoff_max),
+        (Duration::from_millis(100), Duration::from_secs(30))
+    );
+    assert_eq!(
+        local.progress,
+        dir.path().join(".sluice-state/echo-objects-1.objects.redb")
+    );
+    assert_eq!(
+        local.dead_letter,
+        dir.path()
+            .join(".sluice-state/echo-objects-1.dead-letter.jsonl")
+    );
+
+    assert_eq!(s3.name, "s3-in");
+    assert_eq!(s3.url, "s3://landing/in/");
+    assert_eq!(s3.suffix.as_deref(), Some(".csv"));
+    assert_eq!(
+        s3.starting_position,
+        StartingPosition::Timestamp(1_714_521_600_000)
+    );
+    assert_eq!(s3.poll_interval, Duration::from_secs(60));
+    assert_eq!(s3.max_object_bytes, 1024);
+    assert_eq!(s3.max_retry_attempts, 0);
+    assert_eq!(s3.progress, dir.path().join("state/s3.redb"));
+    assert_eq!(s3.dead_letter, PathBuf::from("/var/tmp/s3-dead.jsonl"));
+
+    assert_eq!(file_url.name, "echo-objects-3");
+    assert_eq!(file_url.url, "/srv/drop/");
+    assert_eq!(file_url.starting_position, StartingPosition::Earliest);
+}

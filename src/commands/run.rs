@@ -1,4 +1,5 @@
-//! `sluice run PIPELINE`: run every Kafka trigger until SIGINT/SIGTERM (or,
+//! `sluice run PIPELINE`: run every Kafka and object-store trigger until
+//! SIGINT/SIGTERM (or,
 //! with `--stop-when-idle`, until nothing happened for that long), then stop
 //! polling, drain in-flight batches, commit and exit 0.
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 use sluice_executor::LogLine;
 use sluice_ingest::kafka::{self, Activity, EmbeddedBroker, TriggerEnv};
 use sluice_ingest::metrics::{self, Metrics};
+use sluice_ingest::objects::{self, ObjectEnv};
 use sluice_pipeline::BootstrapServers;
 use tokio::sync::watch;
 
@@ -47,9 +49,16 @@ pub async fn run(args: RunArgs) -> u8 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    if p.kafka_triggers.is_empty() {
+    if p.kafka_triggers.is_empty() && p.object_triggers.is_empty() {
         eprintln!(
-            "error: {}: no [[trigger.kafka]] declared: nothing to run (use `sluice invoke` to call a function once)",
+            "error: {}: no [[trigger.kafka]] or [[trigger.object_store]] declared: nothing to run (use `sluice invoke` to call a function once)",
+            args.pipeline.display()
+        );
+        return exit::USAGE;
+    }
+    if p.kafka_triggers.is_empty() && !args.produce.is_empty() {
+        eprintln!(
+            "error: --produce: {} declares no [[trigger.kafka]], so there is no Kafka cluster to load records into",
             args.pipeline.display()
         );
         return exit::USAGE;
@@ -276,19 +285,37 @@ pub async fn run(args: RunArgs) -> u8 {
         };
         tasks.spawn(kafka::run_trigger(t, env, shutdown_rx.clone()));
     }
+    for t in p.object_triggers.clone() {
+        eprintln!("sluice: {}", objects::describe(&t));
+        let env = ObjectEnv {
+            executor: executor.clone(),
+            metrics: registry.clone(),
+            activity: activity.clone(),
+            max_concurrency: p
+                .functions
+                .get(&t.function)
+                .map_or(1, |f| f.concurrency as usize),
+        };
+        tasks.spawn(objects::run_object_trigger(t, env, shutdown_rx.clone()));
+    }
 
-    let triggers = p.kafka_triggers.len() as u64;
+    let triggers = (p.kafka_triggers.len() + p.object_triggers.len()) as u64;
     let (reason, mut code) =
         wait_for_stop(&activity, triggers, args.stop_when_idle, &mut tasks).await;
-    eprintln!("sluice: {reason}: draining in-flight batches and committing");
+    eprintln!("sluice: {reason}: draining in-flight calls and committing");
     let _ = shutdown_tx.send(true);
     while let Some(r) = tasks.join_next().await {
         code = code.max(trigger_exit(r));
     }
     let _ = maintenance.await;
     executor.shutdown().await;
+    let what = match (p.kafka_triggers.is_empty(), p.object_triggers.is_empty()) {
+        (false, true) => "records",
+        (true, false) => "objects",
+        _ => "records and objects",
+    };
     eprintln!(
-        "sluice: stopped after {} records",
+        "sluice: stopped after {} {what}",
         activity.records.load(std::sync::atomic::Ordering::Relaxed)
     );
     drop(embedded);

@@ -18,7 +18,7 @@ mod process;
 pub mod tpch;
 
 pub use nix::sys::signal::Signal;
-pub use process::{DEADLINE, Process};
+pub use process::{DEADLINE, Lines, Process};
 
 use std::collections::HashMap;
 use std::fs;
@@ -235,7 +235,7 @@ fn copy_tree(from: &Path, to: &Path) {
 /// A function folder for one of the workspace's functions, in a fresh
 /// temporary directory:
 /// - `"echo"`, `"fail"`, `"arrow-sum"`, `"wordcount"`, `"tpch-q1"`,
-///   `"running-sum"`, `"misbehave"`: the built binary (`echo-fn`, `fail-fn`, ...,
+///   `"running-sum"`, `"line-count"`, `"misbehave"`: the built binary (`echo-fn`, `fail-fn`, ...,
 ///   `tpch-q1-fn`, `misbehave-fn`) copied as `bootstrap`;
 /// - `"shell"`: the files of `examples/functions/shell/`.
 ///
@@ -251,6 +251,7 @@ pub fn function_fixture(name: &str) -> FunctionFixture {
         "arrow-sum" => install_bootstrap(&workspace_binary("arrow-sum-fn"), &fixture.dir),
         "misbehave" => install_bootstrap(&workspace_binary("misbehave-fn"), &fixture.dir),
         "running-sum" => install_bootstrap(&workspace_binary("running-sum-fn"), &fixture.dir),
+        "line-count" => install_bootstrap(&workspace_binary("line-count-fn"), &fixture.dir),
         "shell" => {
             copy_tree(
                 &workspace_root().join("examples/functions/shell"),
@@ -260,7 +261,7 @@ pub fn function_fixture(name: &str) -> FunctionFixture {
             set_mode(&fixture.dir.join("bootstrap"), 0o755);
         }
         other => panic!(
-            "unknown function fixture {other:?} (known: echo, fail, arrow-sum, wordcount, tpch-q1, running-sum, misbehave, shell)"
+            "unknown function fixture {other:?} (known: echo, fail, arrow-sum, wordcount, tpch-q1, running-sum, line-count, misbehave, shell)"
         ),
     }
     fixture

@@ -12,11 +12,57 @@ use std::time::{Duration, Instant};
 /// How long [`Process`] waits for a line or an exit before failing the test.
 pub const DEADLINE: Duration = Duration::from_secs(90);
 
-/// Lines a process wrote to stderr, with a condition variable to wait on.
-#[derive(Default)]
-struct Lines {
+/// Lines written by someone else (a process's stderr, a function's log
+/// sink), with a condition variable to wait on.
+#[derive(Debug, Default)]
+pub struct Lines {
     lines: Mutex<Vec<String>>,
     changed: Condvar,
+}
+
+impl Lines {
+    /// Adds a line and wakes the waiters.
+    pub fn push(&self, line: String) {
+        self.lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(line);
+        self.changed.notify_all();
+    }
+
+    /// Every line so far.
+    pub fn snapshot(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits until `pred` holds for the lines so far, checking at each new
+    /// line and at least every 50 ms (so `pred` may look at other state);
+    /// `None` after `timeout`, else what `pred` returned.
+    pub fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[String]) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(v) = pred(&lines) {
+                return Some(v);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            lines = self
+                .changed
+                .wait_timeout(lines, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
 }
 
 /// A running process (killed when dropped).
@@ -47,11 +93,7 @@ impl Process {
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
-                sink.lines
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(line);
-                sink.changed.notify_all();
+                sink.push(line);
             }
             let _ = done.send(());
         });
@@ -87,11 +129,7 @@ impl Process {
 
     /// Every stderr line so far.
     pub fn stderr(&self) -> Vec<String> {
-        self.stderr
-            .lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.stderr.snapshot()
     }
 
     /// Its stderr, labelled, for failure messages.
@@ -106,33 +144,15 @@ impl Process {
     /// Waits for a stderr line satisfying `pred` and returns it; panics
     /// (with the log) after [`DEADLINE`].
     pub fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + DEADLINE;
-        let mut lines = self
-            .stderr
-            .lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(l) = lines.iter().find(|l| pred(l)) {
-                return l.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                // `log` takes the lock again.
-                drop(lines);
+        self.stderr
+            .wait_for(DEADLINE, |lines| lines.iter().find(|l| pred(l)).cloned())
+            .unwrap_or_else(|| {
                 panic!(
                     "{}: timed out waiting for {what}\n{}",
                     self.name,
                     self.log()
-                );
-            }
-            lines = self
-                .stderr
-                .changed
-                .wait_timeout(lines, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+                )
+            })
     }
 
     /// Sends `signal`.

@@ -86,7 +86,7 @@ const LOGGED_MESSAGE_BYTES: usize = 1024;
 
 /// `message` cut to [`LOGGED_MESSAGE_BYTES`] (at a character boundary),
 /// saying how long it was.
-fn for_log(message: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn for_log(message: &str) -> std::borrow::Cow<'_, str> {
     if message.len() <= LOGGED_MESSAGE_BYTES {
         return message.into();
     }
@@ -99,10 +99,10 @@ fn for_log(message: &str) -> std::borrow::Cow<'_, str> {
 
 /// How one attempt of a batch failed.
 #[derive(Debug, Clone)]
-pub(super) struct Failure {
-    pub(super) error_type: String,
-    pub(super) message: String,
-    pub(super) retryable: bool,
+pub(crate) struct Failure {
+    pub(crate) error_type: String,
+    pub(crate) message: String,
+    pub(crate) retryable: bool,
 }
 
 impl From<&InvokeError> for Failure {

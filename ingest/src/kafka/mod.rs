@@ -23,7 +23,7 @@
 
 mod client_log;
 mod embedded;
-mod lane;
+pub(crate) mod lane;
 mod offsets;
 mod sink;
 mod stateful;
@@ -106,7 +106,7 @@ impl Activity {
     }
 
     /// `n` records arrived.
-    fn received(&self, n: usize) {
+    pub(crate) fn received(&self, n: usize) {
         // Backlog first: whoever sees the records counted sees them
         // unfinished.
         self.backlog.fetch_add(n as i64, Ordering::SeqCst);
@@ -116,7 +116,7 @@ impl Activity {
     }
 
     /// `n` received records were finished, or abandoned to a rebalance.
-    fn finished(&self, n: usize) {
+    pub(crate) fn finished(&self, n: usize) {
         self.touch();
         if self.backlog.fetch_sub(n as i64, Ordering::SeqCst) - n as i64 <= 0 {
             self.drained.notify_waiters();

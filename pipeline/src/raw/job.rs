@@ -208,7 +208,7 @@ fn glob_problem(s: &str) -> Option<&'static str> {
 }
 
 /// Whether `s` is a URL (`scheme://...`) rather than a local path.
-fn is_url(s: &str) -> bool {
+pub(super) fn is_url(s: &str) -> bool {
     s.split_once("://").is_some_and(|(scheme, _)| {
         !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric())
     })
@@ -216,7 +216,7 @@ fn is_url(s: &str) -> bool {
 
 /// A local path relative to the pipeline file's folder; absolute paths and
 /// URLs unchanged.
-fn resolve(base: &Path, s: &str) -> String {
+pub(super) fn resolve(base: &Path, s: &str) -> String {
     if is_url(s) || Path::new(s).is_absolute() {
         s.to_owned()
     } else {

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
@@ -30,10 +30,13 @@ pub(super) struct RawTriggers {
     /// `[[trigger.kafka]]` tables. Default: none.
     #[serde(default)]
     pub kafka: Vec<Spanned<RawKafka>>,
+    /// `[[trigger.object_store]]` tables. Default: none.
+    #[serde(default)]
+    pub object_store: Vec<Spanned<super::objects::RawObjects>>,
 }
 
 /// Keys of [`RawTriggers`], for unknown-field messages.
-pub(super) const TRIGGER_KINDS: &[&str] = &["kafka"];
+pub(super) const TRIGGER_KINDS: &[&str] = &["kafka", "object_store"];
 
 /// One `[[trigger.kafka]]` table. As in [`super::RawFunction`], every field
 /// is optional here; `None` means "use the default" (see the constants in the
@@ -199,46 +202,16 @@ impl RawKafka {
             hint,
         };
 
-        // The name is checked first so that a bad explicit name is reported
-        // before anything else; the default needs the function.
-        if let Some(name) = &self.name
-            && !is_lambda_name(name.get_ref())
-        {
-            return Err(PipelineError::InvalidValue {
-                at: loc.at(name.span()),
-                field: f.field("name"),
-                value: name.get_ref().clone(),
-                expected: NAME_RULE,
-            });
-        }
-        let Some(function) = self.function else {
-            return Err(missing(
-                "function",
-                "the declared function invoked with each batch, e.g. function = \"echo\"",
-            ));
-        };
-        if !declared.contains(function.get_ref()) {
-            return Err(PipelineError::UndeclaredFunction {
-                at: loc.at(function.span()),
-                field: f.field("function"),
-                name: function.into_inner(),
-                declared: declared.to_vec(),
-            });
-        }
-        let function = function.into_inner();
-        let (name, name_at, defaulted) = match self.name {
-            Some(name) => (name.get_ref().clone(), name.span(), false),
-            None => (format!("{function}-{}", index + 1), header.clone(), true),
-        };
-        if let Some(other) = names.get(&name) {
-            return Err(PipelineError::DuplicateTriggerName {
-                at: loc.at(name_at),
-                name,
-                defaulted,
-                other: other.clone(),
-            });
-        }
-        names.insert(name.clone(), f.table.clone());
+        let (name, function) = trigger_identity(
+            &f,
+            header.clone(),
+            self.name,
+            self.function,
+            "the declared function invoked with each batch, e.g. function = \"echo\"",
+            |function| format!("{function}-{}", index + 1),
+            declared,
+            names,
+        )?;
 
         let Some(topics) = self.topics else {
             return Err(missing(
@@ -311,19 +284,11 @@ impl RawKafka {
             PARALLELIZATION_FACTOR_RANGE,
             "",
         )?;
-        let retry_backoff_at = self.retry_backoff.as_ref().map(Spanned::span);
-        let retry_backoff = f.duration(
-            "retry_backoff",
+        let (retry_backoff, retry_backoff_max) = retry_backoffs(
+            &f,
+            header.clone(),
             self.retry_backoff,
-            DEFAULT_RETRY_BACKOFF,
-            RETRY_BACKOFF_RANGE,
-        )?;
-        let retry_backoff_max_at = self.retry_backoff_max.as_ref().map(Spanned::span);
-        let retry_backoff_max = f.duration(
-            "retry_backoff_max",
             self.retry_backoff_max,
-            DEFAULT_RETRY_BACKOFF_MAX,
-            *RETRY_BACKOFF_RANGE.start()..=RETRY_BACKOFF_MAX_LIMIT,
         )?;
         let partitions = f.ranged(
             "partitions",
@@ -406,18 +371,6 @@ impl RawKafka {
                      one state per partition is folded in offset order; use scope = \"key\" for concurrency"
                 )));
             }
-        }
-        if retry_backoff_max < retry_backoff {
-            let max_is_default = retry_backoff_max_at.is_none();
-            let at = retry_backoff_max_at.or(retry_backoff_at).unwrap_or(header);
-            return Err(PipelineError::BackoffOrder {
-                at: loc.at(at),
-                initial_field: f.field("retry_backoff"),
-                initial: retry_backoff,
-                max_field: f.field("retry_backoff_max"),
-                max: retry_backoff_max,
-                max_is_default,
-            });
         }
         Ok(KafkaTrigger {
             name,
@@ -601,7 +554,104 @@ fn is_group_id(s: &str) -> bool {
     (1..=255).contains(&s.chars().count()) && !s.chars().any(char::is_control)
 }
 
-fn validate_starting_position(
+/// The `name` and `function` of the trigger table `f` (whose header is at
+/// `header`): the name checked first, so that a bad explicit name is
+/// reported before anything else (the default, `default_name(function)`,
+/// needs the function); the function must be declared; the name must be
+/// unique among all triggers (`names`, which gets it).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn trigger_identity(
+    f: &Fields<'_>,
+    header: Range<usize>,
+    name: Option<Spanned<String>>,
+    function: Option<Spanned<String>>,
+    function_hint: &'static str,
+    default_name: impl FnOnce(&str) -> String,
+    declared: &[String],
+    names: &mut BTreeMap<String, String>,
+) -> Result<(String, String), PipelineError> {
+    let loc = f.loc;
+    if let Some(name) = &name
+        && !is_lambda_name(name.get_ref())
+    {
+        return Err(PipelineError::InvalidValue {
+            at: loc.at(name.span()),
+            field: f.field("name"),
+            value: name.get_ref().clone(),
+            expected: NAME_RULE,
+        });
+    }
+    let Some(function) = function else {
+        return Err(PipelineError::MissingField {
+            at: loc.at(header),
+            table: f.table.clone(),
+            field: "function",
+            hint: function_hint,
+        });
+    };
+    if !declared.contains(function.get_ref()) {
+        return Err(PipelineError::UndeclaredFunction {
+            at: loc.at(function.span()),
+            field: f.field("function"),
+            name: function.into_inner(),
+            declared: declared.to_vec(),
+        });
+    }
+    let function = function.into_inner();
+    let (name, name_at, defaulted) = match name {
+        Some(name) => (name.get_ref().clone(), name.span(), false),
+        None => (default_name(&function), header, true),
+    };
+    if let Some(other) = names.get(&name) {
+        return Err(PipelineError::DuplicateTriggerName {
+            at: loc.at(name_at),
+            name,
+            defaulted,
+            other: other.clone(),
+        });
+    }
+    names.insert(name.clone(), f.table.clone());
+    Ok((name, function))
+}
+
+/// `retry_backoff` and `retry_backoff_max` of a trigger table, the second
+/// at least the first.
+pub(super) fn retry_backoffs(
+    f: &Fields<'_>,
+    header: Range<usize>,
+    backoff: Option<Spanned<String>>,
+    max: Option<Spanned<String>>,
+) -> Result<(Duration, Duration), PipelineError> {
+    let retry_backoff_at = backoff.as_ref().map(Spanned::span);
+    let retry_backoff = f.duration(
+        "retry_backoff",
+        backoff,
+        DEFAULT_RETRY_BACKOFF,
+        RETRY_BACKOFF_RANGE,
+    )?;
+    let retry_backoff_max_at = max.as_ref().map(Spanned::span);
+    let retry_backoff_max = f.duration(
+        "retry_backoff_max",
+        max,
+        DEFAULT_RETRY_BACKOFF_MAX,
+        *RETRY_BACKOFF_RANGE.start()..=RETRY_BACKOFF_MAX_LIMIT,
+    )?;
+    if retry_backoff_max < retry_backoff {
+        let max_is_default = retry_backoff_max_at.is_none();
+        let at = retry_backoff_max_at.or(retry_backoff_at).unwrap_or(header);
+        return Err(PipelineError::BackoffOrder {
+            at: f.loc.at(at),
+            initial_field: f.field("retry_backoff"),
+            initial: retry_backoff,
+            max_field: f.field("retry_backoff_max"),
+            max: retry_backoff_max,
+            max_is_default,
+        });
+    }
+    Ok((retry_backoff, retry_backoff_max))
+}
+
+pub(super) fn validate_starting_position(
     f: &Fields<'_>,
     value: Option<Spanned<String>>,
 ) -> Result<StartingPosition, PipelineError> {

@@ -1,0 +1,725 @@
+//! Object-store triggers (`[[trigger.object_store]]`): Lambda's S3 trigger,
+//! by polling a prefix.
+//!
+//! A trigger lists its prefix every `poll_interval` (`s3://`, `gs://`,
+//! `az://`, `memory://` through [`object_store`], or a local folder), in
+//! name order. Every object that is new, or whose version (ETag, else size
+//! and modification time) changed since it was handled, invokes the
+//! function once with an S3 event notification (`ObjectCreated:Put`) as
+//! its event; the object's bytes are fetched by sluice and staged in the
+//! sandbox at [`sluice_protocol::ATTACHMENT_PATH`], because a sandbox has
+//! no network and no view of the host's files.
+//!
+//! What was handled is kept in a redb store (`progress`), written after
+//! each invocation ends, so a restart (even after `kill -9`) calls every
+//! object not yet recorded: at least once. A failed invocation is retried
+//! with exponential backoff up to `max_retry_attempts` times; then the
+//! object is written to the dead-letter file (JSON lines, with the error
+//! and attempts) before it is recorded as failed. An object larger than
+//! `max_object_bytes` goes to the dead-letter file without a call.
+//!
+//! Names starting with `.` (in any folder of the path) are left out, so a
+//! writer can upload under a hidden name and rename when done. A local file
+//! is called only once two listings in a row saw it unchanged, so a file
+//! still being written is not called half-written (object stores show an
+//! object only once its upload is complete). Objects are
+//! invoked concurrently up to the function's `concurrency`; an object
+//! overwritten while its call runs is called again after it.
+//!
+//! The progress store is local: one `sluice run` process per trigger.
+//! (Kafka triggers are what scales out across processes.)
+
+mod store;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectMeta, ObjectStore};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde_json::json;
+use sluice_executor::{Executor, InvokeError, InvokeOptions};
+use sluice_pipeline::{ObjectTrigger, StartingPosition};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+pub use store::{Url, register_object_store, split, store_for, with_credentials_hint};
+
+use crate::IngestError;
+use crate::kafka::Activity;
+use crate::kafka::lane::{Failure, for_log};
+use crate::metrics::{BatchOutcome, Metrics};
+
+/// Objects handled: location → `version outcome`.
+const OBJECTS: TableDefinition<&str, &str> = TableDefinition::new("objects");
+/// `started`: the first listing was taken (and `starting_position` applied).
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// What a trigger needs from `sluice run`.
+#[derive(Clone)]
+pub struct ObjectEnv {
+    /// Runs the function.
+    pub executor: Executor,
+    /// Where counters go.
+    pub metrics: Arc<Metrics>,
+    /// Objects received and finished (each counts as one record).
+    pub activity: Arc<Activity>,
+    /// Objects called at once: the function's `concurrency`.
+    pub max_concurrency: usize,
+}
+
+/// The watched prefix.
+struct Watched {
+    store: Arc<dyn ObjectStore>,
+    /// Listed prefix; `None` for a whole bucket.
+    prefix: Option<ObjectPath>,
+    /// The event's bucket name: the bucket, or the local folder.
+    bucket: String,
+    /// Prepended to a location to name the object to people
+    /// (`s3://bucket/`, or `/` for local files).
+    url_base: String,
+    /// Local folder: the event's keys are relative to it.
+    local: Option<PathBuf>,
+}
+
+impl Watched {
+    fn open(t: &ObjectTrigger) -> Result<Self, IngestError> {
+        let config = |message: String| IngestError::Config {
+            trigger: t.name.clone(),
+            message: format!("url {:?}: {message}", t.url),
+        };
+        if let Some(url) = split(&t.url) {
+            let store = store_for(&url).map_err(config)?;
+            let key = url.key.trim_matches('/');
+            return Ok(Watched {
+                store,
+                prefix: (!key.is_empty()).then(|| ObjectPath::from(key)),
+                bucket: url.authority.to_owned(),
+                url_base: format!("{}/", url.base()),
+                local: None,
+            });
+        }
+        let folder = PathBuf::from(&t.url);
+        match std::fs::metadata(&folder) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(config("is not a folder".into())),
+            Err(e) => return Err(config(format!("cannot watch this folder: {e}"))),
+        }
+        let folder = folder.canonicalize().unwrap_or(folder);
+        let prefix = ObjectPath::from_absolute_path(&folder)
+            .map_err(|e| config(format!("not a usable folder path: {e}")))?;
+        Ok(Watched {
+            store: Arc::new(object_store::local::LocalFileSystem::new()),
+            prefix: Some(prefix),
+            bucket: folder.display().to_string(),
+            url_base: "/".into(),
+            local: Some(folder),
+        })
+    }
+
+    /// How people see the object: its URL or local path.
+    fn name(&self, location: &ObjectPath) -> String {
+        format!("{}{location}", self.url_base)
+    }
+
+    /// The event's key: the object's key, or its path below the folder.
+    fn key(&self, location: &ObjectPath) -> String {
+        match (&self.local, &self.prefix) {
+            (Some(_), Some(prefix)) => location
+                .prefix_match(prefix)
+                .map(|parts| parts.map(|p| p.as_ref().to_owned()).collect::<Vec<_>>())
+                .map_or_else(|| location.to_string(), |parts| parts.join("/")),
+            _ => location.to_string(),
+        }
+    }
+
+    /// Every object below the prefix that the trigger may call, by name.
+    async fn list(&self, suffix: Option<&str>) -> object_store::Result<Vec<ObjectMeta>> {
+        let mut out = Vec::new();
+        let mut listing = self.store.list(self.prefix.as_ref());
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            let below = self.key(&meta.location);
+            if below.split('/').any(|part| part.starts_with('.')) {
+                continue;
+            }
+            if suffix.is_some_and(|s| !meta.location.as_ref().ends_with(s)) {
+                continue;
+            }
+            out.push(meta);
+        }
+        out.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(out)
+    }
+}
+
+/// Identifies one version of an object.
+fn version(meta: &ObjectMeta) -> String {
+    meta.e_tag.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            meta.size,
+            meta.last_modified.timestamp_nanos_opt().unwrap_or_default()
+        )
+    })
+}
+
+/// How an object's handling ended, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Succeeded,
+    /// Written to the dead-letter file.
+    Failed,
+    /// There before the trigger first ran (`starting_position`).
+    Skipped,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+/// The progress store.
+struct Progress {
+    db: Arc<Database>,
+    trigger: String,
+}
+
+impl Progress {
+    fn open(t: &ObjectTrigger) -> Result<Self, IngestError> {
+        let err = |message: String| IngestError::Config {
+            trigger: t.name.clone(),
+            message: format!("progress store {}: {message}", t.progress.display()),
+        };
+        if let Some(dir) = t.progress.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        }
+        let db = Database::create(&t.progress).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => err(
+                "in use by another sluice run of this pipeline (an object-store trigger runs in \
+                 one process; stop the other, or give this one its own `progress`)"
+                    .into(),
+            ),
+            other => err(other.to_string()),
+        })?;
+        let p = Progress {
+            db: Arc::new(db),
+            trigger: t.name.clone(),
+        };
+        let w = p.db.begin_write().map_err(|e| p.err(e))?;
+        w.open_table(OBJECTS).map_err(|e| p.err(e))?;
+        w.open_table(META).map_err(|e| p.err(e))?;
+        w.commit().map_err(|e| p.err(e))?;
+        Ok(p)
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> IngestError {
+        IngestError::Progress {
+            trigger: self.trigger.clone(),
+            message: e.into().to_string(),
+        }
+    }
+
+    /// The recorded version of every object handled.
+    fn versions(&self) -> Result<BTreeMap<String, String>, IngestError> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = r.open_table(OBJECTS).map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let version = v.value().rsplit_once(' ').map_or("", |(v, _)| v);
+            out.insert(k.value().to_owned(), version.to_owned());
+        }
+        Ok(out)
+    }
+
+    fn started(&self) -> Result<bool, IngestError> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = r.open_table(META).map_err(|e| self.err(e))?;
+        Ok(table.get("started").map_err(|e| self.err(e))?.is_some())
+    }
+
+    /// Records `objects` (location, version) with `outcome`, and, with
+    /// `start`, that the first listing was taken; durably, in one commit.
+    fn record(
+        &self,
+        objects: &[(String, String)],
+        outcome: Outcome,
+        start: bool,
+    ) -> Result<(), IngestError> {
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = w.open_table(OBJECTS).map_err(|e| self.err(e))?;
+            for (location, version) in objects {
+                let value = format!("{version} {}", outcome.as_str());
+                table
+                    .insert(location.as_str(), value.as_str())
+                    .map_err(|e| self.err(e))?;
+            }
+            if start {
+                let mut meta = w.open_table(META).map_err(|e| self.err(e))?;
+                meta.insert("started", "1").map_err(|e| self.err(e))?;
+            }
+        }
+        w.commit().map_err(|e| self.err(e))
+    }
+
+    /// [`Self::record`] off the async threads (a commit waits for the disk).
+    async fn record_async(
+        self: &Arc<Self>,
+        objects: Vec<(String, String)>,
+        outcome: Outcome,
+        start: bool,
+    ) -> Result<(), IngestError> {
+        let p = Arc::clone(self);
+        tokio::task::spawn_blocking(move || p.record(&objects, outcome, start))
+            .await
+            .map_err(|e| IngestError::Progress {
+                trigger: self.trigger.clone(),
+                message: e.to_string(),
+            })?
+    }
+}
+
+/// The dead-letter file, appended to and synced line by line.
+struct DeadLetter {
+    path: PathBuf,
+    lock: Mutex<()>,
+}
+
+impl DeadLetter {
+    fn append(&self, line: &serde_json::Value) -> std::io::Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        let mut text = line.to_string();
+        text.push('\n');
+        f.write_all(text.as_bytes())?;
+        f.sync_data()
+    }
+}
+
+/// What the object calls of one trigger share.
+struct Shared {
+    t: ObjectTrigger,
+    env: ObjectEnv,
+    watched: Watched,
+    progress: Arc<Progress>,
+    dead_letter: DeadLetter,
+    region: String,
+}
+
+/// S3's encoding of keys in event notifications: form encoding (a space is
+/// `+`), `/` kept.
+fn event_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The S3 event notification of one object (Lambda's format, one record),
+/// plus a `sluice` member naming the object and where its bytes are.
+pub fn s3_event(
+    trigger: &str,
+    region: &str,
+    bucket: &str,
+    key: &str,
+    meta: &ObjectMeta,
+    name: &str,
+) -> serde_json::Value {
+    let time = meta
+        .last_modified
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string();
+    let sequencer = format!(
+        "{:016X}",
+        meta.last_modified.timestamp_nanos_opt().unwrap_or_default()
+    );
+    let mut object = json!({
+        "key": event_key(key),
+        "size": meta.size,
+        "sequencer": sequencer,
+    });
+    if let Some(tag) = &meta.e_tag {
+        object["eTag"] = json!(tag.trim_matches('"'));
+    }
+    if let Some(v) = &meta.version {
+        object["versionId"] = json!(v);
+    }
+    json!({"Records": [{
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "awsRegion": region,
+        "eventTime": time,
+        "eventName": "ObjectCreated:Put",
+        "userIdentity": {"principalId": "sluice"},
+        "requestParameters": {"sourceIPAddress": "127.0.0.1"},
+        "responseElements": {"x-amz-request-id": "sluice", "x-amz-id-2": "sluice"},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": trigger,
+            "bucket": {
+                "name": bucket,
+                "ownerIdentity": {"principalId": "sluice"},
+                "arn": format!("arn:aws:s3:::{bucket}"),
+            },
+            "object": object,
+        },
+        "sluice": {"object": name, "payloadPath": sluice_protocol::ATTACHMENT_PATH},
+    }]})
+}
+
+/// Runs `t` until `stop` turns true; calls in flight then finish (a call
+/// waiting to be retried is left for the next run) and the function
+/// returns.
+///
+/// # Errors
+/// [`IngestError::Config`] when the prefix cannot be watched or the
+/// progress store cannot be opened; [`IngestError::Progress`] when it can
+/// no longer be written (nothing is called without it).
+pub async fn run_object_trigger(
+    t: ObjectTrigger,
+    env: ObjectEnv,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let watched = Watched::open(&t)?;
+    let progress = Arc::new(Progress::open(&t)?);
+    let limit = env.max_concurrency.max(1);
+    let shared = Arc::new(Shared {
+        dead_letter: DeadLetter {
+            path: t.dead_letter.clone(),
+            lock: Mutex::new(()),
+        },
+        region: std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
+        watched,
+        progress,
+        env,
+        t,
+    });
+    let t = &shared.t;
+    tracing::info!(trigger = %t.name, url = %t.url, function = %t.function, "watching for objects");
+
+    let mut pending: VecDeque<ObjectMeta> = VecDeque::new();
+    let mut in_flight: HashSet<String> = HashSet::new();
+    let mut calls: JoinSet<(String, Result<(), IngestError>)> = JoinSet::new();
+    let mut next_list = Instant::now();
+    let mut listing_failed = false;
+    // Versions seen by the previous listing.
+    let mut previous: HashMap<String, String> = HashMap::new();
+    let mut first = true;
+    let result = loop {
+        while calls.len() < limit
+            && let Some(meta) = pending.pop_front()
+        {
+            let location = meta.location.to_string();
+            in_flight.insert(location.clone());
+            let s = Arc::clone(&shared);
+            let stop = stop.clone();
+            calls.spawn(async move { (location, handle(&s, meta, stop).await) });
+        }
+        tokio::select! {
+            () = stopped(&mut stop) => break Ok(()),
+            Some(done) = calls.join_next(), if !calls.is_empty() => {
+                match done {
+                    Ok((location, Ok(()))) => { in_flight.remove(&location); }
+                    Ok((_, Err(e))) => break Err(e),
+                    Err(e) => break Err(IngestError::Progress {
+                        trigger: t.name.clone(),
+                        message: format!("an object call panicked: {e}"),
+                    }),
+                }
+            }
+            _ = tokio::time::sleep_until(next_list) => {
+                next_list = Instant::now() + t.poll_interval;
+                let listed = match shared.watched.list(t.suffix.as_deref()).await {
+                    Ok(l) => {
+                        if listing_failed {
+                            tracing::info!(trigger = %t.name, url = %t.url, "listing works again");
+                            listing_failed = false;
+                        }
+                        l
+                    }
+                    Err(e) => {
+                        // Once per outage; the next poll tries again.
+                        if !listing_failed {
+                            tracing::warn!(trigger = %t.name, url = %t.url,
+                                "cannot list the objects: {}; retrying every {:?}",
+                                with_credentials_hint(&t.url, e.to_string()), t.poll_interval);
+                            listing_failed = true;
+                        }
+                        shared.env.metrics.function_error(&t.name, "Sluice.ListingFailed");
+                        continue;
+                    }
+                };
+                if first {
+                    first = false;
+                    if let Err(e) = start(&shared, &listed).await {
+                        break Err(e);
+                    }
+                    shared.env.activity.triggers_assigned.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let done = match shared.progress.versions() {
+                    Ok(d) => d,
+                    Err(e) => break Err(e),
+                };
+                // A local file may still be being written: it is called once
+                // two listings in a row saw the same version of it.
+                let settle = shared.watched.local.is_some();
+                let listed_now: HashMap<String, String> = listed
+                    .iter()
+                    .map(|m| (m.location.to_string(), version(m)))
+                    .collect();
+                pending = listed
+                    .into_iter()
+                    .filter(|m| {
+                        let location = m.location.to_string();
+                        let v = version(m);
+                        !in_flight.contains(&location)
+                            && done.get(&location).is_none_or(|d| *d != v)
+                            && (!settle || previous.get(&location) == Some(&v))
+                    })
+                    .collect();
+                previous = listed_now;
+            }
+        }
+    };
+    // Calls in flight finish (or give up their backoff) and are recorded.
+    while let Some(done) = calls.join_next().await {
+        if let Ok((_, Err(e))) = done {
+            tracing::error!(trigger = %t.name, "{e}");
+        }
+    }
+    tracing::info!(trigger = %t.name, "trigger stopped");
+    result
+}
+
+/// The first listing of a trigger that never ran: objects already there
+/// are skipped as `starting_position` says.
+async fn start(shared: &Arc<Shared>, listed: &[ObjectMeta]) -> Result<(), IngestError> {
+    let t = &shared.t;
+    if shared.progress.started()? {
+        return Ok(());
+    }
+    let skipped: Vec<(String, String)> = listed
+        .iter()
+        .filter(|m| match t.starting_position {
+            StartingPosition::Earliest => false,
+            StartingPosition::Latest => true,
+            StartingPosition::Timestamp(ms) => m.last_modified.timestamp_millis() < ms,
+        })
+        .map(|m| (m.location.to_string(), version(m)))
+        .collect();
+    if !skipped.is_empty() {
+        tracing::warn!(
+            trigger = %t.name,
+            "{} already under {} {} skipped (`starting_position` is {}); set `starting_position = \"earliest\"` on the trigger to process them",
+            match skipped.len() {
+                1 => "1 object".to_owned(),
+                n => format!("{n} objects"),
+            },
+            t.url,
+            if skipped.len() == 1 { "is" } else { "are" },
+            match t.starting_position {
+                StartingPosition::Timestamp(_) => "a time after they were written",
+                _ => "\"latest\", the default",
+            }
+        );
+    }
+    shared
+        .progress
+        .record_async(skipped, Outcome::Skipped, true)
+        .await
+}
+
+/// One object: fetch, call with retries, record. `Ok` also when the call
+/// was abandoned to a stop (nothing recorded: the next run calls it).
+async fn handle(
+    shared: &Arc<Shared>,
+    meta: ObjectMeta,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let t = &shared.t;
+    let activity = &shared.env.activity;
+    let metrics = &shared.env.metrics;
+    activity.received(1);
+    let _finished = Finished(activity);
+    let name = shared.watched.name(&meta.location);
+    let key = shared.watched.key(&meta.location);
+    let recorded = vec![(meta.location.to_string(), version(&meta))];
+
+    if meta.size > t.max_object_bytes {
+        let failure = Failure {
+            error_type: "Sluice.ObjectTooLarge".into(),
+            message: format!(
+                "{name} is {} bytes, more than the trigger's max_object_bytes ({})",
+                meta.size, t.max_object_bytes
+            ),
+            retryable: false,
+        };
+        return fail(shared, &meta, &name, &key, &failure, 0, recorded).await;
+    }
+    let bytes: Bytes = match fetch(&shared.watched, &meta.location).await {
+        Ok(b) => b,
+        Err(object_store::Error::NotFound { .. }) => {
+            tracing::debug!(trigger = %t.name, object = %name, "deleted before it was read");
+            return Ok(());
+        }
+        Err(e) => {
+            // Left unrecorded: the next listing offers it again.
+            tracing::warn!(trigger = %t.name, object = %name,
+                "cannot read the object: {}; trying again at the next listing",
+                with_credentials_hint(&t.url, e.to_string()));
+            metrics.function_error(&t.name, "Sluice.ReadFailed");
+            return Ok(());
+        }
+    };
+    let event = s3_event(
+        &t.name,
+        &shared.region,
+        &shared.watched.bucket,
+        &key,
+        &meta,
+        &name,
+    )
+    .to_string();
+    let mut attempts = 0u32;
+    let mut delay = t.retry_backoff;
+    loop {
+        attempts += 1;
+        let opts = InvokeOptions {
+            attachment: Some(bytes.clone()),
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let result = shared
+            .env
+            .executor
+            .invoke_with(&t.function, event.as_bytes(), opts)
+            .await;
+        metrics.observe_invoke(&t.name, started.elapsed().as_secs_f64());
+        let e = match result {
+            Ok(_) => {
+                metrics.batch(&t.name, BatchOutcome::Success);
+                tracing::debug!(trigger = %t.name, object = %name, attempts, "object done");
+                return shared
+                    .progress
+                    .record_async(recorded, Outcome::Succeeded, false)
+                    .await;
+            }
+            Err(InvokeError::ShuttingDown) => return Ok(()),
+            Err(e) => e,
+        };
+        let failure = Failure::from(&e);
+        metrics.function_error(&t.name, &failure.error_type);
+        if attempts > t.max_retry_attempts {
+            return fail(shared, &meta, &name, &key, &failure, attempts, recorded).await;
+        }
+        tracing::warn!(trigger = %t.name, object = %name, attempts, error_type = %failure.error_type,
+            "call failed: {}; retrying in {delay:?}", for_log(&failure.message));
+        metrics.retry(&t.name);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            () = stopped(&mut stop) => return Ok(()),
+        }
+        delay = (delay * 2).min(t.retry_backoff_max);
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Decrements the backlog however a call ends.
+struct Finished<'a>(&'a Activity);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.finished(1);
+    }
+}
+
+async fn fetch(watched: &Watched, location: &ObjectPath) -> object_store::Result<Bytes> {
+    watched.store.get(location).await?.bytes().await
+}
+
+/// Writes the object to the dead-letter file, then records it as failed.
+async fn fail(
+    shared: &Arc<Shared>,
+    meta: &ObjectMeta,
+    name: &str,
+    key: &str,
+    failure: &Failure,
+    attempts: u32,
+    recorded: Vec<(String, String)>,
+) -> Result<(), IngestError> {
+    let t = &shared.t;
+    let line = json!({
+        "trigger": t.name,
+        "function": t.function,
+        "object": name,
+        "bucket": shared.watched.bucket,
+        "key": key,
+        "size": meta.size,
+        "eTag": meta.e_tag,
+        "lastModified": meta.last_modified.to_rfc3339(),
+        "attempts": attempts,
+        "errorType": failure.error_type,
+        "errorMessage": failure.message,
+    });
+    let s = Arc::clone(shared);
+    tokio::task::spawn_blocking(move || s.dead_letter.append(&line))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|e| IngestError::DeadLetter {
+            trigger: t.name.clone(),
+            file: t.dead_letter.clone(),
+            source: e,
+        })?;
+    shared.env.metrics.batch(&t.name, BatchOutcome::Failed);
+    shared.env.metrics.dlq_write(&t.name, 1);
+    tracing::error!(trigger = %t.name, object = %name, attempts, error_type = %failure.error_type,
+        dead_letter = %t.dead_letter.display(),
+        "object failed for good: {}; written to the dead-letter file", for_log(&failure.message));
+    shared
+        .progress
+        .record_async(recorded, Outcome::Failed, false)
+        .await
+}
+
+/// Where a trigger's objects are recorded, for `sluice` to print.
+pub fn describe(t: &ObjectTrigger) -> String {
+    format!(
+        "trigger {}: watching {} every {:?} (progress {}, dead letters {})",
+        t.name,
+        t.url,
+        t.poll_interval,
+        t.progress.display(),
+        t.dead_letter.display()
+    )
+}

@@ -1,0 +1,339 @@
+//! Object-store triggers, in process, with the `line-count` example
+//! function in process sandboxes: each new or overwritten object is called
+//! once with an S3 event and its bytes staged; hidden objects and objects
+//! there before the first run are left out; failures are retried, then go
+//! to the dead-letter file; too-large objects go there without a call; a
+//! restart calls only what it has not recorded.
+//!
+//! Against `object_store`'s in-memory store, and against a real
+//! S3-protocol server when `SLUICE_TEST_S3` names a bucket
+//! (`scripts/test-s3.sh` starts moto and sets it). Tests wait on the
+//! function's log lines under a deadline.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use aws_lambda_events::event::s3::S3Event;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectMeta, ObjectStore, PutPayload};
+use serde_json::Value;
+use sluice_executor::process::{ProcessBackend, ProcessConfig};
+use sluice_executor::{Executor, LogLine, LogSink, LogStream};
+use sluice_ingest::IngestError;
+use sluice_ingest::kafka::Activity;
+use sluice_ingest::metrics::Metrics;
+use sluice_ingest::objects::{ObjectEnv, register_object_store, run_object_trigger, s3_event};
+use sluice_pipeline::Pipeline;
+use sluice_test_support::{FunctionFixture, Lines, agent_binary, function_fixture};
+use tokio::sync::watch;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The function's stdout lines.
+#[derive(Default)]
+struct Log {
+    lines: Lines,
+}
+
+impl Log {
+    fn sink(self: &Arc<Self>) -> LogSink {
+        let log = Arc::clone(self);
+        Arc::new(move |l: LogLine| {
+            if l.stream == LogStream::Stdout {
+                log.lines.push(l.line);
+            }
+        })
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.snapshot()
+    }
+
+    /// Waits until `done` holds (checked at each new line and every
+    /// 50 ms); panics after [`DEADLINE`].
+    fn wait(&self, what: &str, done: impl Fn(&[String]) -> bool) {
+        if self
+            .lines
+            .wait_for(DEADLINE, |lines| done(lines).then_some(()))
+            .is_none()
+        {
+            panic!(
+                "timed out waiting for {what}; function log:\n{}",
+                self.lines().join("\n")
+            );
+        }
+    }
+}
+
+/// A running trigger.
+struct Run {
+    rt: tokio::runtime::Runtime,
+    executor: Executor,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), IngestError>>,
+    activity: Arc<Activity>,
+    log: Arc<Log>,
+}
+
+impl Run {
+    fn start(p: &Pipeline) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let log = Arc::new(Log::default());
+        let executor = Executor::with_log_sink(
+            Arc::new(ProcessBackend::new(ProcessConfig::detect(agent_binary()))),
+            log.sink(),
+        );
+        for f in p.functions.values() {
+            executor.register(sluice_ingest::function_spec(f));
+        }
+        let activity = Arc::new(Activity::default());
+        let env = ObjectEnv {
+            executor: executor.clone(),
+            metrics: Metrics::new(),
+            activity: activity.clone(),
+            max_concurrency: 2,
+        };
+        let (stop, rx) = watch::channel(false);
+        let task = rt.spawn(run_object_trigger(p.object_triggers[0].clone(), env, rx));
+        let run = Self {
+            rt,
+            executor,
+            stop,
+            task,
+            activity,
+            log,
+        };
+        // Objects put from now on are new to the trigger.
+        run.log.wait("the first listing", |_| {
+            run.activity.triggers_assigned.load(Ordering::SeqCst) > 0 || run.task.is_finished()
+        });
+        assert!(!run.task.is_finished(), "the trigger stopped at once");
+        run
+    }
+
+    /// Waits until `n` objects were received and all are finished.
+    fn wait_finished(&self, n: u64) {
+        self.log.wait(&format!("{n} objects finished"), |_| {
+            self.activity.records.load(Ordering::SeqCst) >= n
+                && self.activity.backlog.load(Ordering::SeqCst) == 0
+        });
+    }
+
+    /// Stops the trigger; returns the function's log lines.
+    fn stop(self) -> Vec<String> {
+        let _ = self.stop.send(true);
+        let executor = self.executor.clone();
+        let task = self.task;
+        self.rt.block_on(async move {
+            match tokio::time::timeout(DEADLINE, task).await {
+                Err(_) => panic!("the trigger did not stop within {DEADLINE:?}"),
+                Ok(r) => r.expect("trigger task").expect("run_object_trigger"),
+            }
+            executor.shutdown().await;
+        });
+        self.log.lines()
+    }
+}
+
+fn pipeline(dir: &Path, f: &FunctionFixture, url: &str) -> Pipeline {
+    let text = format!(
+        r#"
+[functions.count]
+path = {path:?}
+
+[[trigger.object_store]]
+name = "count-objects"
+function = "count"
+url = "{url}"
+poll_interval = "20ms"
+max_object_bytes = 64
+max_retry_attempts = 1
+retry_backoff = "1ms"
+"#,
+        path = f.dir,
+    );
+    Pipeline::parse(&text, &dir.join("pipeline.toml"))
+        .unwrap_or_else(|e| panic!("{e}\n--- pipeline ---\n{text}"))
+}
+
+fn put(rt: &tokio::runtime::Runtime, store: &Arc<dyn ObjectStore>, key: &str, bytes: &[u8]) {
+    let (store, key, bytes) = (Arc::clone(store), ObjectPath::from(key), bytes.to_vec());
+    rt.block_on(async move { store.put(&key, PutPayload::from(bytes)).await })
+        .unwrap_or_else(|e| panic!("put: {e}"));
+}
+
+/// Calls of `key` in the log (`KEY: N lines, M bytes`).
+fn calls<'a>(lines: &'a [String], key: &str) -> Vec<&'a str> {
+    let head = format!("{key}: ");
+    lines.iter().filter_map(|l| l.strip_prefix(&head)).collect()
+}
+
+/// The whole scenario against `store`, whose objects are named `url`
+/// followed by their key below `prefix` (`prefix` ends with `/`).
+fn scenario(store: Arc<dyn ObjectStore>, url: &str, prefix: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = function_fixture("line-count");
+    let p = pipeline(dir.path(), &f, url);
+    let io = tokio::runtime::Runtime::new().unwrap();
+    let key = |k: &str| format!("{prefix}{k}");
+
+    // There before the first run: skipped (`starting_position` "latest").
+    put(&io, &store, &key("old.txt"), b"old\n");
+    let run = Run::start(&p);
+    put(&io, &store, &key("a.txt"), b"1\n2\n");
+    put(&io, &store, &key("sub/b c.txt"), b"b\n");
+    put(&io, &store, &key("bad.bin"), b"\xff\xfe");
+    put(&io, &store, &key(".partial"), b"not yet\n");
+    put(&io, &store, &key("sub/.hidden/x.txt"), b"x\n");
+    put(&io, &store, &key("big.txt"), &[b'x'; 65]);
+    run.wait_finished(4);
+    // Overwritten: a new version, called again.
+    put(&io, &store, &key("a.txt"), b"1\n2\n3\n");
+    run.wait_finished(5);
+    let first = run.stop();
+
+    let a = key("a.txt");
+    assert_eq!(
+        calls(&first, &a),
+        ["2 lines, 4 bytes", "3 lines, 6 bytes"],
+        "{first:#?}"
+    );
+    // S3 events carry keys form-encoded.
+    assert_eq!(
+        calls(&first, &key("sub/b+c.txt")),
+        ["1 lines, 2 bytes"],
+        "{first:#?}"
+    );
+    for never in [
+        "old.txt",
+        ".partial",
+        "sub/.hidden/x.txt",
+        "big.txt",
+        "bad.bin",
+    ] {
+        assert!(calls(&first, &key(never)).is_empty(), "{never}: {first:#?}");
+    }
+    assert_eq!(first.len(), 3, "{first:#?}");
+
+    // Failures: bad.bin after its retry (2 attempts), big.txt without a call.
+    let dead = std::fs::read_to_string(&p.object_triggers[0].dead_letter).unwrap();
+    let dead: Vec<Value> = dead
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 2, "{dead:#?}");
+    let of = |k: &str| {
+        dead.iter()
+            .find(|d| d["key"] == key(k).as_str() || d["key"] == k)
+            .unwrap_or_else(|| panic!("no dead letter for {k}: {dead:#?}"))
+    };
+    let bad = of("bad.bin");
+    assert_eq!(bad["errorType"], "NotText", "{bad}");
+    assert_eq!(bad["attempts"], 2, "{bad}");
+    assert_eq!(bad["function"], "count", "{bad}");
+    assert_eq!(bad["size"], 2, "{bad}");
+    let big = of("big.txt");
+    assert_eq!(big["errorType"], "Sluice.ObjectTooLarge", "{big}");
+    assert_eq!(big["attempts"], 0, "{big}");
+
+    // Restarted: only what appeared meanwhile is called.
+    put(&io, &store, &key("late.txt"), b"l\n");
+    let run = Run::start(&p);
+    run.wait_finished(1);
+    let second = run.stop();
+    assert_eq!(
+        calls(&second, &key("late.txt")),
+        ["1 lines, 2 bytes"],
+        "{second:#?}"
+    );
+    assert_eq!(second.len(), 1, "{second:#?}");
+    let dead = std::fs::read_to_string(&p.object_triggers[0].dead_letter).unwrap();
+    assert_eq!(dead.lines().count(), 2, "{dead}");
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+#[test]
+fn memory_store_new_and_changed_objects_are_called_once() {
+    let name = format!(
+        "objects-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    register_object_store(&format!("memory://{name}"), Arc::clone(&store));
+    // Keys in events are relative to the bucket: the whole key.
+    scenario(store, &format!("memory://{name}/in/"), "in/");
+}
+
+/// The same against a real S3-protocol server: `SLUICE_TEST_S3` names a
+/// bucket the test may write to, `s3://BUCKET`, with the credentials,
+/// region and endpoint in the usual `AWS_*` variables.
+#[test]
+fn s3_new_and_changed_objects_are_called_once() {
+    let Ok(bucket) = std::env::var("SLUICE_TEST_S3") else {
+        eprintln!("skipped: SLUICE_TEST_S3 is not set (scripts/test-s3.sh sets it)");
+        return;
+    };
+    let bucket = bucket.trim_end_matches('/');
+    let prefix = format!(
+        "sluice-test-objects-{}-{}/",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let store = object_store::aws::AmazonS3Builder::from_env()
+        .with_url(bucket)
+        .build()
+        .unwrap();
+    scenario(Arc::new(store), &format!("{bucket}/{prefix}"), &prefix);
+}
+
+#[test]
+fn the_event_is_an_s3_notification_lambda_code_reads() {
+    let meta = ObjectMeta {
+        location: ObjectPath::from("in/2024/my report+final.csv"),
+        last_modified: "2024-05-01T12:30:00.250Z".parse().unwrap(),
+        size: 1234,
+        e_tag: Some("\"9b2cf535f27731c974343645a3985328\"".into()),
+        version: None,
+    };
+    let event = s3_event(
+        "t",
+        "eu-west-1",
+        "landing",
+        "in/2024/my report+final.csv",
+        &meta,
+        "s3://landing/in/2024/my report+final.csv",
+    );
+    let parsed: S3Event = serde_json::from_value(event.clone()).expect("S3Event");
+    let r = &parsed.records[0];
+    assert_eq!(r.event_source.as_deref(), Some("aws:s3"));
+    assert_eq!(r.event_name.as_deref(), Some("ObjectCreated:Put"));
+    assert_eq!(r.aws_region.as_deref(), Some("eu-west-1"));
+    assert_eq!(r.event_time, meta.last_modified);
+    assert_eq!(r.s3.bucket.name.as_deref(), Some("landing"));
+    assert_eq!(r.s3.bucket.arn.as_deref(), Some("arn:aws:s3:::landing"));
+    assert_eq!(
+        r.s3.object.key.as_deref(),
+        Some("in/2024/my+report%2Bfinal.csv")
+    );
+    assert_eq!(r.s3.object.size, Some(1234));
+    assert_eq!(
+        r.s3.object.e_tag.as_deref(),
+        Some("9b2cf535f27731c974343645a3985328")
+    );
+    assert_eq!(r.s3.configuration_id.as_deref(), Some("t"));
+    let extra = &event["Records"][0]["sluice"];
+    assert_eq!(extra["object"], "s3://landing/in/2024/my report+final.csv");
+    assert_eq!(extra["payloadPath"], sluice_protocol::ATTACHMENT_PATH);
+}

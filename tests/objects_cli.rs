@@ -1,0 +1,151 @@
+//! `sluice run` with an object-store trigger on a local folder, as
+//! processes: files written after the start are called, hidden ones are
+//! not, and a second run of the same trigger is refused; `kill -9` mid-run
+//! then a restart calls every file at least once; a folder that does not
+//! exist is a usage error. Tests wait on the
+//! processes' stderr lines under a deadline.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use sluice_test_support::{Process, Signal, agent_binary, function_fixture};
+
+fn sluice(name: &str, pipeline: &Path, args: &[&str]) -> Process {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
+        .env("SLUICE_AGENT", agent_binary())
+        .arg("run")
+        .arg(pipeline)
+        .args(args);
+    Process::start(name, command)
+}
+
+/// A pipeline watching `dir/in` with the `line-count` function (one call
+/// at a time); `extra` adds trigger fields.
+fn write_pipeline(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let f = function_fixture("line-count");
+    let path = dir.join("pipeline.toml");
+    std::fs::create_dir_all(dir.join("in")).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[functions.count]\npath = {:?}\nconcurrency = 1\n\n[[trigger.object_store]]\nfunction = \"count\"\nurl = \"in\"\npoll_interval = \"20ms\"\n{extra}\n",
+            f.dir
+        ),
+    )
+    .unwrap();
+    // The fixture's folder must outlive the pipeline's runs.
+    std::mem::forget(f);
+    path
+}
+
+/// Keys the function reported (`[count] KEY: N lines, M bytes`).
+fn called(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("[count] "))
+        .filter_map(|l| l.split_once(": ").map(|(k, _)| k.to_owned()))
+        .collect()
+}
+
+#[test]
+fn files_written_while_running_are_called_and_hidden_ones_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write_pipeline(dir.path(), "");
+    let input = dir.path().join("in");
+    std::fs::write(input.join("before.txt"), "there first\n").unwrap();
+    let mut run = sluice("run", &pipeline, &[]);
+    run.wait_line("the existing file skipped", |l| {
+        l.contains("1 object already under") && l.contains("starting_position")
+    });
+    std::fs::write(input.join(".upload.tmp"), "half\n").unwrap();
+    // Written in place, in two writes: called once, whole.
+    let mut file = std::fs::File::create(input.join("orders.csv")).unwrap();
+    file.write_all(b"id\n1\n").unwrap();
+    file.sync_all().unwrap();
+    file.write_all(b"2\n").unwrap();
+    drop(file);
+    run.wait_line("orders.csv called", |l| {
+        l == "[count] orders.csv: 3 lines, 7 bytes"
+    });
+    // A second run of the same trigger is refused: one process per
+    // trigger (its progress store is a local file).
+    let mut second = sluice("second", &pipeline, &[]);
+    let (status, _) = second.finish();
+    let second_log = second.log();
+    assert_eq!(status.code(), Some(2), "{second_log}");
+    assert!(
+        second_log.contains("in use by another sluice run"),
+        "{second_log}"
+    );
+    run.signal(Signal::SIGTERM);
+    let (status, _) = run.finish();
+    let log = run.log();
+    assert!(status.success(), "{log}");
+    assert_eq!(called(&run.stderr()), ["orders.csv"], "{log}");
+}
+
+#[test]
+fn kill_9_mid_run_then_restart_calls_every_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write_pipeline(dir.path(), "starting_position = \"earliest\"");
+    let want: BTreeSet<String> = (0..100).map(|i| format!("f{i:03}.txt")).collect();
+    for name in &want {
+        std::fs::write(dir.path().join("in").join(name), format!("{name}\n")).unwrap();
+    }
+    let mut first = sluice("first", &pipeline, &[]);
+    first.wait_line("a first call", |l| l.starts_with("[count] f"));
+    first.signal(Signal::SIGKILL);
+    first.finish();
+    let first_log = first.log();
+    let before = called(&first.stderr());
+    assert!(
+        before.len() < want.len(),
+        "the kill came too late to test anything\n{first_log}"
+    );
+
+    let mut second = sluice("second", &pipeline, &["--stop-when-idle", "1s"]);
+    let (status, _) = second.finish();
+    let second_log = second.log();
+    assert!(status.success(), "{second_log}");
+    let after = called(&second.stderr());
+    let seen: BTreeSet<String> = before.iter().chain(&after).cloned().collect();
+    assert_eq!(
+        seen, want,
+        "first run:\n{first_log}\nsecond run:\n{second_log}"
+    );
+    // What the first run recorded is not called again: at most the call
+    // the kill interrupted is repeated.
+    let again = after.iter().filter(|k| before.contains(k)).count();
+    assert!(again <= 1, "called again: {again}\n{second_log}");
+}
+
+#[test]
+fn a_folder_that_does_not_exist_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write_pipeline(dir.path(), "");
+    std::fs::remove_dir(dir.path().join("in")).unwrap();
+    let mut run = sluice("run", &pipeline, &[]);
+    let (status, _) = run.finish();
+    let log = run.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("cannot watch this folder") && log.contains("/in"),
+        "{log}"
+    );
+    // `--produce` needs a Kafka trigger.
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let data = dir.path().join("r.jsonl");
+    std::fs::write(&data, "{}\n").unwrap();
+    let mut run = sluice(
+        "produce",
+        &pipeline,
+        &["--produce", &format!("t={}", data.display())],
+    );
+    let (status, _) = run.finish();
+    let log = run.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("declares no [[trigger.kafka]]"), "{log}");
+}
