@@ -323,6 +323,8 @@ struct Shared {
     progress: Arc<Progress>,
     dead_letter: DeadLetter,
     region: String,
+    /// Objects whose read failed and was logged.
+    unreadable: Mutex<HashSet<String>>,
 }
 
 /// S3's encoding of keys in event notifications: form encoding (a space is
@@ -415,6 +417,7 @@ pub async fn run_object_trigger(
             lock: Mutex::new(()),
         },
         region: std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
+        unreadable: Mutex::new(HashSet::new()),
         watched,
         progress,
         env,
@@ -589,10 +592,18 @@ async fn handle(
             return Ok(());
         }
         Err(e) => {
-            // Left unrecorded: the next listing offers it again.
-            tracing::warn!(trigger = %t.name, object = %name,
-                "cannot read the object: {}; trying again at the next listing",
-                with_credentials_hint(&t.url, e.to_string()));
+            // Left unrecorded: the next listing offers it again. Said once
+            // per object (not at every poll); counted every time.
+            let first = shared
+                .unreadable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone());
+            if first {
+                tracing::warn!(trigger = %t.name, object = %name,
+                    "cannot read the object: {}; trying again at each listing",
+                    with_credentials_hint(&t.url, e.to_string()));
+            }
             metrics.function_error(&t.name, "Sluice.ReadFailed");
             return Ok(());
         }
