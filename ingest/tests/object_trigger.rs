@@ -3,7 +3,8 @@
 //! once with an S3 event and its bytes staged; hidden objects and objects
 //! there before the first run are left out; failures are retried, then go
 //! to the dead-letter file; too-large objects go there without a call; a
-//! restart calls only what it has not recorded.
+//! restart calls only what it has not recorded; a store that cannot be
+//! reached is retried at each poll, not fatal.
 //!
 //! Against `object_store`'s in-memory store, and against a real
 //! S3-protocol server when `SLUICE_TEST_S3` names a bucket
@@ -75,11 +76,13 @@ struct Run {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), IngestError>>,
     activity: Arc<Activity>,
+    metrics: Arc<Metrics>,
     log: Arc<Log>,
 }
 
 impl Run {
-    fn start(p: &Pipeline) -> Self {
+    /// Starts the pipeline's first object-store trigger.
+    fn spawn(p: &Pipeline) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -94,23 +97,30 @@ impl Run {
             executor.register(sluice_ingest::function_spec(f));
         }
         let activity = Arc::new(Activity::default());
+        let metrics = Metrics::new();
         let env = ObjectEnv {
             executor: executor.clone(),
-            metrics: Metrics::new(),
+            metrics: metrics.clone(),
             activity: activity.clone(),
             max_concurrency: 2,
         };
         let (stop, rx) = watch::channel(false);
         let task = rt.spawn(run_object_trigger(p.object_triggers[0].clone(), env, rx));
-        let run = Self {
+        Self {
             rt,
             executor,
             stop,
             task,
             activity,
+            metrics,
             log,
-        };
-        // Objects put from now on are new to the trigger.
+        }
+    }
+
+    /// [`Self::spawn`], then waits for the first listing: objects put from
+    /// then on are new to the trigger.
+    fn start(p: &Pipeline) -> Self {
+        let run = Self::spawn(p);
         run.log.wait("the first listing", |_| {
             run.activity.triggers_assigned.load(Ordering::SeqCst) > 0 || run.task.is_finished()
         });
@@ -336,4 +346,56 @@ fn the_event_is_an_s3_notification_lambda_code_reads() {
     let extra = &event["Records"][0]["sluice"];
     assert_eq!(extra["object"], "s3://landing/in/2024/my report+final.csv");
     assert_eq!(extra["payloadPath"], sluice_protocol::ATTACHMENT_PATH);
+}
+
+/// An S3 endpoint that refuses connections: the trigger keeps listing at
+/// each poll (counting every failure in `/metrics`) instead of stopping,
+/// and still stops cleanly.
+#[test]
+fn a_listing_outage_is_counted_and_the_trigger_keeps_polling() {
+    let name = format!(
+        "outage-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(&name)
+        .with_region("us-east-1")
+        .with_endpoint(endpoint)
+        .with_allow_http(true)
+        .with_access_key_id("k")
+        .with_secret_access_key("s")
+        .with_retry(object_store::RetryConfig {
+            max_retries: 0,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    register_object_store(&format!("s3://{name}"), Arc::new(store));
+    let dir = tempfile::tempdir().unwrap();
+    let f = function_fixture("line-count");
+    let p = pipeline(dir.path(), &f, &format!("s3://{name}/in/"));
+    let run = Run::spawn(&p);
+    let failures = || {
+        run.metrics
+            .render()
+            .lines()
+            .filter(|l| {
+                l.starts_with("sluice_function_errors_total{") && l.contains("Sluice.ListingFailed")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    run.log.wait("three failed listings", |_| {
+        failures() >= 3 || run.task.is_finished()
+    });
+    assert!(
+        !run.task.is_finished(),
+        "the trigger stopped on a listing error"
+    );
+    assert_eq!(run.activity.triggers_assigned.load(Ordering::SeqCst), 0);
+    run.stop();
 }
