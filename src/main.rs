@@ -87,6 +87,10 @@ enum Command {
         /// Do not print the functions' log lines.
         #[arg(long, short)]
         quiet: bool,
+        /// Object-store triggers: call again the objects that failed for
+        /// good in earlier runs (they stay in the dead-letter file too).
+        #[arg(long)]
+        retry_failed: bool,
     },
     /// What this machine can run: KVM, namespaces, cgroups, seccomp,
     /// landlock, guest kernel, Kafka.
@@ -359,6 +363,7 @@ async fn dispatch(command: Command) -> u8 {
                 metrics_addr,
                 stop_when_idle,
                 quiet,
+                retry_failed,
             } => {
                 commands::run::run(commands::run::RunArgs {
                     pipeline,
@@ -367,6 +372,7 @@ async fn dispatch(command: Command) -> u8 {
                     metrics_addr,
                     stop_when_idle,
                     quiet,
+                    retry_failed,
                 })
                 .await
             }

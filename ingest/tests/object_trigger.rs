@@ -3,7 +3,8 @@
 //! once with an S3 event and its bytes staged; hidden objects and objects
 //! there before the first run are left out; failures are retried, then go
 //! to the dead-letter file; too-large objects go there without a call; a
-//! restart calls only what it has not recorded; a store that cannot be
+//! restart calls only what it has not recorded (and, asked to, what
+//! failed); a store that cannot be
 //! reached is retried at each poll, not fatal.
 //!
 //! Against `object_store`'s in-memory store, and against a real
@@ -83,6 +84,11 @@ struct Run {
 impl Run {
     /// Starts the pipeline's first object-store trigger.
     fn spawn(p: &Pipeline) -> Self {
+        Self::spawn_with(p, false)
+    }
+
+    /// [`Self::spawn`], with `retry_failed` as given.
+    fn spawn_with(p: &Pipeline, retry_failed: bool) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -103,6 +109,7 @@ impl Run {
             metrics: metrics.clone(),
             activity: activity.clone(),
             max_concurrency: 2,
+            retry_failed,
         };
         let (stop, rx) = watch::channel(false);
         let task = rt.spawn(run_object_trigger(p.object_triggers[0].clone(), env, rx));
@@ -120,7 +127,12 @@ impl Run {
     /// [`Self::spawn`], then waits for the first listing: objects put from
     /// then on are new to the trigger.
     fn start(p: &Pipeline) -> Self {
-        let run = Self::spawn(p);
+        Self::start_with(p, false)
+    }
+
+    /// [`Self::start`], with `retry_failed` as given.
+    fn start_with(p: &Pipeline, retry_failed: bool) -> Self {
+        let run = Self::spawn_with(p, retry_failed);
         run.log.wait("the first listing", |_| {
             run.activity.triggers_assigned.load(Ordering::SeqCst) > 0 || run.task.is_finished()
         });
@@ -266,6 +278,15 @@ fn scenario(store: Arc<dyn ObjectStore>, url: &str, prefix: &str) {
     assert_eq!(second.len(), 1, "{second:#?}");
     let dead = std::fs::read_to_string(&p.object_triggers[0].dead_letter).unwrap();
     assert_eq!(dead.lines().count(), 2, "{dead}");
+
+    // `--retry-failed`: the two failed objects are tried again (and fail
+    // again: two more dead letters); nothing else is called.
+    let run = Run::start_with(&p, true);
+    run.wait_finished(2);
+    let third = run.stop();
+    assert_eq!(third.len(), 0, "{third:#?}");
+    let dead = std::fs::read_to_string(&p.object_triggers[0].dead_letter).unwrap();
+    assert_eq!(dead.lines().count(), 4, "{dead}");
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);

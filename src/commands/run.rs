@@ -32,6 +32,8 @@ pub struct RunArgs {
     pub stop_when_idle: Option<Duration>,
     /// Don't print function output.
     pub quiet: bool,
+    /// Object-store triggers call again the objects recorded as failed.
+    pub retry_failed: bool,
 }
 
 fn print_log(line: LogLine) {
@@ -295,6 +297,7 @@ pub async fn run(args: RunArgs) -> u8 {
                 .functions
                 .get(&t.function)
                 .map_or(1, |f| f.concurrency as usize),
+            retry_failed: args.retry_failed,
         };
         tasks.spawn(objects::run_object_trigger(t, env, shutdown_rx.clone()));
     }

@@ -72,6 +72,10 @@ pub struct ObjectEnv {
     pub activity: Arc<Activity>,
     /// Objects called at once: the function's `concurrency`.
     pub max_concurrency: usize,
+    /// Forget the objects recorded as failed before the first listing, so
+    /// that they are called again (`sluice run --retry-failed`, once the
+    /// function or the objects are fixed).
+    pub retry_failed: bool,
 }
 
 /// The watched prefix.
@@ -244,6 +248,28 @@ impl Progress {
         Ok(out)
     }
 
+    /// Removes the records of failed objects; how many there were.
+    fn forget_failed(&self) -> Result<usize, IngestError> {
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        let n = {
+            let mut table = w.open_table(OBJECTS).map_err(|e| self.err(e))?;
+            let suffix = format!(" {}", Outcome::Failed.as_str());
+            let failed: Vec<String> = table
+                .iter()
+                .map_err(|e| self.err(e))?
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.value().ends_with(&suffix))
+                .map(|(k, _)| k.value().to_owned())
+                .collect();
+            for k in &failed {
+                table.remove(k.as_str()).map_err(|e| self.err(e))?;
+            }
+            failed.len()
+        };
+        w.commit().map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+
     fn started(&self) -> Result<bool, IngestError> {
         let r = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = r.open_table(META).map_err(|e| self.err(e))?;
@@ -411,6 +437,10 @@ pub async fn run_object_trigger(
     let watched = Watched::open(&t)?;
     let progress = Arc::new(Progress::open(&t)?);
     let limit = env.max_concurrency.max(1);
+    if env.retry_failed {
+        let n = progress.forget_failed()?;
+        tracing::info!(trigger = %t.name, "{n} objects recorded as failed will be called again (--retry-failed)");
+    }
     let shared = Arc::new(Shared {
         dead_letter: DeadLetter {
             path: t.dead_letter.clone(),
@@ -716,7 +746,7 @@ async fn fail(
     shared.env.metrics.dlq_write(&t.name, 1);
     tracing::error!(trigger = %t.name, object = %name, attempts, error_type = %failure.error_type,
         dead_letter = %t.dead_letter.display(),
-        "object failed for good: {}; written to the dead-letter file", for_log(&failure.message));
+        "object failed for good: {}; written to the dead-letter file (`sluice run --retry-failed` calls it again)", for_log(&failure.message));
     shared
         .progress
         .record_async(recorded, Outcome::Failed, false)
