@@ -488,7 +488,13 @@ pub async fn run_object_trigger(
             }
             _ = tokio::time::sleep_until(next_list) => {
                 next_list = Instant::now() + t.poll_interval;
-                let listed = match shared.watched.list(t.suffix.as_deref()).await {
+                // A listing can take long (the store's own retries in an
+                // outage): a stop does not wait for it.
+                let listing = tokio::select! {
+                    l = shared.watched.list(t.suffix.as_deref()) => l,
+                    () = stopped(&mut stop) => break Ok(()),
+                };
+                let listed = match listing {
                     Ok(l) => {
                         if listing_failed {
                             tracing::info!(trigger = %t.name, url = %t.url, "listing works again");
@@ -615,7 +621,11 @@ async fn handle(
         };
         return fail(shared, &meta, &name, &key, &failure, 0, recorded).await;
     }
-    let bytes: Bytes = match fetch(&shared.watched, &meta.location).await {
+    let fetched = tokio::select! {
+        r = fetch(&shared.watched, &meta.location) => r,
+        () = stopped(&mut stop) => return Ok(()),
+    };
+    let bytes: Bytes = match fetched {
         Ok(b) => b,
         Err(object_store::Error::NotFound { .. }) => {
             tracing::debug!(trigger = %t.name, object = %name, "deleted before it was read");
