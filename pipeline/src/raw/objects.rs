@@ -193,6 +193,15 @@ fn validate_url(
     if written.trim().is_empty() {
         return Err(bad(written));
     }
+    if written.contains(['*', '?', '[']) {
+        return Err(PipelineError::InvalidValue {
+            at: f.loc.at(span.clone()),
+            field: f.field("url"),
+            value: written,
+            expected: "a folder or prefix without glob characters: watch the folder, and \
+                       choose the objects by their ending with `suffix` (e.g. suffix = \".csv\")",
+        });
+    }
     if !is_url(&written) {
         let local = resolve(base, &written);
         let local = if Path::new(&local).is_absolute() {
