@@ -149,3 +149,35 @@ fn a_folder_that_does_not_exist_is_a_usage_error() {
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("declares no [[trigger.kafka]]"), "{log}");
 }
+
+#[test]
+fn a_failed_file_goes_to_the_dead_letter_file_and_retry_failed_calls_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write_pipeline(
+        dir.path(),
+        "starting_position = \"earliest\"\nmax_retry_attempts = 1\nretry_backoff = \"1ms\"",
+    );
+    std::fs::write(dir.path().join("in/ok.txt"), "fine\n").unwrap();
+    std::fs::write(dir.path().join("in/bad.bin"), b"\xff\xfe").unwrap();
+    let dead = dir
+        .path()
+        .join(".sluice-state/count-objects-1.dead-letter.jsonl");
+    for (round, args) in [
+        (1, &["--stop-when-idle", "1s"][..]),
+        (2, &["--stop-when-idle", "1s"][..]),
+        (3, &["--stop-when-idle", "1s", "--retry-failed"][..]),
+    ] {
+        let mut run = sluice("run", &pipeline, args);
+        let (status, _) = run.finish();
+        let log = run.log();
+        assert!(status.success(), "round {round}: {log}");
+        let want_ok = if round == 1 { vec!["ok.txt"] } else { vec![] };
+        assert_eq!(called(&run.stderr()), want_ok, "round {round}: {log}");
+        let lines = std::fs::read_to_string(&dead).unwrap();
+        // Round 2 calls nothing; round 3 calls bad.bin again.
+        let want = if round == 3 { 2 } else { 1 };
+        assert_eq!(lines.lines().count(), want, "round {round}: {lines}\n{log}");
+        assert!(lines.contains("\"errorType\":\"NotText\""), "{lines}");
+        assert!(lines.contains("\"attempts\":2"), "{lines}");
+    }
+}

@@ -312,15 +312,15 @@ pub async fn run(args: RunArgs) -> u8 {
     }
     let _ = maintenance.await;
     executor.shutdown().await;
-    let what = match (p.kafka_triggers.is_empty(), p.object_triggers.is_empty()) {
-        (false, true) => "records",
-        (true, false) => "objects",
+    let n = activity.records.load(std::sync::atomic::Ordering::Relaxed);
+    let what = match (p.kafka_triggers.is_empty(), p.object_triggers.is_empty(), n) {
+        (false, true, 1) => "record",
+        (false, true, _) => "records",
+        (true, false, 1) => "object",
+        (true, false, _) => "objects",
         _ => "records and objects",
     };
-    eprintln!(
-        "sluice: stopped after {} {what}",
-        activity.records.load(std::sync::atomic::Ordering::Relaxed)
-    );
+    eprintln!("sluice: stopped after {n} {what}");
     drop(embedded);
     code
 }

@@ -20,9 +20,10 @@
 //!
 //! Names starting with `.` (in any folder of the path) are left out, so a
 //! writer can upload under a hidden name and rename when done. A local file
-//! is called only once two listings in a row saw it unchanged, so a file
-//! still being written is not called half-written (object stores show an
-//! object only once its upload is complete). Objects are
+//! is called only once two listings in a row saw it unchanged, or once it
+//! has not changed for 2 s, so a file still being written is not called
+//! half-written (object stores show an object only once its upload is
+//! complete). Objects are
 //! invoked concurrently up to the function's `concurrency`; an object
 //! overwritten while its call runs is called again after it.
 //!
@@ -55,6 +56,15 @@ use crate::IngestError;
 use crate::kafka::Activity;
 use crate::kafka::lane::{Failure, for_log};
 use crate::metrics::{BatchOutcome, Metrics};
+
+/// A local file unchanged for this long is complete (see the loop).
+const LOCAL_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
 
 /// Objects handled: location → `version outcome`.
 const OBJECTS: TableDefinition<&str, &str> = TableDefinition::new("objects");
@@ -526,8 +536,10 @@ pub async fn run_object_trigger(
                     Err(e) => break Err(e),
                 };
                 // A local file may still be being written: it is called once
-                // two listings in a row saw the same version of it.
+                // two listings in a row saw the same version of it, or once
+                // it has not changed for `LOCAL_SETTLE`.
                 let settle = shared.watched.local.is_some();
+                let settled_before = now_ms() - LOCAL_SETTLE.as_millis() as i64;
                 let listed_now: HashMap<String, String> = listed
                     .iter()
                     .map(|m| (m.location.to_string(), version(m)))
@@ -539,7 +551,9 @@ pub async fn run_object_trigger(
                         let v = version(m);
                         !in_flight.contains(&location)
                             && done.get(&location).is_none_or(|d| *d != v)
-                            && (!settle || previous.get(&location) == Some(&v))
+                            && (!settle
+                                || previous.get(&location) == Some(&v)
+                                || m.last_modified.timestamp_millis() <= settled_before)
                     })
                     .collect();
                 previous = listed_now;
