@@ -64,7 +64,6 @@ fn files_written_while_running_are_called_and_hidden_ones_are_not() {
     // Written in place, in two writes: called once, whole.
     let mut file = std::fs::File::create(input.join("orders.csv")).unwrap();
     file.write_all(b"id\n1\n").unwrap();
-    file.sync_all().unwrap();
     file.write_all(b"2\n").unwrap();
     drop(file);
     run.wait_line("orders.csv called", |l| {
