@@ -125,6 +125,16 @@ fn kill_9_mid_run_then_restart_calls_every_file() {
 fn a_folder_that_does_not_exist_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = write_pipeline(dir.path(), "");
+    // `sluice validate` lists the trigger (it does not look at the folder).
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command.arg("validate").arg(&pipeline);
+    let mut validate = Process::start("validate", command);
+    let (status, out) = validate.finish();
+    assert!(status.success(), "{}", validate.log());
+    assert!(
+        out.contains("trigger count-objects-1: objects under ") && out.contains("-> count"),
+        "{out}"
+    );
     std::fs::remove_dir(dir.path().join("in")).unwrap();
     let mut run = sluice("run", &pipeline, &[]);
     let (status, _) = run.finish();

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::exit;
 
-/// Check the file and list its functions.
+/// Check the file and list its functions, triggers and jobs.
 pub fn run(path: &Path) -> u8 {
     let p = match super::load_pipeline(path) {
         Ok(p) => p,
@@ -22,6 +22,32 @@ pub fn run(path: &Path) -> u8 {
             f.tenant,
             f.backend
         );
+    }
+    for t in &p.kafka_triggers {
+        println!(
+            "  trigger {}: Kafka topics {} ({}, group {}) -> {}",
+            t.name,
+            t.topics.join(", "),
+            t.bootstrap_servers,
+            t.group_id,
+            t.function
+        );
+    }
+    for t in &p.object_triggers {
+        println!(
+            "  trigger {}: objects under {}{} every {:?} -> {}",
+            t.name,
+            t.url,
+            t.suffix
+                .as_deref()
+                .map(|s| format!(" ending {s:?}"))
+                .unwrap_or_default(),
+            t.poll_interval,
+            t.function
+        );
+    }
+    for j in p.jobs.keys().chain(p.mapreduce_jobs.keys()) {
+        println!("  job {j}");
     }
     exit::OK
 }
