@@ -1,6 +1,6 @@
 //! `sluice run` with an object-store trigger on a local folder, as
-//! processes: files written after the start are called, hidden ones are
-//! not, and a second run of the same trigger is refused; `kill -9` mid-run
+//! processes: files written after the start are called, hidden ones and
+//! ones without the `suffix` are not, and a second run of the same trigger is refused; `kill -9` mid-run
 //! then a restart calls every file at least once; a folder that does not
 //! exist is a usage error. Tests wait on the
 //! processes' stderr lines under a deadline.
@@ -51,16 +51,17 @@ fn called(lines: &[String]) -> Vec<String> {
 }
 
 #[test]
-fn files_written_while_running_are_called_and_hidden_ones_are_not() {
+fn files_written_while_running_are_called_and_hidden_or_other_ones_are_not() {
     let dir = tempfile::tempdir().unwrap();
-    let pipeline = write_pipeline(dir.path(), "");
+    let pipeline = write_pipeline(dir.path(), "suffix = \".csv\"");
     let input = dir.path().join("in");
-    std::fs::write(input.join("before.txt"), "there first\n").unwrap();
+    std::fs::write(input.join("before.csv"), "there first\n").unwrap();
     let mut run = sluice("run", &pipeline, &[]);
     run.wait_line("the existing file skipped", |l| {
         l.contains("1 object already under") && l.contains("starting_position")
     });
-    std::fs::write(input.join(".upload.tmp"), "half\n").unwrap();
+    std::fs::write(input.join(".upload.csv"), "half\n").unwrap();
+    std::fs::write(input.join("notes.txt"), "not a .csv\n").unwrap();
     // Written in place, in two writes: called once, whole.
     let mut file = std::fs::File::create(input.join("orders.csv")).unwrap();
     file.write_all(b"id\n1\n").unwrap();
