@@ -311,20 +311,30 @@ impl Progress {
         w.commit().map_err(|e| self.err(e))
     }
 
-    /// [`Self::record`] off the async threads (a commit waits for the disk).
+    /// `work` on the store, off the async threads (a commit waits for the
+    /// disk; reading every record takes as long as there are records).
+    async fn off_thread<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Progress) -> Result<T, IngestError> + Send + 'static,
+    ) -> Result<T, IngestError> {
+        let p = Arc::clone(self);
+        tokio::task::spawn_blocking(move || work(&p))
+            .await
+            .map_err(|e| IngestError::Progress {
+                trigger: self.trigger.clone(),
+                message: e.to_string(),
+            })?
+    }
+
+    /// [`Self::record`] off the async threads.
     async fn record_async(
         self: &Arc<Self>,
         objects: Vec<(String, String)>,
         outcome: Outcome,
         start: bool,
     ) -> Result<(), IngestError> {
-        let p = Arc::clone(self);
-        tokio::task::spawn_blocking(move || p.record(&objects, outcome, start))
+        self.off_thread(move |p| p.record(&objects, outcome, start))
             .await
-            .map_err(|e| IngestError::Progress {
-                trigger: self.trigger.clone(),
-                message: e.to_string(),
-            })?
     }
 }
 
@@ -531,7 +541,7 @@ pub async fn run_object_trigger(
                     }
                     shared.env.activity.triggers_assigned.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
-                let done = match shared.progress.versions() {
+                let done = match shared.progress.off_thread(Progress::versions).await {
                     Ok(d) => d,
                     Err(e) => break Err(e),
                 };
