@@ -42,6 +42,7 @@ export AWS_ACCESS_KEY_ID=sluice AWS_SECRET_ACCESS_KEY=sluice
 export SLUICE_TEST_S3="s3://$bucket"
 cargo test -p sluice-taskgen --test object_store s3
 cargo test -p sluice-ingest --test object_trigger s3
+cargo test --test bench_cli s3
 # The tests skip themselves without SLUICE_TEST_S3: make sure they ran here.
 grep -q "GET /$bucket/sluice-test-[0-9]" "$log" || {
     echo "error: the backfill S3 test sent no request to moto" >&2
@@ -49,5 +50,9 @@ grep -q "GET /$bucket/sluice-test-[0-9]" "$log" || {
 }
 grep -q "GET /$bucket?list-type=2&prefix=sluice-test-objects-" "$log" || {
     echo "error: the object-store trigger S3 test listed nothing on moto" >&2
+    exit 1
+}
+grep -q "PUT /$bucket/sluice-test-bench/sluice-bench-objects-" "$log" || {
+    echo "error: sluice bench objects wrote nothing on moto" >&2
     exit 1
 }

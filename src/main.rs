@@ -285,6 +285,31 @@ enum BenchCommand {
         #[arg(long, short = 'n', default_value_t = 1_000_000)]
         rows: usize,
     },
+    /// Objects/s through an object-store trigger and a no-op function,
+    /// next to calling the function directly once per object (the
+    /// ceiling) and to listing and reading the objects alone.
+    Objects {
+        /// The pipeline file declaring the function.
+        #[arg(long, short, default_value = "examples/pipeline.toml")]
+        pipeline: PathBuf,
+        /// The no-op function (`noop` answers null whatever the event).
+        #[arg(long, short, default_value = "noop")]
+        function: String,
+        /// Objects to write and process.
+        #[arg(long, short = 'n', default_value_t = 2000)]
+        objects: usize,
+        /// Bytes per object.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// A prefix of a real store (`s3://bucket/prefix`, credentials from
+        /// the environment) instead of a local folder; the bench writes its
+        /// objects below it and deletes them afterwards.
+        #[arg(long)]
+        url: Option<String>,
+        /// Rounds of direct calls and the trigger, alternated.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Stateful calls (1 KiB and 100 KiB state, checkpoint per call) next
     /// to stateless calls of the same function; checkpoint cost; recovery
     /// time by state size.
@@ -471,6 +496,24 @@ async fn dispatch(command: Command) -> u8 {
                 function,
                 rows,
             }) => commands::bench::backfill(&pipeline, &function, rows).await,
+            Command::Bench(BenchCommand::Objects {
+                pipeline,
+                function,
+                objects,
+                size,
+                url,
+                rounds,
+            }) => {
+                commands::bench_objects::run(
+                    &pipeline,
+                    &function,
+                    objects,
+                    size,
+                    url.as_deref(),
+                    rounds,
+                )
+                .await
+            }
             Command::Bench(BenchCommand::State {
                 pipeline,
                 function,

@@ -100,3 +100,98 @@ fn a_managed_property_is_refused_with_its_name() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("is not KEY=VALUE"), "{stderr}");
 }
+
+fn bench_objects(pipeline: &std::path::Path, function: &str, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env("SLUICE_AGENT", agent_binary())
+        .args(["bench", "objects", "-p"])
+        .arg(pipeline)
+        .args(["-f", function])
+        .args(extra)
+        .output()
+        .expect("running sluice bench objects")
+}
+
+/// `sluice bench objects` end to end on a small folder: the three figures
+/// and the ratio are printed.
+#[test]
+fn a_short_objects_bench_prints_its_figures() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let (_echo, p) = echo_pipeline(tmp.path());
+    let out = bench_objects(&p, "echo", &["-n", "40", "--size", "100", "--rounds", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("40 objects of 100 bytes"),
+        "the header names the objects: {stdout}"
+    );
+    for part in [
+        "list + read with object_store alone",
+        "direct calls, bytes staged, no trigger",
+        "% of direct calls, median of rounds",
+        "what the trigger adds per object",
+    ] {
+        assert!(stdout.contains(part), "{part:?} missing from {stdout}");
+    }
+}
+
+/// A function that fails makes the bench fail with the error type, rather
+/// than print a rate of failures; a URL that is not an object store is a
+/// usage error.
+#[test]
+fn an_objects_bench_of_a_failing_function_fails() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let fail = function_fixture("fail");
+    let p = tmp.path().join("pipeline.toml");
+    std::fs::write(&p, format!("[functions.fail]\npath = {:?}\n", fail.dir))
+        .expect("writing the pipeline");
+    let out = bench_objects(&p, "fail", &["-n", "5", "--rounds", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("error: direct call of"), "{stderr}");
+
+    let out = bench_objects(&p, "fail", &["--url", "ftp://somewhere/x"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--url \"ftp://somewhere/x\""), "{stderr}");
+}
+
+/// Against a real S3-protocol server (`SLUICE_TEST_S3`, set by
+/// `scripts/test-s3.sh`): the bench writes its objects below `--url`, runs,
+/// and deletes them again.
+#[test]
+fn s3_objects_bench_runs_and_cleans_up() {
+    use futures::StreamExt;
+    use object_store::ObjectStore;
+
+    let Ok(bucket) = std::env::var("SLUICE_TEST_S3") else {
+        eprintln!("skipped: SLUICE_TEST_S3 is not set (scripts/test-s3.sh sets it)");
+        return;
+    };
+    let bucket = bucket.trim_end_matches('/');
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let (_echo, p) = echo_pipeline(tmp.path());
+    let url = format!("{bucket}/sluice-test-bench");
+    let out = bench_objects(&p, "echo", &["--url", &url, "-n", "10", "--rounds", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "10 objects of 1024 bytes under {url}/sluice-bench-objects-"
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("% of direct calls"), "{stdout}");
+
+    let store = object_store::aws::AmazonS3Builder::from_env()
+        .with_url(bucket)
+        .build()
+        .expect("S3 from the environment");
+    let left = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let prefix = object_store::path::Path::from("sluice-test-bench");
+        store.list(Some(&prefix)).collect::<Vec<_>>().await.len()
+    });
+    assert_eq!(left, 0, "the bench left {left} objects under {url}");
+}

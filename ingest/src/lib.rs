@@ -17,6 +17,7 @@
 
 mod error;
 pub mod event;
+pub mod group_commit;
 pub mod kafka;
 pub mod metrics;
 pub mod objects;

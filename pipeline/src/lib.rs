@@ -855,7 +855,9 @@ pub struct ObjectTrigger {
     /// processed: none ([`StartingPosition::Latest`], the default), all
     /// (`Earliest`), or those modified at or after a time (`Timestamp`).
     pub starting_position: StartingPosition,
-    /// How often the prefix is listed. Default [`DEFAULT_POLL_INTERVAL`].
+    /// How often the prefix is listed, at most (the next listing waits until
+    /// the last one's objects are all started). Default
+    /// [`DEFAULT_POLL_INTERVAL`].
     pub poll_interval: Duration,
     /// Largest object fetched. Default [`DEFAULT_MAX_OBJECT_BYTES`].
     pub max_object_bytes: u64,

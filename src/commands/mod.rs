@@ -3,6 +3,7 @@
 
 pub mod backfill;
 pub mod bench;
+pub mod bench_objects;
 pub mod bench_state;
 pub mod doctor;
 pub mod image;

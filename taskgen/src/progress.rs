@@ -5,12 +5,11 @@ use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
-use tokio::sync::oneshot;
+use sluice_ingest::group_commit::GroupCommit;
 
 use crate::BackfillError;
 
@@ -24,21 +23,15 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// Every success is committed before [`Progress::record`] returns, but not
 /// in a transaction of its own: a committer thread (`sluice-progress`) takes
 /// every success waiting when it starts a transaction and commits them
-/// together (group commit), so that many calls finishing at once share one
-/// `fsync` instead of queueing behind one each. A call is counted, and what
-/// depends on it released, only once its success is durable.
+/// together (group commit, [`GroupCommit`]), so that many calls finishing
+/// at once share one `fsync` instead of queueing behind one each. A call is
+/// counted, and what depends on it released, only once its success is
+/// durable.
 pub(crate) struct Progress {
     db: Arc<Database>,
     path: PathBuf,
-    commits: Option<mpsc::Sender<Pending>>,
-    committer: Option<JoinHandle<()>>,
-}
-
-/// A success waiting for the committer.
-struct Pending {
-    call_id: String,
-    attempts: u64,
-    done: oneshot::Sender<Result<(), Arc<redb::Error>>>,
+    /// (call id, attempts it took).
+    commits: GroupCommit<(String, u64)>,
 }
 
 impl Progress {
@@ -97,19 +90,22 @@ impl Progress {
         }
         tx.commit().map_err(|e| err(e.into()))?;
         let db = Arc::new(db);
-        let (commits, pending) = mpsc::channel();
-        let committer = std::thread::Builder::new()
-            .name("sluice-progress".into())
-            .spawn({
-                let db = Arc::clone(&db);
-                move || commit_loop(&db, &pending)
-            })
-            .map_err(|e| err(redb::StorageError::Io(e).into()))?;
+        let commits = GroupCommit::spawn(
+            Arc::clone(&db),
+            "sluice-progress",
+            |tx, group: &[(String, u64)]| {
+                let mut table = tx.open_table(SUCCEEDED)?;
+                for (call_id, attempts) in group {
+                    table.insert(call_id.as_str(), *attempts)?;
+                }
+                Ok(())
+            },
+        )
+        .map_err(|e| err(redb::StorageError::Io(e).into()))?;
         Ok(Self {
             db,
             path: path.to_path_buf(),
-            commits: Some(commits),
-            committer: Some(committer),
+            commits,
         })
     }
 
@@ -129,65 +125,13 @@ impl Progress {
     /// Records a success durably: returns once the transaction holding it
     /// is committed.
     pub(crate) async fn record(&self, call_id: &str, attempts: u64) -> Result<(), BackfillError> {
-        let gone = || {
-            self.err(redb::StorageError::Io(std::io::Error::other(
-                "the progress committer stopped",
-            )))
-        };
-        let (done, committed) = oneshot::channel();
-        let pending = Pending {
-            call_id: call_id.to_owned(),
-            attempts,
-            done,
-        };
-        let sent = self.commits.as_ref().map(|c| c.send(pending));
-        if !matches!(sent, Some(Ok(()))) {
-            return Err(gone());
-        }
-        match committed.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(BackfillError::Progress {
+        self.commits
+            .commit((call_id.to_owned(), attempts))
+            .await
+            .map_err(|source| BackfillError::Progress {
                 path: self.path.clone(),
                 source,
-            }),
-            Err(_) => Err(gone()),
-        }
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        // Closing the channel ends the committer once it has committed what
-        // was sent; joining it releases the database file before a resume in
-        // the same process opens it again.
-        drop(self.commits.take());
-        if let Some(t) = self.committer.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// The committer: one write transaction for every success waiting, then
-/// each waiter is told the outcome.
-fn commit_loop(db: &Database, pending: &mpsc::Receiver<Pending>) {
-    while let Ok(first) = pending.recv() {
-        let mut group = vec![first];
-        group.extend(pending.try_iter());
-        let committed = (|| -> Result<(), redb::Error> {
-            let tx = db.begin_write()?;
-            {
-                let mut table = tx.open_table(SUCCEEDED)?;
-                for p in &group {
-                    table.insert(p.call_id.as_str(), p.attempts)?;
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })()
-        .map_err(Arc::new);
-        for p in group {
-            let _ = p.done.send(committed.clone());
-        }
+            })
     }
 }
 

@@ -1,7 +1,7 @@
 //! Object-store triggers (`[[trigger.object_store]]`): Lambda's S3 trigger,
 //! by polling a prefix.
 //!
-//! A trigger lists its prefix every `poll_interval` (`s3://`, `gs://`,
+//! A trigger lists its prefix (`s3://`, `gs://`,
 //! `az://`, `memory://` through [`object_store`], or a local folder), in
 //! name order. Every object that is new, or whose version (ETag, else size
 //! and modification time) changed since it was handled, invokes the
@@ -24,8 +24,11 @@
 //! has not changed for 2 s, so a file still being written is not called
 //! half-written (object stores show an object only once its upload is
 //! complete). Objects are
-//! invoked concurrently up to the function's `concurrency`; an object
-//! overwritten while its call runs is called again after it.
+//! invoked concurrently up to the function's `concurrency`, and as many
+//! more are fetched ahead; an object overwritten while its call runs is
+//! called again after it. Outcomes finishing together are committed in one
+//! transaction ([`crate::group_commit`]). The next listing starts once the
+//! last one's objects are all started, at most every `poll_interval`.
 //!
 //! The progress store is local: one `sluice run` process per trigger.
 //! (Kafka triggers are what scales out across processes.)
@@ -46,13 +49,14 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::json;
 use sluice_executor::{Executor, InvokeError, InvokeOptions};
 use sluice_pipeline::{ObjectTrigger, StartingPosition};
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 pub use store::{Url, register_object_store, split, store_for, with_credentials_hint};
 
 use crate::IngestError;
+use crate::group_commit::GroupCommit;
 use crate::kafka::Activity;
 use crate::kafka::lane::{Failure, for_log};
 use crate::metrics::{BatchOutcome, Metrics};
@@ -204,10 +208,21 @@ impl Outcome {
     }
 }
 
-/// The progress store.
+/// The progress store. Outcomes are written by a committer thread that
+/// commits every outcome waiting in one transaction ([`GroupCommit`]), so
+/// objects finishing together share one `fsync`.
 struct Progress {
     db: Arc<Database>,
     trigger: String,
+    commits: GroupCommit<Recorded>,
+}
+
+/// Objects (location, version) to record with an outcome; with `start`,
+/// also that the first listing was taken.
+struct Recorded {
+    objects: Vec<(String, String)>,
+    outcome: Outcome,
+    start: bool,
 }
 
 impl Progress {
@@ -227,15 +242,18 @@ impl Progress {
             ),
             other => err(other.to_string()),
         })?;
-        let p = Progress {
-            db: Arc::new(db),
+        let w = db.begin_write().map_err(|e| err(e.to_string()))?;
+        w.open_table(OBJECTS).map_err(|e| err(e.to_string()))?;
+        w.open_table(META).map_err(|e| err(e.to_string()))?;
+        w.commit().map_err(|e| err(e.to_string()))?;
+        let db = Arc::new(db);
+        let commits = GroupCommit::spawn(Arc::clone(&db), "sluice-progress", record)
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Progress {
+            db,
             trigger: t.name.clone(),
-        };
-        let w = p.db.begin_write().map_err(|e| p.err(e))?;
-        w.open_table(OBJECTS).map_err(|e| p.err(e))?;
-        w.open_table(META).map_err(|e| p.err(e))?;
-        w.commit().map_err(|e| p.err(e))?;
-        Ok(p)
+            commits,
+        })
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> IngestError {
@@ -286,33 +304,8 @@ impl Progress {
         Ok(table.get("started").map_err(|e| self.err(e))?.is_some())
     }
 
-    /// Records `objects` (location, version) with `outcome`, and, with
-    /// `start`, that the first listing was taken; durably, in one commit.
-    fn record(
-        &self,
-        objects: &[(String, String)],
-        outcome: Outcome,
-        start: bool,
-    ) -> Result<(), IngestError> {
-        let w = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut table = w.open_table(OBJECTS).map_err(|e| self.err(e))?;
-            for (location, version) in objects {
-                let value = format!("{version} {}", outcome.as_str());
-                table
-                    .insert(location.as_str(), value.as_str())
-                    .map_err(|e| self.err(e))?;
-            }
-            if start {
-                let mut meta = w.open_table(META).map_err(|e| self.err(e))?;
-                meta.insert("started", "1").map_err(|e| self.err(e))?;
-            }
-        }
-        w.commit().map_err(|e| self.err(e))
-    }
-
-    /// `work` on the store, off the async threads (a commit waits for the
-    /// disk; reading every record takes as long as there are records).
+    /// `work` on the store, off the async threads (reading every record
+    /// takes as long as there are records).
     async fn off_thread<T: Send + 'static>(
         self: &Arc<Self>,
         work: impl FnOnce(&Progress) -> Result<T, IngestError> + Send + 'static,
@@ -326,16 +319,43 @@ impl Progress {
             })?
     }
 
-    /// [`Self::record`] off the async threads.
-    async fn record_async(
-        self: &Arc<Self>,
+    /// Records `objects` (location, version) with `outcome`, and, with
+    /// `start`, that the first listing was taken; returns once that is
+    /// durable.
+    async fn record(
+        &self,
         objects: Vec<(String, String)>,
         outcome: Outcome,
         start: bool,
     ) -> Result<(), IngestError> {
-        self.off_thread(move |p| p.record(&objects, outcome, start))
+        let entry = Recorded {
+            objects,
+            outcome,
+            start,
+        };
+        self.commits
+            .commit(entry)
             .await
+            .map_err(|e| IngestError::Progress {
+                trigger: self.trigger.clone(),
+                message: e.to_string(),
+            })
     }
+}
+
+/// Writes a group of outcomes into the committer's transaction.
+fn record(w: &redb::WriteTransaction, group: &[Recorded]) -> Result<(), redb::Error> {
+    let mut table = w.open_table(OBJECTS)?;
+    for r in group {
+        for (location, version) in &r.objects {
+            let value = format!("{version} {}", r.outcome.as_str());
+            table.insert(location.as_str(), value.as_str())?;
+        }
+        if r.start {
+            w.open_table(META)?.insert("started", "1")?;
+        }
+    }
+    Ok(())
 }
 
 /// The dead-letter file, appended to and synced line by line.
@@ -371,6 +391,8 @@ struct Shared {
     region: String,
     /// Objects whose read failed and was logged.
     unreadable: Mutex<HashSet<String>>,
+    /// Calls at once: the function's `concurrency`.
+    calls: Arc<Semaphore>,
 }
 
 /// S3's encoding of keys in event notifications: form encoding (a space is
@@ -462,6 +484,7 @@ pub async fn run_object_trigger(
         tracing::info!(trigger = %t.name, "{n} objects recorded as failed will be called again (--retry-failed)");
     }
     let shared = Arc::new(Shared {
+        calls: Arc::new(Semaphore::new(limit)),
         dead_letter: DeadLetter {
             path: t.dead_letter.clone(),
             lock: Mutex::new(()),
@@ -479,23 +502,31 @@ pub async fn run_object_trigger(
     let mut pending: VecDeque<ObjectMeta> = VecDeque::new();
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut calls: JoinSet<(String, Result<(), IngestError>)> = JoinSet::new();
+    // Objects fetched or called at once: twice the calls, so that the next
+    // objects are fetched while calls run (a store's latency is not added
+    // to each call). A permit is given back when the call ends, before the
+    // outcome is recorded, so the next call does not wait for a commit.
+    let ahead = Arc::new(Semaphore::new(2 * limit));
+    // The listing under way: it runs beside the calls, so they go on while
+    // a long prefix is listed.
+    let mut listing: Option<JoinHandle<object_store::Result<Vec<ObjectMeta>>>> = None;
     let mut next_list = Instant::now();
     let mut listing_failed = false;
     // Versions seen by the previous listing.
     let mut previous: HashMap<String, String> = HashMap::new();
     let mut first = true;
     let result = loop {
-        while calls.len() < limit
-            && let Some(meta) = pending.pop_front()
-        {
-            let location = meta.location.to_string();
-            in_flight.insert(location.clone());
-            let s = Arc::clone(&shared);
-            let stop = stop.clone();
-            calls.spawn(async move { (location, handle(&s, meta, stop).await) });
-        }
         tokio::select! {
             () = stopped(&mut stop) => break Ok(()),
+            Ok(permit) = Arc::clone(&ahead).acquire_owned(), if !pending.is_empty() => {
+                if let Some(meta) = pending.pop_front() {
+                    let location = meta.location.to_string();
+                    in_flight.insert(location.clone());
+                    let s = Arc::clone(&shared);
+                    let stop = stop.clone();
+                    calls.spawn(async move { (location, handle(&s, meta, permit, stop).await) });
+                }
+            }
             Some(done) = calls.join_next(), if !calls.is_empty() => {
                 match done {
                     Ok((location, Ok(()))) => { in_flight.remove(&location); }
@@ -506,15 +537,18 @@ pub async fn run_object_trigger(
                     }),
                 }
             }
-            _ = tokio::time::sleep_until(next_list) => {
+            // The next listing once the last one's objects are all started
+            // (listing again sooner would only find them again).
+            _ = tokio::time::sleep_until(next_list), if listing.is_none() && pending.is_empty() => {
                 next_list = Instant::now() + t.poll_interval;
-                // A listing can take long (the store's own retries in an
-                // outage): a stop does not wait for it.
-                let listing = tokio::select! {
-                    l = shared.watched.list(t.suffix.as_deref()) => l,
-                    () = stopped(&mut stop) => break Ok(()),
-                };
-                let listed = match listing {
+                let s = Arc::clone(&shared);
+                listing = Some(tokio::spawn(async move {
+                    s.watched.list(s.t.suffix.as_deref()).await
+                }));
+            }
+            joined = async { listing.as_mut().expect("guarded by is_some").await }, if listing.is_some() => {
+                listing = None;
+                let listed = match joined.map_err(|e| e.to_string()).and_then(|l| l.map_err(|e| e.to_string())) {
                     Ok(l) => {
                         if listing_failed {
                             tracing::info!(trigger = %t.name, url = %t.url, "listing works again");
@@ -527,7 +561,7 @@ pub async fn run_object_trigger(
                         if !listing_failed {
                             tracing::warn!(trigger = %t.name, url = %t.url,
                                 "cannot list the objects: {}; retrying every {:?}",
-                                with_credentials_hint(&t.url, e.to_string()), t.poll_interval);
+                                with_credentials_hint(&t.url, e), t.poll_interval);
                             listing_failed = true;
                         }
                         shared.env.metrics.function_error(&t.name, "Sluice.ListingFailed");
@@ -570,6 +604,11 @@ pub async fn run_object_trigger(
             }
         }
     };
+    if let Some(l) = listing.take() {
+        // A listing can take long (the store's own retries in an outage):
+        // a stop does not wait for it.
+        l.abort();
+    }
     // Calls in flight finish (or give up their backoff) and are recorded.
     while let Some(done) = calls.join_next().await {
         if let Ok((_, Err(e))) = done {
@@ -614,7 +653,7 @@ async fn start(shared: &Arc<Shared>, listed: &[ObjectMeta]) -> Result<(), Ingest
     }
     shared
         .progress
-        .record_async(skipped, Outcome::Skipped, true)
+        .record(skipped, Outcome::Skipped, true)
         .await
 }
 
@@ -623,6 +662,7 @@ async fn start(shared: &Arc<Shared>, listed: &[ObjectMeta]) -> Result<(), Ingest
 async fn handle(
     shared: &Arc<Shared>,
     meta: ObjectMeta,
+    permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let t = &shared.t;
@@ -643,6 +683,7 @@ async fn handle(
             ),
             retryable: false,
         };
+        drop(permit);
         return fail(shared, &meta, &name, &key, &failure, 0, recorded).await;
     }
     let fetched = tokio::select! {
@@ -672,6 +713,15 @@ async fn handle(
             return Ok(());
         }
     };
+    // Fetched ahead: the call waits for one of the function's slots.
+    let call = tokio::select! {
+        p = Arc::clone(&shared.calls).acquire_owned() => p,
+        () = stopped(&mut stop) => return Ok(()),
+    };
+    let Ok(call) = call else {
+        // Never: the semaphore is not closed.
+        return Ok(());
+    };
     let event = s3_event(
         &t.name,
         &shared.region,
@@ -700,9 +750,10 @@ async fn handle(
             Ok(_) => {
                 metrics.batch(&t.name, BatchOutcome::Success);
                 tracing::debug!(trigger = %t.name, object = %name, attempts, "object done");
+                drop((permit, call));
                 return shared
                     .progress
-                    .record_async(recorded, Outcome::Succeeded, false)
+                    .record(recorded, Outcome::Succeeded, false)
                     .await;
             }
             Err(InvokeError::ShuttingDown) => return Ok(()),
@@ -711,6 +762,7 @@ async fn handle(
         let failure = Failure::from(&e);
         metrics.function_error(&t.name, &failure.error_type);
         if attempts > t.max_retry_attempts {
+            drop((permit, call));
             return fail(shared, &meta, &name, &key, &failure, attempts, recorded).await;
         }
         tracing::warn!(trigger = %t.name, object = %name, attempts, error_type = %failure.error_type,
@@ -783,7 +835,7 @@ async fn fail(
         "object failed for good: {}; written to the dead-letter file (`sluice run --retry-failed` calls it again)", for_log(&failure.message));
     shared
         .progress
-        .record_async(recorded, Outcome::Failed, false)
+        .record(recorded, Outcome::Failed, false)
         .await
 }
 

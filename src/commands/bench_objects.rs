@@ -1,0 +1,364 @@
+//! `sluice bench objects`: objects/s through an object-store trigger.
+//!
+//! Over the same objects (a generated local folder, or a prefix of a real
+//! store with `--url`), in the same run:
+//! - **list + read**: listing the prefix and reading every object with
+//!   `object_store` alone: what finding and fetching costs;
+//! - **direct calls** (the ceiling): the function called once per object
+//!   through the executor alone, with the same S3 event and the object's
+//!   bytes (already in memory) staged in the sandbox, at the function's
+//!   concurrency: the calls a trigger cannot avoid;
+//! - **the trigger**: `run_object_trigger` from the first object called to
+//!   the last one recorded: listing, fetching, calling and recording every
+//!   outcome durably.
+//!
+//! Rounds alternate direct calls and the trigger (a fresh progress store
+//! each time); printed are each one's best rate, the median of the
+//! per-round ratios, and what the trigger adds per object.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectMeta, ObjectStore, PutPayload};
+use sluice_executor::{Executor, InvokeOptions, LogLine};
+use sluice_ingest::kafka::Activity;
+use sluice_ingest::metrics::Metrics;
+use sluice_ingest::objects::{self, ObjectEnv};
+use sluice_pipeline::{ObjectTrigger, StartingPosition};
+
+use crate::exit;
+
+/// Where the bench's objects live.
+struct Prefix {
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    /// The trigger's `url`: the folder, or the URL of the prefix.
+    url: String,
+    /// Removed afterwards (a local folder is removed with its tempdir).
+    remote: bool,
+}
+
+impl Prefix {
+    fn local(dir: &Path) -> Result<Self, String> {
+        let prefix = ObjectPath::from_absolute_path(dir).map_err(|e| e.to_string())?;
+        Ok(Self {
+            store: Arc::new(object_store::local::LocalFileSystem::new()),
+            prefix,
+            url: dir.display().to_string(),
+            remote: false,
+        })
+    }
+
+    fn remote(url: &str) -> Result<Self, String> {
+        let base = url.trim_end_matches('/');
+        let url = format!("{base}/sluice-bench-objects-{}/", std::process::id());
+        let parts = objects::split(&url).ok_or_else(|| {
+            format!("--url {base:?}: not an object store URL (s3://, gs://, az://)")
+        })?;
+        let store = objects::store_for(&parts).map_err(|e| format!("--url {base:?}: {e}"))?;
+        let prefix = ObjectPath::from(parts.key.trim_matches('/'));
+        Ok(Self {
+            store,
+            prefix,
+            url,
+            remote: true,
+        })
+    }
+
+    async fn list(&self) -> object_store::Result<Vec<ObjectMeta>> {
+        let mut out = Vec::new();
+        let mut listing = self.store.list(Some(&self.prefix));
+        while let Some(meta) = listing.next().await {
+            out.push(meta?);
+        }
+        out.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(out)
+    }
+}
+
+/// Runs the benchmark: `n` objects of `size` bytes, `rounds` rounds.
+pub async fn run(
+    pipeline: &Path,
+    function: &str,
+    n: usize,
+    size: usize,
+    url: Option<&str>,
+    rounds: usize,
+) -> u8 {
+    let p = match super::load_pipeline(pipeline) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let concurrency = match p.function(function) {
+        Ok(f) => f.concurrency as usize,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: temporary folder: {e}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let objects_dir = dir.path().join("objects");
+    let prefix = match url {
+        Some(url) => Prefix::remote(url),
+        None => std::fs::create_dir(&objects_dir)
+            .map_err(|e| format!("{}: {e}", objects_dir.display()))
+            .and_then(|()| Prefix::local(&objects_dir)),
+    };
+    let prefix = match prefix {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let ex = match super::executor_for(&p, Arc::new(|_l: LogLine| {})) {
+        Ok(ex) => ex,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::INVOKE_FAILED;
+        }
+    };
+    let result = measure(
+        &ex,
+        &prefix,
+        dir.path(),
+        function,
+        concurrency,
+        n,
+        size,
+        rounds,
+    )
+    .await;
+    ex.shutdown().await;
+    if prefix.remote {
+        // Best effort: the objects this run wrote.
+        if let Ok(listed) = prefix.list().await {
+            for m in listed {
+                let _ = prefix.store.delete(&m.location).await;
+            }
+        }
+    }
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::INVOKE_FAILED
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    ex: &Executor,
+    prefix: &Prefix,
+    scratch: &Path,
+    function: &str,
+    concurrency: usize,
+    n: usize,
+    size: usize,
+    rounds: usize,
+) -> Result<(), String> {
+    let n = n.max(1);
+    let rounds = rounds.max(1);
+    // Text lines, so that a line-counting function reads them too.
+    let line = b"sluice bench objects: a line of text\n";
+    let body: Vec<u8> = line.iter().copied().cycle().take(size).collect();
+    for i in 0..n {
+        let location = prefix.prefix.child(format!("obj-{i:06}.txt"));
+        prefix
+            .store
+            .put(&location, PutPayload::from(body.clone()))
+            .await
+            .map_err(|e| format!("writing {location}: {e}"))?;
+    }
+    println!(
+        "sluice bench objects: {n} objects of {size} bytes under {}; function {function}, concurrency {concurrency}, {rounds} rounds",
+        prefix.url
+    );
+
+    // List + read alone; its objects (bytes in memory) feed the direct calls.
+    let t0 = Instant::now();
+    let listed = prefix.list().await.map_err(|e| e.to_string())?;
+    let mut fetched = Vec::with_capacity(listed.len());
+    for m in &listed {
+        let bytes = prefix
+            .store
+            .get(&m.location)
+            .await
+            .map_err(|e| e.to_string())?
+            .bytes()
+            .await
+            .map_err(|e| e.to_string())?;
+        fetched.push((m.clone(), bytes));
+    }
+    let read = t0.elapsed();
+    if fetched.len() != n {
+        return Err(format!("listed {} objects, wrote {n}", fetched.len()));
+    }
+    let read_rate = rate(n, read);
+    println!(
+        "{:<46} {:>10.0} objects/s",
+        "list + read with object_store alone", read_rate
+    );
+
+    // Sandboxes warm before anything is timed.
+    let mut warm = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let ex = ex.clone();
+        let f = function.to_owned();
+        warm.spawn(async move { ex.invoke(&f, b"{}".to_vec()).await.map(drop) });
+    }
+    while warm.join_next().await.is_some() {}
+
+    let fetched = Arc::new(fetched);
+    let mut direct_best = Duration::MAX;
+    let mut trigger_best = Duration::MAX;
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        let direct = direct_calls(ex, function, concurrency, &fetched).await?;
+        let trigger = trigger_pass(ex, prefix, scratch, function, concurrency, n, round).await?;
+        direct_best = direct_best.min(direct);
+        trigger_best = trigger_best.min(trigger);
+        ratios.push(direct.as_secs_f64() / trigger.as_secs_f64().max(1e-9));
+    }
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    let (direct_rate, trigger_rate) = (rate(n, direct_best), rate(n, trigger_best));
+    println!(
+        "{:<46} {:>10.0} objects/s  (the ceiling)",
+        "direct calls, bytes staged, no trigger", direct_rate
+    );
+    println!(
+        "{:<46} {:>10.0} objects/s  ({:.1} % of direct calls, median of rounds; range {:.1}-{:.1} %)",
+        "object-store trigger",
+        trigger_rate,
+        100.0 * median,
+        100.0 * ratios[0],
+        100.0 * ratios[ratios.len() - 1]
+    );
+    println!(
+        "what the trigger adds per object (best rounds): {:.0} µs over a direct call ({:.0} µs of it listing and reading, measured alone)",
+        1e6 * (trigger_best.as_secs_f64() - direct_best.as_secs_f64()) / n as f64,
+        1e6 * read.as_secs_f64() / n as f64
+    );
+    Ok(())
+}
+
+fn rate(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64().max(1e-9)
+}
+
+/// Every object's event and bytes through the executor, `concurrency` at
+/// a time; the time taken.
+async fn direct_calls(
+    ex: &Executor,
+    function: &str,
+    concurrency: usize,
+    objects: &Arc<Vec<(ObjectMeta, Bytes)>>,
+) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (ex, f, objects, next) = (
+            ex.clone(),
+            function.to_owned(),
+            Arc::clone(objects),
+            Arc::clone(&next),
+        );
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some((meta, bytes)) = objects.get(i) else {
+                    return Ok::<(), String>(());
+                };
+                let key = meta.location.filename().unwrap_or_default();
+                let name = meta.location.to_string();
+                let event =
+                    objects::s3_event("bench", "us-east-1", "bench", key, meta, &name).to_string();
+                let opts = InvokeOptions {
+                    attachment: Some(bytes.clone()),
+                    ..Default::default()
+                };
+                ex.invoke_with(&f, event.into_bytes(), opts)
+                    .await
+                    .map_err(|e| format!("direct call of {name}: {e}"))?;
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.map_err(|e| e.to_string())??;
+    }
+    Ok(t0.elapsed())
+}
+
+/// One trigger over the prefix with a fresh progress store, from its first
+/// object called to its `n`th recorded.
+async fn trigger_pass(
+    ex: &Executor,
+    prefix: &Prefix,
+    scratch: &Path,
+    function: &str,
+    concurrency: usize,
+    n: usize,
+    round: usize,
+) -> Result<Duration, String> {
+    let t = ObjectTrigger {
+        name: format!("bench-{round}"),
+        function: function.to_owned(),
+        url: prefix.url.clone(),
+        suffix: None,
+        starting_position: StartingPosition::Earliest,
+        poll_interval: Duration::from_millis(100),
+        max_object_bytes: sluice_pipeline::DEFAULT_MAX_OBJECT_BYTES,
+        max_retry_attempts: 0,
+        retry_backoff: sluice_pipeline::DEFAULT_RETRY_BACKOFF,
+        retry_backoff_max: sluice_pipeline::DEFAULT_RETRY_BACKOFF_MAX,
+        progress: scratch.join(format!("bench-{round}.objects.redb")),
+        dead_letter: scratch.join(format!("bench-{round}.dead-letter.jsonl")),
+    };
+    let activity = Arc::new(Activity::default());
+    let metrics = Metrics::new();
+    let env = ObjectEnv {
+        executor: ex.clone(),
+        metrics: metrics.clone(),
+        activity: Arc::clone(&activity),
+        max_concurrency: concurrency,
+        retry_failed: false,
+    };
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(objects::run_object_trigger(t, env, stop_rx));
+    let drained =
+        tokio::time::timeout(Duration::from_secs(300), activity.wait_drained(n as u64)).await;
+    let took = activity.first_record().map(|first| first.elapsed());
+    let _ = stop.send(true);
+    let ended = task.await.map_err(|e| e.to_string())?;
+    ended.map_err(|e| e.to_string())?;
+    let failed = metrics.render().contains("sluice_function_errors_total{");
+    match (drained, took) {
+        (Ok(()), Some(took)) if !failed => Ok(took),
+        (Ok(()), _) => Err(format!(
+            "the trigger's calls failed (see `sluice run` with this function): {}",
+            metrics
+                .render()
+                .lines()
+                .filter(|l| l.starts_with("sluice_function_errors_total{"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+        (Err(_), _) => Err(format!(
+            "only {} of {n} objects called after 300 s",
+            activity.records.load(std::sync::atomic::Ordering::SeqCst)
+        )),
+    }
+}
