@@ -3,8 +3,9 @@
 //!
 //! A trigger lists its prefix (`s3://`, `gs://`,
 //! `az://`, `memory://` through [`object_store`], or a local folder), in
-//! name order. Every object that is new, or whose version (ETag, else size
-//! and modification time) changed since it was handled, invokes the
+//! name order. Every object that is new, or whose version (ETag and
+//! modification time, else size and modification time) changed since it
+//! was handled, invokes the
 //! function once with an S3 event notification (`ObjectCreated:Put`) as
 //! its event; the object's bytes are fetched by sluice and staged in the
 //! sandbox at [`sluice_protocol::ATTACHMENT_PATH`], because a sandbox has
@@ -12,7 +13,8 @@
 //!
 //! What was handled is kept in a redb store (`progress`), written after
 //! each invocation ends, so a restart (even after `kill -9`) calls every
-//! object not yet recorded: at least once. A failed invocation is retried
+//! object not yet recorded: at least once. Records of objects a listing no
+//! longer shows are dropped. A failed invocation is retried
 //! with exponential backoff up to `max_retry_attempts` times; then the
 //! object is written to the dead-letter file (JSON lines, with the error
 //! and attempts) before it is recorded as failed. An object larger than
@@ -177,15 +179,15 @@ impl Watched {
     }
 }
 
-/// Identifies one version of an object.
+/// Identifies one write of an object: its ETag and modification time (S3
+/// sends an event for every write, even of the same bytes), else its size
+/// and modification time.
 fn version(meta: &ObjectMeta) -> String {
-    meta.e_tag.clone().unwrap_or_else(|| {
-        format!(
-            "{}-{}",
-            meta.size,
-            meta.last_modified.timestamp_nanos_opt().unwrap_or_default()
-        )
-    })
+    let nanos = meta.last_modified.timestamp_nanos_opt().unwrap_or_default();
+    match &meta.e_tag {
+        Some(tag) => format!("{tag}@{nanos}"),
+        None => format!("{}-{nanos}", meta.size),
+    }
 }
 
 /// How an object's handling ended, as recorded.
@@ -217,12 +219,19 @@ struct Progress {
     commits: GroupCommit<Recorded>,
 }
 
-/// Objects (location, version) to record with an outcome; with `start`,
-/// also that the first listing was taken.
-struct Recorded {
-    objects: Vec<(String, String)>,
-    outcome: Outcome,
-    start: bool,
+/// A change to the progress store.
+enum Recorded {
+    /// Objects (location, version) handled with an outcome; with `start`,
+    /// also that the first listing was taken.
+    Handled {
+        objects: Vec<(String, String)>,
+        outcome: Outcome,
+        start: bool,
+    },
+    /// Objects no longer listed (deleted): their records are dropped, so
+    /// the store does not grow with every object ever seen, and an object
+    /// written again under the same name is called again.
+    Gone(Vec<String>),
 }
 
 impl Progress {
@@ -328,7 +337,7 @@ impl Progress {
         outcome: Outcome,
         start: bool,
     ) -> Result<(), IngestError> {
-        let entry = Recorded {
+        let entry = Recorded::Handled {
             objects,
             outcome,
             start,
@@ -343,16 +352,29 @@ impl Progress {
     }
 }
 
-/// Writes a group of outcomes into the committer's transaction.
+/// Writes a group of changes into the committer's transaction, in order.
 fn record(w: &redb::WriteTransaction, group: &[Recorded]) -> Result<(), redb::Error> {
     let mut table = w.open_table(OBJECTS)?;
     for r in group {
-        for (location, version) in &r.objects {
-            let value = format!("{version} {}", r.outcome.as_str());
-            table.insert(location.as_str(), value.as_str())?;
-        }
-        if r.start {
-            w.open_table(META)?.insert("started", "1")?;
+        match r {
+            Recorded::Handled {
+                objects,
+                outcome,
+                start,
+            } => {
+                for (location, version) in objects {
+                    let value = format!("{version} {}", outcome.as_str());
+                    table.insert(location.as_str(), value.as_str())?;
+                }
+                if *start {
+                    w.open_table(META)?.insert("started", "1")?;
+                }
+            }
+            Recorded::Gone(locations) => {
+                for location in locations {
+                    table.remove(location.as_str())?;
+                }
+            }
         }
     }
     Ok(())
@@ -588,6 +610,27 @@ pub async fn run_object_trigger(
                     .iter()
                     .map(|m| (m.location.to_string(), version(m)))
                     .collect();
+                // Records of objects no longer there are dropped (not of
+                // one being called: its record is written after this).
+                let gone: Vec<String> = done
+                    .keys()
+                    .filter(|l| !listed_now.contains_key(*l) && !in_flight.contains(*l))
+                    .cloned()
+                    .collect();
+                if !gone.is_empty() {
+                    // Submitted now, so it is committed before any later
+                    // record of the same names; awaited aside (a prune that
+                    // fails is tried again at the next listing).
+                    let n = gone.len();
+                    let pruned = shared.progress.commits.submit(Recorded::Gone(gone));
+                    let trigger = t.name.clone();
+                    tokio::spawn(async move {
+                        match pruned.await {
+                            Ok(()) => tracing::debug!(trigger = %trigger, "{n} deleted objects forgotten"),
+                            Err(e) => tracing::warn!(trigger = %trigger, "cannot forget {n} deleted objects: {e}"),
+                        }
+                    });
+                }
                 pending = listed
                     .into_iter()
                     .filter(|m| {
@@ -849,4 +892,33 @@ pub fn describe(t: &ObjectTrigger) -> String {
         t.progress.display(),
         t.dead_letter.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(e_tag: Option<&str>, size: u64, secs: i64) -> ObjectMeta {
+        ObjectMeta {
+            location: ObjectPath::from("in/a.txt"),
+            last_modified: chrono::DateTime::from_timestamp(secs, 0).unwrap(),
+            size,
+            e_tag: e_tag.map(str::to_owned),
+            version: None,
+        }
+    }
+
+    /// S3 sends an event for every write, even of the same bytes (same
+    /// ETag): a later write is another version.
+    #[test]
+    fn a_write_of_the_same_bytes_later_is_another_version() {
+        let first = version(&meta(Some("\"abc\""), 3, 1_700_000_000));
+        assert_eq!(first, version(&meta(Some("\"abc\""), 3, 1_700_000_000)));
+        assert_ne!(first, version(&meta(Some("\"abc\""), 3, 1_700_000_001)));
+        assert_ne!(first, version(&meta(Some("\"abd\""), 3, 1_700_000_000)));
+        // Without an ETag: size and time.
+        let plain = version(&meta(None, 3, 1_700_000_000));
+        assert_ne!(plain, version(&meta(None, 4, 1_700_000_000)));
+        assert_ne!(plain, version(&meta(None, 3, 1_700_000_001)));
+    }
 }
