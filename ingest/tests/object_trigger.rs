@@ -27,7 +27,9 @@ use sluice_executor::{Executor, LogLine, LogSink, LogStream};
 use sluice_ingest::IngestError;
 use sluice_ingest::kafka::Activity;
 use sluice_ingest::metrics::Metrics;
-use sluice_ingest::objects::{ObjectEnv, register_object_store, run_object_trigger, s3_event};
+use sluice_ingest::objects::{
+    ObjectEnv, register_object_store, run_object_trigger, s3_event, s3_removed_event,
+};
 use sluice_pipeline::Pipeline;
 use sluice_test_support::{FunctionFixture, Lines, agent_binary, function_fixture};
 use tokio::sync::watch;
@@ -165,6 +167,11 @@ impl Run {
 }
 
 fn pipeline(dir: &Path, f: &FunctionFixture, url: &str) -> Pipeline {
+    pipeline_with(dir, f, url, "")
+}
+
+/// [`pipeline`] with `extra` lines in the trigger's table.
+fn pipeline_with(dir: &Path, f: &FunctionFixture, url: &str, extra: &str) -> Pipeline {
     let text = format!(
         r#"
 [functions.count]
@@ -178,6 +185,7 @@ poll_interval = "20ms"
 max_object_bytes = 64
 max_retry_attempts = 1
 retry_backoff = "1ms"
+{extra}
 "#,
         path = f.dir,
     );
@@ -304,6 +312,121 @@ fn scenario(store: Arc<dyn ObjectStore>, url: &str, prefix: &str) {
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A memory store registered under a fresh name; its URL.
+fn memory_store() -> (Arc<dyn ObjectStore>, String) {
+    let name = format!(
+        "objects-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    register_object_store(&format!("memory://{name}"), Arc::clone(&store));
+    (store, format!("memory://{name}"))
+}
+
+/// `events = ["created", "removed"]`: a deleted object is called with an
+/// `ObjectRemoved:Delete` event and forgotten, so writing it again is a new
+/// object; with `["removed"]` alone, writes are recorded uncalled and only
+/// deletions call.
+#[test]
+fn deletions_call_the_function_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = function_fixture("line-count");
+    let (store, base) = memory_store();
+    let io = tokio::runtime::Runtime::new().unwrap();
+    let p = pipeline_with(
+        dir.path(),
+        &f,
+        &format!("{base}/in/"),
+        r#"events = ["created", "s3:ObjectRemoved:*"]"#,
+    );
+    let run = Run::start(&p);
+    put(&io, &store, "in/a.txt", b"1\n");
+    run.wait_finished(1);
+    delete(&io, &store, "in/a.txt");
+    run.wait_finished(2);
+    put(&io, &store, "in/a.txt", b"1\n");
+    run.wait_finished(3);
+    let lines = run.stop();
+    assert_eq!(
+        calls(&lines, "in/a.txt"),
+        ["1 lines, 2 bytes", "removed", "1 lines, 2 bytes"],
+        "{lines:#?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = pipeline_with(
+        dir.path(),
+        &f,
+        &format!("{base}/only/"),
+        r#"events = ["removed"]"#,
+    );
+    let run = Run::start(&p);
+    put(&io, &store, "only/b.txt", b"b\n");
+    put(&io, &store, "only/c.txt", b"c\n");
+    // Written objects are recorded uncalled (counted as filtered out); a
+    // deletion calls.
+    let filtered = "sluice_records_filtered_total{trigger=\"count-objects\"} 2";
+    run.log.wait("two objects recorded uncalled", |_| {
+        run.metrics.render().contains(filtered)
+    });
+    delete(&io, &store, "only/b.txt");
+    run.wait_finished(1);
+    let lines = run.stop();
+    assert_eq!(lines, ["only/b.txt: removed"], "{lines:#?}");
+}
+
+/// The removal event is S3's, as `aws_lambda_events` reads it.
+#[test]
+fn the_removal_event_is_an_s3_notification() {
+    let at = chrono::DateTime::from_timestamp(1_700_000_000, 5_000_000).unwrap();
+    let event = s3_removed_event(
+        "t",
+        "eu-west-1",
+        "bucket",
+        "dir/a b.txt",
+        "s3://bucket/dir/a b.txt",
+        at,
+    );
+    let parsed: S3Event = serde_json::from_value(event.clone()).expect("an S3Event");
+    let record = &parsed.records[0];
+    assert_eq!(record.event_name.as_deref(), Some("ObjectRemoved:Delete"));
+    assert_eq!(record.s3.object.key.as_deref(), Some("dir/a+b.txt"));
+    assert_eq!(record.s3.object.size, None);
+    assert_eq!(event["Records"][0]["eventTime"], "2023-11-14T22:13:20.005Z");
+    assert!(
+        event["Records"][0]["sluice"].get("payloadPath").is_none(),
+        "{event}"
+    );
+}
+
+/// A progress store kept for another prefix is refused, naming both: it
+/// would make every object of the new prefix look new, and every one it
+/// holds look deleted.
+#[test]
+fn a_store_of_another_prefix_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = function_fixture("line-count");
+    let (_store, base) = memory_store();
+    let p = pipeline(dir.path(), &f, &format!("{base}/one/"));
+    Run::start(&p).stop();
+    let moved = pipeline(dir.path(), &f, &format!("{base}/two/"));
+    let run = Run::spawn(&moved);
+    let err = run
+        .rt
+        .block_on(async { tokio::time::timeout(DEADLINE, run.task).await })
+        .expect("the trigger ends")
+        .expect("trigger task")
+        .expect_err("refused");
+    let text = err.to_string();
+    assert!(text.contains(&format!("{base}/one/")), "{text}");
+    assert!(text.contains(&format!("{base}/two/")), "{text}");
+    assert!(
+        text.contains("give the trigger its own `progress`"),
+        "{text}"
+    );
+}
 
 #[test]
 fn memory_store_new_and_changed_objects_are_called_once() {

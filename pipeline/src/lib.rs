@@ -851,6 +851,9 @@ pub struct ObjectTrigger {
     /// Only objects whose name ends with this. Default none: every object
     /// (names starting with `.` are always left out).
     pub suffix: Option<String>,
+    /// Which S3 event types invoke the function. Default: objects created
+    /// (written) only.
+    pub events: ObjectEvents,
     /// Which objects already there when the trigger first runs are
     /// processed: none ([`StartingPosition::Latest`], the default), all
     /// (`Earliest`), or those modified at or after a time (`Timestamp`).
@@ -875,6 +878,26 @@ pub struct ObjectTrigger {
     /// Default `.sluice-state/NAME.dead-letter.jsonl` next to the pipeline
     /// file.
     pub dead_letter: PathBuf,
+}
+
+/// The S3 event types an object-store trigger invokes its function with
+/// (`events = ["created", "removed"]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectEvents {
+    /// `ObjectCreated:Put`: an object written (new, or written again).
+    pub created: bool,
+    /// `ObjectRemoved:Delete`: an object handled before is no longer
+    /// listed.
+    pub removed: bool,
+}
+
+impl Default for ObjectEvents {
+    fn default() -> Self {
+        Self {
+            created: true,
+            removed: false,
+        }
+    }
 }
 
 /// The Kafka cluster a trigger reads from.

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice_pipeline::{
-    Backend, BootstrapServers, KafkaTrigger, Pipeline, PipelineError, StartingPosition,
+    Backend, BootstrapServers, KafkaTrigger, ObjectEvents, Pipeline, PipelineError,
+    StartingPosition,
 };
 
 /// Makes `dir/rel` a function folder with an executable `bootstrap`.
@@ -954,6 +955,7 @@ name = "s3-in"
 function = "echo"
 url = "s3://landing/in/"
 suffix = ".csv"
+events = ["removed"]
 starting_position = "2024-05-01T00:00:00Z"
 poll_interval = "1m"
 max_object_bytes = 1024
@@ -967,6 +969,7 @@ dead_letter = "/var/tmp/s3-dead.jsonl"
 function = "echo"
 url = "file:///srv/drop/"
 starting_position = "earliest"
+events = ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]
 "#,
     );
     let p = Pipeline::load(&file).expect("load");
@@ -979,6 +982,13 @@ starting_position = "earliest"
         dir.path().join("landing/in").display().to_string()
     );
     assert_eq!(local.suffix, None);
+    assert_eq!(
+        local.events,
+        ObjectEvents {
+            created: true,
+            removed: false
+        }
+    );
     assert_eq!(local.starting_position, StartingPosition::Latest);
     assert_eq!(local.poll_interval, Duration::from_secs(5));
     assert_eq!(local.max_object_bytes, 64 << 20);
@@ -1001,6 +1011,13 @@ starting_position = "earliest"
     assert_eq!(s3.url, "s3://landing/in/");
     assert_eq!(s3.suffix.as_deref(), Some(".csv"));
     assert_eq!(
+        s3.events,
+        ObjectEvents {
+            created: false,
+            removed: true
+        }
+    );
+    assert_eq!(
         s3.starting_position,
         StartingPosition::Timestamp(1_714_521_600_000)
     );
@@ -1013,4 +1030,11 @@ starting_position = "earliest"
     assert_eq!(file_url.name, "echo-objects-3");
     assert_eq!(file_url.url, "/srv/drop/");
     assert_eq!(file_url.starting_position, StartingPosition::Earliest);
+    assert_eq!(
+        file_url.events,
+        ObjectEvents {
+            created: true,
+            removed: true
+        }
+    );
 }

@@ -318,6 +318,7 @@ async fn trigger_pass(
         function: function.to_owned(),
         url: prefix.url.clone(),
         suffix: None,
+        events: Default::default(),
         starting_position: StartingPosition::Earliest,
         poll_interval: Duration::from_millis(100),
         max_object_bytes: sluice_pipeline::DEFAULT_MAX_OBJECT_BYTES,

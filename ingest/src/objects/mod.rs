@@ -14,7 +14,8 @@
 //! What was handled is kept in a redb store (`progress`), written after
 //! each invocation ends, so a restart (even after `kill -9`) calls every
 //! object not yet recorded: at least once. Records of objects a listing no
-//! longer shows are dropped. A failed invocation is retried
+//! longer shows are dropped; with `events` including `"removed"`, each is
+//! first called with an `ObjectRemoved:Delete` event (at least once too). A failed invocation is retried
 //! with exponential backoff up to `max_retry_attempts` times; then the
 //! object is written to the dead-letter file (JSON lines, with the error
 //! and attempts) before it is recorded as failed. An object larger than
@@ -44,6 +45,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStore};
@@ -251,9 +253,43 @@ impl Progress {
             ),
             other => err(other.to_string()),
         })?;
+        // What the store's records are of: a store kept for another prefix
+        // (or suffix) would make every object there look new, and every
+        // object recorded look deleted.
+        let watching = format!("{}\n{}", t.url, t.suffix.as_deref().unwrap_or(""));
         let w = db.begin_write().map_err(|e| err(e.to_string()))?;
         w.open_table(OBJECTS).map_err(|e| err(e.to_string()))?;
-        w.open_table(META).map_err(|e| err(e.to_string()))?;
+        {
+            let mut meta = w.open_table(META).map_err(|e| err(e.to_string()))?;
+            let stored = meta
+                .get("watching")
+                .map_err(|e| err(e.to_string()))?
+                .map(|v| v.value().to_owned());
+            match stored {
+                Some(stored) if stored != watching => {
+                    let (url, suffix) = stored.split_once('\n').unwrap_or((&stored, ""));
+                    return Err(err(format!(
+                        "holds the objects of url {url:?}{}, not of this trigger's url {:?}{}; \
+                         give the trigger its own `progress` (or delete the file to start over)",
+                        if suffix.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" with suffix {suffix:?}")
+                        },
+                        t.url,
+                        t.suffix
+                            .as_deref()
+                            .map(|s| format!(" with suffix {s:?}"))
+                            .unwrap_or_default(),
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("watching", watching.as_str())
+                        .map_err(|e| err(e.to_string()))?;
+                }
+            }
+        }
         w.commit().map_err(|e| err(e.to_string()))?;
         let db = Arc::new(db);
         let commits = GroupCommit::spawn(Arc::clone(&db), "sluice-progress", record)
@@ -337,13 +373,18 @@ impl Progress {
         outcome: Outcome,
         start: bool,
     ) -> Result<(), IngestError> {
-        let entry = Recorded::Handled {
+        self.change(Recorded::Handled {
             objects,
             outcome,
             start,
-        };
+        })
+        .await
+    }
+
+    /// Makes `change` durably.
+    async fn change(&self, change: Recorded) -> Result<(), IngestError> {
         self.commits
-            .commit(entry)
+            .commit(change)
             .await
             .map_err(|e| IngestError::Progress {
                 trigger: self.trigger.clone(),
@@ -443,18 +484,10 @@ pub fn s3_event(
     meta: &ObjectMeta,
     name: &str,
 ) -> serde_json::Value {
-    let time = meta
-        .last_modified
-        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-        .to_string();
-    let sequencer = format!(
-        "{:016X}",
-        meta.last_modified.timestamp_nanos_opt().unwrap_or_default()
-    );
     let mut object = json!({
         "key": event_key(key),
         "size": meta.size,
-        "sequencer": sequencer,
+        "sequencer": sequencer(meta.last_modified),
     });
     if let Some(tag) = &meta.e_tag {
         object["eTag"] = json!(tag.trim_matches('"'));
@@ -462,12 +495,61 @@ pub fn s3_event(
     if let Some(v) = &meta.version {
         object["versionId"] = json!(v);
     }
+    s3_record(
+        trigger,
+        region,
+        bucket,
+        "ObjectCreated:Put",
+        meta.last_modified,
+        object,
+        json!({"object": name, "payloadPath": sluice_protocol::ATTACHMENT_PATH}),
+    )
+}
+
+/// The S3 event notification of an object deleted (`ObjectRemoved:Delete`,
+/// one record), found missing at `at`; its `sluice` member names the
+/// object (there are no bytes to stage).
+pub fn s3_removed_event(
+    trigger: &str,
+    region: &str,
+    bucket: &str,
+    key: &str,
+    name: &str,
+    at: DateTime<Utc>,
+) -> serde_json::Value {
+    let object = json!({"key": event_key(key), "sequencer": sequencer(at)});
+    s3_record(
+        trigger,
+        region,
+        bucket,
+        "ObjectRemoved:Delete",
+        at,
+        object,
+        json!({"object": name}),
+    )
+}
+
+/// S3's ordering hint for events of one key: later events, larger.
+fn sequencer(at: DateTime<Utc>) -> String {
+    format!("{:016X}", at.timestamp_nanos_opt().unwrap_or_default())
+}
+
+/// One S3 event notification record, in Lambda's envelope.
+fn s3_record(
+    trigger: &str,
+    region: &str,
+    bucket: &str,
+    event_name: &str,
+    at: DateTime<Utc>,
+    object: serde_json::Value,
+    sluice: serde_json::Value,
+) -> serde_json::Value {
     json!({"Records": [{
         "eventVersion": "2.1",
         "eventSource": "aws:s3",
         "awsRegion": region,
-        "eventTime": time,
-        "eventName": "ObjectCreated:Put",
+        "eventTime": at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        "eventName": event_name,
         "userIdentity": {"principalId": "sluice"},
         "requestParameters": {"sourceIPAddress": "127.0.0.1"},
         "responseElements": {"x-amz-request-id": "sluice", "x-amz-id-2": "sluice"},
@@ -481,7 +563,7 @@ pub fn s3_event(
             },
             "object": object,
         },
-        "sluice": {"object": name, "payloadPath": sluice_protocol::ATTACHMENT_PATH},
+        "sluice": sluice,
     }]})
 }
 
@@ -521,7 +603,7 @@ pub async fn run_object_trigger(
     let t = &shared.t;
     tracing::info!(trigger = %t.name, url = %t.url, function = %t.function, "watching for objects");
 
-    let mut pending: VecDeque<ObjectMeta> = VecDeque::new();
+    let mut pending: VecDeque<Due> = VecDeque::new();
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut calls: JoinSet<(String, Result<(), IngestError>)> = JoinSet::new();
     // Objects fetched or called at once: twice the calls, so that the next
@@ -541,12 +623,12 @@ pub async fn run_object_trigger(
         tokio::select! {
             () = stopped(&mut stop) => break Ok(()),
             Ok(permit) = Arc::clone(&ahead).acquire_owned(), if !pending.is_empty() => {
-                if let Some(meta) = pending.pop_front() {
-                    let location = meta.location.to_string();
+                if let Some(due) = pending.pop_front() {
+                    let location = due.location();
                     in_flight.insert(location.clone());
                     let s = Arc::clone(&shared);
                     let stop = stop.clone();
-                    calls.spawn(async move { (location, handle(&s, meta, permit, stop).await) });
+                    calls.spawn(async move { (location, handle(&s, due, permit, stop).await) });
                 }
             }
             Some(done) = calls.join_next(), if !calls.is_empty() => {
@@ -610,18 +692,24 @@ pub async fn run_object_trigger(
                     .iter()
                     .map(|m| (m.location.to_string(), version(m)))
                     .collect();
-                // Records of objects no longer there are dropped (not of
-                // one being called: its record is written after this).
-                let gone: Vec<String> = done
-                    .keys()
-                    .filter(|l| !listed_now.contains_key(*l) && !in_flight.contains(*l))
-                    .cloned()
+                // Objects no longer listed (not one being called: its
+                // record is written after this): with `events` "removed",
+                // each is called with a deletion event, then forgotten;
+                // else their records are dropped at once.
+                let gone: Vec<(String, String)> = done
+                    .iter()
+                    .filter(|(l, _)| !listed_now.contains_key(*l) && !in_flight.contains(*l))
+                    .map(|(l, v)| (l.clone(), v.clone()))
                     .collect();
-                if !gone.is_empty() {
+                pending = VecDeque::new();
+                if t.events.removed {
+                    pending.extend(gone.into_iter().map(|(location, version)| Due::Removed { location, version }));
+                } else if !gone.is_empty() {
                     // Submitted now, so it is committed before any later
                     // record of the same names; awaited aside (a prune that
                     // fails is tried again at the next listing).
                     let n = gone.len();
+                    let gone = gone.into_iter().map(|(l, _)| l).collect();
                     let pruned = shared.progress.commits.submit(Recorded::Gone(gone));
                     let trigger = t.name.clone();
                     tokio::spawn(async move {
@@ -631,7 +719,7 @@ pub async fn run_object_trigger(
                         }
                     });
                 }
-                pending = listed
+                let written: Vec<ObjectMeta> = listed
                     .into_iter()
                     .filter(|m| {
                         let location = m.location.to_string();
@@ -643,6 +731,18 @@ pub async fn run_object_trigger(
                                 || m.last_modified.timestamp_millis() <= settled_before)
                     })
                     .collect();
+                if t.events.created {
+                    pending.extend(written.into_iter().map(Due::Created));
+                } else if !written.is_empty() {
+                    // Only deletions are wanted: objects written are
+                    // recorded uncalled, so that their deletion is seen.
+                    let seen: Vec<_> = written.iter().map(|m| (m.location.to_string(), version(m))).collect();
+                    let n = seen.len() as u64;
+                    if let Err(e) = shared.progress.record(seen, Outcome::Skipped, false).await {
+                        break Err(e);
+                    }
+                    shared.env.metrics.records_filtered(&t.name, n);
+                }
                 previous = listed_now;
             }
         }
@@ -700,23 +800,64 @@ async fn start(shared: &Arc<Shared>, listed: &[ObjectMeta]) -> Result<(), Ingest
         .await
 }
 
-/// One object: fetch, call with retries, record. `Ok` also when the call
-/// was abandoned to a stop (nothing recorded: the next run calls it).
+/// Work the loop starts.
+enum Due {
+    /// An object written (new, or a new version).
+    Created(ObjectMeta),
+    /// An object handled before and no longer listed (with `events`
+    /// "removed"): location and recorded version.
+    Removed { location: String, version: String },
+}
+
+impl Due {
+    fn location(&self) -> String {
+        match self {
+            Due::Created(meta) => meta.location.to_string(),
+            Due::Removed { location, .. } => location.clone(),
+        }
+    }
+}
+
+/// One piece of work: call with retries, record. `Ok` also when the call
+/// was abandoned to a stop (nothing recorded: the next run makes it).
 async fn handle(
+    shared: &Arc<Shared>,
+    due: Due,
+    permit: OwnedSemaphorePermit,
+    stop: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let activity = &shared.env.activity;
+    activity.received(1);
+    let _finished = Finished(activity);
+    match due {
+        Due::Created(meta) => created(shared, meta, permit, stop).await,
+        Due::Removed { location, version } => {
+            removed(shared, location, version, permit, stop).await
+        }
+    }
+}
+
+/// An object written: fetch, call, record.
+async fn created(
     shared: &Arc<Shared>,
     meta: ObjectMeta,
     permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let t = &shared.t;
-    let activity = &shared.env.activity;
-    let metrics = &shared.env.metrics;
-    activity.received(1);
-    let _finished = Finished(activity);
     let name = shared.watched.name(&meta.location);
     let key = shared.watched.key(&meta.location);
-    let recorded = vec![(meta.location.to_string(), version(&meta))];
-
+    let handled = |outcome| Recorded::Handled {
+        objects: vec![(meta.location.to_string(), version(&meta))],
+        outcome,
+        start: false,
+    };
+    let details = json!({
+        "eventName": "ObjectCreated:Put",
+        "size": meta.size,
+        "eTag": meta.e_tag,
+        "lastModified": meta.last_modified.to_rfc3339(),
+    });
     if meta.size > t.max_object_bytes {
         let failure = Failure {
             error_type: "Sluice.ObjectTooLarge".into(),
@@ -727,7 +868,14 @@ async fn handle(
             retryable: false,
         };
         drop(permit);
-        return fail(shared, &meta, &name, &key, &failure, 0, recorded).await;
+        let failed = Failed {
+            name: &name,
+            key: &key,
+            details,
+            failure,
+            attempts: 0,
+        };
+        return fail(shared, failed, handled(Outcome::Failed)).await;
     }
     let fetched = tokio::select! {
         r = fetch(&shared.watched, &meta.location) => r,
@@ -752,18 +900,12 @@ async fn handle(
                     "cannot read the object: {}; trying again at each listing",
                     with_credentials_hint(&t.url, e.to_string()));
             }
-            metrics.function_error(&t.name, "Sluice.ReadFailed");
+            shared
+                .env
+                .metrics
+                .function_error(&t.name, "Sluice.ReadFailed");
             return Ok(());
         }
-    };
-    // Fetched ahead: the call waits for one of the function's slots.
-    let call = tokio::select! {
-        p = Arc::clone(&shared.calls).acquire_owned() => p,
-        () = stopped(&mut stop) => return Ok(()),
-    };
-    let Ok(call) = call else {
-        // Never: the semaphore is not closed.
-        return Ok(());
     };
     let event = s3_event(
         &t.name,
@@ -774,12 +916,104 @@ async fn handle(
         &name,
     )
     .to_string();
+    let called = call(shared, &name, &event, Some(bytes), &mut stop).await;
+    drop(permit);
+    match called {
+        Called::Succeeded => shared.progress.change(handled(Outcome::Succeeded)).await,
+        Called::Failed { failure, attempts } => {
+            let failed = Failed {
+                name: &name,
+                key: &key,
+                details,
+                failure,
+                attempts,
+            };
+            fail(shared, failed, handled(Outcome::Failed)).await
+        }
+        Called::Stopped => Ok(()),
+    }
+}
+
+/// An object deleted: call, then drop its record (also when the call
+/// failed for good, after the dead-letter line).
+async fn removed(
+    shared: &Arc<Shared>,
+    location: String,
+    version: String,
+    permit: OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let t = &shared.t;
+    let path = ObjectPath::parse(&location).unwrap_or_else(|_| ObjectPath::from(location.as_str()));
+    let name = shared.watched.name(&path);
+    let key = shared.watched.key(&path);
+    let event = s3_removed_event(
+        &t.name,
+        &shared.region,
+        &shared.watched.bucket,
+        &key,
+        &name,
+        Utc::now(),
+    )
+    .to_string();
+    let called = call(shared, &name, &event, None, &mut stop).await;
+    drop(permit);
+    let gone = Recorded::Gone(vec![location]);
+    match called {
+        Called::Succeeded => shared.progress.change(gone).await,
+        Called::Failed { failure, attempts } => {
+            let failed = Failed {
+                name: &name,
+                key: &key,
+                details: json!({"eventName": "ObjectRemoved:Delete", "version": version}),
+                failure,
+                attempts,
+            };
+            fail(shared, failed, gone).await
+        }
+        Called::Stopped => Ok(()),
+    }
+}
+
+/// How a call with its retries ended.
+enum Called {
+    Succeeded,
+    /// Failed for good: the last failure and the attempts made.
+    Failed {
+        failure: Failure,
+        attempts: u32,
+    },
+    /// Abandoned to a stop (or the executor shutting down).
+    Stopped,
+}
+
+/// Invokes the function with `event` (and `attachment`, staged in the
+/// sandbox) in one of its call slots, retrying a failure with exponential
+/// backoff up to `max_retry_attempts` times.
+async fn call(
+    shared: &Arc<Shared>,
+    name: &str,
+    event: &str,
+    attachment: Option<Bytes>,
+    stop: &mut watch::Receiver<bool>,
+) -> Called {
+    let t = &shared.t;
+    let metrics = &shared.env.metrics;
+    // Fetched ahead: the call waits for one of the function's slots.
+    let slot = tokio::select! {
+        p = Arc::clone(&shared.calls).acquire_owned() => p,
+        () = stopped(stop) => return Called::Stopped,
+    };
+    let Ok(_slot) = slot else {
+        // Never: the semaphore is not closed.
+        return Called::Stopped;
+    };
     let mut attempts = 0u32;
     let mut delay = t.retry_backoff;
     loop {
         attempts += 1;
         let opts = InvokeOptions {
-            attachment: Some(bytes.clone()),
+            attachment: attachment.clone(),
             ..Default::default()
         };
         let started = std::time::Instant::now();
@@ -793,27 +1027,22 @@ async fn handle(
             Ok(_) => {
                 metrics.batch(&t.name, BatchOutcome::Success);
                 tracing::debug!(trigger = %t.name, object = %name, attempts, "object done");
-                drop((permit, call));
-                return shared
-                    .progress
-                    .record(recorded, Outcome::Succeeded, false)
-                    .await;
+                return Called::Succeeded;
             }
-            Err(InvokeError::ShuttingDown) => return Ok(()),
+            Err(InvokeError::ShuttingDown) => return Called::Stopped,
             Err(e) => e,
         };
         let failure = Failure::from(&e);
         metrics.function_error(&t.name, &failure.error_type);
         if attempts > t.max_retry_attempts {
-            drop((permit, call));
-            return fail(shared, &meta, &name, &key, &failure, attempts, recorded).await;
+            return Called::Failed { failure, attempts };
         }
         tracing::warn!(trigger = %t.name, object = %name, attempts, error_type = %failure.error_type,
             "call failed: {}; retrying in {delay:?}", for_log(&failure.message));
         metrics.retry(&t.name);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            () = stopped(&mut stop) => return Ok(()),
+            () = stopped(stop) => return Called::Stopped,
         }
         delay = (delay * 2).min(t.retry_backoff_max);
     }
@@ -837,30 +1066,39 @@ async fn fetch(watched: &Watched, location: &ObjectPath) -> object_store::Result
     watched.store.get(location).await?.bytes().await
 }
 
-/// Writes the object to the dead-letter file, then records it as failed.
-async fn fail(
-    shared: &Arc<Shared>,
-    meta: &ObjectMeta,
-    name: &str,
-    key: &str,
-    failure: &Failure,
+/// An object whose call failed for good (or was never made).
+struct Failed<'a> {
+    name: &'a str,
+    key: &'a str,
+    /// The event's name and the object's details, for the dead-letter line.
+    details: serde_json::Value,
+    failure: Failure,
     attempts: u32,
-    recorded: Vec<(String, String)>,
-) -> Result<(), IngestError> {
+}
+
+/// Writes the object to the dead-letter file, then records `then`.
+async fn fail(shared: &Arc<Shared>, failed: Failed<'_>, then: Recorded) -> Result<(), IngestError> {
     let t = &shared.t;
-    let line = json!({
+    let Failed {
+        name,
+        key,
+        details,
+        failure,
+        attempts,
+    } = failed;
+    let mut line = json!({
         "trigger": t.name,
         "function": t.function,
         "object": name,
         "bucket": shared.watched.bucket,
         "key": key,
-        "size": meta.size,
-        "eTag": meta.e_tag,
-        "lastModified": meta.last_modified.to_rfc3339(),
         "attempts": attempts,
         "errorType": failure.error_type,
         "errorMessage": failure.message,
     });
+    if let (Some(line), serde_json::Value::Object(details)) = (line.as_object_mut(), details) {
+        line.extend(details);
+    }
     let s = Arc::clone(shared);
     tokio::task::spawn_blocking(move || s.dead_letter.append(&line))
         .await
@@ -873,19 +1111,25 @@ async fn fail(
         })?;
     shared.env.metrics.batch(&t.name, BatchOutcome::Failed);
     shared.env.metrics.dlq_write(&t.name, 1);
+    let again = match then {
+        Recorded::Gone(_) => "a deletion is not called again",
+        Recorded::Handled { .. } => "`sluice run --retry-failed` calls it again",
+    };
     tracing::error!(trigger = %t.name, object = %name, attempts, error_type = %failure.error_type,
         dead_letter = %t.dead_letter.display(),
-        "object failed for good: {}; written to the dead-letter file (`sluice run --retry-failed` calls it again)", for_log(&failure.message));
-    shared
-        .progress
-        .record(recorded, Outcome::Failed, false)
-        .await
+        "object failed for good: {}; written to the dead-letter file ({again})", for_log(&failure.message));
+    shared.progress.change(then).await
 }
 
 /// Where a trigger's objects are recorded, for `sluice` to print.
 pub fn describe(t: &ObjectTrigger) -> String {
+    let events = match (t.events.created, t.events.removed) {
+        (true, false) => "",
+        (true, true) => " for objects written and deleted",
+        _ => " for objects deleted",
+    };
     format!(
-        "trigger {}: watching {} every {:?} (progress {}, dead letters {})",
+        "trigger {}: watching {}{events} every {:?} (progress {}, dead letters {})",
         t.name,
         t.url,
         t.poll_interval,

@@ -16,7 +16,7 @@ use crate::span::Locator;
 use crate::{
     DEFAULT_MAX_OBJECT_BYTES, DEFAULT_OBJECT_RETRY_ATTEMPTS, DEFAULT_POLL_INTERVAL,
     DEFAULT_STATE_DIR, MAX_OBJECT_BYTES_RANGE, MAX_RETRY_ATTEMPTS_RANGE, OBJECT_URL_SCHEMES,
-    ObjectTrigger, POLL_INTERVAL_RANGE,
+    ObjectEvents, ObjectTrigger, POLL_INTERVAL_RANGE,
 };
 
 /// One `[[trigger.object_store]]` table. Every field is optional here;
@@ -33,6 +33,8 @@ pub(super) struct RawObjects {
     url: Option<Spanned<String>>,
     /// Default none (every object).
     suffix: Option<Spanned<String>>,
+    /// Default `["created"]`.
+    events: Option<Spanned<Vec<Spanned<String>>>>,
     /// Default `"latest"`.
     starting_position: Option<Spanned<String>>,
     /// Default [`DEFAULT_POLL_INTERVAL`].
@@ -61,6 +63,10 @@ pub(super) const OBJECT_FIELDS: &[(&str, &str)] = &[
         "a string: a folder, or a URL such as \"s3://bucket/incoming/\"",
     ),
     ("suffix", STRING),
+    (
+        "events",
+        "an array of event types: [\"created\"], [\"removed\"] or both",
+    ),
     (
         "starting_position",
         "a string: \"earliest\", \"latest\" or a quoted timestamp such as \
@@ -125,6 +131,7 @@ impl RawObjects {
             }
             s => s.map(Spanned::into_inner),
         };
+        let events = validate_events(&f, self.events)?;
         let starting_position = validate_starting_position(&f, self.starting_position)?;
         let poll_interval = f.duration(
             "poll_interval",
@@ -163,6 +170,7 @@ impl RawObjects {
             function,
             url,
             suffix,
+            events,
             starting_position,
             poll_interval,
             max_object_bytes,
@@ -173,6 +181,47 @@ impl RawObjects {
             dead_letter,
         })
     }
+}
+
+const EVENTS_RULE: &str = "\"created\" (s3:ObjectCreated:*: every object written) or \
+                           \"removed\" (s3:ObjectRemoved:*: every object deleted)";
+
+/// `events`: which S3 event types invoke the function.
+fn validate_events(
+    f: &Fields<'_>,
+    events: Option<Spanned<Vec<Spanned<String>>>>,
+) -> Result<ObjectEvents, PipelineError> {
+    let Some(events) = events else {
+        return Ok(ObjectEvents::default());
+    };
+    if events.get_ref().is_empty() {
+        return Err(PipelineError::InvalidValue {
+            at: f.loc.at(events.span()),
+            field: f.field("events"),
+            value: "[]".into(),
+            expected: "at least one event type: [\"created\"], [\"removed\"] or both",
+        });
+    }
+    let mut out = ObjectEvents {
+        created: false,
+        removed: false,
+    };
+    for (i, value) in events.into_inner().into_iter().enumerate() {
+        let span = value.span();
+        match value.get_ref().as_str() {
+            "created" | "s3:ObjectCreated:*" => out.created = true,
+            "removed" | "s3:ObjectRemoved:*" => out.removed = true,
+            _ => {
+                return Err(PipelineError::InvalidValue {
+                    at: f.loc.at(span),
+                    field: format!("{}{}", f.field("events"), crate::span::index(i)),
+                    value: value.into_inner(),
+                    expected: EVENTS_RULE,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A URL of a known scheme, or a local folder (relative to `base`; made

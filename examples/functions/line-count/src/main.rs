@@ -10,7 +10,8 @@
 //! It answers `{"key": ..., "bytes": ..., "lines": ...}` and prints the
 //! same as a log line. An object that is not UTF-8 text fails with a
 //! `NotText` error, so the trigger retries it and then writes it to its
-//! dead-letter file.
+//! dead-letter file. A deletion (`ObjectRemoved:*`, with `events =
+//! ["created", "removed"]` on the trigger) prints `KEY: removed`.
 
 use aws_lambda_events::s3::S3Event;
 use lambda_runtime::{Diagnostic, Error, LambdaEvent, service_fn};
@@ -39,6 +40,14 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
         .first()
         .ok_or_else(|| failure("NotAnS3Event", "an S3 event without records".into()))?;
     let key = record.s3.object.key.clone().unwrap_or_default();
+    if record
+        .event_name
+        .as_deref()
+        .is_some_and(|e| e.starts_with("ObjectRemoved:"))
+    {
+        println!("{key}: removed");
+        return Ok(json!({"key": key, "removed": true}));
+    }
     let bytes = std::fs::read(&path).map_err(|e| failure("NoObject", format!("{path}: {e}")))?;
     let text = std::str::from_utf8(&bytes).map_err(|e| {
         failure(
