@@ -430,15 +430,9 @@ fn a_store_of_another_prefix_is_refused() {
 
 #[test]
 fn memory_store_new_and_changed_objects_are_called_once() {
-    let name = format!(
-        "objects-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    );
-    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-    register_object_store(&format!("memory://{name}"), Arc::clone(&store));
+    let (store, base) = memory_store();
     // Keys in events are relative to the bucket: the whole key.
-    scenario(store, &format!("memory://{name}/in/"), "in/");
+    scenario(store, &format!("{base}/in/"), "in/");
 }
 
 /// The same against a real S3-protocol server: `SLUICE_TEST_S3` names a

@@ -93,16 +93,9 @@ pub async fn invoke(
     spawn_iterations: usize,
     payload: Option<&str>,
 ) -> u8 {
-    let p = match super::load_pipeline(pipeline) {
-        Ok(p) => p,
+    let (p, f) = match super::load_function(pipeline, function) {
+        Ok(pf) => pf,
         Err(code) => return code,
-    };
-    let f = match p.function(function) {
-        Ok(f) => f.clone(),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::USAGE;
-        }
     };
     let quiet: sluice_executor::LogSink = Arc::new(|_l: LogLine| {});
     let ex = match super::executor_for(&p, quiet) {
@@ -352,13 +345,9 @@ pub async fn kafka(
 ) -> u8 {
     use sluice_ingest::kafka::{EmbeddedBroker, OutRecord, Sink};
 
-    let p = match super::load_pipeline(pipeline) {
-        Ok(p) => p,
+    let (_, declared) = match super::load_function(pipeline, function) {
+        Ok(pf) => pf,
         Err(code) => return code,
-    };
-    let Ok(declared) = p.function(function) else {
-        eprintln!("error: {}: no function {function:?}", pipeline.display());
-        return exit::USAGE;
     };
     let broker = match EmbeddedBroker::start(1) {
         Ok(b) => b,
@@ -844,16 +833,9 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
     /// Rows for 1 row per call: a call per row is slow, fewer rows suffice.
     const ROWS_AT_1: usize = 5_000;
 
-    let p = match super::load_pipeline(pipeline) {
-        Ok(p) => p,
+    let (p, concurrency) = match super::load_function(pipeline, function) {
+        Ok((p, f)) => (p, f.concurrency as usize),
         Err(code) => return code,
-    };
-    let concurrency = match p.function(function) {
-        Ok(f) => f.concurrency as usize,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::USAGE;
-        }
     };
     let rows = rows.max(1);
     let dir = std::env::temp_dir().join(format!("sluice-bench-backfill-{}", std::process::id()));

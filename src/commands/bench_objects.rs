@@ -89,16 +89,9 @@ pub async fn run(
     url: Option<&str>,
     rounds: usize,
 ) -> u8 {
-    let p = match super::load_pipeline(pipeline) {
-        Ok(p) => p,
+    let (p, concurrency) = match super::load_function(pipeline, function) {
+        Ok((p, f)) => (p, f.concurrency as usize),
         Err(code) => return code,
-    };
-    let concurrency = match p.function(function) {
-        Ok(f) => f.concurrency as usize,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::USAGE;
-        }
     };
     let dir = match tempfile::tempdir() {
         Ok(d) => d,
@@ -128,17 +121,14 @@ pub async fn run(
             return exit::INVOKE_FAILED;
         }
     };
-    let result = measure(
-        &ex,
-        &prefix,
-        dir.path(),
+    let bench = Bench {
+        ex: &ex,
+        prefix: &prefix,
+        scratch: dir.path(),
         function,
         concurrency,
-        n,
-        size,
-        rounds,
-    )
-    .await;
+    };
+    let result = bench.measure(n, size, rounds).await;
     ex.shutdown().await;
     if prefix.remote {
         // Best effort: the objects this run wrote.
@@ -157,209 +147,221 @@ pub async fn run(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn measure(
-    ex: &Executor,
-    prefix: &Prefix,
-    scratch: &Path,
-    function: &str,
+/// What every part of the bench runs with.
+struct Bench<'a> {
+    ex: &'a Executor,
+    prefix: &'a Prefix,
+    /// Progress stores and dead-letter files.
+    scratch: &'a Path,
+    function: &'a str,
     concurrency: usize,
-    n: usize,
-    size: usize,
-    rounds: usize,
-) -> Result<(), String> {
-    let n = n.max(1);
-    let rounds = rounds.max(1);
-    // Text lines, so that a line-counting function reads them too.
-    let line = b"sluice bench objects: a line of text\n";
-    let body: Vec<u8> = line.iter().copied().cycle().take(size).collect();
-    for i in 0..n {
-        let location = prefix.prefix.child(format!("obj-{i:06}.txt"));
-        prefix
-            .store
-            .put(&location, PutPayload::from(body.clone()))
-            .await
-            .map_err(|e| format!("writing {location}: {e}"))?;
-    }
-    println!(
-        "sluice bench objects: {n} objects of {size} bytes under {}; function {function}, concurrency {concurrency}, {rounds} rounds",
-        prefix.url
-    );
+}
 
-    // List + read alone; its objects (bytes in memory) feed the direct calls.
-    let t0 = Instant::now();
-    let listed = prefix.list().await.map_err(|e| e.to_string())?;
-    let mut fetched = Vec::with_capacity(listed.len());
-    for m in &listed {
-        let bytes = prefix
-            .store
-            .get(&m.location)
-            .await
-            .map_err(|e| e.to_string())?
-            .bytes()
-            .await
-            .map_err(|e| e.to_string())?;
-        fetched.push((m.clone(), bytes));
-    }
-    let read = t0.elapsed();
-    if fetched.len() != n {
-        return Err(format!("listed {} objects, wrote {n}", fetched.len()));
-    }
-    let read_rate = rate(n, read);
-    println!(
-        "{:<46} {:>10.0} objects/s",
-        "list + read with object_store alone", read_rate
-    );
+impl Bench<'_> {
+    async fn measure(&self, n: usize, size: usize, rounds: usize) -> Result<(), String> {
+        let Bench {
+            ex,
+            prefix,
+            function,
+            concurrency,
+            ..
+        } = *self;
+        let n = n.max(1);
+        let rounds = rounds.max(1);
+        // Text lines, so that a line-counting function reads them too.
+        let line = b"sluice bench objects: a line of text\n";
+        let body: Vec<u8> = line.iter().copied().cycle().take(size).collect();
+        for i in 0..n {
+            let location = prefix.prefix.child(format!("obj-{i:06}.txt"));
+            prefix
+                .store
+                .put(&location, PutPayload::from(body.clone()))
+                .await
+                .map_err(|e| format!("writing {location}: {e}"))?;
+        }
+        println!(
+            "sluice bench objects: {n} objects of {size} bytes under {}; function {function}, concurrency {concurrency}, {rounds} rounds",
+            prefix.url
+        );
 
-    // Sandboxes warm before anything is timed.
-    let mut warm = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let ex = ex.clone();
-        let f = function.to_owned();
-        warm.spawn(async move { ex.invoke(&f, b"{}".to_vec()).await.map(drop) });
-    }
-    while warm.join_next().await.is_some() {}
+        // List + read alone; its objects (bytes in memory) feed the direct calls.
+        let t0 = Instant::now();
+        let listed = prefix.list().await.map_err(|e| e.to_string())?;
+        let mut fetched = Vec::with_capacity(listed.len());
+        for m in &listed {
+            let bytes = prefix
+                .store
+                .get(&m.location)
+                .await
+                .map_err(|e| e.to_string())?
+                .bytes()
+                .await
+                .map_err(|e| e.to_string())?;
+            fetched.push((m.clone(), bytes));
+        }
+        let read = t0.elapsed();
+        if fetched.len() != n {
+            return Err(format!("listed {} objects, wrote {n}", fetched.len()));
+        }
+        let read_rate = rate(n, read);
+        println!(
+            "{:<46} {:>10.0} objects/s",
+            "list + read with object_store alone", read_rate
+        );
 
-    let fetched = Arc::new(fetched);
-    let mut direct_best = Duration::MAX;
-    let mut trigger_best = Duration::MAX;
-    let mut ratios = Vec::new();
-    for round in 0..rounds {
-        let direct = direct_calls(ex, function, concurrency, &fetched).await?;
-        let trigger = trigger_pass(ex, prefix, scratch, function, concurrency, n, round).await?;
-        direct_best = direct_best.min(direct);
-        trigger_best = trigger_best.min(trigger);
-        ratios.push(direct.as_secs_f64() / trigger.as_secs_f64().max(1e-9));
+        // Sandboxes warm before anything is timed.
+        let mut warm = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let ex = ex.clone();
+            let f = function.to_owned();
+            warm.spawn(async move { ex.invoke(&f, b"{}".to_vec()).await.map(drop) });
+        }
+        while warm.join_next().await.is_some() {}
+
+        let fetched = Arc::new(fetched);
+        let mut direct_best = Duration::MAX;
+        let mut trigger_best = Duration::MAX;
+        let mut ratios = Vec::new();
+        for round in 0..rounds {
+            let direct = self.direct_calls(&fetched).await?;
+            let trigger = self.trigger_pass(n, round).await?;
+            direct_best = direct_best.min(direct);
+            trigger_best = trigger_best.min(trigger);
+            ratios.push(direct.as_secs_f64() / trigger.as_secs_f64().max(1e-9));
+        }
+        ratios.sort_by(f64::total_cmp);
+        let median = ratios[ratios.len() / 2];
+        let (direct_rate, trigger_rate) = (rate(n, direct_best), rate(n, trigger_best));
+        println!(
+            "{:<46} {:>10.0} objects/s  (the ceiling)",
+            "direct calls, bytes staged, no trigger", direct_rate
+        );
+        println!(
+            "{:<46} {:>10.0} objects/s  ({:.1} % of direct calls, median of rounds; range {:.1}-{:.1} %)",
+            "object-store trigger",
+            trigger_rate,
+            100.0 * median,
+            100.0 * ratios[0],
+            100.0 * ratios[ratios.len() - 1]
+        );
+        println!(
+            "what the trigger adds per object (best rounds): {:.0} µs over a direct call ({:.0} µs of it listing and reading, measured alone)",
+            1e6 * (trigger_best.as_secs_f64() - direct_best.as_secs_f64()) / n as f64,
+            1e6 * read.as_secs_f64() / n as f64
+        );
+        Ok(())
     }
-    ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
-    let (direct_rate, trigger_rate) = (rate(n, direct_best), rate(n, trigger_best));
-    println!(
-        "{:<46} {:>10.0} objects/s  (the ceiling)",
-        "direct calls, bytes staged, no trigger", direct_rate
-    );
-    println!(
-        "{:<46} {:>10.0} objects/s  ({:.1} % of direct calls, median of rounds; range {:.1}-{:.1} %)",
-        "object-store trigger",
-        trigger_rate,
-        100.0 * median,
-        100.0 * ratios[0],
-        100.0 * ratios[ratios.len() - 1]
-    );
-    println!(
-        "what the trigger adds per object (best rounds): {:.0} µs over a direct call ({:.0} µs of it listing and reading, measured alone)",
-        1e6 * (trigger_best.as_secs_f64() - direct_best.as_secs_f64()) / n as f64,
-        1e6 * read.as_secs_f64() / n as f64
-    );
-    Ok(())
+
+    /// Every object's event and bytes through the executor, `concurrency` at
+    /// a time; the time taken.
+    async fn direct_calls(
+        &self,
+        objects: &Arc<Vec<(ObjectMeta, Bytes)>>,
+    ) -> Result<Duration, String> {
+        let Bench {
+            ex,
+            function,
+            concurrency,
+            ..
+        } = *self;
+        let t0 = Instant::now();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..concurrency.max(1) {
+            let (ex, f, objects, next) = (
+                ex.clone(),
+                function.to_owned(),
+                Arc::clone(objects),
+                Arc::clone(&next),
+            );
+            workers.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some((meta, bytes)) = objects.get(i) else {
+                        return Ok::<(), String>(());
+                    };
+                    let key = meta.location.filename().unwrap_or_default();
+                    let name = meta.location.to_string();
+                    let event = objects::s3_event("bench", "us-east-1", "bench", key, meta, &name)
+                        .to_string();
+                    let opts = InvokeOptions {
+                        attachment: Some(bytes.clone()),
+                        ..Default::default()
+                    };
+                    ex.invoke_with(&f, event.into_bytes(), opts)
+                        .await
+                        .map_err(|e| format!("direct call of {name}: {e}"))?;
+                }
+            });
+        }
+        while let Some(done) = workers.join_next().await {
+            done.map_err(|e| e.to_string())??;
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// One trigger over the prefix with a fresh progress store, from its first
+    /// object called to its `n`th recorded.
+    async fn trigger_pass(&self, n: usize, round: usize) -> Result<Duration, String> {
+        let Bench {
+            ex,
+            prefix,
+            scratch,
+            function,
+            concurrency,
+        } = *self;
+        let t = ObjectTrigger {
+            name: format!("bench-{round}"),
+            function: function.to_owned(),
+            url: prefix.url.clone(),
+            suffix: None,
+            events: Default::default(),
+            starting_position: StartingPosition::Earliest,
+            poll_interval: Duration::from_millis(100),
+            max_object_bytes: sluice_pipeline::DEFAULT_MAX_OBJECT_BYTES,
+            max_retry_attempts: 0,
+            retry_backoff: sluice_pipeline::DEFAULT_RETRY_BACKOFF,
+            retry_backoff_max: sluice_pipeline::DEFAULT_RETRY_BACKOFF_MAX,
+            progress: scratch.join(format!("bench-{round}.objects.redb")),
+            dead_letter: scratch.join(format!("bench-{round}.dead-letter.jsonl")),
+        };
+        let activity = Arc::new(Activity::default());
+        let metrics = Metrics::new();
+        let env = ObjectEnv {
+            executor: ex.clone(),
+            metrics: metrics.clone(),
+            activity: Arc::clone(&activity),
+            max_concurrency: concurrency,
+            retry_failed: false,
+        };
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(objects::run_object_trigger(t, env, stop_rx));
+        let drained =
+            tokio::time::timeout(Duration::from_secs(300), activity.wait_drained(n as u64)).await;
+        let took = activity.first_record().map(|first| first.elapsed());
+        let _ = stop.send(true);
+        let ended = task.await.map_err(|e| e.to_string())?;
+        ended.map_err(|e| e.to_string())?;
+        let failed = metrics.render().contains("sluice_function_errors_total{");
+        match (drained, took) {
+            (Ok(()), Some(took)) if !failed => Ok(took),
+            (Ok(()), _) => Err(format!(
+                "the trigger's calls failed (see `sluice run` with this function): {}",
+                metrics
+                    .render()
+                    .lines()
+                    .filter(|l| l.starts_with("sluice_function_errors_total{"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+            (Err(_), _) => Err(format!(
+                "only {} of {n} objects called after 300 s",
+                activity.records.load(std::sync::atomic::Ordering::SeqCst)
+            )),
+        }
+    }
 }
 
 fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64().max(1e-9)
-}
-
-/// Every object's event and bytes through the executor, `concurrency` at
-/// a time; the time taken.
-async fn direct_calls(
-    ex: &Executor,
-    function: &str,
-    concurrency: usize,
-    objects: &Arc<Vec<(ObjectMeta, Bytes)>>,
-) -> Result<Duration, String> {
-    let t0 = Instant::now();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.max(1) {
-        let (ex, f, objects, next) = (
-            ex.clone(),
-            function.to_owned(),
-            Arc::clone(objects),
-            Arc::clone(&next),
-        );
-        workers.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let Some((meta, bytes)) = objects.get(i) else {
-                    return Ok::<(), String>(());
-                };
-                let key = meta.location.filename().unwrap_or_default();
-                let name = meta.location.to_string();
-                let event =
-                    objects::s3_event("bench", "us-east-1", "bench", key, meta, &name).to_string();
-                let opts = InvokeOptions {
-                    attachment: Some(bytes.clone()),
-                    ..Default::default()
-                };
-                ex.invoke_with(&f, event.into_bytes(), opts)
-                    .await
-                    .map_err(|e| format!("direct call of {name}: {e}"))?;
-            }
-        });
-    }
-    while let Some(done) = workers.join_next().await {
-        done.map_err(|e| e.to_string())??;
-    }
-    Ok(t0.elapsed())
-}
-
-/// One trigger over the prefix with a fresh progress store, from its first
-/// object called to its `n`th recorded.
-async fn trigger_pass(
-    ex: &Executor,
-    prefix: &Prefix,
-    scratch: &Path,
-    function: &str,
-    concurrency: usize,
-    n: usize,
-    round: usize,
-) -> Result<Duration, String> {
-    let t = ObjectTrigger {
-        name: format!("bench-{round}"),
-        function: function.to_owned(),
-        url: prefix.url.clone(),
-        suffix: None,
-        events: Default::default(),
-        starting_position: StartingPosition::Earliest,
-        poll_interval: Duration::from_millis(100),
-        max_object_bytes: sluice_pipeline::DEFAULT_MAX_OBJECT_BYTES,
-        max_retry_attempts: 0,
-        retry_backoff: sluice_pipeline::DEFAULT_RETRY_BACKOFF,
-        retry_backoff_max: sluice_pipeline::DEFAULT_RETRY_BACKOFF_MAX,
-        progress: scratch.join(format!("bench-{round}.objects.redb")),
-        dead_letter: scratch.join(format!("bench-{round}.dead-letter.jsonl")),
-    };
-    let activity = Arc::new(Activity::default());
-    let metrics = Metrics::new();
-    let env = ObjectEnv {
-        executor: ex.clone(),
-        metrics: metrics.clone(),
-        activity: Arc::clone(&activity),
-        max_concurrency: concurrency,
-        retry_failed: false,
-    };
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(objects::run_object_trigger(t, env, stop_rx));
-    let drained =
-        tokio::time::timeout(Duration::from_secs(300), activity.wait_drained(n as u64)).await;
-    let took = activity.first_record().map(|first| first.elapsed());
-    let _ = stop.send(true);
-    let ended = task.await.map_err(|e| e.to_string())?;
-    ended.map_err(|e| e.to_string())?;
-    let failed = metrics.render().contains("sluice_function_errors_total{");
-    match (drained, took) {
-        (Ok(()), Some(took)) if !failed => Ok(took),
-        (Ok(()), _) => Err(format!(
-            "the trigger's calls failed (see `sluice run` with this function): {}",
-            metrics
-                .render()
-                .lines()
-                .filter(|l| l.starts_with("sluice_function_errors_total{"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        )),
-        (Err(_), _) => Err(format!(
-            "only {} of {n} objects called after 300 s",
-            activity.records.load(std::sync::atomic::Ordering::SeqCst)
-        )),
-    }
 }

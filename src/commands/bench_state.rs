@@ -34,14 +34,10 @@ fn event(value: &[u8]) -> Vec<u8> {
 /// Run the benchmark with `function` (the `running-sum` example) of
 /// `pipeline`, `calls` calls per measurement.
 pub async fn run(pipeline: &Path, function: &str, calls: usize) -> u8 {
-    let p = match super::load_pipeline(pipeline) {
-        Ok(p) => p,
+    let (p, _) = match super::load_function(pipeline, function) {
+        Ok(pf) => pf,
         Err(code) => return code,
     };
-    if let Err(e) = p.function(function) {
-        eprintln!("error: {e}");
-        return exit::USAGE;
-    }
     let ex = match super::executor_for(&p, Arc::new(|_l: LogLine| {})) {
         Ok(ex) => ex,
         Err(e) => {

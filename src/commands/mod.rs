@@ -106,3 +106,22 @@ pub fn load_pipeline(path: &Path) -> Result<Pipeline, u8> {
         crate::exit::USAGE
     })
 }
+
+/// Load a pipeline and one of its functions (what a bench measures),
+/// printing the error and returning the usage exit code on failure.
+pub fn load_function(
+    path: &Path,
+    function: &str,
+) -> Result<(Pipeline, sluice_pipeline::FunctionConfig), u8> {
+    let p = load_pipeline(path)?;
+    match p.function(function) {
+        Ok(f) => {
+            let f = f.clone();
+            Ok((p, f))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(crate::exit::USAGE)
+        }
+    }
+}
