@@ -51,28 +51,17 @@ impl<T: Send + 'static> GroupCommit<T> {
 
     /// Hands `entry` to the committer; resolves once the transaction holding
     /// it is committed (durably: redb's default durability), or failed.
+    /// Entries are committed in the order they are handed over.
     pub async fn commit(&self, entry: T) -> Committed {
-        self.submit(entry).await
-    }
-
-    /// Hands `entry` to the committer now (entries are committed in the
-    /// order they are submitted); the future resolves as [`Self::commit`].
-    pub fn submit(&self, entry: T) -> impl Future<Output = Committed> + Send + 'static {
         let gone = || {
             Arc::new(redb::Error::from(redb::StorageError::Io(
                 std::io::Error::other("the progress committer stopped"),
             )))
         };
         let (done, committed) = oneshot::channel();
-        let sent = matches!(
-            self.sender.as_ref().map(|s| s.send((entry, done))),
-            Some(Ok(()))
-        );
-        async move {
-            if !sent {
-                return Err(gone());
-            }
-            committed.await.unwrap_or_else(|_| Err(gone()))
+        match self.sender.as_ref().map(|s| s.send((entry, done))) {
+            Some(Ok(())) => committed.await.unwrap_or_else(|_| Err(gone())),
+            _ => Err(gone()),
         }
     }
 }

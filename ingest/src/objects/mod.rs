@@ -13,9 +13,10 @@
 //!
 //! What was handled is kept in a redb store (`progress`), written after
 //! each invocation ends, so a restart (even after `kill -9`) calls every
-//! object not yet recorded: at least once. Records of objects a listing no
-//! longer shows are dropped; with `events` including `"removed"`, each is
-//! first called with an `ObjectRemoved:Delete` event (at least once too). A failed invocation is retried
+//! object not yet recorded: at least once. With `events` including
+//! `"removed"`, an object recorded that a listing no longer shows is called
+//! with an `ObjectRemoved:Delete` event (at least once too), then its
+//! record is dropped. A failed invocation is retried
 //! with exponential backoff up to `max_retry_attempts` times; then the
 //! object is written to the dead-letter file (JSON lines, with the error
 //! and attempts) before it is recorded as failed. An object larger than
@@ -163,6 +164,16 @@ impl Watched {
 
     /// Every object below the prefix that the trigger may call, by name.
     async fn list(&self, suffix: Option<&str>) -> object_store::Result<Vec<ObjectMeta>> {
+        if let Some(folder) = &self.local
+            && !folder.is_dir()
+        {
+            // Gone (or not mounted): a failed listing, not an empty one, so
+            // that nothing recorded looks deleted.
+            return Err(object_store::Error::NotFound {
+                path: folder.display().to_string(),
+                source: "the watched folder is missing".into(),
+            });
+        }
         let mut out = Vec::new();
         let mut listing = self.store.list(self.prefix.as_ref());
         while let Some(meta) = listing.next().await {
@@ -230,9 +241,8 @@ enum Recorded {
         outcome: Outcome,
         start: bool,
     },
-    /// Objects no longer listed (deleted): their records are dropped, so
-    /// the store does not grow with every object ever seen, and an object
-    /// written again under the same name is called again.
+    /// Objects deleted whose deletion was handled: their records are
+    /// dropped, so an object written again under the same name is new.
     Gone(Vec<String>),
 }
 
@@ -694,8 +704,10 @@ pub async fn run_object_trigger(
                     .collect();
                 // Objects no longer listed (not one being called: its
                 // record is written after this): with `events` "removed",
-                // each is called with a deletion event, then forgotten;
-                // else their records are dropped at once.
+                // each is called with a deletion event, then forgotten.
+                // Without it their records are kept: a prefix that lists
+                // empty for a while (a folder whose disk is not mounted)
+                // must not make every object new again once it is back.
                 let gone: Vec<(String, String)> = done
                     .iter()
                     .filter(|(l, _)| !listed_now.contains_key(*l) && !in_flight.contains(*l))
@@ -703,21 +715,11 @@ pub async fn run_object_trigger(
                     .collect();
                 pending = VecDeque::new();
                 if t.events.removed {
+                    if gone.len() > 1 && gone.len() == done.len() {
+                        tracing::warn!(trigger = %t.name, url = %t.url,
+                            "every one of the {} objects recorded is gone: calling the function with a deletion event for each", gone.len());
+                    }
                     pending.extend(gone.into_iter().map(|(location, version)| Due::Removed { location, version }));
-                } else if !gone.is_empty() {
-                    // Submitted now, so it is committed before any later
-                    // record of the same names; awaited aside (a prune that
-                    // fails is tried again at the next listing).
-                    let n = gone.len();
-                    let gone = gone.into_iter().map(|(l, _)| l).collect();
-                    let pruned = shared.progress.commits.submit(Recorded::Gone(gone));
-                    let trigger = t.name.clone();
-                    tokio::spawn(async move {
-                        match pruned.await {
-                            Ok(()) => tracing::debug!(trigger = %trigger, "{n} deleted objects forgotten"),
-                            Err(e) => tracing::warn!(trigger = %trigger, "cannot forget {n} deleted objects: {e}"),
-                        }
-                    });
                 }
                 let written: Vec<ObjectMeta> = listed
                     .into_iter()
