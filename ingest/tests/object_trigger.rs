@@ -346,6 +346,12 @@ fn deletions_call_the_function_when_asked() {
         ["1 lines, 2 bytes", "removed", "1 lines, 2 bytes"],
         "{lines:#?}"
     );
+    // Deleted while sluice was not running: called at the restart.
+    delete(&io, &store, "in/a.txt");
+    let run = Run::start(&p);
+    run.wait_finished(1);
+    let lines = run.stop();
+    assert_eq!(lines, ["in/a.txt: removed"], "{lines:#?}");
 
     let dir = tempfile::tempdir().unwrap();
     let p = pipeline_with(
