@@ -466,6 +466,19 @@ struct Shared {
     unreadable: Mutex<HashSet<String>>,
     /// Calls at once: the function's `concurrency`.
     calls: Arc<Semaphore>,
+    /// KiB of objects fetched and not yet called at once (see
+    /// [`fetch_budget_kib`]).
+    fetched_kib: Arc<Semaphore>,
+}
+
+/// Bytes of objects held in memory at once (fetched, and staged for their
+/// calls): at least one object of the largest size allowed.
+const FETCH_BUDGET: u64 = 256 << 20;
+
+/// [`FETCH_BUDGET`], or one object of `max_object_bytes` if that is more,
+/// in KiB.
+fn fetch_budget_kib(max_object_bytes: u64) -> u32 {
+    u32::try_from(FETCH_BUDGET.max(max_object_bytes).div_ceil(1024)).unwrap_or(u32::MAX)
 }
 
 /// S3's encoding of keys in event notifications: form encoding (a space is
@@ -599,6 +612,7 @@ pub async fn run_object_trigger(
     }
     let shared = Arc::new(Shared {
         calls: Arc::new(Semaphore::new(limit)),
+        fetched_kib: Arc::new(Semaphore::new(fetch_budget_kib(t.max_object_bytes) as usize)),
         dead_letter: DeadLetter {
             path: t.dead_letter.clone(),
             lock: Mutex::new(()),
@@ -879,6 +893,15 @@ async fn created(
         };
         return fail(shared, failed, handled(Outcome::Failed)).await;
     }
+    // Memory: the object's bytes count against the budget until its call
+    // ends, so large objects are fetched fewer at once.
+    let kib = u32::try_from(meta.size.div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .clamp(1, fetch_budget_kib(t.max_object_bytes));
+    let held = tokio::select! {
+        p = Arc::clone(&shared.fetched_kib).acquire_many_owned(kib) => p,
+        () = stopped(&mut stop) => return Ok(()),
+    };
     let fetched = tokio::select! {
         r = fetch(&shared.watched, &meta.location) => r,
         () = stopped(&mut stop) => return Ok(()),
@@ -919,7 +942,7 @@ async fn created(
     )
     .to_string();
     let called = call(shared, &name, &event, Some(bytes), &mut stop).await;
-    drop(permit);
+    drop((permit, held));
     match called {
         Called::Succeeded => shared.progress.change(handled(Outcome::Succeeded)).await,
         Called::Failed { failure, attempts } => {
