@@ -891,6 +891,18 @@ pub struct ObjectEvents {
     pub removed: bool,
 }
 
+impl ObjectEvents {
+    /// What calls the function, for messages: "objects" (written),
+    /// "objects written and deleted" or "objects deleted".
+    pub fn what(&self) -> &'static str {
+        match (self.created, self.removed) {
+            (true, false) => "objects",
+            (true, true) => "objects written and deleted",
+            _ => "objects deleted",
+        }
+    }
+}
+
 impl Default for ObjectEvents {
     fn default() -> Self {
         Self {

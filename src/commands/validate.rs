@@ -35,8 +35,9 @@ pub fn run(path: &Path) -> u8 {
     }
     for t in &p.object_triggers {
         println!(
-            "  trigger {}: objects under {}{} every {:?} -> {}",
+            "  trigger {}: {} under {}{} every {:?} -> {}",
             t.name,
+            t.events.what(),
             t.url,
             t.suffix
                 .as_deref()

@@ -1148,15 +1148,11 @@ async fn fail(shared: &Arc<Shared>, failed: Failed<'_>, then: Recorded) -> Resul
 
 /// Where a trigger's objects are recorded, for `sluice` to print.
 pub fn describe(t: &ObjectTrigger) -> String {
-    let events = match (t.events.created, t.events.removed) {
-        (true, false) => "",
-        (true, true) => " for objects written and deleted",
-        _ => " for objects deleted",
-    };
     format!(
-        "trigger {}: watching {}{events} every {:?} (progress {}, dead letters {})",
+        "trigger {}: watching {} for {} every {:?} (progress {}, dead letters {})",
         t.name,
         t.url,
+        t.events.what(),
         t.poll_interval,
         t.progress.display(),
         t.dead_letter.display()
