@@ -112,18 +112,18 @@ fn bench_objects(pipeline: &std::path::Path, function: &str, extra: &[&str]) -> 
         .expect("running sluice bench objects")
 }
 
-/// `sluice bench objects` end to end on a small folder: the three figures
-/// and the ratio are printed.
+/// `sluice bench objects` end to end on a small folder: the three figures,
+/// the ratio and the latency are printed.
 #[test]
 fn a_short_objects_bench_prints_its_figures() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let (_echo, p) = echo_pipeline(tmp.path());
-    let out = bench_objects(&p, "echo", &["-n", "40", "--size", "100", "--rounds", "2"]);
+    let out = bench_objects(&p, "echo", &["-n", "10", "--size", "100", "--rounds", "2"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("40 objects of 100 bytes"),
+        stdout.contains("10 objects of 100 bytes"),
         "the header names the objects: {stdout}"
     );
     for part in [
@@ -131,6 +131,7 @@ fn a_short_objects_bench_prints_its_figures() {
         "direct calls, bytes staged, no trigger",
         "% of direct calls, median of rounds",
         "what the trigger adds per object",
+        "latency, one object at a time (n=10, poll_interval 100ms): written to done p50",
     ] {
         assert!(stdout.contains(part), "{part:?} missing from {stdout}");
     }
@@ -184,6 +185,10 @@ fn s3_objects_bench_runs_and_cleans_up() {
         "{stdout}"
     );
     assert!(stdout.contains("% of direct calls"), "{stdout}");
+    assert!(
+        stdout.contains("latency, one object at a time (n=10"),
+        "{stdout}"
+    );
 
     let store = object_store::aws::AmazonS3Builder::from_env()
         .with_url(bucket)

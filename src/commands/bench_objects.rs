@@ -14,10 +14,13 @@
 //!
 //! Rounds alternate direct calls and the trigger (a fresh progress store
 //! each time); printed are each one's best rate, the median of the
-//! per-round ratios, and what the trigger adds per object.
+//! per-round ratios, and what the trigger adds per object. Then the
+//! latency: objects written one at a time, each timed from its write to
+//! the end of its call (bounded below by the listing interval).
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -67,6 +70,18 @@ impl Prefix {
             url,
             remote: true,
         })
+    }
+
+    /// A `latency` folder below the prefix (made, for a local one): its
+    /// URL and path.
+    fn latency(&self) -> Result<(String, ObjectPath), String> {
+        let path = self.prefix.child("latency");
+        if self.remote {
+            return Ok((format!("{}latency/", self.url), path));
+        }
+        let dir = Path::new(&self.url).join("latency");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok((dir.display().to_string(), path))
     }
 
     async fn list(&self) -> object_store::Result<Vec<ObjectMeta>> {
@@ -245,10 +260,30 @@ impl Bench<'_> {
             100.0 * ratios[ratios.len() - 1]
         );
         println!(
-            "what the trigger adds per object (best rounds): {:.0} µs over a direct call ({:.0} µs of it listing and reading, measured alone)",
+            "what the trigger adds per object (best rounds): {:.0} µs over a direct call (listing and reading alone, one object after another: {:.0} µs)",
             1e6 * (trigger_best.as_secs_f64() - direct_best.as_secs_f64()) / n as f64,
             1e6 * read.as_secs_f64() / n as f64
         );
+
+        let probes = n.min(LATENCY_PROBES);
+        let mut samples = self.latency(probes).await?;
+        samples.sort();
+        let ms = |q: f64| {
+            let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[i].as_secs_f64() * 1e3
+        };
+        if !samples.is_empty() {
+            println!(
+                "latency, one object at a time (n={probes}, poll_interval {POLL_INTERVAL:?}): written to done p50 {:.1} ms, max {:.1} ms{}",
+                ms(0.5),
+                ms(1.0),
+                if prefix.remote {
+                    ""
+                } else {
+                    " (a local file is called once two listings saw it unchanged)"
+                }
+            );
+        }
         Ok(())
     }
 
@@ -303,61 +338,135 @@ impl Bench<'_> {
     /// One trigger over the prefix with a fresh progress store, from its first
     /// object called to its `n`th recorded.
     async fn trigger_pass(&self, n: usize, round: usize) -> Result<Duration, String> {
-        let Bench {
-            ex,
-            prefix,
-            scratch,
-            function,
-            concurrency,
-        } = *self;
+        let prefix = self.prefix;
+        let running = self.start(&format!("bench-{round}"), &prefix.url);
+        let drained = tokio::time::timeout(
+            Duration::from_secs(300),
+            running.activity.wait_drained(n as u64),
+        )
+        .await;
+        let took = running.activity.first_record().map(|first| first.elapsed());
+        let seen = running.activity.records.load(Ordering::SeqCst);
+        running.stop().await?;
+        match (drained, took) {
+            (Ok(()), Some(took)) => Ok(took),
+            _ => Err(format!("only {seen} of {n} objects called after 300 s")),
+        }
+    }
+
+    /// Write to done, one object at a time (`probes` of them, after one
+    /// not counted), through a trigger over a folder of their own.
+    async fn latency(&self, probes: usize) -> Result<Vec<Duration>, String> {
+        let (url, folder) = self.prefix.latency()?;
+        let running = self.start("latency", &url);
+        let mut samples = Vec::with_capacity(probes);
+        let mut result = Ok(());
+        for i in 0..=probes {
+            let t0 = Instant::now();
+            let location = folder.child(format!("probe-{i:04}.txt"));
+            let put = self
+                .prefix
+                .store
+                .put(&location, PutPayload::from_static(b"one line\n"))
+                .await;
+            if let Err(e) = put {
+                result = Err(format!("writing {location}: {e}"));
+                break;
+            }
+            let done = tokio::time::timeout(
+                Duration::from_secs(30),
+                running.activity.wait_drained(i as u64 + 1),
+            )
+            .await;
+            if done.is_err() {
+                result = Err(format!("{location} not called 30 s after it was written"));
+                break;
+            }
+            // The first includes the trigger's start.
+            if i > 0 {
+                samples.push(t0.elapsed());
+            }
+        }
+        running.stop().await?;
+        result.map(|()| samples)
+    }
+
+    /// Starts a trigger over `url` (every object, listed every
+    /// [`POLL_INTERVAL`]), its store files in the scratch folder named
+    /// after `name`.
+    fn start(&self, name: &str, url: &str) -> Running {
         let t = ObjectTrigger {
-            name: format!("bench-{round}"),
-            function: function.to_owned(),
-            url: prefix.url.clone(),
+            name: name.to_owned(),
+            function: self.function.to_owned(),
+            url: url.to_owned(),
             suffix: None,
             events: Default::default(),
             starting_position: StartingPosition::Earliest,
-            poll_interval: Duration::from_millis(100),
+            poll_interval: POLL_INTERVAL,
             max_object_bytes: sluice_pipeline::DEFAULT_MAX_OBJECT_BYTES,
             max_retry_attempts: 0,
             retry_backoff: sluice_pipeline::DEFAULT_RETRY_BACKOFF,
             retry_backoff_max: sluice_pipeline::DEFAULT_RETRY_BACKOFF_MAX,
-            progress: scratch.join(format!("bench-{round}.objects.redb")),
-            dead_letter: scratch.join(format!("bench-{round}.dead-letter.jsonl")),
+            progress: self.scratch.join(format!("{name}.objects.redb")),
+            dead_letter: self.scratch.join(format!("{name}.dead-letter.jsonl")),
         };
         let activity = Arc::new(Activity::default());
         let metrics = Metrics::new();
         let env = ObjectEnv {
-            executor: ex.clone(),
+            executor: self.ex.clone(),
             metrics: metrics.clone(),
             activity: Arc::clone(&activity),
-            max_concurrency: concurrency,
+            max_concurrency: self.concurrency,
             retry_failed: false,
         };
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(objects::run_object_trigger(t, env, stop_rx));
-        let drained =
-            tokio::time::timeout(Duration::from_secs(300), activity.wait_drained(n as u64)).await;
-        let took = activity.first_record().map(|first| first.elapsed());
-        let _ = stop.send(true);
-        let ended = task.await.map_err(|e| e.to_string())?;
-        ended.map_err(|e| e.to_string())?;
-        let failed = metrics.render().contains("sluice_function_errors_total{");
-        match (drained, took) {
-            (Ok(()), Some(took)) if !failed => Ok(took),
-            (Ok(()), _) => Err(format!(
+        Running {
+            activity,
+            metrics,
+            stop,
+            task,
+        }
+    }
+}
+
+/// Objects written one at a time for the latency figure.
+const LATENCY_PROBES: usize = 20;
+
+/// How often the bench's triggers list their prefix.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A trigger the bench started.
+struct Running {
+    activity: Arc<Activity>,
+    metrics: Arc<Metrics>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), sluice_ingest::IngestError>>,
+}
+
+impl Running {
+    /// Stops the trigger; an error if it failed, or if any call did (the
+    /// figures of failing calls would mean nothing).
+    async fn stop(self) -> Result<(), String> {
+        let _ = self.stop.send(true);
+        self.task
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let errors: Vec<String> = self
+            .metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("sluice_function_errors_total{"))
+            .map(str::to_owned)
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
                 "the trigger's calls failed (see `sluice run` with this function): {}",
-                metrics
-                    .render()
-                    .lines()
-                    .filter(|l| l.starts_with("sluice_function_errors_total{"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )),
-            (Err(_), _) => Err(format!(
-                "only {} of {n} objects called after 300 s",
-                activity.records.load(std::sync::atomic::Ordering::SeqCst)
-            )),
+                errors.join("; ")
+            ))
         }
     }
 }
