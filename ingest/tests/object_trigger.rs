@@ -410,6 +410,40 @@ fn a_missing_folder_is_a_failed_listing_not_deletions() {
     );
 }
 
+/// A new local file is held back until it cannot be half-written (two
+/// listings saw it unchanged, or it is 2 s old); with a long poll interval
+/// it is looked at again once it is 2 s old, not at the next poll. (The
+/// file is there before the first listing, which finds it just written.)
+#[test]
+fn a_new_local_file_does_not_wait_for_a_long_poll_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = function_fixture("line-count");
+    let watched = dir.path().join("in");
+    std::fs::create_dir(&watched).unwrap();
+    let text = format!(
+        r#"
+[functions.count]
+path = {path:?}
+
+[[trigger.object_store]]
+name = "count-objects"
+function = "count"
+url = {url:?}
+poll_interval = "10m"
+starting_position = "earliest"
+"#,
+        path = f.dir,
+        url = watched.display().to_string(),
+    );
+    let p = Pipeline::parse(&text, &dir.path().join("pipeline.toml")).unwrap();
+    std::fs::write(watched.join("a.txt"), "a\n").unwrap();
+    let run = Run::start(&p);
+    // Well before the 10 minutes of the next poll.
+    run.wait_finished(1);
+    let lines = run.stop();
+    assert_eq!(lines, ["a.txt: 1 lines, 2 bytes"], "{lines:#?}");
+}
+
 /// The removal event is S3's, as `aws_lambda_events` reads it.
 #[test]
 fn the_removal_event_is_an_s3_notification() {

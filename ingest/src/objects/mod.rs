@@ -735,18 +735,35 @@ pub async fn run_object_trigger(
                     }
                     pending.extend(gone.into_iter().map(|(location, version)| Due::Removed { location, version }));
                 }
+                // The youngest modification time of a local file held back
+                // because it may still be being written.
+                let mut unsettled: Option<i64> = None;
                 let written: Vec<ObjectMeta> = listed
                     .into_iter()
                     .filter(|m| {
                         let location = m.location.to_string();
                         let v = version(m);
-                        !in_flight.contains(&location)
-                            && done.get(&location).is_none_or(|d| *d != v)
-                            && (!settle
-                                || previous.get(&location) == Some(&v)
-                                || m.last_modified.timestamp_millis() <= settled_before)
+                        let new = !in_flight.contains(&location)
+                            && done.get(&location).is_none_or(|d| *d != v);
+                        let modified = m.last_modified.timestamp_millis();
+                        let settled = !settle
+                            || previous.get(&location) == Some(&v)
+                            || modified <= settled_before;
+                        if new && !settled {
+                            unsettled = Some(unsettled.map_or(modified, |u| u.max(modified)));
+                        }
+                        new && settled
                     })
                     .collect();
+                // Held-back files are looked at again once they are
+                // `LOCAL_SETTLE` old, if that comes before the next poll
+                // (with a poll interval of minutes, a new file would wait
+                // for the next one).
+                if let Some(modified) = unsettled {
+                    let wait = (modified + LOCAL_SETTLE.as_millis() as i64 - now_ms()).max(0);
+                    let at = Instant::now() + std::time::Duration::from_millis(wait as u64);
+                    next_list = next_list.min(at);
+                }
                 if t.events.created {
                     pending.extend(written.into_iter().map(Due::Created));
                 } else if !written.is_empty() {
