@@ -166,12 +166,25 @@ impl Run {
     }
 }
 
+/// The trigger settings of most tests: quick polls and retries, small
+/// objects.
+const QUICK: &str = r#"poll_interval = "20ms"
+max_object_bytes = 64
+max_retry_attempts = 1
+retry_backoff = "1ms""#;
+
 fn pipeline(dir: &Path, f: &FunctionFixture, url: &str) -> Pipeline {
     pipeline_with(dir, f, url, "")
 }
 
 /// [`pipeline`] with `extra` lines in the trigger's table.
 fn pipeline_with(dir: &Path, f: &FunctionFixture, url: &str, extra: &str) -> Pipeline {
+    trigger_pipeline(dir, f, url, &format!("{QUICK}\n{extra}"))
+}
+
+/// A pipeline whose trigger (`count-objects`, function `count`) watches
+/// `url` with `settings` as its other lines.
+fn trigger_pipeline(dir: &Path, f: &FunctionFixture, url: &str, settings: &str) -> Pipeline {
     let text = format!(
         r#"
 [functions.count]
@@ -181,11 +194,7 @@ path = {path:?}
 name = "count-objects"
 function = "count"
 url = "{url}"
-poll_interval = "20ms"
-max_object_bytes = 64
-max_retry_attempts = 1
-retry_backoff = "1ms"
-{extra}
+{settings}
 "#,
         path = f.dir,
     );
@@ -420,22 +429,12 @@ fn a_new_local_file_does_not_wait_for_a_long_poll_interval() {
     let f = function_fixture("line-count");
     let watched = dir.path().join("in");
     std::fs::create_dir(&watched).unwrap();
-    let text = format!(
-        r#"
-[functions.count]
-path = {path:?}
-
-[[trigger.object_store]]
-name = "count-objects"
-function = "count"
-url = {url:?}
-poll_interval = "10m"
-starting_position = "earliest"
-"#,
-        path = f.dir,
-        url = watched.display().to_string(),
+    let p = trigger_pipeline(
+        dir.path(),
+        &f,
+        watched.to_str().unwrap(),
+        "poll_interval = \"10m\"\nstarting_position = \"earliest\"",
     );
-    let p = Pipeline::parse(&text, &dir.path().join("pipeline.toml")).unwrap();
     std::fs::write(watched.join("a.txt"), "a\n").unwrap();
     let run = Run::start(&p);
     // Well before the 10 minutes of the next poll.
