@@ -823,9 +823,10 @@ report_batch_item_failures = true
     assert_eq!(s.kafka.committed("g", "in", 1), vec![12]);
 }
 
-/// Only records matching the filter reach the function; a record the
-/// filter cannot read (not JSON) goes to the on-failure topic; filtered
-/// records are committed too.
+/// Only records matching the filters (a list: any may match, as Lambda's
+/// `FilterCriteria.Filters`) reach the function; a record the filter cannot
+/// read (not JSON) goes to the on-failure topic; filtered records are
+/// committed too.
 #[test]
 fn filter_skips_records_and_sends_malformed_ones_to_the_on_failure_topic() {
     let s = Setup::new(&[("in", 1), ("dlq", 1)]);
@@ -848,7 +849,8 @@ fn filter_skips_records_and_sends_malformed_ones_to_the_on_failure_topic() {
         "concurrency = 1",
         "g",
         &format!(
-            "topics = [\"in\"]\non_failure = \"dlq\"\nfilter = {{ value = {{ type = [\"order\"] }} }}\n{QUICK}"
+            "topics = [\"in\"]\non_failure = \"dlq\"\n\
+             filter = [{{ value = {{ type = [\"order\"] }} }}, {{ value = {{ n = [6] }} }}]\n{QUICK}"
         ),
     );
     let run = Run::start(&p);
@@ -858,7 +860,7 @@ fn filter_skips_records_and_sends_malformed_ones_to_the_on_failure_topic() {
     let batches = log.batches();
     assert_eq!(
         delivered(&batches),
-        vec![values[0], values[2], values[4]],
+        vec![values[0], values[2], values[4], values[6]],
         "{batches:#?}"
     );
     let dlq = s.kafka.read_all("dlq", 1);

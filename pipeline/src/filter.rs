@@ -27,6 +27,14 @@
 //!   pattern matches if any element matches. Nested patterns are matched
 //!   element by element, so all fields of one nested pattern must match in the
 //!   same element.
+//! * `"$or": [pattern, pattern, ...]` in an object: besides the object's other
+//!   keys, at least one of the listed patterns must match at that level (the
+//!   EventBridge and Lambda spelling of *or* across fields), e.g.
+//!   `{"value": {"$or": [{"type": ["refund"]}, {"amount": [{"numeric": [">", 100]}]}]}}`.
+//!   At the top level the alternatives are record patterns themselves.
+//! * A list of patterns (`filter = [{...}, {...}]`, Lambda's
+//!   `FilterCriteria.Filters`) lets a record through when any of them
+//!   matches: it is the top-level `$or`.
 //! * Only `exists: false` matches an absent field, and every other matcher
 //!   needs the field present. A field below a value that is not an object is
 //!   absent. A field holding `null` is present: `[null]` and
@@ -61,7 +69,16 @@ pub struct Pattern {
     fields: Fields,
 }
 
-type Fields = BTreeMap<String, Node>;
+/// The key of an object that lists alternative patterns.
+const OR: &str = "$or";
+
+/// An object pattern: every named field must match, and one of the `$or`
+/// alternatives if there are any.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Fields {
+    named: BTreeMap<String, Node>,
+    any_of: Vec<Fields>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Node {
@@ -169,7 +186,7 @@ fn shown_path(path: &str) -> String {
 /// What is wrong with a filter pattern.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FilterProblem {
-    /// The pattern is not an object.
+    /// The pattern is not an object (or, at the top, a list of objects).
     #[error("expected an object of field names, found {found}")]
     NotAnObject {
         /// The value found, e.g. `an array`.
@@ -205,6 +222,18 @@ pub enum FilterProblem {
         /// The value found, e.g. `string "order"`.
         found: String,
     },
+    /// `$or` with something other than a non-empty array of patterns.
+    #[error(
+        "`$or` needs a non-empty array of patterns, e.g. [{{\"type\": [\"refund\"]}}, \
+         {{\"amount\": [{{\"numeric\": [\">\", 100]}}]}}], found {found}"
+    )]
+    BadOr {
+        /// The value found, e.g. `an object`.
+        found: String,
+    },
+    /// A list of filters with none in it.
+    #[error("an empty list of patterns matches nothing; give at least one pattern")]
+    EmptyList,
     /// An empty array of matchers.
     #[error("an empty array of matchers matches nothing; list at least one value or matcher")]
     EmptyArray,
@@ -290,28 +319,26 @@ pub enum FilterProblem {
 }
 
 impl Pattern {
-    /// Compiles a Kafka record pattern. Its top-level keys must be record
-    /// fields (`value`, `key`, `topic`, `partition`, `offset`, `timestamp`),
-    /// and only `value` may hold nested fields.
+    /// Compiles a Kafka record pattern, or a list of them (a record matches
+    /// the list when it matches any). Top-level keys must be record fields
+    /// (`value`, `key`, `topic`, `partition`, `offset`, `timestamp`) or
+    /// `$or`, and only `value` may hold nested fields.
     pub fn compile(v: &Value) -> Result<Pattern, FilterError> {
         let root = Path::root();
-        let object = v
-            .as_object()
-            .ok_or_else(|| root.error(FilterProblem::NotAnObject { found: describe(v) }))?;
-        if object.is_empty() {
-            return Err(root.error(FilterProblem::EmptyObject));
-        }
-        let mut fields = Fields::new();
-        for (key, value) in object {
-            let path = root.key(key);
-            let Some(&(_, nestable)) = RECORD_FIELDS.iter().find(|(name, _)| name == key) else {
-                return Err(path.error(FilterProblem::UnknownRecordField { field: key.clone() }));
-            };
-            if value.is_object() && !nestable {
-                return Err(path.error(FilterProblem::NotNestable { field: key.clone() }));
+        let fields = match v {
+            Value::Array(list) if list.is_empty() => {
+                return Err(root.error(FilterProblem::EmptyList));
             }
-            fields.insert(key.clone(), compile_node(value, &path)?);
-        }
+            Value::Array(list) => Fields {
+                named: BTreeMap::new(),
+                any_of: list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| compile_record(p, &root.index(i)))
+                    .collect::<Result<_, _>>()?,
+            },
+            v => compile_record(v, &root)?,
+        };
         Ok(Pattern { fields })
     }
 
@@ -325,16 +352,80 @@ impl Pattern {
     /// that is not JSON cannot be matched. A pattern that only tests whether
     /// `value` exists does not need it parsed.
     pub fn needs_json_value(&self) -> bool {
-        match self.fields.get("value") {
-            None => false,
-            Some(Node::Leaf(matchers)) => !matchers.iter().all(|m| matches!(m, Matcher::Exists(_))),
-            Some(Node::Object(_)) => true,
+        fn needs(fields: &Fields) -> bool {
+            let value = match fields.named.get("value") {
+                None => false,
+                Some(Node::Leaf(matchers)) => {
+                    !matchers.iter().all(|m| matches!(m, Matcher::Exists(_)))
+                }
+                Some(Node::Object(_)) => true,
+            };
+            value || fields.any_of.iter().any(needs)
         }
+        needs(&self.fields)
     }
 }
 
+/// Compiles a pattern over a Kafka record's fields.
+fn compile_record(v: &Value, path: &Path) -> Result<Fields, FilterError> {
+    let object = v
+        .as_object()
+        .ok_or_else(|| path.error(FilterProblem::NotAnObject { found: describe(v) }))?;
+    compile_object(object, path, &|key, value, path| {
+        let Some(&(_, nestable)) = RECORD_FIELDS.iter().find(|(name, _)| *name == key) else {
+            return Err(path.error(FilterProblem::UnknownRecordField {
+                field: key.to_owned(),
+            }));
+        };
+        if value.is_object() && !nestable {
+            return Err(path.error(FilterProblem::NotNestable {
+                field: key.to_owned(),
+            }));
+        }
+        compile_node(value, path)
+    })
+}
+
+/// Compiles an object pattern whose named fields `field` compiles; `$or`
+/// alternatives are objects of the same kind.
+fn compile_object(
+    object: &serde_json::Map<String, Value>,
+    path: &Path,
+    field: &dyn Fn(&str, &Value, &Path) -> Result<Node, FilterError>,
+) -> Result<Fields, FilterError> {
+    if object.is_empty() {
+        return Err(path.error(FilterProblem::EmptyObject));
+    }
+    let mut fields = Fields::default();
+    for (key, value) in object {
+        let at = path.key(key);
+        if key != OR {
+            fields.named.insert(key.clone(), field(key, value, &at)?);
+            continue;
+        }
+        let alternatives = match value {
+            Value::Array(list) if !list.is_empty() => list,
+            other => {
+                return Err(at.error(FilterProblem::BadOr {
+                    found: describe(other),
+                }));
+            }
+        };
+        for (i, alternative) in alternatives.iter().enumerate() {
+            let at = at.index(i);
+            let Value::Object(alternative) = alternative else {
+                return Err(at.error(FilterProblem::NotAnObject {
+                    found: describe(alternative),
+                }));
+            };
+            fields.any_of.push(compile_object(alternative, &at, field)?);
+        }
+    }
+    Ok(fields)
+}
+
 /// Converts a pattern written in TOML to JSON. Datetimes become strings.
-pub(crate) fn from_toml(table: &toml::Table) -> Result<Value, FilterError> {
+pub(crate) fn from_toml(value: &toml::Value) -> Result<Value, FilterError> {
     fn convert(v: &toml::Value, path: &Path) -> Result<Value, FilterError> {
         Ok(match v {
             toml::Value::String(s) => Value::String(s.clone()),
@@ -365,7 +456,7 @@ pub(crate) fn from_toml(table: &toml::Table) -> Result<Value, FilterError> {
             .collect::<Result<serde_json::Map<_, _>, _>>()
             .map(Value::Object)
     }
-    convert_table(table, &Path::root())
+    convert(value, &Path::root())
 }
 
 /// A position in the pattern, for errors.
@@ -380,7 +471,7 @@ impl Path {
         let bare = !key.is_empty()
             && key
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '$');
         let key = if bare {
             key.to_owned()
         } else {
@@ -420,14 +511,8 @@ fn describe(v: &Value) -> String {
 fn compile_node(v: &Value, path: &Path) -> Result<Node, FilterError> {
     match v {
         Value::Object(object) => {
-            if object.is_empty() {
-                return Err(path.error(FilterProblem::EmptyObject));
-            }
-            let mut fields = Fields::new();
-            for (key, value) in object {
-                fields.insert(key.clone(), compile_node(value, &path.key(key))?);
-            }
-            Ok(Node::Object(fields))
+            compile_object(object, path, &|_, value, path| compile_node(value, path))
+                .map(Node::Object)
         }
         Value::Array(items) => {
             if items.is_empty() {
@@ -628,11 +713,19 @@ fn match_fields(fields: &Fields, v: Option<&Value>) -> bool {
         Some(Value::Array(items)) if !items.is_empty() => {
             items.iter().any(|item| match_fields(fields, Some(item)))
         }
-        Some(Value::Object(object)) => fields
-            .iter()
-            .all(|(key, node)| match_node(node, object.get(key))),
-        // Below a scalar (or an empty array) every field is absent.
-        _ => fields.values().all(|node| match_node(node, None)),
+        _ => {
+            let named = match v {
+                Some(Value::Object(object)) => fields
+                    .named
+                    .iter()
+                    .all(|(key, node)| match_node(node, object.get(key))),
+                // Below a scalar (or an empty array) every field is absent.
+                _ => fields.named.values().all(|node| match_node(node, None)),
+            };
+            named
+                && (fields.any_of.is_empty()
+                    || fields.any_of.iter().any(|alt| match_fields(alt, v)))
+        }
     }
 }
 
@@ -964,8 +1057,8 @@ mod tests {
     fn bad_patterns_name_their_path() {
         let cases = [
             (
-                json!(["value"]),
-                "the pattern: expected an object of field names, found an array",
+                json!("value"),
+                "the pattern: expected an object of field names, found string \"value\"",
             ),
             (
                 json!({}),
@@ -1094,14 +1187,138 @@ mod tests {
         )
         .expect("toml");
         assert_eq!(
-            from_toml(&table).expect("convert"),
+            from_toml(&toml::Value::Table(table)).expect("convert"),
             json!({ "value": { "at": ["2024-05-01T00:00:00Z"], "n": [{ "numeric": [">", 1.5] }], "i": [3] } })
         );
         let table: toml::Table = toml::from_str("value = { n = [nan] }").expect("toml");
         assert_eq!(
-            from_toml(&table).expect_err("nan").to_string(),
+            from_toml(&toml::Value::Table(table))
+                .expect_err("nan")
+                .to_string(),
             "at `value.n[0]`: numbers must be finite, found NaN"
         );
+    }
+
+    #[test]
+    fn or_across_fields() {
+        let p = pattern(json!({ "value": {
+            "$or": [{ "type": ["refund"] }, { "amount": [{ "numeric": [">", 100] }] }]
+        } }));
+        let m = |v: Value| p.matches(&record(v));
+        assert!(m(json!({ "type": "refund", "amount": 5 })));
+        assert!(m(json!({ "type": "order", "amount": 150 })));
+        assert!(!m(json!({ "type": "order", "amount": 50 })));
+        assert!(!m(json!({ "amount": "150" })));
+        assert!(!m(json!("refund")));
+
+        // The object's other keys must match too.
+        let p = pattern(json!({ "value": {
+            "region": ["eu"],
+            "$or": [{ "type": ["refund"] }, { "vip": [true] }]
+        } }));
+        let m = |v: Value| p.matches(&record(v));
+        assert!(m(json!({ "region": "eu", "vip": true })));
+        assert!(!m(json!({ "region": "us", "vip": true })));
+        assert!(!m(json!({ "region": "eu", "type": "order" })));
+
+        // Alternatives nest, and may hold `$or` themselves.
+        let p = pattern(json!({ "value": { "$or": [
+            { "a": { "$or": [{ "b": [1] }, { "c": [2] }] } },
+            { "d": [{ "exists": true }] }
+        ] } }));
+        let m = |v: Value| p.matches(&record(v));
+        assert!(m(json!({ "a": { "c": 2 } })));
+        assert!(m(json!({ "d": null })));
+        assert!(!m(json!({ "a": { "b": 2 } })));
+    }
+
+    #[test]
+    fn or_in_array_elements_matches_one_element() {
+        let p = pattern(json!({ "value": { "items": {
+            "sku": ["x"],
+            "$or": [{ "qty": [{ "numeric": [">", 5] }] }, { "gift": [true] }]
+        } } }));
+        let m = |v: Value| p.matches(&record(v));
+        assert!(m(
+            json!({ "items": [{ "sku": "y", "qty": 9 }, { "sku": "x", "gift": true }] })
+        ));
+        // sku and qty are in different elements.
+        assert!(!m(
+            json!({ "items": [{ "sku": "y", "qty": 9 }, { "sku": "x", "qty": 1 }] })
+        ));
+    }
+
+    #[test]
+    fn top_level_or_and_lists_of_patterns() {
+        let vip_or_order = [
+            json!({ "$or": [{ "key": ["vip"] }, { "value": { "type": ["order"] } }] }),
+            json!([{ "key": ["vip"] }, { "value": { "type": ["order"] } }]),
+        ];
+        for v in vip_or_order {
+            let p = pattern(v.clone());
+            let mut vip = record(json!({ "type": "refund" }));
+            vip["key"] = json!("vip");
+            assert!(p.matches(&vip), "{v}");
+            assert!(p.matches(&record(json!({ "type": "order" }))), "{v}");
+            assert!(!p.matches(&record(json!({ "type": "refund" }))), "{v}");
+            assert!(p.needs_json_value(), "{v}");
+        }
+        // Both spellings compile to the same pattern.
+        assert_eq!(
+            pattern(json!({ "$or": [{ "key": ["a"] }, { "topic": ["b"] }] })),
+            pattern(json!([{ "key": ["a"] }, { "topic": ["b"] }]))
+        );
+        let p = pattern(json!([{ "key": ["a"] }, { "value": [{ "exists": false }] }]));
+        assert!(!p.needs_json_value());
+        let one = pattern(json!([{ "topic": ["orders"] }]));
+        assert!(one.matches(&record(json!(1))));
+        assert!(!one.needs_json_value());
+    }
+
+    #[test]
+    fn bad_or_and_lists_name_their_path() {
+        let cases = [
+            (
+                json!({ "value": { "$or": { "a": [1] } } }),
+                "at `value.$or`: `$or` needs a non-empty array of patterns",
+            ),
+            (
+                json!({ "value": { "$or": [] } }),
+                "at `value.$or`: `$or` needs a non-empty array of patterns",
+            ),
+            (
+                json!({ "value": { "$or": [{ "a": [1] }, ["b"]] } }),
+                "at `value.$or[1]`: expected an object of field names, found an array",
+            ),
+            (
+                json!({ "value": { "$or": [{ "a": "b" }] } }),
+                "at `value.$or[0].a`: expected an array of matchers",
+            ),
+            (
+                json!({ "$or": [{ "key": ["a"] }, { "vlue": { "a": [1] } }] }),
+                "at `$or[1].vlue`: unknown Kafka record field `vlue`",
+            ),
+            (
+                json!({ "$or": [{ "key": { "a": [1] } }] }),
+                "at `$or[0].key`: `key` is not JSON",
+            ),
+            (
+                json!([]),
+                "the pattern: an empty list of patterns matches nothing",
+            ),
+            (
+                json!([{ "key": ["a"] }, "value"]),
+                "at `[1]`: expected an object of field names, found string \"value\"",
+            ),
+            (
+                json!([{ "key": ["a"] }, { "value": { "$or": [{}] } }]),
+                "at `[1].value.$or[0]`: an empty object matches nothing",
+            ),
+        ];
+        for (v, want) in cases {
+            let got = error(v.clone()).to_string();
+            assert!(got.starts_with(want), "{v}: {got}");
+        }
     }
 
     #[test]

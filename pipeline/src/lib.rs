@@ -71,7 +71,7 @@
 //! | `batch_size` | [`DEFAULT_BATCH_SIZE`] | [`BATCH_SIZE_RANGE`] |
 //! | `batch_window` | [`DEFAULT_BATCH_WINDOW`] | [`BATCH_WINDOW_RANGE`] |
 //! | `max_batch_bytes` | [`DEFAULT_MAX_BATCH_BYTES`] | [`MAX_BATCH_BYTES_RANGE`] |
-//! | `filter` | none | a [`filter::Pattern`], written as a table |
+//! | `filter` | none | a [`filter::Pattern`], written as a table, or an array of them (any may match) |
 //! | `max_retry_attempts` | `-1` (retry until the record expires) | `-1` or [`MAX_RETRY_ATTEMPTS_RANGE`]; finite needs `on_failure` |
 //! | `max_record_age` | none (no limit) | [`MAX_RECORD_AGE_RANGE`]; needs `on_failure` |
 //! | `bisect_batch_on_error` | `false` | boolean |

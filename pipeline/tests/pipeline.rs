@@ -481,6 +481,37 @@ fn inline_and_header_trigger_forms_are_equivalent() {
     assert!(header.kafka_triggers[0].filter.is_some());
 }
 
+/// Lambda's `FilterCriteria.Filters` (a record gets through when any filter
+/// matches), written as TOML tables of an array, inline, or as `$or`.
+#[test]
+fn lists_of_filters_and_or_are_equivalent() {
+    let tables = parse_with_echo(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"a\"]\n\
+         [[trigger.kafka.filter]]\nkey = [\"vip\"]\n\
+         [[trigger.kafka.filter]]\nvalue = { type = [\"order\"] }\n",
+    );
+    let inline = parse_with_echo(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"a\"]\n\
+         filter = [{ key = [\"vip\"] }, { value = { type = [\"order\"] } }]\n",
+    );
+    let or = parse_with_echo(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"a\"]\n\
+         filter = { \"$or\" = [{ key = [\"vip\"] }, { value = { type = [\"order\"] } }] }\n",
+    );
+    assert_eq!(tables, inline);
+    assert_eq!(tables, or);
+    let filter = tables.kafka_triggers[0].filter.as_ref().expect("filter");
+    let record = |key: &str, value: serde_json::Value| {
+        serde_json::json!({
+            "topic": "a", "partition": 0, "offset": 7, "timestamp": 0,
+            "key": key, "value": value,
+        })
+    };
+    assert!(filter.matches(&record("vip", serde_json::json!({ "type": "refund" }))));
+    assert!(filter.matches(&record("x", serde_json::json!({ "type": "order" }))));
+    assert!(!filter.matches(&record("x", serde_json::json!({ "type": "refund" }))));
+}
+
 #[test]
 fn trigger_errors_are_typed_and_located() {
     let err = error_with_echo(

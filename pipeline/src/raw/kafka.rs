@@ -93,7 +93,8 @@ pub(super) struct RawKafka {
     state: Option<Spanned<super::state::RawState>>,
 }
 
-const FILTER_TYPE: &str = "a table (a filter pattern), e.g. { value = { type = [\"order\"] } }";
+const FILTER_TYPE: &str = "a table (a filter pattern), e.g. { value = { type = [\"order\"] } }, \
+                           or an array of them (any may match)";
 const BOOLEAN: &str = "a boolean (true or false)";
 const TOPIC: &str = "a topic name (a string)";
 /// What a `properties` value must be, for messages.
@@ -678,20 +679,19 @@ pub(super) fn validate_starting_position(
 
 fn validate_filter(f: &Fields<'_>, value: Spanned<toml::Value>) -> Result<Pattern, PipelineError> {
     let span = value.span();
-    let toml::Value::Table(table) = value.get_ref() else {
+    if !matches!(
+        value.get_ref(),
+        toml::Value::Table(_) | toml::Value::Array(_)
+    ) {
         let written = f.loc.text.get(span.clone()).unwrap_or("").trim();
-        let found = match value.get_ref() {
-            toml::Value::Array(_) => "an array".to_owned(),
-            other => format!("{} {written}", other.type_str()),
-        };
         return Err(PipelineError::WrongType {
             at: f.loc.at(span),
             field: f.field("filter"),
             expected: FILTER_TYPE.to_owned(),
-            found,
+            found: format!("{} {written}", value.get_ref().type_str()),
         });
-    };
-    filter::from_toml(table)
+    }
+    filter::from_toml(value.get_ref())
         .and_then(|pattern| Pattern::compile(&pattern))
         .map_err(|source| PipelineError::BadFilter {
             at: f.loc.at(span),
