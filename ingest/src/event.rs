@@ -366,21 +366,54 @@ pub fn json_type(v: &Value) -> &'static str {
 }
 
 /// The JSON view of a record that event filters match against:
-/// `{"topic","partition","offset","timestamp","key","value"}`.
-///
-/// `key` is the key as a UTF-8 string, or null when absent or not UTF-8;
-/// `value` is the value parsed as JSON (null for a record without a value).
-/// A value that is not JSON is an error; the caller decides what a
-/// malformed record means.
-pub fn filter_view(r: &Record) -> Result<Value, EventError> {
-    let value = match &r.value {
-        None => Value::Null,
-        Some(v) => serde_json::from_slice(v).map_err(|source| EventError::ValueNotJson {
-            topic: r.topic.to_string(),
-            partition: r.partition,
-            offset: r.offset,
-            source,
-        })?,
+/// `{"topic","partition","offset","timestamp","key","value"}`, and what
+/// its value was.
+#[derive(Debug)]
+pub struct FilterView {
+    /// The record's fields. `key` is the key as a UTF-8 string, or null when
+    /// absent or not UTF-8; `value` is the value parsed as JSON (null for a
+    /// record without a value), or its text when it is not JSON.
+    pub view: Value,
+    /// What `value` holds.
+    pub value: ValueForm,
+}
+
+/// What a record's value is to event filters.
+#[derive(Debug)]
+pub enum ValueForm {
+    /// JSON (or no value): match with `Pattern::matches`.
+    Json,
+    /// UTF-8 text that is not JSON, in the view as a string: match with
+    /// `Pattern::matches_plain_text` (Lambda's plain-string messages).
+    Text(EventError),
+    /// Bytes that are not UTF-8, in the view as text with replacement
+    /// characters; only a filter that does not read `value` can judge them.
+    Binary(EventError),
+}
+
+/// Builds the [`FilterView`] of a record. The caller decides what a value
+/// that is not JSON means (see [`ValueForm`]).
+pub fn filter_view(r: &Record) -> FilterView {
+    let (value, form) = match &r.value {
+        None => (Value::Null, ValueForm::Json),
+        Some(v) => match serde_json::from_slice(v) {
+            Ok(value) => (value, ValueForm::Json),
+            Err(source) => {
+                let error = EventError::ValueNotJson {
+                    topic: r.topic.to_string(),
+                    partition: r.partition,
+                    offset: r.offset,
+                    source,
+                };
+                match std::str::from_utf8(v) {
+                    Ok(text) => (Value::String(text.to_owned()), ValueForm::Text(error)),
+                    Err(_) => (
+                        Value::String(String::from_utf8_lossy(v).into_owned()),
+                        ValueForm::Binary(error),
+                    ),
+                }
+            }
+        },
     };
     let key = r
         .key
@@ -394,7 +427,10 @@ pub fn filter_view(r: &Record) -> Result<Value, EventError> {
     m.insert("timestamp".into(), r.timestamp_ms.into());
     m.insert("key".into(), key);
     m.insert("value".into(), value);
-    Ok(Value::Object(m))
+    FilterView {
+        view: Value::Object(m),
+        value: form,
+    }
 }
 
 /// Why a record is sent to an on-failure topic.

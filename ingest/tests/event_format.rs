@@ -10,8 +10,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 use sluice_ingest::event::{
-    EventError, EventSource, FailedRecord, FailureInfo, failure_headers, filter_view,
-    item_identifier, kafka_event, parse_batch_item_failures,
+    EventError, EventSource, FailedRecord, FailureInfo, FilterView, ValueForm, failure_headers,
+    filter_view, item_identifier, kafka_event, parse_batch_item_failures,
 };
 use sluice_ingest::record::{Record, TimestampType};
 
@@ -411,7 +411,8 @@ fn filter_view_of_json_value() {
     let mut r = rec("orders", 2, 9);
     r.key = Some(b"customer-1".to_vec().into());
     r.value = Some(br#"{"kind":"refund","amount":12.5,"tags":["a"]}"#.to_vec().into());
-    let view = filter_view(&r).expect("json value");
+    let FilterView { view, value } = filter_view(&r);
+    assert!(matches!(value, ValueForm::Json), "{value:?}");
     assert_eq!(
         view,
         json!({
@@ -428,29 +429,45 @@ fn filter_view_of_json_value() {
     // no value (tombstone): null.
     r.key = Some(vec![0xff, 0xfe].into());
     r.value = Some(b"  42 ".to_vec().into());
-    let view = filter_view(&r).expect("json value");
+    let FilterView { view, value } = filter_view(&r);
+    assert!(matches!(value, ValueForm::Json), "{value:?}");
     assert_eq!(view["key"], Value::Null);
     assert_eq!(view["value"], json!(42));
     r.key = None;
     r.value = None;
-    let view = filter_view(&r).expect("no value");
+    let FilterView { view, value } = filter_view(&r);
+    assert!(matches!(value, ValueForm::Json), "{value:?}");
     assert_eq!(view["key"], Value::Null);
     assert_eq!(view["value"], Value::Null);
 }
 
+/// A value that is not JSON is in the view as text (Lambda's plain-string
+/// messages); the error names the record.
 #[test]
-fn filter_view_of_non_json_value_is_an_error() {
-    for value in [&b"plain text"[..], b"{\"a\":", b"", &[0xff, 0x00]] {
+fn filter_view_of_non_json_value_is_text() {
+    let cases: [(&[u8], &str, bool); 4] = [
+        (b"plain text", "plain text", true),
+        (b"{\"a\":", "{\"a\":", true),
+        (b"", "", true),
+        (&[0xff, b'a'], "\u{fffd}a", false),
+    ];
+    for (bytes, text, utf8) in cases {
         let mut r = rec("orders", 1, 3);
-        r.value = Some(value.to_vec().into());
-        match filter_view(&r) {
-            Err(EventError::ValueNotJson {
+        r.value = Some(bytes.to_vec().into());
+        let FilterView { view, value } = filter_view(&r);
+        assert_eq!(view["value"], json!(text), "{bytes:?}");
+        let e = match (value, utf8) {
+            (ValueForm::Text(e), true) | (ValueForm::Binary(e), false) => e,
+            (other, _) => panic!("{bytes:?}: {other:?}"),
+        };
+        match e {
+            EventError::ValueNotJson {
                 topic,
                 partition,
                 offset,
                 ..
-            }) => assert_eq!((topic.as_str(), partition, offset), ("orders", 1, 3)),
-            other => panic!("{value:?}: {other:?}"),
+            } => assert_eq!((topic.as_str(), partition, offset), ("orders", 1, 3)),
+            other => panic!("{bytes:?}: {other:?}"),
         }
     }
 }

@@ -825,8 +825,8 @@ report_batch_item_failures = true
 
 /// Only records matching the filters (a list: any may match, as Lambda's
 /// `FilterCriteria.Filters`) reach the function; a record the filter cannot
-/// read (not JSON) goes to the on-failure topic; filtered records are
-/// committed too.
+/// read (not JSON, while the filter expects JSON fields) goes to the
+/// on-failure topic; filtered records are committed too.
 #[test]
 fn filter_skips_records_and_sends_malformed_ones_to_the_on_failure_topic() {
     let s = Setup::new(&[("in", 1), ("dlq", 1)]);
@@ -879,6 +879,40 @@ fn filter_skips_records_and_sends_malformed_ones_to_the_on_failure_topic() {
         vec![values.len() as i64],
         "filtered records at the end are committed"
     );
+}
+
+/// Lambda's plain-string Kafka messages: with a pattern on the whole value,
+/// a value that is not JSON is matched as a string (here Lambda's own
+/// example, `anything-but "error"`); nothing goes to the on-failure topic.
+#[test]
+fn plain_string_values_are_filtered_as_strings() {
+    let s = Setup::new(&[("in", 1), ("dlq", 1)]);
+    let values = ["all good", "error", "ok {", "\"error\"", "error 2"];
+    for v in values {
+        s.kafka.produce("in", 0, None, v);
+    }
+    s.kafka.flush();
+    let p = s.pipeline(
+        "echo",
+        "concurrency = 1",
+        "g",
+        &format!(
+            "topics = [\"in\"]\non_failure = \"dlq\"\n\
+             filter = {{ value = [{{ anything-but = [\"error\"] }}] }}\n{QUICK}"
+        ),
+    );
+    let run = Run::start(&p);
+    run.wait_all_finished(values.len() as u64);
+    let log = run.stop();
+    let batches = log.batches();
+    // `"error"` is the JSON string error: filtered out like the plain one.
+    assert_eq!(
+        delivered(&batches),
+        vec![values[0], values[2], values[4]],
+        "{batches:#?}"
+    );
+    assert!(s.kafka.read_all("dlq", 1).is_empty());
+    assert_eq!(s.kafka.committed("g", "in", 1), vec![values.len() as i64]);
 }
 
 /// A record larger than max_batch_bytes never reaches the function: it goes

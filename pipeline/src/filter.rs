@@ -45,7 +45,10 @@
 //! `offset` and `timestamp` (milliseconds since the epoch). The caller builds
 //! that object for each record and calls [`Pattern::matches`]. Leave out
 //! `key` and `value` when the record has none if `{"exists": false}` should
-//! match such records; set them to `null` if `[null]` should.
+//! match such records; set them to `null` if `[null]` should. A value that is
+//! not JSON is put in as a string and matched with
+//! [`Pattern::matches_plain_text`], as Lambda filters plain-string Kafka
+//! messages: `{"value": [{"anything-but": ["error"]}]}` works on text.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -345,24 +348,47 @@ impl Pattern {
     /// Whether `event` matches the pattern. For Kafka records, `event` is an
     /// object of the record's fields (see the module documentation).
     pub fn matches(&self, event: &Value) -> bool {
-        match_fields(&self.fields, Some(event))
+        match_record(&self.fields, event, false)
     }
 
-    /// Whether the pattern looks inside the record's `value`, so that a value
-    /// that is not JSON cannot be matched. A pattern that only tests whether
-    /// `value` exists does not need it parsed.
-    pub fn needs_json_value(&self) -> bool {
-        fn needs(fields: &Fields) -> bool {
-            let value = match fields.named.get("value") {
-                None => false,
-                Some(Node::Leaf(matchers)) => {
-                    !matchers.iter().all(|m| matches!(m, Matcher::Exists(_)))
-                }
-                Some(Node::Object(_)) => true,
-            };
-            value || fields.any_of.iter().any(needs)
-        }
-        needs(&self.fields)
+    /// Whether `event` matches when its `value` is a plain string, not
+    /// JSON (Lambda's plain-string Kafka messages): matchers on `value`
+    /// test the string, and a pattern with fields inside `value` does not
+    /// match it, since a plain string has no fields.
+    pub fn matches_plain_text(&self, event: &Value) -> bool {
+        match_record(&self.fields, event, true)
+    }
+
+    /// Whether some pattern names fields inside the record's `value`, so
+    /// that a value that is not JSON is not what the filter expects.
+    pub fn looks_inside_value(&self) -> bool {
+        self.fields
+            .any(&|key, node| key == "value" && matches!(node, Node::Object(_)))
+    }
+
+    /// Whether some pattern tests the record's whole `value` (more than
+    /// whether it exists), as a plain string would be tested.
+    pub fn reads_value_as_text(&self) -> bool {
+        self.fields.any(&|key, node| {
+            key == "value"
+                && matches!(node, Node::Leaf(matchers)
+                    if !matchers.iter().all(|m| matches!(m, Matcher::Exists(_))))
+        })
+    }
+
+    /// Whether some pattern tests the record's `value` (more than whether
+    /// it exists), so that a value that cannot be read as text is not what
+    /// the filter expects.
+    pub fn reads_value(&self) -> bool {
+        self.looks_inside_value() || self.reads_value_as_text()
+    }
+}
+
+impl Fields {
+    /// Whether `test` holds for a named field here or in an alternative.
+    fn any(&self, test: &dyn Fn(&str, &Node) -> bool) -> bool {
+        self.named.iter().any(|(key, node)| test(key, node))
+            || self.any_of.iter().any(|alt| alt.any(test))
     }
 }
 
@@ -708,6 +734,22 @@ fn compile_numeric(operand: &Value, path: &Path) -> Result<Vec<(Op, Number)>, Fi
     Ok(comparisons)
 }
 
+/// Matches a pattern over a record's fields; with `plain_text`, nested
+/// fields under `value` never match.
+fn match_record(fields: &Fields, event: &Value, plain_text: bool) -> bool {
+    let object = event.as_object();
+    fields.named.iter().all(|(key, node)| {
+        if plain_text && key == "value" && matches!(node, Node::Object(_)) {
+            return false;
+        }
+        match_node(node, object.and_then(|o| o.get(key)))
+    }) && (fields.any_of.is_empty()
+        || fields
+            .any_of
+            .iter()
+            .any(|alt| match_record(alt, event, plain_text)))
+}
+
 fn match_fields(fields: &Fields, v: Option<&Value>) -> bool {
     match v {
         Some(Value::Array(items)) if !items.is_empty() => {
@@ -1045,12 +1087,64 @@ mod tests {
     }
 
     #[test]
-    fn needs_json_value() {
-        assert!(pattern(json!({ "value": { "a": ["b"] } })).needs_json_value());
-        assert!(pattern(json!({ "value": ["b"] })).needs_json_value());
-        assert!(pattern(json!({ "value": [{ "exists": true }, "b"] })).needs_json_value());
-        assert!(!pattern(json!({ "value": [{ "exists": true }] })).needs_json_value());
-        assert!(!pattern(json!({ "key": ["k"], "topic": ["t"] })).needs_json_value());
+    fn what_the_pattern_reads_of_value() {
+        // (reads the value, looks inside it, reads it as text)
+        let reads = |v: Value| {
+            let p = pattern(v);
+            (
+                p.reads_value(),
+                p.looks_inside_value(),
+                p.reads_value_as_text(),
+            )
+        };
+        let cases = [
+            (json!({ "value": { "a": ["b"] } }), (true, true, false)),
+            (json!({ "value": ["b"] }), (true, false, true)),
+            (
+                json!({ "value": [{ "exists": true }, "b"] }),
+                (true, false, true),
+            ),
+            (
+                json!({ "value": [{ "exists": true }] }),
+                (false, false, false),
+            ),
+            (
+                json!({ "key": ["k"], "topic": ["t"] }),
+                (false, false, false),
+            ),
+            (
+                json!([{ "key": ["k"] }, { "$or": [{ "value": { "a": [1] } }] }]),
+                (true, true, false),
+            ),
+            (
+                json!([{ "value": { "a": [1] } }, { "value": [{ "prefix": "a" }] }]),
+                (true, true, true),
+            ),
+        ];
+        for (v, want) in cases {
+            assert_eq!(reads(v.clone()), want, "{v}");
+        }
+    }
+
+    /// Lambda's plain-string Kafka messages: a value that is not JSON is
+    /// matched as a string; a pattern with fields inside `value` never
+    /// matches it (even `exists: false`, which an absent field would match).
+    #[test]
+    fn plain_text_values() {
+        let text = |s: &str| record(json!(s));
+        let not_error = pattern(json!({ "value": [{ "anything-but": ["error"] }] }));
+        assert!(not_error.matches_plain_text(&text("all good")));
+        assert!(!not_error.matches_plain_text(&text("error")));
+        let nested = pattern(json!({ "value": { "deleted": [{ "exists": false }] } }));
+        assert!(nested.matches(&record(json!({ "id": 1 }))));
+        assert!(!nested.matches_plain_text(&text("id=1")));
+        let either = pattern(json!([
+            { "value": { "type": ["order"] } },
+            { "value": [{ "prefix": "order " }] }
+        ]));
+        assert!(either.matches_plain_text(&text("order 17")));
+        assert!(!either.matches_plain_text(&text("refund 3")));
+        assert!(either.matches(&record(json!({ "type": "order" }))));
     }
 
     #[test]
@@ -1261,7 +1355,7 @@ mod tests {
             assert!(p.matches(&vip), "{v}");
             assert!(p.matches(&record(json!({ "type": "order" }))), "{v}");
             assert!(!p.matches(&record(json!({ "type": "refund" }))), "{v}");
-            assert!(p.needs_json_value(), "{v}");
+            assert!(p.reads_value() && p.looks_inside_value(), "{v}");
         }
         // Both spellings compile to the same pattern.
         assert_eq!(
@@ -1269,10 +1363,10 @@ mod tests {
             pattern(json!([{ "key": ["a"] }, { "topic": ["b"] }]))
         );
         let p = pattern(json!([{ "key": ["a"] }, { "value": [{ "exists": false }] }]));
-        assert!(!p.needs_json_value());
+        assert!(!p.reads_value());
         let one = pattern(json!([{ "topic": ["orders"] }]));
         assert!(one.matches(&record(json!(1))));
-        assert!(!one.needs_json_value());
+        assert!(!one.reads_value());
     }
 
     #[test]

@@ -440,7 +440,7 @@ retry_backoff_max = "1ms"
     );
 
     let filter = orders.filter.as_ref().expect("filter");
-    assert!(filter.needs_json_value());
+    assert!(filter.looks_inside_value());
     let record = |key: &str, value: serde_json::Value| {
         serde_json::json!({
             "topic": "orders", "partition": 0, "offset": 7, "timestamp": 0,

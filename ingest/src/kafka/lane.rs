@@ -394,37 +394,37 @@ impl Partition {
             return Admit::Done;
         }
         if let Some(pattern) = &t.filter {
-            match event::filter_view(&rec) {
-                Ok(view) => {
-                    if !pattern.matches(&view) {
-                        self.shared.metrics.records_filtered(&t.name, 1);
-                        self.finish(std::slice::from_ref(&rec));
-                        return Admit::Done;
-                    }
+            let event::FilterView { view, value } = event::filter_view(&rec);
+            // A value that is not JSON is matched as text (Lambda's
+            // plain-string messages). If no pattern matched it and the
+            // filter expects JSON fields inside values, not text (or reads a
+            // value that is not even text), the record is malformed for it.
+            let (matched, malformed) = match value {
+                event::ValueForm::Json => (pattern.matches(&view), None),
+                event::ValueForm::Text(e) => {
+                    let matched = pattern.matches_plain_text(&view);
+                    let expects_json =
+                        pattern.looks_inside_value() && !pattern.reads_value_as_text();
+                    (matched, (!matched && expects_json).then_some(e))
                 }
-                Err(e) if pattern.needs_json_value() => {
-                    let f = Failure {
-                        error_type: "Sluice.MalformedRecord".into(),
-                        message: format!("the filter needs a JSON value: {e}"),
-                        retryable: false,
-                    };
-                    self.dead_letter_or_drop(vec![rec], &f, 0).await;
-                    return Admit::Done;
+                event::ValueForm::Binary(e) => {
+                    let matched = pattern.matches_plain_text(&view);
+                    (matched, (!matched && pattern.reads_value()).then_some(e))
                 }
-                Err(_) => {
-                    // The pattern only looks at metadata; match on that.
-                    let key = rec.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
-                    let view = serde_json::json!({
-                        "topic": &*rec.topic, "partition": rec.partition,
-                        "offset": rec.offset, "timestamp": rec.timestamp_ms,
-                        "key": key,
-                    });
-                    if !pattern.matches(&view) {
-                        self.shared.metrics.records_filtered(&t.name, 1);
-                        self.finish(std::slice::from_ref(&rec));
-                        return Admit::Done;
-                    }
-                }
+            };
+            if let Some(e) = malformed {
+                let f = Failure {
+                    error_type: "Sluice.MalformedRecord".into(),
+                    message: format!("the filter expects a JSON value: {e}"),
+                    retryable: false,
+                };
+                self.dead_letter_or_drop(vec![rec], &f, 0).await;
+                return Admit::Done;
+            }
+            if !matched {
+                self.shared.metrics.records_filtered(&t.name, 1);
+                self.finish(std::slice::from_ref(&rec));
+                return Admit::Done;
             }
         }
         Admit::Keep(rec)
