@@ -695,3 +695,65 @@ fn an_unreachable_broker_is_reported_without_flooding_the_log() {
         run.log()
     );
 }
+
+/// A topic full of records a filter cannot read, with no on-failure topic:
+/// each is skipped with an error line, but the lines are rate-limited per
+/// trigger (a burst, then a few a second), and the run says at its end how
+/// many it held back, so the count of skipped records is not lost.
+#[test]
+fn a_flood_of_skipped_records_does_not_flood_the_log() {
+    const RECORDS: usize = 1_000;
+    let fixture = function_fixture("misbehave");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &fixture,
+        "echo",
+        "in",
+        "starting_position = \"earliest\"\nbatch_window = \"50ms\"\n\
+         filter = { value = { n = [1] } }\n",
+    );
+    let data = tmp.path().join("records.txt");
+    let lines: Vec<String> = (0..RECORDS).map(|i| format!("not json {i}")).collect();
+    std::fs::write(&data, lines.join("\n") + "\n").expect("writing records");
+
+    let started = Instant::now();
+    let mut run = produce_and_run(&pipeline, &data);
+    let status = run.wait_exit();
+    let took = started.elapsed().as_secs() + 1;
+    assert_eq!(status.code(), Some(0), "{}", run.log());
+    let log = run.process.stderr();
+    let skipped = log
+        .iter()
+        .filter(|l| l.contains("record skipped (no on_failure topic configured)"))
+        .count() as u64;
+    // The burst (10 x the rate), then the rate, over the whole run.
+    let most = 10 * 10 + 10 * took;
+    assert!(
+        (1..=most).contains(&skipped),
+        "{skipped} lines for {RECORDS} skipped records in {took} s\n{}",
+        run.log()
+    );
+    let held: u64 = log
+        .iter()
+        .filter_map(|l| l.split("held_back=").nth(1))
+        .filter_map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("log lines about failed batches and records were held back")),
+        "{}",
+        run.log()
+    );
+    assert_eq!(
+        skipped + held,
+        RECORDS as u64,
+        "every skipped record is shown or counted as held back\n{}",
+        run.log()
+    );
+}

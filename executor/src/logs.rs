@@ -85,6 +85,13 @@ impl LogRateLimiter {
         self.admit_at(Instant::now())
     }
 
+    /// Lines dropped since the last one admitted, now counted as reported
+    /// (for a summary when the source of the lines stops).
+    pub fn take_dropped(&self) -> u64 {
+        let mut b = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut b.dropped)
+    }
+
     /// [`Self::admit`] at an injected time.
     pub fn admit_at(&self, now: Instant) -> Option<u64> {
         let mut b = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -116,5 +123,10 @@ mod tests {
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(l.admit_at(t1), Some(50));
         assert_eq!(l.admit_at(t1), Some(0));
+        // Dropped lines not yet reported by an admitted one can be taken.
+        let dropped = (0..20).filter(|_| l.admit_at(t1).is_none()).count() as u64;
+        assert_eq!(dropped, 12);
+        assert_eq!(l.take_dropped(), 12);
+        assert_eq!(l.take_dropped(), 0);
     }
 }

@@ -25,6 +25,21 @@ pub mod record;
 
 pub use error::IngestError;
 
+/// Log lines a trigger writes about failed calls and records (a batch that
+/// failed, a record sent to the on-failure topic or skipped, an object
+/// retried or failed for good) at most, per second and trigger, with bursts
+/// of ten times as many. A function that fails every call, or a topic full
+/// of malformed records, would otherwise write a line per record; each line
+/// shown says how many were held back before it (`held_back`), and
+/// `/metrics`, the on-failure topic and the dead-letter file still count
+/// and keep every one.
+pub const FAILURE_LOG_LINES_PER_SEC: u32 = 10;
+
+/// A limiter of [`FAILURE_LOG_LINES_PER_SEC`].
+pub(crate) fn failure_log() -> sluice_executor::LogRateLimiter {
+    sluice_executor::LogRateLimiter::new(FAILURE_LOG_LINES_PER_SEC)
+}
+
 /// Executor settings of a function declared in a pipeline file.
 pub fn function_spec(f: &sluice_pipeline::FunctionConfig) -> sluice_executor::FunctionSpec {
     let mut s = sluice_executor::FunctionSpec::new(f.name.clone(), f.path.clone());

@@ -587,11 +587,14 @@ impl Partition {
         work: &mut VecDeque<(Vec<Record>, u32)>,
     ) -> bool {
         let t = &self.shared.trigger;
-        tracing::warn!(
-            trigger = %t.name, topic = %self.topic, partition = self.partition,
-            first_offset = recs.first().map(|r| r.offset), records = recs.len(),
-            attempts = attempts + 1, error_type = %f.error_type, "batch failed: {}", for_log(&f.message)
-        );
+        if let Some(held_back) = self.shared.failure_log.admit() {
+            tracing::warn!(
+                trigger = %t.name, topic = %self.topic, partition = self.partition,
+                first_offset = recs.first().map(|r| r.offset), records = recs.len(),
+                attempts = attempts + 1, error_type = %f.error_type, held_back,
+                "batch failed: {}", for_log(&f.message)
+            );
+        }
         if t.bisect_batch_on_error && recs.len() > 1 {
             // Bisecting does not count as a retry (as in Lambda).
             let mut a = recs;
@@ -643,11 +646,13 @@ impl Partition {
         let t = &self.shared.trigger;
         let (Some(topic), Some(sink)) = (&t.on_failure, &self.shared.sink) else {
             for r in &recs {
-                tracing::error!(
-                    trigger = %t.name, topic = %r.topic, partition = r.partition, offset = r.offset,
-                    error_type = %f.error_type,
-                    "record skipped (no on_failure topic configured): {}", for_log(&f.message)
-                );
+                if let Some(held_back) = self.shared.failure_log.admit() {
+                    tracing::error!(
+                        trigger = %t.name, topic = %r.topic, partition = r.partition, offset = r.offset,
+                        error_type = %f.error_type, held_back,
+                        "record skipped (no on_failure topic configured): {}", for_log(&f.message)
+                    );
+                }
             }
             self.finish(&recs);
             return true;
@@ -682,11 +687,14 @@ impl Partition {
             }
         }
         self.shared.metrics.dlq_write(&t.name, recs.len() as u64);
-        tracing::info!(
-            trigger = %t.name, on_failure = %topic, records = recs.len(),
-            offsets = ?recs.iter().map(|r| r.offset).collect::<Vec<_>>(),
-            error_type = %f.error_type, attempts, "records written to the on-failure topic"
-        );
+        if let Some(held_back) = self.shared.failure_log.admit() {
+            tracing::info!(
+                trigger = %t.name, on_failure = %topic, records = recs.len(),
+                offsets = ?recs.iter().map(|r| r.offset).collect::<Vec<_>>(),
+                error_type = %f.error_type, attempts, held_back,
+                "records written to the on-failure topic"
+            );
+        }
         self.finish(&recs);
         true
     }

@@ -172,6 +172,9 @@ struct TriggerShared {
     runtime: tokio::runtime::Handle,
     high_water: usize,
     low_water: usize,
+    /// Lines about failed batches and records (see
+    /// [`crate::FAILURE_LOG_LINES_PER_SEC`]).
+    failure_log: sluice_executor::LogRateLimiter,
 }
 
 /// The consumer's context: owns the lanes, runs the rebalance protocol.
@@ -520,6 +523,7 @@ pub async fn run_trigger(
         runtime: tokio::runtime::Handle::current(),
         high_water,
         low_water: high_water / 2,
+        failure_log: crate::failure_log(),
         trigger,
     });
     let t = &shared.trigger;
@@ -603,6 +607,10 @@ pub async fn run_trigger(
     }
     stop.store(true, Ordering::SeqCst);
     let _ = tokio::task::spawn_blocking(move || poll.join()).await;
+    let held_back = shared.failure_log.take_dropped();
+    if held_back > 0 {
+        tracing::info!(trigger = %name, held_back, "{held_back} log lines about failed batches and records were held back (at most {} a second are written; /metrics and the on-failure topic count every one)", crate::FAILURE_LOG_LINES_PER_SEC);
+    }
     tracing::info!(trigger = %name, "trigger stopped");
     Ok(())
 }

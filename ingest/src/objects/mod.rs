@@ -464,6 +464,9 @@ struct Shared {
     region: String,
     /// Objects whose read failed and was logged.
     unreadable: Mutex<HashSet<String>>,
+    /// Lines about objects that failed (see
+    /// [`crate::FAILURE_LOG_LINES_PER_SEC`]).
+    failure_log: sluice_executor::LogRateLimiter,
     /// Calls at once: the function's `concurrency`.
     calls: Arc<Semaphore>,
     /// KiB of objects fetched and not yet called at once (see
@@ -611,6 +614,7 @@ pub async fn run_object_trigger(
         tracing::info!(trigger = %t.name, "{n} objects recorded as failed will be called again (--retry-failed)");
     }
     let shared = Arc::new(Shared {
+        failure_log: crate::failure_log(),
         calls: Arc::new(Semaphore::new(limit)),
         fetched_kib: Arc::new(Semaphore::new(fetch_budget_kib(t.max_object_bytes) as usize)),
         dead_letter: DeadLetter {
@@ -791,6 +795,10 @@ pub async fn run_object_trigger(
             tracing::error!(trigger = %t.name, "{e}");
         }
     }
+    let held_back = shared.failure_log.take_dropped();
+    if held_back > 0 {
+        tracing::info!(trigger = %t.name, held_back, "{held_back} log lines about failed objects were held back (at most {} a second are written; /metrics and the dead-letter file count every one)", crate::FAILURE_LOG_LINES_PER_SEC);
+    }
     tracing::info!(trigger = %t.name, "trigger stopped");
     result
 }
@@ -937,8 +945,8 @@ async fn created(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(name.clone());
-            if first {
-                tracing::warn!(trigger = %t.name, object = %name,
+            if first && let Some(held_back) = shared.failure_log.admit() {
+                tracing::warn!(trigger = %t.name, object = %name, held_back,
                     "cannot read the object: {}; trying again at each listing",
                     with_credentials_hint(&t.url, e.to_string()));
             }
@@ -1079,8 +1087,10 @@ async fn call(
         if attempts > t.max_retry_attempts {
             return Called::Failed { failure, attempts };
         }
-        tracing::warn!(trigger = %t.name, object = %name, attempts, error_type = %failure.error_type,
-            "call failed: {}; retrying in {delay:?}", for_log(&failure.message));
+        if let Some(held_back) = shared.failure_log.admit() {
+            tracing::warn!(trigger = %t.name, object = %name, attempts, error_type = %failure.error_type,
+                held_back, "call failed: {}; retrying in {delay:?}", for_log(&failure.message));
+        }
         metrics.retry(&t.name);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -1157,9 +1167,11 @@ async fn fail(shared: &Arc<Shared>, failed: Failed<'_>, then: Recorded) -> Resul
         Recorded::Gone(_) => "a deletion is not called again",
         Recorded::Handled { .. } => "`sluice run --retry-failed` calls it again",
     };
-    tracing::error!(trigger = %t.name, object = %name, attempts, error_type = %failure.error_type,
-        dead_letter = %t.dead_letter.display(),
-        "object failed for good: {}; written to the dead-letter file ({again})", for_log(&failure.message));
+    if let Some(held_back) = shared.failure_log.admit() {
+        tracing::error!(trigger = %t.name, object = %name, attempts, error_type = %failure.error_type,
+            dead_letter = %t.dead_letter.display(), held_back,
+            "object failed for good: {}; written to the dead-letter file ({again})", for_log(&failure.message));
+    }
     shared.progress.change(then).await
 }
 
