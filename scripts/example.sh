@@ -43,9 +43,12 @@ rm -rf examples/objects/.sluice-state
 $SLUICE run examples/objects/pipeline.toml --stop-when-idle 2s
 echo "dead letters:"; cat examples/objects/.sluice-state/count-landing.dead-letter.jsonl
 echo; echo "== sluice backfill (every line of the README through echo, in calls of 20)"
-rm -f "${TMPDIR:-/tmp}/sluice-example-backfill.redb"
+rm -f "${TMPDIR:-/tmp}/sluice-example-backfill.redb" "${TMPDIR:-/tmp}/sluice-example-results.jsonl"
 $SLUICE backfill examples/pipeline.toml -f echo --source README.md --format text \
-  --max-items-per-call 20 --progress "${TMPDIR:-/tmp}/sluice-example-backfill.redb" -q
+  --max-items-per-call 20 --progress "${TMPDIR:-/tmp}/sluice-example-backfill.redb" -q \
+  --results "${TMPDIR:-/tmp}/sluice-example-results.jsonl"
+echo "the first call's response (echo answers with its event):"
+head -c 300 "${TMPDIR:-/tmp}/sluice-example-results.jsonl"; echo " ..."
 echo; echo "== sluice mapreduce examples/wordcount/pipeline.toml wordcount (embedded broker as the shuffle)"
 $SLUICE mapreduce examples/wordcount/pipeline.toml wordcount -q
 head -3 examples/wordcount/out/part-00000.jsonl

@@ -1,7 +1,7 @@
 //! `sluice backfill` as a process, killed with SIGKILL at pseudo-random
 //! points and resumed: every item is handled at least once, and the
-//! dead-letter file and the final summary agree with the function's own log
-//! of what it saw.
+//! dead-letter file, the results file and the final summary agree with the
+//! function's own log of what it saw.
 //!
 //! The function is a bash script that writes one line per call to stderr
 //! before answering, `SAW <first item> ok|rejected <item ids>`; `sluice
@@ -109,7 +109,7 @@ struct Run {
 }
 
 impl Run {
-    fn start(pipeline: &Path, data: &Path, progress: &Path, dead: &Path) -> Self {
+    fn start(pipeline: &Path, data: &Path, progress: &Path, dead: &Path, results: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .env("SLUICE_AGENT", agent_binary())
             .arg("backfill")
@@ -122,6 +122,8 @@ impl Run {
             .arg(progress)
             .arg("--dead-letter")
             .arg(dead)
+            .arg("--results")
+            .arg(results)
             .args(["--max-items-per-call", &PER_CALL.to_string()])
             .args(["--max-attempts", &ATTEMPTS.to_string()])
             .stdin(Stdio::null())
@@ -259,6 +261,7 @@ fn kill_9_at_random_points_then_resume_handles_every_item_and_agrees_with_the_fu
     .expect("writing the pipeline");
     let progress = tmp.path().join("progress.redb");
     let dead = tmp.path().join("dead.jsonl");
+    let results = tmp.path().join("out").join("results.jsonl");
 
     // What the data set implies: a call covers a fixed range of items, and
     // the function rejects every call holding a bad item.
@@ -278,7 +281,7 @@ fn kill_9_at_random_points_then_resume_handles_every_item_and_agrees_with_the_fu
     let kills = 3 + rng.below(2) as usize;
     let mut all_lines: Vec<String> = Vec::new();
     for k in 0..kills {
-        let mut run = Run::start(&pipeline, &data, &progress, &dead);
+        let mut run = Run::start(&pipeline, &data, &progress, &dead, &results);
         let wanted = 3 + rng.below(50) as usize;
         let reached = run.wait_saw(wanted);
         run.child.kill().expect("kill -9");
@@ -297,7 +300,7 @@ fn kill_9_at_random_points_then_resume_handles_every_item_and_agrees_with_the_fu
     }
 
     // The run to completion.
-    let mut last = Run::start(&pipeline, &data, &progress, &dead);
+    let mut last = Run::start(&pipeline, &data, &progress, &dead, &results);
     let status = last.finish();
     let stdout = last.stdout();
     let final_lines = std::mem::take(&mut last.stderr);
@@ -489,6 +492,43 @@ fn kill_9_at_random_points_then_resume_handles_every_item_and_agrees_with_the_fu
             .iter()
             .map(|f| ((f + PER_CALL).min(ITEMS) - f) as u64)
             .sum::<u64>(),
+        "{context}"
+    );
+
+    // 4. The results file: exactly one line per good call, however many
+    //    killed runs wrote lines of calls they never recorded as done,
+    //    each with the call's items and the function's response.
+    let text = std::fs::read_to_string(&results).expect("reading the results file");
+    let mut result_calls: BTreeMap<usize, usize> = BTreeMap::new();
+    for line in text.lines() {
+        let r: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("results line {line:?} is not JSON: {e}"));
+        let first = r["first_item"].as_u64().expect("first_item") as usize;
+        assert_eq!(
+            r["call_id"].as_str(),
+            Some(format!("{}#{first}", data.display()).as_str()),
+            "{line}"
+        );
+        assert_eq!(
+            r["count"],
+            ((first + PER_CALL).min(ITEMS) - first) as u64,
+            "{line}"
+        );
+        assert_eq!(r["response"], serde_json::json!({ "ok": true }), "{line}");
+        *result_calls.entry(first).or_default() += 1;
+    }
+    let twice: Vec<_> = result_calls.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "calls with more than one results line: {twice:?}"
+    );
+    assert_eq!(
+        result_calls.keys().copied().collect::<BTreeSet<usize>>(),
+        good_calls,
+        "the results file has a line for each good call, and only for those"
+    );
+    assert!(
+        stdout.contains("responses are in") || context.contains("responses are in"),
         "{context}"
     );
 }

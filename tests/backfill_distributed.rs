@@ -46,7 +46,8 @@ fn setup(dir: &Path) -> (PathBuf, [FunctionFixture; 3]) {
         format!(
             "[functions.echo]\npath = {:?}\n\n[functions.fail]\npath = {:?}\n\n\
              [job.replay]\nfunction = \"echo\"\nsource = \"data/*.jsonl\"\n\
-             max_items_per_call = 10\nprogress = \"replay.redb\"\n\n\
+             max_items_per_call = 10\nprogress = \"replay.redb\"\n\
+             results = \"replay-results.jsonl\"\n\n\
              [job.reject]\nfunction = \"fail\"\nsource = \"data/*.jsonl\"\n\
              max_items_per_call = 50\nmax_attempts = 2\nprogress = \"reject.redb\"\n\n\
              [functions.slow]\npath = {:?}\n\n\
@@ -121,6 +122,23 @@ fn two_workers_process_every_call_and_a_rerun_skips_them() {
     // twice after a rebalance: at least once).
     let done = stop(w1) + stop(w2);
     assert!(done >= 30, "workers reported {done} tasks");
+    // The workers sent each response back: one results line per call, with
+    // the echo function's answer (its event: the call's items).
+    let text = std::fs::read_to_string(dir.path().join("replay-results.jsonl")).unwrap();
+    let mut firsts: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            let first = r["first_item"].as_u64().unwrap();
+            let items = r["response"]["items"].as_array().unwrap();
+            assert_eq!(items.len(), 10, "{l}");
+            assert_eq!(items[0]["n"], first, "{l}");
+            assert_eq!(r["count"], 10, "{l}");
+            first
+        })
+        .collect();
+    firsts.sort_unstable();
+    assert_eq!(firsts, (0..30).map(|c| c * 10).collect::<Vec<u64>>());
 
     // The progress store is the local one: a second run has nothing to do.
     let (mut again, _) = coordinator(&pipeline, "replay");

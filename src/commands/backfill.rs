@@ -72,6 +72,11 @@ pub struct BackfillOptions {
     /// .dead.jsonl).
     #[arg(long)]
     pub dead_letter: Option<PathBuf>,
+    /// Keep each successful call's response: one JSON line per call,
+    /// {"call_id", "source", "first_item", "count", "response"}, written
+    /// before the call counts as done (default: responses are not kept).
+    #[arg(long)]
+    pub results: Option<PathBuf>,
     /// Attempts per call for retryable errors (default 3; 1 to 100).
     #[arg(long, value_parser = attempts)]
     pub max_attempts: Option<u32>,
@@ -178,6 +183,7 @@ pub struct Settings {
     pub max_concurrency: Option<usize>,
     pub progress: Option<PathBuf>,
     pub dead_letter: Option<PathBuf>,
+    pub results: Option<PathBuf>,
     pub max_attempts: u32,
     pub tolerated_failure_count: Option<u64>,
     pub tolerated_failure_percentage: Option<f64>,
@@ -265,6 +271,7 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
             .dead_letter
             .clone()
             .or(job.and_then(|j| j.dead_letter.clone())),
+        results: o.results.clone().or(job.and_then(|j| j.results.clone())),
         max_attempts: o
             .max_attempts
             .or(job.map(|j| j.max_attempts))
@@ -610,6 +617,7 @@ pub async fn prepare(
         max_bytes_per_call: limits.bytes,
         progress,
         dead_letter,
+        results: set.results,
         max_attempts: set.max_attempts,
         tolerated_failure_count: set.tolerated_failure_count,
         tolerated_failure_percentage: set.tolerated_failure_percentage,
@@ -687,10 +695,20 @@ pub fn progress_hook() -> ((Duration, TickHook), bool) {
 /// The exit code of a finished run, after printing its summary: 0 when
 /// every call succeeded, 1 when some failed within the tolerated failures,
 /// 3 when the job stopped on failures or was interrupted.
-pub fn conclude(result: Result<Summary, BackfillError>, dead_letter: &Path) -> u8 {
+pub fn conclude(
+    result: Result<Summary, BackfillError>,
+    dead_letter: &Path,
+    results: Option<&Path>,
+) -> u8 {
     match result {
         Ok(s) => {
             print_summary(&s);
+            if let Some(results) = results {
+                eprintln!(
+                    "responses are in {} (a line per successful call)",
+                    results.display()
+                );
+            }
             if s.items_failed > 0 || s.earlier_failures > 0 {
                 eprintln!("failed items are in {}", dead_letter.display());
                 exit::FUNCTION_ERROR
@@ -732,13 +750,14 @@ pub async fn run(pipeline: PathBuf, job: Option<String>, args: BackfillOptions) 
         ..Hooks::default()
     };
     let dead_letter = prepared.cfg.dead_letter.clone();
+    let results = prepared.cfg.results.clone();
     let shutdown = super::stop_requested();
     let result = sluice_taskgen::run(&ex, prepared.cfg, hooks, shutdown).await;
     ex.shutdown().await;
     if terminal {
         eprint!("\r\x1b[K");
     }
-    conclude(result, &dead_letter)
+    conclude(result, &dead_letter, results.as_deref())
 }
 
 /// The Kafka cluster: `--bootstrap-servers`, else the job's; an embedded
@@ -822,13 +841,14 @@ async fn coordinate(pipeline: &Path, prepared: Prepared, args: &BackfillOptions)
         ..Hooks::default()
     };
     let dead_letter = prepared.cfg.dead_letter.clone();
+    let results = prepared.cfg.results.clone();
     let shutdown = super::stop_requested();
     let result = distributed::coordinate(prepared.cfg, &job.name, &kafka, hooks, shutdown).await;
     if terminal {
         eprint!("\r\x1b[K");
     }
     drop(embedded);
-    conclude(result, &dead_letter)
+    conclude(result, &dead_letter, results.as_deref())
 }
 
 #[cfg(test)]

@@ -129,6 +129,13 @@ struct Task {
     count: u64,
     /// The function's event, as a local run would send it.
     payload: String,
+    /// The call's first item (for the results file).
+    #[serde(default)]
+    first_item: u64,
+    /// Whether the coordinator keeps responses (`results`): the worker
+    /// then sends the response back with the result.
+    #[serde(default)]
+    keep_response: bool,
 }
 
 /// The outcome of one task, as published on the results topic.
@@ -146,6 +153,12 @@ struct TaskResult {
     error: Option<String>,
     #[serde(default)]
     items: Value,
+    /// Successful calls of a job that keeps responses: the response.
+    #[serde(default)]
+    response: Option<String>,
+    /// The call's first item.
+    #[serde(default)]
+    first_item: u64,
     /// Which worker answered (host and pid), for the logs.
     worker: String,
 }
@@ -396,6 +409,8 @@ pub async fn coordinate(
                             source: call.source.clone(),
                             count: call.len() as u64,
                             payload: call.payload(&id, serde_json::Map::new()),
+                            first_item: call.first,
+                            keep_response: run.progress.keeps_results(),
                         };
                         let record = OutRecord {
                             key: Some(id.clone().into_bytes()),
@@ -446,10 +461,29 @@ async fn record_result(run: &Run, m: &OwnedMessage, outstanding: &mut HashSet<St
         run.update(|s| s.calls_retried += u64::from(r.attempts - 1));
     }
     if r.ok {
+        let result = run.progress.keeps_results().then(|| {
+            let response = r.response.as_deref().unwrap_or("null");
+            crate::progress::result_line(
+                &r.call_id,
+                &r.source,
+                r.first_item,
+                r.count,
+                response.as_bytes(),
+            )
+        });
         if ours {
-            run.succeeded(&r.call_id, r.attempts, r.count).await;
-        } else if let Err(e) = run.progress.record(&r.call_id, u64::from(r.attempts)).await {
-            run.fail(e);
+            run.succeeded(&r.call_id, r.attempts, r.count, result).await;
+        } else if !matches!(run.progress.succeeded(&r.call_id), Ok(true)) {
+            // An earlier run's call, answered only now (a call answered
+            // twice is recorded, and has its results line, once).
+            let success = crate::progress::Success {
+                call_id: r.call_id.clone(),
+                attempts: u64::from(r.attempts),
+                result,
+            };
+            if let Err(e) = run.progress.record(success).await {
+                run.fail(e);
+            }
         }
     } else if ours {
         tracing::debug!(call = %r.call_id, worker = %r.worker, "call failed");
@@ -633,7 +667,7 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
     )
     .await;
     let result = match &outcome {
-        Ok(_) => TaskResult {
+        Ok(response) => TaskResult {
             call_id: task.call_id.clone(),
             source: task.source.clone(),
             count: task.count,
@@ -642,6 +676,10 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
             error_type: None,
             error: None,
             items: Value::Null,
+            response: task
+                .keep_response
+                .then(|| String::from_utf8_lossy(&response.payload).into_owned()),
+            first_item: task.first_item,
             worker: worker.to_owned(),
         },
         Err(e) => TaskResult {
@@ -662,6 +700,8 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
                         .or_else(|| v.get_mut("parquet").map(Value::take))
                 })
                 .unwrap_or(Value::Null),
+            response: None,
+            first_item: task.first_item,
             worker: worker.to_owned(),
         },
     };

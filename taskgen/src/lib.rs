@@ -295,6 +295,15 @@ pub enum BackfillError {
         #[source]
         source: std::io::Error,
     },
+    /// The results file cannot be read (to resume) or written.
+    #[error("results file {}: {source}", path.display())]
+    Results {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Duplicate ids, a dependency on a missing item, or a cycle (found
     /// before anything runs; the message names the ids and their `file:row`).
     #[error("{0}")]
@@ -360,7 +369,8 @@ impl BackfillError {
             BackfillError::Read { .. }
             | BackfillError::Progress { .. }
             | BackfillError::Kafka { .. }
-            | BackfillError::DeadLetter { .. } => Fault::External,
+            | BackfillError::DeadLetter { .. }
+            | BackfillError::Results { .. } => Fault::External,
         }
     }
 }
@@ -420,6 +430,10 @@ pub struct BackfillConfig {
     pub progress: PathBuf,
     /// Dead-letter JSON lines file.
     pub dead_letter: PathBuf,
+    /// JSON-lines file of each successful call's response (see
+    /// [`progress`]'s `result_line`); `None`: responses are not kept. Not
+    /// with `state`.
+    pub results: Option<PathBuf>,
     /// Attempts per call (at least 1).
     pub max_attempts: u32,
     /// Failed calls allowed before the job stops; `None`: no limit.
@@ -606,6 +620,7 @@ impl BackfillConfig {
         BackfillConfig {
             function: function.to_owned(),
             dead_letter: default_dead_letter_path(&progress),
+            results: None,
             progress,
             sources,
             input,
@@ -1448,7 +1463,14 @@ impl Run {
         // leave a store that refuses the corrected command.
         cfg.order.check_columns(&cfg.sources, &cfg.input)?;
         let expected = expected_items(&cfg.sources, &cfg.input)?;
-        let progress = Progress::open(&cfg.progress, &cfg.layout())?;
+        if cfg.results.is_some() && cfg.state.is_some() {
+            return Err(BackfillError::Config(
+                "a stateful job's output is its state, not each call's response: \
+                 results cannot be kept"
+                    .into(),
+            ));
+        }
+        let progress = Progress::open(&cfg.progress, &cfg.layout(), cfg.results.as_deref())?;
         Ok(Arc::new(Run {
             executor,
             // A fold never calls a failed call again: keep its record
@@ -1661,7 +1683,10 @@ impl Run {
                 // failure keeps its place until it is counted, so that a
                 // job past its tolerated failures starts no other call.
                 drop(invoking);
-                let ok = self.succeeded(id, attempts, count).await;
+                let result = self.progress.keeps_results().then(|| {
+                    progress::result_line(id, &call.source, call.first, count, &response.payload)
+                });
+                let ok = self.succeeded(id, attempts, count, result).await;
                 if ok && let Some(hook) = &self.hooks.on_response {
                     hook(id, &response);
                 }
@@ -1685,8 +1710,19 @@ impl Run {
 
     /// Records a successful call durably and counts it; false (and the run
     /// stops) if the progress store failed.
-    async fn succeeded(&self, id: &str, attempts: u32, count: u64) -> bool {
-        if let Err(e) = self.progress.record(id, u64::from(attempts)).await {
+    async fn succeeded(
+        &self,
+        id: &str,
+        attempts: u32,
+        count: u64,
+        result: Option<Vec<u8>>,
+    ) -> bool {
+        let success = progress::Success {
+            call_id: id.to_owned(),
+            attempts: u64::from(attempts),
+            result,
+        };
+        if let Err(e) = self.progress.record(success).await {
             self.fail(e);
             return false;
         }

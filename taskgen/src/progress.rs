@@ -30,8 +30,19 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 pub(crate) struct Progress {
     db: Arc<Database>,
     path: PathBuf,
-    /// (call id, attempts it took).
-    commits: GroupCommit<(String, u64)>,
+    commits: GroupCommit<Success>,
+    /// The results file, if responses are kept.
+    results: Option<PathBuf>,
+}
+
+/// A successful call to record.
+pub(crate) struct Success {
+    pub(crate) call_id: String,
+    /// Attempts it took.
+    pub(crate) attempts: u64,
+    /// Its line of the results file (newline-terminated), if responses are
+    /// kept.
+    pub(crate) result: Option<Vec<u8>>,
 }
 
 impl Progress {
@@ -39,7 +50,17 @@ impl Progress {
     /// `layout` says. Call ids name a call's first item only, so a store
     /// written with another layout would skip the wrong items: that is
     /// refused with [`BackfillError::ProgressLayout`].
-    pub(crate) fn open(path: &Path, layout: &str) -> Result<Self, BackfillError> {
+    ///
+    /// With `results`, each success's line is appended to that file and
+    /// synced before the success is committed, so a call counted as done
+    /// always has its line. Lines of calls the store does not hold (written
+    /// just before a crash; those calls run again) are dropped from the file
+    /// when it is opened, so each call has exactly one line.
+    pub(crate) fn open(
+        path: &Path,
+        layout: &str,
+        results: Option<&Path>,
+    ) -> Result<Self, BackfillError> {
         let err = |e: redb::Error| BackfillError::Progress {
             path: path.to_path_buf(),
             source: Arc::new(e),
@@ -90,13 +111,44 @@ impl Progress {
         }
         tx.commit().map_err(|e| err(e.into()))?;
         let db = Arc::new(db);
+        let results_file = match results {
+            Some(results) => Some((
+                open_results(&db, results).map_err(|source| BackfillError::Results {
+                    path: results.to_path_buf(),
+                    source,
+                })?,
+                results.to_path_buf(),
+            )),
+            None => None,
+        };
         let commits = GroupCommit::spawn(
             Arc::clone(&db),
             "sluice-progress",
-            |tx, group: &[(String, u64)]| {
+            move |tx, group: &[Success]| {
+                if let Some((file, results)) = &results_file {
+                    // The lines first, durably: then the successes.
+                    let lines: Vec<u8> = group
+                        .iter()
+                        .filter_map(|s| s.result.as_deref())
+                        .flatten()
+                        .copied()
+                        .collect();
+                    if !lines.is_empty() {
+                        let mut f: &File = file;
+                        f.write_all(&lines)
+                            .and_then(|()| file.sync_data())
+                            .map_err(|e| {
+                                let e = std::io::Error::new(
+                                    e.kind(),
+                                    format!("results file {}: {e}", results.display()),
+                                );
+                                redb::Error::from(redb::StorageError::Io(e))
+                            })?;
+                    }
+                }
                 let mut table = tx.open_table(SUCCEEDED)?;
-                for (call_id, attempts) in group {
-                    table.insert(call_id.as_str(), *attempts)?;
+                for s in group {
+                    table.insert(s.call_id.as_str(), s.attempts)?;
                 }
                 Ok(())
             },
@@ -106,7 +158,13 @@ impl Progress {
             db,
             path: path.to_path_buf(),
             commits,
+            results: results.map(Path::to_path_buf),
         })
+    }
+
+    /// Whether each success gets a line in a results file.
+    pub(crate) fn keeps_results(&self) -> bool {
+        self.results.is_some()
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> BackfillError {
@@ -122,17 +180,85 @@ impl Progress {
         Ok(table.get(call_id).map_err(|e| self.err(e))?.is_some())
     }
 
-    /// Records a success durably: returns once the transaction holding it
-    /// is committed.
-    pub(crate) async fn record(&self, call_id: &str, attempts: u64) -> Result<(), BackfillError> {
+    /// Records a success durably (with its results line first, if any):
+    /// returns once the transaction holding it is committed.
+    pub(crate) async fn record(&self, success: Success) -> Result<(), BackfillError> {
         self.commits
-            .commit((call_id.to_owned(), attempts))
+            .commit(success)
             .await
             .map_err(|source| BackfillError::Progress {
                 path: self.path.clone(),
                 source,
             })
     }
+}
+
+/// The line of a successful call in the results file: the call's id and
+/// items, and the function's response (JSON, or its text as a string).
+pub(crate) fn result_line(
+    call_id: &str,
+    source: &str,
+    first_item: u64,
+    count: u64,
+    response: &[u8],
+) -> Vec<u8> {
+    let response = serde_json::from_slice::<Value>(response)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(response).into_owned()));
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "call_id": call_id,
+        "source": source,
+        "first_item": first_item,
+        "count": count,
+        "response": response,
+    }))
+    .unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// Opens the results file for appending, first dropping lines of calls the
+/// progress store does not hold (and a torn last line): those calls run
+/// again and write their line then.
+fn open_results(db: &Database, path: &Path) -> std::io::Result<File> {
+    make_parent(path)?;
+    match std::fs::read(path) {
+        Ok(text) => {
+            let tx = db.begin_read().map_err(std::io::Error::other)?;
+            let table = tx.open_table(SUCCEEDED).map_err(std::io::Error::other)?;
+            let mut kept = Vec::with_capacity(text.len());
+            let mut dropped = 0usize;
+            for line in text.split_inclusive(|&b| b == b'\n') {
+                let done = line.ends_with(b"\n")
+                    && serde_json::from_slice::<Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("call_id")?.as_str().map(str::to_owned))
+                        .map(|id| table.get(id.as_str()).map(|v| v.is_some()))
+                        .transpose()
+                        .map_err(std::io::Error::other)?
+                        .unwrap_or(false);
+                if done {
+                    kept.extend_from_slice(line);
+                } else {
+                    dropped += 1;
+                }
+            }
+            if dropped > 0 {
+                tracing::info!(
+                    results = %path.display(),
+                    lines = dropped,
+                    "dropping results lines of calls not recorded as done: they run again"
+                );
+                let tmp = path.with_extension("jsonl.tmp");
+                let mut f = File::create(&tmp)?;
+                f.write_all(&kept)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, path)?;
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    OpenOptions::new().create(true).append(true).open(path)
 }
 
 /// One JSON object per failed call (or unreadable item).
@@ -267,5 +393,67 @@ impl DeadLetter {
         let file = guard.as_mut().expect("opened above");
         file.write_all(line.as_bytes()).map_err(err)?;
         file.flush().map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines of calls the store does not hold (written just before a
+    /// crash) and a torn last line are dropped when the file is opened;
+    /// later successes append after the lines kept.
+    #[tokio::test]
+    async fn results_lines_of_unrecorded_calls_are_dropped_on_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = dir.path().join("progress.redb");
+        let results = dir.path().join("results.jsonl");
+        {
+            let p = Progress::open(&store, "test", Some(&results)).expect("open");
+            for id in ["a#0", "a#10"] {
+                p.record(Success {
+                    call_id: id.to_owned(),
+                    attempts: 1,
+                    result: Some(result_line(id, "a", 0, 10, b"{\"n\": 1}")),
+                })
+                .await
+                .expect("record");
+            }
+        }
+        let kept = std::fs::read_to_string(&results).expect("read");
+        assert_eq!(kept.lines().count(), 2, "{kept}");
+        // A crash after a line was synced but before its success was
+        // committed, then another in the middle of a line.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&results)
+            .expect("append");
+        f.write_all(&result_line("a#20", "a", 20, 10, b"not json"))
+            .expect("write");
+        f.write_all(b"{\"call_id\": \"a#30\", \"sou")
+            .expect("write");
+        drop(f);
+
+        let p = Progress::open(&store, "test", Some(&results)).expect("reopen");
+        assert_eq!(std::fs::read_to_string(&results).expect("read"), kept);
+        p.record(Success {
+            call_id: "a#20".to_owned(),
+            attempts: 2,
+            result: Some(result_line("a#20", "a", 20, 10, b"not json")),
+        })
+        .await
+        .expect("record");
+        drop(p);
+        let text = std::fs::read_to_string(&results).expect("read");
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        let ids: Vec<&str> = lines.iter().filter_map(|l| l["call_id"].as_str()).collect();
+        assert_eq!(ids, ["a#0", "a#10", "a#20"]);
+        assert_eq!(lines[0]["response"], serde_json::json!({ "n": 1 }));
+        // A response that is not JSON is kept as its text.
+        assert_eq!(lines[2]["response"], "not json");
+        assert_eq!(lines[2]["first_item"], 20);
     }
 }

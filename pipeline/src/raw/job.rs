@@ -62,6 +62,8 @@ pub(super) struct RawJob {
     progress: Option<Spanned<String>>,
     /// Default: the progress path with `.dead.jsonl`.
     dead_letter: Option<Spanned<String>>,
+    /// Default none: responses are not kept.
+    results: Option<Spanned<String>>,
     /// Default `"embedded"`.
     bootstrap_servers: Option<Spanned<String>>,
     /// Default none: extra librdkafka properties for an external cluster.
@@ -136,6 +138,7 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     ("max_buffered_items", INTEGER),
     ("progress", STRING),
     ("dead_letter", STRING),
+    ("results", STRING),
     (
         "bootstrap_servers",
         "a string: \"embedded\" or \"host:port[,host:port...]\"",
@@ -177,6 +180,7 @@ const BACKFILL_ONLY: &[&str] = &[
     "max_buffered_items",
     "progress",
     "dead_letter",
+    "results",
     "depends_on_files",
     "state",
 ];
@@ -256,6 +260,7 @@ impl RawJob {
             ),
             s("progress", self.progress.as_ref().map(Spanned::span)),
             s("dead_letter", self.dead_letter.as_ref().map(Spanned::span)),
+            s("results", self.results.as_ref().map(Spanned::span)),
             s(
                 "depends_on_files",
                 self.depends_on_files
@@ -734,6 +739,26 @@ impl RawJob {
                 ));
             }
         }
+        if let (Some(r), Some(_)) = (&self.results, &state) {
+            return Err(PipelineError::Invalid {
+                at: loc.at(r.span()),
+                field: f.field("results"),
+                message: "a stateful job's output is its state (`sluice state`), not each \
+                          call's response: leave `results` out"
+                    .to_owned(),
+            });
+        }
+        if let Some(r) = &self.results
+            && r.get_ref().is_empty()
+        {
+            return Err(PipelineError::InvalidValue {
+                at: loc.at(r.span()),
+                field: f.field("results"),
+                value: String::new(),
+                expected: "a path for the JSON-lines file of responses, e.g. \"out/results.jsonl\"",
+            });
+        }
+        let results = path(self.results);
         Ok(Job::Backfill(BackfillJob {
             name: name.into_inner(),
             function,
@@ -753,6 +778,7 @@ impl RawJob {
             max_buffered_items,
             progress: path(self.progress),
             dead_letter: path(self.dead_letter),
+            results,
             bootstrap_servers,
             properties,
             payload,
