@@ -823,13 +823,35 @@ report_batch_item_failures = true
     assert_eq!(s.kafka.committed("g", "in", 1), vec![12]);
 }
 
+/// Produces `values` to partition 0 of `in`, runs the `echo` function over
+/// them with `filter` (a TOML value) and the on-failure topic `dlq` until
+/// every record is finished, and returns the setup and the values the
+/// function got.
+fn run_filtered(values: &[&str], filter: &str) -> (Setup, Vec<String>) {
+    let s = Setup::new(&[("in", 1), ("dlq", 1)]);
+    for v in values {
+        s.kafka.produce("in", 0, None, v);
+    }
+    s.kafka.flush();
+    let p = s.pipeline(
+        "echo",
+        "concurrency = 1",
+        "g",
+        &format!("topics = [\"in\"]\non_failure = \"dlq\"\nfilter = {filter}\n{QUICK}"),
+    );
+    let run = Run::start(&p);
+    run.wait_all_finished(values.len() as u64);
+    let log = run.stop();
+    let got = delivered(&log.batches());
+    (s, got)
+}
+
 /// Only records matching the filters (a list: any may match, as Lambda's
 /// `FilterCriteria.Filters`) reach the function; a record the filter cannot
 /// read (not JSON, while the filter expects JSON fields) goes to the
 /// on-failure topic; filtered records are committed too.
 #[test]
 fn filter_skips_records_and_sends_malformed_ones_to_the_on_failure_topic() {
-    let s = Setup::new(&[("in", 1), ("dlq", 1)]);
     let values = [
         r#"{"type":"order","n":0}"#,
         r#"{"type":"refund","n":1}"#,
@@ -840,29 +862,11 @@ fn filter_skips_records_and_sends_malformed_ones_to_the_on_failure_topic() {
         r#"{"type":"refund","n":6}"#,
         r#"{"type":"refund","n":7}"#,
     ];
-    for v in values {
-        s.kafka.produce("in", 0, None, v);
-    }
-    s.kafka.flush();
-    let p = s.pipeline(
-        "echo",
-        "concurrency = 1",
-        "g",
-        &format!(
-            "topics = [\"in\"]\non_failure = \"dlq\"\n\
-             filter = [{{ value = {{ type = [\"order\"] }} }}, {{ value = {{ n = [6] }} }}]\n{QUICK}"
-        ),
+    let (s, delivered) = run_filtered(
+        &values,
+        "[{ value = { type = [\"order\"] } }, { value = { n = [6] } }]",
     );
-    let run = Run::start(&p);
-    run.wait_all_finished(values.len() as u64);
-    let log = run.stop();
-
-    let batches = log.batches();
-    assert_eq!(
-        delivered(&batches),
-        vec![values[0], values[2], values[4], values[6]],
-        "{batches:#?}"
-    );
+    assert_eq!(delivered, vec![values[0], values[2], values[4], values[6]]);
     let dlq = s.kafka.read_all("dlq", 1);
     assert_eq!(dlq.len(), 1, "{dlq:?}");
     assert_eq!(text(dlq[0].payload()), "not json {");
@@ -886,31 +890,10 @@ fn filter_skips_records_and_sends_malformed_ones_to_the_on_failure_topic() {
 /// example, `anything-but "error"`); nothing goes to the on-failure topic.
 #[test]
 fn plain_string_values_are_filtered_as_strings() {
-    let s = Setup::new(&[("in", 1), ("dlq", 1)]);
     let values = ["all good", "error", "ok {", "\"error\"", "error 2"];
-    for v in values {
-        s.kafka.produce("in", 0, None, v);
-    }
-    s.kafka.flush();
-    let p = s.pipeline(
-        "echo",
-        "concurrency = 1",
-        "g",
-        &format!(
-            "topics = [\"in\"]\non_failure = \"dlq\"\n\
-             filter = {{ value = [{{ anything-but = [\"error\"] }}] }}\n{QUICK}"
-        ),
-    );
-    let run = Run::start(&p);
-    run.wait_all_finished(values.len() as u64);
-    let log = run.stop();
-    let batches = log.batches();
+    let (s, delivered) = run_filtered(&values, "{ value = [{ anything-but = [\"error\"] }] }");
     // `"error"` is the JSON string error: filtered out like the plain one.
-    assert_eq!(
-        delivered(&batches),
-        vec![values[0], values[2], values[4]],
-        "{batches:#?}"
-    );
+    assert_eq!(delivered, vec![values[0], values[2], values[4]]);
     assert!(s.kafka.read_all("dlq", 1).is_empty());
     assert_eq!(s.kafka.committed("g", "in", 1), vec![values.len() as i64]);
 }

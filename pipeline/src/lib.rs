@@ -137,6 +137,7 @@
 //! | `format` | from the first source's extension | `"parquet"`, `"csv"`, `"jsonl"`, `"text"` |
 //! | `columns` | every column | non-empty array of names; Parquet reads only these |
 //! | `csv_delimiter` | `","` | one ASCII character |
+//! | `csv_headers` | none (each CSV file's first line is its header) | distinct column names, one per field: the files have no header line, and their first line is an item |
 //! | `max_items_per_call` | [`DEFAULT_MAX_ITEMS_PER_CALL`] | [`MAX_ITEMS_PER_CALL_RANGE`] |
 //! | `max_bytes_per_call` | [`DEFAULT_MAX_BYTES_PER_CALL`] | [`MAX_BYTES_PER_CALL_RANGE`] (items' JSON size) |
 //! | `max_concurrency` | the function's `concurrency` | [`CONCURRENCY_RANGE`] |
@@ -158,7 +159,7 @@
 //! | `state` | none (stateless) | a [state table](#state-state--); the key scope needs `order_key`; count windows only |
 //!
 //! A job with `kind = "mapreduce"` (`sluice mapreduce PIPELINE JOB`) takes
-//! `source`, `format`, `columns`, `csv_delimiter`, `max_items_per_call`
+//! `source`, `format`, `columns`, `csv_delimiter`, `csv_headers`, `max_items_per_call`
 //! (items per map split), `max_concurrency`, `max_attempts`, `payload`,
 //! `payload_file`, `arrow_compression` and
 //! `bootstrap_servers` and `properties` as above, and instead of `function`:
@@ -439,6 +440,9 @@ pub struct MapReduceJob {
     pub columns: Option<Vec<String>>,
     /// CSV delimiter. Default `b','`.
     pub csv_delimiter: u8,
+    /// Column names of CSV files without a header line; `None` (the
+    /// default): each file's first line is its header.
+    pub csv_headers: Option<Vec<String>>,
     /// Function called with each split (a backfill-style call); answers
     /// `{"records": [{"key": "...", "value": ...}, ...]}`.
     pub map: String,
@@ -642,6 +646,9 @@ pub struct BackfillJob {
     pub columns: Option<Vec<String>>,
     /// CSV field delimiter. Default `b','`.
     pub csv_delimiter: u8,
+    /// Column names of CSV files without a header line; `None` (the
+    /// default): each file's first line is its header.
+    pub csv_headers: Option<Vec<String>>,
     /// Items per call. Default [`DEFAULT_MAX_ITEMS_PER_CALL`].
     pub max_items_per_call: u32,
     /// Bytes of items (as JSON) per call. Default [`DEFAULT_MAX_BYTES_PER_CALL`].

@@ -55,6 +55,11 @@ pub struct BackfillOptions {
     /// CSV field delimiter (default `,`).
     #[arg(long)]
     pub csv_delimiter: Option<char>,
+    /// Column names of CSV files without a header line, comma-separated
+    /// (`--csv-headers id,name,amount`): each file's first line is then an
+    /// item (default: the first line is the header).
+    #[arg(long, value_delimiter = ',')]
+    pub csv_headers: Option<Vec<String>>,
     /// Items per call (default 100; 1 to 100,000).
     #[arg(long, value_parser = items_per_call)]
     pub max_items_per_call: Option<usize>,
@@ -179,6 +184,7 @@ pub struct Settings {
     pub format: Option<Format>,
     pub columns: Option<Vec<String>>,
     pub csv_delimiter: u8,
+    pub csv_headers: Option<Vec<String>>,
     pub limits: Limits,
     pub max_concurrency: Option<usize>,
     pub progress: Option<PathBuf>,
@@ -217,6 +223,28 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
         }
         None => job.map_or(b',', |j| j.csv_delimiter),
     };
+    let csv_headers = match &o.csv_headers {
+        Some(names) => {
+            let twice = names
+                .iter()
+                .enumerate()
+                .find(|(i, n)| names[..*i].contains(n));
+            if let Some((_, name)) = twice {
+                return Err(format!(
+                    "--csv-headers names column {name:?} twice: items are objects keyed by \
+                     column name"
+                ));
+            }
+            if names.iter().any(String::is_empty) {
+                return Err(format!(
+                    "--csv-headers {}: a column name is empty",
+                    names.join(",")
+                ));
+            }
+            Some(names.clone())
+        }
+        None => job.and_then(|j| j.csv_headers.clone()),
+    };
     if let Some(p) = o.tolerated_failure_percentage
         && !(0.0..=100.0).contains(&p)
     {
@@ -251,6 +279,7 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
             Some(o.columns.clone())
         },
         csv_delimiter,
+        csv_headers,
         limits: Limits {
             items: o
                 .max_items_per_call
@@ -568,6 +597,7 @@ pub async fn prepare(
         format,
         columns: set.columns,
         csv_delimiter: set.csv_delimiter,
+        csv_headers: set.csv_headers,
         arrow_compression: set.arrow_compression,
     };
     if let Some(hint) = sluice_taskgen::suspect_csv_delimiter(&sources, &input) {

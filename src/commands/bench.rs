@@ -1367,6 +1367,7 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
                 format: sluice_taskgen::Format::Parquet,
                 columns: j.columns.clone(),
                 csv_delimiter: b',',
+                csv_headers: None,
                 arrow_compression: j.arrow_compression,
             },
             items_per_split: j.max_items_per_call as usize,

@@ -84,6 +84,7 @@ pub async fn run(
             format,
             columns: j.columns.clone(),
             csv_delimiter: j.csv_delimiter,
+            csv_headers: j.csv_headers.clone(),
             arrow_compression: j.arrow_compression,
         },
         items_per_split: j.max_items_per_call as usize,

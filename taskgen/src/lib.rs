@@ -110,6 +110,10 @@ pub struct Input {
     pub columns: Option<Vec<String>>,
     /// CSV field delimiter. Default `b','`.
     pub csv_delimiter: u8,
+    /// Column names of CSV files that have no header line (their first
+    /// line is an item); `None` (the default): each file's first line is
+    /// its header.
+    pub csv_headers: Option<Vec<String>>,
     /// How Arrow payloads are compressed. Default none.
     pub arrow_compression: ArrowCompression,
 }
@@ -120,6 +124,7 @@ impl From<Format> for Input {
             format,
             columns: None,
             csv_delimiter: b',',
+            csv_headers: None,
             arrow_compression: ArrowCompression::None,
         }
     }
@@ -654,6 +659,11 @@ impl BackfillConfig {
             "items={} bytes={bytes} order_key={:?} id_column={:?} depends_on={:?}",
             self.max_items_per_call, o.order_key, o.id_column, o.depends_on_column
         );
+        // Without a header line, a file's first line is an item: every item
+        // after it moves by one.
+        if let Some(headers) = &self.input.csv_headers {
+            layout.push_str(&format!(" csv_headers={headers:?}"));
+        }
         // The budget cuts calls only with ordering options.
         if o.is_active() && self.state.is_none() {
             layout.push_str(&format!(" buffered={}", self.max_buffered_items));
@@ -935,7 +945,8 @@ pub struct DelimiterHint {
 /// read (the run itself reports that).
 #[must_use]
 pub fn suspect_csv_delimiter(sources: &[PathBuf], input: &Input) -> Option<DelimiterHint> {
-    if input.format != Format::Csv {
+    // Given column names are not read from the file.
+    if input.format != Format::Csv || input.csv_headers.is_some() {
         return None;
     }
     let file = sources.first()?;
@@ -1463,6 +1474,12 @@ impl Run {
         // leave a store that refuses the corrected command.
         cfg.order.check_columns(&cfg.sources, &cfg.input)?;
         let expected = expected_items(&cfg.sources, &cfg.input)?;
+        if cfg.input.csv_headers.is_some() && cfg.input.format != Format::Csv {
+            return Err(BackfillError::Config(format!(
+                "CSV column names are given (csv_headers), but the format is {}",
+                cfg.input.format.name()
+            )));
+        }
         if cfg.results.is_some() && cfg.state.is_some() {
             return Err(BackfillError::Config(
                 "a stateful job's output is its state, not each call's response: \

@@ -162,7 +162,13 @@ fn read(
     let columns = input.columns.as_deref();
     match input.format {
         Format::Parquet => read_parquet(path, columns, as_json, each),
-        Format::Csv => read_csv(path, input.csv_delimiter, columns, each),
+        Format::Csv => read_csv(
+            path,
+            input.csv_delimiter,
+            input.csv_headers.as_deref(),
+            columns,
+            each,
+        ),
         Format::Jsonl | Format::Text => read_lines(path, input.format, columns, as_json, each),
     }
 }
@@ -176,6 +182,7 @@ pub(crate) fn field_names(
 ) -> Result<Option<Vec<String>>, BackfillError> {
     let schema = match input.format {
         Format::Jsonl | Format::Text => return Ok(None),
+        Format::Csv if input.csv_headers.is_some() => return Ok(input.csv_headers.clone()),
         Format::Csv => {
             let mut reader = csv::ReaderBuilder::new()
                 .has_headers(true)
@@ -391,9 +398,12 @@ fn batch_items(
     Ok(ControlFlow::Continue(()))
 }
 
+/// Reads a CSV file whose first line is its header, or, with `given`
+/// names, a file without one (its first line is an item).
 fn read_csv(
     path: &Path,
     delimiter: u8,
+    given: Option<&[String]>,
     columns: Option<&[String]>,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
@@ -401,16 +411,24 @@ fn read_csv(
     // few fields, or a field that is not UTF-8, is one failed item that
     // keeps its text (the dead-letter file gets it), not an error without it.
     let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
+        .has_headers(given.is_none())
         .flexible(true)
         .delimiter(delimiter)
         .from_reader(Tail::new(open_bytes(path)?));
-    let headers = reader
-        .headers()
-        .map_err(|e| csv_fatal(path, 1, e))?
-        .iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
+    let headers = match given {
+        Some(names) => names.to_vec(),
+        None => reader
+            .headers()
+            .map_err(|e| csv_fatal(path, 1, e))?
+            .iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>(),
+    };
+    let header = if given.is_some() {
+        "csv_headers"
+    } else {
+        "header"
+    };
     // Which fields to keep: all, or the projected ones (each must exist).
     let keep: Vec<bool> = match columns {
         None => vec![true; headers.len()],
@@ -464,7 +482,7 @@ fn read_csv(
                     Item::Bad(unclosed)
                 } else if record.len() != headers.len() {
                     bad(format!(
-                        "{} fields where the header has {}",
+                        "{} fields where the {header} has {}",
                         record.len(),
                         headers.len()
                     ))
@@ -954,6 +972,53 @@ mod tests {
         // Unclosed quotes, with and without a final line break.
         assert_eq!(bad_lines("a,b\r\n1,2\r\n3,\"x\r\n4,5\r\n"), [3]);
         assert_eq!(bad_lines("a,b\n1,2\n\n3,\"x"), [4]);
+    }
+
+    /// `csv_headers`: a file without a header line; its first line is the
+    /// first item, a short record names its own line, `columns` keeps only
+    /// given names, and the file's fields are what the names say.
+    #[test]
+    fn csv_without_a_header_line_takes_the_given_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lineitem.tbl");
+        std::fs::write(&path, "1|17|2.5\n2|36\n3|8|0.5\n").unwrap();
+        let mut input: crate::Input = Format::Csv.into();
+        input.csv_delimiter = b'|';
+        input.csv_headers = Some(vec!["id".into(), "qty".into(), "price".into()]);
+        let mut got = Vec::new();
+        let mut read_all = |input: &crate::Input| {
+            got.clear();
+            read_file(&path, input, &mut |i, item| {
+                got.push(match item {
+                    Item::Value(v) => serde_json::json!([i, v]),
+                    Item::Bad(e) => serde_json::json!([i, {"bad": e.line, "why": e.message}]),
+                    Item::Json(t) => serde_json::json!([i, t]),
+                });
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+            got.clone()
+        };
+        assert_eq!(
+            read_all(&input),
+            [
+                serde_json::json!([0, {"id": "1", "qty": "17", "price": "2.5"}]),
+                serde_json::json!([1, {"bad": 2, "why": "2 fields where the csv_headers has 3"}]),
+                serde_json::json!([2, {"id": "3", "qty": "8", "price": "0.5"}]),
+            ]
+        );
+        input.columns = Some(vec!["price".into()]);
+        assert_eq!(
+            read_all(&input)[2],
+            serde_json::json!([2, {"price": "0.5"}])
+        );
+        assert_eq!(
+            crate::read::field_names(&path, &input).unwrap(),
+            Some(vec!["id".into(), "qty".into(), "price".into()])
+        );
+        input.columns = Some(vec!["amount".into()]);
+        let e = read_file(&path, &input, &mut |_, _| ControlFlow::Continue(())).unwrap_err();
+        assert!(e.to_string().contains("amount"), "{e}");
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub(super) struct RawJob {
     columns: Option<Spanned<Vec<Spanned<String>>>>,
     /// Default `","`.
     csv_delimiter: Option<Spanned<String>>,
+    /// Default none: the first line of each CSV file is its header.
+    csv_headers: Option<Spanned<Vec<Spanned<String>>>>,
     /// Default [`DEFAULT_MAX_ITEMS_PER_CALL`].
     max_items_per_call: Option<Spanned<i64>>,
     /// Default [`DEFAULT_MAX_BYTES_PER_CALL`].
@@ -126,6 +128,10 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
         "an array of column names, e.g. [\"id\", \"amount\"]",
     ),
     ("csv_delimiter", "a one-character string, e.g. \";\""),
+    (
+        "csv_headers",
+        "an array of column names, e.g. [\"id\", \"amount\"]",
+    ),
     ("max_items_per_call", INTEGER),
     ("max_bytes_per_call", INTEGER),
     ("max_concurrency", INTEGER),
@@ -428,6 +434,42 @@ impl RawJob {
                 Some(cols)
             }
         };
+        let csv_headers = match self.csv_headers {
+            None => None,
+            Some(names) => {
+                let at = names.span();
+                let names: Vec<String> = names
+                    .into_inner()
+                    .into_iter()
+                    .map(Spanned::into_inner)
+                    .collect();
+                let twice = names
+                    .iter()
+                    .enumerate()
+                    .any(|(i, n)| names[..i].contains(n));
+                if names.is_empty() || names.iter().any(String::is_empty) || twice {
+                    return Err(PipelineError::InvalidValue {
+                        at: loc.at(at),
+                        field: f.field("csv_headers"),
+                        value: format!("{names:?}"),
+                        expected: "a non-empty array of distinct, non-empty column names, one per \
+                                   field of the CSV files (which then have no header line)",
+                    });
+                }
+                if let Some(other) = format.filter(|f| *f != DataFormat::Csv) {
+                    return Err(PipelineError::Invalid {
+                        at: loc.at(at),
+                        field: f.field("csv_headers"),
+                        message: format!(
+                            "names the columns of CSV files without a header line, but format \
+                             is \"{}\"",
+                            other.name()
+                        ),
+                    });
+                }
+                Some(names)
+            }
+        };
         let csv_delimiter = match self.csv_delimiter {
             None => b',',
             Some(d) => match d.get_ref().as_bytes() {
@@ -672,6 +714,7 @@ impl RawJob {
                 format,
                 columns,
                 csv_delimiter,
+                csv_headers,
                 map: declared_function("map", map)?,
                 combine: self
                     .combine
@@ -766,6 +809,7 @@ impl RawJob {
             format,
             columns,
             csv_delimiter,
+            csv_headers,
             max_items_per_call,
             max_bytes_per_call,
             max_concurrency,
