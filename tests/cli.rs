@@ -150,6 +150,75 @@ fn function_errors_exit_1_and_sandbox_failures_exit_3() {
     );
 }
 
+/// A plain Lambda handler in Python (`examples/functions/python`: a
+/// Runtime API loop in the standard library, and `handler.py`) runs in the
+/// process sandbox with the host's python3: its answer, its exception as
+/// Lambda's error object (exit 1), and a handler that cannot be imported
+/// reported as an init error (exit 3).
+#[test]
+fn a_python_handler_runs_unchanged() {
+    let python = function_fixture("python");
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pipeline(
+        tmp.path(),
+        &[
+            ("py", &python, "handler = \"handler.handler\""),
+            ("missing", &python, "handler = \"nothere.handler\""),
+        ],
+    );
+    let invoke = |function: &str, payload: &str| {
+        run(
+            sluice()
+                .args(["invoke", "-p"])
+                .arg(&p)
+                .args([function, "--payload", payload]),
+            None,
+        )
+    };
+    let out = invoke("py", r#"{"text": "To be, or not to be"}"#);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["words"], 6, "{v}");
+    assert_eq!(
+        v["top"],
+        serde_json::json!([["to", 2], ["be", 2], ["or", 1]])
+    );
+    assert_eq!(v["has_time_left"], true);
+    assert_eq!(v["request_id"].as_str().map(str::len), Some(36), "{v}");
+    // print() is the function's log.
+    assert!(
+        text(&out.stderr).contains("6 words in 1 lines"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = invoke("py", r#"{"nope": 1}"#);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let last: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(last["errorType"], "ValueError", "{err}");
+    // Lambda's error object as the function posted it, stack trace included.
+    let trace = last["stackTrace"].as_array().expect("stackTrace");
+    assert!(
+        trace
+            .iter()
+            .any(|f| f.as_str().is_some_and(|f| f.contains("handler.py"))),
+        "{err}"
+    );
+    assert!(
+        err.contains("handler.py\", line"),
+        "the traceback is logged: {err}"
+    );
+
+    let out = invoke("missing", "{}");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("Runtime.ImportModuleError"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn pipeline_errors_exit_2_with_their_location() {
     let tmp = tempfile::tempdir().unwrap();

@@ -102,12 +102,19 @@ pub async fn run(
         Err(InvokeError::Function {
             error_type,
             error_message,
+            body,
             ..
         }) => {
-            eprintln!(
-                "{}",
-                serde_json::json!({"errorType": error_type, "errorMessage": error_message})
-            );
+            // The function's error object as it posted it (Lambda's Invoke
+            // answers with it: `stackTrace` and any other fields kept), on
+            // one line, with the type and message sluice read from it.
+            let mut error = match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(serde_json::Value::Object(o)) => o,
+                _ => serde_json::Map::new(),
+            };
+            error.insert("errorType".into(), error_type.into());
+            error.insert("errorMessage".into(), error_message.into());
+            eprintln!("{}", serde_json::Value::Object(error));
             exit::FUNCTION_ERROR
         }
         Err(e) => {

@@ -237,7 +237,8 @@ fn copy_tree(from: &Path, to: &Path) {
 /// - `"echo"`, `"fail"`, `"arrow-sum"`, `"wordcount"`, `"tpch-q1"`,
 ///   `"running-sum"`, `"line-count"`, `"misbehave"`: the built binary (`echo-fn`, `fail-fn`, ...,
 ///   `tpch-q1-fn`, `misbehave-fn`) copied as `bootstrap`;
-/// - `"shell"`: the files of `examples/functions/shell/`.
+/// - `"shell"`, `"python"`: the files of `examples/functions/shell/` or
+///   `examples/functions/python/` (scripts, nothing to build).
 ///
 /// # Panics
 /// On an unknown name, a failed build or a file system error.
@@ -252,16 +253,16 @@ pub fn function_fixture(name: &str) -> FunctionFixture {
         "misbehave" => install_bootstrap(&workspace_binary("misbehave-fn"), &fixture.dir),
         "running-sum" => install_bootstrap(&workspace_binary("running-sum-fn"), &fixture.dir),
         "line-count" => install_bootstrap(&workspace_binary("line-count-fn"), &fixture.dir),
-        "shell" => {
+        "shell" | "python" => {
             copy_tree(
-                &workspace_root().join("examples/functions/shell"),
+                &workspace_root().join("examples/functions").join(name),
                 &fixture.dir,
             );
             // The executable bit may be lost by a checkout; the bootstrap must have it.
             set_mode(&fixture.dir.join("bootstrap"), 0o755);
         }
         other => panic!(
-            "unknown function fixture {other:?} (known: echo, fail, arrow-sum, wordcount, tpch-q1, running-sum, line-count, misbehave, shell)"
+            "unknown function fixture {other:?} (known: echo, fail, arrow-sum, wordcount, tpch-q1, running-sum, line-count, misbehave, shell, python)"
         ),
     }
     fixture
