@@ -249,6 +249,23 @@ fn pipeline_errors_exit_2_with_their_location() {
     let out = run(sluice().arg("validate").arg(&p), None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("1 function"));
+
+    // Jobs are described: what they read, call and keep.
+    let mut text_of = std::fs::read_to_string(&p).unwrap();
+    text_of.push_str(
+        "[job.replay]\nfunction = \"echo\"\nsource = \"data/*.csv\"\n\
+         csv_headers = [\"id\", \"n\"]\nresults = \"out/replay.jsonl\"\n",
+    );
+    std::fs::write(&p, text_of).unwrap();
+    let out = run(sluice().arg("validate").arg(&p), None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listed = text(&out.stdout);
+    assert!(
+        listed.contains("job replay: backfill of ")
+            && listed.contains("data/*.csv -> echo, 100 items per call, responses kept in ")
+            && listed.contains("out/replay.jsonl"),
+        "{listed}"
+    );
 }
 
 #[test]

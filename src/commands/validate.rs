@@ -47,8 +47,41 @@ pub fn run(path: &Path) -> u8 {
             t.function
         );
     }
-    for j in p.jobs.keys().chain(p.mapreduce_jobs.keys()) {
-        println!("  job {j}");
+    for j in p.jobs.values() {
+        println!(
+            "  job {}: backfill of {}{} -> {}, {} items per call{}{}",
+            j.name,
+            j.sources.join(", "),
+            j.format
+                .map(|f| format!(" ({})", f.name()))
+                .unwrap_or_default(),
+            j.function,
+            j.max_items_per_call,
+            if j.state.is_some() {
+                ", stateful (a fold in input order)"
+            } else {
+                ""
+            },
+            j.results
+                .as_deref()
+                .map(|r| format!(", responses kept in {}", r.display()))
+                .unwrap_or_default()
+        );
+    }
+    for j in p.mapreduce_jobs.values() {
+        println!(
+            "  job {}: MapReduce of {} -> map {}{}, reduce {} ({} partitions) -> {}",
+            j.name,
+            j.sources.join(", "),
+            j.map,
+            j.combine
+                .as_deref()
+                .map(|c| format!(", combine {c}"))
+                .unwrap_or_default(),
+            j.reduce,
+            j.reduce_partitions,
+            j.output.display()
+        );
     }
     exit::OK
 }
