@@ -45,6 +45,7 @@ $SLUICE run examples/kafka/pipeline.toml \
 echo; echo "== sluice run examples/objects/pipeline.toml (a folder watched like an S3 prefix; binary.dat fails on purpose)"
 rm -rf examples/objects/.sluice-state
 $SLUICE run examples/objects/pipeline.toml --stop-when-idle 2s
+echo "responses:"; cat examples/objects/.sluice-state/count-landing.results.jsonl
 echo "dead letters:"; cat examples/objects/.sluice-state/count-landing.dead-letter.jsonl
 echo; echo "== sluice backfill (every line of the README through echo, in calls of 20)"
 rm -f "${TMPDIR:-/tmp}/sluice-example-backfill.redb" "${TMPDIR:-/tmp}/sluice-example-results.jsonl"

@@ -22,6 +22,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod objects;
 pub mod record;
+pub mod results;
 
 pub use error::IngestError;
 

@@ -384,6 +384,57 @@ fn deletions_call_the_function_when_asked() {
     assert_eq!(lines, ["only/b.txt: removed"], "{lines:#?}");
 }
 
+/// `results`: each successful call's response is a line of the results
+/// file (the object, its version, the event type), written before the
+/// object counts as handled; failed calls have none; a restart appends.
+#[test]
+fn responses_go_to_the_results_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = function_fixture("line-count");
+    let (store, base) = memory_store();
+    let io = tokio::runtime::Runtime::new().unwrap();
+    let p = pipeline_with(
+        dir.path(),
+        &f,
+        &format!("{base}/res/"),
+        "events = [\"created\", \"removed\"]\nresults = \"out/responses.jsonl\"",
+    );
+    let results = dir.path().join("out/responses.jsonl");
+    let run = Run::start(&p);
+    put(&io, &store, "res/a.txt", b"1\n2\n");
+    put(&io, &store, "res/bad.bin", &[0xff, 0xfe]);
+    run.wait_finished(2);
+    delete(&io, &store, "res/a.txt");
+    run.wait_finished(3);
+    run.stop();
+    let run = Run::start(&p);
+    put(&io, &store, "res/c.txt", b"x\n");
+    run.wait_finished(1);
+    run.stop();
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&results)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| (l["key"].as_str().unwrap(), l["eventName"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("res/a.txt", "ObjectCreated:Put"),
+            ("res/a.txt", "ObjectRemoved:Delete"),
+            ("res/c.txt", "ObjectCreated:Put"),
+        ],
+        "{lines:#?}"
+    );
+    assert_eq!(lines[0]["response"]["lines"], 2, "{lines:#?}");
+    assert_eq!(lines[1]["response"]["removed"], true, "{lines:#?}");
+    assert!(lines.iter().all(|l| l["version"].is_string()), "{lines:#?}");
+}
+
 /// A watched folder that goes missing (a disk not mounted) is a failed
 /// listing, not the deletion of everything in it: once it is back,
 /// nothing is called again, and no deletion was called.

@@ -114,6 +114,7 @@
 //! | `retry_backoff_max` | [`DEFAULT_RETRY_BACKOFF_MAX`] | `retry_backoff` to [`RETRY_BACKOFF_MAX_LIMIT`] |
 //! | `progress` | `.sluice-state/NAME.objects.redb` | a path (relative to the pipeline file's folder) |
 //! | `dead_letter` | `.sluice-state/NAME.dead-letter.jsonl` | a path (relative to the pipeline file's folder) |
+//! | `results` | none (responses are not kept) | a path: a JSON-lines file with one line per successful call, `{"object", "version", "eventName", "response"}`, written before the object counts as handled |
 //!
 //! # Backfill jobs: `[job.NAME]`
 //!
@@ -889,6 +890,9 @@ pub struct ObjectTrigger {
     /// Default `.sluice-state/NAME.dead-letter.jsonl` next to the pipeline
     /// file.
     pub dead_letter: PathBuf,
+    /// JSON-lines file of each successful call's response; `None` (the
+    /// default): responses are not kept.
+    pub results: Option<PathBuf>,
 }
 
 /// The S3 event types an object-store trigger invokes its function with

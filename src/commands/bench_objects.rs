@@ -409,6 +409,7 @@ impl Bench<'_> {
             retry_backoff_max: sluice_pipeline::DEFAULT_RETRY_BACKOFF_MAX,
             progress: self.scratch.join(format!("{name}.objects.redb")),
             dead_letter: self.scratch.join(format!("{name}.dead-letter.jsonl")),
+            results: None,
         };
         let activity = Arc::new(Activity::default());
         let metrics = Metrics::new();

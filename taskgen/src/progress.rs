@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
 use sluice_ingest::group_commit::GroupCommit;
+use sluice_ingest::results::ResultsFile;
 
 use crate::BackfillError;
 
@@ -53,9 +54,9 @@ impl Progress {
     ///
     /// With `results`, each success's line is appended to that file and
     /// synced before the success is committed, so a call counted as done
-    /// always has its line. Lines of calls the store does not hold (written
-    /// just before a crash; those calls run again) are dropped from the file
-    /// when it is opened, so each call has exactly one line.
+    /// always has its line; lines written after the last commit (a crash
+    /// between the two; those calls run again) are cut off when the file is
+    /// opened ([`ResultsFile`]), so each call has exactly one line.
     pub(crate) fn open(
         path: &Path,
         layout: &str,
@@ -111,21 +112,21 @@ impl Progress {
         }
         tx.commit().map_err(|e| err(e.into()))?;
         let db = Arc::new(db);
-        let results_file = match results {
-            Some(results) => Some((
-                open_results(&db, results).map_err(|source| BackfillError::Results {
-                    path: results.to_path_buf(),
-                    source,
-                })?,
-                results.to_path_buf(),
-            )),
-            None => None,
-        };
+        let results_file =
+            match results {
+                Some(results) => Some(ResultsFile::open(&db, results).map_err(|source| {
+                    BackfillError::Results {
+                        path: results.to_path_buf(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
         let commits = GroupCommit::spawn(
             Arc::clone(&db),
             "sluice-progress",
             move |tx, group: &[Success]| {
-                if let Some((file, results)) = &results_file {
+                if let Some(results) = &results_file {
                     // The lines first, durably: then the successes.
                     let lines: Vec<u8> = group
                         .iter()
@@ -133,18 +134,7 @@ impl Progress {
                         .flatten()
                         .copied()
                         .collect();
-                    if !lines.is_empty() {
-                        let mut f: &File = file;
-                        f.write_all(&lines)
-                            .and_then(|()| file.sync_data())
-                            .map_err(|e| {
-                                let e = std::io::Error::new(
-                                    e.kind(),
-                                    format!("results file {}: {e}", results.display()),
-                                );
-                                redb::Error::from(redb::StorageError::Io(e))
-                            })?;
-                    }
+                    results.append(tx, &lines)?;
                 }
                 let mut table = tx.open_table(SUCCEEDED)?;
                 for s in group {
@@ -202,63 +192,12 @@ pub(crate) fn result_line(
     count: u64,
     response: &[u8],
 ) -> Vec<u8> {
-    let response = serde_json::from_slice::<Value>(response)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(response).into_owned()));
-    let mut line = serde_json::to_vec(&serde_json::json!({
-        "call_id": call_id,
-        "source": source,
-        "first_item": first_item,
-        "count": count,
-        "response": response,
-    }))
-    .unwrap_or_default();
-    line.push(b'\n');
-    line
-}
-
-/// Opens the results file for appending, first dropping lines of calls the
-/// progress store does not hold (and a torn last line): those calls run
-/// again and write their line then.
-fn open_results(db: &Database, path: &Path) -> std::io::Result<File> {
-    make_parent(path)?;
-    match std::fs::read(path) {
-        Ok(text) => {
-            let tx = db.begin_read().map_err(std::io::Error::other)?;
-            let table = tx.open_table(SUCCEEDED).map_err(std::io::Error::other)?;
-            let mut kept = Vec::with_capacity(text.len());
-            let mut dropped = 0usize;
-            for line in text.split_inclusive(|&b| b == b'\n') {
-                let done = line.ends_with(b"\n")
-                    && serde_json::from_slice::<Value>(line)
-                        .ok()
-                        .and_then(|v| v.get("call_id")?.as_str().map(str::to_owned))
-                        .map(|id| table.get(id.as_str()).map(|v| v.is_some()))
-                        .transpose()
-                        .map_err(std::io::Error::other)?
-                        .unwrap_or(false);
-                if done {
-                    kept.extend_from_slice(line);
-                } else {
-                    dropped += 1;
-                }
-            }
-            if dropped > 0 {
-                tracing::info!(
-                    results = %path.display(),
-                    lines = dropped,
-                    "dropping results lines of calls not recorded as done: they run again"
-                );
-                let tmp = path.with_extension("jsonl.tmp");
-                let mut f = File::create(&tmp)?;
-                f.write_all(&kept)?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, path)?;
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    OpenOptions::new().create(true).append(true).open(path)
+    let mut fields = serde_json::Map::new();
+    fields.insert("call_id".into(), call_id.into());
+    fields.insert("source".into(), source.into());
+    fields.insert("first_item".into(), first_item.into());
+    fields.insert("count".into(), count.into());
+    sluice_ingest::results::line(fields, response)
 }
 
 /// One JSON object per failed call (or unreadable item).

@@ -65,6 +65,7 @@ use crate::group_commit::GroupCommit;
 use crate::kafka::Activity;
 use crate::kafka::lane::{Failure, for_log};
 use crate::metrics::{BatchOutcome, Metrics};
+use crate::results::ResultsFile;
 
 /// A local file unchanged for this long is complete (see the loop).
 const LOCAL_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -240,10 +241,16 @@ enum Recorded {
         objects: Vec<(String, String)>,
         outcome: Outcome,
         start: bool,
+        /// Lines for the results file (a successful call's response).
+        lines: Vec<u8>,
     },
     /// Objects deleted whose deletion was handled: their records are
     /// dropped, so an object written again under the same name is new.
-    Gone(Vec<String>),
+    Gone {
+        locations: Vec<String>,
+        /// Lines for the results file (a successful call's response).
+        lines: Vec<u8>,
+    },
 }
 
 impl Progress {
@@ -302,8 +309,17 @@ impl Progress {
         }
         w.commit().map_err(|e| err(e.to_string()))?;
         let db = Arc::new(db);
-        let commits = GroupCommit::spawn(Arc::clone(&db), "sluice-progress", record)
-            .map_err(|e| err(e.to_string()))?;
+        let results = match &t.results {
+            Some(path) => Some(
+                ResultsFile::open(&db, path)
+                    .map_err(|e| err(format!("results file {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        let commits = GroupCommit::spawn(Arc::clone(&db), "sluice-progress", move |w, group| {
+            record(w, group, results.as_ref())
+        })
+        .map_err(|e| err(e.to_string()))?;
         Ok(Progress {
             db,
             trigger: t.name.clone(),
@@ -387,6 +403,7 @@ impl Progress {
             objects,
             outcome,
             start,
+            lines: Vec::new(),
         })
         .await
     }
@@ -403,8 +420,23 @@ impl Progress {
     }
 }
 
-/// Writes a group of changes into the committer's transaction, in order.
-fn record(w: &redb::WriteTransaction, group: &[Recorded]) -> Result<(), redb::Error> {
+/// Writes a group of changes into the committer's transaction, in order;
+/// their results lines first, synced ([`ResultsFile`]).
+fn record(
+    w: &redb::WriteTransaction,
+    group: &[Recorded],
+    results: Option<&ResultsFile>,
+) -> Result<(), redb::Error> {
+    if let Some(results) = results {
+        let lines: Vec<u8> = group
+            .iter()
+            .flat_map(|r| match r {
+                Recorded::Handled { lines, .. } | Recorded::Gone { lines, .. } => lines,
+            })
+            .copied()
+            .collect();
+        results.append(w, &lines)?;
+    }
     let mut table = w.open_table(OBJECTS)?;
     for r in group {
         match r {
@@ -412,6 +444,7 @@ fn record(w: &redb::WriteTransaction, group: &[Recorded]) -> Result<(), redb::Er
                 objects,
                 outcome,
                 start,
+                ..
             } => {
                 for (location, version) in objects {
                     let value = format!("{version} {}", outcome.as_str());
@@ -421,7 +454,7 @@ fn record(w: &redb::WriteTransaction, group: &[Recorded]) -> Result<(), redb::Er
                     w.open_table(META)?.insert("started", "1")?;
                 }
             }
-            Recorded::Gone(locations) => {
+            Recorded::Gone { locations, .. } => {
                 for location in locations {
                     table.remove(location.as_str())?;
                 }
@@ -888,10 +921,11 @@ async fn created(
     let t = &shared.t;
     let name = shared.watched.name(&meta.location);
     let key = shared.watched.key(&meta.location);
-    let handled = |outcome| Recorded::Handled {
+    let handled = |outcome, lines| Recorded::Handled {
         objects: vec![(meta.location.to_string(), version(&meta))],
         outcome,
         start: false,
+        lines,
     };
     let details = json!({
         "eventName": "ObjectCreated:Put",
@@ -916,7 +950,7 @@ async fn created(
             failure,
             attempts: 0,
         };
-        return fail(shared, failed, handled(Outcome::Failed)).await;
+        return fail(shared, failed, handled(Outcome::Failed, Vec::new())).await;
     }
     // Memory: the object's bytes count against the budget until its call
     // ends, so large objects are fetched fewer at once.
@@ -969,7 +1003,19 @@ async fn created(
     let called = call(shared, &name, &event, Some(bytes), &mut stop).await;
     drop((permit, held));
     match called {
-        Called::Succeeded => shared.progress.change(handled(Outcome::Succeeded)).await,
+        Called::Succeeded(response) => {
+            let lines = result_line(
+                shared,
+                &meta.location,
+                &version(&meta),
+                "ObjectCreated:Put",
+                &response,
+            );
+            shared
+                .progress
+                .change(handled(Outcome::Succeeded, lines))
+                .await
+        }
         Called::Failed { failure, attempts } => {
             let failed = Failed {
                 name: &name,
@@ -978,7 +1024,7 @@ async fn created(
                 failure,
                 attempts,
             };
-            fail(shared, failed, handled(Outcome::Failed)).await
+            fail(shared, failed, handled(Outcome::Failed, Vec::new())).await
         }
         Called::Stopped => Ok(()),
     }
@@ -1008,9 +1054,15 @@ async fn removed(
     .to_string();
     let called = call(shared, &name, &event, None, &mut stop).await;
     drop(permit);
-    let gone = Recorded::Gone(vec![location]);
+    let gone = |lines| Recorded::Gone {
+        locations: vec![location.clone()],
+        lines,
+    };
     match called {
-        Called::Succeeded => shared.progress.change(gone).await,
+        Called::Succeeded(response) => {
+            let lines = result_line(shared, &path, &version, "ObjectRemoved:Delete", &response);
+            shared.progress.change(gone(lines)).await
+        }
         Called::Failed { failure, attempts } => {
             let failed = Failed {
                 name: &name,
@@ -1019,20 +1071,38 @@ async fn removed(
                 failure,
                 attempts,
             };
-            fail(shared, failed, gone).await
+            fail(shared, failed, gone(Vec::new())).await
         }
         Called::Stopped => Ok(()),
     }
 }
 
+/// The results line of a successful call (none without `results`): the
+/// object's key, its version and the event type, and the response.
+fn result_line(
+    shared: &Shared,
+    location: &ObjectPath,
+    version: &str,
+    event: &str,
+    response: &[u8],
+) -> Vec<u8> {
+    if shared.t.results.is_none() {
+        return Vec::new();
+    }
+    let mut fields = serde_json::Map::new();
+    fields.insert("object".into(), shared.watched.name(location).into());
+    fields.insert("key".into(), shared.watched.key(location).into());
+    fields.insert("version".into(), version.into());
+    fields.insert("eventName".into(), event.into());
+    crate::results::line(fields, response)
+}
+
 /// How a call with its retries ended.
 enum Called {
-    Succeeded,
+    /// With the function's response.
+    Succeeded(Vec<u8>),
     /// Failed for good: the last failure and the attempts made.
-    Failed {
-        failure: Failure,
-        attempts: u32,
-    },
+    Failed { failure: Failure, attempts: u32 },
     /// Abandoned to a stop (or the executor shutting down).
     Stopped,
 }
@@ -1074,10 +1144,10 @@ async fn call(
             .await;
         metrics.observe_invoke(&t.name, started.elapsed().as_secs_f64());
         let e = match result {
-            Ok(_) => {
+            Ok(response) => {
                 metrics.batch(&t.name, BatchOutcome::Success);
                 tracing::debug!(trigger = %t.name, object = %name, attempts, "object done");
-                return Called::Succeeded;
+                return Called::Succeeded(response.payload);
             }
             Err(InvokeError::ShuttingDown) => return Called::Stopped,
             Err(e) => e,
@@ -1164,7 +1234,7 @@ async fn fail(shared: &Arc<Shared>, failed: Failed<'_>, then: Recorded) -> Resul
     shared.env.metrics.batch(&t.name, BatchOutcome::Failed);
     shared.env.metrics.dlq_write(&t.name, 1);
     let again = match then {
-        Recorded::Gone(_) => "a deletion is not called again",
+        Recorded::Gone { .. } => "a deletion is not called again",
         Recorded::Handled { .. } => "`sluice run --retry-failed` calls it again",
     };
     if let Some(held_back) = shared.failure_log.admit() {

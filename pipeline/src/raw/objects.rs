@@ -52,6 +52,8 @@ pub(super) struct RawObjects {
     /// Default `.sluice-state/NAME.dead-letter.jsonl` next to the pipeline
     /// file.
     dead_letter: Option<Spanned<String>>,
+    /// Default none: responses are not kept.
+    results: Option<Spanned<String>>,
 }
 
 /// Keys of [`RawObjects`] and the TOML type each needs, for messages.
@@ -79,6 +81,7 @@ pub(super) const OBJECT_FIELDS: &[(&str, &str)] = &[
     ("retry_backoff_max", DURATION),
     ("progress", STRING),
     ("dead_letter", STRING),
+    ("results", STRING),
 ];
 
 const URL_RULE: &str = "a folder, or a URL: s3://BUCKET/PREFIX, gs://, az://, \
@@ -165,6 +168,18 @@ impl RawObjects {
         };
         let progress = path(self.progress, format!("{name}.objects.redb"));
         let dead_letter = path(self.dead_letter, format!("{name}.dead-letter.jsonl"));
+        let results = match self.results {
+            Some(r) if r.get_ref().is_empty() => {
+                return Err(PipelineError::InvalidValue {
+                    at: f.loc.at(r.span()),
+                    field: f.field("results"),
+                    value: String::new(),
+                    expected: "a path for the JSON-lines file of responses, e.g. \"out/landing.jsonl\"",
+                });
+            }
+            Some(r) => Some(base.join(r.into_inner())),
+            None => None,
+        };
         Ok(ObjectTrigger {
             name,
             function,
@@ -179,6 +194,7 @@ impl RawObjects {
             retry_backoff_max,
             progress,
             dead_letter,
+            results,
         })
     }
 }
