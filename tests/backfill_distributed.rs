@@ -20,6 +20,17 @@ while true; do
   curl -sS -X POST "$API/invocation/$ID/response" -d '{}' >/dev/null
 done
 "#;
+/// A custom runtime whose every response is a JSON string of a million
+/// bytes: more than a result message can carry.
+const HUGE: &str = r#"#!/bin/bash
+API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+BIG=$(head -c 1000000 /dev/zero | tr '\0' a)
+while true; do
+  curl -sS -D /tmp/headers -o /dev/null "$API/invocation/next"
+  ID=$(grep -i '^lambda-runtime-aws-request-id:' /tmp/headers | tr -d '\r' | cut -d' ' -f2)
+  printf '"%s"' "$BIG" | curl -sS -X POST "$API/invocation/$ID/response" --data-binary @- >/dev/null
+done
+"#;
 use tempfile::TempDir;
 
 fn sluice(args: &[&str]) -> Command {
@@ -31,14 +42,15 @@ fn sluice(args: &[&str]) -> Command {
 /// A pipeline with an `echo` and a `fail` function and a job for each over
 /// `data/*.jsonl` (300 items); the function folders live as long as the
 /// returned fixtures.
-fn setup(dir: &Path) -> (PathBuf, [FunctionFixture; 3]) {
+fn setup(dir: &Path) -> (PathBuf, [FunctionFixture; 4]) {
     std::fs::create_dir(dir.join("data")).unwrap();
     let items: String = (0..300).map(|i| format!("{{\"n\":{i}}}\n")).collect();
     std::fs::write(dir.join("data/in.jsonl"), items).unwrap();
-    let (echo, fail, slow) = (
+    let (echo, fail, slow, huge) = (
         function_fixture("echo"),
         function_fixture("fail"),
         script_fixture(SLOW),
+        script_fixture(HUGE),
     );
     let pipeline = dir.join("pipeline.toml");
     std::fs::write(
@@ -52,14 +64,19 @@ fn setup(dir: &Path) -> (PathBuf, [FunctionFixture; 3]) {
              max_items_per_call = 50\nmax_attempts = 2\nprogress = \"reject.redb\"\n\n\
              [functions.slow]\npath = {:?}\n\n\
              [job.crawl]\nfunction = \"slow\"\nsource = \"data/*.jsonl\"\n\
-             max_items_per_call = 10\nprogress = \"crawl.redb\"\n",
+             max_items_per_call = 10\nprogress = \"crawl.redb\"\n\n\
+             [functions.huge]\npath = {:?}\n\n\
+             [job.bloat]\nfunction = \"huge\"\nsource = \"data/*.jsonl\"\n\
+             max_items_per_call = 100\nprogress = \"bloat.redb\"\n\
+             results = \"bloat-results.jsonl\"\n",
             echo.dir.display().to_string(),
             fail.dir.display().to_string(),
-            slow.dir.display().to_string()
+            slow.dir.display().to_string(),
+            huge.dir.display().to_string()
         ),
     )
     .unwrap();
-    (pipeline, [echo, fail, slow])
+    (pipeline, [echo, fail, slow, huge])
 }
 
 /// Starts the coordinator of `job` and returns it with its broker address.
@@ -145,6 +162,39 @@ fn two_workers_process_every_call_and_a_rerun_skips_them() {
     let (status, out) = again.finish();
     assert!(status.success(), "{out}\n{}", again.log());
     assert!(out.contains("30 skipped (already done)"), "{out}");
+}
+
+/// With `results`, a response too large for a result message fails its
+/// call (dead-lettered, with the reason) instead of coming back for ever.
+#[test]
+fn a_response_too_large_for_a_result_message_fails_its_call() {
+    let dir = TempDir::new().unwrap();
+    let (pipeline, _functions) = setup(dir.path());
+    let (mut coord, addr) = coordinator(&pipeline, "bloat");
+    let w = worker("worker", &pipeline, "bloat", &addr);
+    let (status, out) = coord.finish();
+    assert_eq!(status.code(), Some(1), "{out}\n{}", coord.log());
+    assert!(
+        out.contains("calls: 3 total, 0 succeeded, 3 failed"),
+        "{out}"
+    );
+    stop(w);
+    let dead: Vec<Value> = std::fs::read_to_string(dir.path().join("bloat.dead.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 3);
+    for d in &dead {
+        assert_eq!(d["error_type"], "Sluice.ResponseTooLarge", "{d}");
+        assert!(
+            d["error"].as_str().unwrap().contains("1000002 bytes"),
+            "{d}"
+        );
+        assert_eq!(d["items"].as_array().map(Vec::len), Some(100), "{d}");
+    }
+    let results = std::fs::read_to_string(dir.path().join("bloat-results.jsonl")).unwrap();
+    assert_eq!(results, "");
 }
 
 #[test]

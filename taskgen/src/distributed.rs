@@ -499,6 +499,24 @@ async fn record_result(run: &Run, m: &OwnedMessage, outstanding: &mut HashSet<St
     }
 }
 
+/// A result message's largest size with a response in it: librdkafka's
+/// default `message.max.bytes` (1,000,000), less room for the rest.
+const MAX_RESULT_BYTES: usize = 900_000;
+
+/// The items of a failed call for the dead-letter file: JSON items, or the
+/// base64 rows of an Arrow or Parquet call.
+fn item_payload(payload: &str) -> Value {
+    serde_json::from_str::<Value>(payload)
+        .ok()
+        .and_then(|mut v| {
+            v.get_mut("items")
+                .map(Value::take)
+                .or_else(|| v.get_mut("arrow").map(Value::take))
+                .or_else(|| v.get_mut("parquet").map(Value::take))
+        })
+        .unwrap_or(Value::Null)
+}
+
 /// What a worker did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerSummary {
@@ -690,31 +708,40 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
             attempts,
             error_type: Some(e.error_type().to_owned()),
             error: Some(e.to_string()),
-            // JSON items, or the base64 rows of an Arrow or Parquet call.
-            items: serde_json::from_str::<Value>(&task.payload)
-                .ok()
-                .and_then(|mut v| {
-                    v.get_mut("items")
-                        .map(Value::take)
-                        .or_else(|| v.get_mut("arrow").map(Value::take))
-                        .or_else(|| v.get_mut("parquet").map(Value::take))
-                })
-                .unwrap_or(Value::Null),
+            items: item_payload(&task.payload),
             response: None,
             first_item: task.first_item,
             worker: worker.to_owned(),
         },
     };
+    let mut result = result;
+    let mut value = serde_json::to_vec(&result).expect("a result serializes");
+    if value.len() > MAX_RESULT_BYTES && result.response.is_some() {
+        // A response the results topic cannot take would never be
+        // published, and the task would come back for ever: it fails, and
+        // its items go to the coordinator's dead-letter file.
+        let bytes = result.response.take().map_or(0, |r| r.len());
+        result.ok = false;
+        result.error_type = Some("Sluice.ResponseTooLarge".to_owned());
+        result.error = Some(format!(
+            "the response is {bytes} bytes: more than a result message takes \
+             ({MAX_RESULT_BYTES} bytes) with --distributed and `results`; return less, \
+             or run the backfill without --distributed"
+        ));
+        result.items = item_payload(&task.payload);
+        value = serde_json::to_vec(&result).expect("a result serializes");
+    }
+    let ok = result.ok;
     let record = OutRecord {
         key: Some(task.call_id.clone().into_bytes()),
-        value: Some(serde_json::to_vec(&result).expect("a result serializes")),
+        value: Some(value),
         headers: Vec::new(),
     };
     if let Err(e) = sink.send_all(&results_topic(&task.job), &[record]).await {
         tracing::error!(call = %task.call_id, error = %e, "cannot publish the result; the task stays uncommitted");
         return Outcome::Unanswered;
     }
-    if outcome.is_ok() {
+    if ok {
         Outcome::Succeeded
     } else {
         Outcome::Failed
