@@ -164,27 +164,37 @@ fn two_workers_process_every_call_and_a_rerun_skips_them() {
     assert!(out.contains("30 skipped (already done)"), "{out}");
 }
 
-/// With `results`, a response too large for a result message fails its
-/// call (dead-lettered, with the reason) instead of coming back for ever.
-#[test]
-fn a_response_too_large_for_a_result_message_fails_its_call() {
+/// Runs `job`, whose `calls` calls all fail, with one worker; checks the
+/// exit code (1: failures within the tolerance) and the summary; returns
+/// the folder and the coordinator's dead-letter records.
+fn all_calls_fail(job: &str, calls: usize) -> (TempDir, Vec<Value>) {
     let dir = TempDir::new().unwrap();
     let (pipeline, _functions) = setup(dir.path());
-    let (mut coord, addr) = coordinator(&pipeline, "bloat");
-    let w = worker("worker", &pipeline, "bloat", &addr);
+    let (mut coord, addr) = coordinator(&pipeline, job);
+    let w = worker("worker", &pipeline, job, &addr);
     let (status, out) = coord.finish();
     assert_eq!(status.code(), Some(1), "{out}\n{}", coord.log());
     assert!(
-        out.contains("calls: 3 total, 0 succeeded, 3 failed"),
+        out.contains(&format!(
+            "calls: {calls} total, 0 succeeded, {calls} failed"
+        )),
         "{out}"
     );
     stop(w);
-    let dead: Vec<Value> = std::fs::read_to_string(dir.path().join("bloat.dead.jsonl"))
+    let dead: Vec<Value> = std::fs::read_to_string(dir.path().join(format!("{job}.dead.jsonl")))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(dead.len(), 3);
+    assert_eq!(dead.len(), calls);
+    (dir, dead)
+}
+
+/// With `results`, a response too large for a result message fails its
+/// call (dead-lettered, with the reason) instead of coming back for ever.
+#[test]
+fn a_response_too_large_for_a_result_message_fails_its_call() {
+    let (dir, dead) = all_calls_fail("bloat", 3);
     for d in &dead {
         assert_eq!(d["error_type"], "Sluice.ResponseTooLarge", "{d}");
         assert!(
@@ -199,24 +209,8 @@ fn a_response_too_large_for_a_result_message_fails_its_call() {
 
 #[test]
 fn failed_calls_come_back_to_the_coordinator_s_dead_letter_file() {
-    let dir = TempDir::new().unwrap();
-    let (pipeline, _functions) = setup(dir.path());
-    let (mut coord, addr) = coordinator(&pipeline, "reject");
-    let w = worker("worker", &pipeline, "reject", &addr);
-    let (status, out) = coord.finish();
     // Exit 1: calls failed, within the (unlimited) tolerance.
-    assert_eq!(status.code(), Some(1), "{out}\n{}", coord.log());
-    assert!(
-        out.contains("calls: 6 total, 0 succeeded, 6 failed"),
-        "{out}"
-    );
-    stop(w);
-    let dead: Vec<Value> = std::fs::read_to_string(dir.path().join("reject.dead.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(dead.len(), 6);
+    let (_dir, dead) = all_calls_fail("reject", 6);
     let mut items: Vec<i64> = Vec::new();
     for d in &dead {
         assert_eq!(d["error_type"], "OrderRejected", "{d}");

@@ -414,48 +414,56 @@ impl RawJob {
             },
             None => None,
         };
-        let columns = match self.columns {
-            None => None,
-            Some(cols) => {
-                let at = cols.span();
-                let cols: Vec<String> = cols
-                    .into_inner()
-                    .into_iter()
-                    .map(|c| c.into_inner())
-                    .collect();
-                if cols.is_empty() || cols.iter().any(String::is_empty) {
-                    return Err(PipelineError::InvalidValue {
-                        at: loc.at(at),
-                        field: f.field("columns"),
-                        value: format!("{cols:?}"),
-                        expected: "a non-empty array of non-empty column names",
-                    });
-                }
-                Some(cols)
-            }
-        };
-        let csv_headers = match self.csv_headers {
-            None => None,
-            Some(names) => {
-                let at = names.span();
-                let names: Vec<String> = names
-                    .into_inner()
-                    .into_iter()
-                    .map(Spanned::into_inner)
-                    .collect();
-                let twice = names
+        // A list of column names: non-empty names, and with `distinct`, each
+        // once; otherwise an error saying what `expected` is.
+        let names = |field: &str,
+                     v: Spanned<Vec<Spanned<String>>>,
+                     distinct: bool,
+                     expected: &'static str|
+         -> Result<(Vec<String>, Range<usize>), PipelineError> {
+            let at = v.span();
+            let names: Vec<String> = v
+                .into_inner()
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect();
+            let twice = distinct
+                && names
                     .iter()
                     .enumerate()
                     .any(|(i, n)| names[..i].contains(n));
-                if names.is_empty() || names.iter().any(String::is_empty) || twice {
-                    return Err(PipelineError::InvalidValue {
-                        at: loc.at(at),
-                        field: f.field("csv_headers"),
-                        value: format!("{names:?}"),
-                        expected: "a non-empty array of distinct, non-empty column names, one per \
-                                   field of the CSV files (which then have no header line)",
-                    });
-                }
+            if names.is_empty() || names.iter().any(String::is_empty) || twice {
+                return Err(PipelineError::InvalidValue {
+                    at: loc.at(at),
+                    field: f.field(field),
+                    value: format!("{names:?}"),
+                    expected,
+                });
+            }
+            Ok((names, at))
+        };
+        let columns = self
+            .columns
+            .map(|v| {
+                names(
+                    "columns",
+                    v,
+                    false,
+                    "a non-empty array of non-empty column names",
+                )
+            })
+            .transpose()?
+            .map(|(names, _)| names);
+        let csv_headers = match self.csv_headers {
+            None => None,
+            Some(v) => {
+                let (names, at) = names(
+                    "csv_headers",
+                    v,
+                    true,
+                    "a non-empty array of distinct, non-empty column names, one per \
+                     field of the CSV files (which then have no header line)",
+                )?;
                 if let Some(other) = format.filter(|f| *f != DataFormat::Csv) {
                     return Err(PipelineError::Invalid {
                         at: loc.at(at),
