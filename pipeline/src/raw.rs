@@ -360,6 +360,33 @@ impl RawPipeline {
         let mut trigger_names = BTreeMap::new();
         let mut jobs = BTreeMap::new();
         let mut mapreduce_jobs = BTreeMap::new();
+        // Files a trigger or job writes, and whose field named them first:
+        // two writers of one progress store, dead-letter or results file
+        // would corrupt it (a results file is cut back to the length its
+        // own store committed).
+        let mut written: BTreeMap<PathBuf, String> = BTreeMap::new();
+        let mut claim = |files: Vec<(&str, Option<&Path>)>,
+                         table: String,
+                         header: Range<usize>|
+         -> Result<(), PipelineError> {
+            for (field, path) in files {
+                let Some(path) = path else { continue };
+                let this = format!("{table}.{field}");
+                if let Some(first) = written.get(path) {
+                    return Err(PipelineError::Invalid {
+                        at: loc.at(header),
+                        field: this,
+                        message: format!(
+                            "writes {}, as `{first}` does: two writers would corrupt it; \
+                             give each its own file",
+                            path.display()
+                        ),
+                    });
+                }
+                written.insert(path.to_path_buf(), this);
+            }
+            Ok(())
+        };
         for (_, item) in items {
             match item {
                 Item::Function(name, function) => {
@@ -382,9 +409,18 @@ impl RawPipeline {
                     let trigger = trigger.into_inner().validate(
                         loc,
                         index,
-                        header,
+                        header.clone(),
                         &declared,
                         &mut trigger_names,
+                    )?;
+                    claim(
+                        vec![
+                            ("progress", Some(trigger.progress.as_path())),
+                            ("dead_letter", Some(trigger.dead_letter.as_path())),
+                            ("results", trigger.results.as_deref()),
+                        ],
+                        format!("trigger.object_store[{index}]"),
+                        header,
                     )?;
                     object_triggers.push((index, trigger));
                 }
@@ -392,9 +428,18 @@ impl RawPipeline {
                     let header = job.span();
                     match job
                         .into_inner()
-                        .validate(loc, name, header, &declared, base)?
+                        .validate(loc, name, header.clone(), &declared, base)?
                     {
                         Job::Backfill(job) => {
+                            claim(
+                                vec![
+                                    ("progress", job.progress.as_deref()),
+                                    ("dead_letter", job.dead_letter.as_deref()),
+                                    ("results", job.results.as_deref()),
+                                ],
+                                format!("job.{}", span::toml_key(&job.name)),
+                                header,
+                            )?;
                             jobs.insert(job.name.clone(), job);
                         }
                         Job::MapReduce(job) => {
