@@ -52,7 +52,7 @@ rm -f "${TMPDIR:-/tmp}/sluice-example-backfill.redb" "${TMPDIR:-/tmp}/sluice-exa
 $SLUICE backfill examples/pipeline.toml -f echo --source README.md --format text \
   --max-items-per-call 20 --progress "${TMPDIR:-/tmp}/sluice-example-backfill.redb" -q \
   --results "${TMPDIR:-/tmp}/sluice-example-results.jsonl"
-echo "the first call's response (echo answers with its event):"
+echo "one call's response (echo answers with its event):"
 head -c 300 "${TMPDIR:-/tmp}/sluice-example-results.jsonl"; echo " ..."
 echo; echo "== sluice mapreduce examples/wordcount/pipeline.toml wordcount (embedded broker as the shuffle)"
 $SLUICE mapreduce examples/wordcount/pipeline.toml wordcount -q
