@@ -619,22 +619,34 @@ pub async fn prepare(
         // A task must fit in one Kafka message.
         limits.bytes = MAX_TASK_BYTES;
     }
-    if args.dry_run {
-        return Err(dry_run(
-            &sources,
-            &input,
-            (limits, set.payload),
-            (&set.order, set.max_buffered_items),
-            &set.file_dependencies,
-        )
-        .await);
-    }
     let progress = set.progress.unwrap_or_else(|| {
         sluice_taskgen::default_progress_path(&sources, format, &set.function, limits)
     });
     let dead_letter = set
         .dead_letter
         .unwrap_or_else(|| sluice_taskgen::default_dead_letter_path(&progress));
+    if args.dry_run {
+        let code = dry_run(
+            &sources,
+            &input,
+            (limits, set.payload),
+            (&set.order, set.max_buffered_items),
+            &set.file_dependencies,
+        )
+        .await;
+        if code == exit::OK {
+            println!(
+                "progress in {}, failed items in {}, responses {}",
+                progress.display(),
+                dead_letter.display(),
+                set.results.as_deref().map_or_else(
+                    || "not kept (give --results or results = to keep them)".to_owned(),
+                    |r| format!("in {}", r.display())
+                )
+            );
+        }
+        return Err(code);
+    }
     let cfg = BackfillConfig {
         max_concurrency: set
             .max_concurrency

@@ -496,6 +496,11 @@ fn cli_dry_run_and_backfill() {
         out.contains("total: 2 files, 20 items, 0 unreadable, 3 calls"),
         "{out}"
     );
+    // Where a run would keep its outputs.
+    assert!(out.contains("responses not kept (give --results"), "{out}");
+    let (code, out, err) = run(&["--dry-run", "--results", "out/r.jsonl"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("responses in out/r.jsonl"), "{out}");
     // Flags keep to the ranges the pipeline file allows.
     let (code, _, err) = run(&["--dry-run", "--max-concurrency", "0"]);
     assert_eq!(code, Some(2), "{err}");
