@@ -757,3 +757,60 @@ fn a_flood_of_skipped_records_does_not_flood_the_log() {
         run.log()
     );
 }
+
+/// A plain Lambda handler in Python (`examples/functions/python`) as a
+/// Kafka-triggered function: it reads Lambda's Kafka event (base64 values),
+/// sees every record once, and reports the one record that is not UTF-8
+/// text in `batchItemFailures`, which goes to the on-failure topic alone.
+#[test]
+fn a_python_handler_reads_kafka_batches_and_reports_failed_items() {
+    let fixture = function_fixture("python");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pipeline = tmp.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"
+[functions.py]
+path = {path:?}
+handler = "handler.handler"
+timeout = "30s"
+
+[[trigger.kafka]]
+function = "py"
+topics = ["in"]
+starting_position = "earliest"
+batch_window = "50ms"
+report_batch_item_failures = true
+max_retry_attempts = 1
+retry_backoff = "1ms"
+on_failure = "in-failed"
+"#,
+            path = fixture.dir
+        ),
+    )
+    .expect("writing the pipeline");
+    let data = tmp.path().join("lines.txt");
+    let lines: Vec<String> = (0..20).map(|i| format!("line {i} of the file")).collect();
+    let mut bytes = lines.join("\n").into_bytes();
+    bytes.extend_from_slice(b"\n\xff\xfe not text\n");
+    std::fs::write(&data, bytes).expect("writing records");
+
+    let mut run = produce_and_run(&pipeline, &data);
+    let status = run.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", run.log());
+    run.assert_saw_each_once(&lines);
+    let log = run.process.stderr();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("records written to the on-failure topic")
+                && l.contains("records=1")),
+        "{}",
+        run.log()
+    );
+    assert!(
+        log.iter().any(|l| l.contains("stopped after 21 records")),
+        "{}",
+        run.log()
+    );
+}

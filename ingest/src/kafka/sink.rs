@@ -132,7 +132,8 @@ pub struct Loaded {
 }
 
 /// Load a JSON-lines file into `topic`: every non-empty line is one record
-/// value, verbatim (so malformed lines can be loaded on purpose). With
+/// value, verbatim, its bytes as they are (so malformed lines, even ones
+/// that are not UTF-8, can be loaded on purpose). With
 /// `key_field`, a line that is a JSON object with that field gets it as key
 /// (strings as-is, other values as JSON text); the others are loaded without
 /// a key and counted, so that a misspelt field does not silently spread a
@@ -143,7 +144,7 @@ pub async fn produce_file(
     path: &std::path::Path,
     key_field: Option<&str>,
 ) -> Result<Loaded, IngestError> {
-    let text = std::fs::read_to_string(path).map_err(|e| IngestError::Load {
+    let text = std::fs::read(path).map_err(|e| IngestError::Load {
         file: path.display().to_string(),
         line: 0,
         message: e.to_string(),
@@ -163,9 +164,9 @@ pub async fn produce_file(
     Ok(loaded)
 }
 
-/// The records of a JSON-lines file's `text` (see [`produce_file`]), and
+/// The records of a JSON-lines file's bytes (see [`produce_file`]), and
 /// what became of `key_field`.
-fn file_records(text: &str, key_field: Option<&str>) -> (Vec<OutRecord>, Loaded) {
+fn file_records(text: &[u8], key_field: Option<&str>) -> (Vec<OutRecord>, Loaded) {
     let mut records = Vec::new();
     let mut loaded = Loaded {
         records: 0,
@@ -173,9 +174,11 @@ fn file_records(text: &str, key_field: Option<&str>) -> (Vec<OutRecord>, Loaded)
         first_unkeyed: None,
     };
     // A UTF-8 byte order mark (Windows tools write one) is not data.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    let text = text.strip_prefix(b"\xef\xbb\xbf").unwrap_or(text);
+    let text = text.strip_suffix(b"\n").unwrap_or(text);
+    for (index, line) in text.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         let key = match key_field {
@@ -191,7 +194,7 @@ fn file_records(text: &str, key_field: Option<&str>) -> (Vec<OutRecord>, Loaded)
         };
         records.push(OutRecord {
             key,
-            value: Some(line.as_bytes().to_vec()),
+            value: Some(line.to_vec()),
             headers: vec![],
         });
     }
@@ -200,8 +203,8 @@ fn file_records(text: &str, key_field: Option<&str>) -> (Vec<OutRecord>, Loaded)
 }
 
 /// The key `field` gives the JSON object on `line`, or why there is none.
-fn record_key(line: &str, field: &str) -> Result<Vec<u8>, &'static str> {
-    let value: serde_json::Value = serde_json::from_str(line).map_err(|_| "not JSON")?;
+fn record_key(line: &[u8], field: &str) -> Result<Vec<u8>, &'static str> {
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|_| "not JSON")?;
     let object = value.as_object().ok_or("not a JSON object")?;
     match object.get(field) {
         None | Some(serde_json::Value::Null) => Err("no such field"),
@@ -216,7 +219,7 @@ mod tests {
 
     #[test]
     fn a_files_lines_become_records_keyed_by_the_field() {
-        let text = "\u{feff}{\"k\":\"a\"}\r\n\n{\"n\":1}\nnot json\n";
+        let text = b"\xef\xbb\xbf{\"k\":\"a\"}\r\n\n{\"n\":1}\nnot json\n\xff\xfe bytes\n";
         let (records, loaded) = file_records(text, Some("k"));
         let values: Vec<&[u8]> = records
             .iter()
@@ -224,26 +227,35 @@ mod tests {
             .collect();
         // The byte order mark and the CR are not data; blank lines are no
         // records; lines without a key are loaded anyway.
-        assert_eq!(values, [&br#"{"k":"a"}"#[..], br#"{"n":1}"#, b"not json"]);
+        // A line that is not UTF-8 is loaded as its bytes.
+        assert_eq!(
+            values,
+            [
+                &br#"{"k":"a"}"#[..],
+                br#"{"n":1}"#,
+                b"not json",
+                b"\xff\xfe bytes"
+            ]
+        );
         assert_eq!(records[0].key.as_deref(), Some(&b"a"[..]));
         assert!(records[1].key.is_none() && records[2].key.is_none());
-        assert_eq!((loaded.records, loaded.unkeyed), (3, 2));
+        assert_eq!((loaded.records, loaded.unkeyed), (4, 3));
         assert_eq!(loaded.first_unkeyed, Some((3, "no such field")));
         let (_, loaded) = file_records(text, None);
-        assert_eq!((loaded.records, loaded.unkeyed), (3, 0));
+        assert_eq!((loaded.records, loaded.unkeyed), (4, 0));
     }
 
     #[test]
     fn a_key_comes_from_a_json_objects_field_or_says_why_not() {
-        assert_eq!(record_key(r#"{"k":"a"}"#, "k"), Ok(b"a".to_vec()));
-        assert_eq!(record_key(r#"{"k":7}"#, "k"), Ok(b"7".to_vec()));
+        assert_eq!(record_key(br#"{"k":"a"}"#, "k"), Ok(b"a".to_vec()));
+        assert_eq!(record_key(br#"{"k":7}"#, "k"), Ok(b"7".to_vec()));
         assert_eq!(
-            record_key(r#"{"k":{"x":1}}"#, "k"),
+            record_key(br#"{"k":{"x":1}}"#, "k"),
             Ok(br#"{"x":1}"#.to_vec())
         );
-        assert_eq!(record_key(r#"{"n":1}"#, "k"), Err("no such field"));
-        assert_eq!(record_key(r#"{"k":null}"#, "k"), Err("no such field"));
-        assert_eq!(record_key("[1]", "k"), Err("not a JSON object"));
-        assert_eq!(record_key(r#"{"k":"#, "k"), Err("not JSON"));
+        assert_eq!(record_key(br#"{"n":1}"#, "k"), Err("no such field"));
+        assert_eq!(record_key(br#"{"k":null}"#, "k"), Err("no such field"));
+        assert_eq!(record_key(b"[1]", "k"), Err("not a JSON object"));
+        assert_eq!(record_key(br#"{"k":"#, "k"), Err("not JSON"));
     }
 }
