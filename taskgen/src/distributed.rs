@@ -684,7 +684,7 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
         |attempt, e| tracing::debug!(call = %task.call_id, attempt, error = %e, "retrying"),
     )
     .await;
-    let result = match &outcome {
+    let mut result = match &outcome {
         Ok(response) => TaskResult {
             call_id: task.call_id.clone(),
             source: task.source.clone(),
@@ -714,7 +714,6 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
             worker: worker.to_owned(),
         },
     };
-    let mut result = result;
     let mut value = serde_json::to_vec(&result).expect("a result serializes");
     if value.len() > MAX_RESULT_BYTES && result.response.is_some() {
         // A response the results topic cannot take would never be

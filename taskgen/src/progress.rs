@@ -32,8 +32,8 @@ pub(crate) struct Progress {
     db: Arc<Database>,
     path: PathBuf,
     commits: GroupCommit<Success>,
-    /// The results file, if responses are kept.
-    results: Option<PathBuf>,
+    /// Whether responses are kept in a results file.
+    keeps_results: bool,
 }
 
 /// A successful call to record.
@@ -148,13 +148,13 @@ impl Progress {
             db,
             path: path.to_path_buf(),
             commits,
-            results: results.map(Path::to_path_buf),
+            keeps_results: results.is_some(),
         })
     }
 
     /// Whether each success gets a line in a results file.
     pub(crate) fn keeps_results(&self) -> bool {
-        self.results.is_some()
+        self.keeps_results
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> BackfillError {
