@@ -62,7 +62,7 @@ enum Command {
         /// Run as this tenant instead of the function's.
         #[arg(long)]
         tenant: Option<String>,
-        /// Do not print the function's log lines.
+        /// Do not print the function's log lines and REPORT line.
         #[arg(long, short)]
         quiet: bool,
     },

@@ -60,6 +60,34 @@ fn invoke_prints_the_response_and_exits_0() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), r#"{"a":1}"#);
+    // Lambda's REPORT line ends the function's log: a cold start, so with
+    // its init duration.
+    let err = text(&out.stderr);
+    let report = err
+        .lines()
+        .find(|l| l.starts_with("[echo] REPORT RequestId: "))
+        .unwrap_or_else(|| panic!("{err}"));
+    for field in [
+        "\tDuration: ",
+        "\tBilled Duration: ",
+        "\tMemory Size: 128 MB",
+        "\tInit Duration: ",
+    ] {
+        assert!(report.contains(field), "{field:?} in {report}");
+    }
+    let quiet = run(
+        sluice()
+            .args(["invoke", "-q", "-p"])
+            .arg(&p)
+            .args(["echo", "--payload", r#"{"a":1}"#]),
+        None,
+    );
+    assert_eq!(quiet.status.code(), Some(0));
+    assert!(
+        !text(&quiet.stderr).contains("REPORT"),
+        "{}",
+        text(&quiet.stderr)
+    );
 
     let file = tmp.path().join("event.json");
     std::fs::write(&file, r#"{"from":"file"}"#).unwrap();

@@ -605,6 +605,13 @@ fn a_backfill_fold_equals_the_kafka_fold() {
         summary.contains("items: 150 total, 150 succeeded"),
         "{summary}"
     );
+    // The summary says how much of its memory the function used (the
+    // sandboxes' peak, from their cgroups), as Lambda's REPORT lines do.
+    assert!(
+        summary.contains("memory: a sandbox used at most ")
+            && summary.contains(" MB of its 128 MB"),
+        "{summary}"
+    );
     let (results, summary) = backfill("second backfill");
     assert_eq!(results, direct);
     assert!(

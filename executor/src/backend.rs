@@ -60,6 +60,14 @@ pub trait Sandbox: Send + 'static {
     /// How long initialisation took.
     fn init_duration(&self) -> Duration;
 
+    /// The most memory the sandbox has used at once since it started, in
+    /// bytes (Lambda's "Max Memory Used"), where the backend can tell.
+    /// Reading it costs a system call or more: it is asked for only when a
+    /// report wants it.
+    fn max_memory_used(&self) -> Option<u64> {
+        None
+    }
+
     /// Stop it and release its resources.
     async fn shutdown(self: Box<Self>);
 }

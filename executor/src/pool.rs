@@ -13,7 +13,11 @@ use crate::backend::{Backend, Invocation, LogSink, Sandbox};
 use crate::clock::{Clock, SystemClock};
 use crate::logs::tracing_sink;
 use crate::prewarm::{Arrivals, Phase};
+use crate::report::{REPORT_TARGET, Report, ReportStatus};
 use crate::{FunctionSpec, InvokeError};
+
+/// How often [`FunctionStats::max_memory_used`] is refreshed.
+const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Settings of pool upkeep, shared by all functions of an executor.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -109,6 +113,10 @@ pub struct FunctionStats {
     pub invalidated: u64,
     /// Background starts that failed.
     pub start_failures: u64,
+    /// The most memory any one of its sandboxes has used at once, in bytes
+    /// (Lambda's "Max Memory Used"), where the backend can tell: read at
+    /// most once a second, so it may lag a little behind.
+    pub max_memory_used: Option<u64>,
     /// Interval between bursts, when the arrivals are periodic.
     pub period: Option<Duration>,
 }
@@ -161,10 +169,40 @@ struct Shared {
     trimmed: AtomicU64,
     invalidated: AtomicU64,
     start_failures: AtomicU64,
+    /// The most memory any of the function's sandboxes has used, in bytes
+    /// (0: not known yet).
+    max_memory_used: AtomicU64,
+    /// When a sandbox's memory was last read for [`FunctionStats`]: at most
+    /// once a second, since reading it costs system calls on the hot path.
+    memory_sampled: Mutex<Option<Instant>>,
     arrivals: Mutex<Arrivals>,
 }
 
 impl Shared {
+    /// Read a sandbox's peak memory into the function's (a few system
+    /// calls: not on every call's path).
+    fn note_memory(&self, sandbox: &dyn Sandbox) -> Option<u64> {
+        let m = sandbox.max_memory_used();
+        if let Some(b) = m {
+            self.max_memory_used.fetch_max(b, Ordering::Relaxed);
+        }
+        m
+    }
+
+    /// Whether the peak memory is due to be read again (and, if so, the
+    /// time of that reading is noted).
+    fn memory_sample_due(&self, now: Instant) -> bool {
+        let mut last = self
+            .memory_sampled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.saturating_duration_since(t) < MEMORY_SAMPLE_INTERVAL) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
     fn arrivals(&self) -> std::sync::MutexGuard<'_, Arrivals> {
         self.arrivals.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -339,6 +377,7 @@ impl FunctionState {
             trimmed: load(&s.trimmed),
             invalidated: load(&s.invalidated),
             start_failures: load(&s.start_failures),
+            max_memory_used: Some(load(&s.max_memory_used)).filter(|&b| b > 0),
             period: s.arrivals().forecast(tolerance).map(|f| f.period),
         }
     }
@@ -498,7 +537,35 @@ impl Executor {
         payload: impl Into<Vec<u8>>,
         opts: InvokeOptions,
     ) -> Result<Response, InvokeError> {
-        let payload = payload.into();
+        self.invoke_inner(function, payload.into(), opts, &mut None)
+            .await
+    }
+
+    /// Invoke with options, and also hand back Lambda's `REPORT` of the
+    /// invocation when it reached a sandbox (not when it was refused,
+    /// throttled, or its sandbox failed to start).
+    pub async fn invoke_reported(
+        &self,
+        function: &str,
+        payload: impl Into<Vec<u8>>,
+        opts: InvokeOptions,
+    ) -> (Result<Response, InvokeError>, Option<Report>) {
+        let mut report = Some(None);
+        let result = self
+            .invoke_inner(function, payload.into(), opts, &mut report)
+            .await;
+        (result, report.flatten())
+    }
+
+    /// The invocation; `report` is `Some` when the caller wants the report
+    /// back (it is filled in if the call reached a sandbox).
+    async fn invoke_inner(
+        &self,
+        function: &str,
+        payload: Vec<u8>,
+        opts: InvokeOptions,
+        report: &mut Option<Option<Report>>,
+    ) -> Result<Response, InvokeError> {
         let state = self.state(function)?;
         if payload.len() > MAX_PAYLOAD {
             return Err(InvokeError::PayloadTooLarge {
@@ -607,7 +674,29 @@ impl Executor {
             shared.errors.fetch_add(1, Ordering::Relaxed);
         }
         let init = cold_start.then(|| sandbox.init_duration());
+        let traced = tracing::enabled!(target: REPORT_TARGET, tracing::Level::DEBUG);
+        let max_memory_used =
+            if report.is_some() || traced || shared.memory_sample_due(self.inner.clock.now()) {
+                shared.note_memory(sandbox.as_ref())
+            } else {
+                None
+            };
         self.release(&state, &tenant, sandbox);
+        if report.is_some() || traced {
+            let r = Report {
+                request_id: request_id.clone(),
+                function: spec.name.clone(),
+                duration,
+                init_duration: init,
+                memory_mb: spec.memory_mb,
+                max_memory_used,
+                status: ReportStatus::of(&result),
+            };
+            tracing::debug!(target: REPORT_TARGET, function = %r.function, "{r}");
+            if let Some(slot) = report {
+                *slot = Some(r);
+            }
+        }
         result.map(|payload| Response {
             payload,
             request_id,
@@ -637,6 +726,7 @@ impl Executor {
             Some(sandbox)
         };
         if let Some(sandbox) = rejected {
+            state.shared.note_memory(sandbox.as_ref());
             self.stop_in_background(sandbox);
         }
         self.pool_changed();
@@ -937,6 +1027,7 @@ impl Executor {
         for st in states {
             let idle: Vec<_> = st.idle_lock().drain().flat_map(|(_, v)| v).collect();
             for i in idle {
+                st.shared.note_memory(i.sandbox.as_ref());
                 i.sandbox.shutdown().await;
             }
         }

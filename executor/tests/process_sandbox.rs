@@ -172,6 +172,59 @@ async fn a_memory_hog_gets_out_of_memory() {
     ex.shutdown().await;
 }
 
+/// Lambda's REPORT of each call: the sandbox's peak memory grows with what
+/// the function touched and never goes down while it stays warm, a cold
+/// start says how long its initialisation took, and an out-of-memory kill
+/// is reported with its error type at about the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_call_reports_its_duration_and_the_sandboxs_peak_memory() {
+    let f = function_fixture("misbehave");
+    let ex = executor();
+    let mut s = spec("hog", &f);
+    s.memory_mb = 128;
+    ex.register(s);
+    const MB: u64 = 1 << 20;
+    let reported = |v: Value| {
+        let ex = ex.clone();
+        async move {
+            let (r, report) = ex
+                .invoke_reported("hog", v.to_string(), InvokeOptions::default())
+                .await;
+            (r, report.expect("the call reached a sandbox"))
+        }
+    };
+    let (r, first) = reported(json!({"action": "echo"})).await;
+    assert!(r.unwrap().cold_start);
+    assert!(first.init_duration.is_some(), "{first}");
+    assert_eq!(first.memory_mb, 128);
+    let base = first.max_memory_used.expect("cgroups keep the peak");
+    assert!(base < 32 * MB, "{first}");
+    assert!(
+        first.to_string().starts_with("REPORT RequestId: "),
+        "{first}"
+    );
+
+    let (r, grown) = reported(json!({"action": "alloc", "mb": 48})).await;
+    assert!(!r.unwrap().cold_start);
+    assert_eq!(grown.init_duration, None, "{grown}");
+    let peak = grown.max_memory_used.unwrap();
+    assert!(peak >= base + 48 * MB && peak < 128 * MB, "{grown}");
+    let (_, after) = reported(json!({"action": "echo"})).await;
+    assert!(after.max_memory_used.unwrap() >= peak, "{after}");
+    assert!(ex.stats("hog").unwrap().max_memory_used.unwrap() >= peak);
+
+    let (r, killed) = reported(json!({"action": "alloc", "mb": 400})).await;
+    assert!(matches!(r, Err(InvokeError::OutOfMemory { .. })));
+    assert!(
+        killed
+            .to_string()
+            .ends_with("\tStatus: error\tError Type: Runtime.OutOfMemory"),
+        "{killed}"
+    );
+    assert!(killed.max_memory_used.unwrap() >= 120 * MB, "{killed}");
+    ex.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_bomb_is_contained() {
     let f = function_fixture("misbehave");

@@ -4,7 +4,8 @@
 //! no metrics crate. Series are created on first use; series of a revoked
 //! partition's lag are removed with [`Metrics::remove_partition`]. The
 //! warm pools of an executor given to [`Metrics::watch_executor`] are read
-//! at render time (`sluice_pool_*`, per function).
+//! at render time (`sluice_pool_*` and `sluice_function_max_memory_used_bytes`,
+//! per function).
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -473,7 +474,7 @@ impl Metrics {
 type PoolValue = fn(&sluice_executor::FunctionStats) -> Option<String>;
 
 /// Pool series per function: name, help, type, value (`None`: no sample).
-const POOL_SERIES: [(&str, &str, &str, PoolValue); 14] = [
+const POOL_SERIES: [(&str, &str, &str, PoolValue); 15] = [
     (
         "sluice_pool_idle_sandboxes",
         "Idle initialised sandboxes.",
@@ -557,6 +558,12 @@ const POOL_SERIES: [(&str, &str, &str, PoolValue); 14] = [
         "Calls rejected because the function's queue was full.",
         "counter",
         |s| Some(s.throttles.to_string()),
+    ),
+    (
+        "sluice_function_max_memory_used_bytes",
+        "The most memory one of the function's sandboxes has used at once (Lambda's Max Memory Used; read at most once a second).",
+        "gauge",
+        |s| s.max_memory_used.map(|b| b.to_string()),
     ),
 ];
 
@@ -927,6 +934,10 @@ mod tests {
         assert_eq!(v("sluice_pool_idle_sandboxes"), 1.0);
         assert_eq!(v("sluice_pool_busy_sandboxes"), 0.0);
         assert_eq!(v("sluice_pool_prewarmed_total"), 0.0);
+        // The first call read the sandbox's peak memory (from its cgroup).
+        assert_eq!(types["sluice_function_max_memory_used_bytes"], "gauge");
+        let peak = v("sluice_function_max_memory_used_bytes");
+        assert!(peak > 0.0 && peak < 128.0 * 1048576.0, "{text}");
         assert!(
             find(&samples, "sluice_pool_burst_period_seconds", &[]).is_empty(),
             "no period before a pattern:\n{text}"

@@ -734,6 +734,38 @@ pub fn progress_hook() -> ((Duration, TickHook), bool) {
     }
 }
 
+/// The function's memory, for the summary: the most a sandbox used (as
+/// Lambda's "Max Memory Used") against its `memory_mb`.
+pub struct MemoryUse {
+    /// Bytes, the most one sandbox used at once.
+    pub max_used: u64,
+    /// The function's limit.
+    pub memory_mb: u32,
+}
+
+impl MemoryUse {
+    /// The figures of `function` once `ex` has shut down (which reads the
+    /// memory of every sandbox it stops), where the backend can tell.
+    pub fn of(ex: &sluice_executor::Executor, function: &str, memory_mb: u32) -> Option<Self> {
+        let max_used = ex.stats(function).ok()?.max_memory_used?;
+        Some(Self {
+            max_used,
+            memory_mb,
+        })
+    }
+}
+
+impl std::fmt::Display for MemoryUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "memory: a sandbox used at most {} MB of its {} MB",
+            self.max_used.div_ceil(1 << 20),
+            self.memory_mb
+        )
+    }
+}
+
 /// The exit code of a finished run, after printing its summary: 0 when
 /// every call succeeded, 1 when some failed within the tolerated failures,
 /// 3 when the job stopped on failures or was interrupted.
@@ -741,10 +773,14 @@ pub fn conclude(
     result: Result<Summary, BackfillError>,
     dead_letter: &Path,
     results: Option<&Path>,
+    memory: Option<MemoryUse>,
 ) -> u8 {
     match result {
         Ok(s) => {
             print_summary(&s);
+            if let Some(m) = memory {
+                println!("{m}");
+            }
             if let Some(results) = results {
                 eprintln!(
                     "responses are in {} (a line per successful call)",
@@ -794,12 +830,18 @@ pub async fn run(pipeline: PathBuf, job: Option<String>, args: BackfillOptions) 
     let dead_letter = prepared.cfg.dead_letter.clone();
     let results = prepared.cfg.results.clone();
     let shutdown = super::stop_requested();
+    let function = prepared.cfg.function.clone();
+    let memory_mb = prepared
+        .pipeline
+        .function(&function)
+        .map_or(0, |f| f.memory_mb);
     let result = sluice_taskgen::run(&ex, prepared.cfg, hooks, shutdown).await;
     ex.shutdown().await;
     if terminal {
         eprint!("\r\x1b[K");
     }
-    conclude(result, &dead_letter, results.as_deref())
+    let memory = MemoryUse::of(&ex, &function, memory_mb);
+    conclude(result, &dead_letter, results.as_deref(), memory)
 }
 
 /// The Kafka cluster: `--bootstrap-servers`, else the job's; an embedded
@@ -890,7 +932,7 @@ async fn coordinate(pipeline: &Path, prepared: Prepared, args: &BackfillOptions)
         eprint!("\r\x1b[K");
     }
     drop(embedded);
-    conclude(result, &dead_letter, results.as_deref())
+    conclude(result, &dead_letter, results.as_deref(), None)
 }
 
 #[cfg(test)]

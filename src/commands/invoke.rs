@@ -81,8 +81,8 @@ pub async fn run(
             return exit::INVOKE_FAILED;
         }
     };
-    let result = ex
-        .invoke_with(
+    let (result, report) = ex
+        .invoke_reported(
             function,
             payload,
             InvokeOptions {
@@ -92,6 +92,11 @@ pub async fn run(
         )
         .await;
     ex.shutdown().await;
+    // Lambda's log of an invocation ends with its REPORT line: duration,
+    // memory size and the most memory used, init duration on a cold start.
+    if let Some(r) = report.filter(|_| !quiet) {
+        eprintln!("[{function}] {r}");
+    }
     match result {
         Ok(r) => {
             let mut out = std::io::stdout().lock();

@@ -86,6 +86,7 @@ fn enable_v2(dir: &Path) -> io::Result<()> {
 pub struct SandboxCgroup {
     dirs: Vec<PathBuf>,
     oom_file: PathBuf,
+    peak_file: PathBuf,
 }
 
 impl SandboxCgroup {
@@ -105,6 +106,7 @@ impl SandboxCgroup {
                 let cg = SandboxCgroup {
                     dirs: vec![m.clone(), p.clone()],
                     oom_file: m.join("memory.oom_control"),
+                    peak_file: m.join("memory.max_usage_in_bytes"),
                 };
                 fs::write(m.join("memory.limit_in_bytes"), memory_bytes.to_string())?;
                 let memsw = m.join("memory.memsw.limit_in_bytes");
@@ -120,6 +122,7 @@ impl SandboxCgroup {
                 let cg = SandboxCgroup {
                     dirs: vec![d.clone()],
                     oom_file: d.join("memory.events"),
+                    peak_file: d.join("memory.peak"),
                 };
                 fs::write(d.join("memory.max"), memory_bytes.to_string())?;
                 let swap = d.join("memory.swap.max");
@@ -148,6 +151,16 @@ impl SandboxCgroup {
             .find_map(|l| l.strip_prefix("oom_kill "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// The most memory the sandbox's processes have used at once since it
+    /// was created (v1 `memory.max_usage_in_bytes`, v2 `memory.peak`: both
+    /// count the page cache, `/tmp` included), or `None` where the kernel
+    /// does not keep it (v2 before Linux 5.19).
+    pub fn peak_memory(&self) -> Option<u64> {
+        fs::read_to_string(&self.peak_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
     }
 
     /// Kill every process in the cgroup (v2 `cgroup.kill`); v1 relies on the

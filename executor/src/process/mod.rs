@@ -485,6 +485,10 @@ impl Sandbox for ProcessSandbox {
         self.init
     }
 
+    fn max_memory_used(&self) -> Option<u64> {
+        self.cgroup.as_ref().and_then(SandboxCgroup::peak_memory)
+    }
+
     async fn shutdown(mut self: Box<Self>) {
         if !self.dead {
             let _ = self.stdin.write_all(&encode(&Message::Shutdown)).await;

@@ -1,0 +1,184 @@
+//! Lambda's `REPORT` line: what one invocation cost.
+//!
+//! Lambda ends every invocation's log with a line such as
+//! `REPORT RequestId: … Duration: 2.73 ms Billed Duration: 3 ms Memory Size:
+//! 128 MB Max Memory Used: 63 MB Init Duration: 170.92 ms`, and people size
+//! a function's memory from it. sluice writes the same line: `sluice invoke`
+//! prints it, and under `sluice run` (or a backfill) it is a `tracing` event
+//! at debug level, target `sluice::report`
+//! (`RUST_LOG=sluice::report=debug`).
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::InvokeError;
+
+/// The `tracing` target of reports.
+pub const REPORT_TARGET: &str = "sluice::report";
+
+/// How one invocation that reached a sandbox ended, for the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportStatus {
+    /// It answered, or returned an error object of its own (Lambda shows no
+    /// status for either).
+    Done,
+    /// The timeout killed it.
+    Timeout,
+    /// The sandbox failed under it: a crash, out of memory.
+    Error {
+        /// Lambda's error type, e.g. `Runtime.OutOfMemory`.
+        error_type: String,
+    },
+}
+
+impl ReportStatus {
+    /// The status of an invocation's outcome.
+    pub fn of<T>(result: &Result<T, InvokeError>) -> Self {
+        match result {
+            Ok(_) | Err(InvokeError::Function { .. }) => Self::Done,
+            Err(InvokeError::Timeout { .. }) => Self::Timeout,
+            Err(e) => Self::Error {
+                error_type: e.error_type().to_owned(),
+            },
+        }
+    }
+}
+
+/// One invocation's report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The request id given to the function.
+    pub request_id: String,
+    /// Function name.
+    pub function: String,
+    /// Time in the invocation itself.
+    pub duration: Duration,
+    /// Initialisation of the sandbox, when this call started it.
+    pub init_duration: Option<Duration>,
+    /// The function's memory limit.
+    pub memory_mb: u32,
+    /// The most memory the sandbox has used at once, in bytes, since it
+    /// started (as Lambda's figure, it does not go down between warm calls),
+    /// where the backend can tell.
+    pub max_memory_used: Option<u64>,
+    /// How it ended.
+    pub status: ReportStatus,
+}
+
+impl Report {
+    /// Lambda's billed duration: the invocation, plus initialisation on a
+    /// cold start (as Lambda bills custom runtimes), rounded up to 1 ms.
+    pub fn billed_ms(&self) -> u64 {
+        let d = self.duration + self.init_duration.unwrap_or_default();
+        d.as_nanos().div_ceil(1_000_000) as u64
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl fmt::Display for Report {
+    /// Lambda's layout, tab-separated; `Max Memory Used` is left out where
+    /// the backend cannot tell.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "REPORT RequestId: {}\tDuration: {:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB",
+            self.request_id,
+            ms(self.duration),
+            self.billed_ms(),
+            self.memory_mb
+        )?;
+        if let Some(b) = self.max_memory_used {
+            write!(f, "\tMax Memory Used: {} MB", b.div_ceil(1 << 20))?;
+        }
+        if let Some(i) = self.init_duration {
+            write!(f, "\tInit Duration: {:.2} ms", ms(i))?;
+        }
+        match &self.status {
+            ReportStatus::Done => Ok(()),
+            ReportStatus::Timeout => write!(f, "\tStatus: timeout"),
+            ReportStatus::Error { error_type } => {
+                write!(f, "\tStatus: error\tError Type: {error_type}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Report {
+        Report {
+            request_id: "8e8f1c2a".into(),
+            function: "echo".into(),
+            duration: Duration::from_micros(2_731),
+            init_duration: None,
+            memory_mb: 128,
+            max_memory_used: Some(63 * (1 << 20) - 5),
+            status: ReportStatus::Done,
+        }
+    }
+
+    #[test]
+    fn a_warm_call_reads_like_lambdas_report() {
+        assert_eq!(
+            report().to_string(),
+            "REPORT RequestId: 8e8f1c2a\tDuration: 2.73 ms\tBilled Duration: 3 ms\t\
+             Memory Size: 128 MB\tMax Memory Used: 63 MB"
+        );
+    }
+
+    #[test]
+    fn a_cold_start_bills_its_initialisation_and_says_how_long_it_took() {
+        let r = Report {
+            init_duration: Some(Duration::from_micros(170_920)),
+            ..report()
+        };
+        assert_eq!(r.billed_ms(), 174);
+        assert!(
+            r.to_string()
+                .ends_with("Max Memory Used: 63 MB\tInit Duration: 170.92 ms"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn platform_failures_carry_a_status_and_unknown_memory_is_left_out() {
+        let t = Report {
+            status: ReportStatus::of::<()>(&Err(InvokeError::Timeout {
+                function: "echo".into(),
+                timeout: Duration::from_secs(3),
+            })),
+            max_memory_used: None,
+            ..report()
+        };
+        assert!(
+            t.to_string()
+                .ends_with("Memory Size: 128 MB\tStatus: timeout"),
+            "{t}"
+        );
+        let oom = ReportStatus::of::<()>(&Err(InvokeError::OutOfMemory {
+            function: "echo".into(),
+            limit_mb: 128,
+        }));
+        let r = Report {
+            status: oom,
+            ..report()
+        };
+        assert!(
+            r.to_string()
+                .ends_with("\tStatus: error\tError Type: Runtime.OutOfMemory"),
+            "{r}"
+        );
+        let handled = ReportStatus::of::<()>(&Err(InvokeError::Function {
+            function: "echo".into(),
+            error_type: "ValueError".into(),
+            error_message: "no".into(),
+            body: Vec::new(),
+        }));
+        assert_eq!(handled, ReportStatus::Done);
+    }
+}
