@@ -91,6 +91,12 @@ enum Command {
         /// good in earlier runs (they stay in the dead-letter file too).
         #[arg(long)]
         retry_failed: bool,
+        /// Run only this trigger (its `name`), even one with `enabled =
+        /// false`. Repeatable. Default: every enabled trigger. For example,
+        /// more nodes that share a Kafka trigger's partitions while one node
+        /// runs the object-store trigger.
+        #[arg(long = "trigger", value_name = "NAME")]
+        triggers: Vec<String>,
     },
     /// What this machine can run: KVM, namespaces, cgroups, seccomp,
     /// landlock, guest kernel, Kafka.
@@ -389,6 +395,7 @@ async fn dispatch(command: Command) -> u8 {
                 stop_when_idle,
                 quiet,
                 retry_failed,
+                triggers,
             } => {
                 commands::run::run(commands::run::RunArgs {
                     pipeline,
@@ -398,6 +405,7 @@ async fn dispatch(command: Command) -> u8 {
                     stop_when_idle,
                     quiet,
                     retry_failed,
+                    triggers,
                 })
                 .await
             }

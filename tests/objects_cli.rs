@@ -122,6 +122,42 @@ fn kill_9_mid_run_then_restart_calls_every_file() {
     assert!(again <= 1, "called again: {again}\n{second_log}");
 }
 
+/// `enabled = false` (Lambda's disabled event source mapping): `sluice run`
+/// leaves the trigger alone, and runs it when it is named with `--trigger`;
+/// an unknown name is a usage error that lists the triggers.
+#[test]
+fn a_disabled_trigger_runs_only_when_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write_pipeline(
+        dir.path(),
+        "starting_position = \"earliest\"\nenabled = false",
+    );
+    std::fs::write(dir.path().join("in/a.txt"), "one\ntwo\n").unwrap();
+    for (name, args, expected) in [
+        ("all disabled", &[][..], "every trigger has enabled = false"),
+        ("unknown", &["--trigger", "count"][..], "--trigger count: "),
+    ] {
+        let mut run = sluice(name, &pipeline, args);
+        let (status, _) = run.finish();
+        let log = run.log();
+        assert_eq!(status.code(), Some(2), "{name}: {log}");
+        assert!(
+            log.contains(expected) && log.contains("count-objects-1"),
+            "{name}: {log}"
+        );
+        assert!(called(&run.stderr()).is_empty(), "{log}");
+    }
+    let mut run = sluice(
+        "named",
+        &pipeline,
+        &["--trigger", "count-objects-1", "--stop-when-idle", "1s"],
+    );
+    let (status, _) = run.finish();
+    let log = run.log();
+    assert!(status.success(), "{log}");
+    assert_eq!(called(&run.stderr()), ["a.txt"], "{log}");
+}
+
 #[test]
 fn a_folder_that_does_not_exist_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -157,7 +193,7 @@ fn a_folder_that_does_not_exist_is_a_usage_error() {
     let (status, _) = run.finish();
     let log = run.log();
     assert_eq!(status.code(), Some(2), "{log}");
-    assert!(log.contains("declares no [[trigger.kafka]]"), "{log}");
+    assert!(log.contains("no Kafka trigger of"), "{log}");
 }
 
 #[test]

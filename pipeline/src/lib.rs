@@ -85,6 +85,7 @@
 //! | `partitions` | [`DEFAULT_PARTITIONS`] | [`PARTITIONS_RANGE`]; used by `"embedded"` only (an external cluster's topics keep their own) |
 //! | `properties` | empty | librdkafka properties (strings, integers or booleans), not [`MANAGED_KAFKA_PROPERTIES`]; librdkafka checks each when the file loads |
 //! | `state` | none (stateless) | a [state table](#state-state--) |
+//! | `enabled` | `true` | boolean; `false`: validated but not run by `sluice run` unless named with `--trigger` (Lambda's disabled event source mapping) |
 //!
 //! # Object-store triggers: `[[trigger.object_store]]`
 //!
@@ -115,6 +116,7 @@
 //! | `progress` | `.sluice-state/NAME.objects.redb` | a path (relative to the pipeline file's folder) |
 //! | `dead_letter` | `.sluice-state/NAME.dead-letter.jsonl` | a path (relative to the pipeline file's folder) |
 //! | `results` | none (responses are not kept) | a path: a JSON-lines file with one line per successful call, `{"object", "version", "eventName", "response"}`, written before the object counts as handled |
+//! | `enabled` | `true` | boolean; `false`: validated but not run by `sluice run` unless named with `--trigger` |
 //!
 //! # Backfill jobs: `[job.NAME]`
 //!
@@ -823,6 +825,9 @@ pub struct KafkaTrigger {
     pub properties: BTreeMap<String, String>,
     /// State carried from call to call. Default none (stateless).
     pub state: Option<StateConfig>,
+    /// Whether `sluice run` runs it without being asked by name
+    /// (`--trigger`). Default `true`.
+    pub enabled: bool,
 }
 
 /// Default `poll_interval` of an object-store trigger: how often the prefix
@@ -893,6 +898,9 @@ pub struct ObjectTrigger {
     /// JSON-lines file of each successful call's response; `None` (the
     /// default): responses are not kept.
     pub results: Option<PathBuf>,
+    /// Whether `sluice run` runs it without being asked by name
+    /// (`--trigger`). Default `true`.
+    pub enabled: bool,
 }
 
 /// The S3 event types an object-store trigger invokes its function with

@@ -339,6 +339,7 @@ topics = ["refunds", "returns"]
         partitions: 3,
         properties: Default::default(),
         state: None,
+        enabled: true,
     };
     assert_eq!(pipeline.kafka_triggers.len(), 2);
     assert_eq!(pipeline.kafka_triggers[0], expected);

@@ -410,6 +410,7 @@ impl Bench<'_> {
             progress: self.scratch.join(format!("{name}.objects.redb")),
             dead_letter: self.scratch.join(format!("{name}.dead-letter.jsonl")),
             results: None,
+            enabled: true,
         };
         let activity = Arc::new(Activity::default());
         let metrics = Metrics::new();

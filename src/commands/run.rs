@@ -1,10 +1,10 @@
-//! `sluice run PIPELINE`: run every Kafka and object-store trigger until
-//! SIGINT/SIGTERM (or,
-//! with `--stop-when-idle`, until nothing happened for that long), then stop
+//! `sluice run PIPELINE`: run every enabled Kafka and object-store trigger
+//! (or those named with `--trigger`) until SIGINT/SIGTERM (or, with
+//! `--stop-when-idle`, until nothing happened for that long), then stop
 //! polling, drain in-flight batches, commit and exit 0.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use sluice_executor::LogLine;
 use sluice_ingest::kafka::{self, Activity, EmbeddedBroker, TriggerEnv};
 use sluice_ingest::metrics::{self, Metrics};
 use sluice_ingest::objects::{self, ObjectEnv};
-use sluice_pipeline::BootstrapServers;
+use sluice_pipeline::{BootstrapServers, Pipeline};
 use tokio::sync::watch;
 
 use crate::exit;
@@ -34,6 +34,45 @@ pub struct RunArgs {
     pub quiet: bool,
     /// Object-store triggers call again the objects recorded as failed.
     pub retry_failed: bool,
+    /// Run only these triggers (by name); empty: every enabled one.
+    pub triggers: Vec<String>,
+}
+
+/// Keep the triggers this run is for: those named (`--trigger`, enabled or
+/// not), else the enabled ones. The error names an unknown trigger and the
+/// known ones, or says that every trigger is disabled.
+fn select_triggers(p: &mut Pipeline, file: &Path, named: &[String]) -> Result<(), String> {
+    let all: Vec<&str> = p
+        .kafka_triggers
+        .iter()
+        .map(|t| t.name.as_str())
+        .chain(p.object_triggers.iter().map(|t| t.name.as_str()))
+        .collect();
+    if let Some(unknown) = named.iter().find(|n| !all.contains(&n.as_str())) {
+        return Err(format!(
+            "--trigger {unknown}: {} has no trigger of that name (its triggers: {})",
+            file.display(),
+            all.join(", ")
+        ));
+    }
+    if named.is_empty() {
+        if !all.is_empty()
+            && !p.kafka_triggers.iter().any(|t| t.enabled)
+            && !p.object_triggers.iter().any(|t| t.enabled)
+        {
+            return Err(format!(
+                "{}: every trigger has enabled = false: nothing to run (name one with --trigger to run it anyway: {})",
+                file.display(),
+                all.join(", ")
+            ));
+        }
+        p.kafka_triggers.retain(|t| t.enabled);
+        p.object_triggers.retain(|t| t.enabled);
+    } else {
+        p.kafka_triggers.retain(|t| named.contains(&t.name));
+        p.object_triggers.retain(|t| named.contains(&t.name));
+    }
+    Ok(())
 }
 
 fn print_log(line: LogLine) {
@@ -47,10 +86,14 @@ fn print_log(line: LogLine) {
 
 /// Run the pipeline's triggers.
 pub async fn run(args: RunArgs) -> u8 {
-    let p = match super::load_pipeline(&args.pipeline) {
+    let mut p = match super::load_pipeline(&args.pipeline) {
         Ok(p) => p,
         Err(code) => return code,
     };
+    if let Err(e) = select_triggers(&mut p, &args.pipeline, &args.triggers) {
+        eprintln!("error: {e}");
+        return exit::USAGE;
+    }
     if p.kafka_triggers.is_empty() && p.object_triggers.is_empty() {
         eprintln!(
             "error: {}: no [[trigger.kafka]] or [[trigger.object_store]] declared: nothing to run (use `sluice invoke` to call a function once)",
@@ -60,7 +103,7 @@ pub async fn run(args: RunArgs) -> u8 {
     }
     if p.kafka_triggers.is_empty() && !args.produce.is_empty() {
         eprintln!(
-            "error: --produce: {} declares no [[trigger.kafka]], so there is no Kafka cluster to load records into",
+            "error: --produce: no Kafka trigger of {} runs here (none declared, disabled or not named with --trigger), so there is no Kafka cluster to load records into",
             args.pipeline.display()
         );
         return exit::USAGE;
@@ -377,5 +420,66 @@ fn trigger_exit(r: Result<Result<(), sluice_ingest::IngestError>, tokio::task::J
             eprintln!("error: trigger task failed: {e}");
             exit::INVOKE_FAILED
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipeline of one function, two Kafka triggers (the second disabled)
+    /// and an object-store trigger.
+    fn pipeline(dir: &Path) -> (Pipeline, PathBuf) {
+        let f = dir.join("f");
+        std::fs::create_dir(&f).unwrap();
+        let bootstrap = f.join("bootstrap");
+        std::fs::write(&bootstrap, "#!/bin/sh\n").unwrap();
+        let mut perms = std::fs::metadata(&bootstrap).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&bootstrap, perms).unwrap();
+        let file = dir.join("pipeline.toml");
+        let text = "[functions.f]\npath = \"f\"\n\n\
+            [[trigger.kafka]]\nname = \"orders\"\nfunction = \"f\"\ntopics = [\"orders\"]\n\n\
+            [[trigger.kafka]]\nname = \"audit\"\nfunction = \"f\"\ntopics = [\"audit\"]\nenabled = false\n\n\
+            [[trigger.object_store]]\nname = \"landing\"\nfunction = \"f\"\nurl = \"in\"\n";
+        std::fs::write(&file, text).unwrap();
+        (Pipeline::load(&file).unwrap(), file)
+    }
+
+    fn names(p: &Pipeline) -> Vec<&str> {
+        p.kafka_triggers
+            .iter()
+            .map(|t| t.name.as_str())
+            .chain(p.object_triggers.iter().map(|t| t.name.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn enabled_triggers_run_unless_others_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, file) = pipeline(dir.path());
+        assert!(!p.kafka_triggers[1].enabled);
+        let mut all = p.clone();
+        select_triggers(&mut all, &file, &[]).unwrap();
+        assert_eq!(names(&all), ["orders", "landing"]);
+
+        // A node that only shares the Kafka partitions; a disabled one named.
+        let mut named = p.clone();
+        select_triggers(&mut named, &file, &["orders".into(), "audit".into()]).unwrap();
+        assert_eq!(names(&named), ["orders", "audit"]);
+
+        let e = select_triggers(&mut p.clone(), &file, &["order".into()]).unwrap_err();
+        assert!(
+            e.starts_with("--trigger order: ")
+                && e.ends_with("(its triggers: orders, audit, landing)"),
+            "{e}"
+        );
+
+        for t in &mut p.kafka_triggers {
+            t.enabled = false;
+        }
+        p.object_triggers[0].enabled = false;
+        let e = select_triggers(&mut p, &file, &[]).unwrap_err();
+        assert!(e.contains("every trigger has enabled = false"), "{e}");
     }
 }

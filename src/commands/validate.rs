@@ -25,17 +25,18 @@ pub fn run(path: &Path) -> u8 {
     }
     for t in &p.kafka_triggers {
         println!(
-            "  trigger {}: Kafka topics {} ({}, group {}) -> {}",
+            "  trigger {}: Kafka topics {} ({}, group {}) -> {}{}",
             t.name,
             t.topics.join(", "),
             t.bootstrap_servers,
             t.group_id,
-            t.function
+            t.function,
+            disabled(t.enabled)
         );
     }
     for t in &p.object_triggers {
         println!(
-            "  trigger {}: {} under {}{} every {:?} -> {}",
+            "  trigger {}: {} under {}{} every {:?} -> {}{}",
             t.name,
             t.events.what(),
             t.url,
@@ -44,7 +45,8 @@ pub fn run(path: &Path) -> u8 {
                 .map(|s| format!(" ending {s:?}"))
                 .unwrap_or_default(),
             t.poll_interval,
-            t.function
+            t.function,
+            disabled(t.enabled)
         );
     }
     for j in p.jobs.values() {
@@ -84,4 +86,13 @@ pub fn run(path: &Path) -> u8 {
         );
     }
     exit::OK
+}
+
+/// What `validate` adds to a trigger with `enabled = false`.
+fn disabled(enabled: bool) -> &'static str {
+    if enabled {
+        ""
+    } else {
+        " (disabled: sluice run runs it only when named with --trigger)"
+    }
 }

@@ -91,6 +91,8 @@ pub(super) struct RawKafka {
     properties: Option<BTreeMap<Spanned<String>, Spanned<PropertyValue>>>,
     /// Default none (stateless).
     state: Option<Spanned<super::state::RawState>>,
+    /// Default `true`.
+    enabled: Option<bool>,
 }
 
 const FILTER_TYPE: &str = "a table (a filter pattern), e.g. { value = { type = [\"order\"] } }, \
@@ -135,6 +137,7 @@ pub(super) const KAFKA_FIELDS: &[(&str, &str)] = &[
         "a table of librdkafka properties, e.g. { \"security.protocol\" = \"SASL_SSL\" }",
     ),
     ("state", super::state::STATE_TYPE),
+    ("enabled", BOOLEAN),
 ];
 
 /// A `properties` value: a string, or an integer or boolean written as one.
@@ -397,6 +400,7 @@ impl RawKafka {
             partitions,
             properties,
             state,
+            enabled: self.enabled.unwrap_or(true),
         })
     }
 }

@@ -54,6 +54,8 @@ pub(super) struct RawObjects {
     dead_letter: Option<Spanned<String>>,
     /// Default none: responses are not kept.
     results: Option<Spanned<String>>,
+    /// Default `true`.
+    enabled: Option<bool>,
 }
 
 /// Keys of [`RawObjects`] and the TOML type each needs, for messages.
@@ -82,6 +84,7 @@ pub(super) const OBJECT_FIELDS: &[(&str, &str)] = &[
     ("progress", STRING),
     ("dead_letter", STRING),
     ("results", STRING),
+    ("enabled", "a boolean (true or false)"),
 ];
 
 const URL_RULE: &str = "a folder, or a URL: s3://BUCKET/PREFIX, gs://, az://, \
@@ -195,6 +198,7 @@ impl RawObjects {
             progress,
             dead_letter,
             results,
+            enabled: self.enabled.unwrap_or(true),
         })
     }
 }
