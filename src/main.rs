@@ -3,6 +3,8 @@
 //! This binary is CLI wiring only; the work happens in the crates
 //! (`sluice-executor`, `sluice-pipeline`, ...). See ARCHITECTURE.md.
 
+#[macro_use]
+mod logs;
 mod commands;
 
 use std::path::PathBuf;
@@ -36,6 +38,16 @@ const EXIT_CODES: &str = "Exit codes:
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "Run Lambda-style functions on every record of a stream or data set", after_help = EXIT_CODES)]
 struct Cli {
+    /// How logs are written to stderr: text, or json (one object per line:
+    /// sluice's events, the functions' output and REPORT lines).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "SLUICE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: logs::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -343,20 +355,14 @@ fn key_value(arg: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sluice_ingest=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    logs::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            crate::log_error!("cannot start the async runtime: {e}");
             return ExitCode::from(exit::INVOKE_FAILED);
         }
     };

@@ -247,6 +247,86 @@ fn a_python_handler_runs_unchanged() {
     );
 }
 
+/// `--log-format json` (or `SLUICE_LOG_FORMAT=json`): every stderr line is
+/// one JSON object, the function's output and Lambda's REPORT (typed
+/// figures) included, and so are sluice's own errors.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let python = function_fixture("python");
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pipeline(
+        tmp.path(),
+        &[("py", &python, "handler = \"handler.handler\"")],
+    );
+    // The handler raises on an event it does not know: a traceback on
+    // stderr, then the error object.
+    let out = run(
+        sluice()
+            .args(["--log-format", "json", "invoke", "-p"])
+            .arg(&p)
+            .args(["py", "--payload", r#"{"x":1}"#]),
+        None,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let objects: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{err}")))
+        .collect();
+    let (error, logs) = objects.split_last().unwrap();
+    assert_eq!(error["errorType"], "ValueError", "{err}");
+    let traceback: Vec<_> = logs
+        .iter()
+        .filter(|o| o["target"] == "sluice::function")
+        .collect();
+    assert!(
+        traceback.iter().all(|o| o["function"] == "py"
+            && o["stream"] == "stderr"
+            && o["level"] == "INFO"
+            && o["timestamp"].is_string()),
+        "{err}"
+    );
+    assert!(
+        traceback
+            .iter()
+            .any(|o| o["message"].as_str().unwrap().starts_with("ValueError: ")),
+        "{err}"
+    );
+    let report = logs
+        .iter()
+        .find(|o| o["target"] == "sluice::report")
+        .unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(report["status"], "error", "{report}");
+    assert_eq!(report["errorType"], "ValueError", "{report}");
+    assert_eq!(report["memorySizeMB"], 128, "{report}");
+    assert!(
+        report["durationMs"].is_f64() && report["billedDurationMs"].is_u64(),
+        "{report}"
+    );
+    assert!(report["initDurationMs"].is_f64(), "a cold start: {report}");
+
+    let out = run(
+        sluice()
+            .env("SLUICE_LOG_FORMAT", "json")
+            .args(["run", "--trigger", "nope"])
+            .arg(&p),
+        None,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let line: serde_json::Value =
+        serde_json::from_str(err.trim()).unwrap_or_else(|_| panic!("{err}"));
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(line["target"], "sluice", "{line}");
+    assert!(
+        line["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("--trigger nope: "),
+        "{line}"
+    );
+}
+
 #[test]
 fn pipeline_errors_exit_2_with_their_location() {
     let tmp = tempfile::tempdir().unwrap();

@@ -692,7 +692,7 @@ impl Executor {
                 max_memory_used,
                 status: ReportStatus::of(&result),
             };
-            tracing::debug!(target: REPORT_TARGET, function = %r.function, "{r}");
+            r.trace();
             if let Some(slot) = report {
                 *slot = Some(r);
             }

@@ -19,9 +19,14 @@ pub const REPORT_TARGET: &str = "sluice::report";
 /// How one invocation that reached a sandbox ended, for the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReportStatus {
-    /// It answered, or returned an error object of its own (Lambda shows no
-    /// status for either).
+    /// It answered.
     Done,
+    /// It returned an error object of its own (Lambda's text REPORT shows
+    /// no status for it, as for an answer).
+    Handled {
+        /// Its `errorType`.
+        error_type: String,
+    },
     /// The timeout killed it.
     Timeout,
     /// The sandbox failed under it: a crash, out of memory.
@@ -32,10 +37,25 @@ pub enum ReportStatus {
 }
 
 impl ReportStatus {
+    /// Lambda's `platform.report` status (`success`, `error`, `timeout`)
+    /// and the error type, if any.
+    pub fn parts(&self) -> (&'static str, Option<&str>) {
+        match self {
+            Self::Done => ("success", None),
+            Self::Handled { error_type } | Self::Error { error_type } => {
+                ("error", Some(error_type.as_str()))
+            }
+            Self::Timeout => ("timeout", None),
+        }
+    }
+
     /// The status of an invocation's outcome.
     pub fn of<T>(result: &Result<T, InvokeError>) -> Self {
         match result {
-            Ok(_) | Err(InvokeError::Function { .. }) => Self::Done,
+            Ok(_) => Self::Done,
+            Err(InvokeError::Function { error_type, .. }) => Self::Handled {
+                error_type: error_type.clone(),
+            },
             Err(InvokeError::Timeout { .. }) => Self::Timeout,
             Err(e) => Self::Error {
                 error_type: e.error_type().to_owned(),
@@ -72,6 +92,26 @@ impl Report {
         let d = self.duration + self.init_duration.unwrap_or_default();
         d.as_nanos().div_ceil(1_000_000) as u64
     }
+
+    /// The report as a `tracing` event at debug level, target
+    /// [`REPORT_TARGET`]: the line as its message, the figures as typed
+    /// fields.
+    pub fn trace(&self) {
+        let (status, error_type) = self.status.parts();
+        tracing::debug!(
+            target: REPORT_TARGET,
+            function = %self.function,
+            request_id = %self.request_id,
+            duration_ms = ms(self.duration),
+            billed_duration_ms = self.billed_ms(),
+            memory_size_mb = self.memory_mb,
+            max_memory_used_mb = self.max_memory_used.map(|b| b.div_ceil(1 << 20)),
+            init_duration_ms = self.init_duration.map(ms),
+            status,
+            error_type,
+            "{self}"
+        );
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -97,7 +137,7 @@ impl fmt::Display for Report {
             write!(f, "\tInit Duration: {:.2} ms", ms(i))?;
         }
         match &self.status {
-            ReportStatus::Done => Ok(()),
+            ReportStatus::Done | ReportStatus::Handled { .. } => Ok(()),
             ReportStatus::Timeout => write!(f, "\tStatus: timeout"),
             ReportStatus::Error { error_type } => {
                 write!(f, "\tStatus: error\tError Type: {error_type}")
@@ -179,6 +219,10 @@ mod tests {
             error_message: "no".into(),
             body: Vec::new(),
         }));
-        assert_eq!(handled, ReportStatus::Done);
+        let r = Report {
+            status: handled,
+            ..report()
+        };
+        assert!(r.to_string().ends_with("Max Memory Used: 63 MB"), "{r}");
     }
 }

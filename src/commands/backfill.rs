@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_executor::{Fault, LogLine, LogStream};
+use sluice_executor::Fault;
 use sluice_pipeline::{
     BackfillJob, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_ITEMS_PER_CALL,
 };
@@ -351,24 +351,6 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
     })
 }
 
-fn print_log(line: LogLine) {
-    match line.stream {
-        LogStream::Agent => {
-            tracing::debug!(target: "sluice::agent", function = %line.function, "{}", line.line)
-        }
-        _ => eprintln!("[{}] {}", line.function, line.line),
-    }
-}
-
-/// The function's log lines on stderr, or nowhere with `--quiet`.
-pub fn log_sink(quiet: bool) -> sluice_executor::LogSink {
-    if quiet {
-        Arc::new(|_l: LogLine| {})
-    } else {
-        Arc::new(print_log)
-    }
-}
-
 pub fn print_summary(s: &Summary) {
     println!(
         "calls: {} total, {} succeeded, {} failed, {} retries, {} skipped (already done)",
@@ -466,7 +448,7 @@ async fn dry_run(
                 }
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return error_code(&e);
             }
         }
@@ -474,7 +456,7 @@ async fn dry_run(
     let plans = match sluice_taskgen::plan_payload(sources, input, limits, payload) {
         Ok(plans) => plans,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return error_code(&e);
         }
     };
@@ -538,7 +520,7 @@ async fn dry_run(
             exit::OK
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             error_code(&e)
         }
     }
@@ -565,21 +547,21 @@ pub async fn prepare(
         Some(name) => match p.job(name) {
             Ok(job) => Some(job.clone()),
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return Err(exit::USAGE);
             }
         },
     };
     let set = settings(job.as_ref(), args).map_err(|e| {
-        eprintln!("error: {e}");
+        crate::log_error!("{e}");
         exit::USAGE
     })?;
     let fconf = p.function(&set.function).map_err(|e| {
-        eprintln!("error: {e}");
+        crate::log_error!("{e}");
         exit::USAGE
     })?;
     let sources = sluice_taskgen::resolve_sources(&set.patterns).map_err(|e| {
-        eprintln!("error: {e}");
+        crate::log_error!("{e}");
         error_code(&e)
     })?;
     let first = set.patterns.first().map_or("", String::as_str);
@@ -587,8 +569,8 @@ pub async fn prepare(
         .format
         .or_else(|| sluice_taskgen::format_of(&set.patterns, &sources))
     else {
-        eprintln!(
-            "error: cannot tell the format of {first:?} from its extension; give --format \
+        crate::log_error!(
+            "cannot tell the format of {first:?} from its extension; give --format \
              (parquet, csv, jsonl or text)"
         );
         return Err(exit::USAGE);
@@ -606,8 +588,8 @@ pub async fn prepare(
             '\t' => ("$'\\t'".to_owned(), "\\t".to_owned()),
             c => (format!("'{c}'"), c.to_string()),
         };
-        eprintln!(
-            "sluice: warning: {}: the CSV header reads as one column, {:?}, with the delimiter {:?}, so every row would be one field of that name; if the fields are separated by {:?}, give --csv-delimiter {flag} (csv_delimiter = \"{toml}\" in the job)",
+        crate::log_warn!(
+            "{}: the CSV header reads as one column, {:?}, with the delimiter {:?}, so every row would be one field of that name; if the fields are separated by {:?}, give --csv-delimiter {flag} (csv_delimiter = \"{toml}\" in the job)",
             hint.file.display(),
             hint.header,
             char::from(input.csv_delimiter),
@@ -681,16 +663,16 @@ pub async fn prepare(
     };
     if let Some(st) = &cfg.state {
         if args.distributed {
-            eprintln!(
-                "error: a stateful job folds its items in order in one process: --distributed does not apply"
+            crate::log_error!(
+                "a stateful job folds its items in order in one process: --distributed does not apply"
             );
             return Err(exit::USAGE);
         }
         if st.servers.is_empty()
             && matches!(st.config.store, sluice_pipeline::StateStore::Changelog(_))
         {
-            eprintln!(
-                "error: job {}: state store \"kafka\" needs the job's bootstrap_servers (the embedded broker's data would be gone when the backfill ends)",
+            crate::log_error!(
+                "job {}: state store \"kafka\" needs the job's bootstrap_servers (the embedded broker's data would be gone when the backfill ends)",
                 job.as_ref().map_or("", |j| j.name.as_str())
             );
             return Err(exit::USAGE);
@@ -719,7 +701,7 @@ pub fn progress_hook() -> ((Duration, TickHook), bool) {
             (
                 Duration::from_secs(2),
                 Arc::new(|s: &Summary| {
-                    eprintln!(
+                    crate::log_plain!(
                         "backfill: {} calls done ({} failed, {} skipped), {} items, {:.1} items/s",
                         s.calls_succeeded,
                         s.calls_failed,
@@ -782,13 +764,13 @@ pub fn conclude(
                 println!("{m}");
             }
             if let Some(results) = results {
-                eprintln!(
+                crate::log_plain!(
                     "responses are in {} (a line per successful call)",
                     results.display()
                 );
             }
             if s.items_failed > 0 || s.earlier_failures > 0 {
-                eprintln!("failed items are in {}", dead_letter.display());
+                crate::log_plain!("failed items are in {}", dead_letter.display());
                 exit::FUNCTION_ERROR
             } else if s.interrupted {
                 exit::INVOKE_FAILED
@@ -800,7 +782,7 @@ pub fn conclude(
             if let BackfillError::TooManyFailures { summary, .. } = &e {
                 print_summary(summary);
             }
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             error_code(&e)
         }
     }
@@ -815,10 +797,13 @@ pub async fn run(pipeline: PathBuf, job: Option<String>, args: BackfillOptions) 
     if args.distributed {
         return coordinate(&pipeline, prepared, &args).await;
     }
-    let ex = match super::executor_for(&prepared.pipeline, log_sink(args.quiet)) {
+    let ex = match super::executor_for(
+        &prepared.pipeline,
+        crate::logs::function_log_sink(args.quiet),
+    ) {
         Ok(ex) => ex,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::log_error!("{e:#}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -891,7 +876,7 @@ async fn coordinate(pipeline: &Path, prepared: Prepared, args: &BackfillOptions)
     let (kafka, embedded) = match kafka_for(args.bootstrap_servers.as_deref(), Some(job)) {
         Ok(k) => k,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -901,20 +886,20 @@ async fn coordinate(pipeline: &Path, prepared: Prepared, args: &BackfillOptions)
             distributed::results_topic(&job.name),
         ] {
             if let Err(e) = broker.create_topic(&topic, distributed::TASK_PARTITIONS) {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::INVOKE_FAILED;
             }
         }
-        eprintln!(
-            "sluice: embedded Kafka broker at {servers} (in this process; its data is temporary); \
+        crate::log_note!(
+            "embedded Kafka broker at {servers} (in this process; its data is temporary); \
              start workers with: sluice worker {} {} --bootstrap-servers {servers}",
             pipeline.display(),
             job.name,
             servers = kafka.servers,
         );
     }
-    eprintln!(
-        "sluice: publishing the calls of job {} to {} and waiting for results on {}",
+    crate::log_note!(
+        "publishing the calls of job {} to {} and waiting for results on {}",
         job.name,
         distributed::tasks_topic(&job.name),
         distributed::results_topic(&job.name)

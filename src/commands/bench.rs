@@ -101,7 +101,7 @@ pub async fn invoke(
     let ex = match super::executor_for(&p, quiet) {
         Ok(ex) => ex,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::log_error!("{e:#}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -110,7 +110,7 @@ pub async fn invoke(
         Some(p) => match super::invoke::read_payload(Some(p)) {
             Ok(b) => b,
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::USAGE;
             }
         },
@@ -130,7 +130,7 @@ pub async fn invoke(
             ..Default::default()
         };
         if let Err(e) = ex.invoke_with(function, payload.clone(), opts).await {
-            eprintln!("error: cold invoke failed: {e}");
+            crate::log_error!("cold invoke failed: {e}");
             return exit::INVOKE_FAILED;
         }
         cold.record(t0.elapsed().as_micros() as u64).ok();
@@ -139,7 +139,7 @@ pub async fn invoke(
     let ex = match super::executor_for(&p, Arc::new(|_l: LogLine| {})) {
         Ok(ex) => ex,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::log_error!("{e:#}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -147,7 +147,7 @@ pub async fn invoke(
     // Warm: one sandbox reused.
     for _ in 0..100 {
         if let Err(e) = ex.invoke(function, payload.clone()).await {
-            eprintln!("error: warm-up invoke failed: {e}");
+            crate::log_error!("warm-up invoke failed: {e}");
             return exit::INVOKE_FAILED;
         }
     }
@@ -155,7 +155,7 @@ pub async fn invoke(
     for _ in 0..iterations {
         let t0 = Instant::now();
         if let Err(e) = ex.invoke(function, payload.clone()).await {
-            eprintln!("error: invoke failed: {e}");
+            crate::log_error!("invoke failed: {e}");
             return exit::INVOKE_FAILED;
         }
         warm.record(t0.elapsed().as_micros() as u64).ok();
@@ -193,11 +193,11 @@ pub async fn invoke(
     let spawn = match spawned {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
-            eprintln!("error: spawn-per-call baseline failed: {e}");
+            crate::log_error!("spawn-per-call baseline failed: {e}");
             return exit::INVOKE_FAILED;
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -220,7 +220,7 @@ pub async fn invoke(
         match periodic_bursts(&f, &payload, prewarm).await {
             Ok(r) => rows.push(r),
             Err(e) => {
-                eprintln!("error: periodic bursts: {e}");
+                crate::log_error!("periodic bursts: {e}");
                 return exit::INVOKE_FAILED;
             }
         }
@@ -352,20 +352,20 @@ pub async fn kafka(
     let broker = match EmbeddedBroker::start(1) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::INVOKE_FAILED;
         }
     };
     let servers = broker.bootstrap_servers().to_owned();
     let partitions = 3;
     if let Err(e) = broker.create_topic("bench", partitions) {
-        eprintln!("error: {e}");
+        crate::log_error!("{e}");
         return exit::INVOKE_FAILED;
     }
     let sink = match Sink::new("bench", &servers, &[]) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -383,21 +383,21 @@ pub async fn kafka(
     let t0 = Instant::now();
     for chunk in batch.chunks(10_000) {
         if let Err(e) = sink.send_all("bench", chunk).await {
-            eprintln!("error: producing: {e}");
+            crate::log_error!("producing: {e}");
             return exit::INVOKE_FAILED;
         }
     }
     match broker.dropped("bench") {
         Ok(d) if d.is_empty() => {}
         Ok(_) => {
-            eprintln!(
-                "error: {records} records do not fit the embedded broker's retention ({} MiB per partition, {partitions} partitions): use fewer --records",
+            crate::log_error!(
+                "{records} records do not fit the embedded broker's retention ({} MiB per partition, {partitions} partitions): use fewer --records",
                 sluice_ingest::kafka::RETAINED_BYTES_PER_PARTITION >> 20
             );
             return exit::USAGE;
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::INVOKE_FAILED;
         }
     }
@@ -431,7 +431,7 @@ pub async fn kafka(
             Ok(bp) => bp,
             Err(e) => {
                 // Built from the flags (`--property`): a usage error.
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::USAGE;
             }
         };
@@ -444,7 +444,7 @@ pub async fn kafka(
         let ex = match super::executor_for(&bp, Arc::new(|_l: LogLine| {})) {
             Ok(ex) => ex,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                crate::log_error!("{e:#}");
                 return exit::INVOKE_FAILED;
             }
         };
@@ -457,7 +457,7 @@ pub async fn kafka(
         }
         while let Some(r) = warm.join_next().await {
             if let Ok(Err(e)) = r {
-                eprintln!("error: warm-up invoke failed: {e}");
+                crate::log_error!("warm-up invoke failed: {e}");
                 return exit::INVOKE_FAILED;
             }
         }
@@ -480,7 +480,7 @@ pub async fn kafka(
                 match plain_pass(&servers, format!("bench-plain-{b}-{round}"), in_topic).await {
                     Ok(d) => d,
                     Err(e) => {
-                        eprintln!("error: plain consumer: {e}");
+                        crate::log_error!("plain consumer: {e}");
                         return exit::INVOKE_FAILED;
                     }
                 };
@@ -493,7 +493,7 @@ pub async fn kafka(
                     last = Some(pass);
                 }
                 Err(e) => {
-                    eprintln!("error: batch size {b}: {e}");
+                    crate::log_error!("batch size {b}: {e}");
                     return exit::INVOKE_FAILED;
                 }
             }
@@ -526,7 +526,7 @@ pub async fn kafka(
         let (latency, in_sluice) = match latency {
             Ok(h) => h,
             Err(e) => {
-                eprintln!("error: batch size {b}: latency probe: {e}");
+                crate::log_error!("batch size {b}: latency probe: {e}");
                 return exit::INVOKE_FAILED;
             }
         };
@@ -840,7 +840,7 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
     let rows = rows.max(1);
     let dir = std::env::temp_dir().join(format!("sluice-bench-backfill-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
-        eprintln!("error: {}: {e}", dir.display());
+        crate::log_error!("{}: {e}", dir.display());
         return exit::INVOKE_FAILED;
     }
     let dir = ScratchDir(dir);
@@ -924,7 +924,7 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
         let ex = match super::executor_for(&p, Arc::new(|_l: LogLine| {})) {
             Ok(ex) => ex,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                crate::log_error!("{e:#}");
                 return exit::INVOKE_FAILED;
             }
         };
@@ -941,7 +941,7 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
             if let Ok(Err(e)) = r
                 && e.error_type().starts_with("Sluice.")
             {
-                eprintln!("error: warm-up invoke failed: {e}");
+                crate::log_error!("warm-up invoke failed: {e}");
                 return exit::INVOKE_FAILED;
             }
         }
@@ -965,13 +965,13 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
         let s = match result {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("error: {per_call} rows per call: {e}");
+                crate::log_error!("{per_call} rows per call: {e}");
                 return exit::INVOKE_FAILED;
             }
         };
         if s.items_succeeded != n as u64 {
-            eprintln!(
-                "error: {per_call} rows per call: {} of {n} rows succeeded",
+            crate::log_error!(
+                "{per_call} rows per call: {} of {n} rows succeeded",
                 s.items_succeeded
             );
             return exit::INVOKE_FAILED;
@@ -1020,8 +1020,8 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
 pub async fn vm(vms: usize, exits: u32, mib: u64) -> u8 {
     let host = sluice_vmm::host::probe();
     if !host.can_run_tiny_guests() {
-        eprintln!(
-            "error: this host cannot run VMs: {}",
+        crate::log_error!(
+            "this host cannot run VMs: {}",
             host.linux_blockers().join("; ")
         );
         return exit::UNSUPPORTED;
@@ -1275,12 +1275,12 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
         Err(code) => return code,
     };
     let Some(j) = p.mapreduce_jobs.get(job) else {
-        eprintln!("error: {}: no MapReduce job {job:?}", pipeline.display());
+        crate::log_error!("{}: no MapReduce job {job:?}", pipeline.display());
         return exit::USAGE;
     };
     let dir = std::env::temp_dir().join(format!("sluice-bench-mr-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
-        eprintln!("error: {}: {e}", dir.display());
+        crate::log_error!("{}: {e}", dir.display());
         return exit::INVOKE_FAILED;
     }
     let dir = ScratchDir(dir);
@@ -1335,14 +1335,14 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
     let ex = match super::executor_for(&p, Arc::new(|_l: LogLine| {})) {
         Ok(ex) => ex,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::log_error!("{e:#}");
             return exit::INVOKE_FAILED;
         }
     };
     let broker = match sluice_ingest::kafka::EmbeddedBroker::start(1) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -1357,7 +1357,7 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
     for run in 0..RUNS {
         let topic = sluice_mapreduce::shuffle_topic(&j.name, sluice_mapreduce::run_id());
         if let Err(e) = broker.create_topic(&topic, partitions) {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::INVOKE_FAILED;
         }
         let cfg = sluice_mapreduce::MapReduceConfig {
@@ -1394,7 +1394,7 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
         ) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::INVOKE_FAILED;
             }
         };
@@ -1414,13 +1414,13 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
             },
             Err(e) => {
                 ex.shutdown().await;
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::INVOKE_FAILED;
             }
         };
         if let Err(e) = q1_matches(&s.output_files, &want) {
             ex.shutdown().await;
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::INVOKE_FAILED;
         }
         // Kafka clients close after the results are in (not timed), but
@@ -1574,11 +1574,11 @@ fn joined<T, E: std::fmt::Display>(
     match r {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
-            eprintln!("error: {what}: {e}");
+            crate::log_error!("{what}: {e}");
             Err(exit::INVOKE_FAILED)
         }
         Err(e) => {
-            eprintln!("error: {what}: {e}");
+            crate::log_error!("{what}: {e}");
             Err(exit::INVOKE_FAILED)
         }
     }

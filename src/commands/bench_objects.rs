@@ -111,7 +111,7 @@ pub async fn run(
     let dir = match tempfile::tempdir() {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("error: temporary folder: {e}");
+            crate::log_error!("temporary folder: {e}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -125,14 +125,14 @@ pub async fn run(
     let prefix = match prefix {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::USAGE;
         }
     };
     let ex = match super::executor_for(&p, Arc::new(|_l: LogLine| {})) {
         Ok(ex) => ex,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::log_error!("{e:#}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -156,7 +156,7 @@ pub async fn run(
     match result {
         Ok(()) => exit::OK,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             exit::INVOKE_FAILED
         }
     }

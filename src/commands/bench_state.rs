@@ -41,14 +41,14 @@ pub async fn run(pipeline: &Path, function: &str, calls: usize) -> u8 {
     let ex = match super::executor_for(&p, Arc::new(|_l: LogLine| {})) {
         Ok(ex) => ex,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::log_error!("{e:#}");
             return exit::INVOKE_FAILED;
         }
     };
     let dir = match tempfile::tempdir() {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("error: temporary folder: {e}");
+            crate::log_error!("temporary folder: {e}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -68,21 +68,21 @@ pub async fn run(pipeline: &Path, function: &str, calls: usize) -> u8 {
         let store = match FileStore::open(&dir.path().join(format!("s{size}"))) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::INVOKE_FAILED;
             }
         };
         // Warm the sandbox.
         for _ in 0..20 {
             if let Err(e) = ex.invoke(function, record.clone()).await {
-                eprintln!("error: invoke failed: {e}");
+                crate::log_error!("invoke failed: {e}");
                 return exit::INVOKE_FAILED;
             }
         }
         let t0 = Instant::now();
         for _ in 0..calls {
             if let Err(e) = ex.invoke(function, record.clone()).await {
-                eprintln!("error: invoke failed: {e}");
+                crate::log_error!("invoke failed: {e}");
                 return exit::INVOKE_FAILED;
             }
         }
@@ -101,33 +101,33 @@ pub async fn run(pipeline: &Path, function: &str, calls: usize) -> u8 {
                 timestamp_ms: 0,
             }];
             let Step::Invoke { window, .. } = ks.step(&spec, &items) else {
-                eprintln!("error: a window closed in a run without windows");
+                crate::log_error!("a window closed in a run without windows");
                 return exit::INVOKE_FAILED;
             };
             let payload = ks.add_to_event(record.clone(), None, &window, false, false);
             let resp = match ex.invoke(function, payload).await {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("error: invoke failed: {e}");
+                    crate::log_error!("invoke failed: {e}");
                     return exit::INVOKE_FAILED;
                 }
             };
             if let Err(e) = ks.fold(&spec, window, &items, &resp.payload) {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::INVOKE_FAILED;
             }
             cp.keys.insert(String::new(), ks.clone());
             cp.seq += 1;
             let s0 = Instant::now();
             if let Err(e) = store.save(&cp) {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::INVOKE_FAILED;
             }
             save_time += s0.elapsed();
         }
         let stateful = calls as f64 / t0.elapsed().as_secs_f64();
         if ks.state["count"] != json!(calls) {
-            eprintln!("error: the state lost calls: {}", ks.state["count"]);
+            crate::log_error!("the state lost calls: {}", ks.state["count"]);
             return exit::INVOKE_FAILED;
         }
 
@@ -137,7 +137,7 @@ pub async fn run(pipeline: &Path, function: &str, calls: usize) -> u8 {
             big.keys.insert(format!("key-{k}"), ks.clone());
         }
         if let Err(e) = store.save(&big) {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::INVOKE_FAILED;
         }
         let t0 = Instant::now();
@@ -146,7 +146,7 @@ pub async fn run(pipeline: &Path, function: &str, calls: usize) -> u8 {
             match store.load("bench/bench/1") {
                 Ok(Some(c)) if c.keys.len() == 100 => {}
                 other => {
-                    eprintln!("error: recovery read back {other:?}");
+                    crate::log_error!("recovery read back {other:?}");
                     return exit::INVOKE_FAILED;
                 }
             }

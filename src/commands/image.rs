@@ -38,8 +38,8 @@ pub struct BuildArgs {
 pub fn build(args: BuildArgs) -> u8 {
     let layout = ImageLayout::new(sluice_home());
     let Some(agent) = args.agent.or_else(sluice_executor::locate_agent) else {
-        eprintln!(
-            "error: no sluice-agent found next to sluice; pass --agent PATH (a static build)"
+        crate::log_error!(
+            "no sluice-agent found next to sluice; pass --agent PATH (a static build)"
         );
         return exit::USAGE;
     };
@@ -52,7 +52,7 @@ pub fn build(args: BuildArgs) -> u8 {
             let source = match find_kernel_source(&args.source_dir) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    crate::log_error!("{e}");
                     return exit::UNSUPPORTED;
                 }
             };
@@ -86,7 +86,7 @@ pub fn build(args: BuildArgs) -> u8 {
                     k.vmlinux
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    crate::log_error!("{e}");
                     return exit::INVOKE_FAILED;
                 }
             }
@@ -107,7 +107,7 @@ pub fn build(args: BuildArgs) -> u8 {
             exit::OK
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             exit::USAGE
         }
     }

@@ -2,9 +2,8 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::Arc;
 
-use sluice_executor::{InvokeError, InvokeOptions, LogLine, LogStream};
+use sluice_executor::{InvokeError, InvokeOptions};
 
 use crate::exit;
 
@@ -35,17 +34,6 @@ pub(crate) fn read_payload(arg: Option<&str>) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// Function output goes to stderr, tagged with the function's name; the
-/// agent's own lines go to the `sluice::agent` tracing target.
-fn print_log(line: LogLine) {
-    match line.stream {
-        LogStream::Agent => {
-            tracing::debug!(target: "sluice::agent", function = %line.function, "{}", line.line)
-        }
-        _ => eprintln!("[{}] {}", line.function, line.line),
-    }
-}
-
 /// Invoke once and print the outcome.
 pub async fn run(
     pipeline: &Path,
@@ -59,25 +47,20 @@ pub async fn run(
         Err(code) => return code,
     };
     if let Err(e) = p.function(function) {
-        eprintln!("error: {e}");
+        crate::log_error!("{e}");
         return exit::USAGE;
     }
     let payload = match read_payload(payload) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::USAGE;
         }
     };
-    let logs: sluice_executor::LogSink = if quiet {
-        Arc::new(|_l: LogLine| {})
-    } else {
-        Arc::new(print_log)
-    };
-    let ex = match super::executor_for(&p, logs) {
+    let ex = match super::executor_for(&p, crate::logs::function_log_sink(quiet)) {
         Ok(ex) => ex,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::log_error!("{e:#}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -95,7 +78,7 @@ pub async fn run(
     // Lambda's log of an invocation ends with its REPORT line: duration,
     // memory size and the most memory used, init duration on a cold start.
     if let Some(r) = report.filter(|_| !quiet) {
-        eprintln!("[{function}] {r}");
+        crate::logs::print_report(&r);
     }
     match result {
         Ok(r) => {
@@ -123,7 +106,7 @@ pub async fn run(
             exit::FUNCTION_ERROR
         }
         Err(e) => {
-            eprintln!("error: {e} [{}]", e.error_type());
+            crate::log_error!("{e} [{}]", e.error_type());
             exit::INVOKE_FAILED
         }
     }

@@ -12,7 +12,6 @@ use sluice_pipeline::BootstrapServers;
 use sluice_taskgen::Input;
 use sluice_taskgen::distributed::{KafkaSettings, ensure_topic};
 
-use super::backfill::log_sink;
 use crate::exit;
 
 /// One line of progress per phase.
@@ -46,8 +45,8 @@ pub async fn run(
     };
     let Some(j) = p.mapreduce_jobs.get(job) else {
         let names: Vec<&String> = p.mapreduce_jobs.keys().collect();
-        eprintln!(
-            "error: {}: no job named {job:?} with kind = \"mapreduce\"; MapReduce jobs: {}",
+        crate::log_error!(
+            "{}: no job named {job:?} with kind = \"mapreduce\"; MapReduce jobs: {}",
             pipeline.display(),
             if names.is_empty() {
                 "none".to_owned()
@@ -64,7 +63,7 @@ pub async fn run(
     let sources = match sluice_taskgen::resolve_sources(&j.sources) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::USAGE;
         }
     };
@@ -73,7 +72,7 @@ pub async fn run(
         .or_else(|| sluice_taskgen::format_of(&j.sources, &sources))
     else {
         let first = j.sources.first().map_or("", String::as_str);
-        eprintln!("error: cannot tell the format of {first:?} from its extension; set `format`");
+        crate::log_error!("cannot tell the format of {first:?} from its extension; set `format`");
         return exit::USAGE;
     };
     let map_concurrency = p.functions.get(&j.map).map_or(4, |f| f.concurrency);
@@ -145,13 +144,13 @@ pub async fn run(
     let (kafka, state) = match prepared {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::INVOKE_FAILED;
         }
     };
     let topic = state.topic.clone();
-    eprintln!(
-        "sluice: mapreduce {}: shuffle topic {topic} ({} partitions) on {}{}",
+    crate::log_note!(
+        "mapreduce {}: shuffle topic {topic} ({} partitions) on {}{}",
         j.name,
         cfg.reduce_partitions,
         kafka.servers,
@@ -162,17 +161,17 @@ pub async fn run(
         }
     );
     if state.generation > 1 {
-        eprintln!(
-            "sluice: resuming an unfinished run ({} map tasks and {} reducers done; attempt generation {})",
+        crate::log_note!(
+            "resuming an unfinished run ({} map tasks and {} reducers done; attempt generation {})",
             state.maps_done.len(),
             state.reducers_done.len(),
             state.generation
         );
     }
-    let ex = match super::executor_for(&p, log_sink(quiet)) {
+    let ex = match super::executor_for(&p, crate::logs::function_log_sink(quiet)) {
         Ok(ex) => ex,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::log_error!("{e:#}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -194,7 +193,7 @@ pub async fn run(
                 if terminal {
                     eprint!("\r\x1b[K{}", progress_line(&progress, partitions));
                 } else {
-                    eprintln!("mapreduce: {}", progress_line(&progress, partitions));
+                    crate::log_plain!("mapreduce: {}", progress_line(&progress, partitions));
                 }
             }
         })
@@ -236,7 +235,7 @@ pub async fn run(
             exit::OK
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             if e.fault() == sluice_executor::Fault::User {
                 exit::FUNCTION_ERROR
             } else {
@@ -254,8 +253,8 @@ async fn fresh(
     durable: bool,
 ) -> Result<RunState, String> {
     if sluice_mapreduce::has_parts(&cfg.output) {
-        eprintln!(
-            "sluice: {} holds part files of an earlier run; this run replaces them",
+        crate::log_note!(
+            "{} holds part files of an earlier run; this run replaces them",
             cfg.output.display()
         );
     }
@@ -298,8 +297,8 @@ async fn prepare_external(
             let state = state.resume(cfg).map_err(|e| e.to_string())?;
             return Ok((kafka, state));
         }
-        eprintln!(
-            "sluice: the shuffle topic {} of the unfinished run is gone; starting again",
+        crate::log_note!(
+            "the shuffle topic {} of the unfinished run is gone; starting again",
             state.topic
         );
     }

@@ -102,7 +102,7 @@ pub async fn stop_requested() {
 /// code on failure.
 pub fn load_pipeline(path: &Path) -> Result<Pipeline, u8> {
     Pipeline::load(path).map_err(|e| {
-        eprintln!("error: {e}");
+        crate::log_error!("{e}");
         crate::exit::USAGE
     })
 }
@@ -120,7 +120,7 @@ pub fn load_function(
             Ok((p, f))
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             Err(crate::exit::USAGE)
         }
     }

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_executor::LogLine;
 use sluice_ingest::kafka::{self, Activity, EmbeddedBroker, TriggerEnv};
 use sluice_ingest::metrics::{self, Metrics};
 use sluice_ingest::objects::{self, ObjectEnv};
@@ -75,15 +74,6 @@ fn select_triggers(p: &mut Pipeline, file: &Path, named: &[String]) -> Result<()
     Ok(())
 }
 
-fn print_log(line: LogLine) {
-    match line.stream {
-        sluice_executor::LogStream::Agent => {
-            tracing::debug!(target: "sluice::agent", function = %line.function, "{}", line.line)
-        }
-        _ => eprintln!("[{}] {}", line.function, line.line),
-    }
-}
-
 /// Run the pipeline's triggers.
 pub async fn run(args: RunArgs) -> u8 {
     let mut p = match super::load_pipeline(&args.pipeline) {
@@ -91,19 +81,19 @@ pub async fn run(args: RunArgs) -> u8 {
         Err(code) => return code,
     };
     if let Err(e) = select_triggers(&mut p, &args.pipeline, &args.triggers) {
-        eprintln!("error: {e}");
+        crate::log_error!("{e}");
         return exit::USAGE;
     }
     if p.kafka_triggers.is_empty() && p.object_triggers.is_empty() {
-        eprintln!(
-            "error: {}: no [[trigger.kafka]] or [[trigger.object_store]] declared: nothing to run (use `sluice invoke` to call a function once)",
+        crate::log_error!(
+            "{}: no [[trigger.kafka]] or [[trigger.object_store]] declared: nothing to run (use `sluice invoke` to call a function once)",
             args.pipeline.display()
         );
         return exit::USAGE;
     }
     if p.kafka_triggers.is_empty() && !args.produce.is_empty() {
-        eprintln!(
-            "error: --produce: no Kafka trigger of {} runs here (none declared, disabled or not named with --trigger), so there is no Kafka cluster to load records into",
+        crate::log_error!(
+            "--produce: no Kafka trigger of {} runs here (none declared, disabled or not named with --trigger), so there is no Kafka cluster to load records into",
             args.pipeline.display()
         );
         return exit::USAGE;
@@ -111,12 +101,12 @@ pub async fn run(args: RunArgs) -> u8 {
     let mut loads = Vec::new();
     for spec in &args.produce {
         let Some((topic, file)) = spec.split_once('=') else {
-            eprintln!("error: --produce {spec:?}: expected TOPIC=FILE.jsonl");
+            crate::log_error!("--produce {spec:?}: expected TOPIC=FILE.jsonl");
             return exit::USAGE;
         };
         // Checked before any broker starts: a typo costs nothing.
         if let Err(e) = std::fs::metadata(file) {
-            eprintln!("error: --produce {topic}={file}: {e}");
+            crate::log_error!("--produce {topic}={file}: {e}");
             return exit::USAGE;
         }
         if !p
@@ -130,8 +120,8 @@ pub async fn run(args: RunArgs) -> u8 {
                 .flat_map(|t| t.topics.iter().map(String::as_str))
                 .collect();
             let read: Vec<&str> = read.into_iter().collect();
-            eprintln!(
-                "sluice: warning: --produce {topic}={file}: no trigger of {} reads topic {topic:?} (they read: {}), so nothing here will process these records",
+            crate::log_warn!(
+                "--produce {topic}={file}: no trigger of {} reads topic {topic:?} (they read: {}), so nothing here will process these records",
                 args.pipeline.display(),
                 read.join(", ")
             );
@@ -148,14 +138,14 @@ pub async fn run(args: RunArgs) -> u8 {
     let embedded = if needs_embedded {
         match EmbeddedBroker::start(1) {
             Ok(b) => {
-                eprintln!(
-                    "sluice: embedded Kafka broker at {} (in this process; its data is temporary and lost on exit)",
+                crate::log_note!(
+                    "embedded Kafka broker at {} (in this process; its data is temporary and lost on exit)",
                     b.bootstrap_servers()
                 );
                 Some(b)
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::INVOKE_FAILED;
             }
         }
@@ -185,7 +175,7 @@ pub async fn run(args: RunArgs) -> u8 {
         }
         for (topic, parts) in topics {
             if let Err(e) = b.create_topic(&topic, parts) {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::INVOKE_FAILED;
             }
         }
@@ -206,10 +196,7 @@ pub async fn run(args: RunArgs) -> u8 {
         match kafka::produce_file(&servers, topic, file, args.key_field.as_deref()).await {
             Ok(loaded) => {
                 let n = loaded.records;
-                eprintln!(
-                    "sluice: loaded {n} records from {} into {topic}",
-                    file.display()
-                );
+                crate::log_note!("loaded {n} records from {} into {topic}", file.display());
                 if let (Some(field), Some((line, why))) =
                     (args.key_field.as_deref(), loaded.first_unkeyed)
                 {
@@ -218,8 +205,8 @@ pub async fn run(args: RunArgs) -> u8 {
                     } else {
                         ""
                     };
-                    eprintln!(
-                        "sluice: warning: --key-field {field}: {} of {n} records were loaded without a key{hint}, so their partition, and their order relative to records of the same key, is arbitrary; the first is {}:{line}: {why}",
+                    crate::log_warn!(
+                        "--key-field {field}: {} of {n} records were loaded without a key{hint}, so their partition, and their order relative to records of the same key, is arbitrary; the first is {}:{line}: {why}",
                         loaded.unkeyed,
                         file.display()
                     );
@@ -238,14 +225,14 @@ pub async fn run(args: RunArgs) -> u8 {
                     } else {
                         format!(" (unless its group {:?} has committed offsets)", t.group_id)
                     };
-                    eprintln!(
-                        "sluice: warning: trigger {} reads {topic} from its latest offset (`starting_position` defaults to \"latest\", as in Lambda), so the {n} records just loaded will not reach it{unless}; set `starting_position = \"earliest\"` on the trigger to process them",
+                    crate::log_warn!(
+                        "trigger {} reads {topic} from its latest offset (`starting_position` defaults to \"latest\", as in Lambda), so the {n} records just loaded will not reach it{unless}; set `starting_position = \"earliest\"` on the trigger to process them",
                         t.name
                     );
                 }
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::USAGE;
             }
         }
@@ -260,8 +247,8 @@ pub async fn run(args: RunArgs) -> u8 {
                 Ok(d) => {
                     let lost: i64 = d.iter().map(|(_, n)| n).sum();
                     let parts: Vec<String> = d.iter().map(|(p, _)| p.to_string()).collect();
-                    eprintln!(
-                        "error: --produce {topic}={}: the embedded broker keeps at most {} MiB per partition and dropped the oldest {lost} records of partition(s) {} before any was processed (nothing was run); give the topic more partitions (`partitions` on its trigger), load a smaller file, or use a real cluster (`bootstrap_servers`)",
+                    crate::log_error!(
+                        "--produce {topic}={}: the embedded broker keeps at most {} MiB per partition and dropped the oldest {lost} records of partition(s) {} before any was processed (nothing was run); give the topic more partitions (`partitions` on its trigger), load a smaller file, or use a real cluster (`bootstrap_servers`)",
                         file.display(),
                         kafka::RETAINED_BYTES_PER_PARTITION >> 20,
                         parts.join(", ")
@@ -269,22 +256,17 @@ pub async fn run(args: RunArgs) -> u8 {
                     return exit::USAGE;
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    crate::log_error!("{e}");
                     return exit::INVOKE_FAILED;
                 }
             }
         }
     }
 
-    let logs: sluice_executor::LogSink = if args.quiet {
-        Arc::new(|_l: LogLine| {})
-    } else {
-        Arc::new(print_log)
-    };
-    let executor = match super::executor_for(&p, logs) {
+    let executor = match super::executor_for(&p, crate::logs::function_log_sink(args.quiet)) {
         Ok(ex) => ex,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::log_error!("{e:#}");
             return exit::INVOKE_FAILED;
         }
     };
@@ -296,7 +278,7 @@ pub async fn run(args: RunArgs) -> u8 {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 let bound = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                eprintln!("sluice: metrics at http://{bound}/metrics");
+                crate::log_note!("metrics at http://{bound}/metrics");
                 let mut rx = shutdown_rx.clone();
                 let m = registry.clone();
                 tokio::spawn(async move {
@@ -313,7 +295,7 @@ pub async fn run(args: RunArgs) -> u8 {
                 });
             }
             Err(e) => {
-                eprintln!("error: --metrics-addr {addr}: {e}");
+                crate::log_error!("--metrics-addr {addr}: {e}");
                 return exit::USAGE;
             }
         }
@@ -331,7 +313,7 @@ pub async fn run(args: RunArgs) -> u8 {
         tasks.spawn(kafka::run_trigger(t, env, shutdown_rx.clone()));
     }
     for t in p.object_triggers.clone() {
-        eprintln!("sluice: {}", objects::describe(&t));
+        crate::log_note!("{}", objects::describe(&t));
         let env = ObjectEnv {
             executor: executor.clone(),
             metrics: registry.clone(),
@@ -348,7 +330,7 @@ pub async fn run(args: RunArgs) -> u8 {
     let triggers = (p.kafka_triggers.len() + p.object_triggers.len()) as u64;
     let (reason, mut code) =
         wait_for_stop(&activity, triggers, args.stop_when_idle, &mut tasks).await;
-    eprintln!("sluice: {reason}: draining in-flight calls and committing");
+    crate::log_note!("{reason}: draining in-flight calls and committing");
     let _ = shutdown_tx.send(true);
     while let Some(r) = tasks.join_next().await {
         code = code.max(trigger_exit(r));
@@ -363,7 +345,7 @@ pub async fn run(args: RunArgs) -> u8 {
         (true, false, _) => "objects",
         _ => "records and objects",
     };
-    eprintln!("sluice: stopped after {n} {what}");
+    crate::log_note!("stopped after {n} {what}");
     drop(embedded);
     code
 }
@@ -409,7 +391,7 @@ fn trigger_exit(r: Result<Result<(), sluice_ingest::IngestError>, tokio::task::J
     match r {
         Ok(Ok(())) => exit::OK,
         Ok(Err(e)) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             if matches!(e, sluice_ingest::IngestError::Config { .. }) {
                 exit::USAGE
             } else {
@@ -417,7 +399,7 @@ fn trigger_exit(r: Result<Result<(), sluice_ingest::IngestError>, tokio::task::J
             }
         }
         Err(e) => {
-            eprintln!("error: trigger task failed: {e}");
+            crate::log_error!("trigger task failed: {e}");
             exit::INVOKE_FAILED
         }
     }

@@ -48,15 +48,15 @@ pub async fn show(
     if let Some(name) = only {
         stateful.retain(|(n, ..)| *n == name);
         if stateful.is_empty() {
-            eprintln!(
-                "error: {}: no stateful trigger or job named {name:?}",
+            crate::log_error!(
+                "{}: no stateful trigger or job named {name:?}",
                 pipeline.display()
             );
             return exit::USAGE;
         }
     }
     if stateful.is_empty() {
-        eprintln!(
+        crate::log_plain!(
             "{}: no trigger or job has `state = {{...}}`",
             pipeline.display()
         );
@@ -64,7 +64,7 @@ pub async fn show(
     }
     for (name, cfg, cluster, props) in stateful {
         if let Err(e) = print_one(name, cfg, cluster, &props, key, servers).await {
-            eprintln!("error: {name}: {e:#}");
+            crate::log_error!("{name}: {e:#}");
             return exit::INVOKE_FAILED;
         }
     }

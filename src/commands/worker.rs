@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sluice_taskgen::distributed::{self, WorkerConfig};
 
-use super::backfill::{kafka_for, log_sink};
+use super::backfill::kafka_for;
 use crate::exit;
 
 /// Serves the jobs' tasks until SIGINT/SIGTERM (or idle for
@@ -28,8 +28,8 @@ pub async fn run(
         jobs
     };
     if jobs.is_empty() {
-        eprintln!(
-            "error: {} declares no [job.NAME]: a worker serves the tasks of backfill jobs",
+        crate::log_error!(
+            "{} declares no [job.NAME]: a worker serves the tasks of backfill jobs",
             pipeline.display()
         );
         return exit::USAGE;
@@ -47,7 +47,7 @@ pub async fn run(
                     default_concurrency.max(job.max_concurrency.unwrap_or(f.concurrency) as usize);
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::log_error!("{e}");
                 return exit::USAGE;
             }
         }
@@ -55,26 +55,26 @@ pub async fn run(
     let (kafka, embedded) = match kafka_for(bootstrap_servers.as_deref(), first) {
         Ok(k) => k,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             return exit::INVOKE_FAILED;
         }
     };
     if embedded.is_some() {
-        eprintln!(
-            "sluice: embedded Kafka broker at {} (in this process): only useful if the \
+        crate::log_note!(
+            "embedded Kafka broker at {} (in this process): only useful if the \
              coordinator runs here too; give --bootstrap-servers to join a coordinator's broker",
             kafka.servers
         );
     }
-    let ex = match super::executor_for(&p, log_sink(quiet)) {
+    let ex = match super::executor_for(&p, crate::logs::function_log_sink(quiet)) {
         Ok(ex) => ex,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::log_error!("{e:#}");
             return exit::INVOKE_FAILED;
         }
     };
-    eprintln!(
-        "sluice: worker serving {} on {}",
+    crate::log_note!(
+        "worker serving {} on {}",
         jobs.iter()
             .map(|j| distributed::tasks_topic(j))
             .collect::<Vec<_>>()
@@ -99,7 +99,7 @@ pub async fn run(
             exit::OK
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::log_error!("{e}");
             exit::INVOKE_FAILED
         }
     }
