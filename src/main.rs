@@ -78,6 +78,24 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Create a function folder from a template and declare it in a
+    /// pipeline file (created if missing), ready for `sluice invoke`.
+    New {
+        /// Function name: 1 to 64 letters, digits, '_' or '-'.
+        name: String,
+        /// python: `handler.py` with `def handler(event, context)`, run by
+        /// a Runtime API loop in Python's standard library (needs python3);
+        /// shell: a bash `bootstrap` using curl.
+        #[arg(long, value_enum, default_value = "python")]
+        template: commands::new::Template,
+        /// The folder to create (default: functions/NAME next to the
+        /// pipeline file).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The pipeline file to declare it in.
+        #[arg(long, short, default_value = "pipeline.toml")]
+        pipeline: PathBuf,
+    },
     /// Run the pipeline's Kafka and object-store triggers until SIGINT/SIGTERM.
     Run {
         /// The pipeline file.
@@ -393,6 +411,12 @@ async fn dispatch(command: Command) -> u8 {
             } => {
                 commands::invoke::run(&pipeline, &function, payload.as_deref(), tenant, quiet).await
             }
+            Command::New {
+                name,
+                template,
+                dir,
+                pipeline,
+            } => commands::new::run(&name, template, dir, pipeline),
             Command::Run {
                 pipeline,
                 produce,

@@ -327,6 +327,90 @@ fn json_logs_are_one_object_per_line() {
     );
 }
 
+/// `sluice new` as a new user runs it in an empty folder: a Python
+/// function that answers `sluice invoke` and a backfill at once, a shell
+/// one added to the same pipeline, and mistakes refused without touching
+/// anything.
+#[test]
+fn new_makes_functions_that_run_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let in_tmp = |args: &[&str]| run(sluice().current_dir(tmp.path()).args(args), None);
+    let out = in_tmp(&["new", "greet"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("sluice invoke --pipeline pipeline.toml greet"));
+    let out = in_tmp(&[
+        "invoke",
+        "-p",
+        "pipeline.toml",
+        "greet",
+        "--payload",
+        r#"{"hello":"world"}"#,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"count": 1, "first": {"hello": "world"}})
+    );
+    assert!(
+        text(&out.stderr).contains("[greet] greet: 1 item(s)"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    std::fs::write(tmp.path().join("lines.txt"), "a\nb\nc\n").unwrap();
+    let out = in_tmp(&[
+        "backfill",
+        "-p",
+        "pipeline.toml",
+        "-f",
+        "greet",
+        "--source",
+        "lines.txt",
+        "--max-items-per-call",
+        "2",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("items: 3 total, 3 succeeded"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = in_tmp(&["new", "raw", "--template", "shell"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = in_tmp(&["invoke", "-p", "pipeline.toml", "raw", "--payload", "[1]"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(r#""event": [1]"#),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let before = std::fs::read_to_string(tmp.path().join("pipeline.toml")).unwrap();
+    std::fs::create_dir(tmp.path().join("busy")).unwrap();
+    std::fs::write(tmp.path().join("busy/keep"), "").unwrap();
+    for (args, expected) in [
+        (&["new", "greet"][..], "already declares [functions.greet]"),
+        (&["new", "no way"][..], "is not a valid name"),
+        (
+            &["new", "third", "--dir", "busy"][..],
+            "busy exists and is not empty",
+        ),
+    ] {
+        let out = in_tmp(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("pipeline.toml")).unwrap(),
+        before
+    );
+    assert!(!tmp.path().join("functions/third").exists());
+}
+
 #[test]
 fn pipeline_errors_exit_2_with_their_location() {
     let tmp = tempfile::tempdir().unwrap();

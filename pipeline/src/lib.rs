@@ -212,6 +212,7 @@
 mod error;
 pub mod filter;
 mod raw;
+pub use raw::check_name;
 mod span;
 
 use std::collections::BTreeMap;

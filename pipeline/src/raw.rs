@@ -597,6 +597,19 @@ fn duration_reason(written: &str, err: &humantime::DurationError) -> String {
     }
 }
 
+/// Check a function (or trigger, job, tenant) name against Lambda's rule,
+/// `[A-Za-z0-9_-]{1,64}`: the error says what is wrong with it.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if is_lambda_name(name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name ({}): use 1 to 64 letters, digits, '_' or '-'",
+            bad_name_reason(name)
+        ))
+    }
+}
+
 fn is_lambda_name(s: &str) -> bool {
     (1..=64).contains(&s.chars().count())
         && s.chars()

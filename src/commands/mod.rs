@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod image;
 pub mod invoke;
 pub mod mapreduce;
+pub mod new;
 pub mod run;
 pub mod state;
 pub mod validate;

@@ -1,0 +1,217 @@
+//! `sluice new NAME`: a function folder from a template, declared in a
+//! pipeline file, ready for `sluice invoke` (what `sam init` and `cargo
+//! lambda new` do for Lambda).
+//!
+//! Templates: `python` (a handler to edit, `handler.py`, and the Runtime
+//! API loop of `examples/functions/python`, which needs nothing but the
+//! host's `python3`) and `shell` (bash and curl, `examples/functions/shell`).
+//! The runtime loops are the examples' files themselves, built into the
+//! binary, so they cannot drift apart.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use sluice_pipeline::Pipeline;
+
+use crate::exit;
+
+/// A function template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Template {
+    /// `handler.py` with `def handler(event, context)`, run by a Runtime
+    /// API loop in Python's standard library.
+    Python,
+    /// A bash `bootstrap` that talks to the Runtime API with curl.
+    Shell,
+}
+
+/// One file of a template: name, contents, whether it is executable.
+type TemplateFile = (&'static str, &'static str, bool);
+
+impl Template {
+    fn files(self) -> &'static [TemplateFile] {
+        match self {
+            Template::Python => &[
+                (
+                    "bootstrap",
+                    include_str!("../../examples/functions/python/bootstrap"),
+                    true,
+                ),
+                (
+                    "handler.py",
+                    include_str!("../templates/python/handler.py"),
+                    false,
+                ),
+            ],
+            Template::Shell => &[(
+                "bootstrap",
+                include_str!("../../examples/functions/shell/bootstrap"),
+                true,
+            )],
+        }
+    }
+
+    /// Extra lines of its `[functions.NAME]` table.
+    fn settings(self) -> &'static str {
+        match self {
+            Template::Python => "handler = \"handler.handler\"   # MODULE.FUNCTION in the folder\n",
+            Template::Shell => "",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Template::Python => "python",
+            Template::Shell => "shell",
+        }
+    }
+}
+
+/// `path` as the pipeline file will name it: relative to the pipeline's
+/// folder when inside it, else absolute.
+fn path_in_pipeline(pipeline_dir: &Path, folder: &Path) -> String {
+    let folder = fs::canonicalize(folder).unwrap_or_else(|_| folder.to_path_buf());
+    let base = fs::canonicalize(pipeline_dir).unwrap_or_else(|_| pipeline_dir.to_path_buf());
+    match folder.strip_prefix(&base) {
+        Ok(rel) if !rel.as_os_str().is_empty() => rel.display().to_string(),
+        _ => folder.display().to_string(),
+    }
+}
+
+fn write_file(path: &Path, text: &str, executable: bool) -> std::io::Result<()> {
+    fs::write(path, text)?;
+    let mode = if executable { 0o755 } else { 0o644 };
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+/// What `new` checked before writing anything.
+struct Plan {
+    folder: PathBuf,
+    pipeline: PathBuf,
+    /// The pipeline file's text before (`None`: it does not exist yet).
+    before: Option<String>,
+}
+
+fn plan(name: &str, dir: Option<PathBuf>, pipeline: PathBuf) -> Result<Plan, String> {
+    sluice_pipeline::check_name(name).map_err(|e| format!("function name: {e}"))?;
+    let before = match fs::read_to_string(&pipeline) {
+        Ok(text) => {
+            let p = Pipeline::load(&pipeline).map_err(|e| e.to_string())?;
+            if p.functions.contains_key(name) {
+                return Err(format!(
+                    "{} already declares [functions.{name}] (choose another name, or edit it there)",
+                    pipeline.display()
+                ));
+            }
+            Some(text)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("reading {}: {e}", pipeline.display())),
+    };
+    let pipeline_dir = pipeline
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let folder = dir.unwrap_or_else(|| pipeline_dir.join("functions").join(name));
+    if fs::read_dir(&folder).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(format!(
+            "{} exists and is not empty: give another folder with --dir",
+            folder.display()
+        ));
+    }
+    Ok(Plan {
+        folder,
+        pipeline,
+        before,
+    })
+}
+
+/// Write the folder and the pipeline table; on a failure, undo both.
+fn create(name: &str, template: Template, plan: &Plan) -> Result<(), String> {
+    let folder_existed = plan.folder.exists();
+    let undo = |e: String| {
+        if !folder_existed {
+            let _ = fs::remove_dir_all(&plan.folder);
+        }
+        match &plan.before {
+            Some(text) => {
+                let _ = fs::write(&plan.pipeline, text);
+            }
+            None => {
+                let _ = fs::remove_file(&plan.pipeline);
+            }
+        }
+        e
+    };
+    fs::create_dir_all(&plan.folder)
+        .map_err(|e| format!("creating {}: {e}", plan.folder.display()))?;
+    for (file, text, executable) in template.files() {
+        let path = plan.folder.join(file);
+        write_file(&path, text, *executable)
+            .map_err(|e| undo(format!("writing {}: {e}", path.display())))?;
+    }
+    let pipeline_dir = plan
+        .pipeline
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut table = String::new();
+    if plan.before.as_deref().is_some_and(|t| !t.is_empty()) {
+        table.push('\n');
+    }
+    table.push_str(&format!(
+        "[functions.{name}]\npath = {:?}\n{}",
+        path_in_pipeline(pipeline_dir, &plan.folder),
+        template.settings()
+    ));
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&plan.pipeline)
+        .map_err(|e| undo(format!("opening {}: {e}", plan.pipeline.display())))?;
+    if plan
+        .before
+        .as_deref()
+        .is_some_and(|t| !t.is_empty() && !t.ends_with('\n'))
+    {
+        table.insert(0, '\n');
+    }
+    file.write_all(table.as_bytes())
+        .map_err(|e| undo(format!("writing {}: {e}", plan.pipeline.display())))?;
+    drop(file);
+    // The result must load: a template that does not would be sluice's bug.
+    Pipeline::load(&plan.pipeline)
+        .map_err(|e| undo(format!("the new pipeline does not load: {e}")))?;
+    Ok(())
+}
+
+/// Create function `name` from `template`.
+pub fn run(name: &str, template: Template, dir: Option<PathBuf>, pipeline: PathBuf) -> u8 {
+    let plan = match plan(name, dir, pipeline) {
+        Ok(p) => p,
+        Err(e) => {
+            crate::log_error!("{e}");
+            return exit::USAGE;
+        }
+    };
+    if let Err(e) = create(name, template, &plan) {
+        crate::log_error!("{e}");
+        return exit::INVOKE_FAILED;
+    }
+    let files: Vec<&str> = template.files().iter().map(|f| f.0).collect();
+    println!(
+        "created {} ({} function: {}) and [functions.{name}] in {}",
+        plan.folder.display(),
+        template.name(),
+        files.join(", "),
+        plan.pipeline.display()
+    );
+    println!(
+        "try it: sluice invoke --pipeline {} {name} --payload '{{\"hello\": \"world\"}}'",
+        plan.pipeline.display()
+    );
+    exit::OK
+}
