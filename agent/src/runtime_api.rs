@@ -323,6 +323,14 @@ impl RuntimeApi {
                 error_type: req.error_type.unwrap_or_default(),
                 body,
             }
+        } else if let Some((error_type, body)) = req.stream_error {
+            // A streamed response whose trailers say it failed midway: an
+            // error, as Lambda reports it, not the part that was sent.
+            Message::Error {
+                request_id: id.to_owned(),
+                error_type,
+                body,
+            }
         } else {
             Message::Response {
                 request_id: id.to_owned(),
@@ -395,7 +403,14 @@ struct Request {
     error_type: Option<String>,
     /// `None` when the body exceeded [`MAX_PAYLOAD`].
     body: Option<Vec<u8>>,
+    /// A streamed response that failed midway: its error type and error
+    /// object, from the trailers `Lambda-Runtime-Function-Error-Type` and
+    /// `Lambda-Runtime-Function-Error-Body` (base64).
+    stream_error: Option<StreamError>,
 }
+
+/// The error type and error object of a streamed response that failed.
+type StreamError = (String, Vec<u8>);
 
 /// Read one request; `Ok(None)` when the peer closed the connection cleanly.
 fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option<Request>> {
@@ -480,13 +495,17 @@ fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option
                 close: true,
                 error_type,
                 body: None,
+                stream_error: None,
             }));
         }
         w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         w.flush()?;
     }
+    let mut stream_error = None;
     let body = if chunked {
-        read_chunked(r)?
+        let (body, error) = read_chunked(r)?;
+        stream_error = error;
+        body
     } else if let Some(n) = content_length {
         if n > MAX_PAYLOAD {
             // Drain (bounded by the declared length) so the reply can be read.
@@ -506,12 +525,38 @@ fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option
         close,
         error_type,
         body,
+        stream_error,
     }))
+}
+
+/// A streamed response's error from its trailers, if they name one: the
+/// type, and the error object (the decoded `...-Error-Body` if it is a
+/// JSON object, else one made of the type and that text).
+fn stream_error(trailers: &[(String, String)]) -> Option<StreamError> {
+    use base64::Engine as _;
+    let find = |name: &str| {
+        trailers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let error_type = find("lambda-runtime-function-error-type")?.to_owned();
+    let raw = find("lambda-runtime-function-error-body").unwrap_or("");
+    let text = base64::engine::general_purpose::STANDARD
+        .decode(raw)
+        .unwrap_or_else(|_| raw.as_bytes().to_vec());
+    let body = match serde_json::from_slice::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Object(_)) => text,
+        _ => error_json(&error_type, &String::from_utf8_lossy(&text)),
+    };
+    Some((error_type, body))
 }
 
 /// Read a chunked body; `None` if it grows past [`MAX_PAYLOAD`] (the rest is
 /// still consumed, up to a hard bound, so the connection stays in sync).
-fn read_chunked<R: BufRead>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
+/// Also the error its trailers report, for a streamed response that failed
+/// midway (Lambda's response streaming).
+fn read_chunked<R: BufRead>(r: &mut R) -> io::Result<(Option<Vec<u8>>, Option<StreamError>)> {
     let mut body = Vec::new();
     let mut too_large = false;
     let mut consumed: usize = 0;
@@ -530,14 +575,21 @@ fn read_chunked<R: BufRead>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
         if size == 0 {
             // Trailers until an empty line.
+            let mut trailers = Vec::new();
             loop {
                 let mut t = Vec::new();
                 r.take(8192).read_until(b'\n', &mut t)?;
                 if t.is_empty() || t == b"\r\n" || t == b"\n" {
                     break;
                 }
+                if trailers.len() < 16
+                    && let Some((k, v)) = String::from_utf8_lossy(&t).split_once(':')
+                {
+                    trailers.push((k.trim().to_owned(), v.trim().to_owned()));
+                }
             }
-            return Ok(if too_large { None } else { Some(body) });
+            let body = if too_large { None } else { Some(body) };
+            return Ok((body, stream_error(&trailers)));
         }
         consumed = consumed.saturating_add(size);
         if consumed > 4 * MAX_PAYLOAD {
@@ -694,6 +746,78 @@ mod tests {
         );
         let got = roundtrip(&mut s, b"GET /nope HTTP/1.1\r\n\r\n");
         assert!(got.starts_with("HTTP/1.1 404"));
+    }
+
+    /// Lambda's response streaming: a chunked response whose trailers name
+    /// an error failed midway, so it is an error (its error object decoded
+    /// from base64), not the part of the answer that was sent; trailers
+    /// without an error leave the answer as it is.
+    #[test]
+    fn a_streamed_response_that_fails_midway_is_an_error() {
+        let (api, addr, rx) = server();
+        let mut s = TcpStream::connect(&addr).unwrap();
+        for id in ["s1", "s2", "s3"] {
+            api.push_invoke(Invocation {
+                request_id: id.into(),
+                deadline_ms: 1,
+                invoked_function_arn: String::new(),
+                trace_id: String::new(),
+                client_context: String::new(),
+                payload: Bytes::new(),
+            });
+            roundtrip(
+                &mut s,
+                b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n\r\n",
+            );
+            if id == "s1" {
+                // The runtime's first `next`: it is initialised.
+                assert!(matches!(rx.recv().unwrap(), Message::Ready { .. }));
+            }
+        }
+        let post = |id: &str, trailers: &str| {
+            format!(
+                "POST /2018-06-01/runtime/invocation/{id}/response HTTP/1.1\r\n\
+                 Lambda-Runtime-Function-Response-Mode: streaming\r\n\
+                 Trailer: Lambda-Runtime-Function-Error-Type\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n{trailers}\r\n"
+            )
+        };
+        // "disk full" and a JSON error object, base64-encoded.
+        let cases = [
+            (
+                "s1",
+                "Lambda-Runtime-Function-Error-Type: Runtime.StreamError\r\n\
+                 Lambda-Runtime-Function-Error-Body: ZGlzayBmdWxs\r\n",
+                Message::Error {
+                    request_id: "s1".into(),
+                    error_type: "Runtime.StreamError".into(),
+                    body: error_json("Runtime.StreamError", "disk full"),
+                },
+            ),
+            (
+                "s2",
+                "lambda-runtime-function-error-type: Oops\r\n\
+                 lambda-runtime-function-error-body: eyJlcnJvclR5cGUiOiJPb3BzIn0=\r\n",
+                Message::Error {
+                    request_id: "s2".into(),
+                    error_type: "Oops".into(),
+                    body: br#"{"errorType":"Oops"}"#.to_vec(),
+                },
+            ),
+            (
+                "s3",
+                "X-Other: 1\r\n",
+                Message::Response {
+                    request_id: "s3".into(),
+                    body: b"hello".to_vec(),
+                },
+            ),
+        ];
+        for (id, trailers, expected) in cases {
+            let got = roundtrip(&mut s, post(id, trailers).as_bytes());
+            assert!(got.starts_with("HTTP/1.1 202"), "{got}");
+            assert_eq!(rx.recv().unwrap(), expected, "{id}");
+        }
     }
 
     #[test]
