@@ -446,6 +446,15 @@ fn embedded_broker_produce_and_stop_when_idle() {
         "{}",
         run.log()
     );
+    // What the function cost: its calls, and the most memory a sandbox
+    // used (from its cgroup).
+    assert!(
+        log.iter().any(|l| l.starts_with("sluice: function f: ")
+            && l.contains(" invocations, 0 errors, ")
+            && l.contains("memory: a sandbox used at most ")),
+        "{}",
+        run.log()
+    );
     assert!(!log.iter().any(|l| l.contains("warning")), "{}", run.log());
     run.assert_saw_each_once(&lines);
 }

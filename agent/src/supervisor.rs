@@ -562,8 +562,11 @@ fn read_channel(
                 },
             ),
             Ok(Some(Message::Shutdown)) | Ok(None) => {
+                // The reaper sees bootstrap end and exits after the log
+                // relays forwarded what the function wrote before (its
+                // last lines may still be in the pipes; `finish`).
                 let _ = kill(child, Signal::SIGKILL);
-                std::process::exit(0);
+                return;
             }
             Ok(Some(other)) => {
                 eprintln!(

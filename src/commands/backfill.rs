@@ -716,38 +716,6 @@ pub fn progress_hook() -> ((Duration, TickHook), bool) {
     }
 }
 
-/// The function's memory, for the summary: the most a sandbox used (as
-/// Lambda's "Max Memory Used") against its `memory_mb`.
-pub struct MemoryUse {
-    /// Bytes, the most one sandbox used at once.
-    pub max_used: u64,
-    /// The function's limit.
-    pub memory_mb: u32,
-}
-
-impl MemoryUse {
-    /// The figures of `function` once `ex` has shut down (which reads the
-    /// memory of every sandbox it stops), where the backend can tell.
-    pub fn of(ex: &sluice_executor::Executor, function: &str, memory_mb: u32) -> Option<Self> {
-        let max_used = ex.stats(function).ok()?.max_memory_used?;
-        Some(Self {
-            max_used,
-            memory_mb,
-        })
-    }
-}
-
-impl std::fmt::Display for MemoryUse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "memory: a sandbox used at most {} MB of its {} MB",
-            self.max_used.div_ceil(1 << 20),
-            self.memory_mb
-        )
-    }
-}
-
 /// The exit code of a finished run, after printing its summary: 0 when
 /// every call succeeded, 1 when some failed within the tolerated failures,
 /// 3 when the job stopped on failures or was interrupted.
@@ -755,7 +723,7 @@ pub fn conclude(
     result: Result<Summary, BackfillError>,
     dead_letter: &Path,
     results: Option<&Path>,
-    memory: Option<MemoryUse>,
+    memory: Option<super::MemoryUse>,
 ) -> u8 {
     match result {
         Ok(s) => {
@@ -825,7 +793,7 @@ pub async fn run(pipeline: PathBuf, job: Option<String>, args: BackfillOptions) 
     if terminal {
         eprint!("\r\x1b[K");
     }
-    let memory = MemoryUse::of(&ex, &function, memory_mb);
+    let memory = super::MemoryUse::of(&ex, &function, memory_mb);
     conclude(result, &dead_letter, results.as_deref(), memory)
 }
 

@@ -126,3 +126,35 @@ pub fn load_function(
         }
     }
 }
+
+/// The function's memory, for the summary: the most a sandbox used (as
+/// Lambda's "Max Memory Used") against its `memory_mb`.
+pub struct MemoryUse {
+    /// Bytes, the most one sandbox used at once.
+    pub max_used: u64,
+    /// The function's limit.
+    pub memory_mb: u32,
+}
+
+impl MemoryUse {
+    /// The figures of `function` once `ex` has shut down (which reads the
+    /// memory of every sandbox it stops), where the backend can tell.
+    pub fn of(ex: &sluice_executor::Executor, function: &str, memory_mb: u32) -> Option<Self> {
+        let max_used = ex.stats(function).ok()?.max_memory_used?;
+        Some(Self {
+            max_used,
+            memory_mb,
+        })
+    }
+}
+
+impl std::fmt::Display for MemoryUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "memory: a sandbox used at most {} MB of its {} MB",
+            self.max_used.div_ceil(1 << 20),
+            self.memory_mb
+        )
+    }
+}

@@ -346,6 +346,24 @@ pub async fn run(args: RunArgs) -> u8 {
         _ => "records and objects",
     };
     crate::log_note!("stopped after {n} {what}");
+    // What each function cost, as a Lambda console would show it.
+    for (name, st) in executor.all_stats() {
+        if st.invocations == 0 {
+            continue;
+        }
+        let memory = p
+            .functions
+            .get(&name)
+            .and_then(|f| super::MemoryUse::of(&executor, &name, f.memory_mb))
+            .map(|m| format!("; {m}"))
+            .unwrap_or_default();
+        crate::log_note!(
+            "function {name}: {} invocations, {} errors, {} cold starts{memory}",
+            st.invocations,
+            st.errors,
+            st.cold_starts
+        );
+    }
     drop(embedded);
     code
 }
