@@ -169,30 +169,29 @@ pub fn function_log_sink(quiet: bool) -> LogSink {
 }
 
 /// Lambda's REPORT line of one invocation: `[function] REPORT ...`, or a
-/// JSON object with the figures as typed fields (as Lambda's
-/// `platform.report` record).
+/// JSON object with the figures as typed fields, named as the
+/// `sluice::report` tracing event names them under `sluice run`.
 pub fn print_report(r: &Report) {
     match format() {
         LogFormat::Text => eprintln!("[{}] {r}", r.function),
         LogFormat::Json => {
-            let ms = |d: std::time::Duration| json!((d.as_secs_f64() * 1e5).round() / 1e2);
             let (status, error_type) = r.status.parts();
             let mut fields = vec![
                 ("function", Value::from(r.function.as_str())),
-                ("requestId", r.request_id.as_str().into()),
-                ("durationMs", ms(r.duration)),
-                ("billedDurationMs", r.billed_ms().into()),
-                ("memorySizeMB", r.memory_mb.into()),
+                ("request_id", r.request_id.as_str().into()),
+                ("duration_ms", json!(r.duration_ms())),
+                ("billed_duration_ms", r.billed_ms().into()),
+                ("memory_size_mb", r.memory_mb.into()),
             ];
             if let Some(b) = r.max_memory_used {
-                fields.push(("maxMemoryUsedMB", b.div_ceil(1 << 20).into()));
+                fields.push(("max_memory_used_mb", b.div_ceil(1 << 20).into()));
             }
-            if let Some(i) = r.init_duration {
-                fields.push(("initDurationMs", ms(i)));
+            if let Some(i) = r.init_duration_ms() {
+                fields.push(("init_duration_ms", json!(i)));
             }
             fields.push(("status", status.into()));
             if let Some(e) = error_type {
-                fields.push(("errorType", e.into()));
+                fields.push(("error_type", e.into()));
             }
             eprintln!(
                 "{}",

@@ -297,13 +297,16 @@ fn json_logs_are_one_object_per_line() {
         .find(|o| o["target"] == "sluice::report")
         .unwrap_or_else(|| panic!("{err}"));
     assert_eq!(report["status"], "error", "{report}");
-    assert_eq!(report["errorType"], "ValueError", "{report}");
-    assert_eq!(report["memorySizeMB"], 128, "{report}");
+    assert_eq!(report["error_type"], "ValueError", "{report}");
+    assert_eq!(report["memory_size_mb"], 128, "{report}");
     assert!(
-        report["durationMs"].is_f64() && report["billedDurationMs"].is_u64(),
+        report["duration_ms"].is_f64() && report["billed_duration_ms"].is_u64(),
         "{report}"
     );
-    assert!(report["initDurationMs"].is_f64(), "a cold start: {report}");
+    assert!(
+        report["init_duration_ms"].is_f64(),
+        "a cold start: {report}"
+    );
 
     let out = run(
         sluice()

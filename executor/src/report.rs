@@ -93,6 +93,17 @@ impl Report {
         d.as_nanos().div_ceil(1_000_000) as u64
     }
 
+    /// The invocation's duration in milliseconds, to 0.01 ms (as the line
+    /// shows it).
+    pub fn duration_ms(&self) -> f64 {
+        round_ms(self.duration)
+    }
+
+    /// The initialisation's duration in milliseconds, to 0.01 ms.
+    pub fn init_duration_ms(&self) -> Option<f64> {
+        self.init_duration.map(round_ms)
+    }
+
     /// The report as a `tracing` event at debug level, target
     /// [`REPORT_TARGET`]: the line as its message, the figures as typed
     /// fields.
@@ -102,11 +113,11 @@ impl Report {
             target: REPORT_TARGET,
             function = %self.function,
             request_id = %self.request_id,
-            duration_ms = ms(self.duration),
+            duration_ms = self.duration_ms(),
             billed_duration_ms = self.billed_ms(),
             memory_size_mb = self.memory_mb,
             max_memory_used_mb = self.max_memory_used.map(|b| b.div_ceil(1 << 20)),
-            init_duration_ms = self.init_duration.map(ms),
+            init_duration_ms = self.init_duration_ms(),
             status,
             error_type,
             "{self}"
@@ -116,6 +127,10 @@ impl Report {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+fn round_ms(d: Duration) -> f64 {
+    (ms(d) * 100.0).round() / 100.0
 }
 
 impl fmt::Display for Report {
