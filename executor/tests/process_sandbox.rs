@@ -225,6 +225,49 @@ async fn each_call_reports_its_duration_and_the_sandboxs_peak_memory() {
     ex.shutdown().await;
 }
 
+/// Without cgroups (a laptop where sluice is not root), Max Memory Used is
+/// estimated from the sandbox's processes' own peaks (`VmHWM`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cgroups_the_peak_memory_comes_from_the_processes() {
+    use sluice_executor::process::CgroupSupport;
+    let f = function_fixture("misbehave");
+    let cfg = ProcessConfig {
+        cgroups: CgroupSupport::None {
+            reason: "the test asks for none".into(),
+        },
+        ..ProcessConfig::detect(agent_binary())
+    };
+    let ex = Executor::new(Arc::new(ProcessBackend::new(cfg)));
+    let mut s = spec("hog", &f);
+    s.memory_mb = 1024;
+    ex.register(s);
+    const MB: u64 = 1 << 20;
+    let (r, before) = ex
+        .invoke_reported(
+            "hog",
+            json!({"action": "echo"}).to_string(),
+            InvokeOptions::default(),
+        )
+        .await;
+    r.unwrap();
+    let base = before.unwrap().max_memory_used.expect("an estimate");
+    let (r, after) = ex
+        .invoke_reported(
+            "hog",
+            json!({"action": "alloc", "mb": 48}).to_string(),
+            InvokeOptions::default(),
+        )
+        .await;
+    r.unwrap();
+    let peak = after.unwrap().max_memory_used.unwrap();
+    assert!(base > 0 && base < 64 * MB, "{base}");
+    assert!(
+        peak >= base + 48 * MB && peak < 512 * MB,
+        "{base} then {peak}"
+    );
+    ex.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_bomb_is_contained() {
     let f = function_fixture("misbehave");

@@ -186,3 +186,52 @@ impl SandboxCgroup {
         Ok(())
     }
 }
+
+/// Without cgroups: the peak resident memory of the processes below `root`
+/// (the sandbox's agent), summed over each one's own peak (`VmHWM` in
+/// `/proc/PID/status`). An estimate: peaks reached at different times add
+/// up, and processes that already ended are not counted. The process tree
+/// comes from each process's parent in `/proc/PID/stat` (a scan of
+/// `/proc`, so it is read only when a report wants it).
+pub fn process_tree_peak_memory(root: u32) -> Option<u64> {
+    if root == 0 {
+        return None;
+    }
+    let mut children: std::collections::HashMap<u32, Vec<u32>> = Default::default();
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `PID (COMM) STATE PPID ...`: COMM may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut total = 0u64;
+    let mut seen = false;
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status"))
+            && let Some(kb) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            total += kb * 1024;
+            seen = true;
+        }
+        stack.extend(children.get(&pid).into_iter().flatten());
+    }
+    seen.then_some(total)
+}

@@ -486,7 +486,11 @@ impl Sandbox for ProcessSandbox {
     }
 
     fn max_memory_used(&self) -> Option<u64> {
-        self.cgroup.as_ref().and_then(SandboxCgroup::peak_memory)
+        match &self.cgroup {
+            Some(cg) => cg.peak_memory(),
+            None if !self.dead => cgroup::process_tree_peak_memory(self.pid),
+            None => None,
+        }
     }
 
     async fn shutdown(mut self: Box<Self>) {
