@@ -4,7 +4,8 @@
 #   2. builds sluice, its agent and the example functions,
 #   3. packages each Rust function as <folder>/bootstrap (as `cargo lambda` would),
 #   4. checks the machine (`sluice doctor`) and the pipeline (`sluice validate`),
-#   5. invokes each example function.
+#   5. invokes each example function, runs the triggers, a backfill, a
+#      MapReduce job and a stateful fold, and makes a function with `sluice new`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,4 +66,9 @@ $SLUICE state show examples/state/pipeline.toml --trigger sums
 echo; echo "== the same fold as a backfill (sluice backfill examples/state/pipeline.toml sums-backfill)"
 $SLUICE backfill examples/state/pipeline.toml sums-backfill -q
 $SLUICE state show examples/state/pipeline.toml --trigger sums-backfill
+echo; echo "== your own function: sluice new hello (in a scratch folder), then sluice invoke"
+scratch=$(mktemp -d)
+$SLUICE new hello --pipeline "$scratch/pipeline.toml"
+$SLUICE invoke --pipeline "$scratch/pipeline.toml" hello --payload '{"hello": "world"}'
+rm -rf "$scratch"
 echo; echo "Done. Try: $SLUICE bench invoke"
