@@ -430,6 +430,9 @@ pub struct MicrovmSandbox {
     dead: bool,
     init: Duration,
     init_timeout: Duration,
+    /// The guest's RAM (kept mapped while the sandbox lives), for
+    /// [`Sandbox::max_memory_used`].
+    memory: sluice_vmm::GuestMemoryMmap,
 }
 
 impl std::fmt::Debug for MicrovmSandbox {
@@ -611,6 +614,7 @@ impl MicrovmSandbox {
         let (mut vm, channel) = built.map_err(|e| sandbox_err(&function, e))?;
         let stopper = vm.stopper();
         let snapshotter = vm.snapshotter();
+        let memory = vm.memory().clone();
         let (end_tx, ended) = oneshot::channel();
         let vm_name = setup.vm_name.clone();
         let monitor = std::thread::Builder::new()
@@ -673,6 +677,7 @@ impl MicrovmSandbox {
             dead: false,
             init: Duration::ZERO,
             init_timeout: setup.spec.init_timeout,
+            memory,
         })
     }
 
@@ -821,6 +826,13 @@ impl Sandbox for MicrovmSandbox {
 
     fn init_duration(&self) -> Duration {
         self.init
+    }
+
+    /// The guest RAM it has touched (its pages present in the VMM's
+    /// mappings): what the guest kernel, the agent and the function use,
+    /// page cache included, as a VM's peak.
+    fn max_memory_used(&self) -> Option<u64> {
+        sluice_vmm::memory::resident_bytes(&self.memory).ok()
     }
 
     async fn shutdown(mut self: Box<Self>) {

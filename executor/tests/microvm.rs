@@ -257,6 +257,10 @@ async fn invocations_run_end_to_end_over_the_virtio_console_of_a_real_vm() {
     let mut sb = boot(dir.path(), script, Then::Spin, &logs).await.unwrap();
     assert!(sb.is_reusable());
     assert!(sb.init_duration() > Duration::ZERO);
+    // Max Memory Used: the guest RAM the tiny guest and its loading
+    // touched, some pages of its 16 MiB.
+    let touched = sb.max_memory_used().expect("pagemap is readable");
+    assert!((4096..16 << 20).contains(&touched), "{touched}");
     // The serial console's line, then the agent's log frame.
     assert_eq!(
         logs.lines(),

@@ -114,3 +114,5 @@ pub mod x86_64;
 
 pub use snapshot::{Snapshot, SnapshotError, SnapshotInfo};
 pub use vm::{Boot, ExitReason, Vm, VmBuilder, VmConfig, VmError, VmExit, VmState};
+/// Guest RAM as `vm-memory` maps it (re-exported for users of [`Vm::memory`]).
+pub use vm_memory::GuestMemoryMmap;

@@ -12,7 +12,9 @@
 //! RAM larger than [`MMIO_GAP_START`] is split in two regions around the
 //! MMIO gap, so devices never alias RAM.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 /// The GDT built by [`crate::x86_64`].
 pub const GDT_START: u64 = 0x500;
@@ -102,9 +104,76 @@ pub fn ram_size(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
 
+/// How much of `mem` has been touched: its pages present (or swapped out)
+/// in this process's page tables, from `/proc/self/pagemap` (its flags are
+/// readable without privileges). The guest's own accesses fault pages into
+/// these same mappings, and a guest does not hand memory back (no
+/// balloon), so the figure only grows: the VM's peak, Lambda's "Max
+/// Memory Used". A restored clone (a private file mapping) counts only the
+/// pages it touched, not the snapshot's pages sitting in the page cache.
+pub fn resident_bytes(mem: &GuestMemoryMmap) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt as _;
+    const PAGE: u64 = 4096;
+    /// Bit 63: present; bit 62: swapped.
+    const TOUCHED: u64 = 3 << 62;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut total = 0;
+    for region in mem.iter() {
+        // The address only: nothing is read or written through it.
+        let start = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(std::io::Error::other)? as u64;
+        let pages = region.len() / PAGE;
+        let mut done = 0;
+        while done < pages {
+            let n = (pages - done).min(4096);
+            let entries = &mut buf[..(n * 8) as usize];
+            pagemap.read_exact_at(entries, (start / PAGE + done) * 8)?;
+            total += entries
+                .chunks_exact(8)
+                .filter(|e| {
+                    let mut word = [0u8; 8];
+                    word.copy_from_slice(e);
+                    u64::from_le_bytes(word) & TOUCHED != 0
+                })
+                .count() as u64
+                * PAGE;
+            done += n;
+        }
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resident_bytes_counts_the_pages_touched_and_only_grows() {
+        use vm_memory::Bytes;
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let untouched = resident_bytes(&mem).unwrap();
+        assert!(untouched < 1 << 20, "{untouched}");
+        // 300 pages written, spread over the RAM.
+        for i in 0..300u64 {
+            mem.write_slice(&[1], GuestAddress(i * 3 * 4096 + 17))
+                .unwrap();
+        }
+        let touched = resident_bytes(&mem).unwrap();
+        assert!(
+            touched >= untouched + 300 * 4096,
+            "{untouched} then {touched}"
+        );
+        assert!(
+            touched < untouched + 320 * 4096,
+            "{untouched} then {touched}"
+        );
+        // Reading them again touches nothing new.
+        let mut b = [0u8; 1];
+        mem.read_slice(&mut b, GuestAddress(17)).unwrap();
+        assert_eq!(resident_bytes(&mem).unwrap(), touched);
+    }
 
     #[test]
     fn small_memory_is_one_region() {
