@@ -78,6 +78,10 @@ impl Channel {
     }
 }
 
+/// `AWS_REGION` inside sandboxes: the region of the ARNs sluice gives
+/// functions (`arn:aws:lambda:sluice-local:...`).
+const SLUICE_REGION: &str = "sluice-local";
+
 fn fatal<W: Write + ?Sized>(wr: &mut W, message: String) -> u8 {
     eprintln!("sluice-agent: {message}");
     let _ = write_message(wr, &Message::Fatal { message });
@@ -266,6 +270,15 @@ fn serve(
         .env("AWS_LAMBDA_LOG_GROUP_NAME", &cfg.log_group)
         .env("AWS_LAMBDA_LOG_STREAM_NAME", &cfg.log_stream)
         .env("AWS_EXECUTION_ENV", "sluice")
+        // The region of the function's ARN. SDK clients made at init (say
+        // boto3.client("s3") at module level) need one, even if the code
+        // path under test never calls them; the pipeline's `env` may set
+        // another.
+        .env("AWS_REGION", SLUICE_REGION)
+        .env("AWS_DEFAULT_REGION", SLUICE_REGION)
+        // "snap-start" (from the host's `env`) when restored from a
+        // function snapshot.
+        .env("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")
         .env("LAMBDA_TASK_ROOT", task_root)
         .env("LAMBDA_RUNTIME_DIR", "/var/runtime")
         .env("_HANDLER", &cfg.handler)

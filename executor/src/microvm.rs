@@ -294,6 +294,21 @@ impl SandboxSetup {
         }
     }
 
+    /// The function's environment: with snapshots, its runtime may be
+    /// restored into many VMs, as Lambda's SnapStart, whose
+    /// `AWS_LAMBDA_INITIALIZATION_TYPE` it gets; then the pipeline's `env`.
+    fn env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::with_capacity(self.spec.env.len() + 1);
+        if self.spec.snapshot {
+            env.push((
+                "AWS_LAMBDA_INITIALIZATION_TYPE".to_owned(),
+                "snap-start".to_owned(),
+            ));
+        }
+        env.extend(self.spec.env.iter().cloned());
+        env
+    }
+
     /// The `Start` frame's configuration: the VM is the sandbox, so no
     /// isolation, no host paths and no rlimits; the function's folder is
     /// [`GUEST_TASK_ROOT`].
@@ -314,7 +329,7 @@ impl SandboxSetup {
             rlimit_nproc: 0,
             rlimit_as_bytes: 0,
             runtime_api_port: 9001,
-            env: spec.env.clone(),
+            env: self.env(),
             run_as: None,
             isolate: false,
         }

@@ -913,3 +913,31 @@ async fn linux_tier_the_echo_function_answers_through_the_microvm_backend() {
     ex.invoke("echo", payload.clone()).await.unwrap();
     assert_eq!(ex.stats("echo").unwrap().cold_starts, 1);
 }
+
+/// A function restored from snapshots is told so, as Lambda's SnapStart
+/// tells its functions (`AWS_LAMBDA_INITIALIZATION_TYPE`); the pipeline's
+/// `env` follows.
+#[test]
+fn a_snapshotted_function_is_told_it_is_snap_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec(dir.path());
+    s.env = vec![("GREETING".into(), "hi".into())];
+    let logs = Logs::default();
+    for (snapshot, expected) in [
+        (
+            true,
+            vec![
+                ("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start"),
+                ("GREETING", "hi"),
+            ],
+        ),
+        (false, vec![("GREETING", "hi")]),
+    ] {
+        s.snapshot = snapshot;
+        let env = SandboxSetup::new(&s, "t", logs.sink(), 1, 1000)
+            .start_config()
+            .env;
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(env, expected, "snapshot = {snapshot}");
+    }
+}

@@ -474,6 +474,10 @@ async fn the_lambda_environment_is_set() {
     assert_eq!(env["_HANDLER"], "my.handler");
     assert_eq!(env["LAMBDA_TASK_ROOT"], "/var/task");
     assert_eq!(env["GREETING"], "hi");
+    // What SDK clients made at init need, and Lambda's initialization type.
+    assert_eq!(env["AWS_REGION"], "sluice-local");
+    assert_eq!(env["AWS_DEFAULT_REGION"], "sluice-local");
+    assert_eq!(env["AWS_LAMBDA_INITIALIZATION_TYPE"], "on-demand");
     for k in [
         "AWS_LAMBDA_RUNTIME_API",
         "AWS_LAMBDA_FUNCTION_VERSION",
