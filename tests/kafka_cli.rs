@@ -85,6 +85,15 @@ impl Sluice {
 
     /// Asserts that the function saw exactly `want`'s values, each once,
     /// in any order.
+    /// Some stderr line satisfies `pred`; the whole log otherwise.
+    fn assert_logged(&self, pred: impl Fn(&str) -> bool) {
+        assert!(
+            self.process.stderr().iter().any(|l| pred(l)),
+            "{}",
+            self.log()
+        );
+    }
+
     fn assert_saw_each_once<S: AsRef<str>>(&self, want: &[S]) {
         let mut seen: Vec<String> = self.seen().into_iter().map(|(_, v)| v).collect();
         seen.sort();
@@ -435,26 +444,16 @@ fn embedded_broker_produce_and_stop_when_idle() {
     let mut run = produce_and_run(&pipeline, &data);
     let status = run.wait_exit();
     assert_eq!(status.code(), Some(0), "{}", run.log());
-    let log = run.process.stderr();
-    assert!(
-        log.iter().any(|l| l.contains("loaded 25 records")),
-        "{}",
-        run.log()
-    );
-    assert!(
-        log.iter().any(|l| l.contains("stopped after 25 records")),
-        "{}",
-        run.log()
-    );
+    run.assert_logged(|l| l.contains("loaded 25 records"));
+    run.assert_logged(|l| l.contains("stopped after 25 records"));
     // What the function cost: its calls, and the most memory a sandbox
     // used (from its cgroup).
-    assert!(
-        log.iter().any(|l| l.starts_with("sluice: function f: ")
+    run.assert_logged(|l| {
+        l.starts_with("sluice: function f: ")
             && l.contains(" invocations, 0 errors, ")
-            && l.contains("memory: a sandbox used at most ")),
-        "{}",
-        run.log()
-    );
+            && l.contains("memory: a sandbox used at most ")
+    });
+    let log = run.process.stderr();
     assert!(!log.iter().any(|l| l.contains("warning")), "{}", run.log());
     run.assert_saw_each_once(&lines);
 }
@@ -809,17 +808,8 @@ on_failure = "in-failed"
     let status = run.wait_exit();
     assert_eq!(status.code(), Some(0), "{}", run.log());
     run.assert_saw_each_once(&lines);
-    let log = run.process.stderr();
-    assert!(
-        log.iter()
-            .any(|l| l.contains("records written to the on-failure topic")
-                && l.contains("records=1")),
-        "{}",
-        run.log()
-    );
-    assert!(
-        log.iter().any(|l| l.contains("stopped after 21 records")),
-        "{}",
-        run.log()
-    );
+    run.assert_logged(|l| {
+        l.contains("records written to the on-failure topic") && l.contains("records=1")
+    });
+    run.assert_logged(|l| l.contains("stopped after 21 records"));
 }

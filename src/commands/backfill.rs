@@ -793,7 +793,10 @@ pub async fn run(pipeline: PathBuf, job: Option<String>, args: BackfillOptions) 
     if terminal {
         eprint!("\r\x1b[K");
     }
-    let memory = super::MemoryUse::of(&ex, &function, memory_mb);
+    let memory = ex
+        .stats(&function)
+        .ok()
+        .and_then(|st| super::MemoryUse::of(&st, memory_mb));
     conclude(result, &dead_letter, results.as_deref(), memory)
 }
 

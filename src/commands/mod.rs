@@ -137,12 +137,12 @@ pub struct MemoryUse {
 }
 
 impl MemoryUse {
-    /// The figures of `function` once `ex` has shut down (which reads the
-    /// memory of every sandbox it stops), where the backend can tell.
-    pub fn of(ex: &sluice_executor::Executor, function: &str, memory_mb: u32) -> Option<Self> {
-        let max_used = ex.stats(function).ok()?.max_memory_used?;
+    /// The figures of a function from its stats, read once its executor
+    /// has shut down (which reads the memory of every sandbox it stops),
+    /// where the backend can tell.
+    pub fn of(stats: &sluice_executor::FunctionStats, memory_mb: u32) -> Option<Self> {
         Some(Self {
-            max_used,
+            max_used: stats.max_memory_used?,
             memory_mb,
         })
     }

@@ -354,7 +354,7 @@ pub async fn run(args: RunArgs) -> u8 {
         let memory = p
             .functions
             .get(&name)
-            .and_then(|f| super::MemoryUse::of(&executor, &name, f.memory_mb))
+            .and_then(|f| super::MemoryUse::of(&st, f.memory_mb))
             .map(|m| format!("; {m}"))
             .unwrap_or_default();
         crate::log_note!(
