@@ -9,7 +9,7 @@
 use std::sync::{Arc, OnceLock};
 
 use serde_json::{Value, json};
-use sluice_executor::{LogLine, LogSink, LogStream, Report};
+use sluice_executor::{InitReport, LogLine, LogSink, LogStream, Report, Reported};
 
 /// The format of everything written to stderr.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -168,35 +168,58 @@ pub fn function_log_sink(quiet: bool) -> LogSink {
     }
 }
 
-/// Lambda's REPORT line of one invocation: `[function] REPORT ...`, or a
-/// JSON object with the figures as typed fields, named as the
-/// `sluice::report` tracing event names them under `sluice run`.
-pub fn print_report(r: &Report) {
+/// Lambda's REPORT line of one invocation (or the INIT_REPORT of a failed
+/// initialisation): `[function] REPORT ...`, or a JSON object with the
+/// figures as typed fields, named as the `sluice::report` tracing event
+/// names them under `sluice run`.
+pub fn print_report(r: &Reported) {
     match format() {
-        LogFormat::Text => eprintln!("[{}] {r}", r.function),
+        LogFormat::Text => eprintln!("[{}] {r}", r.function()),
         LogFormat::Json => {
-            let (status, error_type) = r.status.parts();
-            let mut fields = vec![
-                ("function", Value::from(r.function.as_str())),
-                ("request_id", r.request_id.as_str().into()),
-                ("duration_ms", json!(r.duration_ms())),
-                ("billed_duration_ms", r.billed_ms().into()),
-                ("memory_size_mb", r.memory_mb.into()),
-            ];
-            if let Some(b) = r.max_memory_used {
-                fields.push(("max_memory_used_mb", b.div_ceil(1 << 20).into()));
-            }
-            if let Some(i) = r.init_duration_ms() {
-                fields.push(("init_duration_ms", json!(i)));
-            }
-            fields.push(("status", status.into()));
-            if let Some(e) = error_type {
-                fields.push(("error_type", e.into()));
-            }
+            let fields = match r {
+                Reported::Invocation(r) => report_fields(r),
+                Reported::Init(r) => init_report_fields(r),
+            };
             eprintln!(
                 "{}",
                 json_line("INFO", "sluice::report", &r.to_string(), &fields)
             );
         }
     }
+}
+
+fn report_fields(r: &Report) -> Vec<(&'static str, Value)> {
+    let (status, error_type) = r.status.parts();
+    let mut fields = vec![
+        ("function", Value::from(r.function.as_str())),
+        ("request_id", r.request_id.as_str().into()),
+        ("duration_ms", json!(r.duration_ms())),
+        ("billed_duration_ms", r.billed_ms().into()),
+        ("memory_size_mb", r.memory_mb.into()),
+    ];
+    if let Some(b) = r.max_memory_used {
+        fields.push(("max_memory_used_mb", b.div_ceil(1 << 20).into()));
+    }
+    if let Some(i) = r.init_duration_ms() {
+        fields.push(("init_duration_ms", json!(i)));
+    }
+    fields.push(("status", status.into()));
+    if let Some(e) = error_type {
+        fields.push(("error_type", e.into()));
+    }
+    fields
+}
+
+fn init_report_fields(r: &InitReport) -> Vec<(&'static str, Value)> {
+    let (status, error_type) = r.status.parts();
+    let mut fields = vec![
+        ("function", Value::from(r.function.as_str())),
+        ("init_duration_ms", json!(r.init_duration_ms())),
+        ("phase", "init".into()),
+        ("status", status.into()),
+    ];
+    if let Some(e) = error_type {
+        fields.push(("error_type", e.into()));
+    }
+    fields
 }

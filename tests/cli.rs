@@ -240,11 +240,18 @@ fn a_python_handler_runs_unchanged() {
 
     let out = invoke("missing", "{}");
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("Runtime.ImportModuleError"), "{err}");
+    // Lambda's INIT_REPORT, as there was no invocation to REPORT on.
+    let init = err
+        .lines()
+        .find(|l| l.starts_with("[missing] INIT_REPORT Init Duration: "))
+        .unwrap_or_else(|| panic!("{err}"));
     assert!(
-        text(&out.stderr).contains("Runtime.ImportModuleError"),
-        "{}",
-        text(&out.stderr)
+        init.ends_with(" ms\tPhase: init\tStatus: error\tError Type: Runtime.ImportModuleError"),
+        "{init}"
     );
+    assert!(!err.contains("REPORT RequestId"), "{err}");
 }
 
 /// `--log-format json` (or `SLUICE_LOG_FORMAT=json`): every stderr line is
@@ -256,7 +263,10 @@ fn json_logs_are_one_object_per_line() {
     let tmp = tempfile::tempdir().unwrap();
     let p = pipeline(
         tmp.path(),
-        &[("py", &python, "handler = \"handler.handler\"")],
+        &[
+            ("py", &python, "handler = \"handler.handler\""),
+            ("missing", &python, "handler = \"nothere.handler\""),
+        ],
     );
     // The handler raises on an event it does not know: a traceback on
     // stderr, then the error object.
@@ -307,6 +317,26 @@ fn json_logs_are_one_object_per_line() {
         report["init_duration_ms"].is_f64(),
         "a cold start: {report}"
     );
+
+    // A failed initialisation's INIT_REPORT.
+    let out = run(
+        sluice()
+            .args(["--log-format", "json", "invoke", "-p"])
+            .arg(&p)
+            .args(["missing", "--payload", "{}"]),
+        None,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let init: serde_json::Value = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|o| o["target"] == "sluice::report")
+        .unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(init["phase"], "init", "{init}");
+    assert_eq!(init["status"], "error", "{init}");
+    assert_eq!(init["error_type"], "Runtime.ImportModuleError", "{init}");
+    assert!(init["init_duration_ms"].is_f64(), "{init}");
 
     let out = run(
         sluice()

@@ -103,7 +103,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Fault, InvokeError, SandboxError};
 pub use logs::{LogLine, LogRateLimiter, tracing_sink};
 pub use pool::{Executor, FunctionStats, InvokeOptions, Maintenance, PoolConfig, Response};
-pub use report::{REPORT_TARGET, Report, ReportStatus};
+pub use report::{InitReport, REPORT_TARGET, Report, ReportStatus, Reported};
 pub use sluice_protocol::{ATTACHMENT_PATH, LogStream, MAX_ATTACHMENT};
 pub use spec::FunctionSpec;
 

@@ -13,7 +13,7 @@ use crate::backend::{Backend, Invocation, LogSink, Sandbox};
 use crate::clock::{Clock, SystemClock};
 use crate::logs::tracing_sink;
 use crate::prewarm::{Arrivals, Phase};
-use crate::report::{REPORT_TARGET, Report, ReportStatus};
+use crate::report::{InitReport, REPORT_TARGET, Report, ReportStatus, Reported};
 use crate::{FunctionSpec, InvokeError};
 
 /// How often [`FunctionStats::max_memory_used`] is refreshed.
@@ -542,14 +542,15 @@ impl Executor {
     }
 
     /// Invoke with options, and also hand back Lambda's `REPORT` of the
-    /// invocation when it reached a sandbox (not when it was refused,
-    /// throttled, or its sandbox failed to start).
+    /// invocation when it reached a sandbox, or the `INIT_REPORT` of the
+    /// sandbox whose initialisation failed for it (nothing when the call
+    /// was refused or throttled, or sluice's own machinery failed).
     pub async fn invoke_reported(
         &self,
         function: &str,
         payload: impl Into<Vec<u8>>,
         opts: InvokeOptions,
-    ) -> (Result<Response, InvokeError>, Option<Report>) {
+    ) -> (Result<Response, InvokeError>, Option<Reported>) {
         let mut report = Some(None);
         let result = self
             .invoke_inner(function, payload.into(), opts, &mut report)
@@ -564,7 +565,7 @@ impl Executor {
         function: &str,
         payload: Vec<u8>,
         opts: InvokeOptions,
-        report: &mut Option<Option<Report>>,
+        report: &mut Option<Option<Reported>>,
     ) -> Result<Response, InvokeError> {
         let state = self.state(function)?;
         if payload.len() > MAX_PAYLOAD {
@@ -625,6 +626,7 @@ impl Executor {
                     self.stop_in_background(old);
                 }
                 shared.cold.fetch_add(1, Ordering::Relaxed);
+                let starting = Instant::now();
                 let sb = match self
                     .inner
                     .backend
@@ -634,6 +636,12 @@ impl Executor {
                     Ok(sb) => sb,
                     Err(e) => {
                         shared.errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(r) = InitReport::of(&spec.name, starting.elapsed(), &e) {
+                            r.trace();
+                            if let Some(slot) = report {
+                                *slot = Some(Reported::Init(r));
+                            }
+                        }
                         return Err(e);
                     }
                 };
@@ -694,7 +702,7 @@ impl Executor {
             };
             r.trace();
             if let Some(slot) = report {
-                *slot = Some(r);
+                *slot = Some(Reported::Invocation(r));
             }
         }
         result.map(|payload| Response {

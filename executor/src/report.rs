@@ -7,6 +7,10 @@
 //! prints it, and under `sluice run` (or a backfill) it is a `tracing` event
 //! at debug level, target `sluice::report`
 //! (`RUST_LOG=sluice::report=debug`).
+//!
+//! An initialisation that fails gets Lambda's `INIT_REPORT` line instead
+//! (`INIT_REPORT Init Duration: 12.31 ms\tPhase: init\tStatus: error\tError
+//! Type: Runtime.ExitError`): there was no invocation to report on.
 
 use std::fmt;
 use std::time::Duration;
@@ -125,6 +129,120 @@ impl Report {
     }
 }
 
+/// Lambda's `INIT_REPORT` of a sandbox whose initialisation failed: how long
+/// it ran and how it ended. (A successful initialisation shows in the first
+/// call's `REPORT` as `Init Duration`.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitReport {
+    /// Function name.
+    pub function: String,
+    /// From the sandbox's start to its failure.
+    pub init_duration: Duration,
+    /// [`ReportStatus::Timeout`] or [`ReportStatus::Error`].
+    pub status: ReportStatus,
+}
+
+impl InitReport {
+    /// The report of a sandbox start that failed with `error` after
+    /// `init_duration`, if the function is the one that failed (its code
+    /// exited, posted `/init/error`, ran out of time or memory); `None` for
+    /// a failure of sluice's own machinery, which Lambda would not report.
+    pub fn of(function: &str, init_duration: Duration, error: &InvokeError) -> Option<Self> {
+        let status = match error {
+            InvokeError::InitFailed { error_type, .. } if error_type == "Runtime.InitTimeout" => {
+                ReportStatus::Timeout
+            }
+            InvokeError::InitFailed { .. }
+            | InvokeError::OutOfMemory { .. }
+            | InvokeError::SandboxCrashed { .. } => ReportStatus::Error {
+                error_type: error.error_type().to_owned(),
+            },
+            InvokeError::Timeout { .. } => ReportStatus::Timeout,
+            _ => return None,
+        };
+        Some(Self {
+            function: function.to_owned(),
+            init_duration,
+            status,
+        })
+    }
+
+    /// The initialisation's duration in milliseconds, to 0.01 ms.
+    pub fn init_duration_ms(&self) -> f64 {
+        round_ms(self.init_duration)
+    }
+
+    /// The report as a `tracing` event at debug level, target
+    /// [`REPORT_TARGET`], as [`Report::trace`].
+    pub fn trace(&self) {
+        let (status, error_type) = self.status.parts();
+        tracing::debug!(
+            target: REPORT_TARGET,
+            function = %self.function,
+            init_duration_ms = self.init_duration_ms(),
+            phase = "init",
+            status,
+            error_type,
+            "{self}"
+        );
+    }
+}
+
+impl fmt::Display for InitReport {
+    /// Lambda's layout, tab-separated.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "INIT_REPORT Init Duration: {:.2} ms\tPhase: init",
+            ms(self.init_duration)
+        )?;
+        match &self.status {
+            ReportStatus::Timeout => write!(f, "\tStatus: timeout"),
+            ReportStatus::Error { error_type } | ReportStatus::Handled { error_type } => {
+                write!(f, "\tStatus: error\tError Type: {error_type}")
+            }
+            ReportStatus::Done => write!(f, "\tStatus: success"),
+        }
+    }
+}
+
+/// What [`crate::Executor::invoke_reported`] hands back: the invocation's
+/// `REPORT`, or the `INIT_REPORT` of the sandbox that failed to start for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reported {
+    /// The call reached a sandbox.
+    Invocation(Report),
+    /// The sandbox's initialisation failed; there was no invocation.
+    Init(InitReport),
+}
+
+impl Reported {
+    /// The invocation's report, if the call reached a sandbox.
+    pub fn invocation(self) -> Option<Report> {
+        match self {
+            Self::Invocation(r) => Some(r),
+            Self::Init(_) => None,
+        }
+    }
+
+    /// The function reported on.
+    pub fn function(&self) -> &str {
+        match self {
+            Self::Invocation(r) => &r.function,
+            Self::Init(r) => &r.function,
+        }
+    }
+}
+
+impl fmt::Display for Reported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Invocation(r) => r.fmt(f),
+            Self::Init(r) => r.fmt(f),
+        }
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -239,5 +357,31 @@ mod tests {
             ..report()
         };
         assert!(r.to_string().ends_with("Max Memory Used: 63 MB"), "{r}");
+    }
+
+    #[test]
+    fn a_failed_initialisation_reads_like_lambdas_init_report() {
+        let d = Duration::from_micros(12_306);
+        let exited = InvokeError::InitFailed {
+            function: "echo".into(),
+            error_type: "Runtime.ExitError".into(),
+            message: "exit status 3".into(),
+        };
+        assert_eq!(
+            InitReport::of("echo", d, &exited).unwrap().to_string(),
+            "INIT_REPORT Init Duration: 12.31 ms\tPhase: init\tStatus: error\t\
+             Error Type: Runtime.ExitError"
+        );
+        let timed_out = InvokeError::InitFailed {
+            function: "echo".into(),
+            error_type: "Runtime.InitTimeout".into(),
+            message: "no next within 10s".into(),
+        };
+        let r = InitReport::of("echo", d, &timed_out).unwrap();
+        assert!(r.to_string().ends_with("\tStatus: timeout"), "{r}");
+        assert_eq!(r.init_duration_ms(), 12.31);
+        // sluice's own failures are not the function's initialisation.
+        let ours = InvokeError::ShuttingDown;
+        assert_eq!(InitReport::of("echo", d, &ours), None);
     }
 }

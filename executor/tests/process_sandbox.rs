@@ -190,6 +190,7 @@ async fn each_call_reports_its_duration_and_the_sandboxs_peak_memory() {
             let (r, report) = ex
                 .invoke_reported("hog", v.to_string(), InvokeOptions::default())
                 .await;
+            let report = report.and_then(sluice_executor::Reported::invocation);
             (r, report.expect("the call reached a sandbox"))
         }
     };
@@ -255,7 +256,11 @@ async fn without_cgroups_the_peak_memory_comes_from_the_processes() {
         )
         .await;
     r.unwrap();
-    let base = before.unwrap().max_memory_used.expect("an estimate");
+    let base = before
+        .and_then(sluice_executor::Reported::invocation)
+        .unwrap()
+        .max_memory_used
+        .expect("an estimate");
     let (r, after) = ex
         .invoke_reported(
             "hog",
@@ -264,7 +269,11 @@ async fn without_cgroups_the_peak_memory_comes_from_the_processes() {
         )
         .await;
     r.unwrap();
-    let peak = after.unwrap().max_memory_used.unwrap();
+    let peak = after
+        .and_then(sluice_executor::Reported::invocation)
+        .unwrap()
+        .max_memory_used
+        .unwrap();
     assert!(base > 0 && base < 64 * MB, "{base}");
     assert!(
         peak > base && (48 * MB..512 * MB).contains(&peak),
