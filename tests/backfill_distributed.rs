@@ -59,7 +59,7 @@ fn setup(dir: &Path) -> (PathBuf, [FunctionFixture; 4]) {
             "[functions.echo]\npath = {:?}\n\n[functions.fail]\npath = {:?}\n\n\
              [job.replay]\nfunction = \"echo\"\nsource = \"data/*.jsonl\"\n\
              max_items_per_call = 10\nprogress = \"replay.redb\"\n\
-             results = \"replay-results.jsonl\"\n\n\
+             results = \"replay-results.jsonl\"\nbatch_input = {{ run = 7 }}\n\n\
              [job.reject]\nfunction = \"fail\"\nsource = \"data/*.jsonl\"\n\
              max_items_per_call = 50\nmax_attempts = 2\nprogress = \"reject.redb\"\n\n\
              [functions.slow]\npath = {:?}\n\n\
@@ -151,6 +151,12 @@ fn two_workers_process_every_call_and_a_rerun_skips_them() {
             assert_eq!(items.len(), 10, "{l}");
             assert_eq!(items[0]["n"], first, "{l}");
             assert_eq!(r["count"], 10, "{l}");
+            // The job's batch_input travelled in the task.
+            assert_eq!(
+                r["response"]["batch_input"],
+                serde_json::json!({"run": 7}),
+                "{l}"
+            );
             first
         })
         .collect();

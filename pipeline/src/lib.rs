@@ -160,6 +160,7 @@
 //! | `payload_file` | `false` | with `payload = "parquet"` or `"arrow"`: the Parquet file or Arrow stream is staged as a read-only file in the sandbox, at `/run/sluice/payload` until the call has answered, and the event names it: `{"parquet_file": "/run/sluice/payload", "batch": {...}}` (or `"arrow_file"`), saving the base64 and JSON work on both sides (not with `--distributed`) |
 //! | `arrow_compression` | `"none"` | with `payload = "arrow"`: `"lz4"` or `"zstd"` compress the IPC stream's buffers (the reader must support it: pyarrow does; arrow-rs needs its `lz4`/`zstd` feature) |
 //! | `state` | none (stateless) | a [state table](#state-state--); the key scope needs `order_key`; count windows only |
+//! | `batch_input` | none | a table, added to every call's event as `"batch_input"` (Distributed Map's `BatchInput`): parameters every call shares, e.g. `{ run_date = "2026-12-01" }`; at most [`MAX_BATCH_INPUT_BYTES`] as JSON |
 //!
 //! A job with `kind = "mapreduce"` (`sluice mapreduce PIPELINE JOB`) takes
 //! `source`, `format`, `columns`, `csv_delimiter`, `csv_headers`, `max_items_per_call`
@@ -699,7 +700,16 @@ pub struct BackfillJob {
     pub file_dependencies: Vec<(String, Vec<String>)>,
     /// State carried from call to call, in item order. Default none.
     pub state: Option<StateConfig>,
+    /// A JSON object added to every call's event as `"batch_input"` (Step
+    /// Functions Distributed Map's `ItemBatcher.BatchInput`), at most
+    /// [`MAX_BATCH_INPUT_BYTES`] as compact JSON. Default none.
+    pub batch_input: Option<serde_json::Map<String, serde_json::Value>>,
 }
+
+/// The largest `batch_input`, as compact JSON: 64 KiB, so that an event of
+/// `max_bytes_per_call` items and its `batch_input` stays within the 6 MiB
+/// invoke payload.
+pub const MAX_BATCH_INPUT_BYTES: usize = 64 * 1024;
 
 /// `state = { ... }` of a Kafka trigger or a backfill job: the state each
 /// call returns is passed into the next call of the same partition or key

@@ -127,8 +127,8 @@ pub(crate) struct Declared {
 
 /// A validated `[job.NAME]`, of either kind.
 pub(crate) enum Job {
-    Backfill(BackfillJob),
-    MapReduce(MapReduceJob),
+    Backfill(Box<BackfillJob>),
+    MapReduce(Box<MapReduceJob>),
 }
 
 /// Parses and validates `text`.
@@ -440,10 +440,10 @@ impl RawPipeline {
                                 format!("job.{}", span::toml_key(&job.name)),
                                 header,
                             )?;
-                            jobs.insert(job.name.clone(), job);
+                            jobs.insert(job.name.clone(), *job);
                         }
                         Job::MapReduce(job) => {
-                            mapreduce_jobs.insert(job.name.clone(), job);
+                            mapreduce_jobs.insert(job.name.clone(), *job);
                         }
                     }
                 }

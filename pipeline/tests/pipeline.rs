@@ -721,6 +721,55 @@ depends_on_files = { "b.csv" = ["a.csv"], "out/*.csv" = ["in/*.csv", "a.csv"] }
     );
 }
 
+/// `batch_input`: Distributed Map's `BatchInput`, a table sent with every
+/// call; anything else is refused where it is written.
+#[test]
+fn batch_input_is_a_table_of_bounded_size() {
+    let p = parse_with_echo(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.csv\"\n\
+         batch_input = { run_date = 2026-12-01, table = \"orders\", limits = { max = 3, ratio = 0.5 } }\n",
+    );
+    let input = p.job("j").unwrap().batch_input.clone().unwrap();
+    assert_eq!(
+        serde_json::Value::Object(input),
+        serde_json::json!({
+            "run_date": "2026-12-01",
+            "table": "orders",
+            "limits": {"max": 3, "ratio": 0.5}
+        })
+    );
+    let none = parse_with_echo("[job.j]\nfunction = \"echo\"\nsource = \"x.csv\"\n");
+    assert_eq!(none.job("j").unwrap().batch_input, None);
+
+    let err = error_with_echo(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.csv\"\nbatch_input = \"2026-12-01\"\n",
+    )
+    .to_string();
+    assert!(
+        err.contains(
+            "7:15: `job.j.batch_input` has the wrong type: expected a table, e.g. \
+             { run_date = \"2026-12-01\" }, found string \"2026-12-01\""
+        ),
+        "{err}"
+    );
+    let big = "x".repeat(sluice_pipeline::MAX_BATCH_INPUT_BYTES);
+    let err = error_with_echo(&format!(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.csv\"\nbatch_input = {{ text = \"{big}\" }}\n"
+    ))
+    .to_string();
+    assert!(
+        err.contains("7:15: `job.j.batch_input`: 65547 bytes as JSON: at most 65536"),
+        "{err}"
+    );
+    // A MapReduce job has no such field.
+    let err = error_with_echo(
+        "[job.j]\nkind = \"mapreduce\"\nmap = \"echo\"\nreduce = \"echo\"\noutput = \"out\"\n\
+         source = \"x.csv\"\nbatch_input = { a = 1 }\n",
+    )
+    .to_string();
+    assert!(err.contains("batch_input"), "{err}");
+}
+
 #[test]
 fn arrow_compression_is_checked() {
     let cases = [

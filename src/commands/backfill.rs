@@ -117,6 +117,11 @@ pub struct BackfillOptions {
     /// without `/` match file names). Repeatable; replaces the job's.
     #[arg(long, value_name = "FILES=PREREQS")]
     pub file_depends_on: Vec<String>,
+    /// A JSON object every call's event carries as "batch_input" (Step
+    /// Functions' BatchInput), e.g. '{"run_date": "2026-12-01"}'; replaces
+    /// the job's.
+    #[arg(long, value_name = "JSON", value_parser = batch_input)]
+    pub batch_input: Option<serde_json::Map<String, serde_json::Value>>,
     /// Print files, row groups, item and call counts (and dependency
     /// levels with the ordering options); call nothing.
     #[arg(long)]
@@ -172,6 +177,26 @@ fn attempts(text: &str) -> Result<u32, String> {
     in_range(text, sluice_pipeline::MAX_ATTEMPTS_RANGE)
 }
 
+/// `--batch-input`: a JSON object of at most the size a job's may have.
+fn batch_input(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(o)) => {
+            let size = serde_json::Value::Object(o.clone()).to_string().len();
+            if size > sluice_pipeline::MAX_BATCH_INPUT_BYTES {
+                return Err(format!(
+                    "{size} bytes as JSON: at most {} (it goes into every call)",
+                    sluice_pipeline::MAX_BATCH_INPUT_BYTES
+                ));
+            }
+            Ok(o)
+        }
+        Ok(other) => Err(format!(
+            "expected a JSON object, e.g. '{{\"run_date\": \"2026-12-01\"}}', not {other}"
+        )),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
 fn buffered_items(text: &str) -> Result<usize, String> {
     in_range(text, sluice_pipeline::MAX_BUFFERED_ITEMS_RANGE)
 }
@@ -199,6 +224,7 @@ pub struct Settings {
     pub payload_file: bool,
     pub arrow_compression: ArrowCompression,
     pub file_dependencies: Vec<FileDependency>,
+    pub batch_input: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Merges the job and the flags; the message says what is missing or wrong.
@@ -320,6 +346,10 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
             .arrow_compression
             .or(job.map(|j| j.arrow_compression))
             .unwrap_or_default(),
+        batch_input: o
+            .batch_input
+            .clone()
+            .or_else(|| job.and_then(|j| j.batch_input.clone())),
         file_dependencies: if o.file_depends_on.is_empty() {
             job.map(|j| {
                 j.file_dependencies
@@ -650,6 +680,7 @@ pub async fn prepare(
         payload_file: set.payload_file,
         file_dependencies: set.file_dependencies,
         max_buffered_items: set.max_buffered_items,
+        batch_input: set.batch_input,
         state: job.as_ref().and_then(|j| {
             j.state.clone().map(|config| StateOptions {
                 config,

@@ -408,7 +408,7 @@ pub async fn coordinate(
                             max_attempts: run.cfg.max_attempts,
                             source: call.source.clone(),
                             count: call.len() as u64,
-                            payload: call.payload(&id, serde_json::Map::new()),
+                            payload: run.with_batch_input(call.payload(&id, serde_json::Map::new())),
                             first_item: call.first,
                             keep_response: run.progress.keeps_results(),
                         };

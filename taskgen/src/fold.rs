@@ -437,7 +437,7 @@ async fn fold_one(
         let mut call = Call::new(first_source, first_index);
         call.items = seg.iter().map(|q| q.item.value.clone()).collect();
         let payload = ks.add_to_event(
-            call.payload(&id, extra(key_field)),
+            run.with_batch_input(call.payload(&id, extra(key_field))),
             key_field,
             &window,
             false,
@@ -573,7 +573,9 @@ async fn final_invoke(
     let key_field =
         (run.cfg.state.as_ref().map(|s| s.config.scope) == Some(StateScope::Key)).then_some(key);
     let payload = ks.add_to_event(
-        json!({ "items": [], "batch": { "final": true, "key": key_field } }).to_string(),
+        run.with_batch_input(
+            json!({ "items": [], "batch": { "final": true, "key": key_field } }).to_string(),
+        ),
         key_field,
         &window,
         true,

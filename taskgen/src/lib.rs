@@ -472,6 +472,10 @@ pub struct BackfillConfig {
     /// stateful backfill holds at most this many items read and not yet
     /// folded (queued per key or in calls in flight).
     pub max_buffered_items: usize,
+    /// A JSON object every call's event carries as `"batch_input"` (Step
+    /// Functions Distributed Map's `BatchInput`): parameters all calls
+    /// share. Default none.
+    pub batch_input: Option<serde_json::Map<String, Value>>,
 }
 
 /// Default [`BackfillConfig::max_buffered_items`] (the pipeline crate's):
@@ -641,6 +645,7 @@ impl BackfillConfig {
             file_dependencies: Vec::new(),
             state: None,
             max_buffered_items: DEFAULT_MAX_BUFFERED_ITEMS,
+            batch_input: None,
         }
     }
 
@@ -1402,6 +1407,8 @@ struct Run {
     /// Sources with a failed call or unreadable item (for file dependencies).
     failed_sources: Mutex<HashSet<String>>,
     hooks: Hooks,
+    /// `cfg.batch_input` as JSON text, written once.
+    batch_input: Option<String>,
 }
 
 impl Run {
@@ -1508,6 +1515,10 @@ impl Run {
             fatal: Mutex::new(None),
             failed_sources: Mutex::new(HashSet::new()),
             hooks,
+            batch_input: cfg
+                .batch_input
+                .as_ref()
+                .map(|o| Value::Object(o.clone()).to_string()),
             cfg,
         }))
     }
@@ -1665,6 +1676,23 @@ impl Run {
             .await;
     }
 
+    /// `event` (a JSON object's text) with the job's `"batch_input"`, if it
+    /// has one, added as the last field.
+    fn with_batch_input(&self, mut event: String) -> String {
+        if let Some(input) = &self.batch_input
+            && event.ends_with('}')
+        {
+            event.pop();
+            if !event.trim_end().ends_with('{') {
+                event.push(',');
+            }
+            event.push_str("\"batch_input\":");
+            event.push_str(input);
+            event.push('}');
+        }
+        event
+    }
+
     /// Invokes `call` as `id` (with `extra` fields in `batch`) with retries,
     /// records the outcome and says whether it succeeded. `invoking`, if
     /// any, is dropped as soon as the function has succeeded, or once a
@@ -1678,6 +1706,7 @@ impl Run {
     ) -> bool {
         let count = call.len() as u64;
         let (payload, attachment) = call.event(id, extra, self.cfg.payload_file);
+        let payload = self.with_batch_input(payload);
         let executor = self
             .executor
             .as_ref()

@@ -795,6 +795,64 @@ fn cli_runs_a_job_of_the_pipeline_and_flags_override_it() {
     );
 }
 
+/// A job's `batch_input` reaches every call; `--batch-input` replaces it,
+/// and what is not a JSON object is refused before anything runs.
+#[test]
+fn cli_batch_input_from_the_job_or_the_flag() {
+    let dir = TempDir::new().unwrap();
+    write_jsonl(&dir.path().join("a.jsonl"), 7);
+    let f = function_fixture("echo");
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[functions.echo]\npath = {:?}\n\n[job.replay]\nfunction = \"echo\"\n\
+             source = \"a.jsonl\"\nmax_items_per_call = 3\n\
+             batch_input = {{ run_date = 2026-12-01, dry = false }}\n",
+            f.dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str], results: &str| {
+        let out = Command::new(sluice_binary())
+            .env("SLUICE_AGENT", agent_binary())
+            .arg("backfill")
+            .arg(&pipeline)
+            .args(["replay", "-q", "--results"])
+            .arg(dir.path().join(results))
+            .arg("--progress")
+            .arg(dir.path().join(format!("{results}.redb")))
+            .args(args)
+            .output()
+            .unwrap();
+        let (out, err) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        let lines = std::fs::read_to_string(dir.path().join(results)).unwrap_or_default();
+        let inputs: Vec<Value> = lines
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["response"]["batch_input"].clone())
+            .collect();
+        (out, err, inputs)
+    };
+    let (out, err, inputs) = run(&[], "job.jsonl");
+    assert!(out.contains("calls: 3 total, 3 succeeded"), "{out}{err}");
+    assert_eq!(
+        inputs,
+        vec![json!({"run_date": "2026-12-01", "dry": false}); 3],
+        "{out}{err}"
+    );
+    let (out, err, inputs) = run(&["--batch-input", r#"{"dry": true}"#], "flag.jsonl");
+    assert!(out.contains("calls: 3 total, 3 succeeded"), "{out}{err}");
+    assert_eq!(inputs, vec![json!({"dry": true}); 3]);
+    let (out, err, inputs) = run(&["--batch-input", "[1]"], "bad.jsonl");
+    assert!(
+        err.contains("expected a JSON object") && out.is_empty() && inputs.is_empty(),
+        "{out}{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_parquet_file_is_a_clear_error_naming_it() {
     let dir = TempDir::new().unwrap();
@@ -1072,4 +1130,51 @@ async fn a_progress_store_in_use_is_refused_by_name() {
         .unwrap();
     ex.shutdown().await;
     assert_eq!(s.items_succeeded, 3);
+}
+
+/// `batch_input` (Distributed Map's `BatchInput`): every call's event
+/// carries it next to its items, whatever the payload: JSON items in file
+/// order, under `order_key`, and a columnar payload staged as a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_carries_the_batch_input() {
+    let dir = TempDir::new().unwrap();
+    let lines = dir.path().join("a.jsonl");
+    write_jsonl(&lines, 25);
+    let parquet = dir.path().join("lineitem.parquet");
+    write_lineitem(&parquet, 1_500);
+    let input = json!({"run_date": "2026-12-01", "limits": {"max": 3}});
+    let f = function_fixture("echo");
+    let ex = executor("echo", &f, 2);
+    let cases = [
+        ("plain", lines.clone(), Format::Jsonl, None, false),
+        ("keyed", lines, Format::Jsonl, Some("n"), false),
+        ("file", parquet, Format::Parquet, None, true),
+    ];
+    for (name, source, format, order_key, as_file) in cases {
+        let (hooks, got) = collector();
+        let sub = dir.path().join(name);
+        std::fs::create_dir(&sub).unwrap();
+        let mut cfg = config(&sub, "echo", vec![source], format);
+        cfg.batch_input = input.as_object().cloned();
+        cfg.order.order_key = order_key.map(str::to_owned);
+        if as_file {
+            cfg.payload = sluice_taskgen::PayloadFormat::Arrow;
+            cfg.payload_file = true;
+            cfg.max_items_per_call = 500;
+        }
+        let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+        assert_eq!(s.calls_failed, 0, "{name}");
+        let got = got.lock().unwrap();
+        assert_eq!(got.len() as u64, s.calls_succeeded, "{name}");
+        for (id, event) in got.iter() {
+            assert_eq!(event["batch_input"], input, "{name} {id}: {event}");
+            assert_eq!(event["batch"]["call_id"], json!(id), "{name}: {event}");
+        }
+        if as_file {
+            assert!(got.iter().all(|(_, e)| e["arrow_file"].is_string()));
+        } else {
+            assert_eq!(items_of(&got).len(), 25, "{name}");
+        }
+    }
+    ex.shutdown().await;
 }

@@ -16,7 +16,7 @@ use crate::{
     ArrowCompression, BackfillJob, CONCURRENCY_RANGE, DEFAULT_GROUPS_PER_CALL,
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BUFFERED_ITEMS, DEFAULT_MAX_BYTES_PER_CALL,
     DEFAULT_MAX_ITEMS_PER_CALL, DEFAULT_REDUCE_MEMORY_MB, DEFAULT_REDUCE_PARTITIONS, DataFormat,
-    MAX_ATTEMPTS_RANGE, MAX_BUFFERED_ITEMS_RANGE, MAX_BYTES_PER_CALL_RANGE,
+    MAX_ATTEMPTS_RANGE, MAX_BATCH_INPUT_BYTES, MAX_BUFFERED_ITEMS_RANGE, MAX_BYTES_PER_CALL_RANGE,
     MAX_ITEMS_PER_CALL_RANGE, MapReduceJob, PayloadFormat, REDUCE_MEMORY_MB_RANGE,
     REDUCE_PARTITIONS_RANGE,
 };
@@ -80,6 +80,8 @@ pub(super) struct RawJob {
     depends_on_files: Option<BTreeMap<Spanned<String>, SpannedGlobs>>,
     /// Default none (stateless).
     state: Option<Spanned<super::state::RawState>>,
+    /// Default none.
+    batch_input: Option<Spanned<toml::Value>>,
     /// MapReduce: required.
     map: Option<Spanned<String>>,
     /// MapReduce: default none.
@@ -164,6 +166,7 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
         "a table of file globs to arrays of globs, e.g. { \"b.csv\" = [\"a.csv\"] }",
     ),
     ("state", super::state::STATE_TYPE),
+    ("batch_input", "a table, e.g. { run_date = \"2026-12-01\" }"),
     ("map", STRING),
     ("combine", STRING),
     ("reduce", STRING),
@@ -189,6 +192,7 @@ const BACKFILL_ONLY: &[&str] = &[
     "results",
     "depends_on_files",
     "state",
+    "batch_input",
 ];
 /// Fields only a MapReduce job has.
 const MAPREDUCE_ONLY: &[&str] = &[
@@ -274,6 +278,7 @@ impl RawJob {
                     .and_then(|m| m.keys().next().map(Spanned::span)),
             ),
             s("state", self.state.as_ref().map(Spanned::span)),
+            s("batch_input", self.batch_input.as_ref().map(Spanned::span)),
             s("map", self.map.as_ref().map(Spanned::span)),
             s("combine", self.combine.as_ref().map(Spanned::span)),
             s("reduce", self.reduce.as_ref().map(Spanned::span)),
@@ -716,7 +721,7 @@ impl RawJob {
                     }
                 },
             };
-            return Ok(Job::MapReduce(MapReduceJob {
+            return Ok(Job::MapReduce(Box::new(MapReduceJob {
                 name: name.into_inner(),
                 sources,
                 format,
@@ -760,7 +765,7 @@ impl RawJob {
                 payload_file,
                 arrow_compression,
                 output_format,
-            }));
+            })));
         }
         let state_at = self.state.as_ref().map(Spanned::span);
         let state = self
@@ -810,7 +815,11 @@ impl RawJob {
             });
         }
         let results = path(self.results);
-        Ok(Job::Backfill(BackfillJob {
+        let batch_input = self
+            .batch_input
+            .map(|v| validate_batch_input(&f, v))
+            .transpose()?;
+        Ok(Job::Backfill(Box::new(BackfillJob {
             name: name.into_inner(),
             function,
             sources,
@@ -838,6 +847,42 @@ impl RawJob {
             arrow_compression,
             file_dependencies,
             state,
-        }))
+            batch_input,
+        })))
     }
+}
+
+/// `batch_input`: a table, as a JSON object of at most
+/// [`MAX_BATCH_INPUT_BYTES`].
+fn validate_batch_input(
+    f: &Fields<'_>,
+    value: Spanned<toml::Value>,
+) -> Result<serde_json::Map<String, serde_json::Value>, PipelineError> {
+    let span = value.span();
+    let at = f.loc.at(span.clone());
+    let toml::Value::Table(_) = value.get_ref() else {
+        let written = f.loc.text.get(span).unwrap_or("").trim();
+        return Err(PipelineError::WrongType {
+            at,
+            field: f.field("batch_input"),
+            expected: "a table, e.g. { run_date = \"2026-12-01\" }".to_owned(),
+            found: format!("{} {written}", value.get_ref().type_str()),
+        });
+    };
+    let invalid = |message: String| PipelineError::Invalid {
+        at: at.clone(),
+        field: f.field("batch_input"),
+        message,
+    };
+    let json = crate::filter::from_toml(value.get_ref()).map_err(|e| invalid(e.to_string()))?;
+    let serde_json::Value::Object(object) = json else {
+        return Err(invalid("expected a table".to_owned()));
+    };
+    let size = serde_json::Value::Object(object.clone()).to_string().len();
+    if size > MAX_BATCH_INPUT_BYTES {
+        return Err(invalid(format!(
+            "{size} bytes as JSON: at most {MAX_BATCH_INPUT_BYTES} (it goes into every call)"
+        )));
+    }
+    Ok(object)
 }
