@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: formatting, lints, every test of the workspace (Kafka
 # tests against librdkafka's mock cluster), the object-store tests against
-# an S3-protocol server (scripts/test-s3.sh: moto, from PyPI), then the Kafka
+# S3 and Azure servers (scripts/test-object-stores.sh: moto from PyPI,
+# Azurite from npm), then the Kafka
 # tests again against an independent broker (scripts/test-external-kafka.sh:
 # tansu, built from crates.io on first use, about 15 minutes).
 # Tests start real sandboxes (namespaces, cgroups), so run as root on Linux.
@@ -20,5 +21,5 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
-scripts/test-s3.sh
+scripts/test-object-stores.sh
 scripts/test-external-kafka.sh

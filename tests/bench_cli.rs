@@ -159,7 +159,7 @@ fn an_objects_bench_of_a_failing_function_fails() {
 }
 
 /// Against a real S3-protocol server (`SLUICE_TEST_S3`, set by
-/// `scripts/test-s3.sh`): the bench writes its objects below `--url`, runs,
+/// `scripts/test-object-stores.sh`): the bench writes its objects below `--url`, runs,
 /// and deletes them again.
 #[test]
 fn s3_objects_bench_runs_and_cleans_up() {
@@ -167,7 +167,7 @@ fn s3_objects_bench_runs_and_cleans_up() {
     use object_store::ObjectStore;
 
     let Ok(bucket) = std::env::var("SLUICE_TEST_S3") else {
-        eprintln!("skipped: SLUICE_TEST_S3 is not set (scripts/test-s3.sh sets it)");
+        eprintln!("skipped: SLUICE_TEST_S3 is not set (scripts/test-object-stores.sh sets it)");
         return;
     };
     let bucket = bucket.trim_end_matches('/');

@@ -7,10 +7,11 @@
 //! failed); a store that cannot be
 //! reached is retried at each poll, not fatal.
 //!
-//! Against `object_store`'s in-memory store, and against a real
-//! S3-protocol server when `SLUICE_TEST_S3` names a bucket
-//! (`scripts/test-s3.sh` starts moto and sets it). Tests wait on the
-//! function's log lines under a deadline.
+//! Against `object_store`'s in-memory store, and against real S3, Azure
+//! Blob or GCS servers when `SLUICE_TEST_S3`, `SLUICE_TEST_AZ` or
+//! `SLUICE_TEST_GS` names a bucket (`scripts/test-object-stores.sh` starts
+//! moto and Azurite and sets the first two). Tests wait on the function's
+//! log lines under a deadline.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use sluice_ingest::objects::{
     ObjectEnv, register_object_store, run_object_trigger, s3_event, s3_removed_event,
 };
 use sluice_pipeline::Pipeline;
+use sluice_test_support::stores::{Remote, fresh_prefix};
 use sluice_test_support::{FunctionFixture, Lines, agent_binary, function_fixture};
 use tokio::sync::watch;
 
@@ -552,29 +554,31 @@ fn memory_store_new_and_changed_objects_are_called_once() {
     scenario(store, &format!("{base}/in/"), "in/");
 }
 
-/// The same against a real S3-protocol server: `SLUICE_TEST_S3` names a
-/// bucket the test may write to, `s3://BUCKET`, with the credentials,
-/// region and endpoint in the usual `AWS_*` variables.
-#[test]
-fn s3_new_and_changed_objects_are_called_once() {
-    let Ok(bucket) = std::env::var("SLUICE_TEST_S3") else {
-        eprintln!("skipped: SLUICE_TEST_S3 is not set (scripts/test-s3.sh sets it)");
+/// The same against real servers of each cloud's protocol: the
+/// environment names a bucket the test may write to (`SLUICE_TEST_S3`,
+/// `SLUICE_TEST_AZ`, `SLUICE_TEST_GS`; see [`Remote`]), with the
+/// credentials and endpoint in the usual variables.
+fn remote_scenario(remote: Remote) {
+    let Some((bucket, store)) = remote.bucket() else {
         return;
     };
-    let bucket = bucket.trim_end_matches('/');
-    let prefix = format!(
-        "sluice-test-objects-{}-{}/",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    let store = object_store::aws::AmazonS3Builder::from_env()
-        .with_url(bucket)
-        .build()
-        .unwrap();
-    scenario(Arc::new(store), &format!("{bucket}/{prefix}"), &prefix);
+    let prefix = format!("{}/", fresh_prefix("sluice-test-objects"));
+    scenario(store, &format!("{bucket}/{prefix}"), &prefix);
+}
+
+#[test]
+fn s3_new_and_changed_objects_are_called_once() {
+    remote_scenario(Remote::S3);
+}
+
+#[test]
+fn azure_new_and_changed_objects_are_called_once() {
+    remote_scenario(Remote::Azure);
+}
+
+#[test]
+fn gcs_new_and_changed_objects_are_called_once() {
+    remote_scenario(Remote::Gcs);
 }
 
 #[test]

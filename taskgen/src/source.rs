@@ -239,14 +239,25 @@ pub(crate) mod parquet_remote {
     /// Batches decoded ahead of the reader.
     const BATCHES_AHEAD: usize = 2;
 
+    /// A reader of the object that knows its size, so that the footer is
+    /// read with a bounded range: without it `parquet` asks for the last
+    /// bytes with a suffix range, which Azure Blob Storage refuses ("Azure
+    /// does not support suffix range requests").
+    async fn reader(
+        store: Arc<dyn ObjectStore>,
+        path: ObjectPath,
+    ) -> Result<ParquetObjectReader, String> {
+        let size = store.head(&path).await.map_err(|e| e.to_string())?.size;
+        Ok(ParquetObjectReader::new(store, path).with_file_size(size))
+    }
+
     /// Rows of each row group.
     pub(crate) fn row_groups(source: &Path) -> Result<Vec<i64>, String> {
         let (store, path, _) = locate(source).map_err(|e| e.to_string())?;
         block_on(async move {
-            let builder =
-                ParquetRecordBatchStreamBuilder::new(ParquetObjectReader::new(store, path))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let builder = ParquetRecordBatchStreamBuilder::new(reader(store, path).await?)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(builder
                 .metadata()
                 .row_groups()
@@ -268,7 +279,7 @@ pub(crate) mod parquet_remote {
         let (store, path, _) = locate(source).map_err(|e| e.to_string())?;
         let (s, p) = (Arc::clone(&store), path.clone());
         let meta = block_on(async move {
-            ParquetRecordBatchStreamBuilder::new(ParquetObjectReader::new(s, p))
+            ParquetRecordBatchStreamBuilder::new(reader(s, p).await?)
                 .await
                 .map(|b| Arc::clone(b.metadata()))
                 .map_err(|e| e.to_string())
@@ -305,10 +316,9 @@ pub(crate) mod parquet_remote {
         let file = source.to_path_buf();
         IO.spawn(async move {
             let stream = async {
-                let builder =
-                    ParquetRecordBatchStreamBuilder::new(ParquetObjectReader::new(store, path))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let builder = ParquetRecordBatchStreamBuilder::new(reader(store, path).await?)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 crate::read::project(&file, builder, columns.as_deref())
                     .map_err(|e| e.to_string())?
                     .with_batch_size(batch_rows)

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
 use sluice_executor::{Executor, FunctionSpec, Response};
 use sluice_taskgen::{BackfillConfig, BackfillError, Format, Hooks};
+use sluice_test_support::stores::{Remote, fresh_prefix};
 use sluice_test_support::{agent_binary, function_fixture};
 use tempfile::TempDir;
 
@@ -242,36 +243,36 @@ async fn backfill_reads_parquet_and_jsonl_from_memory() {
     backfill_reads_parquet_and_jsonl(store, "memory://run").await;
 }
 
-/// The same against a real S3-protocol server: `SLUICE_TEST_S3` names a
-/// bucket (and prefix) the test may write to, `s3://BUCKET[/PREFIX]`, with
-/// the credentials, region and endpoint in the usual `AWS_*` variables, as
-/// `sluice backfill` users give them (`scripts/test-s3.sh` starts a local
-/// moto server and sets them; a real bucket works too). Objects go under a
-/// fresh prefix, so runs never meet.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backfill_reads_parquet_and_jsonl_from_s3() {
-    let Ok(bucket) = std::env::var("SLUICE_TEST_S3") else {
-        eprintln!("skipped: SLUICE_TEST_S3 is not set (scripts/test-s3.sh sets it)");
+/// The same against real servers of each cloud's protocol: the
+/// environment names a bucket the test may write to (`SLUICE_TEST_S3`,
+/// `SLUICE_TEST_AZ`, `SLUICE_TEST_GS`; see [`Remote`]), with the
+/// credentials and endpoint in the variables `sluice backfill` users give
+/// (`scripts/test-object-stores.sh` starts moto and Azurite and sets the
+/// first two; a real bucket works too). Objects go under a fresh prefix, so
+/// runs never meet.
+async fn backfill_from(remote: Remote) {
+    let Some((bucket, store)) = remote.bucket() else {
         return;
     };
-    let bucket = bucket.trim_end_matches('/');
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let base = format!("{bucket}/sluice-test-{}-{nanos}", std::process::id());
-    // Written through a store of its own, built from the environment as
-    // sluice builds its own.
-    let (bucket_url, prefix) = match base["s3://".len()..].split_once('/') {
-        Some((name, prefix)) => (format!("s3://{name}"), prefix.to_owned()),
-        None => unreachable!("the base has a prefix"),
-    };
-    let store = object_store::aws::AmazonS3Builder::from_env()
-        .with_url(bucket_url)
-        .build()
-        .unwrap();
+    let prefix = fresh_prefix("sluice-test");
+    let base = format!("{bucket}/{prefix}");
     let store = Arc::new(object_store::prefix::PrefixStore::new(store, prefix));
     backfill_reads_parquet_and_jsonl(store, &base).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_reads_parquet_and_jsonl_from_s3() {
+    backfill_from(Remote::S3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_reads_parquet_and_jsonl_from_azure() {
+    backfill_from(Remote::Azure).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_reads_parquet_and_jsonl_from_gcs() {
+    backfill_from(Remote::Gcs).await;
 }
 
 /// Puts a Parquet file (1,234 rows in row groups of 500) and a JSON-lines

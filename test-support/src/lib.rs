@@ -7,13 +7,16 @@
 //!   the example or test functions, in a fresh temporary directory;
 //! - [`script_fixture`]: a function folder whose `bootstrap` is a shell script;
 //! - [`kafka::TestKafka`]: the Kafka-protocol broker of a test (a mock
-//!   cluster, or the external cluster of `SLUICE_TEST_KAFKA`).
+//!   cluster, or the external cluster of `SLUICE_TEST_KAFKA`);
+//! - [`stores::Remote`]: the S3, Azure or GCS bucket of a test, when
+//!   `scripts/test-object-stores.sh` (or the user) names one.
 //!
 //! Function folders and their temporary parent are mode 0755: sandboxes map
 //! their root user to an unprivileged host uid, which must be able to
 //! traverse and read them.
 
 mod process;
+pub mod stores;
 #[cfg(feature = "tpch")]
 pub mod tpch;
 
