@@ -160,6 +160,7 @@
 //! | `payload_file` | `false` | with `payload = "parquet"` or `"arrow"`: the Parquet file or Arrow stream is staged as a read-only file in the sandbox, at `/run/sluice/payload` until the call has answered, and the event names it: `{"parquet_file": "/run/sluice/payload", "batch": {...}}` (or `"arrow_file"`), saving the base64 and JSON work on both sides (not with `--distributed`) |
 //! | `arrow_compression` | `"none"` | with `payload = "arrow"`: `"lz4"` or `"zstd"` compress the IPC stream's buffers (the reader must support it: pyarrow does; arrow-rs needs its `lz4`/`zstd` feature) |
 //! | `state` | none (stateless) | a [state table](#state-state--); the key scope needs `order_key`; count windows only |
+//! | `max_items` | none (every item) | [`MAX_ITEMS_RANGE`]: only the first items, in file then row order, are called (Distributed Map's `MaxItems`), to try a function on a sample; not with dependencies or `payload = "parquet"` |
 //! | `batch_input` | none | a table, added to every call's event as `"batch_input"` (Distributed Map's `BatchInput`): parameters every call shares, e.g. `{ run_date = "2026-12-01" }`; at most [`MAX_BATCH_INPUT_BYTES`] as JSON |
 //!
 //! A job with `kind = "mapreduce"` (`sluice mapreduce PIPELINE JOB`) takes
@@ -313,6 +314,10 @@ pub const MAX_BYTES_PER_CALL_RANGE: RangeInclusive<usize> = 1..=6_000_000;
 pub const DEFAULT_MAX_BUFFERED_ITEMS: usize = 100_000;
 /// Allowed `max_buffered_items`.
 pub const MAX_BUFFERED_ITEMS_RANGE: RangeInclusive<usize> = 1..=100_000_000;
+
+/// Allowed `max_items` of a backfill job: 1 to 100,000,000 (Distributed
+/// Map's `MaxItems` limit).
+pub const MAX_ITEMS_RANGE: RangeInclusive<u32> = 1..=100_000_000;
 /// Default `reduce_partitions` of a MapReduce job.
 pub const DEFAULT_REDUCE_PARTITIONS: u32 = 4;
 /// Allowed `reduce_partitions`.
@@ -704,6 +709,9 @@ pub struct BackfillJob {
     /// Functions Distributed Map's `ItemBatcher.BatchInput`), at most
     /// [`MAX_BATCH_INPUT_BYTES`] as compact JSON. Default none.
     pub batch_input: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Only the first this many items (file then row order) are called, as
+    /// Distributed Map's `MaxItems`: a sample. Default none: all.
+    pub max_items: Option<u64>,
 }
 
 /// The largest `batch_input`, as compact JSON: 64 KiB, so that an event of

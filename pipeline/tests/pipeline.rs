@@ -770,6 +770,35 @@ fn batch_input_is_a_table_of_bounded_size() {
     assert!(err.contains("batch_input"), "{err}");
 }
 
+/// `max_items`: Distributed Map's `MaxItems`, within its range, and not
+/// where the first items in file order are not what runs first.
+#[test]
+fn max_items_is_checked() {
+    let job =
+        |extra: &str| format!("[job.j]\nfunction = \"echo\"\nsource = \"x.parquet\"\n{extra}\n");
+    let p = parse_with_echo(&job("max_items = 1000"));
+    assert_eq!(p.job("j").unwrap().max_items, Some(1000));
+    assert_eq!(parse_with_echo(&job("")).job("j").unwrap().max_items, None);
+    for (extra, expected) in [
+        ("max_items = 0", "`job.j.max_items` = 0 is out of range"),
+        (
+            "max_items = 10\nid_column = \"id\"\ndepends_on_column = \"after\"",
+            "7:13: `job.j.max_items`: takes the first items in file order, which `id_column` reorders",
+        ),
+        (
+            "max_items = 10\ndepends_on_files = { \"b.csv\" = [\"a.csv\"] }",
+            "which `depends_on_files` reorders",
+        ),
+        (
+            "max_items = 10\npayload = \"parquet\"",
+            "payload = \"parquet\" sends whole row groups",
+        ),
+    ] {
+        let err = error_with_echo(&job(extra)).to_string();
+        assert!(err.contains(expected), "{extra}: {err}");
+    }
+}
+
 #[test]
 fn arrow_compression_is_checked() {
     let cases = [

@@ -117,6 +117,11 @@ pub struct BackfillOptions {
     /// without `/` match file names). Repeatable; replaces the job's.
     #[arg(long, value_name = "FILES=PREREQS")]
     pub file_depends_on: Vec<String>,
+    /// Call only the first N items (file then row order), as a Distributed
+    /// Map's MaxItems: to try a function on a sample (1 to 100,000,000).
+    /// Its progress is kept apart from a run over everything.
+    #[arg(long, value_name = "N", value_parser = max_items)]
+    pub max_items: Option<u64>,
     /// A JSON object every call's event carries as "batch_input" (Step
     /// Functions' BatchInput), e.g. '{"run_date": "2026-12-01"}'; replaces
     /// the job's.
@@ -177,6 +182,10 @@ fn attempts(text: &str) -> Result<u32, String> {
     in_range(text, sluice_pipeline::MAX_ATTEMPTS_RANGE)
 }
 
+fn max_items(text: &str) -> Result<u64, String> {
+    in_range(text, sluice_pipeline::MAX_ITEMS_RANGE).map(u64::from)
+}
+
 /// `--batch-input`: a JSON object of at most the size a job's may have.
 fn batch_input(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
     match serde_json::from_str(text) {
@@ -225,6 +234,7 @@ pub struct Settings {
     pub arrow_compression: ArrowCompression,
     pub file_dependencies: Vec<FileDependency>,
     pub batch_input: Option<serde_json::Map<String, serde_json::Value>>,
+    pub max_items: Option<u64>,
 }
 
 /// Merges the job and the flags; the message says what is missing or wrong.
@@ -346,6 +356,7 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
             .arrow_compression
             .or(job.map(|j| j.arrow_compression))
             .unwrap_or_default(),
+        max_items: o.max_items.or(job.and_then(|j| j.max_items)),
         batch_input: o
             .batch_input
             .clone()
@@ -460,6 +471,35 @@ pub fn error_code(e: &BackfillError) -> u8 {
 }
 
 /// `--dry-run`: files, row groups, items and calls (and dependency levels).
+/// The sources and input `--max-items N` leaves (what a run does when it
+/// starts), for the dry run's plan.
+async fn sample(
+    n: u64,
+    (order, file_dependencies, payload): (&OrderConfig, &[FileDependency], PayloadFormat),
+    sources: Vec<PathBuf>,
+    input: Input,
+) -> Result<(Vec<PathBuf>, Input), u8> {
+    if let Err(e) = sluice_taskgen::check_max_items(n, order, file_dependencies, payload) {
+        crate::log_error!("{e}");
+        return Err(exit::USAGE);
+    }
+    let limited = tokio::task::spawn_blocking(move || {
+        sluice_taskgen::limit_items(&sources, &input, n).map(|(s, cap)| (s, Input { cap, ..input }))
+    })
+    .await;
+    match limited {
+        Ok(Ok(kept)) => Ok(kept),
+        Ok(Err(e)) => {
+            crate::log_error!("{e}");
+            Err(exit::INVOKE_FAILED)
+        }
+        Err(e) => {
+            crate::log_error!("reading the sources: {e}");
+            Err(exit::INVOKE_FAILED)
+        }
+    }
+}
+
 async fn dry_run(
     sources: &[PathBuf],
     input: &Input,
@@ -611,6 +651,7 @@ pub async fn prepare(
         csv_delimiter: set.csv_delimiter,
         csv_headers: set.csv_headers,
         arrow_compression: set.arrow_compression,
+        cap: None,
     };
     if let Some(hint) = sluice_taskgen::suspect_csv_delimiter(&sources, &input) {
         // How to type it: a tab needs the shell's $'\t' and TOML's "\t".
@@ -632,12 +673,31 @@ pub async fn prepare(
         limits.bytes = MAX_TASK_BYTES;
     }
     let progress = set.progress.unwrap_or_else(|| {
-        sluice_taskgen::default_progress_path(&sources, format, &set.function, limits)
+        let p = sluice_taskgen::default_progress_path(&sources, format, &set.function, limits);
+        // A sample keeps its progress apart from a run over everything.
+        match set.max_items {
+            Some(n) => p.with_extension(format!("first-{n}.redb")),
+            None => p,
+        }
     });
     let dead_letter = set
         .dead_letter
         .unwrap_or_else(|| sluice_taskgen::default_dead_letter_path(&progress));
     if args.dry_run {
+        let (sources, input) = match set.max_items {
+            None => (sources, input),
+            Some(n) => match sample(
+                n,
+                (&set.order, &set.file_dependencies, set.payload),
+                sources,
+                input,
+            )
+            .await
+            {
+                Ok(kept) => kept,
+                Err(code) => return Err(code),
+            },
+        };
         let code = dry_run(
             &sources,
             &input,
@@ -681,6 +741,7 @@ pub async fn prepare(
         file_dependencies: set.file_dependencies,
         max_buffered_items: set.max_buffered_items,
         batch_input: set.batch_input,
+        max_items: set.max_items,
         state: job.as_ref().and_then(|j| {
             j.state.clone().map(|config| StateOptions {
                 config,

@@ -1364,6 +1364,7 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
             job: j.name.clone(),
             sources: files.clone(),
             input: sluice_taskgen::Input {
+                cap: None,
                 format: sluice_taskgen::Format::Parquet,
                 columns: j.columns.clone(),
                 csv_delimiter: b',',

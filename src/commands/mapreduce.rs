@@ -85,6 +85,7 @@ pub async fn run(
             csv_delimiter: j.csv_delimiter,
             csv_headers: j.csv_headers.clone(),
             arrow_compression: j.arrow_compression,
+            cap: None,
         },
         items_per_split: j.max_items_per_call as usize,
         map: j.map.clone(),

@@ -116,6 +116,9 @@ pub struct Input {
     pub csv_headers: Option<Vec<String>>,
     /// How Arrow payloads are compressed. Default none.
     pub arrow_compression: ArrowCompression,
+    /// Read only the first items of one file (the last file `max_items`
+    /// reaches into, see [`limit_items`]). Default none.
+    pub cap: Option<ItemCap>,
 }
 
 impl From<Format> for Input {
@@ -126,8 +129,81 @@ impl From<Format> for Input {
             csv_delimiter: b',',
             csv_headers: None,
             arrow_compression: ArrowCompression::None,
+            cap: None,
         }
     }
+}
+
+/// The first `items` items of `file` are read, and no more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemCap {
+    /// The file.
+    pub file: PathBuf,
+    /// Items read from it (counting unreadable ones, which are failed items).
+    pub items: u64,
+}
+
+impl Input {
+    /// How many items of `file` are read: `None` for all of them.
+    pub(crate) fn cap_of(&self, file: &Path) -> Option<u64> {
+        self.cap
+            .as_ref()
+            .filter(|c| c.file == file)
+            .map(|c| c.items)
+    }
+}
+
+/// The sources `max_items` keeps: files in order until their items reach
+/// `max_items`, the last one capped ([`Input::cap`]) if only its first
+/// items are needed. Items are counted as the backfill reads them
+/// (unreadable ones too); Parquet files are counted from their metadata,
+/// the others by reading them, up to the file that reaches the limit.
+pub fn limit_items(
+    sources: &[PathBuf],
+    input: &Input,
+    max_items: u64,
+) -> Result<(Vec<PathBuf>, Option<ItemCap>), BackfillError> {
+    let mut kept = Vec::new();
+    let mut before = 0u64;
+    for file in sources {
+        kept.push(file.clone());
+        let left = max_items.saturating_sub(before);
+        let items = match input.format {
+            Format::Parquet => read::parquet_row_groups(file)?
+                .iter()
+                .map(|&n| u64::try_from(n).unwrap_or(0))
+                .sum(),
+            // Counting stops once the file has more than is left.
+            _ => {
+                let mut n = 0u64;
+                read::read_file_json(
+                    file,
+                    &Input {
+                        cap: None,
+                        ..input.clone()
+                    },
+                    &mut |_, _| {
+                        n += 1;
+                        if n > left {
+                            ControlFlow::Break(())
+                        } else {
+                            ControlFlow::Continue(())
+                        }
+                    },
+                )?;
+                n
+            }
+        };
+        if items >= left {
+            let cap = (items > left).then(|| ItemCap {
+                file: file.clone(),
+                items: left,
+            });
+            return Ok((kept, cap));
+        }
+        before += items;
+    }
+    Ok((kept, None))
 }
 
 /// An item that could not be read.
@@ -476,6 +552,12 @@ pub struct BackfillConfig {
     /// Functions Distributed Map's `BatchInput`): parameters all calls
     /// share. Default none.
     pub batch_input: Option<serde_json::Map<String, Value>>,
+    /// Call only the first this many items of the sources, in file then
+    /// row order (Step Functions Distributed Map's `MaxItems`): to try a
+    /// function on a sample. Applied when the run starts ([`limit_items`]);
+    /// part of the layout kept in the progress store. Not with
+    /// dependencies or `payload = "parquet"`. Default none: every item.
+    pub max_items: Option<u64>,
 }
 
 /// Default [`BackfillConfig::max_buffered_items`] (the pipeline crate's):
@@ -646,6 +728,7 @@ impl BackfillConfig {
             state: None,
             max_buffered_items: DEFAULT_MAX_BUFFERED_ITEMS,
             batch_input: None,
+            max_items: None,
         }
     }
 
@@ -678,6 +761,11 @@ impl BackfillConfig {
         // a store cut the older way is refused rather than misread.
         if !o.is_active() && self.state.is_none() && self.payload == PayloadFormat::Json {
             layout.push_str(" sizes=text");
+        }
+        // A sample's last call may be cut short by the limit: the same call
+        // id would hold fewer items than in a run over everything.
+        if let Some(n) = self.max_items {
+            layout.push_str(&format!(" max_items={n}"));
         }
         layout
     }
@@ -922,10 +1010,11 @@ pub fn expected_items(sources: &[PathBuf], input: &Input) -> Result<Option<u64>,
     }
     let mut total = 0u64;
     for file in sources {
-        total += read::parquet_row_groups(file)?
+        let rows = read::parquet_row_groups(file)?
             .iter()
             .map(|&n| u64::try_from(n).unwrap_or(0))
             .sum::<u64>();
+        total += input.cap_of(file).map_or(rows, |cap| cap.min(rows));
     }
     Ok(Some(total))
 }
@@ -1291,6 +1380,36 @@ pub fn check_columnar(payload: PayloadFormat, input: &Input) -> Result<(), Backf
 }
 
 /// Options that do not fit the format.
+/// `max_items` takes the first items in file then row order, which only a
+/// run in that order can honour.
+pub fn check_max_items(
+    max_items: u64,
+    order: &OrderConfig,
+    file_dependencies: &[FileDependency],
+    payload: PayloadFormat,
+) -> Result<(), BackfillError> {
+    if max_items == 0 {
+        return Err(BackfillError::Config(
+            "max_items 0: at least 1 item must be called".into(),
+        ));
+    }
+    if order.id_column.is_some() || !file_dependencies.is_empty() {
+        return Err(BackfillError::Config(
+            "max_items takes the first items in file order, which dependencies reorder: \
+             leave out max_items or the dependencies"
+                .into(),
+        ));
+    }
+    if payload == PayloadFormat::Parquet {
+        return Err(BackfillError::Config(
+            "max_items may end inside a row group, and payload \"parquet\" sends whole row \
+             groups: use payload \"arrow\" or \"json\""
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 fn check_input(input: &Input) -> Result<(), BackfillError> {
     if input.columns.is_some() && input.format == Format::Text {
         return Err(BackfillError::Config(
@@ -1319,25 +1438,30 @@ fn arrow_reader(
         let mut current = call(0);
         let mut index = 0u64;
         let mut per_call = 0usize;
-        read::read_parquet_batches(file, input.columns.as_deref(), &mut |batch| {
-            if per_call == 0 && batch.num_rows() > 0 {
-                // Bytes per row in memory (an upper bound of the IPC size),
-                // times 4/3 for base64.
-                let row = (batch.get_array_memory_size() / batch.num_rows()).max(1) * 4 / 3 + 1;
-                per_call = limits.items.max(1).min((limits.bytes / row).max(1));
-            }
-            let mut offset = 0;
-            while offset < batch.num_rows() {
-                let take = (per_call - current.len()).min(batch.num_rows() - offset);
-                current.rows.push(batch.slice(offset, take));
-                offset += take;
-                index += take as u64;
-                if current.len() == per_call {
-                    send(std::mem::replace(&mut current, call(index)))?;
+        read::read_parquet_batches(
+            file,
+            input.columns.as_deref(),
+            input.cap_of(file),
+            &mut |batch| {
+                if per_call == 0 && batch.num_rows() > 0 {
+                    // Bytes per row in memory (an upper bound of the IPC size),
+                    // times 4/3 for base64.
+                    let row = (batch.get_array_memory_size() / batch.num_rows()).max(1) * 4 / 3 + 1;
+                    per_call = limits.items.max(1).min((limits.bytes / row).max(1));
                 }
-            }
-            ControlFlow::Continue(())
-        })?;
+                let mut offset = 0;
+                while offset < batch.num_rows() {
+                    let take = (per_call - current.len()).min(batch.num_rows() - offset);
+                    current.rows.push(batch.slice(offset, take));
+                    offset += take;
+                    index += take as u64;
+                    if current.len() == per_call {
+                        send(std::mem::replace(&mut current, call(index)))?;
+                    }
+                }
+                ControlFlow::Continue(())
+            },
+        )?;
         if !current.is_empty() {
             let _ = send(current);
         }
@@ -1416,7 +1540,7 @@ impl Run {
     /// dead-letter file.
     fn start(
         executor: Option<Executor>,
-        cfg: BackfillConfig,
+        mut cfg: BackfillConfig,
         hooks: Hooks,
     ) -> Result<Arc<Run>, BackfillError> {
         if cfg.max_items_per_call == 0
@@ -1475,6 +1599,12 @@ impl Run {
             return Err(BackfillError::Config(
                 "file dependencies cannot be combined with order_key or item dependencies".into(),
             ));
+        }
+        if let Some(n) = cfg.max_items {
+            check_max_items(n, &cfg.order, &cfg.file_dependencies, cfg.payload)?;
+            let (sources, cap) = limit_items(&cfg.sources, &cfg.input, n)?;
+            cfg.sources = sources;
+            cfg.input.cap = cap;
         }
         file_levels(&cfg.sources, &cfg.file_dependencies)?;
         // Before the progress store exists: a misspelt column must not

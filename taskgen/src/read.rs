@@ -160,8 +160,17 @@ fn read(
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
     let columns = input.columns.as_deref();
+    let cap = input.cap_of(path);
+    // `max_items`: the file's first `cap` items only.
+    let each = &mut |index: u64, item: Item| {
+        if cap.is_some_and(|c| index >= c) {
+            ControlFlow::Break(())
+        } else {
+            each(index, item)
+        }
+    };
     match input.format {
-        Format::Parquet => read_parquet(path, columns, as_json, each),
+        Format::Parquet => read_parquet(path, columns, cap, as_json, each),
         Format::Csv => read_csv(
             path,
             input.csv_delimiter,
@@ -260,12 +269,13 @@ pub(crate) fn project<T>(
 fn read_parquet(
     path: &Path,
     columns: Option<&[String]>,
+    max_rows: Option<u64>,
     as_json: bool,
     each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
     let mut index = 0u64;
     let mut error = None;
-    read_parquet_batches(path, columns, &mut |batch| match batch_items(
+    read_parquet_batches(path, columns, max_rows, &mut |batch| match batch_items(
         path, &batch, as_json, &mut index, each,
     ) {
         Ok(flow) => flow,
@@ -278,12 +288,29 @@ fn read_parquet(
 }
 
 /// Reads the record batches of a local or remote Parquet file (only
-/// `columns`, if given), calling `each` until it breaks.
+/// `columns`, if given; only its first `max_rows` rows, if given), calling
+/// `each` until it breaks.
 pub(crate) fn read_parquet_batches(
     path: &Path,
     columns: Option<&[String]>,
+    max_rows: Option<u64>,
     each: &mut dyn FnMut(RecordBatch) -> ControlFlow<()>,
 ) -> Result<(), BackfillError> {
+    let mut left = max_rows;
+    let each = &mut |batch: RecordBatch| match &mut left {
+        None => each(batch),
+        Some(0) => ControlFlow::Break(()),
+        Some(n) => {
+            let take = (*n).min(batch.num_rows() as u64);
+            *n -= take;
+            let flow = each(batch.slice(0, take as usize));
+            if *n == 0 {
+                ControlFlow::Break(())
+            } else {
+                flow
+            }
+        }
+    };
     if source::is_remote(path) {
         return source::parquet_remote::batches(path, PARQUET_BATCH_ROWS, columns, &mut |batch| {
             Ok(each(batch).is_continue())

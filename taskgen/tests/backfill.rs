@@ -853,6 +853,64 @@ fn cli_batch_input_from_the_job_or_the_flag() {
     );
 }
 
+/// `--max-items N` as a user tries a function on a sample first: the dry
+/// run plans the sample, the run calls it, and its progress is kept apart,
+/// so the full run afterwards calls everything.
+#[test]
+fn cli_max_items_tries_a_sample_first() {
+    let dir = TempDir::new().unwrap();
+    write_jsonl(&dir.path().join("a.jsonl"), 12);
+    let f = function_fixture("echo");
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[functions.echo]\npath = {:?}\n\n[job.replay]\nfunction = \"echo\"\n\
+             source = \"a.jsonl\"\nmax_items_per_call = 5\n",
+            f.dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(sluice_binary())
+            .env("SLUICE_AGENT", agent_binary())
+            .arg("backfill")
+            .arg(&pipeline)
+            .args(["replay", "-q"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, out) = run(&["--max-items", "7", "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("total: 1 files, 7 items, 0 unreadable, 2 calls of up to 5 items"),
+        "{out}"
+    );
+    assert!(
+        out.contains(".first-7.redb"),
+        "its own progress store: {out}"
+    );
+    let (code, out) = run(&["--max-items", "7"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("items: 7 total, 7 succeeded"), "{out}");
+    let (code, out) = run(&[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("items: 12 total, 12 succeeded, 0 failed, 0 skipped"),
+        "{out}"
+    );
+    let (code, out) = run(&["--max-items", "0"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("0 is out of range"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_parquet_file_is_a_clear_error_naming_it() {
     let dir = TempDir::new().unwrap();
@@ -1176,5 +1234,135 @@ async fn every_call_carries_the_batch_input() {
             assert_eq!(items_of(&got).len(), 25, "{name}");
         }
     }
+    ex.shutdown().await;
+}
+
+/// `max_items` (Distributed Map's `MaxItems`): only the first N items, in
+/// file then row order, are called, whatever the path they take: JSON items
+/// across a file boundary (an unreadable line counts as an item), Parquet
+/// rows as JSON and as Arrow, and under `order_key`. The limit is part of
+/// the progress store's layout: a store of one sample refuses another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_items_calls_only_the_first_items() {
+    let dir = TempDir::new().unwrap();
+    let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    write_jsonl(&a, 20);
+    let mut text: String = (100..120).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+    text.insert_str(0, "{not json\n");
+    std::fs::write(&b, text).unwrap();
+    let parquet = dir.path().join("lineitem.parquet");
+    let rows = write_lineitem(&parquet, 1_500);
+    let f = function_fixture("echo");
+    let ex = executor("echo", &f, 2);
+
+    // JSON lines: all 20 of a.jsonl, then b's unreadable line and 4 more.
+    let (hooks, got) = collector();
+    let mut cfg = config(
+        &dir.path().join("lines"),
+        "echo",
+        vec![a.clone(), b.clone()],
+        Format::Jsonl,
+    );
+    cfg.max_items = Some(25);
+    cfg.max_items_per_call = 7;
+    let s = sluice_taskgen::run(&ex, cfg.clone(), hooks, never())
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.items_total, s.items_succeeded, s.items_failed),
+        (25, 24, 1),
+        "{s:?}"
+    );
+    let mut got = got.lock().unwrap().clone();
+    got.sort_by_key(|(id, _)| id.clone());
+    let mut seen: Vec<u64> = items_of(&got)
+        .iter()
+        .map(|v| v["n"].as_u64().unwrap())
+        .collect();
+    seen.sort_unstable();
+    let want: Vec<u64> = (0..20).chain(100..104).collect();
+    assert_eq!(seen, want);
+    // A resume with the same limit has nothing left to do; another limit
+    // would cut calls differently and is refused by name.
+    let s = sluice_taskgen::run(&ex, cfg.clone(), Hooks::default(), never())
+        .await
+        .unwrap();
+    assert_eq!(s.items_succeeded, 0, "{s:?}");
+    cfg.max_items = Some(30);
+    match sluice_taskgen::run(&ex, cfg, Hooks::default(), never()).await {
+        Err(BackfillError::ProgressLayout { .. }) => {}
+        other => panic!("expected a layout refusal, got {other:?}"),
+    }
+
+    // Parquet rows, as JSON items and as Arrow record batches (the limit
+    // falls inside the second row group of 700).
+    for (name, payload) in [
+        ("rows", sluice_taskgen::PayloadFormat::Json),
+        ("arrow", sluice_taskgen::PayloadFormat::Arrow),
+    ] {
+        let (hooks, got) = collector();
+        let mut cfg = config(
+            &dir.path().join(name),
+            "echo",
+            vec![parquet.clone()],
+            Format::Parquet,
+        );
+        cfg.max_items = Some(1_234);
+        cfg.max_items_per_call = 500;
+        cfg.payload = payload;
+        let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+        assert_eq!(
+            (s.items_total, s.items_succeeded),
+            (1_234, 1_234),
+            "{name}: {s:?}"
+        );
+        assert_eq!(
+            s.items_expected,
+            Some(1_234),
+            "{name}: from the metadata, capped"
+        );
+        let got = got.lock().unwrap();
+        let counts: u64 = got
+            .iter()
+            .map(|(_, v)| v["batch"]["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(counts, 1_234, "{name}");
+        if payload == sluice_taskgen::PayloadFormat::Json {
+            let mut sum = 0.0;
+            for item in items_of(&got) {
+                sum += item["l_quantity"].as_f64().unwrap();
+            }
+            let direct = arrow_sum(&rows.slice(0, 1_234), "l_quantity");
+            assert!((sum - direct).abs() < 1e-6, "{sum} vs {direct}");
+        }
+    }
+
+    // Under order_key: the same first items, keyed.
+    let (hooks, got) = collector();
+    let mut cfg = config(&dir.path().join("keyed"), "echo", vec![a, b], Format::Jsonl);
+    cfg.max_items = Some(9);
+    cfg.order.order_key = Some("n".into());
+    let s = sluice_taskgen::run(&ex, cfg, hooks, never()).await.unwrap();
+    assert_eq!(s.items_succeeded, 9, "{s:?}");
+    let mut seen: Vec<u64> = items_of(&got.lock().unwrap())
+        .iter()
+        .map(|v| v["n"].as_u64().unwrap())
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..9).collect::<Vec<u64>>());
+
+    // Whole row groups cannot stop inside one: refused before anything runs.
+    let mut cfg = config(
+        &dir.path().join("groups"),
+        "echo",
+        vec![parquet],
+        Format::Parquet,
+    );
+    cfg.max_items = Some(10);
+    cfg.payload = sluice_taskgen::PayloadFormat::Parquet;
+    let e = sluice_taskgen::run(&ex, cfg, Hooks::default(), never())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("whole row groups"), "{e}");
     ex.shutdown().await;
 }

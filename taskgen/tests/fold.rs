@@ -229,3 +229,30 @@ async fn a_resumed_fold_keeps_the_failures_it_moved_past() {
     assert_eq!((s.items_failed, s.earlier_failures), (40, 0), "{s:?}");
     assert_eq!(dead_lettered(dir.path()).len(), first.len());
 }
+
+/// `max_items` on a stateful job: the fold sees only the first items, and
+/// each key's state holds exactly its amounts among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fold_over_max_items_folds_only_the_first_items() {
+    let dir = TempDir::new().unwrap();
+    let (source, _) = write_input(dir.path(), 300);
+    let f = function_fixture("running-sum");
+    let ex = executor(&f);
+    let mut cfg = config(dir.path(), source.clone(), 100, None);
+    cfg.max_items = Some(120);
+    let s = backfill(&ex, cfg).await;
+    assert_eq!((s.items_succeeded, s.items_failed), (120, 0), "{s:?}");
+    // The first 120 lines are amounts 0..120 (no unreadable line before
+    // the 1000th).
+    let text = std::fs::read_to_string(&source).unwrap();
+    let mut want: BTreeMap<String, (Vec<i64>, u64)> = BTreeMap::new();
+    for line in text.lines().take(120) {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let e = want
+            .entry(v["key"].as_str().unwrap().to_owned())
+            .or_insert((Vec::new(), 1));
+        e.0.push(v["amount"].as_i64().unwrap());
+    }
+    assert_eq!(results(dir.path()), want);
+    ex.shutdown().await;
+}

@@ -17,7 +17,7 @@ use crate::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BUFFERED_ITEMS, DEFAULT_MAX_BYTES_PER_CALL,
     DEFAULT_MAX_ITEMS_PER_CALL, DEFAULT_REDUCE_MEMORY_MB, DEFAULT_REDUCE_PARTITIONS, DataFormat,
     MAX_ATTEMPTS_RANGE, MAX_BATCH_INPUT_BYTES, MAX_BUFFERED_ITEMS_RANGE, MAX_BYTES_PER_CALL_RANGE,
-    MAX_ITEMS_PER_CALL_RANGE, MapReduceJob, PayloadFormat, REDUCE_MEMORY_MB_RANGE,
+    MAX_ITEMS_PER_CALL_RANGE, MAX_ITEMS_RANGE, MapReduceJob, PayloadFormat, REDUCE_MEMORY_MB_RANGE,
     REDUCE_PARTITIONS_RANGE,
 };
 
@@ -82,6 +82,8 @@ pub(super) struct RawJob {
     state: Option<Spanned<super::state::RawState>>,
     /// Default none.
     batch_input: Option<Spanned<toml::Value>>,
+    /// Default none: every item.
+    max_items: Option<Spanned<i64>>,
     /// MapReduce: required.
     map: Option<Spanned<String>>,
     /// MapReduce: default none.
@@ -167,6 +169,7 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     ),
     ("state", super::state::STATE_TYPE),
     ("batch_input", "a table, e.g. { run_date = \"2026-12-01\" }"),
+    ("max_items", INTEGER),
     ("map", STRING),
     ("combine", STRING),
     ("reduce", STRING),
@@ -193,6 +196,7 @@ const BACKFILL_ONLY: &[&str] = &[
     "depends_on_files",
     "state",
     "batch_input",
+    "max_items",
 ];
 /// Fields only a MapReduce job has.
 const MAPREDUCE_ONLY: &[&str] = &[
@@ -279,6 +283,7 @@ impl RawJob {
             ),
             s("state", self.state.as_ref().map(Spanned::span)),
             s("batch_input", self.batch_input.as_ref().map(Spanned::span)),
+            s("max_items", self.max_items.as_ref().map(Spanned::span)),
             s("map", self.map.as_ref().map(Spanned::span)),
             s("combine", self.combine.as_ref().map(Spanned::span)),
             s("reduce", self.reduce.as_ref().map(Spanned::span)),
@@ -819,6 +824,40 @@ impl RawJob {
             .batch_input
             .map(|v| validate_batch_input(&f, v))
             .transpose()?;
+        let max_items = match self.max_items {
+            None => None,
+            Some(v) => {
+                let at = loc.at(v.span());
+                let n = f.integer("max_items", Some(v), 1, MAX_ITEMS_RANGE, " (items)")?;
+                let conflict = if id_column.is_some() {
+                    Some("id_column")
+                } else if !file_dependencies.is_empty() {
+                    Some("depends_on_files")
+                } else {
+                    None
+                };
+                if let Some(other) = conflict {
+                    return Err(PipelineError::Invalid {
+                        at,
+                        field: f.field("max_items"),
+                        message: format!(
+                            "takes the first items in file order, which `{other}` reorders: \
+                             leave out one of them"
+                        ),
+                    });
+                }
+                if payload == PayloadFormat::Parquet {
+                    return Err(PipelineError::Invalid {
+                        at,
+                        field: f.field("max_items"),
+                        message: "may end inside a row group, and payload = \"parquet\" sends \
+                                  whole row groups: use payload = \"arrow\" or \"json\""
+                            .to_owned(),
+                    });
+                }
+                Some(u64::from(n))
+            }
+        };
         Ok(Job::Backfill(Box::new(BackfillJob {
             name: name.into_inner(),
             function,
@@ -848,6 +887,7 @@ impl RawJob {
             file_dependencies,
             state,
             batch_input,
+            max_items,
         })))
     }
 }
