@@ -444,6 +444,79 @@ fn new_makes_functions_that_run_at_once() {
     assert!(!tmp.path().join("functions/third").exists());
 }
 
+/// `sluice new NAME --template rust`: a cargo project on the official
+/// `lambda_runtime`, built at once, that answers `sluice invoke`; an edit
+/// and its `build.sh` give the new answer. Offline, from the crates the
+/// workspace already fetched, and into a target folder kept between runs
+/// (the first build compiles the runtime: about a minute).
+#[test]
+fn new_rust_builds_a_lambda_runtime_function() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = concat!(env!("CARGO_TARGET_TMPDIR"), "/new-rust-template");
+    let in_tmp = |args: &[&str]| {
+        run(
+            sluice()
+                .current_dir(tmp.path())
+                .env("CARGO_NET_OFFLINE", "true")
+                .env("CARGO_TARGET_DIR", target)
+                .args(args),
+            None,
+        )
+    };
+    let out = in_tmp(&["new", "9lives", "--template", "rust"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("cannot name a cargo package"));
+    assert!(!tmp.path().join("functions").exists());
+
+    let out = in_tmp(&["new", "hello", "--template", "rust"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("functions/hello/build.sh"));
+    let pipeline = std::fs::read_to_string(tmp.path().join("pipeline.toml")).unwrap();
+    assert!(
+        pipeline.contains("path = \"functions/hello/target/lambda/hello\""),
+        "{pipeline}"
+    );
+    let invoke = || {
+        let out = in_tmp(&[
+            "invoke",
+            "-p",
+            "pipeline.toml",
+            "hello",
+            "--payload",
+            r#"{"hello":"world"}"#,
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (answer, text(&out.stderr))
+    };
+    let (answer, log) = invoke();
+    assert_eq!(
+        answer,
+        serde_json::json!({"count": 1, "first": {"hello": "world"}})
+    );
+    assert!(log.contains("[hello] hello: 1 item(s)"), "{log}");
+
+    // Edit, rebuild, and the next call runs the new code.
+    let main = tmp.path().join("functions/hello/src/main.rs");
+    let code = std::fs::read_to_string(&main).unwrap();
+    let edited = code.replace(
+        r#"json!({"count": items.len(), "first": items.first()})"#,
+        r#"json!({"edited": true, "count": items.len()})"#,
+    );
+    assert_ne!(code, edited, "the template's answer moved");
+    std::fs::write(&main, edited).unwrap();
+    let out = run(
+        Command::new("bash")
+            .arg(tmp.path().join("functions/hello/build.sh"))
+            .env("CARGO_NET_OFFLINE", "true")
+            .env("CARGO_TARGET_DIR", target),
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (answer, _) = invoke();
+    assert_eq!(answer, serde_json::json!({"edited": true, "count": 1}));
+}
+
 #[test]
 fn pipeline_errors_exit_2_with_their_location() {
     let tmp = tempfile::tempdir().unwrap();

@@ -4,9 +4,12 @@
 //!
 //! Templates: `python` (a handler to edit, `handler.py`, and the Runtime
 //! API loop of `examples/functions/python`, which needs nothing but the
-//! host's `python3`) and `shell` (bash and curl, `examples/functions/shell`).
-//! The runtime loops are the examples' files themselves, built into the
-//! binary, so they cannot drift apart.
+//! host's `python3`), `shell` (bash and curl, `examples/functions/shell`)
+//! and `rust` (a cargo project on the official `lambda_runtime`, built at
+//! once with its `build.sh`; the pipeline runs `target/lambda/NAME/`, where
+//! `cargo lambda build` puts the `bootstrap` too). The runtime loops are the
+//! examples' files themselves, built into the binary, so they cannot drift
+//! apart.
 
 use std::fs;
 use std::io::Write as _;
@@ -25,12 +28,27 @@ pub enum Template {
     Python,
     /// A bash `bootstrap` that talks to the Runtime API with curl.
     Shell,
+    /// A cargo project with `lambda_runtime`, built by its `build.sh`
+    /// (needs cargo; the first build fetches and compiles the runtime's
+    /// crates).
+    Rust,
 }
 
 /// One file of a template: name, contents, whether it is executable.
 type TemplateFile = (&'static str, &'static str, bool);
 
+/// Cargo's names for the Rust template: `{{name}}` in its files.
+const NAME_SLOT: &str = "{{name}}";
+
 impl Template {
+    /// The files, with `{{name}}` replaced by the function's name.
+    fn files_for(self, name: &str) -> Vec<(&'static str, String, bool)> {
+        self.files()
+            .iter()
+            .map(|(file, text, executable)| (*file, text.replace(NAME_SLOT, name), *executable))
+            .collect()
+    }
+
     fn files(self) -> &'static [TemplateFile] {
         match self {
             Template::Python => &[
@@ -50,14 +68,60 @@ impl Template {
                 include_str!("../../examples/functions/shell/bootstrap"),
                 true,
             )],
+            Template::Rust => &[
+                (
+                    "Cargo.toml",
+                    include_str!("../templates/rust/Cargo.toml.in"),
+                    false,
+                ),
+                (
+                    "src/main.rs",
+                    include_str!("../templates/rust/src/main.rs.in"),
+                    false,
+                ),
+                (
+                    "build.sh",
+                    include_str!("../templates/rust/build.sh.in"),
+                    true,
+                ),
+                (
+                    ".gitignore",
+                    include_str!("../templates/rust/gitignore.in"),
+                    false,
+                ),
+            ],
         }
+    }
+
+    /// The function folder the pipeline names: the template's folder, or
+    /// for Rust the build's output in it.
+    fn function_dir(self, folder: &Path, name: &str) -> PathBuf {
+        match self {
+            Template::Python | Template::Shell => folder.to_path_buf(),
+            Template::Rust => folder.join("target").join("lambda").join(name),
+        }
+    }
+
+    /// Whether `name` suits the template (cargo refuses some package names).
+    fn check_name(self, name: &str) -> Result<(), String> {
+        const RESERVED: &[&str] = &["alloc", "core", "proc-macro", "proc_macro", "std", "test"];
+        if self == Template::Rust
+            && (!name.starts_with(|c: char| c.is_ascii_alphabetic()) || RESERVED.contains(&name))
+        {
+            return Err(format!(
+                "{name:?} cannot name a cargo package: the rust template needs a name that \
+                 starts with a letter and is not one of {}",
+                RESERVED.join(", ")
+            ));
+        }
+        Ok(())
     }
 
     /// Extra lines of its `[functions.NAME]` table.
     fn settings(self) -> &'static str {
         match self {
             Template::Python => "handler = \"handler.handler\"   # MODULE.FUNCTION in the folder\n",
-            Template::Shell => "",
+            Template::Shell | Template::Rust => "",
         }
     }
 
@@ -65,6 +129,7 @@ impl Template {
         match self {
             Template::Python => "python",
             Template::Shell => "shell",
+            Template::Rust => "rust",
         }
     }
 }
@@ -94,8 +159,14 @@ struct Plan {
     before: Option<String>,
 }
 
-fn plan(name: &str, dir: Option<PathBuf>, pipeline: PathBuf) -> Result<Plan, String> {
+fn plan(
+    name: &str,
+    template: Template,
+    dir: Option<PathBuf>,
+    pipeline: PathBuf,
+) -> Result<Plan, String> {
     sluice_pipeline::check_name(name).map_err(|e| format!("function name: {e}"))?;
+    template.check_name(name)?;
     let before = match fs::read_to_string(&pipeline) {
         Ok(text) => {
             let p = Pipeline::load(&pipeline).map_err(|e| e.to_string())?;
@@ -148,10 +219,17 @@ fn create(name: &str, template: Template, plan: &Plan) -> Result<(), String> {
     };
     fs::create_dir_all(&plan.folder)
         .map_err(|e| format!("creating {}: {e}", plan.folder.display()))?;
-    for (file, text, executable) in template.files() {
+    for (file, text, executable) in template.files_for(name) {
         let path = plan.folder.join(file);
-        write_file(&path, text, *executable)
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)
+                .map_err(|e| undo(format!("creating {}: {e}", parent.display())))?;
+        }
+        write_file(&path, &text, executable)
             .map_err(|e| undo(format!("writing {}: {e}", path.display())))?;
+    }
+    if template == Template::Rust {
+        build(&plan.folder).map_err(undo)?;
     }
     let pipeline_dir = plan
         .pipeline
@@ -164,7 +242,7 @@ fn create(name: &str, template: Template, plan: &Plan) -> Result<(), String> {
     }
     table.push_str(&format!(
         "[functions.{name}]\npath = {:?}\n{}",
-        path_in_pipeline(pipeline_dir, &plan.folder),
+        path_in_pipeline(pipeline_dir, &template.function_dir(&plan.folder, name)),
         template.settings()
     ));
     let mut file = fs::OpenOptions::new()
@@ -188,9 +266,24 @@ fn create(name: &str, template: Template, plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs a Rust template's `build.sh`, cargo's output going to the terminal.
+fn build(folder: &Path) -> Result<(), String> {
+    let script = folder.join("build.sh");
+    crate::log_note!("building {} (cargo build --release)", folder.display());
+    match std::process::Command::new("bash").arg(&script).status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!(
+            "{} failed ({s}): nothing was created; fix what cargo says (is cargo installed, \
+             can it reach crates.io?) and run `sluice new` again",
+            script.display()
+        )),
+        Err(e) => Err(format!("running {}: {e}", script.display())),
+    }
+}
+
 /// Create function `name` from `template`.
 pub fn run(name: &str, template: Template, dir: Option<PathBuf>, pipeline: PathBuf) -> u8 {
-    let plan = match plan(name, dir, pipeline) {
+    let plan = match plan(name, template, dir, pipeline) {
         Ok(p) => p,
         Err(e) => {
             crate::log_error!("{e}");
@@ -213,5 +306,11 @@ pub fn run(name: &str, template: Template, dir: Option<PathBuf>, pipeline: PathB
         "try it: sluice invoke --pipeline {} {name} --payload '{{\"hello\": \"world\"}}'",
         plan.pipeline.display()
     );
+    if template == Template::Rust {
+        println!(
+            "after editing src/main.rs: {}",
+            plan.folder.join("build.sh").display()
+        );
+    }
     exit::OK
 }
