@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The object-store tests of the backfill and of object-store triggers
-# against real servers instead of object_store's in-memory store:
+# The object-store tests of the backfill, of object-store triggers and of
+# Kafka triggers' object-store on-failure destinations against real servers
+# instead of object_store's in-memory store or local folders:
 #
 # - S3: moto's server (from PyPI), reached the way `sluice backfill` users
 #   reach S3: an `s3://` URL, with the endpoint, region and credentials in
@@ -110,6 +111,7 @@ export AZURE_STORAGE_USE_EMULATOR=true AZURITE_BLOB_STORAGE_URL="$az"
 export SLUICE_TEST_AZ="az://$container"
 cargo test -p sluice-taskgen --test object_store -- s3 azure
 cargo test -p sluice-ingest --test object_trigger -- s3 azure
+cargo test -p sluice-ingest --test kafka_semantics -- failure_destination
 cargo test --test bench_cli s3
 # The tests skip themselves without their variables: make sure they ran here.
 grep -q "GET /$bucket/sluice-test-[0-9]" "$s3_log" || {
@@ -130,5 +132,13 @@ grep -q "/devstoreaccount1/$container/sluice-test-[0-9].*a.parquet" "$az_log" ||
 }
 grep -q "/devstoreaccount1/$container?.*prefix=sluice-test-objects-" "$az_log" || {
     echo "error: the object-store trigger Azure test listed nothing on Azurite" >&2
+    exit 1
+}
+grep -q "PUT /$bucket/sluice-test-dlq-" "$s3_log" || {
+    echo "error: the Kafka on-failure S3 test wrote nothing on moto" >&2
+    exit 1
+}
+grep -q "/devstoreaccount1/$container/sluice-test-dlq-" "$az_log" || {
+    echo "error: the Kafka on-failure Azure test wrote nothing on Azurite" >&2
     exit 1
 }

@@ -733,7 +733,7 @@ fn a_flood_of_skipped_records_does_not_flood_the_log() {
     let log = run.process.stderr();
     let skipped = log
         .iter()
-        .filter(|l| l.contains("record skipped (no on_failure topic configured)"))
+        .filter(|l| l.contains("record skipped (no on_failure destination configured)"))
         .count() as u64;
     // The burst (10 x the rate), then the rate, over the whole run.
     let most = 10 * 10 + 10 * took;
@@ -809,7 +809,7 @@ on_failure = "in-failed"
     assert_eq!(status.code(), Some(0), "{}", run.log());
     run.assert_saw_each_once(&lines);
     run.assert_logged(|l| {
-        l.contains("records written to the on-failure topic") && l.contains("records=1")
+        l.contains("records written to the on-failure destination") && l.contains("records=1")
     });
     run.assert_logged(|l| l.contains("stopped after 21 records"));
 }

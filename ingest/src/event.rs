@@ -493,7 +493,7 @@ pub fn failure_headers(r: &Record, info: &FailureInfo) -> Vec<(String, Vec<u8>)>
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (times before the epoch print as the epoch).
-fn rfc3339_utc(t: SystemTime) -> String {
+pub(crate) fn rfc3339_utc(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

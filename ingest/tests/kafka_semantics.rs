@@ -32,6 +32,7 @@ use sluice_ingest::kafka::{Activity, TriggerEnv, run_trigger};
 use sluice_ingest::metrics::Metrics;
 use sluice_pipeline::{BootstrapServers, Pipeline};
 use sluice_test_support::kafka::TestKafka;
+use sluice_test_support::stores::{Remote, fresh_prefix};
 use sluice_test_support::{FunctionFixture, Lines, agent_binary, function_fixture};
 use tempfile::TempDir;
 use tokio::sync::watch;
@@ -772,6 +773,174 @@ on_failure = "dlq"
     );
     assert_eq!(header(&dlq[0], "sluice.attempts").as_deref(), Some("1"));
     assert_eq!(s.kafka.committed("g", "in", 1), vec![16]);
+}
+
+/// `on_failure` as a folder (Lambda's S3 on-failure destination, here a
+/// `file://` URL): the poison record isolated by bisection is written as one
+/// JSON object, Lambda's invocation record with the event the function got,
+/// named after its partition and offsets; offsets are committed after it.
+#[test]
+fn exhausted_records_go_to_an_object_store_destination() {
+    let s = Setup::new(&[("in", 1)]);
+    for i in 0..8 {
+        let v = if i == 5 {
+            "poison-5".to_owned()
+        } else {
+            format!("r{i}")
+        };
+        s.kafka.produce("in", 0, Some(&format!("k{i}")), &v);
+    }
+    s.kafka.flush();
+    let dlq = s.tmp.path().join("dlq");
+    let p = s.pipeline(
+        "poison",
+        "concurrency = 1",
+        "g",
+        &format!(
+            r#"topics = ["in"]
+starting_position = "earliest"
+batch_size = 8
+batch_window = "5s"
+bisect_batch_on_error = true
+max_retry_attempts = 0
+on_failure = "file://{}/"
+"#,
+            dlq.display()
+        ),
+    );
+    let run = Run::start(&p);
+    run.wait_all_finished(8);
+    let log = run.stop();
+    assert_eq!(delivered(&log.batches()).len(), 7);
+    assert_eq!(s.kafka.committed("g", "in", 1), vec![8]);
+
+    // One object: <trigger>/<topic>-0/YYYY/MM/DD/5-5.json.
+    let mut objects = Vec::new();
+    let mut stack = vec![dlq.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                objects.push(path);
+            }
+        }
+    }
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    let rel = objects[0].strip_prefix(&dlq).unwrap().display().to_string();
+    let topic = s.kafka.name("in");
+    assert!(
+        rel.starts_with(&format!("{}/{topic}-0/", p.kafka_triggers[0].name)),
+        "{rel}"
+    );
+    assert!(rel.ends_with("/5-5.json"), "{rel}");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&objects[0]).unwrap()).unwrap();
+    assert_eq!(record["version"], "1.0");
+    assert_eq!(
+        record["requestContext"]["condition"],
+        "RetryAttemptsExhausted"
+    );
+    assert_eq!(record["requestContext"]["approximateInvokeCount"], 1);
+    assert_eq!(record["responseContext"]["functionError"], "Poison");
+    let info = &record["KafkaBatchInfo"];
+    assert_eq!(
+        (
+            info["topic"].as_str(),
+            info["partition"].as_i64(),
+            info["startOffset"].as_i64(),
+            info["endOffset"].as_i64(),
+            info["batchSize"].as_u64()
+        ),
+        (Some(topic.as_str()), Some(0), Some(5), Some(5), Some(1)),
+        "{record:#}"
+    );
+    assert_eq!(record["sluice"]["errorType"], "Poison");
+    assert!(
+        record["sluice"]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("poison record"),
+        "{record:#}"
+    );
+    // The event the function was called with, as Lambda's Kafka event.
+    let event: aws_lambda_events::event::kafka::KafkaEvent =
+        serde_json::from_value(record["payload"].clone()).expect("a KafkaEvent");
+    let recs = &event.records[&format!("{topic}-0")];
+    assert_eq!(recs.len(), 1);
+    use base64::Engine;
+    let value = base64::engine::general_purpose::STANDARD
+        .decode(recs[0].value.as_deref().unwrap())
+        .unwrap();
+    assert_eq!(value, b"poison-5");
+    assert_eq!(recs[0].offset, 5);
+}
+
+/// The same destination on real S3 and Azure servers (see
+/// `sluice_test_support::stores`): a record that exhausts its retries
+/// becomes one object below the prefix.
+fn remote_failure_destination(remote: Remote) {
+    let Some((bucket, store)) = remote.bucket() else {
+        return;
+    };
+    let prefix = fresh_prefix("sluice-test-dlq");
+    let s = Setup::new(&[("in", 1)]);
+    for i in 0..3 {
+        let v = if i == 1 {
+            "poison-1".to_owned()
+        } else {
+            format!("r{i}")
+        };
+        s.kafka.produce("in", 0, None, &v);
+    }
+    s.kafka.flush();
+    let p = s.pipeline(
+        "poison",
+        "concurrency = 1",
+        "g",
+        &format!(
+            "topics = [\"in\"]\nbatch_size = 1\n\
+             max_retry_attempts = 0\non_failure = \"{bucket}/{prefix}/\"\n{QUICK}"
+        ),
+    );
+    let run = Run::start(&p);
+    run.wait_all_finished(3);
+    drop(run.stop());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listed: Vec<_> = rt.block_on(async {
+        use futures::TryStreamExt;
+        store
+            .list(Some(&object_store::path::Path::from(prefix.as_str())))
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+    });
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let key = listed[0].location.to_string();
+    assert!(key.ends_with("/1-1.json"), "{key}");
+    let bytes = rt.block_on(async {
+        store
+            .get(&listed[0].location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+    });
+    let record: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(record["KafkaBatchInfo"]["startOffset"], 1, "{record:#}");
+    assert_eq!(s.kafka.committed("g", "in", 1), vec![3]);
+}
+
+#[test]
+fn s3_failure_destination() {
+    remote_failure_destination(Remote::S3);
+}
+
+#[test]
+fn azure_failure_destination() {
+    remote_failure_destination(Remote::Azure);
 }
 
 /// A partial batch response re-delivers exactly the failed items, before

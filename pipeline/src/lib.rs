@@ -76,7 +76,7 @@
 //! | `max_record_age` | none (no limit) | [`MAX_RECORD_AGE_RANGE`]; needs `on_failure` |
 //! | `bisect_batch_on_error` | `false` | boolean |
 //! | `report_batch_item_failures` | `false` | boolean |
-//! | `on_failure` | none | a topic, not one of `topics` |
+//! | `on_failure` | none | a topic, not one of `topics`; or a folder or object store prefix as a URL (`file:///var/dlq/`, `s3://bucket/dlq/`, [`OBJECT_URL_SCHEMES`]): one JSON object per failed batch and partition, Lambda's invocation record with the event ([`OnFailure`]) |
 //! | `output_topic` | none | a topic, not one of `topics` |
 //! | `parallelization_factor` | [`DEFAULT_PARALLELIZATION_FACTOR`] | [`PARALLELIZATION_FACTOR_RANGE`] |
 //! | `exactly_once` | `false` | boolean; `true` needs `output_topic` |
@@ -314,6 +314,38 @@ pub const MAX_BYTES_PER_CALL_RANGE: RangeInclusive<usize> = 1..=6_000_000;
 pub const DEFAULT_MAX_BUFFERED_ITEMS: usize = 100_000;
 /// Allowed `max_buffered_items`.
 pub const MAX_BUFFERED_ITEMS_RANGE: RangeInclusive<usize> = 1..=100_000_000;
+
+/// Where a Kafka trigger's failed records go (`on_failure`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnFailure {
+    /// A Kafka topic (of the trigger's cluster): one record per failed
+    /// record, with the failure in its headers.
+    Topic(String),
+    /// An object store prefix, a URL of [`OBJECT_URL_SCHEMES`], or an
+    /// absolute local folder (`file://` URLs become one): one JSON object
+    /// per failed batch and partition, Lambda's invocation record for an S3
+    /// on-failure destination, the event it was called with included.
+    Objects(String),
+}
+
+impl OnFailure {
+    /// The topic, if it is one.
+    pub fn topic(&self) -> Option<&str> {
+        match self {
+            OnFailure::Topic(t) => Some(t),
+            OnFailure::Objects(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for OnFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OnFailure::Topic(t) => f.write_str(t),
+            OnFailure::Objects(u) => f.write_str(u),
+        }
+    }
+}
 
 /// Allowed `max_items` of a backfill job: 1 to 100,000,000 (Distributed
 /// Map's `MaxItems` limit).
@@ -818,8 +850,8 @@ pub struct KafkaTrigger {
     /// The function may report the records that failed
     /// (`batchItemFailures`). Default `false`.
     pub report_batch_item_failures: bool,
-    /// Topic receiving records that exhaust their retries. Default none.
-    pub on_failure: Option<String>,
+    /// Where records that exhaust their retries go. Default none.
+    pub on_failure: Option<OnFailure>,
     /// Topic receiving the function's responses. Default none.
     pub output_topic: Option<String>,
     /// Concurrent batches per partition. Default

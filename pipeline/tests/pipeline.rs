@@ -419,7 +419,10 @@ retry_backoff_max = "1ms"
     );
     assert!(orders.bisect_batch_on_error);
     assert!(orders.report_batch_item_failures);
-    assert_eq!(orders.on_failure.as_deref(), Some("orders-dlq"));
+    assert_eq!(
+        orders.on_failure,
+        Some(sluice_pipeline::OnFailure::Topic("orders-dlq".into()))
+    );
     assert_eq!(orders.output_topic.as_deref(), Some("results"));
     assert_eq!(orders.parallelization_factor, 10);
     assert!(orders.exactly_once);
@@ -768,6 +771,48 @@ fn batch_input_is_a_table_of_bounded_size() {
     )
     .to_string();
     assert!(err.contains("batch_input"), "{err}");
+}
+
+/// `on_failure`: a topic, or (as Lambda's S3 destination) a folder or object
+/// store prefix written as a URL; `file://` URLs become absolute folders.
+#[test]
+fn on_failure_is_a_topic_or_an_object_store_prefix() {
+    use sluice_pipeline::OnFailure;
+    let trigger = |on_failure: &str| {
+        format!(
+            "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"in\"]\non_failure = {on_failure:?}\n"
+        )
+    };
+    for (written, expected) in [
+        ("in-dlq", OnFailure::Topic("in-dlq".into())),
+        (
+            "s3://bucket/dlq/",
+            OnFailure::Objects("s3://bucket/dlq/".into()),
+        ),
+        (
+            "az://container",
+            OnFailure::Objects("az://container".into()),
+        ),
+        ("file:///var/dlq", OnFailure::Objects("/var/dlq".into())),
+    ] {
+        let p = parse_with_echo(&trigger(written));
+        assert_eq!(p.kafka_triggers[0].on_failure, Some(expected), "{written}");
+    }
+    for (written, expected) in [
+        (
+            "ftp://host/dlq",
+            "`trigger.kafka[0].on_failure` = \"ftp://host/dlq\" is invalid: expected a topic, or a folder or object store prefix as a URL",
+        ),
+        (
+            "file://relative/dlq",
+            "is invalid: expected a topic, or a folder",
+        ),
+        ("s3://b/dlq/*.json", "without glob characters"),
+        ("in", "is also one of the trigger's `topics`"),
+    ] {
+        let err = error_with_echo(&trigger(written)).to_string();
+        assert!(err.contains(expected), "{written}: {err}");
+    }
 }
 
 /// `max_items`: Distributed Map's `MaxItems`, within its range, and not

@@ -156,8 +156,16 @@ pub async fn run(args: RunArgs) -> u8 {
         let mut topics: BTreeSet<(String, i32)> = BTreeSet::new();
         for t in &p.kafka_triggers {
             if matches!(t.bootstrap_servers, BootstrapServers::Embedded) {
-                for topic in t.topics.iter().chain(&t.on_failure).chain(&t.output_topic) {
-                    topics.insert((topic.clone(), t.partitions));
+                let on_failure = t.on_failure.as_ref().and_then(|o| o.topic());
+                let outputs = t.output_topic.as_deref();
+                for topic in t
+                    .topics
+                    .iter()
+                    .map(String::as_str)
+                    .chain(on_failure)
+                    .chain(outputs)
+                {
+                    topics.insert((topic.to_owned(), t.partitions));
                 }
                 if let Some(sluice_pipeline::StateConfig {
                     store: sluice_pipeline::StateStore::Changelog(topic),

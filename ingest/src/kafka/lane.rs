@@ -19,6 +19,7 @@ use super::{Control, TriggerShared};
 use crate::event::{self, EventSource, FailureInfo};
 use crate::metrics::BatchOutcome;
 use crate::record::Record;
+use sluice_pipeline::OnFailure;
 
 /// What the poll thread keeps per partition.
 pub(super) struct LaneHandle {
@@ -632,11 +633,12 @@ impl Partition {
         }
     }
 
-    /// Write failed records to the on-failure topic (waiting for the
-    /// broker's acknowledgement, retrying until it comes) and mark them
-    /// finished. Without an on-failure topic (only possible for records the
-    /// function never saw: malformed or too large), they are logged and
-    /// skipped. Returns false when the lane was stopped first.
+    /// Write failed records to the on-failure destination (waiting for the
+    /// broker's acknowledgement or the store's, retrying until it comes)
+    /// and mark them finished. Without an on-failure destination (only
+    /// possible for records the function never saw: malformed or too
+    /// large), they are logged and skipped. Returns false when the lane was
+    /// stopped first.
     pub(super) async fn dead_letter_or_drop(
         &self,
         recs: Vec<Record>,
@@ -644,13 +646,13 @@ impl Partition {
         attempts: u32,
     ) -> bool {
         let t = &self.shared.trigger;
-        let (Some(topic), Some(sink)) = (&t.on_failure, &self.shared.sink) else {
+        let Some(destination) = &t.on_failure else {
             for r in &recs {
                 if let Some(held_back) = self.shared.failure_log.admit() {
                     tracing::error!(
                         trigger = %t.name, topic = %r.topic, partition = r.partition, offset = r.offset,
                         error_type = %f.error_type, held_back,
-                        "record skipped (no on_failure topic configured): {}", for_log(&f.message)
+                        "record skipped (no on_failure destination configured): {}", for_log(&f.message)
                     );
                 }
             }
@@ -663,20 +665,41 @@ impl Partition {
             error_message: &f.message,
             attempts,
         };
-        let out: Vec<OutRecord> = recs
-            .iter()
-            .map(|r| OutRecord {
-                key: r.key.as_deref().map(<[u8]>::to_vec),
-                value: r.value.as_deref().map(<[u8]>::to_vec),
-                headers: event::failure_headers(r, &info),
-            })
-            .collect();
+        let source = EventSource {
+            event_source: "SelfManagedKafka",
+            event_source_arn: None,
+            bootstrap_servers: &self.shared.servers,
+        };
+        let out: Vec<OutRecord> = match destination {
+            OnFailure::Topic(_) => recs
+                .iter()
+                .map(|r| OutRecord {
+                    key: r.key.as_deref().map(<[u8]>::to_vec),
+                    value: r.value.as_deref().map(<[u8]>::to_vec),
+                    headers: event::failure_headers(r, &info),
+                })
+                .collect(),
+            OnFailure::Objects(_) => Vec::new(),
+        };
         let mut delay = Duration::from_millis(100);
         loop {
-            match sink.send_all(topic, &out).await {
+            let written = match (destination, &self.shared.sink, &self.shared.failure_objects) {
+                (OnFailure::Topic(topic), Some(sink), _) => {
+                    sink.send_all(topic, &out).await.map_err(|e| e.to_string())
+                }
+                (OnFailure::Objects(_), _, Some(objects)) => objects
+                    .write(&recs, &info, &source)
+                    .await
+                    .map(|names| {
+                        tracing::debug!(trigger = %t.name, objects = ?names, "failed records written");
+                    })
+                    .map_err(|e| e.to_string()),
+                _ => Err("the on-failure destination was not opened".to_owned()),
+            };
+            match written {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::error!(trigger = %t.name, on_failure = %topic, "writing to the on-failure topic failed, retrying: {e}");
+                    tracing::error!(trigger = %t.name, on_failure = %destination, "writing to the on-failure destination failed, retrying: {e}");
                     let mut stop = self.stop.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -689,10 +712,10 @@ impl Partition {
         self.shared.metrics.dlq_write(&t.name, recs.len() as u64);
         if let Some(held_back) = self.shared.failure_log.admit() {
             tracing::info!(
-                trigger = %t.name, on_failure = %topic, records = recs.len(),
+                trigger = %t.name, on_failure = %destination, records = recs.len(),
                 offsets = ?recs.iter().map(|r| r.offset).collect::<Vec<_>>(),
                 error_type = %f.error_type, attempts, held_back,
-                "records written to the on-failure topic"
+                "records written to the on-failure destination"
             );
         }
         self.finish(&recs);

@@ -23,6 +23,7 @@
 
 mod client_log;
 mod embedded;
+mod failure_objects;
 pub(crate) mod lane;
 mod offsets;
 mod sink;
@@ -41,7 +42,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientContext, Timestamp};
 use sluice_executor::Executor;
-use sluice_pipeline::{KafkaTrigger, StartingPosition};
+use sluice_pipeline::{KafkaTrigger, OnFailure, StartingPosition};
 use tokio::sync::watch;
 
 pub use client_log::{KafkaLog, LoggedContext};
@@ -157,6 +158,9 @@ struct TriggerShared {
     executor: Executor,
     metrics: Arc<Metrics>,
     sink: Option<Sink>,
+    /// With `on_failure` as a folder or object store prefix: where failed
+    /// records go.
+    failure_objects: Option<failure_objects::FailureObjects>,
     /// With `exactly_once`: output and offsets in one transaction; the
     /// consumer never commits by itself.
     txn: Option<txn::Transactional>,
@@ -478,10 +482,15 @@ pub async fn run_trigger(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let sink = if trigger.on_failure.is_some() || trigger.output_topic.is_some() {
+    let to_topic = matches!(trigger.on_failure, Some(OnFailure::Topic(_)));
+    let sink = if to_topic || trigger.output_topic.is_some() {
         Some(Sink::new(&name, &env.servers, &props)?)
     } else {
         None
+    };
+    let failure_objects = match &trigger.on_failure {
+        Some(OnFailure::Objects(url)) => Some(failure_objects::FailureObjects::open(&name, url)?),
+        _ => None,
     };
     if trigger.exactly_once && trigger.parallelization_factor > 1 {
         return Err(IngestError::Config {
@@ -514,6 +523,7 @@ pub async fn run_trigger(
         executor: env.executor.clone(),
         metrics: env.metrics.clone(),
         sink,
+        failure_objects,
         txn,
         servers: env.servers.clone(),
         state_store,

@@ -10,6 +10,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde_spanned::Spanned;
 
 use super::{DURATION, Fields, INTEGER, STRING, is_lambda_name};
+use crate::OnFailure;
 use crate::error::PipelineError;
 use crate::filter::{self, Pattern};
 use crate::span::{self, Locator};
@@ -99,6 +100,9 @@ const FILTER_TYPE: &str = "a table (a filter pattern), e.g. { value = { type = [
                            or an array of them (any may match)";
 const BOOLEAN: &str = "a boolean (true or false)";
 const TOPIC: &str = "a topic name (a string)";
+
+const ON_FAILURE_RULE: &str = "a topic, or a folder or object store prefix as a URL: \
+                               file:///FOLDER, s3://BUCKET/PREFIX, gs://, az://";
 /// What a `properties` value must be, for messages.
 pub(super) const PROPERTY_VALUE: &str = "a string, integer or boolean";
 
@@ -125,7 +129,10 @@ pub(super) const KAFKA_FIELDS: &[(&str, &str)] = &[
     ("max_record_age", DURATION),
     ("bisect_batch_on_error", BOOLEAN),
     ("report_batch_item_failures", BOOLEAN),
-    ("on_failure", TOPIC),
+    (
+        "on_failure",
+        "a topic name, or a URL (file:///FOLDER, s3://BUCKET/PREFIX) (a string)",
+    ),
     ("output_topic", TOPIC),
     ("parallelization_factor", INTEGER),
     ("exactly_once", BOOLEAN),
@@ -279,7 +286,13 @@ impl RawKafka {
             .map(|age| (age.span(), format!("{:?}", age.get_ref())));
         let max_record_age =
             f.optional_duration("max_record_age", self.max_record_age, MAX_RECORD_AGE_RANGE)?;
-        let on_failure = sink_topic(&f, "on_failure", self.on_failure, &topics)?;
+        let base = loc.file.parent().unwrap_or(std::path::Path::new(""));
+        let on_failure = match self.on_failure {
+            Some(v) if super::job::is_url(v.get_ref()) => Some(OnFailure::Objects(
+                super::objects::validate_url(&f, "on_failure", ON_FAILURE_RULE, v, base)?,
+            )),
+            v => sink_topic(&f, "on_failure", v, &topics)?.map(OnFailure::Topic),
+        };
         let output_topic = sink_topic(&f, "output_topic", self.output_topic, &topics)?;
         let parallelization_factor = f.integer(
             "parallelization_factor",
@@ -303,7 +316,6 @@ impl RawKafka {
         )?;
         let properties = validate_properties(&f, self.properties.unwrap_or_default())?;
         let state_at = self.state.as_ref().map(Spanned::span);
-        let base = loc.file.parent().unwrap_or(std::path::Path::new(""));
         let state = self
             .state
             .map(|s| s.into_inner().validate(&f, &name, base))

@@ -125,7 +125,7 @@ impl RawObjects {
                 hint: "the folder or object-store prefix to watch, e.g. url = \"s3://bucket/incoming/\"",
             });
         };
-        let url = validate_url(&f, url, base)?;
+        let url = validate_url(&f, "url", URL_RULE, url, base)?;
         let suffix = match self.suffix {
             Some(s) if s.get_ref().is_empty() => {
                 return Err(PipelineError::InvalidValue {
@@ -245,9 +245,12 @@ fn validate_events(
 }
 
 /// A URL of a known scheme, or a local folder (relative to `base`; made
-/// absolute, and `file://` URLs turned into paths).
-fn validate_url(
+/// absolute, and `file://` URLs turned into paths), as field `key`, which
+/// must be `rule`.
+pub(super) fn validate_url(
     f: &Fields<'_>,
+    key: &str,
+    rule: &'static str,
     url: Spanned<String>,
     base: &Path,
 ) -> Result<String, PipelineError> {
@@ -255,9 +258,9 @@ fn validate_url(
     let written = url.into_inner();
     let bad = |written: String| PipelineError::InvalidValue {
         at: f.loc.at(span.clone()),
-        field: f.field("url"),
+        field: f.field(key),
         value: written,
-        expected: URL_RULE,
+        expected: rule,
     };
     if written.trim().is_empty() {
         return Err(bad(written));
@@ -265,7 +268,7 @@ fn validate_url(
     if written.contains(['*', '?', '[']) {
         return Err(PipelineError::InvalidValue {
             at: f.loc.at(span.clone()),
-            field: f.field("url"),
+            field: f.field(key),
             value: written,
             expected: "a folder or prefix without glob characters: watch the folder, and \
                        choose the objects by their ending with `suffix` (e.g. suffix = \".csv\")",
