@@ -552,7 +552,9 @@ fn pipeline_errors_exit_2_with_their_location() {
     let mut text_of = std::fs::read_to_string(&p).unwrap();
     text_of.push_str(
         "[job.replay]\nfunction = \"echo\"\nsource = \"data/*.csv\"\n\
-         csv_headers = [\"id\", \"n\"]\nresults = \"out/replay.jsonl\"\n",
+         csv_headers = [\"id\", \"n\"]\nresults = \"out/replay.jsonl\"\n\
+         max_items = 50\nbatch_input = { run = 7 }\n\n\
+         [[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"in\"]\non_failure = \"file:///var/dlq/\"\n",
     );
     std::fs::write(&p, text_of).unwrap();
     let out = run(sluice().arg("validate").arg(&p), None);
@@ -561,7 +563,10 @@ fn pipeline_errors_exit_2_with_their_location() {
     assert!(
         listed.contains("job replay: backfill of ")
             && listed.contains("data/*.csv -> echo, 100 items per call, responses kept in ")
-            && listed.contains("out/replay.jsonl"),
+            && listed.contains("out/replay.jsonl")
+            && listed.contains("only the first 50 items (max_items)")
+            && listed.contains(r#"every call carries batch_input {"run":7}"#)
+            && listed.contains("-> echo, failures as objects under /var/dlq/"),
         "{listed}"
     );
 }

@@ -25,12 +25,19 @@ pub fn run(path: &Path) -> u8 {
     }
     for t in &p.kafka_triggers {
         println!(
-            "  trigger {}: Kafka topics {} ({}, group {}) -> {}{}",
+            "  trigger {}: Kafka topics {} ({}, group {}) -> {}{}{}",
             t.name,
             t.topics.join(", "),
             t.bootstrap_servers,
             t.group_id,
             t.function,
+            match &t.on_failure {
+                Some(sluice_pipeline::OnFailure::Topic(topic)) =>
+                    format!(", failures to topic {topic}"),
+                Some(sluice_pipeline::OnFailure::Objects(url)) =>
+                    format!(", failures as objects under {url}"),
+                None => String::new(),
+            },
             disabled(t.enabled)
         );
     }
@@ -69,6 +76,15 @@ pub fn run(path: &Path) -> u8 {
                 .map(|r| format!(", responses kept in {}", r.display()))
                 .unwrap_or_default()
         );
+        if let Some(n) = j.max_items {
+            println!("    only the first {n} items (max_items)");
+        }
+        if let Some(input) = &j.batch_input {
+            println!(
+                "    every call carries batch_input {}",
+                serde_json::Value::Object(input.clone())
+            );
+        }
     }
     for j in p.mapreduce_jobs.values() {
         println!(
