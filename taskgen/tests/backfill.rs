@@ -733,36 +733,48 @@ async fn tolerated_failure_percentage_stops_the_job() {
     ex.shutdown().await;
 }
 
+/// A pipeline file in `dir` with the echo function and `[job.replay]`
+/// calling it with `job`'s settings; the fixture must outlive its use.
+fn echo_job(dir: &Path, job: &str) -> (FunctionFixture, PathBuf) {
+    let f = function_fixture("echo");
+    let pipeline = dir.join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[functions.echo]\npath = {:?}\n\n[job.replay]\nfunction = \"echo\"\n{job}",
+            f.dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    (f, pipeline)
+}
+
+/// `sluice backfill PIPELINE ARGS...`: exit code, stdout, stderr.
+fn backfill_cli(pipeline: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(sluice_binary())
+        .env("SLUICE_AGENT", agent_binary())
+        .arg("backfill")
+        .arg(pipeline)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn cli_runs_a_job_of_the_pipeline_and_flags_override_it() {
     let dir = TempDir::new().unwrap();
     std::fs::create_dir(dir.path().join("data")).unwrap();
     write_jsonl(&dir.path().join("data/a.jsonl"), 12);
-    let f = function_fixture("echo");
-    let pipeline = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[functions.echo]\npath = {:?}\n\n[job.replay]\nfunction = \"echo\"\n\
-             source = \"data/*.jsonl\"\nmax_items_per_call = 5\nprogress = \"replay.redb\"\n",
-            f.dir.display().to_string()
-        ),
-    )
-    .unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new(sluice_binary())
-            .env("SLUICE_AGENT", agent_binary())
-            .arg("backfill")
-            .arg(&pipeline)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let (_f, pipeline) = echo_job(
+        dir.path(),
+        "source = \"data/*.jsonl\"\nmax_items_per_call = 5\nprogress = \"replay.redb\"\n",
+    );
+    let run = |args: &[&str]| backfill_cli(&pipeline, args);
     // The job's settings (format from the extension, 5 items per call)...
     let (code, out, err) = run(&["replay", "--dry-run"]);
     assert_eq!(code, Some(0), "{out}{err}");
@@ -801,34 +813,28 @@ fn cli_runs_a_job_of_the_pipeline_and_flags_override_it() {
 fn cli_batch_input_from_the_job_or_the_flag() {
     let dir = TempDir::new().unwrap();
     write_jsonl(&dir.path().join("a.jsonl"), 7);
-    let f = function_fixture("echo");
-    let pipeline = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[functions.echo]\npath = {:?}\n\n[job.replay]\nfunction = \"echo\"\n\
-             source = \"a.jsonl\"\nmax_items_per_call = 3\n\
-             batch_input = {{ run_date = 2026-12-01, dry = false }}\n",
-            f.dir.display().to_string()
-        ),
-    )
-    .unwrap();
+    let (_f, pipeline) = echo_job(
+        dir.path(),
+        "source = \"a.jsonl\"\nmax_items_per_call = 3\n\
+         batch_input = { run_date = 2026-12-01, dry = false }\n",
+    );
     let run = |args: &[&str], results: &str| {
-        let out = Command::new(sluice_binary())
-            .env("SLUICE_AGENT", agent_binary())
-            .arg("backfill")
-            .arg(&pipeline)
-            .args(["replay", "-q", "--results"])
-            .arg(dir.path().join(results))
-            .arg("--progress")
-            .arg(dir.path().join(format!("{results}.redb")))
-            .args(args)
-            .output()
-            .unwrap();
-        let (out, err) = (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        );
+        let results_path = dir.path().join(results).display().to_string();
+        let progress = dir
+            .path()
+            .join(format!("{results}.redb"))
+            .display()
+            .to_string();
+        let mut all = vec![
+            "replay",
+            "-q",
+            "--results",
+            &results_path,
+            "--progress",
+            &progress,
+        ];
+        all.extend_from_slice(args);
+        let (_, out, err) = backfill_cli(&pipeline, &all);
         let lines = std::fs::read_to_string(dir.path().join(results)).unwrap_or_default();
         let inputs: Vec<Value> = lines
             .lines()
@@ -860,32 +866,12 @@ fn cli_batch_input_from_the_job_or_the_flag() {
 fn cli_max_items_tries_a_sample_first() {
     let dir = TempDir::new().unwrap();
     write_jsonl(&dir.path().join("a.jsonl"), 12);
-    let f = function_fixture("echo");
-    let pipeline = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[functions.echo]\npath = {:?}\n\n[job.replay]\nfunction = \"echo\"\n\
-             source = \"a.jsonl\"\nmax_items_per_call = 5\n",
-            f.dir.display().to_string()
-        ),
-    )
-    .unwrap();
+    let (_f, pipeline) = echo_job(dir.path(), "source = \"a.jsonl\"\nmax_items_per_call = 5\n");
     let run = |args: &[&str]| {
-        let out = Command::new(sluice_binary())
-            .env("SLUICE_AGENT", agent_binary())
-            .arg("backfill")
-            .arg(&pipeline)
-            .args(["replay", "-q"])
-            .args(args)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code(), text)
+        let mut all = vec!["replay", "-q"];
+        all.extend_from_slice(args);
+        let (code, out, err) = backfill_cli(&pipeline, &all);
+        (code, format!("{out}{err}"))
     };
     let (code, out) = run(&["--max-items", "7", "--dry-run"]);
     assert_eq!(code, Some(0), "{out}");

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use crate::error::IngestError;
 use crate::event::{self, EventSource, FailureInfo, rfc3339_utc};
-use crate::objects::{split, store_for};
+use crate::objects::{local_prefix, split, store_for};
 use crate::record::Record;
 
 /// Where a trigger's failed records go as objects.
@@ -55,9 +55,7 @@ impl FailureObjects {
         let folder = PathBuf::from(url);
         std::fs::create_dir_all(&folder)
             .map_err(|e| config(format!("cannot make the folder: {e}")))?;
-        let folder = folder.canonicalize().unwrap_or(folder);
-        let prefix = ObjectPath::from_absolute_path(&folder)
-            .map_err(|e| config(format!("not a usable folder path: {e}")))?;
+        let (_, prefix) = local_prefix(folder).map_err(config)?;
         Ok(FailureObjects {
             store: Arc::new(object_store::local::LocalFileSystem::new()),
             prefix: Some(prefix),

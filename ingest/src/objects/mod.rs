@@ -135,9 +135,7 @@ impl Watched {
             Ok(_) => return Err(config("is not a folder".into())),
             Err(e) => return Err(config(format!("cannot watch this folder: {e}"))),
         }
-        let folder = folder.canonicalize().unwrap_or(folder);
-        let prefix = ObjectPath::from_absolute_path(&folder)
-            .map_err(|e| config(format!("not a usable folder path: {e}")))?;
+        let (folder, prefix) = local_prefix(folder).map_err(config)?;
         Ok(Watched {
             store: Arc::new(object_store::local::LocalFileSystem::new()),
             prefix: Some(prefix),
@@ -1256,6 +1254,15 @@ pub fn describe(t: &ObjectTrigger) -> String {
         t.progress.display(),
         t.dead_letter.display()
     )
+}
+
+/// A local folder as `object_store` names it: the canonical folder and its
+/// path as an object prefix (for `LocalFileSystem`).
+pub(crate) fn local_prefix(folder: PathBuf) -> Result<(PathBuf, ObjectPath), String> {
+    let folder = folder.canonicalize().unwrap_or(folder);
+    let prefix = ObjectPath::from_absolute_path(&folder)
+        .map_err(|e| format!("not a usable folder path: {e}"))?;
+    Ok((folder, prefix))
 }
 
 #[cfg(test)]
