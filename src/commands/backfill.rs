@@ -484,7 +484,13 @@ async fn sample(
         return Err(exit::USAGE);
     }
     let limited = tokio::task::spawn_blocking(move || {
-        sluice_taskgen::limit_items(&sources, &input, n).map(|(s, cap)| (s, Input { cap, ..input }))
+        sluice_taskgen::limit_items(&sources, &input, n).map(|sample| {
+            let input = Input {
+                cap: sample.cap,
+                ..input
+            };
+            (sample.sources, input)
+        })
     })
     .await;
     match limited {

@@ -153,6 +153,18 @@ impl Input {
     }
 }
 
+/// What [`limit_items`] keeps: the files, the cap of the last one, and how
+/// many items that is (`max_items`, or fewer if the sources hold fewer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    /// The sources the limit reaches into, in order.
+    pub sources: Vec<PathBuf>,
+    /// The last one's cap, if only its first items are needed.
+    pub cap: Option<ItemCap>,
+    /// Items in all.
+    pub items: u64,
+}
+
 /// The sources `max_items` keeps: files in order until their items reach
 /// `max_items`, the last one capped ([`Input::cap`]) if only its first
 /// items are needed. Items are counted as the backfill reads them
@@ -162,7 +174,7 @@ pub fn limit_items(
     sources: &[PathBuf],
     input: &Input,
     max_items: u64,
-) -> Result<(Vec<PathBuf>, Option<ItemCap>), BackfillError> {
+) -> Result<Sample, BackfillError> {
     let mut kept = Vec::new();
     let mut before = 0u64;
     for file in sources {
@@ -199,11 +211,19 @@ pub fn limit_items(
                 file: file.clone(),
                 items: left,
             });
-            return Ok((kept, cap));
+            return Ok(Sample {
+                sources: kept,
+                cap,
+                items: max_items,
+            });
         }
         before += items;
     }
-    Ok((kept, None))
+    Ok(Sample {
+        sources: kept,
+        cap: None,
+        items: before,
+    })
 }
 
 /// An item that could not be read.
@@ -1600,17 +1620,24 @@ impl Run {
                 "file dependencies cannot be combined with order_key or item dependencies".into(),
             ));
         }
+        // With max_items, the items are counted up front: the progress bar
+        // has its total whatever the format.
+        let mut sampled = None;
         if let Some(n) = cfg.max_items {
             check_max_items(n, &cfg.order, &cfg.file_dependencies, cfg.payload)?;
-            let (sources, cap) = limit_items(&cfg.sources, &cfg.input, n)?;
-            cfg.sources = sources;
-            cfg.input.cap = cap;
+            let sample = limit_items(&cfg.sources, &cfg.input, n)?;
+            cfg.sources = sample.sources;
+            cfg.input.cap = sample.cap;
+            sampled = Some(sample.items);
         }
         file_levels(&cfg.sources, &cfg.file_dependencies)?;
         // Before the progress store exists: a misspelt column must not
         // leave a store that refuses the corrected command.
         cfg.order.check_columns(&cfg.sources, &cfg.input)?;
-        let expected = expected_items(&cfg.sources, &cfg.input)?;
+        let expected = match sampled {
+            Some(n) => Some(n),
+            None => expected_items(&cfg.sources, &cfg.input)?,
+        };
         if cfg.input.csv_headers.is_some() && cfg.input.format != Format::Csv {
             return Err(BackfillError::Config(format!(
                 "CSV column names are given (csv_headers), but the format is {}",

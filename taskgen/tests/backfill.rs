@@ -1259,6 +1259,8 @@ async fn max_items_calls_only_the_first_items() {
         (25, 24, 1),
         "{s:?}"
     );
+    // Counted up front, so a terminal shows a total and an ETA.
+    assert_eq!(s.items_expected, Some(25), "{s:?}");
     let mut got = got.lock().unwrap().clone();
     got.sort_by_key(|(id, _)| id.clone());
     let mut seen: Vec<u64> = items_of(&got)
