@@ -256,3 +256,44 @@ async fn a_fold_over_max_items_folds_only_the_first_items() {
     assert_eq!(results(dir.path()), want);
     ex.shutdown().await;
 }
+
+/// `batch_input` reaches a stateful job's calls too, the final invoke of
+/// each window included: a Python handler keeps every `batch_input` it
+/// sees in its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folds_calls_carry_the_batch_input() {
+    let dir = TempDir::new().unwrap();
+    let (source, direct) = write_input(dir.path(), 60);
+    let f = function_fixture("python");
+    std::fs::write(
+        f.dir.join("seen.py"),
+        "def handler(event, context):\n    seen = (event.get('state') or {}).get('seen', [])\n    \
+         seen.append(event.get('batch_input'))\n    return {'state': {'seen': seen}}\n",
+    )
+    .unwrap();
+    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
+        agent_binary(),
+    ))));
+    let mut spec = FunctionSpec::new("sum", &f.dir);
+    spec.handler = "seen.handler".into();
+    spec.timeout = Duration::from_secs(20);
+    ex.register(spec);
+    let mut cfg = config(dir.path(), source, 100, None);
+    cfg.batch_input = json!({"run": 7}).as_object().cloned();
+    let s = backfill(&ex, cfg).await;
+    assert_eq!(s.items_succeeded, 60, "{s:?}");
+    let store = FileStore::open(&dir.path().join("state")).unwrap();
+    let mut keys = 0;
+    for cp in store.list().unwrap() {
+        for (k, ks) in cp.keys {
+            let r = ks.last_result.expect("a closed window");
+            let seen = r["state"]["seen"].as_array().unwrap().clone();
+            // The key's calls (10 items each) and its final invoke.
+            let calls = direct[&k].len().div_ceil(10) + 1;
+            assert_eq!(seen, vec![json!({"run": 7}); calls], "{k}: {r}");
+            keys += 1;
+        }
+    }
+    assert_eq!(keys, direct.len());
+    ex.shutdown().await;
+}
