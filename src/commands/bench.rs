@@ -343,7 +343,7 @@ pub async fn kafka(
     batch_sizes: &[u32],
     properties: &[(String, String)],
 ) -> u8 {
-    use sluice_ingest::kafka::{EmbeddedBroker, OutRecord, Sink};
+    use sluice_ingest::kafka::EmbeddedBroker;
 
     let (_, declared) = match super::load_function(pipeline, function) {
         Ok(pf) => pf,
@@ -358,67 +358,38 @@ pub async fn kafka(
     };
     let servers = broker.bootstrap_servers().to_owned();
     let partitions = 3;
-    if let Err(e) = broker.create_topic("bench", partitions) {
-        crate::log_error!("{e}");
-        return exit::INVOKE_FAILED;
-    }
-    let sink = match Sink::new("bench", &servers, &[]) {
-        Ok(s) => s,
-        Err(e) => {
-            crate::log_error!("{e}");
-            return exit::INVOKE_FAILED;
-        }
-    };
     let value =
         serde_json::json!({"order": 1, "customer": "c1", "amount": 12.5, "pad": "x".repeat(40)})
             .to_string()
             .into_bytes();
-    let batch: Vec<OutRecord> = (0..records)
-        .map(|i| OutRecord {
-            key: Some(format!("k{}", i % 64).into_bytes()),
-            value: Some(value.clone()),
-            headers: vec![],
-        })
-        .collect();
-    let t0 = Instant::now();
-    for chunk in batch.chunks(10_000) {
-        if let Err(e) = sink.send_all("bench", chunk).await {
-            crate::log_error!("producing: {e}");
-            return exit::INVOKE_FAILED;
-        }
-    }
-    match broker.dropped("bench") {
-        Ok(d) if d.is_empty() => {}
-        Ok(_) => {
-            crate::log_error!(
-                "{records} records do not fit the embedded broker's retention ({} MiB per partition, {partitions} partitions): use fewer --records",
-                sluice_ingest::kafka::RETAINED_BYTES_PER_PARTITION >> 20
-            );
-            return exit::USAGE;
-        }
-        Err(e) => {
-            crate::log_error!("{e}");
-            return exit::INVOKE_FAILED;
-        }
-    }
     println!(
-        "sluice bench kafka: {records} records of {} bytes in {partitions} partitions (produced in {:?}), function {function}",
+        "sluice bench kafka: about {records} records of {} bytes in {partitions} partitions per batch size, function {function}",
         value.len(),
-        t0.elapsed()
+    );
+    println!(
+        "(each batch size reads a topic of its own holding whole batches: no batch waits for its window at the end of the topic, which the plain consumer would not)"
     );
     if !properties.is_empty() {
         let set: Vec<String> = properties.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("trigger consumer properties: {}", set.join(", "));
     }
-    // Its polling thread is not part of what is measured.
-    drop(sink);
 
     let mut at_1000 = None;
-    // Records in the topic: the latency probes add to it.
-    let mut in_topic = records;
     for &b in batch_sizes {
+        // Each partition holds a whole number of batches of `b`: a last
+        // partial batch would wait for `batch_window` while the plain
+        // consumer finishes at its last record, which measures the end of
+        // the topic rather than the throughput.
+        let topic = format!("bench-{b}");
+        let per_partition = records.div_ceil(partitions as usize).div_ceil(b as usize) * b as usize;
+        let in_topic = per_partition * partitions as usize;
+        if let Err(code) =
+            produce_bench_topic(&broker, &topic, partitions, per_partition, &value).await
+        {
+            return code;
+        }
         let mut text = format!(
-            "[functions.{function}]\npath = {:?}\nconcurrency = {partitions}\n\n[[trigger.kafka]]\nfunction = {function:?}\ntopics = [\"bench\"]\nbootstrap_servers = {servers:?}\ngroup_id = \"bench-{b}\"\nstarting_position = \"earliest\"\nbatch_size = {b}\nbatch_window = \"5ms\"\n",
+            "[functions.{function}]\npath = {:?}\nconcurrency = {partitions}\n\n[[trigger.kafka]]\nfunction = {function:?}\ntopics = [{topic:?}]\nbootstrap_servers = {servers:?}\ngroup_id = \"bench-{b}\"\nstarting_position = \"earliest\"\nbatch_size = {b}\nbatch_window = \"5ms\"\n",
             declared.path
         );
         if !properties.is_empty() {
@@ -476,14 +447,20 @@ pub async fn kafka(
                 let _ = stop.send(true);
                 let _ = task.await;
             }
-            let plain =
-                match plain_pass(&servers, format!("bench-plain-{b}-{round}"), in_topic).await {
-                    Ok(d) => d,
-                    Err(e) => {
-                        crate::log_error!("plain consumer: {e}");
-                        return exit::INVOKE_FAILED;
-                    }
-                };
+            let plain = match plain_pass(
+                &servers,
+                &topic,
+                format!("bench-plain-{b}-{round}"),
+                in_topic,
+            )
+            .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    crate::log_error!("plain consumer: {e}");
+                    return exit::INVOKE_FAILED;
+                }
+            };
             let mut trigger = bp.kafka_triggers[0].clone();
             trigger.group_id = format!("bench-{b}-{round}");
             match sluice_pass(&ex, trigger, &servers, in_topic).await {
@@ -519,7 +496,7 @@ pub async fn kafka(
 
         // End-to-end latency: one record at a time through the idle trigger
         // of the last run.
-        let latency = latency_probes(&servers, &pass.activity, LATENCY_PROBES).await;
+        let latency = latency_probes(&servers, &topic, &pass.activity, LATENCY_PROBES).await;
         let _ = pass.stop.send(true);
         let _ = pass.task.await;
         ex.shutdown().await;
@@ -530,7 +507,6 @@ pub async fn kafka(
                 return exit::INVOKE_FAILED;
             }
         };
-        in_topic += LATENCY_PROBES;
         println!(
             "{:<40} {:>10.0} records/s (best of {ROUNDS}); plain consumer {:.0} records/s; sluice/plain per round: median {:.1} % (range {:.1}-{:.1} %)  batch invoke p50 <= {:.1} ms, p99 <= {:.1} ms; partitions paused {pauses} times",
             format!("sluice run, batch_size {b}"),
@@ -569,12 +545,69 @@ pub async fn kafka(
 /// Rounds (a plain consumer, then sluice) per batch size.
 const ROUNDS: usize = 5;
 
+/// Creates `topic` and fills each of its `partitions` with `per_partition`
+/// copies of `value` (keys `k0`..`k63`); a usage error if the embedded
+/// broker cannot keep them all.
+async fn produce_bench_topic(
+    broker: &sluice_ingest::kafka::EmbeddedBroker,
+    topic: &str,
+    partitions: i32,
+    per_partition: usize,
+    value: &[u8],
+) -> Result<(), u8> {
+    use sluice_ingest::kafka::{OutRecord, Sink};
+
+    if let Err(e) = broker.create_topic(topic, partitions) {
+        crate::log_error!("{e}");
+        return Err(exit::INVOKE_FAILED);
+    }
+    let sink = Sink::new("bench", broker.bootstrap_servers(), &[]).map_err(|e| {
+        crate::log_error!("{e}");
+        exit::INVOKE_FAILED
+    })?;
+    let total = per_partition * partitions as usize;
+    let records: Vec<OutRecord> = (0..total)
+        .map(|i| OutRecord {
+            key: Some(format!("k{}", i % 64).into_bytes()),
+            value: Some(value.to_vec()),
+            headers: vec![],
+            partition: Some((i % partitions as usize) as i32),
+        })
+        .collect();
+    for chunk in records.chunks(10_000) {
+        if let Err(e) = sink.send_all(topic, chunk).await {
+            crate::log_error!("producing: {e}");
+            return Err(exit::INVOKE_FAILED);
+        }
+    }
+    match broker.dropped(topic) {
+        Ok(d) if d.is_empty() => Ok(()),
+        Ok(_) => {
+            crate::log_error!(
+                "{total} records do not fit the embedded broker's retention ({} MiB per partition, {partitions} partitions): use fewer --records",
+                sluice_ingest::kafka::RETAINED_BYTES_PER_PARTITION >> 20
+            );
+            Err(exit::USAGE)
+        }
+        Err(e) => {
+            crate::log_error!("{e}");
+            Err(exit::INVOKE_FAILED)
+        }
+    }
+}
+
 /// The ceiling: a plain rdkafka consumer in this process doing the same
 /// no-op, timed from its first record to its `records`-th.
-async fn plain_pass(servers: &str, group: String, records: usize) -> Result<Duration, String> {
+async fn plain_pass(
+    servers: &str,
+    topic: &str,
+    group: String,
+    records: usize,
+) -> Result<Duration, String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
 
     let servers = servers.to_owned();
+    let topic = topic.to_owned();
     // A thread named for what it does (profiles tell it from the lanes).
     let consumer = std::thread::Builder::new()
         .name("plain-consumer".into())
@@ -586,7 +619,7 @@ async fn plain_pass(servers: &str, group: String, records: usize) -> Result<Dura
                 .set("auto.offset.reset", "earliest")
                 .create()
                 .map_err(|e| e.to_string())?;
-            c.subscribe(&["bench"]).map_err(|e| e.to_string())?;
+            c.subscribe(&[topic.as_str()]).map_err(|e| e.to_string())?;
             let mut n = 0usize;
             let mut start = None;
             let deadline = Instant::now() + Duration::from_secs(120);
@@ -679,6 +712,7 @@ const LATENCY_PROBES: usize = 100;
 /// broker answers a waiting fetch only at `fetch.wait.max.ms`, 50 ms).
 async fn latency_probes(
     servers: &str,
+    topic: &str,
     activity: &Arc<sluice_ingest::kafka::Activity>,
     n: usize,
 ) -> Result<(Histogram<u64>, Histogram<u64>), String> {
@@ -694,9 +728,10 @@ async fn latency_probes(
             key: Some(format!("probe-{i}").into_bytes()),
             value: Some(br#"{"probe":true}"#.to_vec()),
             headers: vec![],
+            partition: None,
         };
         let t0 = Instant::now();
-        sink.send_all("bench", std::slice::from_ref(&rec))
+        sink.send_all(topic, std::slice::from_ref(&rec))
             .await
             .map_err(|e| e.to_string())?;
         // Watch the counters from a blocking thread: tokio's timers tick

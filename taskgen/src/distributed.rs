@@ -416,6 +416,7 @@ pub async fn coordinate(
                             key: Some(id.clone().into_bytes()),
                             value: Some(serde_json::to_vec(&task).expect("a task serializes")),
                             headers: Vec::new(),
+                            partition: None,
                         };
                         if let Err(e) = sink.send_all(&tasks, &[record]).await {
                             run.fail(kafka_error(format!("publishing {id} to {tasks}"), &e));
@@ -735,6 +736,7 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
         key: Some(task.call_id.clone().into_bytes()),
         value: Some(value),
         headers: Vec::new(),
+        partition: None,
     };
     if let Err(e) = sink.send_all(&results_topic(&task.job), &[record]).await {
         tracing::error!(call = %task.call_id, error = %e, "cannot publish the result; the task stays uncommitted");

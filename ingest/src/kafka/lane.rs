@@ -677,6 +677,7 @@ impl Partition {
                     key: r.key.as_deref().map(<[u8]>::to_vec),
                     value: r.value.as_deref().map(<[u8]>::to_vec),
                     headers: event::failure_headers(r, &info),
+                    partition: None,
                 })
                 .collect(),
             OnFailure::Objects(_) => Vec::new(),
@@ -842,6 +843,7 @@ pub(crate) fn output_records(response: &[u8]) -> Vec<OutRecord> {
                     .and_then(|h| h.as_object())
                     .map(|h| h.iter().map(|(k, v)| (k.clone(), text(v))).collect())
                     .unwrap_or_default(),
+                partition: None,
             })
             .collect();
     }
@@ -849,6 +851,7 @@ pub(crate) fn output_records(response: &[u8]) -> Vec<OutRecord> {
         key: None,
         value: Some(response.to_vec()),
         headers: vec![],
+        partition: None,
     }]
 }
 

@@ -19,6 +19,8 @@ pub struct OutRecord {
     pub value: Option<Vec<u8>>,
     /// Headers.
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The partition; `None`: the producer's partitioner picks (by key).
+    pub partition: Option<i32>,
 }
 
 /// A producer whose sends are awaited until the broker acknowledged them.
@@ -105,6 +107,9 @@ pub(super) fn future_record<'a>(topic: &'a str, r: &'a OutRecord) -> FutureRecor
     }
     if let Some(v) = &r.value {
         rec = rec.payload(v.as_slice());
+    }
+    if let Some(p) = r.partition {
+        rec = rec.partition(p);
     }
     rec
 }
@@ -196,6 +201,7 @@ fn file_records(text: &[u8], key_field: Option<&str>) -> (Vec<OutRecord>, Loaded
             key,
             value: Some(line.to_vec()),
             headers: vec![],
+            partition: None,
         });
     }
     loaded.records = records.len();
