@@ -114,31 +114,22 @@ cargo test -p sluice-ingest --test object_trigger -- s3 azure
 cargo test -p sluice-ingest --test kafka_semantics -- failure_destination
 cargo test --test bench_cli s3
 # The tests skip themselves without their variables: make sure they ran here.
-grep -q "GET /$bucket/sluice-test-[0-9]" "$s3_log" || {
-    echo "error: the backfill S3 test sent no request to moto" >&2
-    exit 1
+# ran LOG PATTERN WHAT: the server's LOG has a request matching PATTERN.
+ran() {
+    grep -q "$2" "$1" || {
+        echo "error: $3" >&2
+        exit 1
+    }
 }
-grep -q "GET /$bucket?list-type=2&prefix=sluice-test-objects-" "$s3_log" || {
-    echo "error: the object-store trigger S3 test listed nothing on moto" >&2
-    exit 1
-}
-grep -q "PUT /$bucket/sluice-test-bench/sluice-bench-objects-" "$s3_log" || {
-    echo "error: sluice bench objects wrote nothing on moto" >&2
-    exit 1
-}
-grep -q "/devstoreaccount1/$container/sluice-test-[0-9].*a.parquet" "$az_log" || {
-    echo "error: the backfill Azure test read nothing from Azurite" >&2
-    exit 1
-}
-grep -q "/devstoreaccount1/$container?.*prefix=sluice-test-objects-" "$az_log" || {
-    echo "error: the object-store trigger Azure test listed nothing on Azurite" >&2
-    exit 1
-}
-grep -q "PUT /$bucket/sluice-test-dlq-" "$s3_log" || {
-    echo "error: the Kafka on-failure S3 test wrote nothing on moto" >&2
-    exit 1
-}
-grep -q "/devstoreaccount1/$container/sluice-test-dlq-" "$az_log" || {
-    echo "error: the Kafka on-failure Azure test wrote nothing on Azurite" >&2
-    exit 1
-}
+ran "$s3_log" "GET /$bucket/sluice-test-[0-9]" "the backfill S3 test sent no request to moto"
+ran "$s3_log" "GET /$bucket?list-type=2&prefix=sluice-test-objects-" \
+    "the object-store trigger S3 test listed nothing on moto"
+ran "$s3_log" "PUT /$bucket/sluice-test-bench/sluice-bench-objects-" \
+    "sluice bench objects wrote nothing on moto"
+ran "$s3_log" "PUT /$bucket/sluice-test-dlq-" "the Kafka on-failure S3 test wrote nothing on moto"
+ran "$az_log" "/devstoreaccount1/$container/sluice-test-[0-9].*a.parquet" \
+    "the backfill Azure test read nothing from Azurite"
+ran "$az_log" "/devstoreaccount1/$container?.*prefix=sluice-test-objects-" \
+    "the object-store trigger Azure test listed nothing on Azurite"
+ran "$az_log" "/devstoreaccount1/$container/sluice-test-dlq-" \
+    "the Kafka on-failure Azure test wrote nothing on Azurite"
