@@ -812,4 +812,11 @@ on_failure = "in-failed"
         l.contains("records written to the on-failure destination") && l.contains("records=1")
     });
     run.assert_logged(|l| l.contains("stopped after 21 records"));
+    // The summary says where the failed record went.
+    run.assert_logged(|l| {
+        l.contains(
+            "trigger py-1: 21 records, 0 filtered out, retries 1, \
+             1 to the on-failure destination in-failed",
+        )
+    });
 }

@@ -117,6 +117,19 @@ impl Histogram {
     }
 }
 
+/// A trigger's counters, summed over its partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TriggerTotals {
+    /// Records consumed.
+    pub records: u64,
+    /// Records the filters dropped.
+    pub filtered: u64,
+    /// Batches retried.
+    pub retries: u64,
+    /// Records written to the on-failure destination.
+    pub dead_lettered: u64,
+}
+
 /// The metrics of a sluice process. `Send + Sync`; share as `Arc<Metrics>`.
 pub struct Metrics {
     records_in: Family<AtomicU64>,
@@ -256,8 +269,24 @@ impl Metrics {
 
     /// Pauses of all partitions of a trigger so far.
     pub fn pauses(&self, trigger: &str) -> u64 {
+        Self::total(&self.pauses, trigger)
+    }
+
+    /// What a trigger has done so far, for the summary `sluice run` ends
+    /// with.
+    pub fn trigger_totals(&self, trigger: &str) -> TriggerTotals {
+        TriggerTotals {
+            records: Self::total(&self.records_in, trigger),
+            filtered: Self::total(&self.records_filtered, trigger),
+            retries: Self::total(&self.retries, trigger),
+            dead_lettered: Self::total(&self.dlq, trigger),
+        }
+    }
+
+    /// A counter family's sum over the label sets of `trigger`.
+    fn total(family: &Family<AtomicU64>, trigger: &str) -> u64 {
         let mut n = 0;
-        let _ = self.pauses.for_each(|labels, c| {
+        let _ = family.for_each(|labels, c| {
             if labels.first().map(String::as_str) == Some(trigger) {
                 n += c.load(Ordering::Relaxed);
             }

@@ -354,6 +354,24 @@ pub async fn run(args: RunArgs) -> u8 {
         _ => "records and objects",
     };
     crate::log_note!("stopped after {n} {what}");
+    // What each Kafka trigger did, failures first in mind.
+    for t in &p.kafka_triggers {
+        let totals = registry.trigger_totals(&t.name);
+        let failed = match &t.on_failure {
+            Some(destination) => format!(
+                "{} to the on-failure destination {destination}",
+                totals.dead_lettered
+            ),
+            None => "no on-failure destination".to_owned(),
+        };
+        crate::log_note!(
+            "trigger {}: {} records, {} filtered out, retries {}, {failed}",
+            t.name,
+            totals.records,
+            totals.filtered,
+            totals.retries
+        );
+    }
     // What each function cost, as a Lambda console would show it.
     for (name, st) in executor.all_stats() {
         if st.invocations == 0 {
