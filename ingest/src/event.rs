@@ -148,7 +148,7 @@ pub fn kafka_event(source: &EventSource, records: &[Record]) -> Vec<u8> {
 }
 
 /// Records grouped by partition, in first-appearance order.
-fn group(records: &[Record]) -> Vec<(&str, i32, Vec<&Record>)> {
+pub(crate) fn group(records: &[Record]) -> Vec<(&str, i32, Vec<&Record>)> {
     let mut groups: Vec<(&str, i32, Vec<&Record>)> = Vec::new();
     let mut index: HashMap<(&str, i32), usize> = HashMap::new();
     for r in records {

@@ -702,21 +702,27 @@ fn exhausted_retries_go_to_the_on_failure_topic_with_metadata() {
     assert_eq!(s.kafka.committed("g", "in", 1), vec![10]);
 }
 
+/// Produces `r0`..`r{n-1}` to partition 0 of `in`, with `poison-{at}` in
+/// place of record `at` (the `poison` mode fails on it), and flushes.
+fn produce_with_poison(kafka: &Kafka, n: usize, at: usize) {
+    for i in 0..n {
+        let v = if i == at {
+            format!("poison-{i}")
+        } else {
+            format!("r{i}")
+        };
+        kafka.produce("in", 0, None, &v);
+    }
+    kafka.flush();
+}
+
 /// With bisection and no retries, a batch of 8 holding one poison record is
 /// split until the poison record is alone; only it goes to the on-failure
 /// topic.
 #[test]
 fn bisect_isolates_the_poison_record() {
     let s = Setup::new(&[("in", 1), ("dlq", 1)]);
-    for i in 0..16 {
-        let v = if i == 5 {
-            "poison-5".to_owned()
-        } else {
-            format!("r{i}")
-        };
-        s.kafka.produce("in", 0, None, &v);
-    }
-    s.kafka.flush();
+    produce_with_poison(&s.kafka, 16, 5);
     let p = s.pipeline(
         "poison",
         "concurrency = 1",
@@ -782,15 +788,7 @@ on_failure = "dlq"
 #[test]
 fn exhausted_records_go_to_an_object_store_destination() {
     let s = Setup::new(&[("in", 1)]);
-    for i in 0..8 {
-        let v = if i == 5 {
-            "poison-5".to_owned()
-        } else {
-            format!("r{i}")
-        };
-        s.kafka.produce("in", 0, Some(&format!("k{i}")), &v);
-    }
-    s.kafka.flush();
+    produce_with_poison(&s.kafka, 8, 5);
     let dlq = s.tmp.path().join("dlq");
     let p = s.pipeline(
         "poison",
@@ -886,15 +884,7 @@ fn remote_failure_destination(remote: Remote) {
     };
     let prefix = fresh_prefix("sluice-test-dlq");
     let s = Setup::new(&[("in", 1)]);
-    for i in 0..3 {
-        let v = if i == 1 {
-            "poison-1".to_owned()
-        } else {
-            format!("r{i}")
-        };
-        s.kafka.produce("in", 0, None, &v);
-    }
-    s.kafka.flush();
+    produce_with_poison(&s.kafka, 3, 1);
     let p = s.pipeline(
         "poison",
         "concurrency = 1",

@@ -181,10 +181,7 @@ pub fn limit_items(
         kept.push(file.clone());
         let left = max_items.saturating_sub(before);
         let items = match input.format {
-            Format::Parquet => read::parquet_row_groups(file)?
-                .iter()
-                .map(|&n| u64::try_from(n).unwrap_or(0))
-                .sum(),
+            Format::Parquet => read::parquet_rows(file)?,
             // Counting stops once the file has more than is left.
             _ => {
                 let mut n = 0u64;
@@ -1030,10 +1027,7 @@ pub fn expected_items(sources: &[PathBuf], input: &Input) -> Result<Option<u64>,
     }
     let mut total = 0u64;
     for file in sources {
-        let rows = read::parquet_row_groups(file)?
-            .iter()
-            .map(|&n| u64::try_from(n).unwrap_or(0))
-            .sum::<u64>();
+        let rows = read::parquet_rows(file)?;
         total += input.cap_of(file).map_or(rows, |cap| cap.min(rows));
     }
     Ok(Some(total))

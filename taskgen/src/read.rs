@@ -132,6 +132,14 @@ pub(crate) fn parquet_row_groups(path: &Path) -> Result<Vec<i64>, BackfillError>
         .collect())
 }
 
+/// Rows of a Parquet file, from its metadata.
+pub(crate) fn parquet_rows(path: &Path) -> Result<u64, BackfillError> {
+    Ok(parquet_row_groups(path)?
+        .iter()
+        .map(|&n| u64::try_from(n).unwrap_or(0))
+        .sum())
+}
+
 /// Reads `path` and calls `each(index, item)` for every item, in order, until
 /// the file ends or `each` breaks.
 pub(crate) fn read_file(

@@ -73,7 +73,7 @@ impl FailureObjects {
         source: &EventSource<'_>,
     ) -> object_store::Result<Vec<String>> {
         let mut names = Vec::new();
-        for group in by_partition(recs) {
+        for (_, _, group) in event::group(recs) {
             let key = self.key(&group);
             let body = invocation_record(&group, info, source);
             // A `Value` always serializes.
@@ -103,21 +103,6 @@ impl FailureObjects {
 
 fn at_ms(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
-/// Records grouped by topic and partition, in first-appearance order.
-fn by_partition(recs: &[Record]) -> Vec<Vec<&Record>> {
-    let mut groups: Vec<Vec<&Record>> = Vec::new();
-    for r in recs {
-        match groups
-            .iter_mut()
-            .find(|g| g[0].topic == r.topic && g[0].partition == r.partition)
-        {
-            Some(g) => g.push(r),
-            None => groups.push(vec![r]),
-        }
-    }
-    groups
 }
 
 /// Lambda's `requestContext.condition` for a failure.
