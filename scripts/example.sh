@@ -48,6 +48,12 @@ rm -rf examples/objects/.sluice-state
 $SLUICE run examples/objects/pipeline.toml --stop-when-idle 2s
 echo "responses:"; cat examples/objects/.sluice-state/count-landing.results.jsonl
 echo "dead letters:"; cat examples/objects/.sluice-state/count-landing.dead-letter.jsonl
+echo; echo "== sluice backfill examples/objects/pipeline.toml count-all (each file one call, format = \"objects\"; binary.dat fails on purpose)"
+set +e
+$SLUICE backfill examples/objects/pipeline.toml count-all -q
+echo "exit code: $? (1: an item failed)"
+set -e
+echo "responses:"; cat examples/objects/.sluice-state/count-all.results.jsonl
 echo; echo "== sluice backfill (every line of the README through echo, in calls of 20)"
 rm -f "${TMPDIR:-/tmp}/sluice-example-backfill.redb" "${TMPDIR:-/tmp}/sluice-example-results.jsonl"
 $SLUICE backfill examples/pipeline.toml -f echo --source README.md --format text \

@@ -296,3 +296,76 @@ fn sigterm_stops_a_backfill_cleanly_and_the_rerun_finishes_it() {
     assert_eq!(done(&out, " skipped"), first, "{out}");
     assert_eq!(done(&out, " succeeded"), 30 - first, "{out}");
 }
+
+/// `format = "objects"` distributed: a task carries the object's item, and
+/// the worker fetches the object, stages it and completes the item; an
+/// object over `max_object_bytes` fails without a call, and the function's
+/// own failure (not text) is dead-lettered by the coordinator.
+#[test]
+fn workers_fetch_the_objects_of_their_tasks() {
+    let dir = TempDir::new().unwrap();
+    let objects = dir.path().join("objects");
+    std::fs::create_dir(&objects).unwrap();
+    for (name, text) in [
+        ("a.txt", "1\n"),
+        ("b.txt", "1\n2\n"),
+        ("c.txt", "1\n2\n3\n"),
+    ] {
+        std::fs::write(objects.join(name), text).unwrap();
+    }
+    std::fs::write(objects.join("d.bin"), [0xff, 0x00]).unwrap();
+    std::fs::write(objects.join("e.txt"), "x".repeat(2000)).unwrap();
+    let count = function_fixture("line-count");
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[functions.count]\npath = {:?}\n\n[job.count]\nfunction = \"count\"\n\
+             source = \"objects/\"\nformat = \"objects\"\nmax_object_bytes = 1000\n\
+             max_attempts = 1\nprogress = \"count.redb\"\nresults = \"count.jsonl\"\n",
+            count.dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mut coord, addr) = coordinator(&pipeline, "count");
+    let w = worker("worker", &pipeline, "count", &addr);
+    let (status, out) = coord.finish();
+    assert_eq!(status.code(), Some(1), "{out}\n{}", coord.log());
+    assert!(
+        out.contains("calls: 5 total, 3 succeeded, 2 failed"),
+        "{out}"
+    );
+    stop(w);
+    let text = std::fs::read_to_string(dir.path().join("count.jsonl")).unwrap();
+    let mut answers: Vec<(String, u64, u64, u64)> = text
+        .lines()
+        .map(|l| {
+            let r: Value = serde_json::from_str(l).unwrap();
+            let a = &r["response"];
+            let key = a["key"].as_str().unwrap();
+            let name = key.rsplit('/').next().unwrap().to_owned();
+            let n = |f: &str| a[f].as_u64().unwrap_or_else(|| panic!("{f} in {l}"));
+            (name, n("lines"), n("bytes"), n("size"))
+        })
+        .collect();
+    answers.sort();
+    assert_eq!(
+        answers,
+        [
+            ("a.txt".to_owned(), 1, 2, 2),
+            ("b.txt".to_owned(), 2, 4, 4),
+            ("c.txt".to_owned(), 3, 6, 6)
+        ]
+    );
+    let mut dead: Vec<Value> = std::fs::read_to_string(dir.path().join("count.dead.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    dead.sort_by_key(|d| d["call_id"].as_str().unwrap().to_owned());
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead[0]["error_type"], "NotText", "{dead:?}");
+    assert_eq!(dead[0]["items"][0]["Size"], 2, "{dead:?}");
+    assert_eq!(dead[1]["error_type"], "Sluice.ObjectTooLarge", "{dead:?}");
+    assert_eq!(dead[1]["attempts"], 0, "{dead:?}");
+}

@@ -137,7 +137,7 @@
 //! | `kind` | `"backfill"` | `"backfill"`, or `"mapreduce"` (below) |
 //! | `function` | required | a declared function |
 //! | `source` | required | a path, glob or URL (`file://`, `s3://`, `gs://`, `az://`), or an array of them; relative paths are relative to the pipeline file's folder |
-//! | `format` | from the first source's extension | `"parquet"`, `"csv"`, `"jsonl"`, `"text"` |
+//! | `format` | from the first source's extension | `"parquet"`, `"csv"`, `"jsonl"`, `"text"`, or `"objects"`: each file or object is one item, `{"Key", "Size", "LastModified", "Etag", "url"}` (Distributed Map's S3 object listing), called one at a time with its bytes staged read-only at `/run/sluice/payload` (the event's `"object_file"`); not with `columns`, CSV options, `order_key`, dependencies, `state`, a columnar `payload` or `max_items_per_call` over 1 |
 //! | `columns` | every column | non-empty array of names; Parquet reads only these |
 //! | `csv_delimiter` | `","` | one ASCII character |
 //! | `csv_headers` | none (each CSV file's first line is its header) | distinct column names, one per field: the files have no header line, and their first line is an item |
@@ -161,6 +161,7 @@
 //! | `arrow_compression` | `"none"` | with `payload = "arrow"`: `"lz4"` or `"zstd"` compress the IPC stream's buffers (the reader must support it: pyarrow does; arrow-rs needs its `lz4`/`zstd` feature) |
 //! | `state` | none (stateless) | a [state table](#state-state--); the key scope needs `order_key`; count windows only |
 //! | `max_items` | none (every item) | [`MAX_ITEMS_RANGE`]: only the first items, in file then row order, are called (Distributed Map's `MaxItems`), to try a function on a sample; not with dependencies or `payload = "parquet"` |
+//! | `max_object_bytes` | [`DEFAULT_MAX_OBJECT_BYTES`] | [`MAX_OBJECT_BYTES_RANGE`]; with `format = "objects"`: a larger object is not fetched, it goes to the dead-letter file (`Sluice.ObjectTooLarge`) |
 //! | `batch_input` | none | a table, added to every call's event as `"batch_input"` (Distributed Map's `BatchInput`): parameters every call shares, e.g. `{ run_date = "2026-12-01" }`; at most [`MAX_BATCH_INPUT_BYTES`] as JSON |
 //!
 //! A job with `kind = "mapreduce"` (`sluice mapreduce PIPELINE JOB`) takes
@@ -536,6 +537,11 @@ pub enum DataFormat {
     Jsonl,
     /// Text: each line is a JSON string.
     Text,
+    /// Objects: each file or object is one item, called one at a time with
+    /// its bytes staged as a file in the sandbox (Step Functions Distributed
+    /// Map's S3 object listing, Lithops' map over a bucket). Never implied
+    /// by an extension.
+    Objects,
 }
 
 impl DataFormat {
@@ -546,6 +552,7 @@ impl DataFormat {
             Self::Csv => "csv",
             Self::Jsonl => "jsonl",
             Self::Text => "text",
+            Self::Objects => "objects",
         }
     }
 
@@ -585,8 +592,9 @@ impl std::str::FromStr for DataFormat {
             "csv" => Ok(Self::Csv),
             "jsonl" | "ndjson" => Ok(Self::Jsonl),
             "text" | "txt" => Ok(Self::Text),
+            "objects" => Ok(Self::Objects),
             other => Err(format!(
-                "unknown format {other:?} (known: parquet, csv, jsonl, text)"
+                "unknown format {other:?} (known: parquet, csv, jsonl, text, objects)"
             )),
         }
     }
@@ -744,6 +752,9 @@ pub struct BackfillJob {
     /// Only the first this many items (file then row order) are called, as
     /// Distributed Map's `MaxItems`: a sample. Default none: all.
     pub max_items: Option<u64>,
+    /// With `format = "objects"`: larger objects are not fetched (they are
+    /// dead-lettered). Default [`DEFAULT_MAX_OBJECT_BYTES`].
+    pub max_object_bytes: u64,
 }
 
 /// The largest `batch_input`, as compact JSON: 64 KiB, so that an event of

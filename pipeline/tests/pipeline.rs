@@ -844,6 +844,63 @@ fn max_items_is_checked() {
     }
 }
 
+/// `format = "objects"`: a call per object, so one item per call by
+/// default, `max_object_bytes` within the attachment limit, and settings
+/// about rows refused where they are written.
+#[test]
+fn objects_format_is_checked() {
+    let job = |extra: &str| {
+        format!(
+            "[job.j]\nfunction = \"echo\"\nsource = \"photos/\"\nformat = \"objects\"\n{extra}\n"
+        )
+    };
+    let p = parse_with_echo(&job(""));
+    let j = p.job("j").unwrap();
+    assert_eq!(j.format, Some(sluice_pipeline::DataFormat::Objects));
+    assert_eq!(j.max_items_per_call, 1);
+    assert_eq!(
+        j.max_object_bytes,
+        sluice_pipeline::DEFAULT_MAX_OBJECT_BYTES
+    );
+    let p = parse_with_echo(&job("max_object_bytes = 1000\nmax_items_per_call = 1"));
+    assert_eq!(p.job("j").unwrap().max_object_bytes, 1000);
+    for (extra, expected) in [
+        (
+            "max_items_per_call = 10",
+            "8:22: `job.j.max_items_per_call`: does not apply to format = \"objects\" (a call stages one object",
+        ),
+        ("columns = [\"a\"]", "`job.j.columns`: does not apply"),
+        ("order_key = \"Key\"", "`job.j.order_key`: does not apply"),
+        ("payload = \"arrow\"", "`job.j.payload`: does not apply"),
+        (
+            "max_object_bytes = 0",
+            "`job.j.max_object_bytes` = 0 is out of range",
+        ),
+        (
+            "max_object_bytes = 200000000",
+            "`job.j.max_object_bytes` = 200000000 is out of range",
+        ),
+    ] {
+        let err = error_with_echo(&job(extra)).to_string();
+        assert!(err.contains(expected), "{extra}: {err}");
+    }
+    // The limit needs the format.
+    let err = error_with_echo(
+        "[job.j]\nfunction = \"echo\"\nsource = \"x.jsonl\"\nmax_object_bytes = 10\n",
+    )
+    .to_string();
+    assert!(
+        err.contains("`job.j.max_object_bytes`: limits the objects of format = \"objects\""),
+        "{err}"
+    );
+    // MapReduce splits rows.
+    let err = error_with_echo(
+        "[job.j]\nkind = \"mapreduce\"\nsource = \"x/\"\nformat = \"objects\"\nmap = \"echo\"\nreduce = \"echo\"\noutput = \"out\"\n",
+    )
+    .to_string();
+    assert!(err.contains("`job.j.format`: does not apply"), "{err}");
+}
+
 #[test]
 fn arrow_compression_is_checked() {
     let cases = [

@@ -31,7 +31,9 @@ pub struct BackfillOptions {
     #[arg(long)]
     pub source: Vec<String>,
     /// parquet, csv (with header), jsonl or text (default: from the first
-    /// source's extension).
+    /// source's extension); or objects: each file or object is one call,
+    /// its bytes staged at /run/sluice/payload and the event's item
+    /// {"Key", "Size", "LastModified", "Etag", "url"}.
     #[arg(long)]
     pub format: Option<Format>,
     /// Keep only these columns (comma-separated); Parquet reads only them.
@@ -127,6 +129,10 @@ pub struct BackfillOptions {
     /// the job's.
     #[arg(long, value_name = "JSON", value_parser = batch_input)]
     pub batch_input: Option<serde_json::Map<String, serde_json::Value>>,
+    /// With --format objects: larger objects are not fetched, they go to
+    /// the dead-letter file (default 67,108,864; 1 to 134,217,728).
+    #[arg(long, value_name = "BYTES", value_parser = object_bytes)]
+    pub max_object_bytes: Option<u64>,
     /// Print files, row groups, item and call counts (and dependency
     /// levels with the ordering options); call nothing.
     #[arg(long)]
@@ -182,6 +188,10 @@ fn attempts(text: &str) -> Result<u32, String> {
     in_range(text, sluice_pipeline::MAX_ATTEMPTS_RANGE)
 }
 
+fn object_bytes(text: &str) -> Result<u64, String> {
+    in_range(text, sluice_pipeline::MAX_OBJECT_BYTES_RANGE)
+}
+
 fn max_items(text: &str) -> Result<u64, String> {
     in_range(text, sluice_pipeline::MAX_ITEMS_RANGE).map(u64::from)
 }
@@ -235,6 +245,7 @@ pub struct Settings {
     pub file_dependencies: Vec<FileDependency>,
     pub batch_input: Option<serde_json::Map<String, serde_json::Value>>,
     pub max_items: Option<u64>,
+    pub max_object_bytes: u64,
 }
 
 /// Merges the job and the flags; the message says what is missing or wrong.
@@ -305,10 +316,11 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
         .max_buffered_items
         .or(job.map(|j| j.max_buffered_items))
         .unwrap_or(sluice_taskgen::DEFAULT_MAX_BUFFERED_ITEMS);
+    let format = o.format.or(job.and_then(|j| j.format));
     Ok(Settings {
         function,
         patterns,
-        format: o.format.or(job.and_then(|j| j.format)),
+        format,
         columns: if o.columns.is_empty() {
             job.and_then(|j| j.columns.clone())
         } else {
@@ -320,7 +332,12 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
             items: o
                 .max_items_per_call
                 .or(job.map(|j| j.max_items_per_call as usize))
-                .unwrap_or(DEFAULT_MAX_ITEMS_PER_CALL as usize)
+                // Objects are called one at a time.
+                .unwrap_or(if format == Some(Format::Objects) {
+                    1
+                } else {
+                    DEFAULT_MAX_ITEMS_PER_CALL as usize
+                })
                 .max(1),
             bytes: o
                 .max_bytes_per_call
@@ -357,6 +374,10 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
             .or(job.map(|j| j.arrow_compression))
             .unwrap_or_default(),
         max_items: o.max_items.or(job.and_then(|j| j.max_items)),
+        max_object_bytes: o
+            .max_object_bytes
+            .or(job.map(|j| j.max_object_bytes))
+            .unwrap_or(sluice_pipeline::DEFAULT_MAX_OBJECT_BYTES),
         batch_input: o
             .batch_input
             .clone()
@@ -647,7 +668,7 @@ pub async fn prepare(
     else {
         crate::log_error!(
             "cannot tell the format of {first:?} from its extension; give --format \
-             (parquet, csv, jsonl or text)"
+             (parquet, csv, jsonl or text; objects to call the function on each file whole)"
         );
         return Err(exit::USAGE);
     };
@@ -748,6 +769,7 @@ pub async fn prepare(
         max_buffered_items: set.max_buffered_items,
         batch_input: set.batch_input,
         max_items: set.max_items,
+        max_object_bytes: set.max_object_bytes,
         state: job.as_ref().and_then(|j| {
             j.state.clone().map(|config| StateOptions {
                 config,

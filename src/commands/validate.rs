@@ -76,6 +76,12 @@ pub fn run(path: &Path) -> u8 {
                 .map(|r| format!(", responses kept in {}", r.display()))
                 .unwrap_or_default()
         );
+        if j.format == Some(sluice_pipeline::DataFormat::Objects) {
+            println!(
+                "    each object whole, staged at /run/sluice/payload; larger than {} bytes: dead-lettered (max_object_bytes)",
+                j.max_object_bytes
+            );
+        }
         if let Some(n) = j.max_items {
             println!("    only the first {n} items (max_items)");
         }

@@ -24,6 +24,13 @@
 //!   is simply run again: completed calls are skipped, the rest published
 //!   again (a duplicate result is harmless).
 //!
+//! - With `format = "objects"` a task carries the object's item, not its
+//!   bytes: the worker fetches the object (so workers must reach the
+//!   sources: object-store URLs with their credentials, or a file system
+//!   they share at the same path), completes the item and stages the bytes
+//!   for the call, as a local run does. An object over `max_object_bytes`
+//!   or unreadable is a failed result without a call.
+//!
 //! Ordering options (`order_key`, dependencies) need one scheduler that sees
 //! every item; they are refused in distributed mode.
 
@@ -136,6 +143,11 @@ struct Task {
     /// then sends the response back with the result.
     #[serde(default)]
     keep_response: bool,
+    /// With `format = "objects"`: the worker fetches the object (`source`)
+    /// if it has at most this many bytes, completes the event's item and
+    /// stages the bytes for the call.
+    #[serde(default)]
+    object_bytes: Option<u64>,
 }
 
 /// The outcome of one task, as published on the results topic.
@@ -411,6 +423,8 @@ pub async fn coordinate(
                             payload: run.with_batch_input(call.payload(&id, serde_json::Map::new())),
                             first_item: call.first,
                             keep_response: run.progress.keeps_results(),
+                            object_bytes: (run.cfg.input.format == crate::Format::Objects)
+                                .then_some(run.cfg.max_object_bytes),
                         };
                         let record = OutRecord {
                             key: Some(id.clone().into_bytes()),
@@ -676,11 +690,33 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
             return Outcome::Malformed;
         }
     };
+    let (payload, attachment) = match task.object_bytes {
+        None => (task.payload.clone(), None),
+        Some(limit) => match object_event(&task, limit).await {
+            Ok(staged) => staged,
+            Err(not) => {
+                let result = TaskResult {
+                    call_id: task.call_id.clone(),
+                    source: task.source.clone(),
+                    count: task.count,
+                    ok: false,
+                    attempts: 0,
+                    error_type: Some(not.error_type.to_owned()),
+                    error: Some(not.message),
+                    items: item_payload(&task.payload),
+                    response: None,
+                    first_item: task.first_item,
+                    worker: worker.to_owned(),
+                };
+                return publish(sink, &task, &result).await;
+            }
+        },
+    };
     let (outcome, attempts) = crate::invoke_with_retries(
         executor,
         &task.function,
-        &task.payload,
-        None,
+        &payload,
+        attachment,
         task.max_attempts,
         |attempt, e| tracing::debug!(call = %task.call_id, attempt, error = %e, "retrying"),
     )
@@ -709,14 +745,16 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
             attempts,
             error_type: Some(e.error_type().to_owned()),
             error: Some(e.to_string()),
-            items: item_payload(&task.payload),
+            items: item_payload(&payload),
             response: None,
             first_item: task.first_item,
             worker: worker.to_owned(),
         },
     };
-    let mut value = serde_json::to_vec(&result).expect("a result serializes");
-    if value.len() > MAX_RESULT_BYTES && result.response.is_some() {
+    let too_large = |r: &TaskResult| {
+        r.response.is_some() && serde_json::to_vec(r).map_or(0, |v| v.len()) > MAX_RESULT_BYTES
+    };
+    if too_large(&result) {
         // A response the results topic cannot take would never be
         // published, and the task would come back for ever: it fails, and
         // its items go to the coordinator's dead-letter file.
@@ -728,9 +766,33 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
              ({MAX_RESULT_BYTES} bytes) with --distributed and `results`; return less, \
              or run the backfill without --distributed"
         ));
-        result.items = item_payload(&task.payload);
-        value = serde_json::to_vec(&result).expect("a result serializes");
+        result.items = item_payload(&payload);
     }
+    publish(sink, &task, &result).await
+}
+
+/// The event of an objects task, with the object fetched: its item
+/// completed (`Size`, `LastModified`, `Etag`) and `"object_file"` naming
+/// where the bytes are staged, as a local run sends it.
+async fn object_event(
+    task: &Task,
+    limit: u64,
+) -> Result<(String, Option<bytes::Bytes>), crate::source::NotFetched> {
+    let fetched = crate::source::fetch_object(std::path::Path::new(&task.source), limit).await?;
+    let Ok(mut event) = serde_json::from_str::<Value>(&task.payload) else {
+        return Ok((task.payload.clone(), Some(fetched.bytes)));
+    };
+    if let Some(item) = event.get_mut("items").and_then(|i| i.get_mut(0)) {
+        fetched.describe(item);
+    }
+    event["object_file"] = sluice_executor::ATTACHMENT_PATH.into();
+    Ok((event.to_string(), Some(fetched.bytes)))
+}
+
+/// Publishes a task's result; the task's outcome, or `Unanswered` if the
+/// result could not be published (then the task stays uncommitted).
+async fn publish(sink: &Sink, task: &Task, result: &TaskResult) -> Outcome {
+    let value = serde_json::to_vec(result).expect("a result serializes");
     let ok = result.ok;
     let record = OutRecord {
         key: Some(task.call_id.clone().into_bytes()),

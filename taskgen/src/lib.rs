@@ -24,7 +24,11 @@
 //!   cannot be read (malformed JSON, bad CSV record, invalid UTF-8) is a
 //!   *failed item*: it goes to the dead-letter file with its `file:line`.
 //!   [`Input::columns`] keeps only some fields (Parquet reads only those
-//!   columns); CSV takes another delimiter.
+//!   columns); CSV takes another delimiter. With [`Format::Objects`] each
+//!   file or object is one item (`{"Key", "Size", "LastModified", "Etag",
+//!   "url"}`, Distributed Map's S3 object listing), called alone with its
+//!   bytes fetched by the call and staged in the sandbox
+//!   (`{"items": [item], "object_file": "/run/sluice/payload", "batch"}`).
 //! - **Calls** start at an item index of one file and hold up to
 //!   `max_items_per_call` items and `max_bytes_per_call` bytes of items'
 //!   JSON, so the same input always gives the same calls. The payload is
@@ -575,6 +579,11 @@ pub struct BackfillConfig {
     /// part of the layout kept in the progress store. Not with
     /// dependencies or `payload = "parquet"`. Default none: every item.
     pub max_items: Option<u64>,
+    /// With [`Format::Objects`]: larger objects are not fetched; their call
+    /// is dead-lettered as `Sluice.ObjectTooLarge` (default
+    /// [`sluice_pipeline::DEFAULT_MAX_OBJECT_BYTES`], at most the sandbox's
+    /// attachment limit).
+    pub max_object_bytes: u64,
 }
 
 /// Default [`BackfillConfig::max_buffered_items`] (the pipeline crate's):
@@ -721,7 +730,12 @@ impl BackfillConfig {
     pub fn new(function: &str, sources: Vec<PathBuf>, input: impl Into<Input>) -> Self {
         let input = input.into();
         let limits = Limits {
-            items: sluice_pipeline::DEFAULT_MAX_ITEMS_PER_CALL as usize,
+            // Objects are called one at a time.
+            items: if input.format == Format::Objects {
+                1
+            } else {
+                sluice_pipeline::DEFAULT_MAX_ITEMS_PER_CALL as usize
+            },
             bytes: sluice_pipeline::DEFAULT_MAX_BYTES_PER_CALL,
         };
         let progress = default_progress_path(&sources, input.format, function, limits);
@@ -746,6 +760,7 @@ impl BackfillConfig {
             max_buffered_items: DEFAULT_MAX_BUFFERED_ITEMS,
             batch_input: None,
             max_items: None,
+            max_object_bytes: sluice_pipeline::DEFAULT_MAX_OBJECT_BYTES,
         }
     }
 
@@ -783,6 +798,10 @@ impl BackfillConfig {
         // id would hold fewer items than in a run over everything.
         if let Some(n) = self.max_items {
             layout.push_str(&format!(" max_items={n}"));
+        }
+        // A call per object, not per line of it.
+        if self.input.format == Format::Objects {
+            layout.push_str(" objects");
         }
         layout
     }
@@ -1019,9 +1038,12 @@ pub struct FilePlan {
     pub calls: u64,
 }
 
-/// Rows of all sources from Parquet metadata, without reading data; `None`
-/// for other formats.
+/// Rows of all sources from Parquet metadata, without reading data (with
+/// [`Format::Objects`], the number of objects); `None` for other formats.
 pub fn expected_items(sources: &[PathBuf], input: &Input) -> Result<Option<u64>, BackfillError> {
+    if input.format == Format::Objects {
+        return Ok(Some(sources.len() as u64));
+    }
     if input.format != Format::Parquet {
         return Ok(None);
     }
@@ -1160,6 +1182,9 @@ struct Call {
     parquet: Option<splice::Spliced>,
     /// How `rows` are compressed in the payload.
     compression: ArrowCompression,
+    /// With [`Format::Objects`], once fetched: the object's bytes, staged
+    /// as a file for the call.
+    object: Option<Bytes>,
 }
 
 impl Call {
@@ -1174,6 +1199,7 @@ impl Call {
             rows: Vec::new(),
             parquet: None,
             compression: ArrowCompression::None,
+            object: None,
         }
     }
 
@@ -1234,6 +1260,14 @@ impl Call {
         extra: serde_json::Map<String, Value>,
         as_file: bool,
     ) -> (String, Option<Bytes>) {
+        if let Some(object) = &self.object {
+            let mut event = json!({
+                "items": self.items,
+                "object_file": sluice_executor::ATTACHMENT_PATH,
+            });
+            event["batch"] = self.batch(id, extra);
+            return (event.to_string(), Some(object.clone()));
+        }
         if !as_file || (self.rows.is_empty() && self.parquet.is_none()) {
             return (self.payload(id, extra), None);
         }
@@ -1430,6 +1464,48 @@ fn check_input(input: &Input) -> Result<(), BackfillError> {
             "columns cannot be chosen for text sources (each line is one string)".into(),
         ));
     }
+    if input.columns.is_some() && input.format == Format::Objects {
+        return Err(BackfillError::Config(
+            "columns cannot be chosen for format \"objects\" (each object is passed whole)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `format = "objects"` calls the function once per object, its bytes
+/// staged as a file: options about batches of items, their order or state
+/// do not apply.
+pub fn check_objects(cfg: &BackfillConfig) -> Result<(), BackfillError> {
+    if cfg.input.format != Format::Objects {
+        return Ok(());
+    }
+    let conflict = |what: String| {
+        Err(BackfillError::Config(format!(
+            "format \"objects\" calls the function once per object, its bytes staged as a \
+             file: {what}"
+        )))
+    };
+    if cfg.max_items_per_call != 1 {
+        return conflict(format!(
+            "max_items_per_call {} does not apply (leave it out or give 1)",
+            cfg.max_items_per_call
+        ));
+    }
+    if cfg.order.is_active() {
+        return conflict("order_key and item dependencies do not apply".into());
+    }
+    if cfg.state.is_some() {
+        return conflict("state does not apply".into());
+    }
+    let limit = sluice_pipeline::MAX_OBJECT_BYTES_RANGE;
+    if !limit.contains(&cfg.max_object_bytes) {
+        return conflict(format!(
+            "max_object_bytes {} is not within {}..={}",
+            cfg.max_object_bytes,
+            limit.start(),
+            limit.end()
+        ));
+    }
     Ok(())
 }
 
@@ -1580,6 +1656,7 @@ impl Run {
             )));
         }
         check_input(&cfg.input)?;
+        check_objects(&cfg)?;
         check_payload_file(cfg.payload, cfg.payload_file)?;
         if cfg.payload.is_columnar() {
             check_columnar(cfg.payload, &cfg.input)?;
@@ -1856,6 +1933,23 @@ impl Run {
         invoking: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> bool {
         let count = call.len() as u64;
+        let mut call = call;
+        if self.cfg.input.format == Format::Objects
+            && let Err(not) = self.fetch_object(&mut call).await
+        {
+            drop(invoking);
+            let items = call.items_json();
+            self.dead_letter(
+                &call.source,
+                id,
+                items,
+                not.error_type,
+                &not.message,
+                0,
+                count,
+            );
+            return false;
+        }
         let (payload, attachment) = call.event(id, extra, self.cfg.payload_file);
         let payload = self.with_batch_input(payload);
         let executor = self
@@ -1903,6 +1997,18 @@ impl Run {
                 false
             }
         }
+    }
+
+    /// Fetches the object of a `format = "objects"` call into it, and
+    /// completes its item ([`source::Fetched::describe`]).
+    async fn fetch_object(&self, call: &mut Call) -> Result<(), source::NotFetched> {
+        let fetched =
+            source::fetch_object(Path::new(&call.source), self.cfg.max_object_bytes).await?;
+        if let Some(item) = call.items.first_mut() {
+            fetched.describe(item);
+        }
+        call.object = Some(fetched.bytes);
+        Ok(())
     }
 
     /// Records a successful call durably and counts it; false (and the run

@@ -187,6 +187,11 @@ fn read(
             each,
         ),
         Format::Jsonl | Format::Text => read_lines(path, input.format, columns, as_json, each),
+        // The file is the item: nothing of it is read here.
+        Format::Objects => {
+            let _ = each(0, Item::Value(source::object_item(path)));
+            Ok(())
+        }
     }
 }
 
@@ -198,7 +203,7 @@ pub(crate) fn field_names(
     input: &Input,
 ) -> Result<Option<Vec<String>>, BackfillError> {
     let schema = match input.format {
-        Format::Jsonl | Format::Text => return Ok(None),
+        Format::Jsonl | Format::Text | Format::Objects => return Ok(None),
         Format::Csv if input.csv_headers.is_some() => return Ok(input.csv_headers.clone()),
         Format::Csv => {
             let mut reader = csv::ReaderBuilder::new()

@@ -349,3 +349,125 @@ pub(crate) mod parquet_remote {
         Ok(())
     }
 }
+
+/// An object of a `format = "objects"` backfill, fetched whole for its call.
+pub(crate) struct Fetched {
+    pub(crate) bytes: Bytes,
+    /// Seconds since the Unix epoch, if the store says.
+    pub(crate) last_modified: Option<i64>,
+    pub(crate) e_tag: Option<String>,
+}
+
+impl Fetched {
+    /// Completes an object's item ([`object_item`]) with what the store
+    /// says of it: `Size`, `LastModified` (seconds since the epoch) and
+    /// `Etag`, as in Step Functions Distributed Map's S3 object listing.
+    pub(crate) fn describe(&self, item: &mut serde_json::Value) {
+        if let serde_json::Value::Object(item) = item {
+            item.insert("Size".into(), self.bytes.len().into());
+            item.insert("LastModified".into(), self.last_modified.into());
+            item.insert("Etag".into(), self.e_tag.clone().into());
+        }
+    }
+}
+
+/// Why an object was not fetched: its dead-letter error type and message.
+pub(crate) struct NotFetched {
+    pub(crate) error_type: &'static str,
+    pub(crate) message: String,
+}
+
+impl NotFetched {
+    fn too_large(name: &str, size: u64, limit: u64) -> Self {
+        NotFetched {
+            error_type: "Sluice.ObjectTooLarge",
+            message: format!(
+                "{name} is {size} bytes, more than max_object_bytes ({limit}): not fetched"
+            ),
+        }
+    }
+
+    fn unreadable(name: &str, e: impl std::fmt::Display) -> Self {
+        NotFetched {
+            error_type: "Sluice.ObjectUnreadable",
+            message: format!("{name}: {e}"),
+        }
+    }
+}
+
+/// Fetches a local file or a remote object whole, unless it is larger than
+/// `limit` bytes (then nothing of it is read).
+pub(crate) async fn fetch_object(source: &Path, limit: u64) -> Result<Fetched, NotFetched> {
+    let name = source.display().to_string();
+    if !is_remote(source) {
+        let path = source.to_path_buf();
+        let read = tokio::task::spawn_blocking(move || -> Result<Fetched, NotFetched> {
+            let n = name.as_str();
+            let mut file = std::fs::File::open(&path).map_err(|e| NotFetched::unreadable(n, e))?;
+            let meta = file.metadata().map_err(|e| NotFetched::unreadable(n, e))?;
+            if meta.len() > limit {
+                return Err(NotFetched::too_large(n, meta.len(), limit));
+            }
+            let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+            // At most one byte past the limit: a file growing meanwhile is
+            // still refused rather than read without bound.
+            (&mut file)
+                .take(limit + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| NotFetched::unreadable(n, e))?;
+            if bytes.len() as u64 > limit {
+                return Err(NotFetched::too_large(n, bytes.len() as u64, limit));
+            }
+            let last_modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .and_then(|d| i64::try_from(d.as_secs()).ok());
+            Ok(Fetched {
+                bytes: Bytes::from(bytes),
+                last_modified,
+                e_tag: None,
+            })
+        });
+        return read.await.unwrap_or_else(|e| {
+            Err(NotFetched::unreadable(
+                &source.display().to_string(),
+                format!("reader failed: {e}"),
+            ))
+        });
+    }
+    let (store, path, url) = locate(source).map_err(|e| NotFetched::unreadable(&name, e))?;
+    let fetch = IO.spawn(async move {
+        let got = store.get(&path).await.map_err(|e| {
+            NotFetched::unreadable(&url, with_credentials_hint(&url, e.to_string()))
+        })?;
+        let meta = got.meta.clone();
+        if meta.size > limit {
+            return Err(NotFetched::too_large(&url, meta.size, limit));
+        }
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| NotFetched::unreadable(&url, e))?;
+        Ok(Fetched {
+            bytes,
+            last_modified: Some(meta.last_modified.timestamp()),
+            e_tag: meta.e_tag,
+        })
+    });
+    fetch
+        .await
+        .unwrap_or_else(|e| Err(NotFetched::unreadable(&name, format!("fetch failed: {e}"))))
+}
+
+/// The item of an object before it is fetched: `{"Key", "url"}` (its
+/// `Size`, `LastModified` and `Etag` are added when its call fetches it).
+/// `Key` is the object's key in its bucket, or a local file's path.
+pub(crate) fn object_item(source: &Path) -> serde_json::Value {
+    let text = source.to_string_lossy();
+    let (key, url) = match split(&text).filter(|_| is_remote(source)) {
+        Some(u) => (u.key.to_owned(), text.to_string()),
+        None => (text.to_string(), format!("file://{text}")),
+    };
+    serde_json::json!({ "Key": key, "url": url })
+}

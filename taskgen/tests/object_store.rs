@@ -240,7 +240,8 @@ fn config(dir: &Path, sources: Vec<PathBuf>, format: Format) -> BackfillConfig {
 async fn backfill_reads_parquet_and_jsonl_from_memory() {
     let store = Arc::new(InMemory::new());
     sluice_taskgen::register_object_store("memory://run", store.clone());
-    backfill_reads_parquet_and_jsonl(store, "memory://run").await;
+    backfill_reads_parquet_and_jsonl(store.clone(), "memory://run").await;
+    backfill_calls_each_object(store, "memory://run").await;
 }
 
 /// The same against real servers of each cloud's protocol: the
@@ -257,7 +258,8 @@ async fn backfill_from(remote: Remote) {
     let prefix = fresh_prefix("sluice-test");
     let base = format!("{bucket}/{prefix}");
     let store = Arc::new(object_store::prefix::PrefixStore::new(store, prefix));
-    backfill_reads_parquet_and_jsonl(store, &base).await;
+    backfill_reads_parquet_and_jsonl(store.clone(), &base).await;
+    backfill_calls_each_object(store, &base).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,6 +389,74 @@ async fn backfill_reads_parquet_and_jsonl(store: Arc<dyn ObjectStore>, base: &st
     }
     ids.sort_unstable();
     assert_eq!(ids, (0..1234).collect::<Vec<_>>());
+}
+
+/// Puts two text objects under `base/objects/` and backfills them with
+/// `format = "objects"` through the line-count function: each call gets
+/// one object's bytes, and its item the object's key, size and ETag.
+async fn backfill_calls_each_object(store: Arc<dyn ObjectStore>, base: &str) {
+    for (path, text) in [("objects/a.txt", "1\n2\n3\n"), ("objects/b.txt", "only\n")] {
+        store
+            .put(&ObjectPath::from(path), text.as_bytes().to_vec().into())
+            .await
+            .unwrap();
+    }
+    let sources = sluice_taskgen::resolve_sources(&[format!("{base}/objects/")]).unwrap();
+    let f = function_fixture("line-count");
+    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
+        agent_binary(),
+    ))));
+    let mut spec = FunctionSpec::new("line-count", &f.dir);
+    spec.timeout = Duration::from_secs(10);
+    ex.register(spec);
+    let dir = TempDir::new().unwrap();
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = Arc::clone(&got);
+    let hooks = Hooks {
+        on_response: Some(Arc::new(move |_: &str, r: &Response| {
+            sink.lock()
+                .unwrap()
+                .push(serde_json::from_slice(&r.payload).unwrap());
+        })),
+        on_tick: None,
+    };
+    let cfg = BackfillConfig {
+        progress: dir.path().join("objects.redb"),
+        dead_letter: dir.path().join("objects.dead.jsonl"),
+        results: Some(dir.path().join("objects.results.jsonl")),
+        ..BackfillConfig::new("line-count", sources, Format::Objects)
+    };
+    let s = sluice_taskgen::run(&ex, cfg, hooks, std::future::pending())
+        .await
+        .unwrap();
+    ex.shutdown().await;
+    assert_eq!((s.calls_succeeded, s.items_failed), (2, 0), "{s:?}");
+    let mut answers = got.lock().unwrap().clone();
+    answers.sort_by_key(|a| a["key"].as_str().unwrap_or_default().to_owned());
+    // Every store gives an ETag (the item's `Etag`, as the listing has it).
+    for a in &mut answers {
+        let etag = a.as_object_mut().unwrap().remove("etag");
+        assert!(
+            etag.as_ref()
+                .and_then(Value::as_str)
+                .is_some_and(|e| !e.is_empty()),
+            "{a}: {etag:?}"
+        );
+    }
+    let key = |name: &str| {
+        let url = format!("{base}/objects/{name}");
+        url.split_once("://")
+            .and_then(|(_, rest)| rest.split_once('/'))
+            .map(|(_, key)| key.to_owned())
+            .unwrap()
+    };
+    assert_eq!(
+        answers,
+        [
+            json!({"key": key("a.txt"), "lines": 3, "bytes": 6, "size": 6}),
+            json!({"key": key("b.txt"), "lines": 1, "bytes": 5, "size": 5}),
+        ]
+    );
 }
 
 /// At most `items` items per call, no byte limit.

@@ -15,9 +15,10 @@ use crate::span::{self, Locator};
 use crate::{
     ArrowCompression, BackfillJob, CONCURRENCY_RANGE, DEFAULT_GROUPS_PER_CALL,
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BUFFERED_ITEMS, DEFAULT_MAX_BYTES_PER_CALL,
-    DEFAULT_MAX_ITEMS_PER_CALL, DEFAULT_REDUCE_MEMORY_MB, DEFAULT_REDUCE_PARTITIONS, DataFormat,
-    MAX_ATTEMPTS_RANGE, MAX_BATCH_INPUT_BYTES, MAX_BUFFERED_ITEMS_RANGE, MAX_BYTES_PER_CALL_RANGE,
-    MAX_ITEMS_PER_CALL_RANGE, MAX_ITEMS_RANGE, MapReduceJob, PayloadFormat, REDUCE_MEMORY_MB_RANGE,
+    DEFAULT_MAX_ITEMS_PER_CALL, DEFAULT_MAX_OBJECT_BYTES, DEFAULT_REDUCE_MEMORY_MB,
+    DEFAULT_REDUCE_PARTITIONS, DataFormat, MAX_ATTEMPTS_RANGE, MAX_BATCH_INPUT_BYTES,
+    MAX_BUFFERED_ITEMS_RANGE, MAX_BYTES_PER_CALL_RANGE, MAX_ITEMS_PER_CALL_RANGE, MAX_ITEMS_RANGE,
+    MAX_OBJECT_BYTES_RANGE, MapReduceJob, PayloadFormat, REDUCE_MEMORY_MB_RANGE,
     REDUCE_PARTITIONS_RANGE,
 };
 
@@ -84,6 +85,8 @@ pub(super) struct RawJob {
     batch_input: Option<Spanned<toml::Value>>,
     /// Default none: every item.
     max_items: Option<Spanned<i64>>,
+    /// Default [`DEFAULT_MAX_OBJECT_BYTES`]; only with `format = "objects"`.
+    max_object_bytes: Option<Spanned<i64>>,
     /// MapReduce: required.
     map: Option<Spanned<String>>,
     /// MapReduce: default none.
@@ -125,7 +128,7 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     ),
     (
         "format",
-        "a string: \"parquet\", \"csv\", \"jsonl\" or \"text\"",
+        "a string: \"parquet\", \"csv\", \"jsonl\", \"text\" or \"objects\"",
     ),
     (
         "columns",
@@ -170,6 +173,7 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     ("state", super::state::STATE_TYPE),
     ("batch_input", "a table, e.g. { run_date = \"2026-12-01\" }"),
     ("max_items", INTEGER),
+    ("max_object_bytes", INTEGER),
     ("map", STRING),
     ("combine", STRING),
     ("reduce", STRING),
@@ -197,6 +201,7 @@ const BACKFILL_ONLY: &[&str] = &[
     "state",
     "batch_input",
     "max_items",
+    "max_object_bytes",
 ];
 /// Fields only a MapReduce job has.
 const MAPREDUCE_ONLY: &[&str] = &[
@@ -379,6 +384,7 @@ impl RawJob {
                 })
             }
         };
+        self.check_objects(&f, loc, mapreduce)?;
         let function = if mapreduce {
             String::new()
         } else {
@@ -418,7 +424,7 @@ impl RawJob {
                         at: loc.at(v.span()),
                         field: f.field("format"),
                         value: v.into_inner(),
-                        expected: "\"parquet\", \"csv\", \"jsonl\" or \"text\"",
+                        expected: "\"parquet\", \"csv\", \"jsonl\", \"text\" or \"objects\"",
                     });
                 }
             },
@@ -502,10 +508,16 @@ impl RawJob {
                 }
             },
         };
+        let objects = format == Some(DataFormat::Objects);
         let max_items_per_call = f.integer(
             "max_items_per_call",
             self.max_items_per_call,
-            DEFAULT_MAX_ITEMS_PER_CALL,
+            // Objects are called one at a time.
+            if objects {
+                1
+            } else {
+                DEFAULT_MAX_ITEMS_PER_CALL
+            },
             MAX_ITEMS_PER_CALL_RANGE,
             " (items)",
         )?;
@@ -888,7 +900,121 @@ impl RawJob {
             state,
             batch_input,
             max_items,
+            max_object_bytes: f.ranged(
+                "max_object_bytes",
+                self.max_object_bytes,
+                DEFAULT_MAX_OBJECT_BYTES,
+                MAX_OBJECT_BYTES_RANGE,
+                " (bytes)",
+            )?,
         })))
+    }
+
+    /// `format = "objects"` calls a function once per object, its bytes
+    /// staged as a file: settings about rows, columns, batches of items or
+    /// their order do not apply, and `max_object_bytes` needs it.
+    fn check_objects(
+        &self,
+        f: &Fields<'_>,
+        loc: &Locator<'_>,
+        mapreduce: bool,
+    ) -> Result<(), PipelineError> {
+        let objects = self
+            .format
+            .as_ref()
+            .is_some_and(|v| v.get_ref().parse() == Ok(DataFormat::Objects));
+        if !objects {
+            if let Some(v) = &self.max_object_bytes {
+                return Err(PipelineError::Invalid {
+                    at: loc.at(v.span()),
+                    field: f.field("max_object_bytes"),
+                    message: "limits the objects of format = \"objects\": set that format, \
+                              or leave this out"
+                        .to_owned(),
+                });
+            }
+            return Ok(());
+        }
+        let conflict = |at: Range<usize>, field: &str, why: &str| PipelineError::Invalid {
+            at: loc.at(at),
+            field: f.field(field),
+            message: format!("does not apply to format = \"objects\" ({why})"),
+        };
+        if mapreduce {
+            let at = self.format.as_ref().map(Spanned::span).unwrap_or_default();
+            return Err(conflict(
+                at,
+                "format",
+                "a MapReduce job splits rows; back fill objects with a backfill job",
+            ));
+        }
+        const WHOLE: &str = "each object is one item, passed whole";
+        let spans = [
+            ("columns", self.columns.as_ref().map(Spanned::span), WHOLE),
+            (
+                "csv_delimiter",
+                self.csv_delimiter.as_ref().map(Spanned::span),
+                WHOLE,
+            ),
+            (
+                "csv_headers",
+                self.csv_headers.as_ref().map(Spanned::span),
+                WHOLE,
+            ),
+            (
+                "order_key",
+                self.order_key.as_ref().map(Spanned::span),
+                "objects are called in name order, in parallel",
+            ),
+            (
+                "id_column",
+                self.id_column.as_ref().map(Spanned::span),
+                "objects are called in name order, in parallel",
+            ),
+            (
+                "depends_on_column",
+                self.depends_on_column.as_ref().map(Spanned::span),
+                "objects are called in name order, in parallel",
+            ),
+            (
+                "state",
+                self.state.as_ref().map(Spanned::span),
+                "a stateful job folds items in order",
+            ),
+            (
+                "payload",
+                self.payload
+                    .as_ref()
+                    .filter(|p| p.get_ref() != "json")
+                    .map(Spanned::span),
+                "the object's bytes are staged as a file",
+            ),
+            (
+                "payload_file",
+                self.payload_file.as_ref().map(Spanned::span),
+                "the object's bytes are always staged as a file",
+            ),
+            (
+                "arrow_compression",
+                self.arrow_compression.as_ref().map(Spanned::span),
+                WHOLE,
+            ),
+        ];
+        if let Some((field, Some(at), why)) = spans.into_iter().find(|(_, at, _)| at.is_some()) {
+            return Err(conflict(at, field, why));
+        }
+        if let Some(v) = self
+            .max_items_per_call
+            .as_ref()
+            .filter(|v| *v.get_ref() != 1)
+        {
+            return Err(conflict(
+                v.span(),
+                "max_items_per_call",
+                "a call stages one object: leave it out or set 1",
+            ));
+        }
+        Ok(())
     }
 }
 
