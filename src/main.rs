@@ -166,6 +166,11 @@ enum Command {
         /// (default: a new `sluice-mr-JOB-RUN` topic per run).
         #[arg(long)]
         shuffle_topic: Option<String>,
+        /// Map only the first N items (file then row order): a sample, to
+        /// try the job (1 to 100,000,000; default: the job's `max_items`,
+        /// else every item). Its output replaces the folder's.
+        #[arg(long, value_name = "N", value_parser = commands::backfill::max_items)]
+        max_items: Option<u64>,
         /// Do not print the functions' log lines.
         #[arg(long, short)]
         quiet: bool,
@@ -473,10 +478,16 @@ async fn dispatch(command: Command) -> u8 {
                 job,
                 bootstrap_servers,
                 shuffle_topic,
+                max_items,
                 quiet,
             } => {
-                commands::mapreduce::run(&pipeline, &job, bootstrap_servers, shuffle_topic, quiet)
-                    .await
+                let run = commands::mapreduce::Run {
+                    bootstrap: bootstrap_servers,
+                    shuffle_topic,
+                    max_items,
+                    quiet,
+                };
+                commands::mapreduce::run(&pipeline, &job, run).await
             }
             Command::Doctor { kafka } => commands::doctor::run(kafka.as_deref()).await,
             Command::State(StateCommand::Show {

@@ -62,6 +62,55 @@ fn mapreduce_job_writes_part_files_and_names_bad_jobs() {
         ]
     );
 
+    // A sample of the first two lines ("a b a", "B c"), from the flag,
+    // then from the job; its output replaces the whole run's.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env("SLUICE_AGENT", agent_binary())
+        .args([
+            "mapreduce",
+            pipeline.to_str().unwrap(),
+            "wc",
+            "--max-items",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("a sample: the first 2 items, in 1 of 1 files (max_items)"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("map: 1 tasks over 2 items"), "{stdout}");
+    let sample: BTreeMap<String, u64> = (0..2)
+        .flat_map(|p| {
+            std::fs::read_to_string(dir.path().join(format!("out/part-{p:05}.jsonl")))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    (
+                        v["key"].as_str().unwrap().to_owned(),
+                        v["value"].as_u64().unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        sample,
+        BTreeMap::from([("a".into(), 2), ("b".into(), 2), ("c".into(), 1)])
+    );
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    std::fs::write(&pipeline, format!("{text}max_items = 1\n")).unwrap();
+    let out = run("wc");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("map: 1 tasks over 1 items"), "{stdout}");
+
     let out = run("nope");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);

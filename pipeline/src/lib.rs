@@ -167,7 +167,8 @@
 //! A job with `kind = "mapreduce"` (`sluice mapreduce PIPELINE JOB`) takes
 //! `source`, `format`, `columns`, `csv_delimiter`, `csv_headers`, `max_items_per_call`
 //! (items per map split), `max_concurrency`, `max_attempts`, `payload`,
-//! `payload_file`, `arrow_compression` and
+//! `payload_file`, `arrow_compression`, `max_items` (the map phase reads
+//! only the first items: a sample, whose output replaces the folder's) and
 //! `bootstrap_servers` and `properties` as above, and instead of `function`:
 //!
 //! | field | default | allowed |
@@ -524,6 +525,9 @@ pub struct MapReduceJob {
     pub arrow_compression: ArrowCompression,
     /// What the reducers write. Default [`OutputFormat::Jsonl`].
     pub output_format: OutputFormat,
+    /// Only the first this many items (file then row order) are mapped: a
+    /// sample. Default none: all.
+    pub max_items: Option<u64>,
 }
 
 /// Input format of a data set.

@@ -842,6 +842,20 @@ fn max_items_is_checked() {
         let err = error_with_echo(&job(extra)).to_string();
         assert!(err.contains(expected), "{extra}: {err}");
     }
+    // A MapReduce job takes a sample too, with the same checks.
+    let mapreduce = |extra: &str| {
+        format!(
+            "[job.j]\nkind = \"mapreduce\"\nsource = \"x.parquet\"\nmap = \"echo\"\n\
+             reduce = \"echo\"\noutput = \"out\"\n{extra}\n"
+        )
+    };
+    let p = parse_with_echo(&mapreduce("max_items = 50"));
+    assert_eq!(p.mapreduce_jobs["j"].max_items, Some(50));
+    let err = error_with_echo(&mapreduce("max_items = 50\npayload = \"parquet\"")).to_string();
+    assert!(
+        err.contains("payload = \"parquet\" sends whole row groups"),
+        "{err}"
+    );
 }
 
 /// `format = "objects"`: a call per object, so one item per call by

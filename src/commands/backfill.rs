@@ -192,7 +192,7 @@ fn object_bytes(text: &str) -> Result<u64, String> {
     in_range(text, sluice_pipeline::MAX_OBJECT_BYTES_RANGE)
 }
 
-fn max_items(text: &str) -> Result<u64, String> {
+pub(crate) fn max_items(text: &str) -> Result<u64, String> {
     in_range(text, sluice_pipeline::MAX_ITEMS_RANGE).map(u64::from)
 }
 

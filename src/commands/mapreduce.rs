@@ -31,14 +31,27 @@ fn progress_line(p: &Progress, partitions: u32) -> String {
     )
 }
 
+/// The options of `sluice mapreduce`.
+#[derive(Debug)]
+pub struct Run {
+    /// The shuffle's cluster, over the job's `bootstrap_servers`.
+    pub bootstrap: Option<String>,
+    /// An existing shuffle topic.
+    pub shuffle_topic: Option<String>,
+    /// A sample: the first items only, over the job's `max_items`.
+    pub max_items: Option<u64>,
+    /// No function log lines.
+    pub quiet: bool,
+}
+
 /// Runs the job; exit 0, 2 on a bad job, 3 when it failed.
-pub async fn run(
-    pipeline: &Path,
-    job: &str,
-    bootstrap: Option<String>,
-    shuffle_topic: Option<String>,
-    quiet: bool,
-) -> u8 {
+pub async fn run(pipeline: &Path, job: &str, opts: Run) -> u8 {
+    let Run {
+        bootstrap,
+        shuffle_topic,
+        max_items,
+        quiet,
+    } = opts;
     let p = match super::load_pipeline(pipeline) {
         Ok(p) => p,
         Err(code) => return code,
@@ -76,17 +89,47 @@ pub async fn run(
         return exit::USAGE;
     };
     let map_concurrency = p.functions.get(&j.map).map_or(4, |f| f.concurrency);
+    let mut input = Input {
+        format,
+        columns: j.columns.clone(),
+        csv_delimiter: j.csv_delimiter,
+        csv_headers: j.csv_headers.clone(),
+        arrow_compression: j.arrow_compression,
+        cap: None,
+    };
+    let mut sources = sources;
+    // A sample: the files the first items are in, the last one capped. The
+    // run's fingerprint covers both, so a resumed run is the same sample.
+    if let Some(n) = max_items.or(j.max_items) {
+        let sample = sluice_taskgen::check_max_items(
+            n,
+            &sluice_taskgen::OrderConfig::default(),
+            &[],
+            j.payload,
+        )
+        .and_then(|()| sluice_taskgen::limit_items(&sources, &input, n));
+        match sample {
+            Ok(sample) => {
+                crate::log_note!(
+                    "a sample: the first {} items, in {} of {} files (max_items); its output replaces {}",
+                    sample.items,
+                    sample.sources.len(),
+                    sources.len(),
+                    j.output.display()
+                );
+                sources = sample.sources;
+                input.cap = sample.cap;
+            }
+            Err(e) => {
+                crate::log_error!("{e}");
+                return exit::USAGE;
+            }
+        }
+    }
     let cfg = MapReduceConfig {
         job: j.name.clone(),
         sources,
-        input: Input {
-            format,
-            columns: j.columns.clone(),
-            csv_delimiter: j.csv_delimiter,
-            csv_headers: j.csv_headers.clone(),
-            arrow_compression: j.arrow_compression,
-            cap: None,
-        },
+        input,
         items_per_split: j.max_items_per_call as usize,
         map: j.map.clone(),
         combine: j.combine.clone(),

@@ -106,6 +106,9 @@ pub fn run(path: &Path) -> u8 {
             j.reduce_partitions,
             j.output.display()
         );
+        if let Some(n) = j.max_items {
+            println!("    only the first {n} items are mapped (max_items)");
+        }
     }
     exit::OK
 }

@@ -200,7 +200,6 @@ const BACKFILL_ONLY: &[&str] = &[
     "depends_on_files",
     "state",
     "batch_input",
-    "max_items",
     "max_object_bytes",
 ];
 /// Fields only a MapReduce job has.
@@ -738,6 +737,10 @@ impl RawJob {
                     }
                 },
             };
+            let max_items = self
+                .max_items
+                .map(|v| max_items(&f, loc, v, None, payload))
+                .transpose()?;
             return Ok(Job::MapReduce(Box::new(MapReduceJob {
                 name: name.into_inner(),
                 sources,
@@ -782,6 +785,7 @@ impl RawJob {
                 payload_file,
                 arrow_compression,
                 output_format,
+                max_items,
             })));
         }
         let state_at = self.state.as_ref().map(Spanned::span);
@@ -836,40 +840,17 @@ impl RawJob {
             .batch_input
             .map(|v| validate_batch_input(&f, v))
             .transpose()?;
-        let max_items = match self.max_items {
-            None => None,
-            Some(v) => {
-                let at = loc.at(v.span());
-                let n = f.integer("max_items", Some(v), 1, MAX_ITEMS_RANGE, " (items)")?;
-                let conflict = if id_column.is_some() {
-                    Some("id_column")
-                } else if !file_dependencies.is_empty() {
-                    Some("depends_on_files")
-                } else {
-                    None
-                };
-                if let Some(other) = conflict {
-                    return Err(PipelineError::Invalid {
-                        at,
-                        field: f.field("max_items"),
-                        message: format!(
-                            "takes the first items in file order, which `{other}` reorders: \
-                             leave out one of them"
-                        ),
-                    });
-                }
-                if payload == PayloadFormat::Parquet {
-                    return Err(PipelineError::Invalid {
-                        at,
-                        field: f.field("max_items"),
-                        message: "may end inside a row group, and payload = \"parquet\" sends \
-                                  whole row groups: use payload = \"arrow\" or \"json\""
-                            .to_owned(),
-                    });
-                }
-                Some(u64::from(n))
-            }
+        let reorders = if id_column.is_some() {
+            Some("id_column")
+        } else if !file_dependencies.is_empty() {
+            Some("depends_on_files")
+        } else {
+            None
         };
+        let max_items = self
+            .max_items
+            .map(|v| max_items(&f, loc, v, reorders, payload))
+            .transpose()?;
         Ok(Job::Backfill(Box::new(BackfillJob {
             name: name.into_inner(),
             function,
@@ -1016,6 +997,41 @@ impl RawJob {
         }
         Ok(())
     }
+}
+
+/// `max_items` (Distributed Map's `MaxItems`): within its range, and not
+/// where the first items in file order are not what runs first (`reorders`
+/// names the setting that reorders them) or may end inside a row group
+/// that `payload = "parquet"` sends whole.
+fn max_items(
+    f: &Fields<'_>,
+    loc: &Locator<'_>,
+    v: Spanned<i64>,
+    reorders: Option<&str>,
+    payload: PayloadFormat,
+) -> Result<u64, PipelineError> {
+    let at = loc.at(v.span());
+    let n = f.integer("max_items", Some(v), 1, MAX_ITEMS_RANGE, " (items)")?;
+    if let Some(other) = reorders {
+        return Err(PipelineError::Invalid {
+            at,
+            field: f.field("max_items"),
+            message: format!(
+                "takes the first items in file order, which `{other}` reorders: \
+                 leave out one of them"
+            ),
+        });
+    }
+    if payload == PayloadFormat::Parquet {
+        return Err(PipelineError::Invalid {
+            at,
+            field: f.field("max_items"),
+            message: "may end inside a row group, and payload = \"parquet\" sends \
+                      whole row groups: use payload = \"arrow\" or \"json\""
+                .to_owned(),
+        });
+    }
+    Ok(u64::from(n))
 }
 
 /// `batch_input`: a table, as a JSON object of at most
