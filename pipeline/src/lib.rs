@@ -137,7 +137,7 @@
 //! | `kind` | `"backfill"` | `"backfill"`, or `"mapreduce"` (below) |
 //! | `function` | required | a declared function |
 //! | `source` | required | a path, glob or URL (`file://`, `s3://`, `gs://`, `az://`), or an array of them; relative paths are relative to the pipeline file's folder |
-//! | `format` | from the first source's extension | `"parquet"`, `"csv"`, `"jsonl"`, `"text"`, or `"objects"`: each file or object is one item, `{"Key", "Size", "LastModified", "Etag", "url"}` (Distributed Map's S3 object listing), called one at a time with its bytes staged read-only at `/run/sluice/payload` (the event's `"object_file"`); not with `columns`, CSV options, `order_key`, dependencies, `state`, a columnar `payload` or `max_items_per_call` over 1 |
+//! | `format` | from the first source's extension | `"parquet"`, `"csv"`, `"jsonl"`, `"json"` (a document holding an array, each element an item; one that does not start with `[` is read as JSON lines), `"text"`, or `"objects"`: each file or object is one item, `{"Key", "Size", "LastModified", "Etag", "url"}` (Distributed Map's S3 object listing), called one at a time with its bytes staged read-only at `/run/sluice/payload` (the event's `"object_file"`); not with `columns`, CSV options, `order_key`, dependencies, `state`, a columnar `payload` or `max_items_per_call` over 1 |
 //! | `columns` | every column | non-empty array of names; Parquet reads only these |
 //! | `csv_delimiter` | `","` | one ASCII character |
 //! | `csv_headers` | none (each CSV file's first line is its header) | distinct column names, one per field: the files have no header line, and their first line is an item |
@@ -161,6 +161,7 @@
 //! | `arrow_compression` | `"none"` | with `payload = "arrow"`: `"lz4"` or `"zstd"` compress the IPC stream's buffers (the reader must support it: pyarrow does; arrow-rs needs its `lz4`/`zstd` feature) |
 //! | `state` | none (stateless) | a [state table](#state-state--); the key scope needs `order_key`; count windows only |
 //! | `max_items` | none (every item) | [`MAX_ITEMS_RANGE`]: only the first items, in file then row order, are called (Distributed Map's `MaxItems`), to try a function on a sample; not with dependencies or `payload = "parquet"` |
+//! | `items_pointer` | none (the document's top level) | with `format = "json"`: a JSON pointer (RFC 6901) to the array of items, e.g. `"/data/orders"` (Distributed Map's `ItemsPointer`) |
 //! | `max_object_bytes` | [`DEFAULT_MAX_OBJECT_BYTES`] | [`MAX_OBJECT_BYTES_RANGE`]; with `format = "objects"`: a larger object is not fetched, it goes to the dead-letter file (`Sluice.ObjectTooLarge`) |
 //! | `batch_input` | none | a table, added to every call's event as `"batch_input"` (Distributed Map's `BatchInput`): parameters every call shares, e.g. `{ run_date = "2026-12-01" }`; at most [`MAX_BATCH_INPUT_BYTES`] as JSON |
 //!
@@ -528,6 +529,9 @@ pub struct MapReduceJob {
     /// Only the first this many items (file then row order) are mapped: a
     /// sample. Default none: all.
     pub max_items: Option<u64>,
+    /// With `format = "json"`: the JSON pointer of the array of items.
+    /// Default none: the document's top level.
+    pub items_pointer: Option<String>,
 }
 
 /// Input format of a data set.
@@ -539,6 +543,12 @@ pub enum DataFormat {
     Csv,
     /// JSON lines: each non-blank line is a JSON value.
     Jsonl,
+    /// A JSON document holding an array: each element is an item (Step
+    /// Functions Distributed Map's JSON item reader), the array at the top
+    /// or at `items_pointer`. A document that does not start with `[` (and
+    /// no `items_pointer`) is read as JSON lines, so `.json` files of
+    /// either kind work.
+    Json,
     /// Text: each line is a JSON string.
     Text,
     /// Objects: each file or object is one item, called one at a time with
@@ -555,13 +565,14 @@ impl DataFormat {
             Self::Parquet => "parquet",
             Self::Csv => "csv",
             Self::Jsonl => "jsonl",
+            Self::Json => "json",
             Self::Text => "text",
             Self::Objects => "objects",
         }
     }
 
     /// The format a file name's extension suggests (`.parquet`, `.csv`,
-    /// `.tsv`, `.jsonl`/`.ndjson`/`.json`, `.txt`/`.log`), ignoring a
+    /// `.tsv`, `.jsonl`/`.ndjson`, `.json`, `.txt`/`.log`), ignoring a
     /// trailing glob and a compression extension after it (`.gz`, `.zst`).
     pub fn from_extension(path: &str) -> Option<Self> {
         // `orders.jsonl.gz`: the format is the extension before the
@@ -575,7 +586,8 @@ impl DataFormat {
         match ext {
             "parquet" | "pq" => Some(Self::Parquet),
             "csv" | "tsv" => Some(Self::Csv),
-            "jsonl" | "ndjson" | "json" => Some(Self::Jsonl),
+            "jsonl" | "ndjson" => Some(Self::Jsonl),
+            "json" => Some(Self::Json),
             "txt" | "text" | "log" => Some(Self::Text),
             _ => None,
         }
@@ -595,10 +607,11 @@ impl std::str::FromStr for DataFormat {
             "parquet" => Ok(Self::Parquet),
             "csv" => Ok(Self::Csv),
             "jsonl" | "ndjson" => Ok(Self::Jsonl),
+            "json" => Ok(Self::Json),
             "text" | "txt" => Ok(Self::Text),
             "objects" => Ok(Self::Objects),
             other => Err(format!(
-                "unknown format {other:?} (known: parquet, csv, jsonl, text, objects)"
+                "unknown format {other:?} (known: parquet, csv, jsonl, json, text, objects)"
             )),
         }
     }
@@ -759,6 +772,9 @@ pub struct BackfillJob {
     /// With `format = "objects"`: larger objects are not fetched (they are
     /// dead-lettered). Default [`DEFAULT_MAX_OBJECT_BYTES`].
     pub max_object_bytes: u64,
+    /// With `format = "json"`: the JSON pointer of the array of items.
+    /// Default none: the document's top level.
+    pub items_pointer: Option<String>,
 }
 
 /// The largest `batch_input`, as compact JSON: 64 KiB, so that an event of

@@ -858,6 +858,40 @@ fn max_items_is_checked() {
     );
 }
 
+/// `items_pointer`: a JSON pointer, only for JSON documents; the `.json`
+/// extension is such a document.
+#[test]
+fn items_pointer_is_checked() {
+    use sluice_pipeline::DataFormat;
+    assert_eq!(
+        DataFormat::from_extension("a/b.json"),
+        Some(DataFormat::Json)
+    );
+    assert_eq!(
+        DataFormat::from_extension("b.ndjson.gz"),
+        Some(DataFormat::Jsonl)
+    );
+    let job = |extra: &str| format!("[job.j]\nfunction = \"echo\"\nsource = \"x.json\"\n{extra}\n");
+    let p = parse_with_echo(&job("items_pointer = \"/data/orders\""));
+    assert_eq!(
+        p.job("j").unwrap().items_pointer.as_deref(),
+        Some("/data/orders")
+    );
+    for (extra, expected) in [
+        (
+            "items_pointer = \"data\"",
+            "`job.j.items_pointer` = \"data\" is invalid: expected a JSON pointer starting with `/`",
+        ),
+        (
+            "format = \"jsonl\"\nitems_pointer = \"/data\"",
+            "`job.j.items_pointer`: points into a JSON document: it needs format = \"json\"",
+        ),
+    ] {
+        let err = error_with_echo(&job(extra)).to_string();
+        assert!(err.contains(expected), "{extra}: {err}");
+    }
+}
+
 /// `format = "objects"`: a call per object, so one item per call by
 /// default, `max_object_bytes` within the attachment limit, and settings
 /// about rows refused where they are written.

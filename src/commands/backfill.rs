@@ -30,8 +30,9 @@ pub struct BackfillOptions {
     /// replaces the job's sources.
     #[arg(long)]
     pub source: Vec<String>,
-    /// parquet, csv (with header), jsonl or text (default: from the first
-    /// source's extension); or objects: each file or object is one call,
+    /// parquet, csv (with header), jsonl, json (a document holding an array
+    /// of items), or text (default: from the first source's extension); or
+    /// objects: each file or object is one call,
     /// its bytes staged at /run/sluice/payload and the event's item
     /// {"Key", "Size", "LastModified", "Etag", "url"}.
     #[arg(long)]
@@ -129,6 +130,10 @@ pub struct BackfillOptions {
     /// the job's.
     #[arg(long, value_name = "JSON", value_parser = batch_input)]
     pub batch_input: Option<serde_json::Map<String, serde_json::Value>>,
+    /// With --format json: the JSON pointer of the array of items in each
+    /// document, e.g. /data/orders (default: the document is the array).
+    #[arg(long, value_name = "POINTER")]
+    pub items_pointer: Option<String>,
     /// With --format objects: larger objects are not fetched, they go to
     /// the dead-letter file (default 67,108,864; 1 to 134,217,728).
     #[arg(long, value_name = "BYTES", value_parser = object_bytes)]
@@ -246,6 +251,7 @@ pub struct Settings {
     pub batch_input: Option<serde_json::Map<String, serde_json::Value>>,
     pub max_items: Option<u64>,
     pub max_object_bytes: u64,
+    pub items_pointer: Option<String>,
 }
 
 /// Merges the job and the flags; the message says what is missing or wrong.
@@ -374,6 +380,10 @@ pub fn settings(job: Option<&BackfillJob>, o: &BackfillOptions) -> Result<Settin
             .or(job.map(|j| j.arrow_compression))
             .unwrap_or_default(),
         max_items: o.max_items.or(job.and_then(|j| j.max_items)),
+        items_pointer: o
+            .items_pointer
+            .clone()
+            .or_else(|| job.and_then(|j| j.items_pointer.clone())),
         max_object_bytes: o
             .max_object_bytes
             .or(job.map(|j| j.max_object_bytes))
@@ -668,7 +678,7 @@ pub async fn prepare(
     else {
         crate::log_error!(
             "cannot tell the format of {first:?} from its extension; give --format \
-             (parquet, csv, jsonl or text; objects to call the function on each file whole)"
+             (parquet, csv, jsonl, json or text; objects to call the function on each file whole)"
         );
         return Err(exit::USAGE);
     };
@@ -679,6 +689,7 @@ pub async fn prepare(
         csv_headers: set.csv_headers,
         arrow_compression: set.arrow_compression,
         cap: None,
+        items_pointer: set.items_pointer,
     };
     if let Some(hint) = sluice_taskgen::suspect_csv_delimiter(&sources, &input) {
         // How to type it: a tab needs the shell's $'\t' and TOML's "\t".

@@ -1400,6 +1400,7 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
             sources: files.clone(),
             input: sluice_taskgen::Input {
                 cap: None,
+                items_pointer: None,
                 format: sluice_taskgen::Format::Parquet,
                 columns: j.columns.clone(),
                 csv_delimiter: b',',

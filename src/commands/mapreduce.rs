@@ -96,6 +96,7 @@ pub async fn run(pipeline: &Path, job: &str, opts: Run) -> u8 {
         csv_headers: j.csv_headers.clone(),
         arrow_compression: j.arrow_compression,
         cap: None,
+        items_pointer: j.items_pointer.clone(),
     };
     let mut sources = sources;
     // A sample: the files the first items are in, the last one capped. The

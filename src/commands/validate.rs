@@ -82,6 +82,9 @@ pub fn run(path: &Path) -> u8 {
                 j.max_object_bytes
             );
         }
+        if let Some(pointer) = &j.items_pointer {
+            println!("    items: the array at {pointer} of each JSON document (items_pointer)");
+        }
         if let Some(n) = j.max_items {
             println!("    only the first {n} items (max_items)");
         }

@@ -20,7 +20,9 @@
 //!   column order; without `order_key` or dependencies the text `arrow-json`
 //!   writes goes into the call as it is, no `serde_json::Value` per row), CSV
 //!   records as objects of strings keyed by the header, JSON lines (one value
-//!   per non-blank line), text lines (one JSON string per line). A line that
+//!   per non-blank line), JSON documents (each element of the array at the
+//!   top or at [`Input::items_pointer`], streamed), text lines (one JSON
+//!   string per line). A line that
 //!   cannot be read (malformed JSON, bad CSV record, invalid UTF-8) is a
 //!   *failed item*: it goes to the dead-letter file with its `file:line`.
 //!   [`Input::columns`] keeps only some fields (Parquet reads only those
@@ -123,6 +125,9 @@ pub struct Input {
     /// Read only the first items of one file (the last file `max_items`
     /// reaches into, see [`limit_items`]). Default none.
     pub cap: Option<ItemCap>,
+    /// With [`Format::Json`]: the JSON pointer of the array of items in
+    /// each document. Default none: the top level.
+    pub items_pointer: Option<String>,
 }
 
 impl From<Format> for Input {
@@ -134,6 +139,7 @@ impl From<Format> for Input {
             csv_headers: None,
             arrow_compression: ArrowCompression::None,
             cap: None,
+            items_pointer: None,
         }
     }
 }
@@ -327,6 +333,16 @@ pub enum BackfillError {
         /// The client's message.
         message: String,
     },
+    /// A JSON document (`format = "json"`) cannot be read any further.
+    #[error("{}:{line}: JSON: {message}", file.display())]
+    Json {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line where reading stopped.
+        line: u64,
+        /// The parser's message.
+        message: String,
+    },
     /// A CSV file cannot be read any further.
     #[error("{}:{line}: CSV: {message}", file.display())]
     Csv {
@@ -457,6 +473,7 @@ impl BackfillError {
             | BackfillError::OrderColumnMissing { .. }
             | BackfillError::RowGroupTooLarge { .. }
             | BackfillError::Csv { .. }
+            | BackfillError::Json { .. }
             | BackfillError::Dependencies(_)
             | BackfillError::ProgressLayout { .. }
             | BackfillError::ProgressNotWritable { .. }
@@ -802,6 +819,10 @@ impl BackfillConfig {
         // A call per object, not per line of it.
         if self.input.format == Format::Objects {
             layout.push_str(" objects");
+        }
+        // Other items, in another order.
+        if let Some(pointer) = &self.input.items_pointer {
+            layout.push_str(&format!(" items_pointer={pointer:?}"));
         }
         layout
     }
@@ -1463,6 +1484,12 @@ fn check_input(input: &Input) -> Result<(), BackfillError> {
         return Err(BackfillError::Config(
             "columns cannot be chosen for text sources (each line is one string)".into(),
         ));
+    }
+    if input.items_pointer.is_some() && input.format != Format::Json {
+        return Err(BackfillError::Config(format!(
+            "items_pointer points into a JSON document: it needs format \"json\", not {}",
+            input.format
+        )));
     }
     if input.columns.is_some() && input.format == Format::Objects {
         return Err(BackfillError::Config(

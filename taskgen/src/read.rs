@@ -187,6 +187,9 @@ fn read(
             each,
         ),
         Format::Jsonl | Format::Text => read_lines(path, input.format, columns, as_json, each),
+        Format::Json => {
+            json_doc::read(path, input.items_pointer.as_deref(), columns, as_json, each)
+        }
         // The file is the item: nothing of it is read here.
         Format::Objects => {
             let _ = each(0, Item::Value(source::object_item(path)));
@@ -203,7 +206,7 @@ pub(crate) fn field_names(
     input: &Input,
 ) -> Result<Option<Vec<String>>, BackfillError> {
     let schema = match input.format {
-        Format::Jsonl | Format::Text | Format::Objects => return Ok(None),
+        Format::Jsonl | Format::Json | Format::Text | Format::Objects => return Ok(None),
         Format::Csv if input.csv_headers.is_some() => return Ok(input.csv_headers.clone()),
         Format::Csv => {
             let mut reader = csv::ReaderBuilder::new()
@@ -788,35 +791,10 @@ fn read_lines(
                     }
                 } else {
                     match serde_json::from_slice::<Value>(&bytes) {
-                        Ok(Value::Object(mut object)) if columns.is_some() => {
-                            let columns = columns.unwrap_or_default();
-                            let had_fields = !object.is_empty();
-                            object.retain(|k, _| columns.contains(k));
-                            if had_fields && object.is_empty() && !warned_no_column {
-                                // Sparse items are allowed; a misspelt
-                                // column would empty every one, silently.
-                                warned_no_column = true;
-                                tracing::warn!(
-                                    file = %path.display(),
-                                    line = line_no,
-                                    columns = ?columns,
-                                    "an item has none of the chosen columns, so the function gets it as {{}} (a misspelt column?); said once per file"
-                                );
-                            }
-                            Item::Value(Value::Object(object))
+                        Ok(v) => {
+                            let at = (path, line_no, &bytes[..]);
+                            json_item(v, columns, at, &mut warned_no_column)
                         }
-                        // Fields are chosen, so the function expects an
-                        // object: anything else fails here, named.
-                        Ok(v) if columns.is_some() => Item::Bad(bad_line(
-                            path,
-                            line_no,
-                            &bytes,
-                            format!(
-                                "{} is not a JSON object, so `columns` cannot choose fields from it",
-                                sluice_ingest::event::json_type(&v)
-                            ),
-                        )),
-                        Ok(v) => Item::Value(v),
                         Err(e) => Item::Bad(bad_line(path, line_no, &bytes, json_error(&e))),
                     }
                 }
@@ -832,6 +810,282 @@ fn read_lines(
         index += 1;
     }
     Ok(())
+}
+
+/// The item a JSON value makes (at `line` of `path`, whose text is `raw`):
+/// with `columns`, an object keeps only those fields (warning once per
+/// file, through `warned`, when one has none of them), and anything else
+/// is a failed item, since the function expects an object.
+fn json_item(
+    value: Value,
+    columns: Option<&[String]>,
+    (path, line, raw): (&Path, u64, &[u8]),
+    warned: &mut bool,
+) -> Item {
+    let Some(columns) = columns else {
+        return Item::Value(value);
+    };
+    match value {
+        Value::Object(mut object) => {
+            let had_fields = !object.is_empty();
+            object.retain(|k, _| columns.contains(k));
+            if had_fields && object.is_empty() && !*warned {
+                // Sparse items are allowed; a misspelt column would empty
+                // every one, silently.
+                *warned = true;
+                tracing::warn!(
+                    file = %path.display(),
+                    line,
+                    columns = ?columns,
+                    "an item has none of the chosen columns, so the function gets it as {{}} (a misspelt column?); said once per file"
+                );
+            }
+            Item::Value(Value::Object(object))
+        }
+        v => Item::Bad(bad_line(
+            path,
+            line,
+            raw,
+            format!(
+                "{} is not a JSON object, so `columns` cannot choose fields from it",
+                sluice_ingest::event::json_type(&v)
+            ),
+        )),
+    }
+}
+
+/// JSON documents holding an array of items (`format = "json"`), read as
+/// a stream: the elements one by one, never the whole document.
+mod json_doc {
+    use std::cell::Cell;
+    use std::fmt;
+    use std::io::{BufRead, BufReader, Read};
+    use std::ops::ControlFlow;
+    use std::path::Path;
+    use std::rc::Rc;
+
+    use serde::de::{
+        self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+    };
+    use serde_json::value::RawValue;
+
+    use super::{Item, json_item, open_bytes};
+    use crate::{BackfillError, Format};
+
+    /// What a visitor returns to stop reading early (the caller has enough).
+    const STOP: &str = "sluice: stop reading";
+
+    /// A reader that counts the line breaks read through it.
+    struct Lines<R> {
+        inner: R,
+        breaks: Rc<Cell<u64>>,
+    }
+
+    impl<R: Read> Read for Lines<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            let more = memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+            self.breaks.set(self.breaks.get() + more);
+            Ok(n)
+        }
+    }
+
+    /// Calls `each` with every element of the array at `pointer` (RFC
+    /// 6901 tokens, already unescaped), in order.
+    struct Elements<'a> {
+        pointer: &'a [String],
+        each: &'a mut dyn FnMut(Box<RawValue>) -> ControlFlow<()>,
+        found: &'a Cell<bool>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Elements<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            if self.pointer.is_empty() {
+                self.found.set(true);
+                d.deserialize_seq(self)
+            } else {
+                d.deserialize_any(self)
+            }
+        }
+    }
+
+    impl<'de> Visitor<'de> for Elements<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            if self.pointer.is_empty() {
+                f.write_str("an array of items")
+            } else {
+                f.write_str("an object or array holding the items")
+            }
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let Elements {
+                pointer,
+                each,
+                found,
+            } = self;
+            let Some((first, rest)) = pointer.split_first() else {
+                while let Some(raw) = seq.next_element::<Box<RawValue>>()? {
+                    if each(raw).is_break() {
+                        return Err(de::Error::custom(STOP));
+                    }
+                }
+                return Ok(());
+            };
+            // A token of an array is an index.
+            let wanted = first.parse::<usize>().ok();
+            let mut i = 0usize;
+            loop {
+                if Some(i) == wanted {
+                    let inner = Elements {
+                        pointer: rest,
+                        each: &mut *each,
+                        found,
+                    };
+                    if seq.next_element_seed(inner)?.is_none() {
+                        return Ok(());
+                    }
+                } else if seq.next_element::<IgnoredAny>()?.is_none() {
+                    return Ok(());
+                }
+                i += 1;
+            }
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let Elements {
+                pointer,
+                each,
+                found,
+            } = self;
+            let Some((first, rest)) = pointer.split_first() else {
+                return Err(de::Error::invalid_type(
+                    de::Unexpected::Map,
+                    &"an array of items",
+                ));
+            };
+            while let Some(key) = map.next_key::<String>()? {
+                if &key == first && !found.get() {
+                    map.next_value_seed(Elements {
+                        pointer: rest,
+                        each: &mut *each,
+                        found,
+                    })?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// The tokens of a JSON pointer (`/a/b~1c` → `a`, `b/c`).
+    fn tokens(pointer: &str) -> Vec<String> {
+        pointer
+            .split('/')
+            .skip(1)
+            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .collect()
+    }
+
+    pub(super) fn read(
+        path: &Path,
+        pointer: Option<&str>,
+        columns: Option<&[String]>,
+        as_json: bool,
+        each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
+    ) -> Result<(), BackfillError> {
+        let mut reader = BufReader::new(open_bytes(path)?);
+        let failed = |source| BackfillError::Read {
+            file: path.to_path_buf(),
+            source,
+        };
+        // A document that is not an array is JSON lines (`.json` files of
+        // either kind), unless a pointer says where the array is.
+        // Leading white space (and a UTF-8 byte order mark) is skipped, its
+        // line breaks counted.
+        let mut skipped = 0u64;
+        let first = loop {
+            let buf = reader.fill_buf().map_err(failed)?;
+            if buf.is_empty() {
+                return Ok(()); // an empty document has no items
+            }
+            if skipped == 0 && buf.starts_with(b"\xEF\xBB\xBF") {
+                reader.consume(3);
+                continue;
+            }
+            let blank = buf.iter().position(|b| !b.is_ascii_whitespace());
+            let n = blank.unwrap_or(buf.len());
+            skipped += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+            if let Some(i) = blank {
+                let b = buf[i];
+                reader.consume(i);
+                break b;
+            }
+            reader.consume(n);
+        };
+        if first != b'[' && pointer.is_none() {
+            drop(reader);
+            return super::read_lines(path, Format::Jsonl, columns, as_json, each);
+        }
+        let tokens = tokens(pointer.unwrap_or(""));
+        let breaks = Rc::new(Cell::new(skipped));
+        let lines = Lines {
+            inner: reader,
+            breaks: Rc::clone(&breaks),
+        };
+        let mut index = 0u64;
+        let mut warned = false;
+        let mut element = |raw: Box<RawValue>| {
+            let line = breaks.get() + 1;
+            let text = raw.get();
+            let item = if as_json && columns.is_none() {
+                Item::Json(text.to_owned())
+            } else {
+                match serde_json::from_str(text) {
+                    Ok(v) => json_item(v, columns, (path, line, text.as_bytes()), &mut warned),
+                    Err(e) => {
+                        Item::Bad(super::bad_line(path, line, text.as_bytes(), e.to_string()))
+                    }
+                }
+            };
+            let flow = each(index, item);
+            index += 1;
+            flow
+        };
+        let found = Cell::new(false);
+        let mut de = serde_json::Deserializer::from_reader(lines);
+        let seed = Elements {
+            pointer: &tokens,
+            each: &mut element,
+            found: &found,
+        };
+        match seed.deserialize(&mut de).and_then(|()| de.end()) {
+            Ok(()) => {}
+            Err(e) if e.to_string().starts_with(STOP) => return Ok(()),
+            Err(e) => {
+                return Err(BackfillError::Json {
+                    file: path.to_path_buf(),
+                    line: e.line() as u64,
+                    message: super::json_error(&e),
+                });
+            }
+        }
+        if !found.get() {
+            return Err(BackfillError::Json {
+                file: path.to_path_buf(),
+                line: breaks.get() + 1,
+                message: format!(
+                    "items_pointer {:?} names nothing in the document",
+                    pointer.unwrap_or("")
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// What is wrong with a line that is not JSON: serde_json's words with
@@ -1076,5 +1330,159 @@ mod tests {
         assert_eq!(at("x\n\"y"), Some(2));
         assert_eq!(open_quote_at_end(b"1;\"a;b", b';'), Some(2));
         assert_eq!(at(""), None);
+    }
+}
+
+/// `format = "json"`: arrays of items, at the top or at a JSON pointer,
+/// streamed; other documents as JSON lines.
+#[cfg(test)]
+mod json_doc_tests {
+    use std::ops::ControlFlow;
+
+    use serde_json::{Value, json};
+
+    use super::{Item, read_file, read_file_json};
+    use crate::{BackfillError, Format, Input};
+
+    /// The items of `text` read as a JSON document (with `pointer` and
+    /// `columns`), as JSON, an unreadable one as `{"bad": LINE}`; read as
+    /// `read_file_json` reads them when `as_json`.
+    fn items(
+        text: &str,
+        pointer: Option<&str>,
+        columns: Option<&[&str]>,
+        as_json: bool,
+    ) -> Result<Vec<Value>, BackfillError> {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("doc.json");
+        std::fs::write(&path, text).unwrap();
+        let input = Input {
+            items_pointer: pointer.map(str::to_owned),
+            columns: columns.map(|c| c.iter().map(|s| s.to_string()).collect()),
+            ..Input::from(Format::Json)
+        };
+        let mut out = Vec::new();
+        let mut each = |i: u64, item| {
+            assert_eq!(i, out.len() as u64);
+            out.push(match item {
+                Item::Value(v) => v,
+                Item::Json(t) => serde_json::from_str(&t).unwrap(),
+                Item::Bad(e) => json!({"bad": e.line, "message": e.message}),
+            });
+            ControlFlow::Continue(())
+        };
+        let read = if as_json { read_file_json } else { read_file };
+        read(&path, &input, &mut each).map(|()| out)
+    }
+
+    #[test]
+    fn elements_of_the_top_level_array_are_items() {
+        let text =
+            "\n\n[\n  {\"id\": 1, \"tags\": [\"a\"]},\n  {\"id\": 2},\n  3,\n  \"four\"\n]\n";
+        let want = [
+            json!({"id": 1, "tags": ["a"]}),
+            json!({"id": 2}),
+            json!(3),
+            json!("four"),
+        ];
+        for as_json in [false, true] {
+            assert_eq!(
+                items(text, None, None, as_json).unwrap(),
+                want,
+                "as_json {as_json}"
+            );
+        }
+        // With columns, objects keep those fields; a scalar fails, named by
+        // the line it ends on (blank lines before the array counted).
+        assert_eq!(
+            items(text, None, Some(&["id"]), false).unwrap(),
+            [
+                json!({"id": 1}),
+                json!({"id": 2}),
+                json!({"bad": 6, "message": "a number is not a JSON object, so `columns` cannot choose fields from it"}),
+                json!({"bad": 7, "message": "a string is not a JSON object, so `columns` cannot choose fields from it"}),
+            ]
+        );
+        assert_eq!(
+            items("  [ ]  ", None, None, false).unwrap(),
+            Vec::<Value>::new()
+        );
+        assert_eq!(items("", None, None, false).unwrap(), Vec::<Value>::new());
+    }
+
+    #[test]
+    fn items_pointer_finds_the_array_and_skips_the_rest() {
+        let text = r#"{"meta": {"items": [0]}, "data": {"orders": [{"n": 1}, {"n": 2}], "x/y": [[9], [7, 8]]}, "tail": [1, 2]}"#;
+        assert_eq!(
+            items(text, Some("/data/orders"), None, true).unwrap(),
+            [json!({"n": 1}), json!({"n": 2})]
+        );
+        // `~1` is a `/` in a key; a number indexes an array.
+        assert_eq!(
+            items(text, Some("/data/x~1y/1"), None, false).unwrap(),
+            [json!(7), json!(8)]
+        );
+        let err = items(text, Some("/data/missing"), None, false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("items_pointer \"/data/missing\" names nothing"),
+            "{err}"
+        );
+        let err = items(text, Some("/data"), None, false).unwrap_err();
+        assert!(
+            err.to_string().contains("expected an array of items"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_broken_document_is_an_error_naming_file_and_line() {
+        let err = items(
+            "[\n{\"a\": 1},\n{\"a\": },\n{\"a\": 3}\n]",
+            None,
+            None,
+            false,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("doc.json:3: JSON: "), "{text}");
+        assert!(
+            matches!(err, BackfillError::Json { line: 3, .. }),
+            "{err:?}"
+        );
+        // Trailing data after the array.
+        let err = items("[1]\n[2]", None, None, false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("doc.json:2: JSON: trailing characters"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_document_that_is_not_an_array_is_read_as_json_lines() {
+        assert_eq!(
+            items("{\"a\": 1}\n{\"a\": 2}\n", None, None, false).unwrap(),
+            [json!({"a": 1}), json!({"a": 2})]
+        );
+    }
+
+    #[test]
+    fn reading_stops_when_asked() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("doc.json");
+        // Nothing after the second element is read: the rest is not JSON.
+        std::fs::write(&path, "[1, 2, 3, not json at all").unwrap();
+        let mut seen = Vec::new();
+        read_file(&path, &Format::Json.into(), &mut |i, _| {
+            seen.push(i);
+            if i == 1 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+        assert_eq!(seen, [0, 1]);
     }
 }

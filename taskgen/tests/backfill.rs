@@ -1354,3 +1354,68 @@ async fn max_items_calls_only_the_first_items() {
     assert!(e.to_string().contains("whole row groups"), "{e}");
     ex.shutdown().await;
 }
+
+/// A JSON document holding an array (Distributed Map's JSON item reader):
+/// the format from the `.json` extension, each element one item; a
+/// document of JSON lines named `.json` reads as JSON lines. From the CLI,
+/// `--items-pointer` picks a nested array, and a broken document stops the
+/// job naming its file and line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_documents_hold_arrays_of_items() {
+    let dir = TempDir::new().unwrap();
+    let doc = dir.path().join("orders.json");
+    std::fs::write(
+        &doc,
+        "[\n {\"id\": 1, \"amount\": 5.5},\n {\"id\": 2, \"amount\": 7},\n {\"id\": 3, \"amount\": 1}\n]\n",
+    )
+    .unwrap();
+    let sources = vec![doc.display().to_string()];
+    let format = sluice_taskgen::format_of(&sources, std::slice::from_ref(&doc)).unwrap();
+    assert_eq!(format, Format::Json);
+    let (s, items) = echo_items(dir.path(), &doc, format).await;
+    assert_eq!((s.calls_succeeded, s.items_succeeded), (2, 3), "{s:?}");
+    assert_eq!(
+        items,
+        [
+            json!({"id": 1, "amount": 5.5}),
+            json!({"id": 2, "amount": 7}),
+            json!({"id": 3, "amount": 1})
+        ]
+    );
+    let lines = dir.path().join("lines.json");
+    std::fs::write(&lines, "{\"id\": 1}\n{\"id\": 2}\n").unwrap();
+    let sub = TempDir::new().unwrap();
+    let (s, items) = echo_items(sub.path(), &lines, Format::Json).await;
+    assert_eq!(s.items_succeeded, 2, "{s:?}");
+    assert_eq!(items, [json!({"id": 1}), json!({"id": 2})]);
+
+    // The CLI: a nested array, then a broken document.
+    std::fs::write(
+        dir.path().join("export.json"),
+        "{\"exported\": \"2026-12-01\",\n \"data\": {\"orders\": [{\"id\": 1}, {\"id\": 2}, {\"id\": 3}]}}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("broken.json"),
+        "[\n{\"id\": 1},\n{\"id\": ]\n",
+    )
+    .unwrap();
+    let (_f, pipeline) = echo_job(
+        dir.path(),
+        "source = \"export.json\"\nitems_pointer = \"/data/orders\"\nprogress = \"export.redb\"\n",
+    );
+    let (code, out, err) = backfill_cli(&pipeline, &["replay", "-q"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("items: 3 total, 3 succeeded"), "{out}");
+    let broken = dir.path().join("broken.json").display().to_string();
+    let progress = dir.path().join("broken.redb").display().to_string();
+    let (code, out, err) = backfill_cli(
+        &pipeline,
+        &["replay", "-q", "--source", &broken, "--progress", &progress],
+    );
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains("broken.json:3: JSON: expected value at column 8"),
+        "{out}{err}"
+    );
+}

@@ -87,6 +87,8 @@ pub(super) struct RawJob {
     max_items: Option<Spanned<i64>>,
     /// Default [`DEFAULT_MAX_OBJECT_BYTES`]; only with `format = "objects"`.
     max_object_bytes: Option<Spanned<i64>>,
+    /// Default none (the top level); only with `format = "json"`.
+    items_pointer: Option<Spanned<String>>,
     /// MapReduce: required.
     map: Option<Spanned<String>>,
     /// MapReduce: default none.
@@ -128,7 +130,7 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     ),
     (
         "format",
-        "a string: \"parquet\", \"csv\", \"jsonl\", \"text\" or \"objects\"",
+        "a string: \"parquet\", \"csv\", \"jsonl\", \"json\", \"text\" or \"objects\"",
     ),
     (
         "columns",
@@ -174,6 +176,10 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     ("batch_input", "a table, e.g. { run_date = \"2026-12-01\" }"),
     ("max_items", INTEGER),
     ("max_object_bytes", INTEGER),
+    (
+        "items_pointer",
+        "a JSON pointer to the array of items, e.g. \"/data/orders\"",
+    ),
     ("map", STRING),
     ("combine", STRING),
     ("reduce", STRING),
@@ -423,7 +429,7 @@ impl RawJob {
                         at: loc.at(v.span()),
                         field: f.field("format"),
                         value: v.into_inner(),
-                        expected: "\"parquet\", \"csv\", \"jsonl\", \"text\" or \"objects\"",
+                        expected: "\"parquet\", \"csv\", \"jsonl\", \"json\", \"text\" or \"objects\"",
                     });
                 }
             },
@@ -506,6 +512,25 @@ impl RawJob {
                     });
                 }
             },
+        };
+        let items_pointer = match self.items_pointer {
+            None => None,
+            Some(v) if !v.get_ref().starts_with('/') => {
+                return Err(PipelineError::InvalidValue {
+                    at: loc.at(v.span()),
+                    field: f.field("items_pointer"),
+                    value: v.into_inner(),
+                    expected: "a JSON pointer starting with `/`, e.g. \"/data/orders\"",
+                });
+            }
+            Some(v) if format.is_some_and(|fmt| fmt != DataFormat::Json) => {
+                return Err(PipelineError::Invalid {
+                    at: loc.at(v.span()),
+                    field: f.field("items_pointer"),
+                    message: "points into a JSON document: it needs format = \"json\"".to_owned(),
+                });
+            }
+            Some(v) => Some(v.into_inner()),
         };
         let objects = format == Some(DataFormat::Objects);
         let max_items_per_call = f.integer(
@@ -786,6 +811,7 @@ impl RawJob {
                 arrow_compression,
                 output_format,
                 max_items,
+                items_pointer,
             })));
         }
         let state_at = self.state.as_ref().map(Spanned::span);
@@ -888,6 +914,7 @@ impl RawJob {
                 MAX_OBJECT_BYTES_RANGE,
                 " (bytes)",
             )?,
+            items_pointer,
         })))
     }
 
