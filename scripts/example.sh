@@ -13,13 +13,16 @@ need=()
 for cmd in gcc make pkg-config curl; do command -v "$cmd" >/dev/null || need+=("$cmd"); done
 # librdkafka is built with OpenSSL (TLS and SASL to real clusters) and zlib.
 for lib in openssl zlib; do pkg-config --exists "$lib" 2>/dev/null || need+=("$lib headers"); done
-# The python example runs the host's python3, which the sandbox sees under /usr.
+# The python and node examples run the host's python3 and node, which the
+# sandbox sees under /usr.
 [ -x /usr/bin/python3 ] || [ -x /usr/local/bin/python3 ] || need+=("python3 in /usr")
+[ -x /usr/bin/node ] || [ -x /usr/local/bin/node ] || need+=("node in /usr")
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config curl zlib1g-dev libssl-dev python3
+    [ -x /usr/bin/node ] || [ -x /usr/local/bin/node ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs
   else
-    echo "missing tools: ${need[*]} (install them, e.g. apt-get install build-essential pkg-config curl zlib1g-dev libssl-dev python3)" >&2
+    echo "missing tools: ${need[*]} (install them, e.g. apt-get install build-essential pkg-config curl zlib1g-dev libssl-dev python3 nodejs)" >&2
     exit 1
   fi
 fi
@@ -33,6 +36,8 @@ echo; echo "== sluice invoke echo"
 $SLUICE invoke --pipeline examples/pipeline.toml echo --payload '{"hello": "sluice"}'
 echo; echo "== sluice invoke python (a plain Lambda handler in Python)"
 $SLUICE invoke --pipeline examples/pipeline.toml python --payload '{"text": "to be or not to be"}'
+echo; echo "== sluice invoke node (the same handler in Node.js)"
+$SLUICE invoke --pipeline examples/pipeline.toml node --payload '{"text": "to be or not to be"}'
 echo; echo "== sluice invoke shell (payload from stdin)"
 echo '{"from": "stdin"}' | $SLUICE invoke --pipeline examples/pipeline.toml shell --payload -
 echo; echo "== sluice invoke fail (fails on purpose: exit code 1, error JSON on stderr)"

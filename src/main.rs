@@ -85,7 +85,9 @@ enum Command {
         name: String,
         /// python: `handler.py` with `def handler(event, context)`, run by
         /// a Runtime API loop in Python's standard library (needs python3);
-        /// shell: a bash `bootstrap` using curl.
+        /// node: `index.mjs` with an async `handler`, run by a Runtime API
+        /// loop in Node's standard library (needs node); shell: a bash
+        /// `bootstrap` using curl; rust: a cargo project on `lambda_runtime`.
         #[arg(long, value_enum, default_value = "python")]
         template: commands::new::Template,
         /// The folder to create (default: functions/NAME next to the

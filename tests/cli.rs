@@ -254,6 +254,146 @@ fn a_python_handler_runs_unchanged() {
     assert!(!err.contains("REPORT RequestId"), "{err}");
 }
 
+/// A plain Lambda handler in Node.js (`examples/functions/node`: a Runtime
+/// API loop on Node's standard library, and `index.mjs`) runs in the
+/// process sandbox with the host's node: an async ES module handler's
+/// answer, its exception as Lambda's error object (exit 1), CommonJS
+/// handlers answering through the callback or by returning, and handlers
+/// that cannot be loaded reported as init errors (exit 3).
+#[test]
+fn a_node_handler_runs_unchanged() {
+    let node = function_fixture("node");
+    std::fs::write(
+        node.dir.join("legacy.cjs"),
+        "exports.callback = (event, context, callback) => {\n\
+           setTimeout(() => callback(null, { doubled: event.n * 2, fn: context.functionName }), 1);\n\
+         };\n\
+         exports.plain = (event) => ({ plain: event.n });\n\
+         exports.refuse = (event, context, callback) => callback(new RangeError('no ' + event.n));\n",
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pipeline(
+        tmp.path(),
+        &[
+            ("js", &node, "handler = \"index.handler\""),
+            ("cb", &node, "handler = \"legacy.callback\""),
+            ("plain", &node, "handler = \"legacy.plain\""),
+            ("refuse", &node, "handler = \"legacy.refuse\""),
+            ("missing", &node, "handler = \"nothere.handler\""),
+            ("unexported", &node, "handler = \"index.nope\""),
+        ],
+    );
+    let invoke = |function: &str, payload: &str| {
+        run(
+            sluice()
+                .args(["invoke", "-p"])
+                .arg(&p)
+                .args([function, "--payload", payload]),
+            None,
+        )
+    };
+    let out = invoke("js", r#"{"text": "To be, or not to be"}"#);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["words"], 6, "{v}");
+    assert_eq!(
+        v["top"],
+        serde_json::json!([["to", 2], ["be", 2], ["or", 1]])
+    );
+    assert_eq!(v["has_time_left"], true);
+    assert_eq!(v["request_id"].as_str().map(str::len), Some(36), "{v}");
+    // console.log() is the function's log.
+    assert!(
+        text(&out.stderr).contains("6 words in 1 lines"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = invoke("js", r#"{"nope": 1}"#);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let last: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(last["errorType"], "TypeError", "{err}");
+    // Lambda's error object as Node's runtime posts it, with its trace.
+    let trace = last["trace"].as_array().expect("trace");
+    assert!(
+        trace
+            .iter()
+            .any(|f| f.as_str().is_some_and(|f| f.contains("index.mjs"))),
+        "{err}"
+    );
+
+    // A Kafka batch (Lambda's event, values in base64): the value that is
+    // not UTF-8 goes back as a batch item failure.
+    let kafka = serde_json::json!({"eventSource": "SelfManagedKafka", "records": {"t-0": [
+        {"topic": "t", "partition": 0, "offset": 4, "value": "b25lIHR3bw=="},
+        {"topic": "t", "partition": 0, "offset": 5, "value": "/w=="}
+    ]}});
+    let out = invoke("js", &kafka.to_string());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["words"], 2, "{v}");
+    assert_eq!(
+        v["batchItemFailures"],
+        serde_json::json!([{"itemIdentifier": "t-0@5"}])
+    );
+    // A backfill's calls.
+    std::fs::write(tmp.path().join("lines.txt"), "a b\nc\nd e f\n").unwrap();
+    let out = run(
+        sluice()
+            .args(["backfill", "-p"])
+            .arg(&p)
+            .args(["-f", "js", "--source"])
+            .arg(tmp.path().join("lines.txt"))
+            .args(["--max-items-per-call", "2", "-q", "--progress"])
+            .arg(tmp.path().join("lines.redb")),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("items: 3 total, 3 succeeded"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    for (function, payload, answer) in [
+        (
+            "cb",
+            r#"{"n": 21}"#,
+            serde_json::json!({"doubled": 42, "fn": "cb"}),
+        ),
+        ("plain", r#"{"n": 5}"#, serde_json::json!({"plain": 5})),
+    ] {
+        let out = invoke(function, payload);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v, answer, "{function}");
+    }
+    let out = invoke("refuse", r#"{"n": 3}"#);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let last: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (&last["errorType"], &last["errorMessage"]),
+        (&serde_json::json!("RangeError"), &serde_json::json!("no 3")),
+        "{err}"
+    );
+
+    for (function, kind) in [
+        ("missing", "Runtime.ImportModuleError"),
+        ("unexported", "Runtime.HandlerNotFound"),
+    ] {
+        let out = invoke(function, "{}");
+        assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!("Status: error\tError Type: {kind}")),
+            "{function}: {err}"
+        );
+    }
+}
+
 /// `--log-format json` (or `SLUICE_LOG_FORMAT=json`): every stderr line is
 /// one JSON object, the function's output and Lambda's REPORT (typed
 /// figures) included, and so are sluice's own errors.
@@ -409,6 +549,25 @@ fn new_makes_functions_that_run_at_once() {
         text(&out.stdout).contains("items: 3 total, 3 succeeded"),
         "{}",
         text(&out.stdout)
+    );
+
+    let out = in_tmp(&["new", "hello-js", "--template", "node"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = in_tmp(&[
+        "invoke",
+        "-p",
+        "pipeline.toml",
+        "hello-js",
+        "--payload",
+        r#"{"items":[7,8]}"#,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer, serde_json::json!({"count": 2, "first": 7}));
+    assert!(
+        text(&out.stderr).contains("[hello-js] hello-js: 2 item(s)"),
+        "{}",
+        text(&out.stderr)
     );
 
     let out = in_tmp(&["new", "raw", "--template", "shell"]);

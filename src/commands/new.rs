@@ -4,7 +4,9 @@
 //!
 //! Templates: `python` (a handler to edit, `handler.py`, and the Runtime
 //! API loop of `examples/functions/python`, which needs nothing but the
-//! host's `python3`), `shell` (bash and curl, `examples/functions/shell`)
+//! host's `python3`), `node` (`index.mjs` with an async handler, and the
+//! Runtime API loop of `examples/functions/node`, which needs nothing but
+//! the host's `node`), `shell` (bash and curl, `examples/functions/shell`)
 //! and `rust` (a cargo project on the official `lambda_runtime`, built at
 //! once with its `build.sh`; the pipeline runs `target/lambda/NAME/`, where
 //! `cargo lambda build` puts the `bootstrap` too). The runtime loops are the
@@ -26,6 +28,9 @@ pub enum Template {
     /// `handler.py` with `def handler(event, context)`, run by a Runtime
     /// API loop in Python's standard library.
     Python,
+    /// `index.mjs` with `export const handler = async (event, context)`,
+    /// run by a Runtime API loop in Node's standard library.
+    Node,
     /// A bash `bootstrap` that talks to the Runtime API with curl.
     Shell,
     /// A cargo project with `lambda_runtime`, built by its `build.sh`
@@ -63,6 +68,18 @@ impl Template {
                     false,
                 ),
             ],
+            Template::Node => &[
+                (
+                    "bootstrap",
+                    include_str!("../../examples/functions/node/bootstrap"),
+                    true,
+                ),
+                (
+                    "index.mjs",
+                    include_str!("../templates/node/index.mjs"),
+                    false,
+                ),
+            ],
             Template::Shell => &[(
                 "bootstrap",
                 include_str!("../../examples/functions/shell/bootstrap"),
@@ -97,7 +114,7 @@ impl Template {
     /// for Rust the build's output in it.
     fn function_dir(self, folder: &Path, name: &str) -> PathBuf {
         match self {
-            Template::Python | Template::Shell => folder.to_path_buf(),
+            Template::Python | Template::Node | Template::Shell => folder.to_path_buf(),
             Template::Rust => folder.join("target").join("lambda").join(name),
         }
     }
@@ -121,6 +138,7 @@ impl Template {
     fn settings(self) -> &'static str {
         match self {
             Template::Python => "handler = \"handler.handler\"   # MODULE.FUNCTION in the folder\n",
+            Template::Node => "handler = \"index.handler\"     # MODULE.FUNCTION in the folder\n",
             Template::Shell | Template::Rust => "",
         }
     }
@@ -128,6 +146,7 @@ impl Template {
     fn name(self) -> &'static str {
         match self {
             Template::Python => "python",
+            Template::Node => "node",
             Template::Shell => "shell",
             Template::Rust => "rust",
         }

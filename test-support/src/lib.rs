@@ -240,8 +240,9 @@ fn copy_tree(from: &Path, to: &Path) {
 /// - `"echo"`, `"fail"`, `"arrow-sum"`, `"wordcount"`, `"tpch-q1"`,
 ///   `"running-sum"`, `"line-count"`, `"misbehave"`: the built binary (`echo-fn`, `fail-fn`, ...,
 ///   `tpch-q1-fn`, `misbehave-fn`) copied as `bootstrap`;
-/// - `"shell"`, `"python"`: the files of `examples/functions/shell/` or
-///   `examples/functions/python/` (scripts, nothing to build).
+/// - `"shell"`, `"python"`, `"node"`: the files of `examples/functions/shell/`,
+///   `examples/functions/python/` or `examples/functions/node/` (scripts,
+///   nothing to build).
 ///
 /// # Panics
 /// On an unknown name, a failed build or a file system error.
@@ -256,7 +257,7 @@ pub fn function_fixture(name: &str) -> FunctionFixture {
         "misbehave" => install_bootstrap(&workspace_binary("misbehave-fn"), &fixture.dir),
         "running-sum" => install_bootstrap(&workspace_binary("running-sum-fn"), &fixture.dir),
         "line-count" => install_bootstrap(&workspace_binary("line-count-fn"), &fixture.dir),
-        "shell" | "python" => {
+        "shell" | "python" | "node" => {
             copy_tree(
                 &workspace_root().join("examples/functions").join(name),
                 &fixture.dir,
@@ -265,7 +266,7 @@ pub fn function_fixture(name: &str) -> FunctionFixture {
             set_mode(&fixture.dir.join("bootstrap"), 0o755);
         }
         other => panic!(
-            "unknown function fixture {other:?} (known: echo, fail, arrow-sum, wordcount, tpch-q1, running-sum, line-count, misbehave, shell, python)"
+            "unknown function fixture {other:?} (known: echo, fail, arrow-sum, wordcount, tpch-q1, running-sum, line-count, misbehave, shell, python, node)"
         ),
     }
     fixture
