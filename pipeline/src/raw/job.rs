@@ -953,10 +953,11 @@ impl RawJob {
             return Err(conflict(
                 at,
                 "format",
-                "a MapReduce job splits rows; back fill objects with a backfill job",
+                "a MapReduce job splits rows; call a function on each object with a backfill job",
             ));
         }
         const WHOLE: &str = "each object is one item, passed whole";
+        const UNORDERED: &str = "objects are called in name order, in parallel";
         let spans = [
             ("columns", self.columns.as_ref().map(Spanned::span), WHOLE),
             (
@@ -972,17 +973,17 @@ impl RawJob {
             (
                 "order_key",
                 self.order_key.as_ref().map(Spanned::span),
-                "objects are called in name order, in parallel",
+                UNORDERED,
             ),
             (
                 "id_column",
                 self.id_column.as_ref().map(Spanned::span),
-                "objects are called in name order, in parallel",
+                UNORDERED,
             ),
             (
                 "depends_on_column",
                 self.depends_on_column.as_ref().map(Spanned::span),
-                "objects are called in name order, in parallel",
+                UNORDERED,
             ),
             (
                 "state",
