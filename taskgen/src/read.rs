@@ -881,11 +881,20 @@ mod json_doc {
         breaks: Rc<Cell<u64>>,
     }
 
-    impl<R: Read> Read for Lines<R> {
+    impl<R: BufRead> Read for Lines<R> {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let n = self.inner.read(buf)?;
-            let more = memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
-            self.breaks.set(self.breaks.get() + more);
+            // serde_json reads a byte at a time: straight from the buffer.
+            let available = self.inner.fill_buf()?;
+            let n = available.len().min(buf.len());
+            buf[..n].copy_from_slice(&available[..n]);
+            let more = match n {
+                1 => u64::from(available[0] == b'\n'),
+                _ => memchr::memchr_iter(b'\n', &available[..n]).count() as u64,
+            };
+            self.inner.consume(n);
+            if more > 0 {
+                self.breaks.set(self.breaks.get() + more);
+            }
             Ok(n)
         }
     }
