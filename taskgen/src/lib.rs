@@ -1485,6 +1485,13 @@ fn check_input(input: &Input) -> Result<(), BackfillError> {
             "columns cannot be chosen for text sources (each line is one string)".into(),
         ));
     }
+    if let Some(pointer) = input.items_pointer.as_deref()
+        && !pointer.starts_with('/')
+    {
+        return Err(BackfillError::Config(format!(
+            "items_pointer {pointer:?} is not a JSON pointer: it starts with `/`, e.g. \"/data/orders\""
+        )));
+    }
     if input.items_pointer.is_some() && input.format != Format::Json {
         return Err(BackfillError::Config(format!(
             "items_pointer points into a JSON document: it needs format \"json\", not {}",

@@ -1418,4 +1418,11 @@ async fn json_documents_hold_arrays_of_items() {
         err.contains("broken.json:3: JSON: expected value at column 8"),
         "{out}{err}"
     );
+    // A pointer without its leading `/` would silently mean the top level.
+    let (code, out, err) = backfill_cli(&pipeline, &["replay", "-q", "--items-pointer", "data"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains("items_pointer \"data\" is not a JSON pointer"),
+        "{out}{err}"
+    );
 }
