@@ -178,6 +178,48 @@ fn function_errors_exit_1_and_sandbox_failures_exit_3() {
     );
 }
 
+/// `sluice invoke -p PIPELINE FUNCTION --payload PAYLOAD`.
+fn invoke_in(pipeline: &std::path::Path, function: &str, payload: &str) -> std::process::Output {
+    run(
+        sluice()
+            .args(["invoke", "-p"])
+            .arg(pipeline)
+            .args([function, "--payload", payload]),
+        None,
+    )
+}
+
+/// The word-count example handler `function` (Python's or Node's) through
+/// `invoke`: its answer to a text, and what its runtime logs and posts for
+/// an event it refuses (exit 1): the error object, last on stderr, and
+/// stderr.
+fn counts_words_and_fails_as_lambda_does(
+    invoke: &dyn Fn(&str, &str) -> std::process::Output,
+    function: &str,
+) -> (serde_json::Value, String) {
+    let out = invoke(function, r#"{"text": "To be, or not to be"}"#);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["words"], 6, "{v}");
+    assert_eq!(
+        v["top"],
+        serde_json::json!([["to", 2], ["be", 2], ["or", 1]])
+    );
+    assert_eq!(v["has_time_left"], true);
+    assert_eq!(v["request_id"].as_str().map(str::len), Some(36), "{v}");
+    // What the handler prints is the function's log.
+    assert!(
+        text(&out.stderr).contains("6 words in 1 lines"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = invoke(function, r#"{"nope": 1}"#);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let last = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    (last, err)
+}
+
 /// A plain Lambda handler in Python (`examples/functions/python`: a
 /// Runtime API loop in the standard library, and `handler.py`) runs in the
 /// process sandbox with the host's python3: its answer, its exception as
@@ -194,36 +236,8 @@ fn a_python_handler_runs_unchanged() {
             ("missing", &python, "handler = \"nothere.handler\""),
         ],
     );
-    let invoke = |function: &str, payload: &str| {
-        run(
-            sluice()
-                .args(["invoke", "-p"])
-                .arg(&p)
-                .args([function, "--payload", payload]),
-            None,
-        )
-    };
-    let out = invoke("py", r#"{"text": "To be, or not to be"}"#);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["words"], 6, "{v}");
-    assert_eq!(
-        v["top"],
-        serde_json::json!([["to", 2], ["be", 2], ["or", 1]])
-    );
-    assert_eq!(v["has_time_left"], true);
-    assert_eq!(v["request_id"].as_str().map(str::len), Some(36), "{v}");
-    // print() is the function's log.
-    assert!(
-        text(&out.stderr).contains("6 words in 1 lines"),
-        "{}",
-        text(&out.stderr)
-    );
-
-    let out = invoke("py", r#"{"nope": 1}"#);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    let err = text(&out.stderr);
-    let last: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    let invoke = |function: &str, payload: &str| invoke_in(&p, function, payload);
+    let (last, err) = counts_words_and_fails_as_lambda_does(&invoke, "py");
     assert_eq!(last["errorType"], "ValueError", "{err}");
     // Lambda's error object as the function posted it, stack trace included.
     let trace = last["stackTrace"].as_array().expect("stackTrace");
@@ -284,36 +298,8 @@ fn a_node_handler_runs_unchanged() {
             ("unexported", &node, "handler = \"index.nope\""),
         ],
     );
-    let invoke = |function: &str, payload: &str| {
-        run(
-            sluice()
-                .args(["invoke", "-p"])
-                .arg(&p)
-                .args([function, "--payload", payload]),
-            None,
-        )
-    };
-    let out = invoke("js", r#"{"text": "To be, or not to be"}"#);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["words"], 6, "{v}");
-    assert_eq!(
-        v["top"],
-        serde_json::json!([["to", 2], ["be", 2], ["or", 1]])
-    );
-    assert_eq!(v["has_time_left"], true);
-    assert_eq!(v["request_id"].as_str().map(str::len), Some(36), "{v}");
-    // console.log() is the function's log.
-    assert!(
-        text(&out.stderr).contains("6 words in 1 lines"),
-        "{}",
-        text(&out.stderr)
-    );
-
-    let out = invoke("js", r#"{"nope": 1}"#);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    let err = text(&out.stderr);
-    let last: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    let invoke = |function: &str, payload: &str| invoke_in(&p, function, payload);
+    let (last, err) = counts_words_and_fails_as_lambda_does(&invoke, "js");
     assert_eq!(last["errorType"], "TypeError", "{err}");
     // Lambda's error object as Node's runtime posts it, with its trace.
     let trace = last["trace"].as_array().expect("trace");
