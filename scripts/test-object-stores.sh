@@ -122,6 +122,8 @@ ran() {
     }
 }
 ran "$s3_log" "GET /$bucket/sluice-test-[0-9]" "the backfill S3 test sent no request to moto"
+ran "$s3_log" "PUT /$bucket/sluice-test-[0-9][^ ]*/out/results.jsonl" \
+    "the backfill S3 test uploaded no results to moto"
 ran "$s3_log" "GET /$bucket/sluice-test-[0-9][^ ]*/objects/a.txt" \
     "the backfill of objects fetched nothing from moto"
 ran "$s3_log" "GET /$bucket?list-type=2&prefix=sluice-test-objects-" \
@@ -131,6 +133,8 @@ ran "$s3_log" "PUT /$bucket/sluice-test-bench/sluice-bench-objects-" \
 ran "$s3_log" "PUT /$bucket/sluice-test-dlq-" "the Kafka on-failure S3 test wrote nothing on moto"
 ran "$az_log" "/devstoreaccount1/$container/sluice-test-[0-9].*a.parquet" \
     "the backfill Azure test read nothing from Azurite"
+ran "$az_log" "/devstoreaccount1/$container/sluice-test-[0-9].*out/results.jsonl" \
+    "the backfill Azure test uploaded no results to Azurite"
 ran "$az_log" "/devstoreaccount1/$container/sluice-test-[0-9].*objects/a.txt" \
     "the backfill of objects fetched nothing from Azurite"
 ran "$az_log" "/devstoreaccount1/$container?.*prefix=sluice-test-objects-" \

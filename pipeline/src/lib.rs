@@ -152,7 +152,7 @@
 //! | `max_buffered_items` | [`DEFAULT_MAX_BUFFERED_ITEMS`] | [`MAX_BUFFERED_ITEMS_RANGE`]: with `order_key` or dependencies, items held in calls being filled or waiting for their key; with `state`, items read and not yet folded |
 //! | `progress` | `.sluice-backfill-<hash>.redb` next to the first local source | a path |
 //! | `dead_letter` | the progress path with `.dead.jsonl` | a path |
-//! | `results` | none (responses are not kept) | a path: a JSON-lines file with one line per successful call, `{"call_id", "source", "first_item", "count", "response"}`, written before the call counts as done (not with `state`) |
+//! | `results` | none (responses are not kept) | a path: a JSON-lines file with one line per successful call, `{"call_id", "source", "first_item", "count", "response"}`, written before the call counts as done (not with `state`); or the URL of an object (`s3://BUCKET/KEY`, `gs://`, `az://`) the file is uploaded to, whole, when the job ends (Distributed Map's `ResultWriter`), kept next to the progress store until then |
 //! | `bootstrap_servers` | `"embedded"` | as for Kafka triggers; used by `--distributed` |
 //! | `properties` | empty | as for Kafka triggers; used with an external cluster (`--distributed`, `sluice worker`, MapReduce's shuffle) |
 //! | `depends_on_files` | none | `{ "GLOB" = ["GLOB", ...] }`: files start after the files they name fully succeeded (globs without `/` match file names) |

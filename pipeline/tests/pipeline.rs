@@ -858,6 +858,34 @@ fn max_items_is_checked() {
     );
 }
 
+/// `results` as an object-store URL: kept as it is (a local path is joined
+/// to the pipeline's folder); a prefix or an unknown scheme is refused.
+#[test]
+fn results_may_be_an_object_url() {
+    let job = |results: &str| {
+        format!("[job.j]\nfunction = \"echo\"\nsource = \"x.jsonl\"\nresults = {results:?}\n")
+    };
+    let p = parse_with_echo(&job("s3://bucket/out/results.jsonl"));
+    assert_eq!(
+        p.job("j").unwrap().results.as_deref(),
+        Some(std::path::Path::new("s3://bucket/out/results.jsonl"))
+    );
+    let p = parse_with_echo(&job("file:///var/out/r.jsonl"));
+    assert_eq!(
+        p.job("j").unwrap().results.as_deref(),
+        Some(std::path::Path::new("/var/out/r.jsonl"))
+    );
+    for written in ["s3://bucket/out/", "ftp://host/r.jsonl"] {
+        let err = error_with_echo(&job(written)).to_string();
+        assert!(
+            err.contains(&format!(
+                "`job.j.results` = {written:?} is invalid: expected a path, or the URL of an object"
+            )),
+            "{written}: {err}"
+        );
+    }
+}
+
 /// `items_pointer`: a JSON pointer, only for JSON documents; the `.json`
 /// extension is such a document.
 #[test]

@@ -83,6 +83,9 @@ pub struct BackfillOptions {
     /// Keep each successful call's response: one JSON line per call,
     /// {"call_id", "source", "first_item", "count", "response"}, written
     /// before the call counts as done (default: responses are not kept).
+    /// An object-store URL (s3://BUCKET/KEY, gs://, az://) gets the whole
+    /// file when the job ends; until then it is kept next to the progress
+    /// store.
     #[arg(long)]
     pub results: Option<PathBuf>,
     /// Attempts per call for retryable errors (default 3; 1 to 100).
@@ -862,11 +865,16 @@ pub fn conclude(
             if let Some(m) = memory {
                 println!("{m}");
             }
-            if let Some(results) = results {
-                crate::log_plain!(
+            match results {
+                // An object store gets them when the job ends.
+                Some(url) if s.interrupted && url.to_string_lossy().contains("://") => {
+                    crate::log_plain!("responses go to {} when the job ends", url.display());
+                }
+                Some(results) => crate::log_plain!(
                     "responses are in {} (a line per successful call)",
                     results.display()
-                );
+                ),
+                None => {}
             }
             if s.items_failed > 0 || s.earlier_failures > 0 {
                 crate::log_plain!("failed items are in {}", dead_letter.display());

@@ -449,7 +449,8 @@ pub async fn coordinate(
     }
     polled.close().await;
     let _ = reader.await;
-    crate::conclude(&run, interrupted, read_error)
+    let result = crate::conclude(&run, interrupted, read_error);
+    crate::upload_results(&run, result).await
 }
 
 /// Records one result message; a result of a call this run did not publish

@@ -1039,6 +1039,12 @@ pub fn default_progress_path(
     dir.join(format!(".sluice-backfill-{h:016x}.redb"))
 }
 
+/// Where responses bound for an object store are kept first: `X.redb` →
+/// `X.results.jsonl` next to the progress store.
+pub fn local_results_path(progress: &Path) -> PathBuf {
+    progress.with_extension("results.jsonl")
+}
+
 /// The dead-letter path next to a progress store: `X.redb` → `X.dead.jsonl`.
 pub fn default_dead_letter_path(progress: &Path) -> PathBuf {
     progress.with_extension("dead.jsonl")
@@ -1657,6 +1663,10 @@ struct Run {
     hooks: Hooks,
     /// `cfg.batch_input` as JSON text, written once.
     batch_input: Option<String>,
+    /// `cfg.results` when it is an object-store URL: the responses are
+    /// kept in a local file next to the progress store and uploaded there
+    /// when the run ends ([`upload_results`]).
+    results_upload: Option<PathBuf>,
 }
 
 impl Run {
@@ -1756,7 +1766,19 @@ impl Run {
                     .into(),
             ));
         }
-        let progress = Progress::open(&cfg.progress, &cfg.layout(), cfg.results.as_deref())?;
+        // Responses bound for an object store are kept next to the progress
+        // store first, with the same guarantees as a local results file.
+        cfg.results = cfg
+            .results
+            .as_deref()
+            .map(source::results_target)
+            .transpose()?;
+        let results_upload = cfg.results.clone().filter(|r| source::is_remote(r));
+        let local_results = match &results_upload {
+            Some(_) => Some(local_results_path(&cfg.progress)),
+            None => cfg.results.clone(),
+        };
+        let progress = Progress::open(&cfg.progress, &cfg.layout(), local_results.as_deref())?;
         Ok(Arc::new(Run {
             executor,
             // A fold never calls a failed call again: keep its record
@@ -1781,8 +1803,17 @@ impl Run {
                 .batch_input
                 .as_ref()
                 .map(|o| Value::Object(o.clone()).to_string()),
+            results_upload,
             cfg,
         }))
+    }
+
+    /// The local results file, if responses are kept.
+    fn progress_results(&self) -> Option<PathBuf> {
+        match &self.results_upload {
+            Some(_) => Some(local_results_path(&self.cfg.progress)),
+            None => self.cfg.results.clone(),
+        }
     }
 
     fn snapshot(&self) -> Summary {
@@ -2171,6 +2202,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, BackfillError> {
     let run = Run::start(Some(executor.clone()), cfg, hooks)?;
+    let result = run_started(&run, shutdown).await;
+    upload_results(&run, result).await
+}
+
+/// The calls of a started run, in the order its options ask for.
+async fn run_started(
+    run: &Arc<Run>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, BackfillError> {
+    let run = Arc::clone(run);
     if run.cfg.state.is_some() {
         let ticker = start_ticker(&run);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -2406,6 +2447,28 @@ fn start_ticker(run: &Arc<Run>) -> Option<tokio::task::JoinHandle<()>> {
             }
         })
     })
+}
+
+/// With `results` at an object-store URL: once a run has ended (not
+/// interrupted, not stopped by an error of its own; past its tolerated
+/// failures counts as ended), the local results file, which holds a line
+/// for every call that ever succeeded, is uploaded whole to the URL
+/// (Distributed Map's `ResultWriter`). A failed upload is the run's error.
+pub(crate) async fn upload_results(
+    run: &Run,
+    result: Result<Summary, BackfillError>,
+) -> Result<Summary, BackfillError> {
+    let Some(url) = &run.results_upload else {
+        return result;
+    };
+    let ended = match &result {
+        Ok(s) => !s.interrupted,
+        Err(e) => matches!(e, BackfillError::TooManyFailures { .. }),
+    };
+    if ended && let Some(local) = run.progress_results() {
+        source::upload(&local, url).await?;
+    }
+    result
 }
 
 /// The outcome of a finished run.

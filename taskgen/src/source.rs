@@ -471,3 +471,66 @@ pub(crate) fn object_item(source: &Path) -> serde_json::Value {
     };
     serde_json::json!({ "Key": key, "url": url })
 }
+
+/// Uploads the local file `local` whole to the object-store URL `url`
+/// (in parts, as it is read: any size).
+pub(crate) async fn upload(local: &Path, url: &Path) -> Result<(), BackfillError> {
+    let (store, path, text) = locate(url)?;
+    let file = local.to_path_buf();
+    let upload = IO.spawn(async move {
+        let mut reader = tokio::fs::File::open(&file)
+            .await
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let mut writer = object_store::buffered::BufWriter::new(store, path);
+        let copied = tokio::io::copy(&mut reader, &mut writer).await;
+        let closed = match copied {
+            Ok(_) => tokio::io::AsyncWriteExt::shutdown(&mut writer).await,
+            Err(e) => {
+                let _ = writer.abort().await;
+                Err(e)
+            }
+        };
+        closed.map_err(|e| e.to_string())
+    });
+    let failed = |message: String| BackfillError::Results {
+        path: PathBuf::from(&text),
+        source: std::io::Error::other(with_credentials_hint(&text, message)),
+    };
+    match upload.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(message)) => Err(failed(message)),
+        Err(e) => Err(failed(format!("the upload failed: {e}"))),
+    }
+}
+
+/// `results` as the run keeps it: a plain path as given, a `file://` URL as
+/// the path it names, a remote URL checked before anything runs (it names
+/// one object, and a store can be built for it), so that a job does not
+/// fail at its end for want of somewhere to put its responses.
+pub(crate) fn results_target(results: &Path) -> Result<PathBuf, BackfillError> {
+    let text = results.to_string_lossy();
+    let Some(url) = split(&text) else {
+        return Ok(results.to_path_buf());
+    };
+    let bad = |message: &str| BackfillError::Config(format!("results {text}: {message}"));
+    if url.scheme == "file" {
+        if !url.authority.is_empty() && url.authority != "localhost" {
+            return Err(bad("file:// URLs must name a local path"));
+        }
+        return Ok(PathBuf::from(format!("/{}", url.key)));
+    }
+    if !REMOTE_SCHEMES.contains(&url.scheme) {
+        return Err(bad(&format!(
+            "unknown scheme {:?}: a path, or s3://BUCKET/KEY, gs://, az://",
+            url.scheme
+        )));
+    }
+    if url.key.is_empty() || url.key.ends_with('/') {
+        return Err(bad(
+            "names a bucket or a prefix: give the object the responses go to, \
+             e.g. s3://BUCKET/out/results.jsonl",
+        ));
+    }
+    locate(results)?;
+    Ok(results.to_path_buf())
+}

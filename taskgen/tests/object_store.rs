@@ -332,10 +332,37 @@ async fn backfill_reads_parquet_and_jsonl(store: Arc<dyn ObjectStore>, base: &st
     let jsonl = vec![sources[1].clone()];
     let mut cfg = config(dir.path(), jsonl, Format::Jsonl);
     cfg.progress = dir.path().join("progress-jsonl.redb");
+    // Responses go to the store when the job ends (Distributed Map's
+    // ResultWriter), kept next to the progress store until then.
+    let results = format!("{base}/out/results.jsonl");
+    cfg.results = Some(PathBuf::from(&results));
     let s = sluice_taskgen::run(&ex, cfg, hooks.clone(), std::future::pending())
         .await
         .unwrap();
     assert_eq!((s.calls_succeeded, s.items_succeeded), (3, 250));
+    let uploaded = store
+        .get(&ObjectPath::from("out/results.jsonl"))
+        .await
+        .unwrap_or_else(|e| panic!("{results}: {e}"))
+        .bytes()
+        .await
+        .unwrap();
+    let local = std::fs::read(sluice_taskgen::local_results_path(
+        &dir.path().join("progress-jsonl.redb"),
+    ))
+    .unwrap();
+    assert_eq!(uploaded, local);
+    let mut firsts: Vec<u64> = std::str::from_utf8(&uploaded)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["first_item"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    firsts.sort_unstable();
+    assert_eq!(firsts, [0, 100, 200]);
 
     let mut ids: Vec<i64> = Vec::new();
     let mut ns: Vec<i64> = Vec::new();
@@ -465,4 +492,57 @@ fn limits(items: usize) -> sluice_taskgen::Limits {
         items,
         bytes: usize::MAX,
     }
+}
+
+/// `results` is checked before anything runs: a URL must name one object
+/// of a known store, and a `file://` URL is the local file it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_urls_are_checked_before_anything_runs() {
+    let dir = TempDir::new().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"n\":1}\n{\"n\":2}\n").unwrap();
+    let f = function_fixture("echo");
+    let ex = Executor::new(Arc::new(ProcessBackend::new(ProcessConfig::detect(
+        agent_binary(),
+    ))));
+    ex.register(FunctionSpec::new("echo", &f.dir));
+    let with_results = |results: &str| BackfillConfig {
+        results: Some(PathBuf::from(results)),
+        ..config(dir.path(), vec![input.clone()], Format::Jsonl)
+    };
+    for (results, expected) in [
+        ("memory://results/out/", "names a bucket or a prefix"),
+        ("memory://results", "names a bucket or a prefix"),
+        ("ftp://host/results.jsonl", "unknown scheme \"ftp\""),
+        ("file://elsewhere/results.jsonl", "must name a local path"),
+    ] {
+        let e = sluice_taskgen::run(
+            &ex,
+            with_results(results),
+            Hooks::default(),
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, BackfillError::Config(_)), "{results}: {e}");
+        let text = e.to_string();
+        assert!(text.contains(results) && text.contains(expected), "{text}");
+        // Refused before the progress store was made.
+        assert!(!dir.path().join("progress.redb").exists(), "{results}");
+    }
+
+    let local = dir.path().join("results.jsonl");
+    let s = sluice_taskgen::run(
+        &ex,
+        with_results(&format!("file://{}", local.display())),
+        Hooks::default(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.calls_succeeded, 1);
+    let kept = std::fs::read_to_string(&local).unwrap();
+    assert_eq!(kept.lines().count(), 1, "{kept}");
+    let line: Value = serde_json::from_str(kept.trim()).unwrap();
+    assert_eq!(line["count"], 2, "{line}");
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_spanned::Spanned;
@@ -189,6 +189,10 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     ("reduce_memory_mb", INTEGER),
     ("output_format", "a string: \"jsonl\" or \"parquet\""),
 ];
+
+/// What an object-store `results` must be.
+const RESULTS_URL_RULE: &str = "a path, or the URL of an object (s3://BUCKET/KEY, gs://, az://, \
+                                file:///PATH) the responses are uploaded to when the job ends";
 
 /// Fields only a backfill job has.
 const BACKFILL_ONLY: &[&str] = &[
@@ -861,7 +865,22 @@ impl RawJob {
                 expected: "a path for the JSON-lines file of responses, e.g. \"out/results.jsonl\"",
             });
         }
-        let results = path(self.results);
+        let results = match self.results {
+            Some(v) if is_url(v.get_ref()) => {
+                let at = v.span();
+                let url = super::objects::validate_url(&f, "results", RESULTS_URL_RULE, v, base)?;
+                if url.ends_with('/') {
+                    return Err(PipelineError::InvalidValue {
+                        at: loc.at(at),
+                        field: f.field("results"),
+                        value: url,
+                        expected: RESULTS_URL_RULE,
+                    });
+                }
+                Some(PathBuf::from(url))
+            }
+            v => path(v),
+        };
         let batch_input = self
             .batch_input
             .map(|v| validate_batch_input(&f, v))
