@@ -20,15 +20,20 @@ while true; do
   curl -sS -X POST "$API/invocation/$ID/response" -d '{}' >/dev/null
 done
 "#;
-/// A custom runtime whose every response is a JSON string of a million
-/// bytes: more than a result message can carry.
+/// A custom runtime whose every response is about 1.4 MB of JSON that
+/// escaping lengthens further (400,000 quotes, 300,000 two-byte
+/// characters), and names the call's first item: more than one result
+/// message can carry.
 const HUGE: &str = r#"#!/bin/bash
 API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
-BIG=$(head -c 1000000 /dev/zero | tr '\0' a)
+QUOTES=$(head -c 400000 /dev/zero | tr '\0' q | sed 's/q/\\"/g')
+ACCENTS=$(head -c 300000 /dev/zero | tr '\0' x | sed 's/x/é/g')
 while true; do
-  curl -sS -D /tmp/headers -o /dev/null "$API/invocation/next"
+  EVENT=$(curl -sS -D /tmp/headers "$API/invocation/next")
   ID=$(grep -i '^lambda-runtime-aws-request-id:' /tmp/headers | tr -d '\r' | cut -d' ' -f2)
-  printf '"%s"' "$BIG" | curl -sS -X POST "$API/invocation/$ID/response" --data-binary @- >/dev/null
+  FIRST=$(grep -o '"n":[0-9]*' <<<"$EVENT" | head -1 | cut -d: -f2)
+  printf '{"first":%s,"quotes":"%s","accents":"%s"}' "$FIRST" "$QUOTES" "$ACCENTS" \
+    | curl -sS -X POST "$API/invocation/$ID/response" --data-binary @- >/dev/null
 done
 "#;
 use tempfile::TempDir;
@@ -196,21 +201,41 @@ fn all_calls_fail(job: &str, calls: usize) -> (TempDir, Vec<Value>) {
     (dir, dead)
 }
 
-/// With `results`, a response too large for a result message fails its
-/// call (dead-lettered, with the reason) instead of coming back for ever.
+/// With `results`, a response larger than a result message comes back in
+/// pieces and is put together: the results file has it whole.
 #[test]
-fn a_response_too_large_for_a_result_message_fails_its_call() {
-    let (dir, dead) = all_calls_fail("bloat", 3);
-    for d in &dead {
-        assert_eq!(d["error_type"], "Sluice.ResponseTooLarge", "{d}");
-        assert!(
-            d["error"].as_str().unwrap().contains("1000002 bytes"),
-            "{d}"
-        );
-        assert_eq!(d["items"].as_array().map(Vec::len), Some(100), "{d}");
-    }
-    let results = std::fs::read_to_string(dir.path().join("bloat-results.jsonl")).unwrap();
-    assert_eq!(results, "");
+fn a_response_larger_than_a_result_message_comes_back_whole() {
+    let dir = TempDir::new().unwrap();
+    let (pipeline, _functions) = setup(dir.path());
+    let (mut coord, addr) = coordinator(&pipeline, "bloat");
+    let w = worker("worker", &pipeline, "bloat", &addr);
+    let (status, out) = coord.finish();
+    assert!(status.success(), "{out}\n{}", coord.log());
+    assert!(
+        out.contains("calls: 3 total, 3 succeeded, 0 failed"),
+        "{out}"
+    );
+    stop(w);
+    let text = std::fs::read_to_string(dir.path().join("bloat-results.jsonl")).unwrap();
+    let mut firsts: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            assert!(l.len() > 1_000_000, "{} bytes", l.len());
+            let r: Value = serde_json::from_str(l).unwrap();
+            let first = r["first_item"].as_u64().unwrap();
+            let response = &r["response"];
+            assert_eq!(response["first"], first);
+            let quotes = response["quotes"].as_str().unwrap();
+            assert_eq!(quotes.len(), 400_000);
+            assert!(quotes.bytes().all(|b| b == b'"'));
+            let accents = response["accents"].as_str().unwrap();
+            assert_eq!(accents.chars().count(), 300_000);
+            assert!(accents.chars().all(|c| c == 'é'));
+            first
+        })
+        .collect();
+    firsts.sort_unstable();
+    assert_eq!(firsts, [0, 100, 200]);
 }
 
 #[test]

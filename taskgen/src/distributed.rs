@@ -23,6 +23,9 @@
 //!   offset. It finishes when every published task has a result. Killed, it
 //!   is simply run again: completed calls are skipped, the rest published
 //!   again (a duplicate result is harmless).
+//! - A kept response too large for one result message (Kafka's default
+//!   limit is about 1 MB; a response may be Lambda's 6 MB) is published in
+//!   pieces, which the coordinator puts back together ([`Pieces`]).
 //!
 //! - With `format = "objects"` a task carries the object's item, not its
 //!   bytes: the worker fetches the object (so workers must reach the
@@ -151,7 +154,7 @@ struct Task {
 }
 
 /// The outcome of one task, as published on the results topic.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct TaskResult {
     call_id: String,
     source: String,
@@ -173,6 +176,22 @@ struct TaskResult {
     first_item: u64,
     /// Which worker answered (host and pid), for the logs.
     worker: String,
+    /// A response too large for one result message comes in parts: this
+    /// message's `response` is one piece of it ([`split_response`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    part: Option<Part>,
+}
+
+/// Where a piece of a split response belongs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Part {
+    /// This piece's place, from 0.
+    index: u32,
+    /// How many pieces the response has.
+    of: u32,
+    /// Tells one publication of the call's result from another (a call a
+    /// rebalance gave two workers is answered twice, pieces interleaved).
+    nonce: String,
 }
 
 /// Whether `topic` exists on the cluster (a metadata request, which does
@@ -390,6 +409,7 @@ pub async fn coordinate(
     let ticker = crate::start_ticker(&run);
 
     let mut outstanding: HashSet<String> = HashSet::new();
+    let mut pieces = Pieces::default();
     let mut reading = true;
     let mut interrupted = false;
     let mut read_error = None;
@@ -403,7 +423,7 @@ pub async fn coordinate(
             biased;
             () = &mut shutdown => { interrupted = true; break; }
             Some(m) = polled.rx.recv() => {
-                record_result(&run, &m, &mut outstanding).await;
+                record_result(&run, &m, &mut outstanding, &mut pieces).await;
                 polled.commit(m.topic(), m.partition(), m.offset() + 1);
             }
             next = calls.recv(), if room => match next {
@@ -455,7 +475,12 @@ pub async fn coordinate(
 
 /// Records one result message; a result of a call this run did not publish
 /// (an earlier run's, or a duplicate) still marks a success as done.
-async fn record_result(run: &Run, m: &OwnedMessage, outstanding: &mut HashSet<String>) {
+async fn record_result(
+    run: &Run,
+    m: &OwnedMessage,
+    outstanding: &mut HashSet<String>,
+    pieces: &mut Pieces,
+) {
     let parsed = m
         .payload()
         .map(serde_json::from_slice::<TaskResult>)
@@ -471,6 +496,9 @@ async fn record_result(run: &Run, m: &OwnedMessage, outstanding: &mut HashSet<St
             );
             return;
         }
+    };
+    let Some(r) = pieces.add(r) else {
+        return;
     };
     let ours = outstanding.remove(&r.call_id);
     if r.attempts > 1 && ours {
@@ -518,6 +546,156 @@ async fn record_result(run: &Run, m: &OwnedMessage, outstanding: &mut HashSet<St
 /// A result message's largest size with a response in it: librdkafka's
 /// default `message.max.bytes` (1,000,000), less room for the rest.
 const MAX_RESULT_BYTES: usize = 900_000;
+
+/// The longest error message a failed result carries.
+const MAX_ERROR_BYTES: usize = 16 * 1024;
+
+/// The pieces of split responses the coordinator has seen, by call id and
+/// publication, until a publication is whole. A coordinator that restarts
+/// between the pieces of a call has committed the first ones: that call is
+/// not recorded as done, so it is published again and answered whole.
+#[derive(Default)]
+struct Pieces {
+    calls: HashMap<String, HashMap<String, Vec<Option<TaskResult>>>>,
+    /// Calls put together: later pieces of theirs (another publication's)
+    /// are dropped, not kept.
+    whole: HashSet<String>,
+}
+
+impl Pieces {
+    /// `r` itself if it is whole; the whole result once `r` completes its
+    /// publication; `None` while pieces are missing.
+    fn add(&mut self, mut r: TaskResult) -> Option<TaskResult> {
+        let Some(part) = r.part.take() else {
+            return Some(r);
+        };
+        let of = part.of.max(1) as usize;
+        let index = part.index as usize;
+        if index >= of {
+            tracing::warn!(call = %r.call_id, index, of, "ignoring a result piece out of range");
+            return None;
+        }
+        let call_id = r.call_id.clone();
+        if self.whole.contains(&call_id) {
+            return None;
+        }
+        let publications = self.calls.entry(call_id.clone()).or_default();
+        let slots = publications
+            .entry(part.nonce)
+            .or_insert_with(|| (0..of).map(|_| None).collect());
+        if slots.len() != of {
+            tracing::warn!(call = %call_id, "ignoring a result piece whose count disagrees");
+            return None;
+        }
+        slots[index] = Some(r);
+        if slots.iter().any(Option::is_none) {
+            return None;
+        }
+        // Whole: the other publications of this call are no longer needed.
+        let slots = std::mem::take(slots);
+        self.calls.remove(&call_id);
+        self.whole.insert(call_id);
+        let mut parts = slots.into_iter().flatten();
+        let mut whole = parts.next()?;
+        let mut response = whole.response.take().unwrap_or_default();
+        for p in parts {
+            response.push_str(p.response.as_deref().unwrap_or_default());
+        }
+        whole.response = Some(response);
+        Some(whole)
+    }
+}
+
+/// `result` as the messages that carry it: itself, or, when its response
+/// would make a message over [`MAX_RESULT_BYTES`], pieces that each fit,
+/// with a piece of the response (cut between characters) and the rest of
+/// the result, tagged with the [`Part`] the coordinator reassembles them by
+/// ([`Pieces`]). Responses are at most Lambda's 6 MB, so a few pieces.
+fn split_response(mut result: TaskResult, nonce: &str) -> Vec<TaskResult> {
+    let size = |r: &TaskResult| serde_json::to_vec(r).map_or(usize::MAX, |v| v.len());
+    if size(&result) <= MAX_RESULT_BYTES {
+        return vec![result];
+    }
+    if let Some(error) = &mut result.error
+        && error.len() > MAX_ERROR_BYTES
+    {
+        // A function's error message may be megabytes: the dead-letter
+        // file gets its start (the task's items fit a message already).
+        let cut = floor_char_boundary(error, MAX_ERROR_BYTES);
+        let dropped = error.len() - cut;
+        error.truncate(cut);
+        error.push_str(&format!("... ({dropped} more bytes)"));
+    }
+    if result.response.is_none() {
+        return vec![result];
+    }
+    let response = result.response.take().unwrap_or_default();
+    // What the rest of a piece's message takes, with the widest part.
+    result.response = Some(String::new());
+    result.part = Some(Part {
+        index: u32::MAX,
+        of: u32::MAX,
+        nonce: nonce.to_owned(),
+    });
+    // Room for a piece as a JSON string (the empty one's quotes counted).
+    let room = MAX_RESULT_BYTES.saturating_sub(size(&result)) + 2;
+    let escaped = |piece: &str| serde_json::to_string(piece).map_or(usize::MAX, |s| s.len());
+    let mut pieces = Vec::new();
+    let mut text = response.as_str();
+    while !text.is_empty() {
+        // Escaping lengthens a piece (quotes, backslashes, control
+        // characters): shrink it in proportion until it fits.
+        let mut cut = floor_char_boundary(text, room);
+        loop {
+            let len = escaped(&text[..cut]);
+            if len <= room || cut == 0 {
+                break;
+            }
+            cut = floor_char_boundary(text, cut * room / len);
+        }
+        if cut == 0 {
+            // One character always fits.
+            cut = text.chars().next().map_or(text.len(), char::len_utf8);
+        }
+        pieces.push(&text[..cut]);
+        text = &text[cut..];
+    }
+    let of = u32::try_from(pieces.len()).unwrap_or(u32::MAX);
+    pieces
+        .into_iter()
+        .enumerate()
+        .map(|(index, piece)| TaskResult {
+            response: Some(piece.to_owned()),
+            part: Some(Part {
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                of,
+                nonce: nonce.to_owned(),
+            }),
+            ..result.clone()
+        })
+        .collect()
+}
+
+/// The largest character boundary of `s` at or before `at`
+/// (`str::floor_char_boundary`, newer than the crate's MSRV).
+fn floor_char_boundary(s: &str, at: usize) -> usize {
+    let mut at = at.min(s.len());
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// A tag no other publication of a result has: the worker, the time and a
+/// count.
+fn publication_nonce(worker: &str) -> String {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    format!("{worker}-{nanos}-{n}")
+}
 
 /// The items of a failed call for the dead-letter file: JSON items, or the
 /// base64 rows of an Arrow or Parquet call.
@@ -708,8 +886,9 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
                     response: None,
                     first_item: task.first_item,
                     worker: worker.to_owned(),
+                    part: None,
                 };
-                return publish(sink, &task, &result).await;
+                return publish(sink, &task, vec![result]).await;
             }
         },
     };
@@ -722,7 +901,7 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
         |attempt, e| tracing::debug!(call = %task.call_id, attempt, error = %e, "retrying"),
     )
     .await;
-    let mut result = match &outcome {
+    let result = match &outcome {
         Ok(response) => TaskResult {
             call_id: task.call_id.clone(),
             source: task.source.clone(),
@@ -737,6 +916,7 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
                 .then(|| String::from_utf8_lossy(&response.payload).into_owned()),
             first_item: task.first_item,
             worker: worker.to_owned(),
+            part: None,
         },
         Err(e) => TaskResult {
             call_id: task.call_id.clone(),
@@ -750,26 +930,11 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
             response: None,
             first_item: task.first_item,
             worker: worker.to_owned(),
+            part: None,
         },
     };
-    let too_large = |r: &TaskResult| {
-        r.response.is_some() && serde_json::to_vec(r).map_or(0, |v| v.len()) > MAX_RESULT_BYTES
-    };
-    if too_large(&result) {
-        // A response the results topic cannot take would never be
-        // published, and the task would come back for ever: it fails, and
-        // its items go to the coordinator's dead-letter file.
-        let bytes = result.response.take().map_or(0, |r| r.len());
-        result.ok = false;
-        result.error_type = Some("Sluice.ResponseTooLarge".to_owned());
-        result.error = Some(format!(
-            "the response is {bytes} bytes: more than a result message takes \
-             ({MAX_RESULT_BYTES} bytes) with --distributed and `results`; return less, \
-             or run the backfill without --distributed"
-        ));
-        result.items = item_payload(&payload);
-    }
-    publish(sink, &task, &result).await
+    let nonce = publication_nonce(worker);
+    publish(sink, &task, split_response(result, &nonce)).await
 }
 
 /// The event of an objects task, with the object fetched: its item
@@ -790,18 +955,22 @@ async fn object_event(
     Ok((event.to_string(), Some(fetched.bytes)))
 }
 
-/// Publishes a task's result; the task's outcome, or `Unanswered` if the
-/// result could not be published (then the task stays uncommitted).
-async fn publish(sink: &Sink, task: &Task, result: &TaskResult) -> Outcome {
-    let value = serde_json::to_vec(result).expect("a result serializes");
-    let ok = result.ok;
-    let record = OutRecord {
-        key: Some(task.call_id.clone().into_bytes()),
-        value: Some(value),
-        headers: Vec::new(),
-        partition: None,
-    };
-    if let Err(e) = sink.send_all(&results_topic(&task.job), &[record]).await {
+/// Publishes a task's result (one message, or the pieces of a split
+/// response, all keyed by the call id: one partition, in order); the
+/// task's outcome, or `Unanswered` if the result could not be published
+/// (then the task stays uncommitted).
+async fn publish(sink: &Sink, task: &Task, results: Vec<TaskResult>) -> Outcome {
+    let ok = results.iter().all(|r| r.ok);
+    let records: Vec<OutRecord> = results
+        .iter()
+        .map(|r| OutRecord {
+            key: Some(task.call_id.clone().into_bytes()),
+            value: Some(serde_json::to_vec(r).expect("a result serializes")),
+            headers: Vec::new(),
+            partition: None,
+        })
+        .collect();
+    if let Err(e) = sink.send_all(&results_topic(&task.job), &records).await {
         tracing::error!(call = %task.call_id, error = %e, "cannot publish the result; the task stays uncommitted");
         return Outcome::Unanswered;
     }
@@ -809,5 +978,90 @@ async fn publish(sink: &Sink, task: &Task, result: &TaskResult) -> Outcome {
         Outcome::Succeeded
     } else {
         Outcome::Failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(response: Option<String>) -> TaskResult {
+        TaskResult {
+            call_id: "c1".into(),
+            source: "data/in.jsonl".into(),
+            count: 100,
+            ok: true,
+            attempts: 1,
+            error_type: None,
+            error: None,
+            items: Value::Null,
+            response,
+            first_item: 7,
+            worker: "host-1".into(),
+            part: None,
+        }
+    }
+
+    /// A response JSON escaping lengthens: quotes and backslashes twice,
+    /// control characters six times, multi-byte characters cut nowhere.
+    fn awkward(bytes: usize) -> String {
+        let unit = "\"é\\x\u{1}ü€😀 plain text ";
+        unit.repeat(bytes / unit.len() + 1)
+    }
+
+    #[test]
+    fn a_small_response_is_one_message() {
+        let r = result(Some("{\"ok\":true}".into()));
+        let pieces = split_response(r.clone(), "n");
+        assert_eq!(pieces.len(), 1);
+        assert_eq!(pieces[0].part, None);
+        let mut seen = Pieces::default();
+        let whole = seen.add(pieces.into_iter().next().unwrap()).unwrap();
+        assert_eq!(whole.response, r.response);
+    }
+
+    #[test]
+    fn a_large_response_is_split_into_messages_that_fit_and_put_back_together() {
+        let text = awkward(5_900_000);
+        let pieces = split_response(result(Some(text.clone())), "w-1");
+        assert!(pieces.len() > 6, "{} pieces", pieces.len());
+        for p in &pieces {
+            let bytes = serde_json::to_vec(p).unwrap().len();
+            assert!(bytes <= MAX_RESULT_BYTES, "{bytes} bytes");
+            assert_eq!((p.first_item, p.count), (7, 100));
+        }
+        // Pieces in any order, and pieces of another publication of the
+        // same call (a call answered twice) interleaved with them.
+        let other = split_response(result(Some(awkward(2_000_000))), "w-2");
+        let mut seen = Pieces::default();
+        let mut order: Vec<TaskResult> = pieces.into_iter().rev().collect();
+        let last = order.remove(0);
+        for (i, p) in order.into_iter().enumerate() {
+            assert!(seen.add(p).is_none());
+            if let Some(o) = other.get(i + 1) {
+                assert!(seen.add(o.clone()).is_none());
+            }
+        }
+        let whole = seen.add(last).expect("the last piece completes it");
+        assert_eq!(whole.part, None);
+        assert_eq!(whole.response.as_deref(), Some(text.as_str()));
+        assert_eq!((whole.call_id.as_str(), whole.first_item), ("c1", 7));
+        // The other publication's pieces were dropped with it, and its
+        // later ones are not kept.
+        assert!(seen.add(other[0].clone()).is_none());
+        assert!(seen.calls.is_empty());
+    }
+
+    #[test]
+    fn a_huge_error_message_is_cut_to_fit() {
+        let mut r = result(None);
+        r.ok = false;
+        r.error = Some(awkward(3_000_000));
+        let pieces = split_response(r, "n");
+        assert_eq!(pieces.len(), 1);
+        let error = pieces[0].error.as_deref().unwrap();
+        assert!(error.len() < MAX_ERROR_BYTES + 64, "{}", error.len());
+        assert!(error.ends_with("more bytes)"), "{error}");
+        assert!(serde_json::to_vec(&pieces[0]).unwrap().len() <= MAX_RESULT_BYTES);
     }
 }
