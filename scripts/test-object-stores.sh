@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The object-store tests of the backfill, of object-store triggers and of
-# Kafka triggers' object-store on-failure destinations against real servers
+# The object-store tests of the backfill, of object-store triggers, of
+# Kafka triggers' object-store on-failure destinations and of MapReduce
+# output to an object store against real servers
 # instead of object_store's in-memory store or local folders:
 #
 # - S3: moto's server (from PyPI), reached the way `sluice backfill` users
@@ -113,6 +114,8 @@ cargo test -p sluice-taskgen --test object_store -- s3 azure
 cargo test -p sluice-ingest --test object_trigger -- s3 azure
 cargo test -p sluice-ingest --test kafka_semantics -- failure_destination
 cargo test --test bench_cli s3
+cargo test -p sluice-mapreduce --test wordcount -- output_to_s3 output_to_azure
+cargo test --test mapreduce_cli s3
 # The tests skip themselves without their variables: make sure they ran here.
 # ran LOG PATTERN WHAT: the server's LOG has a request matching PATTERN.
 ran() {
@@ -141,3 +144,9 @@ ran "$az_log" "/devstoreaccount1/$container?.*prefix=sluice-test-objects-" \
     "the object-store trigger Azure test listed nothing on Azurite"
 ran "$az_log" "/devstoreaccount1/$container/sluice-test-dlq-" \
     "the Kafka on-failure Azure test wrote nothing on Azurite"
+ran "$s3_log" "PUT /$bucket/sluice-mapreduce-[0-9][^ ]*/counts/_SUCCESS" \
+    "the MapReduce S3 test put no _SUCCESS on moto"
+ran "$s3_log" "PUT /$bucket/sluice-mapreduce-cli-[0-9][^ ]*/counts/_SUCCESS" \
+    "the sluice mapreduce S3 test put no _SUCCESS on moto"
+ran "$az_log" "/devstoreaccount1/$container/sluice-mapreduce-[0-9].*counts/_SUCCESS" \
+    "the MapReduce Azure test put no _SUCCESS on Azurite"

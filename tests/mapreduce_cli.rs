@@ -283,3 +283,107 @@ fn a_killed_run_on_the_embedded_broker_is_rerun_from_scratch_with_the_same_resul
     assert!(stdout.contains("map: 4 tasks over 40 items"), "{stdout}");
     assert_eq!(output(dir.path()), direct(dir.path()));
 }
+
+/// `output` as an S3 prefix, against a real S3-protocol server
+/// (`SLUICE_TEST_S3`, set by `scripts/test-object-stores.sh`): the part
+/// files and `_SUCCESS` are uploaded and the summary names their URLs; a
+/// bucket that does not exist fails the job after the reducers (exit 3),
+/// naming the URL, and the staged output stays.
+#[test]
+fn mapreduce_output_goes_to_an_s3_prefix() {
+    use object_store::ObjectStore;
+
+    let Ok(bucket) = std::env::var("SLUICE_TEST_S3") else {
+        eprintln!("skipped: SLUICE_TEST_S3 is not set (scripts/test-object-stores.sh sets it)");
+        return;
+    };
+    let bucket = bucket.trim_end_matches('/');
+    let dir = TempDir::new().unwrap();
+    let f = function_fixture("wordcount");
+    std::fs::write(dir.path().join("in.txt"), "a b a\nB c\n\nA\n").unwrap();
+    let prefix = sluice_test_support::stores::fresh_prefix("sluice-mapreduce-cli");
+    let job = |name: &str, output: &str| {
+        format!(
+            "[job.{name}]\nkind = \"mapreduce\"\nsource = \"in.txt\"\nmap = \"m\"\nreduce = \"r\"\n\
+             reduce_partitions = 2\noutput = {output:?}\n\n"
+        )
+    };
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[functions.m]\npath = {p:?}\nhandler = \"map\"\n\n\
+             [functions.r]\npath = {p:?}\nhandler = \"reduce\"\n\n{}{}",
+            job("wc", &format!("{bucket}/{prefix}/counts/")),
+            job("lost", "s3://sluice-no-such-bucket/counts/"),
+            p = f.dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = |job: &str| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .env("SLUICE_AGENT", agent_binary())
+            .arg("mapreduce")
+            .arg(&pipeline)
+            .arg(job)
+            .output()
+            .unwrap()
+    };
+    let out = run("wc");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    for p in 0..2 {
+        assert!(
+            stdout.contains(&format!(
+                "output: {bucket}/{prefix}/counts/part-{p:05}.jsonl"
+            )),
+            "{stdout}"
+        );
+    }
+    let staged = dir.path().join(".sluice-state/mapreduce-wc");
+    assert!(
+        stdout.contains(&format!("(staged in {})", staged.display())),
+        "{stdout}"
+    );
+
+    let store = object_store::aws::AmazonS3Builder::from_env()
+        .with_url(bucket)
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut lines: Vec<String> = Vec::new();
+    for p in 0..2 {
+        let key = object_store::path::Path::from(format!("{prefix}/counts/part-{p:05}.jsonl"));
+        let bytes = rt
+            .block_on(async { store.get(&key).await.unwrap().bytes().await })
+            .unwrap();
+        lines.extend(String::from_utf8_lossy(&bytes).lines().map(str::to_owned));
+    }
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            r#"{"key":"a","value":3}"#,
+            r#"{"key":"b","value":2}"#,
+            r#"{"key":"c","value":1}"#
+        ]
+    );
+    let success = object_store::path::Path::from(format!("{prefix}/counts/_SUCCESS"));
+    rt.block_on(store.head(&success)).unwrap();
+
+    let out = run("lost");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("uploading the output to s3://sluice-no-such-bucket/counts: "),
+        "{stderr}"
+    );
+    assert!(
+        dir.path()
+            .join(".sluice-state/mapreduce-lost/part-00000.jsonl")
+            .is_file()
+    );
+}

@@ -56,6 +56,13 @@
 //!   what is in memory are merged in key order, each key's values in arrival
 //!   order, so spilling never changes what the reduce function sees. (A map
 //!   task's records wait in memory until its marker arrives.)
+//! - **Object-store output** (`upload.rs`). With
+//!   [`MapReduceConfig::output_url`], the output folder is a local staging
+//!   folder; once every reducer is done the part files are uploaded under
+//!   the prefix, an earlier run's leftovers there removed, and `_SUCCESS`
+//!   put last. The state file goes only after that, so a run whose upload
+//!   failed resumes (on an external cluster) with nothing left but the
+//!   upload.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -77,6 +84,8 @@ use sluice_taskgen::distributed::KafkaSettings;
 use sluice_taskgen::{BackfillError, Input, Limits, PayloadFormat};
 use thiserror::Error;
 use tokio::sync::{Semaphore, watch};
+
+mod upload;
 
 /// Why a MapReduce job failed.
 #[derive(Debug, Error)]
@@ -144,6 +153,15 @@ pub enum MapReduceError {
         #[source]
         source: std::io::Error,
     },
+    /// The output could not be uploaded to its object store (running the
+    /// job again uploads it again).
+    #[error("uploading the output to {url}: {message}")]
+    Upload {
+        /// The `output` prefix.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl MapReduceError {
@@ -151,7 +169,9 @@ impl MapReduceError {
     pub fn fault(&self) -> Fault {
         match self {
             MapReduceError::Input(e) => e.fault(),
-            MapReduceError::Kafka { .. } | MapReduceError::Output { .. } => Fault::External,
+            MapReduceError::Kafka { .. }
+            | MapReduceError::Output { .. }
+            | MapReduceError::Upload { .. } => Fault::External,
             MapReduceError::Config(_)
             | MapReduceError::Map { .. }
             | MapReduceError::Reduce { .. }
@@ -186,8 +206,11 @@ pub struct MapReduceConfig {
     pub max_concurrency: usize,
     /// Attempts per call for retryable errors.
     pub max_attempts: u32,
-    /// Output folder.
+    /// Output folder (the staging folder with `output_url`).
     pub output: PathBuf,
+    /// An object-store prefix (`s3://BUCKET/PREFIX`) the part files and
+    /// `_SUCCESS` are uploaded to once every reducer is done.
+    pub output_url: Option<String>,
     /// How map calls carry their items (Arrow for Parquet sources).
     pub payload: PayloadFormat,
     /// Stage a columnar payload as a file that the map call's event names
@@ -445,6 +468,9 @@ pub struct Summary {
     pub spills: u64,
     /// The output files, one per reducer.
     pub output_files: Vec<PathBuf>,
+    /// With [`MapReduceConfig::output_url`]: the URLs they were uploaded
+    /// to, in the same order.
+    pub uploaded: Vec<String>,
     /// Map tasks and reducers an earlier, killed run of this job had
     /// finished (not run again).
     pub resumed: (u64, u64),
@@ -753,6 +779,13 @@ pub async fn run(
         return Err(e);
     }
     outputs.sort_by(|a, b| a.0.cmp(&b.0));
+    let uploaded = match &cfg.output_url {
+        Some(url) => {
+            let files: Vec<PathBuf> = outputs.iter().map(|o| o.0.clone()).collect();
+            upload::upload(&files, url).await?
+        }
+        None => Vec::new(),
+    };
     let success = cfg.output.join(SUCCESS_FILE);
     std::fs::write(&success, b"").map_err(|source| MapReduceError::Output {
         path: success,
@@ -774,6 +807,7 @@ pub async fn run(
         retries: progress.retries.load(Ordering::Relaxed),
         spills: progress.spills.load(Ordering::Relaxed),
         output_files: outputs.into_iter().map(|o| o.0).collect(),
+        uploaded,
         resumed,
         duration: started.elapsed(),
     })

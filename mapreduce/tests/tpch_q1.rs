@@ -185,6 +185,7 @@ async fn q1(
         max_concurrency: 2,
         max_attempts: 2,
         output: dir.path().join("q1"),
+        output_url: None,
         payload,
         payload_file,
         output_format: sluice_mapreduce::OutputFormat::Parquet,

@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use object_store::ObjectStore;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjectPath;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
@@ -18,6 +21,7 @@ use sluice_mapreduce::{
 };
 use sluice_taskgen::Format;
 use sluice_taskgen::distributed::KafkaSettings;
+use sluice_test_support::stores::{Remote, fresh_prefix};
 use sluice_test_support::{FunctionFixture, agent_binary, function_fixture};
 use tempfile::TempDir;
 
@@ -81,6 +85,8 @@ struct Case {
     /// Resume as generation 2 of a run whose generation 1 was killed while
     /// publishing map task 0: its records are in the topic, its marker not.
     killed_while_publishing: bool,
+    /// `output` as an object-store prefix: the store, and the prefix's URL.
+    upload: Option<(Arc<dyn ObjectStore>, String)>,
 }
 
 impl Case {
@@ -95,6 +101,7 @@ impl Case {
             reduce_memory_bytes: sluice_mapreduce::DEFAULT_REDUCE_MEMORY_BYTES,
             max_concurrency: 2,
             killed_while_publishing: false,
+            upload: None,
         }
     }
 }
@@ -148,6 +155,7 @@ async fn wordcount(files: &[PathBuf], case: &Case) -> (BTreeMap<String, u64>, Su
         max_concurrency: case.max_concurrency,
         max_attempts: 2,
         output: out.path().join("counts"),
+        output_url: case.upload.as_ref().map(|(_, url)| url.clone()),
         payload: sluice_taskgen::PayloadFormat::Json,
         payload_file: false,
         output_format: sluice_mapreduce::OutputFormat::Jsonl,
@@ -186,8 +194,15 @@ async fn wordcount(files: &[PathBuf], case: &Case) -> (BTreeMap<String, u64>, Su
         .collect();
     assert!(left.is_empty(), "{left:?}");
     let mut counts = BTreeMap::new();
+    let mut parts = Vec::new();
     for file in &summary.output_files {
-        for line in std::fs::read_to_string(file).unwrap().lines() {
+        parts.push(std::fs::read_to_string(file).unwrap());
+    }
+    if let Some((store, url)) = &case.upload {
+        parts = uploaded_parts(store.as_ref(), url, &summary).await;
+    }
+    for part in &parts {
+        for line in part.lines() {
             let v: Value = serde_json::from_str(line).unwrap();
             let key = v["key"].as_str().unwrap().to_owned();
             // Each key is reduced once, by one reducer.
@@ -199,6 +214,49 @@ async fn wordcount(files: &[PathBuf], case: &Case) -> (BTreeMap<String, u64>, Su
     }
     assert_eq!(summary.keys, counts.len() as u64);
     (counts, summary)
+}
+
+/// The part files under the prefix `url`, in order, checked to be the
+/// summary's, with `_SUCCESS` and nothing else next to them.
+async fn uploaded_parts(store: &dyn ObjectStore, url: &str, summary: &Summary) -> Vec<String> {
+    let prefix = ObjectPath::from(url.split_once("://").unwrap().1.split_once('/').unwrap().1);
+    let mut names: Vec<String> = store
+        .list_with_delimiter(Some(&prefix))
+        .await
+        .unwrap()
+        .objects
+        .iter()
+        .map(|o| o.location.filename().unwrap().to_owned())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = summary
+        .output_files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        summary.uploaded,
+        want.iter()
+            .map(|n| format!("{url}/{n}"))
+            .collect::<Vec<_>>()
+    );
+    let parts_only = want.clone();
+    want.push("_SUCCESS".into());
+    want.sort();
+    assert_eq!(names, want, "under {url}");
+    let mut parts = Vec::new();
+    for (name, local) in parts_only.iter().zip(&summary.output_files) {
+        let bytes = store
+            .get(&prefix.child(name.as_str()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(bytes, std::fs::read(local).unwrap(), "{name}");
+        parts.push(String::from_utf8(bytes.to_vec()).unwrap());
+    }
+    parts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,4 +340,58 @@ async fn records_a_killed_run_published_without_their_marker_never_count() {
     case.killed_while_publishing = true;
     let (got, _) = wordcount(&files[..3], &case).await;
     assert_eq!(got, direct_count(&files[..3]));
+}
+
+/// `output` as an object-store prefix: the part files and then `_SUCCESS`
+/// go there. An earlier run's output under it, with more part files than
+/// this run writes, is replaced: its `_SUCCESS` and extra part go.
+async fn output_to(store: Arc<dyn ObjectStore>, url: String) {
+    let prefix = ObjectPath::from(url.split_once("://").unwrap().1.split_once('/').unwrap().1);
+    for name in ["part-00000.jsonl", "part-00002.jsonl", "_SUCCESS"] {
+        store
+            .put(&prefix.child(name), "stale".into())
+            .await
+            .unwrap();
+    }
+    let files = corpus();
+    let mut case = Case::new(2);
+    case.upload = Some((store, url));
+    // `wordcount` reads the counts from the store (`uploaded_parts`).
+    let (got, _) = wordcount(&files[..3], &case).await;
+    assert_eq!(got, direct_count(&files[..3]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_to_an_object_store_prefix() {
+    let store = Arc::new(InMemory::new());
+    sluice_ingest::objects::register_object_store("memory://mapreduce", store.clone());
+    output_to(store, "memory://mapreduce/out/counts".into()).await;
+}
+
+/// The same against real servers (`scripts/test-object-stores.sh` starts
+/// moto and Azurite; see [`Remote`]).
+async fn output_to_remote(remote: Remote) {
+    let Some((bucket, store)) = remote.bucket() else {
+        return;
+    };
+    output_to(
+        store,
+        format!("{bucket}/{}/counts", fresh_prefix("sluice-mapreduce")),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_to_s3() {
+    output_to_remote(Remote::S3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_to_azure() {
+    output_to_remote(Remote::Azure).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_to_gcs() {
+    output_to_remote(Remote::Gcs).await;
 }

@@ -180,7 +180,7 @@
 //! | `reduce_partitions` | [`DEFAULT_REDUCE_PARTITIONS`] | [`REDUCE_PARTITIONS_RANGE`] |
 //! | `groups_per_call` | [`DEFAULT_GROUPS_PER_CALL`] | [`MAX_ITEMS_PER_CALL_RANGE`] |
 //! | `reduce_memory_mb` | [`DEFAULT_REDUCE_MEMORY_MB`] | [`REDUCE_MEMORY_MB_RANGE`]: grouped values a reducer holds before it spills sorted runs to the output folder |
-//! | `output` | required | a folder |
+//! | `output` | required | a folder; or an object-store prefix (`s3://BUCKET/PREFIX/`, `gs://`, `az://`) the part files and then `_SUCCESS` are uploaded to when the job succeeds, staged until then in `.sluice-state/mapreduce-NAME` next to the pipeline file |
 //! | `output_format` | `"jsonl"` | `"jsonl"` or `"parquet"` |
 //!
 //! # State: `state = { ... }`
@@ -511,8 +511,13 @@ pub struct MapReduceJob {
     pub max_concurrency: Option<u32>,
     /// Attempts per call. Default [`DEFAULT_MAX_ATTEMPTS`].
     pub max_attempts: u32,
-    /// Output folder: `part-NNNNN.jsonl` per reducer.
+    /// Output folder: `part-NNNNN.jsonl` per reducer. With
+    /// [`output_url`](Self::output_url), the local folder the output is
+    /// staged in.
     pub output: PathBuf,
+    /// The object-store prefix (`s3://BUCKET/PREFIX`, no trailing `/`) the
+    /// output goes to when the job succeeds, if `output` named one.
+    pub output_url: Option<String>,
     /// The shuffle's Kafka cluster. Default embedded.
     pub bootstrap_servers: BootstrapServers,
     /// Extra librdkafka properties (security, SASL) for an external

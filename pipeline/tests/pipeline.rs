@@ -886,6 +886,42 @@ fn results_may_be_an_object_url() {
     }
 }
 
+/// A MapReduce job's `output` may be an object-store prefix: staged in
+/// `.sluice-state/mapreduce-NAME` next to the pipeline file.
+#[test]
+fn mapreduce_output_may_be_an_object_prefix() {
+    let job = |output: &str| {
+        format!(
+            "[job.j]\nkind = \"mapreduce\"\nsource = \"x.jsonl\"\nmap = \"echo\"\n\
+             reduce = \"echo\"\noutput = {output:?}\n"
+        )
+    };
+    let base = Path::new(INLINE).parent().unwrap();
+    let p = parse_with_echo(&job("s3://bucket/out/counts/"));
+    let j = &p.mapreduce_jobs["j"];
+    assert_eq!(j.output_url.as_deref(), Some("s3://bucket/out/counts"));
+    assert_eq!(j.output, base.join(".sluice-state/mapreduce-j"));
+    let p = parse_with_echo(&job("file:///var/out/counts"));
+    let j = &p.mapreduce_jobs["j"];
+    assert_eq!(
+        (j.output.as_path(), j.output_url.as_deref()),
+        (Path::new("/var/out/counts"), None)
+    );
+    let p = parse_with_echo(&job("out/counts"));
+    assert_eq!(p.mapreduce_jobs["j"].output, base.join("out/counts"));
+    let err = error_with_echo(&job("s3://bucket/out/*/")).to_string();
+    assert!(err.contains("without glob characters"), "{err}");
+    for written in ["ftp://host/out/", "s3:///out/"] {
+        let err = error_with_echo(&job(written)).to_string();
+        assert!(
+            err.contains(&format!(
+                "`job.j.output` = {written:?} is invalid: expected a folder, or an object-store prefix"
+            )),
+            "{written}: {err}"
+        );
+    }
+}
+
 /// `items_pointer`: a JSON pointer, only for JSON documents; the `.json`
 /// extension is such a document.
 #[test]

@@ -1416,6 +1416,7 @@ pub async fn mapreduce(pipeline: &Path, job: &str, scale: f64, parts: i32) -> u8
             max_concurrency: j.max_concurrency.map_or(concurrency, |c| c as usize),
             max_attempts: j.max_attempts,
             output: dir.0.join(format!("out-{run}")),
+            output_url: None,
             payload: j.payload,
             payload_file: j.payload_file,
             output_format: sluice_mapreduce::OutputFormat::Jsonl,

@@ -116,7 +116,9 @@ pub async fn run(pipeline: &Path, job: &str, opts: Run) -> u8 {
                     sample.items,
                     sample.sources.len(),
                     sources.len(),
-                    j.output.display()
+                    j.output_url
+                        .clone()
+                        .unwrap_or_else(|| j.output.display().to_string())
                 );
                 sources = sample.sources;
                 input.cap = sample.cap;
@@ -140,6 +142,7 @@ pub async fn run(pipeline: &Path, job: &str, opts: Run) -> u8 {
         max_concurrency: j.max_concurrency.unwrap_or(map_concurrency).max(1) as usize,
         max_attempts: j.max_attempts,
         output: j.output.clone(),
+        output_url: j.output_url.clone(),
         payload: j.payload,
         payload_file: j.payload_file,
         output_format: j.output_format,
@@ -273,8 +276,17 @@ pub async fn run(pipeline: &Path, job: &str, opts: Run) -> u8 {
                     s.resumed.0, s.resumed.1
                 );
             }
-            for f in &s.output_files {
-                println!("output: {}", f.display());
+            if s.uploaded.is_empty() {
+                for f in &s.output_files {
+                    println!("output: {}", f.display());
+                }
+            } else {
+                for url in &s.uploaded {
+                    println!("output: {url}");
+                }
+                if let Some(dir) = s.output_files.first().and_then(|f| f.parent()) {
+                    println!("(staged in {})", dir.display());
+                }
             }
             println!("duration: {:.2?}", s.duration);
             exit::OK

@@ -107,7 +107,10 @@ pub fn run(path: &Path) -> u8 {
                 .unwrap_or_default(),
             j.reduce,
             j.reduce_partitions,
-            j.output.display()
+            match &j.output_url {
+                Some(url) => format!("{url}/ (staged in {})", j.output.display()),
+                None => j.output.display().to_string(),
+            }
         );
         if let Some(n) = j.max_items {
             println!("    only the first {n} items are mapped (max_items)");

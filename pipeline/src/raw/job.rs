@@ -190,6 +190,10 @@ pub(super) const JOB_FIELDS: &[(&str, &str)] = &[
     ("output_format", "a string: \"jsonl\" or \"parquet\""),
 ];
 
+/// What a MapReduce job's `output` URL must be.
+const OUTPUT_URL_RULE: &str = "a folder, or an object-store prefix (s3://BUCKET/PREFIX/, gs://, \
+                               az://) the part files go to when the job succeeds";
+
 /// What an object-store `results` must be.
 const RESULTS_URL_RULE: &str = "a path, or the URL of an object (s3://BUCKET/KEY, gs://, az://, \
                                 file:///PATH) the responses are uploaded to when the job ends";
@@ -751,6 +755,22 @@ impl RawJob {
                     "the folder the reducers write to, e.g. output = \"out/wordcount\"",
                 ));
             };
+            // A prefix of an object store: staged locally, uploaded when
+            // the job succeeds.
+            let (output, output_url) = if is_url(output.get_ref()) {
+                let url =
+                    super::objects::validate_url(&f, "output", OUTPUT_URL_RULE, output, base)?;
+                if !is_url(&url) {
+                    (PathBuf::from(url), None)
+                } else {
+                    let staged = base
+                        .join(".sluice-state")
+                        .join(format!("mapreduce-{}", name.get_ref()));
+                    (staged, Some(url.trim_end_matches('/').to_owned()))
+                }
+            } else {
+                (base.join(output.into_inner()), None)
+            };
             let output_format = match self.output_format {
                 None => OutputFormat::Jsonl,
                 Some(v) => match v.get_ref().as_str() {
@@ -807,7 +827,8 @@ impl RawJob {
                 max_items_per_call,
                 max_concurrency,
                 max_attempts,
-                output: base.join(output.into_inner()),
+                output,
+                output_url,
                 bootstrap_servers,
                 properties,
                 payload,

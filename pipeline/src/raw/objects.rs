@@ -270,8 +270,12 @@ pub(super) fn validate_url(
             at: f.loc.at(span.clone()),
             field: f.field(key),
             value: written,
-            expected: "a folder or prefix without glob characters: watch the folder, and \
-                       choose the objects by their ending with `suffix` (e.g. suffix = \".csv\")",
+            expected: if key == "url" {
+                "a folder or prefix without glob characters: watch the folder, and \
+                 choose the objects by their ending with `suffix` (e.g. suffix = \".csv\")"
+            } else {
+                "a path or URL without glob characters (*, ?, [): it names one place"
+            },
         });
     }
     if !is_url(&written) {
