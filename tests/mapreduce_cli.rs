@@ -1,39 +1,32 @@
 //! `sluice mapreduce PIPELINE JOB` as a user runs it.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sluice_ingest::kafka::EmbeddedBroker;
-use sluice_test_support::{Process, Signal, agent_binary, function_fixture};
+use sluice_test_support::{FunctionFixture, Process, Signal, agent_binary, function_fixture};
 use tempfile::TempDir;
+
+/// The part files' lines, sorted, of a word count of `in.txt` ("a b a\nB
+/// c\n\nA\n").
+const IN_TXT_COUNTS: [&str; 3] = [
+    r#"{"key":"a","value":3}"#,
+    r#"{"key":"b","value":2}"#,
+    r#"{"key":"c","value":1}"#,
+];
 
 #[test]
 fn mapreduce_job_writes_part_files_and_names_bad_jobs() {
     let dir = TempDir::new().unwrap();
     let f = function_fixture("wordcount");
     std::fs::write(dir.path().join("in.txt"), "a b a\nB c\n\nA\n").unwrap();
-    let pipeline = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[functions.m]\npath = {p:?}\nhandler = \"map\"\n\n\
-             [functions.r]\npath = {p:?}\nhandler = \"reduce\"\n\n\
-             [job.wc]\nkind = \"mapreduce\"\nsource = \"in.txt\"\nmap = \"m\"\nreduce = \"r\"\n\
-             reduce_partitions = 2\nmax_items_per_call = 2\noutput = \"out\"\n",
-            p = f.dir.display().to_string()
-        ),
-    )
-    .unwrap();
-    let run = |job: &str| {
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .env("SLUICE_AGENT", agent_binary())
-            .arg("mapreduce")
-            .arg(&pipeline)
-            .arg(job)
-            .output()
-            .unwrap()
-    };
+    let pipeline = word_count_pipeline(
+        dir.path(),
+        &f,
+        &format!("{}max_items_per_call = 2\n", word_count_job("wc", "out")),
+    );
+    let run = |job: &str| run_job(&pipeline, job, &[]);
     let out = run("wc");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -53,28 +46,11 @@ fn mapreduce_job_writes_part_files_and_names_bad_jobs() {
         })
         .collect();
     lines.sort();
-    assert_eq!(
-        lines,
-        [
-            r#"{"key":"a","value":3}"#,
-            r#"{"key":"b","value":2}"#,
-            r#"{"key":"c","value":1}"#
-        ]
-    );
+    assert_eq!(lines, IN_TXT_COUNTS);
 
     // A sample of the first two lines ("a b a", "B c"), from the flag,
     // then from the job; its output replaces the whole run's.
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .env("SLUICE_AGENT", agent_binary())
-        .args([
-            "mapreduce",
-            pipeline.to_str().unwrap(),
-            "wc",
-            "--max-items",
-            "2",
-        ])
-        .output()
-        .unwrap();
+    let out = run_job(&pipeline, "wc", &["--max-items", "2"]);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -118,6 +94,42 @@ fn mapreduce_job_writes_part_files_and_names_bad_jobs() {
         stderr.contains("no job named \"nope\" with kind = \"mapreduce\"; MapReduce jobs: wc"),
         "{stderr}"
     );
+}
+
+/// `dir/pipeline.toml`: the word-count functions `m` and `r` (`f`), then
+/// `jobs`.
+fn word_count_pipeline(dir: &Path, f: &FunctionFixture, jobs: &str) -> PathBuf {
+    let pipeline = dir.join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[functions.m]\npath = {p:?}\nhandler = \"map\"\n\n\
+             [functions.r]\npath = {p:?}\nhandler = \"reduce\"\n\n{jobs}",
+            p = f.dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    pipeline
+}
+
+/// A word-count job `name` over `in.txt` with 2 reducers, into `output`.
+fn word_count_job(name: &str, output: &str) -> String {
+    format!(
+        "[job.{name}]\nkind = \"mapreduce\"\nsource = \"in.txt\"\nmap = \"m\"\nreduce = \"r\"\n\
+         reduce_partitions = 2\noutput = {output:?}\n"
+    )
+}
+
+/// `sluice mapreduce PIPELINE JOB ARGS...`, run to its end.
+fn run_job(pipeline: &Path, job: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env("SLUICE_AGENT", agent_binary())
+        .arg("mapreduce")
+        .arg(pipeline)
+        .arg(job)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// A word-count job over 40 lines (4 map tasks, 2 reducers, one group per
@@ -302,33 +314,16 @@ fn mapreduce_output_goes_to_an_s3_prefix() {
     let f = function_fixture("wordcount");
     std::fs::write(dir.path().join("in.txt"), "a b a\nB c\n\nA\n").unwrap();
     let prefix = sluice_test_support::stores::fresh_prefix("sluice-mapreduce-cli");
-    let job = |name: &str, output: &str| {
-        format!(
-            "[job.{name}]\nkind = \"mapreduce\"\nsource = \"in.txt\"\nmap = \"m\"\nreduce = \"r\"\n\
-             reduce_partitions = 2\noutput = {output:?}\n\n"
-        )
-    };
-    let pipeline = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "[functions.m]\npath = {p:?}\nhandler = \"map\"\n\n\
-             [functions.r]\npath = {p:?}\nhandler = \"reduce\"\n\n{}{}",
-            job("wc", &format!("{bucket}/{prefix}/counts/")),
-            job("lost", "s3://sluice-no-such-bucket/counts/"),
-            p = f.dir.display().to_string()
+    let pipeline = word_count_pipeline(
+        dir.path(),
+        &f,
+        &format!(
+            "{}\n{}",
+            word_count_job("wc", &format!("{bucket}/{prefix}/counts/")),
+            word_count_job("lost", "s3://sluice-no-such-bucket/counts/")
         ),
-    )
-    .unwrap();
-    let run = |job: &str| {
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .env("SLUICE_AGENT", agent_binary())
-            .arg("mapreduce")
-            .arg(&pipeline)
-            .arg(job)
-            .output()
-            .unwrap()
-    };
+    );
+    let run = |job: &str| run_job(&pipeline, job, &[]);
     let out = run("wc");
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -363,14 +358,7 @@ fn mapreduce_output_goes_to_an_s3_prefix() {
         lines.extend(String::from_utf8_lossy(&bytes).lines().map(str::to_owned));
     }
     lines.sort();
-    assert_eq!(
-        lines,
-        [
-            r#"{"key":"a","value":3}"#,
-            r#"{"key":"b","value":2}"#,
-            r#"{"key":"c","value":1}"#
-        ]
-    );
+    assert_eq!(lines, IN_TXT_COUNTS);
     let success = object_store::path::Path::from(format!("{prefix}/counts/_SUCCESS"));
     rt.block_on(store.head(&success)).unwrap();
 

@@ -8,9 +8,9 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use object_store::PutPayload;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, PutPayload};
-use sluice_ingest::objects::{split, store_for, with_credentials_hint};
+use sluice_ingest::objects::{split, store_for, upload_file, with_credentials_hint};
 
 use crate::{MapReduceError, SUCCESS_FILE};
 
@@ -45,7 +45,7 @@ pub(crate) async fn upload(files: &[PathBuf], url: &str) -> Result<Vec<String>, 
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        put_file(&store, file, prefix.child(name.as_str()))
+        upload_file(Arc::clone(&store), file, prefix.child(name.as_str()))
             .await
             .map_err(|e| failed(format!("{name}: {e}")))?;
         urls.push(format!("{base}/{name}"));
@@ -69,25 +69,4 @@ pub(crate) async fn upload(files: &[PathBuf], url: &str) -> Result<Vec<String>, 
         .await
         .map_err(|e| failed(format!("{SUCCESS_FILE}: {e}")))?;
     Ok(urls)
-}
-
-/// Streams the local `file` to `location`, in parts for a large one.
-async fn put_file(
-    store: &Arc<dyn ObjectStore>,
-    file: &std::path::Path,
-    location: ObjectPath,
-) -> Result<(), String> {
-    let mut reader = tokio::fs::File::open(file)
-        .await
-        .map_err(|e| format!("{}: {e}", file.display()))?;
-    let mut writer = object_store::buffered::BufWriter::new(Arc::clone(store), location);
-    let copied = tokio::io::copy(&mut reader, &mut writer).await;
-    let closed = match copied {
-        Ok(_) => tokio::io::AsyncWriteExt::shutdown(&mut writer).await,
-        Err(e) => {
-            let _ = writer.abort().await;
-            Err(e)
-        }
-    };
-    closed.map_err(|e| e.to_string())
 }

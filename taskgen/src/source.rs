@@ -28,7 +28,7 @@ use crate::BackfillError;
 const REMOTE_SCHEMES: &[&str] = sluice_pipeline::OBJECT_URL_SCHEMES;
 
 pub use sluice_ingest::objects::register_object_store;
-use sluice_ingest::objects::{Url, split, with_credentials_hint};
+use sluice_ingest::objects::{Url, split, upload_file, with_credentials_hint};
 
 /// The runtime that drives object store requests.
 static IO: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
@@ -477,21 +477,7 @@ pub(crate) fn object_item(source: &Path) -> serde_json::Value {
 pub(crate) async fn upload(local: &Path, url: &Path) -> Result<(), BackfillError> {
     let (store, path, text) = locate(url)?;
     let file = local.to_path_buf();
-    let upload = IO.spawn(async move {
-        let mut reader = tokio::fs::File::open(&file)
-            .await
-            .map_err(|e| format!("{}: {e}", file.display()))?;
-        let mut writer = object_store::buffered::BufWriter::new(store, path);
-        let copied = tokio::io::copy(&mut reader, &mut writer).await;
-        let closed = match copied {
-            Ok(_) => tokio::io::AsyncWriteExt::shutdown(&mut writer).await,
-            Err(e) => {
-                let _ = writer.abort().await;
-                Err(e)
-            }
-        };
-        closed.map_err(|e| e.to_string())
-    });
+    let upload = IO.spawn(async move { upload_file(store, &file, path).await });
     let failed = |message: String| BackfillError::Results {
         path: PathBuf::from(&text),
         source: std::io::Error::other(with_credentials_hint(&text, message)),

@@ -58,7 +58,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-pub use store::{Url, register_object_store, split, store_for, with_credentials_hint};
+pub use store::{Url, register_object_store, split, store_for, upload_file, with_credentials_hint};
 
 use crate::IngestError;
 use crate::group_commit::GroupCommit;

@@ -129,6 +129,30 @@ pub fn store_for(url: &Url<'_>) -> Result<Arc<dyn ObjectStore>, String> {
     Ok(built)
 }
 
+/// Streams the local `file` to `location` in `store`, in parts for a large
+/// one (any size, never whole in memory); an upload that fails is aborted.
+/// The error is a message for the user, naming the file when it cannot be
+/// read.
+pub async fn upload_file(
+    store: Arc<dyn ObjectStore>,
+    file: &std::path::Path,
+    location: object_store::path::Path,
+) -> Result<(), String> {
+    let mut reader = tokio::fs::File::open(file)
+        .await
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut writer = object_store::buffered::BufWriter::new(store, location);
+    let copied = tokio::io::copy(&mut reader, &mut writer).await;
+    let closed = match copied {
+        Ok(_) => tokio::io::AsyncWriteExt::shutdown(&mut writer).await,
+        Err(e) => {
+            let _ = writer.abort().await;
+            Err(e)
+        }
+    };
+    closed.map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_credentials_hint;
