@@ -747,17 +747,28 @@ pub async fn prepare(
             &set.file_dependencies,
         )
         .await;
-        if code == exit::OK {
-            println!(
-                "progress in {}, failed items in {}, responses {}",
-                progress.display(),
-                dead_letter.display(),
-                set.results.as_deref().map_or_else(
-                    || "not kept (give --results or results = to keep them)".to_owned(),
-                    |r| format!("in {}", r.display())
-                )
-            );
+        if code != exit::OK {
+            return Err(code);
         }
+        // Checked as a run checks it before calling anything.
+        let results = match set.results.as_deref().map(sluice_taskgen::results_target) {
+            None => "not kept (give --results or results = to keep them)".to_owned(),
+            Some(Ok(r)) if r.to_string_lossy().contains("://") => format!(
+                "kept in {}, uploaded to {} when the job ends",
+                sluice_taskgen::local_results_path(&progress).display(),
+                r.display()
+            ),
+            Some(Ok(r)) => format!("in {}", r.display()),
+            Some(Err(e)) => {
+                crate::log_error!("{e}");
+                return Err(exit::USAGE);
+            }
+        };
+        println!(
+            "progress in {}, failed items in {}, responses {results}",
+            progress.display(),
+            dead_letter.display(),
+        );
         return Err(code);
     }
     let cfg = BackfillConfig {

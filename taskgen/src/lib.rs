@@ -76,7 +76,7 @@ mod read;
 mod source;
 mod splice;
 
-pub use source::register_object_store;
+pub use source::{register_object_store, results_target};
 mod schedule;
 
 use std::collections::{HashMap, HashSet};

@@ -493,7 +493,11 @@ pub(crate) async fn upload(local: &Path, url: &Path) -> Result<(), BackfillError
 /// the path it names, a remote URL checked before anything runs (it names
 /// one object, and a store can be built for it), so that a job does not
 /// fail at its end for want of somewhere to put its responses.
-pub(crate) fn results_target(results: &Path) -> Result<PathBuf, BackfillError> {
+///
+/// # Errors
+/// [`BackfillError::Config`] for a URL that names no object or an unknown
+/// scheme; the store's error when one cannot be built for it.
+pub fn results_target(results: &Path) -> Result<PathBuf, BackfillError> {
     let text = results.to_string_lossy();
     let Some(url) = split(&text) else {
         return Ok(results.to_path_buf());

@@ -501,6 +501,20 @@ fn cli_dry_run_and_backfill() {
     let (code, out, err) = run(&["--dry-run", "--results", "out/r.jsonl"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("responses in out/r.jsonl"), "{out}");
+    // An object-store URL: kept next to the progress store, uploaded at the
+    // end; one that names no object is refused before anything runs.
+    let (code, out, err) = run(&["--dry-run", "--results", "memory://out/r.jsonl"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains(".results.jsonl, uploaded to memory://out/r.jsonl when the job ends"),
+        "{out}"
+    );
+    let (code, _, err) = run(&["--dry-run", "--results", "memory://out/"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("results memory://out/: names a bucket or a prefix"),
+        "{err}"
+    );
     // Flags keep to the ranges the pipeline file allows.
     let (code, _, err) = run(&["--dry-run", "--max-concurrency", "0"]);
     assert_eq!(code, Some(2), "{err}");
