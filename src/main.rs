@@ -194,6 +194,10 @@ enum Command {
         /// Stop once no task arrived or finished for this long, e.g. `10s`.
         #[arg(long, value_parser = humantime::parse_duration)]
         stop_when_idle: Option<std::time::Duration>,
+        /// Serve Prometheus metrics at this address (e.g. 127.0.0.1:9464):
+        /// calls per job by outcome, retries, call durations, warm pools.
+        #[arg(long)]
+        metrics_addr: Option<String>,
         /// Do not print the functions' log lines.
         #[arg(long, short)]
         quiet: bool,
@@ -463,16 +467,18 @@ async fn dispatch(command: Command) -> u8 {
                 bootstrap_servers,
                 concurrency,
                 stop_when_idle,
+                metrics_addr,
                 quiet,
             } => {
-                commands::worker::run(
-                    &pipeline,
+                commands::worker::run(commands::worker::WorkerArgs {
+                    pipeline,
                     jobs,
                     bootstrap_servers,
                     concurrency,
                     stop_when_idle,
+                    metrics_addr,
                     quiet,
-                )
+                })
                 .await
             }
             Command::Mapreduce {

@@ -6,7 +6,8 @@ use std::process::Command;
 
 use serde_json::Value;
 use sluice_test_support::{
-    FunctionFixture, Process, Signal, agent_binary, function_fixture, script_fixture,
+    FunctionFixture, Process, Signal, agent_binary, function_fixture, metric_sum, scrape,
+    script_fixture,
 };
 
 /// A custom runtime that logs each call's id and takes 300 ms to answer.
@@ -102,11 +103,14 @@ fn coordinator(pipeline: &Path, job: &str) -> (Process, String) {
 }
 
 fn worker(name: &str, pipeline: &Path, job: &str, addr: &str) -> Process {
+    worker_with(name, pipeline, job, addr, &[])
+}
+
+fn worker_with(name: &str, pipeline: &Path, job: &str, addr: &str, extra: &[&str]) -> Process {
     let p = pipeline.to_str().unwrap();
-    Process::start(
-        name,
-        sluice(&["worker", p, job, "--bootstrap-servers", addr, "-q"]),
-    )
+    let mut args = vec!["worker", p, job, "--bootstrap-servers", addr, "-q"];
+    args.extend_from_slice(extra);
+    Process::start(name, sluice(&args))
 }
 
 /// Stops a worker with SIGTERM (as systemd or a container runtime would)
@@ -131,8 +135,9 @@ fn two_workers_process_every_call_and_a_rerun_skips_them() {
     let dir = TempDir::new().unwrap();
     let (pipeline, _functions) = setup(dir.path());
     let (mut coord, addr) = coordinator(&pipeline, "replay");
-    let w1 = worker("worker 1", &pipeline, "replay", &addr);
-    let w2 = worker("worker 2", &pipeline, "replay", &addr);
+    let metrics = ["--metrics-addr", "127.0.0.1:0"];
+    let w1 = worker_with("worker 1", &pipeline, "replay", &addr, &metrics);
+    let w2 = worker_with("worker 2", &pipeline, "replay", &addr, &metrics);
     let (status, out) = coord.finish();
     assert!(status.success(), "{out}\n{}", coord.log());
     assert!(
@@ -140,10 +145,30 @@ fn two_workers_process_every_call_and_a_rerun_skips_them() {
         "{out}"
     );
     assert!(out.contains("items: 300 total, 300 succeeded"), "{out}");
+    // Each worker's /metrics counts the calls it made, as its summary does.
+    let succeeded = |w: &Process| {
+        let text = scrape(&w.metrics_address());
+        let job = ("job", "replay");
+        let items = metric_sum(&text, "sluice_job_items_total", &[job]);
+        let calls = metric_sum(
+            &text,
+            "sluice_job_calls_total",
+            &[job, ("outcome", "succeeded")],
+        );
+        assert_eq!(items, calls * 10, "{text}");
+        assert!(
+            text.contains("sluice_job_call_duration_seconds_count{job=\"replay\"}"),
+            "{text}"
+        );
+        calls
+    };
+    let scraped = succeeded(&w1) + succeeded(&w2);
     // Every call was answered by one of the workers (a call may be answered
     // twice after a rebalance: at least once).
     let done = stop(w1) + stop(w2);
     assert!(done >= 30, "workers reported {done} tasks");
+    // (A call a rebalance gave both may be counted after the scrape.)
+    assert!((30..=done).contains(&scraped), "{scraped} of {done}");
     // The workers sent each response back: one results line per call, with
     // the echo function's answer (its event: the call's items).
     let text = std::fs::read_to_string(dir.path().join("replay-results.jsonl")).unwrap();
@@ -393,4 +418,54 @@ fn workers_fetch_the_objects_of_their_tasks() {
     assert_eq!(dead[0]["items"][0]["Size"], 2, "{dead:?}");
     assert_eq!(dead[1]["error_type"], "Sluice.ObjectTooLarge", "{dead:?}");
     assert_eq!(dead[1]["attempts"], 0, "{dead:?}");
+}
+
+/// `sluice backfill --metrics-addr` serves the job's counters while it
+/// runs (here a local run of the slow function, stopped by SIGTERM).
+#[test]
+fn a_backfill_serves_its_job_metrics_while_it_runs() {
+    let dir = TempDir::new().unwrap();
+    let (pipeline, _functions) = setup(dir.path());
+    let p = pipeline.to_str().unwrap();
+    let mut run = Process::start(
+        "backfill",
+        sluice(&[
+            "backfill",
+            p,
+            "crawl",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "-q",
+        ]),
+    );
+    let addr = run.metrics_address();
+    // The progress line (every 2 s off a terminal) follows the metrics'
+    // update.
+    let line = run.wait_line("a progress line with calls done", |l| {
+        l.starts_with("backfill: ") && !l.starts_with("backfill: 0 calls")
+    });
+    let done: u64 = line["backfill: ".len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let text = scrape(&addr);
+    let calls = metric_sum(
+        &text,
+        "sluice_job_calls_total",
+        &[("job", "crawl"), ("outcome", "succeeded")],
+    );
+    assert!(calls >= done, "{line}\n{text}");
+    assert!(
+        text.contains("sluice_job_call_duration_seconds_count{job=\"crawl\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sluice_pool_busy_sandboxes{function=\"slow\"}"),
+        "{text}"
+    );
+    run.signal(Signal::SIGTERM);
+    let (status, out) = run.finish();
+    // Interrupted: exit 3, the calls made so far recorded.
+    assert_eq!(status.code(), Some(3), "{out}\n{}", run.log());
 }

@@ -21,7 +21,9 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sluice_test_support::kafka::TestKafka;
-use sluice_test_support::{FunctionFixture, Process, Signal, agent_binary, function_fixture};
+use sluice_test_support::{
+    FunctionFixture, Process, Signal, agent_binary, function_fixture, metric_sum, scrape,
+};
 
 /// Longest wait for one expected outcome (joins, rebalances after a member
 /// vanished, processing).
@@ -617,27 +619,6 @@ fn a_file_past_the_embedded_brokers_retention_is_refused_not_half_processed() {
     );
 }
 
-/// `GET /metrics` from a `sluice run` (blocking; HTTP/1.0, so the server
-/// closes the connection after the answer).
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connecting to /metrics");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .expect("asking for /metrics");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("reading /metrics");
-    out
-}
-
-/// The sum of the samples of `metric` in a scrape.
-fn metric_sum(scrape: &str, metric: &str) -> u64 {
-    scrape
-        .lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// A broker that cannot be reached: librdkafka reports it at every retry
 /// (here every few milliseconds), and the log must still say it a few
 /// times only, naming the servers, while `/metrics` counts every report;
@@ -668,15 +649,7 @@ fn an_unreachable_broker_is_reported_without_flooding_the_log() {
         &["--metrics-addr", "127.0.0.1:0"],
         &pipeline,
     );
-    let line = run
-        .process
-        .wait_line("the metrics address", |l| l.contains("metrics at http://"));
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.strip_suffix("/metrics"))
-        .expect("the metrics address")
-        .to_owned();
+    let addr = run.process.metrics_address();
     let deadline = Instant::now() + DEADLINE;
     let mut errors = 0;
     while errors < 200 {
@@ -685,7 +658,7 @@ fn an_unreachable_broker_is_reported_without_flooding_the_log() {
             "only {errors} client errors counted\n{}",
             run.log()
         );
-        errors = metric_sum(&scrape(&addr), "sluice_kafka_client_errors_total");
+        errors = metric_sum(&scrape(&addr), "sluice_kafka_client_errors_total", &[]);
     }
     run.signal(Signal::SIGTERM);
     let status = run.wait_exit();

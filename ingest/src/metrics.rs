@@ -5,7 +5,8 @@
 //! partition's lag are removed with [`Metrics::remove_partition`]. The
 //! warm pools of an executor given to [`Metrics::watch_executor`] are read
 //! at render time (`sluice_pool_*` and `sluice_function_max_memory_used_bytes`,
-//! per function).
+//! per function). Backfills (local runs, coordinators and `sluice worker`)
+//! count their calls and items per job (`sluice_job_*`).
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -130,6 +131,49 @@ pub struct TriggerTotals {
     pub dead_lettered: u64,
 }
 
+/// A backfill job's counters so far, as its run's summary has them (see
+/// [`Metrics::set_job_progress`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobProgress {
+    /// Calls that succeeded, failed (gave up) and were skipped (done by an
+    /// earlier run).
+    pub calls: [u64; 3],
+    /// Items of those calls (failed includes unreadable items).
+    pub items: [u64; 3],
+    /// Attempts beyond the first.
+    pub retries: u64,
+    /// Items the input holds, when known.
+    pub items_expected: Option<u64>,
+}
+
+/// How a job's call ended: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// The function succeeded.
+    Succeeded,
+    /// The call gave up (its items are dead-lettered).
+    Failed,
+    /// An earlier run had done it.
+    Skipped,
+}
+
+impl CallOutcome {
+    const ALL: [CallOutcome; 3] = [
+        CallOutcome::Succeeded,
+        CallOutcome::Failed,
+        CallOutcome::Skipped,
+    ];
+
+    /// The `outcome` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Succeeded => "succeeded",
+            CallOutcome::Failed => "failed",
+            CallOutcome::Skipped => "skipped",
+        }
+    }
+}
+
 /// The metrics of a sluice process. `Send + Sync`; share as `Arc<Metrics>`.
 pub struct Metrics {
     records_in: Family<AtomicU64>,
@@ -145,6 +189,11 @@ pub struct Metrics {
     windows_closed: Family<AtomicU64>,
     pauses: Family<AtomicU64>,
     kafka_errors: Family<AtomicU64>,
+    job_calls: Family<AtomicU64>,
+    job_items: Family<AtomicU64>,
+    job_retries: Family<AtomicU64>,
+    job_items_expected: Family<AtomicI64>,
+    job_call_duration: Family<Histogram>,
     executor: RwLock<Option<sluice_executor::Executor>>,
 }
 
@@ -167,6 +216,11 @@ const CHECKPOINT_MICROS: &str = "sluice_state_checkpoint_microseconds_total";
 const WINDOWS_CLOSED: &str = "sluice_state_windows_closed_total";
 const PAUSES: &str = "sluice_partition_pauses_total";
 const KAFKA_ERRORS: &str = "sluice_kafka_client_errors_total";
+const JOB_CALLS: &str = "sluice_job_calls_total";
+const JOB_ITEMS: &str = "sluice_job_items_total";
+const JOB_RETRIES: &str = "sluice_job_retries_total";
+const JOB_ITEMS_EXPECTED: &str = "sluice_job_items_expected";
+const JOB_CALL_DURATION: &str = "sluice_job_call_duration_seconds";
 
 impl Metrics {
     /// An empty registry.
@@ -185,6 +239,11 @@ impl Metrics {
             windows_closed: Family::new(),
             pauses: Family::new(),
             kafka_errors: Family::new(),
+            job_calls: Family::new(),
+            job_items: Family::new(),
+            job_retries: Family::new(),
+            job_items_expected: Family::new(),
+            job_call_duration: Family::new(),
             executor: RwLock::new(None),
         })
     }
@@ -306,6 +365,45 @@ impl Metrics {
     pub fn remove_partition(&self, trigger: &str, topic: &str, partition: i32) {
         let p = partition.to_string();
         self.lag.remove(&[trigger, topic, &p]);
+    }
+
+    /// A backfill's counters so far (a local run's or a coordinator's, from
+    /// its summary): they replace the job's series.
+    pub fn set_job_progress(&self, job: &str, p: &JobProgress) {
+        for (i, outcome) in CallOutcome::ALL.iter().enumerate() {
+            let labels = [job, outcome.as_str()];
+            self.job_calls
+                .with(&labels, |c| c.store(p.calls[i], Ordering::Relaxed));
+            self.job_items
+                .with(&labels, |c| c.store(p.items[i], Ordering::Relaxed));
+        }
+        self.job_retries
+            .with(&[job], |c| c.store(p.retries, Ordering::Relaxed));
+        if let Some(n) = p.items_expected {
+            let n = i64::try_from(n).unwrap_or(i64::MAX);
+            self.job_items_expected
+                .with(&[job], |g| g.store(n, Ordering::Relaxed));
+        }
+    }
+
+    /// A worker finished a call of `job` with `items` items after
+    /// `retries` retries.
+    pub fn job_call(&self, job: &str, outcome: CallOutcome, items: u64, retries: u64) {
+        let labels = [job, outcome.as_str()];
+        self.job_calls
+            .with(&labels, |c| c.fetch_add(1, Ordering::Relaxed));
+        self.job_items
+            .with(&labels, |c| c.fetch_add(items, Ordering::Relaxed));
+        self.job_retries
+            .with(&[job], |c| c.fetch_add(retries, Ordering::Relaxed));
+    }
+
+    /// A successful call of `job` took `seconds` in its function (NaN is
+    /// ignored).
+    pub fn observe_job_call(&self, job: &str, seconds: f64) {
+        if !seconds.is_nan() {
+            self.job_call_duration.with(&[job], |h| h.observe(seconds));
+        }
     }
 
     /// One invocation took `seconds` (NaN is ignored).
@@ -440,34 +538,57 @@ impl Metrics {
             )
         })?;
 
-        header(
+        histogram(
             out,
             INVOKE,
             "Duration of function invocations.",
-            "histogram",
+            "trigger",
+            &self.invoke,
         )?;
-        let bucket = format!("{INVOKE}_bucket");
-        let sum = format!("{INVOKE}_sum");
-        let count = format!("{INVOKE}_count");
-        self.invoke.for_each(|labels, h| {
-            let mut cumulative = 0u64;
-            for (bound, b) in INVOKE_BUCKETS.iter().zip(&h.buckets) {
-                cumulative += b.load(Ordering::Relaxed);
-                sample(
-                    out,
-                    &bucket,
-                    &["trigger"],
-                    labels,
-                    Some(&format_float(*bound)),
-                    cumulative,
-                )?;
-            }
-            cumulative += h.overflow.load(Ordering::Relaxed);
-            sample(out, &bucket, &["trigger"], labels, Some("+Inf"), cumulative)?;
-            let s = f64::from_bits(h.sum.load(Ordering::Relaxed));
-            sample(out, &sum, &["trigger"], labels, None, format_float(s))?;
-            sample(out, &count, &["trigger"], labels, None, cumulative)
+        counter(
+            out,
+            JOB_CALLS,
+            "Calls of backfill jobs, by outcome (skipped: done by an earlier run).",
+            &["job", "outcome"],
+            &self.job_calls,
+        )?;
+        counter(
+            out,
+            JOB_ITEMS,
+            "Items of backfill jobs' calls, by outcome (failed includes unreadable items).",
+            &["job", "outcome"],
+            &self.job_items,
+        )?;
+        counter(
+            out,
+            JOB_RETRIES,
+            "Retried attempts of backfill jobs' calls.",
+            &["job"],
+            &self.job_retries,
+        )?;
+        header(
+            out,
+            JOB_ITEMS_EXPECTED,
+            "Items a backfill job's input holds, when known before it is read.",
+            "gauge",
+        )?;
+        self.job_items_expected.for_each(|labels, g| {
+            sample(
+                out,
+                JOB_ITEMS_EXPECTED,
+                &["job"],
+                labels,
+                None,
+                g.load(Ordering::Relaxed),
+            )
         })?;
+        histogram(
+            out,
+            JOB_CALL_DURATION,
+            "Duration of backfill jobs' successful calls in their function.",
+            "job",
+            &self.job_call_duration,
+        )?;
         self.render_pools(out)
     }
 
@@ -613,6 +734,39 @@ fn counter(
             None,
             c.load(Ordering::Relaxed),
         )
+    })
+}
+
+/// A histogram family with one label, in [`INVOKE_BUCKETS`].
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    family: &Family<Histogram>,
+) -> fmt::Result {
+    header(out, name, help, "histogram")?;
+    let bucket = format!("{name}_bucket");
+    let sum = format!("{name}_sum");
+    let count = format!("{name}_count");
+    family.for_each(|labels, h| {
+        let mut cumulative = 0u64;
+        for (bound, b) in INVOKE_BUCKETS.iter().zip(&h.buckets) {
+            cumulative += b.load(Ordering::Relaxed);
+            sample(
+                out,
+                &bucket,
+                &[label],
+                labels,
+                Some(&format_float(*bound)),
+                cumulative,
+            )?;
+        }
+        cumulative += h.overflow.load(Ordering::Relaxed);
+        sample(out, &bucket, &[label], labels, Some("+Inf"), cumulative)?;
+        let s = f64::from_bits(h.sum.load(Ordering::Relaxed));
+        sample(out, &sum, &[label], labels, None, format_float(s))?;
+        sample(out, &count, &[label], labels, None, cumulative)
     })
 }
 
@@ -1184,8 +1338,86 @@ mod tests {
     fn empty_registry_renders_headers_only() {
         let text = Metrics::new().render();
         let (types, samples) = parse_exposition(&text);
-        assert_eq!(types.len(), 13);
+        assert_eq!(types.len(), 18);
         assert!(samples.is_empty());
+    }
+
+    /// A backfill's summary replaces its job's series; a worker's calls add
+    /// to them.
+    #[test]
+    fn job_series_follow_summaries_and_worker_calls() {
+        let m = Metrics::new();
+        let mut p = JobProgress {
+            calls: [3, 1, 2],
+            items: [30, 10, 20],
+            retries: 4,
+            items_expected: Some(100),
+        };
+        m.set_job_progress("daily", &p);
+        p.calls[0] = 5;
+        p.items[0] = 50;
+        m.set_job_progress("daily", &p);
+        m.job_call("remote", CallOutcome::Succeeded, 10, 0);
+        m.job_call("remote", CallOutcome::Succeeded, 7, 2);
+        m.job_call("remote", CallOutcome::Failed, 3, 1);
+        m.observe_job_call("remote", 0.003);
+        m.observe_job_call("remote", 0.2);
+        let text = m.render();
+        let (types, samples) = parse_exposition(&text);
+        assert_eq!(types["sluice_job_calls_total"], "counter");
+        assert_eq!(types["sluice_job_items_expected"], "gauge");
+        assert_eq!(types["sluice_job_call_duration_seconds"], "histogram");
+        let value = |name: &str, labels: &[(&str, &str)]| {
+            let found = find(&samples, name, labels);
+            assert_eq!(found.len(), 1, "{name} {labels:?}:\n{text}");
+            found[0].2
+        };
+        let calls = "sluice_job_calls_total";
+        assert_eq!(
+            value(calls, &[("job", "daily"), ("outcome", "succeeded")]),
+            5.0
+        );
+        assert_eq!(
+            value(calls, &[("job", "daily"), ("outcome", "skipped")]),
+            2.0
+        );
+        assert_eq!(
+            value(
+                "sluice_job_items_total",
+                &[("job", "daily"), ("outcome", "succeeded")]
+            ),
+            50.0
+        );
+        assert_eq!(
+            value("sluice_job_items_expected", &[("job", "daily")]),
+            100.0
+        );
+        assert_eq!(
+            value(calls, &[("job", "remote"), ("outcome", "succeeded")]),
+            2.0
+        );
+        assert_eq!(
+            value(
+                "sluice_job_items_total",
+                &[("job", "remote"), ("outcome", "failed")]
+            ),
+            3.0
+        );
+        assert_eq!(value("sluice_job_retries_total", &[("job", "remote")]), 3.0);
+        assert_eq!(
+            value(
+                "sluice_job_call_duration_seconds_count",
+                &[("job", "remote")]
+            ),
+            2.0
+        );
+        assert_eq!(
+            value(
+                "sluice_job_call_duration_seconds_bucket",
+                &[("job", "remote"), ("le", "0.005")]
+            ),
+            1.0
+        );
     }
 
     #[test]

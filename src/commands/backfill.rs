@@ -15,6 +15,7 @@ use sluice_taskgen::{
 };
 
 use sluice_ingest::kafka::EmbeddedBroker;
+use sluice_ingest::metrics::{JobProgress, Metrics};
 use sluice_pipeline::BootstrapServers;
 use sluice_taskgen::distributed::{self, KafkaSettings, MAX_TASK_BYTES};
 
@@ -156,6 +157,12 @@ pub struct BackfillOptions {
     /// `bootstrap_servers`, "embedded" by default: a broker in this process).
     #[arg(long, requires = "distributed")]
     pub bootstrap_servers: Option<String>,
+    /// Serve Prometheus metrics at this address (e.g. 127.0.0.1:9464) while
+    /// the backfill runs: calls and items by outcome, retries, items
+    /// expected, call durations and warm pools, labelled with the job's
+    /// name (the function's without a job).
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
 }
 
 /// A number flag within the range the pipeline file allows for the same
@@ -861,6 +868,59 @@ pub fn progress_hook() -> ((Duration, TickHook), bool) {
     }
 }
 
+/// A backfill's hooks: the progress display (and whether it is a
+/// terminal's), and with `--metrics-addr` the job's `sluice_job_*` series,
+/// the durations of `executor`'s successful calls and its warm pools,
+/// served until the returned sender is dropped.
+async fn hooks(
+    metrics_addr: Option<&str>,
+    job: &str,
+    executor: Option<&sluice_executor::Executor>,
+) -> Result<(Hooks, bool, Option<tokio::sync::watch::Sender<bool>>), u8> {
+    let ((every, show), terminal) = progress_hook();
+    let Some(addr) = metrics_addr else {
+        let hooks = Hooks {
+            on_tick: Some((every, show)),
+            ..Hooks::default()
+        };
+        return Ok((hooks, terminal, None));
+    };
+    let registry = Metrics::new();
+    if let Some(ex) = executor {
+        registry.watch_executor(ex.clone());
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    super::serve_metrics(addr, registry.clone(), stopped).await?;
+    let (on_tick, on_response) = (registry.clone(), registry);
+    let (job, name) = (job.to_owned(), job.to_owned());
+    let tick: TickHook = Arc::new(move |s: &Summary| {
+        // Before the progress line: what the line says is scraped already.
+        on_tick.set_job_progress(&job, &job_progress(s));
+        show(s);
+    });
+    let hooks = Hooks {
+        on_tick: Some((every, tick)),
+        on_response: executor.map(|_| {
+            let hook: sluice_taskgen::ResponseHook =
+                Arc::new(move |_: &str, r: &sluice_executor::Response| {
+                    on_response.observe_job_call(&name, r.duration.as_secs_f64());
+                });
+            hook
+        }),
+    };
+    Ok((hooks, terminal, Some(stop)))
+}
+
+/// A summary as the job's metrics.
+fn job_progress(s: &Summary) -> JobProgress {
+    JobProgress {
+        calls: [s.calls_succeeded, s.calls_failed, s.calls_skipped],
+        items: [s.items_succeeded, s.items_failed, s.items_skipped],
+        retries: s.calls_retried,
+        items_expected: s.items_expected,
+    }
+}
+
 /// The exit code of a finished run, after printing its summary: 0 when
 /// every call succeeded, 1 when some failed within the tolerated failures,
 /// 3 when the job stopped on failures or was interrupted.
@@ -925,11 +985,19 @@ pub async fn run(pipeline: PathBuf, job: Option<String>, args: BackfillOptions) 
             return exit::INVOKE_FAILED;
         }
     };
-    let (tick, terminal) = progress_hook();
-    let hooks = Hooks {
-        on_tick: Some(tick),
-        ..Hooks::default()
-    };
+    let name = prepared
+        .job
+        .as_ref()
+        .map_or(&prepared.cfg.function, |j| &j.name)
+        .clone();
+    let (hooks, terminal, _metrics) =
+        match hooks(args.metrics_addr.as_deref(), &name, Some(&ex)).await {
+            Ok(h) => h,
+            Err(code) => {
+                ex.shutdown().await;
+                return code;
+            }
+        };
     let dead_letter = prepared.cfg.dead_letter.clone();
     let results = prepared.cfg.results.clone();
     let shutdown = super::stop_requested();
@@ -1025,11 +1093,11 @@ async fn coordinate(pipeline: &Path, prepared: Prepared, args: &BackfillOptions)
         distributed::tasks_topic(&job.name),
         distributed::results_topic(&job.name)
     );
-    let (tick, terminal) = progress_hook();
-    let hooks = Hooks {
-        on_tick: Some(tick),
-        ..Hooks::default()
-    };
+    let (hooks, terminal, _metrics) =
+        match hooks(args.metrics_addr.as_deref(), &job.name, None).await {
+            Ok(h) => h,
+            Err(code) => return code,
+        };
     let dead_letter = prepared.cfg.dead_letter.clone();
     let results = prepared.cfg.results.clone();
     let shutdown = super::stop_requested();

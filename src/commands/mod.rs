@@ -99,6 +99,41 @@ pub async fn stop_requested() {
     }
 }
 
+/// Serves `registry` at `http://ADDR/metrics` (`--metrics-addr`) in the
+/// background until `stop` turns true or is dropped, after printing the
+/// address; the usage exit code when the address cannot be bound.
+pub async fn serve_metrics(
+    addr: &str,
+    registry: Arc<sluice_ingest::metrics::Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), u8> {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            crate::log_error!("--metrics-addr {addr}: {e}");
+            return Err(crate::exit::USAGE);
+        }
+    };
+    let bound = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    crate::log_note!("metrics at http://{bound}/metrics");
+    tokio::spawn(async move {
+        let stopped = async move {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        if let Err(e) = sluice_ingest::metrics::serve(listener, registry, stopped).await {
+            tracing::warn!("metrics server stopped: {e}");
+        }
+    });
+    Ok(())
+}
+
 /// Load a pipeline, printing its located error and returning the usage exit
 /// code on failure.
 pub fn load_pipeline(path: &Path) -> Result<Pipeline, u8> {

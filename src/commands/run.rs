@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_ingest::kafka::{self, Activity, EmbeddedBroker, TriggerEnv};
-use sluice_ingest::metrics::{self, Metrics};
+use sluice_ingest::metrics::Metrics;
 use sluice_ingest::objects::{self, ObjectEnv};
 use sluice_pipeline::{BootstrapServers, Pipeline};
 use tokio::sync::watch;
@@ -282,31 +282,10 @@ pub async fn run(args: RunArgs) -> u8 {
     let maintenance = executor.spawn_maintenance(shutdown_rx.clone());
     let registry = Metrics::new();
     registry.watch_executor(executor.clone());
-    if let Some(addr) = &args.metrics_addr {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => {
-                let bound = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                crate::log_note!("metrics at http://{bound}/metrics");
-                let mut rx = shutdown_rx.clone();
-                let m = registry.clone();
-                tokio::spawn(async move {
-                    let stop = async move {
-                        while !*rx.borrow() {
-                            if rx.changed().await.is_err() {
-                                break;
-                            }
-                        }
-                    };
-                    if let Err(e) = metrics::serve(l, m, stop).await {
-                        tracing::warn!("metrics server stopped: {e}");
-                    }
-                });
-            }
-            Err(e) => {
-                crate::log_error!("--metrics-addr {addr}: {e}");
-                return exit::USAGE;
-            }
-        }
+    if let Some(addr) = &args.metrics_addr
+        && let Err(code) = super::serve_metrics(addr, registry.clone(), shutdown_rx.clone()).await
+    {
+        return code;
     }
     let activity = Arc::new(Activity::default());
     let mut tasks = tokio::task::JoinSet::new();

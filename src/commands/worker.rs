@@ -1,23 +1,46 @@
 //! `sluice worker`: process the tasks of distributed backfills.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use sluice_ingest::metrics::Metrics;
 use sluice_taskgen::distributed::{self, WorkerConfig};
 
 use super::backfill::kafka_for;
 use crate::exit;
 
+/// `sluice worker`'s command line.
+#[derive(Debug)]
+pub struct WorkerArgs {
+    /// The pipeline file.
+    pub pipeline: PathBuf,
+    /// Jobs to serve (empty: all).
+    pub jobs: Vec<String>,
+    /// `--bootstrap-servers`.
+    pub bootstrap_servers: Option<String>,
+    /// `--concurrency`.
+    pub concurrency: Option<usize>,
+    /// `--stop-when-idle`.
+    pub stop_when_idle: Option<Duration>,
+    /// `--metrics-addr`.
+    pub metrics_addr: Option<String>,
+    /// `--quiet`.
+    pub quiet: bool,
+}
+
 /// Serves the jobs' tasks until SIGINT/SIGTERM (or idle for
 /// `stop_when_idle`); exit 0, or 3 when the cluster cannot be used.
-pub async fn run(
-    pipeline: &Path,
-    jobs: Vec<String>,
-    bootstrap_servers: Option<String>,
-    concurrency: Option<usize>,
-    stop_when_idle: Option<Duration>,
-    quiet: bool,
-) -> u8 {
+pub async fn run(args: WorkerArgs) -> u8 {
+    let WorkerArgs {
+        pipeline,
+        jobs,
+        bootstrap_servers,
+        concurrency,
+        stop_when_idle,
+        metrics_addr,
+        quiet,
+    } = args;
+    let pipeline = pipeline.as_path();
     let p = match super::load_pipeline(pipeline) {
         Ok(p) => p,
         Err(code) => return code,
@@ -81,13 +104,28 @@ pub async fn run(
             .join(", "),
         kafka.servers
     );
+    let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
+    let metrics = match &metrics_addr {
+        Some(addr) => {
+            let registry = Metrics::new();
+            registry.watch_executor(ex.clone());
+            if let Err(code) = super::serve_metrics(addr, registry.clone(), metrics_stopped).await {
+                ex.shutdown().await;
+                return code;
+            }
+            Some(registry)
+        }
+        None => None,
+    };
     let cfg = WorkerConfig {
         jobs,
         concurrency: concurrency.unwrap_or(default_concurrency).max(1),
         stop_when_idle,
+        metrics,
     };
     let shutdown = super::stop_requested();
     let result = distributed::work(&ex, &kafka, cfg, shutdown).await;
+    let _ = stop_metrics.send(true);
     ex.shutdown().await;
     drop(embedded);
     match result {

@@ -54,6 +54,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_executor::Executor;
 use sluice_ingest::kafka::{LoggedContext, OffsetTracker, OutRecord, Sink};
+use sluice_ingest::metrics::{CallOutcome, Metrics};
 use tokio::sync::mpsc;
 
 use crate::{BackfillConfig, BackfillError, Hooks, Run, Summary};
@@ -731,6 +732,9 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Stop once no task arrived or finished for this long.
     pub stop_when_idle: Option<Duration>,
+    /// Where the worker counts its calls per job (`sluice_job_*`), if
+    /// anywhere.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// Serves the tasks of `cfg.jobs` until `shutdown` resolves (or the worker
@@ -797,8 +801,9 @@ pub async fn work(
                     .dispatched(m.offset());
                 let (ex, sink, worker, done) =
                     (executor.clone(), sink.clone(), worker.clone(), done_tx.clone());
+                let metrics = cfg.metrics.clone();
                 tokio::spawn(async move {
-                    let outcome = handle_task(&ex, &sink, &worker, &m).await;
+                    let outcome = handle_task(&ex, &sink, &worker, &m, metrics.as_deref()).await;
                     let _ = done.send((m.topic().to_owned(), m.partition(), m.offset(), outcome));
                 });
             }
@@ -856,7 +861,13 @@ enum Outcome {
     Unanswered,
 }
 
-async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMessage) -> Outcome {
+async fn handle_task(
+    executor: &Executor,
+    sink: &Sink,
+    worker: &str,
+    m: &OwnedMessage,
+    metrics: Option<&Metrics>,
+) -> Outcome {
     let task: Task = match m.payload().map(serde_json::from_slice) {
         Some(Ok(t)) => t,
         _ => {
@@ -888,6 +899,9 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
                     worker: worker.to_owned(),
                     part: None,
                 };
+                if let Some(m) = metrics {
+                    m.job_call(&task.job, CallOutcome::Failed, task.count, 0);
+                }
                 return publish(sink, &task, vec![result]).await;
             }
         },
@@ -901,6 +915,16 @@ async fn handle_task(executor: &Executor, sink: &Sink, worker: &str, m: &OwnedMe
         |attempt, e| tracing::debug!(call = %task.call_id, attempt, error = %e, "retrying"),
     )
     .await;
+    if let Some(m) = metrics {
+        let retries = u64::from(attempts.saturating_sub(1));
+        match &outcome {
+            Ok(response) => {
+                m.job_call(&task.job, CallOutcome::Succeeded, task.count, retries);
+                m.observe_job_call(&task.job, response.duration.as_secs_f64());
+            }
+            Err(_) => m.job_call(&task.job, CallOutcome::Failed, task.count, retries),
+        }
+    }
     let result = match &outcome {
         Ok(response) => TaskResult {
             call_id: task.call_id.clone(),

@@ -23,6 +23,33 @@ pub mod tpch;
 pub use nix::sys::signal::Signal;
 pub use process::{DEADLINE, Lines, Process};
 
+/// `GET /metrics` from a sluice process at `addr` (blocking; HTTP/1.0, so
+/// the server closes the connection after the answer).
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("asking for /metrics");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("reading /metrics");
+    out
+}
+
+/// The sum of the samples of `metric` in a scrape whose labels include
+/// every one of `labels` (`name="value"` pairs).
+pub fn metric_sum(scrape: &str, metric: &str, labels: &[(&str, &str)]) -> u64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -155,6 +155,17 @@ impl Process {
             })
     }
 
+    /// The address of the `/metrics` endpoint the process announced
+    /// (`metrics at http://ADDR/metrics`, from `--metrics-addr`).
+    pub fn metrics_address(&self) -> String {
+        let line = self.wait_line("the metrics address", |l| l.contains("metrics at http://"));
+        line.split("http://")
+            .nth(1)
+            .and_then(|rest| rest.strip_suffix("/metrics"))
+            .unwrap_or_else(|| panic!("{}: no address in {line:?}", self.name))
+            .to_owned()
+    }
+
     /// Sends `signal`.
     pub fn signal(&self, signal: Signal) {
         kill(self.pid, signal).unwrap_or_else(|e| panic!("{signal} to {}: {e}", self.name));
