@@ -469,3 +469,62 @@ fn a_backfill_serves_its_job_metrics_while_it_runs() {
     // Interrupted: exit 3, the calls made so far recorded.
     assert_eq!(status.code(), Some(3), "{out}\n{}", run.log());
 }
+
+/// `payload_file` distributed: a task carries the columnar payload, and the
+/// worker stages it as a file for the call, as a local run does (Arrow
+/// streams and spliced Parquet row groups): every row is summed once.
+#[test]
+fn workers_stage_columnar_payloads_as_files() {
+    let dir = TempDir::new().unwrap();
+    let files = sluice_test_support::tpch::write_lineitem(dir.path(), 0.001, 1, 1_000);
+    let sum = function_fixture("arrow-sum");
+    let job = |name: &str, payload: &str| {
+        format!(
+            "[job.{name}]\nfunction = \"sum\"\nsource = {:?}\npayload = \"{payload}\"\n\
+             payload_file = true\ncolumns = [\"l_quantity\"]\nmax_items_per_call = 1000\n\
+             progress = \"{name}.redb\"\nresults = \"{name}.jsonl\"\n\n",
+            files[0].display().to_string()
+        )
+    };
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[functions.sum]\npath = {:?}\n\n{}{}",
+            sum.dir.display().to_string(),
+            job("arrow", "arrow"),
+            job("parquet", "parquet")
+        ),
+    )
+    .unwrap();
+    let mut totals = Vec::new();
+    for name in ["arrow", "parquet"] {
+        let (mut coord, addr) = coordinator(&pipeline, name);
+        let w = worker("worker", &pipeline, name, &addr);
+        let (status, out) = coord.finish();
+        assert!(status.success(), "{out}\n{}", coord.log());
+        stop(w);
+        let items: u64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("items: "))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"));
+        let (mut rows, mut quantity) = (0, 0.0);
+        for line in std::fs::read_to_string(dir.path().join(format!("{name}.jsonl")))
+            .unwrap()
+            .lines()
+        {
+            let r: Value = serde_json::from_str(line).unwrap();
+            rows += r["response"]["rows"].as_u64().unwrap();
+            let q = &r["response"]["sums"]["l_quantity"];
+            quantity += q
+                .as_f64()
+                .or_else(|| q.as_str()?.parse().ok())
+                .unwrap_or_else(|| panic!("{line}"));
+        }
+        assert_eq!(rows, items, "{name}: {out}");
+        totals.push((rows, quantity));
+    }
+    assert!(totals[0].0 > 5_000, "{totals:?}");
+    assert_eq!(totals[0], totals[1]);
+}

@@ -43,6 +43,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -152,6 +154,10 @@ struct Task {
     /// stages the bytes for the call.
     #[serde(default)]
     object_bytes: Option<u64>,
+    /// With `payload_file`: the columnar payload (base64) the worker stages
+    /// as a file for the call, at the path the event names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    attachment: Option<String>,
 }
 
 /// The outcome of one task, as published on the results topic.
@@ -381,13 +387,6 @@ pub async fn coordinate(
     hooks: Hooks,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, BackfillError> {
-    if cfg.payload_file {
-        return Err(BackfillError::Config(
-            "payload_file stages payloads in a local sandbox: tasks published for \
-             --distributed workers carry them in the event (leave payload_file out)"
-                .into(),
-        ));
-    }
     if cfg.order.is_active() || !cfg.file_dependencies.is_empty() {
         return Err(BackfillError::Config(
             "order_key and dependencies need a single scheduler: they cannot be used with \
@@ -434,6 +433,8 @@ pub async fn coordinate(
                     Ok(false) => {}
                     Ok(true) => {
                         let id = call.id();
+                        let (payload, attachment) =
+                            call.event(&id, serde_json::Map::new(), run.cfg.payload_file);
                         let task = Task {
                             job: job.to_owned(),
                             call_id: id.clone(),
@@ -441,11 +442,14 @@ pub async fn coordinate(
                             max_attempts: run.cfg.max_attempts,
                             source: call.source.clone(),
                             count: call.len() as u64,
-                            payload: run.with_batch_input(call.payload(&id, serde_json::Map::new())),
+                            payload: run.with_batch_input(payload),
                             first_item: call.first,
                             keep_response: run.progress.keeps_results(),
                             object_bytes: (run.cfg.input.format == crate::Format::Objects)
                                 .then_some(run.cfg.max_object_bytes),
+                            attachment: attachment
+                                .filter(|_| run.cfg.input.format != crate::Format::Objects)
+                                .map(|a| BASE64.encode(a)),
                         };
                         let record = OutRecord {
                             key: Some(id.clone().into_bytes()),
@@ -712,6 +716,20 @@ fn item_payload(payload: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The rows of a failed call whose columnar payload was staged as a file,
+/// as JSON (as a local run's dead-letter line has them).
+fn staged_items(payload: &str, file: &[u8]) -> Value {
+    let field = serde_json::from_str::<Value>(payload)
+        .ok()
+        .and_then(|v| {
+            ["parquet_file", "arrow_file"]
+                .into_iter()
+                .find(|f| v.get(f).is_some())
+        })
+        .unwrap_or("arrow_file");
+    crate::attachment_rows(field, file)
+}
+
 /// What a worker did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerSummary {
@@ -880,8 +898,16 @@ async fn handle_task(
             return Outcome::Malformed;
         }
     };
+    let staged = match task.attachment.as_deref().map(|a| BASE64.decode(a)) {
+        None => None,
+        Some(Ok(bytes)) => Some(bytes::Bytes::from(bytes)),
+        Some(Err(e)) => {
+            tracing::error!(call = %task.call_id, error = %e, "skipping a task whose attachment is not base64");
+            return Outcome::Malformed;
+        }
+    };
     let (payload, attachment) = match task.object_bytes {
-        None => (task.payload.clone(), None),
+        None => (task.payload.clone(), staged),
         Some(limit) => match object_event(&task, limit).await {
             Ok(staged) => staged,
             Err(not) => {
@@ -910,7 +936,7 @@ async fn handle_task(
         executor,
         &task.function,
         &payload,
-        attachment,
+        attachment.clone(),
         task.max_attempts,
         |attempt, e| tracing::debug!(call = %task.call_id, attempt, error = %e, "retrying"),
     )
@@ -950,7 +976,10 @@ async fn handle_task(
             attempts,
             error_type: Some(e.error_type().to_owned()),
             error: Some(e.to_string()),
-            items: item_payload(&payload),
+            items: match attachment.as_deref().filter(|_| task.attachment.is_some()) {
+                Some(file) => staged_items(&payload, file),
+                None => item_payload(&payload),
+            },
             response: None,
             first_item: task.first_item,
             worker: worker.to_owned(),
@@ -1074,6 +1103,32 @@ mod tests {
         // later ones are not kept.
         assert!(seen.add(other[0].clone()).is_none());
         assert!(seen.calls.is_empty());
+    }
+
+    /// A failed call's staged Arrow stream or Parquet file comes back as
+    /// JSON rows for the dead-letter file, as a local run writes them.
+    #[test]
+    fn staged_payloads_of_failed_calls_are_dead_lettered_as_rows() {
+        use arrow_array::{ArrayRef, Int64Array, RecordBatch};
+        let batch =
+            RecordBatch::try_from_iter([("n", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef)])
+                .unwrap();
+        let stream =
+            crate::read::ipc_stream(std::slice::from_ref(&batch), crate::ArrowCompression::None);
+        let mut parquet = Vec::new();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(&mut parquet, batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let rows = serde_json::json!([{"n": 1}, {"n": 2}]);
+        let event = |field: &str| format!("{{\"{field}\":\"/run/sluice/payload\",\"batch\":{{}}}}");
+        assert_eq!(staged_items(&event("arrow_file"), &stream), rows);
+        assert_eq!(staged_items(&event("parquet_file"), &parquet), rows);
+        let broken = staged_items(&event("parquet_file"), b"not parquet");
+        assert!(
+            broken.as_str().unwrap().starts_with("rows not readable"),
+            "{broken}"
+        );
     }
 
     #[test]

@@ -915,6 +915,35 @@ impl std::fmt::Debug for Hooks {
     }
 }
 
+/// Record batches as a JSON array of row objects (for dead-letter lines).
+fn rows_json(rows: &[RecordBatch]) -> Value {
+    let mut writer = arrow_json::ArrayWriter::new(Vec::new());
+    let converted = rows
+        .iter()
+        .try_for_each(|b| writer.write(b))
+        .and_then(|()| writer.finish());
+    match converted {
+        Ok(()) => serde_json::from_slice(&writer.into_inner()).unwrap_or(Value::Null),
+        Err(e) => json!(format!("rows not convertible to JSON: {e}")),
+    }
+}
+
+/// The rows of a staged columnar payload (`parquet_file` or `arrow_file`,
+/// as [`Call::event`] names the field) as JSON, for dead-letter lines.
+pub(crate) fn attachment_rows(field: &str, bytes: &[u8]) -> Value {
+    let batches = if field == "parquet_file" {
+        splice::decode(bytes)
+    } else {
+        arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+            .and_then(|r| r.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| e.to_string())
+    };
+    match batches {
+        Ok(b) => rows_json(&b),
+        Err(e) => json!(format!("rows not readable: {e}")),
+    }
+}
+
 /// Expands paths and glob patterns into existing files: each pattern's
 /// matches sorted, patterns in the order given, duplicates dropped, paths
 /// made absolute (call ids contain them).
@@ -1266,15 +1295,7 @@ impl Call {
             None if self.rows.is_empty() => return Value::Array(self.items.clone()),
             None => &self.rows,
         };
-        let mut writer = arrow_json::ArrayWriter::new(Vec::new());
-        let converted = rows
-            .iter()
-            .try_for_each(|b| writer.write(b))
-            .and_then(|()| writer.finish());
-        match converted {
-            Ok(()) => serde_json::from_slice(&writer.into_inner()).unwrap_or(Value::Null),
-            Err(e) => json!(format!("rows not convertible to JSON: {e}")),
-        }
+        rows_json(rows)
     }
 
     /// The event and, with `as_file` and a columnar payload, its attachment:
