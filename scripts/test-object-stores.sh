@@ -116,6 +116,7 @@ cargo test -p sluice-ingest --test kafka_semantics -- failure_destination
 cargo test --test bench_cli s3
 cargo test -p sluice-mapreduce --test wordcount -- output_to_s3 output_to_azure
 cargo test --test mapreduce_cli s3
+cargo test --test backfill_distributed s3
 # The tests skip themselves without their variables: make sure they ran here.
 # ran LOG PATTERN WHAT: the server's LOG has a request matching PATTERN.
 ran() {
@@ -146,6 +147,8 @@ ran "$az_log" "/devstoreaccount1/$container/sluice-test-dlq-" \
     "the Kafka on-failure Azure test wrote nothing on Azurite"
 ran "$s3_log" "PUT /$bucket/sluice-mapreduce-[0-9][^ ]*/counts/_SUCCESS" \
     "the MapReduce S3 test put no _SUCCESS on moto"
+ran "$s3_log" "PUT /$bucket/sluice-distributed-[0-9][^ ]*/results.jsonl" \
+    "the distributed backfill S3 test uploaded no results to moto"
 ran "$s3_log" "PUT /$bucket/sluice-mapreduce-cli-[0-9][^ ]*/counts/_SUCCESS" \
     "the sluice mapreduce S3 test put no _SUCCESS on moto"
 ran "$az_log" "/devstoreaccount1/$container/sluice-mapreduce-[0-9].*counts/_SUCCESS" \

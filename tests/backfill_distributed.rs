@@ -528,3 +528,58 @@ fn workers_stage_columnar_payloads_as_files() {
     assert!(totals[0].0 > 5_000, "{totals:?}");
     assert_eq!(totals[0], totals[1]);
 }
+
+/// A distributed job's `results` at an S3 URL (`SLUICE_TEST_S3`, set by
+/// `scripts/test-object-stores.sh`): the coordinator uploads the responses
+/// the workers sent back when the job ends.
+#[test]
+fn a_coordinator_uploads_results_to_s3() {
+    use object_store::ObjectStore;
+
+    let Ok(bucket) = std::env::var("SLUICE_TEST_S3") else {
+        eprintln!("skipped: SLUICE_TEST_S3 is not set (scripts/test-object-stores.sh sets it)");
+        return;
+    };
+    let bucket = bucket.trim_end_matches('/');
+    let dir = TempDir::new().unwrap();
+    let (pipeline, _functions) = setup(dir.path());
+    let key = format!(
+        "{}/results.jsonl",
+        sluice_test_support::stores::fresh_prefix("sluice-distributed")
+    );
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    std::fs::write(
+        &pipeline,
+        text.replace(
+            "results = \"replay-results.jsonl\"",
+            &format!("results = \"{bucket}/{key}\""),
+        ),
+    )
+    .unwrap();
+    let (mut coord, addr) = coordinator(&pipeline, "replay");
+    let w = worker("worker", &pipeline, "replay", &addr);
+    let (status, out) = coord.finish();
+    assert!(status.success(), "{out}\n{}", coord.log());
+    stop(w);
+    let store = object_store::aws::AmazonS3Builder::from_env()
+        .with_url(bucket)
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let bytes = rt
+        .block_on(async {
+            store
+                .get(&object_store::path::Path::from(key.as_str()))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+        })
+        .unwrap();
+    let lines: Vec<Value> = String::from_utf8_lossy(&bytes)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 30);
+    assert!(lines.iter().all(|l| l["count"] == 10), "{lines:?}");
+}
