@@ -33,6 +33,11 @@
 //!   they share at the same path), completes the item and stages the bytes
 //!   for the call, as a local run does. An object over `max_object_bytes`
 //!   or unreadable is a failed result without a call.
+//! - With `payload_file`, a task carries the columnar payload (base64 in
+//!   the task, within [`MAX_TASK_BYTES`]) and the worker stages it as the
+//!   call's file; a failed call's rows come back as JSON rows.
+//! - Workers given [`Metrics`] count their calls per job (`sluice_job_*`),
+//!   for `sluice worker --metrics-addr`.
 //!
 //! Ordering options (`order_key`, dependencies) need one scheduler that sees
 //! every item; they are refused in distributed mode.
