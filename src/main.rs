@@ -179,29 +179,7 @@ enum Command {
     },
     /// Process the tasks of distributed backfills (`sluice backfill
     /// --distributed`) until SIGINT/SIGTERM; run any number of workers.
-    Worker {
-        /// The pipeline file declaring the jobs and functions.
-        pipeline: PathBuf,
-        /// Jobs to serve (default: every `[job.NAME]` of the pipeline).
-        jobs: Vec<String>,
-        /// The Kafka cluster (default: the first job's `bootstrap_servers`).
-        #[arg(long)]
-        bootstrap_servers: Option<String>,
-        /// Calls in flight (default: the largest concurrency of the jobs;
-        /// 1 to 1,000).
-        #[arg(long, value_parser = commands::backfill::concurrency)]
-        concurrency: Option<usize>,
-        /// Stop once no task arrived or finished for this long, e.g. `10s`.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        stop_when_idle: Option<std::time::Duration>,
-        /// Serve Prometheus metrics at this address (e.g. 127.0.0.1:9464):
-        /// calls per job by outcome, retries, call durations, warm pools.
-        #[arg(long)]
-        metrics_addr: Option<String>,
-        /// Do not print the functions' log lines.
-        #[arg(long, short)]
-        quiet: bool,
-    },
+    Worker(commands::worker::WorkerArgs),
     /// State carried by stateful triggers and jobs (`state = {...}`).
     #[command(subcommand)]
     State(StateCommand),
@@ -461,26 +439,7 @@ async fn dispatch(command: Command) -> u8 {
                     .expect("clap requires PIPELINE or --pipeline");
                 commands::backfill::run(pipeline, job, *options).await
             }
-            Command::Worker {
-                pipeline,
-                jobs,
-                bootstrap_servers,
-                concurrency,
-                stop_when_idle,
-                metrics_addr,
-                quiet,
-            } => {
-                commands::worker::run(commands::worker::WorkerArgs {
-                    pipeline,
-                    jobs,
-                    bootstrap_servers,
-                    concurrency,
-                    stop_when_idle,
-                    metrics_addr,
-                    quiet,
-                })
-                .await
-            }
+            Command::Worker(args) => commands::worker::run(args).await,
             Command::Mapreduce {
                 pipeline,
                 job,

@@ -10,21 +10,28 @@ use super::backfill::kafka_for;
 use crate::exit;
 
 /// `sluice worker`'s command line.
-#[derive(Debug)]
+#[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
-    /// The pipeline file.
+    /// The pipeline file declaring the jobs and functions.
     pub pipeline: PathBuf,
-    /// Jobs to serve (empty: all).
+    /// Jobs to serve (default: every `[job.NAME]` of the pipeline).
     pub jobs: Vec<String>,
-    /// `--bootstrap-servers`.
+    /// The Kafka cluster (default: the first job's `bootstrap_servers`).
+    #[arg(long)]
     pub bootstrap_servers: Option<String>,
-    /// `--concurrency`.
+    /// Calls in flight (default: the largest concurrency of the jobs;
+    /// 1 to 1,000).
+    #[arg(long, value_parser = super::backfill::concurrency)]
     pub concurrency: Option<usize>,
-    /// `--stop-when-idle`.
+    /// Stop once no task arrived or finished for this long, e.g. `10s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub stop_when_idle: Option<Duration>,
-    /// `--metrics-addr`.
+    /// Serve Prometheus metrics at this address (e.g. 127.0.0.1:9464):
+    /// calls per job by outcome, retries, call durations, warm pools.
+    #[arg(long)]
     pub metrics_addr: Option<String>,
-    /// `--quiet`.
+    /// Do not print the functions' log lines.
+    #[arg(long, short)]
     pub quiet: bool,
 }
 
