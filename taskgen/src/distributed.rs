@@ -557,6 +557,12 @@ async fn record_result(
 /// default `message.max.bytes` (1,000,000), less room for the rest.
 const MAX_RESULT_BYTES: usize = 900_000;
 
+/// The most pieces a result may come in: a 6 MB response whose every
+/// character JSON escapes sixfold needs about 45; a message claiming more
+/// is not a sluice worker's (and must not make the coordinator allocate
+/// for them).
+const MAX_PIECES: usize = 1024;
+
 /// The longest error message a failed result carries.
 const MAX_ERROR_BYTES: usize = 16 * 1024;
 
@@ -581,7 +587,7 @@ impl Pieces {
         };
         let of = part.of.max(1) as usize;
         let index = part.index as usize;
-        if index >= of {
+        if index >= of || of > MAX_PIECES {
             tracing::warn!(call = %r.call_id, index, of, "ignoring a result piece out of range");
             return None;
         }
@@ -1134,6 +1140,21 @@ mod tests {
             broken.as_str().unwrap().starts_with("rows not readable"),
             "{broken}"
         );
+    }
+
+    #[test]
+    fn pieces_out_of_range_are_ignored() {
+        let mut seen = Pieces::default();
+        for (index, of) in [(3, 2), (0, u32::MAX)] {
+            let mut r = result(Some("x".into()));
+            r.part = Some(Part {
+                index,
+                of,
+                nonce: "n".into(),
+            });
+            assert!(seen.add(r).is_none());
+        }
+        assert!(seen.calls.is_empty());
     }
 
     #[test]
