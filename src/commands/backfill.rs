@@ -771,8 +771,17 @@ pub async fn prepare(
                 return Err(exit::USAGE);
             }
         };
+        // What a run would skip, or why it would not start.
+        let done = match sluice_taskgen::calls_done(&progress) {
+            Ok(None) => "new".to_owned(),
+            Ok(Some(n)) => format!("{n} calls done by earlier runs: a run skips them"),
+            Err(BackfillError::ProgressInUse { .. }) => {
+                "in use: a backfill with this store is running".to_owned()
+            }
+            Err(e) => format!("unreadable: {e}"),
+        };
         println!(
-            "progress in {}, failed items in {}, responses {results}",
+            "progress in {} ({done}), failed items in {}, responses {results}",
             progress.display(),
             dead_letter.display(),
         );

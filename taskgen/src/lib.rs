@@ -76,6 +76,7 @@ mod read;
 mod source;
 mod splice;
 
+pub use progress::calls_done;
 pub use source::{register_object_store, results_target};
 mod schedule;
 

@@ -218,6 +218,38 @@ pub(crate) struct DeadLetter {
 
 /// Makes the folder of the file at `path` (progress store, dead letters)
 /// if it is not there yet.
+/// How many calls the progress store at `path` records as done, read
+/// without taking the store (a dry run's report); `None` when there is no
+/// store there yet.
+///
+/// # Errors
+/// [`BackfillError::ProgressInUse`] while a run holds it; an unreadable
+/// store as [`BackfillError::Progress`].
+pub fn calls_done(path: &Path) -> Result<Option<u64>, BackfillError> {
+    use redb::ReadableTableMetadata as _;
+    if !path.exists() {
+        return Ok(None);
+    }
+    let err = |e: redb::Error| BackfillError::Progress {
+        path: path.to_path_buf(),
+        source: Arc::new(e),
+    };
+    let db = redb::ReadOnlyDatabase::open(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => BackfillError::ProgressInUse {
+            path: path.to_path_buf(),
+        },
+        e => err(e.into()),
+    })?;
+    let tx = db.begin_read().map_err(|e| err(e.into()))?;
+    let table = match tx.open_table(SUCCEEDED) {
+        Ok(t) => t,
+        // A store a stateful fold keeps has no table of calls.
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Some(0)),
+        Err(e) => return Err(err(e.into())),
+    };
+    table.len().map(Some).map_err(|e| err(e.into()))
+}
+
 fn make_parent(path: &Path) -> std::io::Result<()> {
     match path.parent().filter(|p| !p.as_os_str().is_empty()) {
         Some(parent) => std::fs::create_dir_all(parent),
@@ -338,6 +370,28 @@ impl DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dry run's count: none without a store, the calls recorded, and
+    /// "in use" while a run holds the store.
+    #[tokio::test]
+    async fn calls_done_are_counted_without_taking_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.redb");
+        assert_eq!(calls_done(&path).unwrap(), None);
+        let progress = Progress::open(&path, "layout", None).unwrap();
+        for id in ["a", "b"] {
+            let success = Success {
+                call_id: id.into(),
+                attempts: 1,
+                result: None,
+            };
+            progress.record(success).await.unwrap();
+        }
+        let e = calls_done(&path).unwrap_err();
+        assert!(matches!(e, BackfillError::ProgressInUse { .. }), "{e}");
+        drop(progress);
+        assert_eq!(calls_done(&path).unwrap(), Some(2));
+    }
 
     /// Lines of calls the store does not hold (written just before a
     /// crash) and a torn last line are dropped when the file is opened;

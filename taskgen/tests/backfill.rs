@@ -498,6 +498,7 @@ fn cli_dry_run_and_backfill() {
     );
     // Where a run would keep its outputs.
     assert!(out.contains("responses not kept (give --results"), "{out}");
+    assert!(out.contains(".redb (new), failed items in"), "{out}");
     let (code, out, err) = run(&["--dry-run", "--results", "out/r.jsonl"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("responses in out/r.jsonl"), "{out}");
@@ -532,6 +533,13 @@ fn cli_dry_run_and_backfill() {
     let (code, out, err) = run(&["-q"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("3 skipped"), "{out}");
+    // A dry run says what a run would skip.
+    let (code, out, err) = run(&["--dry-run"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("(3 calls done by earlier runs: a run skips them)"),
+        "{out}"
+    );
     // The default progress store lives next to the data.
     assert!(std::fs::read_dir(&data).unwrap().any(|e| {
         e.unwrap()
