@@ -534,19 +534,14 @@ fn workers_stage_columnar_payloads_as_files() {
 /// the workers sent back when the job ends.
 #[test]
 fn a_coordinator_uploads_results_to_s3() {
-    use object_store::ObjectStore;
+    use sluice_test_support::stores::{Remote, fresh_prefix, read_object};
 
-    let Ok(bucket) = std::env::var("SLUICE_TEST_S3") else {
-        eprintln!("skipped: SLUICE_TEST_S3 is not set (scripts/test-object-stores.sh sets it)");
+    let Some((bucket, store)) = Remote::S3.bucket() else {
         return;
     };
-    let bucket = bucket.trim_end_matches('/');
     let dir = TempDir::new().unwrap();
     let (pipeline, _functions) = setup(dir.path());
-    let key = format!(
-        "{}/results.jsonl",
-        sluice_test_support::stores::fresh_prefix("sluice-distributed")
-    );
+    let key = format!("{}/results.jsonl", fresh_prefix("sluice-distributed"));
     let text = std::fs::read_to_string(&pipeline).unwrap();
     std::fs::write(
         &pipeline,
@@ -561,21 +556,7 @@ fn a_coordinator_uploads_results_to_s3() {
     let (status, out) = coord.finish();
     assert!(status.success(), "{out}\n{}", coord.log());
     stop(w);
-    let store = object_store::aws::AmazonS3Builder::from_env()
-        .with_url(bucket)
-        .build()
-        .unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let bytes = rt
-        .block_on(async {
-            store
-                .get(&object_store::path::Path::from(key.as_str()))
-                .await
-                .unwrap()
-                .bytes()
-                .await
-        })
-        .unwrap();
+    let bytes = read_object(store.as_ref(), &key);
     let lines: Vec<Value> = String::from_utf8_lossy(&bytes)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -303,17 +303,15 @@ fn a_killed_run_on_the_embedded_broker_is_rerun_from_scratch_with_the_same_resul
 /// naming the URL, and the staged output stays.
 #[test]
 fn mapreduce_output_goes_to_an_s3_prefix() {
-    use object_store::ObjectStore;
+    use sluice_test_support::stores::{Remote, fresh_prefix, read_object};
 
-    let Ok(bucket) = std::env::var("SLUICE_TEST_S3") else {
-        eprintln!("skipped: SLUICE_TEST_S3 is not set (scripts/test-object-stores.sh sets it)");
+    let Some((bucket, store)) = Remote::S3.bucket() else {
         return;
     };
-    let bucket = bucket.trim_end_matches('/');
     let dir = TempDir::new().unwrap();
     let f = function_fixture("wordcount");
     std::fs::write(dir.path().join("in.txt"), "a b a\nB c\n\nA\n").unwrap();
-    let prefix = sluice_test_support::stores::fresh_prefix("sluice-mapreduce-cli");
+    let prefix = fresh_prefix("sluice-mapreduce-cli");
     let pipeline = word_count_pipeline(
         dir.path(),
         &f,
@@ -344,23 +342,17 @@ fn mapreduce_output_goes_to_an_s3_prefix() {
         "{stdout}"
     );
 
-    let store = object_store::aws::AmazonS3Builder::from_env()
-        .with_url(bucket)
-        .build()
-        .unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let mut lines: Vec<String> = Vec::new();
     for p in 0..2 {
-        let key = object_store::path::Path::from(format!("{prefix}/counts/part-{p:05}.jsonl"));
-        let bytes = rt
-            .block_on(async { store.get(&key).await.unwrap().bytes().await })
-            .unwrap();
+        let bytes = read_object(
+            store.as_ref(),
+            &format!("{prefix}/counts/part-{p:05}.jsonl"),
+        );
         lines.extend(String::from_utf8_lossy(&bytes).lines().map(str::to_owned));
     }
     lines.sort();
     assert_eq!(lines, IN_TXT_COUNTS);
-    let success = object_store::path::Path::from(format!("{prefix}/counts/_SUCCESS"));
-    rt.block_on(store.head(&success)).unwrap();
+    read_object(store.as_ref(), &format!("{prefix}/counts/_SUCCESS"));
 
     let out = run("lost");
     let stderr = String::from_utf8_lossy(&out.stderr);

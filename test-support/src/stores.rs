@@ -78,3 +78,22 @@ pub fn fresh_prefix(name: &str) -> String {
         .map_or(0, |d| d.as_nanos());
     format!("{name}-{}-{nanos}", std::process::id())
 }
+
+/// The bytes of the object at `key` in `store`, from code that is not
+/// async (a CLI test); panics, naming the key, when it cannot be read.
+pub fn read_object(store: &dyn ObjectStore, key: &str) -> Vec<u8> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime
+        .block_on(async {
+            store
+                .get(&object_store::path::Path::from(key))
+                .await?
+                .bytes()
+                .await
+        })
+        .unwrap_or_else(|e| panic!("reading {key}: {e}"))
+        .to_vec()
+}
