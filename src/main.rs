@@ -173,6 +173,10 @@ enum Command {
         /// else every item). Its output replaces the folder's.
         #[arg(long, value_name = "N", value_parser = commands::backfill::max_items)]
         max_items: Option<u64>,
+        /// Print the plan (files, items, map tasks, reduce partitions and
+        /// where the output goes); call nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Do not print the functions' log lines.
         #[arg(long, short)]
         quiet: bool,
@@ -446,12 +450,14 @@ async fn dispatch(command: Command) -> u8 {
                 bootstrap_servers,
                 shuffle_topic,
                 max_items,
+                dry_run,
                 quiet,
             } => {
                 let run = commands::mapreduce::Run {
                     bootstrap: bootstrap_servers,
                     shuffle_topic,
                     max_items,
+                    dry_run,
                     quiet,
                 };
                 commands::mapreduce::run(&pipeline, &job, run).await

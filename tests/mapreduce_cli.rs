@@ -27,6 +27,19 @@ fn mapreduce_job_writes_part_files_and_names_bad_jobs() {
         &format!("{}max_items_per_call = 2\n", word_count_job("wc", "out")),
     );
     let run = |job: &str| run_job(&pipeline, job, &[]);
+    // The plan first: map tasks as a backfill's calls, then the reduce side.
+    let out = run_job(&pipeline, "wc", &["--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("total: 1 files, 4 items, 0 unreadable, 2 calls of up to 2 items"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("map: the calls above are the map tasks (m); reduce: 2 partitions"),
+        "{stdout}"
+    );
+    assert!(!dir.path().join("out").exists(), "a dry run writes nothing");
     let out = run("wc");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -547,7 +547,9 @@ async fn sample(
     }
 }
 
-async fn dry_run(
+/// Prints the plan of calls over `sources` (also MapReduce's map tasks);
+/// the exit code.
+pub(crate) async fn dry_run(
     sources: &[PathBuf],
     input: &Input,
     (limits, payload): (Limits, PayloadFormat),

@@ -40,6 +40,8 @@ pub struct Run {
     pub shuffle_topic: Option<String>,
     /// A sample: the first items only, over the job's `max_items`.
     pub max_items: Option<u64>,
+    /// Print the plan only.
+    pub dry_run: bool,
     /// No function log lines.
     pub quiet: bool,
 }
@@ -50,6 +52,7 @@ pub async fn run(pipeline: &Path, job: &str, opts: Run) -> u8 {
         bootstrap,
         shuffle_topic,
         max_items,
+        dry_run,
         quiet,
     } = opts;
     let p = match super::load_pipeline(pipeline) {
@@ -128,6 +131,40 @@ pub async fn run(pipeline: &Path, job: &str, opts: Run) -> u8 {
                 return exit::USAGE;
             }
         }
+    }
+    if dry_run {
+        // The map tasks are the splits a backfill of the same settings
+        // would call.
+        let limits = sluice_taskgen::Limits {
+            items: j.max_items_per_call as usize,
+            bytes: sluice_pipeline::DEFAULT_MAX_BYTES_PER_CALL,
+        };
+        let code = super::backfill::dry_run(
+            &sources,
+            &input,
+            (limits, j.payload),
+            (&sluice_taskgen::OrderConfig::default(), 0),
+            &[],
+        )
+        .await;
+        if code == exit::OK {
+            println!(
+                "map: the calls above are the map tasks ({}{}); reduce: {} partitions, up to {} keys per {} call; output: {}",
+                j.map,
+                j.combine
+                    .as_deref()
+                    .map(|c| format!(", combined by {c}"))
+                    .unwrap_or_default(),
+                j.reduce_partitions,
+                j.groups_per_call,
+                j.reduce,
+                match &j.output_url {
+                    Some(url) => format!("{url}/ (staged in {})", j.output.display()),
+                    None => j.output.display().to_string(),
+                }
+            );
+        }
+        return code;
     }
     let cfg = MapReduceConfig {
         job: j.name.clone(),
