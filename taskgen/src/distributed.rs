@@ -25,7 +25,7 @@
 //!   again (a duplicate result is harmless).
 //! - A kept response too large for one result message (Kafka's default
 //!   limit is about 1 MB; a response may be Lambda's 6 MB) is published in
-//!   pieces, which the coordinator puts back together ([`Pieces`]).
+//!   pieces, which the coordinator puts back together (`Pieces`).
 //!
 //! - With `format = "objects"` a task carries the object's item, not its
 //!   bytes: the worker fetches the object (so workers must reach the

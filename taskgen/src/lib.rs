@@ -551,7 +551,7 @@ pub struct BackfillConfig {
     /// Dead-letter JSON lines file.
     pub dead_letter: PathBuf,
     /// JSON-lines file of each successful call's response (see
-    /// [`progress`]'s `result_line`); `None`: responses are not kept. Not
+    /// `progress::result_line`); `None`: responses are not kept. Not
     /// with `state`.
     pub results: Option<PathBuf>,
     /// Attempts per call (at least 1).

@@ -7,7 +7,7 @@
 //!   [`Record`] at once (no borrowed message outlives a poll, so dropping the
 //!   consumer cannot hang on held messages), routes records to their
 //!   partition's lane, and is the only place that commits, pauses and
-//!   resumes. Lanes talk to it through a [`Control`] channel.
+//!   resumes. Lanes talk to it through a `Control` channel.
 //! * One **lane** per assigned partition (tokio tasks): a dispatcher hashes
 //!   records by key onto `parallelization_factor` sub-lanes; each sub-lane
 //!   runs one batch at a time, in offset order (see `lane.rs`).
