@@ -452,9 +452,7 @@ pub async fn coordinate(
                             keep_response: run.progress.keeps_results(),
                             object_bytes: (run.cfg.input.format == crate::Format::Objects)
                                 .then_some(run.cfg.max_object_bytes),
-                            attachment: attachment
-                                .filter(|_| run.cfg.input.format != crate::Format::Objects)
-                                .map(|a| BASE64.encode(a)),
+                            attachment: attachment.map(|a| BASE64.encode(a)),
                         };
                         let record = OutRecord {
                             key: Some(id.clone().into_bytes()),

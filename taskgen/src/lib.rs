@@ -1830,14 +1830,6 @@ impl Run {
         }))
     }
 
-    /// The local results file, if responses are kept.
-    fn progress_results(&self) -> Option<PathBuf> {
-        match &self.results_upload {
-            Some(_) => Some(local_results_path(&self.cfg.progress)),
-            None => self.cfg.results.clone(),
-        }
-    }
-
     fn snapshot(&self) -> Summary {
         let mut s = self
             .summary
@@ -2487,8 +2479,8 @@ pub(crate) async fn upload_results(
         Ok(s) => !s.interrupted,
         Err(e) => matches!(e, BackfillError::TooManyFailures { .. }),
     };
-    if ended && let Some(local) = run.progress_results() {
-        source::upload(&local, url).await?;
+    if ended {
+        source::upload(&local_results_path(&run.cfg.progress), url).await?;
     }
     result
 }

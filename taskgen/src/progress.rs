@@ -216,8 +216,6 @@ pub(crate) struct DeadLetter {
     earlier: Mutex<HashSet<String>>,
 }
 
-/// Makes the folder of the file at `path` (progress store, dead letters)
-/// if it is not there yet.
 /// How many calls the progress store at `path` records as done, read
 /// without taking the store (a dry run's report); `None` when there is no
 /// store there yet.
@@ -250,6 +248,8 @@ pub fn calls_done(path: &Path) -> Result<Option<u64>, BackfillError> {
     table.len().map(Some).map_err(|e| err(e.into()))
 }
 
+/// Makes the folder of the file at `path` (progress store, dead letters)
+/// if it is not there yet.
 fn make_parent(path: &Path) -> std::io::Result<()> {
     match path.parent().filter(|p| !p.as_os_str().is_empty()) {
         Some(parent) => std::fs::create_dir_all(parent),

@@ -106,6 +106,14 @@ fn has_glob(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
+/// The local path a `file://` URL names (no host, or `localhost`).
+fn file_url_path(url: &Url<'_>) -> Result<String, &'static str> {
+    if !url.authority.is_empty() && url.authority != "localhost" {
+        return Err("file:// URLs must name a local path");
+    }
+    Ok(format!("/{}", url.key))
+}
+
 /// Expands a URL source: `None` for a plain path (the caller globs it);
 /// `file://` as the local path or pattern it names; for remote URLs, every
 /// object below a prefix (`s3://b/dir/`), the objects of one folder whose
@@ -116,10 +124,7 @@ pub(crate) fn resolve(pattern: &str) -> Result<Option<Vec<PathBuf>>, BackfillErr
         return Ok(None);
     };
     if url.scheme == "file" {
-        if !url.authority.is_empty() && url.authority != "localhost" {
-            return Err(bad_pattern(pattern, "file:// URLs must name a local path"));
-        }
-        let local = format!("/{}", url.key);
+        let local = file_url_path(&url).map_err(|m| bad_pattern(pattern, m))?;
         return crate::resolve_sources(&[local])
             .map(Some)
             .map_err(|e| match e {
@@ -504,10 +509,7 @@ pub fn results_target(results: &Path) -> Result<PathBuf, BackfillError> {
     };
     let bad = |message: &str| BackfillError::Config(format!("results {text}: {message}"));
     if url.scheme == "file" {
-        if !url.authority.is_empty() && url.authority != "localhost" {
-            return Err(bad("file:// URLs must name a local path"));
-        }
-        return Ok(PathBuf::from(format!("/{}", url.key)));
+        return file_url_path(&url).map(PathBuf::from).map_err(bad);
     }
     if !REMOTE_SCHEMES.contains(&url.scheme) {
         return Err(bad(&format!(
