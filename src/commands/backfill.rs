@@ -762,7 +762,7 @@ pub async fn prepare(
         // Checked as a run checks it before calling anything.
         let results = match set.results.as_deref().map(sluice_taskgen::results_target) {
             None => "not kept (give --results or results = to keep them)".to_owned(),
-            Some(Ok(r)) if r.to_string_lossy().contains("://") => format!(
+            Some(Ok(r)) if sluice_taskgen::is_remote(&r) => format!(
                 "kept in {}, uploaded to {} when the job ends",
                 sluice_taskgen::local_results_path(&progress).display(),
                 r.display()
@@ -949,7 +949,7 @@ pub fn conclude(
             }
             match results {
                 // An object store gets them when the job ends.
-                Some(url) if s.interrupted && url.to_string_lossy().contains("://") => {
+                Some(url) if s.interrupted && sluice_taskgen::is_remote(url) => {
                     crate::log_plain!("responses go to {} when the job ends", url.display());
                 }
                 Some(results) => crate::log_plain!(

@@ -77,7 +77,7 @@ mod source;
 mod splice;
 
 pub use progress::calls_done;
-pub use source::{register_object_store, results_target};
+pub use source::{is_remote, register_object_store, results_target};
 mod schedule;
 
 use std::collections::{HashMap, HashSet};

@@ -42,7 +42,7 @@ static IO: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
 
 /// Whether `source` is a URL read through `object_store` (not a local path,
 /// not `file://`).
-pub(crate) fn is_remote(source: &Path) -> bool {
+pub fn is_remote(source: &Path) -> bool {
     source
         .to_str()
         .and_then(split)
