@@ -1,5 +1,6 @@
-//! `sluice bench kafka` as a user runs it: a short run end to end, so that
-//! the benchmark cannot rot unnoticed, and its flags' errors.
+//! `sluice bench kafka`, `objects` and `invoke` as a user runs them: short
+//! runs end to end, so that the benchmarks cannot rot unnoticed, and their
+//! flags' errors.
 
 use std::process::{Command, Output};
 
@@ -99,6 +100,32 @@ fn a_managed_property_is_refused_with_its_name() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("is not KEY=VALUE"), "{stderr}");
+}
+
+/// A short `sluice bench invoke` measures warm calls both ways, unpinned
+/// and with `pin_cpu`, and prints their ratio.
+#[test]
+fn a_short_invoke_bench_measures_pinned_and_unpinned_sandboxes() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let (_echo, p) = echo_pipeline(tmp.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env("SLUICE_AGENT", agent_binary())
+        .args(["bench", "invoke", "-p"])
+        .arg(&p)
+        .args(["-f", "echo", "-n", "20", "--spawn-iterations", "3"])
+        .output()
+        .expect("running sluice bench invoke");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    for want in [
+        "warm invoke (sandbox, pooled)            n=20 ",
+        "warm invoke (sandbox, pooled, pin_cpu)   n=20 ",
+        "ratio warm p50 unpinned / pinned (pin_cpu): ",
+        "targets (pin_cpu = false): warm p50",
+    ] {
+        assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
+    }
 }
 
 fn bench_objects(pipeline: &std::path::Path, function: &str, extra: &[&str]) -> Output {

@@ -53,6 +53,12 @@ pub struct FunctionSpec {
     /// the function's initialised VM (see [`crate::snapshots`]); the
     /// process backend ignores it. Default true.
     pub snapshot: bool,
+    /// Whether the process backend runs each sandbox of the function (its
+    /// agent and everything the runtime starts) on one CPU of its own
+    /// choosing, the least used of those sluice may run on (see
+    /// [`crate::process::CpuPlacer`]). A microVM's vCPU threads are not
+    /// pinned. Default false.
+    pub pin_cpu: bool,
 }
 
 impl FunctionSpec {
@@ -77,6 +83,7 @@ impl FunctionSpec {
             max_warm: u32::MAX,
             prewarm: true,
             snapshot: true,
+            pin_cpu: false,
         }
     }
 

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sluice_executor::process::{ProcessBackend, ProcessConfig};
-use sluice_executor::{Executor, FunctionSpec, InvokeError, InvokeOptions, SandboxError};
+use sluice_executor::{
+    Backend, Executor, FunctionSpec, Invocation, InvokeError, InvokeOptions, LogSink, SandboxError,
+};
 use sluice_test_support::{FunctionFixture, agent_binary, function_fixture, script_fixture};
 
 fn executor() -> Executor {
@@ -690,4 +692,87 @@ async fn a_peer_sending_garbage_or_huge_frames_is_killed() {
             "{name}: rejected promptly"
         );
     }
+}
+
+/// Answers the CPUs the sandbox's threads may run on: the distinct
+/// `Cpus_allowed_list` values of every thread of every process in it.
+const CPUS: &str = r#"#!/bin/bash
+API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+while true; do
+  H=$(mktemp)
+  curl -sS -D "$H" -o /dev/null "$API/invocation/next"
+  ID=$(grep -i '^Lambda-Runtime-Aws-Request-Id:' "$H" | cut -d: -f2 | tr -d '[:space:]')
+  CPUS=$(cat /proc/[0-9]*/task/*/status 2>/dev/null | grep '^Cpus_allowed_list:' | cut -f2 | sort -u | tr '\n' ' ')
+  curl -sS -X POST "$API/invocation/$ID/response" -d "{\"cpus\": \"${CPUS% }\"}" >/dev/null
+done
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_sandboxes_run_on_one_cpu_each_spread_over_the_hosts() {
+    let f = script_fixture(CPUS);
+    let backend = ProcessBackend::new(ProcessConfig::detect(agent_binary()));
+    let placer = backend.cpu_placer().expect("this process's CPUs").clone();
+    let allowed: Vec<usize> = placer.load().iter().map(|(c, _)| *c).collect();
+    let ours = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Cpus_allowed_list:")
+                .map(|v| v.trim().to_owned())
+        })
+        .expect("Cpus_allowed_list");
+    let logs: LogSink = Arc::new(|_| {});
+    async fn cpus_of(sandbox: &mut Box<dyn sluice_executor::Sandbox>) -> String {
+        let inv = Invocation {
+            request_id: "req".into(),
+            deadline_ms: 1_700_000_000_000,
+            invoked_function_arn: "arn:aws:lambda:local:000000000000:function:cpus".into(),
+            trace_id: String::new(),
+            client_context: String::new(),
+            payload: b"{}".to_vec(),
+            attachment: None,
+        };
+        let r = sandbox
+            .invoke(inv, Duration::from_secs(5))
+            .await
+            .expect("cpus answers");
+        let v: Value = serde_json::from_slice(&r).expect("JSON");
+        v["cpus"].as_str().expect("a string").to_owned()
+    }
+
+    // Unpinned: the sandbox may run wherever sluice may.
+    let mut free = backend
+        .start(&spec("cpus", &f), "default", logs.clone())
+        .await
+        .unwrap();
+    assert_eq!(cpus_of(&mut free).await, ours);
+    assert!(
+        placer.load().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        placer.load()
+    );
+
+    // Pinned: every thread of each sandbox (agent, runtime, what it
+    // starts) on one CPU, the least used first.
+    let mut s = spec("cpus", &f);
+    s.pin_cpu = true;
+    let mut first = backend.start(&s, "default", logs.clone()).await.unwrap();
+    let mut second = backend.start(&s, "default", logs.clone()).await.unwrap();
+    assert_eq!(cpus_of(&mut first).await, allowed[0].to_string());
+    assert_eq!(
+        cpus_of(&mut second).await,
+        allowed[1 % allowed.len()].to_string()
+    );
+    // A stopped sandbox gives its CPU back: the next one goes there.
+    first.shutdown().await;
+    let mut third = backend.start(&s, "default", logs).await.unwrap();
+    assert_eq!(cpus_of(&mut third).await, allowed[0].to_string());
+    for sandbox in [free, second, third] {
+        sandbox.shutdown().await;
+    }
+    assert!(
+        placer.load().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        placer.load()
+    );
 }

@@ -60,5 +60,6 @@ pub fn function_spec(f: &sluice_pipeline::FunctionConfig) -> sluice_executor::Fu
     s.max_warm = f.max_warm;
     s.prewarm = f.prewarm;
     s.snapshot = f.snapshot;
+    s.pin_cpu = f.pin_cpu;
     s
 }

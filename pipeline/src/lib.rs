@@ -35,6 +35,7 @@
 //! | `max_warm` | `concurrency` | [`WARM_RANGE`], at most `concurrency` |
 //! | `prewarm` | [`DEFAULT_PREWARM`] | `true` or `false` |
 //! | `snapshot` | [`DEFAULT_SNAPSHOT`] | `true` or `false`; the microVM backend restores cold starts from a snapshot of the function's initialised VM (`true` with `backend = "process"` is an error) |
+//! | `pin_cpu` | [`DEFAULT_PIN_CPU`] | `true` or `false`; each process sandbox runs on one CPU, the least used (lower latency where waking another CPU is dear, as in virtual machines; `true` with `backend = "microvm"` is an error) |
 //!
 //! `min_warm` idle sandboxes are kept ready (started in the background);
 //! at most `max_warm` are kept idle. With `prewarm`, sluice watches when
@@ -277,6 +278,8 @@ pub const DEFAULT_PREWARM: bool = true;
 /// Default `snapshot`: microVM cold starts restore a snapshot of the
 /// function's initialised VM (the process backend ignores it).
 pub const DEFAULT_SNAPSHOT: bool = true;
+/// Default `pin_cpu`: sandboxes run on any CPU, moved by the scheduler.
+pub const DEFAULT_PIN_CPU: bool = false;
 
 /// Environment keys a function may not set: Lambda's documented reserved
 /// runtime variables, which the sandbox sets itself.
@@ -1100,6 +1103,8 @@ pub struct FunctionConfig {
     /// Restore microVM cold starts from a function snapshot. Default
     /// [`DEFAULT_SNAPSHOT`].
     pub snapshot: bool,
+    /// Run each process sandbox on one CPU. Default [`DEFAULT_PIN_CPU`].
+    pub pin_cpu: bool,
 }
 
 /// Which sandbox runs a function.

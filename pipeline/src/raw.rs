@@ -87,6 +87,8 @@ struct RawFunction {
     prewarm: Option<Spanned<bool>>,
     /// Default [`crate::DEFAULT_SNAPSHOT`].
     snapshot: Option<Spanned<bool>>,
+    /// Default [`crate::DEFAULT_PIN_CPU`].
+    pin_cpu: Option<Spanned<bool>>,
 }
 
 const INTEGER: &str = "an integer";
@@ -113,6 +115,7 @@ const FUNCTION_FIELDS: &[(&str, &str)] = &[
     ("prewarm", "a boolean (true or false)"),
     ("vcpus", INTEGER),
     ("snapshot", "a boolean (true or false)"),
+    ("pin_cpu", "a boolean (true or false)"),
 ];
 
 /// What a valid file declares: the functions and jobs by name, the
@@ -765,6 +768,19 @@ impl RawFunction {
             Some(s) => s.into_inner(),
             None => crate::DEFAULT_SNAPSHOT,
         };
+        let pin_cpu = match self.pin_cpu {
+            Some(p) if *p.get_ref() && backend == Backend::Microvm => {
+                return Err(PipelineError::Requires {
+                    at: f.loc.at(p.span()),
+                    field: f.field("pin_cpu"),
+                    value: "true".into(),
+                    required: format!("{} = \"process\" or \"auto\"", f.field("backend")),
+                    reason: "it pins process sandboxes; a microVM's vCPU threads are not pinned",
+                });
+            }
+            Some(p) => p.into_inner(),
+            None => crate::DEFAULT_PIN_CPU,
+        };
         let path = validate_path(&f, path, base)?;
 
         Ok(FunctionConfig {
@@ -787,6 +803,7 @@ impl RawFunction {
             max_warm,
             prewarm,
             snapshot,
+            pin_cpu,
         })
     }
 }

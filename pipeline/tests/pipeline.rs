@@ -1236,6 +1236,27 @@ fn snapshots_default_on_and_can_be_turned_off() {
 }
 
 #[test]
+fn pin_cpu_is_off_by_default_and_for_process_sandboxes_only() {
+    assert!(!parse_with_echo("").functions["echo"].pin_cpu);
+    for backend in ["auto", "process"] {
+        let text = with_echo("").replace(
+            "[functions.echo]\n",
+            &format!("[functions.echo]\nbackend = \"{backend}\"\npin_cpu = true\n"),
+        );
+        let p = Pipeline::parse(&text, Path::new(INLINE)).expect("pin_cpu = true");
+        assert!(p.functions["echo"].pin_cpu, "{backend}");
+    }
+    let text = with_echo("").replace(
+        "[functions.echo]\n",
+        "[functions.echo]\nbackend = \"microvm\"\npin_cpu = true\n",
+    );
+    let err = Pipeline::parse(&text, Path::new(INLINE))
+        .expect_err("pin_cpu with the microVM backend")
+        .to_string();
+    assert!(err.contains("functions.echo.pin_cpu"), "{err}");
+}
+
+#[test]
 fn backfill_max_buffered_items_must_be_at_least_one() {
     let err = error_with_echo(
         "[job.j]\nfunction = \"echo\"\nsource = \"x.jsonl\"\norder_key = \"k\"\nmax_buffered_items = 0\n",

@@ -13,14 +13,19 @@ pub fn run(path: &Path) -> u8 {
     println!("{}: ok, {} function(s)", path.display(), p.functions.len());
     for f in p.functions.values() {
         println!(
-            "  {}: {} ({} MiB, timeout {:?}, concurrency {}, tenant {}, backend {:?})",
+            "  {}: {} ({} MiB, timeout {:?}, concurrency {}, tenant {}, backend {:?}{})",
             f.name,
             f.path.display(),
             f.memory_mb,
             f.timeout,
             f.concurrency,
             f.tenant,
-            f.backend
+            f.backend,
+            if f.pin_cpu {
+                ", each sandbox pinned to a CPU"
+            } else {
+                ""
+            }
         );
     }
     for t in &p.kafka_triggers {

@@ -4,6 +4,7 @@
 //! namespace on timeout.
 
 mod cgroup;
+mod cpus;
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
 pub use cgroup::{CgroupSupport, SandboxCgroup};
+pub use cpus::{CpuLease, CpuPlacer};
 
 use crate::backend::{Backend, Invocation, LogSink, Sandbox};
 use crate::channel::{
@@ -76,6 +78,9 @@ static NEXT_SANDBOX: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug)]
 pub struct ProcessBackend {
     cfg: ProcessConfig,
+    /// Where sandboxes of `pin_cpu` functions go; `None` when this
+    /// process's CPUs could not be read (they then run unpinned).
+    cpus: Option<Arc<CpuPlacer>>,
 }
 
 impl ProcessBackend {
@@ -83,12 +88,21 @@ impl ProcessBackend {
     /// died without cleaning up (mount points, cgroups) are removed.
     pub fn new(cfg: ProcessConfig) -> Self {
         sweep_stale(&cfg);
-        Self { cfg }
+        Self {
+            cfg,
+            cpus: CpuPlacer::from_affinity().map(Arc::new),
+        }
     }
 
     /// The settings.
     pub fn config(&self) -> &ProcessConfig {
         &self.cfg
+    }
+
+    /// The placer of pinned sandboxes (`pin_cpu`), if this process's CPUs
+    /// could be read.
+    pub fn cpu_placer(&self) -> Option<&Arc<CpuPlacer>> {
+        self.cpus.as_ref()
     }
 }
 
@@ -180,6 +194,20 @@ impl Backend for ProcessBackend {
                 )
             })?;
         let pid = child.id().unwrap_or(0);
+        // Pinned before `Start`: stage 1 and the runtime, started later,
+        // inherit the agent's CPU.
+        let cpu = match (spec.pin_cpu, &self.cpus) {
+            (true, Some(placer)) => placer.place().and_then(|lease| {
+                match cpus::pin(pid, lease.cpu()) {
+                    Ok(()) => Some(lease),
+                    Err(e) => {
+                        tracing::warn!(function = fname, cpu = lease.cpu(), error = %e, "sandbox left unpinned");
+                        None
+                    }
+                }
+            }),
+            _ => None,
+        };
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         // Events of a few hundred KB cross in one or two pipe fills rather
@@ -216,6 +244,7 @@ impl Backend for ProcessBackend {
             root_dir,
             dead: false,
             init: Duration::ZERO,
+            _cpu: cpu,
         };
         let init_deadline = started + spec.init_timeout;
         if let Err(e) = sb.send(&Message::Start(Box::new(cfg))).await {
@@ -327,6 +356,8 @@ pub struct ProcessSandbox {
     root_dir: PathBuf,
     dead: bool,
     init: Duration,
+    /// The CPU of a pinned sandbox, free again when it is dropped.
+    _cpu: Option<CpuLease>,
 }
 
 impl std::fmt::Debug for ProcessSandbox {
