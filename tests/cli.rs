@@ -727,6 +727,7 @@ fn doctor_reports_what_this_machine_can_run() {
         "seccomp",
         "landlock",
         "process sandbox",
+        "CPU wake-ups",
         "guest image",
         "Kafka",
     ] {

@@ -116,6 +116,27 @@ pub async fn run(kafka: Option<&str>) -> u8 {
         ),
         Err(e) => report(false, "process sandbox", e),
     }
+    let wake = tokio::task::spawn_blocking(|| sluice_executor::process::measure_wake_cost(2000))
+        .await
+        .ok()
+        .flatten();
+    report(
+        true,
+        "CPU wake-ups",
+        &match wake {
+            Some(w) => format!(
+                "a pipe round trip between two threads takes {:.1} µs across CPUs, {:.1} µs on one: {}",
+                w.across.as_secs_f64() * 1e6,
+                w.same.as_secs_f64() * 1e6,
+                if w.pinning_helps() {
+                    "waking another CPU is dear here; `pin_cpu = true` may halve small calls' latency (`sluice bench invoke` measures both)"
+                } else {
+                    "cheap enough that `pin_cpu` is unlikely to help"
+                }
+            ),
+            None => "one CPU to run on: `pin_cpu` changes nothing".into(),
+        },
+    );
 
     let images = sluice_home().join("images");
     let has_image = fs::read_dir(&images)

@@ -7,7 +7,7 @@
 //! nested or software virtualization such as PVM, where an idle vCPU halts
 //! into the hypervisor) those wake-ups are most of a warm call's latency:
 //! on the 2-core PVM development machine a pipe round trip between two
-//! processes takes about 28 µs across CPUs and 2 µs on one, and a warm
+//! threads takes about 67 µs across CPUs and 2 µs on one, and a warm
 //! `sluice bench invoke` call about 220 µs against about 100 µs with its
 //! sandbox pinned (ARCHITECTURE.md, "Throughput: where the time goes").
 //!
@@ -18,7 +18,10 @@
 //! least used of the CPUs sluice itself may run on (its affinity mask at
 //! start, so a container's cpuset is respected), lowest number first.
 
+use std::fs::File;
+use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
@@ -106,6 +109,87 @@ pub(crate) fn pin(pid: u32, cpu: usize) -> nix::Result<()> {
     sched_setaffinity(Pid::from_raw(pid), &set)
 }
 
+/// What waking a thread costs on this machine: the mean round trip of a
+/// one-byte ping-pong over two pipes between two threads, on two CPUs and on
+/// one (what `sluice doctor` shows, to tell whether `pin_cpu` is worth
+/// measuring).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WakeCost {
+    /// The threads on two different CPUs.
+    pub across: Duration,
+    /// Both threads on one CPU.
+    pub same: Duration,
+}
+
+impl WakeCost {
+    /// Whether waking another CPU is dear enough here that pinning
+    /// sandboxes is likely to shorten small calls: a cross-CPU round trip
+    /// at least 10 µs and four times one on a single CPU (about 67 µs
+    /// against 2 µs on the PVM development machine, where pinning halved a
+    /// warm call's latency).
+    pub fn pinning_helps(&self) -> bool {
+        self.across >= Duration::from_micros(10) && self.across >= self.same * 4
+    }
+}
+
+/// Measures [`WakeCost`] over `rounds` round trips each way, on the first
+/// two CPUs this process may use; `None` with fewer than two, or when the
+/// threads cannot be pinned.
+pub fn measure_wake_cost(rounds: u32) -> Option<WakeCost> {
+    let cpus: Vec<usize> = CpuPlacer::from_affinity()?
+        .load()
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect();
+    let (&a, &b) = (cpus.first()?, cpus.get(1)?);
+    let rounds = rounds.max(1);
+    Some(WakeCost {
+        across: ping_pong(a, b, rounds).ok()? / rounds,
+        same: ping_pong(a, a, rounds).ok()? / rounds,
+    })
+}
+
+/// `rounds` one-byte round trips between a thread on CPU `a` and one on
+/// CPU `b`: their total time. Both are threads of their own, so the
+/// caller's affinity is left alone.
+fn ping_pong(a: usize, b: usize, rounds: u32) -> std::io::Result<Duration> {
+    let (to_echo, echo_in) = nix::unistd::pipe()?;
+    let (back, echo_out) = nix::unistd::pipe()?;
+    let pinned = |cpu: usize| pin(0, cpu).map_err(std::io::Error::from);
+    let echo = std::thread::Builder::new().name("wake-echo".into()).spawn(
+        move || -> std::io::Result<()> {
+            pinned(b)?;
+            let (mut input, mut output) = (File::from(to_echo), File::from(echo_out));
+            let mut byte = [0u8];
+            for _ in 0..rounds {
+                input.read_exact(&mut byte)?;
+                output.write_all(&byte)?;
+            }
+            Ok(())
+        },
+    )?;
+    let ping = std::thread::Builder::new().name("wake-ping".into()).spawn(
+        move || -> std::io::Result<Duration> {
+            pinned(a)?;
+            let (mut output, mut input) = (File::from(echo_in), File::from(back));
+            let mut byte = [1u8];
+            let started = Instant::now();
+            for _ in 0..rounds {
+                output.write_all(&byte)?;
+                input.read_exact(&mut byte)?;
+            }
+            Ok(started.elapsed())
+        },
+    )?;
+    // A failed side closes its pipe ends, so the other fails too.
+    let took = ping
+        .join()
+        .map_err(|_| std::io::Error::other("ping thread panicked"))?;
+    echo.join()
+        .map_err(|_| std::io::Error::other("echo thread panicked"))??;
+    took
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +207,31 @@ mod tests {
         drop((a, c));
         assert_eq!(placer.load(), vec![(1, 0), (3, 0)]);
         assert!(Arc::new(CpuPlacer::new([])).place().is_none());
+    }
+
+    #[test]
+    fn wake_costs_are_measured_where_there_are_two_cpus() {
+        let cpus = CpuPlacer::from_affinity()
+            .expect("this process's CPUs")
+            .load();
+        let cost = measure_wake_cost(200);
+        assert_eq!(cost.is_some(), cpus.len() >= 2, "{cpus:?}: {cost:?}");
+        if let Some(c) = cost {
+            assert!(
+                c.across > Duration::ZERO && c.same > Duration::ZERO,
+                "{c:?}"
+            );
+        }
+        let dear = WakeCost {
+            across: Duration::from_micros(28),
+            same: Duration::from_micros(2),
+        };
+        assert!(dear.pinning_helps());
+        let cheap = WakeCost {
+            across: Duration::from_micros(6),
+            same: Duration::from_micros(2),
+        };
+        assert!(!cheap.pinning_helps());
     }
 
     #[test]

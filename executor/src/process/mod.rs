@@ -21,7 +21,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
 pub use cgroup::{CgroupSupport, SandboxCgroup};
-pub use cpus::{CpuLease, CpuPlacer};
+pub use cpus::{CpuLease, CpuPlacer, WakeCost, measure_wake_cost};
 
 use crate::backend::{Backend, Invocation, LogSink, Sandbox};
 use crate::channel::{
