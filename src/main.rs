@@ -298,6 +298,10 @@ enum BenchCommand {
         /// measure a tuning before putting it in a pipeline.
         #[arg(long = "property", value_name = "KEY=VALUE", value_parser = key_value)]
         properties: Vec<(String, String)>,
+        /// Sets the function's `pin_cpu` for this run (`true` or `false`),
+        /// to compare pinned and unpinned sandboxes.
+        #[arg(long, value_name = "BOOL")]
+        pin_cpu: Option<bool>,
     },
     /// Rows/s and calls/s of `sluice backfill` over a generated Parquet
     /// file through a no-op function at 1, 100 and 1,000 rows per call,
@@ -313,6 +317,10 @@ enum BenchCommand {
         /// Rows in the generated file (1 row per call uses at most 5,000).
         #[arg(long, short = 'n', default_value_t = 1_000_000)]
         rows: usize,
+        /// Sets the functions' `pin_cpu` for this run (`true` or `false`),
+        /// to compare pinned and unpinned sandboxes.
+        #[arg(long, value_name = "BOOL")]
+        pin_cpu: Option<bool>,
     },
     /// Objects/s through an object-store trigger and a no-op function,
     /// next to calling the function directly once per object (the
@@ -499,9 +507,17 @@ async fn dispatch(command: Command) -> u8 {
                 records,
                 batch_sizes,
                 properties,
+                pin_cpu,
             }) => {
-                commands::bench::kafka(&pipeline, &function, records, &batch_sizes, &properties)
-                    .await
+                commands::bench::kafka(
+                    &pipeline,
+                    &function,
+                    records,
+                    &batch_sizes,
+                    &properties,
+                    pin_cpu,
+                )
+                .await
             }
             Command::Bench(BenchCommand::Mapreduce {
                 pipeline,
@@ -517,7 +533,8 @@ async fn dispatch(command: Command) -> u8 {
                 pipeline,
                 function,
                 rows,
-            }) => commands::bench::backfill(&pipeline, &function, rows).await,
+                pin_cpu,
+            }) => commands::bench::backfill(&pipeline, &function, rows, pin_cpu).await,
             Command::Bench(BenchCommand::Objects {
                 pipeline,
                 function,

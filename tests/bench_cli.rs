@@ -30,7 +30,7 @@ fn echo_pipeline(dir: &std::path::Path) -> (FunctionFixture, std::path::PathBuf)
 /// A small run (a few hundred records, one batch size) prints the figures
 /// of each part: sluice against the plain consumer, backpressure, latency;
 /// a `--property` reaches the trigger's consumer (a 5 ms fetch wait keeps
-/// the latency probes short).
+/// the latency probes short), and `--pin-cpu` the function.
 #[test]
 fn a_short_kafka_bench_prints_its_figures() {
     let tmp = tempfile::tempdir().expect("temp dir");
@@ -44,14 +44,16 @@ fn a_short_kafka_bench_prints_its_figures() {
             "50",
             "--property",
             "fetch.wait.max.ms=5",
+            "--pin-cpu",
+            "true",
         ],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("600 records of"),
-        "the header names the records: {stdout}"
+        stdout.contains("600 records of") && stdout.contains("function echo (pin_cpu)"),
+        "the header names the records and the pinning: {stdout}"
     );
     assert!(
         stdout.contains("trigger consumer properties: fetch.wait.max.ms=5"),

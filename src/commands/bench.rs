@@ -260,6 +260,23 @@ pub async fn invoke(
     exit::OK
 }
 
+/// Applies a bench's `--pin-cpu` to a function; refused (a usage error)
+/// for a function that runs in microVMs, whose vCPU threads are not pinned.
+fn set_pin_cpu(f: &mut sluice_pipeline::FunctionConfig, pin_cpu: Option<bool>) -> Result<(), u8> {
+    let Some(pin) = pin_cpu else {
+        return Ok(());
+    };
+    if pin && f.backend == sluice_pipeline::Backend::Microvm {
+        crate::log_error!(
+            "--pin-cpu true: function {} runs in microVMs (backend = \"microvm\"), whose vCPU threads are not pinned",
+            f.name
+        );
+        return Err(exit::USAGE);
+    }
+    f.pin_cpu = pin;
+    Ok(())
+}
+
 /// Latencies of `iterations` warm calls of `function` through one reused
 /// sandbox, after 100 unmeasured ones.
 async fn warm_invokes(
@@ -382,13 +399,17 @@ pub async fn kafka(
     records: usize,
     batch_sizes: &[u32],
     properties: &[(String, String)],
+    pin_cpu: Option<bool>,
 ) -> u8 {
     use sluice_ingest::kafka::EmbeddedBroker;
 
-    let (_, declared) = match super::load_function(pipeline, function) {
+    let (_, mut declared) = match super::load_function(pipeline, function) {
         Ok(pf) => pf,
         Err(code) => return code,
     };
+    if let Err(code) = set_pin_cpu(&mut declared, pin_cpu) {
+        return code;
+    }
     let broker = match EmbeddedBroker::start(1) {
         Ok(b) => b,
         Err(e) => {
@@ -403,8 +424,9 @@ pub async fn kafka(
             .to_string()
             .into_bytes();
     println!(
-        "sluice bench kafka: about {records} records of {} bytes in {partitions} partitions per batch size, function {function}",
+        "sluice bench kafka: about {records} records of {} bytes in {partitions} partitions per batch size, function {function}{}",
         value.len(),
+        if declared.pin_cpu { " (pin_cpu)" } else { "" },
     );
     println!(
         "(each batch size reads a topic of its own holding whole batches: no batch waits for its window at the end of the topic, which the plain consumer would not)"
@@ -902,16 +924,24 @@ impl Drop for ScratchDir {
 /// The example function `bench backfill` uses for Arrow payloads.
 const ARROW_FUNCTION: &str = "arrow-sum";
 
-pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
+pub async fn backfill(pipeline: &Path, function: &str, rows: usize, pin_cpu: Option<bool>) -> u8 {
     use sluice_taskgen::{BackfillConfig, Format, Hooks, PayloadFormat};
 
     /// Rows for 1 row per call: a call per row is slow, fewer rows suffice.
     const ROWS_AT_1: usize = 5_000;
 
-    let (p, concurrency) = match super::load_function(pipeline, function) {
+    let (mut p, concurrency) = match super::load_function(pipeline, function) {
         Ok((p, f)) => (p, f.concurrency as usize),
         Err(code) => return code,
     };
+    for name in [function, ARROW_FUNCTION] {
+        if let Some(f) = p.functions.get_mut(name)
+            && let Err(code) = set_pin_cpu(f, pin_cpu)
+        {
+            return code;
+        }
+    }
+    let pinned = p.functions[function].pin_cpu;
     let rows = rows.max(1);
     let dir = std::env::temp_dir().join(format!("sluice-bench-backfill-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -938,7 +968,8 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize) -> u8 {
         Err(code) => return code,
     };
     println!(
-        "sluice bench backfill: {rows} rows (5 columns: 3 numeric, 2 strings), {bytes} bytes of Parquet; function {function}, concurrency {concurrency}"
+        "sluice bench backfill: {rows} rows (5 columns: 3 numeric, 2 strings), {bytes} bytes of Parquet; function {function}, concurrency {concurrency}{}",
+        if pinned { ", pin_cpu" } else { "" }
     );
 
     let scans = tokio::task::spawn_blocking({
