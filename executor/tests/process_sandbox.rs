@@ -505,22 +505,35 @@ async fn the_lambda_environment_is_set() {
     ex.shutdown().await;
 }
 
-const COUNTER: &str = r#"#!/bin/bash
-# Counts its invocations in /tmp: shows whether a sandbox was reused.
-API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+/// A bash runtime: for each invocation, `body` runs with the event in
+/// `/tmp/event` and sets `BODY` to the JSON response.
+fn shell_runtime(body: &str) -> String {
+    format!(
+        r#"#!/bin/bash
+API="http://${{AWS_LAMBDA_RUNTIME_API}}/2018-06-01/runtime"
 while true; do
   H=$(mktemp)
   curl -sS -D "$H" -o /tmp/event "$API/invocation/next"
   ID=$(grep -i '^Lambda-Runtime-Aws-Request-Id:' "$H" | cut -d: -f2 | tr -d '[:space:]')
-  N=$(( $(cat /tmp/count 2>/dev/null || echo 0) + 1 ))
-  echo "$N" > /tmp/count
-  curl -sS -X POST "$API/invocation/$ID/response" -d "{\"count\": $N}" >/dev/null
+{body}
+  curl -sS -X POST "$API/invocation/$ID/response" -d "$BODY" >/dev/null
 done
-"#;
+"#
+    )
+}
+
+/// Counts its invocations in /tmp: shows whether a sandbox was reused.
+fn counter() -> String {
+    shell_runtime(
+        r#"  N=$(( $(cat /tmp/count 2>/dev/null || echo 0) + 1 ))
+  echo "$N" > /tmp/count
+  BODY="{\"count\": $N}""#,
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_reuse_is_per_tenant_and_per_version() {
-    let f = script_fixture(COUNTER);
+    let f = script_fixture(&counter());
     let ex = executor();
     let mut s = spec("counter", &f);
     s.concurrency = 4;
@@ -696,20 +709,16 @@ async fn a_peer_sending_garbage_or_huge_frames_is_killed() {
 
 /// Answers the CPUs the sandbox's threads may run on: the distinct
 /// `Cpus_allowed_list` values of every thread of every process in it.
-const CPUS: &str = r#"#!/bin/bash
-API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
-while true; do
-  H=$(mktemp)
-  curl -sS -D "$H" -o /dev/null "$API/invocation/next"
-  ID=$(grep -i '^Lambda-Runtime-Aws-Request-Id:' "$H" | cut -d: -f2 | tr -d '[:space:]')
-  CPUS=$(cat /proc/[0-9]*/task/*/status 2>/dev/null | grep '^Cpus_allowed_list:' | cut -f2 | sort -u | tr '\n' ' ')
-  curl -sS -X POST "$API/invocation/$ID/response" -d "{\"cpus\": \"${CPUS% }\"}" >/dev/null
-done
-"#;
+fn cpus() -> String {
+    shell_runtime(
+        r#"  CPUS=$(cat /proc/[0-9]*/task/*/status 2>/dev/null | grep '^Cpus_allowed_list:' | cut -f2 | sort -u | tr '\n' ' ')
+  BODY="{\"cpus\": \"${CPUS% }\"}""#,
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_sandboxes_run_on_one_cpu_each_spread_over_the_hosts() {
-    let f = script_fixture(CPUS);
+    let f = script_fixture(&cpus());
     let backend = ProcessBackend::new(ProcessConfig::detect(agent_binary()));
     let placer = backend.cpu_placer().expect("this process's CPUs").clone();
     let allowed: Vec<usize> = placer.load().iter().map(|(c, _)| *c).collect();

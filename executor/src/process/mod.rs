@@ -201,7 +201,12 @@ impl Backend for ProcessBackend {
                 match cpus::pin(pid, lease.cpu()) {
                     Ok(()) => Some(lease),
                     Err(e) => {
-                        tracing::warn!(function = fname, cpu = lease.cpu(), error = %e, "sandbox left unpinned");
+                        // Once per process: where pinning is refused (a
+                        // container's seccomp profile), every start fails alike.
+                        static WARNED: std::sync::Once = std::sync::Once::new();
+                        WARNED.call_once(|| {
+                            tracing::warn!(function = fname, cpu = lease.cpu(), error = %e, "pin_cpu: sandboxes left unpinned (sched_setaffinity refused)");
+                        });
                         None
                     }
                 }
