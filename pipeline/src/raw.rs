@@ -755,32 +755,18 @@ impl RawFunction {
             concurrency_is_default,
         )?;
         let prewarm = self.prewarm.map_or(DEFAULT_PREWARM, Spanned::into_inner);
-        let snapshot = match self.snapshot {
-            Some(s) if *s.get_ref() && backend == Backend::Process => {
-                return Err(PipelineError::Requires {
-                    at: f.loc.at(s.span()),
-                    field: f.field("snapshot"),
-                    value: "true".into(),
-                    required: format!("{} = \"microvm\" or \"auto\"", f.field("backend")),
-                    reason: "function snapshots are VM snapshots; the process backend has none",
-                });
-            }
-            Some(s) => s.into_inner(),
-            None => crate::DEFAULT_SNAPSHOT,
-        };
-        let pin_cpu = match self.pin_cpu {
-            Some(p) if *p.get_ref() && backend == Backend::Microvm => {
-                return Err(PipelineError::Requires {
-                    at: f.loc.at(p.span()),
-                    field: f.field("pin_cpu"),
-                    value: "true".into(),
-                    required: format!("{} = \"process\" or \"auto\"", f.field("backend")),
-                    reason: "it pins process sandboxes; a microVM's vCPU threads are not pinned",
-                });
-            }
-            Some(p) => p.into_inner(),
-            None => crate::DEFAULT_PIN_CPU,
-        };
+        let snapshot = backend_flag(
+            &f,
+            ("snapshot", self.snapshot, crate::DEFAULT_SNAPSHOT),
+            (backend, Backend::Process, "\"microvm\" or \"auto\""),
+            "function snapshots are VM snapshots; the process backend has none",
+        )?;
+        let pin_cpu = backend_flag(
+            &f,
+            ("pin_cpu", self.pin_cpu, crate::DEFAULT_PIN_CPU),
+            (backend, Backend::Microvm, "\"process\" or \"auto\""),
+            "it pins process sandboxes; a microVM's vCPU threads are not pinned",
+        )?;
         let path = validate_path(&f, path, base)?;
 
         Ok(FunctionConfig {
@@ -805,6 +791,27 @@ impl RawFunction {
             snapshot,
             pin_cpu,
         })
+    }
+}
+
+/// A boolean setting of one backend: `(name, value, default)`, refused as
+/// `true` when `backend` is `refused` (the error requires `allowed`).
+fn backend_flag(
+    f: &Fields<'_>,
+    (name, value, default): (&str, Option<Spanned<bool>>, bool),
+    (backend, refused, allowed): (Backend, Backend, &str),
+    reason: &'static str,
+) -> Result<bool, PipelineError> {
+    match value {
+        Some(v) if *v.get_ref() && backend == refused => Err(PipelineError::Requires {
+            at: f.loc.at(v.span()),
+            field: f.field(name),
+            value: "true".into(),
+            required: format!("{} = {allowed}", f.field("backend")),
+            reason,
+        }),
+        Some(v) => Ok(v.into_inner()),
+        None => Ok(default),
     }
 }
 
