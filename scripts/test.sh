@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: formatting, lints, every test of the workspace (Kafka
+# The test command: formatting, lints, the docs, every test of the workspace (Kafka
 # tests against librdkafka's mock cluster), the object-store tests against
 # S3 and Azure servers (scripts/test-object-stores.sh: moto from PyPI,
 # Azurite from npm), then the Kafka
@@ -20,6 +20,9 @@ if [ "${avail_kb:-0}" -lt $((5 * 1024 * 1024)) ]; then
 fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The crates' docs (ARCHITECTURE points into them) build without a broken
+# link or a stray HTML tag.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace
 scripts/test-object-stores.sh
 scripts/test-external-kafka.sh

@@ -73,7 +73,7 @@ pub struct BackfillOptions {
     /// Calls in flight (default: the function's concurrency; 1 to 1,000).
     #[arg(long, value_parser = concurrency)]
     pub max_concurrency: Option<usize>,
-    /// Progress database (default: .sluice-backfill-<hash>.redb next to
+    /// Progress database (default: `.sluice-backfill-<hash>.redb` next to
     /// the first source file).
     #[arg(long)]
     pub progress: Option<PathBuf>,

@@ -25,7 +25,7 @@ pub struct BuildArgs {
     /// -p sluice-agent --target x86_64-unknown-linux-gnu.
     #[arg(long)]
     pub agent: Option<PathBuf>,
-    /// Where Debian's linux-source-<ver>.tar.xz is.
+    /// Where Debian's `linux-source-<ver>.tar.xz` is.
     #[arg(long, default_value = sluice_vmm::image::DEBIAN_SOURCE_DIR)]
     pub source_dir: PathBuf,
     /// Parallel make jobs for the kernel build (run under nice -n 19).

@@ -9,7 +9,7 @@
 //!    either "close the open window first" (a final invoke) or "invoke with
 //!    the first `n` items, in this window".
 //! 2. The caller builds the call: its usual event plus
-//!    [`KeyState::event_fields`] (`state`, `window`, `isFinalInvokeForWindow`,
+//!    [`KeyState::add_to_event`] (`state`, `window`, `isFinalInvokeForWindow`,
 //!    `isWindowTerminatedEarly`).
 //! 3. On success, [`KeyState::fold`] takes the `state` from the response (a
 //!    response without one is a failed call), advances the input position

@@ -218,7 +218,7 @@ impl io::Write for ConsoleLog {
     }
 
     /// Does not cut the current line: the UART flushes after every byte,
-    /// and a line is logged whole (at its newline, at [`MAX_LINE`] bytes,
+    /// and a line is logged whole (at its newline, at 1,024 bytes,
     /// or when the VM is dropped).
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
