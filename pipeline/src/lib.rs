@@ -68,7 +68,7 @@
 //! | `topics` | required | non-empty, unique topic names `[A-Za-z0-9._-]{1,249}`, not `.` or `..` |
 //! | `bootstrap_servers` | `"embedded"` (an in-process broker) | `"embedded"` or `"host:port[,host:port...]"` |
 //! | `group_id` | `"sluice-FUNCTION"` | 1 to 255 characters, no control characters |
-//! | `starting_position` | `"latest"` | `"earliest"`, `"latest"` or a UTC RFC 3339 timestamp |
+//! | `starting_position` | `"latest"` | `"earliest"`, `"latest"` or a UTC RFC 3339 timestamp (Lambda's `"TRIM_HORIZON"` and `"LATEST"` too) |
 //! | `batch_size` | [`DEFAULT_BATCH_SIZE`] | [`BATCH_SIZE_RANGE`] |
 //! | `batch_window` | [`DEFAULT_BATCH_WINDOW`] | [`BATCH_WINDOW_RANGE`] |
 //! | `max_batch_bytes` | [`DEFAULT_MAX_BATCH_BYTES`] | [`MAX_BATCH_BYTES_RANGE`] |
@@ -108,7 +108,7 @@
 //! | `function` | required | a declared function |
 //! | `url` | required | a folder (relative to the pipeline file's), `file:///FOLDER`, or a URL of [`OBJECT_URL_SCHEMES`] |
 //! | `suffix` | none (every object) | a non-empty name ending |
-//! | `starting_position` | `"latest"` (objects already there are skipped) | `"earliest"`, `"latest"` or a UTC RFC 3339 timestamp (objects modified since) |
+//! | `starting_position` | `"latest"` (objects already there are skipped) | `"earliest"`, `"latest"` or a UTC RFC 3339 timestamp (objects modified since); Lambda's `"TRIM_HORIZON"` and `"LATEST"` too |
 //! | `poll_interval` | [`DEFAULT_POLL_INTERVAL`] | [`POLL_INTERVAL_RANGE`] |
 //! | `max_object_bytes` | [`DEFAULT_MAX_OBJECT_BYTES`] | [`MAX_OBJECT_BYTES_RANGE`] |
 //! | `max_retry_attempts` | [`DEFAULT_OBJECT_RETRY_ATTEMPTS`] | [`MAX_RETRY_ATTEMPTS_RANGE`] |

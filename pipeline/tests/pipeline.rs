@@ -297,6 +297,40 @@ fn error_with_echo(text: &str) -> PipelineError {
 }
 
 #[test]
+fn lambdas_starting_positions_are_taken_as_written_there() {
+    for (written, expected) in [
+        ("TRIM_HORIZON", StartingPosition::Earliest),
+        ("LATEST", StartingPosition::Latest),
+    ] {
+        let kafka = parse_with_echo(&format!(
+            "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"orders\"]\nstarting_position = \"{written}\"\n"
+        ));
+        assert_eq!(
+            kafka.kafka_triggers[0].starting_position, expected,
+            "{written}"
+        );
+        let objects = parse_with_echo(&format!(
+            "[[trigger.object_store]]\nfunction = \"echo\"\nurl = \"s3://landing/in/\"\nstarting_position = \"{written}\"\n"
+        ));
+        assert_eq!(
+            objects.object_triggers[0].starting_position, expected,
+            "{written}"
+        );
+    }
+    // Lambda's AT_TIMESTAMP takes its time from another field; here the
+    // time is the value, and the error says so.
+    let e = error_with_echo(
+        "[[trigger.kafka]]\nfunction = \"echo\"\ntopics = [\"orders\"]\nstarting_position = \"AT_TIMESTAMP\"\n",
+    );
+    assert_eq!(
+        e.to_string(),
+        "tests/golden/inline.toml:7:21: `trigger.kafka[0].starting_position` = \"AT_TIMESTAMP\" \
+         is invalid: expected the timestamp itself for Lambda's AT_TIMESTAMP (its \
+         StartingPositionTimestamp), in RFC 3339 form, e.g. \"2024-05-01T00:00:00Z\""
+    );
+}
+
+#[test]
 fn a_pipeline_without_triggers_has_none() {
     let pipeline = parse_with_echo("");
     assert!(pipeline.kafka_triggers.is_empty());

@@ -675,9 +675,12 @@ pub(super) fn validate_starting_position(
     let Some(value) = value else {
         return Ok(StartingPosition::default());
     };
+    // Lambda's own names (`StartingPosition` of an event source mapping)
+    // are taken as they are written there, so a mapping's settings can be
+    // copied over.
     let position = match value.get_ref().as_str() {
-        "earliest" => Some(StartingPosition::Earliest),
-        "latest" => Some(StartingPosition::Latest),
+        "earliest" | "TRIM_HORIZON" => Some(StartingPosition::Earliest),
+        "latest" | "LATEST" => Some(StartingPosition::Latest),
         other => humantime::parse_rfc3339_weak(other)
             .ok()
             .and_then(|time| time.duration_since(UNIX_EPOCH).ok())
@@ -687,9 +690,14 @@ pub(super) fn validate_starting_position(
     position.ok_or_else(|| PipelineError::InvalidValue {
         at: f.loc.at(value.span()),
         field: f.field("starting_position"),
+        expected: if value.get_ref() == "AT_TIMESTAMP" {
+            "the timestamp itself for Lambda's AT_TIMESTAMP (its \
+             StartingPositionTimestamp), in RFC 3339 form, e.g. \"2024-05-01T00:00:00Z\""
+        } else {
+            "\"earliest\", \"latest\" or a UTC timestamp in RFC 3339 form, \
+             e.g. \"2024-05-01T00:00:00Z\" (Lambda's TRIM_HORIZON and LATEST too)"
+        },
         value: value.into_inner(),
-        expected: "\"earliest\", \"latest\" or a UTC timestamp in RFC 3339 form, \
-                   e.g. \"2024-05-01T00:00:00Z\"",
     })
 }
 
