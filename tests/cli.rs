@@ -268,6 +268,61 @@ fn a_python_handler_runs_unchanged() {
     assert!(!err.contains("REPORT RequestId"), "{err}");
 }
 
+/// A function's layers (Lambda layers) reach it at /opt: `sluice validate`
+/// names them, and a Python handler imports a module from a layer's
+/// `python` folder, as in Lambda.
+#[test]
+fn a_python_handler_imports_from_its_layer() {
+    use std::os::unix::fs::PermissionsExt;
+    let python = function_fixture("python");
+    std::fs::write(
+        python.dir.join("uses_layer.py"),
+        "import greeting\n\ndef handler(event, context):\n    return {\"greeting\": greeting.text(event[\"name\"])}\n",
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let layer = tmp.path().join("layers/greeting");
+    std::fs::create_dir_all(layer.join("python")).unwrap();
+    std::fs::write(
+        layer.join("python/greeting.py"),
+        "def text(name):\n    return f\"hello {name}, from a layer\"\n",
+    )
+    .unwrap();
+    // The sandbox's user must be able to reach the layer.
+    for dir in [
+        tmp.path(),
+        &tmp.path().join("layers"),
+        &layer,
+        &layer.join("python"),
+    ] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let p = pipeline(
+        tmp.path(),
+        &[(
+            "greet",
+            &python,
+            "handler = \"uses_layer.handler\"\nlayers = [\"layers/greeting\"]",
+        )],
+    );
+    let out = run(sluice().arg("validate").arg(&p), None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listed = text(&out.stdout);
+    assert!(
+        listed.contains(&format!(
+            ", layers at /opt: {}",
+            layer.canonicalize().unwrap().display()
+        )),
+        "{listed}"
+    );
+    let out = invoke_in(&p, "greet", r#"{"name": "Ada"}"#);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        r#"{"greeting": "hello Ada, from a layer"}"#
+    );
+}
+
 /// A plain Lambda handler in Node.js (`examples/functions/node`: a Runtime
 /// API loop on Node's standard library, and `index.mjs`) runs in the
 /// process sandbox with the host's node: an async ES module handler's

@@ -8,7 +8,8 @@
 //! * **stage 0** (the process the host spawns). As real root it first takes a
 //!   private mount namespace and assembles the sandbox root on a tmpfs at
 //!   `root_dir` (runtime layers and the function folder bind-mounted
-//!   read-only, a size-limited writable `/tmp`, `/run/sluice` for
+//!   read-only, the function's layers merged read-only at `/opt`, a
+//!   size-limited writable `/tmp`, `/run/sluice` for
 //!   invocation attachments (written by the agent), a minimal `/dev` and a
 //!   synthetic `/etc`), so that it can reach folders an unprivileged uid could
 //!   not traverse. It then unshares user, mount, PID, network, IPC, UTS and
@@ -163,6 +164,7 @@ pub fn build_root(cfg: &StartConfig, root_host_id: Option<u32>) -> Result<(), Se
     let task = inside(root, &cfg.task_root);
     fs::create_dir_all(&task).step(|| format!("mkdir {}", task.display()))?;
     bind_ro(Path::new(&cfg.function_dir), &task)?;
+    mount_layers(&cfg.layers, &inside(root, LAYERS_DIR))?;
 
     let tmp = inside(root, "/tmp");
     fs::create_dir_all(&tmp).step(|| "mkdir /tmp".into())?;
@@ -285,6 +287,47 @@ pub fn build_root(cfg: &StartConfig, root_host_id: Option<u32>) -> Result<(), Se
     Ok(())
 }
 
+/// Where the function's layers are, inside the sandbox (Lambda's `/opt`).
+pub const LAYERS_DIR: &str = "/opt";
+
+/// The function's layers at `dst`, read-only: one is bound there; several
+/// are merged by a read-only overlay whose upper layers are the later
+/// ones, so a later layer's file hides an earlier one's, as Lambda
+/// extracts them in order.
+fn mount_layers(layers: &[String], dst: &Path) -> Result<(), SetupError> {
+    match layers {
+        [] => Ok(()),
+        [one] => {
+            fs::create_dir_all(dst).step(|| format!("mkdir {}", dst.display()))?;
+            bind_ro(Path::new(one), dst)
+        }
+        several => {
+            fs::create_dir_all(dst).step(|| format!("mkdir {}", dst.display()))?;
+            // overlayfs lists lower folders topmost first, separated by
+            // `:`, in a comma-separated option string: both are escaped.
+            let escape = |p: &String| {
+                p.chars()
+                    .fold(String::with_capacity(p.len()), |mut out, c| {
+                        if matches!(c, '\\' | ':' | ',') {
+                            out.push('\\');
+                        }
+                        out.push(c);
+                        out
+                    })
+            };
+            let lower: Vec<String> = several.iter().rev().map(escape).collect();
+            mount(
+                Some("overlay"),
+                dst,
+                Some("overlay"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some(format!("lowerdir={}", lower.join(":")).as_str()),
+            )
+            .step(|| format!("mount the layers {several:?} on {}", dst.display()))
+        }
+    }
+}
+
 fn bind_ro(src: &Path, dst: &Path) -> Result<(), SetupError> {
     mount(
         Some(src),
@@ -363,8 +406,8 @@ pub fn apply_rlimits(cfg: &StartConfig) -> Result<(), SetupError> {
     Ok(())
 }
 
-/// Landlock: read and execute the runtime layers, the function and the
-/// synthetic `/etc`, read-write `/tmp`, the attachment folder and the
+/// Landlock: read and execute the runtime layers, the function, its layers
+/// and the synthetic `/etc`, read-write `/tmp`, the attachment folder and the
 /// harmless devices, nothing else.
 /// Best effort: kernels without landlock keep the other layers.
 pub fn apply_landlock(cfg: &StartConfig) -> Result<&'static str, SetupError> {
@@ -379,6 +422,9 @@ pub fn apply_landlock(cfg: &StartConfig) -> Result<&'static str, SetupError> {
         .filter(|p| Path::new(p).exists())
         .cloned()
         .collect();
+    if !cfg.layers.is_empty() {
+        read.push(LAYERS_DIR.into());
+    }
     read.extend([
         cfg.task_root.clone(),
         "/etc".into(),

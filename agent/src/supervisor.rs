@@ -204,6 +204,13 @@ pub fn run_stage1() -> u8 {
 
 type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
 
+/// Lambda's `LD_LIBRARY_PATH` for custom runtimes: the system's folders,
+/// the runtime's, the function's own `lib`, then the layers' (`/opt/lib`).
+fn lambda_library_path(task_root: &Path) -> String {
+    let task = task_root.display();
+    format!("/lib64:/usr/lib64:/var/runtime:/var/runtime/lib:{task}:{task}/lib:/opt/lib")
+}
+
 fn send(w: &SharedWriter, msg: &Message) {
     let mut guard = match w.lock() {
         Ok(g) => g,
@@ -260,7 +267,9 @@ fn serve(
     let mut cmd = Command::new(task_root.join("bootstrap"));
     cmd.current_dir(task_root)
         .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        // Lambda's: the layers' `bin` and `lib` folders at the end.
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/opt/bin")
+        .env("LD_LIBRARY_PATH", lambda_library_path(task_root))
         .env("LANG", "C.UTF-8")
         .env("TZ", ":UTC")
         .env("AWS_LAMBDA_RUNTIME_API", api_addr.to_string())

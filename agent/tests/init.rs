@@ -96,6 +96,7 @@ fn init_mode_mounts_and_serves_as_pid_1() {
         task_root: "/var/task".into(),
         root_dir: String::new(),
         runtime_layers: vec![],
+        layers: vec![],
         tmp_mb: 16,
         rlimit_nproc: 0,
         rlimit_as_bytes: 0,

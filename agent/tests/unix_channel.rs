@@ -39,6 +39,7 @@ fn config(dir: &std::path::Path) -> StartConfig {
         task_root: "/var/task".into(),
         root_dir: String::new(),
         runtime_layers: vec![],
+        layers: vec![],
         tmp_mb: 16,
         rlimit_nproc: 0,
         rlimit_as_bytes: 0,

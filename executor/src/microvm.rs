@@ -225,11 +225,14 @@ impl Backend for MicrovmBackend {
         });
         let image = self.image.clone();
         let dir = spec.dir.clone();
+        let layers = spec.layers.clone();
         let make_vm = move |config| {
-            let boot = image.boot_function(&dir).map_err(|e| SandboxError::Vm {
-                what: format!("preparing the guest image for {}", dir.display()),
-                message: e.to_string(),
-            })?;
+            let boot = image
+                .boot_function(&dir, &layers)
+                .map_err(|e| SandboxError::Vm {
+                    what: format!("preparing the guest image for {}", dir.display()),
+                    message: e.to_string(),
+                })?;
             Ok(VmBuilder::new(config, boot))
         };
         let sb = MicrovmSandbox::start(setup, make_vm, plan).await?;
@@ -325,6 +328,8 @@ impl SandboxSetup {
             task_root: GUEST_TASK_ROOT.into(),
             root_dir: String::new(),
             runtime_layers: Vec::new(),
+            // In the initramfs, at /opt (`GuestImage::boot_function`).
+            layers: Vec::new(),
             tmp_mb: spec.tmp_mb,
             rlimit_nproc: 0,
             rlimit_as_bytes: 0,

@@ -59,6 +59,10 @@ pub struct FunctionSpec {
     /// [`crate::process::CpuPlacer`]). A microVM's vCPU threads are not
     /// pinned. Default false.
     pub pin_cpu: bool,
+    /// Layer folders (Lambda layers), in order: the sandbox sees them
+    /// merged read-only at `/opt`, a later layer's files over an earlier
+    /// one's. Default none.
+    pub layers: Vec<PathBuf>,
 }
 
 impl FunctionSpec {
@@ -84,16 +88,19 @@ impl FunctionSpec {
             prewarm: true,
             snapshot: true,
             pin_cpu: false,
+            layers: Vec::new(),
         }
     }
 
-    /// A version string that changes when the settings or the folder's
-    /// files (names, sizes, modification times) change. Sandboxes are reused
-    /// only for the same version.
+    /// A version string that changes when the settings or the files of
+    /// the folder or its layers (names, sizes, modification times) change.
+    /// Sandboxes are reused only for the same version.
     pub fn version(&self) -> String {
         let mut h = DefaultHasher::new();
         format!("{self:?}").hash(&mut h);
-        hash_dir(&self.dir, &mut h, 0);
+        for dir in std::iter::once(&self.dir).chain(&self.layers) {
+            hash_dir(dir, &mut h, 0);
+        }
         format!("{:016x}", h.finish())
     }
 }

@@ -590,6 +590,95 @@ async fn warm_reuse_is_per_tenant_and_per_version() {
     ex.shutdown().await;
 }
 
+/// Reports what the function sees of its layers at `/opt`.
+fn layer_probe() -> String {
+    shell_runtime(
+        r#"  GREET=$(greet 2>&1)
+  SHARED=$(cat /opt/shared.txt)
+  ONLY1=$(cat /opt/only1.txt 2>/dev/null || echo missing)
+  MOUNT=$(grep ' /opt ' /proc/mounts | cut -d' ' -f3,4 | cut -d, -f1)
+  if touch /opt/new 2>/dev/null; then WROTE=true; else WROTE=false; fi
+  BODY="{\"greet\": \"$GREET\", \"shared\": \"$SHARED\", \"only1\": \"$ONLY1\", \"mount\": \"$MOUNT\", \"wrote\": $WROTE, \"ld\": \"$LD_LIBRARY_PATH\", \"path\": \"$PATH\"}""#,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_are_merged_read_only_at_opt_a_later_ones_files_winning() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = script_fixture(&layer_probe());
+    let base = f.dir.parent().expect("the fixture's folder");
+    let layer = |name: &str, files: &[(&str, &str)]| {
+        let dir = base.join(name);
+        for (path, text) in files {
+            let file = dir.join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, text).unwrap();
+            let mode = if path.starts_with("bin/") {
+                0o755
+            } else {
+                0o644
+            };
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    };
+    let one = layer(
+        "layer-one",
+        &[
+            ("bin/greet", "#!/bin/sh\necho hello from layer one\n"),
+            ("shared.txt", "one"),
+            ("only1.txt", "1"),
+        ],
+    );
+    let two = layer(
+        "layer-two",
+        &[("shared.txt", "two"), ("lib/README", "libs")],
+    );
+    let ex = executor();
+    let mut both = spec("layered", &f);
+    both.layers = vec![one.clone(), two.clone()];
+    ex.register(both.clone());
+    let mut single = spec("one-layer", &f);
+    single.layers = vec![two.clone()];
+    ex.register(single);
+
+    let seen = call(&ex, "layered", json!({})).await.unwrap();
+    // A later layer's file over an earlier one's; the earlier one's other
+    // files, its `bin` on PATH; all of it read-only.
+    assert_eq!(seen["shared"], "two", "{seen}");
+    assert_eq!(seen["only1"], "1", "{seen}");
+    assert_eq!(seen["greet"], "hello from layer one", "{seen}");
+    assert_eq!(seen["mount"], "overlay ro", "{seen}");
+    assert_eq!(seen["wrote"], false, "{seen}");
+    assert!(
+        seen["path"].as_str().unwrap().ends_with(":/opt/bin"),
+        "{seen}"
+    );
+    assert!(
+        seen["ld"].as_str().unwrap().ends_with(":/opt/lib"),
+        "{seen}"
+    );
+    // One layer is bound there as it is.
+    let seen = call(&ex, "one-layer", json!({})).await.unwrap();
+    assert_eq!(seen["shared"], "two", "{seen}");
+    assert_eq!(seen["only1"], "missing", "{seen}");
+    assert!(seen["mount"].as_str().unwrap().ends_with(" ro"), "{seen}");
+    assert_eq!(seen["wrote"], false, "{seen}");
+
+    // A changed layer is a new version of the function: its warm sandboxes
+    // are not reused, and the next call sees the change.
+    let before = both.version();
+    std::fs::write(two.join("shared.txt"), "two, again").unwrap();
+    assert_ne!(both.version(), before);
+    ex.register(both);
+    let r = ex.invoke("layered", "{}").await.unwrap();
+    assert!(r.cold_start);
+    let seen: Value = serde_json::from_slice(&r.payload).unwrap();
+    assert_eq!(seen["shared"], "two, again", "{seen}");
+    ex.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sandboxes_are_reaped_after_their_idle_timeout() {
     let f = function_fixture("echo");

@@ -61,5 +61,6 @@ pub fn function_spec(f: &sluice_pipeline::FunctionConfig) -> sluice_executor::Fu
     s.prewarm = f.prewarm;
     s.snapshot = f.snapshot;
     s.pin_cpu = f.pin_cpu;
+    s.layers = f.layers.clone();
     s
 }

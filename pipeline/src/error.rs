@@ -224,7 +224,8 @@ pub enum PipelineError {
         key: String,
     },
 
-    /// A function's `path` does not lead to a usable function folder.
+    /// A function's `path` does not lead to a usable function folder, or
+    /// one of its `layers` to a folder.
     #[error("{at}: `{field}` = {value:?}: {}", path_problem(resolved, problem))]
     BadFunctionPath {
         /// Position of the `path` value.

@@ -36,6 +36,7 @@
 //! | `prewarm` | [`DEFAULT_PREWARM`] | `true` or `false` |
 //! | `snapshot` | [`DEFAULT_SNAPSHOT`] | `true` or `false`; the microVM backend restores cold starts from a snapshot of the function's initialised VM (`true` with `backend = "process"` is an error) |
 //! | `pin_cpu` | [`DEFAULT_PIN_CPU`] | `true` or `false`; each process sandbox runs on one CPU, the least used (lower latency where waking another CPU is dear, as in virtual machines; `true` with `backend = "microvm"` is an error) |
+//! | `layers` | none | up to [`MAX_LAYERS`] folders (Lambda layers), merged read-only at `/opt` in order, a later one's files over an earlier one's |
 //!
 //! `min_warm` idle sandboxes are kept ready (started in the background);
 //! at most `max_warm` are kept idle. With `prewarm`, sluice watches when
@@ -280,6 +281,8 @@ pub const DEFAULT_PREWARM: bool = true;
 pub const DEFAULT_SNAPSHOT: bool = true;
 /// Default `pin_cpu`: sandboxes run on any CPU, moved by the scheduler.
 pub const DEFAULT_PIN_CPU: bool = false;
+/// Most `layers` a function may have (Lambda's limit).
+pub const MAX_LAYERS: usize = 5;
 
 /// Environment keys a function may not set: Lambda's documented reserved
 /// runtime variables, which the sandbox sets itself.
@@ -1105,6 +1108,10 @@ pub struct FunctionConfig {
     pub snapshot: bool,
     /// Run each process sandbox on one CPU. Default [`DEFAULT_PIN_CPU`].
     pub pin_cpu: bool,
+    /// Layer folders (Lambda layers), canonical, in the order written: the
+    /// sandbox sees them merged read-only at `/opt`, a later layer's files
+    /// over an earlier one's. Default none; at most [`MAX_LAYERS`].
+    pub layers: Vec<PathBuf>,
 }
 
 /// Which sandbox runs a function.

@@ -89,6 +89,8 @@ struct RawFunction {
     snapshot: Option<Spanned<bool>>,
     /// Default [`crate::DEFAULT_PIN_CPU`].
     pin_cpu: Option<Spanned<bool>>,
+    /// Default none.
+    layers: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 const INTEGER: &str = "an integer";
@@ -116,6 +118,10 @@ const FUNCTION_FIELDS: &[(&str, &str)] = &[
     ("vcpus", INTEGER),
     ("snapshot", "a boolean (true or false)"),
     ("pin_cpu", "a boolean (true or false)"),
+    (
+        "layers",
+        "an array of folder paths, e.g. [\"layers/common\"]",
+    ),
 ];
 
 /// What a valid file declares: the functions and jobs by name, the
@@ -768,6 +774,7 @@ impl RawFunction {
             "it pins process sandboxes; a microVM's vCPU threads are not pinned",
         )?;
         let path = validate_path(&f, path, base)?;
+        let layers = validate_layers(&f, self.layers, base)?;
 
         Ok(FunctionConfig {
             name,
@@ -790,6 +797,7 @@ impl RawFunction {
             prewarm,
             snapshot,
             pin_cpu,
+            layers,
         })
     }
 }
@@ -959,6 +967,68 @@ fn validate_path(
     })
 }
 
+/// `layers`: at most [`crate::MAX_LAYERS`] folders, each once, resolved
+/// against the pipeline file's folder.
+fn validate_layers(
+    f: &Fields<'_>,
+    layers: Option<Spanned<Vec<Spanned<String>>>>,
+    base: &Path,
+) -> Result<Vec<PathBuf>, PipelineError> {
+    let Some(layers) = layers else {
+        return Ok(Vec::new());
+    };
+    let span = layers.span();
+    let layers = layers.into_inner();
+    if layers.len() > crate::MAX_LAYERS {
+        return Err(PipelineError::Invalid {
+            at: f.loc.at(span),
+            field: f.field("layers"),
+            message: format!(
+                "{} layers; a function may have at most {} (Lambda's limit)",
+                layers.len(),
+                crate::MAX_LAYERS
+            ),
+        });
+    }
+    let mut resolved: Vec<PathBuf> = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.into_iter().enumerate() {
+        let span = layer.span();
+        let written = layer.into_inner();
+        let field = format!("{}[{i}]", f.field("layers"));
+        let joined = base.join(&written);
+        let problem = match std::fs::metadata(&joined) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PathProblem::NotFound,
+            Err(e) => PathProblem::Inaccessible(e),
+            Ok(meta) if !meta.is_dir() => PathProblem::NotAFolder,
+            Ok(_) => match joined.canonicalize() {
+                Ok(canonical) => {
+                    if let Some(j) = resolved.iter().position(|r| *r == canonical) {
+                        return Err(PipelineError::Invalid {
+                            at: f.loc.at(span),
+                            field,
+                            message: format!(
+                                "{written:?} is the folder of `layers[{j}]` again; a layer \
+                                 is given once"
+                            ),
+                        });
+                    }
+                    resolved.push(canonical);
+                    continue;
+                }
+                Err(e) => PathProblem::Inaccessible(e),
+            },
+        };
+        return Err(PipelineError::BadFunctionPath {
+            at: f.loc.at(span),
+            field,
+            value: written,
+            resolved: joined,
+            problem,
+        });
+    }
+    Ok(resolved)
+}
+
 fn check_function_folder(folder: &Path) -> Result<(), PathProblem> {
     use std::io::ErrorKind;
     match std::fs::metadata(folder) {
@@ -999,8 +1069,9 @@ mod tests {
     #[test]
     fn every_listed_function_field_is_accepted() {
         for (name, _) in FUNCTION_FIELDS {
-            let text = format!("[functions.f]\n{name} = []\n");
-            let err = toml::from_str::<RawPipeline>(&text).expect_err("arrays fit no field");
+            // A value of no field's type: a table of tables of tables.
+            let text = format!("[functions.f]\n{name} = {{ a = {{ b = {{}} }} }}\n");
+            let err = toml::from_str::<RawPipeline>(&text).expect_err("fits no field");
             assert!(
                 err.message().starts_with("invalid type"),
                 "{name}: {}",

@@ -297,6 +297,22 @@ fn error_with_echo(text: &str) -> PipelineError {
 }
 
 #[test]
+fn layers_are_folders_resolved_against_the_file_in_the_order_written() {
+    let text = "[functions.echo]\npath = \"fixtures/echo\"\nlayers = [\"fixtures/no_bootstrap\", \"fixtures/echo/\"]\n";
+    let p = Pipeline::parse(text, Path::new(INLINE)).expect("parse");
+    let golden = Path::new("tests/golden").canonicalize().unwrap();
+    assert_eq!(
+        p.functions["echo"].layers,
+        [
+            golden.join("fixtures/no_bootstrap"),
+            golden.join("fixtures/echo")
+        ]
+    );
+    // None by default.
+    assert!(parse_with_echo("").functions["echo"].layers.is_empty());
+}
+
+#[test]
 fn lambdas_starting_positions_are_taken_as_written_there() {
     for (written, expected) in [
         ("TRIM_HORIZON", StartingPosition::Earliest),

@@ -31,6 +31,10 @@ pub struct StartConfig {
     /// provide a runtime base (shared libraries, `/bin/sh`): Lambda's
     /// `provided` base image, here taken from the host.
     pub runtime_layers: Vec<String>,
+    /// Host paths of the function's layers (Lambda layers), in order:
+    /// merged read-only at `/opt` inside the sandbox, a later layer's files
+    /// over an earlier one's. A microVM has them in its initramfs instead.
+    pub layers: Vec<String>,
     /// Size of the writable `/tmp`, in MiB.
     pub tmp_mb: u32,
     /// `RLIMIT_NPROC` to apply inside the sandbox (0: none). The host sets it

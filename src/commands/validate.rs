@@ -13,7 +13,7 @@ pub fn run(path: &Path) -> u8 {
     println!("{}: ok, {} function(s)", path.display(), p.functions.len());
     for f in p.functions.values() {
         println!(
-            "  {}: {} ({} MiB, timeout {:?}, concurrency {}, tenant {}, backend {:?}{})",
+            "  {}: {} ({} MiB, timeout {:?}, concurrency {}, tenant {}, backend {:?}{}){}",
             f.name,
             f.path.display(),
             f.memory_mb,
@@ -25,6 +25,12 @@ pub fn run(path: &Path) -> u8 {
                 ", each sandbox pinned to a CPU"
             } else {
                 ""
+            },
+            if f.layers.is_empty() {
+                String::new()
+            } else {
+                let layers: Vec<_> = f.layers.iter().map(|l| l.display().to_string()).collect();
+                format!(", layers at /opt: {}", layers.join(", "))
             }
         );
     }

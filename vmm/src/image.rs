@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::initramfs::{CpioError, GUEST_TASK_ROOT, folder_archive, guest_initramfs};
+use crate::initramfs::{
+    CpioError, GUEST_LAYERS_ROOT, GUEST_TASK_ROOT, folder_archive, guest_initramfs,
+};
 use crate::vm::Boot;
 
 /// The kernel configuration fragment merged over `make tinyconfig`.
@@ -454,11 +456,21 @@ pub struct GuestImage {
 impl GuestImage {
     /// The boot of a guest running the function in `function_dir`: the
     /// image's kernel and [`GUEST_CMDLINE`], and its initramfs followed by
-    /// an archive of the folder at `/var/task` (Linux unpacks both).
-    pub fn boot_function(&self, function_dir: &Path) -> Result<Boot, ImageError> {
+    /// an archive of the folder at `/var/task`, then one of each of the
+    /// function's `layers` at `/opt`, in order. Linux unpacks the archives
+    /// one after another, a file of a later one replacing the same path of
+    /// an earlier one: a later layer's files win, as in Lambda.
+    pub fn boot_function(
+        &self,
+        function_dir: &Path,
+        layers: &[PathBuf],
+    ) -> Result<Boot, ImageError> {
         let mut initramfs =
             std::fs::read(&self.initramfs).map_err(io_err("read", &self.initramfs))?;
         initramfs.extend(folder_archive(function_dir, GUEST_TASK_ROOT)?);
+        for layer in layers {
+            initramfs.extend(folder_archive(layer, GUEST_LAYERS_ROOT)?);
+        }
         Ok(Boot::Linux {
             kernel: self.kernel.clone(),
             cmdline: GUEST_CMDLINE.into(),
@@ -663,16 +675,44 @@ mod tests {
             kernel: k,
             cmdline,
             initramfs: Some(initrd),
-        } = first.boot_function(&fdir).unwrap()
+        } = first.boot_function(&fdir, &[]).unwrap()
         else {
             panic!("not a Linux boot");
         };
         assert_eq!((k, cmdline.as_str()), (first.kernel.clone(), GUEST_CMDLINE));
         assert_eq!(&initrd[..cpio.len()], &cpio[..]);
-        assert_eq!(
-            &initrd[cpio.len()..],
-            &folder_archive(&fdir, GUEST_TASK_ROOT).unwrap()[..]
-        );
+        let function = folder_archive(&fdir, GUEST_TASK_ROOT).unwrap();
+        assert_eq!(&initrd[cpio.len()..], &function[..]);
+        // With layers: each one's archive at /opt after the function's, in
+        // the order given.
+        let layers: Vec<PathBuf> = ["a", "b"]
+            .iter()
+            .map(|name| {
+                let dir = home.path().join(name);
+                std::fs::create_dir_all(dir.join("bin")).unwrap();
+                std::fs::write(dir.join("bin/tool"), name.as_bytes()).unwrap();
+                dir
+            })
+            .collect();
+        let Boot::Linux {
+            initramfs: Some(layered),
+            ..
+        } = first.boot_function(&fdir, &layers).unwrap()
+        else {
+            panic!("not a Linux boot");
+        };
+        let mut expected = cpio.clone();
+        expected.extend(&function);
+        for layer in &layers {
+            let archive = folder_archive(layer, GUEST_LAYERS_ROOT).unwrap();
+            assert!(
+                archive
+                    .windows(b"opt/bin/tool".len())
+                    .any(|w| w == b"opt/bin/tool")
+            );
+            expected.extend(archive);
+        }
+        assert_eq!(layered, expected);
         assert_eq!(layout.latest_image(), Some(again.clone()));
         // Another kernel is another image, and the latest one (the first
         // one's time is set back: file times can be one timer tick coarse).

@@ -258,6 +258,9 @@ pub fn guest_initramfs_from(agent: &Path) -> Result<Vec<u8>, CpioError> {
 
 /// Where a function's folder goes inside the guest (`LAMBDA_TASK_ROOT`).
 pub const GUEST_TASK_ROOT: &str = "var/task";
+/// Where a function's layers are unpacked in the guest (`/opt`), relative to
+/// the initramfs root.
+pub const GUEST_LAYERS_ROOT: &str = "opt";
 
 /// A newc archive of the folder `dir` under `prefix` (directories, regular
 /// files with their permission bits, symbolic links; other file types are

@@ -145,9 +145,10 @@ fn the_guest_image_boots_the_agent_which_answers_over_the_agent_channel() {
         console_capture: 1 << 20,
         ..VmConfig::default()
     };
-    let (builder, channel) = VmBuilder::new(config, image.boot_function(function.path()).unwrap())
-        .agent_channel()
-        .unwrap();
+    let (builder, channel) =
+        VmBuilder::new(config, image.boot_function(function.path(), &[]).unwrap())
+            .agent_channel()
+            .unwrap();
     let mut vm = builder.build().unwrap();
     vm.start().unwrap();
     channel
@@ -166,6 +167,7 @@ fn the_guest_image_boots_the_agent_which_answers_over_the_agent_channel() {
         task_root: "/var/task".into(),
         root_dir: String::new(),
         runtime_layers: vec![],
+        layers: vec![],
         tmp_mb: 16,
         rlimit_nproc: 0,
         rlimit_as_bytes: 0,

@@ -158,6 +158,11 @@ impl Backend for ProcessBackend {
             task_root: "/var/task".into(),
             root_dir: root_dir.to_string_lossy().into_owned(),
             runtime_layers: self.cfg.runtime_layers.clone(),
+            layers: spec
+                .layers
+                .iter()
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect(),
             tmp_mb: spec.tmp_mb,
             rlimit_nproc: if cgroup.is_some() {
                 0
