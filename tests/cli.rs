@@ -269,10 +269,11 @@ fn a_python_handler_runs_unchanged() {
 }
 
 /// A function's layers (Lambda layers) reach it at /opt: `sluice validate`
-/// names them, and a Python handler imports a module from a layer's
-/// `python` folder, as in Lambda.
+/// names them, a Python handler imports a module from a layer's `python`
+/// folder, and a CommonJS Node.js handler requires one from a layer's
+/// `nodejs/node_modules`, as in Lambda.
 #[test]
-fn a_python_handler_imports_from_its_layer() {
+fn python_and_node_handlers_import_from_their_layer() {
     use std::os::unix::fs::PermissionsExt;
     let python = function_fixture("python");
     std::fs::write(
@@ -280,30 +281,51 @@ fn a_python_handler_imports_from_its_layer() {
         "import greeting\n\ndef handler(event, context):\n    return {\"greeting\": greeting.text(event[\"name\"])}\n",
     )
     .unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let layer = tmp.path().join("layers/greeting");
-    std::fs::create_dir_all(layer.join("python")).unwrap();
+    let node = function_fixture("node");
     std::fs::write(
-        layer.join("python/greeting.py"),
-        "def text(name):\n    return f\"hello {name}, from a layer\"\n",
+        node.dir.join("uses_layer.cjs"),
+        "const greeting = require('greeting');\n\
+         exports.handler = async (event) => ({ greeting: greeting.text(event.name) });\n",
     )
     .unwrap();
-    // The sandbox's user must be able to reach the layer.
-    for dir in [
-        tmp.path(),
-        &tmp.path().join("layers"),
-        &layer,
-        &layer.join("python"),
-    ] {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let layer = tmp.path().join("layers/greeting");
+    let files = [
+        (
+            "python/greeting.py",
+            "def text(name):\n    return f\"hello {name}, from a layer\"\n",
+        ),
+        (
+            "nodejs/node_modules/greeting/index.js",
+            "exports.text = (name) => `hello ${name}, from a layer`;\n",
+        ),
+    ];
+    for (path, content) in files {
+        let file = layer.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, content).unwrap();
+        // The sandbox's user must be able to reach the layer's files.
+        for dir in file.ancestors().skip(1) {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            if dir == tmp.path() {
+                break;
+            }
+        }
     }
     let p = pipeline(
         tmp.path(),
-        &[(
-            "greet",
-            &python,
-            "handler = \"uses_layer.handler\"\nlayers = [\"layers/greeting\"]",
-        )],
+        &[
+            (
+                "greet",
+                &python,
+                "handler = \"uses_layer.handler\"\nlayers = [\"layers/greeting\"]",
+            ),
+            (
+                "greet-js",
+                &node,
+                "handler = \"uses_layer.handler\"\nlayers = [\"layers/greeting\"]",
+            ),
+        ],
     );
     let out = run(sluice().arg("validate").arg(&p), None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -320,6 +342,12 @@ fn a_python_handler_imports_from_its_layer() {
     assert_eq!(
         text(&out.stdout).trim(),
         r#"{"greeting": "hello Ada, from a layer"}"#
+    );
+    let out = invoke_in(&p, "greet-js", r#"{"name": "Grace"}"#);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        r#"{"greeting":"hello Grace, from a layer"}"#
     );
 }
 
