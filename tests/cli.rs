@@ -270,7 +270,7 @@ fn a_python_handler_runs_unchanged() {
 
 /// A function's layers (Lambda layers) reach it at /opt: `sluice validate`
 /// names them, a Python handler imports a module from a layer's `python`
-/// folder, and a CommonJS Node.js handler requires one from a layer's
+/// folder, and Node.js handlers require and import one from a layer's
 /// `nodejs/node_modules`, as in Lambda.
 #[test]
 fn python_and_node_handlers_import_from_their_layer() {
@@ -286,6 +286,12 @@ fn python_and_node_handlers_import_from_their_layer() {
         node.dir.join("uses_layer.cjs"),
         "const greeting = require('greeting');\n\
          exports.handler = async (event) => ({ greeting: greeting.text(event.name) });\n",
+    )
+    .unwrap();
+    std::fs::write(
+        node.dir.join("imports_layer.mjs"),
+        "import { text } from 'greeting';\n\
+         export const handler = async (event) => ({ greeting: text(event.name), esm: true });\n",
     )
     .unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -325,6 +331,11 @@ fn python_and_node_handlers_import_from_their_layer() {
                 &node,
                 "handler = \"uses_layer.handler\"\nlayers = [\"layers/greeting\"]",
             ),
+            (
+                "greet-esm",
+                &node,
+                "handler = \"imports_layer.handler\"\nlayers = [\"layers/greeting\"]",
+            ),
         ],
     );
     let out = run(sluice().arg("validate").arg(&p), None);
@@ -348,6 +359,12 @@ fn python_and_node_handlers_import_from_their_layer() {
     assert_eq!(
         text(&out.stdout).trim(),
         r#"{"greeting":"hello Grace, from a layer"}"#
+    );
+    let out = invoke_in(&p, "greet-esm", r#"{"name": "Edsger"}"#);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        r#"{"greeting":"hello Edsger, from a layer","esm":true}"#
     );
 }
 
