@@ -36,6 +36,8 @@ echo; echo "== sluice invoke echo"
 $SLUICE invoke --pipeline examples/pipeline.toml echo --payload '{"hello": "sluice"}'
 echo; echo "== sluice invoke python (a plain Lambda handler in Python)"
 $SLUICE invoke --pipeline examples/pipeline.toml python --payload '{"text": "to be or not to be"}'
+echo; echo "== sluice invoke layered (a Python handler importing a module from its layer, at /opt)"
+$SLUICE invoke --pipeline examples/pipeline.toml layered --payload '{"text": "to be or not to be"}'
 echo; echo "== sluice invoke node (the same handler in Node.js)"
 $SLUICE invoke --pipeline examples/pipeline.toml node --payload '{"text": "to be or not to be"}'
 echo; echo "== sluice invoke shell (payload from stdin)"
