@@ -204,6 +204,19 @@ pub fn run_stage1() -> u8 {
 
 type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
 
+/// The runtime's entry point, where Lambda looks for it: `bootstrap` in the
+/// function's folder, else in its layers (`/opt/bootstrap`: a custom
+/// runtime shipped as a layer).
+fn entry_point(task_root: &Path) -> PathBuf {
+    let own = task_root.join("bootstrap");
+    let layered = Path::new("/opt/bootstrap");
+    if own.symlink_metadata().is_err() && layered.is_file() {
+        layered.to_path_buf()
+    } else {
+        own
+    }
+}
+
 /// Lambda's `LD_LIBRARY_PATH` for custom runtimes: the system's folders,
 /// the runtime's, the function's own `lib`, then the layers' (`/opt/lib`).
 fn lambda_library_path(task_root: &Path) -> String {
@@ -264,7 +277,8 @@ fn serve(
         }
     }
 
-    let mut cmd = Command::new(task_root.join("bootstrap"));
+    let bootstrap = entry_point(task_root);
+    let mut cmd = Command::new(&bootstrap);
     cmd.current_dir(task_root)
         .env_clear()
         // Lambda's: the layers' `bin` and `lib` folders at the end.
@@ -308,7 +322,7 @@ fn serve(
                     error_type: "Runtime.InvalidEntrypoint".into(),
                     body: serde_json::json!({
                         "errorType": "Runtime.InvalidEntrypoint",
-                        "errorMessage": format!("cannot start {}/bootstrap: {e}", task_root.display()),
+                        "errorMessage": format!("cannot start {}: {e}", bootstrap.display()),
                     })
                     .to_string()
                     .into_bytes(),

@@ -680,6 +680,45 @@ async fn layers_are_merged_read_only_at_opt_a_later_ones_files_winning() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_shipped_as_a_layer_runs_a_function_folder_without_bootstrap() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    mode(tmp.path(), 0o755);
+    // The function: only what its runtime reads.
+    let function = tmp.path().join("function");
+    std::fs::create_dir(&function).unwrap();
+    mode(&function, 0o755);
+    std::fs::write(function.join("greeting.txt"), "hello from the function").unwrap();
+    // The runtime: a layer whose `bootstrap` Lambda would run as
+    // /opt/bootstrap.
+    let runtime = tmp.path().join("runtime");
+    std::fs::create_dir(&runtime).unwrap();
+    mode(&runtime, 0o755);
+    let bootstrap = runtime.join("bootstrap");
+    std::fs::write(
+        &bootstrap,
+        shell_runtime(
+            r#"  BODY="{\"greeting\": \"$(cat "$LAMBDA_TASK_ROOT/greeting.txt")\", \"runtime\": \"$0\", \"cwd\": \"$PWD\"}""#,
+        ),
+    )
+    .unwrap();
+    mode(&bootstrap, 0o755);
+    let ex = executor();
+    let mut s = FunctionSpec::new("layered-runtime", &function);
+    s.layers = vec![runtime];
+    ex.register(s);
+    let seen = call(&ex, "layered-runtime", json!({})).await.unwrap();
+    assert_eq!(
+        seen,
+        json!({"greeting": "hello from the function", "runtime": "/opt/bootstrap", "cwd": "/var/task"})
+    );
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sandboxes_are_reaped_after_their_idle_timeout() {
     let f = function_fixture("echo");
     let ex = executor();

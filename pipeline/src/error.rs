@@ -591,7 +591,7 @@ fn path_problem(resolved: &std::path::Path, problem: &PathProblem) -> String {
         PathProblem::NotAFolder => format!("{shown} is not a folder"),
         PathProblem::NoBootstrap => format!(
             "folder {shown} has no `bootstrap`; a function folder needs an executable \
-             file named `bootstrap`"
+             file named `bootstrap` (or one of its `layers`, at its root: a custom runtime)"
         ),
         PathProblem::BootstrapNotAFile => {
             format!(

@@ -17,7 +17,7 @@
 //!
 //! | field | default | allowed |
 //! |---|---|---|
-//! | `path` | required | folder with an executable `bootstrap` |
+//! | `path` | required | folder with an executable `bootstrap`, or whose topmost layer with one has it executable (a custom runtime as a layer) |
 //! | `memory_mb` | [`DEFAULT_MEMORY_MB`] | [`MEMORY_MB_RANGE`] (Lambda's) |
 //! | `timeout` | [`DEFAULT_TIMEOUT`] | [`TIMEOUT_RANGE`] |
 //! | `init_timeout` | [`DEFAULT_INIT_TIMEOUT`] | [`TIMEOUT_RANGE`] |
@@ -1112,6 +1112,24 @@ pub struct FunctionConfig {
     /// sandbox sees them merged read-only at `/opt`, a later layer's files
     /// over an earlier one's. Default none; at most [`MAX_LAYERS`].
     pub layers: Vec<PathBuf>,
+}
+
+impl FunctionConfig {
+    /// The host path of the runtime's entry point: `bootstrap` in the
+    /// function folder, else in the topmost layer that has one (a custom
+    /// runtime shipped as a layer, at `/opt/bootstrap` in the sandbox).
+    pub fn bootstrap(&self) -> PathBuf {
+        let own = self.path.join("bootstrap");
+        if own.symlink_metadata().is_ok() {
+            return own;
+        }
+        self.layers
+            .iter()
+            .rev()
+            .map(|layer| layer.join("bootstrap"))
+            .find(|b| b.symlink_metadata().is_ok())
+            .unwrap_or(own)
+    }
 }
 
 /// Which sandbox runs a function.

@@ -773,8 +773,8 @@ impl RawFunction {
             (backend, Backend::Microvm, "\"process\" or \"auto\""),
             "it pins process sandboxes; a microVM's vCPU threads are not pinned",
         )?;
-        let path = validate_path(&f, path, base)?;
         let layers = validate_layers(&f, self.layers, base)?;
+        let path = validate_path(&f, path, base, &layers)?;
 
         Ok(FunctionConfig {
             name,
@@ -943,15 +943,23 @@ fn validate_backend(
 
 /// Resolves `path` against `base` and checks it is a folder with an
 /// executable `bootstrap`; returns the canonical absolute folder.
+/// The function folder, which holds `bootstrap`, or whose `layers` do (a
+/// custom runtime shipped as a layer: Lambda looks for `/opt/bootstrap`
+/// when the function has none).
 fn validate_path(
     f: &Fields<'_>,
     path: Spanned<String>,
     base: &Path,
+    layers: &[PathBuf],
 ) -> Result<PathBuf, PipelineError> {
     let span = path.span();
     let written = path.into_inner();
     let resolved = base.join(&written);
-    let problem = match check_function_folder(&resolved) {
+    let checked = match check_function_folder(&resolved) {
+        Err(PathProblem::NoBootstrap) if layered_bootstrap(layers) => Ok(()),
+        checked => checked,
+    };
+    let problem = match checked {
         Ok(()) => match resolved.canonicalize() {
             Ok(canonical) => return Ok(canonical),
             Err(e) => PathProblem::Inaccessible(e),
@@ -1027,6 +1035,16 @@ fn validate_layers(
         });
     }
     Ok(resolved)
+}
+
+/// Whether the merged layers have an executable `bootstrap` at their root:
+/// the topmost layer with one decides, as it hides the others'.
+fn layered_bootstrap(layers: &[PathBuf]) -> bool {
+    layers
+        .iter()
+        .rev()
+        .find_map(|layer| std::fs::symlink_metadata(layer.join("bootstrap")).ok())
+        .is_some_and(|meta| meta.is_file() && is_executable(&meta))
 }
 
 fn check_function_folder(folder: &Path) -> Result<(), PathProblem> {

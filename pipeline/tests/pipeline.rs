@@ -313,6 +313,28 @@ fn layers_are_folders_resolved_against_the_file_in_the_order_written() {
 }
 
 #[test]
+fn a_function_folder_without_bootstrap_takes_its_layers_runtime() {
+    let text = "[functions.echo]\npath = \"fixtures/no_bootstrap\"\nlayers = [\"fixtures/echo\", \"fixtures/no_bootstrap\"]\n";
+    let p = Pipeline::parse(text, Path::new(INLINE)).expect("parse");
+    let golden = Path::new("tests/golden").canonicalize().unwrap();
+    assert_eq!(
+        p.functions["echo"].bootstrap(),
+        golden.join("fixtures/echo/bootstrap")
+    );
+    // A folder's own bootstrap comes first.
+    let p = parse_with_echo("");
+    assert_eq!(
+        p.functions["echo"].bootstrap(),
+        golden.join("fixtures/echo/bootstrap")
+    );
+    // The topmost layer with a bootstrap decides: one that is not
+    // executable is no runtime.
+    let text = "[functions.echo]\npath = \"fixtures/no_bootstrap\"\nlayers = [\"fixtures/echo\", \"fixtures/not_executable\"]\n";
+    let e = Pipeline::parse(text, Path::new(INLINE)).expect_err("no runtime");
+    assert!(e.to_string().contains("has no `bootstrap`"), "{e}");
+}
+
+#[test]
 fn lambdas_starting_positions_are_taken_as_written_there() {
     for (written, expected) in [
         ("TRIM_HORIZON", StartingPosition::Earliest),

@@ -157,7 +157,7 @@ pub async fn invoke(
     };
 
     // Baseline: spawn the same bootstrap per call, no sandbox, no pool.
-    let bootstrap = f.path.join("bootstrap");
+    let bootstrap = f.bootstrap();
     let mut env: Vec<(String, String)> = vec![
         ("AWS_LAMBDA_FUNCTION_NAME".into(), function.into()),
         ("AWS_LAMBDA_FUNCTION_VERSION".into(), "$LATEST".into()),
