@@ -368,6 +368,93 @@ fn python_and_node_handlers_import_from_their_layer() {
     );
 }
 
+/// A function and its layer as .zip archives, as Lambda deploys them: run
+/// from folders unpacked once under $SLUICE_HOME/packages; `sluice
+/// validate` names the archives.
+#[test]
+fn a_function_and_its_layer_run_from_zip_archives() {
+    use std::io::Write as _;
+    use zip::write::SimpleFileOptions;
+    let python = function_fixture("python");
+    let tmp = tempfile::tempdir().unwrap();
+    let zip_of = |name: &str, files: &[(&str, u32, Vec<u8>)]| {
+        let path = tmp.path().join(name);
+        let mut w = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        for (entry, mode, bytes) in files {
+            let options = SimpleFileOptions::default().unix_permissions(*mode);
+            w.start_file(*entry, options).unwrap();
+            w.write_all(bytes).unwrap();
+        }
+        w.finish().unwrap();
+        path
+    };
+    let function = zip_of(
+        "function.zip",
+        &[
+            (
+                "bootstrap",
+                0o755,
+                std::fs::read(python.dir.join("bootstrap")).unwrap(),
+            ),
+            (
+                "app.py",
+                0o644,
+                b"import greeting\n\ndef handler(event, context):\n    return {\"greeting\": greeting.text(event[\"name\"])}\n".to_vec(),
+            ),
+        ],
+    );
+    let layer = zip_of(
+        "layer.zip",
+        &[(
+            "python/greeting.py",
+            0o644,
+            b"def text(name):\n    return f\"hello {name}, from a zipped layer\"\n".to_vec(),
+        )],
+    );
+    let p = tmp.path().join("pipeline.toml");
+    std::fs::write(
+        &p,
+        "[functions.zipped]\npath = \"function.zip\"\nhandler = \"app.handler\"\nlayers = [\"layer.zip\"]\n",
+    )
+    .unwrap();
+    let home = tmp.path().join("home");
+
+    let out = run(
+        sluice().env("SLUICE_HOME", &home).arg("validate").arg(&p),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listed = text(&out.stdout);
+    let shown = |path: &Path| path.canonicalize().unwrap().display().to_string();
+    assert!(
+        listed.contains(&format!("zipped: {} (", shown(&function)))
+            && listed.contains(&format!("layers at /opt: {}", shown(&layer))),
+        "{listed}"
+    );
+    assert!(!home.exists(), "validate unpacks nothing");
+
+    let out = run(
+        sluice()
+            .env("SLUICE_HOME", &home)
+            .args(["invoke", "-p"])
+            .arg(&p)
+            .args(["zipped", "--payload", r#"{"name": "Barbara"}"#]),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        r#"{"greeting": "hello Barbara, from a zipped layer"}"#
+    );
+    let mut unpacked: Vec<String> = std::fs::read_dir(home.join("packages"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    unpacked.sort();
+    assert_eq!(unpacked.len(), 2, "{unpacked:?}");
+    assert!(unpacked[0].starts_with("function-") && unpacked[1].starts_with("layer-"));
+}
+
 /// A plain Lambda handler in Node.js (`examples/functions/node`: a Runtime
 /// API loop on Node's standard library, and `index.mjs`) runs in the
 /// process sandbox with the host's node: an async ES module handler's

@@ -38,6 +38,9 @@ pub enum PathProblem {
     BootstrapNotAFile,
     /// `bootstrap` is a regular file without any execute permission bit.
     BootstrapNotExecutable,
+    /// The path names a `.zip` archive that cannot be used: not a zip, a
+    /// name leaving the package, too large unpacked.
+    BadArchive(Box<String>),
 }
 
 /// Everything that can go wrong loading a pipeline file.
@@ -466,6 +469,19 @@ pub enum PipelineError {
         source: Box<crate::filter::FilterError>,
     },
 
+    /// A function's archive (`path` or one of its `layers`) could not be
+    /// unpacked.
+    #[error("{}: `{field}`: cannot unpack {source}", file.display())]
+    Unpack {
+        /// The pipeline file, as given.
+        file: PathBuf,
+        /// Dotted path of the field naming the archive.
+        field: String,
+        /// What went wrong.
+        #[source]
+        source: crate::package::PackageError,
+    },
+
     /// Any other error reported by the TOML deserializer.
     #[error("{at}: `{field}`: {message}")]
     Invalid {
@@ -550,6 +566,7 @@ impl PipelineError {
             | Self::BadFilter { at, .. }
             | Self::Invalid { at, .. } => Some(at),
             Self::Read { .. }
+            | Self::Unpack { .. }
             | Self::NoFunctions { .. }
             | Self::UnknownFunction { .. }
             | Self::UnknownJob { .. } => None,
@@ -585,10 +602,34 @@ fn one_of(expected: &[&str]) -> String {
 
 fn path_problem(resolved: &std::path::Path, problem: &PathProblem) -> String {
     let shown = resolved.display();
+    if crate::package::is_archive(resolved) {
+        // A package as a `.zip` archive.
+        match problem {
+            PathProblem::NotFound => return format!("{shown} does not exist"),
+            PathProblem::BadArchive(why) => return format!("archive {shown}: {why}"),
+            PathProblem::NoBootstrap => {
+                return format!(
+                    "archive {shown} has no `bootstrap` at its root; a function needs an \
+                     executable file named `bootstrap` (or one of its `layers`: a custom runtime)"
+                );
+            }
+            PathProblem::BootstrapNotAFile => {
+                return format!("`bootstrap` in archive {shown} is not a regular file");
+            }
+            PathProblem::BootstrapNotExecutable => {
+                return format!(
+                    "`bootstrap` in archive {shown} is not executable (`chmod +x` it before \
+                     zipping)"
+                );
+            }
+            PathProblem::Inaccessible(_) | PathProblem::NotAFolder => {}
+        }
+    }
     match problem {
+        PathProblem::BadArchive(why) => format!("archive {shown}: {why}"),
         PathProblem::NotFound => format!("folder {shown} does not exist"),
         PathProblem::Inaccessible(e) => format!("cannot access {shown}: {e}"),
-        PathProblem::NotAFolder => format!("{shown} is not a folder"),
+        PathProblem::NotAFolder => format!("{shown} is not a folder (nor a .zip archive)"),
         PathProblem::NoBootstrap => format!(
             "folder {shown} has no `bootstrap`; a function folder needs an executable \
              file named `bootstrap` (or one of its `layers`, at its root: a custom runtime)"

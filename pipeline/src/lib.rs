@@ -17,7 +17,7 @@
 //!
 //! | field | default | allowed |
 //! |---|---|---|
-//! | `path` | required | folder with an executable `bootstrap`, or whose topmost layer with one has it executable (a custom runtime as a layer) |
+//! | `path` | required | folder with an executable `bootstrap`, or whose topmost layer with one has it executable (a custom runtime as a layer); or a `.zip` archive of one ([`package`]) |
 //! | `memory_mb` | [`DEFAULT_MEMORY_MB`] | [`MEMORY_MB_RANGE`] (Lambda's) |
 //! | `timeout` | [`DEFAULT_TIMEOUT`] | [`TIMEOUT_RANGE`] |
 //! | `init_timeout` | [`DEFAULT_INIT_TIMEOUT`] | [`TIMEOUT_RANGE`] |
@@ -36,7 +36,7 @@
 //! | `prewarm` | [`DEFAULT_PREWARM`] | `true` or `false` |
 //! | `snapshot` | [`DEFAULT_SNAPSHOT`] | `true` or `false`; the microVM backend restores cold starts from a snapshot of the function's initialised VM (`true` with `backend = "process"` is an error) |
 //! | `pin_cpu` | [`DEFAULT_PIN_CPU`] | `true` or `false`; each process sandbox runs on one CPU, the least used (lower latency where waking another CPU is dear, as in virtual machines; `true` with `backend = "microvm"` is an error) |
-//! | `layers` | none | up to [`MAX_LAYERS`] folders (Lambda layers), merged read-only at `/opt` in order, a later one's files over an earlier one's |
+//! | `layers` | none | up to [`MAX_LAYERS`] folders or `.zip` archives (Lambda layers), merged read-only at `/opt` in order, a later one's files over an earlier one's |
 //!
 //! `min_warm` idle sandboxes are kept ready (started in the background);
 //! at most `max_warm` are kept idle. With `prewarm`, sluice watches when
@@ -218,6 +218,7 @@
 
 mod error;
 pub mod filter;
+pub mod package;
 mod raw;
 pub use raw::check_name;
 mod span;
@@ -1187,6 +1188,34 @@ impl Pipeline {
             jobs: d.jobs,
             mapreduce_jobs: d.mapreduce_jobs,
         })
+    }
+
+    /// Unpacks every function and layer given as a `.zip` archive into
+    /// `cache` (once per archive content: see [`package::unpack`]), and
+    /// points the function at the unpacked folders, so that what runs
+    /// sees folders only. Folders are left as they are.
+    pub fn unpack_packages(&mut self, cache: &Path) -> Result<(), PipelineError> {
+        for f in self.functions.values_mut() {
+            let field = |name: String| format!("functions.{}.{name}", f.name);
+            let mut paths = std::iter::once((field("path".into()), &mut f.path)).chain(
+                f.layers
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, layer)| (field(format!("layers[{i}]")), layer)),
+            );
+            paths.try_for_each(|(field, path)| {
+                if package::is_archive(path) && path.is_file() {
+                    *path =
+                        package::unpack(path, cache).map_err(|source| PipelineError::Unpack {
+                            file: self.file.clone(),
+                            field,
+                            source,
+                        })?;
+                }
+                Ok::<_, PipelineError>(())
+            })?;
+        }
+        Ok(())
     }
 
     /// The job called `name`; the error lists the declared jobs.

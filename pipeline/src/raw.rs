@@ -17,6 +17,7 @@ use serde_spanned::Spanned;
 use toml::de::DeTable;
 
 use crate::error::{PathProblem, PipelineError};
+use crate::package::Bootstrap;
 use crate::span::{self, Locator, dotted, toml_key};
 use crate::{
     Backend, BackfillJob, CONCURRENCY_RANGE, DEFAULT_CONCURRENCY, DEFAULT_HANDLER,
@@ -955,7 +956,7 @@ fn validate_path(
     let span = path.span();
     let written = path.into_inner();
     let resolved = base.join(&written);
-    let checked = match check_function_folder(&resolved) {
+    let checked = match check_function_package(&resolved) {
         Err(PathProblem::NoBootstrap) if layered_bootstrap(layers) => Ok(()),
         checked => checked,
     };
@@ -1004,11 +1005,13 @@ fn validate_layers(
         let written = layer.into_inner();
         let field = format!("{}[{i}]", f.field("layers"));
         let joined = base.join(&written);
-        let problem = match std::fs::metadata(&joined) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PathProblem::NotFound,
-            Err(e) => PathProblem::Inaccessible(e),
-            Ok(meta) if !meta.is_dir() => PathProblem::NotAFolder,
-            Ok(_) => match joined.canonicalize() {
+        let checked = package_problem(&joined).or_else(|| {
+            // An archive's listing is checked now, as a function's is.
+            package_bootstrap(&joined).err()
+        });
+        let problem = match checked {
+            Some(problem) => problem,
+            None => match joined.canonicalize() {
                 Ok(canonical) => {
                     if let Some(j) = resolved.iter().position(|r| *r == canonical) {
                         return Err(PipelineError::Invalid {
@@ -1043,30 +1046,51 @@ fn layered_bootstrap(layers: &[PathBuf]) -> bool {
     layers
         .iter()
         .rev()
-        .find_map(|layer| std::fs::symlink_metadata(layer.join("bootstrap")).ok())
-        .is_some_and(|meta| meta.is_file() && is_executable(&meta))
+        .map(|layer| package_bootstrap(layer).unwrap_or(Bootstrap::Missing))
+        .find(|b| *b != Bootstrap::Missing)
+        == Some(Bootstrap::File { executable: true })
 }
 
-fn check_function_folder(folder: &Path) -> Result<(), PathProblem> {
+/// What a package (a folder, or an archive) holds as `bootstrap`.
+fn package_bootstrap(package: &Path) -> Result<Bootstrap, PathProblem> {
     use std::io::ErrorKind;
-    match std::fs::metadata(folder) {
-        Err(e) if e.kind() == ErrorKind::NotFound => return Err(PathProblem::NotFound),
-        Err(e) => return Err(PathProblem::Inaccessible(e)),
-        Ok(meta) if !meta.is_dir() => return Err(PathProblem::NotAFolder),
-        Ok(_) => {}
+    if crate::package::is_archive(package) && package.is_file() {
+        return crate::package::check_archive(package)
+            .map_err(|why| PathProblem::BadArchive(Box::new(why)));
     }
-    let bootstrap = match std::fs::metadata(folder.join("bootstrap")) {
-        Err(e) if e.kind() == ErrorKind::NotFound => return Err(PathProblem::NoBootstrap),
-        Err(e) => return Err(PathProblem::Inaccessible(e)),
-        Ok(meta) => meta,
-    };
-    if !bootstrap.is_file() {
-        return Err(PathProblem::BootstrapNotAFile);
+    match std::fs::metadata(package.join("bootstrap")) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Bootstrap::Missing),
+        Err(e) => Err(PathProblem::Inaccessible(e)),
+        Ok(meta) if !meta.is_file() => Ok(Bootstrap::Other),
+        Ok(meta) => Ok(Bootstrap::File {
+            executable: is_executable(&meta),
+        }),
     }
-    if !is_executable(&bootstrap) {
-        return Err(PathProblem::BootstrapNotExecutable);
+}
+
+/// A package (a folder, or a `.zip` archive) that exists; `None` if it
+/// does.
+fn package_problem(package: &Path) -> Option<PathProblem> {
+    use std::io::ErrorKind;
+    match std::fs::metadata(package) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Some(PathProblem::NotFound),
+        Err(e) => Some(PathProblem::Inaccessible(e)),
+        Ok(meta) if meta.is_file() && crate::package::is_archive(package) => None,
+        Ok(meta) if !meta.is_dir() => Some(PathProblem::NotAFolder),
+        Ok(_) => None,
     }
-    Ok(())
+}
+
+fn check_function_package(package: &Path) -> Result<(), PathProblem> {
+    if let Some(problem) = package_problem(package) {
+        return Err(problem);
+    }
+    match package_bootstrap(package)? {
+        Bootstrap::Missing => Err(PathProblem::NoBootstrap),
+        Bootstrap::Other => Err(PathProblem::BootstrapNotAFile),
+        Bootstrap::File { executable: false } => Err(PathProblem::BootstrapNotExecutable),
+        Bootstrap::File { executable: true } => Ok(()),
+    }
 }
 
 #[cfg(unix)]

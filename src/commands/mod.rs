@@ -137,6 +137,20 @@ pub async fn serve_metrics(
 /// Load a pipeline, printing its located error and returning the usage exit
 /// code on failure.
 pub fn load_pipeline(path: &Path) -> Result<Pipeline, u8> {
+    let mut p = load_pipeline_as_written(path)?;
+    // Functions and layers given as .zip archives run from folders they
+    // are unpacked to once, under $SLUICE_HOME/packages.
+    p.unpack_packages(&doctor::sluice_home().join("packages"))
+        .map_err(|e| {
+            crate::log_error!("{e}");
+            crate::exit::USAGE
+        })?;
+    Ok(p)
+}
+
+/// Load and validate a pipeline without unpacking its archives (what
+/// `sluice validate` shows).
+pub fn load_pipeline_as_written(path: &Path) -> Result<Pipeline, u8> {
     Pipeline::load(path).map_err(|e| {
         crate::log_error!("{e}");
         crate::exit::USAGE

@@ -6,7 +6,7 @@ use crate::exit;
 
 /// Check the file and list its functions, triggers and jobs.
 pub fn run(path: &Path) -> u8 {
-    let p = match super::load_pipeline(path) {
+    let p = match super::load_pipeline_as_written(path) {
         Ok(p) => p,
         Err(code) => return code,
     };
