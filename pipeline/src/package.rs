@@ -2,7 +2,7 @@
 //! deploys functions and layers.
 //!
 //! An archive is checked when the pipeline is loaded, from its listing
-//! alone ([`check_archive`]): every name stays inside it, it unpacks to at
+//! alone: every name stays inside it, it unpacks to at
 //! most [`MAX_UNPACKED_BYTES`], and what its `bootstrap` is. A command that
 //! runs the function unpacks it once ([`unpack`]) into a cache folder named
 //! by the archive's content, so a changed archive is a new folder (and so a
