@@ -2,10 +2,10 @@
 //! deploys functions and layers.
 //!
 //! An archive is checked when the pipeline is loaded, from its listing
-//! alone: every name stays inside it, it unpacks to at
-//! most [`MAX_UNPACKED_BYTES`], and what its `bootstrap` is. A command that
-//! runs the function unpacks it once ([`unpack`]) into a cache folder named
-//! by the archive's content, so a changed archive is a new folder (and so a
+//! alone: every name stays inside it, it unpacks to at most
+//! [`MAX_UNPACKED_BYTES`], and what its `bootstrap` is. A command that runs
+//! the function unpacks it once ([`unpack`]) into a cache folder named by
+//! the archive's content, so a changed archive is a new folder (and so a
 //! new version of the function), and an unchanged one is not unpacked again.
 
 use std::collections::hash_map::DefaultHasher;

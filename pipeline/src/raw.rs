@@ -121,7 +121,7 @@ const FUNCTION_FIELDS: &[(&str, &str)] = &[
     ("pin_cpu", "a boolean (true or false)"),
     (
         "layers",
-        "an array of folder paths, e.g. [\"layers/common\"]",
+        "an array of paths of folders or .zip archives, e.g. [\"layers/common\"]",
     ),
 ];
 
@@ -942,11 +942,11 @@ fn validate_backend(
     }
 }
 
-/// Resolves `path` against `base` and checks it is a folder with an
-/// executable `bootstrap`; returns the canonical absolute folder.
-/// The function folder, which holds `bootstrap`, or whose `layers` do (a
-/// custom runtime shipped as a layer: Lambda looks for `/opt/bootstrap`
-/// when the function has none).
+/// Resolves `path` against `base` and checks it is a package (a folder or
+/// a `.zip` archive) with an executable `bootstrap`, or whose `layers` have
+/// one (a custom runtime shipped as a layer: Lambda looks for
+/// `/opt/bootstrap` when the function has none); returns its canonical
+/// absolute path.
 fn validate_path(
     f: &Fields<'_>,
     path: Spanned<String>,
@@ -976,8 +976,8 @@ fn validate_path(
     })
 }
 
-/// `layers`: at most [`crate::MAX_LAYERS`] folders, each once, resolved
-/// against the pipeline file's folder.
+/// `layers`: at most [`crate::MAX_LAYERS`] packages (folders or `.zip`
+/// archives), each once, resolved against the pipeline file's folder.
 fn validate_layers(
     f: &Fields<'_>,
     layers: Option<Spanned<Vec<Spanned<String>>>>,
@@ -1018,8 +1018,7 @@ fn validate_layers(
                             at: f.loc.at(span),
                             field,
                             message: format!(
-                                "{written:?} is the folder of `layers[{j}]` again; a layer \
-                                 is given once"
+                                "{written:?} is `layers[{j}]` again; a layer is given once"
                             ),
                         });
                     }
@@ -1068,8 +1067,8 @@ fn package_bootstrap(package: &Path) -> Result<Bootstrap, PathProblem> {
     }
 }
 
-/// A package (a folder, or a `.zip` archive) that exists; `None` if it
-/// does.
+/// What is wrong with where a package (a folder, or a `.zip` archive)
+/// should be: nothing there, or neither; `None` if it is one.
 fn package_problem(package: &Path) -> Option<PathProblem> {
     use std::io::ErrorKind;
     match std::fs::metadata(package) {
