@@ -9,6 +9,9 @@
 //! collects for every run. Kill points are chosen after a seeded random
 //! number of such lines (`SLUICE_TEST_SEED` overrides the seed), never by
 //! sleeping.
+//!
+//! Also: an Avro data set backfilled end to end, and a broken Avro file's
+//! error.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};
@@ -530,5 +533,90 @@ fn kill_9_at_random_points_then_resume_handles_every_item_and_agrees_with_the_fu
     assert!(
         stdout.contains("responses are in") || context.contains("responses are in"),
         "{context}"
+    );
+}
+
+/// An Avro container file (Kafka Connect's S3 sink writes them) backfilled
+/// as a user runs it: every record reaches the echo function once, in
+/// calls of at most `--max-items-per-call`, as JSON; a file that is not
+/// Avro stops the job with an error naming it.
+#[test]
+fn an_avro_data_set_is_backfilled_record_by_record() {
+    let echo = sluice_test_support::function_fixture("echo");
+    let tmp = tempfile::tempdir().unwrap();
+    let schema = apache_avro::Schema::parse_str(
+        r#"{"type": "record", "name": "Payment", "fields": [
+            {"name": "id", "type": "long"},
+            {"name": "account", "type": "string"},
+            {"name": "cents", "type": "int"}]}"#,
+    )
+    .unwrap();
+    let mut w = apache_avro::Writer::with_codec(
+        &schema,
+        Vec::new(),
+        apache_avro::Codec::Deflate(Default::default()),
+    )
+    .unwrap();
+    for id in 0..25i64 {
+        let mut r = apache_avro::types::Record::new(&schema).unwrap();
+        r.put("id", id);
+        r.put("account", format!("acct-{}", id % 3));
+        r.put("cents", (id * 100) as i32);
+        w.append_value(r).unwrap();
+    }
+    let data = tmp.path().join("payments.avro");
+    std::fs::write(&data, w.into_inner().unwrap()).unwrap();
+    let pipeline = tmp.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!("[functions.echo]\npath = {:?}\n", echo.dir),
+    )
+    .unwrap();
+    let results = tmp.path().join("results.jsonl");
+    let backfill = |source: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .env("SLUICE_AGENT", agent_binary())
+            .args(["backfill", "-q", "-p"])
+            .arg(&pipeline)
+            .args([
+                "--function",
+                "echo",
+                "--max-items-per-call",
+                "10",
+                "--source",
+            ])
+            .arg(source)
+            .arg("--results")
+            .arg(&results)
+            .output()
+            .unwrap()
+    };
+    let out = backfill(&data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let mut seen = Vec::new();
+    let mut calls = 0;
+    for line in std::fs::read_to_string(&results).unwrap().lines() {
+        let line: Value = serde_json::from_str(line).unwrap();
+        let items = line["response"]["items"].as_array().unwrap().clone();
+        assert!(items.len() <= 10, "{line}");
+        calls += 1;
+        seen.extend(items);
+    }
+    assert_eq!(calls, 3);
+    seen.sort_by_key(|v| v["id"].as_i64());
+    let want: Vec<Value> = (0..25i64)
+        .map(|id| serde_json::json!({"id": id, "account": format!("acct-{}", id % 3), "cents": id * 100}))
+        .collect();
+    assert_eq!(seen, want);
+
+    let broken = tmp.path().join("broken.avro");
+    std::fs::write(&broken, "Obj\u{1}not really").unwrap();
+    let out = backfill(&broken);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: Avro: ", broken.display())),
+        "{stderr}"
     );
 }

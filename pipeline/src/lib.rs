@@ -139,7 +139,7 @@
 //! | `kind` | `"backfill"` | `"backfill"`, or `"mapreduce"` (below) |
 //! | `function` | required | a declared function |
 //! | `source` | required | a path, glob or URL (`file://`, `s3://`, `gs://`, `az://`), or an array of them; relative paths are relative to the pipeline file's folder |
-//! | `format` | from the first source's extension | `"parquet"`, `"csv"`, `"jsonl"`, `"json"` (a document holding an array, each element an item; one that does not start with `[` is read as JSON lines), `"text"`, or `"objects"`: each file or object is one item, `{"Key", "Size", "LastModified", "Etag", "url"}` (Distributed Map's S3 object listing), called one at a time with its bytes staged read-only at `/run/sluice/payload` (the event's `"object_file"`); not with `columns`, CSV options, `order_key`, dependencies, `state`, a columnar `payload` or `max_items_per_call` over 1 |
+//! | `format` | from the first source's extension | `"parquet"`, `"csv"`, `"jsonl"`, `"json"` (a document holding an array, each element an item; one that does not start with `[` is read as JSON lines), `"text"`, `"avro"` (an Avro container file, each record an item), or `"objects"`: each file or object is one item, `{"Key", "Size", "LastModified", "Etag", "url"}` (Distributed Map's S3 object listing), called one at a time with its bytes staged read-only at `/run/sluice/payload` (the event's `"object_file"`); not with `columns`, CSV options, `order_key`, dependencies, `state`, a columnar `payload` or `max_items_per_call` over 1 |
 //! | `columns` | every column | non-empty array of names; Parquet reads only these |
 //! | `csv_delimiter` | `","` | one ASCII character |
 //! | `csv_headers` | none (each CSV file's first line is its header) | distinct column names, one per field: the files have no header line, and their first line is an item |
@@ -563,6 +563,9 @@ pub enum DataFormat {
     Json,
     /// Text: each line is a JSON string.
     Text,
+    /// Apache Avro object container files (Kafka Connect's and Hadoop's
+    /// files): each record is an item, as JSON (see `taskgen`'s reader).
+    Avro,
     /// Objects: each file or object is one item, called one at a time with
     /// its bytes staged as a file in the sandbox (Step Functions Distributed
     /// Map's S3 object listing, Lithops' map over a bucket). Never implied
@@ -579,12 +582,13 @@ impl DataFormat {
             Self::Jsonl => "jsonl",
             Self::Json => "json",
             Self::Text => "text",
+            Self::Avro => "avro",
             Self::Objects => "objects",
         }
     }
 
     /// The format a file name's extension suggests (`.parquet`, `.csv`,
-    /// `.tsv`, `.jsonl`/`.ndjson`, `.json`, `.txt`/`.log`), ignoring a
+    /// `.tsv`, `.jsonl`/`.ndjson`, `.json`, `.txt`/`.log`, `.avro`), ignoring a
     /// trailing glob and a compression extension after it (`.gz`, `.zst`).
     pub fn from_extension(path: &str) -> Option<Self> {
         // `orders.jsonl.gz`: the format is the extension before the
@@ -601,6 +605,7 @@ impl DataFormat {
             "jsonl" | "ndjson" => Some(Self::Jsonl),
             "json" => Some(Self::Json),
             "txt" | "text" | "log" => Some(Self::Text),
+            "avro" => Some(Self::Avro),
             _ => None,
         }
     }
@@ -621,9 +626,10 @@ impl std::str::FromStr for DataFormat {
             "jsonl" | "ndjson" => Ok(Self::Jsonl),
             "json" => Ok(Self::Json),
             "text" | "txt" => Ok(Self::Text),
+            "avro" => Ok(Self::Avro),
             "objects" => Ok(Self::Objects),
             other => Err(format!(
-                "unknown format {other:?} (known: parquet, csv, jsonl, json, text, objects)"
+                "unknown format {other:?} (known: parquet, csv, jsonl, json, text, avro, objects)"
             )),
         }
     }

@@ -32,7 +32,8 @@ pub struct BackfillOptions {
     #[arg(long)]
     pub source: Vec<String>,
     /// parquet, csv (with header), jsonl, json (a document holding an array
-    /// of items), or text (default: from the first source's extension); or
+    /// of items), text, or avro (an Avro container file, each record an
+    /// item; default: from the first source's extension); or
     /// objects: each file or object is one call,
     /// its bytes staged at /run/sluice/payload and the event's item
     /// {"Key", "Size", "LastModified", "Etag", "url"}.

@@ -285,6 +285,17 @@ pub enum BackfillError {
         /// The decoder's message.
         message: String,
     },
+    /// An Avro file is invalid or cannot be decoded (`record`: the 1-based
+    /// record the decoder stopped at, 0 for the file's header).
+    #[error("{}: Avro{}: {message}", file.display(), if *record == 0 { String::new() } else { format!(", record {record}") })]
+    Avro {
+        /// The file.
+        file: PathBuf,
+        /// Where the decoder stopped.
+        record: u64,
+        /// The decoder's message.
+        message: String,
+    },
     /// With `payload = "parquet"`, one row group's chosen columns do not fit
     /// in a call (row groups are never cut).
     #[error(
@@ -470,6 +481,7 @@ impl BackfillError {
             | BackfillError::NoFiles { .. }
             | BackfillError::Config(_)
             | BackfillError::Parquet { .. }
+            | BackfillError::Avro { .. }
             | BackfillError::MissingColumn { .. }
             | BackfillError::OrderColumnMissing { .. }
             | BackfillError::RowGroupTooLarge { .. }

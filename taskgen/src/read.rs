@@ -190,6 +190,7 @@ fn read(
         Format::Json => {
             json_doc::read(path, input.items_pointer.as_deref(), columns, as_json, each)
         }
+        Format::Avro => read_avro(path, columns, as_json, each),
         // The file is the item: nothing of it is read here.
         Format::Objects => {
             let _ = each(0, Item::Value(source::object_item(path)));
@@ -215,6 +216,17 @@ pub(crate) fn field_names(
                 .from_reader(open_bytes(path)?);
             let headers = reader.headers().map_err(|e| csv_fatal(path, 1, e))?;
             return Ok(Some(headers.iter().map(str::to_owned).collect()));
+        }
+        Format::Avro => {
+            let reader = apache_avro::Reader::new(BufReader::new(open_bytes(path)?))
+                .map_err(|e| avro_error(path, 0, e))?;
+            return Ok(match reader.writer_schema() {
+                apache_avro::Schema::Record(record) => {
+                    Some(record.fields.iter().map(|f| f.name.clone()).collect())
+                }
+                // Items that are not records have no fields.
+                _ => None,
+            });
         }
         Format::Parquet if source::is_remote(path) => {
             let (_, _, meta) =
@@ -1114,6 +1126,59 @@ fn utf8(path: &Path, line: u64, bytes: Vec<u8>) -> Result<String, ItemError> {
         .map_err(|e| bad_line(path, line, e.as_bytes(), "not valid UTF-8".into()))
 }
 
+/// Reads an Avro object container file (any codec Avro files use here:
+/// null, deflate, snappy, zstandard), each record an item: its JSON form
+/// (records and maps as objects, unions as their value, enums as their
+/// symbol, dates and times as numbers, bytes, fixed and decimals as arrays
+/// of byte values). A block that cannot be decoded ends the file with an
+/// error naming the record it stopped at; a record with no JSON form (a
+/// NaN float) is a failed item.
+fn read_avro(
+    path: &Path,
+    columns: Option<&[String]>,
+    as_json: bool,
+    each: &mut dyn FnMut(u64, Item) -> ControlFlow<()>,
+) -> Result<(), BackfillError> {
+    let reader = apache_avro::Reader::new(BufReader::new(open_bytes(path)?))
+        .map_err(|e| avro_error(path, 0, e))?;
+    let mut warned_no_column = false;
+    for (index, record) in (0u64..).zip(reader) {
+        let number = index + 1;
+        let record = record.map_err(|e| avro_error(path, number, e))?;
+        let item = match Value::try_from(record) {
+            Ok(v) if as_json && columns.is_none() => Item::Json(v.to_string()),
+            Ok(v) => {
+                let raw = v.to_string();
+                json_item(
+                    v,
+                    columns,
+                    (path, number, raw.as_bytes()),
+                    &mut warned_no_column,
+                )
+            }
+            // Its bytes are no text: the record is named by its number.
+            Err(e) => Item::Bad(bad_line(
+                path,
+                number,
+                b"",
+                format!("record {number} has no JSON form: {e}"),
+            )),
+        };
+        if each(index, item).is_break() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn avro_error(file: &Path, record: u64, e: apache_avro::Error) -> BackfillError {
+    BackfillError::Avro {
+        file: file.to_path_buf(),
+        record,
+        message: e.to_string(),
+    }
+}
+
 fn bad_line(path: &Path, line: u64, bytes: &[u8], message: String) -> ItemError {
     ItemError {
         file: PathBuf::from(path),
@@ -1168,6 +1233,125 @@ mod tests {
             ControlFlow::Continue(())
         })
         .map(|()| out)
+    }
+
+    /// An Avro container file of `records` (JSON values of `schema`),
+    /// written by the Avro library with `codec`.
+    fn avro_file(schema: &str, records: &[Value], codec: apache_avro::Codec) -> Vec<u8> {
+        let schema = apache_avro::Schema::parse_str(schema).unwrap();
+        let mut w = apache_avro::Writer::with_codec(&schema, Vec::new(), codec).unwrap();
+        for r in records {
+            let value = apache_avro::types::Value::try_from(r.clone())
+                .unwrap()
+                .resolve(&schema)
+                .unwrap();
+            w.append_value(value).unwrap();
+        }
+        w.into_inner().unwrap()
+    }
+
+    const ORDERS: &str = r#"{"type": "record", "name": "Order", "fields": [
+        {"name": "id", "type": "long"},
+        {"name": "customer", "type": "string"},
+        {"name": "tags", "type": {"type": "array", "items": "string"}},
+        {"name": "note", "type": ["null", "string"], "default": null},
+        {"name": "amount", "type": "double"}]}"#;
+
+    #[test]
+    fn avro_records_are_items_in_every_codec_and_columns_choose_fields() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let orders: Vec<Value> = (1..=3)
+            .map(|i| {
+                serde_json::json!({"id": i, "customer": format!("c{i}"), "tags": ["a", "b"],
+                    "note": if i == 2 { Value::Null } else { Value::from("fast") }, "amount": i as f64 * 1.5})
+            })
+            .collect();
+        for codec in [
+            apache_avro::Codec::Null,
+            apache_avro::Codec::Deflate(Default::default()),
+            apache_avro::Codec::Snappy,
+            apache_avro::Codec::Zstandard(Default::default()),
+        ] {
+            let bytes = avro_file(ORDERS, &orders, codec);
+            assert_eq!(
+                items_of(&dir, "orders.avro", bytes, Format::Avro).unwrap(),
+                orders,
+                "{codec:?}"
+            );
+        }
+        let path = dir.path().join("orders.avro");
+        std::fs::write(&path, avro_file(ORDERS, &orders, apache_avro::Codec::Null)).unwrap();
+        // `columns` chooses fields; the file's fields are known for
+        // `order_key` and dependency checks.
+        let input = crate::Input {
+            columns: Some(vec!["id".into(), "amount".into()]),
+            ..crate::Input::from(Format::Avro)
+        };
+        let mut chosen = Vec::new();
+        super::read_file_json(&path, &input, &mut |_, item| {
+            let Item::Value(v) = item else {
+                panic!("a value")
+            };
+            chosen.push(v);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(chosen[1], serde_json::json!({"id": 2, "amount": 3.0}));
+        assert_eq!(
+            super::field_names(&path, &Format::Avro.into()).unwrap(),
+            Some(
+                ["id", "customer", "tags", "note", "amount"]
+                    .map(String::from)
+                    .to_vec()
+            )
+        );
+    }
+
+    #[test]
+    fn a_broken_avro_file_is_an_error_naming_the_file_and_record() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let e = items_of(&dir, "x.avro", b"not avro at all".to_vec(), Format::Avro).unwrap_err();
+        assert!(matches!(&e, BackfillError::Avro { record: 0, .. }), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: Avro: ", dir.path().join("x.avro").display())),
+            "{e}"
+        );
+        // A file cut inside its data block: the records before the cut
+        // cannot be told from the rest, so the file fails at the block.
+        let orders: Vec<Value> = (1..=50)
+            .map(|i| serde_json::json!({"id": i, "customer": "c", "tags": [], "note": null, "amount": 1.0}))
+            .collect();
+        let whole = avro_file(ORDERS, &orders, apache_avro::Codec::Null);
+        let cut = whole[..whole.len() - 40].to_vec();
+        let e = items_of(&dir, "cut.avro", cut, Format::Avro).unwrap_err();
+        assert!(
+            matches!(&e, BackfillError::Avro { record, .. } if *record >= 1),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_avro_record_without_a_json_form_is_a_failed_item() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let schema =
+            r#"{"type": "record", "name": "M", "fields": [{"name": "x", "type": "double"}]}"#;
+        let schema_ = apache_avro::Schema::parse_str(schema).unwrap();
+        let mut w = apache_avro::Writer::new(&schema_, Vec::new()).unwrap();
+        for x in [1.0, f64::NAN, 2.0] {
+            let mut r = apache_avro::types::Record::new(&schema_).unwrap();
+            r.put("x", x);
+            w.append_value(r).unwrap();
+        }
+        let bytes = w.into_inner().unwrap();
+        assert_eq!(
+            items_of(&dir, "m.avro", bytes, Format::Avro).unwrap(),
+            [
+                serde_json::json!({"x": 1.0}),
+                serde_json::json!({"bad": 2}),
+                serde_json::json!({"x": 2.0})
+            ]
+        );
     }
 
     /// A UTF-8 byte order mark before the first line is not data: JSON
