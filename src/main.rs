@@ -184,6 +184,10 @@ enum Command {
     /// Process the tasks of distributed backfills (`sluice backfill
     /// --distributed`) until SIGINT/SIGTERM; run any number of workers.
     Worker(commands::worker::WorkerArgs),
+    /// Serve Lambda's Invoke API over HTTP until SIGINT/SIGTERM, for AWS
+    /// SDKs and `aws lambda invoke --endpoint-url` (as `sam local
+    /// start-lambda` does)
+    Serve(commands::serve::ServeArgs),
     /// State carried by stateful triggers and jobs (`state = {...}`).
     #[command(subcommand)]
     State(StateCommand),
@@ -452,6 +456,7 @@ async fn dispatch(command: Command) -> u8 {
                 commands::backfill::run(pipeline, job, *options).await
             }
             Command::Worker(args) => commands::worker::run(args).await,
+            Command::Serve(args) => commands::serve::run(args).await,
             Command::Mapreduce {
                 pipeline,
                 job,

@@ -102,7 +102,9 @@ pub use backend::{Backend, Invocation, LogSink, Routed, Sandbox};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Fault, InvokeError, SandboxError};
 pub use logs::{LogLine, LogRateLimiter, tracing_sink};
-pub use pool::{Executor, FunctionStats, InvokeOptions, Maintenance, PoolConfig, Response};
+pub use pool::{
+    Executor, FunctionStats, InvokeOptions, Maintenance, PoolConfig, Response, function_arn,
+};
 pub use report::{InitReport, REPORT_TARGET, Report, ReportStatus, Reported};
 pub use sluice_protocol::{ATTACHMENT_PATH, LogStream, MAX_ATTACHMENT};
 pub use spec::FunctionSpec;

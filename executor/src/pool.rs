@@ -48,6 +48,12 @@ impl Default for PoolConfig {
     }
 }
 
+/// The ARN a function is invoked as (`Lambda-Runtime-Invoked-Function-Arn`):
+/// sluice's region and a zero account.
+pub fn function_arn(name: &str) -> String {
+    format!("arn:aws:lambda:sluice-local:000000000000:function:{name}")
+}
+
 /// Per-call options.
 #[derive(Debug, Clone, Default)]
 pub struct InvokeOptions {
@@ -455,6 +461,11 @@ impl Executor {
         }
     }
 
+    /// Whether a function called `name` is registered.
+    pub fn is_registered(&self, name: &str) -> bool {
+        self.state(name).is_ok()
+    }
+
     /// Add or update a function. A changed function (settings or files) gets
     /// a new version: its idle sandboxes of the old version are stopped, and
     /// its counters and arrival history carry over.
@@ -663,10 +674,7 @@ impl Executor {
             ),
             request_id: request_id.clone(),
             deadline_ms: now_ms + spec.timeout.as_millis() as u64,
-            invoked_function_arn: format!(
-                "arn:aws:lambda:sluice-local:000000000000:function:{}",
-                spec.name
-            ),
+            invoked_function_arn: function_arn(&spec.name),
             client_context: opts.client_context.unwrap_or_default(),
             payload,
             attachment: opts.attachment,

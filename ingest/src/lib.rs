@@ -8,6 +8,10 @@
 //! durably in the on-failure topic. Scale-out is the consumer group's: start
 //! more `sluice run` processes with the same pipeline.
 //!
+//! Lambda's Invoke API over HTTP ([`invoke_api`], `sluice serve`): AWS SDKs
+//! and the AWS CLI pointed at sluice invoke its functions, synchronously or
+//! as asynchronous events.
+//!
 //! Object-store prefixes ([`objects`]): Lambda's S3 trigger by polling.
 //! Every new or overwritten object under a prefix invokes the function once
 //! with an S3 event notification, its bytes staged in the sandbox; what was
@@ -18,6 +22,7 @@
 mod error;
 pub mod event;
 pub mod group_commit;
+pub mod invoke_api;
 pub mod kafka;
 pub mod metrics;
 pub mod objects;

@@ -11,6 +11,7 @@ pub mod invoke;
 pub mod mapreduce;
 pub mod new;
 pub mod run;
+pub mod serve;
 pub mod state;
 pub mod validate;
 pub mod worker;

@@ -1,0 +1,249 @@
+//! Lambda's Invoke API (`sluice serve`) against real sandboxes, spoken to
+//! over one kept-alive HTTP connection as an SDK does: synchronous calls
+//! (by name and by ARN), a function error, an asynchronous `Event` call
+//! seen by the function, the client context, `DryRun`, and the service's
+//! errors.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use sluice_executor::process::{ProcessBackend, ProcessConfig};
+use sluice_executor::{Executor, FunctionSpec, LogLine};
+use sluice_test_support::{Lines, agent_binary, function_fixture, script_fixture};
+
+/// Logs each event and the client context it came with, then answers.
+const LOGGER: &str = r#"#!/bin/bash
+API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+while true; do
+  H=$(mktemp)
+  curl -sS -D "$H" -o /tmp/event "$API/invocation/next"
+  ID=$(grep -i '^Lambda-Runtime-Aws-Request-Id:' "$H" | cut -d: -f2 | tr -d '[:space:]')
+  CC=$(grep -i '^Lambda-Runtime-Client-Context:' "$H" | cut -d: -f2- | tr -d '\r')
+  echo "EVENT $(cat /tmp/event) CONTEXT${CC}" >&2
+  curl -sS -X POST "$API/invocation/$ID/response" -d '{"ok":true}' >/dev/null
+done
+"#;
+
+/// An HTTP/1.1 answer.
+struct Answer {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: String,
+}
+
+/// One request on a kept-alive connection.
+fn request(
+    conn: &mut BufReader<TcpStream>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let stream = conn.get_mut();
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    let mut status_line = String::new();
+    conn.read_line(&mut status_line).unwrap();
+    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut line = String::new();
+        conn.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let (k, v) = line.split_once(':').unwrap();
+        headers.insert(k.to_ascii_lowercase(), v.trim().to_owned());
+    }
+    let len: usize = headers["content-length"].parse().unwrap();
+    let mut body = vec![0; len];
+    conn.read_exact(&mut body).unwrap();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8(body).unwrap(),
+    }
+}
+
+const INVOKE: &str = "/2015-03-31/functions";
+
+#[test]
+fn sdk_requests_invoke_functions_as_lambda_answers_them() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lines = Arc::new(Lines::default());
+    let sink = {
+        let lines = Arc::clone(&lines);
+        Arc::new(move |l: LogLine| lines.push(format!("[{}] {}", l.function, l.line)))
+    };
+    let executor = Executor::with_log_sink(
+        Arc::new(ProcessBackend::new(ProcessConfig::detect(agent_binary()))),
+        sink,
+    );
+    let (echo, fail, logger) = (
+        function_fixture("echo"),
+        function_fixture("fail"),
+        script_fixture(LOGGER),
+    );
+    for (name, f) in [("echo", &echo), ("fail", &fail), ("logger", &logger)] {
+        executor.register(FunctionSpec::new(name, &f.dir));
+    }
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(sluice_ingest::invoke_api::serve(
+        listener,
+        executor.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut conn = BufReader::new(TcpStream::connect(addr).unwrap());
+    conn.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+
+    // A synchronous call answers the function's response.
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/echo/invocations"),
+        &[],
+        r#"{"n":1}"#,
+    );
+    assert_eq!((a.status, a.body.as_str()), (200, r#"{"n":1}"#));
+    assert_eq!(a.headers["x-amz-executed-version"], "$LATEST");
+    assert!(!a.headers.contains_key("x-amz-function-error"));
+    // By ARN (percent-encoded, as SDKs send it) with a qualifier, on the
+    // same connection.
+    let arn = "arn%3Aaws%3Alambda%3Aus-east-1%3A123456789012%3Afunction%3Aecho";
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/{arn}/invocations?Qualifier=%24LATEST"),
+        &[("X-Amz-Invocation-Type", "RequestResponse")],
+        "[2]",
+    );
+    assert_eq!((a.status, a.body.as_str()), (200, "[2]"));
+    // A function error: 200, flagged, with Lambda's error object.
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/fail/invocations"),
+        &[],
+        r#"{"order":7}"#,
+    );
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["x-amz-function-error"], "Unhandled");
+    let error: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(error["errorType"], "OrderRejected", "{error}");
+
+    // An asynchronous call is accepted at once and then runs.
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/logger/invocations"),
+        &[("X-Amz-Invocation-Type", "Event")],
+        r#"{"async":"yes"}"#,
+    );
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert!(a.headers.contains_key("x-amzn-requestid"));
+    lines
+        .wait_for(Duration::from_secs(30), |l| {
+            l.iter()
+                .find(|l| l.contains(r#"EVENT {"async":"yes"}"#))
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("the Event call never ran: {:?}", lines.snapshot()));
+    // The client context reaches the function as Lambda's.
+    let context = base64::engine::general_purpose::STANDARD.encode(r#"{"custom":{"user":"ada"}}"#);
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/logger/invocations"),
+        &[("X-Amz-Client-Context", &context)],
+        "{}",
+    );
+    assert_eq!((a.status, a.body.as_str()), (200, r#"{"ok":true}"#));
+    lines
+        .wait_for(Duration::from_secs(30), |l| {
+            l.iter()
+                .find(|l| l.contains(r#"CONTEXT {"custom":{"user":"ada"}}"#))
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("no client context: {:?}", lines.snapshot()));
+
+    // DryRun, and the service's errors.
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/echo/invocations"),
+        &[("X-Amz-Invocation-Type", "DryRun")],
+        "",
+    );
+    assert_eq!(a.status, 204);
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/nope/invocations"),
+        &[],
+        "{}",
+    );
+    assert_eq!(a.status, 404);
+    assert_eq!(a.headers["x-amzn-errortype"], "ResourceNotFoundException");
+    assert!(a.body.contains("function:nope"), "{}", a.body);
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/echo/invocations"),
+        &[],
+        "not json",
+    );
+    assert_eq!(a.status, 400);
+    assert_eq!(
+        a.headers["x-amzn-errortype"],
+        "InvalidRequestContentException"
+    );
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/echo/invocations"),
+        &[("X-Amz-Client-Context", "not base64")],
+        "{}",
+    );
+    assert_eq!(a.status, 400);
+    let a = request(
+        &mut conn,
+        "GET",
+        &format!("{INVOKE}/echo/invocations"),
+        &[],
+        "",
+    );
+    assert_eq!(a.status, 405);
+    let a = request(&mut conn, "GET", "/2015-03-31/functions", &[], "");
+    assert_eq!(a.status, 404);
+    assert_eq!(a.headers["x-amzn-errortype"], "UnknownOperationException");
+
+    drop(conn);
+    let _ = stop.send(());
+    rt.block_on(server).unwrap().unwrap();
+    rt.block_on(executor.shutdown());
+}
