@@ -47,6 +47,9 @@ const IDLE: Duration = Duration::from_secs(60);
 const EVENT_ATTEMPTS: u32 = 3;
 /// Wait before an `Event` call's first retry, doubled for the next.
 const EVENT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// `Event` calls accepted and not finished, at most; past it an `Event`
+/// request is throttled (429), so a flood cannot grow memory without bound.
+pub const MAX_EVENTS_IN_FLIGHT: usize = 1024;
 
 /// Serves the Invoke API on `listener` until `shutdown` resolves; then
 /// stops accepting, lets requests in progress and `Event` calls already
@@ -61,6 +64,8 @@ pub async fn serve(
         executor,
         events: tokio::sync::Mutex::new(JoinSet::new()),
     });
+    // Tells kept-alive connections to close once their request is answered.
+    let (stopping, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -70,8 +75,9 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let api = Arc::clone(&api);
+                    let stop = stop_rx.clone();
                     connections.spawn(async move {
-                        if let Err(e) = api.connection(stream).await {
+                        if let Err(e) = api.connection(stream, stop).await {
                             tracing::debug!(%peer, error = %e, "invoke API connection ended");
                         }
                     });
@@ -88,12 +94,9 @@ pub async fn serve(
         }
     }
     drop(listener);
-    // Requests being answered finish; idle connections are closed.
-    while tokio::time::timeout(IDLE, connections.join_next())
-        .await
-        .is_ok_and(|c| c.is_some())
-    {}
-    connections.shutdown().await;
+    // Requests being answered finish; idle connections close at once.
+    let _ = stopping.send(true);
+    while connections.join_next().await.is_some() {}
     let mut events = api.events.lock().await;
     while events.join_next().await.is_some() {}
     Ok(())
@@ -175,11 +178,29 @@ impl Reply {
 }
 
 impl Api {
-    /// Requests of one kept-alive connection, one after another.
-    async fn connection(&self, mut stream: TcpStream) -> std::io::Result<()> {
+    /// Requests of one kept-alive connection, one after another, until the
+    /// peer closes it, it idles for [`IDLE`], or the server stops (a request
+    /// already begun is still read and answered).
+    async fn connection(
+        &self,
+        mut stream: TcpStream,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
         stream.set_nodelay(true)?;
         let mut buf = Vec::with_capacity(4096);
         loop {
+            if buf.is_empty() {
+                // Between requests: wait for the next one's first bytes.
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                    ready = tokio::time::timeout(IDLE, stream.readable()) => {
+                        if ready.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
             let request =
                 match tokio::time::timeout(IDLE, read_request(&mut stream, &mut buf)).await {
                     Err(_) | Ok(Ok(None)) => return Ok(()),
@@ -280,15 +301,25 @@ impl Api {
             ..Default::default()
         };
         if kind == "Event" {
-            let executor = self.executor.clone();
+            let mut events = self.events.lock().await;
+            while events.try_join_next().is_some() {}
+            if events.len() >= MAX_EVENTS_IN_FLIGHT {
+                return Reply::error(
+                    429,
+                    "Too Many Requests",
+                    "TooManyRequestsException",
+                    &format!("{MAX_EVENTS_IN_FLIGHT} asynchronous calls are waiting or running"),
+                );
+            }
             let id = uuid_like();
-            let answer =
-                Reply::new(202, "Accepted", Vec::new()).with("x-amzn-RequestId", id.clone());
-            self.events
-                .lock()
-                .await
-                .spawn(event_call(executor, name, body, opts, id));
-            return answer;
+            events.spawn(event_call(
+                self.executor.clone(),
+                name,
+                body,
+                opts,
+                id.clone(),
+            ));
+            return Reply::new(202, "Accepted", Vec::new()).with("x-amzn-RequestId", id);
         }
         match self.executor.invoke_with(&name, body, opts).await {
             Ok(r) => Reply::new(200, "OK", r.payload)

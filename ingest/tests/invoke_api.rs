@@ -242,8 +242,18 @@ fn sdk_requests_invoke_functions_as_lambda_answers_them() {
     assert_eq!(a.status, 404);
     assert_eq!(a.headers["x-amzn-errortype"], "UnknownOperationException");
 
-    drop(conn);
+    // A stop closes an idle kept-alive connection at once (an SDK's pool
+    // keeps them open) rather than waiting for it.
     let _ = stop.send(());
-    rt.block_on(server).unwrap().unwrap();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), server).await })
+        .expect("the server stops with an idle connection open")
+        .unwrap()
+        .unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(
+        conn.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed by the server"
+    );
     rt.block_on(executor.shutdown());
 }
