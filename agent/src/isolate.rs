@@ -295,37 +295,34 @@ pub const LAYERS_DIR: &str = "/opt";
 /// ones, so a later layer's file hides an earlier one's, as Lambda
 /// extracts them in order.
 fn mount_layers(layers: &[String], dst: &Path) -> Result<(), SetupError> {
-    match layers {
-        [] => Ok(()),
-        [one] => {
-            fs::create_dir_all(dst).step(|| format!("mkdir {}", dst.display()))?;
-            bind_ro(Path::new(one), dst)
-        }
-        several => {
-            fs::create_dir_all(dst).step(|| format!("mkdir {}", dst.display()))?;
-            // overlayfs lists lower folders topmost first, separated by
-            // `:`, in a comma-separated option string: both are escaped.
-            let escape = |p: &String| {
-                p.chars()
-                    .fold(String::with_capacity(p.len()), |mut out, c| {
-                        if matches!(c, '\\' | ':' | ',') {
-                            out.push('\\');
-                        }
-                        out.push(c);
-                        out
-                    })
-            };
-            let lower: Vec<String> = several.iter().rev().map(escape).collect();
-            mount(
-                Some("overlay"),
-                dst,
-                Some("overlay"),
-                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                Some(format!("lowerdir={}", lower.join(":")).as_str()),
-            )
-            .step(|| format!("mount the layers {several:?} on {}", dst.display()))
-        }
+    if layers.is_empty() {
+        return Ok(());
     }
+    fs::create_dir_all(dst).step(|| format!("mkdir {}", dst.display()))?;
+    if let [one] = layers {
+        return bind_ro(Path::new(one), dst);
+    }
+    // overlayfs lists lower folders topmost first, separated by `:`, in a
+    // comma-separated option string: both are escaped.
+    let escape = |p: &String| {
+        p.chars()
+            .fold(String::with_capacity(p.len()), |mut out, c| {
+                if matches!(c, '\\' | ':' | ',') {
+                    out.push('\\');
+                }
+                out.push(c);
+                out
+            })
+    };
+    let lower: Vec<String> = layers.iter().rev().map(escape).collect();
+    mount(
+        Some("overlay"),
+        dst,
+        Some("overlay"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(format!("lowerdir={}", lower.join(":")).as_str()),
+    )
+    .step(|| format!("mount the layers {layers:?} on {}", dst.display()))
 }
 
 fn bind_ro(src: &Path, dst: &Path) -> Result<(), SetupError> {
