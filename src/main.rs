@@ -138,7 +138,7 @@ enum Command {
         kafka: Option<String>,
     },
     /// Call a function on every item of existing data sets (Parquet, CSV,
-    /// JSON lines, text), at least once, resumable.
+    /// JSON lines, text, Avro), at least once, resumable.
     Backfill {
         /// The pipeline file (also accepted as --pipeline).
         #[arg(value_name = "PIPELINE", required_unless_present = "pipeline")]
