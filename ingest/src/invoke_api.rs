@@ -59,7 +59,6 @@ pub async fn serve(
     executor: Executor,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    tokio::pin!(shutdown);
     let api = Arc::new(Api {
         executor,
         events: tokio::sync::Mutex::new(JoinSet::new()),
@@ -67,33 +66,22 @@ pub async fn serve(
     // Tells kept-alive connections to close once their request is answered.
     let (stopping, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let api = Arc::clone(&api);
-                    let stop = stop_rx.clone();
-                    connections.spawn(async move {
-                        if let Err(e) = api.connection(stream, stop).await {
-                            tracing::debug!(%peer, error = %e, "invoke API connection ended");
-                        }
-                    });
+    crate::accept_until(
+        "invoke API",
+        listener,
+        shutdown,
+        &mut connections,
+        |stream, peer| {
+            let api = Arc::clone(&api);
+            let stop = stop_rx.clone();
+            async move {
+                if let Err(e) = api.connection(stream, stop).await {
+                    tracing::debug!(%peer, error = %e, "invoke API connection ended");
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "invoke API: accept failed");
-                    tokio::select! {
-                        biased;
-                        () = &mut shutdown => break,
-                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    }
-                }
-            },
-        }
-    }
-    drop(listener);
+            }
+        },
+    )
+    .await;
     // Requests being answered finish; idle connections close at once.
     let _ = stopping.send(true);
     while connections.join_next().await.is_some() {}

@@ -46,6 +46,43 @@ pub(crate) fn failure_log() -> sluice_executor::LogRateLimiter {
     sluice_executor::LogRateLimiter::new(FAILURE_LOG_LINES_PER_SEC)
 }
 
+/// Accepts connections on `listener` until `shutdown` resolves, each
+/// served by `serve` as a task in `connections` (finished tasks are reaped
+/// as it goes); then closes the listener. A failed accept (typically out
+/// of file descriptors) is logged and retried a little later rather than
+/// spun on. The caller decides what becomes of the connections left.
+pub(crate) async fn accept_until<F>(
+    what: &str,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    connections: &mut tokio::task::JoinSet<()>,
+    serve: impl Fn(tokio::net::TcpStream, std::net::SocketAddr) -> F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(serve(stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what}: accept failed");
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    }
+                }
+            },
+        }
+    }
+}
+
 /// Executor settings of a function declared in a pipeline file.
 pub fn function_spec(f: &sluice_pipeline::FunctionConfig) -> sluice_executor::FunctionSpec {
     let mut s = sluice_executor::FunctionSpec::new(f.name.clone(), f.path.clone());

@@ -857,38 +857,24 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    tokio::pin!(shutdown);
     let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let metrics = Arc::clone(&metrics);
-                    connections.spawn(async move {
-                        match tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, &metrics)).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics connection failed"),
-                            Err(_) => tracing::debug!(%peer, "metrics connection timed out"),
-                        }
-                    });
+    crate::accept_until(
+        "metrics endpoint",
+        listener,
+        shutdown,
+        &mut connections,
+        |stream, peer| {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                match tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, &metrics)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics connection failed"),
+                    Err(_) => tracing::debug!(%peer, "metrics connection timed out"),
                 }
-                Err(e) => {
-                    // Typically out of file descriptors: back off a little
-                    // rather than spin.
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    tokio::select! {
-                        biased;
-                        () = &mut shutdown => break,
-                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    }
-                }
-            },
-        }
-    }
-    drop(listener);
+            }
+        },
+    )
+    .await;
     connections.shutdown().await;
     Ok(())
 }

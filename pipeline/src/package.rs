@@ -110,14 +110,7 @@ pub enum PackageError {
 /// entry is written through one, and the folder appears whole or not at
 /// all (unpacked beside it, then renamed).
 pub fn unpack(archive: &Path, cache: &Path) -> Result<PathBuf, PackageError> {
-    let io_err = |what: String| {
-        let archive = archive.to_path_buf();
-        move |source| PackageError::Io {
-            archive,
-            what,
-            source,
-        }
-    };
+    let io_err = |what: String| io_error(archive, what);
     let bytes = fs::read(archive).map_err(io_err("reading it".into()))?;
     let mut h = DefaultHasher::new();
     bytes.hash(&mut h);
@@ -156,14 +149,7 @@ fn unpack_into(archive: &Path, bytes: &[u8], to: &Path) -> Result<(), PackageErr
         archive: archive.to_path_buf(),
         message,
     };
-    let io_err = |what: String| {
-        let archive = archive.to_path_buf();
-        move |source| PackageError::Io {
-            archive,
-            what,
-            source,
-        }
-    };
+    let io_err = |what: String| io_error(archive, what);
     let mut zip = zip::ZipArchive::new(io::Cursor::new(bytes))
         .map_err(|e| invalid(format!("not a zip archive: {e}")))?;
     make_dir(to).map_err(io_err(format!("creating {}", to.display())))?;
@@ -217,6 +203,16 @@ fn unpack_into(archive: &Path, bytes: &[u8], to: &Path) -> Result<(), PackageErr
             .map_err(io_err(format!("linking {}", path.display())))?;
     }
     Ok(())
+}
+
+/// An I/O failure of `what`, done to `archive`'s package.
+fn io_error(archive: &Path, what: String) -> impl FnOnce(io::Error) -> PackageError {
+    let archive = archive.to_path_buf();
+    move |source| PackageError::Io {
+        archive,
+        what,
+        source,
+    }
 }
 
 /// `dir` and its missing parents below `root`, each 0755 (the sandbox's
