@@ -3,6 +3,7 @@ use std::io::{self, Read, Write};
 use bytes::Bytes;
 use thiserror::Error;
 
+use crate::PROTOCOL_FINGERPRINT;
 use crate::message::{ExitStatus, LogStream, Message, SEED_LEN, StartConfig};
 
 const K_START: u8 = 1;
@@ -76,6 +77,18 @@ pub enum DecodeError {
         /// Why.
         reason: String,
     },
+    /// The start frame comes from a build of the protocol other than this
+    /// one: the host and the agent were not built together.
+    #[error(
+        "sluice and sluice-agent come from different builds (this side speaks protocol {ours:016x}, the start frame carries {}): build both from one checkout (`cargo build --release --workspace`), or point SLUICE_AGENT at the agent built with this sluice",
+        match theirs { Some(t) => format!("{t:016x}"), None => "none".to_owned() }
+    )]
+    ProtocolMismatch {
+        /// This side's [`PROTOCOL_FINGERPRINT`](crate::PROTOCOL_FINGERPRINT).
+        ours: u64,
+        /// The start frame's, if it has one.
+        theirs: Option<u64>,
+    },
     /// The stream ended in the middle of a frame.
     #[error("channel closed in the middle of a frame")]
     UnexpectedEof,
@@ -111,6 +124,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         Message::Start(cfg) => {
             let json = serde_json::to_vec(cfg).expect("StartConfig serializes");
             put_bytes(&mut frame, &json);
+            frame.extend_from_slice(&PROTOCOL_FINGERPRINT.to_be_bytes());
             K_START
         }
         Message::Invoke { .. } => unreachable!("encoded above"),
@@ -337,6 +351,20 @@ fn decode_frame(frame: &[u8], owner: Option<&Bytes>) -> Result<Message, DecodeEr
     let msg = match kind {
         K_START => {
             let json = f.bytes("config")?;
+            // Checked before the configuration is parsed: across builds its
+            // fields are what differs, and the fingerprint names the cause.
+            // A start frame from before fingerprints ends after `config`.
+            let theirs = if f.buf.is_empty() {
+                None
+            } else {
+                Some(f.u64("protocol")?)
+            };
+            if theirs != Some(PROTOCOL_FINGERPRINT) {
+                return Err(DecodeError::ProtocolMismatch {
+                    ours: PROTOCOL_FINGERPRINT,
+                    theirs,
+                });
+            }
             let cfg: StartConfig =
                 serde_json::from_slice(json).map_err(|e| DecodeError::Invalid {
                     kind: name,
@@ -707,6 +735,50 @@ mod tests {
                 extra: 1
             })
         );
+    }
+
+    /// A start frame as some build of the host would send it.
+    fn start_frame(config: &[u8], fingerprint: Option<u64>) -> Vec<u8> {
+        let mut frame = vec![0; 5];
+        put_bytes(&mut frame, config);
+        if let Some(fp) = fingerprint {
+            frame.extend_from_slice(&fp.to_be_bytes());
+        }
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        frame[4] = K_START;
+        frame
+    }
+
+    #[test]
+    fn start_frame_from_another_build_is_refused_before_its_config() {
+        // A field this build does not know, as a newer host would send.
+        let config = br#"{"from_the_future": true}"#;
+        for theirs in [None, Some(PROTOCOL_FINGERPRINT ^ 1)] {
+            let wire = start_frame(config, theirs);
+            let err = read_message(&mut wire.as_slice(), 1024).unwrap_err();
+            let err = err.into_inner().unwrap().downcast::<DecodeError>().unwrap();
+            assert_eq!(
+                *err,
+                DecodeError::ProtocolMismatch {
+                    ours: PROTOCOL_FINGERPRINT,
+                    theirs
+                }
+            );
+            let text = err.to_string();
+            assert!(text.contains("different builds"), "{text}");
+            assert!(
+                text.contains(&format!("{PROTOCOL_FINGERPRINT:016x}")),
+                "{text}"
+            );
+        }
+        // With this build's fingerprint the config itself is read (and here
+        // refused for what it is).
+        let wire = start_frame(config, Some(PROTOCOL_FINGERPRINT));
+        let err = read_message(&mut wire.as_slice(), 1024).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("field config is invalid"), "{text}");
+        assert!(text.contains("from_the_future"), "{text}");
     }
 
     #[test]

@@ -24,6 +24,33 @@ pub use codec::attachment_head;
 pub use codec::{DecodeError, FrameDecoder, encode, invoke_head, read_message, write_message};
 pub use message::{ExitStatus, LogStream, Message, SEED_LEN, StartConfig};
 
+/// The build identity of this protocol: an FNV-1a hash of its source
+/// (`message.rs` and `codec.rs`), so that any change to the frames or their
+/// fields gives another value without anyone remembering to bump a number.
+///
+/// The host sends it in the start frame and the agent refuses a start frame
+/// with another one (or none) before reading the configuration, naming both:
+/// a `sluice-agent` left over from another build then fails with "come from
+/// different builds" rather than with whichever field happens to differ.
+pub const PROTOCOL_FINGERPRINT: u64 =
+    fnv1a(&[include_bytes!("message.rs"), include_bytes!("codec.rs")]);
+
+const fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut p = 0;
+    while p < parts.len() {
+        let bytes = parts[p];
+        let mut i = 0;
+        while i < bytes.len() {
+            hash ^= bytes[i] as u64;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+            i += 1;
+        }
+        p += 1;
+    }
+    hash
+}
+
 /// Default upper bound of one frame: Lambda's 6 MB synchronous payload limit
 /// plus room for the headers that travel with it.
 pub const DEFAULT_MAX_FRAME: usize = 6 * 1024 * 1024 + 64 * 1024;
