@@ -29,6 +29,7 @@
 pub mod attachment;
 pub mod init;
 pub mod isolate;
+mod logs;
 mod netlink;
 pub mod runtime_api;
 mod supervisor;

@@ -1,7 +1,7 @@
 //! Stage 0 and stage 1 of the agent, and the supervision of `bootstrap`:
 //! relaying invocations, results and log lines, and reaping processes.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -23,12 +23,12 @@ use sluice_protocol::{
 use crate::attachment::Stage;
 
 use crate::isolate;
+use crate::logs::LogRelays;
 use crate::runtime_api::{Invocation, RuntimeApi};
 
 const CONFIG_ENV: &str = "SLUICE_AGENT_STAGE1_CONFIG";
 /// Where a clone's seed is written by default: the kernel's entropy pool.
 pub const ENTROPY_SINK: &str = "/dev/urandom";
-const MAX_LOG_LINE: usize = 16 * 1024;
 
 /// The transport of the agent channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,13 +335,34 @@ fn serve(
     let child_pid = Pid::from_raw(child.id() as i32);
 
     let (log_done_tx, log_done_rx) = mpsc::channel::<()>();
-    if let Some(out) = child.stdout.take() {
-        relay_logs(out, LogStream::Stdout, writer.clone(), log_done_tx.clone());
-    }
-    if let Some(err) = child.stderr.take() {
-        relay_logs(err, LogStream::Stderr, writer.clone(), log_done_tx.clone());
-    }
+    let relays = LogRelays::default();
+    let relay_to = |w: &SharedWriter| {
+        let w = w.clone();
+        move |stream, line| send(&w, &Message::Log { stream, line })
+    };
+    let relayed = [
+        child.stdout.take().map(|out| {
+            relays.relay(
+                out,
+                LogStream::Stdout,
+                relay_to(&writer),
+                log_done_tx.clone(),
+            )
+        }),
+        child.stderr.take().map(|err| {
+            relays.relay(
+                err,
+                LogStream::Stderr,
+                relay_to(&writer),
+                log_done_tx.clone(),
+            )
+        }),
+    ];
     drop(log_done_tx);
+    if let Some(Err(e)) = relayed.into_iter().flatten().find(Result::is_err) {
+        let _ = kill(child_pid, Signal::SIGKILL);
+        return fail(format!("relaying the function's output: {e}"));
+    }
 
     let stage = Stage::default();
     let api = {
@@ -352,6 +373,16 @@ fn serve(
                 // An answered invocation's attachment is freed at once.
                 if matches!(m, Message::Response { .. } | Message::Error { .. }) {
                     stage.clear();
+                }
+                // What the function wrote before it answered goes first.
+                if matches!(
+                    m,
+                    Message::Ready { .. }
+                        | Message::Response { .. }
+                        | Message::Error { .. }
+                        | Message::InitError { .. }
+                ) {
+                    relays.settle();
                 }
                 send(&w, &m)
             },
@@ -406,43 +437,6 @@ fn finish(writer: &SharedWriter, api: &RuntimeApi, logs: &mpsc::Receiver<()>, st
         }
     }
     send(writer, &Message::Exited(status));
-}
-
-fn relay_logs(
-    pipe: impl Read + Send + 'static,
-    stream: LogStream,
-    writer: SharedWriter,
-    done: mpsc::Sender<()>,
-) {
-    let _ = thread::Builder::new()
-        .name("agent-logs".into())
-        .spawn(move || {
-            let mut r = BufReader::new(pipe);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match r
-                    .by_ref()
-                    .take(MAX_LOG_LINE as u64)
-                    .read_until(b'\n', &mut line)
-                {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        while matches!(line.last(), Some(b'\n' | b'\r')) {
-                            line.pop();
-                        }
-                        send(
-                            &writer,
-                            &Message::Log {
-                                stream,
-                                line: line.clone(),
-                            },
-                        );
-                    }
-                }
-            }
-            let _ = done.send(());
-        });
 }
 
 /// The fields of a [`Message::Restored`] frame.

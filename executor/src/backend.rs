@@ -68,6 +68,14 @@ pub trait Sandbox: Send + 'static {
         None
     }
 
+    /// The tap that keeps its log lines for a call that wants a tail
+    /// (Lambda's `LogType=Tail`): set by the pool, which wraps every
+    /// sandbox it starts; backends leave it alone.
+    #[doc(hidden)]
+    fn log_tap(&self) -> Option<&crate::tail::LogTap> {
+        None
+    }
+
     /// Stop it and release its resources.
     async fn shutdown(self: Box<Self>);
 }

@@ -95,6 +95,7 @@ pub mod process;
 pub mod report;
 pub mod snapshots;
 mod spec;
+pub mod tail;
 
 use std::path::PathBuf;
 

@@ -14,6 +14,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::logs::tracing_sink;
 use crate::prewarm::{Arrivals, Phase};
 use crate::report::{InitReport, REPORT_TARGET, Report, ReportStatus, Reported};
+use crate::tail::{LogTap, Tapped};
 use crate::{FunctionSpec, InvokeError};
 
 /// How often [`FunctionStats::max_memory_used`] is refreshed.
@@ -548,7 +549,7 @@ impl Executor {
         payload: impl Into<Vec<u8>>,
         opts: InvokeOptions,
     ) -> Result<Response, InvokeError> {
-        self.invoke_inner(function, payload.into(), opts, &mut None)
+        self.invoke_inner(function, payload.into(), opts, &mut None, &mut None)
             .await
     }
 
@@ -564,19 +565,39 @@ impl Executor {
     ) -> (Result<Response, InvokeError>, Option<Reported>) {
         let mut report = Some(None);
         let result = self
-            .invoke_inner(function, payload.into(), opts, &mut report)
+            .invoke_inner(function, payload.into(), opts, &mut report, &mut None)
             .await;
         (result, report.flatten())
     }
 
-    /// The invocation; `report` is `Some` when the caller wants the report
-    /// back (it is filled in if the call reached a sandbox).
+    /// Invoke with options, and also hand back the tail of the invocation's
+    /// log, as Lambda's `LogType=Tail` does: its last
+    /// [`TAIL_BYTES`](crate::tail::TAIL_BYTES), from `START` to the
+    /// `REPORT` line, after the initialisation's lines on a cold start; or
+    /// the failed initialisation's lines and its `INIT_REPORT`. `None` when
+    /// the call never reached a sandbox (refused, throttled).
+    pub async fn invoke_tailed(
+        &self,
+        function: &str,
+        payload: impl Into<Vec<u8>>,
+        opts: InvokeOptions,
+    ) -> (Result<Response, InvokeError>, Option<String>) {
+        let mut tail = Some(None);
+        let result = self
+            .invoke_inner(function, payload.into(), opts, &mut None, &mut tail)
+            .await;
+        (result, tail.flatten())
+    }
+
+    /// The invocation; `report` and `tail` are `Some` when the caller wants
+    /// them back (they are filled in if the call reached a sandbox).
     async fn invoke_inner(
         &self,
         function: &str,
         payload: Vec<u8>,
         opts: InvokeOptions,
         report: &mut Option<Option<Reported>>,
+        tail: &mut Option<Option<String>>,
     ) -> Result<Response, InvokeError> {
         let state = self.state(function)?;
         if payload.len() > MAX_PAYLOAD {
@@ -621,6 +642,7 @@ impl Executor {
         };
         let tenant = opts.tenant.unwrap_or_else(|| spec.tenant.clone());
 
+        let mut init_lines = None;
         let (mut sandbox, cold_start) = match state.take_idle(&tenant) {
             Some((sb, origin, left)) => {
                 shared.warm.fetch_add(1, Ordering::Relaxed);
@@ -630,6 +652,11 @@ impl Executor {
                 if tenant == spec.tenant && left < state.min_warm() {
                     self.inner.wake.notify_one();
                 }
+                if tail.is_some()
+                    && let Some(tap) = sb.log_tap()
+                {
+                    tap.arm();
+                }
                 (sb, false)
             }
             None => {
@@ -638,25 +665,31 @@ impl Executor {
                 }
                 shared.cold.fetch_add(1, Ordering::Relaxed);
                 let starting = Instant::now();
-                let sb = match self
-                    .inner
-                    .backend
-                    .start(spec, &tenant, self.inner.logs.clone())
-                    .await
-                {
+                let (started, tap) = self.start_sandbox(spec, &tenant, tail.is_some()).await;
+                let sb = match started {
                     Ok(sb) => sb,
                     Err(e) => {
                         shared.errors.fetch_add(1, Ordering::Relaxed);
-                        if let Some(r) = InitReport::of(&spec.name, starting.elapsed(), &e) {
+                        let init = InitReport::of(&spec.name, starting.elapsed(), &e);
+                        if let Some(r) = &init {
                             r.trace();
-                            if let Some(slot) = report {
-                                *slot = Some(Reported::Init(r));
-                            }
+                        }
+                        if let Some(slot) = tail {
+                            let lines = tap.take().unwrap_or_default();
+                            *slot = Some(crate::tail::init_tail(&lines, init.as_ref()));
+                        }
+                        if let (Some(slot), Some(r)) = (report, init) {
+                            *slot = Some(Reported::Init(r));
                         }
                         return Err(e);
                     }
                 };
                 state.note_init(sb.init_duration());
+                // The initialisation's lines go before `START`.
+                if tail.is_some() {
+                    init_lines = tap.take();
+                    tap.arm();
+                }
                 (sb, true)
             }
         };
@@ -691,14 +724,18 @@ impl Executor {
         }
         let init = cold_start.then(|| sandbox.init_duration());
         let traced = tracing::enabled!(target: REPORT_TARGET, tracing::Level::DEBUG);
-        let max_memory_used =
-            if report.is_some() || traced || shared.memory_sample_due(self.inner.clock.now()) {
-                shared.note_memory(sandbox.as_ref())
-            } else {
-                None
-            };
+        let wanted = report.is_some() || tail.is_some() || traced;
+        let max_memory_used = if wanted || shared.memory_sample_due(self.inner.clock.now()) {
+            shared.note_memory(sandbox.as_ref())
+        } else {
+            None
+        };
+        let lines = tail
+            .is_some()
+            .then(|| sandbox.log_tap().and_then(LogTap::take))
+            .flatten();
         self.release(&state, &tenant, sandbox);
-        if report.is_some() || traced {
+        if wanted {
             let r = Report {
                 request_id: request_id.clone(),
                 function: spec.name.clone(),
@@ -709,6 +746,13 @@ impl Executor {
                 status: ReportStatus::of(&result),
             };
             r.trace();
+            if let Some(slot) = tail {
+                *slot = Some(crate::tail::invocation_tail(
+                    init_lines.as_deref().unwrap_or_default(),
+                    lines.as_deref().unwrap_or_default(),
+                    &r,
+                ));
+            }
             if let Some(slot) = report {
                 *slot = Some(Reported::Invocation(r));
             }
@@ -720,6 +764,33 @@ impl Executor {
             init_duration: init,
             duration,
         })
+    }
+
+    /// Start a sandbox for `spec` and `tenant` on the backend, its log lines
+    /// through a tap ([`crate::tail`]); `armed` when the call that starts it
+    /// wants a tail, which then begins with the initialisation's lines.
+    async fn start_sandbox(
+        &self,
+        spec: &FunctionSpec,
+        tenant: &str,
+        armed: bool,
+    ) -> (Result<Box<dyn Sandbox>, InvokeError>, Arc<LogTap>) {
+        let tap = Arc::new(LogTap::default());
+        if armed {
+            tap.arm();
+        }
+        let started = self
+            .inner
+            .backend
+            .start(spec, tenant, tap.sink(self.inner.logs.clone()))
+            .await;
+        let tapped = started.map(|inner| {
+            Box::new(Tapped {
+                inner,
+                tap: tap.clone(),
+            }) as Box<dyn Sandbox>
+        });
+        (tapped, tap)
     }
 
     fn release(&self, state: &Arc<FunctionState>, tenant: &str, sandbox: Box<dyn Sandbox>) {
@@ -778,11 +849,7 @@ impl Executor {
                 this.pool_changed();
                 return;
             }
-            let started = this
-                .inner
-                .backend
-                .start(&st.spec, &st.spec.tenant, this.inner.logs.clone())
-                .await;
+            let (started, _) = this.start_sandbox(&st.spec, &st.spec.tenant, false).await;
             match started {
                 Ok(sb) => {
                     st.note_init(sb.init_duration());

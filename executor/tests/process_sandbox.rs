@@ -913,3 +913,65 @@ async fn pinned_sandboxes_run_on_one_cpu_each_spread_over_the_hosts() {
         placer.load()
     );
 }
+
+/// Lambda's `LogType=Tail`: a cold call's tail starts with the
+/// initialisation's lines, a warm call's holds its own lines only, each
+/// from `START` to `REPORT`; a failed start's tail ends with `INIT_REPORT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_can_have_the_tail_of_its_log_back() {
+    let script = shell_runtime(
+        r#"  echo "handling $(cat /tmp/event)"
+  echo "to stderr too" >&2
+  BODY='{"ok":true}'"#,
+    )
+    .replacen("while true; do", "echo 'init: loading'\nwhile true; do", 1);
+    let f = script_fixture(&script);
+    let broken = script_fixture("echo 'cannot read config.toml' >&2\nexit 3\n");
+    let ex = executor();
+    ex.register(spec("tailed", &f));
+    ex.register(spec("broken", &broken));
+
+    let (result, tail) = ex
+        .invoke_tailed("tailed", r#"{"n":1}"#, InvokeOptions::default())
+        .await;
+    let r = result.unwrap();
+    let tail = tail.expect("a tail");
+    let id = &r.request_id;
+    let start = tail.find(&format!("START RequestId: {id} Version: $LATEST\n"));
+    let init = tail.find("init: loading\n");
+    assert!(init.is_some() && init < start, "{tail}");
+    let call = tail.find(r#"handling {"n":1}"#).expect(&tail);
+    assert!(start.unwrap() < call, "{tail}");
+    assert!(tail.contains("to stderr too\n"), "{tail}");
+    assert!(
+        tail.contains(&format!("END RequestId: {id}\nREPORT RequestId: {id}\t")),
+        "{tail}"
+    );
+    assert!(tail.trim_end().contains("\tInit Duration: "), "{tail}");
+
+    let (result, tail) = ex
+        .invoke_tailed("tailed", r#"{"n":2}"#, InvokeOptions::default())
+        .await;
+    assert!(!result.unwrap().cold_start);
+    let tail = tail.expect("a tail");
+    assert!(tail.starts_with("START RequestId: "), "{tail}");
+    assert!(tail.contains(r#"handling {"n":2}"#), "{tail}");
+    assert!(
+        !tail.contains("init: loading") && !tail.contains(r#"{"n":1}"#),
+        "{tail}"
+    );
+    assert!(!tail.contains("Init Duration"), "{tail}");
+
+    let (result, tail) = ex
+        .invoke_tailed("broken", "{}", InvokeOptions::default())
+        .await;
+    assert!(matches!(result, Err(InvokeError::InitFailed { .. })));
+    let tail = tail.expect("a tail");
+    assert!(tail.contains("cannot read config.toml\n"), "{tail}");
+    assert!(
+        tail.trim_end()
+            .ends_with("Phase: init\tStatus: error\tError Type: Runtime.ExitError"),
+        "{tail}"
+    );
+    ex.shutdown().await;
+}

@@ -23,8 +23,10 @@
 //! context that is not base64 JSON). `X-Amz-Client-Context` reaches the
 //! function as Lambda's client context. Requests are not authenticated
 //! (SDKs sign them; the signature is not checked): listen on loopback.
-//! `X-Amz-Log-Type: Tail` is not answered with a log tail: function output
-//! goes to sluice's own log, as for every call.
+//! `X-Amz-Log-Type: Tail` on a `RequestResponse` call answers with the last
+//! 4 KB of the call's log in `X-Amz-Log-Result` (base64; the SDKs'
+//! `LogResult`): `START`, what the function wrote, `END` and `REPORT`, as
+//! Lambda shows it. The function's output goes to sluice's log as well.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -259,6 +261,18 @@ impl Api {
             );
         }
         let client_context = request.header("X-Amz-Client-Context").map(client_context);
+        let tail = match request.header("X-Amz-Log-Type") {
+            None | Some("None") => false,
+            Some("Tail") => true,
+            Some(other) => {
+                return Reply::error(
+                    400,
+                    "Bad Request",
+                    "InvalidParameterValueException",
+                    &format!("X-Amz-Log-Type {other:?}: expected None or Tail"),
+                );
+            }
+        };
         let body = if request.body.is_empty() {
             b"{}".to_vec()
         } else {
@@ -309,11 +323,23 @@ impl Api {
             ));
             return Reply::new(202, "Accepted", Vec::new()).with("x-amzn-RequestId", id);
         }
-        match self.executor.invoke_with(&name, body, opts).await {
+        let (result, log) = if tail {
+            self.executor.invoke_tailed(&name, body, opts).await
+        } else {
+            (self.executor.invoke_with(&name, body, opts).await, None)
+        };
+        let reply = match result {
             Ok(r) => Reply::new(200, "OK", r.payload)
                 .with("X-Amz-Executed-Version", "$LATEST")
                 .with("x-amzn-RequestId", r.request_id),
             Err(e) => error_reply(&e),
+        };
+        match log {
+            Some(log) => reply.with(
+                "X-Amz-Log-Result",
+                base64::engine::general_purpose::STANDARD.encode(log),
+            ),
+            None => reply,
         }
     }
 }

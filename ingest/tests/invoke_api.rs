@@ -1,8 +1,8 @@
 //! Lambda's Invoke API (`sluice serve`) against real sandboxes, spoken to
 //! over one kept-alive HTTP connection as an SDK does: synchronous calls
 //! (by name and by ARN), a function error, an asynchronous `Event` call
-//! seen by the function, the client context, `DryRun`, and the service's
-//! errors.
+//! seen by the function, the client context, `LogType=Tail`, `DryRun`, and
+//! the service's errors.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -190,6 +190,80 @@ fn sdk_requests_invoke_functions_as_lambda_answers_them() {
                 .cloned()
         })
         .unwrap_or_else(|| panic!("no client context: {:?}", lines.snapshot()));
+
+    // LogType=Tail: the call's own log comes back, START to REPORT, with
+    // what the function wrote before it answered, every time (the agent
+    // relays a function's lines ahead of its answer).
+    let decode = |a: &Answer| {
+        let b64 = &a.headers["x-amz-log-result"];
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    for n in 0..20 {
+        let a = request(
+            &mut conn,
+            "POST",
+            &format!("{INVOKE}/logger/invocations"),
+            &[("X-Amz-Log-Type", "Tail")],
+            &format!(r#"{{"tail":{n}}}"#),
+        );
+        assert_eq!((a.status, a.body.as_str()), (200, r#"{"ok":true}"#));
+        let (log, id) = (decode(&a), &a.headers["x-amzn-requestid"]);
+        assert!(
+            log.starts_with(&format!("START RequestId: {id} Version: $LATEST\n"))
+                || log.contains(&format!("\nSTART RequestId: {id} Version: $LATEST\n")),
+            "{log}"
+        );
+        assert!(
+            log.contains(&format!(r#"EVENT {{"tail":{n}}} CONTEXT"#)),
+            "call {n}: {log}"
+        );
+        assert!(
+            log.contains(&format!(
+                "END RequestId: {id}\nREPORT RequestId: {id}\tDuration: "
+            )),
+            "{log}"
+        );
+        assert!(log.ends_with(" MB\n") || log.ends_with(" ms\n"), "{log}");
+        if n > 0 {
+            let before = format!(r#"{{"tail":{}}}"#, n - 1);
+            assert!(!log.contains(&before), "the previous call's lines: {log}");
+        }
+    }
+    // A function error's tail, with its REPORT; no tail unless asked.
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/fail/invocations"),
+        &[("X-Amz-Log-Type", "Tail")],
+        "{}",
+    );
+    assert_eq!(a.headers["x-amz-function-error"], "Unhandled");
+    assert!(decode(&a).contains("REPORT RequestId: "), "{}", decode(&a));
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/echo/invocations"),
+        &[],
+        "{}",
+    );
+    assert!(!a.headers.contains_key("x-amz-log-result"));
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/echo/invocations"),
+        &[("X-Amz-Log-Type", "Everything")],
+        "{}",
+    );
+    assert_eq!(a.status, 400);
+    assert_eq!(
+        a.headers["x-amzn-errortype"],
+        "InvalidParameterValueException"
+    );
 
     // DryRun, and the service's errors.
     let a = request(
