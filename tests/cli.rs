@@ -912,6 +912,7 @@ fn doctor_reports_what_this_machine_can_run() {
         "user namespaces",
         "cgroups",
         "seccomp",
+        "agent",
         "landlock",
         "process sandbox",
         "CPU wake-ups",
@@ -923,6 +924,10 @@ fn doctor_reports_what_this_machine_can_run() {
             "{what} missing:\n{stdout}"
         );
     }
+    assert!(
+        stdout.contains("[ ok ] agent: ") && stdout.contains("speaks this build's protocol"),
+        "{stdout}"
+    );
     let auto = stdout
         .lines()
         .find_map(|l| l.strip_prefix("backend for `backend = \"auto\"`: "))
@@ -1060,5 +1065,30 @@ fn image_build_with_a_given_kernel_caches_the_image_and_refuses_a_dynamic_agent(
         text(&out.stderr).contains("dynamically linked"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+/// An agent from another build is named as such by `doctor` and by the
+/// sandbox it fails to start, not by whichever field of the start frame
+/// differs.
+#[test]
+fn an_agent_from_another_build_is_named_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let other = tmp.path().join("sluice-agent");
+    let ours = format!("{:016x}", sluice_protocol::PROTOCOL_FINGERPRINT);
+    let theirs = format!("{:016x}", !sluice_protocol::PROTOCOL_FINGERPRINT);
+    std::fs::write(
+        &other,
+        format!("#!/bin/sh\necho 'sluice-agent 0.0.1 (protocol {theirs})'\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = run(sluice().arg("doctor").env("SLUICE_AGENT", &other), None);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "speaks protocol {theirs}, this sluice {ours}: they come from different builds"
+        )),
+        "{stdout}"
     );
 }

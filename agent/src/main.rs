@@ -50,9 +50,19 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            "--version" | "-V" => {
+                // The protocol's fingerprint tells whether this agent was
+                // built with a given sluice (their start frames must match).
+                println!(
+                    "sluice-agent {} (protocol {:016x})",
+                    env!("CARGO_PKG_VERSION"),
+                    sluice_protocol::PROTOCOL_FINGERPRINT
+                );
+                return ExitCode::SUCCESS;
+            }
             "--help" | "-h" => {
                 eprintln!(
-                    "usage: sluice-agent [--init] [--channel stdio|unix:PATH|file:PATH] [--entropy PATH]"
+                    "usage: sluice-agent [--init] [--channel stdio|unix:PATH|file:PATH] [--entropy PATH] | --version"
                 );
                 return ExitCode::SUCCESS;
             }

@@ -87,6 +87,9 @@ pub async fn run(kafka: Option<&str>) -> u8 {
     let lsm = fs::read_to_string("/sys/kernel/security/lsm").ok();
     let landlock_listed = lsm.as_deref().map(|l| l.contains("landlock"));
 
+    let (agent_ok, agent_detail) = agent_build();
+    report(agent_ok, "agent", &agent_detail);
+
     // The real test: start a sandbox whose bootstrap exits at once.
     let (sandbox_ok, agent_lines) = sandbox_smoke_test().await;
     let landlock_detail = agent_lines
@@ -179,6 +182,48 @@ pub async fn run(kafka: Option<&str>) -> u8 {
         exit::OK
     } else {
         exit::UNSUPPORTED
+    }
+}
+
+/// Whether the agent sluice would start comes from this build: its
+/// `--version` names the protocol it speaks.
+fn agent_build() -> (bool, String) {
+    let Some(agent) = sluice_executor::locate_agent() else {
+        return (
+            false,
+            "no sluice-agent next to sluice (build it with `cargo build --workspace`, or set SLUICE_AGENT)".into(),
+        );
+    };
+    let ours = format!("{:016x}", sluice_protocol::PROTOCOL_FINGERPRINT);
+    let out = match std::process::Command::new(&agent).arg("--version").output() {
+        Ok(o) => o,
+        Err(e) => return (false, format!("{}: {e}", agent.display())),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let theirs = text
+        .split("(protocol ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .filter(|_| out.status.success());
+    match theirs {
+        Some(t) if t == ours => (
+            true,
+            format!("{} speaks this build's protocol ({ours})", agent.display()),
+        ),
+        Some(t) => (
+            false,
+            format!(
+                "{} speaks protocol {t}, this sluice {ours}: they come from different builds (build both with `cargo build --release --workspace`)",
+                agent.display()
+            ),
+        ),
+        None => (
+            false,
+            format!(
+                "{} does not say which protocol it speaks (built before `sluice-agent --version`): the sandbox check below shows whether it works with this sluice; build both with `cargo build --release --workspace` to be sure",
+                agent.display()
+            ),
+        ),
     }
 }
 
