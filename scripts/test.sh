@@ -2,7 +2,8 @@
 # The test command: formatting, lints, the docs, every test of the workspace (Kafka
 # tests against librdkafka's mock cluster), the object-store tests against
 # S3 and Azure servers (scripts/test-object-stores.sh: moto from PyPI,
-# Azurite from npm), then the Kafka
+# Azurite from npm), boto3 (from PyPI) against `sluice serve`
+# (scripts/test-aws-sdk.sh), then the Kafka
 # tests again against an independent broker (scripts/test-external-kafka.sh:
 # tansu, built from crates.io on first use, about 15 minutes).
 # Tests start real sandboxes (namespaces, cgroups), so run as root on Linux.
@@ -25,4 +26,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace
 scripts/test-object-stores.sh
+scripts/test-aws-sdk.sh
 scripts/test-external-kafka.sh
