@@ -2,9 +2,9 @@
 # `sluice serve` against a real AWS SDK: boto3's `lambda` client (from
 # PyPI) calls the example Python handler through Lambda's Invoke API as a
 # user's code would, and every answer must be what botocore expects of
-# Lambda: the response, a function error, the log tail, an asynchronous
-# call, a dry run, and the service's errors raised as their modelled
-# exceptions.
+# Lambda: the response, a function error, the log tail, a streamed
+# response (InvokeWithResponseStream), an asynchronous call, a dry run, and
+# the service's errors raised as their modelled exceptions.
 #
 # A step of scripts/test.sh. Installs boto3 in a venv the first time (in
 # SLUICE_TOOLS, default ~/.cache/sluice-tools; about ten seconds). Needs
@@ -96,6 +96,26 @@ check(
     (r, error),
 )
 check("its log tail", "ValueError" in base64.b64decode(r["LogResult"]).decode(), r["LogResult"])
+
+r = client.invoke_with_response_stream(
+    FunctionName="python", Payload=json.dumps({"text": "a streamed answer"}), LogType="Tail"
+)
+events = list(r["EventStream"])
+chunks = b"".join(e["PayloadChunk"]["Payload"] for e in events if "PayloadChunk" in e)
+complete = events[-1].get("InvokeComplete", {})
+check(
+    "InvokeWithResponseStream",
+    json.loads(chunks)["words"] == 3
+    and "REPORT RequestId" in base64.b64decode(complete["LogResult"]).decode(),
+    events,
+)
+r = client.invoke_with_response_stream(FunctionName="python", Payload=b"{}")
+complete = list(r["EventStream"])[-1]["InvokeComplete"]
+check(
+    "a function error, streamed",
+    complete["ErrorCode"] == "ValueError" and "expected" in complete["ErrorDetails"],
+    complete,
+)
 
 r = client.invoke(FunctionName="python", InvocationType="Event", Payload=b'{"text": "later"}')
 check("Event", r["StatusCode"] == 202, r)

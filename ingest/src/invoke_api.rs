@@ -15,6 +15,15 @@
 //!   still fails is logged with its request id and error;
 //! * `DryRun`: 204 if the function exists.
 //!
+//! `InvokeWithResponseStream` (`POST
+//! /2021-11-15/functions/{FunctionName}/response-streaming-invocations`,
+//! `RequestResponse` or `DryRun`) answers with an AWS event stream: the
+//! response as one `PayloadChunk`, then `InvokeComplete` (the error's type
+//! and message as `ErrorCode` and `ErrorDetails` when the function failed,
+//! `LogResult` with `LogType=Tail`). A function that streams its response
+//! (`Lambda-Runtime-Function-Response-Mode: streaming`) is answered whole,
+//! when it finishes: the sandbox's channel carries whole responses.
+//!
 //! Errors are the service's, with `x-amzn-ErrorType`: 404
 //! `ResourceNotFoundException`, 429 `TooManyRequestsException` (the
 //! function's `concurrency` and `max_queue` are full), 413
@@ -120,6 +129,7 @@ impl Request {
 struct Reply {
     status: u16,
     reason: &'static str,
+    content_type: &'static str,
     headers: Vec<(&'static str, String)>,
     body: Vec<u8>,
 }
@@ -129,6 +139,7 @@ impl Reply {
         Self {
             status,
             reason,
+            content_type: "application/json",
             headers: Vec::new(),
             body,
         }
@@ -149,9 +160,10 @@ impl Reply {
 
     async fn write_to(&self, stream: &mut TcpStream, close: bool) -> std::io::Result<()> {
         let mut head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
             self.status,
             self.reason,
+            self.content_type,
             self.body.len()
         );
         for (k, v) in &self.headers {
@@ -211,11 +223,14 @@ impl Api {
 
     async fn answer(&self, request: Request) -> Reply {
         let path = request.path.split('?').next().unwrap_or_default();
-        let name = match (
-            request.method.as_str(),
-            path.strip_prefix("/2015-03-31/functions/")
-                .and_then(|rest| rest.strip_suffix("/invocations")),
-        ) {
+        let invoke = path
+            .strip_prefix("/2015-03-31/functions/")
+            .and_then(|rest| rest.strip_suffix("/invocations"));
+        let streamed = path
+            .strip_prefix("/2021-11-15/functions/")
+            .and_then(|rest| rest.strip_suffix("/response-streaming-invocations"));
+        let streaming = streamed.is_some();
+        let name = match (request.method.as_str(), invoke.or(streamed)) {
             ("POST", Some(name)) => function_name(&percent_decode(name)),
             (_, Some(_)) => {
                 return Reply::error(
@@ -231,7 +246,9 @@ impl Api {
                     "Not Found",
                     "UnknownOperationException",
                     "Unknown operation: sluice serves Invoke \
-                     (POST /2015-03-31/functions/{FunctionName}/invocations) only",
+                     (POST /2015-03-31/functions/{FunctionName}/invocations) and \
+                     InvokeWithResponseStream \
+                     (POST /2021-11-15/functions/{FunctionName}/response-streaming-invocations) only",
                 );
             }
         };
@@ -250,14 +267,22 @@ impl Api {
         if kind == "DryRun" {
             return Reply::new(204, "No Content", Vec::new());
         }
-        if !matches!(kind.as_str(), "RequestResponse" | "Event") {
+        let kinds: &[&str] = if streaming {
+            &["RequestResponse"]
+        } else {
+            &["RequestResponse", "Event"]
+        };
+        if !kinds.contains(&kind.as_str()) {
+            let expected = if streaming {
+                "RequestResponse or DryRun"
+            } else {
+                "RequestResponse, Event or DryRun"
+            };
             return Reply::error(
                 400,
                 "Bad Request",
                 "InvalidParameterValueException",
-                &format!(
-                    "X-Amz-Invocation-Type {kind:?}: expected RequestResponse, Event or DryRun"
-                ),
+                &format!("X-Amz-Invocation-Type {kind:?}: expected {expected}"),
             );
         }
         let client_context = request.header("X-Amz-Client-Context").map(client_context);
@@ -328,6 +353,10 @@ impl Api {
         } else {
             (self.executor.invoke_with(&name, body, opts).await, None)
         };
+        let log = log.map(|l| base64::engine::general_purpose::STANDARD.encode(l));
+        if streaming {
+            return streamed_reply(result, log);
+        }
         let reply = match result {
             Ok(r) => Reply::new(200, "OK", r.payload)
                 .with("X-Amz-Executed-Version", "$LATEST")
@@ -335,10 +364,7 @@ impl Api {
             Err(e) => error_reply(&e),
         };
         match log {
-            Some(log) => reply.with(
-                "X-Amz-Log-Result",
-                base64::engine::general_purpose::STANDARD.encode(log),
-            ),
+            Some(log) => reply.with("X-Amz-Log-Result", log),
             None => reply,
         }
     }
@@ -375,6 +401,9 @@ async fn event_call(
 
 /// How Lambda answers an invocation that did not succeed.
 fn error_reply(e: &InvokeError) -> Reply {
+    if let Some(error) = function_error(e) {
+        return unhandled(error);
+    }
     match e {
         InvokeError::UnknownFunction { name, .. } => Reply::error(
             404,
@@ -396,13 +425,20 @@ fn error_reply(e: &InvokeError) -> Reply {
                 "{size} byte payload is too large for the RequestResponse invocation type (limit {limit} bytes)"
             ),
         ),
-        InvokeError::Sandbox { .. } | InvokeError::ShuttingDown => Reply::error(
+        _ => Reply::error(
             500,
             "Internal Server Error",
             "ServiceException",
             &e.to_string(),
         ),
-        // The function's own failures: 200, and Lambda's error object.
+    }
+}
+
+/// Lambda's error object (`errorType`, `errorMessage`, and what the
+/// function added) for the function's own failures, which Lambda answers
+/// with 200; `None` for the service's errors.
+fn function_error(e: &InvokeError) -> Option<serde_json::Value> {
+    match e {
         InvokeError::Function {
             error_type,
             error_message,
@@ -415,15 +451,135 @@ fn error_reply(e: &InvokeError) -> Reply {
             };
             error.insert("errorType".into(), error_type.clone().into());
             error.insert("errorMessage".into(), error_message.clone().into());
-            unhandled(serde_json::Value::Object(error))
+            Some(serde_json::Value::Object(error))
         }
         InvokeError::Timeout { .. }
         | InvokeError::InitFailed { .. }
         | InvokeError::OutOfMemory { .. }
-        | InvokeError::SandboxCrashed { .. } => unhandled(serde_json::json!({
+        | InvokeError::SandboxCrashed { .. } => Some(serde_json::json!({
             "errorType": e.error_type(),
             "errorMessage": e.to_string(),
         })),
+        _ => None,
+    }
+}
+
+/// The answer to `InvokeWithResponseStream`: an AWS event stream of the
+/// response as one `PayloadChunk` (the sandbox's channel carries whole
+/// responses: a streaming function's chunks arrive together when it
+/// finishes), then `InvokeComplete`, with the error's type and message in
+/// `ErrorCode` and `ErrorDetails` when the function failed. The service's
+/// errors are the same as `Invoke`'s.
+fn streamed_reply(
+    result: Result<sluice_executor::Response, InvokeError>,
+    log: Option<String>,
+) -> Reply {
+    let (payload, request_id, error) = match result {
+        Ok(r) => (Some(r.payload), Some(r.request_id), None),
+        Err(e) => match function_error(&e) {
+            Some(error) => (None, None, Some(error)),
+            None => return error_reply(&e),
+        },
+    };
+    let mut body = Vec::new();
+    if let Some(payload) = payload.filter(|p| !p.is_empty()) {
+        eventstream::event(
+            &mut body,
+            "PayloadChunk",
+            "application/octet-stream",
+            &payload,
+        );
+    }
+    let mut complete = serde_json::Map::new();
+    if let Some(error) = &error {
+        let field = |k: &str| error.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+        complete.insert("ErrorCode".into(), field("errorType").into());
+        complete.insert("ErrorDetails".into(), field("errorMessage").into());
+    }
+    if let Some(log) = log {
+        complete.insert("LogResult".into(), log.into());
+    }
+    let complete = serde_json::Value::Object(complete).to_string();
+    eventstream::event(
+        &mut body,
+        "InvokeComplete",
+        "application/json",
+        complete.as_bytes(),
+    );
+    let mut reply = Reply::new(200, "OK", body).with("X-Amz-Executed-Version", "$LATEST");
+    reply.content_type = "application/vnd.amazon.eventstream";
+    match request_id {
+        Some(id) => reply.with("x-amzn-RequestId", id),
+        None => reply,
+    }
+}
+
+/// AWS's event stream framing (`application/vnd.amazon.eventstream`), as
+/// the SDKs read a streamed response.
+mod eventstream {
+    /// Append one event message: `:message-type` `event`, its
+    /// `:event-type` and `:content-type`, and `payload`. A message is its
+    /// total length and its headers' length (big-endian `u32`s), the CRC-32
+    /// of those 8 bytes, the headers, the payload, and the CRC-32 of all
+    /// that came before.
+    pub(super) fn event(out: &mut Vec<u8>, event_type: &str, content_type: &str, payload: &[u8]) {
+        let mut headers = Vec::new();
+        for (name, value) in [
+            (":event-type", event_type),
+            (":content-type", content_type),
+            (":message-type", "event"),
+        ] {
+            headers.push(name.len() as u8);
+            headers.extend_from_slice(name.as_bytes());
+            headers.push(STRING);
+            headers.extend_from_slice(&(value.len() as u16).to_be_bytes());
+            headers.extend_from_slice(value.as_bytes());
+        }
+        let total = 12 + headers.len() + payload.len() + 4;
+        let start = out.len();
+        out.extend_from_slice(&(total as u32).to_be_bytes());
+        out.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+        let prelude_crc = crc32fast::hash(&out[start..start + 8]);
+        out.extend_from_slice(&prelude_crc.to_be_bytes());
+        out.extend_from_slice(&headers);
+        out.extend_from_slice(payload);
+        let message_crc = crc32fast::hash(&out[start..]);
+        out.extend_from_slice(&message_crc.to_be_bytes());
+    }
+
+    /// The header value type of a string.
+    const STRING: u8 = 7;
+
+    #[cfg(test)]
+    mod tests {
+        /// The layout, checked field by field.
+        #[test]
+        fn a_message_is_prelude_headers_payload_and_crcs() {
+            let mut out = Vec::new();
+            super::event(
+                &mut out,
+                "PayloadChunk",
+                "application/octet-stream",
+                b"hello",
+            );
+            let total = u32::from_be_bytes(out[0..4].try_into().unwrap()) as usize;
+            let headers = u32::from_be_bytes(out[4..8].try_into().unwrap()) as usize;
+            assert_eq!(total, out.len());
+            assert_eq!(
+                u32::from_be_bytes(out[8..12].try_into().unwrap()),
+                crc32fast::hash(&out[..8])
+            );
+            assert_eq!(&out[12..13], &[11]);
+            assert_eq!(&out[13..24], b":event-type");
+            assert_eq!(out[24], 7);
+            assert_eq!(&out[25..27], &12u16.to_be_bytes());
+            assert_eq!(&out[27..39], b"PayloadChunk");
+            assert_eq!(&out[12 + headers..total - 4], b"hello");
+            assert_eq!(
+                u32::from_be_bytes(out[total - 4..].try_into().unwrap()),
+                crc32fast::hash(&out[..total - 4])
+            );
+        }
     }
 }
 

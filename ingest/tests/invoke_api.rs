@@ -1,8 +1,8 @@
 //! Lambda's Invoke API (`sluice serve`) against real sandboxes, spoken to
 //! over one kept-alive HTTP connection as an SDK does: synchronous calls
 //! (by name and by ARN), a function error, an asynchronous `Event` call
-//! seen by the function, the client context, `LogType=Tail`, `DryRun`, and
-//! the service's errors.
+//! seen by the function, the client context, `LogType=Tail`,
+//! `InvokeWithResponseStream`, `DryRun`, and the service's errors.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -33,6 +33,7 @@ struct Answer {
     status: u16,
     headers: BTreeMap<String, String>,
     body: String,
+    raw: Vec<u8>,
 }
 
 /// One request on a kept-alive connection.
@@ -74,11 +75,52 @@ fn request(
     Answer {
         status,
         headers,
-        body: String::from_utf8(body).unwrap(),
+        body: String::from_utf8_lossy(&body).into_owned(),
+        raw: body,
     }
 }
 
 const INVOKE: &str = "/2015-03-31/functions";
+const STREAM: &str = "/2021-11-15/functions";
+
+/// The messages of an AWS event stream: each one's `:event-type` and
+/// payload, every length and CRC checked.
+fn event_stream(mut bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let be32 = |b: &[u8]| u32::from_be_bytes(b[..4].try_into().unwrap());
+    let mut events = Vec::new();
+    while !bytes.is_empty() {
+        let total = be32(bytes) as usize;
+        let headers_len = be32(&bytes[4..]) as usize;
+        assert_eq!(
+            be32(&bytes[8..]),
+            crc32fast::hash(&bytes[..8]),
+            "prelude CRC"
+        );
+        let message = &bytes[..total];
+        assert_eq!(
+            be32(&message[total - 4..]),
+            crc32fast::hash(&message[..total - 4]),
+            "message CRC"
+        );
+        let mut headers = &message[12..12 + headers_len];
+        let mut event_type = String::new();
+        while !headers.is_empty() {
+            let name_len = headers[0] as usize;
+            let name = std::str::from_utf8(&headers[1..1 + name_len]).unwrap();
+            assert_eq!(headers[1 + name_len], 7, "string header");
+            let at = 2 + name_len;
+            let value_len = u16::from_be_bytes([headers[at], headers[at + 1]]) as usize;
+            let value = std::str::from_utf8(&headers[at + 2..at + 2 + value_len]).unwrap();
+            if name == ":event-type" {
+                event_type = value.to_owned();
+            }
+            headers = &headers[at + 2 + value_len..];
+        }
+        events.push((event_type, message[12 + headers_len..total - 4].to_vec()));
+        bytes = &bytes[total..];
+    }
+    events
+}
 
 #[test]
 fn sdk_requests_invoke_functions_as_lambda_answers_them() {
@@ -252,6 +294,71 @@ fn sdk_requests_invoke_functions_as_lambda_answers_them() {
         "{}",
     );
     assert!(!a.headers.contains_key("x-amz-log-result"));
+
+    // InvokeWithResponseStream: the response as a PayloadChunk, then
+    // InvokeComplete (with the log tail asked for, or the function's error).
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{STREAM}/logger/response-streaming-invocations"),
+        &[("X-Amz-Log-Type", "Tail")],
+        r#"{"streamed":1}"#,
+    );
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.headers["content-type"],
+        "application/vnd.amazon.eventstream"
+    );
+    let events = event_stream(&a.raw);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(
+        events[0],
+        ("PayloadChunk".to_owned(), br#"{"ok":true}"#.to_vec())
+    );
+    assert_eq!(events[1].0, "InvokeComplete");
+    let complete: serde_json::Value = serde_json::from_slice(&events[1].1).unwrap();
+    let log = base64::engine::general_purpose::STANDARD
+        .decode(complete["LogResult"].as_str().unwrap())
+        .unwrap();
+    assert!(
+        String::from_utf8(log)
+            .unwrap()
+            .contains(r#"EVENT {"streamed":1}"#)
+    );
+    assert!(complete.get("ErrorCode").is_none(), "{complete}");
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{STREAM}/fail/response-streaming-invocations"),
+        &[],
+        "{}",
+    );
+    let events = event_stream(&a.raw);
+    assert_eq!(events.len(), 1, "no PayloadChunk for a failure: {events:?}");
+    let complete: serde_json::Value = serde_json::from_slice(&events[0].1).unwrap();
+    assert_eq!(complete["ErrorCode"], "OrderRejected", "{complete}");
+    assert!(
+        complete["ErrorDetails"]
+            .as_str()
+            .unwrap()
+            .contains("order rejected")
+    );
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{STREAM}/echo/response-streaming-invocations"),
+        &[("X-Amz-Invocation-Type", "Event")],
+        "{}",
+    );
+    assert_eq!(a.status, 400, "no Event for a streamed call");
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{STREAM}/nope/response-streaming-invocations"),
+        &[],
+        "{}",
+    );
+    assert_eq!(a.headers["x-amzn-errortype"], "ResourceNotFoundException");
     let a = request(
         &mut conn,
         "POST",
