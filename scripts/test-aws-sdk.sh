@@ -3,8 +3,9 @@
 # PyPI) calls the example Python handler through Lambda's Invoke API as a
 # user's code would, and every answer must be what botocore expects of
 # Lambda: the response, a function error, the log tail, a streamed
-# response (InvokeWithResponseStream), an asynchronous call, a dry run, and
-# the service's errors raised as their modelled exceptions.
+# response (InvokeWithResponseStream), an asynchronous call, a dry run,
+# ListFunctions, GetFunction(Configuration), and the service's errors
+# raised as their modelled exceptions.
 #
 # A step of scripts/test.sh. Installs boto3 in a venv the first time (in
 # SLUICE_TOOLS, default ~/.cache/sluice-tools; about ten seconds). Needs
@@ -121,6 +122,20 @@ r = client.invoke(FunctionName="python", InvocationType="Event", Payload=b'{"tex
 check("Event", r["StatusCode"] == 202, r)
 r = client.invoke(FunctionName="python", InvocationType="DryRun")
 check("DryRun", r["StatusCode"] == 204, r)
+
+names = [f["FunctionName"] for f in client.list_functions()["Functions"]]
+check("ListFunctions", names == ["layered", "python"], names)
+config = client.get_function_configuration(FunctionName="layered")
+check(
+    "GetFunctionConfiguration",
+    config["Handler"] == "layered.handler"
+    and config["Timeout"] == 5
+    and len(config["Layers"]) == 1
+    and config["State"] == "Active",
+    config,
+)
+function = client.get_function(FunctionName=arn)
+check("GetFunction by ARN", function["Configuration"]["FunctionName"] == "layered", function)
 
 for what, kwargs, expected in [
     ("an unknown function", {"FunctionName": "nope", "Payload": b"{}"}, "ResourceNotFoundException"),

@@ -467,6 +467,26 @@ impl Executor {
         self.state(name).is_ok()
     }
 
+    /// The registered function `name`, with its version (a hash of its
+    /// settings and files).
+    pub fn function(&self, name: &str) -> Option<(FunctionSpec, String)> {
+        self.state(name)
+            .ok()
+            .map(|s| (s.spec.clone(), s.version.clone()))
+    }
+
+    /// The names of the registered functions, sorted.
+    pub fn function_names(&self) -> Vec<String> {
+        let map = self
+            .inner
+            .functions
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<String> = map.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// Add or update a function. A changed function (settings or files) gets
     /// a new version: its idle sandboxes of the old version are stopped, and
     /// its counters and arrival history carry over.

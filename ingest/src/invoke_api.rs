@@ -15,6 +15,11 @@
 //!   still fails is logged with its request id and error;
 //! * `DryRun`: 204 if the function exists.
 //!
+//! `ListFunctions`, `GetFunction` and `GetFunctionConfiguration` (`GET
+//! /2015-03-31/functions/[NAME[/configuration]]`) describe the pipeline's
+//! functions as Lambda's `FunctionConfiguration` (`provided.al2023`,
+//! `$LATEST`, handler, timeout, memory, layers; no environment).
+//!
 //! `InvokeWithResponseStream` (`POST
 //! /2021-11-15/functions/{FunctionName}/response-streaming-invocations`,
 //! `RequestResponse` or `DryRun`) answers with an AWS event stream: the
@@ -223,6 +228,11 @@ impl Api {
 
     async fn answer(&self, request: Request) -> Reply {
         let path = request.path.split('?').next().unwrap_or_default();
+        if request.method == "GET"
+            && let Some(reply) = self.describe(path)
+        {
+            return reply;
+        }
         let invoke = path
             .strip_prefix("/2015-03-31/functions/")
             .and_then(|rest| rest.strip_suffix("/invocations"));
@@ -367,6 +377,100 @@ impl Api {
             Some(log) => reply.with("X-Amz-Log-Result", log),
             None => reply,
         }
+    }
+}
+
+impl Api {
+    /// `ListFunctions`, `GetFunction` and `GetFunctionConfiguration`, for
+    /// the SDKs and tools that look a function up before calling it; `None`
+    /// for another path.
+    fn describe(&self, path: &str) -> Option<Reply> {
+        let rest = path.strip_prefix("/2015-03-31/functions")?;
+        let rest = rest.strip_prefix('/').unwrap_or(rest);
+        if rest.is_empty() {
+            let functions: Vec<_> = self
+                .executor
+                .function_names()
+                .iter()
+                .filter_map(|name| self.configuration(name))
+                .collect();
+            let body = serde_json::json!({ "Functions": functions }).to_string();
+            return Some(Reply::new(200, "OK", body.into_bytes()));
+        }
+        let (segment, configuration_only) = match rest.strip_suffix("/configuration") {
+            Some(segment) => (segment, true),
+            None if !rest.contains('/') => (rest, false),
+            None => return None,
+        };
+        let name = function_name(&percent_decode(segment));
+        let Some(configuration) = self.configuration(&name) else {
+            return Some(Reply::error(
+                404,
+                "Not Found",
+                "ResourceNotFoundException",
+                &format!("Function not found: {}", function_arn(&name)),
+            ));
+        };
+        let body = if configuration_only {
+            configuration
+        } else {
+            let dir = self
+                .executor
+                .function(&name)
+                .map(|(spec, _)| spec.dir.display().to_string())
+                .unwrap_or_default();
+            serde_json::json!({
+                "Configuration": configuration,
+                "Code": { "RepositoryType": "Local", "Location": format!("file://{dir}") },
+            })
+        };
+        Some(Reply::new(200, "OK", body.to_string().into_bytes()))
+    }
+
+    /// Lambda's `FunctionConfiguration` of a registered function. Its
+    /// environment is left out: the API is not authenticated.
+    fn configuration(&self, name: &str) -> Option<serde_json::Value> {
+        let (spec, version) = self.executor.function(name)?;
+        let modified = std::fs::metadata(&spec.dir)
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|_| std::time::SystemTime::now());
+        let layers: Vec<_> = spec
+            .layers
+            .iter()
+            .map(|l| {
+                let layer = l.file_name().unwrap_or_default().to_string_lossy();
+                serde_json::json!({
+                    "Arn": format!("arn:aws:lambda:sluice-local:000000000000:layer:{layer}:1"),
+                    "CodeSize": 0,
+                })
+            })
+            .collect();
+        Some(serde_json::json!({
+            "FunctionName": spec.name,
+            "FunctionArn": function_arn(&spec.name),
+            "Runtime": "provided.al2023",
+            "Role": "arn:aws:iam::000000000000:role/sluice",
+            "Handler": spec.handler,
+            "CodeSize": 0,
+            "Description": format!("{} (sluice)", spec.dir.display()),
+            "Timeout": spec.timeout.as_secs_f64().ceil() as u64,
+            "MemorySize": spec.memory_mb,
+            "LastModified": chrono::DateTime::<chrono::Utc>::from(modified)
+                .format("%Y-%m-%dT%H:%M:%S%.3f+0000")
+                .to_string(),
+            "CodeSha256": version,
+            "Version": "$LATEST",
+            "TracingConfig": { "Mode": "PassThrough" },
+            "Layers": layers,
+            "State": "Active",
+            "LastUpdateStatus": "Successful",
+            "PackageType": "Zip",
+            "Architectures": [match std::env::consts::ARCH {
+                "aarch64" => "arm64",
+                other => other,
+            }],
+            "EphemeralStorage": { "Size": spec.tmp_mb },
+        }))
     }
 }
 

@@ -419,9 +419,43 @@ fn sdk_requests_invoke_functions_as_lambda_answers_them() {
         "",
     );
     assert_eq!(a.status, 405);
-    let a = request(&mut conn, "GET", "/2015-03-31/functions", &[], "");
+    let a = request(&mut conn, "GET", "/2015-03-31/aliases", &[], "");
     assert_eq!(a.status, 404);
     assert_eq!(a.headers["x-amzn-errortype"], "UnknownOperationException");
+
+    // ListFunctions, GetFunction, GetFunctionConfiguration.
+    let a = request(&mut conn, "GET", "/2015-03-31/functions/", &[], "");
+    let listed: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    let names: Vec<&str> = listed["Functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["FunctionName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["echo", "fail", "logger"]);
+    let a = request(
+        &mut conn,
+        "GET",
+        &format!("{INVOKE}/echo/configuration"),
+        &[],
+        "",
+    );
+    let config: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(config["FunctionArn"], sluice_executor::function_arn("echo"));
+    assert_eq!(
+        (config["MemorySize"].as_u64(), config["Timeout"].as_u64()),
+        (Some(128), Some(3))
+    );
+    assert_eq!(config["State"], "Active");
+    assert!(config.get("Environment").is_none());
+    let a = request(&mut conn, "GET", &format!("{INVOKE}/{arn}"), &[], "");
+    let function: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(
+        function["Configuration"]["FunctionName"], "echo",
+        "{function}"
+    );
+    let a = request(&mut conn, "GET", &format!("{INVOKE}/nope"), &[], "");
+    assert_eq!(a.headers["x-amzn-errortype"], "ResourceNotFoundException");
 
     // A stop closes an idle kept-alive connection at once (an SDK's pool
     // keeps them open) rather than waiting for it.
