@@ -4,7 +4,9 @@
 //! Lambda Runtime API (`AWS_LAMBDA_RUNTIME_API`) to the function's
 //! `bootstrap`, and relays everything over one framed channel
 //! (`sluice-protocol`) to the host: invocations in; responses, errors, init
-//! errors, log lines and the exit of `bootstrap` out.
+//! errors, log lines and the exit of `bootstrap` out. Beside it, Lambda's
+//! Extensions API, for the external extensions (`/opt/extensions/*`) it
+//! starts before `bootstrap` and for internal ones.
 //!
 //! In the process sandbox the agent also builds the sandbox itself
 //! ([`isolate`]): namespaces, a private read-only root, loopback networking,
@@ -27,6 +29,7 @@
 //! a character device (a virtio console in a microVM).
 
 pub mod attachment;
+mod extensions;
 pub mod init;
 pub mod isolate;
 mod logs;

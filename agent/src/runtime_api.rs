@@ -17,6 +17,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use sluice_protocol::{MAX_PAYLOAD, Message};
 
+use crate::extensions::{Answer, EXTENSION_PREFIX, Extensions, Then};
+
 /// Where the server sends what the function reports.
 pub trait Sink: Send + Sync + 'static {
     /// Deliver one message (response, error, init error, ready).
@@ -67,6 +69,10 @@ struct Shared {
     /// Extra `next` response headers naming this sandbox, set when the
     /// sandbox was restored from a function snapshot.
     identity: Mutex<String>,
+    /// The Extensions API.
+    extensions: Extensions,
+    /// What `register` answers: the function's name, version and handler.
+    function: Mutex<String>,
 }
 
 /// The Runtime API state shared by all connections.
@@ -97,12 +103,64 @@ impl RuntimeApi {
                 started,
                 sink: Box::new(sink),
                 identity: Mutex::new(String::new()),
+                extensions: Extensions::default(),
+                function: Mutex::new("{}".into()),
             }),
+        }
+    }
+
+    /// What the Extensions API's `register` answers about the function.
+    pub fn set_function(&self, name: &str, version: &str, handler: &str) {
+        *self.shared.function.lock().expect("function lock") = serde_json::json!({
+            "functionName": name,
+            "functionVersion": version,
+            "handler": handler,
+        })
+        .to_string();
+    }
+
+    /// How many extensions have registered.
+    pub fn extensions_registered(&self) -> usize {
+        self.shared.extensions.registered()
+    }
+
+    /// An external extension's process ended.
+    pub fn extension_gone(&self, name: &str) {
+        let then = self.shared.extensions.gone(name);
+        self.dispatch(then);
+    }
+
+    /// The sandbox stops: `SHUTDOWN` events go to the extensions that take
+    /// them; whether any does.
+    pub fn shutdown_extensions(&self) -> bool {
+        self.shared.extensions.shutdown()
+    }
+
+    /// Send what the extensions released: `Ready` (with the init time) and
+    /// a held result.
+    fn dispatch(&self, then: Then) {
+        if let Then::Send(messages) = then {
+            for m in messages {
+                match m {
+                    Message::Ready { .. } => {
+                        self.shared.ready_sent.store(true, Ordering::SeqCst);
+                        let init_us = self.shared.started.elapsed().as_micros() as u64;
+                        self.shared.sink.send(Message::Ready { init_us });
+                    }
+                    other => self.shared.sink.send(other),
+                }
+            }
         }
     }
 
     /// Queue an invocation for the next `GET .../invocation/next`.
     pub fn push_invoke(&self, inv: Invocation) {
+        self.shared.extensions.invoke(
+            &inv.request_id,
+            inv.deadline_ms,
+            &inv.invoked_function_arn,
+            &inv.trace_id,
+        );
         let mut q = self.shared.queue.lock().expect("queue lock");
         match q.parked.take() {
             Some(mut conn) => {
@@ -186,6 +244,23 @@ impl RuntimeApi {
                 }
                 continue;
             }
+            if req.method == "GET"
+                && req.path.trim_end_matches('/') == "/2020-01-01/extension/event/next"
+            {
+                let (answer, then) = self
+                    .shared
+                    .extensions
+                    .next(req.extension_id.as_deref(), &writer);
+                self.dispatch(then);
+                if let Answer::Reply(status, reason, headers, body) = answer {
+                    writer.write_all(&crate::extensions::http(status, reason, &headers, &body))?;
+                    writer.flush()?;
+                }
+                if !keep_alive {
+                    return Ok(());
+                }
+                continue;
+            }
             let resp = self.route(req);
             resp.write_to(&mut writer)?;
             writer.flush()?;
@@ -197,6 +272,9 @@ impl RuntimeApi {
 
     fn route(&self, req: Request) -> Reply {
         let path = req.path.clone();
+        if let Some(rest) = path.strip_prefix(EXTENSION_PREFIX) {
+            return self.extension_route(rest, req);
+        }
         let Some(rest) = path.strip_prefix(PREFIX) else {
             return Reply::json(404, "Not Found", error_json("NotFound", "unknown path"));
         };
@@ -228,6 +306,62 @@ impl RuntimeApi {
         }
     }
 
+    /// The Extensions API's requests but `event/next`.
+    fn extension_route(&self, rest: &str, req: Request) -> Reply {
+        let rest = rest.split('?').next().unwrap_or(rest);
+        match (req.method.as_str(), rest) {
+            ("POST", "register") => {
+                let function = self.shared.function.lock().expect("function lock").clone();
+                let answer = self.shared.extensions.register(
+                    req.extension_name.as_deref(),
+                    req.body.as_deref().unwrap_or_default(),
+                    &function,
+                );
+                match answer {
+                    Answer::Reply(status, reason, headers, body) => Reply {
+                        bytes: crate::extensions::http(status, reason, &headers, &body),
+                        body: Bytes::new(),
+                        close: false,
+                    },
+                    Answer::Parked => unreachable!("register never parks"),
+                }
+            }
+            ("POST", "init/error") => {
+                let error_type = req
+                    .error_type
+                    .unwrap_or_else(|| "Extension.Unknown".to_owned());
+                let body = match req.body {
+                    Some(b) if serde_json::from_slice::<serde_json::Value>(&b).is_ok() => b,
+                    _ => error_json(&error_type, "an extension failed to initialise"),
+                };
+                self.shared
+                    .sink
+                    .send(Message::InitError { error_type, body });
+                Reply::accepted()
+            }
+            ("POST", "exit/error") => {
+                let error_type = req.error_type.unwrap_or_default();
+                let body =
+                    String::from_utf8_lossy(req.body.as_deref().unwrap_or_default()).into_owned();
+                self.shared.sink.send(Message::Log {
+                    stream: sluice_protocol::LogStream::Agent,
+                    line: format!(
+                        "extension {} exits with an error: {error_type} {body}",
+                        req.extension_id.as_deref().unwrap_or("?")
+                    )
+                    .into_bytes(),
+                });
+                Reply::accepted()
+            }
+            (_, "register" | "init/error" | "exit/error" | "event/next") => Reply::json(
+                405,
+                "Method Not Allowed",
+                error_json("MethodNotAllowed", "method not allowed"),
+            ),
+            _ => Reply::json(404, "Not Found", error_json("NotFound", "unknown path")),
+        }
+    }
+
     fn shutdown_reply() -> Reply {
         Reply::json(
             500,
@@ -240,9 +374,10 @@ impl RuntimeApi {
     /// Answer a `next` at once if an invocation is queued, or park the
     /// connection until one arrives (`Ok(None)`).
     fn next_or_park(&self, conn: &TcpStream) -> io::Result<Option<Reply>> {
-        if !self.shared.ready_sent.swap(true, Ordering::SeqCst) {
-            let init_us = self.shared.started.elapsed().as_micros() as u64;
-            self.shared.sink.send(Message::Ready { init_us });
+        if !self.shared.ready_sent.load(Ordering::SeqCst) {
+            // `Ready` once the extensions, if any, are waiting too.
+            let then = self.shared.extensions.runtime_waiting();
+            self.dispatch(then);
         }
         let mut q = self.shared.queue.lock().expect("queue lock");
         if let Some(inv) = q.pending.pop_front() {
@@ -302,14 +437,19 @@ impl RuntimeApi {
         }
         let Some(body) = req.body else {
             // Too large: the payload limit was exceeded while reading.
-            self.shared.sink.send(Message::Error {
+            let error = Message::Error {
                 request_id: id.to_owned(),
                 error_type: "Function.ResponseSizeTooLarge".into(),
                 body: error_json(
                     "Function.ResponseSizeTooLarge",
-                    &format!("Response payload size exceeded maximum allowed payload size ({MAX_PAYLOAD} bytes)."),
+                    &format!(
+                        "Response payload size exceeded maximum allowed payload size ({MAX_PAYLOAD} bytes)."
+                    ),
                 ),
-            });
+            };
+            if let Some(msg) = self.shared.extensions.result(error) {
+                self.shared.sink.send(msg);
+            }
             return Reply::json(
                 413,
                 "Payload Too Large",
@@ -337,7 +477,10 @@ impl RuntimeApi {
                 body,
             }
         };
-        self.shared.sink.send(msg);
+        // Held while extensions are still busy with the call.
+        if let Some(msg) = self.shared.extensions.result(msg) {
+            self.shared.sink.send(msg);
+        }
         Reply::accepted()
     }
 }
@@ -401,6 +544,10 @@ struct Request {
     path: String,
     close: bool,
     error_type: Option<String>,
+    /// `Lambda-Extension-Name` (Extensions API).
+    extension_name: Option<String>,
+    /// `Lambda-Extension-Identifier` (Extensions API).
+    extension_id: Option<String>,
     /// `None` when the body exceeded [`MAX_PAYLOAD`].
     body: Option<Vec<u8>>,
     /// A streamed response that failed midway: its error type and error
@@ -460,6 +607,7 @@ fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option
     let mut close = http10;
     let mut expect_continue = false;
     let mut error_type = None;
+    let (mut extension_name, mut extension_id) = (None, None);
     for h in parsed.headers.iter() {
         let value = String::from_utf8_lossy(h.value).trim().to_owned();
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -481,8 +629,14 @@ fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option
         } else if h
             .name
             .eq_ignore_ascii_case("lambda-runtime-function-error-type")
+            || h.name
+                .eq_ignore_ascii_case("lambda-extension-function-error-type")
         {
             error_type = Some(value);
+        } else if h.name.eq_ignore_ascii_case("lambda-extension-name") {
+            extension_name = Some(value);
+        } else if h.name.eq_ignore_ascii_case("lambda-extension-identifier") {
+            extension_id = Some(value);
         }
     }
     let has_body = chunked || content_length.unwrap_or(0) > 0;
@@ -494,6 +648,8 @@ fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option
                 path,
                 close: true,
                 error_type,
+                extension_name,
+                extension_id,
                 body: None,
                 stream_error: None,
             }));
@@ -524,6 +680,8 @@ fn read_request<R: BufRead, W: Write>(r: &mut R, w: &mut W) -> io::Result<Option
         path,
         close,
         error_type,
+        extension_name,
+        extension_id,
         body,
         stream_error,
     }))

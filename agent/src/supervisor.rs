@@ -277,43 +277,91 @@ fn serve(
         }
     }
 
-    let bootstrap = entry_point(task_root);
-    let mut cmd = Command::new(&bootstrap);
-    cmd.current_dir(task_root)
-        .env_clear()
-        // Lambda's: the layers' `bin` and `lib` folders at the end.
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/opt/bin")
-        .env("LD_LIBRARY_PATH", lambda_library_path(task_root))
-        .env("LANG", "C.UTF-8")
-        .env("TZ", ":UTC")
-        .env("AWS_LAMBDA_RUNTIME_API", api_addr.to_string())
-        .env("AWS_LAMBDA_FUNCTION_NAME", &cfg.function_name)
-        .env("AWS_LAMBDA_FUNCTION_VERSION", &cfg.function_version)
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", cfg.memory_mb.to_string())
-        .env("AWS_LAMBDA_LOG_GROUP_NAME", &cfg.log_group)
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", &cfg.log_stream)
-        .env("AWS_EXECUTION_ENV", "sluice")
-        // The region of the function's ARN. SDK clients made at init (say
-        // boto3.client("s3") at module level) need one, even if the code
-        // path under test never calls them; the pipeline's `env` may set
-        // another.
-        .env("AWS_REGION", SLUICE_REGION)
-        .env("AWS_DEFAULT_REGION", SLUICE_REGION)
-        // "snap-start" (from the host's `env`) when restored from a
-        // function snapshot.
-        .env("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")
-        .env("LAMBDA_TASK_ROOT", task_root)
-        .env("LAMBDA_RUNTIME_DIR", "/var/runtime")
-        .env("_HANDLER", &cfg.handler)
-        .envs(cfg.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some((uid, gid)) = cfg.run_as {
-        cmd.uid(uid).gid(gid);
-    }
+    // The Lambda environment of the runtime and of external extensions.
+    let lambda_command = |program: &Path| {
+        let mut cmd = Command::new(program);
+        cmd.current_dir(task_root)
+            .env_clear()
+            // Lambda's: the layers' `bin` and `lib` folders at the end.
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/opt/bin")
+            .env("LD_LIBRARY_PATH", lambda_library_path(task_root))
+            .env("LANG", "C.UTF-8")
+            .env("TZ", ":UTC")
+            .env("AWS_LAMBDA_RUNTIME_API", api_addr.to_string())
+            .env("AWS_LAMBDA_FUNCTION_NAME", &cfg.function_name)
+            .env("AWS_LAMBDA_FUNCTION_VERSION", &cfg.function_version)
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", cfg.memory_mb.to_string())
+            .env("AWS_LAMBDA_LOG_GROUP_NAME", &cfg.log_group)
+            .env("AWS_LAMBDA_LOG_STREAM_NAME", &cfg.log_stream)
+            .env("AWS_EXECUTION_ENV", "sluice")
+            // The region of the function's ARN. SDK clients made at init (say
+            // boto3.client("s3") at module level) need one, even if the code
+            // path under test never calls them; the pipeline's `env` may set
+            // another.
+            .env("AWS_REGION", SLUICE_REGION)
+            .env("AWS_DEFAULT_REGION", SLUICE_REGION)
+            // "snap-start" (from the host's `env`) when restored from a
+            // function snapshot.
+            .env("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")
+            .env("LAMBDA_TASK_ROOT", task_root)
+            .env("LAMBDA_RUNTIME_DIR", "/var/runtime")
+            .env("_HANDLER", &cfg.handler)
+            .envs(cfg.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some((uid, gid)) = cfg.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    };
+    let relays = LogRelays::default();
+    let relay_to = |w: &SharedWriter| {
+        let w = w.clone();
+        move |stream, line| send(&w, &Message::Log { stream, line })
+    };
     let started = Instant::now();
-    let mut child = match cmd.spawn() {
+
+    let stage = Stage::default();
+    let api = {
+        let w = writer.clone();
+        let stage = stage.clone();
+        let relays = relays.clone();
+        RuntimeApi::new(
+            move |m: Message| {
+                // An answered invocation's attachment is freed at once.
+                if matches!(m, Message::Response { .. } | Message::Error { .. }) {
+                    stage.clear();
+                }
+                // What the function wrote before it answered goes first.
+                if matches!(
+                    m,
+                    Message::Ready { .. }
+                        | Message::Response { .. }
+                        | Message::Error { .. }
+                        | Message::InitError { .. }
+                ) {
+                    relays.settle();
+                }
+                send(&w, &m)
+            },
+            started,
+        )
+    };
+    api.set_function(&cfg.function_name, &cfg.function_version, &cfg.handler);
+    if let Err(e) = api.serve(listener) {
+        return fail(format!("starting the Runtime API: {e}"));
+    }
+
+    // External extensions first, as in Lambda: the runtime starts once
+    // they have registered (or ended).
+    let extensions = match start_extensions(&lambda_command, &api, &relays, &writer) {
+        Ok(x) => x,
+        Err(message) => return fail(message),
+    };
+
+    let bootstrap = entry_point(task_root);
+    let mut child = match lambda_command(&bootstrap).spawn() {
         Ok(c) => c,
         Err(e) => {
             send(
@@ -335,11 +383,6 @@ fn serve(
     let child_pid = Pid::from_raw(child.id() as i32);
 
     let (log_done_tx, log_done_rx) = mpsc::channel::<()>();
-    let relays = LogRelays::default();
-    let relay_to = |w: &SharedWriter| {
-        let w = w.clone();
-        move |stream, line| send(&w, &Message::Log { stream, line })
-    };
     let relayed = [
         child.stdout.take().map(|out| {
             relays.relay(
@@ -364,35 +407,7 @@ fn serve(
         return fail(format!("relaying the function's output: {e}"));
     }
 
-    let stage = Stage::default();
-    let api = {
-        let w = writer.clone();
-        let stage = stage.clone();
-        RuntimeApi::new(
-            move |m: Message| {
-                // An answered invocation's attachment is freed at once.
-                if matches!(m, Message::Response { .. } | Message::Error { .. }) {
-                    stage.clear();
-                }
-                // What the function wrote before it answered goes first.
-                if matches!(
-                    m,
-                    Message::Ready { .. }
-                        | Message::Response { .. }
-                        | Message::Error { .. }
-                        | Message::InitError { .. }
-                ) {
-                    relays.settle();
-                }
-                send(&w, &m)
-            },
-            started,
-        )
-    };
-    if let Err(e) = api.serve(listener) {
-        return fail(format!("starting the Runtime API: {e}"));
-    }
-
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let api = api.clone();
         let restore = Restore {
@@ -400,28 +415,161 @@ fn serve(
             entropy: entropy.to_path_buf(),
             set_clock,
         };
+        let stopping = stopping.clone();
         let spawned = thread::Builder::new()
             .name("agent-channel".into())
-            .spawn(move || read_channel(rd, api, child_pid, restore, stage));
+            .spawn(move || read_channel(rd, api, child_pid, restore, stage, stopping));
         if let Err(e) = spawned {
             return fail(format!("starting the channel reader: {e}"));
         }
     }
 
     // Reap every process (we may be PID 1) until bootstrap ends.
+    let mut extensions = extensions;
     loop {
-        match waitpid(None::<Pid>, None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == child_pid => {
-                finish(&writer, &api, &log_done_rx, ExitStatus::Code(code));
-                return 0;
-            }
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child_pid => {
-                finish(&writer, &api, &log_done_rx, ExitStatus::Signal(sig as i32));
-                return 0;
-            }
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => {}
+        let ended = match waitpid(None::<Pid>, None) {
+            Ok(WaitStatus::Exited(pid, code)) => Some((pid, ExitStatus::Code(code))),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => Some((pid, ExitStatus::Signal(sig as i32))),
+            Ok(_) => None,
+            Err(nix::errno::Errno::EINTR) => None,
             Err(e) => return fail(format!("waitpid: {e}")),
+        };
+        let Some((pid, status)) = ended else { continue };
+        if pid == child_pid {
+            if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                // Extensions told to shut down get their grace to end, and
+                // what they wrote is relayed.
+                wait_for_extensions(&mut extensions);
+                relays.settle();
+            }
+            finish(&writer, &api, &log_done_rx, status);
+            return 0;
+        }
+        if let Some(name) = extensions.remove(&pid) {
+            if !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                send(
+                    &writer,
+                    &Message::Log {
+                        stream: LogStream::Agent,
+                        line: format!("extension {name} ended ({status:?})").into_bytes(),
+                    },
+                );
+            }
+            api.extension_gone(&name);
+        }
+    }
+}
+
+/// Where Lambda finds external extensions: executables in the layers'
+/// `extensions` folder, started in name order.
+const EXTENSIONS_DIR: &str = "/opt/extensions";
+
+/// How long the runtime's start waits for external extensions to register.
+const EXTENSION_REGISTRATION: Duration = Duration::from_secs(10);
+
+/// Start the external extensions (`/opt/extensions/*`) with `command`, their
+/// output relayed, and wait until each has registered or ended. Their
+/// process ids and names.
+fn start_extensions(
+    command: &dyn Fn(&Path) -> Command,
+    api: &RuntimeApi,
+    relays: &LogRelays,
+    writer: &SharedWriter,
+) -> Result<std::collections::HashMap<Pid, String>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found: Vec<PathBuf> = match std::fs::read_dir(EXTENSIONS_DIR) {
+        Ok(dir) => dir
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.metadata()
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+            .collect(),
+        Err(_) => return Ok(Default::default()),
+    };
+    found.sort();
+    let mut started = Vec::new();
+    let (done_tx, _done_rx) = mpsc::channel::<()>();
+    for path in &found {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut child = command(path)
+            .spawn()
+            .map_err(|e| format!("starting extension {}: {e}", path.display()))?;
+        for (pipe, stream) in [
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn PipeRead>),
+                LogStream::Stdout,
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn PipeRead>),
+                LogStream::Stderr,
+            ),
+        ] {
+            if let Some(pipe) = pipe {
+                let w = writer.clone();
+                relays
+                    .relay(
+                        pipe,
+                        stream,
+                        move |stream, line| send(&w, &Message::Log { stream, line }),
+                        done_tx.clone(),
+                    )
+                    .map_err(|e| format!("relaying extension {name}'s output: {e}"))?;
+            }
+        }
+        started.push((child, name));
+    }
+    // Registration: each extension registers, or ends (it is then not
+    // waited for), within the limit.
+    let deadline = Instant::now() + EXTENSION_REGISTRATION;
+    loop {
+        let mut alive = 0;
+        for (c, _) in started.iter_mut() {
+            if matches!(c.try_wait(), Ok(None)) {
+                alive += 1;
+            }
+        }
+        if api.extensions_registered() >= alive || Instant::now() >= deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    // Those that ended are reaped already (`try_wait`).
+    Ok(started
+        .into_iter()
+        .filter_map(|(mut c, name)| {
+            matches!(c.try_wait(), Ok(None)).then(|| (Pid::from_raw(c.id() as i32), name))
+        })
+        .collect())
+}
+
+/// A pipe the log relay reads.
+trait PipeRead: Read + AsFd + Send {}
+impl<T: Read + AsFd + Send> PipeRead for T {}
+
+/// After the runtime stopped: the extensions that got a `SHUTDOWN` event
+/// have [`SHUTDOWN_GRACE_MS`] to end (then they die with the sandbox).
+fn wait_for_extensions(extensions: &mut std::collections::HashMap<Pid, String>) {
+    use nix::sys::wait::WaitPidFlag;
+    let deadline = Instant::now() + Duration::from_millis(crate::extensions::SHUTDOWN_GRACE_MS);
+    while !extensions.is_empty() && Instant::now() < deadline {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _)) => {
+                extensions.remove(&pid);
+            }
+            Ok(_) => thread::sleep(Duration::from_millis(2)),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
         }
     }
 }
@@ -521,6 +669,7 @@ fn read_channel(
     child: Pid,
     restore: Restore,
     stage: Stage,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut r = BufReader::with_capacity(64 * 1024, rd);
     // Set by an `Attachment` frame for the `Invoke` that follows it: Ok
@@ -592,6 +741,11 @@ fn read_channel(
                 },
             ),
             Ok(Some(Message::Shutdown)) | Ok(None) => {
+                // Extensions that take `SHUTDOWN` events get one, and the
+                // reaper gives them their grace once the runtime ended.
+                if api.shutdown_extensions() {
+                    stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 // The reaper sees bootstrap end and exits after the log
                 // relays forwarded what the function wrote before (its
                 // last lines may still be in the pipes; `finish`).

@@ -975,3 +975,141 @@ async fn a_call_can_have_the_tail_of_its_log_back() {
     );
     ex.shutdown().await;
 }
+
+/// An external extension in a layer (`/opt/extensions/`), as Lambda runs
+/// one: registered before the runtime starts, given an `INVOKE` event for
+/// every call (the call answers once the extension asked for its next
+/// event) and a `SHUTDOWN` event when the sandbox stops. A registration
+/// after initialisation is refused.
+const EXTENSION: &str = r#"#!/bin/bash
+API="http://${AWS_LAMBDA_RUNTIME_API}/2020-01-01/extension"
+H=$(mktemp)
+curl -sS -D "$H" -o /tmp/registered -X POST "$API/register" \
+  -H 'Lambda-Extension-Name: watcher' -d '{"events": ["INVOKE", "SHUTDOWN"]}'
+ID=$(grep -i '^Lambda-Extension-Identifier:' "$H" | cut -d: -f2 | tr -d '[:space:]')
+echo "EXT registered for $(cat /tmp/registered)" >&2
+while true; do
+  EVENT=$(curl -sS -H "Lambda-Extension-Identifier: $ID" "$API/event/next")
+  TYPE=$(echo "$EVENT" | sed -E 's/.*"eventType":"([A-Z]+)".*/\1/')
+  if [ "$TYPE" = SHUTDOWN ]; then
+    echo "EXT shutdown: $(echo "$EVENT" | sed -E 's/.*"shutdownReason":"([a-z]+)".*/\1/')" >&2
+    exit 0
+  fi
+  REQ=$(echo "$EVENT" | sed -E 's/.*"requestId":"([^"]+)".*/\1/')
+  # Slower than the function: its answer waits for this.
+  sleep 0.3
+  echo "EXT done with $REQ" >&2
+done
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_extension_follows_the_sandboxs_lifecycle() {
+    use std::os::unix::fs::PermissionsExt;
+    // The function tries to register an extension itself, too late.
+    let f = script_fixture(&shell_runtime(
+        r#"  LATE=$(curl -sS -o /dev/null -w '%{http_code}' -X POST \
+    "http://${AWS_LAMBDA_RUNTIME_API}/2020-01-01/extension/register" \
+    -H 'Lambda-Extension-Name: late' -d '{"events": ["INVOKE"]}')
+  BODY="{\"late\": $LATE}""#,
+    ));
+    let layer = f.dir.parent().unwrap().join("extension-layer");
+    std::fs::create_dir_all(layer.join("extensions")).unwrap();
+    let ext = layer.join("extensions/watcher");
+    std::fs::write(&ext, EXTENSION).unwrap();
+    std::fs::set_permissions(&ext, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for dir in [&layer, &layer.join("extensions")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink: LogSink = {
+        let lines = lines.clone();
+        Arc::new(move |l| lines.lock().unwrap().push(l.line))
+    };
+    let backend = ProcessBackend::new(ProcessConfig::detect(agent_binary()));
+    let ex = Executor::with_log_sink(Arc::new(backend), sink);
+    let mut s = spec("watched", &f);
+    s.layers = vec![layer];
+    ex.register(s);
+
+    for _ in 0..3 {
+        let (result, tail) = ex
+            .invoke_tailed("watched", "{}", InvokeOptions::default())
+            .await;
+        let r = result.unwrap();
+        let answer: Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_eq!(answer["late"], 403, "{answer}");
+        let tail = tail.unwrap();
+        // The extension was done with the call before it answered.
+        let done = tail
+            .find(&format!("EXT done with {}", r.request_id))
+            .unwrap_or_else(|| panic!("{tail}"));
+        assert!(done < tail.find("END RequestId").unwrap(), "{tail}");
+    }
+    let registered = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.starts_with("EXT registered for "))
+        .cloned()
+        .unwrap();
+    assert!(
+        registered.contains(r#""functionName":"watched""#),
+        "{registered}"
+    );
+    ex.shutdown().await;
+    let lines = lines.lock().unwrap();
+    assert!(
+        lines.iter().any(|l| l == "EXT shutdown: spindown"),
+        "{lines:?}"
+    );
+}
+
+/// An extension built with the official `lambda-extension` crate
+/// (`examples/extensions/invocation-counter`), unchanged, beside the
+/// official runtime's echo function.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_made_with_lambda_extension_counts_the_calls() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = function_fixture("echo");
+    let layer = f.dir.parent().unwrap().join("counter-layer");
+    std::fs::create_dir_all(layer.join("extensions")).unwrap();
+    let ext = layer.join("extensions/invocation-counter");
+    std::fs::copy(
+        sluice_test_support::workspace_binary("invocation-counter-ext"),
+        &ext,
+    )
+    .unwrap();
+    std::fs::set_permissions(&ext, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for dir in [&layer, &layer.join("extensions")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink: LogSink = {
+        let lines = lines.clone();
+        Arc::new(move |l| lines.lock().unwrap().push(l.line))
+    };
+    let backend = ProcessBackend::new(ProcessConfig::detect(agent_binary()));
+    let ex = Executor::with_log_sink(Arc::new(backend), sink);
+    let mut s = spec("counted", &f);
+    s.layers = vec![layer];
+    ex.register(s);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = ex
+            .invoke("counted", json!({"i": i}).to_string())
+            .await
+            .unwrap();
+        assert_eq!(r.payload, json!({"i": i}).to_string().into_bytes());
+        ids.push(r.request_id);
+    }
+    ex.shutdown().await;
+    let lines = lines.lock().unwrap();
+    for (n, id) in ids.iter().enumerate() {
+        let line = format!("invocation-counter: call {} ({id})", n + 1);
+        assert!(lines.contains(&line), "{line} missing: {lines:?}");
+    }
+    assert!(
+        lines.contains(&"invocation-counter: 3 calls; shutting down (spindown)".to_owned()),
+        "{lines:?}"
+    );
+}
