@@ -357,7 +357,23 @@ fn serve(
     // they have registered (or ended).
     let extensions = match start_extensions(&lambda_command, &api, &relays, &writer) {
         Ok(x) => x,
-        Err(message) => return fail(message),
+        Err(message) => {
+            // Lambda's `Extension.LaunchError`: the sandbox never starts.
+            send(
+                &writer,
+                &Message::InitError {
+                    error_type: "Extension.LaunchError".into(),
+                    body: serde_json::json!({
+                        "errorType": "Extension.LaunchError",
+                        "errorMessage": message,
+                    })
+                    .to_string()
+                    .into_bytes(),
+                },
+            );
+            send(&writer, &Message::Exited(ExitStatus::Code(127)));
+            return 1;
+        }
     };
 
     let bootstrap = entry_point(task_root);
@@ -468,23 +484,21 @@ const EXTENSIONS_DIR: &str = "/opt/extensions";
 const EXTENSION_REGISTRATION: Duration = Duration::from_secs(10);
 
 /// Start the external extensions (`/opt/extensions/*`) with `command`, their
-/// output relayed, and wait until each has registered or ended. Their
-/// process ids and names.
+/// output relayed, and wait until each has registered or ended. The process
+/// ids and names of those still running; the error of one that could not
+/// start.
 fn start_extensions(
     command: &dyn Fn(&Path) -> Command,
     api: &RuntimeApi,
     relays: &LogRelays,
     writer: &SharedWriter,
 ) -> Result<std::collections::HashMap<Pid, String>, String> {
-    use std::os::unix::fs::PermissionsExt;
+    // Every file: one that cannot be started fails the start, as in Lambda.
     let mut found: Vec<PathBuf> = match std::fs::read_dir(EXTENSIONS_DIR) {
         Ok(dir) => dir
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| {
-                p.metadata()
-                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            })
+            .filter(|p| p.metadata().is_ok_and(|m| m.is_file()))
             .collect(),
         Err(_) => return Ok(Default::default()),
     };

@@ -1057,11 +1057,42 @@ async fn an_external_extension_follows_the_sandboxs_lifecycle() {
         "{registered}"
     );
     ex.shutdown().await;
-    let lines = lines.lock().unwrap();
-    assert!(
-        lines.iter().any(|l| l == "EXT shutdown: spindown"),
-        "{lines:?}"
-    );
+    {
+        let lines = lines.lock().unwrap();
+        assert!(
+            lines.iter().any(|l| l == "EXT shutdown: spindown"),
+            "{lines:?}"
+        );
+    }
+
+    // An extension that cannot start fails the sandbox's start, as
+    // Lambda's `Extension.LaunchError`.
+    let broken = f.dir.parent().unwrap().join("broken-extension-layer");
+    std::fs::create_dir_all(broken.join("extensions")).unwrap();
+    std::fs::write(broken.join("extensions/stale"), "#!/bin/sh\n").unwrap();
+    for (path, mode) in [
+        (broken.clone(), 0o755),
+        (broken.join("extensions"), 0o755),
+        (broken.join("extensions/stale"), 0o644),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let ex = executor();
+    let mut s = spec("unlaunchable", &f);
+    s.layers = vec![broken];
+    ex.register(s);
+    match ex.invoke("unlaunchable", "{}").await {
+        Err(InvokeError::InitFailed {
+            error_type,
+            message,
+            ..
+        }) => {
+            assert_eq!(error_type, "Extension.LaunchError");
+            assert!(message.contains("/opt/extensions/stale"), "{message}");
+        }
+        other => panic!("expected Extension.LaunchError, got {other:?}"),
+    }
+    ex.shutdown().await;
 }
 
 /// An extension built with the official `lambda-extension` crate

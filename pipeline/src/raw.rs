@@ -1013,6 +1013,18 @@ fn validate_layers(
             Some(problem) => problem,
             None => match joined.canonicalize() {
                 Ok(canonical) => {
+                    if let Some(name) = unrunnable_extension(&canonical) {
+                        return Err(PipelineError::Invalid {
+                            at: f.loc.at(span),
+                            field,
+                            message: format!(
+                                "{} is not executable: the sandbox starts every file of a \
+                                 layer's `extensions` folder as a Lambda extension (run \
+                                 `chmod +x` on it)",
+                                Path::new(&written).join("extensions").join(name).display()
+                            ),
+                        });
+                    }
                     if let Some(j) = resolved.iter().position(|r| *r == canonical) {
                         return Err(PipelineError::Invalid {
                             at: f.loc.at(span),
@@ -1037,6 +1049,20 @@ fn validate_layers(
         });
     }
     Ok(resolved)
+}
+
+/// A file of a folder layer's `extensions/` that could not be started as an
+/// extension (no execute permission); `None` if there is none (or the
+/// layer is an archive, whose modes are checked when it starts).
+fn unrunnable_extension(layer: &Path) -> Option<String> {
+    let dir = std::fs::read_dir(layer.join("extensions")).ok()?;
+    let mut bad: Vec<String> = dir
+        .filter_map(Result::ok)
+        .filter(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.is_file() && !is_executable(&m)))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    bad.sort();
+    bad.into_iter().next()
 }
 
 /// Whether the merged layers have an executable `bootstrap` at their root:

@@ -23,6 +23,7 @@ fn fix_fixture_permissions() {
     };
     set("fixtures/echo/bootstrap", 0o755);
     set("fixtures/not_executable/bootstrap", 0o644);
+    set("fixtures/extension_layer/extensions/watcher", 0o644);
 }
 
 fn cases() -> Vec<PathBuf> {
