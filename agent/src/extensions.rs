@@ -24,8 +24,9 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::net::TcpStream;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sluice_protocol::Message;
@@ -84,6 +85,8 @@ pub(crate) enum Then {
 #[derive(Default)]
 pub(crate) struct Extensions {
     state: Mutex<State>,
+    /// Signalled on every registration.
+    registering: Condvar,
     /// Whether any extension takes `INVOKE` events (read on every call).
     any_invoke: AtomicBool,
     seq: AtomicU64,
@@ -183,6 +186,8 @@ impl Extensions {
         if invoke {
             self.any_invoke.store(true, Ordering::SeqCst);
         }
+        drop(st);
+        self.registering.notify_all();
         Answer::Reply(
             200,
             "OK",
@@ -194,6 +199,17 @@ impl Extensions {
     /// How many extensions registered so far.
     pub(crate) fn registered(&self) -> usize {
         self.lock().list.len()
+    }
+
+    /// How many extensions registered, once more than `known` have or
+    /// `timeout` passed.
+    pub(crate) fn registered_after(&self, known: usize, timeout: Duration) -> usize {
+        let st = self.lock();
+        let (st, _) = self
+            .registering
+            .wait_timeout_while(st, timeout, |st| st.list.len() <= known)
+            .unwrap_or_else(|p| p.into_inner());
+        st.list.len()
     }
 
     /// `GET event/next` of extension `id` on `conn`: an event at once, or

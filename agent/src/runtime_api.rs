@@ -124,6 +124,12 @@ impl RuntimeApi {
         self.shared.extensions.registered()
     }
 
+    /// How many extensions have registered, once more than `known` have or
+    /// `timeout` passed.
+    pub fn extensions_registered_after(&self, known: usize, timeout: std::time::Duration) -> usize {
+        self.shared.extensions.registered_after(known, timeout)
+    }
+
     /// An external extension's process ended.
     pub fn extension_gone(&self, name: &str) {
         let then = self.shared.extensions.gone(name);

@@ -482,6 +482,8 @@ const EXTENSIONS_DIR: &str = "/opt/extensions";
 
 /// How long the runtime's start waits for external extensions to register.
 const EXTENSION_REGISTRATION: Duration = Duration::from_secs(10);
+/// How often that wait looks for extensions that ended without registering.
+const EXIT_CHECK: Duration = Duration::from_millis(20);
 
 /// Start the external extensions (`/opt/extensions/*`) with `command`, their
 /// output relayed, and wait until each has registered or ended. The process
@@ -546,6 +548,7 @@ fn start_extensions(
     // Registration: each extension registers, or ends (it is then not
     // waited for), within the limit.
     let deadline = Instant::now() + EXTENSION_REGISTRATION;
+    let mut registered = api.extensions_registered();
     loop {
         let mut alive = 0;
         for (c, _) in started.iter_mut() {
@@ -553,10 +556,12 @@ fn start_extensions(
                 alive += 1;
             }
         }
-        if api.extensions_registered() >= alive || Instant::now() >= deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if registered >= alive || left.is_zero() {
             break;
         }
-        thread::sleep(Duration::from_millis(2));
+        // Woken by a registration; now and then to see which ended.
+        registered = api.extensions_registered_after(registered, left.min(EXIT_CHECK));
     }
     // Those that ended are reaped already (`try_wait`).
     Ok(started
@@ -572,19 +577,36 @@ trait PipeRead: Read + AsFd + Send {}
 impl<T: Read + AsFd + Send> PipeRead for T {}
 
 /// After the runtime stopped: the extensions that got a `SHUTDOWN` event
-/// have [`SHUTDOWN_GRACE_MS`] to end (then they die with the sandbox).
+/// have [`SHUTDOWN_GRACE_MS`](crate::extensions::SHUTDOWN_GRACE_MS) to end;
+/// those still running then are killed.
 fn wait_for_extensions(extensions: &mut std::collections::HashMap<Pid, String>) {
-    use nix::sys::wait::WaitPidFlag;
-    let deadline = Instant::now() + Duration::from_millis(crate::extensions::SHUTDOWN_GRACE_MS);
-    while !extensions.is_empty() && Instant::now() < deadline {
-        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+    if extensions.is_empty() {
+        return;
+    }
+    let pids: Vec<Pid> = extensions.keys().copied().collect();
+    let (done, ended) = mpsc::channel::<()>();
+    let grace = Duration::from_millis(crate::extensions::SHUTDOWN_GRACE_MS);
+    let killer = thread::Builder::new()
+        .name("agent-ext-grace".into())
+        .spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = ended.recv_timeout(grace) {
+                for pid in pids {
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+            }
+        });
+    while !extensions.is_empty() {
+        match waitpid(None::<Pid>, None) {
             Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _)) => {
                 extensions.remove(&pid);
             }
-            Ok(_) => thread::sleep(Duration::from_millis(2)),
-            Err(nix::errno::Errno::EINTR) => {}
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(_) => break,
         }
+    }
+    drop(done);
+    if let Ok(killer) = killer {
+        let _ = killer.join();
     }
 }
 

@@ -67,6 +67,11 @@ impl ProcessConfig {
     }
 }
 
+/// How long a stopping sandbox's agent may take to end before it is
+/// killed: extensions that take `SHUTDOWN` events get 300 ms of it, then
+/// the agent relays their last lines.
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(1000);
+
 /// Size asked for the channel's pipes.
 const PIPE_SIZE: i32 = 1 << 20;
 
@@ -540,9 +545,7 @@ impl Sandbox for ProcessSandbox {
             let _ = self.stdin.flush().await;
         }
         if let Some(mut c) = self.child.take()
-            && tokio::time::timeout(Duration::from_millis(500), c.wait())
-                .await
-                .is_err()
+            && tokio::time::timeout(SHUTDOWN_WAIT, c.wait()).await.is_err()
         {
             self.child = Some(c);
             self.kill();
