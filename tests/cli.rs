@@ -1092,3 +1092,49 @@ fn an_agent_from_another_build_is_named_as_such() {
         "{stdout}"
     );
 }
+
+/// A layer with a Lambda extension made with the `lambda-extension` crate:
+/// `validate` names it, and `invoke` runs it beside the function (its line
+/// for the call, then its summary when the sandbox stops).
+#[test]
+fn a_layer_brings_a_lambda_extension() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let echo = function_fixture("echo");
+    let layer = tmp.path().join("counter");
+    std::fs::create_dir_all(layer.join("extensions")).unwrap();
+    let ext = layer.join("extensions/invocation-counter");
+    std::fs::copy(
+        sluice_test_support::workspace_binary("invocation-counter-ext"),
+        &ext,
+    )
+    .unwrap();
+    for (path, mode) in [
+        (tmp.path().to_path_buf(), 0o755),
+        (layer.clone(), 0o755),
+        (layer.join("extensions"), 0o755),
+        (ext.clone(), 0o755),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let p = pipeline(tmp.path(), &[("counted", &echo, "layers = [\"counter\"]")]);
+    let out = run(sluice().arg("validate").arg(&p), None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(", extensions: invocation-counter"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = invoke_in(&p, "counted", r#"{"n": 1}"#);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), r#"{"n":1}"#);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("[counted] invocation-counter: call 1 ("),
+        "{err}"
+    );
+    assert!(
+        err.contains("[counted] invocation-counter: 1 calls; shutting down (spindown)"),
+        "{err}"
+    );
+}

@@ -4,6 +4,25 @@ use std::path::Path;
 
 use crate::exit;
 
+/// The Lambda extensions the folder layers bring (`extensions/*`), as
+/// `", extensions: a, b"`; empty if none.
+fn extensions(layers: &[std::path::PathBuf]) -> String {
+    let mut names: Vec<String> = layers
+        .iter()
+        .filter_map(|l| std::fs::read_dir(l.join("extensions")).ok())
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(", extensions: {}", names.join(", "))
+    }
+}
+
 /// Check the file and list its functions, triggers and jobs.
 pub fn run(path: &Path) -> u8 {
     let p = match super::load_pipeline_as_written(path) {
@@ -30,7 +49,11 @@ pub fn run(path: &Path) -> u8 {
                 String::new()
             } else {
                 let layers: Vec<_> = f.layers.iter().map(|l| l.display().to_string()).collect();
-                format!(", layers at /opt: {}", layers.join(", "))
+                format!(
+                    ", layers at /opt: {}{}",
+                    layers.join(", "),
+                    extensions(&f.layers)
+                )
             }
         );
     }
