@@ -1134,7 +1134,9 @@ fn a_layer_brings_a_lambda_extension() {
         "{err}"
     );
     assert!(
-        err.contains("[counted] invocation-counter: 1 calls; shutting down (spindown)"),
+        err.contains(
+            "[counted] invocation-counter: 1 calls, 0 function log lines; shutting down (spindown)"
+        ),
         "{err}"
     );
 }

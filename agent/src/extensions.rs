@@ -12,6 +12,8 @@
 //! * `POST init/error` fails the initialisation with the extension's error
 //!   type; `POST exit/error` is logged.
 //!
+//! Subscriptions to the Telemetry API are `crate::telemetry`'s.
+//!
 //! The phases wait for the extensions as Lambda's do: the sandbox is ready
 //! once the runtime *and* every registered extension have asked for their
 //! next event, and a call's result is relayed once every extension that
@@ -194,6 +196,11 @@ impl Extensions {
             vec![("Lambda-Extension-Identifier", id)],
             function.as_bytes().to_vec(),
         )
+    }
+
+    /// Whether `id` is a registered extension's.
+    pub(crate) fn known(&self, id: &str) -> bool {
+        self.lock().list.iter().any(|e| e.id == id)
     }
 
     /// How many extensions registered so far.

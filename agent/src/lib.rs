@@ -36,5 +36,6 @@ mod logs;
 mod netlink;
 pub mod runtime_api;
 mod supervisor;
+mod telemetry;
 
 pub use supervisor::{Channel, ENTROPY_SINK, run_stage0, run_stage1};

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use sluice_protocol::{MAX_PAYLOAD, Message};
 
 use crate::extensions::{Answer, EXTENSION_PREFIX, Extensions, Then};
+use crate::telemetry::{LOGS_PATH, TELEMETRY_PATH, Telemetry};
 
 /// Where the server sends what the function reports.
 pub trait Sink: Send + Sync + 'static {
@@ -71,6 +72,8 @@ struct Shared {
     identity: Mutex<String>,
     /// The Extensions API.
     extensions: Extensions,
+    /// The Telemetry API's subscriptions.
+    telemetry: Arc<Telemetry>,
     /// What `register` answers: the function's name, version and handler.
     function: Mutex<String>,
 }
@@ -104,6 +107,7 @@ impl RuntimeApi {
                 sink: Box::new(sink),
                 identity: Mutex::new(String::new()),
                 extensions: Extensions::default(),
+                telemetry: Arc::default(),
                 function: Mutex::new("{}".into()),
             }),
         }
@@ -136,10 +140,17 @@ impl RuntimeApi {
         self.dispatch(then);
     }
 
-    /// The sandbox stops: `SHUTDOWN` events go to the extensions that take
-    /// them; whether any does.
+    /// The sandbox stops: what telemetry is queued is delivered, then
+    /// `SHUTDOWN` events go to the extensions that take them; whether any
+    /// does.
     pub fn shutdown_extensions(&self) -> bool {
+        self.shared.telemetry.flush();
         self.shared.extensions.shutdown()
+    }
+
+    /// The Telemetry API's subscriptions, for the log relays.
+    pub(crate) fn telemetry(&self) -> Arc<Telemetry> {
+        self.shared.telemetry.clone()
     }
 
     /// Send what the extensions released: `Ready` (with the init time) and
@@ -161,6 +172,7 @@ impl RuntimeApi {
 
     /// Queue an invocation for the next `GET .../invocation/next`.
     pub fn push_invoke(&self, inv: Invocation) {
+        self.shared.telemetry.start(&inv.request_id);
         self.shared.extensions.invoke(
             &inv.request_id,
             inv.deadline_ms,
@@ -281,6 +293,14 @@ impl RuntimeApi {
         if let Some(rest) = path.strip_prefix(EXTENSION_PREFIX) {
             return self.extension_route(rest, req);
         }
+        let bare = path
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches('/');
+        if bare == TELEMETRY_PATH || bare == LOGS_PATH {
+            return self.subscribe(req);
+        }
         let Some(rest) = path.strip_prefix(PREFIX) else {
             return Reply::json(404, "Not Found", error_json("NotFound", "unknown path"));
         };
@@ -365,6 +385,44 @@ impl RuntimeApi {
                 error_json("MethodNotAllowed", "method not allowed"),
             ),
             _ => Reply::json(404, "Not Found", error_json("NotFound", "unknown path")),
+        }
+    }
+
+    /// `PUT /2022-07-01/telemetry` (or the Logs API's
+    /// `PUT /2020-08-15/logs`) of a registered extension.
+    fn subscribe(&self, req: Request) -> Reply {
+        if req.method != "PUT" {
+            return Reply::json(
+                405,
+                "Method Not Allowed",
+                error_json("MethodNotAllowed", "subscribe with PUT"),
+            );
+        }
+        if !req
+            .extension_id
+            .as_deref()
+            .is_some_and(|id| self.shared.extensions.known(id))
+        {
+            return Reply::json(
+                403,
+                "Forbidden",
+                error_json(
+                    "Extension.UnknownExtensionIdentifier",
+                    "subscribing needs a registered Lambda-Extension-Identifier",
+                ),
+            );
+        }
+        match self
+            .shared
+            .telemetry
+            .subscribe(req.body.as_deref().unwrap_or_default())
+        {
+            Ok(()) => Reply::json(200, "OK", b"\"OK\"".to_vec()),
+            Err(why) => Reply::json(
+                400,
+                "Bad Request",
+                error_json("ValidationError", &format!("telemetry subscription: {why}")),
+            ),
         }
     }
 
@@ -483,6 +541,9 @@ impl RuntimeApi {
                 body,
             }
         };
+        self.shared
+            .telemetry
+            .runtime_done(id, !matches!(msg, Message::Response { .. }));
         // Held while extensions are still busy with the call.
         if let Some(msg) = self.shared.extensions.result(msg) {
             self.shared.sink.send(msg);

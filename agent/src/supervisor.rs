@@ -316,10 +316,6 @@ fn serve(
         cmd
     };
     let relays = LogRelays::default();
-    let relay_to = |w: &SharedWriter| {
-        let w = w.clone();
-        move |stream, line| send(&w, &Message::Log { stream, line })
-    };
     let started = Instant::now();
 
     let stage = Stage::default();
@@ -352,6 +348,15 @@ fn serve(
     if let Err(e) = api.serve(listener) {
         return fail(format!("starting the Runtime API: {e}"));
     }
+    // The function's lines go to the host and to telemetry subscribers.
+    let relay_to = |w: &SharedWriter| {
+        let w = w.clone();
+        let telemetry = api.telemetry();
+        move |stream, line: Vec<u8>| {
+            telemetry.function_line(&line);
+            send(&w, &Message::Log { stream, line })
+        }
+    };
 
     // External extensions first, as in Lambda: the runtime starts once
     // they have registered (or ended).
@@ -533,11 +538,15 @@ fn start_extensions(
         ] {
             if let Some(pipe) = pipe {
                 let w = writer.clone();
+                let telemetry = api.telemetry();
                 relays
                     .relay(
                         pipe,
                         stream,
-                        move |stream, line| send(&w, &Message::Log { stream, line }),
+                        move |stream, line: Vec<u8>| {
+                            telemetry.extension_line(&line);
+                            send(&w, &Message::Log { stream, line })
+                        },
                         done_tx.clone(),
                     )
                     .map_err(|e| format!("relaying extension {name}'s output: {e}"))?;

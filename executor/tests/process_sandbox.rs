@@ -1097,11 +1097,12 @@ async fn an_external_extension_follows_the_sandboxs_lifecycle() {
 
 /// An extension built with the official `lambda-extension` crate
 /// (`examples/extensions/invocation-counter`), unchanged, beside the
-/// official runtime's echo function.
+/// Python example handler: it counts the calls from its `INVOKE` events
+/// and the handler's log lines from the Telemetry API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extension_made_with_lambda_extension_counts_the_calls() {
     use std::os::unix::fs::PermissionsExt;
-    let f = function_fixture("echo");
+    let f = function_fixture("python");
     let layer = f.dir.parent().unwrap().join("counter-layer");
     std::fs::create_dir_all(layer.join("extensions")).unwrap();
     let ext = layer.join("extensions/invocation-counter");
@@ -1123,14 +1124,16 @@ async fn an_extension_made_with_lambda_extension_counts_the_calls() {
     let ex = Executor::with_log_sink(Arc::new(backend), sink);
     let mut s = spec("counted", &f);
     s.layers = vec![layer];
+    s.handler = "handler.handler".into();
     ex.register(s);
     let mut ids = Vec::new();
     for i in 0..3 {
+        // The handler writes one line per call ("N words in 1 lines").
+        let text = "word ".repeat(i + 1);
         let r = ex
-            .invoke("counted", json!({"i": i}).to_string())
+            .invoke("counted", json!({"text": text}).to_string())
             .await
             .unwrap();
-        assert_eq!(r.payload, json!({"i": i}).to_string().into_bytes());
         ids.push(r.request_id);
     }
     ex.shutdown().await;
@@ -1140,7 +1143,10 @@ async fn an_extension_made_with_lambda_extension_counts_the_calls() {
         assert!(lines.contains(&line), "{line} missing: {lines:?}");
     }
     assert!(
-        lines.contains(&"invocation-counter: 3 calls; shutting down (spindown)".to_owned()),
+        lines.contains(
+            &"invocation-counter: 3 calls, 3 function log lines; shutting down (spindown)"
+                .to_owned()
+        ),
         "{lines:?}"
     );
 }
