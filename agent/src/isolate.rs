@@ -259,7 +259,12 @@ pub fn build_root(cfg: &StartConfig, root_host_id: Option<u32>) -> Result<(), Se
             "root:x:0:0:root:/tmp:/bin/sh\nsbx_user1051:x:993:990::/home/sbx_user1051:/sbin/nologin\n",
         ),
         ("group", "root:x:0:\n"),
-        ("hosts", "127.0.0.1 localhost\n::1 localhost\n"),
+        // `sandbox.localdomain`: where Lambda extensions listen for the
+        // Telemetry API, as in Lambda.
+        (
+            "hosts",
+            "127.0.0.1 localhost sandbox.localdomain sandbox\n::1 localhost\n",
+        ),
         ("hostname", "sandbox\n"),
         ("resolv.conf", ""),
         (

@@ -1010,7 +1010,8 @@ async fn an_external_extension_follows_the_sandboxs_lifecycle() {
         r#"  LATE=$(curl -sS -o /dev/null -w '%{http_code}' -X POST \
     "http://${AWS_LAMBDA_RUNTIME_API}/2020-01-01/extension/register" \
     -H 'Lambda-Extension-Name: late' -d '{"events": ["INVOKE"]}')
-  BODY="{\"late\": $LATE}""#,
+  LISTEN=$(getent hosts sandbox.localdomain | cut -d' ' -f1)
+  BODY="{\"late\": $LATE, \"sandbox\": \"$LISTEN\"}""#,
     ));
     let layer = f.dir.parent().unwrap().join("extension-layer");
     std::fs::create_dir_all(layer.join("extensions")).unwrap();
@@ -1038,6 +1039,8 @@ async fn an_external_extension_follows_the_sandboxs_lifecycle() {
         let r = result.unwrap();
         let answer: Value = serde_json::from_slice(&r.payload).unwrap();
         assert_eq!(answer["late"], 403, "{answer}");
+        // Where extensions listen for telemetry, as in Lambda.
+        assert_eq!(answer["sandbox"], "127.0.0.1", "{answer}");
         let tail = tail.unwrap();
         // The extension was done with the call before it answered.
         let done = tail
