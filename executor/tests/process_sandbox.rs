@@ -976,6 +976,36 @@ async fn a_call_can_have_the_tail_of_its_log_back() {
     ex.shutdown().await;
 }
 
+/// A layer beside `f`'s folder with one extension, `extensions/NAME`,
+/// written by `install`; everything readable and the extension executable.
+fn extension_layer(
+    f: &FunctionFixture,
+    layer: &str,
+    name: &str,
+    install: impl FnOnce(&std::path::Path),
+) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let layer = f.dir.parent().unwrap().join(layer);
+    std::fs::create_dir_all(layer.join("extensions")).unwrap();
+    let ext = layer.join("extensions").join(name);
+    install(&ext);
+    for path in [&layer, &layer.join("extensions"), &ext] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    layer
+}
+
+/// An executor on the process backend whose functions' log lines are kept.
+fn collecting_executor() -> (Executor, Arc<std::sync::Mutex<Vec<String>>>) {
+    let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink: LogSink = {
+        let lines = lines.clone();
+        Arc::new(move |l| lines.lock().unwrap().push(l.line))
+    };
+    let backend = ProcessBackend::new(ProcessConfig::detect(agent_binary()));
+    (Executor::with_log_sink(Arc::new(backend), sink), lines)
+}
+
 /// An external extension in a layer (`/opt/extensions/`), as Lambda runs
 /// one: registered before the runtime starts, given an `INVOKE` event for
 /// every call (the call answers once the extension asked for its next
@@ -1013,21 +1043,10 @@ async fn an_external_extension_follows_the_sandboxs_lifecycle() {
   LISTEN=$(getent hosts sandbox.localdomain | cut -d' ' -f1)
   BODY="{\"late\": $LATE, \"sandbox\": \"$LISTEN\"}""#,
     ));
-    let layer = f.dir.parent().unwrap().join("extension-layer");
-    std::fs::create_dir_all(layer.join("extensions")).unwrap();
-    let ext = layer.join("extensions/watcher");
-    std::fs::write(&ext, EXTENSION).unwrap();
-    std::fs::set_permissions(&ext, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for dir in [&layer, &layer.join("extensions")] {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let sink: LogSink = {
-        let lines = lines.clone();
-        Arc::new(move |l| lines.lock().unwrap().push(l.line))
-    };
-    let backend = ProcessBackend::new(ProcessConfig::detect(agent_binary()));
-    let ex = Executor::with_log_sink(Arc::new(backend), sink);
+    let layer = extension_layer(&f, "extension-layer", "watcher", |ext| {
+        std::fs::write(ext, EXTENSION).unwrap()
+    });
+    let (ex, lines) = collecting_executor();
     let mut s = spec("watched", &f);
     s.layers = vec![layer];
     ex.register(s);
@@ -1104,27 +1123,12 @@ async fn an_external_extension_follows_the_sandboxs_lifecycle() {
 /// and the handler's log lines from the Telemetry API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extension_made_with_lambda_extension_counts_the_calls() {
-    use std::os::unix::fs::PermissionsExt;
     let f = function_fixture("python");
-    let layer = f.dir.parent().unwrap().join("counter-layer");
-    std::fs::create_dir_all(layer.join("extensions")).unwrap();
-    let ext = layer.join("extensions/invocation-counter");
-    std::fs::copy(
-        sluice_test_support::workspace_binary("invocation-counter-ext"),
-        &ext,
-    )
-    .unwrap();
-    std::fs::set_permissions(&ext, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for dir in [&layer, &layer.join("extensions")] {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let sink: LogSink = {
-        let lines = lines.clone();
-        Arc::new(move |l| lines.lock().unwrap().push(l.line))
-    };
-    let backend = ProcessBackend::new(ProcessConfig::detect(agent_binary()));
-    let ex = Executor::with_log_sink(Arc::new(backend), sink);
+    let layer = extension_layer(&f, "counter-layer", "invocation-counter", |ext| {
+        let built = sluice_test_support::workspace_binary("invocation-counter-ext");
+        std::fs::copy(built, ext).unwrap();
+    });
+    let (ex, lines) = collecting_executor();
     let mut s = spec("counted", &f);
     s.layers = vec![layer];
     s.handler = "handler.handler".into();
