@@ -200,7 +200,16 @@ impl Extensions {
 
     /// Whether `id` is a registered extension's.
     pub(crate) fn known(&self, id: &str) -> bool {
-        self.lock().list.iter().any(|e| e.id == id)
+        self.name_of(id).is_some()
+    }
+
+    /// The name the extension `id` registered with.
+    pub(crate) fn name_of(&self, id: &str) -> Option<String> {
+        self.lock()
+            .list
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.name.clone())
     }
 
     /// How many extensions registered so far.

@@ -373,7 +373,10 @@ impl RuntimeApi {
                     stream: sluice_protocol::LogStream::Agent,
                     line: format!(
                         "extension {} exits with an error: {error_type} {body}",
-                        req.extension_id.as_deref().unwrap_or("?")
+                        req.extension_id
+                            .as_deref()
+                            .and_then(|id| self.shared.extensions.name_of(id))
+                            .unwrap_or_else(|| "(unregistered)".into())
                     )
                     .into_bytes(),
                 });
