@@ -3,7 +3,8 @@
 # PyPI) calls the example Python handler through Lambda's Invoke API as a
 # user's code would, and every answer must be what botocore expects of
 # Lambda: the response, a function error, the log tail, a streamed
-# response (InvokeWithResponseStream), an asynchronous call, a dry run,
+# response (InvokeWithResponseStream), asynchronous calls (one failing into
+# the --on-failure file), a dry run,
 # ListFunctions, GetFunction(Configuration), and the service's errors
 # raised as their modelled exceptions.
 #
@@ -41,7 +42,8 @@ timeout = "5s"
 EOF
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-target/debug/sluice serve "$work/pipeline.toml" --addr "127.0.0.1:$port" >"$log" 2>&1 &
+target/debug/sluice serve "$work/pipeline.toml" --addr "127.0.0.1:$port" \
+    --on-failure "$work/failed.jsonl" --max-retry-attempts 0 >"$log" 2>&1 &
 serve_pid=$!
 for _ in $(seq 100); do
     curl -s -o /dev/null "http://127.0.0.1:$port/" && break
@@ -120,6 +122,8 @@ check(
 
 r = client.invoke(FunctionName="python", InvocationType="Event", Payload=b'{"text": "later"}')
 check("Event", r["StatusCode"] == 202, r)
+r = client.invoke(FunctionName="python", InvocationType="Event", Payload=b'{"no": "text"}')
+check("Event that fails", r["StatusCode"] == 202, r)
 r = client.invoke(FunctionName="python", InvocationType="DryRun")
 check("DryRun", r["StatusCode"] == 204, r)
 
@@ -153,4 +157,15 @@ kill -INT "$serve_pid"
 wait "$serve_pid" || { echo "error: sluice serve did not stop cleanly" >&2; cat "$log"; exit 1; }
 serve_pid=
 grep -qF '[python] 1 words in 1 lines' "$log" || { echo "error: the Event call never ran" >&2; cat "$log"; exit 1; }
+# The failed Event call, in Lambda's on-failure destination format.
+python3 - "$work/failed.jsonl" <<'EOF'
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+assert len(records) == 1, records
+r = records[0]
+assert r["requestContext"]["condition"] == "RetriesExhausted", r
+assert r["requestPayload"] == {"no": "text"}, r
+assert r["responsePayload"]["errorType"] == "ValueError", r
+print("ok: the failed Event call recorded in --on-failure")
+EOF
 echo "boto3 against sluice serve: ok"

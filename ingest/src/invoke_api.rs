@@ -10,9 +10,11 @@
 //!   200 with `X-Amz-Function-Error: Unhandled` and Lambda's error object
 //!   (`errorType`, `errorMessage`) when the function failed, timed out, ran
 //!   out of memory or could not start, as Lambda answers;
-//! * `Event`: 202 at once; the call runs in the background, retried twice
-//!   with backoff as Lambda retries asynchronous calls, and a call that
-//!   still fails is logged with its request id and error;
+//! * `Event`: 202 at once; the call runs in the background, retried (twice
+//!   by default, [`AsyncConfig::max_retry_attempts`]) with backoff as Lambda
+//!   retries asynchronous calls, and a call that still fails is logged with
+//!   its request id and error, and recorded in Lambda's on-failure
+//!   destination format in [`AsyncConfig::on_failure`], if set;
 //! * `DryRun`: 204 if the function exists.
 //!
 //! `ListFunctions`, `GetFunction` and `GetFunctionConfiguration` (`GET
@@ -58,14 +60,35 @@ pub const MAX_REQUEST_BYTES: usize = sluice_protocol::MAX_PAYLOAD;
 const MAX_HEAD: usize = 64 * 1024;
 /// A kept-alive connection idle this long is closed.
 const IDLE: Duration = Duration::from_secs(60);
-/// Attempts of an asynchronous (`Event`) call: Lambda's first try and two
-/// retries.
-const EVENT_ATTEMPTS: u32 = 3;
+/// Retries of an asynchronous (`Event`) call that failed, at most: Lambda's
+/// `MaximumRetryAttempts` range, 0 to 2 (its default, 2).
+pub const MAX_RETRY_ATTEMPTS: u32 = 2;
 /// Wait before an `Event` call's first retry, doubled for the next.
 const EVENT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 /// `Event` calls accepted and not finished, at most; past it an `Event`
 /// request is throttled (429), so a flood cannot grow memory without bound.
 pub const MAX_EVENTS_IN_FLIGHT: usize = 1024;
+
+/// How asynchronous (`Event`) calls end, as a Lambda function's
+/// `EventInvokeConfig` sets it.
+#[derive(Debug, Clone)]
+pub struct AsyncConfig {
+    /// Retries of a failed call (0 to [`MAX_RETRY_ATTEMPTS`]).
+    pub max_retry_attempts: u32,
+    /// Where a call that failed for good is recorded, one JSON object per
+    /// line in Lambda's on-failure destination format (appended); `None`:
+    /// only logged.
+    pub on_failure: Option<std::path::PathBuf>,
+}
+
+impl Default for AsyncConfig {
+    fn default() -> Self {
+        Self {
+            max_retry_attempts: MAX_RETRY_ATTEMPTS,
+            on_failure: None,
+        }
+    }
+}
 
 /// Serves the Invoke API on `listener` until `shutdown` resolves; then
 /// stops accepting, lets requests in progress and `Event` calls already
@@ -73,11 +96,14 @@ pub const MAX_EVENTS_IN_FLIGHT: usize = 1024;
 pub async fn serve(
     listener: TcpListener,
     executor: Executor,
+    config: AsyncConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let api = Arc::new(Api {
         executor,
         events: tokio::sync::Mutex::new(JoinSet::new()),
+        config: Arc::new(config),
+        failures: Arc::new(tokio::sync::Mutex::new(())),
     });
     // Tells kept-alive connections to close once their request is answered.
     let (stopping, stop_rx) = tokio::sync::watch::channel(false);
@@ -110,6 +136,9 @@ struct Api {
     executor: Executor,
     /// `Event` calls accepted and not finished.
     events: tokio::sync::Mutex<JoinSet<()>>,
+    config: Arc<AsyncConfig>,
+    /// Held while a failure record is appended (one line at a time).
+    failures: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// One parsed request.
@@ -350,7 +379,11 @@ impl Api {
             }
             let id = uuid_like();
             events.spawn(event_call(
-                self.executor.clone(),
+                EventCall {
+                    executor: self.executor.clone(),
+                    config: self.config.clone(),
+                    failures: self.failures.clone(),
+                },
                 name,
                 body,
                 opts,
@@ -474,33 +507,90 @@ impl Api {
     }
 }
 
-/// An asynchronous call: tried up to [`EVENT_ATTEMPTS`] times while the
-/// failure is one a retry can mend; a call that still fails is logged.
-async fn event_call(
+/// What an asynchronous call needs besides its request.
+struct EventCall {
     executor: Executor,
-    name: String,
-    body: Vec<u8>,
-    opts: InvokeOptions,
-    id: String,
-) {
+    config: Arc<AsyncConfig>,
+    failures: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// An asynchronous call: tried once and retried up to
+/// `max_retry_attempts` times while the failure is one a retry can mend
+/// (the function's errors included, as Lambda retries them); a call that
+/// still fails is logged, and recorded in the on-failure file if there is
+/// one.
+async fn event_call(call: EventCall, name: String, body: Vec<u8>, opts: InvokeOptions, id: String) {
+    let attempts = 1 + call.config.max_retry_attempts.min(MAX_RETRY_ATTEMPTS);
     let mut wait = EVENT_RETRY_BACKOFF;
-    for attempt in 1..=EVENT_ATTEMPTS {
-        match executor
+    for attempt in 1..=attempts {
+        match call
+            .executor
             .invoke_with(&name, body.clone(), opts.clone())
             .await
         {
             Ok(_) => return,
-            Err(e) if attempt < EVENT_ATTEMPTS && e.retryable() => {
+            Err(e) if attempt < attempts && e.retryable() => {
                 tracing::info!(function = %name, request = %id, attempt, error = %e, "asynchronous call failed; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
                 wait *= 2;
             }
             Err(e) => {
                 tracing::error!(function = %name, request = %id, attempts = attempt, error = %e, error_type = e.error_type(), "asynchronous call failed for good");
+                if let Some(path) = &call.config.on_failure {
+                    let record = failure_record(&name, &id, attempt, &body, &e);
+                    let _held = call.failures.lock().await;
+                    if let Err(io) = append_line(path, &record) {
+                        tracing::error!(function = %name, request = %id, file = %path.display(), error = %io, "cannot record the failed asynchronous call");
+                    }
+                }
                 return;
             }
         }
     }
+}
+
+/// Lambda's on-failure destination record of an asynchronous call.
+fn failure_record(
+    name: &str,
+    id: &str,
+    attempts: u32,
+    body: &[u8],
+    e: &InvokeError,
+) -> serde_json::Value {
+    let payload = serde_json::from_slice::<serde_json::Value>(body)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned().into());
+    let response = function_error(e).unwrap_or_else(
+        || serde_json::json!({"errorType": e.error_type(), "errorMessage": e.to_string()}),
+    );
+    serde_json::json!({
+        "version": "1.0",
+        "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        "requestContext": {
+            "requestId": id,
+            "functionArn": format!("{}:$LATEST", function_arn(name)),
+            "condition": "RetriesExhausted",
+            "approximateInvokeCount": attempts,
+        },
+        "requestPayload": payload,
+        "responseContext": {
+            "statusCode": 200,
+            "executedVersion": "$LATEST",
+            "functionError": "Unhandled",
+        },
+        "responsePayload": response,
+    })
+}
+
+/// Append one JSON line to `path`, creating it if needed.
+fn append_line(path: &std::path::Path, record: &serde_json::Value) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut line = record.to_string();
+    line.push('\n');
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(line.as_bytes())
 }
 
 /// How Lambda answers an invocation that did not succeed.

@@ -151,9 +151,15 @@ fn sdk_requests_invoke_functions_as_lambda_answers_them() {
         .unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let failures = tempfile::tempdir().unwrap();
+    let failed = failures.path().join("failed.jsonl");
     let server = rt.spawn(sluice_ingest::invoke_api::serve(
         listener,
         executor.clone(),
+        sluice_ingest::invoke_api::AsyncConfig {
+            max_retry_attempts: 0,
+            on_failure: Some(failed.clone()),
+        },
         async move {
             let _ = stopped.await;
         },
@@ -457,6 +463,18 @@ fn sdk_requests_invoke_functions_as_lambda_answers_them() {
     let a = request(&mut conn, "GET", &format!("{INVOKE}/nope"), &[], "");
     assert_eq!(a.headers["x-amzn-errortype"], "ResourceNotFoundException");
 
+    // An asynchronous call that fails (no retries here) is recorded in
+    // Lambda's on-failure destination format once the server stopped.
+    let a = request(
+        &mut conn,
+        "POST",
+        &format!("{INVOKE}/fail/invocations"),
+        &[("X-Amz-Invocation-Type", "Event")],
+        r#"{"order":9}"#,
+    );
+    assert_eq!(a.status, 202);
+    let failed_id = a.headers["x-amzn-requestid"].clone();
+
     // A stop closes an idle kept-alive connection at once (an SDK's pool
     // keeps them open) rather than waiting for it.
     let _ = stop.send(());
@@ -470,5 +488,17 @@ fn sdk_requests_invoke_functions_as_lambda_answers_them() {
         0,
         "closed by the server"
     );
+    let records = std::fs::read_to_string(&failed).unwrap();
+    let lines: Vec<serde_json::Value> = records
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{records}");
+    let r = &lines[0];
+    assert_eq!(r["requestContext"]["requestId"], failed_id.as_str());
+    assert_eq!(r["requestContext"]["condition"], "RetriesExhausted");
+    assert_eq!(r["requestContext"]["approximateInvokeCount"], 1);
+    assert_eq!(r["requestPayload"], serde_json::json!({"order": 9}));
+    assert_eq!(r["responsePayload"]["errorType"], "OrderRejected", "{r}");
     rt.block_on(executor.shutdown());
 }

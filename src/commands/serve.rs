@@ -17,6 +17,16 @@ pub struct ServeArgs {
     /// Do not print the functions' log lines.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Retries of a failed asynchronous (`Event`) call, 0 to 2 (Lambda's
+    /// `MaximumRetryAttempts`).
+    #[arg(long, default_value_t = sluice_ingest::invoke_api::MAX_RETRY_ATTEMPTS,
+          value_parser = clap::value_parser!(u32).range(0..=2))]
+    pub max_retry_attempts: u32,
+    /// A JSON-lines file where asynchronous calls that failed for good are
+    /// recorded (appended), in Lambda's on-failure destination format:
+    /// `requestContext`, `requestPayload`, `responsePayload`.
+    #[arg(long, value_name = "FILE")]
+    pub on_failure: Option<PathBuf>,
 }
 
 /// Serves until SIGINT/SIGTERM, then lets requests and accepted `Event`
@@ -51,9 +61,22 @@ pub async fn run(args: ServeArgs) -> u8 {
         names.join(", "),
         names.first().unwrap_or(&"NAME")
     );
+    if let Some(path) = &args.on_failure
+        && let Err(e) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        crate::log_error!("--on-failure {}: {e}", path.display());
+        return exit::USAGE;
+    }
+    let config = sluice_ingest::invoke_api::AsyncConfig {
+        max_retry_attempts: args.max_retry_attempts,
+        on_failure: args.on_failure.clone(),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let maintenance = ex.spawn_maintenance(stop_rx);
-    let served = sluice_ingest::invoke_api::serve(listener, ex.clone(), async {
+    let served = sluice_ingest::invoke_api::serve(listener, ex.clone(), config, async {
         super::stop_requested().await;
         crate::log_note!("stopping: finishing requests and accepted asynchronous calls");
     })
