@@ -229,14 +229,20 @@ impl<W: Write> CpioWriter<W> {
     }
 }
 
+/// The guest's `/etc/hosts`: the loopback names, and `sandbox.localdomain`,
+/// where Lambda extensions listen for telemetry.
+pub const GUEST_HOSTS: &[u8] = b"127.0.0.1 localhost sandbox.localdomain sandbox\n::1 localhost\n";
+
 /// The sluice guest initramfs: `/init` is `init` (the static agent),
-/// with `/dev/console`, `/dev/null`, `/dev/hvc0` and the mount points the
-/// agent uses; `extra` files are added as `(path, mode, bytes)`.
+/// with `/dev/console`, `/dev/null`, `/dev/hvc0`, `/etc/hosts`
+/// ([`GUEST_HOSTS`]) and the mount points the agent uses; `extra` files are
+/// added as `(path, mode, bytes)`.
 pub fn guest_initramfs(init: &[u8], extra: &[(&str, u32, &[u8])]) -> Result<Vec<u8>, CpioError> {
     let mut w = CpioWriter::new(Vec::with_capacity(init.len() + 4096));
-    for d in ["dev", "proc", "sys", "tmp", "run", "mnt"] {
+    for d in ["dev", "proc", "sys", "tmp", "run", "mnt", "etc"] {
         w.dir(d, 0o755)?;
     }
+    w.file("etc/hosts", 0o644, GUEST_HOSTS)?;
     w.char_device("dev/console", 0o600, 5, 1)?;
     w.char_device("dev/null", 0o666, 1, 3)?;
     w.char_device("dev/hvc0", 0o600, 229, 0)?;
@@ -371,6 +377,11 @@ mod tests {
                 .any(|e| e.0 == "proc" && e.1 == S_IFDIR | 0o755)
         );
         assert_eq!(entries.last().unwrap().3, b"x = 1\n");
+        let hosts = entries.iter().find(|e| e.0 == "etc/hosts").unwrap();
+        assert_eq!(hosts.1, S_IFREG | 0o644);
+        assert!(
+            String::from_utf8_lossy(&hosts.3).contains("127.0.0.1 localhost sandbox.localdomain")
+        );
         // Deterministic.
         assert_eq!(
             img,
