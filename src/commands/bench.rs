@@ -1119,7 +1119,7 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize, pin_cpu: Opt
         let secs = s.duration.as_secs_f64().max(1e-9);
         let rate = s.items_succeeded as f64 / secs;
         println!(
-            "{:<44} {:>12.0} rows/s  ({:>5.1} % of scan, {:>5.1} % of scan + JSON)  {:>8.0} calls/s",
+            "{:<44} {:>12.0} rows/s  ({:>5.1} % of {}, {:>5.1} % of scan + JSON)  {:>8.0} calls/s",
             match payload {
                 PayloadFormat::Json => format!("backfill, {per_call} rows/call ({n} rows)"),
                 PayloadFormat::Arrow | PayloadFormat::Parquet => format!(
@@ -1130,6 +1130,11 @@ pub async fn backfill(pipeline: &Path, function: &str, rows: usize, pin_cpu: Opt
             },
             rate,
             100.0 * rate / ceiling,
+            if payload == PayloadFormat::Parquet {
+                "the scan of row groups of 1,000"
+            } else {
+                "scan"
+            },
             100.0 * rate / json_rate,
             s.calls_succeeded as f64 / secs
         );
