@@ -43,7 +43,8 @@ EOF
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 target/debug/sluice serve "$work/pipeline.toml" --addr "127.0.0.1:$port" \
-    --on-failure "$work/failed.jsonl" --max-retry-attempts 0 >"$log" 2>&1 &
+    --on-failure "$work/failed.jsonl" --on-success "$work/succeeded.jsonl" \
+    --max-retry-attempts 0 --max-event-age 10m >"$log" 2>&1 &
 serve_pid=$!
 for _ in $(seq 100); do
     curl -s -o /dev/null "http://127.0.0.1:$port/" && break
@@ -158,7 +159,7 @@ wait "$serve_pid" || { echo "error: sluice serve did not stop cleanly" >&2; cat 
 serve_pid=
 grep -qF '[python] 1 words in 1 lines' "$log" || { echo "error: the Event call never ran" >&2; cat "$log"; exit 1; }
 # The failed Event call, in Lambda's on-failure destination format.
-python3 - "$work/failed.jsonl" <<'EOF'
+python3 - "$work/failed.jsonl" "$work/succeeded.jsonl" <<'EOF'
 import json, sys
 records = [json.loads(line) for line in open(sys.argv[1])]
 assert len(records) == 1, records
@@ -167,5 +168,10 @@ assert r["requestContext"]["condition"] == "RetriesExhausted", r
 assert r["requestPayload"] == {"no": "text"}, r
 assert r["responsePayload"]["errorType"] == "ValueError", r
 print("ok: the failed Event call recorded in --on-failure")
+records = [json.loads(line) for line in open(sys.argv[2])]
+assert len(records) == 1, records
+assert records[0]["requestContext"]["condition"] == "Success", records
+assert records[0]["responsePayload"]["words"] == 1, records
+print("ok: the Event call that succeeded recorded in --on-success")
 EOF
 echo "boto3 against sluice serve: ok"

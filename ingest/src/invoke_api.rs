@@ -13,8 +13,10 @@
 //! * `Event`: 202 at once; the call runs in the background, retried (twice
 //!   by default, [`AsyncConfig::max_retry_attempts`]) with backoff as Lambda
 //!   retries asynchronous calls, and a call that still fails is logged with
-//!   its request id and error, and recorded in Lambda's on-failure
-//!   destination format in [`AsyncConfig::on_failure`], if set;
+//!   its request id and error, and recorded in Lambda's destination
+//!   record format in [`AsyncConfig::on_failure`], if set (a call older
+//!   than [`AsyncConfig::max_event_age`] is given up there too, and a call
+//!   that succeeds is recorded in [`AsyncConfig::on_success`]);
 //! * `DryRun`: 204 if the function exists.
 //!
 //! `ListFunctions`, `GetFunction` and `GetFunctionConfiguration` (`GET
@@ -75,17 +77,28 @@ pub const MAX_EVENTS_IN_FLIGHT: usize = 1024;
 pub struct AsyncConfig {
     /// Retries of a failed call (0 to [`MAX_RETRY_ATTEMPTS`]).
     pub max_retry_attempts: u32,
-    /// Where a call that failed for good is recorded, one JSON object per
-    /// line in Lambda's on-failure destination format (appended); `None`:
-    /// only logged.
+    /// A call not started (or retried) within this age of its acceptance
+    /// is given up (Lambda's `MaximumEventAgeInSeconds`, default 6 hours).
+    pub max_event_age: Duration,
+    /// Where a call that failed for good, or grew too old, is recorded, one
+    /// JSON object per line in Lambda's destination record format
+    /// (appended); `None`: only logged.
     pub on_failure: Option<std::path::PathBuf>,
+    /// Where a call that succeeded is recorded, likewise (Lambda's
+    /// `OnSuccess` destination); `None`: not recorded.
+    pub on_success: Option<std::path::PathBuf>,
 }
+
+/// Lambda's default and largest `MaximumEventAgeInSeconds`: 6 hours.
+pub const MAX_EVENT_AGE: Duration = Duration::from_secs(6 * 3600);
 
 impl Default for AsyncConfig {
     fn default() -> Self {
         Self {
             max_retry_attempts: MAX_RETRY_ATTEMPTS,
+            max_event_age: MAX_EVENT_AGE,
             on_failure: None,
+            on_success: None,
         }
     }
 }
@@ -383,6 +396,7 @@ impl Api {
                     executor: self.executor.clone(),
                     config: self.config.clone(),
                     failures: self.failures.clone(),
+                    accepted: tokio::time::Instant::now(),
                 },
                 name,
                 body,
@@ -511,74 +525,137 @@ impl Api {
 struct EventCall {
     executor: Executor,
     config: Arc<AsyncConfig>,
+    /// Held while a destination record is appended (one line at a time).
     failures: Arc<tokio::sync::Mutex<()>>,
+    /// When the request was accepted (for `max_event_age`).
+    accepted: tokio::time::Instant,
+}
+
+impl EventCall {
+    /// Append `record` to `file`, if there is one.
+    async fn record(
+        &self,
+        file: Option<&std::path::Path>,
+        name: &str,
+        id: &str,
+        record: serde_json::Value,
+    ) {
+        let Some(path) = file else { return };
+        let _held = self.failures.lock().await;
+        if let Err(io) = append_line(path, &record) {
+            tracing::error!(function = %name, request = %id, file = %path.display(), error = %io, "cannot record the asynchronous call");
+        }
+    }
 }
 
 /// An asynchronous call: tried once and retried up to
 /// `max_retry_attempts` times while the failure is one a retry can mend
-/// (the function's errors included, as Lambda retries them); a call that
-/// still fails is logged, and recorded in the on-failure file if there is
-/// one.
+/// (the function's errors included, as Lambda retries them), and not once
+/// it is older than `max_event_age`; a call that still fails is logged,
+/// and recorded in the on-failure file if there is one; a call that
+/// succeeds, in the on-success file.
 async fn event_call(call: EventCall, name: String, body: Vec<u8>, opts: InvokeOptions, id: String) {
     let attempts = 1 + call.config.max_retry_attempts.min(MAX_RETRY_ATTEMPTS);
     let mut wait = EVENT_RETRY_BACKOFF;
+    let mut last: Option<serde_json::Value> = None;
     for attempt in 1..=attempts {
+        if call.accepted.elapsed() > call.config.max_event_age {
+            tracing::error!(function = %name, request = %id, attempts = attempt - 1, "asynchronous call given up: older than the maximum event age");
+            let record = destination_record(&name, &id, attempt - 1, &body, Outcome::Expired(last));
+            call.record(call.config.on_failure.as_deref(), &name, &id, record)
+                .await;
+            return;
+        }
         match call
             .executor
             .invoke_with(&name, body.clone(), opts.clone())
             .await
         {
-            Ok(_) => return,
+            Ok(r) => {
+                let record =
+                    destination_record(&name, &id, attempt, &body, Outcome::Success(&r.payload));
+                call.record(call.config.on_success.as_deref(), &name, &id, record)
+                    .await;
+                return;
+            }
             Err(e) if attempt < attempts && e.retryable() => {
                 tracing::info!(function = %name, request = %id, attempt, error = %e, "asynchronous call failed; retrying in {wait:?}");
+                last = Some(error_object(&e));
                 tokio::time::sleep(wait).await;
                 wait *= 2;
             }
             Err(e) => {
                 tracing::error!(function = %name, request = %id, attempts = attempt, error = %e, error_type = e.error_type(), "asynchronous call failed for good");
-                if let Some(path) = &call.config.on_failure {
-                    let record = failure_record(&name, &id, attempt, &body, &e);
-                    let _held = call.failures.lock().await;
-                    if let Err(io) = append_line(path, &record) {
-                        tracing::error!(function = %name, request = %id, file = %path.display(), error = %io, "cannot record the failed asynchronous call");
-                    }
-                }
+                let record = destination_record(
+                    &name,
+                    &id,
+                    attempt,
+                    &body,
+                    Outcome::Failed(error_object(&e)),
+                );
+                call.record(call.config.on_failure.as_deref(), &name, &id, record)
+                    .await;
                 return;
             }
         }
     }
 }
 
-/// Lambda's on-failure destination record of an asynchronous call.
-fn failure_record(
+/// How an asynchronous call ended, for its destination record.
+enum Outcome<'a> {
+    /// The function's response.
+    Success(&'a [u8]),
+    /// Its last error object, retries exhausted.
+    Failed(serde_json::Value),
+    /// Too old to be tried again; the last error object, if it was tried.
+    Expired(Option<serde_json::Value>),
+}
+
+/// Lambda's error object of a failed call.
+fn error_object(e: &InvokeError) -> serde_json::Value {
+    function_error(e).unwrap_or_else(
+        || serde_json::json!({"errorType": e.error_type(), "errorMessage": e.to_string()}),
+    )
+}
+
+/// Lambda's destination record of an asynchronous call (the format of its
+/// `OnSuccess` and `OnFailure` destinations).
+fn destination_record(
     name: &str,
     id: &str,
     attempts: u32,
     body: &[u8],
-    e: &InvokeError,
+    outcome: Outcome<'_>,
 ) -> serde_json::Value {
-    let payload = serde_json::from_slice::<serde_json::Value>(body)
-        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned().into());
-    let response = function_error(e).unwrap_or_else(
-        || serde_json::json!({"errorType": e.error_type(), "errorMessage": e.to_string()}),
-    );
-    serde_json::json!({
+    let json = |bytes: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(bytes)
+            .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned().into())
+    };
+    let (condition, response) = match outcome {
+        Outcome::Success(payload) => ("Success", Some(json(payload))),
+        Outcome::Failed(error) => ("RetriesExhausted", Some(error)),
+        Outcome::Expired(error) => ("EventAgeExceeded", error),
+    };
+    let mut record = serde_json::json!({
         "version": "1.0",
         "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         "requestContext": {
             "requestId": id,
             "functionArn": format!("{}:$LATEST", function_arn(name)),
-            "condition": "RetriesExhausted",
+            "condition": condition,
             "approximateInvokeCount": attempts,
         },
-        "requestPayload": payload,
-        "responseContext": {
-            "statusCode": 200,
-            "executedVersion": "$LATEST",
-            "functionError": "Unhandled",
-        },
-        "responsePayload": response,
-    })
+        "requestPayload": json(body),
+    });
+    if let Some(response) = response {
+        let mut context = serde_json::json!({"statusCode": 200, "executedVersion": "$LATEST"});
+        if condition != "Success" {
+            context["functionError"] = "Unhandled".into();
+        }
+        record["responseContext"] = context;
+        record["responsePayload"] = response;
+    }
+    record
 }
 
 /// Append one JSON line to `path`, creating it if needed.
@@ -971,6 +1048,31 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destination_records_say_how_the_call_ended() {
+        let ok = destination_record("f", "r1", 1, br#"{"a":1}"#, Outcome::Success(b"[2]"));
+        assert_eq!(ok["requestContext"]["condition"], "Success");
+        assert_eq!(ok["requestContext"]["approximateInvokeCount"], 1);
+        assert_eq!(ok["requestPayload"], serde_json::json!({"a": 1}));
+        assert_eq!(ok["responsePayload"], serde_json::json!([2]));
+        assert!(ok["responseContext"].get("functionError").is_none());
+
+        let error = serde_json::json!({"errorType": "E", "errorMessage": "m"});
+        let failed = destination_record("f", "r2", 3, b"not json", Outcome::Failed(error.clone()));
+        assert_eq!(failed["requestContext"]["condition"], "RetriesExhausted");
+        assert_eq!(failed["requestPayload"], "not json");
+        assert_eq!(failed["responseContext"]["functionError"], "Unhandled");
+        assert_eq!(failed["responsePayload"], error);
+
+        let old = destination_record("f", "r3", 0, b"{}", Outcome::Expired(None));
+        assert_eq!(old["requestContext"]["condition"], "EventAgeExceeded");
+        assert_eq!(old["requestContext"]["approximateInvokeCount"], 0);
+        assert!(old.get("responsePayload").is_none() && old.get("responseContext").is_none());
+        let retried =
+            destination_record("f", "r4", 1, b"{}", Outcome::Expired(Some(error.clone())));
+        assert_eq!(retried["responsePayload"], error);
+    }
 
     #[test]
     fn function_names_come_plain_qualified_or_as_arns() {

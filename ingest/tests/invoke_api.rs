@@ -153,12 +153,15 @@ fn sdk_requests_invoke_functions_as_lambda_answers_them() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let failures = tempfile::tempdir().unwrap();
     let failed = failures.path().join("failed.jsonl");
+    let succeeded = failures.path().join("succeeded.jsonl");
     let server = rt.spawn(sluice_ingest::invoke_api::serve(
         listener,
         executor.clone(),
         sluice_ingest::invoke_api::AsyncConfig {
             max_retry_attempts: 0,
             on_failure: Some(failed.clone()),
+            on_success: Some(succeeded.clone()),
+            ..Default::default()
         },
         async move {
             let _ = stopped.await;
@@ -500,5 +503,22 @@ fn sdk_requests_invoke_functions_as_lambda_answers_them() {
     assert_eq!(r["requestContext"]["approximateInvokeCount"], 1);
     assert_eq!(r["requestPayload"], serde_json::json!({"order": 9}));
     assert_eq!(r["responsePayload"]["errorType"], "OrderRejected", "{r}");
+    assert_eq!(r["responseContext"]["functionError"], "Unhandled", "{r}");
+    // The Event calls that succeeded (the logger's), in the on-success file.
+    let succeeded: Vec<serde_json::Value> = std::fs::read_to_string(&succeeded)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(succeeded.len(), 1, "{succeeded:?}");
+    assert_eq!(succeeded[0]["requestContext"]["condition"], "Success");
+    assert_eq!(
+        succeeded[0]["requestPayload"],
+        serde_json::json!({"async": "yes"})
+    );
+    assert_eq!(
+        succeeded[0]["responsePayload"],
+        serde_json::json!({"ok": true})
+    );
     rt.block_on(executor.shutdown());
 }

@@ -22,11 +22,28 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = sluice_ingest::invoke_api::MAX_RETRY_ATTEMPTS,
           value_parser = clap::value_parser!(u32).range(0..=2))]
     pub max_retry_attempts: u32,
-    /// A JSON-lines file where asynchronous calls that failed for good are
-    /// recorded (appended), in Lambda's on-failure destination format:
-    /// `requestContext`, `requestPayload`, `responsePayload`.
+    /// How old an asynchronous call may grow before it is given up
+    /// (Lambda's `MaximumEventAgeInSeconds`): 60s to 6h.
+    #[arg(long, default_value = "6h", value_parser = event_age)]
+    pub max_event_age: std::time::Duration,
+    /// A JSON-lines file where asynchronous calls that failed for good (or
+    /// grew too old) are recorded (appended), in Lambda's destination
+    /// record format: `requestContext`, `requestPayload`, `responsePayload`.
     #[arg(long, value_name = "FILE")]
     pub on_failure: Option<PathBuf>,
+    /// A JSON-lines file where asynchronous calls that succeeded are
+    /// recorded, likewise (Lambda's `OnSuccess` destination).
+    #[arg(long, value_name = "FILE")]
+    pub on_success: Option<PathBuf>,
+}
+
+/// `--max-event-age`: a duration from 60 s to 6 h, as Lambda allows.
+fn event_age(text: &str) -> Result<std::time::Duration, String> {
+    let age = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if age < std::time::Duration::from_secs(60) || age > sluice_ingest::invoke_api::MAX_EVENT_AGE {
+        return Err(format!("{text:?}: expected 60s to 6h"));
+    }
+    Ok(age)
 }
 
 /// Serves until SIGINT/SIGTERM, then lets requests and accepted `Event`
@@ -61,18 +78,25 @@ pub async fn run(args: ServeArgs) -> u8 {
         names.join(", "),
         names.first().unwrap_or(&"NAME")
     );
-    if let Some(path) = &args.on_failure
-        && let Err(e) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-    {
-        crate::log_error!("--on-failure {}: {e}", path.display());
-        return exit::USAGE;
+    for (flag, file) in [
+        ("--on-failure", &args.on_failure),
+        ("--on-success", &args.on_success),
+    ] {
+        if let Some(path) = file
+            && let Err(e) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+        {
+            crate::log_error!("{flag} {}: {e}", path.display());
+            return exit::USAGE;
+        }
     }
     let config = sluice_ingest::invoke_api::AsyncConfig {
         max_retry_attempts: args.max_retry_attempts,
+        max_event_age: args.max_event_age,
         on_failure: args.on_failure.clone(),
+        on_success: args.on_success.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let maintenance = ex.spawn_maintenance(stop_rx);
